@@ -1,0 +1,154 @@
+"""Config files and command-line overrides (ml_collections config_flags conventions).
+
+A config file is a Python file with ``get_config(arg: str | None = None)`` returning a
+ConfigDict; ``path.py:size=tiny,steps=3`` passes ``"size=tiny,steps=3"`` as ``arg``.
+Overrides ``--config.a.b=value`` then change existing keys only, with the value
+converted to the key's current type.
+
+Example:
+    >>> cfg = load_config("configs/feed_ranker.py:size=tiny")
+    >>> apply_overrides(cfg, {"train.steps": "5"}).train.steps
+    5
+"""
+
+import ast
+from collections.abc import Mapping, Sequence
+import importlib.util
+from pathlib import Path
+import sys
+from typing import Any
+
+import ml_collections
+
+from lf_jax.errors import UserInputError
+
+
+class ConfigError(UserInputError):
+    """A config file, argument or override that cannot be applied."""
+
+
+def parse_config_arg(arg: str | None, defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """Parses ``"k1=v1,k2=v2"`` against ``defaults``, converting to each default's type.
+
+    Unknown keys and values of the wrong type raise ConfigError naming the key.
+    """
+    values = dict(defaults)
+    if not arg:
+        return values
+    for item in arg.split(","):
+        if "=" not in item:
+            raise ConfigError(f"config argument '{item}' is not key=value (known keys: {sorted(defaults)})")
+        key, raw = (part.strip() for part in item.split("=", 1))
+        if key not in defaults:
+            raise ConfigError(f"unknown config argument '{key}' (known: {sorted(defaults)})")
+        values[key] = convert_value(key, raw, defaults[key])
+    return values
+
+
+def convert_value(key: str, raw: str, current: Any) -> Any:
+    """Converts the string ``raw`` to the type of ``current`` for config key ``key``."""
+    def fail(kind: str) -> ConfigError:
+        return ConfigError(f"config key '{key}' expects {kind}, got {raw!r}")
+
+    if isinstance(current, bool):
+        lowered = raw.lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise fail("a bool (true/false)")
+    if isinstance(current, int):
+        try:
+            return int(raw)
+        except ValueError:
+            raise fail("an int") from None
+    if isinstance(current, float):
+        try:
+            return float(raw)
+        except ValueError:
+            raise fail("a float") from None
+    if isinstance(current, str):
+        return raw
+    if isinstance(current, (tuple, list, dict)) or current is None:
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            if current is None:
+                return raw
+            raise fail(f"a Python {type(current).__name__} literal") from None
+        if current is not None and not isinstance(value, type(current)):
+            if isinstance(current, (tuple, list)) and isinstance(value, (tuple, list)):
+                return type(current)(value)
+            raise fail(f"a {type(current).__name__}")
+        return value
+    raise fail(f"a value of type {type(current).__name__} (not settable from the command line)")
+
+
+def load_config(spec: str | Path) -> ml_collections.ConfigDict:
+    """Loads ``path.py`` or ``path.py:arg`` and returns its locked ConfigDict."""
+    text = str(spec)
+    path_text, _, arg = text.partition(".py:")
+    path = Path(path_text + ".py" if _ else text)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    module_name = f"lf_jax_config_{path.stem}"
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = module
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file '{path}' has no get_config(arg=None) function")
+    config = module.get_config(arg or None) if arg else module.get_config()
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"get_config() in '{path}' returned {type(config).__name__}, not a ConfigDict")
+    config.lock()
+    return config
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, str]
+                    ) -> ml_collections.ConfigDict:
+    """Sets dotted keys from strings; unknown keys and bad values raise ConfigError."""
+    for dotted, raw in overrides.items():
+        parts = dotted.split(".")
+        node = config
+        for depth, part in enumerate(parts):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                parent = ".".join(parts[:depth]) or "<root>"
+                known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+                raise ConfigError(f"unknown config key '{dotted}' (keys under {parent}: {known})")
+            if depth < len(parts) - 1:
+                node = node[part]
+        leaf = parts[-1]
+        current = node[leaf]
+        if isinstance(current, ml_collections.ConfigDict):
+            raise ConfigError(f"config key '{dotted}' is a section; set one of {sorted(current.keys())}")
+        value = convert_value(dotted, raw, current)
+        with node.unlocked():
+            node[leaf] = value
+    return config
+
+
+def split_override_args(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """Pulls ``--config.a.b=value`` / ``--config.a.b value`` out of ``argv``.
+
+    Returns (overrides, remaining args).
+    """
+    overrides: dict[str, str] = {}
+    rest: list[str] = []
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        if arg.startswith("--config."):
+            key, eq, value = arg[len("--config."):].partition("=")
+            if not eq:
+                if index + 1 >= len(argv):
+                    raise ConfigError(f"override '--config.{key}' has no value")
+                index += 1
+                value = argv[index]
+            if not key:
+                raise ConfigError(f"override '{arg}' names no key")
+            overrides[key] = value
+        else:
+            rest.append(arg)
+        index += 1
+    return overrides, rest

@@ -1,0 +1,58 @@
+"""Simulated CPU devices for notebooks, scripts and tests.
+
+JAX fixes its CPU device count when the backend starts, so the count must be set
+before the first computation (importing jax is fine, using it is not).
+
+Example:
+    >>> import lf_jax
+    >>> lf_jax.simulate_cpu_devices(8)
+    >>> import jax; len(jax.devices())
+    8
+"""
+
+import os
+import re
+
+from lf_jax.errors import UserInputError
+
+_FLAG = "--xla_force_host_platform_device_count"
+
+
+class DeviceSetupError(UserInputError):
+    """The requested simulated device count cannot be applied in this process."""
+
+
+def _strip_flag(xla_flags: str) -> str:
+    return re.sub(rf"{_FLAG}=\S+", "", xla_flags).strip()
+
+
+def simulate_cpu_devices(count: int) -> int:
+    """Makes the CPU backend expose ``count`` devices; returns the device count.
+
+    Idempotent when the backend already runs with ``count`` CPU devices. Raises
+    DeviceSetupError when jax already started with another count (restart the kernel
+    or process), and ValueError for a count below 1.
+    """
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise ValueError(f"simulate_cpu_devices: count must be a positive int, got {count!r}")
+    import jax
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        have = jax.device_count()
+        platform = jax.default_backend()
+        if platform == "cpu" and have == count:
+            return have
+        raise DeviceSetupError(
+            f"simulate_cpu_devices({count}): jax already started with {have} {platform} "
+            f"device(s). Call simulate_cpu_devices before any jax computation "
+            f"(restart the notebook kernel or process)."
+        )
+    os.environ["XLA_FLAGS"] = f"{_strip_flag(os.environ.get('XLA_FLAGS', ''))} {_FLAG}={count}".strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    jax.config.update("jax_platforms", os.environ["JAX_PLATFORMS"])
+    jax.config.update("jax_num_cpu_devices", count)
+    have = jax.device_count()
+    if have != count:
+        raise DeviceSetupError(f"simulate_cpu_devices({count}): backend reports {have} devices")
+    return have

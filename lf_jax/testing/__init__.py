@@ -1,0 +1,1 @@
+"""Test helpers shipped with the library: oracles, compile counting, HLO inspection."""

@@ -1,0 +1,28 @@
+"""Forces 8 simulated CPU devices before jax is imported anywhere in the suite."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8").strip()
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402  (after the environment is set)
+import pytest  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> str:
+    return REPO_ROOT
+
+
+def pytest_collection_modifyitems(config, items):
+    if any(device.platform == "gpu" for device in jax.devices()):
+        return
+    skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)

@@ -1,0 +1,54 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lf_jax.cli import COMMANDS, main
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for name in COMMANDS:
+        assert name in out
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_each_command_has_help(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert "--config" in capsys.readouterr().out
+
+
+def test_config_override_round_trip(repo_root, capsys):
+    assert main(["config", "--config", f"{repo_root}/configs/demo.py:devices=4",
+                 "--config.steps=7", "--config.mesh.model", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "steps: 7" in out and "devices: 4" in out and "model: 2" in out
+
+
+def test_unknown_override_is_one_clear_error(repo_root, capsys):
+    assert main(["config", "--config", f"{repo_root}/configs/demo.py", "--config.stepz=1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'stepz'" in err and "Traceback" not in err
+
+
+def test_demo_runs_in_a_fresh_process(tmp_path, repo_root):
+    env = dict(os.environ, CI="true")
+    env.pop("XLA_FLAGS", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "lf_jax.cli", "demo", "--workdir", str(tmp_path / "demo"),
+         "--config.steps=5"], capture_output=True, text=True, env=env, timeout=300, cwd=repo_root)
+    assert result.returncode == 0, result.stderr
+    assert "mesh(data=2 x model=4) over 8 cpu" in result.stdout
+    assert "demo finished" in result.stdout
+
+
+def test_unwritable_workdir_fails_before_device_work(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["demo", "--workdir", str(blocker / "sub")]) == 2
+    assert "--workdir" in capsys.readouterr().err
