@@ -1,0 +1,224 @@
+"""EmbeddingCollection: specs + plan + mesh -> sharded tables with lookup and sparse update.
+
+State is a plain pytree: {"tables": {group: [S, R, D]}, "slots": {group: {name: [S, R, ...]}},
+"step": int32}. Lookups return activations; the dense model is differentiated w.r.t.
+those activations, and ``apply_gradients`` turns activation gradients into a sparse
+update of the touched rows only.
+
+Example:
+    >>> coll = EmbeddingCollection(tables, features, {"member": row_wise()}, mesh)
+    >>> state = coll.init(jax.random.key(0))
+    >>> batch = coll.shard_batch(coll.preprocess({"actor": [[3], [5]], ...}))
+    >>> acts = coll.lookup(state["tables"], batch)              # {"actor": [B, D], ...}
+    >>> loss, (g_dense, g_acts) = jax.value_and_grad(loss_fn, (0, 1))(dense, acts)
+    >>> state = coll.apply_gradients(state, batch, g_acts)      # jit with donate_argnums=0
+"""
+
+from collections.abc import Mapping, Sequence
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from lf_jax.embedding import preprocess as preprocess_lib
+from lf_jax.embedding.lookup import GroupRoute, group_forward, group_update
+from lf_jax.embedding.plan import validate_plan
+from lf_jax.embedding.sharding.layout import Group, build_layout
+from lf_jax.embedding.spec import FeatureSpec, TableSpec, validate_specs
+from lf_jax.errors import UserInputError
+
+SparseBatch = preprocess_lib.SparseBatch
+
+
+def _initial_table(spec: TableSpec, key) -> jax.Array:
+    key = jax.random.fold_in(key, zlib.crc32(spec.name.encode()) & 0x7FFFFFFF)
+    shape = (spec.vocab_size, spec.dim)
+    if spec.initializer == "zeros":
+        return jnp.zeros(shape, jnp.float32)
+    if spec.initializer == "uniform":
+        return jax.random.uniform(key, shape, jnp.float32, -spec.scale, spec.scale)
+    return spec.scale * jax.random.normal(key, shape, jnp.float32)
+
+
+class EmbeddingCollection:
+    """Tables, features and a plan laid over a mesh (see module docstring)."""
+
+    def __init__(self, tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
+                 plan: Mapping[str, Mapping], mesh: Mesh):
+        self.tables = validate_specs(tables, features)
+        self.features = {feature.name: feature for feature in features}
+        self.mesh = mesh
+        self.plan = validate_plan(plan, self.tables, mesh)
+        self.groups: list[Group] = build_layout(self.tables, self.plan, mesh)
+        self.routes = [GroupRoute.build(group, self.features) for group in self.groups]
+        self.batch_axes = tuple(mesh.axis_names)
+        self.num_devices = int(np.prod(list(mesh.shape.values())))
+
+    # ----- shardings and state ------------------------------------------------------------
+    def state_shardings(self) -> dict:
+        """NamedShardings of the state pytree (for jit out_shardings and checkpoints)."""
+        return {
+            "tables": {g.name: g.sharding(self.mesh) for g in self.groups},
+            "slots": {g.name: {name: g.sharding(self.mesh, len(shape))
+                               for name, shape in g.optimizer.slot_shapes(g.dim).items()}
+                      for g in self.groups},
+            "step": NamedSharding(self.mesh, PartitionSpec()),
+        }
+
+    def init(self, key: jax.Array) -> dict:
+        """Sharded state from each table's initializer; values do not depend on the plan."""
+        logical = lambda: {name: _initial_table(spec, key) for name, spec in self.tables.items()}
+        return jax.jit(lambda: self._state_from_logical(logical(), None, 0),
+                       out_shardings=self.state_shardings())()
+
+    def state_from_logical(self, tables: Mapping[str, np.ndarray],
+                           slots: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+                           step: int = 0) -> dict:
+        """Sharded state from logical [vocab, dim] tables (+ optional slots), any plan."""
+        for name, spec in self.tables.items():
+            shape = np.shape(tables.get(name))
+            if shape != (spec.vocab_size, spec.dim):
+                raise UserInputError(f"table '{name}': expected logical shape "
+                                     f"{(spec.vocab_size, spec.dim)}, got {shape}")
+        fn = lambda t, s: self._state_from_logical(t, s, step)
+        return jax.jit(fn, out_shardings=self.state_shardings())(dict(tables), slots)
+
+    def _state_from_logical(self, tables, slots, step) -> dict:
+        state = {"tables": {}, "slots": {}, "step": jnp.asarray(step, jnp.int32)}
+        for group in self.groups:
+            dtype = jnp.dtype(group.dtype)
+            state["tables"][group.name] = self._place(group, tables, dtype, with_dim=True)
+            state["slots"][group.name] = {}
+            for name, shape in group.optimizer.slot_shapes(group.dim).items():
+                if slots is None:
+                    init = group.optimizer.slot_init(name)
+                    source = {p.table: jnp.full((self.tables[p.table].vocab_size,
+                                                 *([self.tables[p.table].dim] if shape else [])),
+                                                init, jnp.float32) for p in group.pieces}
+                else:
+                    source = {p.table: jnp.asarray(slots[p.table][name], jnp.float32)
+                              for p in group.pieces}
+                state["slots"][group.name][name] = self._place(group, source, jnp.float32,
+                                                               with_dim=bool(shape))
+        return state
+
+    def _place(self, group: Group, logical: Mapping, dtype, with_dim: bool) -> jax.Array:
+        trailing = (group.dim,) if with_dim else ()
+        stored = jnp.zeros((group.num_slots, group.rows, *trailing), dtype)
+        for piece in group.pieces:
+            block = jnp.asarray(logical[piece.table]).astype(dtype)
+            if with_dim:
+                block = block[:, piece.col_start:piece.col_end]
+            padded_rows = piece.num_slots * piece.rows_per_slot
+            block = jnp.pad(block, [(0, padded_rows - block.shape[0])] + [(0, 0)] * len(trailing))
+            block = block.reshape(piece.num_slots, piece.rows_per_slot, *trailing)
+            stop = piece.slot0 + (piece.num_slots - 1) * piece.slot_stride + 1
+            stored = stored.at[piece.slot0:stop:piece.slot_stride,
+                               piece.row_offset:piece.row_offset + piece.rows_per_slot].set(block)
+        return stored
+
+    def logical_tables(self, state: Mapping) -> dict[str, np.ndarray]:
+        """Every table in its logical [vocab_size, dim] form, as numpy (gathers to host)."""
+        out = {}
+        for group in self.groups:
+            stored = np.asarray(jax.device_get(state["tables"][group.name]))
+            for piece, rows in self._piece_rows(group, stored):
+                out.setdefault(piece.table, []).append((piece.col_start, rows))
+        return {name: np.concatenate([rows for _, rows in sorted(parts, key=lambda p: p[0])], axis=1)
+                for name, parts in out.items()}
+
+    def logical_slots(self, state: Mapping) -> dict[str, dict[str, np.ndarray]]:
+        """Optimizer slots per table in logical form ([vocab] or [vocab, dim]).
+
+        A row-wise slot of a column_wise table keeps one value per column piece; the
+        logical form holds their mean.
+        """
+        out: dict[str, dict[str, list]] = {}
+        for group in self.groups:
+            for name, stored in state["slots"][group.name].items():
+                stored = np.asarray(jax.device_get(stored))
+                for piece, rows in self._piece_rows(group, stored):
+                    out.setdefault(piece.table, {}).setdefault(name, []).append((piece.col_start, rows))
+        result = {}
+        for table, slots in out.items():
+            result[table] = {}
+            for name, parts in slots.items():
+                parts = [rows for _, rows in sorted(parts, key=lambda p: p[0])]
+                result[table][name] = (np.concatenate(parts, axis=1) if parts[0].ndim == 2
+                                       else np.mean(parts, axis=0))
+        return result
+
+    def _piece_rows(self, group: Group, stored: np.ndarray):
+        for piece in group.pieces:
+            stop = piece.slot0 + (piece.num_slots - 1) * piece.slot_stride + 1
+            block = stored[piece.slot0:stop:piece.slot_stride,
+                           piece.row_offset:piece.row_offset + piece.rows_per_slot]
+            rows = block.reshape(-1, *block.shape[2:])[:self.tables[piece.table].vocab_size]
+            yield piece, rows
+
+    # ----- batches --------------------------------------------------------------------------
+    def preprocess(self, raw_ids: Mapping, raw_weights: Mapping | None = None) -> SparseBatch:
+        """Host-side validation and padding (see lf_jax.embedding.preprocess)."""
+        return preprocess_lib.preprocess(self.features, self.tables, raw_ids, raw_weights)
+
+    def batch_sharding(self, leading_dims: int = 0) -> NamedSharding:
+        """Examples split over every mesh axis (after ``leading_dims`` unsplit axes)."""
+        return NamedSharding(self.mesh, PartitionSpec(*([None] * leading_dims), self.batch_axes))
+
+    def shard_batch(self, batch: SparseBatch, leading_dims: int = 0) -> SparseBatch:
+        """Places a host batch on the mesh; the batch size must divide over the devices."""
+        size = next(iter(batch.ids.values())).shape[leading_dims]
+        if size % self.num_devices:
+            raise UserInputError(f"batch size {size} does not divide over {self.num_devices} devices")
+        sharding = self.batch_sharding(leading_dims)
+        return jax.tree.map(lambda x: jax.device_put(x, sharding), batch)
+
+    def _coefs(self, batch: SparseBatch) -> dict[str, jax.Array]:
+        coefs = {}
+        for name, feature in self.features.items():
+            w = jnp.where(batch.ids[name] >= 0, batch.weights[name], 0.0)
+            if feature.combiner == "mean":
+                w = w / jnp.maximum(jnp.sum(w, axis=-1, keepdims=True), 1e-12)
+            elif feature.combiner == "sqrtn":
+                w = w / jnp.maximum(jnp.sqrt(jnp.sum(w * w, axis=-1, keepdims=True)), 1e-12)
+            coefs[name] = w
+        return coefs
+
+    # ----- lookup and update ----------------------------------------------------------------
+    def lookup(self, tables: Mapping[str, jax.Array], batch: SparseBatch) -> dict[str, jax.Array]:
+        """Activations per feature: pooled [B, D] or sequence [B, max_ids, D] (float32)."""
+        coefs = self._coefs(batch)
+        parts: dict[str, list] = {}
+        for route in self.routes:
+            if not route.blocks:
+                continue
+            out_bcd = group_forward(self.mesh, route, tables[route.group.name],
+                                    *route.entries(batch.ids, coefs))
+            for block, value in route.split_output(out_bcd).items():
+                parts.setdefault(block.feature, []).append((block.piece.col_start, value))
+        return {name: jnp.concatenate([v for _, v in sorted(parts[name], key=lambda p: p[0])], axis=-1)
+                for name in self.features}
+
+    def apply_gradients(self, state: Mapping, batch: SparseBatch, activation_grads: Mapping,
+                        microbatched: bool = False) -> dict:
+        """Sparse optimizer step from gradients w.r.t. the looked-up activations.
+
+        With ``microbatched`` the batch and grads carry a leading axis of k micro-batches
+        whose row gradients are summed and applied once (exact accumulation).
+        """
+        if not microbatched:
+            batch = jax.tree.map(lambda x: x[None], batch)
+            activation_grads = jax.tree.map(lambda x: x[None], dict(activation_grads))
+        coefs = self._coefs(batch)
+        step = state["step"] + 1
+        tables, slots = dict(state["tables"]), dict(state["slots"])
+        for route in self.routes:
+            if not route.blocks:
+                continue
+            name = route.group.name
+            tables[name], slots[name] = group_update(
+                self.mesh, route, tables[name], slots[name], *route.entries(batch.ids, coefs),
+                route.join_gradients(activation_grads), step)
+        return {"tables": tables, "slots": slots, "step": step}

@@ -1,0 +1,129 @@
+"""Host-side preprocessing: ragged ids -> padded static-shape arrays.
+
+Accepted forms per feature (B examples):
+  * a list of lists of ints (ragged bags) or a list of ints (one id each),
+  * a tuple ``(values, lengths)`` of 1-D integer arrays,
+  * a 2-D integer array [B, L'] padded with -1, or a 1-D integer array [B].
+Bags longer than ``max_ids`` keep their first max_ids ids (or raise when the feature
+sets ``truncate=False``). Output ids are [B, max_ids] int32 padded with -1; weights are
+[B, max_ids] float32 (1 for unweighted ids, 0 for padding).
+
+Example:
+    >>> batch = preprocess(features, tables, {"history": [[1, 2, 3], [], [7]]})
+    >>> batch.ids["history"].shape
+    (3, 50)
+"""
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from lf_jax.embedding.spec import FeatureSpec, TableSpec
+from lf_jax.errors import UserInputError
+
+
+class InvalidIdsError(UserInputError):
+    """Ids that are out of range, negative, non-integer, or badly shaped."""
+
+
+class SparseBatch(NamedTuple):
+    """Padded ids and weights per feature: ids [B, L] int32 (-1 pad), weights [B, L] f32."""
+    ids: dict
+    weights: dict
+
+
+def _to_padded(name: str, raw: Any, max_ids: int, truncate: bool, what: str) -> np.ndarray:
+    """Returns [B, max_ids] float64 values with NaN padding (ids or weights)."""
+    if isinstance(raw, tuple) and len(raw) == 2:
+        values, lengths = (np.asarray(part) for part in raw)
+        if values.ndim != 1 or lengths.ndim != 1:
+            raise InvalidIdsError(f"feature '{name}': (values, lengths) must both be 1-D, got shapes "
+                                  f"{values.shape} and {lengths.shape}")
+        if lengths.size and (lengths.min() < 0 or lengths.sum() != values.size):
+            raise InvalidIdsError(f"feature '{name}': lengths sum to {int(lengths.sum())} but there "
+                                  f"are {values.size} {what}")
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        raw = [values[s:s + n] for s, n in zip(starts, lengths)]
+    if isinstance(raw, np.ndarray) and raw.ndim in (1, 2) and raw.dtype != object:
+        array = raw[:, None] if raw.ndim == 1 else raw
+        _check_dtype(name, array, what)
+        out = np.full((array.shape[0], max_ids), np.nan)
+        width = min(array.shape[1], max_ids)
+        if array.shape[1] > max_ids and not truncate:
+            too_long = np.nonzero((array[:, max_ids:] != -1).any(axis=1))[0] if what == "ids" else []
+            if len(too_long):
+                raise InvalidIdsError(f"feature '{name}': example {too_long[0]} has more than "
+                                      f"max_ids={max_ids} ids and truncate=False")
+        block = array[:, :width].astype(np.float64)
+        if what == "ids":
+            block[array[:, :width] == -1] = np.nan
+        out[:, :width] = block
+        return out
+    if isinstance(raw, np.ndarray) and raw.ndim > 2:
+        raise InvalidIdsError(f"feature '{name}': {what} array must be 1-D or 2-D, got shape {raw.shape}")
+    if not isinstance(raw, (list, tuple, np.ndarray)):
+        raise InvalidIdsError(f"feature '{name}': expected a list, (values, lengths) or an array of "
+                              f"{what}, got {type(raw).__name__}")
+    out = np.full((len(raw), max_ids), np.nan)
+    for row, bag in enumerate(raw):
+        bag = np.atleast_1d(np.asarray(bag))
+        if bag.ndim != 1:
+            raise InvalidIdsError(f"feature '{name}': example {row} is not a flat list of {what}")
+        if bag.size:
+            _check_dtype(name, bag, what, row)
+        if bag.size > max_ids and not truncate:
+            raise InvalidIdsError(f"feature '{name}': example {row} has {bag.size} ids, more than "
+                                  f"max_ids={max_ids}, and truncate=False")
+        out[row, :min(bag.size, max_ids)] = bag[:max_ids]
+    return out
+
+
+def _check_dtype(name, array, what, row=None):
+    where = "" if row is None else f" (example {row})"
+    if what == "ids" and not np.issubdtype(array.dtype, np.integer):
+        raise InvalidIdsError(f"feature '{name}': ids must be integers, got dtype {array.dtype}{where}")
+    if what == "weights" and not np.issubdtype(array.dtype, np.number):
+        raise InvalidIdsError(f"feature '{name}': weights must be numbers, got dtype {array.dtype}{where}")
+
+
+def preprocess(features: Mapping[str, FeatureSpec], tables: Mapping[str, TableSpec],
+               raw_ids: Mapping[str, Any], raw_weights: Mapping[str, Any] | None = None
+               ) -> SparseBatch:
+    """Validates and pads every feature; see the module docstring for accepted forms."""
+    raw_weights = raw_weights or {}
+    missing = sorted(set(features) - set(raw_ids))
+    if missing:
+        raise InvalidIdsError(f"batch lacks feature(s) {missing}")
+    unknown = sorted(set(raw_ids) - set(features))
+    if unknown:
+        raise InvalidIdsError(f"batch has unknown feature(s) {unknown} (features: {sorted(features)})")
+    ids, weights, batch_size = {}, {}, None
+    for name, feature in features.items():
+        padded = _to_padded(name, raw_ids[name], feature.max_ids, feature.truncate, "ids")
+        if batch_size is None:
+            batch_size = padded.shape[0]
+        elif padded.shape[0] != batch_size:
+            raise InvalidIdsError(f"feature '{name}' has {padded.shape[0]} examples, expected "
+                                  f"{batch_size} like the other features")
+        valid = ~np.isnan(padded)
+        vocab = tables[feature.table].vocab_size
+        bad = valid & ((padded < 0) | (padded >= vocab))
+        if bad.any():
+            row, col = map(int, np.argwhere(bad)[0])
+            if feature.oov_row is None:
+                raise InvalidIdsError(
+                    f"feature '{name}': id {int(padded[row, col])} (example {row}) is outside table "
+                    f"'{feature.table}' rows [0, {vocab}); set oov_row to map such ids")
+            padded[bad] = feature.oov_row
+        ids[name] = np.where(valid, padded, -1).astype(np.int32)
+        if feature.weighted:
+            if name not in raw_weights:
+                raise InvalidIdsError(f"feature '{name}' is weighted but the batch has no weights for it")
+            w = _to_padded(name, raw_weights[name], feature.max_ids, True, "weights")
+            if w.shape != padded.shape or (np.isnan(w) != ~valid).any():
+                raise InvalidIdsError(f"feature '{name}': weights do not match the ids' shape/lengths")
+            weights[name] = np.where(valid, w, 0.0).astype(np.float32)
+        else:
+            weights[name] = valid.astype(np.float32)
+    return SparseBatch(ids, weights)

@@ -1,0 +1,94 @@
+"""Layout: the stored arrays (shard groups) that hold every table piece of a plan.
+
+A Group is one array [num_slots, rows, dim] sharded on its first axis over ``axes``
+(replicated when ``axes`` is empty), holding pieces of equal dim, dtype and optimizer.
+
+Example:
+    >>> groups = build_layout(tables_by_name, validate_plan(plan, tables_by_name, mesh), mesh)
+    >>> [(g.name, g.shape) for g in groups]
+    [('rw_model_d16', (4, 250, 16)), ('tw_d16', (8, 1000, 16))]
+"""
+
+from collections import defaultdict
+from collections.abc import Mapping
+import dataclasses
+import math
+
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from lf_jax.embedding.sharding import STRATEGY_MODULES
+from lf_jax.embedding.sharding.piece import Piece
+from lf_jax.embedding.sparse_optim import SGD
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Group:
+    name: str
+    axes: tuple[str, ...]
+    num_slots: int
+    rows: int
+    dim: int
+    dtype: str
+    optimizer: SGD
+    pieces: tuple[Piece, ...]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.num_slots, self.rows, self.dim)
+
+    def partition_spec(self, *trailing) -> PartitionSpec:
+        first = None if not self.axes else self.axes[0] if len(self.axes) == 1 else self.axes
+        return PartitionSpec(first, *trailing)
+
+    def sharding(self, mesh: Mesh, extra_dims: int = 1) -> NamedSharding:
+        """Sharding of the table (extra_dims=1) or of a row-wise slot (extra_dims=0)."""
+        return NamedSharding(mesh, self.partition_spec(None, *([None] * extra_dims)))
+
+
+def _group_name(axes, dim, dtype, optimizer, taken) -> str:
+    where = "rep" if not axes else "_".join(axes)
+    base = f"{where}_d{dim}_{dtype}_{optimizer.kind}"
+    name, index = base, 1
+    while name in taken:
+        index += 1
+        name = f"{base}_{index}"
+    return name
+
+
+def build_layout(tables: Mapping, plan: Mapping[str, Mapping], mesh: Mesh) -> list[Group]:
+    """Places every table piece; ``plan`` must come from validate_plan."""
+    keyed: dict[tuple, list[Piece]] = defaultdict(list)
+    for name, table in tables.items():
+        entry = plan[name]
+        axes, pieces = STRATEGY_MODULES[entry["strategy"]].place(table, entry, mesh)
+        for piece in pieces:
+            keyed[(axes, piece.dim, table.dtype, table.optimizer)].append(piece)
+    device_load = defaultdict(int)  # bytes on each all-axes slot, for table-wise balancing
+    groups, taken = [], set()
+    all_axes = tuple(mesh.axis_names)
+    for (axes, dim, dtype, optimizer), pieces in keyed.items():
+        num_slots = math.prod(mesh.shape[axis] for axis in axes)
+        used = [0] * num_slots
+        placed: list[Piece] = []
+        fixed = [p for p in pieces if p.slot0 is not None]
+        auto = sorted((p for p in pieces if p.slot0 is None),
+                      key=lambda p: (-p.rows_per_slot * p.dim, p.table, p.col_start))
+        for piece in fixed + auto:
+            if piece.slot0 is None:
+                holding = {s for q in placed if q.table == piece.table for s in q.slots()}
+                candidates = [s for s in range(num_slots) if s not in holding] or list(range(num_slots))
+                piece = dataclasses.replace(
+                    piece, slot0=min(candidates, key=lambda s: (device_load[s], s)))
+            slots = piece.slots()
+            offset = max(used[s] for s in slots)
+            piece = dataclasses.replace(piece, row_offset=offset)
+            for slot in slots:
+                used[slot] = offset + piece.rows_per_slot
+                if axes == all_axes:
+                    device_load[slot] += piece.rows_per_slot * piece.dim
+            placed.append(piece)
+        name = _group_name(axes, dim, dtype, optimizer, taken)
+        taken.add(name)
+        groups.append(Group(name=name, axes=axes, num_slots=num_slots, rows=max(max(used), 1),
+                            dim=dim, dtype=dtype, optimizer=optimizer, pieces=tuple(placed)))
+    return groups

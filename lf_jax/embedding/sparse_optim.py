@@ -1,0 +1,139 @@
+"""Sparse optimizers: update only the rows a step looked up.
+
+Each optimizer is a frozen dataclass with the per-row state it keeps ("slots") and a
+pure ``update`` on gathered rows. The engine dedupes ids, gathers the touched rows and
+their slots, calls ``update`` and scatters the result back into the donated table.
+
+Shapes: ``rows_ud`` / ``grads_ud`` are [U, D] (U unique touched rows), slots are [U]
+(row-wise) or [U, D] (element-wise); ``step`` is the 1-based global step.
+
+Example:
+    >>> opt = rowwise_adagrad(learning_rate=0.05)
+    >>> slots = opt.init_slots(num_rows=4, dim=8)
+    >>> new_rows, new_slots = opt.update(rows_ud, grads_ud, slots_at_u, step=1)
+"""
+
+import dataclasses
+from typing import ClassVar
+
+import jax.numpy as jnp
+
+from lf_jax.errors import UserInputError
+
+
+def _positive(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise UserInputError(f"sparse optimizer: {name} must be > 0, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SGD:
+    """rows -= learning_rate * grad. No slots."""
+    learning_rate: float
+    kind: ClassVar[str] = "sgd"
+
+    def __post_init__(self):
+        _positive("learning_rate", self.learning_rate)
+
+    def slot_shapes(self, dim: int) -> dict[str, tuple[int, ...]]:
+        """Per-row slot shapes (without the row axis)."""
+        return {}
+
+    def slot_init(self, name: str) -> float:
+        raise KeyError(name)
+
+    def init_slots(self, num_rows: int, dim: int, dtype=jnp.float32) -> dict:
+        return {name: jnp.full((num_rows, *shape), self.slot_init(name), dtype)
+                for name, shape in self.slot_shapes(dim).items()}
+
+    def update(self, rows_ud, grads_ud, slots: dict, step):
+        return rows_ud - self.learning_rate * grads_ud, slots
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RowWiseAdagrad(SGD):
+    """One accumulator per row: acc += mean(g^2); rows -= lr * g / (sqrt(acc) + eps)."""
+    learning_rate: float
+    initial_accumulator: float = 0.1
+    eps: float = 1e-8
+    kind: ClassVar[str] = "rowwise_adagrad"
+
+    def __post_init__(self):
+        _positive("learning_rate", self.learning_rate)
+        _positive("eps", self.eps)
+        if self.initial_accumulator < 0:
+            raise UserInputError(
+                f"rowwise_adagrad: initial_accumulator must be >= 0, got {self.initial_accumulator!r}")
+
+    def slot_shapes(self, dim):
+        return {"accumulator": ()}
+
+    def slot_init(self, name):
+        return self.initial_accumulator
+
+    def update(self, rows_ud, grads_ud, slots, step):
+        acc_u = slots["accumulator"] + jnp.mean(jnp.square(grads_ud), axis=-1)
+        scale_u = self.learning_rate / (jnp.sqrt(acc_u) + self.eps)
+        return rows_ud - scale_u[:, None] * grads_ud, {"accumulator": acc_u}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Adam(SGD):
+    """Lazy Adam: moments of touched rows only, bias correction from the global step."""
+    learning_rate: float
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    kind: ClassVar[str] = "adam"
+
+    def __post_init__(self):
+        _positive("learning_rate", self.learning_rate)
+        _positive("eps", self.eps)
+        for name in ("b1", "b2"):
+            value = getattr(self, name)
+            if not 0 <= value < 1:
+                raise UserInputError(f"adam: {name} must be in [0, 1), got {value!r}")
+
+    def slot_shapes(self, dim):
+        return {"mu": (dim,), "nu": (dim,)}
+
+    def slot_init(self, name):
+        return 0.0
+
+    def update(self, rows_ud, grads_ud, slots, step):
+        mu_ud = self.b1 * slots["mu"] + (1 - self.b1) * grads_ud
+        nu_ud = self.b2 * slots["nu"] + (1 - self.b2) * jnp.square(grads_ud)
+        step = jnp.asarray(step, jnp.float32)
+        mu_hat = mu_ud / (1 - self.b1 ** step)
+        nu_hat = nu_ud / (1 - self.b2 ** step)
+        return rows_ud - self.learning_rate * mu_hat / (jnp.sqrt(nu_hat) + self.eps), {
+            "mu": mu_ud, "nu": nu_ud}
+
+
+SparseOptimizer = SGD  # the protocol every sparse optimizer follows
+
+
+def sgd(learning_rate: float) -> SGD:
+    """Plain SGD on touched rows."""
+    return SGD(learning_rate=learning_rate)
+
+
+def rowwise_adagrad(learning_rate: float, initial_accumulator: float = 0.1,
+                    eps: float = 1e-8) -> RowWiseAdagrad:
+    """Row-wise Adagrad (one accumulator per row), the usual choice for huge tables."""
+    return RowWiseAdagrad(learning_rate=learning_rate, initial_accumulator=initial_accumulator,
+                          eps=eps)
+
+
+def adam(learning_rate: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Adam:
+    """Lazy Adam with two [rows, dim] moment slots."""
+    return Adam(learning_rate=learning_rate, b1=b1, b2=b2, eps=eps)
+
+
+def from_config(kind: str, **kwargs) -> SGD:
+    """Builds an optimizer from a config name: sgd | rowwise_adagrad | adam."""
+    makers = {"sgd": sgd, "rowwise_adagrad": rowwise_adagrad, "adagrad": rowwise_adagrad,
+              "adam": adam}
+    if kind not in makers:
+        raise UserInputError(f"sparse optimizer '{kind}' is unknown; choose one of {sorted(makers)}")
+    return makers[kind](**kwargs)
