@@ -119,38 +119,55 @@ class EmbeddingCollection:
                                piece.row_offset:piece.row_offset + piece.rows_per_slot].set(block)
         return stored
 
+    def to_logical(self, state: Mapping) -> dict:
+        """Jit-able logical form: {"tables": {name: [V, D]}, "slots": {name: {slot: [V(, D)]}},
+        "step"}. A row-wise slot of a column_wise table keeps one value per column piece;
+        the logical form holds their mean (restoring broadcasts it to every piece)."""
+        tables: dict[str, list] = {}
+        slots: dict[str, dict[str, list]] = {}
+        for group in self.groups:
+            for piece, rows in self._piece_rows(group, state["tables"][group.name]):
+                tables.setdefault(piece.table, []).append((piece.col_start, rows))
+            for name, stored in state["slots"][group.name].items():
+                for piece, rows in self._piece_rows(group, stored):
+                    slots.setdefault(piece.table, {}).setdefault(name, []).append((piece.col_start, rows))
+        ordered = lambda parts: [rows for _, rows in sorted(parts, key=lambda p: p[0])]
+        return {
+            "tables": {name: jnp.concatenate(ordered(parts), axis=1) for name, parts in tables.items()},
+            "slots": {table: {name: (jnp.concatenate(ordered(parts), axis=1) if parts[0][1].ndim == 2
+                                     else jnp.mean(jnp.stack(ordered(parts)), axis=0))
+                              for name, parts in by_slot.items()}
+                      for table, by_slot in slots.items()},
+            "step": state["step"],
+        }
+
+    def from_logical(self, logical: Mapping) -> dict:
+        """Jit-able inverse of to_logical: places logical tables/slots under this plan."""
+        return self._state_from_logical(logical["tables"], logical.get("slots"), logical["step"])
+
+    def logical_shardings(self) -> dict:
+        """Shardings for the logical form: rows split over every device when they divide."""
+        def rows(vocab, ndim):
+            split = vocab % self.num_devices == 0
+            return NamedSharding(self.mesh, PartitionSpec(self.batch_axes if split else None,
+                                                          *([None] * (ndim - 1))))
+        return {
+            "tables": {n: rows(t.vocab_size, 2) for n, t in self.tables.items()},
+            "slots": {n: {name: rows(t.vocab_size, 1 + len(shape))
+                          for name, shape in t.optimizer.slot_shapes(t.dim).items()}
+                      for n, t in self.tables.items() if t.optimizer.slot_shapes(t.dim)},
+            "step": NamedSharding(self.mesh, PartitionSpec()),
+        }
+
     def logical_tables(self, state: Mapping) -> dict[str, np.ndarray]:
         """Every table in its logical [vocab_size, dim] form, as numpy (gathers to host)."""
-        out = {}
-        for group in self.groups:
-            stored = np.asarray(jax.device_get(state["tables"][group.name]))
-            for piece, rows in self._piece_rows(group, stored):
-                out.setdefault(piece.table, []).append((piece.col_start, rows))
-        return {name: np.concatenate([rows for _, rows in sorted(parts, key=lambda p: p[0])], axis=1)
-                for name, parts in out.items()}
+        return jax.device_get(jax.jit(lambda s: self.to_logical(s)["tables"])(state))
 
     def logical_slots(self, state: Mapping) -> dict[str, dict[str, np.ndarray]]:
-        """Optimizer slots per table in logical form ([vocab] or [vocab, dim]).
+        """Optimizer slots per table in logical form ([vocab] or [vocab, dim]), as numpy."""
+        return jax.device_get(jax.jit(lambda s: self.to_logical(s)["slots"])(state))
 
-        A row-wise slot of a column_wise table keeps one value per column piece; the
-        logical form holds their mean.
-        """
-        out: dict[str, dict[str, list]] = {}
-        for group in self.groups:
-            for name, stored in state["slots"][group.name].items():
-                stored = np.asarray(jax.device_get(stored))
-                for piece, rows in self._piece_rows(group, stored):
-                    out.setdefault(piece.table, {}).setdefault(name, []).append((piece.col_start, rows))
-        result = {}
-        for table, slots in out.items():
-            result[table] = {}
-            for name, parts in slots.items():
-                parts = [rows for _, rows in sorted(parts, key=lambda p: p[0])]
-                result[table][name] = (np.concatenate(parts, axis=1) if parts[0].ndim == 2
-                                       else np.mean(parts, axis=0))
-        return result
-
-    def _piece_rows(self, group: Group, stored: np.ndarray):
+    def _piece_rows(self, group: Group, stored):
         for piece in group.pieces:
             stop = piece.slot0 + (piece.num_slots - 1) * piece.slot_stride + 1
             block = stored[piece.slot0:stop:piece.slot_stride,

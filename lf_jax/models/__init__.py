@@ -1,0 +1,1 @@
+"""Models: the feed ranker and its interaction blocks; text encoders come later."""

@@ -1,0 +1,39 @@
+import numpy as np
+import pytest
+
+from lf_jax.train.metrics import auc, binary_metrics, calibration, normalized_entropy
+
+
+def _pairwise_auc(scores, labels):
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return greater / (len(pos) * len(neg))
+
+
+def test_auc_matches_pairwise_definition_with_ties():
+    rng = np.random.default_rng(0)
+    scores = np.round(rng.random(500), 2)  # many ties
+    labels = (rng.random(500) < scores).astype(int)
+    assert auc(scores, labels) == pytest.approx(_pairwise_auc(scores, labels), abs=1e-12)
+
+
+def test_auc_extremes():
+    assert auc(np.array([0.1, 0.2, 0.8, 0.9]), np.array([0, 0, 1, 1])) == 1.0
+    assert auc(np.array([0.9, 0.8, 0.2, 0.1]), np.array([0, 0, 1, 1])) == 0.0
+    assert np.isnan(auc(np.array([0.1, 0.2]), np.array([1, 1])))
+
+
+def test_normalized_entropy_and_calibration():
+    labels = np.array([0, 0, 0, 1] * 25)
+    assert normalized_entropy(np.full(100, 0.25), labels) == pytest.approx(1.0)
+    assert normalized_entropy(np.where(labels == 1, 0.9, 0.05), labels) < 0.5
+    assert calibration(np.full(100, 0.5), labels) == pytest.approx(2.0)
+
+
+def test_binary_metrics_names():
+    probs = np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.6], [0.7, 0.1]])
+    labels = np.array([[0, 1], [1, 0], [0, 1], [1, 0]])
+    out = binary_metrics(probs, labels, ("like", "share"), oracle_probs_nt=probs)
+    assert out["like/auc"] == 1.0 and out["share/oracle_auc"] == 1.0
+    assert set(out) == {f"{t}/{m}" for t in ("like", "share")
+                        for m in ("auc", "ne", "calibration", "oracle_auc")}
