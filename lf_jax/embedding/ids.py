@@ -1,0 +1,428 @@
+"""String ids -> table rows: a minimal perfect hash over a vocabulary snapshot.
+
+``IdMap.build`` hashes every string id of a snapshot to a 64-bit key, then places the
+keys with a BBHash-style construction (levels of bit arrays of ``gamma * n`` slots; a key
+alone in its slot is placed, colliding keys try again one level down). A key's row is the
+rank of its bit across all levels, so known ids get distinct rows in [0, n) with no
+key stored. A fingerprint per row (a second hash of the key) tells unknown ids apart:
+they go to one of ``num_oov_buckets`` OOV rows n .. n + num_oov_buckets - 1, chosen by
+hash. With ``preserve_order`` (the default) the row of ``keys[i]`` is ``i``, so the
+snapshot itself maps rows back to string ids (export, pretrained vectors). Vectorised
+numpy: lookups loop over string positions and levels, never over keys. Keys compare as
+exact code point sequences (a trailing "\\x00" is dropped: numpy strings cannot hold one).
+
+Shapes: ``keys`` is a sequence or array of str (any shape); ``lookup`` and ``contains``
+return arrays of the same shape (int32 rows, bool).
+
+Example:
+    >>> id_map = IdMap.build(["urn:li:member:1", "urn:li:member:7"], num_oov_buckets=2)
+    >>> id_map.lookup(["urn:li:member:7", "urn:li:member:1", "urn:li:member:99"])
+    array([1, 0, 3], dtype=int32)          # 99 is unknown: an OOV row in [2, 4)
+    >>> id_map.save("/tmp/member_ids"); IdMap.load("/tmp/member_ids").num_rows
+    4
+"""
+
+from collections.abc import Sequence
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+import uuid
+import zipfile
+
+import numpy as np
+
+from lf_jax.errors import UserInputError
+
+FILE_NAME = "id_map.npz"
+FORMAT = "lf_jax.IdMap"
+FORMAT_VERSION = 1
+FINGERPRINT_BITS = (8, 16, 32)
+MAX_LEVELS = 48
+HASH_CHUNK = 1 << 16
+_FNV_PRIME = np.uint64(0x100000001B3)
+_FNV_OFFSET = 0xCBF29CE484222325
+_GOLDEN = 0x9E3779B97F4A7C15
+_FINGERPRINT_SALT = 0x5EED_F1A6_E2B1_7A11
+_OOV_SALT = 0x00B0_C4E7_5A17_0FF5
+_MASK64 = (1 << 64) - 1
+
+
+class IdMapError(UserInputError):
+    """Bad keys, arguments or files for an IdMap."""
+
+
+def mix64(h: np.ndarray) -> np.ndarray:
+    """The murmur3 64-bit finaliser (a bijection with full avalanche), on a uint64 array."""
+    h = np.array(h, dtype=np.uint64)  # a copy: callers keep their keys
+    h ^= h >> np.uint64(33)
+    h *= np.uint64(0xFF51AFD7ED558CCD)
+    h ^= h >> np.uint64(33)
+    h *= np.uint64(0xC4CEB9FE1A85EC53)
+    h ^= h >> np.uint64(33)
+    return h
+
+
+def _check_seed(seed) -> int:
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed <= _MASK64:
+        raise IdMapError(f"seed must be an int in [0, 2**64), got {seed!r}")
+    return int(seed)
+
+
+def _as_string_array(chunk, field: str) -> np.ndarray:
+    """A 1-D '<U' array from a chunk of str (or utf-8 bytes) keys."""
+    array = np.asarray(chunk)
+    if array.dtype.kind == "O":
+        array = array.astype(str)
+    elif array.dtype.kind == "S":
+        try:
+            array = np.strings.decode(array, "utf-8")
+        except UnicodeDecodeError as error:
+            raise IdMapError(f"{field}: bytes keys must be utf-8, got {error}") from None
+    elif array.dtype.kind != "U":
+        raise IdMapError(f"{field} must be strings, got an array of {array.dtype} (integer ids "
+                         "need no IdMap: use open_vocab.hash_to_rows or the ids themselves)")
+    return array.astype(array.dtype.newbyteorder("<"), copy=False).reshape(-1)
+
+
+def _key_chunks(keys, field: str):
+    """(shape of ``keys``, a generator of flat 1-D '<U' chunks of at most HASH_CHUNK keys)."""
+    if isinstance(keys, (str, bytes)):
+        keys = np.asarray(keys)
+    if isinstance(keys, np.ndarray):
+        flat = keys.reshape(-1)
+        shape = keys.shape
+        chunks = (flat[start:start + HASH_CHUNK] for start in range(0, flat.size, HASH_CHUNK))
+    elif isinstance(keys, Sequence) and len(keys) and isinstance(keys[0], (list, tuple, np.ndarray)):
+        return _key_chunks(np.asarray(keys), field)
+    else:
+        if not isinstance(keys, Sequence):
+            keys = list(keys)
+        shape = (len(keys),)
+        chunks = (keys[start:start + HASH_CHUNK] for start in range(0, len(keys), HASH_CHUNK))
+    return shape, (_as_string_array(chunk, field) for chunk in chunks)
+
+
+def _hash_chunk(strings: np.ndarray, basis: int) -> np.ndarray:
+    """FNV-1a over pairs of code points with an xorshift per step, then mix64; '<U' -> uint64."""
+    n = strings.size
+    lengths = np.strings.str_len(strings).astype(np.int64)
+    if n == 0:
+        return np.zeros(0, np.uint64)
+    width = max(strings.dtype.itemsize // 4, 1)
+    # Longest first, so the keys still running at step j are a prefix: no masks.
+    order = np.argsort(-lengths, kind="stable")
+    lengths_sorted = lengths[order]
+    codes = np.zeros((n, width + width % 2), "<u4")
+    codes[:, :width] = np.ascontiguousarray(strings).view("<u4").reshape(n, width)[order]
+    pairs = codes.view("<u8")  # code points 2j and 2j + 1 (zero past the end) in one word
+    steps = (int(lengths_sorted[0]) + 1) // 2
+    running = np.searchsorted(-lengths_sorted, -2 * np.arange(steps), side="left")
+    hashes = np.full(n, basis, np.uint64)
+    for step, count in enumerate(running):
+        head = hashes[:count]
+        head ^= pairs[:count, step]
+        head *= _FNV_PRIME
+        head ^= head >> np.uint64(29)
+    hashes ^= lengths_sorted.astype(np.uint64) * np.uint64(_GOLDEN)
+    out = np.empty(n, np.uint64)
+    out[order] = mix64(hashes)
+    return out
+
+
+def hash_strings(keys, seed: int = 0, *, field: str = "keys") -> np.ndarray:
+    """64-bit seeded hashes of string ids, vectorised; shape of ``keys``, uint64.
+
+    The hash of a key depends only on the key and the seed (never on the other keys of
+    the batch), and is the same on every machine.
+
+    Example:
+        >>> hash_strings(["urn:li:member:1", "urn:li:member:2"], seed=0).dtype
+        dtype('uint64')
+    """
+    basis = int(mix64(np.uint64(_FNV_OFFSET ^ _check_seed(seed))))
+    shape, chunks = _key_chunks(keys, field)
+    parts = [_hash_chunk(chunk, basis) for chunk in chunks]
+    flat = np.concatenate(parts) if parts else np.zeros(0, np.uint64)
+    return flat.reshape(shape)
+
+
+def _reduce(hashes: np.ndarray, size: int) -> np.ndarray:
+    """Maps uniform uint64 hashes to [0, size) (multiply-high of the top 32 bits), int64."""
+    return (((hashes >> np.uint64(32)) * np.uint64(size)) >> np.uint64(32)).astype(np.int64)
+
+
+def _level_slots(keys: np.ndarray, level: int, num_slots: int) -> np.ndarray:
+    salt = np.uint64((_GOLDEN * (level + 1)) & _MASK64)
+    return _reduce(mix64(keys ^ salt), num_slots)
+
+
+def _fingerprints(keys: np.ndarray, bits: int) -> np.ndarray:
+    top = mix64(keys ^ np.uint64(_FINGERPRINT_SALT)) >> np.uint64(64 - bits)
+    return top.astype(f"<u{bits // 8}")
+
+
+def _words_rank(words: np.ndarray) -> np.ndarray:
+    """Exclusive running popcount per 64-bit word (the rank of each word's first bit)."""
+    counts = np.bitwise_count(words).astype(np.int64)
+    return (np.cumsum(counts) - counts).astype(np.uint32)
+
+
+def _first_duplicate(keys, hashes: np.ndarray) -> tuple[str, int, int] | None:
+    """The duplicate whose second occurrence comes first: (key, first, second), or None."""
+    order = np.argsort(hashes, kind="stable")
+    same = hashes[order][1:] == hashes[order][:-1]
+    if not same.any():
+        return None
+    suspects = np.unique(np.concatenate([order[:-1][same], order[1:][same]]))
+    flat = keys.reshape(-1) if isinstance(keys, np.ndarray) else keys
+    strings = _as_string_array([flat[i] for i in suspects], "keys")
+    by_key = np.lexsort((suspects, strings))
+    strings, suspects = strings[by_key], suspects[by_key]
+    repeats = np.flatnonzero(strings[1:] == strings[:-1])
+    if repeats.size == 0:
+        return None  # a 64-bit collision of two different keys: the caller re-seeds
+    second = repeats[np.argmin(suspects[repeats + 1])]
+    first = suspects[np.flatnonzero(strings == strings[second + 1])[0]]
+    return str(strings[second + 1]), int(first), int(suspects[second + 1])
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class IdMap:
+    """A minimal perfect hash from a snapshot of n string ids to rows [0, n), plus OOV rows.
+
+    Build with ``IdMap.build``; ``num_rows`` (n + num_oov_buckets) is the vocab_size of
+    the table it feeds. ``nbytes`` is what it keeps in memory (no key is stored).
+    """
+    num_keys: int
+    num_oov_buckets: int
+    seed: int
+    hash_seed: int
+    gamma: float
+    fingerprint_bits: int
+    level_words: np.ndarray      # [levels + 1] int64: word offset of each level
+    words: np.ndarray            # [W] uint64: the levels' bit arrays, concatenated
+    rank: np.ndarray             # [W] uint32: set bits before each word
+    fingerprints: np.ndarray     # [n] uint8/16/32, by hash index
+    order: np.ndarray | None     # [n] uint32: hash index -> snapshot position
+    fallback_keys: np.ndarray    # [F] uint64 sorted: keys left after MAX_LEVELS (rarely any)
+
+    @classmethod
+    def build(cls, keys, *, num_oov_buckets: int = 1, seed: int = 0, gamma: float = 2.0,
+              fingerprint_bits: int = 32, preserve_order: bool = True) -> "IdMap":
+        """Builds the map from a snapshot of unique string ids.
+
+        gamma: bit-array slots per key at each level (>= 1): larger builds and looks up
+        faster with more bits. fingerprint_bits: 8 | 16 | 32; an unknown id is taken for
+        a known one with probability about 2**-fingerprint_bits. preserve_order: row of
+        ``keys[i]`` is ``i`` (4 more bytes per key); otherwise rows follow the hash.
+        """
+        if (not isinstance(num_oov_buckets, (int, np.integer)) or isinstance(num_oov_buckets, bool)
+                or num_oov_buckets < 0):
+            raise IdMapError(f"num_oov_buckets must be an int >= 0, got {num_oov_buckets!r}")
+        if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or not 1.0 <= gamma <= 16.0:
+            raise IdMapError(f"gamma must be a number in [1, 16], got {gamma!r}")
+        if fingerprint_bits not in FINGERPRINT_BITS:
+            raise IdMapError(f"fingerprint_bits must be one of {FINGERPRINT_BITS}, got {fingerprint_bits!r}")
+        seed = _check_seed(seed)
+        if not isinstance(keys, (np.ndarray, Sequence)):
+            keys = list(keys)
+        for attempt in range(4):
+            hash_seed = (seed + attempt * _GOLDEN) & _MASK64
+            hashes = hash_strings(keys, hash_seed).reshape(-1)
+            n = hashes.size
+            if n == 0:
+                raise IdMapError("keys: the vocabulary snapshot is empty; an IdMap needs at "
+                                 "least one id")
+            if n + num_oov_buckets >= 2**31:
+                raise IdMapError(f"keys: {n} ids + {num_oov_buckets} OOV buckets do not fit "
+                                 "int32 rows")
+            if np.unique(hashes).size == n:
+                break
+            duplicate = _first_duplicate(keys, hashes)
+            if duplicate is not None:
+                key, first, second = duplicate
+                raise IdMapError(f"keys: the snapshot must hold unique ids, but {key!r} appears "
+                                 f"at positions {first} and {second}")
+        else:  # pragma: no cover - needs four 64-bit collisions in a row
+            raise IdMapError(f"keys: 64-bit hash collisions with seeds {seed}..{hash_seed}; "
+                             "try another seed")
+        return cls._place(hashes, num_oov_buckets=int(num_oov_buckets), seed=seed,
+                          hash_seed=hash_seed, gamma=float(gamma),
+                          fingerprint_bits=fingerprint_bits, preserve_order=preserve_order)
+
+    @classmethod
+    def _place(cls, hashes, *, preserve_order, **header) -> "IdMap":
+        n = hashes.size
+        index_of_key = np.empty(n, np.int64)
+        remaining = np.arange(n)
+        word_blocks, level_words, placed = [], [0], 0
+        for level in range(MAX_LEVELS):
+            if remaining.size == 0:
+                break
+            num_slots = 64 * math.ceil(header["gamma"] * remaining.size / 64)
+            slots = _level_slots(hashes[remaining], level, num_slots)
+            single = np.bincount(slots, minlength=num_slots) == 1
+            alone = single[slots]
+            index_of_key[remaining[alone]] = placed + np.cumsum(single)[slots[alone]] - 1
+            placed += int(alone.sum())
+            word_blocks.append(np.packbits(single, bitorder="little").view("<u8"))
+            level_words.append(level_words[-1] + word_blocks[-1].size)
+            remaining = remaining[~alone]
+        fallback = np.sort(hashes[remaining])
+        index_of_key[remaining[np.argsort(hashes[remaining])]] = np.arange(placed, n)
+        words = np.concatenate(word_blocks)
+        fingerprints = np.empty(n, f"<u{header['fingerprint_bits'] // 8}")
+        fingerprints[index_of_key] = _fingerprints(hashes, header["fingerprint_bits"])
+        order = None
+        if preserve_order:
+            order = np.empty(n, np.uint32)
+            order[index_of_key] = np.arange(n, dtype=np.uint32)
+        return cls(num_keys=n, level_words=np.asarray(level_words, np.int64), words=words,
+                   rank=_words_rank(words), fingerprints=fingerprints, order=order,
+                   fallback_keys=fallback, **header)
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of the table this map feeds: known ids, then the OOV buckets."""
+        return self.num_keys + self.num_oov_buckets
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the arrays kept in memory."""
+        arrays = (self.level_words, self.words, self.rank, self.fingerprints, self.order,
+                  self.fallback_keys)
+        return sum(a.nbytes for a in arrays if a is not None)
+
+    def __repr__(self) -> str:
+        return (f"IdMap(num_keys={self.num_keys}, num_oov_buckets={self.num_oov_buckets}, "
+                f"levels={self.level_words.size - 1}, bits_per_key="
+                f"{8 * self.nbytes / self.num_keys:.1f})")
+
+    def _hash_index(self, hashes: np.ndarray) -> np.ndarray:
+        """[q] uint64 -> [q] int64 hash index in [0, n) of a known key's slot, -1 if none."""
+        index = np.full(hashes.size, -1, np.int64)
+        remaining = np.arange(hashes.size)
+        for level in range(self.level_words.size - 1):
+            if remaining.size == 0:
+                break
+            start, stop = self.level_words[level], self.level_words[level + 1]
+            bit = _level_slots(hashes[remaining], level, 64 * int(stop - start)) + 64 * int(start)
+            word = self.words[bit >> 6]
+            offset = (bit & 63).astype(np.uint64)
+            hit = ((word >> offset) & np.uint64(1)).astype(bool)
+            below = word[hit] & ((np.uint64(1) << offset[hit]) - np.uint64(1))
+            index[remaining[hit]] = self.rank[bit[hit] >> 6] + np.bitwise_count(below).astype(np.int64)
+            remaining = remaining[~hit]
+        if remaining.size and self.fallback_keys.size:
+            at = np.searchsorted(self.fallback_keys, hashes[remaining]).clip(max=self.fallback_keys.size - 1)
+            found = self.fallback_keys[at] == hashes[remaining]
+            index[remaining[found]] = self.num_keys - self.fallback_keys.size + at[found]
+        return index
+
+    def _known(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        index = self._hash_index(hashes)
+        known = index >= 0
+        known[known] = (self.fingerprints[index[known]]
+                        == _fingerprints(hashes[known], self.fingerprint_bits))
+        return index, known
+
+    def contains(self, keys) -> np.ndarray:
+        """True where a key is in the snapshot (up to fingerprint false accepts); shape of keys."""
+        hashes = hash_strings(keys, self.hash_seed)
+        return self._known(hashes.reshape(-1))[1].reshape(hashes.shape)
+
+    def lookup(self, keys) -> np.ndarray:
+        """Rows of ``keys``, int32, shape of keys: [0, n) for known ids, OOV rows otherwise.
+
+        With num_oov_buckets=0, an unknown id is an error naming the first one.
+        """
+        if not isinstance(keys, (np.ndarray, Sequence)):
+            keys = list(keys)
+        hashes = hash_strings(keys, self.hash_seed)
+        flat = hashes.reshape(-1)
+        index, known = self._known(flat)
+        rows = np.empty(flat.size, np.int64)
+        rows[known] = index[known] if self.order is None else self.order[index[known]]
+        unknown = ~known
+        if unknown.any():
+            if self.num_oov_buckets == 0:
+                first = int(np.argmax(unknown))
+                key = np.asarray(keys).reshape(-1)[first] if not isinstance(keys, list) else keys[first]
+                raise IdMapError(f"keys: {int(unknown.sum())} of {flat.size} ids are not in the "
+                                 f"vocabulary (first: {str(key)!r} at position {first}); build the "
+                                 "IdMap with num_oov_buckets >= 1 to send them to OOV rows")
+            buckets = _reduce(mix64(flat[unknown] ^ np.uint64(_OOV_SALT)), self.num_oov_buckets)
+            rows[unknown] = self.num_keys + buckets
+        return rows.astype(np.int32).reshape(hashes.shape)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Writes ``directory/id_map.npz`` atomically (temp file, then rename); returns its path.
+
+        An existing file is replaced only once the new one is complete.
+        """
+        directory = Path(directory)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise IdMapError(f"IdMap.save: directory '{directory}' cannot be created: "
+                             f"{error.strerror or error}") from None
+        path = directory / FILE_NAME
+        temp = directory / f".{FILE_NAME}.{uuid.uuid4().hex}.tmp"
+        header = {"format": FORMAT, "version": FORMAT_VERSION, "num_keys": self.num_keys,
+                  "num_oov_buckets": self.num_oov_buckets, "seed": self.seed,
+                  "hash_seed": self.hash_seed, "gamma": self.gamma,
+                  "fingerprint_bits": self.fingerprint_bits, "preserve_order": self.order is not None}
+        arrays = {"level_words": self.level_words, "words": self.words,
+                  "fingerprints": self.fingerprints, "fallback_keys": self.fallback_keys}
+        if self.order is not None:
+            arrays["order"] = self.order
+        try:
+            with open(temp, "wb") as file:
+                np.savez(file, header=np.array(json.dumps(header)), **arrays)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temp, path)
+        except OSError as error:
+            raise IdMapError(f"IdMap.save: cannot write '{path}': {error.strerror or error}") from None
+        finally:
+            temp.unlink(missing_ok=True)
+        return path
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "IdMap":
+        """Reads a map written by ``save`` (a directory, or the .npz file itself)."""
+        path = Path(directory)
+        if path.is_dir() or not path.suffix == ".npz":
+            path = path / FILE_NAME
+        if not path.is_file():
+            raise IdMapError(f"IdMap.load: '{path}' does not exist")
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                header = json.loads(str(npz["header"]))
+                arrays = {name: npz[name] for name in npz.files if name != "header"}
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+            raise IdMapError(f"IdMap.load: '{path}' is not a readable IdMap file: {error}") from None
+        if header.get("format") != FORMAT or header.get("version") != FORMAT_VERSION:
+            raise IdMapError(f"IdMap.load: '{path}' has format {header.get('format')!r} version "
+                             f"{header.get('version')!r}, expected {FORMAT!r} {FORMAT_VERSION}")
+        try:
+            words = arrays["words"].astype("<u8", copy=False)
+            id_map = cls(num_keys=int(header["num_keys"]),
+                         num_oov_buckets=int(header["num_oov_buckets"]), seed=int(header["seed"]),
+                         hash_seed=int(header["hash_seed"]), gamma=float(header["gamma"]),
+                         fingerprint_bits=int(header["fingerprint_bits"]),
+                         level_words=arrays["level_words"], words=words, rank=_words_rank(words),
+                         fingerprints=arrays["fingerprints"],
+                         order=arrays["order"] if header["preserve_order"] else None,
+                         fallback_keys=arrays["fallback_keys"])
+        except KeyError as error:
+            raise IdMapError(f"IdMap.load: '{path}' lacks {error}") from None
+        n = id_map.num_keys
+        if (id_map.fingerprints.size != n or id_map.level_words[-1] != words.size
+                or id_map.fingerprints.dtype.itemsize * 8 != id_map.fingerprint_bits
+                or int(np.bitwise_count(words).sum()) + id_map.fallback_keys.size != n
+                or (id_map.order is not None and id_map.order.size != n)):
+            raise IdMapError(f"IdMap.load: '{path}' is inconsistent (num_keys={n}); rebuild it")
+        return id_map
