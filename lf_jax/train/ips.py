@@ -1,0 +1,116 @@
+"""Inverse-propensity weights per (position, task) from random vs ranked sessions.
+
+weight(p, t) = CTR_random(p, t) / CTR_ranked(p, t): random-order sessions show what a
+member would do without the old ranker's exposure and ordering, so up-weighting ranked
+impressions by this ratio removes the bias the old ranker put into the logs. Both CTRs
+are smoothed towards their session type's overall CTR, the ratio is clipped, and the
+weights are normalised to mean 1 over ranked impressions. Random-session impressions
+keep weight 1.
+
+Example:
+    >>> ips = compute_ips_weights(position_n, random_n, labels_nt, num_positions=20,
+    ...                           tasks=("like", "comment", "share", "long_dwell"))
+    >>> weights_bt = ips.batch_weights(position_b, random_b)
+    >>> ips.save(workdir / "ips_weights.json")
+"""
+
+from collections.abc import Sequence
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from lf_jax.errors import UserInputError
+
+
+@dataclasses.dataclass(frozen=True)
+class IpsWeights:
+    tasks: tuple[str, ...]
+    weights_pt: np.ndarray
+    ctr_random_pt: np.ndarray
+    ctr_ranked_pt: np.ndarray
+    count_random_p: np.ndarray
+    count_ranked_p: np.ndarray
+    clip: tuple[float, float]
+
+    def batch_weights(self, position_b: np.ndarray, random_b: np.ndarray) -> np.ndarray:
+        """[B, T] float32 weights: the table's row for ranked impressions, 1 for random ones."""
+        position_b = np.asarray(position_b)
+        if position_b.size and (position_b.min() < 0 or position_b.max() >= len(self.weights_pt)):
+            raise UserInputError(f"ips: position {int(position_b.max())} outside the table's "
+                                 f"{len(self.weights_pt)} positions")
+        rows = self.weights_pt[position_b]
+        return np.where(np.asarray(random_b, bool)[:, None], 1.0, rows).astype(np.float32)
+
+    def save(self, path: str | Path) -> None:
+        """Writes JSON atomically (temp file + rename)."""
+        path = Path(path)
+        payload = {"tasks": list(self.tasks), "clip": list(self.clip),
+                   **{name: getattr(self, name).tolist() for name in
+                      ("weights_pt", "ctr_random_pt", "ctr_ranked_pt", "count_random_p",
+                       "count_ranked_p")}}
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        try:
+            tmp.write_text(json.dumps(payload, indent=1))
+            os.replace(tmp, path)
+        except OSError as error:
+            raise UserInputError(f"ips weights path '{path}' is not writable: {error.strerror}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "IpsWeights":
+        path = Path(path)
+        if not path.is_file():
+            raise UserInputError(f"ips weights file '{path}' does not exist; run `lf-jax ips` first")
+        try:
+            data = json.loads(path.read_text())
+            return cls(tuple(data["tasks"]), *(np.asarray(data[name], np.float64) for name in (
+                "weights_pt", "ctr_random_pt", "ctr_ranked_pt", "count_random_p", "count_ranked_p")),
+                clip=tuple(data["clip"]))
+        except (KeyError, ValueError, TypeError) as error:
+            raise UserInputError(f"ips weights file '{path}' is malformed: {error}") from None
+
+    def format_table(self) -> str:
+        """Readable per-position table of weights (and the CTRs behind them)."""
+        head = "pos  n_random  n_ranked  " + "  ".join(f"{t:>10}" for t in self.tasks)
+        lines = [head]
+        for p in range(len(self.weights_pt)):
+            lines.append(f"{p:>3}  {int(self.count_random_p[p]):>8}  {int(self.count_ranked_p[p]):>8}  "
+                         + "  ".join(f"{w:>10.3f}" for w in self.weights_pt[p]))
+        return "\n".join(lines)
+
+
+def compute_ips_weights(position_n: np.ndarray, random_n: np.ndarray, labels_nt: np.ndarray, *,
+                        num_positions: int, tasks: Sequence[str], clip: tuple[float, float] = (0.2, 5.0),
+                        smoothing: float = 50.0) -> IpsWeights:
+    """Per-position, per-task weights from logged impressions (see module docstring).
+
+    ``smoothing`` pseudo-impressions at the session type's overall CTR stabilise
+    positions with few random impressions.
+    """
+    position_n, random_n = np.asarray(position_n), np.asarray(random_n, bool)
+    labels_nt = np.asarray(labels_nt, np.float64)
+    if labels_nt.ndim != 2 or labels_nt.shape[1] != len(tasks):
+        raise UserInputError(f"ips: labels have shape {labels_nt.shape}, expected [N, {len(tasks)}]")
+    if not random_n.any() or random_n.all():
+        raise UserInputError("ips: the data needs both random-session and ranked-session impressions "
+                             f"(random share {random_n.mean():.3f})")
+    if not 0 < clip[0] <= 1 <= clip[1]:
+        raise UserInputError(f"ips: clip must satisfy 0 < low <= 1 <= high, got {clip}")
+
+    def ctr(mask_n):
+        counts_p = np.bincount(position_n[mask_n], minlength=num_positions)[:num_positions]
+        clicks_pt = np.stack([np.bincount(position_n[mask_n], weights=labels_nt[mask_n, t],
+                                          minlength=num_positions)[:num_positions]
+                              for t in range(len(tasks))], axis=1)
+        prior_t = labels_nt[mask_n].mean(axis=0)
+        return (clicks_pt + smoothing * prior_t) / (counts_p[:, None] + smoothing), counts_p
+
+    ctr_random_pt, count_random_p = ctr(random_n)
+    ctr_ranked_pt, count_ranked_p = ctr(~random_n)
+    raw_pt = np.clip(ctr_random_pt / np.maximum(ctr_ranked_pt, 1e-9), *clip)
+    share_p = count_ranked_p / max(count_ranked_p.sum(), 1)
+    weights_pt = raw_pt / np.maximum((share_p[:, None] * raw_pt).sum(axis=0, keepdims=True), 1e-12)
+    return IpsWeights(tuple(tasks), weights_pt, ctr_random_pt, ctr_ranked_pt,
+                      count_random_p.astype(np.float64), count_ranked_p.astype(np.float64), tuple(clip))
