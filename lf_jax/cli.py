@@ -13,10 +13,11 @@ import sys
 
 from lf_jax.configuration import ConfigError, apply_overrides, load_config, split_override_args
 from lf_jax.console import get_logger, set_verbosity
-from lf_jax.errors import UserInputError
+from lf_jax.errors import LfJaxError, UserInputError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIGS = {"demo": REPO_ROOT / "configs" / "demo.py"}
+DEFAULT_CONFIGS = {"demo": REPO_ROOT / "configs" / "demo.py",
+                   "plan": REPO_ROOT / "configs" / "feed_ranker.py"}
 
 
 class CommandError(UserInputError):
@@ -78,12 +79,48 @@ def _config_run(args, overrides):
     print(str(_resolved_config(args, overrides)).rstrip())
 
 
+# --- plan -------------------------------------------------------------------------------
+def _plan_arguments(parser):
+    _add_config_arguments(parser, DEFAULT_CONFIGS["plan"])
+    parser.add_argument("--output", default=None, metavar="PLAN.json",
+                        help="also write the plan as JSON (load it with "
+                             "lf_jax.embedding.plan.load_plan)")
+
+
+def _plan_run(args, overrides):
+    config = _resolved_config(args, overrides)
+    for key in ("embedding", "mesh", "devices", "batch_size"):
+        if key not in config:
+            raise CommandError(f"config '{args.config}' has no '{key}' key; the planner needs "
+                               f"embedding, mesh, devices and batch_size")
+    output = Path(args.output) if args.output else None
+    if output is not None and not output.parent.is_dir():
+        raise CommandError(f"--output '{output}': directory '{output.parent}' does not exist")
+    # Plans for config.devices devices without touching (or needing) any jax device.
+    from lf_jax.embedding.config_specs import memory_budget_from_config, specs_from_config
+    from lf_jax.embedding.plan import save_plan
+    from lf_jax.planner import plan_tables
+    tables, features, hand_plan = specs_from_config(config.embedding)
+    result = plan_tables(tables, features, dict(config.mesh), config.batch_size,
+                         memory_budget_from_config(config.embedding), hand_plan,
+                         device_count=config.devices)
+    print(result.format_table())
+    if output is not None:
+        try:
+            save_plan(result.plan, output)
+        except OSError as error:
+            raise CommandError(f"--output '{output}' is not writable: {error.strerror}") from None
+        print(f"plan written to {output}")
+
+
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable]
 COMMANDS: dict[str, Command] = {
     "demo": ("run the end-to-end demo on simulated CPU devices (8 by default): "
              "mesh, sharded steps and a short report", _demo_arguments, _demo_run),
     "config": ("print a config after its ARG and --config.* overrides are applied "
                "(checks overrides without running anything)", _config_arguments, _config_run),
+    "plan": ("explain the embedding plan for config.devices devices (one row per table: "
+             "bytes, strategy, reason) without allocating anything", _plan_arguments, _plan_run),
 }
 
 
@@ -118,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         set_verbosity(args.verbosity)
         COMMANDS[args.command][2](args, overrides)
-    except UserInputError as error:
+    except LfJaxError as error:
         get_logger().debug("command failed", exc_info=True)
         print(f"lf-jax {args.command}: error: {error}", file=sys.stderr)
         return 2

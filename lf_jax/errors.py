@@ -1,9 +1,16 @@
-"""The base class of errors caused by user input (config, ids, paths, shapes).
+"""Expected failures: one-line messages for the user, exit status 2 from the CLI.
 
-The CLI prints these as one line and exits with status 2; anything else is a bug and
-keeps its traceback.
+Anything else is a bug and keeps its traceback.
 """
 
 
-class UserInputError(ValueError):
+class LfJaxError(Exception):
+    """An expected failure whose message says what went wrong and where."""
+
+
+class UserInputError(LfJaxError, ValueError):
     """Bad input from the user: the message names the field and the value."""
+
+
+class TrainingDivergedError(LfJaxError, FloatingPointError):
+    """A NaN or Inf loss: the message names the step and the task."""

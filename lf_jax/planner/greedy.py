@@ -1,0 +1,292 @@
+"""Greedy planner: one strategy per table, each with the reason it was chosen.
+
+Thresholds are fractions of the per-device memory budget (``small_fraction`` 1%,
+``medium_fraction`` 25%); "bytes" of a table are its weights plus optimizer slots.
+
+  0. A hand plan wins for every table it names (table_wise without a device is placed
+     by rule 2's balancing). Its tables are charged first.
+  1. small  (bytes <= 1% of budget)  -> data_parallel: replicated, no forward collective.
+  2. medium (bytes <= 25% of budget) -> table_wise on the device with the fewest rows in
+     its stacked same-dim array, then the fewest bytes overall (largest table first).
+  3. big and wide (dim >= ``wide_dim``) -> column_wise(k), the smallest divisor k of dim
+     whose column piece is <= 25% of budget (pieces placed table-wise).
+  4. big -> row_wise over the ``model`` axis when its row shard is <= 25% of budget:
+     the forward collectives stay within the model axis.
+  5. otherwise row_wise over all axes: the smallest per-device share there is.
+
+Tables go largest first. Each starts at the rule of its size class and falls to the
+next rule whenever its choice would push the per-device total (allocated weights and
+slots, padding of stacked arrays included, plus activations) over the budget. A table
+that fits under no rule raises PlanError naming it, its bytes and the budget, before
+anything is allocated. Costs come from lf_jax.planner.cost.
+
+Example:
+    >>> result = plan_tables(tables, features, {"data": 2, "model": -1}, batch_size=1024,
+    ...                      memory_budget_bytes=2_000_000_000, device_count=8)
+    >>> print(result.format_table())
+    >>> validate_plan(result.plan, {t.name: t for t in tables}, mesh)
+"""
+
+from collections.abc import Mapping, Sequence
+import dataclasses
+import math
+
+from jax.sharding import AbstractMesh
+
+from lf_jax.distributed.mesh import resolve_mesh_shape
+from lf_jax.embedding.plan import (PlanError, column_wise, data_parallel, row_wise, table_wise,
+                                   validate_plan)
+from lf_jax.embedding.spec import FeatureSpec, TableSpec, validate_specs
+from lf_jax.planner.cost import (Layout, Traffic, format_bytes, num_devices, simulate_layout,
+                                 step_cost, table_bytes)
+
+
+@dataclasses.dataclass(frozen=True)
+class TableRow:
+    """One explained line of a plan (bytes are per device unless named otherwise)."""
+    table: str
+    rows: int
+    dim: int
+    bytes: int  # the whole table: weights + optimizer slots
+    strategy: str
+    per_device_bytes: int  # the table's own rows on the device holding most of them
+    activation_bytes: int
+    comm_bytes: int  # forward + update, received per device per step
+    why: str
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanResult:
+    """A plan dict plus what it costs on each device and why each table went where."""
+    plan: dict[str, dict]
+    rows: tuple[TableRow, ...]
+    mesh_shape: dict[str, int]
+    batch_size: int
+    memory_budget_bytes: int
+    weight_bytes: int  # weights + slots allocated on every device (stack padding included)
+    activation_bytes: int
+    used_bytes: tuple[int, ...]  # [N] bytes of real rows per device
+
+    @property
+    def device_bytes(self) -> tuple[int, ...]:
+        """[N] per-device totals: allocated weights + slots + activations."""
+        return tuple(self.weight_bytes + self.activation_bytes for _ in self.used_bytes)
+
+    @property
+    def max_device_bytes(self) -> int:
+        return max(self.device_bytes)
+
+    @property
+    def comm_bytes(self) -> int:
+        return sum(row.comm_bytes for row in self.rows)
+
+    def format_table(self) -> str:
+        """An aligned text table, one row per table, with header and summary lines."""
+        n = len(self.used_bytes)
+        mesh = " x ".join(f"{k}={v}" for k, v in self.mesh_shape.items())
+        head = ("table", "rows", "dim", "bytes", "strategy", "per-device", "activations",
+                "comm/step", "why")
+        body = [(r.table, f"{r.rows:,}", str(r.dim), format_bytes(r.bytes), r.strategy,
+                 format_bytes(r.per_device_bytes), format_bytes(r.activation_bytes),
+                 format_bytes(r.comm_bytes), r.why) for r in self.rows]
+        widths = [max(len(line[i]) for line in [head, *body]) for i in range(len(head))]
+        right = {1, 2, 3, 5, 6, 7}
+
+        def line(cells):
+            return "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                             for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+        share = self.max_device_bytes / self.memory_budget_bytes
+        padding = self.weight_bytes - min(self.used_bytes)
+        padded = f" (up to {format_bytes(padding)} of it stack padding)" if padding else ""
+        return "\n".join([
+            f"plan for mesh {mesh} ({n} devices), batch {self.batch_size:,} "
+            f"({self.batch_size // n:,} per device), budget {format_bytes(self.memory_budget_bytes)} "
+            f"per device",
+            line(head), line(["-" * w for w in widths]), *map(line, body),
+            f"max per device: {format_bytes(self.max_device_bytes)} of "
+            f"{format_bytes(self.memory_budget_bytes)} budget ({share:.0%}) = weights+slots "
+            f"{format_bytes(self.weight_bytes)}{padded} + activations "
+            f"{format_bytes(self.activation_bytes)}; comm {format_bytes(self.comm_bytes)}/step "
+            f"per device"])
+
+
+def abstract_mesh(mesh_shape: Mapping[str, int]) -> AbstractMesh:
+    """A device-free mesh of that shape, enough for validate_plan."""
+    return AbstractMesh(tuple(mesh_shape.values()), tuple(mesh_shape))
+
+
+def strategy_label(entry: Mapping, layout: Layout | None = None) -> str:
+    """Short text for a plan entry: 'row_wise(model)', 'table_wise(dev 3)', ..."""
+    kind = entry["strategy"]
+    if kind == "row_wise":
+        return f"row_wise({','.join(entry['axes'])})"
+    if kind == "table_wise":
+        return f"table_wise(dev {entry['device']})"
+    if kind == "column_wise":
+        return f"column_wise({entry['num_shards']})"
+    if kind == "table_wise_row_wise":
+        return f"table_wise_row_wise(group {entry['group']}, {entry['axis']})"
+    return kind
+
+
+class _Planner:
+    """The state of one greedy run: chosen entries, their reasons, and cost checks."""
+
+    def __init__(self, tables, features, mesh_shape, batch_size, budget):
+        self.tables, self.mesh_shape = list(tables), mesh_shape
+        self.by_name = {t.name: t for t in self.tables}
+        self.batch_size, self.budget = batch_size, budget
+        self.n = num_devices(mesh_shape)
+        self.traffic = {t.name: Traffic.of(t.name, features) for t in self.tables}
+        self.chosen: dict[str, dict] = {}
+        self.why: dict[str, str] = {}
+
+    def layout(self, plan) -> Layout:
+        return simulate_layout(self.tables, plan, self.mesh_shape)
+
+    def cost(self, plan) -> tuple[int, int]:
+        """Per-device (allocated weights + slots, activations) bytes of ``plan``."""
+        activations = sum(step_cost(self.by_name[name], self.traffic[name], entry,
+                                    self.mesh_shape, self.batch_size).activation
+                          for name, entry in plan.items())
+        return self.layout(plan).allocated_per_device(), activations
+
+    def least_loaded_device(self, table: TableSpec) -> int:
+        """The device with the fewest rows in the table's stack, then fewest bytes."""
+        layout = self.layout(self.chosen)
+        stack = layout.stack_for(table)
+        used = layout.used_per_device()
+        return min(range(self.n), key=lambda d: (int(stack.used[d]) if stack else 0,
+                                                 int(used[d]), d))
+
+    def candidates(self, table: TableSpec, small: float, medium: float, wide_dim: int,
+                   model_axis: str):
+        """(entry, reason) pairs in order of preference for ``table``'s size class."""
+        size, every = table_bytes(table), tuple(self.mesh_shape)
+        fsize = format_bytes(size)
+        small_pct, medium_pct = f"{small:.0%}", f"{medium:.0%}"
+        model = self.mesh_shape.get(model_axis, 1)
+        has_model = 1 < model < self.n
+        shard = lambda shards: math.ceil(table.vocab_size / shards) * (
+            table.bytes_per_row + table.slot_bytes_per_row())
+        if size <= small * self.budget:
+            yield data_parallel(), f"{fsize} <= {small_pct} of budget: replicated, no forward collective"
+        if size <= medium * self.budget:
+            device = self.least_loaded_device(table)
+            yield table_wise(device), (f"{fsize} <= {medium_pct} of budget: whole table on "
+                                       f"device {device}, least loaded in its d{table.dim} stack")
+        big = f"{fsize} > {medium_pct} of budget"
+        if size > medium * self.budget and table.dim >= wide_dim:
+            for k in range(2, min(table.dim, self.n) + 1):
+                if table.dim % k == 0 and size / k <= medium * self.budget:
+                    yield column_wise(k), (f"wide (dim {table.dim} >= {wide_dim}), {big}: "
+                                           f"{k} column pieces of {table.dim // k} on {k} devices")
+                    break
+        if has_model and (size <= medium * self.budget or shard(model) <= medium * self.budget):
+            yield row_wise((model_axis,)), (f"{big if size > medium * self.budget else fsize}: "
+                                            f"rows split over {model_axis} ({model} devices)")
+        why = big if size > medium * self.budget else fsize
+        if has_model and shard(model) > medium * self.budget:
+            why += f" and a {model_axis} shard is {format_bytes(shard(model))}"
+        yield row_wise(every), f"{why}: rows split over all {self.n} devices"
+
+    def choose(self, table: TableSpec, **rules) -> None:
+        """Takes the first candidate that fits the budget; PlanError when none does."""
+        first_label, weights, activations = None, 0, 0
+        for entry, reason in self.candidates(table, **rules):
+            weights, activations = self.cost({**self.chosen, table.name: entry})
+            if weights + activations <= self.budget:
+                if first_label is not None:
+                    reason = f"{first_label} over budget; {reason}"
+                self.chosen[table.name], self.why[table.name] = entry, reason
+                return
+            first_label = first_label or strategy_label(entry)
+        size = table_bytes(table)
+        raise PlanError(
+            f"table '{table.name}' ({format_bytes(size)}, {size} bytes of weights+slots) does not "
+            f"fit the per-device memory budget of {format_bytes(self.budget)} ({self.budget} "
+            f"bytes) under any strategy: rows split over all {self.n} devices still need "
+            f"{format_bytes(weights + activations)} per device ({format_bytes(weights)} weights+"
+            f"slots, {format_bytes(activations)} activations, tables placed before it included)")
+
+    def take_hand(self, name: str, entry: dict) -> None:
+        """Applies a hand entry; PlanError when it pushes a device over the budget."""
+        table = self.by_name[name]
+        if entry["strategy"] == "table_wise" and entry.get("device") is None:
+            entry = {**entry, "device": self.least_loaded_device(table)}
+        self.chosen[name], self.why[name] = entry, "hand plan"
+        total = sum(self.cost(self.chosen))
+        if total > self.budget:
+            size = table_bytes(table)
+            raise PlanError(
+                f"hand plan for table '{name}' ({strategy_label(entry)}, {format_bytes(size)}, "
+                f"{size} bytes of weights+slots) needs {format_bytes(total)} per device, over the "
+                f"memory budget of {format_bytes(self.budget)} ({self.budget} bytes)")
+
+
+def _check_inputs(mesh_shape, device_count, batch_size, budget) -> dict[str, int]:
+    if any(size == -1 for size in mesh_shape.values()) and device_count is None:
+        raise PlanError(f"mesh shape {dict(mesh_shape)} has a -1 axis: pass device_count")
+    count = device_count if device_count is not None else math.prod(mesh_shape.values())
+    sizes = resolve_mesh_shape(mesh_shape, count)
+    for name, value in (("batch_size", batch_size), ("memory_budget_bytes", budget)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise PlanError(f"planner: {name} must be a positive int, got {value!r}")
+    n = num_devices(sizes)
+    if batch_size % n:
+        raise PlanError(f"planner: batch_size {batch_size} is not divisible by the {n} devices "
+                        f"of mesh {sizes} (the batch is sharded over all axes)")
+    return sizes
+
+
+def plan_tables(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
+                mesh_shape: Mapping[str, int], batch_size: int, memory_budget_bytes: int,
+                hand_plan: Mapping[str, Mapping] | None = None, *,
+                device_count: int | None = None, small_fraction: float = 0.01,
+                medium_fraction: float = 0.25, wide_dim: int = 256,
+                model_axis: str = "model") -> PlanResult:
+    """Chooses a strategy for every table (see the module docstring for the rules).
+
+    ``mesh_shape`` may hold one -1 axis, resolved against ``device_count``; no device is
+    touched. ``hand_plan`` (full or partial) overrides the tables it names.
+    """
+    by_name = validate_specs(tables, features)
+    sizes = _check_inputs(mesh_shape, device_count, batch_size, memory_budget_bytes)
+    mesh = abstract_mesh(sizes)
+    hand = {name: dict(entry) for name, entry in (hand_plan or {}).items()}
+    unknown = sorted(set(hand) - set(by_name))
+    if unknown:
+        raise PlanError(f"hand plan names unknown table(s) {unknown} (tables: {sorted(by_name)})")
+    hand = validate_plan(hand, {name: by_name[name] for name in hand}, mesh)
+
+    planner = _Planner(tables, features, sizes, batch_size, memory_budget_bytes)
+    order = sorted(by_name.values(), key=lambda t: (-table_bytes(t), t.name))
+    for table in order:
+        if table.name in hand:
+            planner.take_hand(table.name, hand[table.name])
+    rules = dict(small=small_fraction, medium=medium_fraction, wide_dim=wide_dim,
+                 model_axis=model_axis)
+    for table in order:
+        if table.name not in hand:
+            planner.choose(table, **rules)
+
+    plan = validate_plan({t.name: planner.chosen[t.name] for t in tables}, by_name, mesh)
+    layout = planner.layout(plan)
+    rows, activations = [], 0
+    for table in order:
+        entry = plan[table.name]
+        cost = step_cost(table, planner.traffic[table.name], entry, sizes, batch_size)
+        activations += cost.activation
+        label = strategy_label(entry)
+        if entry["strategy"] == "column_wise" and entry["num_shards"] <= 4:
+            label += f" dev {','.join(map(str, layout.devices_of(table.name)))}"
+        rows.append(TableRow(table=table.name, rows=table.vocab_size, dim=table.dim,
+                             bytes=table_bytes(table), strategy=label,
+                             per_device_bytes=int(layout.table_per_device(table.name).max()),
+                             activation_bytes=cost.activation, comm_bytes=cost.comm,
+                             why=planner.why[table.name]))
+    return PlanResult(plan=plan, rows=tuple(rows), mesh_shape=sizes, batch_size=batch_size,
+                      memory_budget_bytes=memory_budget_bytes,
+                      weight_bytes=layout.allocated_per_device(), activation_bytes=activations,
+                      used_bytes=tuple(int(x) for x in layout.used_per_device()))
