@@ -1,21 +1,23 @@
-"""Multi-task feed ranker over sparse member/hashtag ids: tiny | small | large.
+"""Multi-task feed ranker on synthetic feed logs: size=tiny | small | large.
 
-Command:  lf-jax train --config configs/feed_ranker.py:size=tiny
+Command:  lf-jax train --config configs/feed_ranker.py:size=tiny --workdir runs/ranker_tiny
+          lf-jax ips   --config configs/feed_ranker.py:size=tiny --workdir runs/ranker_tiny
           lf-jax plan  --config configs/feed_ranker.py:size=large --config.mesh.data=8 \\
                        --config.devices=64          (the embedding plan only; no devices)
 Devices:  tiny, small: 8 simulated CPU devices, mesh data=2 x model=4.
           large: 64 accelerators, mesh data=8 x model=8 with the overrides above.
-Time:     plan: under 5 s for any size. Training targets (not yet measured):
-          tiny ~1 min and small ~15 min on 2 CPU cores; large a few hours on 64 chips.
-Metric:   held-out click AUC of the ranker on synthetic feed logs (target: tiny > 0.6);
-          `lf-jax plan` prints one row per table with bytes, strategy and reason.
+Time:     see README "Feed ranker" for measured times (tiny: a few minutes on 2 cores).
+Metric:   per-task AUC on the random-session holdout next to the oracle AUC of the true
+          probabilities (target: within 0.02 on tiny); NE and calibration per task.
 
-Sizes (rows): tiny ~5e3 members / 2e3 hashtags; small 2e5 / 5e4; large 4e6 members
-and a 1e7-row hashtag table. The member table is shared by member_id, actor_id,
-root_actor_id and history_actors; the hashtag table by post_hashtags and
-history_hashtags. ``embedding.plan`` is empty: the planner chooses every strategy
-under ``embedding.memory_budget_bytes`` per device; a hand plan may name some tables,
-e.g. ``{"member": {"strategy": "row_wise", "axes": ("data", "model")}}``.
+Sizes follow data/feed_logs (members, hashtags, positions): tiny 2e3 / 300 / 20,
+small 1e5 / 5e3 / 20, large 1e6 / 5e4 / 20. The member table is shared by member_id,
+actor_id, root_actor_id and history_actors; the hashtag table by post_hashtags and
+history_hashtags. ``embedding.plan`` is empty, so the planner picks each strategy under
+``embedding.memory_budget_bytes``; a hand plan may name some tables, e.g.
+``--config.embedding.plan='{"member": {"strategy": "row_wise", "axes": ("data", "model")}}'``.
+Ablations are one override: ``--config.model.dcn_layers=0``, ``--config.model.gatenet=false``,
+``--config.train.ips=false``, ``--config.train.grad_accum_steps=5``.
 """
 
 import ml_collections
@@ -23,43 +25,44 @@ import ml_collections
 from lf_jax.configuration import ConfigError, parse_config_arg
 
 SIZES = {
-    #         members     hashtags   dim_m dim_h history hashtags batch  budget (bytes/device)
-    "tiny": (5_000, 2_000, 32, 16, 10, 5, 128, 4_000_000),
-    "small": (200_000, 50_000, 64, 32, 50, 10, 1_024, 128_000_000),
-    "large": (4_000_000, 10_000_000, 128, 64, 50, 10, 16_384, 8_000_000_000),
+    #        members    hashtags  dim_m dim_h batch budget (bytes/device)
+    "tiny": (2_000, 300, 16, 16, 256, 64_000_000),
+    "small": (100_000, 5_000, 32, 32, 1_024, 512_000_000),
+    "large": (1_000_000, 50_000, 64, 64, 16_384, 2_000_000_000),
 }
-TRAIN = {  # steps, eval_every, checkpoint_every, num_impressions
-    "tiny": (200, 50, 100, 50_000),
-    "small": (5_000, 500, 1_000, 2_000_000),
-    "large": (200_000, 5_000, 10_000, 2_000_000_000),
+TRAIN = {  # steps, eval_every, checkpoint_every
+    "tiny": (600, 200, 200),
+    "small": (5_000, 1_000, 1_000),
+    "large": (200_000, 5_000, 10_000),
 }
+NUM_POSITIONS = 20
+HISTORY_LENGTH = 50
+MAX_POST_HASHTAGS = 5
 
 
 def _embedding(size: str) -> ml_collections.ConfigDict:
-    members, hashtags, dim_m, dim_h, history, max_tags, _, budget = SIZES[size]
+    members, hashtags, dim_m, dim_h, _, budget = SIZES[size]
     adagrad = {"kind": "rowwise_adagrad", "learning_rate": 0.05, "initial_accumulator": 0.1}
-    adam = {"kind": "adam", "learning_rate": 0.01}
     tables = {
         "member": {"vocab_size": members, "dim": dim_m, "initializer": "normal",
                    "optimizer": dict(adagrad)},
         "hashtag": {"vocab_size": hashtags, "dim": dim_h, "initializer": "normal",
                     "optimizer": dict(adagrad)},
-        "position": {"vocab_size": 50, "dim": 8, "initializer": "normal", "optimizer": dict(adam)},
-        "post_type": {"vocab_size": 8, "dim": 8, "initializer": "normal", "optimizer": dict(adam)},
+        "position": {"vocab_size": NUM_POSITIONS, "dim": 8, "initializer": "normal",
+                     "optimizer": {"kind": "adam", "learning_rate": 0.01}},
     }
     one = {"max_ids": 1, "combiner": "sum", "weighted": False}
     features = {
         "member_id": {"table": "member", **one},
         "actor_id": {"table": "member", **one},
         "root_actor_id": {"table": "member", **one},
-        "post_hashtags": {"table": "hashtag", "max_ids": max_tags, "combiner": "mean",
+        "post_hashtags": {"table": "hashtag", "max_ids": MAX_POST_HASHTAGS, "combiner": "mean",
                           "weighted": False},
-        "history_actors": {"table": "member", "max_ids": history, "combiner": "mean",
+        "history_actors": {"table": "member", "max_ids": HISTORY_LENGTH, "combiner": "mean",
                            "weighted": False},
-        "history_hashtags": {"table": "hashtag", "max_ids": history, "combiner": "mean",
+        "history_hashtags": {"table": "hashtag", "max_ids": HISTORY_LENGTH, "combiner": "mean",
                              "weighted": False},
         "position": {"table": "position", **one},
-        "post_type": {"table": "post_type", **one},
     }
     return ml_collections.ConfigDict({"tables": tables, "features": features, "plan": {},
                                       "memory_budget_bytes": budget})
@@ -70,45 +73,45 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     size = args["size"]
     if size not in SIZES:
         raise ConfigError(f"config argument 'size' must be one of {sorted(SIZES)}, got {size!r}")
-    members, hashtags, _, _, history, max_tags, batch, _ = SIZES[size]
-    steps, eval_every, checkpoint_every, impressions = TRAIN[size]
+    batch = SIZES[size][4]
+    steps, eval_every, checkpoint_every = TRAIN[size]
 
     config = ml_collections.ConfigDict()
+    config.model_family = "feed_ranker"
     config.size = size
     config.devices = 8
     config.mesh = ml_collections.ConfigDict({"data": 2, "model": -1})
     config.seed = 0
-    config.batch_size = batch
+    config.batch_size = batch  # global examples per optimizer step (all micro-batches)
     config.embedding = _embedding(size)
     config.model = ml_collections.ConfigDict({
-        "tasks": ("click", "like", "comment", "share"),
-        "num_dense_features": 16,
-        "gatenet": True,
-        "dcn_layers": 2,
+        "gatenet": True,            # GateNet embedding gates
+        "gatenet_vector": False,    # one gate per field (False) or per dimension (True)
+        "hidden_gates": True,       # GateNet hidden-layer gates in the wide MLP
+        "dcn_layers": 2,            # DCNv2 cross layers; 0 switches the cross network off
         "dcn_low_rank": 0 if size == "tiny" else 64,  # 0: full-rank DCNv2
         "mlp_dims": (256, 128) if size == "tiny" else (1024, 512, 256),
+        "head_hidden": 0,           # hidden units of each task head (0: linear head)
     })
     config.train = ml_collections.ConfigDict({
         "steps": steps,
-        "learning_rate": 1e-3,  # dense parameters (adam); tables use their own optimizers
-        "warmup_steps": steps // 20,
-        "grad_accum_steps": 1,
+        "learning_rate": 2e-3,      # dense parameters (AdamW, warmup + cosine decay)
+        "weight_decay": 1e-5,
+        "warmup_steps": max(steps // 20, 1),
+        "grad_accum_steps": 1,      # micro-batches per step (batch_size is split k ways)
+        "ips": True,                # IPS-weight ranked-session impressions
+        "ips_clip": (0.2, 5.0),
         "eval_every": eval_every,
-        "eval_batches": 20,
         "checkpoint_every": checkpoint_every,
+        "keep_checkpoints": 3,
         "log_every": max(eval_every // 5, 1),
-        "seed": 0,
+        "warm_start": "",           # workdir of a previous run: start from its last checkpoint
     })
     config.data = ml_collections.ConfigDict({
-        "num_members": members,
-        "num_hashtags": hashtags,
-        "num_impressions": impressions,
-        "history_length": history,
-        "max_post_hashtags": max_tags,
-        "num_positions": 50,
-        "num_post_types": 8,
-        "random_session_fraction": 0.05,  # impressions shown in random order, for IPS weights
-        "eval_fraction": 0.1,
+        "dataset": "feed_logs",
+        "config": size,             # data/feed_logs builder config (tiny | small | large)
+        "data_dir": "",             # default: $TFDS_DATA_DIR or ~/tensorflow_datasets
+        "eval_batch_size": 1_024,
         "seed": 1,
     })
     return config

@@ -14,9 +14,9 @@ def test_plan_prints_the_table_for_tiny(repo_root, capsys):
     assert main(["plan", "--config", f"{repo_root}/configs/feed_ranker.py:size=tiny"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert lines[0].startswith("plan for mesh data=2 x model=4 (8 devices), batch 128")
+    assert lines[0].startswith("plan for mesh data=2 x model=4 (8 devices), batch 256")
     assert lines[1].split()[:5] == ["table", "rows", "dim", "bytes", "strategy"]
-    for name in ("member", "hashtag", "position", "post_type"):
+    for name in ("member", "hashtag", "position"):
         assert any(line.startswith(name + " ") for line in lines)
     assert "data_parallel" in out and lines[-1].startswith("max per device: ")
 
@@ -26,7 +26,7 @@ def test_plan_for_a_large_mesh_without_its_devices(repo_root, capsys):
                  "--config.mesh.data=8", "--config.devices=64"]) == 0
     out = capsys.readouterr().out
     assert "mesh data=8 x model=8 (64 devices), batch 16,384 (256 per device)" in out
-    assert "10,000,000" in out and "row_wise(model)" in out
+    assert "1,000,000" in out and "row_wise(model)" in out
     assert "rows split over model (8 devices)" in out
 
 
@@ -36,7 +36,7 @@ def test_output_writes_a_plan_that_validates(repo_root, tmp_path, capsys):
     assert main(["plan", "--config", spec, "--output", str(target)]) == 0
     assert f"plan written to {target}" in capsys.readouterr().out
     plan = json.loads(target.read_text())
-    assert set(plan) == {"member", "hashtag", "position", "post_type"}
+    assert set(plan) == {"member", "hashtag", "position"}
     tables, _, _ = specs_from_config(load_config(spec).embedding)
     mesh = make_mesh({"data": 2, "model": 4})
     validated = validate_plan(load_plan(target), {t.name: t for t in tables}, mesh)
@@ -45,8 +45,8 @@ def test_output_writes_a_plan_that_validates(repo_root, tmp_path, capsys):
 
 def test_hand_plan_override_from_the_command_line(repo_root, capsys):
     assert main(["plan", "--config", f"{repo_root}/configs/feed_ranker.py:size=tiny",
-                 "--config.embedding.memory_budget_bytes=3000000"]) == 0
-    assert "budget 3 MB per device" in capsys.readouterr().out
+                 "--config.embedding.memory_budget_bytes=30000000"]) == 0
+    assert "budget 30 MB per device" in capsys.readouterr().out
 
 
 def test_impossible_budget_exits_2_with_one_line(repo_root, capsys, tmp_path):
@@ -56,7 +56,7 @@ def test_impossible_budget_exits_2_with_one_line(repo_root, capsys, tmp_path):
     captured = capsys.readouterr()
     err = captured.err.strip()
     assert "\n" not in err and "Traceback" not in err
-    assert err.startswith("lf-jax plan: error: table 'hashtag' (2.6 GB, 2600000000 bytes")
+    assert err.startswith("lf-jax plan: error: table 'member' (260 MB, 260000000 bytes")
     assert "budget of 1 MB (1000000 bytes)" in err
     assert not target.exists() and captured.out == ""
 

@@ -7,7 +7,9 @@ Thresholds are fractions of the per-device memory budget (``small_fraction`` 1%,
      by rule 2's balancing). Its tables are charged first.
   1. small  (bytes <= 1% of budget)  -> data_parallel: replicated, no forward collective.
   2. medium (bytes <= 25% of budget) -> table_wise on the device with the fewest rows in
-     its stacked same-dim array, then the fewest bytes overall (largest table first).
+     its stacked same-dim array, then the fewest bytes overall (largest table first), but
+     only where the table fits the stack's gaps: a stacked array is as tall on every
+     device as its tallest slot, so otherwise rows split over all devices cost less.
   3. big and wide (dim >= ``wide_dim``) -> column_wise(k), the smallest divisor k of dim
      whose column piece is <= 25% of budget (pieces placed table-wise).
   4. big -> row_wise over the ``model`` axis when its row shard is <= 25% of budget:
@@ -170,13 +172,25 @@ class _Planner:
         has_model = 1 < model < self.n
         shard = lambda shards: math.ceil(table.vocab_size / shards) * (
             table.bytes_per_row + table.slot_bytes_per_row())
+        skipped_tw = None
         if size <= small * self.budget:
             yield data_parallel(), f"{fsize} <= {small_pct} of budget: replicated, no forward collective"
         if size <= medium * self.budget:
+            # Same-dim table-wise tables share one stacked array whose every slot is as tall
+            # as its tallest, so a whole table only pays off where it fits the stack's gaps:
+            # otherwise rows split over every device cost less memory for the same traffic.
             device = self.least_loaded_device(table)
-            yield table_wise(device), (f"{fsize} <= {medium_pct} of budget: whole table on "
-                                       f"device {device}, least loaded in its d{table.dim} stack")
+            tw_bytes = self.cost({**self.chosen, table.name: table_wise(device)})[0]
+            rw_bytes = self.cost({**self.chosen, table.name: row_wise(every)})[0]
+            if tw_bytes <= rw_bytes:
+                yield table_wise(device), (f"{fsize} <= {medium_pct} of budget: whole table on "
+                                           f"device {device}, fits its d{table.dim} stack")
+            else:
+                skipped_tw = (f"table_wise would pad every device to {format_bytes(tw_bytes)} "
+                              f"(stacked d{table.dim} array)")
         big = f"{fsize} > {medium_pct} of budget"
+        if skipped_tw is not None:
+            fsize = skipped_tw
         if size > medium * self.budget and table.dim >= wide_dim:
             for k in range(2, min(table.dim, self.n) + 1):
                 if table.dim % k == 0 and size / k <= medium * self.budget:

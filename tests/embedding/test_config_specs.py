@@ -63,15 +63,20 @@ def test_feed_ranker_config_shares_the_member_table(repo_root):
     assert hand == {}
 
 
-@pytest.mark.parametrize("size, members", [("tiny", 5_000), ("small", 200_000),
-                                           ("large", 4_000_000)])
-def test_feed_ranker_sizes(repo_root, size, members):
+@pytest.mark.parametrize("size, members, hashtags", [("tiny", 2_000, 300), ("small", 100_000, 5_000),
+                                                     ("large", 1_000_000, 50_000)])
+def test_feed_ranker_sizes_match_the_dataset(repo_root, size, members, hashtags):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("sim", f"{repo_root}/data/feed_logs/simulator.py")
+    simulator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(simulator)
     config = load_config(f"{repo_root}/configs/feed_ranker.py:size={size}")
     tables, _, _ = specs_from_config(config.embedding)
     rows = {t.name: t.vocab_size for t in tables}
-    assert rows["member"] == members == config.data.num_members
-    if size == "large":
-        assert rows["hashtag"] == 10_000_000
+    world = simulator.CONFIGS[config.data.config]
+    assert rows["member"] == members == world.num_members
+    assert rows["hashtag"] == hashtags == world.num_hashtags
+    assert rows["position"] == world.session_length
 
 
 def test_hand_plan_from_a_config_dict():
