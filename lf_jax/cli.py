@@ -18,6 +18,7 @@ from lf_jax.errors import LfJaxError, UserInputError
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = {"demo": REPO_ROOT / "configs" / "demo.py",
                    "plan": REPO_ROOT / "configs" / "feed_ranker.py"}
+ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm_plugin", "libtpu")
 
 
 class CommandError(UserInputError):
@@ -113,12 +114,111 @@ def _plan_run(args, overrides):
         print(f"plan written to {output}")
 
 
+# --- devices ----------------------------------------------------------------------------
+def _add_devices(parser):
+    parser.add_argument("--devices", default="auto", metavar="auto|cpu:N|real",
+                        help="auto: real accelerators when a GPU/TPU plugin is installed, else "
+                             "config.devices simulated CPU devices; cpu:N simulates N; real uses "
+                             "what jax finds (default: auto)")
+
+
+def _setup_devices(choice: str, config) -> None:
+    import importlib.util
+
+    from lf_jax.distributed.devices import simulate_cpu_devices
+    if choice == "real":
+        return
+    if choice.startswith("cpu:"):
+        try:
+            count = int(choice[4:])
+        except ValueError:
+            raise CommandError(f"--devices {choice!r}: expected cpu:N with an integer N") from None
+        simulate_cpu_devices(count)
+        return
+    if choice != "auto":
+        raise CommandError(f"--devices {choice!r}: expected auto, cpu:N or real")
+    if not any(importlib.util.find_spec(name) for name in ACCELERATOR_PLUGINS):
+        simulate_cpu_devices(int(config.get("devices", 1)))
+
+
+# --- train / eval / ips -----------------------------------------------------------------
+def _train_arguments(parser):
+    _add_config_arguments(parser, None)
+    _add_workdir(parser, "runs/train")
+    _add_devices(parser)
+
+
+def _train_run(args, overrides):
+    config = _resolved_config(args, overrides)
+    _check_workdir(args.workdir)
+    _setup_devices(args.devices, config)
+    from lf_jax.train.loop import train_and_evaluate
+    metrics = train_and_evaluate(config, args.workdir)
+    print(_format_metrics(metrics))
+    print(f"workdir: {Path(args.workdir).resolve()} (checkpoints/, tensorboard/, history.jsonl, "
+          f"metrics.json, plan.json)")
+
+
+def _eval_arguments(parser):
+    _add_config_arguments(parser, None)
+    _add_workdir(parser, "runs/train")
+    _add_devices(parser)
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+
+
+def _eval_run(args, overrides):
+    config = _resolved_config(args, overrides)
+    _setup_devices(args.devices, config)
+    from lf_jax.train.loop import evaluate_checkpoint
+    print(_format_metrics(evaluate_checkpoint(config, args.workdir, args.step)))
+
+
+def _ips_arguments(parser):
+    _add_config_arguments(parser, None)
+    _add_workdir(parser, "runs/train")
+
+
+def _ips_run(args, overrides):
+    config = _resolved_config(args, overrides)
+    workdir = _check_workdir(args.workdir)
+    from lf_jax.input.datasets import build_dataset, dataset_metadata
+    from lf_jax.train.ranker import ips_weights_for_run
+    builder = build_dataset(config.data.dataset, config.data.config, config.data.data_dir or None)
+    meta = dataset_metadata(builder)
+    path = workdir / "ips_weights.json"
+    if path.exists():
+        path.unlink()
+    ips = ips_weights_for_run(builder, tuple(meta["tasks"]), int(meta["num_positions"]),
+                              config.train.ips_clip, path)
+    print(ips.format_table())
+    print(f"IPS weights written to {path} (used by `lf-jax train` with train.ips=true)")
+
+
+def _format_metrics(metrics) -> str:
+    """Splits 'split/task/metric' keys into one row per split and task."""
+    rows: dict[tuple[str, str], dict[str, float]] = {}
+    for key, value in sorted(metrics.items()):
+        split, task, name = key.split("/") if key.count("/") == 2 else ("", *key.split("/", 1))
+        rows.setdefault((split, task), {})[name] = value
+    names = sorted({name for row in rows.values() for name in row})
+    lines = [f"{'split':<16}{'task':<12}" + "".join(f"{n:>12}" for n in names)]
+    for (split, task), row in rows.items():
+        lines.append(f"{split:<16}{task:<12}" + "".join(f"{row.get(n, float('nan')):>12.4f}" for n in names))
+    return "\n".join(lines)
+
+
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable]
 COMMANDS: dict[str, Command] = {
     "demo": ("run the end-to-end demo on simulated CPU devices (8 by default): "
              "mesh, sharded steps and a short report", _demo_arguments, _demo_run),
     "config": ("print a config after its ARG and --config.* overrides are applied "
                "(checks overrides without running anything)", _config_arguments, _config_run),
+    "train": ("train a model family (config.model_family) with evaluation, checkpoints and "
+              "resume; e.g. --config configs/feed_ranker.py:size=tiny", _train_arguments, _train_run),
+    "eval": ("evaluate a checkpoint of a training workdir on the holdout splits",
+             _eval_arguments, _eval_run),
+    "ips": ("compute the IPS weights (random vs ranked session CTR per position and task) "
+            "of a dataset and store them in the workdir", _ips_arguments, _ips_run),
     "plan": ("explain the embedding plan for config.devices devices (one row per table: "
              "bytes, strategy, reason) without allocating anything", _plan_arguments, _plan_run),
 }

@@ -74,15 +74,15 @@ class CrossNetwork(nnx.Module):
 class EmbeddingGate(nnx.Module):
     """GateNet embedding gates: each field's vector scaled by 2*sigmoid of a gate.
 
-    ``vector=False`` gives one scalar gate per field (bit-wise off); ``vector=True`` one
-    gate per dimension. The gate reads the field's own embedding.
+    ``vector=False`` gives one scalar gate per field; ``vector=True`` one gate per
+    dimension. The gate reads the field's own embedding; fields may differ in dim.
+    Gates start at 1 (zero kernels).
     """
 
-    def __init__(self, num_fields: int, dim: int, *, vector: bool = False, rngs: nnx.Rngs):
-        out = dim if vector else 1
-        self.kernel_fdo = nnx.Param(jnp.zeros((num_fields, dim, out)))
-        self.bias_fo = nnx.Param(jnp.zeros((num_fields, out)))
+    def __init__(self, dims: Sequence[int], *, vector: bool = False, rngs: nnx.Rngs):
+        self.gates = nnx.List([nnx.Linear(dim, dim if vector else 1, rngs=rngs,
+                                          kernel_init=nnx.initializers.zeros) for dim in dims])
 
-    def __call__(self, emb_bfd: jax.Array) -> jax.Array:
-        gate_bfo = jnp.einsum("bfd,fdo->bfo", emb_bfd, self.kernel_fdo[...]) + self.bias_fo[...]
-        return emb_bfd * 2.0 * jax.nn.sigmoid(gate_bfo)
+    def __call__(self, fields: Sequence[jax.Array]) -> list[jax.Array]:
+        """Per field [B, D_f] -> gated [B, D_f]."""
+        return [emb_bd * 2.0 * jax.nn.sigmoid(gate(emb_bd)) for gate, emb_bd in zip(self.gates, fields)]

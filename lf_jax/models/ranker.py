@@ -4,10 +4,10 @@ Blocks (each switchable, so an ablation is one config override):
   GateNet embedding gates -> [cross network (DCNv2, full or low rank) || wide MLP with
   optional GateNet hidden gates] -> one head per task.
 
-Shapes: B batch, F sparse fields, D embedding dim, K dense features, T tasks.
+Shapes: B batch, D_f dim of field f, K dense features, T tasks.
 
 Example:
-    >>> ranker = FeedRanker(sparse_fields=("member", "actor"), embed_dim=16, num_dense=8,
+    >>> ranker = FeedRanker(field_dims={"member": 16, "actor": 16}, num_dense=8,
     ...                     tasks=("like", "comment"), rngs=nnx.Rngs(0))
     >>> logits_bt = ranker({"member": m_bd, "actor": a_bd}, dense_bk)
 """
@@ -37,19 +37,19 @@ class TaskHead(nnx.Module):
 class FeedRanker(nnx.Module):
     """Multi-task ranker over embedding activations and dense features."""
 
-    def __init__(self, *, sparse_fields: Sequence[str], embed_dim: int, num_dense: int,
+    def __init__(self, *, field_dims: Mapping[str, int], num_dense: int,
                  tasks: Sequence[str], mlp_hidden: Sequence[int] = (256, 128),
                  cross_layers: int = 2, cross_low_rank: int = 0, embedding_gate: bool = True,
                  embedding_gate_vector: bool = False, hidden_gate: bool = True,
                  head_hidden: int = 0, rngs: nnx.Rngs):
-        if not sparse_fields or not tasks:
+        if not field_dims or not tasks:
             raise ValueError("FeedRanker needs at least one sparse field and one task")
-        self.sparse_fields = tuple(sparse_fields)
+        self.sparse_fields = tuple(field_dims)
         self.tasks = tuple(tasks)
         self.dense_norm = nnx.LayerNorm(num_dense, rngs=rngs) if num_dense else None
-        self.gate = (EmbeddingGate(len(sparse_fields), embed_dim, vector=embedding_gate_vector,
+        self.gate = (EmbeddingGate(list(field_dims.values()), vector=embedding_gate_vector,
                                    rngs=rngs) if embedding_gate else None)
-        width = len(sparse_fields) * embed_dim + num_dense
+        width = sum(field_dims.values()) + num_dense
         self.cross = (CrossNetwork(width, cross_layers, cross_low_rank, rngs=rngs)
                       if cross_layers else None)
         self.mlp = MLP(width, mlp_hidden, hidden_gates=hidden_gate, rngs=rngs)
@@ -57,11 +57,11 @@ class FeedRanker(nnx.Module):
         self.heads = nnx.List([TaskHead(top, head_hidden, rngs=rngs) for _ in tasks])
 
     def __call__(self, activations: Mapping[str, jax.Array], dense_bk: jax.Array | None) -> jax.Array:
-        """Logits [B, T] from activations {field: [B, D]} and dense features [B, K]."""
-        emb_bfd = jnp.stack([activations[name] for name in self.sparse_fields], axis=1)
+        """Logits [B, T] from activations {field: [B, D_f]} and dense features [B, K]."""
+        fields = [activations[name] for name in self.sparse_fields]
         if self.gate is not None:
-            emb_bfd = self.gate(emb_bfd)
-        parts = [emb_bfd.reshape(emb_bfd.shape[0], -1)]
+            fields = self.gate(fields)
+        parts = list(fields)
         if self.dense_norm is not None:
             parts.append(self.dense_norm(dense_bk))
         x0_bh = jnp.concatenate(parts, axis=-1)

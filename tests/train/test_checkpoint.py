@@ -20,7 +20,7 @@ FEATURES = [emb.FeatureSpec(name="member", table="member"),
 
 def _state(mesh, plan, seed):
     collection = emb.EmbeddingCollection(TABLES, FEATURES, plan, mesh)
-    model = FeedRanker(sparse_fields=("member", "tags"), embed_dim=8, num_dense=2, tasks=("a",),
+    model = FeedRanker(field_dims={"member": 8, "tags": 8}, num_dense=2, tasks=("a",),
                        mlp_hidden=(8,), rngs=nnx.Rngs(seed))
     graphdef, params = nnx.split(model)
     tx = optax.adam(1e-3)
