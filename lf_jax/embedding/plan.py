@@ -73,6 +73,9 @@ def validate_plan(plan: Mapping[str, Mapping[str, Any]], tables: Mapping[str, An
         raise PlanError(f"plan names unknown table(s) {unknown} (tables: {sorted(tables)})")
     normalised = {}
     for name, entry in plan.items():
+        if not isinstance(entry, Mapping):
+            raise PlanError(f"table '{name}': plan entry must be a strategy dict such as "
+                            f"row_wise(), got {entry!r}")
         entry = dict(entry)
         kind = entry.get("strategy")
         table = tables[name]

@@ -5,7 +5,9 @@ Accepted forms per feature (B examples):
   * a tuple ``(values, lengths)`` of 1-D integer arrays,
   * a 2-D integer array [B, L'] padded with -1, or a 1-D integer array [B].
 Bags longer than ``max_ids`` keep their first max_ids ids (or raise when the feature
-sets ``truncate=False``). Output ids are [B, max_ids] int32 padded with -1; weights are
+sets ``truncate=False``). Weights (only for ``weighted`` features) take the same forms,
+one finite number per id; in a padded 2-D weights array the values at the ids' -1
+padding are ignored. Output ids are [B, max_ids] int32 padded with -1; weights are
 [B, max_ids] float32 (1 for unweighted ids, 0 for padding).
 
 Example:
@@ -40,7 +42,13 @@ def _to_padded(name: str, raw: Any, max_ids: int, truncate: bool, what: str) -> 
         if values.ndim != 1 or lengths.ndim != 1:
             raise InvalidIdsError(f"feature '{name}': (values, lengths) must both be 1-D, got shapes "
                                   f"{values.shape} and {lengths.shape}")
-        if lengths.size and (lengths.min() < 0 or lengths.sum() != values.size):
+        if lengths.size and not np.issubdtype(lengths.dtype, np.integer):
+            raise InvalidIdsError(f"feature '{name}': lengths must be integers, got dtype "
+                                  f"{lengths.dtype}")
+        if lengths.size and lengths.min() < 0:
+            raise InvalidIdsError(f"feature '{name}': lengths must be >= 0, got {int(lengths.min())} "
+                                  f"(example {int(np.argmin(lengths))})")
+        if lengths.size and lengths.sum() != values.size:
             raise InvalidIdsError(f"feature '{name}': lengths sum to {int(lengths.sum())} but there "
                                   f"are {values.size} {what}")
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
@@ -67,7 +75,11 @@ def _to_padded(name: str, raw: Any, max_ids: int, truncate: bool, what: str) -> 
                               f"{what}, got {type(raw).__name__}")
     out = np.full((len(raw), max_ids), np.nan)
     for row, bag in enumerate(raw):
-        bag = np.atleast_1d(np.asarray(bag))
+        try:
+            bag = np.atleast_1d(np.asarray(bag))
+        except ValueError:  # a ragged nested list such as [1, [2, 3]]
+            raise InvalidIdsError(
+                f"feature '{name}': example {row} is not a flat list of {what}") from None
         if bag.ndim != 1:
             raise InvalidIdsError(f"feature '{name}': example {row} is not a flat list of {what}")
         if bag.size:
@@ -85,6 +97,9 @@ def _check_dtype(name, array, what, row=None):
         raise InvalidIdsError(f"feature '{name}': ids must be integers, got dtype {array.dtype}{where}")
     if what == "weights" and not np.issubdtype(array.dtype, np.number):
         raise InvalidIdsError(f"feature '{name}': weights must be numbers, got dtype {array.dtype}{where}")
+    if what == "weights" and not np.isfinite(array).all():
+        bad = array[~np.isfinite(array)].flat[0]
+        raise InvalidIdsError(f"feature '{name}': weights must be finite, got {bad}{where}")
 
 
 def preprocess(features: Mapping[str, FeatureSpec], tables: Mapping[str, TableSpec],
@@ -98,6 +113,10 @@ def preprocess(features: Mapping[str, FeatureSpec], tables: Mapping[str, TableSp
     unknown = sorted(set(raw_ids) - set(features))
     if unknown:
         raise InvalidIdsError(f"batch has unknown feature(s) {unknown} (features: {sorted(features)})")
+    unweighted = sorted(set(raw_weights) - {n for n, f in features.items() if f.weighted})
+    if unweighted:
+        raise InvalidIdsError(f"batch has weights for feature(s) {unweighted}, which are unknown or "
+                              f"not weighted (set weighted=True in their FeatureSpec)")
     ids, weights, batch_size = {}, {}, None
     for name, feature in features.items():
         padded = _to_padded(name, raw_ids[name], feature.max_ids, feature.truncate, "ids")
@@ -120,9 +139,18 @@ def preprocess(features: Mapping[str, FeatureSpec], tables: Mapping[str, TableSp
         if feature.weighted:
             if name not in raw_weights:
                 raise InvalidIdsError(f"feature '{name}' is weighted but the batch has no weights for it")
-            w = _to_padded(name, raw_weights[name], feature.max_ids, True, "weights")
-            if w.shape != padded.shape or (np.isnan(w) != ~valid).any():
-                raise InvalidIdsError(f"feature '{name}': weights do not match the ids' shape/lengths")
+            raw_w = raw_weights[name]
+            w = _to_padded(name, raw_w, feature.max_ids, True, "weights")
+            if w.shape != padded.shape:
+                raise InvalidIdsError(f"feature '{name}': weights are for {w.shape[0]} examples, "
+                                      f"ids for {padded.shape[0]}")
+            # A padded weights array has values at the ids' -1 padding: they are ignored.
+            padded_form = isinstance(raw_w, np.ndarray) and raw_w.ndim == 2 and raw_w.dtype != object
+            mismatch = (np.isnan(w) & valid) | (~np.isnan(w) & ~valid & (not padded_form))
+            if mismatch.any():
+                row = int(np.nonzero(mismatch.any(axis=1))[0][0])
+                raise InvalidIdsError(f"feature '{name}': example {row} has {int(valid[row].sum())} "
+                                      f"ids but {int((~np.isnan(w[row])).sum())} weights")
             weights[name] = np.where(valid, w, 0.0).astype(np.float32)
         else:
             weights[name] = valid.astype(np.float32)
