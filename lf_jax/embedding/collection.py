@@ -15,6 +15,7 @@ Example:
 """
 
 from collections.abc import Mapping, Sequence
+import functools
 import zlib
 
 import jax
@@ -161,11 +162,15 @@ class EmbeddingCollection:
 
     def logical_tables(self, state: Mapping) -> dict[str, np.ndarray]:
         """Every table in its logical [vocab_size, dim] form, as numpy (gathers to host)."""
-        return jax.device_get(jax.jit(lambda s: self.to_logical(s)["tables"])(state))
+        return jax.device_get(self._jitted_to_logical(state)["tables"])
 
     def logical_slots(self, state: Mapping) -> dict[str, dict[str, np.ndarray]]:
         """Optimizer slots per table in logical form ([vocab] or [vocab, dim]), as numpy."""
-        return jax.device_get(jax.jit(lambda s: self.to_logical(s)["slots"])(state))
+        return jax.device_get(self._jitted_to_logical(state)["slots"])
+
+    @functools.cached_property
+    def _jitted_to_logical(self):
+        return jax.jit(self.to_logical)
 
     def _piece_rows(self, group: Group, stored):
         for piece in group.pieces:
