@@ -111,7 +111,8 @@ def run_training(task: TrainingTask, train_config, workdir: str | Path,
                  on_eval: Callable[[int, dict], None] | None = None) -> dict:
     """Trains ``task`` for ``train_config.steps`` steps; returns the last eval metrics.
 
-    ``train_config`` fields: steps, eval_every, checkpoint_every, log_every, keep_checkpoints.
+    ``train_config`` fields: steps, eval_every (0: never evaluate), checkpoint_every,
+    log_every, keep_checkpoints, warm_start.
     """
     log = get_logger()
     workdir = Path(workdir)
@@ -148,43 +149,47 @@ def run_training(task: TrainingTask, train_config, workdir: str | Path,
     def save(step: int) -> None:
         checkpointer.save(step, state, task.collection, {"train": iterator.get_state()})
 
-    with sigterm_flag() as preempted, progress(total=train_config.steps, initial=start,
-                                                desc="train", unit="step") as bar:
-        tic, tic_step = time.perf_counter(), start
-        for step in range(start + 1, train_config.steps + 1):
-            state, step_metrics = train_step(state, task.device_batch(next(iterator)))
-            loss = float(step_metrics["loss"])
-            aux = np.asarray(jax.device_get(step_metrics["aux"]))
-            _check_finite(step, loss, aux, task.aux_names)
-            bar.update(1)
-            if step % train_config.log_every == 0 or step == train_config.steps:
-                elapsed = time.perf_counter() - tic
-                rate = (step - tic_step) * task.examples_per_step / max(elapsed, 1e-9)
-                tic, tic_step = time.perf_counter(), step
-                bar.set_postfix(loss=f"{loss:.4f}", ex_per_s=f"{rate:,.0f}")
-                scalars = {"loss": loss, "examples_per_second": rate,
-                           "grad_norm": float(step_metrics["grad_norm"]),
-                           **{f"loss_{n}": float(v) for n, v in zip(task.aux_names, np.atleast_1d(aux))}}
-                summaries.scalars(step, scalars, "train")
-                record({"step": step, **scalars})
-                if bar.disable:
-                    log.info("step %d/%d loss %.4f (%s ex/s)", step, train_config.steps, loss,
-                             f"{rate:,.0f}")
-            if step % train_config.eval_every == 0 or step == train_config.steps:
-                metrics = task.evaluate(state)
-                summaries.scalars(step, metrics, "eval")
-                record({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
-                if on_eval is not None:
-                    on_eval(step, metrics)
-            if step % train_config.checkpoint_every == 0 or step == train_config.steps:
-                save(step)
-            if preempted.is_set():
-                if step % train_config.checkpoint_every:
+    try:
+        with sigterm_flag() as preempted, progress(total=train_config.steps, initial=start,
+                                                    desc="train", unit="step") as bar:
+            tic, tic_step = time.perf_counter(), start
+            for step in range(start + 1, train_config.steps + 1):
+                state, step_metrics = train_step(state, task.device_batch(next(iterator)))
+                loss = float(step_metrics["loss"])
+                aux = np.asarray(jax.device_get(step_metrics["aux"]))
+                _check_finite(step, loss, aux, task.aux_names)
+                bar.update(1)
+                if step % train_config.log_every == 0 or step == train_config.steps:
+                    elapsed = time.perf_counter() - tic
+                    rate = (step - tic_step) * task.examples_per_step / max(elapsed, 1e-9)
+                    tic, tic_step = time.perf_counter(), step
+                    bar.set_postfix(loss=f"{loss:.4f}", ex_per_s=f"{rate:,.0f}")
+                    scalars = {"loss": loss, "examples_per_second": rate,
+                               "grad_norm": float(step_metrics["grad_norm"]),
+                               **{f"loss_{n}": float(v) for n, v in zip(task.aux_names, np.atleast_1d(aux))}}
+                    summaries.scalars(step, scalars, "train")
+                    record({"step": step, **scalars})
+                    if bar.disable:
+                        log.info("step %d/%d loss %.4f (%s ex/s)", step, train_config.steps, loss,
+                                 f"{rate:,.0f}")
+                if train_config.eval_every and (step % train_config.eval_every == 0
+                                                or step == train_config.steps):
+                    metrics = task.evaluate(state)
+                    summaries.scalars(step, metrics, "eval")
+                    record({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
+                    if on_eval is not None:
+                        on_eval(step, metrics)
+                if step % train_config.checkpoint_every == 0 or step == train_config.steps:
                     save(step)
-                log.warning("SIGTERM: saved checkpoint at step %d, exiting cleanly", step)
-                break
-    checkpointer.close()
-    summaries.close()
+                if preempted.is_set():
+                    if step % train_config.checkpoint_every:
+                        save(step)
+                    log.warning("SIGTERM: saved checkpoint at step %d, exiting cleanly", step)
+                    break
+    finally:
+        # waits for any async save: a crash or NaN stop never leaves a half-written latest step
+        checkpointer.close()
+        summaries.close()
     return metrics
 
 

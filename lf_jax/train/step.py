@@ -64,7 +64,7 @@ def make_train_step(graphdef: nnx.GraphDef, collection: EmbeddingCollection,
             "step": state["step"] + 1,
         }
         metrics = {"loss": jnp.mean(losses), "aux": jax.tree.map(lambda x: jnp.mean(x, axis=0), aux),
-                   "grad_norm": optax.global_norm(grads)}
+                   "grad_norm": optax.tree.norm(grads)}
         return new_state, metrics
 
     return jax.jit(step, donate_argnums=(0,) if donate else ())

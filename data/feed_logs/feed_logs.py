@@ -1,0 +1,103 @@
+"""TFDS builder for the synthetic feed logs (array_record, built offline, no TensorFlow).
+
+Configs: tiny (~40k impressions, seconds), small (~1M), large (~10M, minutes to hours);
+see simulator.CONFIGS. Splits: ``train`` (ranked sessions plus a ``random_share`` of
+random-order sessions), ``holdout_ranked`` and ``holdout_random`` (held-out sessions;
+random sessions are only in holdout_random). One example per impression:
+
+  member_id, actor_id, root_actor_id, post_id   int64 scalars (actors are members)
+  session_id, position                          int64 scalars (position in 0..P-1)
+  random_session                                bool
+  post_hashtags                                 int64 [1..5]   (variable length)
+  history_actors, history_hashtags              int64 [0..50]  (variable, most recent first)
+  dense                                         float32 [8]    (simulator.DENSE_FEATURES)
+  labels                                        int64 [4]      (like, comment, share, long_dwell)
+  true_probs, relevance_probs                   float32 [4]    (with / without position bias)
+
+Vocab sizes and max lengths are in ``builder.info.metadata``. Build it with
+lf_jax.input.build_dataset: without TensorFlow, tfds needs its help to shuffle splits
+over 1 GB (the large config) through temporary files.
+
+Example (lf_jax.input.datasets does this for you):
+    >>> builder = FeedLogs(config="tiny", data_dir="/tmp/tfds", file_format="array_record")
+    >>> builder.download_and_prepare()
+    >>> source = builder.as_data_source("train")
+"""
+
+import dataclasses
+import importlib.util
+import os
+import sys
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+
+def _load_simulator():
+    """The sibling simulator.py, imported by path once per process."""
+    name = "lf_jax_data_feed_logs_simulator"
+    if name not in sys.modules:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "simulator.py")
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+simulator = _load_simulator()
+_NAME = "feed_logs"
+# This file may be executed more than once in a process (imported by path under two module
+# names, re-run in a notebook): tfds registers builder classes by name and raises on the
+# second registration, so only the first definition registers.
+_REGISTERED = _NAME in tfds.core.registered.list_imported_builders()
+
+
+@dataclasses.dataclass(eq=False)
+class FeedLogsConfig(tfds.core.BuilderConfig):
+    """A BuilderConfig that carries the simulator's config."""
+    sim: simulator.SimConfig | None = None
+
+
+def _config(sim_config) -> FeedLogsConfig:
+    n = sum(sim_config.num_impressions(split) for split in simulator.SPLITS)
+    return FeedLogsConfig(name=sim_config.name, sim=sim_config,
+                          description=f"{sim_config.num_members:,} members, "
+                                      f"{sim_config.num_hashtags:,} hashtags, {n:,} impressions")
+
+
+class FeedLogs(tfds.core.GeneratorBasedBuilder, skip_registration=_REGISTERED):
+    """Synthetic multi-task feed impressions with the true probabilities they were drawn from."""
+
+    name = _NAME
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    BUILDER_CONFIGS = [_config(simulator.CONFIGS[size]) for size in ("tiny", "small", "large")]
+    DEFAULT_CONFIG_NAME = "tiny"
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        sim = self.builder_config.sim
+        scalar = tfds.features.Scalar(np.int64)
+        ids = tfds.features.Tensor(shape=(None,), dtype=np.int64)
+        four = tfds.features.Tensor(shape=(len(simulator.TASKS),), dtype=np.float32)
+        features = tfds.features.FeaturesDict({
+            "member_id": scalar, "actor_id": scalar, "root_actor_id": scalar, "post_id": scalar,
+            "session_id": scalar, "position": scalar,
+            "random_session": tfds.features.Scalar(np.bool_),
+            "post_hashtags": ids, "history_actors": ids, "history_hashtags": ids,
+            "dense": tfds.features.Tensor(shape=(len(simulator.DENSE_FEATURES),), dtype=np.float32),
+            "labels": tfds.features.Tensor(shape=(len(simulator.TASKS),), dtype=np.int64),
+            "true_probs": four, "relevance_probs": four,
+        })
+        return tfds.core.DatasetInfo(
+            builder=self, description=__doc__, features=features,
+            metadata=tfds.core.MetadataDict(sim.metadata()))
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # synthetic: nothing to download
+        return {split: self._generate_examples(split) for split in simulator.SPLITS}
+
+    def _generate_examples(self, split):
+        sim = self.builder_config.sim
+        world = simulator.make_world(sim)
+        yield from simulator.iter_examples(sim, split, world, show_progress=True)

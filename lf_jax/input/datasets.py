@@ -1,0 +1,179 @@
+"""Locate, build and describe the repository's tfds datasets (data/<name>/<name>.py).
+
+Builders live outside the package, under ``data/`` at the repository root
+(``Path(lf_jax.__file__).parents[1]``), and are imported by path. Building is offline:
+the generators are synthetic, and the array_record files are what grain reads.
+
+Example:
+    >>> builder = build_dataset("feed_logs", config="tiny", data_dir="/tmp/tfds")
+    >>> dataset_metadata(builder)["num_members"], len(builder.as_data_source("train"))
+    (2000, 36000)
+"""
+
+import contextlib
+import importlib.util
+import os
+from pathlib import Path
+import re
+import sys
+import tempfile
+from types import SimpleNamespace
+
+import lf_jax
+from lf_jax.console import get_logger, progress_enabled
+from lf_jax.errors import UserInputError
+
+REPO_ROOT = Path(lf_jax.__file__).resolve().parents[1]
+DATA_ROOT = REPO_ROOT / "data"
+DEFAULT_DATA_DIR_ENV = "TFDS_DATA_DIR"
+
+
+class DatasetError(UserInputError):
+    """A dataset name, config, builder file or data_dir that cannot be used."""
+
+
+def available_datasets() -> list[str]:
+    """Names with a builder file data/<name>/<name>.py in this checkout."""
+    if not DATA_ROOT.is_dir():
+        return []
+    return sorted(p.name for p in DATA_ROOT.iterdir() if (p / f"{p.name}.py").is_file())
+
+
+def builder_file(name: str) -> Path:
+    """The path of the builder file of ``name`` (raises DatasetError when absent)."""
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        raise DatasetError(f"dataset name must be a lower_snake_case string, got {name!r}")
+    path = DATA_ROOT / name / f"{name}.py"
+    if not path.is_file():
+        raise DatasetError(f"no builder file for dataset '{name}': expected {path} "
+                           f"(available: {available_datasets() or 'none'})")
+    return path
+
+
+def builder_class(name: str):
+    """Imports data/<name>/<name>.py by path (once per process) and returns its builder class."""
+    import tensorflow_datasets as tfds
+
+    path = builder_file(name)
+    module_name = f"lf_jax_data_{name}"
+    module = sys.modules.get(module_name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as error:
+            del sys.modules[module_name]
+            raise DatasetError(f"cannot import the builder file {path}: "
+                               f"{type(error).__name__}: {error}") from error
+    for value in vars(module).values():
+        if (isinstance(value, type) and issubclass(value, tfds.core.DatasetBuilder)
+                and value.__module__ == module_name and getattr(value, "name", None) == name):
+            return value
+    raise DatasetError(f"{path} defines no tfds builder class named '{name}'")
+
+
+def _resolve_data_dir(data_dir) -> Path:
+    if data_dir is None:
+        data_dir = os.environ.get(DEFAULT_DATA_DIR_ENV, "~/tensorflow_datasets")
+    try:
+        return Path(os.fspath(data_dir)).expanduser().resolve()
+    except TypeError:
+        raise DatasetError(f"data_dir must be a path, got {data_dir!r}") from None
+
+
+def _check_writable(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise DatasetError(f"data_dir {path} exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".lf_jax_write_check"):
+            pass
+    except OSError as error:
+        raise DatasetError(f"data_dir {path} is not writable ({error.strerror or error}); "
+                           f"pass data_dir= a writable directory or set "
+                           f"{DEFAULT_DATA_DIR_ENV}") from None
+
+
+class _NeverRaised(Exception):
+    pass
+
+
+# The part of tf.io.gfile that tfds' shuffler uses to spill a split over 1 GB to disk
+# (local files only). tfds otherwise builds array_record without TensorFlow, but that
+# spill imports it; with this stand-in the large feed_logs config builds without it.
+_TF_STAND_IN = SimpleNamespace(
+    io=SimpleNamespace(gfile=SimpleNamespace(GFile=open, exists=os.path.exists, remove=os.remove)),
+    errors=SimpleNamespace(ResourceExhaustedError=_NeverRaised))
+
+
+@contextlib.contextmanager
+def _shuffle_without_tensorflow():
+    """Lets tfds' shuffler spill to local disk when TensorFlow is not installed."""
+    if importlib.util.find_spec("tensorflow") is not None:
+        yield
+        return
+    import resource
+
+    from tensorflow_datasets.core import shuffle
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = shuffle.BUCKETS_NUMBER + 1024                  # one open file per bucket
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        limit = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    previous = shuffle.tf
+    shuffle.tf = _TF_STAND_IN
+    try:
+        yield
+    finally:
+        shuffle.tf = previous
+
+
+def build_dataset(name: str = "feed_logs", config: str = "tiny", data_dir=None, *,
+                  prepare: bool = True):
+    """Returns the tfds builder of ``name``/``config`` in ``data_dir``, prepared offline.
+
+    ``data_dir`` defaults to $TFDS_DATA_DIR or ~/tensorflow_datasets. Preparing is a no-op
+    when the dataset is already there (a read-only data_dir is then fine). Files are
+    array_record, readable with ``builder.as_data_source(split)`` and grain. Splits over
+    1 GB are shuffled through temporary files on local disk, without TensorFlow.
+
+    Raises DatasetError naming the path when the builder file is missing or broken, the
+    config is unknown, or data_dir cannot be written.
+    """
+    import tensorflow_datasets as tfds
+
+    cls = builder_class(name)
+    configs = sorted(getattr(cls, "builder_configs", {}) or {})
+    if configs and config not in configs:
+        raise DatasetError(f"dataset '{name}' has no config {config!r} (configs: {configs})")
+    root = _resolve_data_dir(data_dir)
+    if root.exists() and not root.is_dir():
+        raise DatasetError(f"data_dir {root} exists and is not a directory")
+    builder = cls(config=config, data_dir=str(root), file_format="array_record")
+    if prepare and not builder.is_prepared():
+        _check_writable(root)
+        if not progress_enabled():
+            tfds.disable_progress_bar()
+        get_logger().info("building %s/%s into %s", name, config, root)
+        with _shuffle_without_tensorflow():
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    return builder
+
+
+def dataset_metadata(builder) -> dict:
+    """Metadata of a built dataset: vocab sizes, max list lengths, tasks, split sizes.
+
+    For feed_logs: num_members, num_hashtags, num_posts, num_positions, dense_dim,
+    dense_features, tasks, max_lengths {post_hashtags, history_actors, history_hashtags},
+    random_share, num_examples {split: count}.
+    """
+    metadata = dict(builder.info.metadata or {})
+    metadata["num_examples"] = {split: info.num_examples for split, info in builder.info.splits.items()}
+    metadata["name"], metadata["config"] = builder.name, builder.builder_config.name
+    metadata["data_dir"] = str(builder.data_dir)
+    return metadata

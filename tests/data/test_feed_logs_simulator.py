@@ -1,0 +1,159 @@
+"""The feed-log simulator: determinism, shapes, and the biases it is meant to carry."""
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SIM_PATH = Path(__file__).resolve().parents[2] / "data" / "feed_logs" / "simulator.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("feed_logs_simulator_under_test", SIM_PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+sim = _load()
+
+
+def _concat(chunks):
+    chunks = list(chunks)
+    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+
+@pytest.fixture(scope="module")
+def sample():
+    """80k train impressions, half of the sessions random, from the tiny world."""
+    cfg = dataclasses.replace(sim.CONFIGS["tiny"], train_sessions=4000, random_share=0.5,
+                              chunk_sessions=2000)
+    world = sim.make_world(cfg)
+    return cfg, world, _concat(sim.simulate_chunks(cfg, "train", world))
+
+
+def _auc(labels, scores):
+    ranks = np.argsort(np.argsort(scores, kind="stable")) + 1.0
+    pos = labels == 1
+    return (ranks[pos].sum() - pos.sum() * (pos.sum() + 1) / 2) / (pos.sum() * (~pos).sum())
+
+
+def test_deterministic_given_seed():
+    cfg = sim.CONFIGS["tiny"]
+    a = _concat(sim.simulate_chunks(cfg, "holdout_ranked"))
+    b = _concat(sim.simulate_chunks(cfg, "holdout_ranked"))
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    c = _concat(sim.simulate_chunks(dataclasses.replace(cfg, seed=1), "holdout_ranked"))
+    assert not np.array_equal(a["member_id"], c["member_id"])
+
+
+def test_fields_shapes_and_ranges(sample):
+    cfg, world, d = sample
+    n = cfg.num_impressions("train")
+    meta = cfg.metadata()
+    assert d["labels"].shape == (n, 4) and d["dense"].shape == (n, 8)
+    assert d["true_probs"].shape == d["relevance_probs"].shape == (n, 4)
+    for name in ("member_id", "actor_id", "root_actor_id"):
+        assert 0 <= d[name].min() and d[name].max() < meta["num_members"]
+    tags = d["post_hashtags"]
+    assert tags.shape == (n, 5) and tags.max() < meta["num_hashtags"]
+    lengths = (tags >= 0).sum(1)
+    assert lengths.min() >= 1 and lengths.max() <= 5
+    assert ((tags >= 0) == (np.arange(5) < lengths[:, None])).all()
+    valid_tags = np.where(tags >= 0, tags, -np.arange(1, 6))       # distinct pads
+    assert all(len(set(row)) == 5 for row in valid_tags[:2000])      # no repeated hashtag
+    for name, vocab in (("history_actors", meta["num_members"]),
+                        ("history_hashtags", meta["num_hashtags"])):
+        hist = d[name]
+        assert hist.shape == (n, 50) and hist.max() < vocab
+        length = (hist >= 0).sum(1)
+        assert ((hist >= 0) == (np.arange(50) < length[:, None])).all()
+        assert length.min() == 0 and length.max() == 50
+    assert set(np.unique(d["position"])) == set(range(cfg.session_length))
+    reshare = d["actor_id"] != d["root_actor_id"]
+    np.testing.assert_array_equal(d["dense"][:, 7], reshare.astype(np.float32))
+    assert 0.1 < reshare.mean() < 0.3
+    sessions = d["session_id"].reshape(-1, cfg.session_length)
+    assert (sessions == sessions[:, :1]).all()
+    assert (d["random_session"].reshape(sessions.shape) == d["random_session"][::20, None]).all()
+
+
+def test_true_probs_are_position_biased_relevance(sample):
+    cfg, _, d = sample
+    assert (d["true_probs"] > 0).all() and (d["true_probs"] < 1).all()
+    assert (d["relevance_probs"] > 0).all() and (d["relevance_probs"] < 1).all()
+    examine = (1.0 + d["position"]) ** -cfg.position_bias_exponent
+    np.testing.assert_allclose(d["true_probs"], examine[:, None] * d["relevance_probs"], rtol=1e-5)
+    rates = d["labels"].mean(0)
+    assert 0.01 < rates[0] < 0.08 and rates[3] > rates[0] > rates[1] > 0   # like < dwell, comment rarer
+
+
+def test_position_bias_visible_in_random_sessions(sample):
+    cfg, _, d = sample
+    log_pos = np.log1p(np.arange(cfg.session_length))
+
+    def slope(mask):
+        ctr = np.array([d["labels"][mask & (d["position"] == p)][:, [0, 3]].mean()
+                        for p in range(cfg.session_length)])
+        return np.polyfit(log_pos, np.log(ctr), 1)[0]
+
+    random_slope, ranked_slope = slope(d["random_session"]), slope(~d["random_session"])
+    # Random order: CTR ~ (1 + pos)^-0.8 exactly in expectation; ranked adds the ranking.
+    assert abs(random_slope + cfg.position_bias_exponent) < 0.12, random_slope
+    assert ranked_slope < random_slope
+
+
+def test_ranked_sessions_are_exposure_biased(sample):
+    _, _, d = sample
+    rnd = d["random_session"]
+    log_followers = d["dense"][:, 0]
+    assert log_followers[~rnd].mean() > log_followers[rnd].mean() + 0.5     # popular actors
+    assert d["relevance_probs"][~rnd, 0].mean() > d["relevance_probs"][rnd, 0].mean()
+    # The old model's order: followers fall with position in ranked sessions only.
+    first, last = d["position"] < 5, d["position"] >= 15
+    assert log_followers[~rnd & first].mean() > log_followers[~rnd & last].mean() + 0.5
+    assert abs(log_followers[rnd & first].mean() - log_followers[rnd & last].mean()) < 0.2
+
+
+def test_relevance_is_learnable_from_features(sample):
+    """Logistic regression on latent interactions + dense features approaches the oracle AUC."""
+    _, world, d = sample
+    aff = sim.affinities(world, d["member_id"], d["actor_id"], d["root_actor_id"], d["post_hashtags"])
+    x = np.concatenate([aff, d["dense"], np.log1p(d["position"])[:, None]], axis=1)
+    x = np.concatenate([(x - x.mean(0)) / x.std(0), np.ones((len(x), 1))], axis=1)
+    half = len(x) // 2
+    y = d["labels"][:, 0].astype(np.float64)
+    w = np.zeros(x.shape[1])
+    for _ in range(8):                                                    # Newton steps
+        p = 1.0 / (1.0 + np.exp(-x[:half] @ w))
+        hessian = (x[:half] * (p * (1 - p))[:, None]).T @ x[:half] + 1e-3 * np.eye(x.shape[1])
+        w -= np.linalg.solve(hessian, x[:half].T @ (p - y[:half]))
+    learned = _auc(y[half:], x[half:] @ w)
+    oracle = _auc(y[half:], d["true_probs"][half:, 0])
+    assert learned > 0.75 and learned > oracle - 0.05, (learned, oracle)
+
+
+def test_metadata_and_split_sizes():
+    for name, cfg in sim.CONFIGS.items():
+        meta = cfg.metadata()
+        assert meta["max_lengths"] == {"post_hashtags": 5, "history_actors": 50, "history_hashtags": 50}
+        assert meta["tasks"] == ["like", "comment", "share", "long_dwell"]
+        assert len(meta["dense_features"]) == meta["dense_dim"] == 8
+    tiny, large = sim.CONFIGS["tiny"], sim.CONFIGS["large"]
+    assert 35_000 < sum(tiny.num_impressions(s) for s in sim.SPLITS) < 45_000
+    assert large.num_members >= 1_000_000
+    assert sum(large.num_impressions(s) for s in sim.SPLITS) >= 10_000_000
+    with pytest.raises(ValueError, match="split"):
+        tiny.sessions("test")
+
+
+def test_session_ids_are_disjoint_across_splits():
+    cfg = sim.CONFIGS["tiny"]
+    world = sim.make_world(cfg)
+    ids = {split: np.unique(_concat(sim.simulate_chunks(cfg, split, world))["session_id"])
+           for split in ("holdout_ranked", "holdout_random")}
+    assert not set(ids["holdout_ranked"]) & set(ids["holdout_random"])
+    assert ids["holdout_ranked"].min() == cfg.train_sessions
