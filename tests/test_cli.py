@@ -25,7 +25,7 @@ def test_each_command_has_help(command, capsys):
 
 def test_config_override_round_trip(repo_root, capsys):
     assert main(["config", "--config", f"{repo_root}/configs/demo.py:devices=4",
-                 "--config.steps=7", "--config.mesh.model", "2"]) == 0
+                 "--config.ranker.train.steps=7", "--config.mesh.model", "2"]) == 0
     out = capsys.readouterr().out
     assert "steps: 7" in out and "devices: 4" in out and "model: 2" in out
 
@@ -36,15 +36,20 @@ def test_unknown_override_is_one_clear_error(repo_root, capsys):
     assert "unknown config key 'stepz'" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_demo_runs_in_a_fresh_process(tmp_path, repo_root):
     env = dict(os.environ, CI="true")
     env.pop("XLA_FLAGS", None)
     result = subprocess.run(
         [sys.executable, "-m", "lf_jax.cli", "demo", "--workdir", str(tmp_path / "demo"),
-         "--config.steps=5"], capture_output=True, text=True, env=env, timeout=300, cwd=repo_root)
+         "--config.ranker.train.steps=4", "--config.ranker.batch_size=64"],
+        capture_output=True, text=True, env=env, timeout=600, cwd=repo_root)
     assert result.returncode == 0, result.stderr
-    assert "mesh(data=2 x model=4) over 8 cpu" in result.stdout
-    assert "demo finished" in result.stdout
+    out = result.stdout
+    assert "mesh(data=2 x model=4) over 8 cpu" in out
+    assert "plan for mesh data=2 x model=4 (8 devices)" in out
+    assert "holdout_random" in out and "oracle" in out
+    assert "demo finished" in out and (tmp_path / "demo" / "ranker" / "checkpoints").is_dir()
 
 
 def test_unwritable_workdir_fails_before_device_work(tmp_path, capsys):
