@@ -1,0 +1,482 @@
+"""An LMDB key-value store of entity vectors for online lookup, int8-quantized per row.
+
+Each row, keyed by the entity's string id (utf-8, 1-511 bytes), holds a float32 scale,
+the index of the model version that wrote it and the vector's int8 codes: symmetric
+quantization, ``scale = max|v| / 127`` and ``codes = round(v / scale)``, so a row of
+D dimensions takes D + 6 bytes instead of 4 D (``dtype="float32"`` stores exact floats).
+``get`` returns dequantized float32 vectors, ``get_raw`` the codes, scales and versions.
+
+Writes go in batches, one LMDB write transaction per batch: a batch is either all in the
+store or not at all, also when the writer is killed (LMDB commits by switching its meta
+page; a process killed mid-transaction leaves the previous state). ``update`` rewrites
+only the rows that are new or whose vector moved by more than ``tolerance`` (relative L2
+change of the dequantized vectors), for near-line re-embedding: a row keeps the version
+of the model that last changed it. Version counts and the dimension live in a small
+metadata database, updated in the same transactions.
+
+One process may write at a time (LMDB's writer lock); any number of processes may read.
+
+Shapes: ids [n] str; vectors [n, D] float; ``get`` -> [n, D] float32.
+
+Example:
+    >>> with KVStore("/tmp/member_vectors", dims=64) as store:
+    ...     store.put(member_ids, vectors, version="ckpt-12000")
+    ...     counts = store.update(member_ids, new_vectors, version="ckpt-13000")
+    ...     member_vectors = store.get(["urn:li:member:7"])      # [1, 64] float32
+    ...     store.stats()["bytes_on_disk"]
+"""
+
+from collections.abc import Sequence
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import lmdb
+import numpy as np
+
+from lf_jax.console import get_logger, progress
+from lf_jax.errors import UserInputError
+
+FORMAT = "lf_jax.KVStore"
+FORMAT_VERSION = 1
+DTYPES = ("int8", "float32")
+MAX_KEY_BYTES = 511
+MAX_VERSIONS = 65535
+DEFAULT_MAP_SIZE = 1 << 30       # grows by doubling when full
+DEFAULT_BATCH_SIZE = 10_000
+_META_FORMAT = b"format"
+_META_VERSIONS = b"versions"          # json list: version index -> name
+_META_COUNTS = b"version_counts"      # json list: rows per version index
+
+
+class KVStoreError(UserInputError):
+    """Bad ids, vectors, arguments or store directories for a KVStore."""
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateCounts:
+    """What ``update`` did: ``written`` = ``new`` + changed rows; ``unchanged`` rows were kept."""
+    written: int
+    unchanged: int
+    new: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RawRows:
+    """Stored rows as they are: codes [n, D] (int8, or float32), scales [n], versions [n] str."""
+    codes: np.ndarray
+    scales: np.ndarray
+    versions: np.ndarray
+
+
+def quantize_int8(vectors) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-row int8: (codes [n, D] int8, scales [n] float32), v ~ codes * scale.
+
+    scale = max|v| / 127 (0 for an all-zero row, whose codes are 0).
+    """
+    vectors = np.asarray(vectors, np.float32)
+    scales = (np.abs(vectors).max(axis=1) / 127.0).astype(np.float32)
+    safe = np.where(scales > 0, scales, 1.0).astype(np.float32)
+    codes = np.clip(np.rint(vectors / safe[:, None]), -127, 127).astype(np.int8)
+    return codes, scales
+
+
+def dequantize_int8(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """codes [n, D] * scales [n] -> float32 [n, D]."""
+    return codes.astype(np.float32) * np.asarray(scales, np.float32)[:, None]
+
+
+def quantization_error(vectors) -> dict:
+    """Cosine between vectors and their int8 round trip: {"cosine_mean", "cosine_min", ...}.
+
+    Also the mean relative L2 error. All-zero rows count as cosine 1.
+    """
+    vectors = np.asarray(vectors, np.float32)
+    restored = dequantize_int8(*quantize_int8(vectors))
+    norms = np.linalg.norm(vectors, axis=1)
+    restored_norms = np.linalg.norm(restored, axis=1)
+    denominator = norms * restored_norms
+    cosine = np.where(denominator > 0, np.einsum("ij,ij->i", vectors, restored)
+                      / np.where(denominator > 0, denominator, 1.0), 1.0)
+    relative = np.linalg.norm(vectors - restored, axis=1) / np.where(norms > 0, norms, 1.0)
+    return {"cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min()),
+            "relative_l2_mean": float(relative.mean()), "relative_l2_max": float(relative.max())}
+
+
+def _row_dtype(dims: int, dtype: str) -> np.dtype:
+    code = "i1" if dtype == "int8" else "<f4"
+    return np.dtype([("scale", "<f4"), ("version", "<u2"), ("codes", code, (dims,))])
+
+
+def _encode_keys(ids, field: str = "ids") -> list[bytes]:
+    if isinstance(ids, (str, bytes)):
+        raise KVStoreError(f"{field} must be a list or array of str, got a single "
+                           f"{type(ids).__name__} {ids!r}")
+    if isinstance(ids, np.ndarray):
+        if ids.ndim != 1:
+            raise KVStoreError(f"{field} must be 1-D, got shape {ids.shape}")
+        ids = ids.tolist()
+    elif not isinstance(ids, Sequence):
+        ids = list(ids)
+    keys = []
+    for position, key in enumerate(ids):
+        if not isinstance(key, str):
+            raise KVStoreError(f"{field} must be str, got {type(key).__name__} {key!r} at "
+                               f"position {position}")
+        encoded = key.encode("utf-8")
+        if not 0 < len(encoded) <= MAX_KEY_BYTES:
+            raise KVStoreError(f"{field}: id at position {position} ({key[:60]!r}) is {len(encoded)} "
+                               f"utf-8 bytes; LMDB keys must be 1-{MAX_KEY_BYTES} bytes")
+        keys.append(encoded)
+    return keys
+
+
+def _check_unique(keys: list[bytes], field: str = "ids") -> None:
+    if len(set(keys)) == len(keys):
+        return
+    seen: dict[bytes, int] = {}
+    for position, key in enumerate(keys):
+        if key in seen:
+            raise KVStoreError(f"{field} must be unique within a call, but {key.decode()!r} appears at "
+                               f"positions {seen[key]} and {position}")
+        seen[key] = position
+
+
+class KVStore:
+    """Entity vectors in an LMDB directory, keyed by string id (see the module docstring).
+
+    path: a directory (created if missing). dims: vector width; required to create a
+    store, checked against an existing one. dtype: "int8" (default) or "float32", fixed
+    at creation. readonly: open for lookups only (many processes may do so at once).
+    """
+
+    def __init__(self, path: str | os.PathLike, dims: int | None = None, *, dtype: str = "int8",
+                 readonly: bool = False, map_size: int = DEFAULT_MAP_SIZE, sync: bool = True):
+        self.path = Path(path)
+        if dims is not None and (not isinstance(dims, (int, np.integer)) or isinstance(dims, bool)
+                                 or dims < 1):
+            raise KVStoreError(f"dims must be a positive int, got {dims!r}")
+        if dtype not in DTYPES:
+            raise KVStoreError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        exists = (self.path / "data.mdb").is_file()
+        if not exists and readonly:
+            raise KVStoreError(f"KVStore: '{self.path}' holds no store (no data.mdb) to open read-only")
+        if not exists and dims is None:
+            raise KVStoreError(f"KVStore: '{self.path}' holds no store yet; pass dims=... to create one")
+        if self.path.exists() and not self.path.is_dir():
+            raise KVStoreError(f"KVStore: '{self.path}' exists and is not a directory")
+        try:
+            if not readonly:
+                self.path.mkdir(parents=True, exist_ok=True)
+            self._env = lmdb.open(str(self.path), map_size=map_size, max_dbs=2, readonly=readonly,
+                                  lock=True, sync=sync, metasync=sync)
+        except (OSError, lmdb.Error) as error:
+            raise KVStoreError(f"KVStore: cannot open '{self.path}'"
+                               f"{' for writing' if not readonly else ''}: {error}") from None
+        try:
+            self._meta = self._env.open_db(b"meta", create=not readonly)
+            self._rows = self._env.open_db(b"vectors", create=not readonly)
+        except lmdb.Error as error:
+            self._env.close()
+            raise KVStoreError(f"KVStore: '{self.path}' is not a KVStore ({error})") from None
+        with self._env.begin(db=self._meta) as txn:
+            header = txn.get(_META_FORMAT)
+        if header is None:
+            if readonly:
+                self._env.close()
+                raise KVStoreError(f"KVStore: '{self.path}' is an LMDB directory without KVStore metadata")
+            header = {"format": FORMAT, "format_version": FORMAT_VERSION, "dims": int(dims), "dtype": dtype}
+            with self._env.begin(write=True, db=self._meta) as txn:
+                txn.put(_META_FORMAT, json.dumps(header).encode())
+                txn.put(_META_VERSIONS, b"[]")
+                txn.put(_META_COUNTS, b"[]")
+        else:
+            header = json.loads(header)
+            if header.get("format") != FORMAT or header.get("format_version") != FORMAT_VERSION:
+                self._env.close()
+                raise KVStoreError(f"KVStore: '{self.path}' has format {header.get('format')!r} version "
+                                   f"{header.get('format_version')!r}, expected {FORMAT!r} {FORMAT_VERSION}")
+            if dims is not None and dims != header["dims"]:
+                self._env.close()
+                raise KVStoreError(f"dims={dims} does not match the store at '{self.path}', which holds "
+                                   f"{header['dims']}-dim vectors")
+        self.dims: int = int(header["dims"])
+        self.dtype: str = header["dtype"]
+        self.readonly = readonly
+        self._row_dtype = _row_dtype(self.dims, self.dtype)
+
+    # ------------------------------------------------------------- plumbing
+    def _reader(self):
+        """A read transaction; adopts a map grown by another process (MDB_MAP_RESIZED)."""
+        try:
+            return self._env.begin()
+        except lmdb.MapResizedError:
+            self._env.set_mapsize(0)
+            return self._env.begin()
+
+    def close(self) -> None:
+        self._env.close()
+
+    def __enter__(self) -> "KVStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        with self._reader() as txn:
+            return txn.stat(self._rows)["entries"]
+
+    def __contains__(self, entity_id: str) -> bool:
+        key = _encode_keys([entity_id])[0]
+        with self._reader() as txn:
+            return txn.get(key, db=self._rows) is not None
+
+    def _check_vectors(self, vectors, count: int, keys: list[bytes]) -> np.ndarray:
+        array = np.asarray(vectors)
+        if array.dtype.kind not in "fiu":
+            raise KVStoreError(f"vectors must be a float array, got dtype {array.dtype}")
+        if array.ndim != 2 or array.shape[1] != self.dims:
+            raise KVStoreError(f"vectors must have shape [n, {self.dims}], got {array.shape}")
+        if array.shape[0] != count:
+            raise KVStoreError(f"vectors: got {array.shape[0]} vectors for {count} ids")
+        array = np.asarray(array, np.float32)
+        finite = np.isfinite(array).all(axis=1)
+        if not finite.all():
+            row = int(np.argmin(finite))
+            raise KVStoreError(f"vectors: row {row} (id {keys[row].decode()!r}) holds NaN or Inf")
+        return array
+
+    def _encode(self, vectors: np.ndarray, version_index: int) -> np.ndarray:
+        records = np.empty(vectors.shape[0], self._row_dtype)
+        if self.dtype == "int8":
+            records["codes"], records["scale"] = quantize_int8(vectors)
+        else:
+            records["codes"], records["scale"] = vectors, 1.0
+        records["version"] = version_index
+        return records
+
+    def _decode(self, values: list[bytes], keys: list[bytes]) -> np.ndarray:
+        size = self._row_dtype.itemsize
+        for key, value in zip(keys, values):
+            if len(value) != size:
+                raise KVStoreError(f"KVStore: row {key.decode()!r} in '{self.path}' has {len(value)} bytes, "
+                                   f"expected {size}; the store is corrupt or of another layout")
+        return np.frombuffer(b"".join(values), self._row_dtype)
+
+    def _vectors_of(self, records: np.ndarray) -> np.ndarray:
+        if self.dtype == "int8":
+            return dequantize_int8(records["codes"], records["scale"])
+        return records["codes"].astype(np.float32)
+
+    def _read_meta(self, txn) -> tuple[list[str], list[int]]:
+        versions = json.loads(txn.get(_META_VERSIONS, db=self._meta))
+        counts = json.loads(txn.get(_META_COUNTS, db=self._meta))
+        return versions, counts
+
+    def _write_batch(self, txn, keys: list[bytes], values: list[bytes]) -> None:
+        """Puts one batch inside its transaction (a seam for tests that kill the writer)."""
+        with txn.cursor(db=self._rows) as cursor:
+            # Sorted keys past the last stored one are appended: LMDB then fills every page.
+            append = not cursor.last() or cursor.key() < keys[0]
+            cursor.putmulti(zip(keys, values), append=append)
+
+    def _grow(self) -> None:
+        size = self._env.info()["map_size"] * 2
+        get_logger().info("KVStore: %s is full; growing the map to %.1f GiB", self.path, size / 2**30)
+        self._env.set_mapsize(size)
+
+    # --------------------------------------------------------------- writes
+    def _check_writable(self) -> None:
+        if self.readonly:
+            raise KVStoreError(f"KVStore: '{self.path}' was opened read-only")
+
+    def _write(self, ids, vectors, version, *, batch_size: int, tolerance: float | None,
+               desc: str) -> UpdateCounts:
+        self._check_writable()
+        if not isinstance(version, (str, int, np.integer)) or isinstance(version, bool) or str(version) == "":
+            raise KVStoreError(f"version must be a non-empty str or an int, got {version!r}")
+        if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
+            raise KVStoreError(f"batch_size must be a positive int, got {batch_size!r}")
+        version = str(version)
+        keys = _encode_keys(ids)
+        _check_unique(keys)
+        vectors = self._check_vectors(vectors, len(keys), keys)
+        # Batches are ranges of sorted keys: each transaction touches few pages, and a
+        # first load appends (full pages, no copy-on-write churn).
+        order = sorted(range(len(keys)), key=keys.__getitem__)
+        keys = [keys[i] for i in order]
+        vectors = vectors[np.asarray(order, np.int64)] if keys else vectors
+        written = unchanged = new = 0
+        with progress(total=len(keys), desc=desc, unit="row") as bar:
+            for start in range(0, len(keys), batch_size):
+                batch_keys = keys[start:start + batch_size]
+                batch = vectors[start:start + batch_size]
+                while True:
+                    try:
+                        counts = self._write_transaction(batch_keys, batch, version, tolerance)
+                        break
+                    except lmdb.MapFullError:
+                        self._grow()
+                written, unchanged, new = (written + counts[0], unchanged + counts[1], new + counts[2])
+                bar.update(len(batch_keys))
+        return UpdateCounts(written=written, unchanged=unchanged, new=new)
+
+    def _write_transaction(self, keys: list[bytes], vectors: np.ndarray, version: str,
+                           tolerance: float | None) -> tuple[int, int, int]:
+        with self._env.begin(write=True) as txn:
+            versions, counts = self._read_meta(txn)
+            if version not in versions:
+                if len(versions) >= MAX_VERSIONS:
+                    raise KVStoreError(f"version {version!r}: the store already holds {MAX_VERSIONS} "
+                                       "versions; rewrite it with fewer")
+                versions.append(version)
+                counts.append(0)
+            version_index = versions.index(version)
+            records = self._encode(vectors, version_index)
+            old_values = [txn.get(key, db=self._rows) for key in keys]
+            present = np.array([value is not None for value in old_values])
+            write = np.ones(len(keys), bool)
+            if present.any():
+                old = self._decode([v for v in old_values if v is not None],
+                                   [k for k, v in zip(keys, old_values) if v is not None])
+                if tolerance is not None:
+                    stored = self._vectors_of(old)
+                    fresh = self._vectors_of(records[present])
+                    change = np.linalg.norm(fresh - stored, axis=1)
+                    write[present] = change > tolerance * np.linalg.norm(fresh, axis=1)
+                for old_version in old["version"][write[present]].tolist():
+                    counts[old_version] -= 1
+            if write.any():
+                chosen = np.flatnonzero(write)
+                payload = records[chosen].tobytes()
+                size = self._row_dtype.itemsize
+                self._write_batch(txn, [keys[i] for i in chosen.tolist()],
+                                  [payload[i * size:(i + 1) * size] for i in range(chosen.size)])
+                counts[version_index] += int(chosen.size)
+            txn.put(_META_VERSIONS, json.dumps(versions).encode(), db=self._meta)
+            txn.put(_META_COUNTS, json.dumps(counts).encode(), db=self._meta)
+        num_new = int((~present).sum())
+        return int(write.sum()), int((~write).sum()), num_new
+
+    def put(self, ids, vectors, version, *, batch_size: int = DEFAULT_BATCH_SIZE) -> int:
+        """Writes every row (new or not); returns rows written.
+
+        Rows are sorted by id and written ``batch_size`` at a time, one transaction each:
+        a batch is all in or all out, also if the process dies.
+        """
+        return self._write(ids, vectors, version, batch_size=batch_size, tolerance=None,
+                           desc="kv put").written
+
+    def update(self, ids, vectors, version, *, tolerance: float = 1e-3,
+               batch_size: int = DEFAULT_BATCH_SIZE) -> UpdateCounts:
+        """Writes only new rows and rows whose vector changed; returns the counts.
+
+        A stored row is rewritten (with ``version``) when
+        ``|new - stored| > tolerance * |new|`` (L2, after quantizing both), so unchanged
+        re-embeddings, and noise below the tolerance, cost no write. tolerance=0 rewrites
+        every row whose stored codes differ.
+        """
+        if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or tolerance < 0:
+            raise KVStoreError(f"tolerance must be a number >= 0, got {tolerance!r}")
+        return self._write(ids, vectors, version, batch_size=batch_size, tolerance=float(tolerance),
+                           desc="kv update")
+
+    def delete(self, ids, *, batch_size: int = DEFAULT_BATCH_SIZE) -> int:
+        """Removes rows (unknown ids are skipped); returns how many were removed."""
+        self._check_writable()
+        keys = list(dict.fromkeys(_encode_keys(ids)))
+        removed = 0
+        for start in range(0, len(keys), batch_size):
+            with self._env.begin(write=True) as txn:
+                versions, counts = self._read_meta(txn)
+                for key in keys[start:start + batch_size]:
+                    value = txn.pop(key, db=self._rows)
+                    if value is not None:
+                        counts[self._decode([value], [key])["version"][0]] -= 1
+                        removed += 1
+                txn.put(_META_COUNTS, json.dumps(counts).encode(), db=self._meta)
+        return removed
+
+    # ---------------------------------------------------------------- reads
+    def _read(self, ids, missing: str) -> tuple[np.ndarray, np.ndarray, list[bytes]]:
+        if missing not in ("raise", "nan", "zeros"):
+            raise KVStoreError(f"missing must be 'raise', 'nan' or 'zeros', got {missing!r}")
+        keys = _encode_keys(ids)
+        with self._reader() as txn:
+            values = [txn.get(key, db=self._rows) for key in keys]
+        found = np.array([value is not None for value in values], bool)
+        if not found.all() and missing == "raise":
+            first = int(np.argmin(found))
+            raise KVStoreError(f"ids: {int((~found).sum())} of {len(keys)} ids are not in the store "
+                               f"(first: {keys[first].decode()!r} at position {first}); pass "
+                               "missing='nan' or 'zeros' to fill them")
+        records = np.zeros(len(keys), self._row_dtype)
+        if found.any():
+            records[found] = self._decode([v for v in values if v is not None],
+                                          [k for k, v in zip(keys, values) if v is not None])
+        return records, found, keys
+
+    def get(self, ids, *, missing: str = "raise") -> np.ndarray:
+        """Dequantized float32 vectors [n, D] for ``ids``.
+
+        missing: "raise" (an error naming the first unknown id), "nan" or "zeros" (fill).
+        """
+        records, found, _ = self._read(ids, missing)
+        vectors = self._vectors_of(records)
+        if missing == "nan":
+            vectors[~found] = np.nan
+        return vectors
+
+    def get_raw(self, ids, *, missing: str = "raise") -> RawRows:
+        """Stored codes [n, D], scales [n] and version names [n] ('' for missing ids)."""
+        records, found, _ = self._read(ids, missing)
+        with self._reader() as txn:
+            names = np.array(self._read_meta(txn)[0] or [""])
+        versions = names[records["version"].astype(np.int64)]
+        versions[~found] = ""
+        return RawRows(codes=records["codes"].copy(), scales=records["scale"].copy(), versions=versions)
+
+    def ids(self) -> list[str]:
+        """Every id in the store, in key (utf-8 byte) order."""
+        with self._reader() as txn, txn.cursor(db=self._rows) as cursor:
+            return [key.decode() for key in cursor.iternext(keys=True, values=False)]
+
+    def stats(self) -> dict:
+        """Counts and sizes of the store.
+
+        count, dims, dtype, versions {name: rows}; bytes_on_disk (allocated blocks of
+        data.mdb), bytes_live (pages of the current B-trees: what ``copy_compact``
+        would write; the rest of the file is free pages that later writes reuse),
+        bytes_float32 (count * dims * 4, the raw float32 vectors), row_bytes (value
+        bytes per row).
+        """
+        with self._reader() as txn:
+            versions, counts = self._read_meta(txn)
+            trees = [txn.stat(self._rows), txn.stat(self._meta), self._env.stat()]
+        count = trees[0]["entries"]
+        page = trees[0]["psize"]
+        live_pages = 2 + sum(t["branch_pages"] + t["leaf_pages"] + t["overflow_pages"] for t in trees)
+        file_stat = (self.path / "data.mdb").stat()
+        return {"count": count, "dims": self.dims, "dtype": self.dtype,
+                "versions": {name: n for name, n in zip(versions, counts) if n},
+                "bytes_on_disk": file_stat.st_blocks * 512, "file_bytes": file_stat.st_size,
+                "bytes_live": live_pages * page, "bytes_float32": count * self.dims * 4,
+                "row_bytes": self._row_dtype.itemsize, "map_size": self._env.info()["map_size"]}
+
+    def copy_compact(self, directory: str | os.PathLike) -> Path:
+        """Writes a compacted copy (no free pages) of the store to a new or empty directory.
+
+        A consistent snapshot, also while another process writes: for shipping the
+        store to online serving. Returns the directory.
+        """
+        directory = Path(directory)
+        if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+            raise KVStoreError(f"copy_compact: '{directory}' must be a new or empty directory")
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            self._env.copy(str(directory), compact=True)
+        except (OSError, lmdb.Error) as error:
+            raise KVStoreError(f"copy_compact: cannot write '{directory}': {error}") from None
+        return directory
