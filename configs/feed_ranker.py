@@ -10,8 +10,8 @@ Time:     see README "Feed ranker" for measured times (tiny: a few minutes on 2 
 Metric:   per-task AUC on the random-session holdout next to the oracle AUC of the true
           probabilities (target: within 0.02 on tiny); NE and calibration per task.
 
-Sizes follow data/feed_logs (members, hashtags, positions): tiny 2e3 / 300 / 20,
-small 1e5 / 5e3 / 20, large 1e6 / 5e4 / 20. The member table is shared by member_id,
+Sizes follow data/feed_logs (members, hashtags, posts, positions): tiny 1e3 / 200 /
+3e3 / 20, small 1e5 / 5e3 / 1e5 / 20, large 1e6 / 5e4 / 1e6 / 20. The member table is shared by member_id,
 actor_id, root_actor_id and history_actors; the hashtag table by post_hashtags and
 history_hashtags. ``embedding.plan`` is empty, so the planner picks each strategy under
 ``embedding.memory_budget_bytes``; a hand plan may name some tables, e.g.
@@ -25,10 +25,10 @@ import ml_collections
 from lf_jax.configuration import ConfigError, parse_config_arg
 
 SIZES = {
-    #        members    hashtags  dim_m dim_h batch budget (bytes/device)
-    "tiny": (2_000, 300, 16, 16, 256, 64_000_000),
-    "small": (100_000, 5_000, 32, 32, 1_024, 512_000_000),
-    "large": (1_000_000, 50_000, 64, 64, 16_384, 2_000_000_000),
+    #        members    hashtags posts     dim  batch budget (bytes/device)
+    "tiny": (1_000, 200, 3_000, 16, 256, 64_000_000),
+    "small": (100_000, 5_000, 100_000, 32, 1_024, 512_000_000),
+    "large": (1_000_000, 50_000, 1_000_000, 64, 16_384, 2_000_000_000),
 }
 TRAIN = {  # steps, eval_every, checkpoint_every
     "tiny": (600, 200, 200),
@@ -41,13 +41,15 @@ MAX_POST_HASHTAGS = 5
 
 
 def _embedding(size: str) -> ml_collections.ConfigDict:
-    members, hashtags, dim_m, dim_h, _, budget = SIZES[size]
+    members, hashtags, posts, dim, _, budget = SIZES[size]
     adagrad = {"kind": "rowwise_adagrad", "learning_rate": 0.05, "initial_accumulator": 0.1}
     tables = {
-        "member": {"vocab_size": members, "dim": dim_m, "initializer": "normal",
+        "member": {"vocab_size": members, "dim": dim, "initializer": "normal",
                    "optimizer": dict(adagrad)},
-        "hashtag": {"vocab_size": hashtags, "dim": dim_h, "initializer": "normal",
+        "hashtag": {"vocab_size": hashtags, "dim": dim, "initializer": "normal",
                     "optimizer": dict(adagrad)},
+        "post": {"vocab_size": posts, "dim": dim, "initializer": "normal",
+                 "optimizer": dict(adagrad)},
         "position": {"vocab_size": NUM_POSITIONS, "dim": 8, "initializer": "normal",
                      "optimizer": {"kind": "adam", "learning_rate": 0.01}},
     }
@@ -56,6 +58,7 @@ def _embedding(size: str) -> ml_collections.ConfigDict:
         "member_id": {"table": "member", **one},
         "actor_id": {"table": "member", **one},
         "root_actor_id": {"table": "member", **one},
+        "post_id": {"table": "post", **one},
         "post_hashtags": {"table": "hashtag", "max_ids": MAX_POST_HASHTAGS, "combiner": "mean",
                           "weighted": False},
         "history_actors": {"table": "member", "max_ids": HISTORY_LENGTH, "combiner": "mean",

@@ -36,7 +36,7 @@ def test_output_writes_a_plan_that_validates(repo_root, tmp_path, capsys):
     assert main(["plan", "--config", spec, "--output", str(target)]) == 0
     assert f"plan written to {target}" in capsys.readouterr().out
     plan = json.loads(target.read_text())
-    assert set(plan) == {"member", "hashtag", "position"}
+    assert set(plan) == {"member", "hashtag", "post", "position"}
     tables, _, _ = specs_from_config(load_config(spec).embedding)
     mesh = make_mesh({"data": 2, "model": 4})
     validated = validate_plan(load_plan(target), {t.name: t for t in tables}, mesh)

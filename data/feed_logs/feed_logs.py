@@ -1,6 +1,6 @@
 """TFDS builder for the synthetic feed logs (array_record, built offline, no TensorFlow).
 
-Configs: tiny (~40k impressions, seconds), small (~1M), large (~10M, minutes to hours);
+Configs: tiny (~140k impressions, ~20 s), small (~1M), large (~10M, minutes to hours);
 see simulator.CONFIGS. Splits: ``train`` (ranked sessions plus a ``random_share`` of
 random-order sessions), ``holdout_ranked`` and ``holdout_random`` (held-out sessions;
 random sessions are only in holdout_random). One example per impression:
@@ -70,8 +70,9 @@ class FeedLogs(tfds.core.GeneratorBasedBuilder, skip_registration=_REGISTERED):
     """Synthetic multi-task feed impressions with the true probabilities they were drawn from."""
 
     name = _NAME
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release.",
+                     "1.1.0": "tiny: 1k members, 6k train sessions, larger holdouts."}
     BUILDER_CONFIGS = [_config(simulator.CONFIGS[size]) for size in ("tiny", "small", "large")]
     DEFAULT_CONFIG_NAME = "tiny"
 

@@ -97,9 +97,9 @@ class SimConfig:
 
 
 CONFIGS = {
-    "tiny": SimConfig(name="tiny", num_members=2_000, num_hashtags=300, num_posts=4_000,
-                      num_topics=12, train_sessions=1_800, holdout_ranked_sessions=150,
-                      holdout_random_sessions=75, chunk_sessions=1_000),
+    "tiny": SimConfig(name="tiny", num_members=1_000, num_hashtags=200, num_posts=3_000,
+                      num_topics=12, train_sessions=6_000, holdout_ranked_sessions=300,
+                      holdout_random_sessions=750, chunk_sessions=2_000),
     "small": SimConfig(name="small", num_members=100_000, num_hashtags=5_000,
                        num_posts=100_000, num_topics=32, train_sessions=45_000,
                        holdout_ranked_sessions=4_000, holdout_random_sessions=2_500),

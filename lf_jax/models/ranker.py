@@ -46,7 +46,7 @@ class FeedRanker(nnx.Module):
             raise ValueError("FeedRanker needs at least one sparse field and one task")
         self.sparse_fields = tuple(field_dims)
         self.tasks = tuple(tasks)
-        self.dense_norm = nnx.LayerNorm(num_dense, rngs=rngs) if num_dense else None
+        self.num_dense = num_dense
         self.gate = (EmbeddingGate(list(field_dims.values()), vector=embedding_gate_vector,
                                    rngs=rngs) if embedding_gate else None)
         width = sum(field_dims.values()) + num_dense
@@ -57,13 +57,13 @@ class FeedRanker(nnx.Module):
         self.heads = nnx.List([TaskHead(top, head_hidden, rngs=rngs) for _ in tasks])
 
     def __call__(self, activations: Mapping[str, jax.Array], dense_bk: jax.Array | None) -> jax.Array:
-        """Logits [B, T] from activations {field: [B, D_f]} and dense features [B, K]."""
+        """Logits [B, T] from activations {field: [B, D_f]} and standardised dense [B, K]."""
         fields = [activations[name] for name in self.sparse_fields]
         if self.gate is not None:
             fields = self.gate(fields)
         parts = list(fields)
-        if self.dense_norm is not None:
-            parts.append(self.dense_norm(dense_bk))
+        if self.num_dense:
+            parts.append(dense_bk)
         x0_bh = jnp.concatenate(parts, axis=-1)
         top = [self.mlp(x0_bh)]
         if self.cross is not None:

@@ -36,7 +36,16 @@ from lf_jax.train.metrics import binary_metrics
 from lf_jax.train.step import init_train_state, make_eval_step
 
 HOLDOUTS = ("holdout_ranked", "holdout_random")
-VOCAB_OF_TABLE = {"member": "num_members", "hashtag": "num_hashtags", "position": "num_positions"}
+VOCAB_OF_TABLE = {"member": "num_members", "hashtag": "num_hashtags", "post": "num_posts",
+                  "position": "num_positions"}
+
+
+def dense_feature_stats(builder, sample: int = 20_000) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std [K] of the dense features over the first ``sample`` train records."""
+    source = builder.as_data_source("train")
+    rows = source.__getitems__(list(range(min(sample, len(source)))))
+    dense_nk = np.asarray([row["dense"] for row in rows], np.float64)
+    return dense_nk.mean(axis=0).astype(np.float32), np.maximum(dense_nk.std(axis=0), 1e-6).astype(np.float32)
 
 
 def _gather(x: np.ndarray) -> np.ndarray:
@@ -80,6 +89,7 @@ class RankerTask:
         self.meta = dataset_metadata(self.builder)
         self.tasks = tuple(self.meta["tasks"])
         self.aux_names = self.tasks
+        self.dense_mean_k, self.dense_std_k = dense_feature_stats(self.builder)
         tables, features, hand_plan = specs_from_config(config.embedding)
         for table in tables:
             need = self.meta.get(VOCAB_OF_TABLE.get(table.name, ""), 0)
@@ -148,7 +158,8 @@ class RankerTask:
         labels = np.asarray(host["labels"], np.float32)
         weights = (self.ips.batch_weights(host["position"], host["random_session"])
                    if self.ips is not None else np.ones_like(labels))
-        return {"sparse": sparse, "dense": np.asarray(host["dense"], np.float32),
+        dense = (np.asarray(host["dense"], np.float32) - self.dense_mean_k) / self.dense_std_k
+        return {"sparse": sparse, "dense": dense,
                 "labels": labels, "weights": weights}
 
     def device_batch(self, host: Mapping[str, np.ndarray]) -> dict:

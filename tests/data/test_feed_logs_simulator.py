@@ -27,8 +27,9 @@ def _concat(chunks):
 
 @pytest.fixture(scope="module")
 def sample():
-    """80k train impressions, half of the sessions random, from the tiny world."""
-    cfg = dataclasses.replace(sim.CONFIGS["tiny"], train_sessions=4000, random_share=0.5,
+    """80k train impressions, half of the sessions random, in a 2k-member world."""
+    cfg = dataclasses.replace(sim.CONFIGS["tiny"], num_members=2_000, num_hashtags=300,
+                              num_posts=4_000, train_sessions=4000, random_share=0.5,
                               chunk_sessions=2000)
     world = sim.make_world(cfg)
     return cfg, world, _concat(sim.simulate_chunks(cfg, "train", world))
@@ -143,7 +144,7 @@ def test_metadata_and_split_sizes():
         assert meta["tasks"] == ["like", "comment", "share", "long_dwell"]
         assert len(meta["dense_features"]) == meta["dense_dim"] == 8
     tiny, large = sim.CONFIGS["tiny"], sim.CONFIGS["large"]
-    assert 35_000 < sum(tiny.num_impressions(s) for s in sim.SPLITS) < 45_000
+    assert 100_000 < sum(tiny.num_impressions(s) for s in sim.SPLITS) < 200_000
     assert large.num_members >= 1_000_000
     assert sum(large.num_impressions(s) for s in sim.SPLITS) >= 10_000_000
     with pytest.raises(ValueError, match="split"):

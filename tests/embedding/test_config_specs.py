@@ -63,7 +63,7 @@ def test_feed_ranker_config_shares_the_member_table(repo_root):
     assert hand == {}
 
 
-@pytest.mark.parametrize("size, members, hashtags", [("tiny", 2_000, 300), ("small", 100_000, 5_000),
+@pytest.mark.parametrize("size, members, hashtags", [("tiny", 1_000, 200), ("small", 100_000, 5_000),
                                                      ("large", 1_000_000, 50_000)])
 def test_feed_ranker_sizes_match_the_dataset(repo_root, size, members, hashtags):
     import importlib.util
@@ -76,6 +76,7 @@ def test_feed_ranker_sizes_match_the_dataset(repo_root, size, members, hashtags)
     world = simulator.CONFIGS[config.data.config]
     assert rows["member"] == members == world.num_members
     assert rows["hashtag"] == hashtags == world.num_hashtags
+    assert rows["post"] == world.num_posts
     assert rows["position"] == world.session_length
 
 

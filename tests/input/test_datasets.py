@@ -17,8 +17,8 @@ FIELDS = set(SCALARS) | set(LISTS) | set(FOURS) | {"random_session", "dense"}
 
 def test_tiny_builds_with_documented_splits_and_metadata(feed_builder):
     meta = dataset_metadata(feed_builder)
-    assert meta["num_examples"] == {"train": 36_000, "holdout_ranked": 3_000, "holdout_random": 1_500}
-    assert meta["num_members"] == 2_000 and meta["num_hashtags"] == 300
+    assert meta["num_examples"] == {"train": 120_000, "holdout_ranked": 6_000, "holdout_random": 15_000}
+    assert meta["num_members"] == 1_000 and meta["num_hashtags"] == 200
     assert meta["max_lengths"] == {"post_hashtags": 5, "history_actors": 50, "history_hashtags": 50}
     assert meta["tasks"] == ["like", "comment", "share", "long_dwell"] and meta["dense_dim"] == 8
     assert meta["name"] == "feed_logs" and meta["config"] == "tiny"

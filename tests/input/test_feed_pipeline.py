@@ -69,8 +69,8 @@ def test_two_shards_are_disjoint_and_cover_an_epoch(feed_builder):
 
 
 def test_epochs_reshuffle_and_repeat(feed_builder):
-    it = train_iterator(feed_builder, "holdout_random", global_batch_size=300, seed=0)
-    first = np.concatenate([_keys(next(it)) for _ in range(5)])        # 1500 = one epoch
+    it = train_iterator(feed_builder, "holdout_random", global_batch_size=3000, seed=0)
+    first = np.concatenate([_keys(next(it)) for _ in range(5)])        # 15000 = one epoch
     second = np.concatenate([_keys(next(it)) for _ in range(5)])
     assert set(first) == set(second) and not np.array_equal(first, second)
 
@@ -132,7 +132,7 @@ def test_bad_arguments_are_named(feed_builder):
     with pytest.raises(PipelineError, match="shard_index must be in"):
         train_iterator(feed_builder, global_batch_size=64, shard_index=2, shard_count=2)
     with pytest.raises(PipelineError, match="fewer than one batch"):
-        train_iterator(feed_builder, "holdout_random", global_batch_size=4096)
+        train_iterator(feed_builder, "holdout_random", global_batch_size=32768)
 
 
 @pytest.mark.parametrize("shard_count", [1, 3])
