@@ -209,8 +209,9 @@ def _format_metrics(metrics) -> str:
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable]
 COMMANDS: dict[str, Command] = {
-    "demo": ("run the end-to-end demo on simulated CPU devices (8 by default): "
-             "mesh, sharded steps and a short report", _demo_arguments, _demo_run),
+    "demo": ("run the end-to-end demo on simulated CPU devices (8 by default): mesh, "
+             "embedding plan, synthetic feed logs, a short ranker run and a report",
+             _demo_arguments, _demo_run),
     "config": ("print a config after its ARG and --config.* overrides are applied "
                "(checks overrides without running anything)", _config_arguments, _config_run),
     "train": ("train a model family (config.model_family) with evaluation, checkpoints and "
