@@ -14,6 +14,7 @@ import sys
 from lf_jax.configuration import ConfigError, apply_overrides, load_config, split_override_args
 from lf_jax.console import get_logger, set_verbosity
 from lf_jax.errors import LfJaxError, UserInputError
+from lf_jax.workdir import ensure_writable_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIGS = {"demo": REPO_ROOT / "configs" / "demo.py",
@@ -45,15 +46,7 @@ def _resolved_config(args, overrides):
 
 
 def _check_workdir(path: str) -> Path:
-    workdir = Path(path)
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / ".lf_jax_write_probe"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as error:
-        raise CommandError(f"--workdir '{workdir}' is not writable: {error.strerror}") from None
-    return workdir
+    return ensure_writable_dir(path, "--workdir")
 
 
 # --- demo -------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from lf_jax.console import get_logger, progress
 from lf_jax.errors import TrainingDivergedError, UserInputError
 from lf_jax.train.checkpoint import Checkpointer
 from lf_jax.train.step import make_train_step
+from lf_jax.workdir import ensure_writable_dir
 
 
 class TrainingTask(Protocol):
@@ -50,16 +51,9 @@ class TrainingTask(Protocol):
 
 def prepare_workdir(workdir: str | Path, config=None) -> Path:
     """Creates ``workdir`` (error naming it when not writable) and writes config.json."""
-    workdir = Path(workdir)
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / ".write_probe"
-        probe.write_text("ok")
-        probe.unlink()
-        if config is not None and jax.process_index() == 0:
-            (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
-    except OSError as error:
-        raise UserInputError(f"workdir '{workdir}' is not writable: {error.strerror}") from None
+    workdir = ensure_writable_dir(workdir, "workdir")
+    if config is not None and jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
     return workdir
 
 
