@@ -30,5 +30,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         ranker.train.eval_every = 150
         ranker.train.checkpoint_every = 150
         ranker.train.log_every = 25
+        # Show several strategies on the tiny tables (the planner fills in the rest):
+        ranker.embedding.plan = {"member": {"strategy": "row_wise", "axes": ("model",)},
+                                 "post": {"strategy": "column_wise", "num_shards": 4}}
     config.ranker = ranker
     return config

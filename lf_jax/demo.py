@@ -43,7 +43,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     print(f"dataset feed_logs/{meta['config']} in {meta['data_dir']}: "
           + ", ".join(f"{split} {count:,}" for split, count in meta["num_examples"].items())
           + f" impressions; {meta['num_members']:,} members, {meta['num_hashtags']:,} hashtags")
-    print(task.plan_table)
+    print("(the embedding plan is logged above: member and post by hand, the rest by the planner)")
 
     _section(f"3. train the ranker ({ranker_config.train.steps} steps, batch "
              f"{ranker_config.batch_size}, IPS {'on' if ranker_config.train.ips else 'off'})")

@@ -153,15 +153,21 @@ def build_dataset(name: str = "feed_logs", config: str = "tiny", data_dir=None, 
     root = _resolve_data_dir(data_dir)
     if root.exists() and not root.is_dir():
         raise DatasetError(f"data_dir {root} exists and is not a directory")
-    builder = cls(config=config, data_dir=str(root), file_format="array_record")
-    if prepare and not builder.is_prepared():
-        _check_writable(root)
-        if not progress_enabled():
-            tfds.disable_progress_bar()
-        get_logger().info("building %s/%s into %s", name, config, root)
-        with _shuffle_without_tensorflow():
-            builder.download_and_prepare(
-                download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    from absl import logging as absl_logging
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)  # tfds warns about the folder it is to fill
+    try:
+        builder = cls(config=config, data_dir=str(root), file_format="array_record")
+        if prepare and not builder.is_prepared():
+            _check_writable(root)
+            if not progress_enabled():
+                tfds.disable_progress_bar()
+            get_logger().info("building %s/%s into %s", name, config, root)
+            with _shuffle_without_tensorflow():
+                builder.download_and_prepare(
+                    download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    finally:
+        absl_logging.set_verbosity(verbosity)
     return builder
 
 

@@ -74,7 +74,9 @@ def ips_weights_for_run(builder, tasks, num_positions: int, clip, path: Path) ->
                               tasks=tasks, clip=tuple(clip))
     if jax.process_index() == 0:
         ips.save(path)
-    get_logger().info("IPS weights (random/ranked CTR per position) -> %s\n%s", path, ips.format_table())
+    get_logger().info("IPS weights for %d positions x %d tasks (range %.2f-%.2f) -> %s",
+                      *ips.weights_pt.shape, ips.weights_pt.min(), ips.weights_pt.max(), path)
+    get_logger().debug("IPS weights per position\n%s", ips.format_table())
     return ips
 
 
