@@ -47,7 +47,8 @@ def test_demo_runs_in_a_fresh_process(tmp_path, repo_root):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "mesh(data=2 x model=4) over 8 cpu" in out
-    assert "plan for mesh data=2 x model=4 (8 devices)" in out
+    assert "plan for mesh data=2 x model=4 (8 devices)" in result.stderr   # logged
+    assert "row_wise(model)" in result.stderr and "column_wise(4)" in result.stderr
     assert "holdout_random" in out and "oracle" in out
     assert "demo finished" in out and (tmp_path / "demo" / "ranker" / "checkpoints").is_dir()
 
