@@ -20,6 +20,9 @@ Example:
     array([1, 0, 3], dtype=int32)          # 99 is unknown: an OOV row in [2, 4)
     >>> id_map.save("/tmp/member_ids"); IdMap.load("/tmp/member_ids").num_rows
     4
+
+The string hashing lives in string_hash.py; hash_strings, mix64 and IdMapError are
+importable from here too.
 """
 
 from collections.abc import Sequence
@@ -33,119 +36,17 @@ import zipfile
 
 import numpy as np
 
-from lf_jax.errors import UserInputError
+# Some names are imported only so that callers keep importing them from this module.
+from lf_jax.embedding.string_hash import (GOLDEN, HASH_CHUNK, MASK64, IdMapError, as_string_array,
+                                          check_seed, hash_strings, mix64)
 
 FILE_NAME = "id_map.npz"
 FORMAT = "lf_jax.IdMap"
 FORMAT_VERSION = 1
 FINGERPRINT_BITS = (8, 16, 32)
 MAX_LEVELS = 48
-HASH_CHUNK = 1 << 16
-_FNV_PRIME = np.uint64(0x100000001B3)
-_FNV_OFFSET = 0xCBF29CE484222325
-_GOLDEN = 0x9E3779B97F4A7C15
 _FINGERPRINT_SALT = 0x5EED_F1A6_E2B1_7A11
 _OOV_SALT = 0x00B0_C4E7_5A17_0FF5
-_MASK64 = (1 << 64) - 1
-
-
-class IdMapError(UserInputError):
-    """Bad keys, arguments or files for an IdMap."""
-
-
-def mix64(h: np.ndarray) -> np.ndarray:
-    """The murmur3 64-bit finaliser (a bijection with full avalanche), on a uint64 array."""
-    h = np.array(h, dtype=np.uint64)  # a copy: callers keep their keys
-    h ^= h >> np.uint64(33)
-    h *= np.uint64(0xFF51AFD7ED558CCD)
-    h ^= h >> np.uint64(33)
-    h *= np.uint64(0xC4CEB9FE1A85EC53)
-    h ^= h >> np.uint64(33)
-    return h
-
-
-def _check_seed(seed) -> int:
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed <= _MASK64:
-        raise IdMapError(f"seed must be an int in [0, 2**64), got {seed!r}")
-    return int(seed)
-
-
-def _as_string_array(chunk, field: str) -> np.ndarray:
-    """A 1-D '<U' array from a chunk of str (or utf-8 bytes) keys."""
-    array = np.asarray(chunk)
-    if array.dtype.kind == "O":
-        array = array.astype(str)
-    elif array.dtype.kind == "S":
-        try:
-            array = np.strings.decode(array, "utf-8")
-        except UnicodeDecodeError as error:
-            raise IdMapError(f"{field}: bytes keys must be utf-8, got {error}") from None
-    elif array.dtype.kind != "U":
-        raise IdMapError(f"{field} must be strings, got an array of {array.dtype} (integer ids "
-                         "need no IdMap: use open_vocab.hash_to_rows or the ids themselves)")
-    return array.astype(array.dtype.newbyteorder("<"), copy=False).reshape(-1)
-
-
-def _key_chunks(keys, field: str):
-    """(shape of ``keys``, a generator of flat 1-D '<U' chunks of at most HASH_CHUNK keys)."""
-    if isinstance(keys, (str, bytes)):
-        keys = np.asarray(keys)
-    if isinstance(keys, np.ndarray):
-        flat = keys.reshape(-1)
-        shape = keys.shape
-        chunks = (flat[start:start + HASH_CHUNK] for start in range(0, flat.size, HASH_CHUNK))
-    elif isinstance(keys, Sequence) and len(keys) and isinstance(keys[0], (list, tuple, np.ndarray)):
-        return _key_chunks(np.asarray(keys), field)
-    else:
-        if not isinstance(keys, Sequence):
-            keys = list(keys)
-        shape = (len(keys),)
-        chunks = (keys[start:start + HASH_CHUNK] for start in range(0, len(keys), HASH_CHUNK))
-    return shape, (_as_string_array(chunk, field) for chunk in chunks)
-
-
-def _hash_chunk(strings: np.ndarray, basis: int) -> np.ndarray:
-    """FNV-1a over pairs of code points with an xorshift per step, then mix64; '<U' -> uint64."""
-    n = strings.size
-    lengths = np.strings.str_len(strings).astype(np.int64)
-    if n == 0:
-        return np.zeros(0, np.uint64)
-    width = max(strings.dtype.itemsize // 4, 1)
-    # Longest first, so the keys still running at step j are a prefix: no masks.
-    order = np.argsort(-lengths, kind="stable")
-    lengths_sorted = lengths[order]
-    codes = np.zeros((n, width + width % 2), "<u4")
-    codes[:, :width] = np.ascontiguousarray(strings).view("<u4").reshape(n, width)[order]
-    pairs = codes.view("<u8")  # code points 2j and 2j + 1 (zero past the end) in one word
-    steps = (int(lengths_sorted[0]) + 1) // 2
-    running = np.searchsorted(-lengths_sorted, -2 * np.arange(steps), side="left")
-    hashes = np.full(n, basis, np.uint64)
-    for step, count in enumerate(running):
-        head = hashes[:count]
-        head ^= pairs[:count, step]
-        head *= _FNV_PRIME
-        head ^= head >> np.uint64(29)
-    hashes ^= lengths_sorted.astype(np.uint64) * np.uint64(_GOLDEN)
-    out = np.empty(n, np.uint64)
-    out[order] = mix64(hashes)
-    return out
-
-
-def hash_strings(keys, seed: int = 0, *, field: str = "keys") -> np.ndarray:
-    """64-bit seeded hashes of string ids, vectorised; shape of ``keys``, uint64.
-
-    The hash of a key depends only on the key and the seed (never on the other keys of
-    the batch), and is the same on every machine.
-
-    Example:
-        >>> hash_strings(["urn:li:member:1", "urn:li:member:2"], seed=0).dtype
-        dtype('uint64')
-    """
-    basis = int(mix64(np.uint64(_FNV_OFFSET ^ _check_seed(seed))))
-    shape, chunks = _key_chunks(keys, field)
-    parts = [_hash_chunk(chunk, basis) for chunk in chunks]
-    flat = np.concatenate(parts) if parts else np.zeros(0, np.uint64)
-    return flat.reshape(shape)
 
 
 def _reduce(hashes: np.ndarray, size: int) -> np.ndarray:
@@ -154,7 +55,7 @@ def _reduce(hashes: np.ndarray, size: int) -> np.ndarray:
 
 
 def _level_slots(keys: np.ndarray, level: int, num_slots: int) -> np.ndarray:
-    salt = np.uint64((_GOLDEN * (level + 1)) & _MASK64)
+    salt = np.uint64((GOLDEN * (level + 1)) & MASK64)
     return _reduce(mix64(keys ^ salt), num_slots)
 
 
@@ -177,7 +78,7 @@ def _first_duplicate(keys, hashes: np.ndarray) -> tuple[str, int, int] | None:
         return None
     suspects = np.unique(np.concatenate([order[:-1][same], order[1:][same]]))
     flat = keys.reshape(-1) if isinstance(keys, np.ndarray) else keys
-    strings = _as_string_array([flat[i] for i in suspects], "keys")
+    strings = as_string_array([flat[i] for i in suspects], "keys")
     by_key = np.lexsort((suspects, strings))
     strings, suspects = strings[by_key], suspects[by_key]
     repeats = np.flatnonzero(strings[1:] == strings[:-1])
@@ -225,11 +126,11 @@ class IdMap:
             raise IdMapError(f"gamma must be a number in [1, 16], got {gamma!r}")
         if fingerprint_bits not in FINGERPRINT_BITS:
             raise IdMapError(f"fingerprint_bits must be one of {FINGERPRINT_BITS}, got {fingerprint_bits!r}")
-        seed = _check_seed(seed)
+        seed = check_seed(seed)
         if not isinstance(keys, (np.ndarray, Sequence)):
             keys = list(keys)
         for attempt in range(4):
-            hash_seed = (seed + attempt * _GOLDEN) & _MASK64
+            hash_seed = (seed + attempt * GOLDEN) & MASK64
             hashes = hash_strings(keys, hash_seed).reshape(-1)
             n = hashes.size
             if n == 0:

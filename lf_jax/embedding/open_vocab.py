@@ -26,7 +26,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from lf_jax.embedding.ids import hash_strings, mix64
+from lf_jax.embedding.string_hash import hash_strings, mix64
 from lf_jax.embedding.sparse_optim import SGD
 from lf_jax.embedding.spec import COMBINERS, FeatureSpec, TableSpec
 from lf_jax.errors import UserInputError

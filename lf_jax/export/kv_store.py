@@ -24,9 +24,11 @@ Example:
     ...     counts = store.update(member_ids, new_vectors, version="ckpt-13000")
     ...     member_vectors = store.get(["urn:li:member:7"])      # [1, 64] float32
     ...     store.stats()["bytes_on_disk"]
+
+The quantization and row layout live in quantize.py, the id and vector checks in
+kv_inputs.py; their public names are importable from here too.
 """
 
-from collections.abc import Sequence
 import dataclasses
 import json
 import os
@@ -36,22 +38,20 @@ import lmdb
 import numpy as np
 
 from lf_jax.console import get_logger, progress
-from lf_jax.errors import UserInputError
+# Some names are imported only so that callers keep importing them from this module.
+from lf_jax.export.kv_inputs import (MAX_KEY_BYTES, KVStoreError, check_unique_keys, check_vectors,
+                                     encode_keys)
+from lf_jax.export.quantize import RowCodec, dequantize_int8, quantization_error, quantize_int8
 
 FORMAT = "lf_jax.KVStore"
 FORMAT_VERSION = 1
 DTYPES = ("int8", "float32")
-MAX_KEY_BYTES = 511
 MAX_VERSIONS = 65535
 DEFAULT_MAP_SIZE = 1 << 30       # grows by doubling when full
 DEFAULT_BATCH_SIZE = 10_000
 _META_FORMAT = b"format"
 _META_VERSIONS = b"versions"          # json list: version index -> name
 _META_COUNTS = b"version_counts"      # json list: rows per version index
-
-
-class KVStoreError(UserInputError):
-    """Bad ids, vectors, arguments or store directories for a KVStore."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,79 +68,6 @@ class RawRows:
     codes: np.ndarray
     scales: np.ndarray
     versions: np.ndarray
-
-
-def quantize_int8(vectors) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-row int8: (codes [n, D] int8, scales [n] float32), v ~ codes * scale.
-
-    scale = max|v| / 127 (0 for an all-zero row, whose codes are 0).
-    """
-    vectors = np.asarray(vectors, np.float32)
-    scales = (np.abs(vectors).max(axis=1) / 127.0).astype(np.float32)
-    safe = np.where(scales > 0, scales, 1.0).astype(np.float32)
-    codes = np.clip(np.rint(vectors / safe[:, None]), -127, 127).astype(np.int8)
-    return codes, scales
-
-
-def dequantize_int8(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """codes [n, D] * scales [n] -> float32 [n, D]."""
-    return codes.astype(np.float32) * np.asarray(scales, np.float32)[:, None]
-
-
-def quantization_error(vectors) -> dict:
-    """Cosine between vectors and their int8 round trip: {"cosine_mean", "cosine_min", ...}.
-
-    Also the mean relative L2 error. All-zero rows count as cosine 1.
-    """
-    vectors = np.asarray(vectors, np.float32)
-    restored = dequantize_int8(*quantize_int8(vectors))
-    norms = np.linalg.norm(vectors, axis=1)
-    restored_norms = np.linalg.norm(restored, axis=1)
-    denominator = norms * restored_norms
-    cosine = np.where(denominator > 0, np.einsum("ij,ij->i", vectors, restored)
-                      / np.where(denominator > 0, denominator, 1.0), 1.0)
-    relative = np.linalg.norm(vectors - restored, axis=1) / np.where(norms > 0, norms, 1.0)
-    return {"cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min()),
-            "relative_l2_mean": float(relative.mean()), "relative_l2_max": float(relative.max())}
-
-
-def _row_dtype(dims: int, dtype: str) -> np.dtype:
-    code = "i1" if dtype == "int8" else "<f4"
-    return np.dtype([("scale", "<f4"), ("version", "<u2"), ("codes", code, (dims,))])
-
-
-def _encode_keys(ids, field: str = "ids") -> list[bytes]:
-    if isinstance(ids, (str, bytes)):
-        raise KVStoreError(f"{field} must be a list or array of str, got a single "
-                           f"{type(ids).__name__} {ids!r}")
-    if isinstance(ids, np.ndarray):
-        if ids.ndim != 1:
-            raise KVStoreError(f"{field} must be 1-D, got shape {ids.shape}")
-        ids = ids.tolist()
-    elif not isinstance(ids, Sequence):
-        ids = list(ids)
-    keys = []
-    for position, key in enumerate(ids):
-        if not isinstance(key, str):
-            raise KVStoreError(f"{field} must be str, got {type(key).__name__} {key!r} at "
-                               f"position {position}")
-        encoded = key.encode("utf-8")
-        if not 0 < len(encoded) <= MAX_KEY_BYTES:
-            raise KVStoreError(f"{field}: id at position {position} ({key[:60]!r}) is {len(encoded)} "
-                               f"utf-8 bytes; LMDB keys must be 1-{MAX_KEY_BYTES} bytes")
-        keys.append(encoded)
-    return keys
-
-
-def _check_unique(keys: list[bytes], field: str = "ids") -> None:
-    if len(set(keys)) == len(keys):
-        return
-    seen: dict[bytes, int] = {}
-    for position, key in enumerate(keys):
-        if key in seen:
-            raise KVStoreError(f"{field} must be unique within a call, but {key.decode()!r} appears at "
-                               f"positions {seen[key]} and {position}")
-        seen[key] = position
 
 
 class KVStore:
@@ -204,7 +131,8 @@ class KVStore:
         self.dims: int = int(header["dims"])
         self.dtype: str = header["dtype"]
         self.readonly = readonly
-        self._row_dtype = _row_dtype(self.dims, self.dtype)
+        self._codec = RowCodec(self.dims, self.dtype)
+        self._row_dtype = self._codec.row_dtype
 
     # ------------------------------------------------------------- plumbing
     def _reader(self):
@@ -229,33 +157,9 @@ class KVStore:
             return txn.stat(self._rows)["entries"]
 
     def __contains__(self, entity_id: str) -> bool:
-        key = _encode_keys([entity_id])[0]
+        key = encode_keys([entity_id])[0]
         with self._reader() as txn:
             return txn.get(key, db=self._rows) is not None
-
-    def _check_vectors(self, vectors, count: int, keys: list[bytes]) -> np.ndarray:
-        array = np.asarray(vectors)
-        if array.dtype.kind not in "fiu":
-            raise KVStoreError(f"vectors must be a float array, got dtype {array.dtype}")
-        if array.ndim != 2 or array.shape[1] != self.dims:
-            raise KVStoreError(f"vectors must have shape [n, {self.dims}], got {array.shape}")
-        if array.shape[0] != count:
-            raise KVStoreError(f"vectors: got {array.shape[0]} vectors for {count} ids")
-        array = np.asarray(array, np.float32)
-        finite = np.isfinite(array).all(axis=1)
-        if not finite.all():
-            row = int(np.argmin(finite))
-            raise KVStoreError(f"vectors: row {row} (id {keys[row].decode()!r}) holds NaN or Inf")
-        return array
-
-    def _encode(self, vectors: np.ndarray, version_index: int) -> np.ndarray:
-        records = np.empty(vectors.shape[0], self._row_dtype)
-        if self.dtype == "int8":
-            records["codes"], records["scale"] = quantize_int8(vectors)
-        else:
-            records["codes"], records["scale"] = vectors, 1.0
-        records["version"] = version_index
-        return records
 
     def _decode(self, values: list[bytes], keys: list[bytes]) -> np.ndarray:
         size = self._row_dtype.itemsize
@@ -263,12 +167,7 @@ class KVStore:
             if len(value) != size:
                 raise KVStoreError(f"KVStore: row {key.decode()!r} in '{self.path}' has {len(value)} bytes, "
                                    f"expected {size}; the store is corrupt or of another layout")
-        return np.frombuffer(b"".join(values), self._row_dtype)
-
-    def _vectors_of(self, records: np.ndarray) -> np.ndarray:
-        if self.dtype == "int8":
-            return dequantize_int8(records["codes"], records["scale"])
-        return records["codes"].astype(np.float32)
+        return self._codec.decode(values)
 
     def _read_meta(self, txn) -> tuple[list[str], list[int]]:
         versions = json.loads(txn.get(_META_VERSIONS, db=self._meta))
@@ -300,9 +199,9 @@ class KVStore:
         if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
             raise KVStoreError(f"batch_size must be a positive int, got {batch_size!r}")
         version = str(version)
-        keys = _encode_keys(ids)
-        _check_unique(keys)
-        vectors = self._check_vectors(vectors, len(keys), keys)
+        keys = encode_keys(ids)
+        check_unique_keys(keys)
+        vectors = check_vectors(vectors, dims=self.dims, keys=keys)
         # Batches are ranges of sorted keys: each transaction touches few pages, and a
         # first load appends (full pages, no copy-on-write churn).
         order = sorted(range(len(keys)), key=keys.__getitem__)
@@ -334,7 +233,7 @@ class KVStore:
                 versions.append(version)
                 counts.append(0)
             version_index = versions.index(version)
-            records = self._encode(vectors, version_index)
+            records = self._codec.encode(vectors, version_index)
             old_values = [txn.get(key, db=self._rows) for key in keys]
             present = np.array([value is not None for value in old_values])
             write = np.ones(len(keys), bool)
@@ -342,18 +241,16 @@ class KVStore:
                 old = self._decode([v for v in old_values if v is not None],
                                    [k for k, v in zip(keys, old_values) if v is not None])
                 if tolerance is not None:
-                    stored = self._vectors_of(old)
-                    fresh = self._vectors_of(records[present])
+                    stored = self._codec.vectors(old)
+                    fresh = self._codec.vectors(records[present])
                     change = np.linalg.norm(fresh - stored, axis=1)
                     write[present] = change > tolerance * np.linalg.norm(fresh, axis=1)
                 for old_version in old["version"][write[present]].tolist():
                     counts[old_version] -= 1
             if write.any():
                 chosen = np.flatnonzero(write)
-                payload = records[chosen].tobytes()
-                size = self._row_dtype.itemsize
                 self._write_batch(txn, [keys[i] for i in chosen.tolist()],
-                                  [payload[i * size:(i + 1) * size] for i in range(chosen.size)])
+                                  self._codec.values(records[chosen]))
                 counts[version_index] += int(chosen.size)
             txn.put(_META_VERSIONS, json.dumps(versions).encode(), db=self._meta)
             txn.put(_META_COUNTS, json.dumps(counts).encode(), db=self._meta)
@@ -386,7 +283,7 @@ class KVStore:
     def delete(self, ids, *, batch_size: int = DEFAULT_BATCH_SIZE) -> int:
         """Removes rows (unknown ids are skipped); returns how many were removed."""
         self._check_writable()
-        keys = list(dict.fromkeys(_encode_keys(ids)))
+        keys = list(dict.fromkeys(encode_keys(ids)))
         removed = 0
         for start in range(0, len(keys), batch_size):
             with self._env.begin(write=True) as txn:
@@ -403,7 +300,7 @@ class KVStore:
     def _read(self, ids, missing: str) -> tuple[np.ndarray, np.ndarray, list[bytes]]:
         if missing not in ("raise", "nan", "zeros"):
             raise KVStoreError(f"missing must be 'raise', 'nan' or 'zeros', got {missing!r}")
-        keys = _encode_keys(ids)
+        keys = encode_keys(ids)
         with self._reader() as txn:
             values = [txn.get(key, db=self._rows) for key in keys]
         found = np.array([value is not None for value in values], bool)
@@ -424,7 +321,7 @@ class KVStore:
         missing: "raise" (an error naming the first unknown id), "nan" or "zeros" (fill).
         """
         records, found, _ = self._read(ids, missing)
-        vectors = self._vectors_of(records)
+        vectors = self._codec.vectors(records)
         if missing == "nan":
             vectors[~found] = np.nan
         return vectors

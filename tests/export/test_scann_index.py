@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lf_jax.errors import UserInputError
-from lf_jax.export import scann_index
+from lf_jax.export import index_files, scann_index
 from lf_jax.export.scann_index import VectorIndex, VectorIndexError, exact_search, recall_at_k
 
 
@@ -215,7 +215,7 @@ def test_failed_save_leaves_previous_index_intact(tuned_index, tmp_path, monkeyp
 
 
 def test_replace_directory_without_exchange(tmp_path, monkeypatch):
-    monkeypatch.setattr(scann_index, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(index_files, "exchange_paths", lambda a, b: False)
     index = VectorIndex.build(clustered(50, 4, seed=1), [f"x{i}" for i in range(50)])
     index.save(tmp_path / "i")
     index.save(tmp_path / "i")
