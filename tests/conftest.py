@@ -1,6 +1,7 @@
 """Forces 8 simulated CPU devices before jax is imported anywhere in the suite."""
 
 import os
+import socket
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
@@ -26,3 +27,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+# The tiny feed_logs dataset, built offline once per test session (per xdist worker).
+@pytest.fixture(scope="session")
+def feed_data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tfds")
+
+
+@pytest.fixture(scope="session")
+def feed_builder(feed_data_dir):
+    from lf_jax.input import build_dataset
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("building feed_logs tried to reach the network")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(socket.socket, "connect", no_network)
+        patch.setattr(socket, "create_connection", no_network)
+        return build_dataset("feed_logs", config="tiny", data_dir=feed_data_dir)

@@ -6,11 +6,9 @@ from lf_jax.configuration import load_config
 
 
 @pytest.fixture(scope="session")
-def tiny_data_dir(tmp_path_factory):
-    from lf_jax.input import build_dataset
-    data_dir = tmp_path_factory.mktemp("tfds")
-    build_dataset("feed_logs", config="tiny", data_dir=data_dir)
-    return str(data_dir)
+def tiny_data_dir(feed_builder, feed_data_dir):
+    """The session's tiny feed_logs build (tests/conftest.py), as a string path."""
+    return str(feed_data_dir)
 
 
 @pytest.fixture
@@ -20,6 +18,9 @@ def small_ranker_config(repo_root, tiny_data_dir):
     with config.unlocked():
         config.batch_size = 64
         config.model.mlp_dims = (32,)
+        config.model.dcn_layers = 1
+        for name in ("history_actors", "history_hashtags"):
+            config.embedding.features[name].max_ids = 10
         config.train.steps = 6
         config.train.eval_every = 0
         config.train.checkpoint_every = 2
