@@ -42,7 +42,9 @@ MAX_POST_HASHTAGS = 5
 
 def _embedding(size: str) -> ml_collections.ConfigDict:
     members, hashtags, posts, dim, _, budget = SIZES[size]
-    adagrad = {"kind": "rowwise_adagrad", "learning_rate": 0.05, "initial_accumulator": 0.1}
+    # initial_accumulator 0: with a per-example mean loss, row gradients are small and a
+    # 0.1 start kept the tables almost frozen (bench/BENCHMARKS.md, feed ranker).
+    adagrad = {"kind": "rowwise_adagrad", "learning_rate": 0.05, "initial_accumulator": 0.0}
     tables = {
         "member": {"vocab_size": members, "dim": dim, "initializer": "normal",
                    "optimizer": dict(adagrad)},
