@@ -175,6 +175,9 @@ def run_training(task: TrainingTask, train_config, workdir: str | Path,
                         on_eval(step, metrics)
                 if step % train_config.checkpoint_every == 0 or step == train_config.steps:
                     save(step)
+                if train_config.eval_every and step % train_config.eval_every == 0 or \
+                        step % train_config.checkpoint_every == 0:
+                    tic, tic_step = time.perf_counter(), step  # examples/s excludes eval and saves
                 if preempted.is_set():
                     if step % train_config.checkpoint_every:
                         save(step)
