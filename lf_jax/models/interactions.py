@@ -86,3 +86,21 @@ class EmbeddingGate(nnx.Module):
     def __call__(self, fields: Sequence[jax.Array]) -> list[jax.Array]:
         """Per field [B, D_f] -> gated [B, D_f]."""
         return [emb_bd * 2.0 * jax.nn.sigmoid(gate(emb_bd)) for gate, emb_bd in zip(self.gates, fields)]
+
+
+def pairwise_dots(fields: Sequence[jax.Array]) -> jax.Array:
+    """Dot products of every pair of same-width fields (DLRM-style interaction).
+
+    fields: F arrays [B, D_f] -> [B, P] with P = number of pairs (i < j) whose widths match;
+    a member vector dotted with an author vector is the affinity a feed ranker needs, and
+    an MLP or cross layer only approximates it.
+
+    Example:
+        >>> dots_bp = pairwise_dots([member_bd, actor_bd, hashtags_bd])   # [B, 3]
+    """
+    pairs = [(i, j) for i in range(len(fields)) for j in range(i + 1, len(fields))
+             if fields[i].shape[-1] == fields[j].shape[-1]]
+    if not pairs:
+        return jnp.zeros((fields[0].shape[0], 0), fields[0].dtype)
+    return jnp.stack([jnp.sum(fields[i] * fields[j], axis=-1) for i, j in pairs], axis=-1)
+

@@ -1,7 +1,7 @@
 """The multi-task feed ranker: pooled sparse embeddings + dense features -> task logits.
 
 Blocks (each switchable, so an ablation is one config override):
-  GateNet embedding gates -> [cross network (DCNv2, full or low rank) || wide MLP with
+  GateNet embedding gates -> optional pairwise dot products of same-width fields -> [cross network (DCNv2, full or low rank) || wide MLP with
   optional GateNet hidden gates] -> one head per task.
 
 Shapes: B batch, D_f dim of field f, K dense features, T tasks.
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lf_jax.models.interactions import MLP, CrossNetwork, EmbeddingGate
+from lf_jax.models.interactions import MLP, CrossNetwork, EmbeddingGate, pairwise_dots
 
 
 class TaskHead(nnx.Module):
@@ -41,7 +41,7 @@ class FeedRanker(nnx.Module):
                  tasks: Sequence[str], mlp_hidden: Sequence[int] = (256, 128),
                  cross_layers: int = 2, cross_low_rank: int = 0, embedding_gate: bool = True,
                  embedding_gate_vector: bool = False, hidden_gate: bool = True,
-                 head_hidden: int = 0, rngs: nnx.Rngs):
+                 head_hidden: int = 0, dot_interactions: bool = False, rngs: nnx.Rngs):
         if not field_dims or not tasks:
             raise ValueError("FeedRanker needs at least one sparse field and one task")
         self.sparse_fields = tuple(field_dims)
@@ -49,7 +49,10 @@ class FeedRanker(nnx.Module):
         self.num_dense = num_dense
         self.gate = (EmbeddingGate(list(field_dims.values()), vector=embedding_gate_vector,
                                    rngs=rngs) if embedding_gate else None)
-        width = sum(field_dims.values()) + num_dense
+        self.dot_interactions = dot_interactions
+        dims = list(field_dims.values())
+        num_dots = sum(dims[i] == dims[j] for i in range(len(dims)) for j in range(i + 1, len(dims)))
+        width = sum(dims) + num_dense + (num_dots if dot_interactions else 0)
         self.cross = (CrossNetwork(width, cross_layers, cross_low_rank, rngs=rngs)
                       if cross_layers else None)
         self.mlp = MLP(width, mlp_hidden, hidden_gates=hidden_gate, rngs=rngs)
@@ -62,6 +65,8 @@ class FeedRanker(nnx.Module):
         if self.gate is not None:
             fields = self.gate(fields)
         parts = list(fields)
+        if self.dot_interactions:
+            parts.append(pairwise_dots(fields))
         if self.num_dense:
             parts.append(dense_bk)
         x0_bh = jnp.concatenate(parts, axis=-1)

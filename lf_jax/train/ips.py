@@ -81,13 +81,36 @@ class IpsWeights:
         return "\n".join(lines)
 
 
+def _power_law_ctr(position_n: np.ndarray, labels_nt: np.ndarray, iterations: int = 25) -> np.ndarray:
+    """Poisson-regression fit CTR_t(p) = exp(a_t + b_t * log(1 + p)) -> (a [T], b [T]).
+
+    Two parameters per task, so a few hundred random-session impressions per position
+    give a stable curve where per-position CTRs are mostly noise.
+    """
+    x_n = np.log1p(position_n.astype(np.float64))
+    design_n2 = np.stack([np.ones_like(x_n), x_n], axis=1)
+    params = []
+    for t in range(labels_nt.shape[1]):
+        y_n = labels_nt[:, t]
+        beta = np.array([np.log(max(y_n.mean(), 1e-6)), 0.0])
+        for _ in range(iterations):                   # Newton steps on the Poisson likelihood
+            mu_n = np.exp(design_n2 @ beta)
+            gradient = design_n2.T @ (y_n - mu_n)
+            hessian = design_n2.T @ (design_n2 * mu_n[:, None]) + 1e-9 * np.eye(2)
+            beta = beta + np.linalg.solve(hessian, gradient)
+        params.append(beta)
+    return np.asarray(params)
+
+
 def compute_ips_weights(position_n: np.ndarray, random_n: np.ndarray, labels_nt: np.ndarray, *,
                         num_positions: int, tasks: Sequence[str], clip: tuple[float, float] = (0.2, 5.0),
-                        smoothing: float = 50.0) -> IpsWeights:
+                        smoothing: float = 50.0, fit: str = "power_law") -> IpsWeights:
     """Per-position, per-task weights from logged impressions (see module docstring).
 
-    ``smoothing`` pseudo-impressions at the session type's overall CTR stabilise
-    positions with few random impressions.
+    ``fit="power_law"`` (default) fits CTR(p) = c * (1 + p) ** -k per session type and task
+    (Poisson regression) and takes the ratio of the two curves: smooth in p and stable with
+    few random sessions. ``fit="per_position"`` uses each position's own CTRs, smoothed by
+    ``smoothing`` pseudo-impressions at the session type's overall CTR.
     """
     position_n, random_n = np.asarray(position_n), np.asarray(random_n, bool)
     labels_nt = np.asarray(labels_nt, np.float64)
@@ -98,6 +121,8 @@ def compute_ips_weights(position_n: np.ndarray, random_n: np.ndarray, labels_nt:
                              f"(random share {random_n.mean():.3f})")
     if not 0 < clip[0] <= 1 <= clip[1]:
         raise UserInputError(f"ips: clip must satisfy 0 < low <= 1 <= high, got {clip}")
+    if fit not in ("power_law", "per_position"):
+        raise UserInputError(f"ips: fit must be 'power_law' or 'per_position', got {fit!r}")
 
     def ctr(mask_n):
         counts_p = np.bincount(position_n[mask_n], minlength=num_positions)[:num_positions]
@@ -109,7 +134,14 @@ def compute_ips_weights(position_n: np.ndarray, random_n: np.ndarray, labels_nt:
 
     ctr_random_pt, count_random_p = ctr(random_n)
     ctr_ranked_pt, count_ranked_p = ctr(~random_n)
-    raw_pt = np.clip(ctr_random_pt / np.maximum(ctr_ranked_pt, 1e-9), *clip)
+    if fit == "power_law":
+        x_p1 = np.log1p(np.arange(num_positions, dtype=np.float64))[:, None]
+        (a_random, b_random), (a_ranked, b_ranked) = (
+            _power_law_ctr(position_n[mask], labels_nt[mask]).T for mask in (random_n, ~random_n))
+        ratio_pt = np.exp((a_random - a_ranked)[None, :] + (b_random - b_ranked)[None, :] * x_p1)
+    else:
+        ratio_pt = ctr_random_pt / np.maximum(ctr_ranked_pt, 1e-9)
+    raw_pt = np.clip(ratio_pt, *clip)
     share_p = count_ranked_p / max(count_ranked_p.sum(), 1)
     weights_pt = raw_pt / np.maximum((share_p[:, None] * raw_pt).sum(axis=0, keepdims=True), 1e-12)
     return IpsWeights(tuple(tasks), weights_pt, ctr_random_pt, ctr_ranked_pt,
