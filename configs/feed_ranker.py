@@ -45,12 +45,12 @@ def _embedding(size: str) -> ml_collections.ConfigDict:
     # initial_accumulator 0: with a per-example mean loss, row gradients are small and a
     # 0.1 start kept the tables almost frozen (bench/BENCHMARKS.md, feed ranker).
     adagrad = {"kind": "rowwise_adagrad", "learning_rate": 0.05, "initial_accumulator": 0.0}
-    tables = {
-        "member": {"vocab_size": members, "dim": dim, "initializer": "normal",
+    tables = {  # id tables: one row per id + a last OOV row (warm start's new ids go there)
+        "member": {"vocab_size": members + 1, "dim": dim, "initializer": "normal",
                    "optimizer": dict(adagrad)},
-        "hashtag": {"vocab_size": hashtags, "dim": dim, "initializer": "normal",
+        "hashtag": {"vocab_size": hashtags + 1, "dim": dim, "initializer": "normal",
                     "optimizer": dict(adagrad)},
-        "post": {"vocab_size": posts, "dim": dim, "initializer": "normal",
+        "post": {"vocab_size": posts + 1, "dim": dim, "initializer": "normal",
                  "optimizer": dict(adagrad)},
         "position": {"vocab_size": NUM_POSITIONS, "dim": 8, "initializer": "normal",
                      "optimizer": {"kind": "adam", "learning_rate": 0.01}},
@@ -97,6 +97,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "dcn_low_rank": 0 if size == "tiny" else 64,  # 0: full-rank DCNv2
         "mlp_dims": (256, 128) if size == "tiny" else (1024, 512, 256),
         "head_hidden": 0,           # hidden units of each task head (0: linear head)
+        "dot_interactions": True,   # pairwise dot products of same-width pooled fields
     })
     config.train = ml_collections.ConfigDict({
         "steps": steps,
@@ -106,6 +107,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "grad_accum_steps": 1,      # micro-batches per step (batch_size is split k ways)
         "ips": True,                # IPS-weight ranked-session impressions
         "ips_clip": (0.2, 5.0),
+        "ips_fit": "power_law",     # power_law | per_position (see lf_jax/train/ips.py)
+        "ips_target": "all",        # all: weight every ranked impression; positives: only responses
         "eval_every": eval_every,
         "checkpoint_every": checkpoint_every,
         "keep_checkpoints": 3,

@@ -34,8 +34,10 @@ from lf_jax.planner import plan_tables
 from lf_jax.train.ips import IpsWeights, compute_ips_weights
 from lf_jax.train.metrics import binary_metrics
 from lf_jax.train.step import init_train_state, make_eval_step
+from lf_jax.train.warm_start import snapshot_vocabulary
 
 HOLDOUTS = ("holdout_ranked", "holdout_random")
+OOV_TABLES = ("member", "hashtag", "post")
 VOCAB_OF_TABLE = {"member": "num_members", "hashtag": "num_hashtags", "post": "num_posts",
                   "position": "num_positions"}
 
@@ -56,7 +58,8 @@ def _gather(x: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def ips_weights_for_run(builder, tasks, num_positions: int, clip, path: Path) -> IpsWeights:
+def ips_weights_for_run(builder, tasks, num_positions: int, clip, path: Path,
+                        fit: str = "power_law") -> IpsWeights:
     """Loads ``path`` or computes the weights from the train split and writes them there."""
     if path.exists():
         return IpsWeights.load(path)
@@ -71,7 +74,7 @@ def ips_weights_for_run(builder, tasks, num_positions: int, clip, path: Path) ->
     ips = compute_ips_weights(np.concatenate(columns["position"]),
                               np.concatenate(columns["random_session"]),
                               np.concatenate(columns["labels"]), num_positions=num_positions,
-                              tasks=tasks, clip=tuple(clip))
+                              tasks=tasks, clip=tuple(clip), fit=fit)
     if jax.process_index() == 0:
         ips.save(path)
     get_logger().info("IPS weights for %d positions x %d tasks (range %.2f-%.2f) -> %s",
@@ -93,17 +96,29 @@ class RankerTask:
         self.aux_names = self.tasks
         self.dense_mean_k, self.dense_std_k = dense_feature_stats(self.builder)
         tables, features, hand_plan = specs_from_config(config.embedding)
+        entities = {t.name: int(self.meta.get(VOCAB_OF_TABLE.get(t.name, ""), 0)) for t in tables}
+        if config.train.get("warm_start"):
+            tables, features, notes = snapshot_vocabulary(tables, features, config.train.warm_start,
+                                                          entities)
+            for note in notes:
+                get_logger().warning("warm start: %s", note)
+            entities = {t.name: min(entities[t.name], t.vocab_size - 1) for t in tables}
         for table in tables:
-            need = self.meta.get(VOCAB_OF_TABLE.get(table.name, ""), 0)
-            if table.vocab_size < need:
-                raise UserInputError(f"config embedding.tables.{table.name}.vocab_size={table.vocab_size} "
-                                     f"is smaller than the dataset's {VOCAB_OF_TABLE[table.name]}={need}")
+            oov = table.name in OOV_TABLES            # id tables keep their last row for OOV
+            if table.name in VOCAB_OF_TABLE and table.vocab_size < entities[table.name] + oov:
+                raise UserInputError(
+                    f"config embedding.tables.{table.name}.vocab_size={table.vocab_size} is too small "
+                    f"for the dataset's {VOCAB_OF_TABLE[table.name]}={entities[table.name]}"
+                    + (" plus the OOV row (the last row)" if oov else ""))
         devices = int(np.prod(list(mesh.shape.values())))
         self.num_micro = config.train.grad_accum_steps
         if self.num_micro < 1 or config.batch_size % (self.num_micro * devices):
             raise UserInputError(f"config batch_size={config.batch_size} must split into "
                                  f"train.grad_accum_steps={self.num_micro} micro-batches of a "
                                  f"multiple of the {devices} devices")
+        if config.train.ips_target not in ("all", "positives"):
+            raise UserInputError(f"config train.ips_target={config.train.ips_target!r} must be "
+                                 "'all' or 'positives'")
         result = plan_tables(tables, features, dict(mesh.shape), config.batch_size // self.num_micro,
                              memory_budget_from_config(config.embedding), hand_plan,
                              device_count=devices)
@@ -120,6 +135,7 @@ class RankerTask:
             cross_low_rank=config.model.dcn_low_rank, embedding_gate=config.model.gatenet,
             embedding_gate_vector=config.model.gatenet_vector,
             hidden_gate=config.model.hidden_gates, head_hidden=config.model.head_hidden,
+            dot_interactions=config.model.dot_interactions,
             rngs=nnx.Rngs(config.seed))
         self.graphdef, self._params = nnx.split(model)
         warmup = min(config.train.warmup_steps, max(config.train.steps - 1, 0))
@@ -128,7 +144,8 @@ class RankerTask:
         self.tx = optax.adamw(schedule, weight_decay=config.train.weight_decay)
         self.examples_per_step = config.batch_size
         self.ips = (ips_weights_for_run(self.builder, self.tasks, int(self.meta["num_positions"]),
-                                        config.train.ips_clip, self.workdir / "ips_weights.json")
+                                        config.train.ips_clip, self.workdir / "ips_weights.json",
+                                        fit=config.train.ips_fit)
                     if config.train.ips else None)
         self._batch_sharding = NamedSharding(mesh, PartitionSpec(None, tuple(mesh.axis_names)))
         self._eval_step = make_eval_step(self.graphdef, self.collection, self._predict)
@@ -158,8 +175,11 @@ class RankerTask:
         """Host batch -> {"sparse", "dense", "labels", "weights"} numpy, validated."""
         sparse = self.collection.preprocess({name: host[name] for name in self.collection.features})
         labels = np.asarray(host["labels"], np.float32)
-        weights = (self.ips.batch_weights(host["position"], host["random_session"])
-                   if self.ips is not None else np.ones_like(labels))
+        weights = np.ones_like(labels)
+        if self.ips is not None:
+            weights = self.ips.batch_weights(host["position"], host["random_session"])
+            if self.config.train.ips_target == "positives":   # re-rate responses, keep negatives
+                weights = np.where(labels > 0, weights, 1.0).astype(np.float32)
         dense = (np.asarray(host["dense"], np.float32) - self.dense_mean_k) / self.dense_std_k
         return {"sparse": sparse, "dense": dense,
                 "labels": labels, "weights": weights}
