@@ -121,11 +121,26 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, s
         leaf = parts[-1]
         current = node[leaf]
         if isinstance(current, ml_collections.ConfigDict):
-            raise ConfigError(f"config key '{dotted}' is a section; set one of {sorted(current.keys())}")
-        value = convert_value(dotted, raw, current)
+            if current.keys():
+                raise ConfigError(f"config key '{dotted}' is a section; set one of {sorted(current.keys())}")
+            value = _section_value(dotted, raw)    # a free-form section, e.g. embedding.plan
+        else:
+            value = convert_value(dotted, raw, current)
         with node.unlocked():
             node[leaf] = value
     return config
+
+
+def _section_value(dotted: str, raw: str) -> ml_collections.ConfigDict:
+    """A Python dict literal for an empty (free-form) section such as ``embedding.plan``."""
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = None
+    if not isinstance(value, dict):
+        raise ConfigError(f"config key '{dotted}' is a free-form section: give a Python dict "
+                          f"literal, e.g. '{{\"member\": {{\"strategy\": \"row_wise\"}}}}', got {raw!r}")
+    return ml_collections.ConfigDict(value)
 
 
 def split_override_args(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:

@@ -71,3 +71,15 @@ def test_load_config_errors(tmp_path):
 def test_convert_value_rejects_unsupported_types():
     with pytest.raises(ConfigError, match="not settable"):
         convert_value("k", "1", object())
+
+
+def test_free_form_section_takes_a_dict_literal(repo_root):
+    config = load_config(f"{repo_root}/configs/feed_ranker.py:size=tiny")
+    apply_overrides(config, {"embedding.plan": '{"member": {"strategy": "row_wise", "axes": ("data", "model")}}'})
+    assert config.embedding.plan.member.strategy == "row_wise"
+    assert tuple(config.embedding.plan.member.axes) == ("data", "model")
+    with pytest.raises(ConfigError, match="free-form section"):
+        apply_overrides(load_config(f"{repo_root}/configs/feed_ranker.py:size=tiny"),
+                        {"embedding.plan": "row_wise"})
+    with pytest.raises(ConfigError, match="is a section; set one of"):
+        apply_overrides(config, {"embedding.tables": "{}"})
