@@ -63,9 +63,8 @@ def test_feed_ranker_config_shares_the_member_table(repo_root):
     assert hand == {}
 
 
-@pytest.mark.parametrize("size, members, hashtags", [("tiny", 1_000, 200), ("small", 100_000, 5_000),
-                                                     ("large", 1_000_000, 50_000)])
-def test_feed_ranker_sizes_match_the_dataset(repo_root, size, members, hashtags):
+@pytest.mark.parametrize("size", ["tiny", "small", "large"])
+def test_feed_ranker_sizes_match_the_dataset(repo_root, size):
     import importlib.util
     spec = importlib.util.spec_from_file_location("sim", f"{repo_root}/data/feed_logs/simulator.py")
     simulator = importlib.util.module_from_spec(spec)
@@ -74,9 +73,10 @@ def test_feed_ranker_sizes_match_the_dataset(repo_root, size, members, hashtags)
     tables, _, _ = specs_from_config(config.embedding)
     rows = {t.name: t.vocab_size for t in tables}
     world = simulator.CONFIGS[config.data.config]
-    assert rows["member"] == members == world.num_members
-    assert rows["hashtag"] == hashtags == world.num_hashtags
-    assert rows["post"] == world.num_posts
+    # id tables hold one row per id plus a last OOV row (lf_jax/train/warm_start.py)
+    assert rows["member"] == world.num_members + 1
+    assert rows["hashtag"] == world.num_hashtags + 1
+    assert rows["post"] == world.num_posts + 1
     assert rows["position"] == world.session_length
 
 
