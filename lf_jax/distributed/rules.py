@@ -63,3 +63,29 @@ def logical_to_mesh_axes(
 def named_sharding(mesh: Mesh, names: Sequence[str | None], rules=None) -> NamedSharding:
     """NamedSharding on ``mesh`` for an array whose dims carry logical ``names``."""
     return NamedSharding(mesh, logical_to_mesh_axes(names, rules, mesh))
+
+
+# Parameter placements of the text encoders (lf_jax/models/encoder_sharding.py), as rule
+# tables over the same logical names: "tensor" splits heads, kv heads, MLP units and vocab
+# rows over "model"; "fsdp" splits the embed dim of every weight over "data";
+# "fsdp_tensor" does both; "replicated" places a full copy on every device.
+ENCODER_PARAM_MODES = ("replicated", "fsdp", "tensor", "fsdp_tensor")
+
+
+def encoder_param_rules(mode: str) -> dict[str, str | tuple[str, ...] | None]:
+    """The rule table for placing encoder parameters in ``mode`` (one of ENCODER_PARAM_MODES).
+
+    Example:
+        >>> encoder_param_rules("tensor")["heads"]
+        'model'
+    """
+    if mode not in ENCODER_PARAM_MODES:
+        raise ValueError(f"encoder sharding mode {mode!r} is not one of {ENCODER_PARAM_MODES}")
+    rules: dict[str, str | tuple[str, ...] | None] = {name: None for name in DEFAULT_RULES}
+    if mode in ("tensor", "fsdp_tensor"):
+        for name in ("vocab", "mlp", "heads"):
+            rules[name] = DEFAULT_RULES[name]
+        rules["kv_heads"] = DEFAULT_RULES["heads"]
+    if mode in ("fsdp", "fsdp_tensor"):
+        rules["embed"] = DEFAULT_RULES["fsdp"]
+    return rules
