@@ -10,8 +10,8 @@ Time:     see README "Feed ranker" for measured times (tiny: a few minutes on 2 
 Metric:   per-task AUC on the random-session holdout next to the oracle AUC of the true
           probabilities (target: within 0.02 on tiny); NE and calibration per task.
 
-Sizes follow data/feed_logs (members, hashtags, posts, positions): tiny 1e3 / 200 /
-3e3 / 20, small 1e5 / 5e3 / 1e5 / 20, large 1e6 / 5e4 / 1e6 / 20. The member table is shared by member_id,
+Sizes follow data/feed_logs (members, hashtags, posts, positions): tiny 300 / 100 /
+1e3 / 20, small 1e5 / 5e3 / 1e5 / 20, large 1e6 / 5e4 / 1e6 / 20. The member table is shared by member_id,
 actor_id, root_actor_id and history_actors; the hashtag table by post_hashtags and
 history_hashtags. ``embedding.plan`` is empty, so the planner picks each strategy under
 ``embedding.memory_budget_bytes``; a hand plan may name some tables, e.g.
@@ -26,12 +26,12 @@ from lf_jax.configuration import ConfigError, parse_config_arg
 
 SIZES = {
     #        members    hashtags posts     dim  batch budget (bytes/device)
-    "tiny": (1_000, 200, 3_000, 16, 256, 64_000_000),
+    "tiny": (300, 100, 1_000, 16, 256, 64_000_000),
     "small": (100_000, 5_000, 100_000, 32, 1_024, 512_000_000),
     "large": (1_000_000, 50_000, 1_000_000, 64, 16_384, 2_000_000_000),
 }
 TRAIN = {  # steps, eval_every, checkpoint_every
-    "tiny": (600, 200, 200),
+    "tiny": (800, 400, 400),
     "small": (5_000, 1_000, 1_000),
     "large": (200_000, 5_000, 10_000),
 }

@@ -111,27 +111,61 @@ def _plan_run(args, overrides):
 def _add_devices(parser):
     parser.add_argument("--devices", default="auto", metavar="auto|cpu:N|real",
                         help="auto: real accelerators when a GPU/TPU plugin is installed, else "
-                             "config.devices simulated CPU devices; cpu:N simulates N; real uses "
-                             "what jax finds (default: auto)")
+                             "config.devices simulated CPU devices (split over the processes); "
+                             "cpu:N simulates N per process; real uses what jax finds (default: auto)")
+    group = parser.add_argument_group(
+        "several processes (jax.distributed; default: found from LF_JAX_* variables, SLURM, "
+        "GKE TPU or JobSet, else one process; see launch/README.md)")
+    group.add_argument("--distributed", default=None, choices=("auto", "off", "jax"),
+                       help="auto: detect; off: one process; jax: let jax.distributed detect "
+                            "(Cloud TPU VMs)")
+    group.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                       help="address of process 0 (LF_JAX_COORDINATOR_ADDRESS)")
+    group.add_argument("--num-processes", type=int, default=None, help="LF_JAX_NUM_PROCESSES")
+    group.add_argument("--process-id", type=int, default=None, help="LF_JAX_PROCESS_ID")
+    group.add_argument("--heartbeat-timeout", type=int, default=None, metavar="S",
+                       help="a dead process stops the others after about S s (default 30)")
+    group.add_argument("--shutdown-timeout", type=int, default=None, metavar="S",
+                       help="a failed process stops the others after at most S s (default 60)")
 
 
-def _setup_devices(choice: str, config) -> None:
+def _distributed_settings(args, config):
+    """Flags > config.distributed (optional section) > LF_JAX_* > scheduler environment."""
+    from lf_jax.distributed.multihost import settings_from_env
+    values = dict(config.get("distributed") or {}) if config is not None else {}
+    flags = {"mode": "distributed", "coordinator_address": "coordinator",
+             "num_processes": "num_processes", "process_id": "process_id",
+             "heartbeat_timeout_s": "heartbeat_timeout", "shutdown_timeout_s": "shutdown_timeout"}
+    values.update({name: getattr(args, flag) for name, flag in flags.items()
+                   if getattr(args, flag, None) is not None})
+    return settings_from_env(**values)
+
+
+def _setup_devices(choice: str, config, args=None) -> None:
+    """Simulated CPU devices (per process) and, for several processes, jax.distributed."""
     import importlib.util
 
+    from lf_jax.distributed import multihost
     from lf_jax.distributed.devices import simulate_cpu_devices
-    if choice == "real":
-        return
+    settings = _distributed_settings(args, config)
+    count = None                                   # simulated CPU devices of this process
     if choice.startswith("cpu:"):
         try:
             count = int(choice[4:])
         except ValueError:
             raise CommandError(f"--devices {choice!r}: expected cpu:N with an integer N") from None
-        simulate_cpu_devices(count)
-        return
-    if choice != "auto":
+    elif choice not in ("auto", "real"):
         raise CommandError(f"--devices {choice!r}: expected auto, cpu:N or real")
-    if not any(importlib.util.find_spec(name) for name in ACCELERATOR_PLUGINS):
-        simulate_cpu_devices(int(config.get("devices", 1)))
+    elif choice == "auto" and not any(importlib.util.find_spec(name) for name in ACCELERATOR_PLUGINS):
+        total = int(config.get("devices", 1))
+        count = multihost.cpu_devices_from_env() or total // settings.num_processes
+        if multihost.cpu_devices_from_env() is None and total % settings.num_processes:
+            raise CommandError(f"config devices={total} does not split over "
+                               f"{settings.num_processes} processes; use --devices cpu:N")
+    if settings.is_multiprocess:
+        multihost.initialize(settings, cpu_devices=count)
+    elif count is not None:
+        simulate_cpu_devices(count)
 
 
 # --- train / eval / ips -----------------------------------------------------------------
@@ -144,7 +178,7 @@ def _train_arguments(parser):
 def _train_run(args, overrides):
     config = _resolved_config(args, overrides)
     _check_workdir(args.workdir)
-    _setup_devices(args.devices, config)
+    _setup_devices(args.devices, config, args)
     from lf_jax.train.loop import train_and_evaluate
     metrics = train_and_evaluate(config, args.workdir)
     print(_format_metrics(metrics))
@@ -161,7 +195,7 @@ def _eval_arguments(parser):
 
 def _eval_run(args, overrides):
     config = _resolved_config(args, overrides)
-    _setup_devices(args.devices, config)
+    _setup_devices(args.devices, config, args)
     from lf_jax.train.loop import evaluate_checkpoint
     print(_format_metrics(evaluate_checkpoint(config, args.workdir, args.step)))
 
@@ -185,6 +219,49 @@ def _ips_run(args, overrides):
                               config.train.ips_clip, path, fit=config.train.ips_fit)
     print(ips.format_table())
     print(f"IPS weights written to {path} (used by `lf-jax train` with train.ips=true)")
+
+
+# --- export -----------------------------------------------------------------------------
+def _export_arguments(parser):
+    _add_config_arguments(parser, None)
+    _add_workdir(parser, "runs/train")
+    _add_devices(parser)
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    parser.add_argument("--entity", required=True, metavar="members|posts|items",
+                        help="which corpus to embed (the model family says which it has)")
+    parser.add_argument("--output", required=True, metavar="DIR",
+                        help="export directory (replaced atomically; a failed export keeps the old one)")
+    parser.add_argument("--index", action="store_true", help="also build a tuned ScaNN index (DIR/index)")
+    parser.add_argument("--kv", action="store_true", help="also write an int8 LMDB key-value store (DIR/kv)")
+    parser.add_argument("--dims", type=int, default=None,
+                        help="keep the first DIMS dimensions (Matryoshka; default: all)")
+    parser.add_argument("--metric", default=None, help="dot_product | cosine | squared_l2 "
+                        "(default: the model family's)")
+    parser.add_argument("--target-recall", type=float, default=0.95,
+                        help="recall@10 the index is tuned to (default: 0.95)")
+    parser.add_argument("--batch-size", type=int, default=1024, help="entities per embedding batch")
+
+
+def _export_run(args, overrides):
+    from lf_jax.export.embed_corpus import check_output
+    config = _resolved_config(args, overrides)
+    check_output(args.output)                    # before any device work
+    _setup_devices(args.devices, config, args)
+    from lf_jax.export.embed_corpus import export_corpus, open_source
+    source = open_source(config, args.workdir, args.step)
+    try:
+        result = export_corpus(source, args.entity, args.output, batch_size=args.batch_size,
+                               dims=args.dims, metric=args.metric, build_index=args.index,
+                               build_kv=args.kv, target_recall=args.target_recall)
+    finally:
+        source.close()
+    m = result.manifest
+    print(f"exported {m['count']:,} {m['entity']} x {m['dims']} dims ({m['model']}, checkpoint step "
+          f"{m['checkpoint_step']}, {m['metric']}) in {m['seconds']:.1f} s -> {result.directory}")
+    if "index" in m:
+        print(f"  index/  ScaNN {m['index']['mode']}, recall@{m['index']['k']} = {m['index']['recall']}")
+    if "kv" in m:
+        print(f"  kv/     LMDB int8, version {m['kv']['version']}, {m['kv']['bytes_on_disk']:,} bytes")
 
 
 def _format_metrics(metrics) -> str:
@@ -213,6 +290,8 @@ COMMANDS: dict[str, Command] = {
              _eval_arguments, _eval_run),
     "ips": ("compute the IPS weights (random vs ranked session CTR per position and task) "
             "of a dataset and store them in the workdir", _ips_arguments, _ips_run),
+    "export": ("embed a corpus (members, posts, items) from a checkpoint; write vectors, ids and "
+               "a manifest, and optionally a ScaNN index and a KV store", _export_arguments, _export_run),
     "plan": ("explain the embedding plan for config.devices devices (one row per table: "
              "bytes, strategy, reason) without allocating anything", _plan_arguments, _plan_run),
 }

@@ -42,15 +42,25 @@ def test_demo_runs_in_a_fresh_process(tmp_path, repo_root):
     env.pop("XLA_FLAGS", None)
     result = subprocess.run(
         [sys.executable, "-m", "lf_jax.cli", "demo", "--workdir", str(tmp_path / "demo"),
-         "--config.ranker.train.steps=4", "--config.ranker.batch_size=64"],
+         "--config.ranker.train.steps=4", "--config.ranker.batch_size=64",
+         "--config.dual_encoder.train.steps=4", "--config.dual_encoder.batch_size=64"],
         capture_output=True, text=True, env=env, timeout=600, cwd=repo_root)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "mesh(data=2 x model=4) over 8 cpu" in out
-    assert "plan for mesh data=2 x model=4 (8 devices)" in result.stderr   # logged
-    assert "row_wise(model)" in result.stderr and "column_wise(4)" in result.stderr
+    assert "plan for mesh data=2 x model=4 (8 devices)" in out          # the plan table is printed
+    assert "row_wise(model)" in out and "column_wise(4)" in out
     assert "holdout_random" in out and "oracle" in out
-    assert "demo finished" in out and (tmp_path / "demo" / "ranker" / "checkpoints").is_dir()
+    assert "recall@10 of held-out member->item pairs" in out and "popularity" in out
+    assert "items     3,000 x 64 (cosine)" in out and "ScaNN" in out
+    assert "member m3: top 10 of 2000 candidates" in out and "two-stage top 10 (ranker over 2000)" in out
+    assert "latency for K=2000: single query" in out
+    demo = tmp_path / "demo"
+    assert "demo finished" in out and (demo / "ranker" / "checkpoints").is_dir()
+    for name in ("loss_curves.png", "recall_by_dim.png"):
+        assert (demo / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (demo / "export" / "items" / "index" / "manifest.json").is_file()
+    assert (demo / "export" / "members" / "kv" / "data.mdb").is_file()
 
 
 def test_unwritable_workdir_fails_before_device_work(tmp_path, capsys):

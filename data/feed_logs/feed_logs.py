@@ -1,6 +1,6 @@
 """TFDS builder for the synthetic feed logs (array_record, built offline, no TensorFlow).
 
-Configs: tiny (~140k impressions, ~20 s), small (~1M), large (~10M, minutes to hours);
+Configs: tiny (~220k impressions, ~30 s), small (~1M), large (~10M, minutes to hours);
 see simulator.CONFIGS. Splits: ``train`` (ranked sessions plus a ``random_share`` of
 random-order sessions), ``holdout_ranked`` and ``holdout_random`` (held-out sessions;
 random sessions are only in holdout_random). One example per impression:
@@ -14,7 +14,9 @@ random sessions are only in holdout_random). One example per impression:
   labels                                        int64 [4]      (like, comment, share, long_dwell)
   true_probs, relevance_probs                   float32 [4]    (with / without position bias)
 
-Vocab sizes and max lengths are in ``builder.info.metadata``. Build it with
+Vocab sizes and max lengths are in ``builder.info.metadata``, with ``train_stats``: dense
+feature mean/std and per-position impressions and labels of random and ranked train
+sessions (so a trainer standardises features and computes IPS weights without a pass). Build it with
 lf_jax.input.build_dataset: without TensorFlow, tfds needs its help to shuffle splits
 over 1 GB (the large config) through temporary files.
 
@@ -70,9 +72,11 @@ class FeedLogs(tfds.core.GeneratorBasedBuilder, skip_registration=_REGISTERED):
     """Synthetic multi-task feed impressions with the true probabilities they were drawn from."""
 
     name = _NAME
-    VERSION = tfds.core.Version("1.1.0")
+    VERSION = tfds.core.Version("1.2.0")
     RELEASE_NOTES = {"1.0.0": "Initial release.",
-                     "1.1.0": "tiny: 1k members, 6k train sessions, larger holdouts."}
+                     "1.1.0": "tiny: 1k members, 6k train sessions, larger holdouts.",
+                     "1.2.0": "tiny: 300 members, 10k sessions of 20 from 40 candidates, 10% random; "
+                              "old model ranks by true affinities; train_stats in metadata."}
     BUILDER_CONFIGS = [_config(simulator.CONFIGS[size]) for size in ("tiny", "small", "large")]
     DEFAULT_CONFIG_NAME = "tiny"
 
@@ -101,4 +105,9 @@ class FeedLogs(tfds.core.GeneratorBasedBuilder, skip_registration=_REGISTERED):
     def _generate_examples(self, split):
         sim = self.builder_config.sim
         world = simulator.make_world(sim)
-        yield from simulator.iter_examples(sim, split, world, show_progress=True)
+        stats = simulator.SplitStatistics(sim)
+        for chunk in simulator.simulate_chunks(sim, split, world, show_progress=True):
+            stats.add(chunk)
+            yield from simulator.chunk_examples(sim, chunk)
+        if split == "train":   # saved with the dataset info: dense standardisation and IPS counts
+            self.info.metadata["train_stats"] = stats.result()

@@ -97,9 +97,10 @@ class SimConfig:
 
 
 CONFIGS = {
-    "tiny": SimConfig(name="tiny", num_members=1_000, num_hashtags=200, num_posts=3_000,
-                      num_topics=12, train_sessions=6_000, holdout_ranked_sessions=300,
-                      holdout_random_sessions=750, chunk_sessions=2_000),
+    "tiny": SimConfig(name="tiny", num_members=300, num_hashtags=100, num_posts=1_000,
+                      num_topics=8, train_sessions=10_000, holdout_ranked_sessions=300,
+                      holdout_random_sessions=750, chunk_sessions=2_000, random_share=0.1,
+                      num_candidates=40),
     "small": SimConfig(name="small", num_members=100_000, num_hashtags=5_000,
                        num_posts=100_000, num_topics=32, train_sessions=45_000,
                        holdout_ranked_sessions=4_000, holdout_random_sessions=2_500),
@@ -256,8 +257,9 @@ def simulate_sessions(cfg: SimConfig, world: World, split: str, first_session: i
     noisy_actor_aff = aff[..., 0] + rng.normal(0.0, 0.5, (S, C))
     noisy_tag_aff = aff[..., 2] + rng.normal(0.0, 0.5, (S, C))
     log_prior_likes = np.log1p(world.post_prior_likes[cands])
-    # Old model: popular actors first, some stale sense of affinity, freshness, noise.
-    old_score = (1.0 * np.log1p(world.followers[actor]) + 0.4 * noisy_actor_aff
+    # Old model: popular actors first, true member-author and member-hashtag affinities (it
+    # learned them from years of logs), freshness, noise: ranked sessions over-show relevance.
+    old_score = (1.0 * np.log1p(world.followers[actor]) + 0.6 * aff[..., 0] + 0.6 * aff[..., 2]
                  + 0.3 * log_prior_likes - 0.4 * log_age + rng.gumbel(0.0, 0.7, (S, C)))
     order_key = np.where(is_random[:, None], rng.random((S, C)), -old_score)
     shown = np.argsort(order_key, axis=1)[:, :P]                              # [S, P]
@@ -326,15 +328,50 @@ def simulate_chunks(cfg: SimConfig, split: str, world: World | None = None,
                                 min(cfg.chunk_sessions, total - offset), rng)
 
 
+def chunk_examples(cfg: SimConfig, chunk: dict[str, np.ndarray]) -> Iterator[tuple[int, dict]]:
+    """(key, example) pairs of one chunk, list fields cut to their lengths (what tfds stores)."""
+    n = len(chunk["session_id"])
+    lengths = {name: (chunk[name] >= 0).sum(axis=1) for name in LIST_FIELDS}
+    keys = chunk["session_id"] * cfg.session_length + chunk["position"]
+    for i in range(n):
+        example = {name: value[i] for name, value in chunk.items() if name not in LIST_FIELDS}
+        for name in LIST_FIELDS:
+            example[name] = chunk[name][i, :lengths[name][i]]
+        yield int(keys[i]), example
+
+
 def iter_examples(cfg: SimConfig, split: str, world: World | None = None,
                   show_progress: bool = False) -> Iterator[tuple[int, dict]]:
-    """(key, example) pairs with list fields cut to their lengths (what tfds stores)."""
+    """(key, example) pairs of ``split`` (see chunk_examples)."""
     for chunk in simulate_chunks(cfg, split, world, show_progress):
-        n = len(chunk["session_id"])
-        lengths = {name: (chunk[name] >= 0).sum(axis=1) for name in LIST_FIELDS}
-        keys = chunk["session_id"] * cfg.session_length + chunk["position"]
-        for i in range(n):
-            example = {name: value[i] for name, value in chunk.items() if name not in LIST_FIELDS}
-            for name in LIST_FIELDS:
-                example[name] = chunk[name][i, :lengths[name][i]]
-            yield int(keys[i]), example
+        yield from chunk_examples(cfg, chunk)
+
+
+class SplitStatistics:
+    """Running sums over a split's chunks: dense mean/std and per-position impressions and
+    labels of random and ranked sessions (what IPS weights need), JSON-ready via ``result``."""
+
+    def __init__(self, cfg: SimConfig):
+        P, T, K = cfg.session_length, len(TASKS), len(DENSE_FEATURES)
+        self.n, self.dense_sum, self.dense_sq = 0, np.zeros(K), np.zeros(K)
+        self.count = {kind: np.zeros(P) for kind in ("random", "ranked")}
+        self.clicks = {kind: np.zeros((P, T)) for kind in ("random", "ranked")}
+
+    def add(self, chunk: dict[str, np.ndarray]) -> None:
+        dense = chunk["dense"].astype(np.float64)
+        self.n += len(dense)
+        self.dense_sum += dense.sum(0)
+        self.dense_sq += (dense ** 2).sum(0)
+        P = len(self.count["random"])
+        for kind, mask in (("random", chunk["random_session"]), ("ranked", ~chunk["random_session"])):
+            self.count[kind] += np.bincount(chunk["position"][mask], minlength=P)
+            for t in range(len(TASKS)):
+                self.clicks[kind][:, t] += np.bincount(chunk["position"][mask],
+                                                       weights=chunk["labels"][mask, t], minlength=P)
+
+    def result(self) -> dict:
+        mean = self.dense_sum / max(self.n, 1)
+        std = np.sqrt(np.maximum(self.dense_sq / max(self.n, 1) - mean ** 2, 0.0))
+        return {"num_examples": self.n, "dense_mean": mean.tolist(), "dense_std": std.tolist(),
+                **{f"count_{kind}_p": self.count[kind].tolist() for kind in self.count},
+                **{f"clicks_{kind}_pt": self.clicks[kind].tolist() for kind in self.clicks}}

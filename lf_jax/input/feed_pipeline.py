@@ -1,13 +1,16 @@
 """Grain input pipelines over a built feed_logs dataset: training batches and eval passes.
 
-Training (``train_iterator``): one process reads its own shard of a split (records
-``shard_index::shard_count`` of the first ``shard_count * (N // shard_count)``, so every
-process has as many records and steps), shuffles it with ``seed`` (a new permutation each
-epoch), repeats (``num_epochs=None``: forever), pads every list field to a fixed length
-with -1 (``max_lengths``, default the dataset's; longer lists keep their first ids), and
-yields numpy batches of ``global_batch_size // shard_count`` examples with
-``drop_remainder``. The iterator's ``get_state()`` is a JSON-serialisable dict and
-``set_state()`` resumes exactly, also in a fresh process.
+Training (``train_iterator``): every process walks the same global order of a split
+(all N records shuffled with ``seed``, a new permutation each epoch, repeated:
+``num_epochs=None`` is forever) in global batches of ``global_batch_size`` (the last short
+one dropped), and reads only its own rows of each global batch: rows
+``shard_index::shard_count``, ``global_batch_size // shard_count`` examples. So the
+examples of a step do not depend on the process count: 2 processes together read exactly
+the batches 1 process reads, each example once per epoch over all processes. List fields
+are padded to a fixed length with -1 (``max_lengths``, default the dataset's; longer lists
+keep their first ids). The iterator's ``get_state()`` (the global batch position, the same
+on every process) is a JSON-serialisable dict and ``set_state()`` resumes exactly, also in
+a fresh process and with another process count.
 
 Evaluation (``EvalReader``): every example of a split exactly once over all processes,
 in order, the last batch padded and masked by a boolean ``valid`` field; every process
@@ -77,6 +80,16 @@ def collate(examples: Sequence[Mapping], max_lengths: Mapping[str, int],
             array = array.astype(np.float32)
         out[name] = array
     return out
+
+
+class _ProcessRows:
+    """Global batch of record indices -> this process's rows (``index::count``); picklable."""
+
+    def __init__(self, index: int, count: int):
+        self.index, self.count = index, count
+
+    def __call__(self, indices: np.ndarray) -> np.ndarray:
+        return indices[self.index::self.count]
 
 
 class _ReadBatch:
@@ -164,9 +177,12 @@ class FeedIterator(Iterator):
 
     ``get_state()`` returns {"pipeline": <the arguments that fix the order>, "grain": ...};
     ``set_state()`` accepts that dict (or its JSON string) and raises PipelineError when it
-    was saved by a pipeline with another split, seed, shard or batch size. With Orbax, save
-    it as ``ocp.args.JsonSave(it.get_state())`` next to the model, one item per process.
+    was saved by a pipeline with another split, seed or global batch size; the shard (process
+    index and count) may differ, as the position is global. With Orbax, save it as
+    ``ocp.args.JsonSave(it.get_state())`` next to the model (one copy, from process 0).
     """
+    # Fields that only say which rows of a global batch this process reads.
+    PER_PROCESS = ("shard_index", "shard_count", "batch_size", "worker_count")
 
     def __init__(self, iterator, signature: dict):
         self._iterator = iterator
@@ -206,10 +222,9 @@ class FeedIterator(Iterator):
                                 "as returned by get_state()")
         saved = state["pipeline"]
         for key, value in self.signature.items():
-            if saved.get(key) != value:
+            if key not in self.PER_PROCESS and saved.get(key) != value:
                 raise PipelineError(f"iterator state was saved with {key}={saved.get(key)!r} but this "
-                                    f"pipeline has {key}={value!r}; resume with the same settings "
-                                    f"(a changed process count needs an elastic iterator)")
+                                    f"pipeline has {key}={value!r}; resume with the same settings")
         self._iterator.set_state(state["grain"])
 
 
@@ -224,8 +239,9 @@ def train_iterator(builder, split: str = "train", *, global_batch_size: int, see
       builder: a built tfds builder (lf_jax.input.datasets.build_dataset).
       global_batch_size: examples per step over all processes; each process yields
         ``global_batch_size // shard_count``.
-      seed: shuffle seed (the same on every process; shards are disjoint by slicing).
-      num_epochs: passes over the shard; None repeats forever, 1 is a single pass.
+      seed: shuffle seed (the same on every process; shards are disjoint rows of each
+        global batch).
+      num_epochs: passes over the split; None repeats forever, 1 is a single pass.
       max_lengths: per list field, e.g. {"history_actors": 20}; defaults to the dataset's
         max lengths (metadata["max_lengths"]); longer lists keep their first entries.
       shard_index, shard_count: default jax.process_index() / jax.process_count().
@@ -241,16 +257,17 @@ def train_iterator(builder, split: str = "train", *, global_batch_size: int, see
         raise PipelineError(f"num_epochs must be None (forever) or a positive int, got {num_epochs!r}")
     lengths = _max_lengths(builder, max_lengths)
     source = _source(builder, split)
-    per_shard = len(source) // shard_count
-    if per_shard < batch_size:
-        raise PipelineError(f"split {split!r} has {len(source)} examples: {per_shard} per shard over "
-                            f"{shard_count} shard(s), fewer than one batch of {batch_size}")
-    # Shuffle, repeat and batch record indices; read each batch with one __getitems__ call
-    # (about 2x faster than per-record reads). grain's state is the next batch index.
-    indices = grain.MapDataset.range(shard_index, per_shard * shard_count, shard_count)
+    if len(source) < global_batch_size:
+        raise PipelineError(f"split {split!r} has {len(source)} examples, fewer than one batch of "
+                            f"{global_batch_size}")
+    # Shuffle, repeat and batch record indices globally, keep this process's rows, read
+    # them with one __getitems__ call (about 2x faster than per-record reads). grain's
+    # state is the next global batch index.
+    indices = grain.MapDataset.range(len(source))
     if shuffle:
         indices = indices.shuffle(seed=seed)
-    batches = indices.repeat(num_epochs).batch(batch_size, drop_remainder=True)
+    batches = indices.repeat(num_epochs).batch(global_batch_size, drop_remainder=True)
+    batches = batches.map(_ProcessRows(shard_index, shard_count))
     read = _ReadBatch(str(builder.data_dir), split, lengths, int_dtype, source)
     iter_dataset = batches.map(read).to_iter_dataset()
     if worker_count:
@@ -258,7 +275,8 @@ def train_iterator(builder, split: str = "train", *, global_batch_size: int, see
         iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     signature = {"dataset": f"{builder.name}/{builder.builder_config.name}", "split": split,
                  "num_examples": len(source), "seed": seed, "shuffle": shuffle,
-                 "num_epochs": num_epochs, "batch_size": batch_size, "shard_index": shard_index,
+                 "num_epochs": num_epochs, "global_batch_size": global_batch_size,
+                 "batch_size": batch_size, "shard_index": shard_index,
                  "shard_count": shard_count, "max_lengths": lengths, "worker_count": worker_count}
     return FeedIterator(iter(iter_dataset), signature)
 

@@ -76,27 +76,36 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, step: int, state: Mapping, collection: EmbeddingCollection,
+    def save(self, step: int, state: Mapping, collection: EmbeddingCollection | None,
              data_state: Mapping | None = None, force: bool = True) -> bool:
-        """Starts an async save of ``state`` at ``step``; returns whether it saves."""
+        """Starts an async save of ``state`` at ``step``; returns whether it saves.
+        ``collection=None``: a model without tables (no "embedding" item is written)."""
         dense = flatten_to_dict({k: v for k, v in state.items() if k != "embedding"})
-        logical = jax.jit(collection.to_logical, out_shardings=collection.logical_shardings())(
-            state["embedding"])
-        saved = self.manager.save(step, force=force, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(dense),
-            embedding=ocp.args.StandardSave(flatten_to_dict(logical)),
-            data=ocp.args.JsonSave(dict(data_state or {}))))
+        items = {"state": ocp.args.StandardSave(dense),
+                 "data": ocp.args.JsonSave(dict(data_state or {}))}
+        if collection is not None:
+            logical = jax.jit(collection.to_logical, out_shardings=collection.logical_shardings())(
+                state["embedding"])
+            items["embedding"] = ocp.args.StandardSave(flatten_to_dict(logical))
+        saved = self.manager.save(step, force=force, args=ocp.args.Composite(**items))
         if saved:
             get_logger().info("checkpoint step %d -> %s", step, self.directory)
         return saved
 
-    def restore(self, step: int, template: Mapping, collection: EmbeddingCollection
+    def restore(self, step: int, template: Mapping, collection: EmbeddingCollection | None
                 ) -> tuple[dict, dict]:
         """Restores ``step`` into ``template``'s structure and shardings (any mesh/plan)."""
         if step not in self.all_steps():
             raise UserInputError(f"checkpoint step {step} not found in '{self.directory}' "
                                  f"(steps: {self.all_steps()})")
         dense_template = {k: v for k, v in template.items() if k != "embedding"}
+        if collection is None:  # a model without tables: template["embedding"] is kept as is
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(_abstract(flatten_to_dict(dense_template))),
+                data=ocp.args.JsonRestore()))
+            state = unflatten_like(dense_template, restored["state"])
+            state["embedding"] = template.get("embedding", {})
+            return state, dict(restored["data"] or {})
         logical_template = jax.eval_shape(collection.to_logical, template["embedding"])
         logical_abstract = _abstract(logical_template, collection.logical_shardings())
         restored = self.manager.restore(step, args=ocp.args.Composite(

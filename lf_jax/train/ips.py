@@ -81,68 +81,86 @@ class IpsWeights:
         return "\n".join(lines)
 
 
-def _power_law_ctr(position_n: np.ndarray, labels_nt: np.ndarray, iterations: int = 25) -> np.ndarray:
-    """Poisson-regression fit CTR_t(p) = exp(a_t + b_t * log(1 + p)) -> (a [T], b [T]).
+def _power_law_ctr(count_p: np.ndarray, clicks_pt: np.ndarray, iterations: int = 25) -> np.ndarray:
+    """Poisson-regression fit CTR_t(p) = exp(a_t + b_t * log(1 + p)) -> [T, 2] (a, b).
 
-    Two parameters per task, so a few hundred random-session impressions per position
-    give a stable curve where per-position CTRs are mostly noise.
+    Fitted on per-position impression counts and clicks (sufficient statistics), two
+    parameters per task, so a few hundred random-session impressions per position give a
+    stable curve where per-position CTRs are mostly noise.
     """
-    x_n = np.log1p(position_n.astype(np.float64))
-    design_n2 = np.stack([np.ones_like(x_n), x_n], axis=1)
+    x_p = np.log1p(np.arange(len(count_p), dtype=np.float64))
+    design_p2 = np.stack([np.ones_like(x_p), x_p], axis=1)
     params = []
-    for t in range(labels_nt.shape[1]):
-        y_n = labels_nt[:, t]
-        beta = np.array([np.log(max(y_n.mean(), 1e-6)), 0.0])
+    for t in range(clicks_pt.shape[1]):
+        beta = np.array([np.log(max(clicks_pt[:, t].sum() / max(count_p.sum(), 1), 1e-6)), 0.0])
         for _ in range(iterations):                   # Newton steps on the Poisson likelihood
-            mu_n = np.exp(design_n2 @ beta)
-            gradient = design_n2.T @ (y_n - mu_n)
-            hessian = design_n2.T @ (design_n2 * mu_n[:, None]) + 1e-9 * np.eye(2)
+            expected_p = count_p * np.exp(design_p2 @ beta)
+            gradient = design_p2.T @ (clicks_pt[:, t] - expected_p)
+            hessian = design_p2.T @ (design_p2 * expected_p[:, None]) + 1e-9 * np.eye(2)
             beta = beta + np.linalg.solve(hessian, gradient)
         params.append(beta)
     return np.asarray(params)
 
 
+def position_counts(position_n: np.ndarray, random_n: np.ndarray, labels_nt: np.ndarray,
+                    num_positions: int) -> dict[str, np.ndarray]:
+    """Sufficient statistics of the weights: impressions [P] and clicks [P, T] per session type."""
+    position_n, random_n = np.asarray(position_n), np.asarray(random_n, bool)
+    labels_nt = np.asarray(labels_nt, np.float64)
+    out = {}
+    for kind, mask in (("random", random_n), ("ranked", ~random_n)):
+        out[f"count_{kind}_p"] = np.bincount(position_n[mask], minlength=num_positions)[:num_positions]
+        out[f"clicks_{kind}_pt"] = np.stack(
+            [np.bincount(position_n[mask], weights=labels_nt[mask, t], minlength=num_positions)[:num_positions]
+             for t in range(labels_nt.shape[1])], axis=1).reshape(num_positions, labels_nt.shape[1])
+    return out
+
+
 def compute_ips_weights(position_n: np.ndarray, random_n: np.ndarray, labels_nt: np.ndarray, *,
                         num_positions: int, tasks: Sequence[str], clip: tuple[float, float] = (0.2, 5.0),
                         smoothing: float = 50.0, fit: str = "power_law") -> IpsWeights:
-    """Per-position, per-task weights from logged impressions (see module docstring).
+    """Per-position, per-task weights from logged impressions (see module docstring)."""
+    labels_nt = np.asarray(labels_nt, np.float64)
+    if labels_nt.ndim != 2 or labels_nt.shape[1] != len(tasks):
+        raise UserInputError(f"ips: labels have shape {labels_nt.shape}, expected [N, {len(tasks)}]")
+    return ips_weights_from_counts(**position_counts(position_n, random_n, labels_nt, num_positions),
+                                   tasks=tasks, clip=clip, smoothing=smoothing, fit=fit)
+
+
+def ips_weights_from_counts(*, count_random_p, clicks_random_pt, count_ranked_p, clicks_ranked_pt,
+                            tasks: Sequence[str], clip: tuple[float, float] = (0.2, 5.0),
+                            smoothing: float = 50.0, fit: str = "power_law") -> IpsWeights:
+    """The weights from per-position impressions [P] and clicks [P, T] of each session type.
 
     ``fit="power_law"`` (default) fits CTR(p) = c * (1 + p) ** -k per session type and task
     (Poisson regression) and takes the ratio of the two curves: smooth in p and stable with
     few random sessions. ``fit="per_position"`` uses each position's own CTRs, smoothed by
     ``smoothing`` pseudo-impressions at the session type's overall CTR.
     """
-    position_n, random_n = np.asarray(position_n), np.asarray(random_n, bool)
-    labels_nt = np.asarray(labels_nt, np.float64)
-    if labels_nt.ndim != 2 or labels_nt.shape[1] != len(tasks):
-        raise UserInputError(f"ips: labels have shape {labels_nt.shape}, expected [N, {len(tasks)}]")
-    if not random_n.any() or random_n.all():
+    counts = {"random": np.asarray(count_random_p, np.float64), "ranked": np.asarray(count_ranked_p, np.float64)}
+    clicks = {"random": np.asarray(clicks_random_pt, np.float64),
+              "ranked": np.asarray(clicks_ranked_pt, np.float64)}
+    if clicks["random"].ndim != 2 or clicks["random"].shape[1] != len(tasks):
+        raise UserInputError(f"ips: clicks have shape {clicks['random'].shape}, expected [P, {len(tasks)}]")
+    if not counts["random"].sum() or not counts["ranked"].sum():
+        share = counts["random"].sum() / max(counts["random"].sum() + counts["ranked"].sum(), 1)
         raise UserInputError("ips: the data needs both random-session and ranked-session impressions "
-                             f"(random share {random_n.mean():.3f})")
+                             f"(random share {share:.3f})")
     if not 0 < clip[0] <= 1 <= clip[1]:
         raise UserInputError(f"ips: clip must satisfy 0 < low <= 1 <= high, got {clip}")
     if fit not in ("power_law", "per_position"):
         raise UserInputError(f"ips: fit must be 'power_law' or 'per_position', got {fit!r}")
-
-    def ctr(mask_n):
-        counts_p = np.bincount(position_n[mask_n], minlength=num_positions)[:num_positions]
-        clicks_pt = np.stack([np.bincount(position_n[mask_n], weights=labels_nt[mask_n, t],
-                                          minlength=num_positions)[:num_positions]
-                              for t in range(len(tasks))], axis=1)
-        prior_t = labels_nt[mask_n].mean(axis=0)
-        return (clicks_pt + smoothing * prior_t) / (counts_p[:, None] + smoothing), counts_p
-
-    ctr_random_pt, count_random_p = ctr(random_n)
-    ctr_ranked_pt, count_ranked_p = ctr(~random_n)
+    ctr = {kind: (clicks[kind] + smoothing * clicks[kind].sum(0) / counts[kind].sum())
+           / (counts[kind][:, None] + smoothing) for kind in counts}
     if fit == "power_law":
-        x_p1 = np.log1p(np.arange(num_positions, dtype=np.float64))[:, None]
+        x_p1 = np.log1p(np.arange(len(counts["random"]), dtype=np.float64))[:, None]
         (a_random, b_random), (a_ranked, b_ranked) = (
-            _power_law_ctr(position_n[mask], labels_nt[mask]).T for mask in (random_n, ~random_n))
+            _power_law_ctr(counts[kind], clicks[kind]).T for kind in ("random", "ranked"))
         ratio_pt = np.exp((a_random - a_ranked)[None, :] + (b_random - b_ranked)[None, :] * x_p1)
     else:
-        ratio_pt = ctr_random_pt / np.maximum(ctr_ranked_pt, 1e-9)
+        ratio_pt = ctr["random"] / np.maximum(ctr["ranked"], 1e-9)
     raw_pt = np.clip(ratio_pt, *clip)
-    share_p = count_ranked_p / max(count_ranked_p.sum(), 1)
+    share_p = counts["ranked"] / counts["ranked"].sum()
     weights_pt = raw_pt / np.maximum((share_p[:, None] * raw_pt).sum(axis=0, keepdims=True), 1e-12)
-    return IpsWeights(tuple(tasks), weights_pt, ctr_random_pt, ctr_ranked_pt,
-                      count_random_p.astype(np.float64), count_ranked_p.astype(np.float64), tuple(clip))
+    return IpsWeights(tuple(tasks), weights_pt, ctr["random"], ctr["ranked"], counts["random"],
+                      counts["ranked"], tuple(clip))

@@ -8,7 +8,8 @@ this loop does the rest:
     step and data-iterator position), so a killed run continues as if never stopped;
   * stops with TrainingDivergedError naming the step and task on a NaN/Inf loss, before
     anything non-finite is saved;
-  * on SIGTERM saves a checkpoint and returns cleanly;
+  * on SIGTERM saves a checkpoint and returns cleanly (with several processes, all of
+    them at the same step, agreed through JAX's preemption service);
   * logs to TensorBoard (``workdir/tensorboard``) and a tqdm bar (off in CI / non-TTY).
 
 Example:
@@ -16,19 +17,17 @@ Example:
 """
 
 from collections.abc import Callable, Iterator, Mapping
-import contextlib
 import json
 import math
 from pathlib import Path
-import signal
-import threading
 import time
 from typing import Any, Protocol
 
 import jax
 import numpy as np
 
-from lf_jax.console import get_logger, progress
+from lf_jax.console import get_logger, progress, progress_enabled
+from lf_jax.distributed.multihost import is_primary, preemption_notice
 from lf_jax.errors import TrainingDivergedError, UserInputError
 from lf_jax.train.checkpoint import Checkpointer
 from lf_jax.train.step import make_train_step
@@ -36,6 +35,9 @@ from lf_jax.workdir import ensure_writable_dir
 
 
 class TrainingTask(Protocol):
+    """``collection`` may be None (no sparse tables). A task with ``grad_cache = True``
+    provides ``embed_fn(model, micro_batch)`` and ``contrastive_loss_fn(reps)`` instead of
+    using ``loss_fn`` (see lf_jax/train/grad_cache.py)."""
     collection: Any
     graphdef: Any
     tx: Any
@@ -55,20 +57,6 @@ def prepare_workdir(workdir: str | Path, config=None) -> Path:
     if config is not None and jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
     return workdir
-
-
-@contextlib.contextmanager
-def sigterm_flag():
-    """Yields a threading.Event set when SIGTERM arrives (main thread only)."""
-    event = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield event
-        return
-    previous = signal.signal(signal.SIGTERM, lambda *_: event.set())
-    try:
-        yield event
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 class _Summaries:
@@ -130,7 +118,11 @@ def run_training(task: TrainingTask, train_config, workdir: str | Path,
         state = {**state, "params": warm["params"], "embedding": warm["embedding"]}
         log.info("warm start from %s step %d (new data window; dense optimizer restarts, table slots kept)",
                  source.directory, source.latest_step())
-    train_step = make_train_step(task.graphdef, task.collection, task.tx, task.loss_fn)
+    if getattr(task, "grad_cache", False):  # contrastive: every example a negative of all others
+        from lf_jax.train.grad_cache import make_grad_cache_step
+        train_step = make_grad_cache_step(task.graphdef, task.tx, task.embed_fn, task.contrastive_loss_fn)
+    else:
+        train_step = make_train_step(task.graphdef, task.collection, task.tx, task.loss_fn)
     summaries = _Summaries(workdir / "tensorboard")
     metrics: dict = {}
     history_path = workdir / "history.jsonl"  # one JSON row per log/eval; a resumed run appends
@@ -144,8 +136,10 @@ def run_training(task: TrainingTask, train_config, workdir: str | Path,
         checkpointer.save(step, state, task.collection, {"train": iterator.get_state()})
 
     try:
-        with sigterm_flag() as preempted, progress(total=train_config.steps, initial=start,
-                                                    desc="train", unit="step") as bar:
+        # SIGTERM: every process saves the same step (multihost.preemption_notice) and returns
+        with preemption_notice() as preempted, progress(
+                total=train_config.steps, initial=start, desc="train", unit="step",
+                disable=not progress_enabled() or not is_primary()) as bar:
             tic, tic_step = time.perf_counter(), start
             for step in range(start + 1, train_config.steps + 1):
                 state, step_metrics = train_step(state, task.device_batch(next(iterator)))
@@ -178,7 +172,7 @@ def run_training(task: TrainingTask, train_config, workdir: str | Path,
                 if train_config.eval_every and step % train_config.eval_every == 0 or \
                         step % train_config.checkpoint_every == 0:
                     tic, tic_step = time.perf_counter(), step  # examples/s excludes eval and saves
-                if preempted.is_set():
+                if preempted(step):
                     if step % train_config.checkpoint_every:
                         save(step)
                     log.warning("SIGTERM: saved checkpoint at step %d, exiting cleanly", step)
@@ -190,7 +184,9 @@ def run_training(task: TrainingTask, train_config, workdir: str | Path,
     return metrics
 
 
-FAMILIES = {"feed_ranker": "lf_jax.train.ranker:RankerTask"}
+FAMILIES = {"feed_ranker": "lf_jax.train.ranker:RankerTask",
+            "post_encoder": "lf_jax.train.post_encoder:PostEncoderTask",
+            "dual_encoder": "lf_jax.train.dual_encoder:DualEncoderTask"}
 
 
 def build_task(config, workdir: str | Path) -> TrainingTask:

@@ -22,6 +22,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lf_jax.console import get_logger
+from lf_jax.distributed.multihost import barrier, is_primary
 from lf_jax.embedding.collection import EmbeddingCollection
 from lf_jax.embedding.config_specs import memory_budget_from_config, specs_from_config
 from lf_jax.embedding.plan import save_plan
@@ -31,7 +32,7 @@ from lf_jax.input.feed_pipeline import EvalReader, train_iterator
 from lf_jax.losses import weighted_bce
 from lf_jax.models.ranker import FeedRanker
 from lf_jax.planner import plan_tables
-from lf_jax.train.ips import IpsWeights, compute_ips_weights
+from lf_jax.train.ips import IpsWeights, compute_ips_weights, ips_weights_from_counts
 from lf_jax.train.metrics import binary_metrics
 from lf_jax.train.step import init_train_state, make_eval_step
 from lf_jax.train.warm_start import snapshot_vocabulary
@@ -42,12 +43,23 @@ VOCAB_OF_TABLE = {"member": "num_members", "hashtag": "num_hashtags", "post": "n
                   "position": "num_positions"}
 
 
+def _train_stats(builder) -> dict | None:
+    """The ``train_stats`` the feed_logs builder stores with the dataset (1.2.0 and later)."""
+    return dict(builder.info.metadata or {}).get("train_stats")
+
+
 def dense_feature_stats(builder, sample: int = 20_000) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std [K] of the dense features over the first ``sample`` train records."""
-    source = builder.as_data_source("train")
-    rows = source.__getitems__(list(range(min(sample, len(source)))))
-    dense_nk = np.asarray([row["dense"] for row in rows], np.float64)
-    return dense_nk.mean(axis=0).astype(np.float32), np.maximum(dense_nk.std(axis=0), 1e-6).astype(np.float32)
+    """Mean and std [K] of the dense features of the train split: from the dataset's
+    ``train_stats`` when it has them, else over the first ``sample`` train records."""
+    stats = _train_stats(builder)
+    if stats is not None:
+        mean_k, std_k = np.asarray(stats["dense_mean"]), np.asarray(stats["dense_std"])
+    else:
+        source = builder.as_data_source("train")
+        rows = source.__getitems__(list(range(min(sample, len(source)))))
+        dense_nk = np.asarray([row["dense"] for row in rows], np.float64)
+        mean_k, std_k = dense_nk.mean(axis=0), dense_nk.std(axis=0)
+    return mean_k.astype(np.float32), np.maximum(std_k, 1e-6).astype(np.float32)
 
 
 def _gather(x: np.ndarray) -> np.ndarray:
@@ -61,20 +73,28 @@ def _gather(x: np.ndarray) -> np.ndarray:
 def ips_weights_for_run(builder, tasks, num_positions: int, clip, path: Path,
                         fit: str = "power_law") -> IpsWeights:
     """Loads ``path`` or computes the weights from the train split and writes them there."""
-    if path.exists():
+    exists = path.exists()
+    barrier("lf_jax.ips_weights")   # every process decides before process 0 writes the file
+    if exists:
         return IpsWeights.load(path)
-    source = builder.as_data_source("train")
-    fields = ("position", "random_session", "labels")
-    columns = {name: [] for name in fields}
-    chunk = 8192
-    for start in range(0, len(source), chunk):
-        rows = source.__getitems__(list(range(start, min(start + chunk, len(source)))))
-        for name in fields:
-            columns[name].append(np.asarray([row[name] for row in rows]))
-    ips = compute_ips_weights(np.concatenate(columns["position"]),
-                              np.concatenate(columns["random_session"]),
-                              np.concatenate(columns["labels"]), num_positions=num_positions,
-                              tasks=tasks, clip=tuple(clip), fit=fit)
+    stats = _train_stats(builder)
+    if stats is not None:      # per-position counts stored with the dataset: no pass over it
+        ips = ips_weights_from_counts(**{key: stats[key] for key in (
+            "count_random_p", "clicks_random_pt", "count_ranked_p", "clicks_ranked_pt")},
+            tasks=tasks, clip=tuple(clip), fit=fit)
+    else:
+        source = builder.as_data_source("train")
+        fields = ("position", "random_session", "labels")
+        columns = {name: [] for name in fields}
+        chunk = 8192
+        for start in range(0, len(source), chunk):
+            rows = source.__getitems__(list(range(start, min(start + chunk, len(source)))))
+            for name in fields:
+                columns[name].append(np.asarray([row[name] for row in rows]))
+        ips = compute_ips_weights(np.concatenate(columns["position"]),
+                                  np.concatenate(columns["random_session"]),
+                                  np.concatenate(columns["labels"]), num_positions=num_positions,
+                                  tasks=tasks, clip=tuple(clip), fit=fit)
     if jax.process_index() == 0:
         ips.save(path)
     get_logger().info("IPS weights for %d positions x %d tasks (range %.2f-%.2f) -> %s",
@@ -89,8 +109,11 @@ class RankerTask:
     def __init__(self, config, mesh, workdir: str | Path):
         self.config, self.mesh, self.workdir = config, mesh, Path(workdir)
         log = get_logger()
-        self.builder = build_dataset(config.data.dataset, config.data.config,
-                                     config.data.data_dir or None)
+        for builds_now in (is_primary(), not is_primary()):   # process 0 prepares, then the rest
+            if builds_now:
+                self.builder = build_dataset(config.data.dataset, config.data.config,
+                                             config.data.data_dir or None)
+            barrier("lf_jax.dataset_prepared")
         self.meta = dataset_metadata(self.builder)
         self.tasks = tuple(self.meta["tasks"])
         self.aux_names = self.tasks

@@ -31,18 +31,23 @@ def init_train_state(params: nnx.State, tx: optax.GradientTransformation,
             "step": jnp.zeros((), jnp.int32)}
 
 
-def make_train_step(graphdef: nnx.GraphDef, collection: EmbeddingCollection,
+def make_train_step(graphdef: nnx.GraphDef, collection: EmbeddingCollection | None,
                     tx: optax.GradientTransformation, loss_fn: Callable,
                     donate: bool = True) -> Callable:
     """Returns jit(step)(state, batch) -> (state, {"loss": [], "aux": ...}); batch has
-    "sparse" (a SparseBatch) plus model inputs, each with a leading micro-batch axis."""
+    "sparse" (a SparseBatch) plus model inputs, each with a leading micro-batch axis.
+
+    ``collection=None`` (a model without sparse tables, e.g. a text encoder): no "sparse"
+    entry, ``activations`` is None and ``state["embedding"]`` passes through unchanged."""
 
     def step(state, batch):
-        params, tables = state["params"], state["embedding"]["tables"]
+        params = state["params"]
+        tables = state["embedding"]["tables"] if collection is not None else None
         num_micro = jax.tree.leaves(batch)[0].shape[0]
 
         def micro(grad_sum, micro_batch):
-            activations = collection.lookup(tables, micro_batch["sparse"])
+            activations = (collection.lookup(tables, micro_batch["sparse"])
+                           if collection is not None else None)
 
             def objective(params, activations):
                 return loss_fn(nnx.merge(graphdef, params), activations, micro_batch)
@@ -59,8 +64,9 @@ def make_train_step(graphdef: nnx.GraphDef, collection: EmbeddingCollection,
         new_state = {
             "params": optax.apply_updates(params, updates),
             "opt_state": opt_state,
-            "embedding": collection.apply_gradients(state["embedding"], batch["sparse"], grad_acts,
-                                                    microbatched=True),
+            "embedding": (collection.apply_gradients(state["embedding"], batch["sparse"], grad_acts,
+                                                     microbatched=True)
+                          if collection is not None else state["embedding"]),
             "step": state["step"] + 1,
         }
         metrics = {"loss": jnp.mean(losses), "aux": jax.tree.map(lambda x: jnp.mean(x, axis=0), aux),
@@ -70,12 +76,13 @@ def make_train_step(graphdef: nnx.GraphDef, collection: EmbeddingCollection,
     return jax.jit(step, donate_argnums=(0,) if donate else ())
 
 
-def make_eval_step(graphdef: nnx.GraphDef, collection: EmbeddingCollection,
+def make_eval_step(graphdef: nnx.GraphDef, collection: EmbeddingCollection | None,
                    predict_fn: Callable) -> Callable:
-    """Returns jit(step)(params, tables, batch) -> predict_fn(model, activations, batch)."""
+    """Returns jit(step)(params, tables, batch) -> predict_fn(model, activations, batch)
+    (``collection=None``: tables are ignored and activations is None)."""
 
     def step(params, tables, batch):
-        activations = collection.lookup(tables, batch["sparse"])
+        activations = collection.lookup(tables, batch["sparse"]) if collection is not None else None
         return predict_fn(nnx.merge(graphdef, params), activations, batch)
 
     return jax.jit(step)

@@ -17,8 +17,8 @@ FIELDS = set(SCALARS) | set(LISTS) | set(FOURS) | {"random_session", "dense"}
 
 def test_tiny_builds_with_documented_splits_and_metadata(feed_builder):
     meta = dataset_metadata(feed_builder)
-    assert meta["num_examples"] == {"train": 120_000, "holdout_ranked": 6_000, "holdout_random": 15_000}
-    assert meta["num_members"] == 1_000 and meta["num_hashtags"] == 200
+    assert meta["num_examples"] == {"train": 200_000, "holdout_ranked": 6_000, "holdout_random": 15_000}
+    assert meta["num_members"] == 300 and meta["num_hashtags"] == 100 and meta["num_posts"] == 1_000
     assert meta["max_lengths"] == {"post_hashtags": 5, "history_actors": 50, "history_hashtags": 50}
     assert meta["tasks"] == ["like", "comment", "share", "long_dwell"] and meta["dense_dim"] == 8
     assert meta["name"] == "feed_logs" and meta["config"] == "tiny"
@@ -110,3 +110,23 @@ def test_split_over_the_shuffle_buffer_builds_without_tensorflow(feed_builder, t
             assert got[i]["session_id"] == want[i]["session_id"]
             assert got[i]["position"] == want[i]["position"]
             np.testing.assert_array_equal(got[i]["history_actors"], want[i]["history_actors"])
+
+
+def test_train_stats_match_the_stored_records(feed_builder):
+    """The builder's train_stats (dense standardisation, IPS counts) equal a pass over train."""
+    from lf_jax.train.ips import position_counts
+    from lf_jax.train.ranker import dense_feature_stats
+    stats = dataset_metadata(feed_builder)["train_stats"]
+    source = feed_builder.as_data_source("train")
+    rows = source.__getitems__(list(range(len(source))))
+    assert stats["num_examples"] == len(rows)
+    dense = np.asarray([row["dense"] for row in rows], np.float64)
+    mean, std = dense_feature_stats(feed_builder)
+    np.testing.assert_allclose(mean, dense.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(std, dense.std(0), rtol=1e-4, atol=1e-6)
+    counts = position_counts(np.asarray([row["position"] for row in rows]),
+                             np.asarray([row["random_session"] for row in rows]),
+                             np.asarray([row["labels"] for row in rows]),
+                             num_positions=dataset_metadata(feed_builder)["num_positions"])
+    for key, value in counts.items():
+        np.testing.assert_array_equal(np.asarray(stats[key]), value, err_msg=key)

@@ -1,0 +1,1 @@
+"""Launchers: local processes (local.py), SLURM (slurm/), GKE JobSet (gke/). See README.md."""
