@@ -26,7 +26,7 @@ def test_plan_for_a_large_mesh_without_its_devices(repo_root, capsys):
                  "--config.mesh.data=8", "--config.devices=64"]) == 0
     out = capsys.readouterr().out
     assert "mesh data=8 x model=8 (64 devices), batch 16,384 (256 per device)" in out
-    assert "1,000,000" in out and "row_wise(model)" in out
+    assert "1,000,001" in out and "row_wise(model)" in out     # 1e6 members + the OOV row
     assert "rows split over model (8 devices)" in out
 
 
@@ -56,7 +56,7 @@ def test_impossible_budget_exits_2_with_one_line(repo_root, capsys, tmp_path):
     captured = capsys.readouterr()
     err = captured.err.strip()
     assert "\n" not in err and "Traceback" not in err
-    assert err.startswith("lf-jax plan: error: table 'member' (260 MB, 260000000 bytes")
+    assert err.startswith("lf-jax plan: error: table 'member' (260 MB, 260000260 bytes")
     assert "budget of 1 MB (1000000 bytes)" in err
     assert not target.exists() and captured.out == ""
 

@@ -17,7 +17,7 @@ member's draws are the held-out ``test`` pairs.
 
 Example:
     >>> entities = make_entities(CONFIGS["tiny"])
-    >>> entities["member_interests"][0], entities["train_pairs"].shape   # str, [M*6, 2]
+    >>> entities["member_interests"][0], entities["train_pairs"].shape   # str, [M*20, 2]
 """
 
 import dataclasses
@@ -65,7 +65,8 @@ class MemberItemsConfig:
                 "test_per_member": self.test_per_member, "seed": self.seed}
 
 
-CONFIGS = {"tiny": MemberItemsConfig(name="tiny", feed_config="tiny"),
+CONFIGS = {"tiny": MemberItemsConfig(name="tiny", feed_config="tiny", positives_per_member=24,
+                                     test_per_member=4),
            "small": MemberItemsConfig(name="small", feed_config="small", positives_per_member=4,
                                       test_per_member=1)}
 

@@ -68,6 +68,6 @@ def test_builders_build_offline(name, tmp_path):
     if name == "post_texts":
         assert sizes == {"train": 16_000, "test": 1_500}
     else:
-        assert sizes == {"train": 6_000, "test": 2_000, "members": 1_000, "items": 3_000}
+        assert sizes == {"train": 6_000, "test": 1_200, "members": 300, "items": 1_000}
         row = builder.as_data_source("items")[0]
         assert row["item_key"].decode() == f"p{row['item_id']}" and row["member_id"] == -1

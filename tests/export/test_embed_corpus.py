@@ -174,5 +174,5 @@ def test_cli_export_and_its_errors(ranker_run, repo_root, tmp_path, capsys):
                  "--workdir", str(workdir), "--entity", "members", "--output", str(tmp_path / "out"),
                  "--kv", "--dims", "4"]) == 0
     out = capsys.readouterr().out
-    assert "exported 1,000 members x 4 dims (feed_ranker, checkpoint step 7" in out and "kv/" in out
+    assert "exported 300 members x 4 dims (feed_ranker, checkpoint step 7" in out and "kv/" in out
     np.testing.assert_array_equal(load_export(tmp_path / "out")[1], ranker_run["tables"]["member"][:300, :4])
