@@ -60,6 +60,8 @@ def recall_by_dim_png(recall_by_dim: Mapping[int, float], path: str | Path, *, k
         ax.axhline(baseline[1], color="gray", linestyle="--", label=baseline[0])
     ax.set_xscale("log", base=2)
     ax.set_xticks(dims, [str(d) for d in dims])
+    top = max([*recall_by_dim.values(), baseline[1] if baseline else 0.0])
+    ax.set_ylim(0.0, max(top * 1.15, 1e-3))            # from 0: differences read at their size
     ax.set_xlabel("Matryoshka dimension")
     ax.set_ylabel(f"recall@{k} (held-out pairs)")
     ax.set_title(f"{title}: recall@{k} by dimension")

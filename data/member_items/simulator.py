@@ -21,29 +21,19 @@ Example:
 """
 
 import dataclasses
-import importlib.util
 import os
-import sys
 
 import numpy as np
+
+from lf_jax.input.datasets import import_by_path
 
 SPLITS = ("train", "test", "members", "items")
 MEMBER_NUMERIC = ("followers", "activity", "account_age_days")
 ITEM_NUMERIC = ("author_followers", "prior_likes", "age_hours", "is_reshare")
 
-
-def _load(name: str, relative: str):
-    if name not in sys.modules:
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), relative)
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-feed = _load("lf_jax_data_feed_logs_simulator", "../feed_logs/simulator.py")
-texts = _load("lf_jax_data_post_texts_simulator", "../post_texts/simulator.py")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+feed = import_by_path("lf_jax_data_feed_logs_simulator", os.path.join(_HERE, "../feed_logs/simulator.py"))
+texts = import_by_path("lf_jax_data_post_texts_simulator", os.path.join(_HERE, "../post_texts/simulator.py"))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -17,26 +17,15 @@ Example (lf_jax.input.build_dataset does this for you):
 """
 
 import dataclasses
-import importlib.util
 import os
-import sys
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from lf_jax.input.datasets import import_by_path
 
-def _load_simulator():
-    name = "lf_jax_data_post_texts_simulator"
-    if name not in sys.modules:
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "simulator.py")
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-simulator = _load_simulator()
+simulator = import_by_path("lf_jax_data_post_texts_simulator",
+                           os.path.join(os.path.dirname(os.path.abspath(__file__)), "simulator.py"))
 _NAME = "post_texts"
 _REGISTERED = _NAME in tfds.core.registered.list_imported_builders()
 

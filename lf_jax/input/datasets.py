@@ -50,12 +50,14 @@ def builder_file(name: str) -> Path:
     return path
 
 
-def builder_class(name: str):
-    """Imports data/<name>/<name>.py by path (once per process) and returns its builder class."""
-    import tensorflow_datasets as tfds
+def import_by_path(module_name: str, path: str | Path):
+    """Imports the Python file ``path`` as ``module_name`` once per process (data/ builders
+    and their simulators live outside the package and load each other this way).
 
-    path = builder_file(name)
-    module_name = f"lf_jax_data_{name}"
+    Example:
+        >>> simulator = import_by_path("lf_jax_data_feed_logs_simulator",
+        ...                            Path(__file__).with_name("simulator.py"))
+    """
     module = sys.modules.get(module_name)
     if module is None:
         spec = importlib.util.spec_from_file_location(module_name, path)
@@ -63,10 +65,23 @@ def builder_class(name: str):
         sys.modules[module_name] = module
         try:
             spec.loader.exec_module(module)
-        except Exception as error:
+        except BaseException:
             del sys.modules[module_name]
-            raise DatasetError(f"cannot import the builder file {path}: "
-                               f"{type(error).__name__}: {error}") from error
+            raise
+    return module
+
+
+def builder_class(name: str):
+    """Imports data/<name>/<name>.py by path (once per process) and returns its builder class."""
+    import tensorflow_datasets as tfds
+
+    path = builder_file(name)
+    module_name = f"lf_jax_data_{name}"
+    try:
+        module = import_by_path(module_name, path)
+    except Exception as error:
+        raise DatasetError(f"cannot import the builder file {path}: "
+                           f"{type(error).__name__}: {error}") from error
     for value in vars(module).values():
         if (isinstance(value, type) and issubclass(value, tfds.core.DatasetBuilder)
                 and value.__module__ == module_name and getattr(value, "name", None) == name):
