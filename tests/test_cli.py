@@ -52,9 +52,9 @@ def test_demo_runs_in_a_fresh_process(tmp_path, repo_root):
     assert "row_wise(model)" in out and "column_wise(4)" in out
     assert "holdout_random" in out and "oracle" in out
     assert "recall@10 of held-out member->item pairs" in out and "popularity" in out
-    assert "items     3,000 x 64 (cosine)" in out and "ScaNN" in out
-    assert "member m3: top 10 of 2000 candidates" in out and "two-stage top 10 (ranker over 2000)" in out
-    assert "latency for K=2000: single query" in out
+    assert "items     1,000 x 64 (cosine)" in out and "ScaNN" in out      # the tiny world's posts
+    assert "member m3: top 10 of 500 candidates" in out and "two-stage top 10 (ranker over 500)" in out
+    assert "latency for K=500: single query" in out
     demo = tmp_path / "demo"
     assert "demo finished" in out and (demo / "ranker" / "checkpoints").is_dir()
     for name in ("loss_curves.png", "recall_by_dim.png"):
