@@ -25,7 +25,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -38,7 +37,7 @@ from lf_jax.losses import l2_normalize, matryoshka_info_nce
 from lf_jax.models.causal_lm import LlamaConfig
 from lf_jax.models.dual_encoder import DualEncoder
 from lf_jax.models.encoder_sharding import shard_encoder
-from lf_jax.train.step import init_train_state
+from lf_jax.train.step import dense_optimizer, init_train_state
 
 SIDES = ("member", "item")
 TEXT_FIELDS = {"member": ("interests", "hashtags"), "item": ("text", "hashtags")}
@@ -125,10 +124,7 @@ class DualEncoderTask:
         model = DualEncoder(self.llama_config, pooling=c.model.pooling, rngs=nnx.Rngs(c.seed))
         shard_encoder(model, mesh, c.model.sharding)
         self.graphdef, self._params = nnx.split(model)
-        warmup = min(c.train.warmup_steps, max(c.train.steps - 1, 0))
-        schedule = optax.warmup_cosine_decay_schedule(0.0, c.train.learning_rate, warmup,
-                                                      max(c.train.steps, warmup + 1))
-        self.tx = optax.adamw(schedule, weight_decay=c.train.weight_decay)
+        self.tx = dense_optimizer(c.train)
         self._batch_sharding = NamedSharding(mesh, PartitionSpec(None, "data"))
         self._row_sharding = NamedSharding(mesh, PartitionSpec("data"))
         self._embed_step = jax.jit(lambda params, ids, mask: nnx.merge(self.graphdef, params).embed(ids, mask))

@@ -26,7 +26,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -38,7 +37,7 @@ from lf_jax.losses import scaled_cosine_bce
 from lf_jax.models.bert import BertConfig, BertEncoder, load_sentence_encoder
 from lf_jax.models.encoder_sharding import shard_encoder
 from lf_jax.models.post_encoder import PostEncoder
-from lf_jax.train.step import init_train_state
+from lf_jax.train.step import dense_optimizer, init_train_state
 
 SIDES = ("text", "post")
 
@@ -94,10 +93,7 @@ class PostEncoderTask:
         shard_encoder(model, mesh, c.model.sharding)
         self.graphdef, self._params = nnx.split(model)
         self._load_pairs()
-        warmup = min(c.train.warmup_steps, max(c.train.steps - 1, 0))
-        schedule = optax.warmup_cosine_decay_schedule(0.0, c.train.learning_rate, warmup,
-                                                      max(c.train.steps, warmup + 1))
-        self.tx = optax.adamw(schedule, weight_decay=c.train.weight_decay)
+        self.tx = dense_optimizer(c.train)
         self._batch_sharding = NamedSharding(mesh, PartitionSpec(None, "data"))
         self._row_sharding = NamedSharding(mesh, PartitionSpec("data"))
         self._embed_step = jax.jit(lambda p, ids, mask: nnx.merge(self.graphdef, p).embed(ids, mask))

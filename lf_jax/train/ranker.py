@@ -17,7 +17,6 @@ import jax
 import jax.experimental.multihost_utils
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -34,7 +33,7 @@ from lf_jax.models.ranker import FeedRanker
 from lf_jax.planner import plan_tables
 from lf_jax.train.ips import IpsWeights, compute_ips_weights, ips_weights_from_counts
 from lf_jax.train.metrics import binary_metrics
-from lf_jax.train.step import init_train_state, make_eval_step
+from lf_jax.train.step import dense_optimizer, init_train_state, make_eval_step
 from lf_jax.train.warm_start import snapshot_vocabulary
 
 HOLDOUTS = ("holdout_ranked", "holdout_random")
@@ -161,10 +160,7 @@ class RankerTask:
             dot_interactions=config.model.dot_interactions,
             rngs=nnx.Rngs(config.seed))
         self.graphdef, self._params = nnx.split(model)
-        warmup = min(config.train.warmup_steps, max(config.train.steps - 1, 0))
-        schedule = optax.warmup_cosine_decay_schedule(
-            0.0, config.train.learning_rate, warmup, max(config.train.steps, warmup + 1))
-        self.tx = optax.adamw(schedule, weight_decay=config.train.weight_decay)
+        self.tx = dense_optimizer(config.train)
         self.examples_per_step = config.batch_size
         self.ips = (ips_weights_for_run(self.builder, self.tasks, int(self.meta["num_positions"]),
                                         config.train.ips_clip, self.workdir / "ips_weights.json",

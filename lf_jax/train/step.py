@@ -24,6 +24,15 @@ from flax import nnx
 from lf_jax.embedding.collection import EmbeddingCollection
 
 
+def dense_optimizer(train_config) -> optax.GradientTransformation:
+    """AdamW with linear warmup + cosine decay from ``train_config`` (learning_rate,
+    warmup_steps, steps, weight_decay): the dense optimizer every model family uses."""
+    warmup = min(train_config.warmup_steps, max(train_config.steps - 1, 0))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, train_config.learning_rate, warmup,
+                                                  max(train_config.steps, warmup + 1))
+    return optax.adamw(schedule, weight_decay=train_config.weight_decay)
+
+
 def init_train_state(params: nnx.State, tx: optax.GradientTransformation,
                      embedding_state: dict) -> dict:
     """The train state pytree: params, dense optimizer state, embedding state, step."""
