@@ -13,6 +13,7 @@ import sys
 
 from lf_jax.configuration import ConfigError, apply_overrides, load_config, split_override_args
 from lf_jax.console import get_logger, set_verbosity
+from lf_jax.distributed.multihost import is_primary
 from lf_jax.errors import LfJaxError, UserInputError
 from lf_jax.workdir import ensure_writable_dir
 
@@ -181,9 +182,10 @@ def _train_run(args, overrides):
     _setup_devices(args.devices, config, args)
     from lf_jax.train.loop import train_and_evaluate
     metrics = train_and_evaluate(config, args.workdir)
-    print(_format_metrics(metrics))
-    print(f"workdir: {Path(args.workdir).resolve()} (checkpoints/, tensorboard/, history.jsonl, "
-          f"metrics.json, plan.json)")
+    if is_primary():                  # every process has the metrics; one prints them
+        print(_format_metrics(metrics))
+        print(f"workdir: {Path(args.workdir).resolve()} (checkpoints/, tensorboard/, history.jsonl, "
+              f"metrics.json, plan.json)")
 
 
 def _eval_arguments(parser):
@@ -197,7 +199,9 @@ def _eval_run(args, overrides):
     config = _resolved_config(args, overrides)
     _setup_devices(args.devices, config, args)
     from lf_jax.train.loop import evaluate_checkpoint
-    print(_format_metrics(evaluate_checkpoint(config, args.workdir, args.step)))
+    metrics = evaluate_checkpoint(config, args.workdir, args.step)
+    if is_primary():
+        print(_format_metrics(metrics))
 
 
 def _ips_arguments(parser):
