@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 from lf_jax.cli import main
-from lf_jax.configuration import load_config
 from lf_jax.export.embed_corpus import (ExportError, check_checkpoint_matches, export_corpus,
                                         find_checkpoint, load_export, open_source)
 from lf_jax.train.checkpoint import Checkpointer
@@ -13,14 +12,10 @@ from lf_jax.train.checkpoint import Checkpointer
 STEP = 7
 
 
-def small_ranker_config(repo_root, data_dir):
-    config = load_config(f"{repo_root}/configs/feed_ranker.py:size=tiny")
+def export_ranker_config(shrunk_ranker_config):
+    config = shrunk_ranker_config()
     with config.unlocked():
-        config.batch_size = 64
-        config.model.mlp_dims = (32,)
-        config.model.dcn_layers = 1
         config.train.ips = False
-        config.data.data_dir = str(data_dir)
         # a hand plan that really shards: the export reads the rows back through the mesh
         config.embedding.plan = {"post": {"strategy": "row_wise", "axes": ("data", "model")},
                                  "member": {"strategy": "column_wise", "num_shards": 4}}
@@ -28,11 +23,11 @@ def small_ranker_config(repo_root, data_dir):
 
 
 @pytest.fixture(scope="module")
-def ranker_run(repo_root, feed_builder, feed_data_dir, tmp_path_factory):
+def ranker_run(shrunk_ranker_config, feed_builder, tmp_path_factory):
     """A ranker workdir whose checkpoint (step 7) holds known random member/post tables."""
     from lf_jax.train.loop import build_task
     workdir = tmp_path_factory.mktemp("ranker_run")
-    config = small_ranker_config(repo_root, feed_data_dir)
+    config = export_ranker_config(shrunk_ranker_config)
     task = build_task(config, workdir)
     state = task.init_state()
     rng = np.random.default_rng(0)

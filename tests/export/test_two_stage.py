@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 
-from lf_jax.configuration import load_config
 from lf_jax.export import VectorIndex
 from lf_jax.export.embed_corpus import open_source
 from lf_jax.export.two_stage import (FeedWorldFeatures, RankerScorer, ServingError, TwoStageService,
@@ -14,17 +13,13 @@ NUM_POSTS, DIM, K = 1_000, 8, 500   # feed_logs/tiny has 1,000 posts and 300 mem
 
 
 @pytest.fixture(scope="module")
-def service(repo_root, feed_builder, feed_data_dir, tmp_path_factory):
+def service(shrunk_ranker_config, feed_builder, tmp_path_factory):
     """A ranker restored from a checkpoint of its initial state; an index of random post vectors;
     a stand-in member tower (test double: fixed random query vectors per member)."""
     from lf_jax.train.loop import build_task
-    config = load_config(f"{repo_root}/configs/feed_ranker.py:size=tiny")
+    config = shrunk_ranker_config()
     with config.unlocked():
-        config.batch_size = 64
-        config.model.mlp_dims = (32,)
-        config.model.dcn_layers = 1
         config.train.ips = False
-        config.data.data_dir = str(feed_data_dir)
     workdir = tmp_path_factory.mktemp("ranker")
     task = build_task(config, workdir)
     checkpointer = Checkpointer(workdir / "checkpoints")
