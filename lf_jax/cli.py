@@ -219,8 +219,8 @@ def _ips_run(args, overrides):
     path = workdir / "ips_weights.json"
     if path.exists():
         path.unlink()
-    ips = ips_weights_for_run(builder, tuple(meta["tasks"]), int(meta["num_positions"]),
-                              config.train.ips_clip, path, fit=config.train.ips_fit)
+    ips = ips_weights_for_run(builder, tuple(meta["tasks"]), config.train.ips_clip, path,
+                              fit=config.train.ips_fit)
     print(ips.format_table())
     print(f"IPS weights written to {path} (used by `lf-jax train` with train.ips=true)")
 

@@ -31,7 +31,7 @@ from lf_jax.input.feed_pipeline import EvalReader, train_iterator
 from lf_jax.losses import weighted_bce
 from lf_jax.models.ranker import FeedRanker
 from lf_jax.planner import plan_tables
-from lf_jax.train.ips import IpsWeights, compute_ips_weights, ips_weights_from_counts
+from lf_jax.train.ips import IpsWeights, ips_weights_from_counts
 from lf_jax.train.metrics import binary_metrics
 from lf_jax.train.step import dense_optimizer, init_train_state, make_eval_step
 from lf_jax.train.warm_start import snapshot_vocabulary
@@ -42,22 +42,21 @@ VOCAB_OF_TABLE = {"member": "num_members", "hashtag": "num_hashtags", "post": "n
                   "position": "num_positions"}
 
 
-def _train_stats(builder) -> dict | None:
-    """The ``train_stats`` the feed_logs builder stores with the dataset (1.2.0 and later)."""
-    return dict(builder.info.metadata or {}).get("train_stats")
+def _train_stats(builder) -> dict:
+    """The ``train_stats`` the feed_logs builder stores with the dataset (dense mean/std,
+    per-position impressions and labels of random and ranked sessions)."""
+    stats = dict(builder.info.metadata or {}).get("train_stats")
+    if stats is None:
+        raise UserInputError(f"dataset {builder.name}/{builder.builder_config.name} in "
+                             f"'{builder.data_dir}' has no train_stats in its metadata: "
+                             "rebuild it with this version of data/feed_logs")
+    return stats
 
 
-def dense_feature_stats(builder, sample: int = 20_000) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std [K] of the dense features of the train split: from the dataset's
-    ``train_stats`` when it has them, else over the first ``sample`` train records."""
+def dense_feature_stats(builder) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std [K] of the dense features over the train split (from train_stats)."""
     stats = _train_stats(builder)
-    if stats is not None:
-        mean_k, std_k = np.asarray(stats["dense_mean"]), np.asarray(stats["dense_std"])
-    else:
-        source = builder.as_data_source("train")
-        rows = source.__getitems__(list(range(min(sample, len(source)))))
-        dense_nk = np.asarray([row["dense"] for row in rows], np.float64)
-        mean_k, std_k = dense_nk.mean(axis=0), dense_nk.std(axis=0)
+    mean_k, std_k = np.asarray(stats["dense_mean"]), np.asarray(stats["dense_std"])
     return mean_k.astype(np.float32), np.maximum(std_k, 1e-6).astype(np.float32)
 
 
@@ -69,32 +68,18 @@ def _gather(x: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def ips_weights_for_run(builder, tasks, num_positions: int, clip, path: Path,
-                        fit: str = "power_law") -> IpsWeights:
-    """Loads ``path`` or computes the weights from the train split and writes them there."""
+def ips_weights_for_run(builder, tasks, clip, path: Path, fit: str = "power_law") -> IpsWeights:
+    """Loads ``path`` or computes the weights from the train split's per-position counts
+    (train_stats) and writes them there."""
     exists = path.exists()
     barrier("lf_jax.ips_weights")   # every process decides before process 0 writes the file
     if exists:
         return IpsWeights.load(path)
     stats = _train_stats(builder)
-    if stats is not None:      # per-position counts stored with the dataset: no pass over it
-        ips = ips_weights_from_counts(**{key: stats[key] for key in (
-            "count_random_p", "clicks_random_pt", "count_ranked_p", "clicks_ranked_pt")},
-            tasks=tasks, clip=tuple(clip), fit=fit)
-    else:
-        source = builder.as_data_source("train")
-        fields = ("position", "random_session", "labels")
-        columns = {name: [] for name in fields}
-        chunk = 8192
-        for start in range(0, len(source), chunk):
-            rows = source.__getitems__(list(range(start, min(start + chunk, len(source)))))
-            for name in fields:
-                columns[name].append(np.asarray([row[name] for row in rows]))
-        ips = compute_ips_weights(np.concatenate(columns["position"]),
-                                  np.concatenate(columns["random_session"]),
-                                  np.concatenate(columns["labels"]), num_positions=num_positions,
-                                  tasks=tasks, clip=tuple(clip), fit=fit)
-    if jax.process_index() == 0:
+    ips = ips_weights_from_counts(**{key: stats[key] for key in (
+        "count_random_p", "clicks_random_pt", "count_ranked_p", "clicks_ranked_pt")},
+        tasks=tasks, clip=tuple(clip), fit=fit)
+    if is_primary():
         ips.save(path)
     get_logger().info("IPS weights for %d positions x %d tasks (range %.2f-%.2f) -> %s",
                       *ips.weights_pt.shape, ips.weights_pt.min(), ips.weights_pt.max(), path)
@@ -162,9 +147,8 @@ class RankerTask:
         self.graphdef, self._params = nnx.split(model)
         self.tx = dense_optimizer(config.train)
         self.examples_per_step = config.batch_size
-        self.ips = (ips_weights_for_run(self.builder, self.tasks, int(self.meta["num_positions"]),
-                                        config.train.ips_clip, self.workdir / "ips_weights.json",
-                                        fit=config.train.ips_fit)
+        self.ips = (ips_weights_for_run(self.builder, self.tasks, config.train.ips_clip,
+                                        self.workdir / "ips_weights.json", fit=config.train.ips_fit)
                     if config.train.ips else None)
         self._batch_sharding = NamedSharding(mesh, PartitionSpec(None, tuple(mesh.axis_names)))
         self._eval_step = make_eval_step(self.graphdef, self.collection, self._predict)
