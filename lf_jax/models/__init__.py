@@ -1,1 +1,2 @@
-"""Models: the feed ranker and its interaction blocks; text encoders come later."""
+"""Models: the feed ranker and its interaction blocks, BERT and Llama encoders, the post
+encoder and the member/item dual encoder."""
