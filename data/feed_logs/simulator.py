@@ -216,11 +216,20 @@ def affinities(world: World, member, actor, root_actor, hashtags) -> np.ndarray:
     return 3.0 * np.stack([aff_actor, aff_root, aff_tag], axis=-1)
 
 
+def relevance_logits(world: World, member, post, aff, log_age) -> np.ndarray:
+    """The truth: position-free engagement logits [..., T] of members seeing posts, from the
+    affinities [..., 3] (see ``affinities``) and the impression's log post age [...]."""
+    x = np.stack([np.ones_like(log_age), aff[..., 0], aff[..., 1], aff[..., 2],
+                  world.post_quality[post], np.log1p(world.followers[world.post_root_actor[post]]),
+                  log_age], axis=-1)
+    return x @ _TASK_WEIGHTS.T + world.member_bias[member][..., None]
+
+
 def _sigmoid(z):
     return 1.0 / (1.0 + np.exp(-z))
 
 
-def _history(rng, topics: np.ndarray, length: np.ndarray, sampler, max_len: int):
+def draw_history(rng, topics: np.ndarray, length: np.ndarray, sampler, max_len: int):
     """[S, max_len] ids (-1 padded, most recent first) from the members' topics."""
     S = len(length)
     pick = rng.random((S, max_len))
@@ -250,9 +259,7 @@ def simulate_sessions(cfg: SimConfig, world: World, split: str, first_session: i
     aff = affinities(world, member, actor, root, tags)                       # [S, C, 3]
     log_age = np.log1p(rng.lognormal(2.5, 1.0, (S, C)))
     log_root_followers = np.log1p(world.followers[root])
-    x = np.stack([np.ones_like(log_age), aff[..., 0], aff[..., 1], aff[..., 2],
-                  world.post_quality[cands], log_root_followers, log_age], axis=-1)
-    logits = x @ _TASK_WEIGHTS.T + world.member_bias[member][..., None]      # [S, C, 4]
+    logits = relevance_logits(world, member, cands, aff, log_age)             # [S, C, 4]
     relevance = np.clip(_sigmoid(logits), 1e-6, 1 - 1e-6)
     noisy_actor_aff = aff[..., 0] + rng.normal(0.0, 0.5, (S, C))
     noisy_tag_aff = aff[..., 2] + rng.normal(0.0, 0.5, (S, C))
@@ -275,9 +282,9 @@ def simulate_sessions(cfg: SimConfig, world: World, split: str, first_session: i
     examined = rng.random(S * P) < examine
     labels = (examined[:, None] & (rng.random((S * P, 4)) < rel)).astype(np.int64)
     activity = world.member_activity[session_member]
-    hist_actors = _history(rng, topics, np.minimum(rng.poisson(12 * activity), cfg.max_history),
+    hist_actors = draw_history(rng, topics, np.minimum(rng.poisson(12 * activity), cfg.max_history),
                            world.actor_sampler, cfg.max_history)
-    hist_tags = _history(rng, topics, np.minimum(rng.poisson(10 * activity), cfg.max_history),
+    hist_tags = draw_history(rng, topics, np.minimum(rng.poisson(10 * activity), cfg.max_history),
                          world.hashtag_sampler, cfg.max_history)
     member_imp = np.repeat(session_member, P)
     actor_imp, root_imp = take(actor), take(root)

@@ -97,10 +97,12 @@ class FeedWorldFeatures:
         for row, member in enumerate(members_q):   # one stream per member: a request is reproducible
             rng = np.random.default_rng([self.seed, int(member)])
             topics, activity = w.member_topics[member][None], w.member_activity[member][None]
-            hist_actors[row] = self.sim._history(rng, topics, np.minimum(rng.poisson(12 * activity), cfg.max_history),
-                                                 w.actor_sampler, cfg.max_history)[0]
-            hist_tags[row] = self.sim._history(rng, topics, np.minimum(rng.poisson(10 * activity), cfg.max_history),
-                                               w.hashtag_sampler, cfg.max_history)[0]
+            hist_actors[row] = self.sim.draw_history(
+                rng, topics, np.minimum(rng.poisson(12 * activity), cfg.max_history),
+                w.actor_sampler, cfg.max_history)[0]
+            hist_tags[row] = self.sim.draw_history(
+                rng, topics, np.minimum(rng.poisson(10 * activity), cfg.max_history),
+                w.hashtag_sampler, cfg.max_history)[0]
             log_age[row] = np.log1p(rng.lognormal(2.5, 1.0, k))
             noise[row] = rng.normal(0.0, 0.5, (k, 2))
         member_qk = np.repeat(members_q[:, None], k, axis=1)
@@ -125,9 +127,7 @@ class FeedWorldFeatures:
         w = self.world
         member, post = batch["member_id"], batch["post_id"]
         aff = self.sim.affinities(w, member, batch["actor_id"], batch["root_actor_id"], batch["post_hashtags"])
-        x = np.stack([np.ones(len(member)), aff[:, 0], aff[:, 1], aff[:, 2], w.post_quality[post],
-                      np.log1p(w.followers[batch["root_actor_id"]]), batch["log_age"]], axis=-1)
-        logits = x @ self.sim._TASK_WEIGHTS.T + w.member_bias[member][:, None]
+        logits = self.sim.relevance_logits(w, member, post, aff, batch["log_age"])
         return 1.0 / (1.0 + np.exp(-logits))
 
 
