@@ -6,23 +6,27 @@ this script reads the workdir's metrics.json, history.jsonl and config.json and 
 writes a markdown table (``<root>/ranker_table.md``) and the raw numbers
 (``<root>/ranker_results.json``).
 
-Variants (same seed, steps=600, eval_every=600 -> one evaluation at the end):
+Variants (same seed; quality variants run the config's steps, 800 on tiny, with one
+evaluation at the end unless a variant names its own step count):
 
-  baseline        defaults: IPS on, GateNet on, DCNv2 2 layers full rank, batch 256
+  baseline        defaults: IPS on, GateNet on, DCNv2 2 layers full rank, batch 512
   ips_off         --config.train.ips=false
+  ips_positives   --config.train.ips_target=positives (weights on the responses only)
   gatenet_off     --config.model.gatenet=false --config.model.hidden_gates=false
   dcn_off         --config.model.dcn_layers=0
   dcn_lowrank8    --config.model.dcn_low_rank=8
-  accum5          --config.batch_size=1280 --config.train.grad_accum_steps=5 (5 micro-batches
-                  of 256 per step; 5x the examples of baseline in the same 600 steps)
+  baseline_s1     baseline with --config.seed=1 --config.data.seed=2 (run-to-run noise)
+  ips_off_s1      ips_off with the same second seed
+  small_b256      gradient accumulation study, 400 steps: batch 256, no accumulation
+  accum5_b1280    400 steps of 5 accumulated micro-batches of 256 (batch 1280): the same
+                  micro-batch (memory per step) as small_b256, 5x the examples per update
+  accum5_eq       80 steps of 5 x 256: the examples of small_b256 in 5x fewer updates
+  unlogged        baseline on the tiny_unlogged data (--config.data.config=tiny_unlogged:
+                  the old ranker also saw a relevance term the logs lack)
+  unlogged_ips_off, unlogged_ips_positives   the same with IPS off / on responses only
   tput_8dev       throughput only: default 8 simulated CPU devices (mesh data=2 x model=4),
                   steps=100, no eval, log every 10 steps
   tput_1dev       the same on --devices cpu:1 --config.mesh.data=1 --config.mesh.model=1
-  baseline_s1     baseline with --config.seed=1 --config.data.seed=2 (run-to-run noise)
-  ips_off_s1      ips_off with the same second seed
-  emb_acc0        diagnostic, not an ablation: baseline with the row-wise Adagrad
-                  initial_accumulator of the member, post and hashtag tables 0.1 -> 0.0
-                  (with 0.1 and a batch-mean loss those tables barely move from their init)
 
 Wall time is the whole subprocess (jax start, dataset open, IPS table, compile, 600 steps,
 checkpoints, eval). Training throughput is the median examples_per_second of the last half
@@ -51,51 +55,63 @@ LF_JAX = [str(Path(PYTHON).parent / "lf-jax")]  # the venv's `lf-jax` console sc
 TASKS = ("like", "comment", "share", "long_dwell")
 HOLDOUTS = ("holdout_random", "holdout_ranked")
 SEED1 = ["--config.seed=1", "--config.data.seed=2"]
-ACC0 = [f"--config.embedding.tables.{t}.optimizer.initial_accumulator=0.0" for t in ("member", "post", "hashtag")]
+ACCUM5 = ["--config.batch_size=1280", "--config.train.grad_accum_steps=5"]
+UNLOGGED = ["--config.data.config=tiny_unlogged"]
 
-# name -> (description, extra CLI arguments, kind)  kind: "quality" or "throughput"
+# name -> (description, extra CLI arguments, kind, steps or None for --steps)
+# kind: "quality" (evaluated at the end) or "throughput"
 VARIANTS = {
-    "baseline": ("IPS on, GateNet on, DCNv2 2x full rank, batch 256", [], "quality"),
-    "ips_off": ("IPS off", ["--config.train.ips=false"], "quality"),
+    "baseline": ("IPS on, GateNet on, DCNv2 2x full rank, batch 512", [], "quality", None),
+    "ips_off": ("IPS off", ["--config.train.ips=false"], "quality", None),
+    "ips_positives": ("IPS weights on responses only", ["--config.train.ips_target=positives"],
+                      "quality", None),
     "gatenet_off": ("GateNet off (embedding + hidden gates)",
-                    ["--config.model.gatenet=false", "--config.model.hidden_gates=false"], "quality"),
-    "dcn_off": ("DCNv2 off", ["--config.model.dcn_layers=0"], "quality"),
-    "dcn_lowrank8": ("DCNv2 low rank 8", ["--config.model.dcn_low_rank=8"], "quality"),
-    "accum5": ("batch 1280 = 5 micro-batches of 256",
-               ["--config.batch_size=1280", "--config.train.grad_accum_steps=5"], "quality"),
-    "tput_8dev": ("throughput, 8 simulated CPU devices (data=2 x model=4)", [], "throughput"),
+                    ["--config.model.gatenet=false", "--config.model.hidden_gates=false"], "quality", None),
+    "dcn_off": ("DCNv2 off", ["--config.model.dcn_layers=0"], "quality", None),
+    "dcn_lowrank8": ("DCNv2 low rank 8", ["--config.model.dcn_low_rank=8"], "quality", None),
+    "baseline_s1": ("baseline, seed=1 data.seed=2", SEED1, "quality", None),
+    "ips_off_s1": ("IPS off, seed=1 data.seed=2", ["--config.train.ips=false", *SEED1], "quality", None),
+    "small_b256": ("batch 256, no accumulation, 400 steps", ["--config.batch_size=256"], "quality", 400),
+    "accum5_b1280": ("5 accumulated micro-batches of 256, 400 steps", ACCUM5, "quality", 400),
+    "accum5_eq": ("5 accumulated micro-batches of 256, 80 steps (small_b256's examples)", ACCUM5,
+                  "quality", 80),
+    "unlogged": ("tiny_unlogged data, IPS on (every ranked impression)", UNLOGGED, "quality", None),
+    "unlogged_ips_off": ("tiny_unlogged data, IPS off", [*UNLOGGED, "--config.train.ips=false"],
+                         "quality", None),
+    "unlogged_ips_positives": ("tiny_unlogged data, IPS weights on responses only",
+                               [*UNLOGGED, "--config.train.ips_target=positives"], "quality", None),
+    "tput_8dev": ("throughput, 8 simulated CPU devices (data=2 x model=4)", [], "throughput", None),
     "tput_1dev": ("throughput, 1 CPU device (data=1 x model=1)",
-                  ["--devices", "cpu:1", "--config.mesh.data=1", "--config.mesh.model=1"], "throughput"),
-    "baseline_s1": ("baseline, seed=1 data.seed=2", SEED1, "quality"),
-    "ips_off_s1": ("IPS off, seed=1 data.seed=2", ["--config.train.ips=false", *SEED1], "quality"),
-    "emb_acc0": ("diagnostic: row-wise Adagrad initial_accumulator 0.1 -> 0 (member, post, hashtag)",
-                 ACC0, "quality"),
+                  ["--devices", "cpu:1", "--config.mesh.data=1", "--config.mesh.model=1"], "throughput", None),
 }
-DEFAULT_ORDER = ("baseline", "ips_off", "gatenet_off", "dcn_off", "dcn_lowrank8", "accum5",
-                 "tput_8dev", "tput_1dev", "baseline_s1", "ips_off_s1", "emb_acc0")
+DEFAULT_ORDER = ("baseline", "ips_off", "ips_positives", "gatenet_off", "dcn_off", "dcn_lowrank8",
+                 "baseline_s1", "ips_off_s1", "small_b256", "accum5_b1280", "accum5_eq",
+                 "unlogged", "unlogged_ips_off", "unlogged_ips_positives", "tput_8dev", "tput_1dev")
 
 
 def command(name: str, workdir: Path, data_dir: str, steps: int, tput_steps: int) -> list[str]:
-    _, extra, kind = VARIANTS[name]
+    _, extra, kind, own_steps = VARIANTS[name]
     base = [*LF_JAX, "train", "--config", "configs/feed_ranker.py:size=tiny", "--workdir", str(workdir),
             f"--config.data.data_dir={data_dir}"]
     if kind == "quality":
-        base += [f"--config.train.steps={steps}", f"--config.train.eval_every={steps}"]
+        steps = own_steps or steps
+        base += [f"--config.train.steps={steps}", f"--config.train.eval_every={steps}",
+                 f"--config.train.checkpoint_every={steps}"]
     else:
         base += [f"--config.train.steps={tput_steps}", "--config.train.eval_every=0",
                  "--config.train.log_every=10", f"--config.train.checkpoint_every={tput_steps}"]
     return base + list(extra)
 
 
-def prebuild(data_dir: str) -> float:
-    """Prepares feed_logs/tiny in data_dir (no-op when present) so no variant times a build."""
+def prebuild(data_dir: str, data_config: str = "tiny") -> float:
+    """Prepares feed_logs/<data_config> in data_dir (no-op when present) so no variant times a build."""
     tic = time.perf_counter()
     code = ("from lf_jax.input.datasets import build_dataset; "
-            f"b = build_dataset('feed_logs', 'tiny', {data_dir!r}); print(b.data_dir)")
+            f"b = build_dataset('feed_logs', {data_config!r}, {data_dir!r}); print(b.data_dir)")
     out = subprocess.run([PYTHON, "-c", code], cwd=REPO, env={**os.environ, "CI": "true"},
                          capture_output=True, text=True)
     if out.returncode:
-        sys.exit(f"building feed_logs/tiny in {data_dir} failed:\n{out.stderr[-4000:]}")
+        sys.exit(f"building feed_logs/{data_config} in {data_dir} failed:\n{out.stderr[-4000:]}")
     elapsed = time.perf_counter() - tic
     print(f"[prebuild] dataset at {out.stdout.strip().splitlines()[-1]} ({elapsed:.1f} s)", flush=True)
     return elapsed
@@ -197,7 +213,7 @@ def tables(results: dict[str, dict]) -> str:
     tput = {n: r for n, r in results.items() if VARIANTS[n][2] == "throughput" and not r["failed"]}
     if tput:
         lines += ["", "Training throughput (median examples/s of the last half of the log rows, "
-                  "10 steps per row; batch 256):", "",
+                  "10 steps per row; batch 512):", "",
                   "| variant | devices / mesh | steps | wall s | examples/s (median, last half) | all rows |",
                   "|---|---|---|---|---|---|"]
         for name, r in tput.items():
@@ -216,10 +232,10 @@ def tables(results: dict[str, dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", required=True, type=Path, help="one workdir per variant under it")
-    parser.add_argument("--data-dir", default="/tmp/tfds_t2")
+    parser.add_argument("--data-dir", default="/tmp/tfds_ranker_bench")
     parser.add_argument("--variants", default=",".join(DEFAULT_ORDER),
                         help=f"comma list, run in this order (known: {', '.join(VARIANTS)})")
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=800, help="steps of the quality variants")
     parser.add_argument("--throughput-steps", type=int, default=100)
     parser.add_argument("--reuse", action="store_true",
                         help="skip variants whose workdir already holds a successful run")
@@ -232,6 +248,8 @@ def main() -> None:
     args.root.mkdir(parents=True, exist_ok=True)
     if not args.table_only:
         prebuild(args.data_dir)
+        if any(UNLOGGED[0] in VARIANTS[name][1] for name in names):
+            prebuild(args.data_dir, "tiny_unlogged")
         for index, name in enumerate(names, 1):
             done = collect(name, args.root)
             if args.reuse and done is not None and not done["failed"]:

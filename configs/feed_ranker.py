@@ -26,7 +26,7 @@ from lf_jax.configuration import ConfigError, parse_config_arg
 
 SIZES = {
     #        members    hashtags posts     dim  batch budget (bytes/device)
-    "tiny": (300, 100, 1_000, 16, 256, 64_000_000),
+    "tiny": (300, 100, 1_000, 32, 512, 64_000_000),
     "small": (100_000, 5_000, 100_000, 32, 1_024, 512_000_000),
     "large": (1_000_000, 50_000, 1_000_000, 64, 16_384, 2_000_000_000),
 }

@@ -1,7 +1,8 @@
 """TFDS builder for the synthetic feed logs (array_record, built offline, no TensorFlow).
 
-Configs: tiny (~220k impressions, ~30 s), small (~1M), large (~10M, minutes to hours);
-see simulator.CONFIGS. Splits: ``train`` (ranked sessions plus a ``random_share`` of
+Configs: tiny (~506k impressions, ~70 s), tiny_unlogged (tiny whose old ranker also saw a
+relevance term the logs lack), small (~1M), large (~10M, minutes to hours); see
+simulator.CONFIGS. Splits: ``train`` (ranked sessions plus a ``random_share`` of
 random-order sessions), ``holdout_ranked`` and ``holdout_random`` (held-out sessions;
 random sessions are only in holdout_random). One example per impression:
 
@@ -60,12 +61,16 @@ class FeedLogs(tfds.core.GeneratorBasedBuilder, skip_registration=_REGISTERED):
     """Synthetic multi-task feed impressions with the true probabilities they were drawn from."""
 
     name = _NAME
-    VERSION = tfds.core.Version("1.2.0")
+    VERSION = tfds.core.Version("1.3.0")
     RELEASE_NOTES = {"1.0.0": "Initial release.",
                      "1.1.0": "tiny: 1k members, 6k train sessions, larger holdouts.",
                      "1.2.0": "tiny: 300 members, 10k sessions of 20 from 40 candidates, 10% random; "
-                              "old model ranks by true affinities; train_stats in metadata."}
-    BUILDER_CONFIGS = [_config(simulator.CONFIGS[size]) for size in ("tiny", "small", "large")]
+                              "old model ranks by true affinities; train_stats in metadata.",
+                     "1.3.0": "histories follow each member's affinities; affinity features "
+                              "noise 0.3 (was 0.5); tiny: 20k train sessions, holdout_random 5k sessions; "
+                              "config tiny_unlogged (the old ranker saw a signal the logs lack)."}
+    BUILDER_CONFIGS = [_config(simulator.CONFIGS[size])
+                       for size in ("tiny", "tiny_unlogged", "small", "large")]
     DEFAULT_CONFIG_NAME = "tiny"
 
     def _info(self) -> tfds.core.DatasetInfo:

@@ -20,6 +20,9 @@ The truth:
     score that favours popular actors and fresh posts, in score order; random sessions
     (a ``random_share`` of train sessions, all of holdout_random) show a uniform random
     subset of the candidates in random order.
+  * logged features: the member's history is what they engaged with (actors and hashtags
+    picked from their topics by affinity, see ``draw_history``); two dense features are the
+    member-actor and member-hashtag affinities plus N(0, ``affinity_noise``) noise.
 
 Example:
     >>> cfg = CONFIGS["tiny"]
@@ -66,6 +69,8 @@ class SimConfig:
     random_share: float = 0.05        # share of train sessions shown in random order
     reshare_share: float = 0.2
     position_bias_exponent: float = 0.8
+    affinity_noise: float = 0.3       # std of the noise on the logged affinity features
+    unlogged_signal: float = 0.0      # std of a relevance term only the old ranker saw (0: none)
     latent_dim: int = 16
     max_post_hashtags: int = 5
     max_history: int = 50
@@ -91,16 +96,21 @@ class SimConfig:
                             "history_hashtags": self.max_history},
             "random_share": self.random_share,
             "position_bias_exponent": self.position_bias_exponent,
+            "affinity_noise": self.affinity_noise, "unlogged_signal": self.unlogged_signal,
             "num_examples": {split: self.num_impressions(split) for split in SPLITS},
             "seed": self.seed,
         }
 
 
+_TINY = SimConfig(name="tiny", num_members=300, num_hashtags=100, num_posts=1_000,
+                  num_topics=8, train_sessions=20_000, holdout_ranked_sessions=300,
+                  holdout_random_sessions=5_000, chunk_sessions=2_000, random_share=0.1,
+                  num_candidates=40)
 CONFIGS = {
-    "tiny": SimConfig(name="tiny", num_members=300, num_hashtags=100, num_posts=1_000,
-                      num_topics=8, train_sessions=10_000, holdout_ranked_sessions=300,
-                      holdout_random_sessions=750, chunk_sessions=2_000, random_share=0.1,
-                      num_candidates=40),
+    "tiny": _TINY,
+    # tiny plus a relevance term the old ranker used and the logs lack: selection on an
+    # unobservable, what position IPS exists to correct (README "Feed ranker", IPS).
+    "tiny_unlogged": dataclasses.replace(_TINY, name="tiny_unlogged", unlogged_signal=1.0),
     "small": SimConfig(name="small", num_members=100_000, num_hashtags=5_000,
                        num_posts=100_000, num_topics=32, train_sessions=45_000,
                        holdout_ranked_sessions=4_000, holdout_random_sessions=2_500),
@@ -229,13 +239,28 @@ def _sigmoid(z):
     return 1.0 / (1.0 + np.exp(-z))
 
 
-def draw_history(rng, topics: np.ndarray, length: np.ndarray, sampler, max_len: int):
-    """[S, max_len] ids (-1 padded, most recent first) from the members' topics."""
-    S = len(length)
-    pick = rng.random((S, max_len))
+def draw_history(rng, world: "World", members: np.ndarray, length: np.ndarray, kind: str,
+                 max_len: int) -> np.ndarray:
+    """[S, max_len] ids (-1 padded) the members engaged with; ``kind``: "actors" | "hashtags".
+
+    A pool of 3 * max_len items per member comes from the member's topics (60% primary, 25%
+    secondary, 15% anywhere, popularity-weighted); the member engaged with the ``length``
+    pool items of highest 3 * affinity + Gumbel noise, so a history carries the member's own
+    taste, not only their topics.
+    """
+    if kind not in ("actors", "hashtags"):
+        raise ValueError(f"kind must be 'actors' or 'hashtags', got {kind!r}")
+    sampler, vecs = ((world.actor_sampler, world.member_vecs) if kind == "actors"
+                     else (world.hashtag_sampler, world.hashtag_vecs))
+    S, pool = len(members), 3 * max_len
+    topics = world.member_topics[members]
+    pick = rng.random((S, pool))
     topic = np.where(pick < 0.6, topics[:, :1], topics[:, 1:2])
-    ids = np.where(pick < 0.85, sampler.sample(rng, topic), sampler.sample(rng, None, (S, max_len)))
-    return np.where(np.arange(max_len) < length[:, None], ids, -1)
+    ids = np.where(pick < 0.85, sampler.sample(rng, topic), sampler.sample(rng, None, (S, pool)))
+    score = (3.0 * np.einsum("sd,spd->sp", world.member_vecs[members], vecs[ids])
+             + rng.gumbel(size=(S, pool)))
+    engaged = np.take_along_axis(ids, np.argsort(-score, axis=1)[:, :max_len], axis=1)
+    return np.where(np.arange(max_len) < length[:, None], engaged, -1)
 
 
 def simulate_sessions(cfg: SimConfig, world: World, split: str, first_session: int, count: int,
@@ -260,14 +285,19 @@ def simulate_sessions(cfg: SimConfig, world: World, split: str, first_session: i
     log_age = np.log1p(rng.lognormal(2.5, 1.0, (S, C)))
     log_root_followers = np.log1p(world.followers[root])
     logits = relevance_logits(world, member, cands, aff, log_age)             # [S, C, 4]
+    if cfg.unlogged_signal:   # drawn only when on, so worlds without it keep their streams
+        unlogged = rng.normal(0.0, cfg.unlogged_signal, (S, C))
+        logits = logits + unlogged[..., None]
     relevance = np.clip(_sigmoid(logits), 1e-6, 1 - 1e-6)
-    noisy_actor_aff = aff[..., 0] + rng.normal(0.0, 0.5, (S, C))
-    noisy_tag_aff = aff[..., 2] + rng.normal(0.0, 0.5, (S, C))
+    noisy_actor_aff = aff[..., 0] + rng.normal(0.0, cfg.affinity_noise, (S, C))
+    noisy_tag_aff = aff[..., 2] + rng.normal(0.0, cfg.affinity_noise, (S, C))
     log_prior_likes = np.log1p(world.post_prior_likes[cands])
     # Old model: popular actors first, true member-author and member-hashtag affinities (it
     # learned them from years of logs), freshness, noise: ranked sessions over-show relevance.
     old_score = (1.0 * np.log1p(world.followers[actor]) + 0.6 * aff[..., 0] + 0.6 * aff[..., 2]
                  + 0.3 * log_prior_likes - 0.4 * log_age + rng.gumbel(0.0, 0.7, (S, C)))
+    if cfg.unlogged_signal:   # the old ranker saw it at serving time; the logs do not carry it
+        old_score = old_score + 1.5 * unlogged
     order_key = np.where(is_random[:, None], rng.random((S, C)), -old_score)
     shown = np.argsort(order_key, axis=1)[:, :P]                              # [S, P]
 
@@ -282,10 +312,12 @@ def simulate_sessions(cfg: SimConfig, world: World, split: str, first_session: i
     examined = rng.random(S * P) < examine
     labels = (examined[:, None] & (rng.random((S * P, 4)) < rel)).astype(np.int64)
     activity = world.member_activity[session_member]
-    hist_actors = draw_history(rng, topics, np.minimum(rng.poisson(12 * activity), cfg.max_history),
-                           world.actor_sampler, cfg.max_history)
-    hist_tags = draw_history(rng, topics, np.minimum(rng.poisson(10 * activity), cfg.max_history),
-                         world.hashtag_sampler, cfg.max_history)
+    hist_actors = draw_history(rng, world, session_member,
+                               np.minimum(rng.poisson(12 * activity), cfg.max_history), "actors",
+                               cfg.max_history)
+    hist_tags = draw_history(rng, world, session_member,
+                             np.minimum(rng.poisson(10 * activity), cfg.max_history), "hashtags",
+                             cfg.max_history)
     member_imp = np.repeat(session_member, P)
     actor_imp, root_imp = take(actor), take(root)
     dense = np.stack([np.log1p(world.followers[actor_imp]), take(log_root_followers), take(log_age),

@@ -96,15 +96,15 @@ class FeedWorldFeatures:
         log_age, noise = np.empty((q, k)), np.empty((q, k, 2))
         for row, member in enumerate(members_q):   # one stream per member: a request is reproducible
             rng = np.random.default_rng([self.seed, int(member)])
-            topics, activity = w.member_topics[member][None], w.member_activity[member][None]
+            members, activity = np.array([member]), w.member_activity[member][None]
             hist_actors[row] = self.sim.draw_history(
-                rng, topics, np.minimum(rng.poisson(12 * activity), cfg.max_history),
-                w.actor_sampler, cfg.max_history)[0]
+                rng, w, members, np.minimum(rng.poisson(12 * activity), cfg.max_history),
+                "actors", cfg.max_history)[0]
             hist_tags[row] = self.sim.draw_history(
-                rng, topics, np.minimum(rng.poisson(10 * activity), cfg.max_history),
-                w.hashtag_sampler, cfg.max_history)[0]
+                rng, w, members, np.minimum(rng.poisson(10 * activity), cfg.max_history),
+                "hashtags", cfg.max_history)[0]
             log_age[row] = np.log1p(rng.lognormal(2.5, 1.0, k))
-            noise[row] = rng.normal(0.0, 0.5, (k, 2))
+            noise[row] = rng.normal(0.0, cfg.affinity_noise, (k, 2))
         member_qk = np.repeat(members_q[:, None], k, axis=1)
         actor, root = w.post_actor[posts_qk], w.post_root_actor[posts_qk]
         tags = w.post_hashtags[posts_qk]

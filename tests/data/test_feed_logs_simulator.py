@@ -144,7 +144,7 @@ def test_metadata_and_split_sizes():
         assert meta["tasks"] == ["like", "comment", "share", "long_dwell"]
         assert len(meta["dense_features"]) == meta["dense_dim"] == 8
     tiny, large = sim.CONFIGS["tiny"], sim.CONFIGS["large"]
-    assert 100_000 < sum(tiny.num_impressions(s) for s in sim.SPLITS) < 300_000
+    assert 100_000 < sum(tiny.num_impressions(s) for s in sim.SPLITS) < 600_000
     assert large.num_members >= 1_000_000
     assert sum(large.num_impressions(s) for s in sim.SPLITS) >= 10_000_000
     with pytest.raises(ValueError, match="split"):
@@ -158,3 +158,51 @@ def test_session_ids_are_disjoint_across_splits():
            for split in ("holdout_ranked", "holdout_random")}
     assert not set(ids["holdout_ranked"]) & set(ids["holdout_random"])
     assert ids["holdout_ranked"].min() == cfg.train_sessions
+
+
+def test_history_follows_the_members_own_affinities(sample):
+    """Histories are what a member engaged with: their items score a clearly higher affinity
+    with the member than items drawn from the member's topics alone (the pool they come from)."""
+    _, world, d = sample
+    first = np.unique(d["session_id"], return_index=True)[1]
+    members = d["member_id"][first]
+    rng = np.random.default_rng(0)
+    for field, sampler, vecs in (("history_actors", world.actor_sampler, world.member_vecs),
+                                 ("history_hashtags", world.hashtag_sampler, world.hashtag_vecs)):
+        ids = d[field][first]
+        valid = ids >= 0
+        engaged = np.einsum("sd,sld->sl", world.member_vecs[members], vecs[np.maximum(ids, 0)])[valid]
+        topics, pick = world.member_topics[members], rng.random(ids.shape)   # the pool's mixture
+        topic = np.where(pick < 0.6, topics[:, :1], topics[:, 1:2])
+        pool = np.where(pick < 0.85, sampler.sample(rng, topic), sampler.sample(rng, None, ids.shape))
+        drawn = np.einsum("sd,sld->sl", world.member_vecs[members], vecs[pool])
+        assert engaged.mean() > drawn.mean() + 0.06, (field, engaged.mean(), drawn.mean())
+
+
+def test_draw_history_rejects_an_unknown_kind(sample):
+    cfg, world, _ = sample
+    with pytest.raises(ValueError, match="kind must be"):
+        sim.draw_history(np.random.default_rng(0), world, np.array([0]), np.array([3]), "posts", 5)
+
+
+def test_unlogged_signal_is_selection_on_an_unobservable():
+    """tiny_unlogged: relevance has a term the logs do not carry (the stored relevance minus
+    the truth recomputed from logged fields), and the old ranker put high values of it on
+    top; random sessions show no such trend, and tiny (signal off) has no such term."""
+    def residual(name):
+        cfg = dataclasses.replace(sim.CONFIGS[name], train_sessions=2000, random_share=0.5)
+        world = sim.make_world(cfg)
+        d = _concat(sim.simulate_chunks(cfg, "train", world))
+        aff = sim.affinities(world, d["member_id"], d["actor_id"], d["root_actor_id"], d["post_hashtags"])
+        logged = sim.relevance_logits(world, d["member_id"], d["post_id"], aff, d["dense"][:, 2])[:, 0]
+        rel = d["relevance_probs"][:, 0].astype(np.float64)
+        kept = rel > 1e-5                                   # not clipped at 1e-6
+        return (np.log(rel / (1 - rel)) - logged)[kept], d["position"][kept], d["random_session"][kept]
+
+    off, _, _ = residual("tiny")
+    assert np.abs(off).max() < 1e-3
+    term, position, random = residual("tiny_unlogged")
+    assert 0.8 < term.std() < 1.2
+    top, bottom = position < 5, position >= 15
+    assert term[~random & top].mean() > term[~random & bottom].mean() + 0.5
+    assert abs(term[random & top].mean() - term[random & bottom].mean()) < 0.15

@@ -95,21 +95,27 @@ def test_errors_name_the_path(tmp_path):
         build_dataset("feed_logs", data_dir=a_file / "sub")
 
 
-def test_split_over_the_shuffle_buffer_builds_without_tensorflow(feed_builder, tmp_path,
-                                                                   monkeypatch):
-    """tfds spills splits over 1 GB (here: 100 kB) to bucket files, through tf.io.gfile."""
+def test_split_over_the_shuffle_buffer_builds_without_tensorflow(tmp_path, monkeypatch):
+    """tfds spills splits over 1 GB (here: 100 kB) to bucket files, through tf.io.gfile; the
+    spilled build holds the same records in the same order as one shuffled in memory (a
+    1,000-session tiny world keeps both builds short)."""
+    import dataclasses
     from tensorflow_datasets.core import shuffle
 
+    tiny = builder_class("feed_logs").builder_configs["tiny"]
+    monkeypatch.setattr(tiny, "sim", dataclasses.replace(
+        tiny.sim, train_sessions=1_000, holdout_ranked_sessions=50, holdout_random_sessions=100))
+    want = build_dataset("feed_logs", config="tiny", data_dir=tmp_path / "in_memory")
     monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 100_000)
-    spilled = build_dataset("feed_logs", config="tiny", data_dir=tmp_path)
+    spilled = build_dataset("feed_logs", config="tiny", data_dir=tmp_path / "spilled")
     assert not list(tmp_path.rglob("bucket_*.tmp"))                 # cleaned up
     for split in ("train", "holdout_random"):
-        want, got = feed_builder.as_data_source(split), spilled.as_data_source(split)
-        assert len(got) == len(want)
-        for i in range(0, len(want), 97):                            # same records, same order
-            assert got[i]["session_id"] == want[i]["session_id"]
-            assert got[i]["position"] == want[i]["position"]
-            np.testing.assert_array_equal(got[i]["history_actors"], want[i]["history_actors"])
+        want_source, got = want.as_data_source(split), spilled.as_data_source(split)
+        assert len(got) == len(want_source) == tiny.sim.num_impressions(split)
+        for i in range(0, len(want_source), 97):                     # same records, same order
+            assert got[i]["session_id"] == want_source[i]["session_id"]
+            assert got[i]["position"] == want_source[i]["position"]
+            np.testing.assert_array_equal(got[i]["history_actors"], want_source[i]["history_actors"])
 
 
 def test_train_stats_match_the_stored_records(feed_builder):
