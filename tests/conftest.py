@@ -50,8 +50,8 @@ def feed_builder(feed_data_dir):
 
 @pytest.fixture(scope="session")
 def shrunk_ranker_config(repo_root, feed_data_dir):
-    """Factory of the tiny feed ranker shrunk for tests (batch 64, MLP (32,), one cross
-    layer) reading the session's feed_logs build; each call returns a fresh ConfigDict
+    """Factory of the tiny feed ranker shrunk for tests (batch 64, id tables of dim 16,
+    MLP (32,), one cross layer) reading the session's feed_logs build; each call returns a fresh ConfigDict
     for a test to add its own overrides to (``with config.unlocked(): ...``)."""
     from lf_jax.configuration import load_config
 
@@ -59,6 +59,8 @@ def shrunk_ranker_config(repo_root, feed_data_dir):
         config = load_config(f"{repo_root}/configs/feed_ranker.py:size=tiny")
         with config.unlocked():
             config.batch_size = 64
+            for table in ("member", "hashtag", "post"):
+                config.embedding.tables[table].dim = 16
             config.model.mlp_dims = (32,)
             config.model.dcn_layers = 1
             config.data.data_dir = str(feed_data_dir)

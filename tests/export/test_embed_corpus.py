@@ -155,7 +155,8 @@ def test_missing_and_mismatched_checkpoints(ranker_run, tmp_path):
 def test_cli_export_and_its_errors(ranker_run, repo_root, tmp_path, capsys):
     workdir, data_dir = ranker_run["workdir"], ranker_run["config"].data.data_dir
     base = ["export", "--config", f"{repo_root}/configs/feed_ranker.py:size=tiny",
-            f"--config.data.data_dir={data_dir}", "--config.batch_size=64"]
+            f"--config.data.data_dir={data_dir}", "--config.batch_size=64",
+            *(f"--config.embedding.tables.{t}.dim=16" for t in ("member", "hashtag", "post"))]
     assert main([*base, "--workdir", str(tmp_path / "none"), "--entity", "posts",
                  "--output", str(tmp_path / "out")]) == 2
     assert "no checkpoint" in capsys.readouterr().err

@@ -17,7 +17,7 @@ FIELDS = set(SCALARS) | set(LISTS) | set(FOURS) | {"random_session", "dense"}
 
 def test_tiny_builds_with_documented_splits_and_metadata(feed_builder):
     meta = dataset_metadata(feed_builder)
-    assert meta["num_examples"] == {"train": 200_000, "holdout_ranked": 6_000, "holdout_random": 15_000}
+    assert meta["num_examples"] == {"train": 400_000, "holdout_ranked": 6_000, "holdout_random": 100_000}
     assert meta["num_members"] == 300 and meta["num_hashtags"] == 100 and meta["num_posts"] == 1_000
     assert meta["max_lengths"] == {"post_hashtags": 5, "history_actors": 50, "history_hashtags": 50}
     assert meta["tasks"] == ["like", "comment", "share", "long_dwell"] and meta["dense_dim"] == 8
