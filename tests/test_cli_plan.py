@@ -14,7 +14,7 @@ def test_plan_prints_the_table_for_tiny(repo_root, capsys):
     assert main(["plan", "--config", f"{repo_root}/configs/feed_ranker.py:size=tiny"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert lines[0].startswith("plan for mesh data=2 x model=4 (8 devices), batch 256")
+    assert lines[0].startswith("plan for mesh data=2 x model=4 (8 devices), batch 512")
     assert lines[1].split()[:5] == ["table", "rows", "dim", "bytes", "strategy"]
     for name in ("member", "hashtag", "position"):
         assert any(line.startswith(name + " ") for line in lines)

@@ -263,6 +263,18 @@ def draw_history(rng, world: "World", members: np.ndarray, length: np.ndarray, k
     return np.where(np.arange(max_len) < length[:, None], engaged, -1)
 
 
+def draw_histories(rng, world: "World", members: np.ndarray, max_len: int):
+    """([S, max_len] actor ids, [S, max_len] hashtag ids), -1 padded: a member's recent
+    history, Poisson(12 * activity) actors and Poisson(10 * activity) hashtags (capped at
+    ``max_len``), each drawn by ``draw_history``. Logs and serving both use this one draw."""
+    activity = world.member_activity[members]
+    actors = draw_history(rng, world, members, np.minimum(rng.poisson(12 * activity), max_len),
+                          "actors", max_len)
+    hashtags = draw_history(rng, world, members, np.minimum(rng.poisson(10 * activity), max_len),
+                            "hashtags", max_len)
+    return actors, hashtags
+
+
 def simulate_sessions(cfg: SimConfig, world: World, split: str, first_session: int, count: int,
                       rng: np.random.Generator) -> dict[str, np.ndarray]:
     """``count`` sessions of ``split`` as impression arrays (n = count * session_length)."""
@@ -311,13 +323,7 @@ def simulate_sessions(cfg: SimConfig, world: World, split: str, first_session: i
     true_probs = examine[:, None] * rel
     examined = rng.random(S * P) < examine
     labels = (examined[:, None] & (rng.random((S * P, 4)) < rel)).astype(np.int64)
-    activity = world.member_activity[session_member]
-    hist_actors = draw_history(rng, world, session_member,
-                               np.minimum(rng.poisson(12 * activity), cfg.max_history), "actors",
-                               cfg.max_history)
-    hist_tags = draw_history(rng, world, session_member,
-                             np.minimum(rng.poisson(10 * activity), cfg.max_history), "hashtags",
-                             cfg.max_history)
+    hist_actors, hist_tags = draw_histories(rng, world, session_member, cfg.max_history)
     member_imp = np.repeat(session_member, P)
     actor_imp, root_imp = take(actor), take(root)
     dense = np.stack([np.log1p(world.followers[actor_imp]), take(log_root_followers), take(log_age),

@@ -96,13 +96,8 @@ class FeedWorldFeatures:
         log_age, noise = np.empty((q, k)), np.empty((q, k, 2))
         for row, member in enumerate(members_q):   # one stream per member: a request is reproducible
             rng = np.random.default_rng([self.seed, int(member)])
-            members, activity = np.array([member]), w.member_activity[member][None]
-            hist_actors[row] = self.sim.draw_history(
-                rng, w, members, np.minimum(rng.poisson(12 * activity), cfg.max_history),
-                "actors", cfg.max_history)[0]
-            hist_tags[row] = self.sim.draw_history(
-                rng, w, members, np.minimum(rng.poisson(10 * activity), cfg.max_history),
-                "hashtags", cfg.max_history)[0]
+            actors, tags = self.sim.draw_histories(rng, w, np.array([member]), cfg.max_history)
+            hist_actors[row], hist_tags[row] = actors[0], tags[0]
             log_age[row] = np.log1p(rng.lognormal(2.5, 1.0, k))
             noise[row] = rng.normal(0.0, cfg.affinity_noise, (k, 2))
         member_qk = np.repeat(members_q[:, None], k, axis=1)

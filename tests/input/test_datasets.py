@@ -23,8 +23,13 @@ def test_tiny_builds_with_documented_splits_and_metadata(feed_builder):
     assert meta["tasks"] == ["like", "comment", "share", "long_dwell"] and meta["dense_dim"] == 8
     assert meta["name"] == "feed_logs" and meta["config"] == "tiny"
     assert set(feed_builder.info.features) == FIELDS
-    files = list(feed_builder.data_path.glob("*.array_record*"))
-    assert len(files) == 3
+    files = sorted(f.name for f in feed_builder.data_path.glob("*.array_record*"))
+    for split in meta["num_examples"]:                   # every split complete: shards 0..n-1 of n
+        shards = [f for f in files if f.startswith(f"feed_logs-{split}.array_record-")]
+        count = len(shards)
+        assert shards == [f"feed_logs-{split}.array_record-{i:05d}-of-{count:05d}" for i in range(count)]
+    assert len(files) == sum(1 for f in files if f.split(".array_record-")[0] in
+                             {f"feed_logs-{s}" for s in meta["num_examples"]})
 
 
 @pytest.mark.parametrize("split", ["train", "holdout_ranked", "holdout_random"])
