@@ -1,5 +1,6 @@
 """build_dataset / dataset_metadata and the feed_logs tfds builder (tiny, built offline)."""
 
+import dataclasses
 import importlib.util
 import sys
 
@@ -13,6 +14,24 @@ SCALARS = ("member_id", "actor_id", "root_actor_id", "post_id", "session_id", "p
 LISTS = {"post_hashtags": (1, 5), "history_actors": (0, 50), "history_hashtags": (0, 50)}
 FOURS = {"labels": np.int64, "true_probs": np.float32, "relevance_probs": np.float32}
 FIELDS = set(SCALARS) | set(LISTS) | set(FOURS) | {"random_session", "dense"}
+
+
+def _shrink_tiny(patch):
+    """Patches tiny's simulator config to a 1,000-session world (20,000 train impressions)."""
+    tiny = builder_class("feed_logs").builder_configs["tiny"]
+    patch.setattr(tiny, "sim", dataclasses.replace(
+        tiny.sim, train_sessions=1_000, holdout_ranked_sessions=50, holdout_random_sessions=100))
+    return tiny
+
+
+@pytest.fixture(scope="module")
+def small_tiny_build(tmp_path_factory):
+    """(tiny's config as shrunk, a feed_logs build of it): a complete build in seconds."""
+    with pytest.MonkeyPatch.context() as patch:
+        tiny = _shrink_tiny(patch)
+        sim = tiny.sim
+        builder = build_dataset("feed_logs", config="tiny", data_dir=tmp_path_factory.mktemp("small_tiny"))
+    return sim, builder
 
 
 def test_tiny_builds_with_documented_splits_and_metadata(feed_builder):
@@ -101,33 +120,33 @@ def test_errors_name_the_path(tmp_path):
         build_dataset("feed_logs", data_dir=a_file / "sub")
 
 
-def test_split_over_the_shuffle_buffer_builds_without_tensorflow(tmp_path, monkeypatch):
+def test_split_over_the_shuffle_buffer_builds_without_tensorflow(small_tiny_build, tmp_path,
+                                                                 monkeypatch):
     """tfds spills splits over 1 GB (here: 100 kB) to bucket files, through tf.io.gfile; the
     spilled build holds the same records in the same order as one shuffled in memory (a
     1,000-session tiny world keeps both builds short)."""
-    import dataclasses
     from tensorflow_datasets.core import shuffle
 
-    tiny = builder_class("feed_logs").builder_configs["tiny"]
-    monkeypatch.setattr(tiny, "sim", dataclasses.replace(
-        tiny.sim, train_sessions=1_000, holdout_ranked_sessions=50, holdout_random_sessions=100))
-    want = build_dataset("feed_logs", config="tiny", data_dir=tmp_path / "in_memory")
+    sim, want = small_tiny_build
+    _shrink_tiny(monkeypatch)
     monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 100_000)
     spilled = build_dataset("feed_logs", config="tiny", data_dir=tmp_path / "spilled")
     assert not list(tmp_path.rglob("bucket_*.tmp"))                 # cleaned up
     for split in ("train", "holdout_random"):
         want_source, got = want.as_data_source(split), spilled.as_data_source(split)
-        assert len(got) == len(want_source) == tiny.sim.num_impressions(split)
+        assert len(got) == len(want_source) == sim.num_impressions(split)
         for i in range(0, len(want_source), 97):                     # same records, same order
             assert got[i]["session_id"] == want_source[i]["session_id"]
             assert got[i]["position"] == want_source[i]["position"]
             np.testing.assert_array_equal(got[i]["history_actors"], want_source[i]["history_actors"])
 
 
-def test_train_stats_match_the_stored_records(feed_builder):
-    """The builder's train_stats (dense standardisation, IPS counts) equal a pass over train."""
+def test_train_stats_match_the_stored_records(small_tiny_build):
+    """The builder's train_stats (dense standardisation, IPS counts) equal a pass over train
+    (of a 1,000-session build: the pass decodes every record)."""
     from lf_jax.train.ips import position_counts
     from lf_jax.train.ranker import dense_feature_stats
+    _, feed_builder = small_tiny_build
     stats = dataset_metadata(feed_builder)["train_stats"]
     source = feed_builder.as_data_source("train")
     rows = source.__getitems__(list(range(len(source))))
