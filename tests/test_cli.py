@@ -37,11 +37,15 @@ def test_unknown_override_is_one_clear_error(repo_root, capsys):
 
 
 @pytest.mark.slow
-def test_demo_runs_in_a_fresh_process(tmp_path, repo_root):
+def test_demo_runs_in_a_fresh_process(tmp_path, repo_root, feed_builder, feed_data_dir):
+    """The whole demo in a fresh process, reading the session's tiny feed_logs build (`make
+    demo` builds it into its workdir; the build itself is tested in tests/input)."""
     env = dict(os.environ, CI="true")
     env.pop("XLA_FLAGS", None)
     result = subprocess.run(
         [sys.executable, "-m", "lf_jax.cli", "demo", "--workdir", str(tmp_path / "demo"),
+         f"--config.ranker.data.data_dir={feed_data_dir}",
+         f"--config.dual_encoder.data.data_dir={feed_data_dir}",
          "--config.ranker.train.steps=4", "--config.ranker.batch_size=64",
          "--config.dual_encoder.train.steps=4", "--config.dual_encoder.batch_size=64"],
         capture_output=True, text=True, env=env, timeout=600, cwd=repo_root)
