@@ -39,6 +39,7 @@ import sys
 import numpy as np
 
 from lf_jax.errors import UserInputError
+from lf_jax.input.record_decoding import RecordBatchDecoder
 
 PAD_ID = -1
 
@@ -93,7 +94,8 @@ class _ProcessRows:
 
 
 class _ReadBatch:
-    """Record indices -> a collated batch, read with one ``__getitems__`` call.
+    """Record indices -> a padded batch: the raw records read with one ``__getitems__`` call,
+    decoded together by ``RecordBatchDecoder`` (equal to ``collate`` of tfds-decoded examples).
 
     Pickles as (prepared dataset directory, split): a grain worker process reopens the
     source with tfds.builder_from_directory, without importing the builder's code.
@@ -102,13 +104,13 @@ class _ReadBatch:
     def __init__(self, builder_dir: str, split: str, max_lengths, int_dtype, source=None):
         self.builder_dir, self.split = builder_dir, split
         self.max_lengths, self.int_dtype = dict(max_lengths), int_dtype
-        self._source = source
+        self._source, self._decoder = source, None
 
     def __getstate__(self):
-        return {k: v for k, v in vars(self).items() if k != "_source"}
+        return {k: v for k, v in vars(self).items() if k not in ("_source", "_decoder")}
 
     def __setstate__(self, state):
-        vars(self).update(state, _source=None)
+        vars(self).update(state, _source=None, _decoder=None)
 
     @property
     def source(self):
@@ -117,9 +119,15 @@ class _ReadBatch:
             self._source = tfds.builder_from_directory(self.builder_dir).as_data_source(self.split)
         return self._source
 
+    @property
+    def decoder(self) -> RecordBatchDecoder:
+        if self._decoder is None:
+            self._decoder = RecordBatchDecoder(self.source.dataset_info.features, self.max_lengths,
+                                               self.int_dtype)
+        return self._decoder
+
     def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        examples = self.source.__getitems__([int(i) for i in indices])
-        return collate(examples, self.max_lengths, self.int_dtype)
+        return self.decoder(self.source.data_source.__getitems__([int(i) for i in indices]))
 
 
 def _max_lengths(builder, max_lengths: Mapping[str, int] | None) -> dict[str, int]:
