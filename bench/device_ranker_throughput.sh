@@ -11,7 +11,7 @@
 # Runs, one after another, each in a fresh workdir /tmp/tput/NAME, no eval, a row in
 # history.jsonl every 10 steps, one checkpoint at the end:
 #   gpu_b512   --devices real, mesh 1x1, batch 512, 300 steps
-#   gpu_b4096  --devices real, mesh 1x1, batch 4096, 150 steps
+#   gpu_b4096  --devices real, mesh 1x1, batch 4096, 150 steps, planner budget 4 GB
 #   cpu8_b512  JAX_PLATFORMS=cpu --devices cpu:8 (config mesh data=2 x model=4), batch 512, 100 steps
 #   cpu1_b512  JAX_PLATFORMS=cpu --devices cpu:1, mesh 1x1, batch 512, 60 steps
 # Throughput = median examples_per_second over the last half of a run's rows (the first row
@@ -202,7 +202,8 @@ main() {
   build_dataset || { echo "dataset build failed: stopping"; summary; return 1; }
   if [[ $SKIP_GPU != 1 ]]; then
     run gpu_b512 300 cuda --devices real --config.mesh.data=1 --config.mesh.model=1
-    run gpu_b4096 150 cuda --devices real --config.mesh.data=1 --config.mesh.model=1 --config.batch_size=4096
+    run gpu_b4096 150 cuda --devices real --config.mesh.data=1 --config.mesh.model=1 --config.batch_size=4096 \
+        --config.embedding.memory_budget_bytes=4000000000   # the planner's 64 MB default rejects 4096 on 1 device
   fi
   run cpu8_b512 100 cpu --devices cpu:8
   run cpu1_b512 60 cpu --devices cpu:1 --config.mesh.data=1 --config.mesh.model=1
