@@ -185,12 +185,13 @@ class FeedIterator(Iterator):
 
     ``get_state()`` returns {"pipeline": <the arguments that fix the order>, "grain": ...};
     ``set_state()`` accepts that dict (or its JSON string) and raises PipelineError when it
-    was saved by a pipeline with another split, seed or global batch size; the shard (process
-    index and count) may differ, as the position is global. With Orbax, save it as
+    was saved by a pipeline with another split, seed, global batch size or worker count (grain
+    keeps the position of worker processes in another form); the shard (process index and
+    count) may differ, as the position is global. With Orbax, save it as
     ``ocp.args.JsonSave(it.get_state())`` next to the model (one copy, from process 0).
     """
     # Fields that only say which rows of a global batch this process reads.
-    PER_PROCESS = ("shard_index", "shard_count", "batch_size", "worker_count")
+    PER_PROCESS = ("shard_index", "shard_count", "batch_size")
 
     def __init__(self, iterator, signature: dict):
         self._iterator = iterator

@@ -120,6 +120,12 @@ def test_state_from_another_pipeline_is_refused(feed_builder):
         other.set_state(state)
     with pytest.raises(PipelineError, match="keys 'pipeline' and 'grain'"):
         other.set_state({"next_index": 3})
+    # grain's state for worker processes has another form: a worker-count change is named
+    saved_with_workers = {"pipeline": {**state["pipeline"], "worker_count": 2}, "grain": state["grain"]}
+    same_seed = train_iterator(feed_builder, global_batch_size=64, seed=7, shard_index=1, shard_count=2)
+    with pytest.raises(PipelineError, match="worker_count=2 but this pipeline has worker_count=0"):
+        same_seed.set_state(saved_with_workers)
+    same_seed.set_state(state)                                 # another shard of the same order: fine
 
 
 def test_bad_arguments_are_named(feed_builder):
