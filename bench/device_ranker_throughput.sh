@@ -7,6 +7,18 @@
 # machine's image lacks, e.g. grain, array-record, tensorflow-datasets, ml-collections;
 # optax/orbax-checkpoint/flax pinned). It is installed with --target /tmp/site, which is put
 # first on PYTHONPATH together with the repository, so `python3 -m lf_jax.cli` is `lf-jax`.
+# The bundle measured in bench/BENCHMARKS.md (Python 3.12 image with jax 0.11.2; 13 MB):
+#   for w in array-record==0.8.6 attrs==26.1.0 cloudpickle==3.1.3 dm-tree==0.1.10 \
+#            docstring-parser==0.18.0 einops==0.8.2 flax==0.12.12 googleapis-common-protos==1.76.0 \
+#            grain==0.2.18 immutabledict==4.3.1 ml-collections==1.1.0 optax==0.2.8 \
+#            orbax-checkpoint==0.12.8 portpicker==1.6.0 simple-parsing==0.1.9 six==1.17.0 \
+#            tensorboardx==2.6.5 tensorflow-datasets==4.9.10 tensorflow-metadata==1.21.0 \
+#            termcolor==3.3.0 toml==0.10.2; do
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+#       --platform manylinux2014_x86_64 -d .whl "$w"; done
+#   python3 -m pip wheel --no-deps -w .whl promise==2.3        # sdist only on PyPI: pure Python
+# (flax 0.12.8, the version pinned in constraints.txt, does not import under jax 0.11.2.)
 #
 # Runs, one after another, each in a fresh workdir /tmp/tput/NAME, no eval, a row in
 # history.jsonl every 10 steps, one checkpoint at the end:
