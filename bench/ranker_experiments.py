@@ -27,6 +27,8 @@ evaluation at the end unless a variant names its own step count):
   tput_8dev       throughput only: default 8 simulated CPU devices (mesh data=2 x model=4),
                   steps=100, no eval, log every 10 steps
   tput_1dev       the same on --devices cpu:1 --config.mesh.data=1 --config.mesh.model=1
+  tput_8dev_w2, tput_1dev_w2   the same with --config.data.worker_count=2 (batches decoded
+                  in 2 grain worker processes instead of threads of the training process)
 
 Wall time is the whole subprocess (jax start, dataset open, IPS table, compile, 600 steps,
 checkpoints, eval). Training throughput is the median examples_per_second of the last half
@@ -57,6 +59,7 @@ HOLDOUTS = ("holdout_random", "holdout_ranked")
 SEED1 = ["--config.seed=1", "--config.data.seed=2"]
 ACCUM5 = ["--config.batch_size=1280", "--config.train.grad_accum_steps=5"]
 UNLOGGED = ["--config.data.config=tiny_unlogged"]
+ONE_DEVICE = ["--devices", "cpu:1", "--config.mesh.data=1", "--config.mesh.model=1"]
 
 # name -> (description, extra CLI arguments, kind, steps or None for --steps)
 # kind: "quality" (evaluated at the end) or "throughput"
@@ -81,12 +84,16 @@ VARIANTS = {
     "unlogged_ips_positives": ("tiny_unlogged data, IPS weights on responses only",
                                [*UNLOGGED, "--config.train.ips_target=positives"], "quality", None),
     "tput_8dev": ("throughput, 8 simulated CPU devices (data=2 x model=4)", [], "throughput", None),
-    "tput_1dev": ("throughput, 1 CPU device (data=1 x model=1)",
-                  ["--devices", "cpu:1", "--config.mesh.data=1", "--config.mesh.model=1"], "throughput", None),
+    "tput_1dev": ("throughput, 1 CPU device (data=1 x model=1)", ONE_DEVICE, "throughput", None),
+    "tput_8dev_w2": ("throughput, 8 simulated CPU devices, 2 grain worker processes",
+                     ["--config.data.worker_count=2"], "throughput", None),
+    "tput_1dev_w2": ("throughput, 1 CPU device, 2 grain worker processes",
+                     [*ONE_DEVICE, "--config.data.worker_count=2"], "throughput", None),
 }
 DEFAULT_ORDER = ("baseline", "ips_off", "ips_positives", "gatenet_off", "dcn_off", "dcn_lowrank8",
                  "baseline_s1", "ips_off_s1", "small_b256", "accum5_b1280", "accum5_eq",
-                 "unlogged", "unlogged_ips_off", "unlogged_ips_positives", "tput_8dev", "tput_1dev")
+                 "unlogged", "unlogged_ips_off", "unlogged_ips_positives", "tput_8dev", "tput_1dev",
+                 "tput_8dev_w2", "tput_1dev_w2")
 
 
 def command(name: str, workdir: Path, data_dir: str, steps: int, tput_steps: int) -> list[str]:

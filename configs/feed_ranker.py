@@ -121,5 +121,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "data_dir": "",             # default: $TFDS_DATA_DIR or ~/tensorflow_datasets
         "eval_batch_size": 1_024,
         "seed": 1,
+        "worker_count": 0,          # grain worker processes decoding train batches (0: threads
+                                    # of the training process); hosts with spare cores: 2-8
     })
     return config

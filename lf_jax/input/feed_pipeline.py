@@ -98,33 +98,31 @@ class _ReadBatch:
     decoded together by ``RecordBatchDecoder`` (equal to ``collate`` of tfds-decoded examples).
 
     Pickles as (prepared dataset directory, split): a grain worker process reopens the
-    source with tfds.builder_from_directory, without importing the builder's code.
+    source with tfds.builder_from_directory, without importing the builder's code. The source
+    and decoder are opened when the object is made or unpickled (in the worker's main thread),
+    never lazily in grain's read threads: concurrent first imports of tensorflow_datasets in
+    several threads can deadlock on Python's import locks.
     """
 
     def __init__(self, builder_dir: str, split: str, max_lengths, int_dtype, source=None):
         self.builder_dir, self.split = builder_dir, split
         self.max_lengths, self.int_dtype = dict(max_lengths), int_dtype
-        self._source, self._decoder = source, None
+        self._open(source)
+
+    def _open(self, source=None) -> None:
+        if source is None:
+            import tensorflow_datasets as tfds
+            source = tfds.builder_from_directory(self.builder_dir).as_data_source(self.split)
+        self.source = source
+        self.decoder = RecordBatchDecoder(source.dataset_info.features, self.max_lengths,
+                                          self.int_dtype)
 
     def __getstate__(self):
-        return {k: v for k, v in vars(self).items() if k not in ("_source", "_decoder")}
+        return {k: v for k, v in vars(self).items() if k not in ("source", "decoder")}
 
     def __setstate__(self, state):
-        vars(self).update(state, _source=None, _decoder=None)
-
-    @property
-    def source(self):
-        if self._source is None:
-            import tensorflow_datasets as tfds
-            self._source = tfds.builder_from_directory(self.builder_dir).as_data_source(self.split)
-        return self._source
-
-    @property
-    def decoder(self) -> RecordBatchDecoder:
-        if self._decoder is None:
-            self._decoder = RecordBatchDecoder(self.source.dataset_info.features, self.max_lengths,
-                                               self.int_dtype)
-        return self._decoder
+        vars(self).update(state)
+        self._open()
 
     def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         return self.decoder(self.source.data_source.__getitems__([int(i) for i in indices]))

@@ -2,10 +2,10 @@
 
 tfds stores each example of an array_record dataset as a serialized ``tf.train.Example``;
 its own decoder turns every record into a dict of arrays one feature at a time (about
-5,000 examples/s on one core for a feed_logs record of 14 features). ``RecordBatchDecoder``
+7,000 examples/s on one core with the read, for a feed_logs record of 14 features). ``RecordBatchDecoder``
 parses the records with protobuf and gathers each feature over the whole batch with one
 ``np.fromiter``, writing list features straight into their [B, max_len] -1 padded array
-(3-6x faster, measured in bench/BENCHMARKS.md). The output equals
+(4.3x faster with the raw read, bench/BENCHMARKS.md). The output equals
 ``feed_pipeline.collate`` of tfds-decoded examples (tested).
 
 Supported features: flat ``Scalar`` / ``Tensor`` features of rank 0 or 1 (fixed length, or

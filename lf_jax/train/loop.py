@@ -181,6 +181,8 @@ def run_training(task: TrainingTask, train_config, workdir: str | Path,
         # waits for any async save: a crash or NaN stop never leaves a half-written latest step
         checkpointer.close()
         summaries.close()
+        if hasattr(iterator, "close"):       # stops prefetch threads / grain worker processes
+            iterator.close()
     return metrics
 
 

@@ -123,6 +123,10 @@ class RankerTask:
             raise UserInputError(f"config batch_size={config.batch_size} must split into "
                                  f"train.grad_accum_steps={self.num_micro} micro-batches of a "
                                  f"multiple of the {devices} devices")
+        workers = config.data.worker_count
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
+            raise UserInputError(f"config data.worker_count={workers!r} must be an int >= 0 "
+                                 "(grain worker processes; 0 decodes in this process)")
         if config.train.ips_target not in ("all", "positives"):
             raise UserInputError(f"config train.ips_target={config.train.ips_target!r} must be "
                                  "'all' or 'positives'")
@@ -168,7 +172,8 @@ class RankerTask:
 
     def train_iterator(self):
         return train_iterator(self.builder, "train", global_batch_size=self.config.batch_size,
-                              seed=self.config.data.seed, max_lengths=self._list_lengths())
+                              seed=self.config.data.seed, max_lengths=self._list_lengths(),
+                              worker_count=self.config.data.worker_count)
 
     def _list_lengths(self) -> dict[str, int]:
         return {name: length for name, length in self.max_lengths.items()

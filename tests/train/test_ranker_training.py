@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lf_jax.distributed.mesh import make_mesh
-from lf_jax.errors import TrainingDivergedError
+from lf_jax.errors import TrainingDivergedError, UserInputError
 from lf_jax.train.checkpoint import Checkpointer, flatten_to_dict
 from lf_jax.train.loop import prepare_workdir, run_training
 from lf_jax.train.ranker import RankerTask
@@ -107,6 +107,24 @@ def test_killed_run_resumes_bit_exact(small_ranker_config, tmp_path):
     ckpt.close()
     _assert_states(expected, _host_state(resumed, state), exact=True)
     assert "train" in data_state
+
+
+def test_grain_worker_processes_train_the_same_model(small_ranker_config, tmp_path):
+    """data.worker_count=2 decodes train batches in 2 grain processes: same batches, same model."""
+    states = []
+    for workers in (0, 2):
+        with small_ranker_config.unlocked():
+            small_ranker_config.data.worker_count = workers
+        task = _task(small_ranker_config, tmp_path / f"w{workers}")
+        run_training(task, small_ranker_config.train, tmp_path / f"w{workers}")
+        ckpt = Checkpointer(tmp_path / f"w{workers}" / "checkpoints")
+        states.append(_host_state(task, ckpt.restore(6, task.init_state(), task.collection)[0]))
+        ckpt.close()
+    _assert_states(*states, exact=True)
+    with small_ranker_config.unlocked():
+        small_ranker_config.data.worker_count = -1
+    with pytest.raises(UserInputError, match=r"config data.worker_count=-1 must be an int >= 0"):
+        _task(small_ranker_config, tmp_path / "bad")
 
 
 def test_nan_loss_stops_naming_step_and_task(small_ranker_config, tmp_path):
