@@ -39,9 +39,7 @@ import sys
 import numpy as np
 
 from lf_jax.errors import UserInputError
-from lf_jax.input.record_decoding import RecordBatchDecoder
-
-PAD_ID = -1
+from lf_jax.input.record_decoding import PAD_ID, RecordBatchDecoder
 
 
 class PipelineError(UserInputError):
