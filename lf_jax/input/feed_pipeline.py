@@ -260,6 +260,9 @@ def train_iterator(builder, split: str = "train", *, global_batch_size: int, see
     batch_size = _per_process_batch(global_batch_size, shard_count)
     if num_epochs is not None and (not isinstance(num_epochs, int) or num_epochs < 1):
         raise PipelineError(f"num_epochs must be None (forever) or a positive int, got {num_epochs!r}")
+    if not isinstance(worker_count, int) or isinstance(worker_count, bool) or worker_count < 0:
+        raise PipelineError(f"worker_count must be an int >= 0 (0: threads of this process), "
+                            f"got {worker_count!r}")
     lengths = _max_lengths(builder, max_lengths)
     source = _source(builder, split)
     if len(source) < global_batch_size:

@@ -137,6 +137,8 @@ def test_bad_arguments_are_named(feed_builder):
         train_iterator(feed_builder, global_batch_size=64, max_lengths={"history": 3})
     with pytest.raises(PipelineError, match="shard_index must be in"):
         train_iterator(feed_builder, global_batch_size=64, shard_index=2, shard_count=2)
+    with pytest.raises(PipelineError, match="worker_count must be an int >= 0.*got -1"):
+        train_iterator(feed_builder, global_batch_size=64, worker_count=-1)
     with pytest.raises(PipelineError, match="fewer than one batch"):
         train_iterator(feed_builder, "holdout_ranked", global_batch_size=8192)
 
