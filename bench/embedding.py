@@ -29,12 +29,12 @@ import argparse
 import datetime
 import json
 import os
-from pathlib import Path
 import platform
 import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -47,8 +47,9 @@ THP_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
 
 
 # ----- inputs shared with bench/embedding_fbgemm.py ----------------------------------------
-def make_bags(rng: np.random.Generator, batch: int, max_ids: int, vocab: int, dist: str
-              ) -> np.ndarray:
+def make_bags(
+    rng: np.random.Generator, batch: int, max_ids: int, vocab: int, dist: str
+) -> np.ndarray:
     """[batch, max_ids] int64 ids padded with -1; bag lengths uniform in [1, max_ids].
 
     dist: uniform (ids uniform in [0, vocab)) or zipf (rank ~ zipf(1.1), clipped to
@@ -68,15 +69,21 @@ def make_bags(rng: np.random.Generator, batch: int, max_ids: int, vocab: int, di
 def host_batches(cfg: dict) -> list[dict[str, np.ndarray]]:
     """cfg['num_batches'] distinct batches: {feature name: [B, L] ids}; same seed, same ids."""
     rng = np.random.default_rng(cfg["seed"])
-    return [{f"f{t}": make_bags(rng, cfg["batch"], cfg["max_ids"], cfg["vocab"], cfg["dist"])
-             for t in range(cfg["num_tables"])} for _ in range(cfg["num_batches"])]
+    return [
+        {
+            f"f{t}": make_bags(rng, cfg["batch"], cfg["max_ids"], cfg["vocab"], cfg["dist"])
+            for t in range(cfg["num_tables"])
+        }
+        for _ in range(cfg["num_batches"])
+    ]
 
 
 def mem_status() -> dict[str, int]:
     """VmRSS and VmHWM of this process, bytes."""
     text = Path("/proc/self/status").read_text()
-    return {key: int(re.search(rf"{key}:\s+(\d+)", text).group(1)) * 1024
-            for key in ("VmRSS", "VmHWM")}
+    return {
+        key: int(re.search(rf"{key}:\s+(\d+)", text).group(1)) * 1024 for key in ("VmRSS", "VmHWM")
+    }
 
 
 def reset_peak() -> bool:
@@ -88,15 +95,18 @@ def reset_peak() -> bool:
         return False
 
 
-def summarize_times(times_s: list[float], batch: int,
-                    cpu_s: list[float] | None = None) -> dict:
+def summarize_times(times_s: list[float], batch: int, cpu_s: list[float] | None = None) -> dict:
     """Wall ms/step (median, min, max, all) and examples/s; with ``cpu_s`` also the median
     process CPU ms/step (all threads), which other processes' load disturbs less."""
     ms = np.asarray(times_s) * 1e3
     median = float(np.median(ms))
-    out = {"ms_per_step_median": median, "ms_per_step_min": float(ms.min()),
-           "ms_per_step_max": float(ms.max()), "ms_all": [round(float(x), 3) for x in ms],
-           "examples_per_s": batch / (median / 1e3)}
+    out = {
+        "ms_per_step_median": median,
+        "ms_per_step_min": float(ms.min()),
+        "ms_per_step_max": float(ms.max()),
+        "ms_all": [round(float(x), 3) for x in ms],
+        "examples_per_s": batch / (median / 1e3),
+    }
     if cpu_s:
         out["cpu_ms_per_step_median"] = float(np.median(cpu_s) * 1e3)
     return out
@@ -106,12 +116,14 @@ def summarize_times(times_s: list[float], batch: int,
 def _loss(acts: dict, r_d):
     """Tiny dense loss on pooled activations: sum over features of mean((act . r)^2)."""
     import jax.numpy as jnp
+
     return sum(jnp.mean(jnp.square(act @ r_d)) for act in acts.values())
 
 
 def _timed_steps(run_step, state, batches, cfg):
     """Warm-up then timed steps (each blocked); returns (state, times, peak info)."""
     import jax
+
     for i in range(cfg["warmup"]):
         state, loss = run_step(state, batches[i % len(batches)])
         jax.block_until_ready((state, loss))
@@ -131,6 +143,7 @@ def _timed_steps(run_step, state, batches, cfg):
 def _build_ours(cfg: dict):
     """Collection, device batches, dense vector and the jitted (donating) train step."""
     import jax
+
     from lf_jax.distributed.mesh import make_mesh
     from lf_jax.embedding import plan as plan_lib
     from lf_jax.embedding.collection import EmbeddingCollection
@@ -139,12 +152,24 @@ def _build_ours(cfg: dict):
 
     mesh = make_mesh({"data": cfg["devices"]})
     names = [f"t{t}" for t in range(cfg["num_tables"])]
-    tables = [TableSpec(name=n, vocab_size=cfg["vocab"], dim=cfg["dim"],
-                        optimizer=rowwise_adagrad(LEARNING_RATE)) for n in names]
-    features = [FeatureSpec(name=f"f{t}", table=n, max_ids=cfg["max_ids"], combiner="sum")
-                for t, n in enumerate(names)]
-    strategy = {"data_parallel": plan_lib.data_parallel, "table_wise": plan_lib.table_wise,
-                "row_wise": lambda: plan_lib.row_wise(("data",))}[cfg["plan"]]
+    tables = [
+        TableSpec(
+            name=n,
+            vocab_size=cfg["vocab"],
+            dim=cfg["dim"],
+            optimizer=rowwise_adagrad(LEARNING_RATE),
+        )
+        for n in names
+    ]
+    features = [
+        FeatureSpec(name=f"f{t}", table=n, max_ids=cfg["max_ids"], combiner="sum")
+        for t, n in enumerate(names)
+    ]
+    strategy = {
+        "data_parallel": plan_lib.data_parallel,
+        "table_wise": plan_lib.table_wise,
+        "row_wise": lambda: plan_lib.row_wise(("data",)),
+    }[cfg["plan"]]
     coll = EmbeddingCollection(tables, features, {n: strategy() for n in names}, mesh)
     batches = [coll.shard_batch(coll.preprocess(b)) for b in host_batches(cfg)]
     r_d = jax.device_put(np.random.default_rng(1).normal(size=cfg["dim"]).astype(np.float32))
@@ -168,6 +193,7 @@ def _state_by_callback(coll, dim: int):
 
     def make(path, leaf, sharding):
         kind = path[0].key
+
         def shard(index):
             shape = tuple(len(range(*i.indices(n))) for i, n in zip(index, leaf.shape))
             if kind == "tables":
@@ -176,6 +202,7 @@ def _state_by_callback(coll, dim: int):
                 group = next(g for g in coll.groups if g.name == path[1].key)
                 return np.full(shape, group.optimizer.slot_init(path[2].key), leaf.dtype)
             return np.zeros(shape, leaf.dtype)
+
         return jax.make_array_from_callback(leaf.shape, sharding, shard)
 
     return jax.tree_util.tree_map_with_path(make, abstract, coll.state_shardings())
@@ -206,12 +233,20 @@ def worker_ours(cfg: dict) -> dict:
     table_bytes = cfg["num_tables"] * cfg["vocab"] * cfg["dim"] * 4
     slot_bytes = cfg["num_tables"] * cfg["vocab"] * 4
     return {
-        **summarize_times(times, cfg["batch"], cpu), "loss": loss, "compile_s": compile_s,
-        "init": cfg.get("init", "engine"), "init_s": init_s, "groups": [[g.name, list(g.shape)] for g in coll.groups],
+        **summarize_times(times, cfg["batch"], cpu),
+        "loss": loss,
+        "compile_s": compile_s,
+        "init": cfg.get("init", "engine"),
+        "init_s": init_s,
+        "groups": [[g.name, list(g.shape)] for g in coll.groups],
         "table_donated": bool(first_table.is_deleted()),
-        "table_bytes": table_bytes, "slot_bytes": slot_bytes, "state_bytes": state_bytes,
-        "rss_base": rss0, "init_peak_increase": after_init["VmHWM"] - rss0,
-        "rss_after_init": after_init["VmRSS"], "rss_before_steps": rss_before_steps,
+        "table_bytes": table_bytes,
+        "slot_bytes": slot_bytes,
+        "state_bytes": state_bytes,
+        "rss_base": rss0,
+        "init_peak_increase": after_init["VmHWM"] - rss0,
+        "rss_after_init": after_init["VmRSS"],
+        "rss_before_steps": rss_before_steps,
         "step_peak_rss": after["VmHWM"],
         "step_peak_increase": after["VmHWM"] - rss0,
         "step_transient": after["VmHWM"] - rss_before_steps,
@@ -230,9 +265,16 @@ def worker_interleaved(cfg: dict) -> dict:
         coll, batches, r_d, jitted = _build_ours({**cfg, "vocab": vocab})
         state = jax.block_until_ready(coll.init(jax.random.key(0)))
         compiled = jitted.lower(state, batches[0], r_d).compile()
-        runs.append({"vocab": vocab, "state": state, "batches": batches,
-                     "run": (lambda c, r: lambda s, b: c(s, b, r))(compiled, r_d), "times": [],
-                     "cpu": []})
+        runs.append(
+            {
+                "vocab": vocab,
+                "state": state,
+                "batches": batches,
+                "run": (lambda c, r: lambda s, b: c(s, b, r))(compiled, r_d),
+                "times": [],
+                "cpu": [],
+            }
+        )
     for i in range(cfg["warmup"] + cfg["steps"]):
         for run in runs:
             start, start_cpu = time.perf_counter(), time.process_time()
@@ -241,8 +283,12 @@ def worker_interleaved(cfg: dict) -> dict:
             if i >= cfg["warmup"]:
                 run["times"].append(time.perf_counter() - start)
                 run["cpu"].append(time.process_time() - start_cpu)
-    return {"sizes": {str(run["vocab"]): summarize_times(run["times"], cfg["batch"], run["cpu"])
-                      for run in runs}}
+    return {
+        "sizes": {
+            str(run["vocab"]): summarize_times(run["times"], cfg["batch"], run["cpu"])
+            for run in runs
+        }
+    }
 
 
 def worker_naive(cfg: dict) -> dict:
@@ -253,8 +299,9 @@ def worker_naive(cfg: dict) -> dict:
 
     assert cfg["devices"] == 1, "the naive baseline runs on one device"
     names = [f"t{t}" for t in range(cfg["num_tables"])]
-    ids_batches = [{k: jnp.asarray(v.astype(np.int32)) for k, v in b.items()}
-                   for b in host_batches(cfg)]
+    ids_batches = [
+        {k: jnp.asarray(v.astype(np.int32)) for k, v in b.items()} for b in host_batches(cfg)
+    ]
     r_d = jnp.asarray(np.random.default_rng(1).normal(size=cfg["dim"]).astype(np.float32))
     optimizer = optax.adagrad(LEARNING_RATE, initial_accumulator_value=0.1, eps=1e-8)
     scale = 1.0 / np.sqrt(cfg["dim"])
@@ -267,7 +314,7 @@ def worker_naive(cfg: dict) -> dict:
         for t, n in enumerate(names):
             block = scale * jax.random.normal(jax.random.fold_in(key, t), (4096, cfg["dim"]))
             tiled = jnp.broadcast_to(block[None], (reps, 4096, cfg["dim"]))
-            params[n] = tiled.reshape(reps * 4096, cfg["dim"])[:cfg["vocab"]]
+            params[n] = tiled.reshape(reps * 4096, cfg["dim"])[: cfg["vocab"]]
         return params, optimizer.init(params)
 
     def loss_fn(params, ids):
@@ -298,10 +345,14 @@ def worker_naive(cfg: dict) -> dict:
     state, (times, cpu), loss = _timed_steps(compiled, state, ids_batches, cfg)
     after = mem_status()
     return {
-        **summarize_times(times, cfg["batch"], cpu), "loss": loss, "compile_s": compile_s,
-        "state_bytes": state_bytes, "rss_base": rss0,
+        **summarize_times(times, cfg["batch"], cpu),
+        "loss": loss,
+        "compile_s": compile_s,
+        "state_bytes": state_bytes,
+        "rss_base": rss0,
         "init_peak_increase": after_init["VmHWM"] - rss0,
-        "rss_before_steps": rss_before_steps, "step_peak_rss": after["VmHWM"],
+        "rss_before_steps": rss_before_steps,
+        "step_peak_rss": after["VmHWM"],
         "step_peak_increase": after["VmHWM"] - rss0,
         "step_transient": after["VmHWM"] - rss_before_steps,
     }
@@ -315,25 +366,41 @@ def run_worker(cfg: dict, timeout: float) -> dict:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={cfg['devices']}"
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.update(cfg.get("env", {}))
-    label = f"{cfg['method']} V={cfg.get('vocab', cfg.get('vocabs'))} T={cfg['num_tables']} {cfg['dist']} " \
-            f"dev={cfg['devices']} {cfg.get('plan', '')} {cfg.get('env', '')}"
+    label = (
+        f"{cfg['method']} V={cfg.get('vocab', cfg.get('vocabs'))} T={cfg['num_tables']} {cfg['dist']} "
+        f"dev={cfg['devices']} {cfg.get('plan', '')} {cfg.get('env', '')}"
+    )
     print(f"[bench] {label} ...", file=sys.stderr, flush=True)
     start, load_before = time.perf_counter(), os.getloadavg()
     try:
-        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], env=env,
-                              capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--worker", json.dumps(cfg)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:
         return {"config": cfg, "error": f"timed out after {timeout:.0f}s"}
     wall = time.perf_counter() - start
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
         return {"config": cfg, "error": f"exit {proc.returncode}: {proc.stderr[-2000:]}"}
-    result = {"config": cfg, "wall_s": wall, "loadavg_before": load_before,
-              "loadavg_after": os.getloadavg(), **json.loads(lines[-1])}
+    result = {
+        "config": cfg,
+        "wall_s": wall,
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+        **json.loads(lines[-1]),
+    }
     if "ms_per_step_median" in result:
-        print(f"[bench]   {result['ms_per_step_median']:.2f} ms/step "
-              f"({result['examples_per_s']:.0f} ex/s), wall {wall:.0f}s, "
-              f"load {result['loadavg_after'][0]:.1f}", file=sys.stderr, flush=True)
+        print(
+            f"[bench]   {result['ms_per_step_median']:.2f} ms/step "
+            f"({result['examples_per_s']:.0f} ex/s), wall {wall:.0f}s, "
+            f"load {result['loadavg_after'][0]:.1f}",
+            file=sys.stderr,
+            flush=True,
+        )
     return result
 
 
@@ -341,30 +408,52 @@ def run_fbgemm(args, cfg: dict) -> dict:
     python = Path(args.fbgemm_python)
     if not python.exists():
         return {"config": cfg, "error": f"{python} not found (see BENCHMARKS_embedding.md)"}
-    print(f"[bench] fbgemm V={cfg['vocab']:.0e} T={cfg['num_tables']} {cfg['dist']} "
-          f"threads={cfg['threads']} ...",
-          file=sys.stderr, flush=True)
-    command = [str(python), str(Path(__file__).with_name("embedding_fbgemm.py")),
-               "--config", json.dumps(cfg)]
+    print(
+        f"[bench] fbgemm V={cfg['vocab']:.0e} T={cfg['num_tables']} {cfg['dist']} "
+        f"threads={cfg['threads']} ...",
+        file=sys.stderr,
+        flush=True,
+    )
+    command = [
+        str(python),
+        str(Path(__file__).with_name("embedding_fbgemm.py")),
+        "--config",
+        json.dumps(cfg),
+    ]
     env = {**os.environ, **cfg.get("env", {})}
     try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout,
-                              env=env)
+        proc = subprocess.run(
+            command, capture_output=True, text=True, timeout=args.timeout, env=env
+        )
     except subprocess.TimeoutExpired:
         return {"config": cfg, "error": f"timed out after {args.timeout:.0f}s"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
         return {"config": cfg, "error": f"exit {proc.returncode}: {proc.stderr[-2000:]}"}
     result = {"config": cfg, "loadavg_after": os.getloadavg(), **json.loads(lines[-1])}
-    print(f"[bench]   {result['ms_per_step_median']:.2f} ms/step "
-          f"({result['examples_per_s']:.0f} ex/s)", file=sys.stderr, flush=True)
+    print(
+        f"[bench]   {result['ms_per_step_median']:.2f} ms/step "
+        f"({result['examples_per_s']:.0f} ex/s)",
+        file=sys.stderr,
+        flush=True,
+    )
     return result
 
 
 def base_config(args, **overrides) -> dict:
-    cfg = {"batch": args.batch, "dim": args.dim, "max_ids": args.max_ids, "seed": args.seed,
-           "num_batches": args.num_batches, "warmup": args.warmup, "steps": args.steps,
-           "devices": 1, "plan": "data_parallel", "dist": "uniform", "num_tables": 1}
+    cfg = {
+        "batch": args.batch,
+        "dim": args.dim,
+        "max_ids": args.max_ids,
+        "seed": args.seed,
+        "num_batches": args.num_batches,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "devices": 1,
+        "plan": "data_parallel",
+        "dist": "uniform",
+        "num_tables": 1,
+    }
     cfg.update(overrides)
     return cfg
 
@@ -375,44 +464,77 @@ def scenario_a(args) -> dict:
     for vocab in sizes:
         ours = run_worker(base_config(args, method="ours", vocab=vocab), args.timeout)
         naive_steps = args.naive_steps if vocab >= 10**7 else args.steps
-        naive = run_worker(base_config(args, method="naive", vocab=vocab, steps=naive_steps),
-                           args.timeout)
+        naive = run_worker(
+            base_config(args, method="naive", vocab=vocab, steps=naive_steps), args.timeout
+        )
         rows[str(vocab)] = {"ours": ours, "naive": naive}
     out = {"rows": rows, "targets": {}}
     small, big = min(sizes), max(sizes)
     # Wall time, and process CPU time per step, which another process's load on this
     # shared machine disturbs far less than wall time (reported beside it, not instead).
     for field, ratio_key, speedup_key in (
-            ("ms_per_step_median", "ours_time_ratio_largest_vs_smallest",
-             "speedup_vs_naive_at_largest"),
-            ("cpu_ms_per_step_median", "ours_cpu_time_ratio_largest_vs_smallest",
-             "cpu_time_speedup_vs_naive_at_largest")):
+        (
+            "ms_per_step_median",
+            "ours_time_ratio_largest_vs_smallest",
+            "speedup_vs_naive_at_largest",
+        ),
+        (
+            "cpu_ms_per_step_median",
+            "ours_cpu_time_ratio_largest_vs_smallest",
+            "cpu_time_speedup_vs_naive_at_largest",
+        ),
+    ):
         ms = lambda v, m: rows[str(v)][m].get(field)
         if ms(small, "ours") and ms(big, "ours"):
             ratio = ms(big, "ours") / ms(small, "ours")
             out["targets"][ratio_key] = {
-                "value": ratio, "target": "<= 1.5", "met": ratio <= 1.5, "sizes": [small, big]}
+                "value": ratio,
+                "target": "<= 1.5",
+                "met": ratio <= 1.5,
+                "sizes": [small, big],
+            }
         if ms(big, "ours") and ms(big, "naive"):
             speedup = ms(big, "naive") / ms(big, "ours")
             out["targets"][speedup_key] = {
-                "value": speedup, "target": ">= 30", "met": speedup >= 30, "size": big}
+                "value": speedup,
+                "target": ">= 30",
+                "met": speedup >= 30,
+                "size": big,
+            }
     if args.interleaved and small != big:
-        check = run_worker(base_config(args, method="interleaved", vocabs=[small, big]),
-                           args.timeout)
+        check = run_worker(
+            base_config(args, method="interleaved", vocabs=[small, big]), args.timeout
+        )
         out["interleaved"] = check
         if "sizes" in check:
-            ratio = (check["sizes"][str(big)]["ms_per_step_median"]
-                     / check["sizes"][str(small)]["ms_per_step_median"])
+            ratio = (
+                check["sizes"][str(big)]["ms_per_step_median"]
+                / check["sizes"][str(small)]["ms_per_step_median"]
+            )
             out["targets"]["ours_time_ratio_interleaved_cross_check"] = {
-                "value": ratio, "target": "<= 1.5", "met": ratio <= 1.5, "sizes": [small, big]}
-            ratio = (check["sizes"][str(big)]["cpu_ms_per_step_median"]
-                     / check["sizes"][str(small)]["cpu_ms_per_step_median"])
+                "value": ratio,
+                "target": "<= 1.5",
+                "met": ratio <= 1.5,
+                "sizes": [small, big],
+            }
+            ratio = (
+                check["sizes"][str(big)]["cpu_ms_per_step_median"]
+                / check["sizes"][str(small)]["cpu_ms_per_step_median"]
+            )
             out["targets"]["ours_cpu_time_ratio_interleaved_cross_check"] = {
-                "value": ratio, "target": "<= 1.5", "met": ratio <= 1.5, "sizes": [small, big]}
+                "value": ratio,
+                "target": "<= 1.5",
+                "met": ratio <= 1.5,
+                "sizes": [small, big],
+            }
     peak = rows[str(big)]["ours"].get("peak_over_table_and_slots")
     if peak is not None:
         out["targets"]["peak_rss_over_table_and_slots_at_largest"] = {
-            "value": peak, "target": "<= 1.3", "met": peak <= 1.3, "size": big}
+            "value": peak,
+            "target": "<= 1.3",
+            "met": peak <= 1.3,
+            "size": big,
+        }
     return out
 
 
@@ -422,18 +544,28 @@ def scenario_b(args) -> dict:
     for dist in args.dists.split(","):
         cases = {"ours_1dev": base_config(args, method="ours", dist=dist, **common)}
         if args.thp_variants:
-            cases["ours_1dev_glibc_thp"] = base_config(args, method="ours", dist=dist,
-                                                       env=THP_ENV, **common)
+            cases["ours_1dev_glibc_thp"] = base_config(
+                args, method="ours", dist=dist, env=THP_ENV, **common
+            )
         for plan in args.plans8.split(","):
             if plan:
                 # coll.init on a multi-device table_wise plan peaks at ~18x the table bytes
                 # (out of memory here at 8 x 1e6): build that state shard by shard instead.
                 init = "callback" if plan == "table_wise" else "engine"
                 cases[f"ours_8dev_{plan}"] = base_config(
-                    args, method="ours", dist=dist, devices=8, plan=plan, init=init,
-                    steps=args.steps8, warmup=min(args.warmup, 2), **common)
-        cases["naive_1dev"] = base_config(args, method="naive", dist=dist, **common,
-                                          steps=args.naive_steps)
+                    args,
+                    method="ours",
+                    dist=dist,
+                    devices=8,
+                    plan=plan,
+                    init=init,
+                    steps=args.steps8,
+                    warmup=min(args.warmup, 2),
+                    **common,
+                )
+        cases["naive_1dev"] = base_config(
+            args, method="naive", dist=dist, **common, steps=args.naive_steps
+        )
         results[dist] = {name: run_worker(cfg, args.timeout) for name, cfg in cases.items()}
         if not args.skip_fbgemm:
             fb = base_config(args, method="fbgemm", dist=dist, threads=os.cpu_count(), **common)
@@ -449,48 +581,71 @@ def scenario_b(args) -> dict:
 
 
 def machine_info() -> dict:
-    info = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "nproc": os.cpu_count(), "python": platform.python_version(),
-            "platform": platform.platform()}
+    info = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "nproc": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
     try:
         import jax
+
         info["jax"] = jax.__version__
     except ImportError:
         pass
     try:
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in
-                           Path("/proc/cpuinfo").read_text().splitlines()
-                           if line.startswith("model name"))
+        info["cpu"] = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     return info
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--scenario", choices=("a", "b", "all"), default="all")
     parser.add_argument("--sizes", default="1e5,1e6,1e7", help="scenario a vocab sizes")
     parser.add_argument("--b-vocab", default="1e6", help="scenario b rows per table")
     parser.add_argument("--dists", default="uniform,zipf", help="scenario b id distributions")
-    parser.add_argument("--plans8", default="row_wise,table_wise",
-                        help="scenario b plans on 8 simulated devices ('' for none)")
+    parser.add_argument(
+        "--plans8",
+        default="row_wise,table_wise",
+        help="scenario b plans on 8 simulated devices ('' for none)",
+    )
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--max-ids", type=int, default=20, help="bags hold 1..max_ids ids")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
-    parser.add_argument("--naive-steps", type=int, default=5,
-                        help="timed steps of the naive baseline at 1e7 and in scenario b")
+    parser.add_argument(
+        "--naive-steps",
+        type=int,
+        default=5,
+        help="timed steps of the naive baseline at 1e7 and in scenario b",
+    )
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--num-batches", type=int, default=4, help="distinct batches cycled")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=900, help="seconds per subprocess")
-    parser.add_argument("--no-interleaved", dest="interleaved", action="store_false",
-                        help="skip scenario a's one-process alternating-sizes cross-check")
-    parser.add_argument("--steps8", type=int, default=5,
-                        help="timed steps on 8 simulated devices (scenario b)")
-    parser.add_argument("--no-thp-variants", dest="thp_variants", action="store_false",
-                        help="skip scenario b's GLIBC_TUNABLES=glibc.malloc.hugetlb=1 row")
+    parser.add_argument(
+        "--no-interleaved",
+        dest="interleaved",
+        action="store_false",
+        help="skip scenario a's one-process alternating-sizes cross-check",
+    )
+    parser.add_argument(
+        "--steps8", type=int, default=5, help="timed steps on 8 simulated devices (scenario b)"
+    )
+    parser.add_argument(
+        "--no-thp-variants",
+        dest="thp_variants",
+        action="store_false",
+        help="skip scenario b's GLIBC_TUNABLES=glibc.malloc.hugetlb=1 row",
+    )
     parser.add_argument("--fbgemm-python", default="/tmp/fbgemm-venv/bin/python")
     parser.add_argument("--skip-fbgemm", action="store_true")
     parser.add_argument("--output", help="write all results as JSON here")
@@ -499,8 +654,7 @@ def main(argv=None) -> int:
 
     if args.worker:
         cfg = json.loads(args.worker)
-        workers = {"ours": worker_ours, "naive": worker_naive,
-                   "interleaved": worker_interleaved}
+        workers = {"ours": worker_ours, "naive": worker_naive, "interleaved": worker_interleaved}
         result = workers[cfg["method"]](cfg)
         print(json.dumps(result))
         return 0
@@ -522,24 +676,32 @@ def main(argv=None) -> int:
 
 def print_summary(report: dict) -> None:
     if "a" in report:
-        print("scenario a: ms/step (median)   ours   naive   naive/ours   peak/(table+slots)"
-              "   cpu ms: ours   naive")
+        print(
+            "scenario a: ms/step (median)   ours   naive   naive/ours   peak/(table+slots)"
+            "   cpu ms: ours   naive"
+        )
         for vocab, row in report["a"]["rows"].items():
             o, n = row["ours"], row["naive"]
             om, nm = o.get("ms_per_step_median"), n.get("ms_per_step_median")
-            print(f"  V={int(vocab):>10,}  {om or float('nan'):9.2f} {nm or float('nan'):9.2f} "
-                  f"{(nm / om) if om and nm else float('nan'):9.1f}x "
-                  f"{o.get('peak_over_table_and_slots', float('nan')):9.3f}"
-                  f"        {o.get('cpu_ms_per_step_median', float('nan')):9.2f} "
-                  f"{n.get('cpu_ms_per_step_median', float('nan')):9.2f}"
-                  + (f"  ERR ours: {o['error'][:200]}" if "error" in o else "")
-                  + (f"  ERR naive: {n['error'][:200]}" if "error" in n else ""))
+            print(
+                f"  V={int(vocab):>10,}  {om or float('nan'):9.2f} {nm or float('nan'):9.2f} "
+                f"{(nm / om) if om and nm else float('nan'):9.1f}x "
+                f"{o.get('peak_over_table_and_slots', float('nan')):9.3f}"
+                f"        {o.get('cpu_ms_per_step_median', float('nan')):9.2f} "
+                f"{n.get('cpu_ms_per_step_median', float('nan')):9.2f}"
+                + (f"  ERR ours: {o['error'][:200]}" if "error" in o else "")
+                + (f"  ERR naive: {n['error'][:200]}" if "error" in n else "")
+            )
         for vocab, times in report["a"].get("interleaved", {}).get("sizes", {}).items():
-            print(f"  interleaved V={int(vocab):>10,}  {times['ms_per_step_median']:9.2f}"
-                  f"  (cpu {times.get('cpu_ms_per_step_median', float('nan')):.2f} ms)")
+            print(
+                f"  interleaved V={int(vocab):>10,}  {times['ms_per_step_median']:9.2f}"
+                f"  (cpu {times.get('cpu_ms_per_step_median', float('nan')):.2f} ms)"
+            )
         for name, target in report["a"]["targets"].items():
-            print(f"  target {name}: {target['value']:.3f} ({target['target']}) "
-                  f"{'MET' if target['met'] else 'MISSED'}")
+            print(
+                f"  target {name}: {target['value']:.3f} ({target['target']}) "
+                f"{'MET' if target['met'] else 'MISSED'}"
+            )
     if "b" in report:
         print("scenario b: examples/s (8 tables)")
         for dist, cases in report["b"].items():
@@ -547,10 +709,12 @@ def print_summary(report: dict) -> None:
                 if "error" in result:
                     print(f"  {dist:8s} {name:22s} ERROR {result['error'][:300]}")
                 else:
-                    print(f"  {dist:8s} {name:22s} {result['examples_per_s']:10.0f} ex/s "
-                          f"{result['ms_per_step_median']:9.2f} ms/step "
-                          f"{result.get('cpu_ms_per_step_median', float('nan')):9.2f} cpu ms "
-                          f"{result.get('examples_per_s_vs_ours_1dev', float('nan')):7.3f}x")
+                    print(
+                        f"  {dist:8s} {name:22s} {result['examples_per_s']:10.0f} ex/s "
+                        f"{result['ms_per_step_median']:9.2f} ms/step "
+                        f"{result.get('cpu_ms_per_step_median', float('nan')):9.2f} cpu ms "
+                        f"{result.get('examples_per_s_vs_ours_1dev', float('nan')):7.3f}x"
+                    )
 
 
 if __name__ == "__main__":

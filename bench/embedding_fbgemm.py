@@ -14,52 +14,58 @@ Usage:
 
 import argparse
 import json
-from pathlib import Path
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from embedding import (LEARNING_RATE, host_batches, mem_status, reset_peak,  # noqa: E402
-                       summarize_times)
+from embedding import LEARNING_RATE, host_batches, mem_status, reset_peak, summarize_times  # noqa: E402
 
 
 def run(cfg: dict) -> dict:
-    import torch
     import fbgemm_gpu
+    import torch
     from fbgemm_gpu.split_embedding_configs import EmbOptimType as OptimType
     from fbgemm_gpu.split_table_batched_embeddings_ops_common import PoolingMode
     from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
-        ComputeDevice, EmbeddingLocation, SplitTableBatchedEmbeddingBagsCodegen)
+        ComputeDevice,
+        EmbeddingLocation,
+        SplitTableBatchedEmbeddingBagsCodegen,
+    )
 
     torch.set_num_threads(cfg.get("threads") or torch.get_num_threads())
     num_tables, batch, dim = cfg["num_tables"], cfg["batch"], cfg["dim"]
     batches = []
     for raw in host_batches(cfg):
         ids_tbl = np.stack([raw[f"f{t}"] for t in range(num_tables)])  # [T, B, L], -1 pad
-        lengths = (ids_tbl >= 0).sum(-1).reshape(-1)                    # table-major
-        indices = ids_tbl[ids_tbl >= 0]                                  # row-major = same order
+        lengths = (ids_tbl >= 0).sum(-1).reshape(-1)  # table-major
+        indices = ids_tbl[ids_tbl >= 0]  # row-major = same order
         offsets = np.concatenate([[0], np.cumsum(lengths)])
-        batches.append((torch.from_numpy(indices.astype(np.int64)),
-                        torch.from_numpy(offsets.astype(np.int64))))
+        batches.append(
+            (torch.from_numpy(indices.astype(np.int64)), torch.from_numpy(offsets.astype(np.int64)))
+        )
     r_d = torch.from_numpy(np.random.default_rng(1).normal(size=dim).astype(np.float32))
 
     reset_peak()
     rss0 = mem_status()["VmRSS"]
     tbe = SplitTableBatchedEmbeddingBagsCodegen(
         [(cfg["vocab"], dim, EmbeddingLocation.HOST, ComputeDevice.CPU)] * num_tables,
-        optimizer=OptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=LEARNING_RATE, eps=1e-8,
-        pooling_mode=PoolingMode.SUM)
-    scale = 3 ** 0.5 / dim ** 0.5  # uniform with the std of lf_jax's normal(0, 1/sqrt(dim))
+        optimizer=OptimType.EXACT_ROWWISE_ADAGRAD,
+        learning_rate=LEARNING_RATE,
+        eps=1e-8,
+        pooling_mode=PoolingMode.SUM,
+    )
+    scale = 3**0.5 / dim**0.5  # uniform with the std of lf_jax's normal(0, 1/sqrt(dim))
     with torch.no_grad():
         tbe.init_embedding_weights_uniform(-scale, scale)
     after_init = mem_status()
 
     def step(indices, offsets):
-        out_bk = tbe(indices, offsets)                                   # [B, T * D]
+        out_bk = tbe(indices, offsets)  # [B, T * D]
         loss = (out_bk.view(batch, num_tables, dim) @ r_d).square().mean(0).sum()
-        loss.backward()                                                  # fused update
+        loss.backward()  # fused update
         return loss
 
     for i in range(cfg["warmup"]):
@@ -79,12 +85,18 @@ def run(cfg: dict) -> dict:
     after = mem_status()
     table_bytes = num_tables * cfg["vocab"] * dim * 4
     return {
-        **summarize_times(times, batch, cpu), "loss": float(loss.detach()),
-        "torch": torch.__version__, "fbgemm_gpu": getattr(fbgemm_gpu, "__version__", "?"),
-        "threads": torch.get_num_threads(), "fbgemm_ops_in_step": ops,
-        "table_bytes": table_bytes, "slot_bytes": num_tables * cfg["vocab"] * 4,
-        "rss_base": rss0, "init_peak_increase": after_init["VmHWM"] - rss0,
-        "rss_before_steps": rss_before_steps, "step_peak_rss": after["VmHWM"],
+        **summarize_times(times, batch, cpu),
+        "loss": float(loss.detach()),
+        "torch": torch.__version__,
+        "fbgemm_gpu": getattr(fbgemm_gpu, "__version__", "?"),
+        "threads": torch.get_num_threads(),
+        "fbgemm_ops_in_step": ops,
+        "table_bytes": table_bytes,
+        "slot_bytes": num_tables * cfg["vocab"] * 4,
+        "rss_base": rss0,
+        "init_peak_increase": after_init["VmHWM"] - rss0,
+        "rss_before_steps": rss_before_steps,
+        "step_peak_rss": after["VmHWM"],
         "step_peak_increase": after["VmHWM"] - rss0,
         "step_transient": after["VmHWM"] - rss_before_steps,
     }
@@ -106,11 +118,23 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--output")
     args = parser.parse_args(argv)
-    cfg = json.loads(args.config) if args.config else {
-        "num_tables": args.num_tables, "vocab": int(float(args.vocab)), "dim": args.dim,
-        "batch": args.batch, "max_ids": args.max_ids, "dist": args.dist, "steps": args.steps,
-        "warmup": args.warmup, "num_batches": args.num_batches, "seed": args.seed,
-        "threads": args.threads}
+    cfg = (
+        json.loads(args.config)
+        if args.config
+        else {
+            "num_tables": args.num_tables,
+            "vocab": int(float(args.vocab)),
+            "dim": args.dim,
+            "batch": args.batch,
+            "max_ids": args.max_ids,
+            "dist": args.dist,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "num_batches": args.num_batches,
+            "seed": args.seed,
+            "threads": args.threads,
+        }
+    )
     result = {"config": cfg, **run(cfg)}
     text = json.dumps(result)
     if args.output:

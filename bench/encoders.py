@@ -55,8 +55,11 @@ def timed(fn, args, steps: int) -> dict:
         jax.block_until_ready(fn(*args))
         walls.append(time.perf_counter() - wall)
         cpus.append(time.process_time() - cpu)
-    return {"median_s": statistics.median(walls), "cpu_s": statistics.median(cpus),
-            "load_avg_1m": round(os.getloadavg()[0], 1)}
+    return {
+        "median_s": statistics.median(walls),
+        "cpu_s": statistics.median(cpus),
+        "load_avg_1m": round(os.getloadavg()[0], 1),
+    }
 
 
 def bench_model(name: str, args) -> dict:
@@ -80,16 +83,24 @@ def bench_model(name: str, args) -> dict:
     forward = jax.jit(embed)
     train = jax.jit(jax.value_and_grad(loss))
     tokens = args.batch * args.length
-    result = {"model": name, "parameters": params, "dtype": args.dtype, "batch": args.batch,
-              "length": args.length}
+    result = {
+        "model": name,
+        "parameters": params,
+        "dtype": args.dtype,
+        "batch": args.batch,
+        "length": args.length,
+    }
     for label, fn in (("forward", forward), ("forward_backward", train)):
         timing = timed(fn, (state, ids_bl, mask_bl), args.steps)
         timing["tokens_per_s"] = round(tokens / timing["median_s"])
         timing["tokens_per_cpu_s"] = round(tokens / timing["cpu_s"])
         result[label] = timing
-        print(f"{name:10s} {args.dtype:8s} {label:16s} {timing['tokens_per_s']:>9,d} tokens/s "
-              f"{timing['tokens_per_cpu_s']:>9,d} tokens/cpu-s (step {timing['median_s'] * 1e3:.1f}"
-              f" ms, cpu {timing['cpu_s'] * 1e3:.1f} ms, load {timing['load_avg_1m']})", flush=True)
+        print(
+            f"{name:10s} {args.dtype:8s} {label:16s} {timing['tokens_per_s']:>9,d} tokens/s "
+            f"{timing['tokens_per_cpu_s']:>9,d} tokens/cpu-s (step {timing['median_s'] * 1e3:.1f}"
+            f" ms, cpu {timing['cpu_s'] * 1e3:.1f} ms, load {timing['load_avg_1m']})",
+            flush=True,
+        )
     return result
 
 
@@ -107,8 +118,10 @@ def main() -> None:
     if unknown:
         parser.error(f"--models: unknown {unknown}; choose from minilm, tiny_llama")
     device = jax.devices()[0]
-    print(f"{device.platform} {device.device_kind} x{jax.device_count()}, "
-          f"{os.cpu_count()} CPUs, jax {jax.__version__}, {platform.python_version()}")
+    print(
+        f"{device.platform} {device.device_kind} x{jax.device_count()}, "
+        f"{os.cpu_count()} CPUs, jax {jax.__version__}, {platform.python_version()}"
+    )
     results = [bench_model(name, args) for name in names]
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:

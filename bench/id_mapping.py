@@ -50,7 +50,7 @@ def traced(function) -> tuple[object, int, int]:
 
 def lookup_batches(lookup, keys: list[str], batch: int) -> None:
     for start in range(0, len(keys), batch):
-        lookup(keys[start:start + batch])
+        lookup(keys[start : start + batch])
 
 
 def main() -> None:
@@ -65,8 +65,11 @@ def main() -> None:
 
     # Memory.
     dict_map, dict_bytes, dict_peak = traced(lambda: {f"urn:li:member:{i}": i for i in range(n)})
-    dict_getsizeof = (sys.getsizeof(dict_map) + sum(map(sys.getsizeof, dict_map))
-                      + sum(sys.getsizeof(v) for v in dict_map.values() if v > 256))
+    dict_getsizeof = (
+        sys.getsizeof(dict_map)
+        + sum(map(sys.getsizeof, dict_map))
+        + sum(sys.getsizeof(v) for v in dict_map.values() if v > 256)
+    )
     del dict_map
     id_map, map_bytes, map_peak = traced(lambda: IdMap.build(keys, num_oov_buckets=1))
     hash_map, hash_map_bytes, _ = traced(lambda: IdMap.build(keys, preserve_order=False))
@@ -79,7 +82,9 @@ def main() -> None:
     map_all, map_rows = best_time(lambda: id_map.lookup(keys), args.repeats)
     np.testing.assert_array_equal(dict_rows, map_rows)
     dict_batched, _ = best_time(lambda: lookup_batches(dict_lookup, keys, args.batch), args.repeats)
-    map_batched, _ = best_time(lambda: lookup_batches(id_map.lookup, keys, args.batch), args.repeats)
+    map_batched, _ = best_time(
+        lambda: lookup_batches(id_map.lookup, keys, args.batch), args.repeats
+    )
     map_unknown, unknown_rows = best_time(lambda: id_map.lookup(unknown), args.repeats)
     false_accepts = int(np.sum(unknown_rows < n))
 
@@ -87,22 +92,50 @@ def main() -> None:
     per_key = lambda b: f"{b / n:.1f}"
     rate = lambda seconds, count=n: f"{count / seconds / 1e6:.2f} M/s"
     rows = [
-        ("memory kept (tracemalloc)", mb(dict_bytes), mb(map_bytes),
-         f"{dict_bytes / map_bytes:.1f}x less"),
+        (
+            "memory kept (tracemalloc)",
+            mb(dict_bytes),
+            mb(map_bytes),
+            f"{dict_bytes / map_bytes:.1f}x less",
+        ),
         ("bytes per id", per_key(dict_bytes), per_key(map_bytes), ""),
-        ("memory, hash-order rows (no order array)", mb(dict_bytes), mb(hash_map_bytes),
-         f"{dict_bytes / hash_map_bytes:.1f}x less"),
-        ("memory (sys.getsizeof dict + keys + values)", mb(dict_getsizeof), mb(id_map.nbytes),
-         f"{dict_getsizeof / id_map.nbytes:.1f}x less"),
+        (
+            "memory, hash-order rows (no order array)",
+            mb(dict_bytes),
+            mb(hash_map_bytes),
+            f"{dict_bytes / hash_map_bytes:.1f}x less",
+        ),
+        (
+            "memory (sys.getsizeof dict + keys + values)",
+            mb(dict_getsizeof),
+            mb(id_map.nbytes),
+            f"{dict_getsizeof / id_map.nbytes:.1f}x less",
+        ),
         ("peak memory while building (tracemalloc)", mb(dict_peak), mb(map_peak), ""),
-        ("build time", f"{dict_build:.2f} s", f"{map_build:.2f} s",
-         f"{map_build / dict_build:.1f}x slower"),
-        (f"lookup, one call of {n} ids", rate(dict_all), rate(map_all),
-         f"{dict_all / map_all:.2f}x"),
-        (f"lookup, batches of {args.batch}", rate(dict_batched), rate(map_batched),
-         f"{dict_batched / map_batched:.2f}x"),
-        (f"lookup, {len(unknown)} unknown ids", "KeyError", rate(map_unknown, len(unknown)),
-         f"{false_accepts} false accepts"),
+        (
+            "build time",
+            f"{dict_build:.2f} s",
+            f"{map_build:.2f} s",
+            f"{map_build / dict_build:.1f}x slower",
+        ),
+        (
+            f"lookup, one call of {n} ids",
+            rate(dict_all),
+            rate(map_all),
+            f"{dict_all / map_all:.2f}x",
+        ),
+        (
+            f"lookup, batches of {args.batch}",
+            rate(dict_batched),
+            rate(map_batched),
+            f"{dict_batched / map_batched:.2f}x",
+        ),
+        (
+            f"lookup, {len(unknown)} unknown ids",
+            "KeyError",
+            rate(map_unknown, len(unknown)),
+            f"{false_accepts} false accepts",
+        ),
     ]
     print(f"{n} string ids 'urn:li:member:<n>'; IdMap: {id_map!r}, hash-order {hash_map!r}")
     print("| measure | dict str->int | IdMap | IdMap vs dict |")

@@ -44,12 +44,15 @@ def run(directory: str, dtype: str, ids: list[str], vectors: np.ndarray, args) -
         counts = store.update(ids, changed, version="v2", batch_size=args.batch)
         seconds = time.perf_counter() - start
         result["update_rows_per_s"] = round(len(ids) / seconds)
-        result["update_counts"] = {"written": counts.written, "unchanged": counts.unchanged,
-                                   "new": counts.new}
+        result["update_counts"] = {
+            "written": counts.written,
+            "unchanged": counts.unchanged,
+            "new": counts.new,
+        }
         lookups = [ids[i] for i in rng.integers(0, len(ids), args.lookups)]
         start = time.perf_counter()
         for first in range(0, len(lookups), args.lookup_batch):
-            store.get(lookups[first:first + args.lookup_batch])
+            store.get(lookups[first : first + args.lookup_batch])
         seconds = time.perf_counter() - start
         result["get_rows_per_s"] = round(len(lookups) / seconds)
         result["get_batch"] = args.lookup_batch
@@ -57,7 +60,8 @@ def run(directory: str, dtype: str, ids: list[str], vectors: np.ndarray, args) -
         restored = store.get(ids)
         result["get_all_rows_per_s"] = round(len(ids) / (time.perf_counter() - start))
         cosine = np.einsum("ij,ij->i", restored, changed) / (
-            np.linalg.norm(restored, axis=1) * np.linalg.norm(changed, axis=1))
+            np.linalg.norm(restored, axis=1) * np.linalg.norm(changed, axis=1)
+        )
         result["stored_cosine_mean"] = float(cosine.mean())
         result["stored_cosine_min"] = float(cosine.min())
         after = store.stats()
@@ -65,10 +69,14 @@ def run(directory: str, dtype: str, ids: list[str], vectors: np.ndarray, args) -
             compact = store.copy_compact(os.path.join(copy_dir, "compact"))
             compact_bytes = os.path.getsize(compact / "data.mdb")
     result.update(
-        bytes_after_put=stats["bytes_on_disk"], bytes_after_update=after["bytes_on_disk"],
-        bytes_live=after["bytes_live"], bytes_compact_copy=compact_bytes,
-        bytes_per_row_compact=round(compact_bytes / len(ids), 1), row_value_bytes=after["row_bytes"],
-        versions=after["versions"])
+        bytes_after_put=stats["bytes_on_disk"],
+        bytes_after_update=after["bytes_on_disk"],
+        bytes_live=after["bytes_live"],
+        bytes_compact_copy=compact_bytes,
+        bytes_per_row_compact=round(compact_bytes / len(ids), 1),
+        row_value_bytes=after["row_bytes"],
+        versions=after["versions"],
+    )
     return result
 
 
@@ -86,11 +94,15 @@ def main() -> None:
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((args.num_vectors, args.dims), dtype=np.float32)
     ids = [f"urn:li:member:{i}" for i in rng.permutation(args.num_vectors)]
-    results = {"args": vars(args), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-               "raw_float32_bytes": vectors.nbytes,
-               "quantization_error": quantization_error(vectors),
-               "quantization_error_heavy_tailed_t3": quantization_error(
-                   rng.standard_t(3, size=(100_000, args.dims)).astype(np.float32))}
+    results = {
+        "args": vars(args),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "raw_float32_bytes": vectors.nbytes,
+        "quantization_error": quantization_error(vectors),
+        "quantization_error_heavy_tailed_t3": quantization_error(
+            rng.standard_t(3, size=(100_000, args.dims)).astype(np.float32)
+        ),
+    }
     with tempfile.TemporaryDirectory(dir=args.dir) as root:
         for dtype in ("int8", "float32"):
             results[dtype] = run(os.path.join(root, dtype), dtype, ids, vectors, args)
@@ -100,8 +112,10 @@ def main() -> None:
     results["size_ratios"] = {
         "raw_float32_over_int8_compact": round(vectors.nbytes / compact, 2),
         "float32_lmdb_over_int8_lmdb_compact": round(float32["bytes_compact_copy"] / compact, 2),
-        "float32_lmdb_over_int8_lmdb_on_disk": round(float32["bytes_after_update"]
-                                                     / int8["bytes_after_update"], 2)}
+        "float32_lmdb_over_int8_lmdb_on_disk": round(
+            float32["bytes_after_update"] / int8["bytes_after_update"], 2
+        ),
+    }
     print("quantization error (Gaussian):", results["quantization_error"])
     print("quantization error (Student t, 3 dof):", results["quantization_error_heavy_tailed_t3"])
     print("size ratios:", results["size_ratios"], "raw float32 bytes:", vectors.nbytes)

@@ -44,12 +44,12 @@ Usage:
 import argparse
 import json
 import os
-from pathlib import Path
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -66,61 +66,138 @@ ONE_DEVICE = ["--devices", "cpu:1", "--config.mesh.data=1", "--config.mesh.model
 VARIANTS = {
     "baseline": ("IPS on, GateNet on, DCNv2 2x full rank, batch 512", [], "quality", None),
     "ips_off": ("IPS off", ["--config.train.ips=false"], "quality", None),
-    "ips_positives": ("IPS weights on responses only", ["--config.train.ips_target=positives"],
-                      "quality", None),
-    "gatenet_off": ("GateNet off (embedding + hidden gates)",
-                    ["--config.model.gatenet=false", "--config.model.hidden_gates=false"], "quality", None),
+    "ips_positives": (
+        "IPS weights on responses only",
+        ["--config.train.ips_target=positives"],
+        "quality",
+        None,
+    ),
+    "gatenet_off": (
+        "GateNet off (embedding + hidden gates)",
+        ["--config.model.gatenet=false", "--config.model.hidden_gates=false"],
+        "quality",
+        None,
+    ),
     "dcn_off": ("DCNv2 off", ["--config.model.dcn_layers=0"], "quality", None),
     "dcn_lowrank8": ("DCNv2 low rank 8", ["--config.model.dcn_low_rank=8"], "quality", None),
     "baseline_s1": ("baseline, seed=1 data.seed=2", SEED1, "quality", None),
-    "ips_off_s1": ("IPS off, seed=1 data.seed=2", ["--config.train.ips=false", *SEED1], "quality", None),
-    "small_b256": ("batch 256, no accumulation, 400 steps", ["--config.batch_size=256"], "quality", 400),
+    "ips_off_s1": (
+        "IPS off, seed=1 data.seed=2",
+        ["--config.train.ips=false", *SEED1],
+        "quality",
+        None,
+    ),
+    "small_b256": (
+        "batch 256, no accumulation, 400 steps",
+        ["--config.batch_size=256"],
+        "quality",
+        400,
+    ),
     "accum5_b1280": ("5 accumulated micro-batches of 256, 400 steps", ACCUM5, "quality", 400),
-    "accum5_eq": ("5 accumulated micro-batches of 256, 80 steps (small_b256's examples)", ACCUM5,
-                  "quality", 80),
+    "accum5_eq": (
+        "5 accumulated micro-batches of 256, 80 steps (small_b256's examples)",
+        ACCUM5,
+        "quality",
+        80,
+    ),
     "unlogged": ("tiny_unlogged data, IPS on (every ranked impression)", UNLOGGED, "quality", None),
-    "unlogged_ips_off": ("tiny_unlogged data, IPS off", [*UNLOGGED, "--config.train.ips=false"],
-                         "quality", None),
-    "unlogged_ips_positives": ("tiny_unlogged data, IPS weights on responses only",
-                               [*UNLOGGED, "--config.train.ips_target=positives"], "quality", None),
+    "unlogged_ips_off": (
+        "tiny_unlogged data, IPS off",
+        [*UNLOGGED, "--config.train.ips=false"],
+        "quality",
+        None,
+    ),
+    "unlogged_ips_positives": (
+        "tiny_unlogged data, IPS weights on responses only",
+        [*UNLOGGED, "--config.train.ips_target=positives"],
+        "quality",
+        None,
+    ),
     "tput_8dev": ("throughput, 8 simulated CPU devices (data=2 x model=4)", [], "throughput", None),
     "tput_1dev": ("throughput, 1 CPU device (data=1 x model=1)", ONE_DEVICE, "throughput", None),
-    "tput_8dev_w2": ("throughput, 8 simulated CPU devices, 2 grain worker processes",
-                     ["--config.data.worker_count=2"], "throughput", None),
-    "tput_1dev_w2": ("throughput, 1 CPU device, 2 grain worker processes",
-                     [*ONE_DEVICE, "--config.data.worker_count=2"], "throughput", None),
+    "tput_8dev_w2": (
+        "throughput, 8 simulated CPU devices, 2 grain worker processes",
+        ["--config.data.worker_count=2"],
+        "throughput",
+        None,
+    ),
+    "tput_1dev_w2": (
+        "throughput, 1 CPU device, 2 grain worker processes",
+        [*ONE_DEVICE, "--config.data.worker_count=2"],
+        "throughput",
+        None,
+    ),
 }
-DEFAULT_ORDER = ("baseline", "ips_off", "ips_positives", "gatenet_off", "dcn_off", "dcn_lowrank8",
-                 "baseline_s1", "ips_off_s1", "small_b256", "accum5_b1280", "accum5_eq",
-                 "unlogged", "unlogged_ips_off", "unlogged_ips_positives", "tput_8dev", "tput_1dev",
-                 "tput_8dev_w2", "tput_1dev_w2")
+DEFAULT_ORDER = (
+    "baseline",
+    "ips_off",
+    "ips_positives",
+    "gatenet_off",
+    "dcn_off",
+    "dcn_lowrank8",
+    "baseline_s1",
+    "ips_off_s1",
+    "small_b256",
+    "accum5_b1280",
+    "accum5_eq",
+    "unlogged",
+    "unlogged_ips_off",
+    "unlogged_ips_positives",
+    "tput_8dev",
+    "tput_1dev",
+    "tput_8dev_w2",
+    "tput_1dev_w2",
+)
 
 
 def command(name: str, workdir: Path, data_dir: str, steps: int, tput_steps: int) -> list[str]:
     _, extra, kind, own_steps = VARIANTS[name]
-    base = [*LF_JAX, "train", "--config", "configs/feed_ranker.py:size=tiny", "--workdir", str(workdir),
-            f"--config.data.data_dir={data_dir}"]
+    base = [
+        *LF_JAX,
+        "train",
+        "--config",
+        "configs/feed_ranker.py:size=tiny",
+        "--workdir",
+        str(workdir),
+        f"--config.data.data_dir={data_dir}",
+    ]
     if kind == "quality":
         steps = own_steps or steps
-        base += [f"--config.train.steps={steps}", f"--config.train.eval_every={steps}",
-                 f"--config.train.checkpoint_every={steps}"]
+        base += [
+            f"--config.train.steps={steps}",
+            f"--config.train.eval_every={steps}",
+            f"--config.train.checkpoint_every={steps}",
+        ]
     else:
-        base += [f"--config.train.steps={tput_steps}", "--config.train.eval_every=0",
-                 "--config.train.log_every=10", f"--config.train.checkpoint_every={tput_steps}"]
+        base += [
+            f"--config.train.steps={tput_steps}",
+            "--config.train.eval_every=0",
+            "--config.train.log_every=10",
+            f"--config.train.checkpoint_every={tput_steps}",
+        ]
     return base + list(extra)
 
 
 def prebuild(data_dir: str, data_config: str = "tiny") -> float:
     """Prepares feed_logs/<data_config> in data_dir (no-op when present) so no variant times a build."""
     tic = time.perf_counter()
-    code = ("from lf_jax.input.datasets import build_dataset; "
-            f"b = build_dataset('feed_logs', {data_config!r}, {data_dir!r}); print(b.data_dir)")
-    out = subprocess.run([PYTHON, "-c", code], cwd=REPO, env={**os.environ, "CI": "true"},
-                         capture_output=True, text=True)
+    code = (
+        "from lf_jax.input.datasets import build_dataset; "
+        f"b = build_dataset('feed_logs', {data_config!r}, {data_dir!r}); print(b.data_dir)"
+    )
+    out = subprocess.run(
+        [PYTHON, "-c", code],
+        cwd=REPO,
+        env={**os.environ, "CI": "true"},
+        capture_output=True,
+        text=True,
+    )
     if out.returncode:
         sys.exit(f"building feed_logs/{data_config} in {data_dir} failed:\n{out.stderr[-4000:]}")
     elapsed = time.perf_counter() - tic
-    print(f"[prebuild] dataset at {out.stdout.strip().splitlines()[-1]} ({elapsed:.1f} s)", flush=True)
+    print(
+        f"[prebuild] dataset at {out.stdout.strip().splitlines()[-1]} ({elapsed:.1f} s)", flush=True
+    )
     return elapsed
 
 
@@ -135,19 +212,36 @@ def run_variant(name: str, root: Path, data_dir: str, steps: int, tput_steps: in
     load_before = os.getloadavg()[0]
     tic = time.perf_counter()
     with open(workdir / "run.log", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "CI": "true"}, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env={**os.environ, "CI": "true"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        )
         for line in proc.stdout:
             log.write(line)
             if " step " in line or "error" in line.lower() or "Traceback" in line:
                 print(f"[{name}] {line.rstrip()[-150:]}", flush=True)
         proc.wait()
     wall = time.perf_counter() - tic
-    info = {"name": name, "command": cmd, "returncode": proc.returncode, "wall_s": wall,
-            "started": started, "load1_before": load_before, "load1_after": os.getloadavg()[0]}
+    info = {
+        "name": name,
+        "command": cmd,
+        "returncode": proc.returncode,
+        "wall_s": wall,
+        "started": started,
+        "load1_before": load_before,
+        "load1_after": os.getloadavg()[0],
+    }
     (workdir / "bench_run.json").write_text(json.dumps(info, indent=1))
-    print(f"[{name}] exit {proc.returncode}, {wall:.0f} s wall (load1 {load_before:.1f} -> "
-          f"{info['load1_after']:.1f})", flush=True)
+    print(
+        f"[{name}] exit {proc.returncode}, {wall:.0f} s wall (load1 {load_before:.1f} -> "
+        f"{info['load1_after']:.1f})",
+        flush=True,
+    )
     return info
 
 
@@ -160,19 +254,27 @@ def collect(name: str, root: Path) -> dict | None:
     if info["returncode"] != 0:
         return {**info, "failed": True}
     config = json.loads((workdir / "config.json").read_text())
-    rows = [json.loads(line) for line in (workdir / "history.jsonl").read_text().splitlines() if line]
+    rows = [
+        json.loads(line) for line in (workdir / "history.jsonl").read_text().splitlines() if line
+    ]
     train_rows = [r for r in rows if "examples_per_second" in r]
     rates = [r["examples_per_second"] for r in train_rows]
-    last_half = rates[len(rates) // 2:]
+    last_half = rates[len(rates) // 2 :]
     steps = max((r["step"] for r in rows), default=0)
     metrics_path = workdir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-    return {**info, "failed": False, "steps": steps, "batch_size": config["batch_size"],
-            "grad_accum_steps": config["train"]["grad_accum_steps"],
-            "examples": steps * config["batch_size"], "rates": rates,
-            "median_rate_last_half": statistics.median(last_half) if last_half else float("nan"),
-            "final_loss": train_rows[-1]["loss"] if train_rows else float("nan"),
-            "metrics": metrics}
+    return {
+        **info,
+        "failed": False,
+        "steps": steps,
+        "batch_size": config["batch_size"],
+        "grad_accum_steps": config["train"]["grad_accum_steps"],
+        "examples": steps * config["batch_size"],
+        "rates": rates,
+        "median_rate_last_half": statistics.median(last_half) if last_half else float("nan"),
+        "final_loss": train_rows[-1]["loss"] if train_rows else float("nan"),
+        "metrics": metrics,
+    }
 
 
 def _mean(values):
@@ -187,10 +289,20 @@ def tables(results: dict[str, dict]) -> str:
     quality = {n: r for n, r in results.items() if VARIANTS[n][2] == "quality" and not r["failed"]}
     lines = []
     if quality:
-        head = ["variant", "steps", "batch (micro)", "examples seen", "wall s", "train ex/s",
-                *[f"random AUC {t}" for t in TASKS], "random AUC mean",
-                *[f"ranked AUC {t}" for t in TASKS], "ranked AUC mean",
-                "oracle AUC mean (random / ranked)", "NE mean (random / ranked)"]
+        head = [
+            "variant",
+            "steps",
+            "batch (micro)",
+            "examples seen",
+            "wall s",
+            "train ex/s",
+            *[f"random AUC {t}" for t in TASKS],
+            "random AUC mean",
+            *[f"ranked AUC {t}" for t in TASKS],
+            "ranked AUC mean",
+            "oracle AUC mean (random / ranked)",
+            "NE mean (random / ranked)",
+        ]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for name, r in quality.items():
             m = r["metrics"]
@@ -198,37 +310,68 @@ def tables(results: dict[str, dict]) -> str:
             oracle = {h: _mean([m[f"{h}/{t}/oracle_auc"] for t in TASKS]) for h in HOLDOUTS}
             ne = {h: _mean([m[f"{h}/{t}/ne"] for t in TASKS]) for h in HOLDOUTS}
             micro = r["batch_size"] // r["grad_accum_steps"]
-            batch = f"{r['batch_size']} ({r['grad_accum_steps']}x{micro})" if r["grad_accum_steps"] > 1 \
+            batch = (
+                f"{r['batch_size']} ({r['grad_accum_steps']}x{micro})"
+                if r["grad_accum_steps"] > 1
                 else str(r["batch_size"])
-            lines.append("| " + " | ".join([
-                name, str(r["steps"]), batch, f"{r['examples']:,}", f"{r['wall_s']:.0f}",
-                f"{r['median_rate_last_half']:,.0f}",
-                *[_f(a) for a in auc["holdout_random"]], _f(_mean(auc["holdout_random"])),
-                *[_f(a) for a in auc["holdout_ranked"]], _f(_mean(auc["holdout_ranked"])),
-                f"{_f(oracle['holdout_random'])} / {_f(oracle['holdout_ranked'])}",
-                f"{_f(ne['holdout_random'])} / {_f(ne['holdout_ranked'])}"]) + " |")
-        lines += ["", "Random-session holdout, per task: AUC - oracle AUC (gap), NE, calibration "
-                  "(sum of predictions / positives).", ""]
+            )
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        name,
+                        str(r["steps"]),
+                        batch,
+                        f"{r['examples']:,}",
+                        f"{r['wall_s']:.0f}",
+                        f"{r['median_rate_last_half']:,.0f}",
+                        *[_f(a) for a in auc["holdout_random"]],
+                        _f(_mean(auc["holdout_random"])),
+                        *[_f(a) for a in auc["holdout_ranked"]],
+                        _f(_mean(auc["holdout_ranked"])),
+                        f"{_f(oracle['holdout_random'])} / {_f(oracle['holdout_ranked'])}",
+                        f"{_f(ne['holdout_random'])} / {_f(ne['holdout_ranked'])}",
+                    ]
+                )
+                + " |"
+            )
+        lines += [
+            "",
+            "Random-session holdout, per task: AUC - oracle AUC (gap), NE, calibration "
+            "(sum of predictions / positives).",
+            "",
+        ]
         head = ["variant", *[f"{t} gap / NE / cal" for t in TASKS], "mean gap"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for name, r in quality.items():
             m, h = r["metrics"], "holdout_random"
             gaps = [m[f"{h}/{t}/auc"] - m[f"{h}/{t}/oracle_auc"] for t in TASKS]
-            cells = [f"{g:+.4f} / {_f(m[f'{h}/{t}/ne'], 3)} / {_f(m[f'{h}/{t}/calibration'], 2)}"
-                     for g, t in zip(gaps, TASKS)]
+            cells = [
+                f"{g:+.4f} / {_f(m[f'{h}/{t}/ne'], 3)} / {_f(m[f'{h}/{t}/calibration'], 2)}"
+                for g, t in zip(gaps, TASKS)
+            ]
             lines.append("| " + " | ".join([name, *cells, f"{_mean(gaps):+.4f}"]) + " |")
     tput = {n: r for n, r in results.items() if VARIANTS[n][2] == "throughput" and not r["failed"]}
     if tput:
-        lines += ["", "Training throughput (median examples/s of the last half of the log rows, "
-                  "10 steps per row; batch 512):", "",
-                  "| variant | devices / mesh | steps | wall s | examples/s (median, last half) | all rows |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Training throughput (median examples/s of the last half of the log rows, "
+            "10 steps per row; batch 512):",
+            "",
+            "| variant | devices / mesh | steps | wall s | examples/s (median, last half) | all rows |",
+            "|---|---|---|---|---|---|",
+        ]
         for name, r in tput.items():
-            lines.append(f"| {name} | {VARIANTS[name][0]} | {r['steps']} | {r['wall_s']:.0f} | "
-                         f"{r['median_rate_last_half']:,.0f} | "
-                         f"{', '.join(f'{x:,.0f}' for x in r['rates'])} |")
+            lines.append(
+                f"| {name} | {VARIANTS[name][0]} | {r['steps']} | {r['wall_s']:.0f} | "
+                f"{r['median_rate_last_half']:,.0f} | "
+                f"{', '.join(f'{x:,.0f}' for x in r['rates'])} |"
+            )
         if "tput_8dev" in tput and "tput_1dev" in tput:
-            ratio = tput["tput_8dev"]["median_rate_last_half"] / tput["tput_1dev"]["median_rate_last_half"]
+            ratio = (
+                tput["tput_8dev"]["median_rate_last_half"]
+                / tput["tput_1dev"]["median_rate_last_half"]
+            )
             lines += ["", f"8 simulated devices / 1 device: {ratio:.2f}x"]
     failed = [n for n, r in results.items() if r["failed"]]
     if failed:
@@ -240,12 +383,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", required=True, type=Path, help="one workdir per variant under it")
     parser.add_argument("--data-dir", default="/tmp/tfds_ranker_bench")
-    parser.add_argument("--variants", default=",".join(DEFAULT_ORDER),
-                        help=f"comma list, run in this order (known: {', '.join(VARIANTS)})")
+    parser.add_argument(
+        "--variants",
+        default=",".join(DEFAULT_ORDER),
+        help=f"comma list, run in this order (known: {', '.join(VARIANTS)})",
+    )
     parser.add_argument("--steps", type=int, default=800, help="steps of the quality variants")
     parser.add_argument("--throughput-steps", type=int, default=100)
-    parser.add_argument("--reuse", action="store_true",
-                        help="skip variants whose workdir already holds a successful run")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="skip variants whose workdir already holds a successful run",
+    )
     parser.add_argument("--table-only", action="store_true", help="run nothing; tabulate <root>")
     args = parser.parse_args()
     names = [n.strip() for n in args.variants.split(",") if n.strip()]

@@ -45,7 +45,9 @@ def timed(fn, repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", required=True, help="feed_logs/tiny is built there when absent")
+    parser.add_argument(
+        "--data-dir", required=True, help="feed_logs/tiny is built there when absent"
+    )
     parser.add_argument("--batch-sizes", default="512,4096")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workdir", default="/tmp/ranker_host_path")
@@ -54,28 +56,34 @@ def main() -> None:
     with config.unlocked():
         config.data.data_dir, config.devices = args.data_dir, 1
         config.mesh.data, config.mesh.model = 1, 1
-        config.embedding.memory_budget_bytes = 4_000_000_000   # batch 4096 on one device
+        config.embedding.memory_budget_bytes = 4_000_000_000  # batch 4096 on one device
     task = build_task(config, prepare_workdir(args.workdir, config))
     source = task.builder.as_data_source("train")
     lengths = task._list_lengths()
     decoder = RecordBatchDecoder(task.builder.info.features, lengths)
     results = {}
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-        indices = [int(i) for i in np.random.default_rng(0).choice(len(source), batch_size, replace=False)]
+        indices = [
+            int(i) for i in np.random.default_rng(0).choice(len(source), batch_size, replace=False)
+        ]
         host = decoder(source.data_source.__getitems__(indices))
         seconds = {
             "read raw": timed(lambda: source.data_source.__getitems__(indices), args.repeats),
-            "tfds read+decode": timed(lambda: collate(source.__getitems__(indices), lengths),
-                                      args.repeats),
-            "read+batch decode": timed(lambda: decoder(source.data_source.__getitems__(indices)),
-                                       args.repeats),
+            "tfds read+decode": timed(
+                lambda: collate(source.__getitems__(indices), lengths), args.repeats
+            ),
+            "read+batch decode": timed(
+                lambda: decoder(source.data_source.__getitems__(indices)), args.repeats
+            ),
             "model_inputs": timed(lambda: task.model_inputs(host), args.repeats),
             "device_batch": timed(lambda: task.device_batch(host), args.repeats),
         }
         results[batch_size] = {name: batch_size / s for name, s in seconds.items()}
-        print(f"batch {batch_size:>6,}: " + ", ".join(f"{name} {rate:,.0f} ex/s"
-                                                   for name, rate in results[batch_size].items()),
-              flush=True)
+        print(
+            f"batch {batch_size:>6,}: "
+            + ", ".join(f"{name} {rate:,.0f} ex/s" for name, rate in results[batch_size].items()),
+            flush=True,
+        )
     print(json.dumps(results))
 
 

@@ -15,10 +15,10 @@ total. Reports p50 and p99 in milliseconds; ``--json`` writes them with the mach
 import argparse
 import json
 import os
-from pathlib import Path
 import platform
 import sys
 import time
+from pathlib import Path
 
 
 def main() -> None:
@@ -33,6 +33,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import lf_jax
+
     lf_jax.simulate_cpu_devices(args.devices)
     import numpy as np
 
@@ -40,8 +41,13 @@ def main() -> None:
     from lf_jax.console import set_verbosity
     from lf_jax.export.embed_corpus import open_source
     from lf_jax.export.scann_index import VectorIndex
-    from lf_jax.export.two_stage import (FeedWorldFeatures, RankerScorer, TwoStageService,
-                                         dual_encoder_queries)
+    from lf_jax.export.two_stage import (
+        FeedWorldFeatures,
+        RankerScorer,
+        TwoStageService,
+        dual_encoder_queries,
+    )
+
     set_verbosity("warning")
     workdir = Path(args.workdir)
     for needed in ("ranker/checkpoints", "dual_encoder/checkpoints", "export/items/index"):
@@ -54,40 +60,65 @@ def main() -> None:
     encoder = open_source(config.dual_encoder, workdir / "dual_encoder")
     ranker = open_source(config.ranker, workdir / "ranker")
     index = VectorIndex.load(workdir / "export" / "items" / "index")
-    service = TwoStageService(dual_encoder_queries(encoder), index, RankerScorer(ranker),
-                              FeedWorldFeatures(config.ranker.data.config),
-                              num_candidates=args.candidates, top_n=args.top_n)
+    service = TwoStageService(
+        dual_encoder_queries(encoder),
+        index,
+        RankerScorer(ranker),
+        FeedWorldFeatures(config.ranker.data.config),
+        num_candidates=args.candidates,
+        top_n=args.top_n,
+    )
     rng = np.random.default_rng(0)
     figures = {}
     for name, size in (("single", 1), ("batched", args.batch)):
         members = lambda: [f"m{i}" for i in rng.choice(1000, size, replace=False)]
-        service.serve(members())                                         # compile this shape
+        service.serve(members())  # compile this shape
         samples: dict[str, list[float]] = {}
         for _ in range(args.repeats):
             service.serve(members())
             for stage, ms in service.timings.items():
                 samples.setdefault(stage, []).append(ms)
-        figures[name] = {"members": size, **{stage: {"p50": float(np.percentile(v, 50)),
-                                                     "p99": float(np.percentile(v, 99))}
-                                            for stage, v in samples.items()}}
-    print(f"K={args.candidates} candidates of {index.count:,} items ({index.params.mode}, "
-          f"{service.leaves_for(args.candidates)} of {index.params.num_leaves} leaves), top {args.top_n}, "
-          f"{args.repeats} requests per shape, {args.devices} simulated CPU devices, "
-          f"{os.cpu_count()} cores")
+        figures[name] = {
+            "members": size,
+            **{
+                stage: {"p50": float(np.percentile(v, 50)), "p99": float(np.percentile(v, 99))}
+                for stage, v in samples.items()
+            },
+        }
+    print(
+        f"K={args.candidates} candidates of {index.count:,} items ({index.params.mode}, "
+        f"{service.leaves_for(args.candidates)} of {index.params.num_leaves} leaves), top {args.top_n}, "
+        f"{args.repeats} requests per shape, {args.devices} simulated CPU devices, "
+        f"{os.cpu_count()} cores"
+    )
     stages = list(figures["single"])[1:]
     print(f"{'request':<18}" + "".join(f"{s[:-3]:>22}" for s in stages))
     for name, row in figures.items():
         label = f"{name} ({row['members']})"
-        print(f"{label:<18}" + "".join(f"{row[s]['p50']:>10.1f} / {row[s]['p99']:>7.1f}" + "   "
-                                       for s in stages))
+        print(
+            f"{label:<18}"
+            + "".join(f"{row[s]['p50']:>10.1f} / {row[s]['p99']:>7.1f}" + "   " for s in stages)
+        )
     print("(ms, p50 / p99)")
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "figures": figures, "candidates": args.candidates, "top_n": args.top_n,
-            "index": {"count": index.count, "mode": index.params.mode}, "repeats": args.repeats,
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                        "python": platform.python_version()},
-            "date": time.strftime("%Y-%m-%d")}, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "figures": figures,
+                    "candidates": args.candidates,
+                    "top_n": args.top_n,
+                    "index": {"count": index.count, "mode": index.params.mode},
+                    "repeats": args.repeats,
+                    "machine": {
+                        "cpus": os.cpu_count(),
+                        "platform": platform.platform(),
+                        "python": platform.python_version(),
+                    },
+                    "date": time.strftime("%Y-%m-%d"),
+                },
+                indent=2,
+            )
+        )
     encoder.close()
     ranker.close()
 

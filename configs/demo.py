@@ -34,8 +34,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         ranker.train.checkpoint_every = 150
         ranker.train.log_every = 25
         # Show several strategies on the tiny tables (the planner fills in the rest):
-        ranker.embedding.plan = {"member": {"strategy": "row_wise", "axes": ("model",)},
-                                 "post": {"strategy": "column_wise", "num_shards": 4}}
+        ranker.embedding.plan = {
+            "member": {"strategy": "row_wise", "axes": ("model",)},
+            "post": {"strategy": "column_wise", "num_shards": 4},
+        }
     config.ranker = ranker
     encoder = load_config(Path(__file__).with_name("dual_encoder.py").as_posix())
     with encoder.unlocked():
@@ -46,10 +48,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         encoder.train.log_every = 10
     config.dual_encoder = encoder
     config.export = ml_collections.ConfigDict({"target_recall": 0.95})
-    config.serving = ml_collections.ConfigDict({
-        "num_candidates": 500,      # K retrieved by ScaNN from the dual encoder's item index (1,000 posts)
-        "top_n": 10,                # N returned after the ranker
-        "members": ("m3", "m42", "m151", "m277"),
-        "task_weights": {"like": 1.0, "comment": 1.0, "share": 1.0, "long_dwell": 0.5},
-    })
+    config.serving = ml_collections.ConfigDict(
+        {
+            "num_candidates": 500,  # K retrieved by ScaNN from the dual encoder's item index (1,000 posts)
+            "top_n": 10,  # N returned after the ranker
+            "members": ("m3", "m42", "m151", "m277"),
+            "task_weights": {"like": 1.0, "comment": 1.0, "share": 1.0, "long_dwell": 0.5},
+        }
+    )
     return config

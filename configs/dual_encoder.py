@@ -23,42 +23,62 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.devices = 8
     config.mesh = ml_collections.ConfigDict({"data": -1})
     config.seed = 0
-    config.batch_size = 256                 # pairs per step: 256 members x 256 items of negatives
-    config.model = ml_collections.ConfigDict({
-        "hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
-        "intermediate_size": 128,
-        "pooling": "last",                  # last (the [EOS] ending every prompt) | mean
-        "sharding": "replicated",           # replicated | fsdp | tensor | fsdp_tensor
-    })
-    config.loss = ml_collections.ConfigDict({
-        "temperature": 0.05,
-        "matryoshka_dims": (16, 32, 64),    # nested prefixes; the last is the full hidden size
-        "matryoshka_weights": (),           # () : 1 each
-        "symmetric": True,                  # member->item and item->member
-    })
-    config.prompts = ml_collections.ConfigDict({
-        "member": ("member interests {interests} tags {hashtags} followers {followers} "
-                   "activity {activity} tenure {account_age_days}"),
-        "item": ("post {text} tags {hashtags} author followers {author_followers} "
-                 "likes {prior_likes} age {age_hours}"),
-        "num_buckets": 5,                   # percentile buckets: lowest low medium high highest
-    })
-    config.train = ml_collections.ConfigDict({
-        "steps": 300,
-        "learning_rate": 3e-3,
-        "weight_decay": 1e-4,
-        "warmup_steps": 20,
-        "grad_accum_steps": 1,              # GradCache chunks per step
-        "grad_cache": True,
-        "eval_every": 150,
-        "checkpoint_every": 150,
-        "keep_checkpoints": 2,
-        "log_every": 25,
-        "warm_start": "",
-    })
+    config.batch_size = 256  # pairs per step: 256 members x 256 items of negatives
+    config.model = ml_collections.ConfigDict(
+        {
+            "hidden_size": 64,
+            "num_layers": 2,
+            "num_heads": 4,
+            "num_kv_heads": 2,
+            "intermediate_size": 128,
+            "pooling": "last",  # last (the [EOS] ending every prompt) | mean
+            "sharding": "replicated",  # replicated | fsdp | tensor | fsdp_tensor
+        }
+    )
+    config.loss = ml_collections.ConfigDict(
+        {
+            "temperature": 0.05,
+            "matryoshka_dims": (16, 32, 64),  # nested prefixes; the last is the full hidden size
+            "matryoshka_weights": (),  # () : 1 each
+            "symmetric": True,  # member->item and item->member
+        }
+    )
+    config.prompts = ml_collections.ConfigDict(
+        {
+            "member": (
+                "member interests {interests} tags {hashtags} followers {followers} "
+                "activity {activity} tenure {account_age_days}"
+            ),
+            "item": (
+                "post {text} tags {hashtags} author followers {author_followers} "
+                "likes {prior_likes} age {age_hours}"
+            ),
+            "num_buckets": 5,  # percentile buckets: lowest low medium high highest
+        }
+    )
+    config.train = ml_collections.ConfigDict(
+        {
+            "steps": 300,
+            "learning_rate": 3e-3,
+            "weight_decay": 1e-4,
+            "warmup_steps": 20,
+            "grad_accum_steps": 1,  # GradCache chunks per step
+            "grad_cache": True,
+            "eval_every": 150,
+            "checkpoint_every": 150,
+            "keep_checkpoints": 2,
+            "log_every": 25,
+            "warm_start": "",
+        }
+    )
     config.eval = ml_collections.ConfigDict({"recall_k": 10})
-    config.data = ml_collections.ConfigDict({
-        "dataset": "member_items", "config": "tiny", "data_dir": "",
-        "max_length": 40, "seed": 1,
-    })
+    config.data = ml_collections.ConfigDict(
+        {
+            "dataset": "member_items",
+            "config": "tiny",
+            "data_dir": "",
+            "max_length": 40,
+            "seed": 1,
+        }
+    )
     return config

@@ -46,14 +46,30 @@ def _embedding(size: str) -> ml_collections.ConfigDict:
     # 0.1 start kept the tables almost frozen (bench/BENCHMARKS.md, feed ranker).
     adagrad = {"kind": "rowwise_adagrad", "learning_rate": 0.05, "initial_accumulator": 0.0}
     tables = {  # id tables: one row per id + a last OOV row (warm start's new ids go there)
-        "member": {"vocab_size": members + 1, "dim": dim, "initializer": "normal",
-                   "optimizer": dict(adagrad)},
-        "hashtag": {"vocab_size": hashtags + 1, "dim": dim, "initializer": "normal",
-                    "optimizer": dict(adagrad)},
-        "post": {"vocab_size": posts + 1, "dim": dim, "initializer": "normal",
-                 "optimizer": dict(adagrad)},
-        "position": {"vocab_size": NUM_POSITIONS, "dim": 8, "initializer": "normal",
-                     "optimizer": {"kind": "adam", "learning_rate": 0.01}},
+        "member": {
+            "vocab_size": members + 1,
+            "dim": dim,
+            "initializer": "normal",
+            "optimizer": dict(adagrad),
+        },
+        "hashtag": {
+            "vocab_size": hashtags + 1,
+            "dim": dim,
+            "initializer": "normal",
+            "optimizer": dict(adagrad),
+        },
+        "post": {
+            "vocab_size": posts + 1,
+            "dim": dim,
+            "initializer": "normal",
+            "optimizer": dict(adagrad),
+        },
+        "position": {
+            "vocab_size": NUM_POSITIONS,
+            "dim": 8,
+            "initializer": "normal",
+            "optimizer": {"kind": "adam", "learning_rate": 0.01},
+        },
     }
     one = {"max_ids": 1, "combiner": "sum", "weighted": False}
     features = {
@@ -61,16 +77,29 @@ def _embedding(size: str) -> ml_collections.ConfigDict:
         "actor_id": {"table": "member", **one},
         "root_actor_id": {"table": "member", **one},
         "post_id": {"table": "post", **one},
-        "post_hashtags": {"table": "hashtag", "max_ids": MAX_POST_HASHTAGS, "combiner": "mean",
-                          "weighted": False},
-        "history_actors": {"table": "member", "max_ids": HISTORY_LENGTH, "combiner": "mean",
-                           "weighted": False},
-        "history_hashtags": {"table": "hashtag", "max_ids": HISTORY_LENGTH, "combiner": "mean",
-                             "weighted": False},
+        "post_hashtags": {
+            "table": "hashtag",
+            "max_ids": MAX_POST_HASHTAGS,
+            "combiner": "mean",
+            "weighted": False,
+        },
+        "history_actors": {
+            "table": "member",
+            "max_ids": HISTORY_LENGTH,
+            "combiner": "mean",
+            "weighted": False,
+        },
+        "history_hashtags": {
+            "table": "hashtag",
+            "max_ids": HISTORY_LENGTH,
+            "combiner": "mean",
+            "weighted": False,
+        },
         "position": {"table": "position", **one},
     }
-    return ml_collections.ConfigDict({"tables": tables, "features": features, "plan": {},
-                                      "memory_budget_bytes": budget})
+    return ml_collections.ConfigDict(
+        {"tables": tables, "features": features, "plan": {}, "memory_budget_bytes": budget}
+    )
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -89,39 +118,45 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.seed = 0
     config.batch_size = batch  # global examples per optimizer step (all micro-batches)
     config.embedding = _embedding(size)
-    config.model = ml_collections.ConfigDict({
-        "gatenet": True,            # GateNet embedding gates
-        "gatenet_vector": False,    # one gate per field (False) or per dimension (True)
-        "hidden_gates": True,       # GateNet hidden-layer gates in the wide MLP
-        "dcn_layers": 2,            # DCNv2 cross layers; 0 switches the cross network off
-        "dcn_low_rank": 0 if size == "tiny" else 64,  # 0: full-rank DCNv2
-        "mlp_dims": (256, 128) if size == "tiny" else (1024, 512, 256),
-        "head_hidden": 0,           # hidden units of each task head (0: linear head)
-        "dot_interactions": True,   # pairwise dot products of same-width pooled fields
-    })
-    config.train = ml_collections.ConfigDict({
-        "steps": steps,
-        "learning_rate": 2e-3,      # dense parameters (AdamW, warmup + cosine decay)
-        "weight_decay": 1e-5,
-        "warmup_steps": max(steps // 20, 1),
-        "grad_accum_steps": 1,      # micro-batches per step (batch_size is split k ways)
-        "ips": True,                # IPS-weight ranked-session impressions
-        "ips_clip": (0.2, 5.0),
-        "ips_fit": "power_law",     # power_law | per_position (see lf_jax/train/ips.py)
-        "ips_target": "all",        # all: weight every ranked impression; positives: only responses
-        "eval_every": eval_every,
-        "checkpoint_every": checkpoint_every,
-        "keep_checkpoints": 3,
-        "log_every": max(eval_every // 5, 1),
-        "warm_start": "",           # workdir of a previous run: start from its last checkpoint
-    })
-    config.data = ml_collections.ConfigDict({
-        "dataset": "feed_logs",
-        "config": size,             # data/feed_logs builder config (tiny | small | large)
-        "data_dir": "",             # default: $TFDS_DATA_DIR or ~/tensorflow_datasets
-        "eval_batch_size": 1_024,
-        "seed": 1,
-        "worker_count": 0,          # grain worker processes decoding train batches (0: threads
-                                    # of the training process); hosts with spare cores: 2-8
-    })
+    config.model = ml_collections.ConfigDict(
+        {
+            "gatenet": True,  # GateNet embedding gates
+            "gatenet_vector": False,  # one gate per field (False) or per dimension (True)
+            "hidden_gates": True,  # GateNet hidden-layer gates in the wide MLP
+            "dcn_layers": 2,  # DCNv2 cross layers; 0 switches the cross network off
+            "dcn_low_rank": 0 if size == "tiny" else 64,  # 0: full-rank DCNv2
+            "mlp_dims": (256, 128) if size == "tiny" else (1024, 512, 256),
+            "head_hidden": 0,  # hidden units of each task head (0: linear head)
+            "dot_interactions": True,  # pairwise dot products of same-width pooled fields
+        }
+    )
+    config.train = ml_collections.ConfigDict(
+        {
+            "steps": steps,
+            "learning_rate": 2e-3,  # dense parameters (AdamW, warmup + cosine decay)
+            "weight_decay": 1e-5,
+            "warmup_steps": max(steps // 20, 1),
+            "grad_accum_steps": 1,  # micro-batches per step (batch_size is split k ways)
+            "ips": True,  # IPS-weight ranked-session impressions
+            "ips_clip": (0.2, 5.0),
+            "ips_fit": "power_law",  # power_law | per_position (see lf_jax/train/ips.py)
+            "ips_target": "all",  # all: weight every ranked impression; positives: only responses
+            "eval_every": eval_every,
+            "checkpoint_every": checkpoint_every,
+            "keep_checkpoints": 3,
+            "log_every": max(eval_every // 5, 1),
+            "warm_start": "",  # workdir of a previous run: start from its last checkpoint
+        }
+    )
+    config.data = ml_collections.ConfigDict(
+        {
+            "dataset": "feed_logs",
+            "config": size,  # data/feed_logs builder config (tiny | small | large)
+            "data_dir": "",  # default: $TFDS_DATA_DIR or ~/tensorflow_datasets
+            "eval_batch_size": 1_024,
+            "seed": 1,
+            "worker_count": 0,  # grain worker processes decoding train batches (0: threads
+            # of the training process); hosts with spare cores: 2-8
+        }
+    )
     return config

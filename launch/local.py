@@ -22,21 +22,52 @@ from lf_jax.testing.multiprocess import ProcessGroup
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m launch.local", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m launch.local",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--processes", "-n", type=int, default=2, help="processes (default 2)")
-    parser.add_argument("--devices-per-process", "-d", type=int, default=4,
-                        help="simulated CPU devices per process (default 4)")
-    parser.add_argument("--heartbeat-timeout", type=int, default=10, metavar="S",
-                        help="a dead process stops the others after about S s (default 10)")
-    parser.add_argument("--shutdown-timeout", type=int, default=20, metavar="S",
-                        help="a failed process stops the others after at most S s (default 20)")
-    parser.add_argument("--grace", type=float, default=None, metavar="S",
-                        help="SIGTERM the survivors S s after a failure (default: heartbeat + 5)")
-    parser.add_argument("--timeout", type=float, default=24 * 3600, metavar="S",
-                        help="stop everything after S s (default one day)")
-    parser.add_argument("command", nargs=argparse.REMAINDER,
-                        help="the command to run (after --), e.g. lf-jax train ...")
+    parser.add_argument(
+        "--devices-per-process",
+        "-d",
+        type=int,
+        default=4,
+        help="simulated CPU devices per process (default 4)",
+    )
+    parser.add_argument(
+        "--heartbeat-timeout",
+        type=int,
+        default=10,
+        metavar="S",
+        help="a dead process stops the others after about S s (default 10)",
+    )
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=int,
+        default=20,
+        metavar="S",
+        help="a failed process stops the others after at most S s (default 20)",
+    )
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=None,
+        metavar="S",
+        help="SIGTERM the survivors S s after a failure (default: heartbeat + 5)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=24 * 3600,
+        metavar="S",
+        help="stop everything after S s (default one day)",
+    )
+    parser.add_argument(
+        "command",
+        nargs=argparse.REMAINDER,
+        help="the command to run (after --), e.g. lf-jax train ...",
+    )
     args = parser.parse_args(argv)
     if args.command[:1] == ["--"]:
         args.command = args.command[1:]
@@ -66,11 +97,18 @@ def main(argv=None) -> int:
         sys.stdout.write(line + "\n")
         sys.stdout.flush()
 
-    group = ProcessGroup(args.command, args.processes, args.devices_per_process, echo=echo,
-                         heartbeat_timeout=args.heartbeat_timeout,
-                         shutdown_timeout=args.shutdown_timeout)
-    echo(f"[launch] {args.processes} processes x {args.devices_per_process} CPU devices, "
-         f"coordinator {group.coordinator}")
+    group = ProcessGroup(
+        args.command,
+        args.processes,
+        args.devices_per_process,
+        echo=echo,
+        heartbeat_timeout=args.heartbeat_timeout,
+        shutdown_timeout=args.shutdown_timeout,
+    )
+    echo(
+        f"[launch] {args.processes} processes x {args.devices_per_process} CPU devices, "
+        f"coordinator {group.coordinator}"
+    )
 
     def forward(signum, _frame):
         echo(f"[launch] {signal.Signals(signum).name}: forwarding to every process")
@@ -87,13 +125,18 @@ def main(argv=None) -> int:
         group.close()
     first = group.first_failure()
     for r in results:
-        how = "time limit" if r.stopped_by_limit else f"exit {r.returncode}" + (
-            f" ({r.signal_name})" if r.signal_name else "")
+        how = (
+            "time limit"
+            if r.stopped_by_limit
+            else f"exit {r.returncode}" + (f" ({r.signal_name})" if r.signal_name else "")
+        )
         echo(f"[launch] process {r.process}: {how} after {r.elapsed_s:.1f} s")
     if first is not None:
         ended = results[first].elapsed_s
-        echo(f"[launch] process {first} failed first; the others ended "
-             f"{max(r.elapsed_s for r in results) - ended:.1f} s later")
+        echo(
+            f"[launch] process {first} failed first; the others ended "
+            f"{max(r.elapsed_s for r in results) - ended:.1f} s later"
+        )
     return exit_status(results)
 
 

@@ -7,7 +7,7 @@ Example:
 """
 
 from lf_jax.distributed.devices import simulate_cpu_devices
-from lf_jax.distributed.mesh import make_mesh, describe_mesh
+from lf_jax.distributed.mesh import describe_mesh, make_mesh
 
 __version__ = "0.1.0"
 __all__ = ["simulate_cpu_devices", "make_mesh", "describe_mesh", "__version__"]

@@ -7,9 +7,9 @@ explains it. Config overrides follow ml_collections' ``--config.a.b=value`` conv
 """
 
 import argparse
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-import sys
 
 from lf_jax.configuration import ConfigError, apply_overrides, load_config, split_override_args
 from lf_jax.console import get_logger, set_verbosity
@@ -18,8 +18,10 @@ from lf_jax.errors import LfJaxError, UserInputError
 from lf_jax.workdir import ensure_writable_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIGS = {"demo": REPO_ROOT / "configs" / "demo.py",
-                   "plan": REPO_ROOT / "configs" / "feed_ranker.py"}
+DEFAULT_CONFIGS = {
+    "demo": REPO_ROOT / "configs" / "demo.py",
+    "plan": REPO_ROOT / "configs" / "feed_ranker.py",
+}
 ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm_plugin", "libtpu")
 
 
@@ -29,17 +31,25 @@ class CommandError(UserInputError):
 
 def _add_config_arguments(parser: argparse.ArgumentParser, default: Path | None) -> None:
     parser.add_argument(
-        "--config", default=str(default) if default else None, required=default is None,
+        "--config",
+        default=str(default) if default else None,
+        required=default is None,
         metavar="FILE.py[:ARG]",
         help="config file with get_config(arg); ARG like 'size=tiny,steps=3'"
-             + (f" (default: {default.relative_to(REPO_ROOT)})" if default else ""))
-    parser.epilog = ("Override any existing config key with --config.KEY.SUBKEY=VALUE; values are "
-                     "converted to the key's type, unknown keys are an error.")
+        + (f" (default: {default.relative_to(REPO_ROOT)})" if default else ""),
+    )
+    parser.epilog = (
+        "Override any existing config key with --config.KEY.SUBKEY=VALUE; values are "
+        "converted to the key's type, unknown keys are an error."
+    )
 
 
 def _add_workdir(parser: argparse.ArgumentParser, default: str) -> None:
-    parser.add_argument("--workdir", default=default,
-                        help=f"directory for outputs, created if missing (default: {default})")
+    parser.add_argument(
+        "--workdir",
+        default=default,
+        help=f"directory for outputs, created if missing (default: {default})",
+    )
 
 
 def _resolved_config(args, overrides):
@@ -60,8 +70,10 @@ def _demo_run(args, overrides):
     config = _resolved_config(args, overrides)
     workdir = _check_workdir(args.workdir)
     from lf_jax.distributed.devices import simulate_cpu_devices
+
     simulate_cpu_devices(config.devices)
     from lf_jax.demo import run_demo
+
     run_demo(config, workdir)
 
 
@@ -77,17 +89,22 @@ def _config_run(args, overrides):
 # --- plan -------------------------------------------------------------------------------
 def _plan_arguments(parser):
     _add_config_arguments(parser, DEFAULT_CONFIGS["plan"])
-    parser.add_argument("--output", default=None, metavar="PLAN.json",
-                        help="also write the plan as JSON (load it with "
-                             "lf_jax.embedding.plan.load_plan)")
+    parser.add_argument(
+        "--output",
+        default=None,
+        metavar="PLAN.json",
+        help="also write the plan as JSON (load it with lf_jax.embedding.plan.load_plan)",
+    )
 
 
 def _plan_run(args, overrides):
     config = _resolved_config(args, overrides)
     for key in ("embedding", "mesh", "devices", "batch_size"):
         if key not in config:
-            raise CommandError(f"config '{args.config}' has no '{key}' key; the planner needs "
-                               f"embedding, mesh, devices and batch_size")
+            raise CommandError(
+                f"config '{args.config}' has no '{key}' key; the planner needs "
+                f"embedding, mesh, devices and batch_size"
+            )
     output = Path(args.output) if args.output else None
     if output is not None and not output.parent.is_dir():
         raise CommandError(f"--output '{output}': directory '{output.parent}' does not exist")
@@ -95,10 +112,17 @@ def _plan_run(args, overrides):
     from lf_jax.embedding.config_specs import memory_budget_from_config, specs_from_config
     from lf_jax.embedding.plan import save_plan
     from lf_jax.planner import plan_tables
+
     tables, features, hand_plan = specs_from_config(config.embedding)
-    result = plan_tables(tables, features, dict(config.mesh), config.batch_size,
-                         memory_budget_from_config(config.embedding), hand_plan,
-                         device_count=config.devices)
+    result = plan_tables(
+        tables,
+        features,
+        dict(config.mesh),
+        config.batch_size,
+        memory_budget_from_config(config.embedding),
+        hand_plan,
+        device_count=config.devices,
+    )
     print(result.format_table())
     if output is not None:
         try:
@@ -110,35 +134,68 @@ def _plan_run(args, overrides):
 
 # --- devices ----------------------------------------------------------------------------
 def _add_devices(parser):
-    parser.add_argument("--devices", default="auto", metavar="auto|cpu:N|real",
-                        help="auto: real accelerators when a GPU/TPU plugin is installed, else "
-                             "config.devices simulated CPU devices (split over the processes); "
-                             "cpu:N simulates N per process; real uses what jax finds (default: auto)")
+    parser.add_argument(
+        "--devices",
+        default="auto",
+        metavar="auto|cpu:N|real",
+        help="auto: real accelerators when a GPU/TPU plugin is installed, else "
+        "config.devices simulated CPU devices (split over the processes); "
+        "cpu:N simulates N per process; real uses what jax finds (default: auto)",
+    )
     group = parser.add_argument_group(
         "several processes (jax.distributed; default: found from LF_JAX_* variables, SLURM, "
-        "GKE TPU or JobSet, else one process; see launch/README.md)")
-    group.add_argument("--distributed", default=None, choices=("auto", "off", "jax"),
-                       help="auto: detect; off: one process; jax: let jax.distributed detect "
-                            "(Cloud TPU VMs)")
-    group.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                       help="address of process 0 (LF_JAX_COORDINATOR_ADDRESS)")
+        "GKE TPU or JobSet, else one process; see launch/README.md)"
+    )
+    group.add_argument(
+        "--distributed",
+        default=None,
+        choices=("auto", "off", "jax"),
+        help="auto: detect; off: one process; jax: let jax.distributed detect (Cloud TPU VMs)",
+    )
+    group.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help="address of process 0 (LF_JAX_COORDINATOR_ADDRESS)",
+    )
     group.add_argument("--num-processes", type=int, default=None, help="LF_JAX_NUM_PROCESSES")
     group.add_argument("--process-id", type=int, default=None, help="LF_JAX_PROCESS_ID")
-    group.add_argument("--heartbeat-timeout", type=int, default=None, metavar="S",
-                       help="a dead process stops the others after about S s (default 30)")
-    group.add_argument("--shutdown-timeout", type=int, default=None, metavar="S",
-                       help="a failed process stops the others after at most S s (default 60)")
+    group.add_argument(
+        "--heartbeat-timeout",
+        type=int,
+        default=None,
+        metavar="S",
+        help="a dead process stops the others after about S s (default 30)",
+    )
+    group.add_argument(
+        "--shutdown-timeout",
+        type=int,
+        default=None,
+        metavar="S",
+        help="a failed process stops the others after at most S s (default 60)",
+    )
 
 
 def _distributed_settings(args, config):
     """Flags > config.distributed (optional section) > LF_JAX_* > scheduler environment."""
     from lf_jax.distributed.multihost import settings_from_env
+
     values = dict(config.get("distributed") or {}) if config is not None else {}
-    flags = {"mode": "distributed", "coordinator_address": "coordinator",
-             "num_processes": "num_processes", "process_id": "process_id",
-             "heartbeat_timeout_s": "heartbeat_timeout", "shutdown_timeout_s": "shutdown_timeout"}
-    values.update({name: getattr(args, flag) for name, flag in flags.items()
-                   if getattr(args, flag, None) is not None})
+    flags = {
+        "mode": "distributed",
+        "coordinator_address": "coordinator",
+        "num_processes": "num_processes",
+        "process_id": "process_id",
+        "heartbeat_timeout_s": "heartbeat_timeout",
+        "shutdown_timeout_s": "shutdown_timeout",
+    }
+    values.update(
+        {
+            name: getattr(args, flag)
+            for name, flag in flags.items()
+            if getattr(args, flag, None) is not None
+        }
+    )
     return settings_from_env(**values)
 
 
@@ -148,8 +205,9 @@ def _setup_devices(choice: str, config, args=None) -> None:
 
     from lf_jax.distributed import multihost
     from lf_jax.distributed.devices import simulate_cpu_devices
+
     settings = _distributed_settings(args, config)
-    count = None                                   # simulated CPU devices of this process
+    count = None  # simulated CPU devices of this process
     if choice.startswith("cpu:"):
         try:
             count = int(choice[4:])
@@ -157,12 +215,16 @@ def _setup_devices(choice: str, config, args=None) -> None:
             raise CommandError(f"--devices {choice!r}: expected cpu:N with an integer N") from None
     elif choice not in ("auto", "real"):
         raise CommandError(f"--devices {choice!r}: expected auto, cpu:N or real")
-    elif choice == "auto" and not any(importlib.util.find_spec(name) for name in ACCELERATOR_PLUGINS):
+    elif choice == "auto" and not any(
+        importlib.util.find_spec(name) for name in ACCELERATOR_PLUGINS
+    ):
         total = int(config.get("devices", 1))
         count = multihost.cpu_devices_from_env() or total // settings.num_processes
         if multihost.cpu_devices_from_env() is None and total % settings.num_processes:
-            raise CommandError(f"config devices={total} does not split over "
-                               f"{settings.num_processes} processes; use --devices cpu:N")
+            raise CommandError(
+                f"config devices={total} does not split over "
+                f"{settings.num_processes} processes; use --devices cpu:N"
+            )
     if settings.is_multiprocess:
         multihost.initialize(settings, cpu_devices=count)
     elif count is not None:
@@ -181,11 +243,14 @@ def _train_run(args, overrides):
     _check_workdir(args.workdir)
     _setup_devices(args.devices, config, args)
     from lf_jax.train.loop import train_and_evaluate
+
     metrics = train_and_evaluate(config, args.workdir)
-    if is_primary():                  # every process has the metrics; one prints them
+    if is_primary():  # every process has the metrics; one prints them
         print(_format_metrics(metrics))
-        print(f"workdir: {Path(args.workdir).resolve()} (checkpoints/, tensorboard/, history.jsonl, "
-              f"metrics.json, plan.json)")
+        print(
+            f"workdir: {Path(args.workdir).resolve()} (checkpoints/, tensorboard/, history.jsonl, "
+            f"metrics.json, plan.json)"
+        )
 
 
 def _eval_arguments(parser):
@@ -199,6 +264,7 @@ def _eval_run(args, overrides):
     config = _resolved_config(args, overrides)
     _setup_devices(args.devices, config, args)
     from lf_jax.train.loop import evaluate_checkpoint
+
     metrics = evaluate_checkpoint(config, args.workdir, args.step)
     if is_primary():
         print(_format_metrics(metrics))
@@ -214,13 +280,15 @@ def _ips_run(args, overrides):
     workdir = _check_workdir(args.workdir)
     from lf_jax.input.datasets import build_dataset, dataset_metadata
     from lf_jax.train.ranker import ips_weights_for_run
+
     builder = build_dataset(config.data.dataset, config.data.config, config.data.data_dir or None)
     meta = dataset_metadata(builder)
     path = workdir / "ips_weights.json"
     if path.exists():
         path.unlink()
-    ips = ips_weights_for_run(builder, tuple(meta["tasks"]), config.train.ips_clip, path,
-                              fit=config.train.ips_fit)
+    ips = ips_weights_for_run(
+        builder, tuple(meta["tasks"]), config.train.ips_clip, path, fit=config.train.ips_fit
+    )
     print(ips.format_table())
     print(f"IPS weights written to {path} (used by `lf-jax train` with train.ips=true)")
 
@@ -231,41 +299,80 @@ def _export_arguments(parser):
     _add_workdir(parser, "runs/train")
     _add_devices(parser)
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    parser.add_argument("--entity", required=True, metavar="members|posts|items",
-                        help="which corpus to embed (the model family says which it has)")
-    parser.add_argument("--output", required=True, metavar="DIR",
-                        help="export directory (replaced atomically; a failed export keeps the old one)")
-    parser.add_argument("--index", action="store_true", help="also build a tuned ScaNN index (DIR/index)")
-    parser.add_argument("--kv", action="store_true", help="also write an int8 LMDB key-value store (DIR/kv)")
-    parser.add_argument("--dims", type=int, default=None,
-                        help="keep the first DIMS dimensions (Matryoshka; default: all)")
-    parser.add_argument("--metric", default=None, help="dot_product | cosine | squared_l2 "
-                        "(default: the model family's)")
-    parser.add_argument("--target-recall", type=float, default=0.95,
-                        help="recall@10 the index is tuned to (default: 0.95)")
+    parser.add_argument(
+        "--entity",
+        required=True,
+        metavar="members|posts|items",
+        help="which corpus to embed (the model family says which it has)",
+    )
+    parser.add_argument(
+        "--output",
+        required=True,
+        metavar="DIR",
+        help="export directory (replaced atomically; a failed export keeps the old one)",
+    )
+    parser.add_argument(
+        "--index", action="store_true", help="also build a tuned ScaNN index (DIR/index)"
+    )
+    parser.add_argument(
+        "--kv", action="store_true", help="also write an int8 LMDB key-value store (DIR/kv)"
+    )
+    parser.add_argument(
+        "--dims",
+        type=int,
+        default=None,
+        help="keep the first DIMS dimensions (Matryoshka; default: all)",
+    )
+    parser.add_argument(
+        "--metric",
+        default=None,
+        help="dot_product | cosine | squared_l2 (default: the model family's)",
+    )
+    parser.add_argument(
+        "--target-recall",
+        type=float,
+        default=0.95,
+        help="recall@10 the index is tuned to (default: 0.95)",
+    )
     parser.add_argument("--batch-size", type=int, default=1024, help="entities per embedding batch")
 
 
 def _export_run(args, overrides):
     from lf_jax.export.embed_corpus import check_output
+
     config = _resolved_config(args, overrides)
-    check_output(args.output)                    # before any device work
+    check_output(args.output)  # before any device work
     _setup_devices(args.devices, config, args)
     from lf_jax.export.embed_corpus import export_corpus, open_source
+
     source = open_source(config, args.workdir, args.step)
     try:
-        result = export_corpus(source, args.entity, args.output, batch_size=args.batch_size,
-                               dims=args.dims, metric=args.metric, build_index=args.index,
-                               build_kv=args.kv, target_recall=args.target_recall)
+        result = export_corpus(
+            source,
+            args.entity,
+            args.output,
+            batch_size=args.batch_size,
+            dims=args.dims,
+            metric=args.metric,
+            build_index=args.index,
+            build_kv=args.kv,
+            target_recall=args.target_recall,
+        )
     finally:
         source.close()
     m = result.manifest
-    print(f"exported {m['count']:,} {m['entity']} x {m['dims']} dims ({m['model']}, checkpoint step "
-          f"{m['checkpoint_step']}, {m['metric']}) in {m['seconds']:.1f} s -> {result.directory}")
+    print(
+        f"exported {m['count']:,} {m['entity']} x {m['dims']} dims ({m['model']}, checkpoint step "
+        f"{m['checkpoint_step']}, {m['metric']}) in {m['seconds']:.1f} s -> {result.directory}"
+    )
     if "index" in m:
-        print(f"  index/  ScaNN {m['index']['mode']}, recall@{m['index']['k']} = {m['index']['recall']}")
+        print(
+            f"  index/  ScaNN {m['index']['mode']}, recall@{m['index']['k']} = {m['index']['recall']}"
+        )
     if "kv" in m:
-        print(f"  kv/     LMDB int8, version {m['kv']['version']}, {m['kv']['bytes_on_disk']:,} bytes")
+        print(
+            f"  kv/     LMDB int8, version {m['kv']['version']}, {m['kv']['bytes_on_disk']:,} bytes"
+        )
 
 
 def _format_metrics(metrics) -> str:
@@ -277,27 +384,55 @@ def _format_metrics(metrics) -> str:
     names = sorted({name for row in rows.values() for name in row})
     lines = [f"{'split':<16}{'task':<12}" + "".join(f"{n:>12}" for n in names)]
     for (split, task), row in rows.items():
-        lines.append(f"{split:<16}{task:<12}" + "".join(f"{row.get(n, float('nan')):>12.4f}" for n in names))
+        lines.append(
+            f"{split:<16}{task:<12}" + "".join(f"{row.get(n, float('nan')):>12.4f}" for n in names)
+        )
     return "\n".join(lines)
 
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable]
 COMMANDS: dict[str, Command] = {
-    "demo": ("run the end-to-end demo on simulated CPU devices (8 by default): mesh, "
-             "embedding plan, synthetic feed logs, a short ranker run and a report",
-             _demo_arguments, _demo_run),
-    "config": ("print a config after its ARG and --config.* overrides are applied "
-               "(checks overrides without running anything)", _config_arguments, _config_run),
-    "train": ("train a model family (config.model_family) with evaluation, checkpoints and "
-              "resume; e.g. --config configs/feed_ranker.py:size=tiny", _train_arguments, _train_run),
-    "eval": ("evaluate a checkpoint of a training workdir on the holdout splits",
-             _eval_arguments, _eval_run),
-    "ips": ("compute the IPS weights (random vs ranked session CTR per position and task) "
-            "of a dataset and store them in the workdir", _ips_arguments, _ips_run),
-    "export": ("embed a corpus (members, posts, items) from a checkpoint; write vectors, ids and "
-               "a manifest, and optionally a ScaNN index and a KV store", _export_arguments, _export_run),
-    "plan": ("explain the embedding plan for config.devices devices (one row per table: "
-             "bytes, strategy, reason) without allocating anything", _plan_arguments, _plan_run),
+    "demo": (
+        "run the end-to-end demo on simulated CPU devices (8 by default): mesh, "
+        "embedding plan, synthetic feed logs, a short ranker run and a report",
+        _demo_arguments,
+        _demo_run,
+    ),
+    "config": (
+        "print a config after its ARG and --config.* overrides are applied "
+        "(checks overrides without running anything)",
+        _config_arguments,
+        _config_run,
+    ),
+    "train": (
+        "train a model family (config.model_family) with evaluation, checkpoints and "
+        "resume; e.g. --config configs/feed_ranker.py:size=tiny",
+        _train_arguments,
+        _train_run,
+    ),
+    "eval": (
+        "evaluate a checkpoint of a training workdir on the holdout splits",
+        _eval_arguments,
+        _eval_run,
+    ),
+    "ips": (
+        "compute the IPS weights (random vs ranked session CTR per position and task) "
+        "of a dataset and store them in the workdir",
+        _ips_arguments,
+        _ips_run,
+    ),
+    "export": (
+        "embed a corpus (members, posts, items) from a checkpoint; write vectors, ids and "
+        "a manifest, and optionally a ScaNN index and a KV store",
+        _export_arguments,
+        _export_run,
+    ),
+    "plan": (
+        "explain the embedding plan for config.devices devices (one row per table: "
+        "bytes, strategy, reason) without allocating anything",
+        _plan_arguments,
+        _plan_run,
+    ),
 }
 
 
@@ -306,10 +441,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lf-jax",
         description="Train large-embedding feed models with JAX on a device mesh.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="commands:\n" + "\n".join(f"  {name:<8} {help_}" for name, (help_, _, _) in COMMANDS.items())
-               + "\n\nRun 'lf-jax COMMAND --help' for a command's options.")
-    parser.add_argument("--verbosity", default="info",
-                        help="log level: debug | info | warning | error (default: info)")
+        epilog="commands:\n"
+        + "\n".join(f"  {name:<8} {help_}" for name, (help_, _, _) in COMMANDS.items())
+        + "\n\nRun 'lf-jax COMMAND --help' for a command's options.",
+    )
+    parser.add_argument(
+        "--verbosity",
+        default="info",
+        help="log level: debug | info | warning | error (default: info)",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_, add_arguments, _) in COMMANDS.items():
         sub = commands.add_parser(name, help=help_, description=help_[0].upper() + help_[1:] + ".")

@@ -12,10 +12,10 @@ Example:
 """
 
 import ast
-from collections.abc import Mapping, Sequence
 import importlib.util
-from pathlib import Path
 import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import ml_collections
@@ -37,7 +37,9 @@ def parse_config_arg(arg: str | None, defaults: Mapping[str, Any]) -> dict[str, 
         return values
     for item in arg.split(","):
         if "=" not in item:
-            raise ConfigError(f"config argument '{item}' is not key=value (known keys: {sorted(defaults)})")
+            raise ConfigError(
+                f"config argument '{item}' is not key=value (known keys: {sorted(defaults)})"
+            )
         key, raw = (part.strip() for part in item.split("=", 1))
         if key not in defaults:
             raise ConfigError(f"unknown config argument '{key}' (known: {sorted(defaults)})")
@@ -47,6 +49,7 @@ def parse_config_arg(arg: str | None, defaults: Mapping[str, Any]) -> dict[str, 
 
 def convert_value(key: str, raw: str, current: Any) -> Any:
     """Converts the string ``raw`` to the type of ``current`` for config key ``key``."""
+
     def fail(kind: str) -> ConfigError:
         return ConfigError(f"config key '{key}' expects {kind}, got {raw!r}")
 
@@ -100,13 +103,16 @@ def load_config(spec: str | Path) -> ml_collections.ConfigDict:
         raise ConfigError(f"config file '{path}' has no get_config(arg=None) function")
     config = module.get_config(arg or None) if arg else module.get_config()
     if not isinstance(config, ml_collections.ConfigDict):
-        raise ConfigError(f"get_config() in '{path}' returned {type(config).__name__}, not a ConfigDict")
+        raise ConfigError(
+            f"get_config() in '{path}' returned {type(config).__name__}, not a ConfigDict"
+        )
     config.lock()
     return config
 
 
-def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, str]
-                    ) -> ml_collections.ConfigDict:
+def apply_overrides(
+    config: ml_collections.ConfigDict, overrides: Mapping[str, str]
+) -> ml_collections.ConfigDict:
     """Sets dotted keys from strings; unknown keys and bad values raise ConfigError."""
     for dotted, raw in overrides.items():
         parts = dotted.split(".")
@@ -122,8 +128,10 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, s
         current = node[leaf]
         if isinstance(current, ml_collections.ConfigDict):
             if current.keys():
-                raise ConfigError(f"config key '{dotted}' is a section; set one of {sorted(current.keys())}")
-            value = _section_value(dotted, raw)    # a free-form section, e.g. embedding.plan
+                raise ConfigError(
+                    f"config key '{dotted}' is a section; set one of {sorted(current.keys())}"
+                )
+            value = _section_value(dotted, raw)  # a free-form section, e.g. embedding.plan
         else:
             value = convert_value(dotted, raw, current)
         with node.unlocked():
@@ -138,8 +146,10 @@ def _section_value(dotted: str, raw: str) -> ml_collections.ConfigDict:
     except (ValueError, SyntaxError):
         value = None
     if not isinstance(value, dict):
-        raise ConfigError(f"config key '{dotted}' is a free-form section: give a Python dict "
-                          f"literal, e.g. '{{\"member\": {{\"strategy\": \"row_wise\"}}}}', got {raw!r}")
+        raise ConfigError(
+            f"config key '{dotted}' is a free-form section: give a Python dict "
+            f'literal, e.g. \'{{"member": {{"strategy": "row_wise"}}}}\', got {raw!r}'
+        )
     return ml_collections.ConfigDict(value)
 
 
@@ -154,7 +164,7 @@ def split_override_args(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]
     while index < len(argv):
         arg = argv[index]
         if arg.startswith("--config."):
-            key, eq, value = arg[len("--config."):].partition("=")
+            key, eq, value = arg[len("--config.") :].partition("=")
             if not eq:
                 if index + 1 >= len(argv):
                     raise ConfigError(f"override '--config.{key}' has no value")

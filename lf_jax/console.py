@@ -9,16 +9,20 @@ Example:
     ...     pass
 """
 
-from collections.abc import Iterable
 import logging
 import os
 import sys
+from collections.abc import Iterable
 
 from tqdm.auto import tqdm
 
 LOGGER_NAME = "lf_jax"
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-           "error": logging.ERROR}
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 
 
 def get_logger() -> logging.Logger:
@@ -43,8 +47,9 @@ def set_verbosity(level: str | int = "info") -> logging.Logger:
     logger.setLevel(resolved)
     if not any(getattr(h, "_lf_jax", False) for h in logger.handlers):
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s lf_jax] %(message)s",
-                                               datefmt="%H:%M:%S"))
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname).1s lf_jax] %(message)s", datefmt="%H:%M:%S")
+        )
         handler._lf_jax = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     logger.propagate = False
@@ -58,8 +63,14 @@ def progress_enabled() -> bool:
     return sys.stderr.isatty()
 
 
-def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "",
-             unit: str = "it", **kwargs) -> tqdm:
+def progress(
+    iterable: Iterable | None = None,
+    *,
+    total: int | None = None,
+    desc: str = "",
+    unit: str = "it",
+    **kwargs,
+) -> tqdm:
     """A tqdm bar that is disabled off-TTY and in CI (``disable`` may force it)."""
     kwargs.setdefault("disable", not progress_enabled())
     return tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True, **kwargs)

@@ -19,15 +19,21 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 
-def weighted_bce(logits_bt: jax.Array, labels_bt: jax.Array, weights_bt: jax.Array | None = None,
-                 mask_b: jax.Array | None = None) -> jax.Array:
+def weighted_bce(
+    logits_bt: jax.Array,
+    labels_bt: jax.Array,
+    weights_bt: jax.Array | None = None,
+    mask_b: jax.Array | None = None,
+) -> jax.Array:
     """Per-task mean of w * BCE(logit, label) -> [T].
 
     ``weights_bt`` are per-example, per-task weights (e.g. inverse propensity); the mean
     divides by the number of (unmasked) examples, not by the sum of weights, so IPS
     weights normalised to mean 1 keep the loss scale.
     """
-    losses_bt = jnp.maximum(logits_bt, 0) - logits_bt * labels_bt + jnp.log1p(jnp.exp(-jnp.abs(logits_bt)))
+    losses_bt = (
+        jnp.maximum(logits_bt, 0) - logits_bt * labels_bt + jnp.log1p(jnp.exp(-jnp.abs(logits_bt)))
+    )
     if weights_bt is not None:
         losses_bt = losses_bt * weights_bt
     if mask_b is None:
@@ -41,8 +47,13 @@ def l2_normalize(x_nd: jax.Array, eps: float = 1e-12) -> jax.Array:
     return x_nd * jax.lax.rsqrt(jnp.maximum(jnp.sum(x_nd * x_nd, axis=-1, keepdims=True), eps))
 
 
-def scaled_cosine_bce(a_nd: jax.Array, b_nd: jax.Array, labels_n: jax.Array,
-                      scale: jax.Array | float, bias: jax.Array | float) -> jax.Array:
+def scaled_cosine_bce(
+    a_nd: jax.Array,
+    b_nd: jax.Array,
+    labels_n: jax.Array,
+    scale: jax.Array | float,
+    bias: jax.Array | float,
+) -> jax.Array:
     """Per-pair BCE of ``sigmoid(scale * cos(a, b) + bias)`` against ``labels_n`` -> [N].
 
     Example:
@@ -62,8 +73,9 @@ def _cross_entropy_rows(logits_nm: jax.Array, targets_n: jax.Array) -> jax.Array
     return logz_n - jnp.take_along_axis(logits_nm, targets_n[:, None], axis=-1)[:, 0]
 
 
-def info_nce(q_nd: jax.Array, d_nd: jax.Array, temperature: float, *,
-             symmetric: bool = False) -> jax.Array:
+def info_nce(
+    q_nd: jax.Array, d_nd: jax.Array, temperature: float, *, symmetric: bool = False
+) -> jax.Array:
     """InfoNCE with in-batch negatives: row i of ``q`` should pick row i of ``d``.
 
     ``logits = q @ d.T / temperature`` (normalise q and d first for cosine scores); the
@@ -78,8 +90,15 @@ def info_nce(q_nd: jax.Array, d_nd: jax.Array, temperature: float, *,
     return loss
 
 
-def info_nce_sharded(q_nd: jax.Array, d_nd: jax.Array, temperature: float, mesh: Mesh, *,
-                     axis: str = "data", symmetric: bool = False) -> jax.Array:
+def info_nce_sharded(
+    q_nd: jax.Array,
+    d_nd: jax.Array,
+    temperature: float,
+    mesh: Mesh,
+    *,
+    axis: str = "data",
+    symmetric: bool = False,
+) -> jax.Array:
     """``info_nce`` with rows sharded over mesh ``axis``: each shard scores its n local
     queries against all N documents (all_gather over ``axis``); the loss sums are psum'd.
 
@@ -100,14 +119,23 @@ def info_nce_sharded(q_nd: jax.Array, d_nd: jax.Array, temperature: float, mesh:
             total = 0.5 * (total + back)
         return jax.lax.psum(total, axis)
 
-    total = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec), out_specs=PartitionSpec(),
-                          check_vma=False)(q_nd, d_nd)
+    total = jax.shard_map(
+        local, mesh=mesh, in_specs=(spec, spec), out_specs=PartitionSpec(), check_vma=False
+    )(q_nd, d_nd)
     return total / q_nd.shape[0]
 
 
-def matryoshka_info_nce(q_nd: jax.Array, d_nd: jax.Array, dims: Sequence[int], temperature: float,
-                        *, weights: Sequence[float] | None = None, symmetric: bool = False,
-                        mesh: Mesh | None = None, axis: str = "data") -> tuple[jax.Array, jax.Array]:
+def matryoshka_info_nce(
+    q_nd: jax.Array,
+    d_nd: jax.Array,
+    dims: Sequence[int],
+    temperature: float,
+    *,
+    weights: Sequence[float] | None = None,
+    symmetric: bool = False,
+    mesh: Mesh | None = None,
+    axis: str = "data",
+) -> tuple[jax.Array, jax.Array]:
     """InfoNCE on each nested prefix ``[:, :k]`` (re-normalised) for k in ``dims``.
 
     Returns (weighted mean over dims, per-dim losses [K]); ``weights`` default to 1 each.

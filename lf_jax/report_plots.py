@@ -9,15 +9,17 @@ Example:
     ...                   baseline=("popularity", 0.05))
 """
 
-from collections.abc import Mapping
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 
 def _pyplot():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -49,8 +51,14 @@ def loss_curves_png(histories: Mapping[str, str | Path], path: str | Path) -> Pa
     return Path(path)
 
 
-def recall_by_dim_png(recall_by_dim: Mapping[int, float], path: str | Path, *, k: int = 10,
-                      baseline: tuple[str, float] | None = None, title: str = "dual encoder") -> Path:
+def recall_by_dim_png(
+    recall_by_dim: Mapping[int, float],
+    path: str | Path,
+    *,
+    k: int = 10,
+    baseline: tuple[str, float] | None = None,
+    title: str = "dual encoder",
+) -> Path:
     """recall@k against the Matryoshka prefix dimension, with an optional baseline line."""
     plt = _pyplot()
     dims = sorted(recall_by_dim)
@@ -61,7 +69,7 @@ def recall_by_dim_png(recall_by_dim: Mapping[int, float], path: str | Path, *, k
     ax.set_xscale("log", base=2)
     ax.set_xticks(dims, [str(d) for d in dims])
     top = max([*recall_by_dim.values(), baseline[1] if baseline else 0.0])
-    ax.set_ylim(0.0, max(top * 1.15, 1e-3))            # from 0: differences read at their size
+    ax.set_ylim(0.0, max(top * 1.15, 1e-3))  # from 0: differences read at their size
     ax.set_xlabel("Matryoshka dimension")
     ax.set_ylabel(f"recall@{k} (held-out pairs)")
     ax.set_title(f"{title}: recall@{k} by dimension")

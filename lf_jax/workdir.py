@@ -19,7 +19,7 @@ def ensure_writable_dir(path: str | Path, what: str) -> Path:
     directory = Path(path)
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".lf_jax_write_probe.{os.getpid()}"   # one per process
+        probe = directory / f".lf_jax_write_probe.{os.getpid()}"  # one per process
         probe.write_text("ok")
         probe.unlink()
     except OSError as error:

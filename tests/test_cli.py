@@ -24,8 +24,19 @@ def test_each_command_has_help(command, capsys):
 
 
 def test_config_override_round_trip(repo_root, capsys):
-    assert main(["config", "--config", f"{repo_root}/configs/demo.py:devices=4",
-                 "--config.ranker.train.steps=7", "--config.mesh.model", "2"]) == 0
+    assert (
+        main(
+            [
+                "config",
+                "--config",
+                f"{repo_root}/configs/demo.py:devices=4",
+                "--config.ranker.train.steps=7",
+                "--config.mesh.model",
+                "2",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "steps: 7" in out and "devices: 4" in out and "model: 2" in out
 
@@ -43,21 +54,37 @@ def test_demo_runs_in_a_fresh_process(tmp_path, repo_root, feed_builder, feed_da
     env = dict(os.environ, CI="true")
     env.pop("XLA_FLAGS", None)
     result = subprocess.run(
-        [sys.executable, "-m", "lf_jax.cli", "demo", "--workdir", str(tmp_path / "demo"),
-         f"--config.ranker.data.data_dir={feed_data_dir}",
-         f"--config.dual_encoder.data.data_dir={feed_data_dir}",
-         "--config.ranker.train.steps=4", "--config.ranker.batch_size=64",
-         "--config.dual_encoder.train.steps=4", "--config.dual_encoder.batch_size=64"],
-        capture_output=True, text=True, env=env, timeout=600, cwd=repo_root)
+        [
+            sys.executable,
+            "-m",
+            "lf_jax.cli",
+            "demo",
+            "--workdir",
+            str(tmp_path / "demo"),
+            f"--config.ranker.data.data_dir={feed_data_dir}",
+            f"--config.dual_encoder.data.data_dir={feed_data_dir}",
+            "--config.ranker.train.steps=4",
+            "--config.ranker.batch_size=64",
+            "--config.dual_encoder.train.steps=4",
+            "--config.dual_encoder.batch_size=64",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=repo_root,
+    )
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "mesh(data=2 x model=4) over 8 cpu" in out
-    assert "plan for mesh data=2 x model=4 (8 devices)" in out          # the plan table is printed
+    assert "plan for mesh data=2 x model=4 (8 devices)" in out  # the plan table is printed
     assert "row_wise(model)" in out and "column_wise(4)" in out
     assert "holdout_random" in out and "oracle" in out
     assert "recall@10 of held-out member->item pairs" in out and "popularity" in out
-    assert "items     1,000 x 64 (cosine)" in out and "ScaNN" in out      # the tiny world's posts
-    assert "member m3: top 10 of 500 candidates" in out and "two-stage top 10 (ranker over 500)" in out
+    assert "items     1,000 x 64 (cosine)" in out and "ScaNN" in out  # the tiny world's posts
+    assert (
+        "member m3: top 10 of 500 candidates" in out and "two-stage top 10 (ranker over 500)" in out
+    )
     assert "latency for K=500: single query" in out
     demo = tmp_path / "demo"
     assert "demo finished" in out and (demo / "ranker" / "checkpoints").is_dir()

@@ -22,11 +22,21 @@ def test_plan_prints_the_table_for_tiny(repo_root, capsys):
 
 
 def test_plan_for_a_large_mesh_without_its_devices(repo_root, capsys):
-    assert main(["plan", "--config", f"{repo_root}/configs/feed_ranker.py:size=large",
-                 "--config.mesh.data=8", "--config.devices=64"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--config",
+                f"{repo_root}/configs/feed_ranker.py:size=large",
+                "--config.mesh.data=8",
+                "--config.devices=64",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "mesh data=8 x model=8 (64 devices), batch 16,384 (256 per device)" in out
-    assert "1,000,001" in out and "row_wise(model)" in out     # 1e6 members + the OOV row
+    assert "1,000,001" in out and "row_wise(model)" in out  # 1e6 members + the OOV row
     assert "rows split over model (8 devices)" in out
 
 
@@ -44,15 +54,35 @@ def test_output_writes_a_plan_that_validates(repo_root, tmp_path, capsys):
 
 
 def test_hand_plan_override_from_the_command_line(repo_root, capsys):
-    assert main(["plan", "--config", f"{repo_root}/configs/feed_ranker.py:size=tiny",
-                 "--config.embedding.memory_budget_bytes=30000000"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--config",
+                f"{repo_root}/configs/feed_ranker.py:size=tiny",
+                "--config.embedding.memory_budget_bytes=30000000",
+            ]
+        )
+        == 0
+    )
     assert "budget 30 MB per device" in capsys.readouterr().out
 
 
 def test_impossible_budget_exits_2_with_one_line(repo_root, capsys, tmp_path):
     target = tmp_path / "plan.json"
-    assert main(["plan", "--config", f"{repo_root}/configs/feed_ranker.py:size=large",
-                 "--config.embedding.memory_budget_bytes=1000000", "--output", str(target)]) == 2
+    assert (
+        main(
+            [
+                "plan",
+                "--config",
+                f"{repo_root}/configs/feed_ranker.py:size=large",
+                "--config.embedding.memory_budget_bytes=1000000",
+                "--output",
+                str(target),
+            ]
+        )
+        == 2
+    )
     captured = capsys.readouterr()
     err = captured.err.strip()
     assert "\n" not in err and "Traceback" not in err
@@ -62,8 +92,18 @@ def test_impossible_budget_exits_2_with_one_line(repo_root, capsys, tmp_path):
 
 
 def test_output_in_a_missing_directory_fails_first(repo_root, tmp_path, capsys):
-    assert main(["plan", "--config", f"{repo_root}/configs/feed_ranker.py:size=tiny",
-                 "--output", str(tmp_path / "no" / "plan.json")]) == 2
+    assert (
+        main(
+            [
+                "plan",
+                "--config",
+                f"{repo_root}/configs/feed_ranker.py:size=tiny",
+                "--output",
+                str(tmp_path / "no" / "plan.json"),
+            ]
+        )
+        == 2
+    )
     assert "--output" in capsys.readouterr().err
 
 
@@ -73,14 +113,22 @@ def test_config_without_embedding_is_one_error(repo_root, capsys):
 
 
 def test_plan_never_starts_a_jax_backend(repo_root):
-    code = ("from lf_jax.cli import main; import sys\n"
-            "rc = main(['plan', '--config', 'configs/feed_ranker.py:size=large',\n"
-            "           '--config.mesh.data=8', '--config.devices=64'])\n"
-            "from jax._src import xla_bridge\n"
-            "print('backend started:', xla_bridge.backends_are_initialized()); sys.exit(rc)")
+    code = (
+        "from lf_jax.cli import main; import sys\n"
+        "rc = main(['plan', '--config', 'configs/feed_ranker.py:size=large',\n"
+        "           '--config.mesh.data=8', '--config.devices=64'])\n"
+        "from jax._src import xla_bridge\n"
+        "print('backend started:', xla_bridge.backends_are_initialized()); sys.exit(rc)"
+    )
     env = dict(os.environ, CI="true")
     env.pop("XLA_FLAGS", None)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env=env, timeout=120, cwd=repo_root)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        cwd=repo_root,
+    )
     assert result.returncode == 0, result.stderr
     assert "backend started: False" in result.stdout

@@ -6,8 +6,13 @@ import numpy as np
 import pytest
 
 from lf_jax.distributed.mesh import make_mesh
-from lf_jax.losses import (info_nce, info_nce_sharded, matryoshka_info_nce, scaled_cosine_bce,
-                           weighted_bce)
+from lf_jax.losses import (
+    info_nce,
+    info_nce_sharded,
+    matryoshka_info_nce,
+    scaled_cosine_bce,
+    weighted_bce,
+)
 
 
 def _np_unit(x):
@@ -28,7 +33,9 @@ def _np_info_nce(q, d, t, symmetric=False):
 @pytest.fixture
 def pair():
     rng = np.random.default_rng(0)
-    return rng.standard_normal((16, 24)).astype(np.float32), rng.standard_normal((16, 24)).astype(np.float32)
+    return rng.standard_normal((16, 24)).astype(np.float32), rng.standard_normal((16, 24)).astype(
+        np.float32
+    )
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
@@ -69,15 +76,18 @@ def test_matryoshka_matches_numpy_per_dim_and_weighted_mean(pair):
     np.testing.assert_allclose(np.asarray(per_dim), expected, rtol=1e-5)
     assert float(loss) == pytest.approx(np.dot(expected, weights) / sum(weights), rel=1e-5)
     mesh = make_mesh({"data": 8})
-    loss_s, per_dim_s = jax.jit(lambda a, b: matryoshka_info_nce(a, b, dims, 0.1, weights=weights,
-                                                                 mesh=mesh))(q, d)
+    loss_s, per_dim_s = jax.jit(
+        lambda a, b: matryoshka_info_nce(a, b, dims, 0.1, weights=weights, mesh=mesh)
+    )(q, d)
     np.testing.assert_allclose(np.asarray(per_dim_s), expected, rtol=1e-5)
 
 
 def test_scaled_cosine_bce_matches_numpy(pair):
     a, b = pair
     labels = (np.arange(16) % 2).astype(np.float32)
-    got = np.asarray(scaled_cosine_bce(jnp.asarray(a), jnp.asarray(b), jnp.asarray(labels), 7.0, -2.0))
+    got = np.asarray(
+        scaled_cosine_bce(jnp.asarray(a), jnp.asarray(b), jnp.asarray(labels), 7.0, -2.0)
+    )
     cos = np.sum(_np_unit(a.astype(np.float64)) * _np_unit(b.astype(np.float64)), axis=1)
     p = 1 / (1 + np.exp(-(7.0 * cos - 2.0)))
     np.testing.assert_allclose(got, -(labels * np.log(p) + (1 - labels) * np.log(1 - p)), rtol=1e-5)

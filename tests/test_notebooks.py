@@ -9,13 +9,13 @@ the quickstart reads the tiny feed_logs dataset the session already built
 
 import json
 import os
-from pathlib import Path
 import re
 import time
+from pathlib import Path
 
 import nbformat
-from nbclient import NotebookClient
 import pytest
+from nbclient import NotebookClient
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 CELL_TIMEOUT_S = 600
@@ -28,44 +28,57 @@ def kernel_env(tmp_path: Path, data_dir: str) -> dict[str, str]:
     env["XLA_FLAGS"] = flags.strip()
     env["TMPDIR"] = str(tmp_path)
     env["TFDS_DATA_DIR"] = data_dir
-    env["CI"] = "true"               # no progress bars
+    env["CI"] = "true"  # no progress bars
     env["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
     return env
 
 
 def execute(name: str, tmp_path: Path, data_dir: str) -> tuple[nbformat.NotebookNode, float]:
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
-    for cell in notebook.cells:      # run from a clean slate, not the stored outputs
+    for cell in notebook.cells:  # run from a clean slate, not the stored outputs
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    client = NotebookClient(notebook, timeout=CELL_TIMEOUT_S, kernel_name="python3",
-                            resources={"metadata": {"path": str(cwd)}})
+    client = NotebookClient(
+        notebook,
+        timeout=CELL_TIMEOUT_S,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(cwd)}},
+    )
     start = time.perf_counter()
     try:
         client.execute(env=kernel_env(tmp_path, data_dir))  # CellExecutionError on any error
     finally:
-        nbformat.write(notebook, tmp_path / name)           # the executed copy, for debugging
+        nbformat.write(notebook, tmp_path / name)  # the executed copy, for debugging
     return notebook, time.perf_counter() - start
 
 
 def stdout_of(notebook) -> str:
-    return "".join(output.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
-                   for output in cell.outputs if output.output_type == "stream")
+    return "".join(
+        output.get("text", "")
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.outputs
+        if output.output_type == "stream"
+    )
 
 
 def images_of(notebook) -> int:
-    return sum("image/png" in output.get("data", {}) for cell in notebook.cells
-               if cell.cell_type == "code" for output in cell.outputs)
+    return sum(
+        "image/png" in output.get("data", {})
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.outputs
+    )
 
 
 def test_sharding_notebook_runs(tmp_path, feed_data_dir):
     notebook, seconds = execute("sharding.ipynb", tmp_path, str(feed_data_dir))
     text = stdout_of(notebook)
     assert "over 8 cpu device(s)" in text
-    assert text.count("== oracle") == 6, text          # every strategy matched the numpy oracle
-    assert images_of(notebook) == 2                     # ownership picture + memory bars
+    assert text.count("== oracle") == 6, text  # every strategy matched the numpy oracle
+    assert images_of(notebook) == 2  # ownership picture + memory bars
     print(f"sharding.ipynb executed in {seconds:.1f} s")
 
 
@@ -74,10 +87,12 @@ def test_quickstart_notebook_runs(tmp_path, feed_builder, feed_data_dir):
     text = stdout_of(notebook)
     assert "over 8 cpu device(s)" in text
     assert "recall@10 against exact search" in text
-    assert images_of(notebook) == 1                     # the loss curve
+    assert images_of(notebook) == 1  # the loss curve
     workdirs = list(tmp_path.glob("lf_jax_quickstart_*"))
-    assert len(workdirs) == 1, workdirs                 # written under tmp_path, nowhere else
-    history = [json.loads(line) for line in (workdirs[0] / "history.jsonl").read_text().splitlines()]
+    assert len(workdirs) == 1, workdirs  # written under tmp_path, nowhere else
+    history = [
+        json.loads(line) for line in (workdirs[0] / "history.jsonl").read_text().splitlines()
+    ]
     assert max(row["step"] for row in history) == 60
     assert (workdirs[0] / "post_index" / "manifest.json").is_file()
     print(f"quickstart.ipynb executed in {seconds:.1f} s")

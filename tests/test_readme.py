@@ -8,8 +8,11 @@ import sys
 import pytest
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
-BLOCKS = [block for block in re.findall(r"```python\n(.*?)```", open(README).read(), re.S)
-          if block.startswith("# runnable")]
+BLOCKS = [
+    block
+    for block in re.findall(r"```python\n(.*?)```", open(README).read(), re.S)
+    if block.startswith("# runnable")
+]
 
 
 def test_readme_has_runnable_blocks():
@@ -19,6 +22,12 @@ def test_readme_has_runnable_blocks():
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_block_runs(index, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    result = subprocess.run([sys.executable, "-c", BLOCKS[index]], capture_output=True, text=True,
-                            env=env, timeout=600, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", BLOCKS[index]],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -35,8 +35,10 @@ import tensorflow_datasets as tfds
 
 from lf_jax.input.datasets import import_by_path
 
-simulator = import_by_path("lf_jax_data_feed_logs_simulator",
-                           os.path.join(os.path.dirname(os.path.abspath(__file__)), "simulator.py"))
+simulator = import_by_path(
+    "lf_jax_data_feed_logs_simulator",
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "simulator.py"),
+)
 _NAME = "feed_logs"
 # This file may be executed more than once in a process (imported by path under two module
 # names, re-run in a notebook): tfds registers builder classes by name and raises on the
@@ -47,14 +49,18 @@ _REGISTERED = _NAME in tfds.core.registered.list_imported_builders()
 @dataclasses.dataclass(eq=False)
 class FeedLogsConfig(tfds.core.BuilderConfig):
     """A BuilderConfig that carries the simulator's config."""
+
     sim: simulator.SimConfig | None = None
 
 
 def _config(sim_config) -> FeedLogsConfig:
     n = sum(sim_config.num_impressions(split) for split in simulator.SPLITS)
-    return FeedLogsConfig(name=sim_config.name, sim=sim_config,
-                          description=f"{sim_config.num_members:,} members, "
-                                      f"{sim_config.num_hashtags:,} hashtags, {n:,} impressions")
+    return FeedLogsConfig(
+        name=sim_config.name,
+        sim=sim_config,
+        description=f"{sim_config.num_members:,} members, "
+        f"{sim_config.num_hashtags:,} hashtags, {n:,} impressions",
+    )
 
 
 class FeedLogs(tfds.core.GeneratorBasedBuilder, skip_registration=_REGISTERED):
@@ -62,15 +68,18 @@ class FeedLogs(tfds.core.GeneratorBasedBuilder, skip_registration=_REGISTERED):
 
     name = _NAME
     VERSION = tfds.core.Version("1.3.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release.",
-                     "1.1.0": "tiny: 1k members, 6k train sessions, larger holdouts.",
-                     "1.2.0": "tiny: 300 members, 10k sessions of 20 from 40 candidates, 10% random; "
-                              "old model ranks by true affinities; train_stats in metadata.",
-                     "1.3.0": "histories follow each member's affinities; affinity features "
-                              "noise 0.3 (was 0.5); tiny: 20k train sessions, holdout_random 5k sessions; "
-                              "config tiny_unlogged (the old ranker saw a signal the logs lack)."}
-    BUILDER_CONFIGS = [_config(simulator.CONFIGS[size])
-                       for size in ("tiny", "tiny_unlogged", "small", "large")]
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release.",
+        "1.1.0": "tiny: 1k members, 6k train sessions, larger holdouts.",
+        "1.2.0": "tiny: 300 members, 10k sessions of 20 from 40 candidates, 10% random; "
+        "old model ranks by true affinities; train_stats in metadata.",
+        "1.3.0": "histories follow each member's affinities; affinity features "
+        "noise 0.3 (was 0.5); tiny: 20k train sessions, holdout_random 5k sessions; "
+        "config tiny_unlogged (the old ranker saw a signal the logs lack).",
+    }
+    BUILDER_CONFIGS = [
+        _config(simulator.CONFIGS[size]) for size in ("tiny", "tiny_unlogged", "small", "large")
+    ]
     DEFAULT_CONFIG_NAME = "tiny"
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -78,18 +87,32 @@ class FeedLogs(tfds.core.GeneratorBasedBuilder, skip_registration=_REGISTERED):
         scalar = tfds.features.Scalar(np.int64)
         ids = tfds.features.Tensor(shape=(None,), dtype=np.int64)
         four = tfds.features.Tensor(shape=(len(simulator.TASKS),), dtype=np.float32)
-        features = tfds.features.FeaturesDict({
-            "member_id": scalar, "actor_id": scalar, "root_actor_id": scalar, "post_id": scalar,
-            "session_id": scalar, "position": scalar,
-            "random_session": tfds.features.Scalar(np.bool_),
-            "post_hashtags": ids, "history_actors": ids, "history_hashtags": ids,
-            "dense": tfds.features.Tensor(shape=(len(simulator.DENSE_FEATURES),), dtype=np.float32),
-            "labels": tfds.features.Tensor(shape=(len(simulator.TASKS),), dtype=np.int64),
-            "true_probs": four, "relevance_probs": four,
-        })
+        features = tfds.features.FeaturesDict(
+            {
+                "member_id": scalar,
+                "actor_id": scalar,
+                "root_actor_id": scalar,
+                "post_id": scalar,
+                "session_id": scalar,
+                "position": scalar,
+                "random_session": tfds.features.Scalar(np.bool_),
+                "post_hashtags": ids,
+                "history_actors": ids,
+                "history_hashtags": ids,
+                "dense": tfds.features.Tensor(
+                    shape=(len(simulator.DENSE_FEATURES),), dtype=np.float32
+                ),
+                "labels": tfds.features.Tensor(shape=(len(simulator.TASKS),), dtype=np.int64),
+                "true_probs": four,
+                "relevance_probs": four,
+            }
+        )
         return tfds.core.DatasetInfo(
-            builder=self, description=__doc__, features=features,
-            metadata=tfds.core.MetadataDict(sim.metadata()))
+            builder=self,
+            description=__doc__,
+            features=features,
+            metadata=tfds.core.MetadataDict(sim.metadata()),
+        )
 
     def _split_generators(self, dl_manager):
         del dl_manager  # synthetic: nothing to download
@@ -102,5 +125,5 @@ class FeedLogs(tfds.core.GeneratorBasedBuilder, skip_registration=_REGISTERED):
         for chunk in simulator.simulate_chunks(sim, split, world, show_progress=True):
             stats.add(chunk)
             yield from simulator.chunk_examples(sim, chunk)
-        if split == "train":   # saved with the dataset info: dense standardisation and IPS counts
+        if split == "train":  # saved with the dataset info: dense standardisation and IPS counts
             self.info.metadata["train_stats"] = stats.result()

@@ -25,8 +25,10 @@ import tensorflow_datasets as tfds
 
 from lf_jax.input.datasets import import_by_path
 
-simulator = import_by_path("lf_jax_data_member_items_simulator",
-                           os.path.join(os.path.dirname(os.path.abspath(__file__)), "simulator.py"))
+simulator = import_by_path(
+    "lf_jax_data_member_items_simulator",
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "simulator.py"),
+)
 _NAME = "member_items"
 _REGISTERED = _NAME in tfds.core.registered.list_imported_builders()
 
@@ -42,21 +44,40 @@ class MemberItems(tfds.core.GeneratorBasedBuilder, skip_registration=_REGISTERED
     name = _NAME
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
-    BUILDER_CONFIGS = [MemberItemsBuilderConfig(name=size, sim=simulator.CONFIGS[size],
-                                                description=f"feed_logs {size} world as text")
-                       for size in ("tiny", "small")]
+    BUILDER_CONFIGS = [
+        MemberItemsBuilderConfig(
+            name=size, sim=simulator.CONFIGS[size], description=f"feed_logs {size} world as text"
+        )
+        for size in ("tiny", "small")
+    ]
     DEFAULT_CONFIG_NAME = "tiny"
 
     def _info(self) -> tfds.core.DatasetInfo:
         text, scalar = tfds.features.Text(), tfds.features.Scalar(np.int64)
-        features = tfds.features.FeaturesDict({
-            "member_id": scalar, "item_id": scalar, "member_key": text, "item_key": text,
-            "member_interests": text, "member_hashtags": text,
-            "member_numeric": tfds.features.Tensor(shape=(len(simulator.MEMBER_NUMERIC),), dtype=np.float32),
-            "item_text": text, "item_hashtags": text,
-            "item_numeric": tfds.features.Tensor(shape=(len(simulator.ITEM_NUMERIC),), dtype=np.float32)})
-        return tfds.core.DatasetInfo(builder=self, description=__doc__, features=features,
-                                     metadata=tfds.core.MetadataDict(self.builder_config.sim.metadata()))
+        features = tfds.features.FeaturesDict(
+            {
+                "member_id": scalar,
+                "item_id": scalar,
+                "member_key": text,
+                "item_key": text,
+                "member_interests": text,
+                "member_hashtags": text,
+                "member_numeric": tfds.features.Tensor(
+                    shape=(len(simulator.MEMBER_NUMERIC),), dtype=np.float32
+                ),
+                "item_text": text,
+                "item_hashtags": text,
+                "item_numeric": tfds.features.Tensor(
+                    shape=(len(simulator.ITEM_NUMERIC),), dtype=np.float32
+                ),
+            }
+        )
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=__doc__,
+            features=features,
+            metadata=tfds.core.MetadataDict(self.builder_config.sim.metadata()),
+        )
 
     def _split_generators(self, dl_manager):
         del dl_manager  # synthetic

@@ -32,33 +32,48 @@ MEMBER_NUMERIC = ("followers", "activity", "account_age_days")
 ITEM_NUMERIC = ("author_followers", "prior_likes", "age_hours", "is_reshare")
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-feed = import_by_path("lf_jax_data_feed_logs_simulator", os.path.join(_HERE, "../feed_logs/simulator.py"))
-texts = import_by_path("lf_jax_data_post_texts_simulator", os.path.join(_HERE, "../post_texts/simulator.py"))
+feed = import_by_path(
+    "lf_jax_data_feed_logs_simulator", os.path.join(_HERE, "../feed_logs/simulator.py")
+)
+texts = import_by_path(
+    "lf_jax_data_post_texts_simulator", os.path.join(_HERE, "../post_texts/simulator.py")
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MemberItemsConfig:
     name: str
-    feed_config: str                 # the feed_logs world (simulator.CONFIGS key)
+    feed_config: str  # the feed_logs world (simulator.CONFIGS key)
     words_per_topic: int = 24
     positives_per_member: int = 8
     test_per_member: int = 2
-    beta: float = 1.5                # sharpness of the planted affinity
+    beta: float = 1.5  # sharpness of the planted affinity
     seed: int = 0
 
     def metadata(self) -> dict:
         sim = feed.CONFIGS[self.feed_config]
-        return {"config": self.name, "feed_config": self.feed_config,
-                "num_members": sim.num_members, "num_items": sim.num_posts,
-                "num_topics": sim.num_topics, "member_numeric": list(MEMBER_NUMERIC),
-                "item_numeric": list(ITEM_NUMERIC), "positives_per_member": self.positives_per_member,
-                "test_per_member": self.test_per_member, "seed": self.seed}
+        return {
+            "config": self.name,
+            "feed_config": self.feed_config,
+            "num_members": sim.num_members,
+            "num_items": sim.num_posts,
+            "num_topics": sim.num_topics,
+            "member_numeric": list(MEMBER_NUMERIC),
+            "item_numeric": list(ITEM_NUMERIC),
+            "positives_per_member": self.positives_per_member,
+            "test_per_member": self.test_per_member,
+            "seed": self.seed,
+        }
 
 
-CONFIGS = {"tiny": MemberItemsConfig(name="tiny", feed_config="tiny", positives_per_member=24,
-                                     test_per_member=4),
-           "small": MemberItemsConfig(name="small", feed_config="small", positives_per_member=4,
-                                      test_per_member=1)}
+CONFIGS = {
+    "tiny": MemberItemsConfig(
+        name="tiny", feed_config="tiny", positives_per_member=24, test_per_member=4
+    ),
+    "small": MemberItemsConfig(
+        name="small", feed_config="small", positives_per_member=4, test_per_member=1
+    ),
+}
 
 
 def affinity_scores(world, members: np.ndarray) -> np.ndarray:
@@ -70,8 +85,10 @@ def affinity_scores(world, members: np.ndarray) -> np.ndarray:
     tags_nt = world.post_hashtags
     valid_nt = tags_nt >= 0
     tag_mh = u_md @ world.hashtag_vecs.T
-    tag_sum_mn = sum(np.where(valid_nt[:, t], tag_mh[:, np.maximum(tags_nt[:, t], 0)], 0.0)
-                     for t in range(tags_nt.shape[1]))
+    tag_sum_mn = sum(
+        np.where(valid_nt[:, t], tag_mh[:, np.maximum(tags_nt[:, t], 0)], 0.0)
+        for t in range(tags_nt.shape[1])
+    )
     tag_mn = tag_sum_mn / np.maximum(valid_nt.sum(1), 1)
     return 3.0 * (actor_mn + root_mn + tag_mn) + 0.3 * np.log1p(world.post_prior_likes)[None, :]
 
@@ -83,8 +100,10 @@ def make_entities(cfg: MemberItemsConfig) -> dict:
     rng = np.random.default_rng(np.random.SeedSequence(cfg.seed, spawn_key=(5,)))
     vocabs = texts.topic_vocabularies(sim.num_topics, cfg.words_per_topic, cfg.seed)
     hashtag_topic = np.argmax(world.hashtag_vecs @ world.topic_vecs.T, axis=1)
-    hashtag_names = [texts.hashtag_name(vocabs[t][h % cfg.words_per_topic], str(h))
-                     for h, t in enumerate(hashtag_topic)]
+    hashtag_names = [
+        texts.hashtag_name(vocabs[t][h % cfg.words_per_topic], str(h))
+        for h, t in enumerate(hashtag_topic)
+    ]
     M, N = sim.num_members, sim.num_posts
     closest_tags = np.argsort(-(world.member_vecs @ world.hashtag_vecs.T), axis=1)[:, :3]
     interests, member_tags = [], []
@@ -93,40 +112,59 @@ def make_entities(cfg: MemberItemsConfig) -> dict:
         words = texts._pick(rng, vocabs[primary], 3) + texts._pick(rng, vocabs[secondary], 2)
         interests.append(" ".join(words))
         member_tags.append(" ".join(hashtag_names[h] for h in closest_tags[m]))
-    member_numeric = np.stack([world.followers, world.member_activity,
-                               rng.lognormal(6.0, 0.8, M)], axis=1).astype(np.float32)
+    member_numeric = np.stack(
+        [world.followers, world.member_activity, rng.lognormal(6.0, 0.8, M)], axis=1
+    ).astype(np.float32)
     item_text = [texts.render_post(rng, vocabs[world.post_topic[n]]) for n in range(N)]
     item_tags = [" ".join(hashtag_names[h] for h in row if h >= 0) for row in world.post_hashtags]
-    item_numeric = np.stack([world.followers[world.post_actor], world.post_prior_likes,
-                             rng.lognormal(2.5, 1.0, N),
-                             (world.post_actor != world.post_root_actor)], axis=1).astype(np.float32)
+    item_numeric = np.stack(
+        [
+            world.followers[world.post_actor],
+            world.post_prior_likes,
+            rng.lognormal(2.5, 1.0, N),
+            (world.post_actor != world.post_root_actor),
+        ],
+        axis=1,
+    ).astype(np.float32)
     k, test = cfg.positives_per_member, cfg.test_per_member
     train_pairs, test_pairs = [], []
     for start in range(0, M, 256):
         members = np.arange(start, min(start + 256, M))
         keys_mn = cfg.beta * affinity_scores(world, members) + rng.gumbel(size=(len(members), N))
-        drawn_mk = np.argsort(-keys_mn, axis=1)[:, :k]             # Gumbel top-k: sampling w/o replacement
+        drawn_mk = np.argsort(-keys_mn, axis=1)[:, :k]  # Gumbel top-k: sampling w/o replacement
         drawn_mk = rng.permuted(drawn_mk, axis=1)
         for row, m in enumerate(members):
-            train_pairs += [(m, n) for n in drawn_mk[row, :k - test]]
-            test_pairs += [(m, n) for n in drawn_mk[row, k - test:]]
-    return {"member_interests": interests, "member_hashtags": member_tags,
-            "member_numeric": member_numeric, "item_text": item_text, "item_hashtags": item_tags,
-            "item_numeric": item_numeric, "train_pairs": np.asarray(train_pairs, np.int64),
-            "test_pairs": np.asarray(test_pairs, np.int64)}
+            train_pairs += [(m, n) for n in drawn_mk[row, : k - test]]
+            test_pairs += [(m, n) for n in drawn_mk[row, k - test :]]
+    return {
+        "member_interests": interests,
+        "member_hashtags": member_tags,
+        "member_numeric": member_numeric,
+        "item_text": item_text,
+        "item_hashtags": item_tags,
+        "item_numeric": item_numeric,
+        "train_pairs": np.asarray(train_pairs, np.int64),
+        "test_pairs": np.asarray(test_pairs, np.int64),
+    }
 
 
 def _record(e: dict, member: int, item: int) -> dict:
-    member_numeric = e["member_numeric"][member] if member >= 0 else np.zeros(len(MEMBER_NUMERIC), np.float32)
+    member_numeric = (
+        e["member_numeric"][member] if member >= 0 else np.zeros(len(MEMBER_NUMERIC), np.float32)
+    )
     item_numeric = e["item_numeric"][item] if item >= 0 else np.zeros(len(ITEM_NUMERIC), np.float32)
-    return {"member_id": member, "item_id": item,
-            "member_key": f"m{member}" if member >= 0 else "", "item_key": f"p{item}" if item >= 0 else "",
-            "member_interests": e["member_interests"][member] if member >= 0 else "",
-            "member_hashtags": e["member_hashtags"][member] if member >= 0 else "",
-            "member_numeric": member_numeric,
-            "item_text": e["item_text"][item] if item >= 0 else "",
-            "item_hashtags": e["item_hashtags"][item] if item >= 0 else "",
-            "item_numeric": item_numeric}
+    return {
+        "member_id": member,
+        "item_id": item,
+        "member_key": f"m{member}" if member >= 0 else "",
+        "item_key": f"p{item}" if item >= 0 else "",
+        "member_interests": e["member_interests"][member] if member >= 0 else "",
+        "member_hashtags": e["member_hashtags"][member] if member >= 0 else "",
+        "member_numeric": member_numeric,
+        "item_text": e["item_text"][item] if item >= 0 else "",
+        "item_hashtags": e["item_hashtags"][item] if item >= 0 else "",
+        "item_numeric": item_numeric,
+    }
 
 
 def iter_examples(cfg: MemberItemsConfig, split: str, entities: dict | None = None):

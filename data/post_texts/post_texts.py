@@ -24,8 +24,10 @@ import tensorflow_datasets as tfds
 
 from lf_jax.input.datasets import import_by_path
 
-simulator = import_by_path("lf_jax_data_post_texts_simulator",
-                           os.path.join(os.path.dirname(os.path.abspath(__file__)), "simulator.py"))
+simulator = import_by_path(
+    "lf_jax_data_post_texts_simulator",
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "simulator.py"),
+)
 _NAME = "post_texts"
 _REGISTERED = _NAME in tfds.core.registered.list_imported_builders()
 
@@ -41,18 +43,30 @@ class PostTexts(tfds.core.GeneratorBasedBuilder, skip_registration=_REGISTERED):
     name = _NAME
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
-    BUILDER_CONFIGS = [PostTextsConfig(name=size, sim=simulator.CONFIGS[size],
-                                       description=f"post texts, {size}")
-                       for size in ("tiny", "small")]
+    BUILDER_CONFIGS = [
+        PostTextsConfig(name=size, sim=simulator.CONFIGS[size], description=f"post texts, {size}")
+        for size in ("tiny", "small")
+    ]
     DEFAULT_CONFIG_NAME = "tiny"
 
     def _info(self) -> tfds.core.DatasetInfo:
         text = tfds.features.Text()
-        features = tfds.features.FeaturesDict({
-            "task": text, "text": text, "post": text, "negative_post": text,
-            "label": tfds.features.Scalar(np.int64), "topic": tfds.features.Scalar(np.int64)})
-        return tfds.core.DatasetInfo(builder=self, description=__doc__, features=features,
-                                     metadata=tfds.core.MetadataDict(self.builder_config.sim.metadata()))
+        features = tfds.features.FeaturesDict(
+            {
+                "task": text,
+                "text": text,
+                "post": text,
+                "negative_post": text,
+                "label": tfds.features.Scalar(np.int64),
+                "topic": tfds.features.Scalar(np.int64),
+            }
+        )
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=__doc__,
+            features=features,
+            metadata=tfds.core.MetadataDict(self.builder_config.sim.metadata()),
+        )
 
     def _split_generators(self, dl_manager):
         del dl_manager  # synthetic

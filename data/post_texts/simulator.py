@@ -22,7 +22,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-WORD_POOL = tuple("""
+WORD_POOL = tuple(
+    """
 apple river stone garden window candle mirror ladder pocket button ribbon basket blanket
 bottle bridge castle cotton desert engine feather forest harbor helmet island jacket jungle
 kettle lantern marble meadow needle orchard paddle pepper pillow planet pocket puzzle rabbit
@@ -48,11 +49,30 @@ toad toffee trout tuba tuna vulture waffle wasp weasel wombat yak yogurt basil b
 bolt broom cape cello chalk clam cloak cork crane dagger dune elm flint fox frost gem
 gull hawk hive hoof jade kite lark leek lily lime loom mole moss nest oak orca
 pearl plank pond quill reed rust sage shell silk slate sloop smelt snow sole spade
-stem surf tide toga tusk vine wand wheat wren yarn""".split())
-WORD_POOL = tuple(dict.fromkeys(WORD_POOL))     # drop repeats, keep order
+stem surf tide toga tusk vine wand wheat wren yarn""".split()
+)
+WORD_POOL = tuple(dict.fromkeys(WORD_POOL))  # drop repeats, keep order
 
-FILLER = ("today", "really", "just", "new", "great", "look", "this", "my", "our", "week",
-          "photo", "video", "thread", "update", "shared", "love", "check", "nice")
+FILLER = (
+    "today",
+    "really",
+    "just",
+    "new",
+    "great",
+    "look",
+    "this",
+    "my",
+    "our",
+    "week",
+    "photo",
+    "video",
+    "thread",
+    "update",
+    "shared",
+    "love",
+    "check",
+    "nice",
+)
 TASKS = ("interests", "storylines", "hashtags", "queries")
 ZERO_SHOT_TASKS = ("intent",)
 SPLITS = ("train", "test")
@@ -68,25 +88,42 @@ class TextConfig:
     seed: int = 0
 
     def metadata(self) -> dict:
-        return {"config": self.name, "num_topics": self.num_topics,
-                "words_per_topic": self.words_per_topic, "tasks": list(TASKS),
-                "zero_shot_tasks": list(ZERO_SHOT_TASKS), "seed": self.seed,
-                "num_examples": {"train": self.train_pairs_per_task * len(TASKS),
-                                 "test": self.test_triplets_per_task * (len(TASKS) + len(ZERO_SHOT_TASKS))}}
+        return {
+            "config": self.name,
+            "num_topics": self.num_topics,
+            "words_per_topic": self.words_per_topic,
+            "tasks": list(TASKS),
+            "zero_shot_tasks": list(ZERO_SHOT_TASKS),
+            "seed": self.seed,
+            "num_examples": {
+                "train": self.train_pairs_per_task * len(TASKS),
+                "test": self.test_triplets_per_task * (len(TASKS) + len(ZERO_SHOT_TASKS)),
+            },
+        }
 
 
-CONFIGS = {"tiny": TextConfig(name="tiny"),
-           "small": TextConfig(name="small", train_pairs_per_task=40_000, test_triplets_per_task=2_000)}
+CONFIGS = {
+    "tiny": TextConfig(name="tiny"),
+    "small": TextConfig(name="small", train_pairs_per_task=40_000, test_triplets_per_task=2_000),
+}
 
 
-def topic_vocabularies(num_topics: int, words_per_topic: int, seed: int = 0) -> list[tuple[str, ...]]:
+def topic_vocabularies(
+    num_topics: int, words_per_topic: int, seed: int = 0
+) -> list[tuple[str, ...]]:
     """Disjoint word lists, one per topic, from a seeded permutation of WORD_POOL."""
     if num_topics * words_per_topic > len(WORD_POOL):
-        raise ValueError(f"num_topics * words_per_topic = {num_topics * words_per_topic} exceeds "
-                         f"the {len(WORD_POOL)} words of WORD_POOL")
-    order = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(7,))).permutation(len(WORD_POOL))
+        raise ValueError(
+            f"num_topics * words_per_topic = {num_topics * words_per_topic} exceeds "
+            f"the {len(WORD_POOL)} words of WORD_POOL"
+        )
+    order = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(7,))).permutation(
+        len(WORD_POOL)
+    )
     words = [WORD_POOL[i] for i in order]
-    return [tuple(words[t * words_per_topic:(t + 1) * words_per_topic]) for t in range(num_topics)]
+    return [
+        tuple(words[t * words_per_topic : (t + 1) * words_per_topic]) for t in range(num_topics)
+    ]
 
 
 def hashtag_name(first: str, second: str) -> str:
@@ -137,7 +174,9 @@ def iter_examples(cfg: TextConfig, split: str) -> Iterator[tuple[int, dict]]:
     count = cfg.train_pairs_per_task if split == "train" else cfg.test_triplets_per_task
     key = 0
     for task_index, task in enumerate(tasks):
-        rng = np.random.default_rng(np.random.SeedSequence(cfg.seed, spawn_key=(SPLITS.index(split), task_index)))
+        rng = np.random.default_rng(
+            np.random.SeedSequence(cfg.seed, spawn_key=(SPLITS.index(split), task_index))
+        )
         for _ in range(count):
             topic, other = rng.choice(cfg.num_topics, 2, replace=False)
             anchor = render_anchor(rng, task, vocabs[topic])
@@ -146,7 +185,20 @@ def iter_examples(cfg: TextConfig, split: str) -> Iterator[tuple[int, dict]]:
                 post = render_post(rng, vocabs[topic if label else other])
                 negative = ""
             else:
-                label, post, negative = 1, render_post(rng, vocabs[topic]), render_post(rng, vocabs[other])
-            yield key, {"task": task, "text": anchor, "post": post, "negative_post": negative,
-                        "label": label, "topic": int(topic)}
+                label, post, negative = (
+                    1,
+                    render_post(rng, vocabs[topic]),
+                    render_post(rng, vocabs[other]),
+                )
+            yield (
+                key,
+                {
+                    "task": task,
+                    "text": anchor,
+                    "post": post,
+                    "negative_post": negative,
+                    "label": label,
+                    "topic": int(topic),
+                },
+            )
             key += 1

@@ -48,7 +48,9 @@ def simulate_cpu_devices(count: int) -> int:
             f"device(s). Call simulate_cpu_devices before any jax computation "
             f"(restart the notebook kernel or process)."
         )
-    os.environ["XLA_FLAGS"] = f"{_strip_flag(os.environ.get('XLA_FLAGS', ''))} {_FLAG}={count}".strip()
+    os.environ["XLA_FLAGS"] = (
+        f"{_strip_flag(os.environ.get('XLA_FLAGS', ''))} {_FLAG}={count}".strip()
+    )
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     jax.config.update("jax_platforms", os.environ["JAX_PLATFORMS"])
     jax.config.update("jax_num_cpu_devices", count)

@@ -6,8 +6,8 @@ Example:
     OrderedDict([('data', 4), ('model', 2)])
 """
 
-from collections.abc import Mapping, Sequence
 import math
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -31,8 +31,14 @@ def resolve_mesh_shape(shape: Mapping[str, int], device_count: int) -> dict[str,
     sizes = dict(shape)
     free = [name for name, size in sizes.items() if size == -1]
     for name, size in sizes.items():
-        if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or (size < 1 and size != -1):
-            raise MeshShapeError(f"mesh axis '{name}' has size {size!r}; sizes are positive ints or -1")
+        if (
+            not isinstance(size, (int, np.integer))
+            or isinstance(size, bool)
+            or (size < 1 and size != -1)
+        ):
+            raise MeshShapeError(
+                f"mesh axis '{name}' has size {size!r}; sizes are positive ints or -1"
+            )
     if len(free) > 1:
         raise MeshShapeError(f"only one mesh axis may be -1, got {free}")
     fixed = math.prod(size for size in sizes.values() if size != -1)
@@ -40,11 +46,13 @@ def resolve_mesh_shape(shape: Mapping[str, int], device_count: int) -> dict[str,
         if device_count % fixed:
             raise MeshShapeError(
                 f"mesh shape {dict(shape)}: fixed axes multiply to {fixed}, which does not "
-                f"divide the {device_count} available devices")
+                f"divide the {device_count} available devices"
+            )
         sizes[free[0]] = device_count // fixed
     elif fixed != device_count:
         raise MeshShapeError(
-            f"mesh shape {dict(shape)} needs {fixed} devices but {device_count} are available")
+            f"mesh shape {dict(shape)} needs {fixed} devices but {device_count} are available"
+        )
     return {name: int(size) for name, size in sizes.items()}
 
 
@@ -57,6 +65,7 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     sizes = resolve_mesh_shape(shape, len(devices))
     try:
         from jax.experimental import mesh_utils
+
         grid = mesh_utils.create_device_mesh(tuple(sizes.values()), devices=devices)
     except (AssertionError, ValueError, NotImplementedError):
         grid = np.asarray(devices).reshape(tuple(sizes.values()))
@@ -68,5 +77,7 @@ def describe_mesh(mesh: Mesh) -> str:
     axes = " x ".join(f"{name}={size}" for name, size in mesh.shape.items())
     first = mesh.devices.flat[0]
     processes = len({device.process_index for device in mesh.devices.flat})
-    return (f"mesh({axes}) over {mesh.devices.size} {first.platform} device(s) "
-            f"[{first.device_kind}], {processes} process(es)")
+    return (
+        f"mesh({axes}) over {mesh.devices.size} {first.platform} device(s) "
+        f"[{first.device_kind}], {processes} process(es)"
+    )

@@ -25,7 +25,6 @@ Example:
     (2, 'env')
 """
 
-from collections.abc import Callable, Iterator, Mapping
 import contextlib
 import dataclasses
 import logging
@@ -33,15 +32,18 @@ import os
 import re
 import signal
 import threading
+from collections.abc import Callable, Iterator, Mapping
 
 from lf_jax.errors import UserInputError
 
 ENV_PREFIX = "LF_JAX_"
 DEFAULT_PORT = 8476
 MODES = ("auto", "off", "jax")
-_TIMEOUTS = {"initialization_timeout_s": ("INIT_TIMEOUT", 300),
-             "heartbeat_timeout_s": ("HEARTBEAT_TIMEOUT", 30),
-             "shutdown_timeout_s": ("SHUTDOWN_TIMEOUT", 60)}
+_TIMEOUTS = {
+    "initialization_timeout_s": ("INIT_TIMEOUT", 300),
+    "heartbeat_timeout_s": ("HEARTBEAT_TIMEOUT", 30),
+    "shutdown_timeout_s": ("SHUTDOWN_TIMEOUT", 60),
+}
 
 
 class DistributedConfigError(UserInputError):
@@ -60,7 +62,7 @@ class DistributedSettings:
     initialization_timeout_s: int = 300
     heartbeat_timeout_s: int = 30
     shutdown_timeout_s: int = 60
-    source: str = "single"          # args | env | slurm | gke-tpu | gke-jobset | jax | single
+    source: str = "single"  # args | env | slurm | gke-tpu | gke-jobset | jax | single
 
     @property
     def is_multiprocess(self) -> bool:
@@ -69,10 +71,12 @@ class DistributedSettings:
     def describe(self) -> str:
         if not self.is_multiprocess:
             return "single process (jax.distributed not started)"
-        return (f"process {self.process_id} of {self.num_processes} via {self.source}, coordinator "
-                f"{self.coordinator_address or '(jax auto-detect)'}; a dead process stops the others "
-                f"within ~{self.heartbeat_timeout_s} s (heartbeat), a failing one within "
-                f"{self.shutdown_timeout_s} s (shutdown)")
+        return (
+            f"process {self.process_id} of {self.num_processes} via {self.source}, coordinator "
+            f"{self.coordinator_address or '(jax auto-detect)'}; a dead process stops the others "
+            f"within ~{self.heartbeat_timeout_s} s (heartbeat), a failing one within "
+            f"{self.shutdown_timeout_s} s (shutdown)"
+        )
 
 
 def _int(field: str, raw, minimum: int) -> int:
@@ -109,29 +113,45 @@ def detect_cluster(env: Mapping[str, str], port: int = DEFAULT_PORT) -> dict | N
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
         if not nodes:
-            raise DistributedConfigError("SLURM_PROCID is set but SLURM_STEP_NODELIST/SLURM_JOB_NODELIST "
-                                         "is not: run the job with srun")
-        return {"source": "slurm", "coordinator_address": f"{_first_slurm_host(nodes)}:{port}",
-                "num_processes": _int("SLURM_NTASKS", env["SLURM_NTASKS"], 1),
-                "process_id": _int("SLURM_PROCID", env["SLURM_PROCID"], 0)}
+            raise DistributedConfigError(
+                "SLURM_PROCID is set but SLURM_STEP_NODELIST/SLURM_JOB_NODELIST "
+                "is not: run the job with srun"
+            )
+        return {
+            "source": "slurm",
+            "coordinator_address": f"{_first_slurm_host(nodes)}:{port}",
+            "num_processes": _int("SLURM_NTASKS", env["SLURM_NTASKS"], 1),
+            "process_id": _int("SLURM_PROCID", env["SLURM_PROCID"], 0),
+        }
     hosts = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES")
     if hosts and "TPU_WORKER_ID" in env:
-        workers = [host.strip().rsplit(":", 1)[0] if "TPU_PROCESS_ADDRESSES" in env else host.strip()
-                   for host in hosts.split(",") if host.strip()]
+        workers = [
+            host.strip().rsplit(":", 1)[0] if "TPU_PROCESS_ADDRESSES" in env else host.strip()
+            for host in hosts.split(",")
+            if host.strip()
+        ]
         slices = _int("MEGASCALE_NUM_SLICES", env.get("MEGASCALE_NUM_SLICES", "1"), 1)
         slice_id = _int("MEGASCALE_SLICE_ID", env.get("MEGASCALE_SLICE_ID", "0"), 0)
-        coordinator = env.get("MEGASCALE_COORDINATOR_ADDRESS", workers[0]).rsplit(":", 1)[0] \
-            if slices > 1 else workers[0]
-        return {"source": "gke-tpu", "coordinator_address": f"{coordinator}:{port}",
-                "num_processes": len(workers) * slices,
-                "process_id": slice_id * len(workers) + _int("TPU_WORKER_ID", env["TPU_WORKER_ID"], 0)}
+        coordinator = (
+            env.get("MEGASCALE_COORDINATOR_ADDRESS", workers[0]).rsplit(":", 1)[0]
+            if slices > 1
+            else workers[0]
+        )
+        return {
+            "source": "gke-tpu",
+            "coordinator_address": f"{coordinator}:{port}",
+            "num_processes": len(workers) * slices,
+            "process_id": slice_id * len(workers) + _int("TPU_WORKER_ID", env["TPU_WORKER_ID"], 0),
+        }
     if "JOBSET_NAME" in env and "JOB_COMPLETION_INDEX" in env:
         jobset, job = env["JOBSET_NAME"], env.get("REPLICATED_JOB_NAME", "workers")
-        return {"source": "gke-jobset",
-                # JobSet pod host names: <jobset>-<replicated job>-<job index>-<pod index>.<jobset>
-                "coordinator_address": f"{jobset}-{job}-0-0.{jobset}:{port}",
-                "num_processes": None,
-                "process_id": _int("JOB_COMPLETION_INDEX", env["JOB_COMPLETION_INDEX"], 0)}
+        return {
+            "source": "gke-jobset",
+            # JobSet pod host names: <jobset>-<replicated job>-<job index>-<pod index>.<jobset>
+            "coordinator_address": f"{jobset}-{job}-0-0.{jobset}:{port}",
+            "num_processes": None,
+            "process_id": _int("JOB_COMPLETION_INDEX", env["JOB_COMPLETION_INDEX"], 0),
+        }
     return None
 
 
@@ -173,8 +193,11 @@ def settings_from_env(env: Mapping[str, str] | None = None, **overrides) -> Dist
         raise DistributedConfigError(f"{field}={env[field]!r} must be a port in 1-65535")
     detected = detect_cluster(env, port) or {}
     fields, origins = {}, set()
-    for name, env_name in (("coordinator_address", "COORDINATOR_ADDRESS"),
-                           ("num_processes", "NUM_PROCESSES"), ("process_id", "PROCESS_ID")):
+    for name, env_name in (
+        ("coordinator_address", "COORDINATOR_ADDRESS"),
+        ("num_processes", "NUM_PROCESSES"),
+        ("process_id", "PROCESS_ID"),
+    ):
         raw, field = pick(name, env_name)
         if raw is None and detected.get(name) is not None:
             raw, field = detected[name], f"{detected['source']} {name}"
@@ -187,12 +210,16 @@ def settings_from_env(env: Mapping[str, str] | None = None, **overrides) -> Dist
     set_fields = [name for name, (raw, _) in fields.items() if raw is not None]
     if not set_fields:
         return DistributedSettings(**values, source="single")
-    num = _int(fields["num_processes"][1], fields["num_processes"][0], 1) \
-        if fields["num_processes"][0] is not None else None
+    num = (
+        _int(fields["num_processes"][1], fields["num_processes"][0], 1)
+        if fields["num_processes"][0] is not None
+        else None
+    )
     if num is None:
         raise DistributedConfigError(
             f"the process count is not set ({source}): give --num-processes or "
-            f"{ENV_PREFIX}NUM_PROCESSES")
+            f"{ENV_PREFIX}NUM_PROCESSES"
+        )
     if num == 1:
         return DistributedSettings(**values, source=source)
     missing = [name for name, (raw, _) in fields.items() if raw is None]
@@ -200,14 +227,18 @@ def settings_from_env(env: Mapping[str, str] | None = None, **overrides) -> Dist
         env_names = {"coordinator_address": "COORDINATOR_ADDRESS", "process_id": "PROCESS_ID"}
         raise DistributedConfigError(
             f"{num} processes need {' and '.join(missing)} as well (set "
-            f"{' and '.join(ENV_PREFIX + env_names[name] for name in missing)})")
+            f"{' and '.join(ENV_PREFIX + env_names[name] for name in missing)})"
+        )
     pid_raw, pid_field = fields["process_id"]
     pid = _int(pid_field, pid_raw, 0)
     if pid >= num:
-        raise DistributedConfigError(f"{pid_field}={pid_raw!r} must be below the process count {num}")
+        raise DistributedConfigError(
+            f"{pid_field}={pid_raw!r} must be below the process count {num}"
+        )
     address = _address(fields["coordinator_address"][1], fields["coordinator_address"][0])
-    return DistributedSettings(**values, coordinator_address=address, num_processes=num,
-                               process_id=pid, source=source)
+    return DistributedSettings(
+        **values, coordinator_address=address, num_processes=num, process_id=pid, source=source
+    )
 
 
 def cpu_devices_from_env(env: Mapping[str, str] | None = None) -> int | None:
@@ -220,8 +251,9 @@ def cpu_devices_from_env(env: Mapping[str, str] | None = None) -> int | None:
 _INITIALIZED: list[DistributedSettings] = []
 
 
-def initialize(settings: DistributedSettings | None = None, *, cpu_devices: int | None = None
-               ) -> DistributedSettings:
+def initialize(
+    settings: DistributedSettings | None = None, *, cpu_devices: int | None = None
+) -> DistributedSettings:
     """Starts jax.distributed for ``settings`` (default: settings_from_env()); returns them.
 
     A no-op apart from ``cpu_devices`` for a single process. ``cpu_devices`` simulates that
@@ -237,8 +269,9 @@ def initialize(settings: DistributedSettings | None = None, *, cpu_devices: int 
     settings = settings_from_env() if settings is None else settings
     if _INITIALIZED:
         if _INITIALIZED[0] != settings:
-            raise DistributedConfigError(f"jax.distributed already started as "
-                                         f"{_INITIALIZED[0].describe()}")
+            raise DistributedConfigError(
+                f"jax.distributed already started as {_INITIALIZED[0].describe()}"
+            )
         return settings
     if not settings.is_multiprocess:
         if cpu_devices is not None:
@@ -247,7 +280,8 @@ def initialize(settings: DistributedSettings | None = None, *, cpu_devices: int 
     if xla_bridge.backends_are_initialized():
         raise DistributedConfigError(
             "multihost.initialize() must run before any jax computation (jax already started "
-            f"with {jax.device_count()} device(s)); call it first in the program")
+            f"with {jax.device_count()} device(s)); call it first in the program"
+        )
     if cpu_devices is not None:
         if not isinstance(cpu_devices, int) or isinstance(cpu_devices, bool) or cpu_devices < 1:
             raise DistributedConfigError(f"cpu_devices={cpu_devices!r} must be a positive int")
@@ -256,22 +290,33 @@ def initialize(settings: DistributedSettings | None = None, *, cpu_devices: int 
         jax.config.update("jax_num_cpu_devices", cpu_devices)
     if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or cpu_devices is not None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    kwargs = {"initialization_timeout": settings.initialization_timeout_s,
-              "heartbeat_timeout_seconds": settings.heartbeat_timeout_s,
-              "shutdown_timeout_seconds": settings.shutdown_timeout_s}
+    kwargs = {
+        "initialization_timeout": settings.initialization_timeout_s,
+        "heartbeat_timeout_seconds": settings.heartbeat_timeout_s,
+        "shutdown_timeout_seconds": settings.shutdown_timeout_s,
+    }
     if settings.mode != "jax":
-        kwargs.update(coordinator_address=settings.coordinator_address,
-                      num_processes=settings.num_processes, process_id=settings.process_id,
-                      local_device_ids=list(settings.local_device_ids)
-                      if settings.local_device_ids is not None else None)
+        kwargs.update(
+            coordinator_address=settings.coordinator_address,
+            num_processes=settings.num_processes,
+            process_id=settings.process_id,
+            local_device_ids=list(settings.local_device_ids)
+            if settings.local_device_ids is not None
+            else None,
+        )
     jax.distributed.initialize(**kwargs)
     if settings.mode == "jax":
-        settings = dataclasses.replace(settings, num_processes=jax.process_count(),
-                                       process_id=jax.process_index())
+        settings = dataclasses.replace(
+            settings, num_processes=jax.process_count(), process_id=jax.process_index()
+        )
     _INITIALIZED.append(settings)
     _quiet_other_processes(settings.process_id)
-    get_logger().info("jax.distributed: %s; %d devices (%d local)", settings.describe(),
-                      jax.device_count(), jax.local_device_count())
+    get_logger().info(
+        "jax.distributed: %s; %d devices (%d local)",
+        settings.describe(),
+        jax.device_count(),
+        jax.local_device_count(),
+    )
     return settings
 
 
@@ -284,6 +329,7 @@ class _PrimaryInfoFilter(logging.Filter):
 
 def _quiet_other_processes(process_id: int) -> None:
     from lf_jax.console import get_logger
+
     logger = get_logger()
     if process_id != 0 and not any(isinstance(f, _PrimaryInfoFilter) for f in logger.filters):
         logger.addFilter(_PrimaryInfoFilter())
@@ -292,19 +338,23 @@ def _quiet_other_processes(process_id: int) -> None:
 def is_primary() -> bool:
     """True on the process that writes logs, summaries and other single-writer files."""
     import jax
+
     return jax.process_index() == 0
 
 
 def barrier(name: str) -> None:
     """Waits until every process reaches ``name`` (a no-op on one process)."""
     import jax
+
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
+
         multihost_utils.sync_global_devices(name)
 
 
 def _preemption_service_running() -> bool:
     from jax._src import distributed
+
     return distributed.global_state.preemption_sync_manager is not None
 
 
@@ -318,8 +368,10 @@ def preemption_notice() -> Iterator[Callable[[int], bool]]:
     flag and the current step is the one (main thread only; elsewhere nothing is caught).
     """
     import jax
+
     if jax.process_count() > 1 and _preemption_service_running():
         from jax.experimental import multihost_utils
+
         yield multihost_utils.reached_preemption_sync_point
         return
     event = threading.Event()

@@ -15,17 +15,17 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 # Each logical name maps to a mesh axis, a tuple of mesh axes, or None (replicated).
 DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
-    "batch": "data",            # examples of a global batch
-    "sequence": None,           # token / history positions
-    "vocab": "model",           # embedding-table rows (row-wise sharding)
-    "table_stack": "model",     # stacked same-dim tables (table-wise sharding)
-    "embed": None,              # embedding / hidden width
-    "embed_shard": "model",     # embedding columns (column-wise sharding)
-    "mlp": "model",             # MLP hidden units (tensor parallel)
-    "heads": "model",           # attention heads
+    "batch": "data",  # examples of a global batch
+    "sequence": None,  # token / history positions
+    "vocab": "model",  # embedding-table rows (row-wise sharding)
+    "table_stack": "model",  # stacked same-dim tables (table-wise sharding)
+    "embed": None,  # embedding / hidden width
+    "embed_shard": "model",  # embedding columns (column-wise sharding)
+    "mlp": "model",  # MLP hidden units (tensor parallel)
+    "heads": "model",  # attention heads
     "kv_heads": None,
     "head_dim": None,
-    "fsdp": "data",             # parameters sharded over data for fully-sharded DP
+    "fsdp": "data",  # parameters sharded over data for fully-sharded DP
     "task": None,
 }
 

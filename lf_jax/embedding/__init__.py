@@ -10,15 +10,41 @@ Example:
 
 from lf_jax.embedding.collection import EmbeddingCollection, SparseBatch
 from lf_jax.embedding.layer import Embedding, EmbeddingState
-from lf_jax.embedding.plan import (PlanError, column_wise, data_parallel, load_plan, row_wise,
-                                   save_plan, table_wise, table_wise_row_wise, validate_plan)
+from lf_jax.embedding.plan import (
+    PlanError,
+    column_wise,
+    data_parallel,
+    load_plan,
+    row_wise,
+    save_plan,
+    table_wise,
+    table_wise_row_wise,
+    validate_plan,
+)
 from lf_jax.embedding.preprocess import InvalidIdsError, preprocess
 from lf_jax.embedding.sparse_optim import adam, rowwise_adagrad, sgd
 from lf_jax.embedding.spec import FeatureSpec, SpecError, TableSpec
 
 __all__ = [
-    "EmbeddingCollection", "SparseBatch", "Embedding", "EmbeddingState", "PlanError",
-    "column_wise", "data_parallel", "load_plan", "row_wise", "save_plan", "table_wise",
-    "table_wise_row_wise", "validate_plan", "InvalidIdsError", "preprocess", "adam",
-    "rowwise_adagrad", "sgd", "FeatureSpec", "SpecError", "TableSpec",
+    "EmbeddingCollection",
+    "SparseBatch",
+    "Embedding",
+    "EmbeddingState",
+    "PlanError",
+    "column_wise",
+    "data_parallel",
+    "load_plan",
+    "row_wise",
+    "save_plan",
+    "table_wise",
+    "table_wise_row_wise",
+    "validate_plan",
+    "InvalidIdsError",
+    "preprocess",
+    "adam",
+    "rowwise_adagrad",
+    "sgd",
+    "FeatureSpec",
+    "SpecError",
+    "TableSpec",
 ]

@@ -14,9 +14,9 @@ Example:
     >>> state = coll.apply_gradients(state, batch, g_acts)      # jit with donate_argnums=0
 """
 
-from collections.abc import Mapping, Sequence
 import functools
 import zlib
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,8 +46,13 @@ def _initial_table(spec: TableSpec, key) -> jax.Array:
 class EmbeddingCollection:
     """Tables, features and a plan laid over a mesh (see module docstring)."""
 
-    def __init__(self, tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
-                 plan: Mapping[str, Mapping], mesh: Mesh):
+    def __init__(
+        self,
+        tables: Sequence[TableSpec],
+        features: Sequence[FeatureSpec],
+        plan: Mapping[str, Mapping],
+        mesh: Mesh,
+    ):
         self.tables = validate_specs(tables, features)
         self.features = {feature.name: feature for feature in features}
         self.mesh = mesh
@@ -62,27 +67,38 @@ class EmbeddingCollection:
         """NamedShardings of the state pytree (for jit out_shardings and checkpoints)."""
         return {
             "tables": {g.name: g.sharding(self.mesh) for g in self.groups},
-            "slots": {g.name: {name: g.sharding(self.mesh, len(shape))
-                               for name, shape in g.optimizer.slot_shapes(g.dim).items()}
-                      for g in self.groups},
+            "slots": {
+                g.name: {
+                    name: g.sharding(self.mesh, len(shape))
+                    for name, shape in g.optimizer.slot_shapes(g.dim).items()
+                }
+                for g in self.groups
+            },
             "step": NamedSharding(self.mesh, PartitionSpec()),
         }
 
     def init(self, key: jax.Array) -> dict:
         """Sharded state from each table's initializer; values do not depend on the plan."""
         logical = lambda: {name: _initial_table(spec, key) for name, spec in self.tables.items()}
-        return jax.jit(lambda: self._state_from_logical(logical(), None, 0),
-                       out_shardings=self.state_shardings())()
+        return jax.jit(
+            lambda: self._state_from_logical(logical(), None, 0),
+            out_shardings=self.state_shardings(),
+        )()
 
-    def state_from_logical(self, tables: Mapping[str, np.ndarray],
-                           slots: Mapping[str, Mapping[str, np.ndarray]] | None = None,
-                           step: int = 0) -> dict:
+    def state_from_logical(
+        self,
+        tables: Mapping[str, np.ndarray],
+        slots: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+        step: int = 0,
+    ) -> dict:
         """Sharded state from logical [vocab, dim] tables (+ optional slots), any plan."""
         for name, spec in self.tables.items():
             shape = np.shape(tables.get(name))
             if shape != (spec.vocab_size, spec.dim):
-                raise UserInputError(f"table '{name}': expected logical shape "
-                                     f"{(spec.vocab_size, spec.dim)}, got {shape}")
+                raise UserInputError(
+                    f"table '{name}': expected logical shape "
+                    f"{(spec.vocab_size, spec.dim)}, got {shape}"
+                )
         fn = lambda t, s: self._state_from_logical(t, s, step)
         return jax.jit(fn, out_shardings=self.state_shardings())(dict(tables), slots)
 
@@ -95,14 +111,25 @@ class EmbeddingCollection:
             for name, shape in group.optimizer.slot_shapes(group.dim).items():
                 if slots is None:
                     init = group.optimizer.slot_init(name)
-                    source = {p.table: jnp.full((self.tables[p.table].vocab_size,
-                                                 *([self.tables[p.table].dim] if shape else [])),
-                                                init, jnp.float32) for p in group.pieces}
+                    source = {
+                        p.table: jnp.full(
+                            (
+                                self.tables[p.table].vocab_size,
+                                *([self.tables[p.table].dim] if shape else []),
+                            ),
+                            init,
+                            jnp.float32,
+                        )
+                        for p in group.pieces
+                    }
                 else:
-                    source = {p.table: jnp.asarray(slots[p.table][name], jnp.float32)
-                              for p in group.pieces}
-                state["slots"][group.name][name] = self._place(group, source, jnp.float32,
-                                                               with_dim=bool(shape))
+                    source = {
+                        p.table: jnp.asarray(slots[p.table][name], jnp.float32)
+                        for p in group.pieces
+                    }
+                state["slots"][group.name][name] = self._place(
+                    group, source, jnp.float32, with_dim=bool(shape)
+                )
         return state
 
     def _place(self, group: Group, logical: Mapping, dtype, with_dim: bool) -> jax.Array:
@@ -111,13 +138,15 @@ class EmbeddingCollection:
         for piece in group.pieces:
             block = jnp.asarray(logical[piece.table]).astype(dtype)
             if with_dim:
-                block = block[:, piece.col_start:piece.col_end]
+                block = block[:, piece.col_start : piece.col_end]
             padded_rows = piece.num_slots * piece.rows_per_slot
             block = jnp.pad(block, [(0, padded_rows - block.shape[0])] + [(0, 0)] * len(trailing))
             block = block.reshape(piece.num_slots, piece.rows_per_slot, *trailing)
             stop = piece.slot0 + (piece.num_slots - 1) * piece.slot_stride + 1
-            stored = stored.at[piece.slot0:stop:piece.slot_stride,
-                               piece.row_offset:piece.row_offset + piece.rows_per_slot].set(block)
+            stored = stored.at[
+                piece.slot0 : stop : piece.slot_stride,
+                piece.row_offset : piece.row_offset + piece.rows_per_slot,
+            ].set(block)
         return stored
 
     def to_logical(self, state: Mapping) -> dict:
@@ -131,14 +160,25 @@ class EmbeddingCollection:
                 tables.setdefault(piece.table, []).append((piece.col_start, rows))
             for name, stored in state["slots"][group.name].items():
                 for piece, rows in self._piece_rows(group, stored):
-                    slots.setdefault(piece.table, {}).setdefault(name, []).append((piece.col_start, rows))
+                    slots.setdefault(piece.table, {}).setdefault(name, []).append(
+                        (piece.col_start, rows)
+                    )
         ordered = lambda parts: [rows for _, rows in sorted(parts, key=lambda p: p[0])]
         return {
-            "tables": {name: jnp.concatenate(ordered(parts), axis=1) for name, parts in tables.items()},
-            "slots": {table: {name: (jnp.concatenate(ordered(parts), axis=1) if parts[0][1].ndim == 2
-                                     else jnp.mean(jnp.stack(ordered(parts)), axis=0))
-                              for name, parts in by_slot.items()}
-                      for table, by_slot in slots.items()},
+            "tables": {
+                name: jnp.concatenate(ordered(parts), axis=1) for name, parts in tables.items()
+            },
+            "slots": {
+                table: {
+                    name: (
+                        jnp.concatenate(ordered(parts), axis=1)
+                        if parts[0][1].ndim == 2
+                        else jnp.mean(jnp.stack(ordered(parts)), axis=0)
+                    )
+                    for name, parts in by_slot.items()
+                }
+                for table, by_slot in slots.items()
+            },
             "step": state["step"],
         }
 
@@ -148,15 +188,23 @@ class EmbeddingCollection:
 
     def logical_shardings(self) -> dict:
         """Shardings for the logical form: rows split over every device when they divide."""
+
         def rows(vocab, ndim):
             split = vocab % self.num_devices == 0
-            return NamedSharding(self.mesh, PartitionSpec(self.batch_axes if split else None,
-                                                          *([None] * (ndim - 1))))
+            return NamedSharding(
+                self.mesh, PartitionSpec(self.batch_axes if split else None, *([None] * (ndim - 1)))
+            )
+
         return {
             "tables": {n: rows(t.vocab_size, 2) for n, t in self.tables.items()},
-            "slots": {n: {name: rows(t.vocab_size, 1 + len(shape))
-                          for name, shape in t.optimizer.slot_shapes(t.dim).items()}
-                      for n, t in self.tables.items() if t.optimizer.slot_shapes(t.dim)},
+            "slots": {
+                n: {
+                    name: rows(t.vocab_size, 1 + len(shape))
+                    for name, shape in t.optimizer.slot_shapes(t.dim).items()
+                }
+                for n, t in self.tables.items()
+                if t.optimizer.slot_shapes(t.dim)
+            },
             "step": NamedSharding(self.mesh, PartitionSpec()),
         }
 
@@ -175,9 +223,11 @@ class EmbeddingCollection:
     def _piece_rows(self, group: Group, stored):
         for piece in group.pieces:
             stop = piece.slot0 + (piece.num_slots - 1) * piece.slot_stride + 1
-            block = stored[piece.slot0:stop:piece.slot_stride,
-                           piece.row_offset:piece.row_offset + piece.rows_per_slot]
-            rows = block.reshape(-1, *block.shape[2:])[:self.tables[piece.table].vocab_size]
+            block = stored[
+                piece.slot0 : stop : piece.slot_stride,
+                piece.row_offset : piece.row_offset + piece.rows_per_slot,
+            ]
+            rows = block.reshape(-1, *block.shape[2:])[: self.tables[piece.table].vocab_size]
             yield piece, rows
 
     # ----- batches --------------------------------------------------------------------------
@@ -193,7 +243,9 @@ class EmbeddingCollection:
         """Places a host batch on the mesh; the batch size must divide over the devices."""
         size = next(iter(batch.ids.values())).shape[leading_dims]
         if size % self.num_devices:
-            raise UserInputError(f"batch size {size} does not divide over {self.num_devices} devices")
+            raise UserInputError(
+                f"batch size {size} does not divide over {self.num_devices} devices"
+            )
         sharding = self.batch_sharding(leading_dims)
         return jax.tree.map(lambda x: jax.device_put(x, sharding), batch)
 
@@ -216,15 +268,23 @@ class EmbeddingCollection:
         for route in self.routes:
             if not route.blocks:
                 continue
-            out_bcd = group_forward(self.mesh, route, tables[route.group.name],
-                                    *route.entries(batch.ids, coefs))
+            out_bcd = group_forward(
+                self.mesh, route, tables[route.group.name], *route.entries(batch.ids, coefs)
+            )
             for block, value in route.split_output(out_bcd).items():
                 parts.setdefault(block.feature, []).append((block.piece.col_start, value))
-        return {name: jnp.concatenate([v for _, v in sorted(parts[name], key=lambda p: p[0])], axis=-1)
-                for name in self.features}
+        return {
+            name: jnp.concatenate([v for _, v in sorted(parts[name], key=lambda p: p[0])], axis=-1)
+            for name in self.features
+        }
 
-    def apply_gradients(self, state: Mapping, batch: SparseBatch, activation_grads: Mapping,
-                        microbatched: bool = False) -> dict:
+    def apply_gradients(
+        self,
+        state: Mapping,
+        batch: SparseBatch,
+        activation_grads: Mapping,
+        microbatched: bool = False,
+    ) -> dict:
         """Sparse optimizer step from gradients w.r.t. the looked-up activations.
 
         With ``microbatched`` the batch and grads carry a leading axis of k micro-batches
@@ -241,6 +301,12 @@ class EmbeddingCollection:
                 continue
             name = route.group.name
             tables[name], slots[name] = group_update(
-                self.mesh, route, tables[name], slots[name], *route.entries(batch.ids, coefs),
-                route.join_gradients(activation_grads), step)
+                self.mesh,
+                route,
+                tables[name],
+                slots[name],
+                *route.entries(batch.ids, coefs),
+                route.join_gradients(activation_grads),
+                step,
+            )
         return {"tables": tables, "slots": slots, "step": step}

@@ -22,8 +22,15 @@ from typing import Any
 
 from lf_jax.embedding.plan import STRATEGIES
 from lf_jax.embedding.sparse_optim import from_config as optimizer_from_config
-from lf_jax.embedding.spec import (COMBINERS, DTYPES, INITIALIZERS, FeatureSpec, SpecError,
-                                   TableSpec, validate_specs)
+from lf_jax.embedding.spec import (
+    COMBINERS,
+    DTYPES,
+    INITIALIZERS,
+    FeatureSpec,
+    SpecError,
+    TableSpec,
+    validate_specs,
+)
 from lf_jax.errors import UserInputError
 
 TABLE_KEYS = ("vocab_size", "dim", "initializer", "init_scale", "optimizer", "dtype")
@@ -61,35 +68,42 @@ def _fields(values: Any, where: str, known: tuple[str, ...], required: tuple[str
         raise EmbeddingConfigError(f"{where} must be a dict of {known}, got {values!r}")
     unknown = sorted(set(values) - set(known))
     if unknown:
-        raise EmbeddingConfigError(f"{where}.{unknown[0]} is not a known key (known: {list(known)})")
+        raise EmbeddingConfigError(
+            f"{where}.{unknown[0]} is not a known key (known: {list(known)})"
+        )
     missing = [key for key in required if key not in values]
     if missing:
         raise EmbeddingConfigError(f"{where}.{missing[0]} is missing")
     return values
 
 
-def _check_values(values: dict, where: str, positive: tuple[str, ...],
-                  choices: dict[str, tuple[str, ...]]) -> None:
+def _check_values(
+    values: dict, where: str, positive: tuple[str, ...], choices: dict[str, tuple[str, ...]]
+) -> None:
     for key in positive:
         value = values.get(key, 1)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise EmbeddingConfigError(f"{where}.{key} must be a positive int, got {value!r}")
     for key, allowed in choices.items():
         if key in values and values[key] not in allowed:
-            raise EmbeddingConfigError(f"{where}.{key} must be one of {allowed}, got {values[key]!r}")
+            raise EmbeddingConfigError(
+                f"{where}.{key} must be one of {allowed}, got {values[key]!r}"
+            )
 
 
 def _table(name: str, values: Any, where: str) -> TableSpec:
     values = dict(_fields(values, where, TABLE_KEYS, ("vocab_size", "dim")))
-    _check_values(values, where, ("vocab_size", "dim"),
-                  {"initializer": INITIALIZERS, "dtype": DTYPES})
+    _check_values(
+        values, where, ("vocab_size", "dim"), {"initializer": INITIALIZERS, "dtype": DTYPES}
+    )
     if "optimizer" in values:
         options = values["optimizer"]
         if isinstance(options, str):
             options = {"kind": options}
         if not isinstance(options, dict) or "kind" not in options:
-            raise EmbeddingConfigError(f"{where}.optimizer must be a dict with 'kind' and "
-                                       f"'learning_rate', got {options!r}")
+            raise EmbeddingConfigError(
+                f"{where}.optimizer must be a dict with 'kind' and 'learning_rate', got {options!r}"
+            )
         kwargs = {k: v for k, v in options.items() if k != "kind"}
         if "learning_rate" not in kwargs:
             raise EmbeddingConfigError(f"{where}.optimizer.learning_rate is missing")
@@ -132,8 +146,9 @@ def _hand_plan(plan: dict, table_names: list[str], where: str) -> dict[str, dict
     return hand
 
 
-def specs_from_config(embedding: Mapping) -> tuple[list[TableSpec], list[FeatureSpec],
-                                                   dict[str, dict]]:
+def specs_from_config(
+    embedding: Mapping,
+) -> tuple[list[TableSpec], list[FeatureSpec], dict[str, dict]]:
     """(tables, features, hand_plan) from an ``embedding`` config section.
 
     The hand plan holds only the tables ``embedding.plan`` names (possibly none);
@@ -147,13 +162,16 @@ def specs_from_config(embedding: Mapping) -> tuple[list[TableSpec], list[Feature
     if not tables_cfg:
         raise EmbeddingConfigError(f"{where}.tables is empty; define at least one table")
     tables = [_table(name, values, f"{where}.tables.{name}") for name, values in tables_cfg.items()]
-    features = [_feature(name, values, f"{where}.features.{name}")
-                for name, values in features_cfg.items()]
+    features = [
+        _feature(name, values, f"{where}.features.{name}") for name, values in features_cfg.items()
+    ]
     names = [t.name for t in tables]
     for feature in features:
         if feature.table not in names:
-            raise EmbeddingConfigError(f"{where}.features.{feature.name}.table {feature.table!r} "
-                                       f"is not a table (tables: {names})")
+            raise EmbeddingConfigError(
+                f"{where}.features.{feature.name}.table {feature.table!r} "
+                f"is not a table (tables: {names})"
+            )
     validate_specs(tables, features)
     hand = _hand_plan(_section(embedding, "plan", where, required=False), names, f"{where}.plan")
     return tables, features, hand
@@ -166,5 +184,6 @@ def memory_budget_from_config(embedding: Mapping) -> int:
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise EmbeddingConfigError(
-            f"embedding.memory_budget_bytes must be a positive int (bytes per device), got {value!r}")
+            f"embedding.memory_budget_bytes must be a positive int (bytes per device), got {value!r}"
+        )
     return value

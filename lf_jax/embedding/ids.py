@@ -25,20 +25,28 @@ The string hashing lives in string_hash.py; hash_strings, mix64 and IdMapError a
 importable from here too.
 """
 
-from collections.abc import Sequence
 import dataclasses
 import json
 import math
 import os
-from pathlib import Path
 import uuid
 import zipfile
+from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
 # Some names are imported only so that callers keep importing them from this module.
-from lf_jax.embedding.string_hash import (GOLDEN, HASH_CHUNK, MASK64, IdMapError, as_string_array,
-                                          check_seed, hash_strings, mix64)
+from lf_jax.embedding.string_hash import (
+    GOLDEN,
+    HASH_CHUNK,
+    MASK64,
+    IdMapError,
+    as_string_array,
+    check_seed,
+    hash_strings,
+    mix64,
+)
 
 FILE_NAME = "id_map.npz"
 FORMAT = "lf_jax.IdMap"
@@ -96,22 +104,31 @@ class IdMap:
     Build with ``IdMap.build``; ``num_rows`` (n + num_oov_buckets) is the vocab_size of
     the table it feeds. ``nbytes`` is what it keeps in memory (no key is stored).
     """
+
     num_keys: int
     num_oov_buckets: int
     seed: int
     hash_seed: int
     gamma: float
     fingerprint_bits: int
-    level_words: np.ndarray      # [levels + 1] int64: word offset of each level
-    words: np.ndarray            # [W] uint64: the levels' bit arrays, concatenated
-    rank: np.ndarray             # [W] uint32: set bits before each word
-    fingerprints: np.ndarray     # [n] uint8/16/32, by hash index
-    order: np.ndarray | None     # [n] uint32: hash index -> snapshot position
-    fallback_keys: np.ndarray    # [F] uint64 sorted: keys left after MAX_LEVELS (rarely any)
+    level_words: np.ndarray  # [levels + 1] int64: word offset of each level
+    words: np.ndarray  # [W] uint64: the levels' bit arrays, concatenated
+    rank: np.ndarray  # [W] uint32: set bits before each word
+    fingerprints: np.ndarray  # [n] uint8/16/32, by hash index
+    order: np.ndarray | None  # [n] uint32: hash index -> snapshot position
+    fallback_keys: np.ndarray  # [F] uint64 sorted: keys left after MAX_LEVELS (rarely any)
 
     @classmethod
-    def build(cls, keys, *, num_oov_buckets: int = 1, seed: int = 0, gamma: float = 2.0,
-              fingerprint_bits: int = 32, preserve_order: bool = True) -> "IdMap":
+    def build(
+        cls,
+        keys,
+        *,
+        num_oov_buckets: int = 1,
+        seed: int = 0,
+        gamma: float = 2.0,
+        fingerprint_bits: int = 32,
+        preserve_order: bool = True,
+    ) -> "IdMap":
         """Builds the map from a snapshot of unique string ids.
 
         gamma: bit-array slots per key at each level (>= 1): larger builds and looks up
@@ -119,13 +136,22 @@ class IdMap:
         a known one with probability about 2**-fingerprint_bits. preserve_order: row of
         ``keys[i]`` is ``i`` (4 more bytes per key); otherwise rows follow the hash.
         """
-        if (not isinstance(num_oov_buckets, (int, np.integer)) or isinstance(num_oov_buckets, bool)
-                or num_oov_buckets < 0):
+        if (
+            not isinstance(num_oov_buckets, (int, np.integer))
+            or isinstance(num_oov_buckets, bool)
+            or num_oov_buckets < 0
+        ):
             raise IdMapError(f"num_oov_buckets must be an int >= 0, got {num_oov_buckets!r}")
-        if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or not 1.0 <= gamma <= 16.0:
+        if (
+            not isinstance(gamma, (int, float))
+            or isinstance(gamma, bool)
+            or not 1.0 <= gamma <= 16.0
+        ):
             raise IdMapError(f"gamma must be a number in [1, 16], got {gamma!r}")
         if fingerprint_bits not in FINGERPRINT_BITS:
-            raise IdMapError(f"fingerprint_bits must be one of {FINGERPRINT_BITS}, got {fingerprint_bits!r}")
+            raise IdMapError(
+                f"fingerprint_bits must be one of {FINGERPRINT_BITS}, got {fingerprint_bits!r}"
+            )
         seed = check_seed(seed)
         if not isinstance(keys, (np.ndarray, Sequence)):
             keys = list(keys)
@@ -134,24 +160,35 @@ class IdMap:
             hashes = hash_strings(keys, hash_seed).reshape(-1)
             n = hashes.size
             if n == 0:
-                raise IdMapError("keys: the vocabulary snapshot is empty; an IdMap needs at "
-                                 "least one id")
+                raise IdMapError(
+                    "keys: the vocabulary snapshot is empty; an IdMap needs at least one id"
+                )
             if n + num_oov_buckets >= 2**31:
-                raise IdMapError(f"keys: {n} ids + {num_oov_buckets} OOV buckets do not fit "
-                                 "int32 rows")
+                raise IdMapError(
+                    f"keys: {n} ids + {num_oov_buckets} OOV buckets do not fit int32 rows"
+                )
             if np.unique(hashes).size == n:
                 break
             duplicate = _first_duplicate(keys, hashes)
             if duplicate is not None:
                 key, first, second = duplicate
-                raise IdMapError(f"keys: the snapshot must hold unique ids, but {key!r} appears "
-                                 f"at positions {first} and {second}")
+                raise IdMapError(
+                    f"keys: the snapshot must hold unique ids, but {key!r} appears "
+                    f"at positions {first} and {second}"
+                )
         else:  # pragma: no cover - needs four 64-bit collisions in a row
-            raise IdMapError(f"keys: 64-bit hash collisions with seeds {seed}..{hash_seed}; "
-                             "try another seed")
-        return cls._place(hashes, num_oov_buckets=int(num_oov_buckets), seed=seed,
-                          hash_seed=hash_seed, gamma=float(gamma),
-                          fingerprint_bits=fingerprint_bits, preserve_order=preserve_order)
+            raise IdMapError(
+                f"keys: 64-bit hash collisions with seeds {seed}..{hash_seed}; try another seed"
+            )
+        return cls._place(
+            hashes,
+            num_oov_buckets=int(num_oov_buckets),
+            seed=seed,
+            hash_seed=hash_seed,
+            gamma=float(gamma),
+            fingerprint_bits=fingerprint_bits,
+            preserve_order=preserve_order,
+        )
 
     @classmethod
     def _place(cls, hashes, *, preserve_order, **header) -> "IdMap":
@@ -180,9 +217,16 @@ class IdMap:
         if preserve_order:
             order = np.empty(n, np.uint32)
             order[index_of_key] = np.arange(n, dtype=np.uint32)
-        return cls(num_keys=n, level_words=np.asarray(level_words, np.int64), words=words,
-                   rank=_words_rank(words), fingerprints=fingerprints, order=order,
-                   fallback_keys=fallback, **header)
+        return cls(
+            num_keys=n,
+            level_words=np.asarray(level_words, np.int64),
+            words=words,
+            rank=_words_rank(words),
+            fingerprints=fingerprints,
+            order=order,
+            fallback_keys=fallback,
+            **header,
+        )
 
     @property
     def num_rows(self) -> int:
@@ -192,14 +236,22 @@ class IdMap:
     @property
     def nbytes(self) -> int:
         """Bytes of the arrays kept in memory."""
-        arrays = (self.level_words, self.words, self.rank, self.fingerprints, self.order,
-                  self.fallback_keys)
+        arrays = (
+            self.level_words,
+            self.words,
+            self.rank,
+            self.fingerprints,
+            self.order,
+            self.fallback_keys,
+        )
         return sum(a.nbytes for a in arrays if a is not None)
 
     def __repr__(self) -> str:
-        return (f"IdMap(num_keys={self.num_keys}, num_oov_buckets={self.num_oov_buckets}, "
-                f"levels={self.level_words.size - 1}, bits_per_key="
-                f"{8 * self.nbytes / self.num_keys:.1f})")
+        return (
+            f"IdMap(num_keys={self.num_keys}, num_oov_buckets={self.num_oov_buckets}, "
+            f"levels={self.level_words.size - 1}, bits_per_key="
+            f"{8 * self.nbytes / self.num_keys:.1f})"
+        )
 
     def _hash_index(self, hashes: np.ndarray) -> np.ndarray:
         """[q] uint64 -> [q] int64 hash index in [0, n) of a known key's slot, -1 if none."""
@@ -214,10 +266,14 @@ class IdMap:
             offset = (bit & 63).astype(np.uint64)
             hit = ((word >> offset) & np.uint64(1)).astype(bool)
             below = word[hit] & ((np.uint64(1) << offset[hit]) - np.uint64(1))
-            index[remaining[hit]] = self.rank[bit[hit] >> 6] + np.bitwise_count(below).astype(np.int64)
+            index[remaining[hit]] = self.rank[bit[hit] >> 6] + np.bitwise_count(below).astype(
+                np.int64
+            )
             remaining = remaining[~hit]
         if remaining.size and self.fallback_keys.size:
-            at = np.searchsorted(self.fallback_keys, hashes[remaining]).clip(max=self.fallback_keys.size - 1)
+            at = np.searchsorted(self.fallback_keys, hashes[remaining]).clip(
+                max=self.fallback_keys.size - 1
+            )
             found = self.fallback_keys[at] == hashes[remaining]
             index[remaining[found]] = self.num_keys - self.fallback_keys.size + at[found]
         return index
@@ -225,8 +281,9 @@ class IdMap:
     def _known(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         index = self._hash_index(hashes)
         known = index >= 0
-        known[known] = (self.fingerprints[index[known]]
-                        == _fingerprints(hashes[known], self.fingerprint_bits))
+        known[known] = self.fingerprints[index[known]] == _fingerprints(
+            hashes[known], self.fingerprint_bits
+        )
         return index, known
 
     def contains(self, keys) -> np.ndarray:
@@ -250,10 +307,16 @@ class IdMap:
         if unknown.any():
             if self.num_oov_buckets == 0:
                 first = int(np.argmax(unknown))
-                key = np.asarray(keys).reshape(-1)[first] if not isinstance(keys, list) else keys[first]
-                raise IdMapError(f"keys: {int(unknown.sum())} of {flat.size} ids are not in the "
-                                 f"vocabulary (first: {str(key)!r} at position {first}); build the "
-                                 "IdMap with num_oov_buckets >= 1 to send them to OOV rows")
+                key = (
+                    np.asarray(keys).reshape(-1)[first]
+                    if not isinstance(keys, list)
+                    else keys[first]
+                )
+                raise IdMapError(
+                    f"keys: {int(unknown.sum())} of {flat.size} ids are not in the "
+                    f"vocabulary (first: {str(key)!r} at position {first}); build the "
+                    "IdMap with num_oov_buckets >= 1 to send them to OOV rows"
+                )
             buckets = _reduce(mix64(flat[unknown] ^ np.uint64(_OOV_SALT)), self.num_oov_buckets)
             rows[unknown] = self.num_keys + buckets
         return rows.astype(np.int32).reshape(hashes.shape)
@@ -267,16 +330,28 @@ class IdMap:
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise IdMapError(f"IdMap.save: directory '{directory}' cannot be created: "
-                             f"{error.strerror or error}") from None
+            raise IdMapError(
+                f"IdMap.save: directory '{directory}' cannot be created: {error.strerror or error}"
+            ) from None
         path = directory / FILE_NAME
         temp = directory / f".{FILE_NAME}.{uuid.uuid4().hex}.tmp"
-        header = {"format": FORMAT, "version": FORMAT_VERSION, "num_keys": self.num_keys,
-                  "num_oov_buckets": self.num_oov_buckets, "seed": self.seed,
-                  "hash_seed": self.hash_seed, "gamma": self.gamma,
-                  "fingerprint_bits": self.fingerprint_bits, "preserve_order": self.order is not None}
-        arrays = {"level_words": self.level_words, "words": self.words,
-                  "fingerprints": self.fingerprints, "fallback_keys": self.fallback_keys}
+        header = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "num_keys": self.num_keys,
+            "num_oov_buckets": self.num_oov_buckets,
+            "seed": self.seed,
+            "hash_seed": self.hash_seed,
+            "gamma": self.gamma,
+            "fingerprint_bits": self.fingerprint_bits,
+            "preserve_order": self.order is not None,
+        }
+        arrays = {
+            "level_words": self.level_words,
+            "words": self.words,
+            "fingerprints": self.fingerprints,
+            "fallback_keys": self.fallback_keys,
+        }
         if self.order is not None:
             arrays["order"] = self.order
         try:
@@ -286,7 +361,9 @@ class IdMap:
                 os.fsync(file.fileno())
             os.replace(temp, path)
         except OSError as error:
-            raise IdMapError(f"IdMap.save: cannot write '{path}': {error.strerror or error}") from None
+            raise IdMapError(
+                f"IdMap.save: cannot write '{path}': {error.strerror or error}"
+            ) from None
         finally:
             temp.unlink(missing_ok=True)
         return path
@@ -304,26 +381,39 @@ class IdMap:
                 header = json.loads(str(npz["header"]))
                 arrays = {name: npz[name] for name in npz.files if name != "header"}
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
-            raise IdMapError(f"IdMap.load: '{path}' is not a readable IdMap file: {error}") from None
+            raise IdMapError(
+                f"IdMap.load: '{path}' is not a readable IdMap file: {error}"
+            ) from None
         if header.get("format") != FORMAT or header.get("version") != FORMAT_VERSION:
-            raise IdMapError(f"IdMap.load: '{path}' has format {header.get('format')!r} version "
-                             f"{header.get('version')!r}, expected {FORMAT!r} {FORMAT_VERSION}")
+            raise IdMapError(
+                f"IdMap.load: '{path}' has format {header.get('format')!r} version "
+                f"{header.get('version')!r}, expected {FORMAT!r} {FORMAT_VERSION}"
+            )
         try:
             words = arrays["words"].astype("<u8", copy=False)
-            id_map = cls(num_keys=int(header["num_keys"]),
-                         num_oov_buckets=int(header["num_oov_buckets"]), seed=int(header["seed"]),
-                         hash_seed=int(header["hash_seed"]), gamma=float(header["gamma"]),
-                         fingerprint_bits=int(header["fingerprint_bits"]),
-                         level_words=arrays["level_words"], words=words, rank=_words_rank(words),
-                         fingerprints=arrays["fingerprints"],
-                         order=arrays["order"] if header["preserve_order"] else None,
-                         fallback_keys=arrays["fallback_keys"])
+            id_map = cls(
+                num_keys=int(header["num_keys"]),
+                num_oov_buckets=int(header["num_oov_buckets"]),
+                seed=int(header["seed"]),
+                hash_seed=int(header["hash_seed"]),
+                gamma=float(header["gamma"]),
+                fingerprint_bits=int(header["fingerprint_bits"]),
+                level_words=arrays["level_words"],
+                words=words,
+                rank=_words_rank(words),
+                fingerprints=arrays["fingerprints"],
+                order=arrays["order"] if header["preserve_order"] else None,
+                fallback_keys=arrays["fallback_keys"],
+            )
         except KeyError as error:
             raise IdMapError(f"IdMap.load: '{path}' lacks {error}") from None
         n = id_map.num_keys
-        if (id_map.fingerprints.size != n or id_map.level_words[-1] != words.size
-                or id_map.fingerprints.dtype.itemsize * 8 != id_map.fingerprint_bits
-                or int(np.bitwise_count(words).sum()) + id_map.fallback_keys.size != n
-                or (id_map.order is not None and id_map.order.size != n)):
+        if (
+            id_map.fingerprints.size != n
+            or id_map.level_words[-1] != words.size
+            or id_map.fingerprints.dtype.itemsize * 8 != id_map.fingerprint_bits
+            or int(np.bitwise_count(words).sum()) + id_map.fallback_keys.size != n
+            or (id_map.order is not None and id_map.order.size != n)
+        ):
             raise IdMapError(f"IdMap.load: '{path}' is inconsistent (num_keys={n}); rebuild it")
         return id_map

@@ -36,8 +36,13 @@ class EmbeddingState(nnx.Variable):
 class Embedding(nnx.Module):
     """Looks up every feature of ``collection``; see the module docstring."""
 
-    def __init__(self, collection: EmbeddingCollection, *, key: jax.Array | None = None,
-                 state: Mapping | None = None):
+    def __init__(
+        self,
+        collection: EmbeddingCollection,
+        *,
+        key: jax.Array | None = None,
+        state: Mapping | None = None,
+    ):
         if (key is None) == (state is None):
             raise ValueError("Embedding needs exactly one of key= (fresh tables) or state=")
         self.collection = collection
@@ -47,11 +52,15 @@ class Embedding(nnx.Module):
         """Activations per feature: pooled [B, D] or sequence [B, max_ids, D]."""
         return self.collection.lookup(self.state.get_value()["tables"], batch)
 
-    def apply_gradients(self, batch: SparseBatch, activation_grads: Mapping,
-                        microbatched: bool = False) -> None:
+    def apply_gradients(
+        self, batch: SparseBatch, activation_grads: Mapping, microbatched: bool = False
+    ) -> None:
         """Sparse update of the touched rows from gradients w.r.t. the activations."""
-        self.state.set_value(self.collection.apply_gradients(
-            self.state.get_value(), batch, activation_grads, microbatched))
+        self.state.set_value(
+            self.collection.apply_gradients(
+                self.state.get_value(), batch, activation_grads, microbatched
+            )
+        )
 
     def logical_tables(self):
         """Tables in logical [vocab_size, dim] form (numpy)."""

@@ -26,9 +26,9 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from lf_jax.embedding.string_hash import hash_strings, mix64
 from lf_jax.embedding.sparse_optim import SGD
 from lf_jax.embedding.spec import COMBINERS, FeatureSpec, TableSpec
+from lf_jax.embedding.string_hash import hash_strings, mix64
 from lf_jax.errors import UserInputError
 
 OPS = ("mult", "sum")
@@ -61,13 +61,17 @@ def hash_to_rows(keys_or_ids, num_rows: int, seed: int = 0) -> np.ndarray:
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed < 2**64:
         raise OpenVocabError(f"seed must be an int in [0, 2**64), got {seed!r}")
     ids = None
-    if not isinstance(keys_or_ids, list) or (keys_or_ids and isinstance(keys_or_ids[0], (int, np.integer))):
+    if not isinstance(keys_or_ids, list) or (
+        keys_or_ids and isinstance(keys_or_ids[0], (int, np.integer))
+    ):
         ids = np.asarray(keys_or_ids)
     if ids is not None and ids.dtype.kind in "iu":
         seed_mix = mix64(np.uint64(int(seed) ^ _INT_SALT))
         hashes = mix64(ids.astype(np.int64).view(np.uint64) ^ seed_mix)
     elif ids is not None and ids.dtype.kind in "fb":
-        raise OpenVocabError(f"keys_or_ids must be strings or integers, got an array of {ids.dtype}")
+        raise OpenVocabError(
+            f"keys_or_ids must be strings or integers, got an array of {ids.dtype}"
+        )
     else:
         hashes = hash_strings(keys_or_ids, seed, field="keys_or_ids")
     return (((hashes >> np.uint64(32)) * np.uint64(num_rows)) >> np.uint64(32)).astype(np.int32)
@@ -96,8 +100,9 @@ def quotient_remainder_rows(ids, num_remainder_rows: int, vocab_size: int | None
     return ids // m, ids % m
 
 
-def combine_quotient_remainder(q_emb, r_emb, op: str = "mult", *, combiner: str = "none",
-                               mask=None):
+def combine_quotient_remainder(
+    q_emb, r_emb, op: str = "mult", *, combiner: str = "none", mask=None
+):
     """Combines quotient and remainder rows per id (product or sum); optionally pools.
 
     q_emb, r_emb: [..., D]. With combiner sum | mean | sqrtn they are [B, L, D] and are
@@ -113,14 +118,16 @@ def combine_quotient_remainder(q_emb, r_emb, op: str = "mult", *, combiner: str 
     if combiner not in COMBINERS:
         raise OpenVocabError(f"combiner must be one of {COMBINERS}, got {combiner!r}")
     if q_emb.shape != r_emb.shape:
-        raise OpenVocabError(f"q_emb and r_emb must have one shape, got {q_emb.shape} and "
-                             f"{r_emb.shape}")
+        raise OpenVocabError(
+            f"q_emb and r_emb must have one shape, got {q_emb.shape} and {r_emb.shape}"
+        )
     emb = q_emb * r_emb if op == "mult" else q_emb + r_emb
     if combiner == "none":
         return emb
     if emb.ndim < 2:
-        raise OpenVocabError(f"pooling with combiner={combiner!r} needs [B, L, D] rows, got "
-                             f"shape {emb.shape}")
+        raise OpenVocabError(
+            f"pooling with combiner={combiner!r} needs [B, L, D] rows, got shape {emb.shape}"
+        )
     weights = jnp.ones(emb.shape[:-1], emb.dtype) if mask is None else jnp.asarray(mask, emb.dtype)
     total = jnp.sum(emb * weights[..., None], axis=-2)
     count = jnp.sum(weights, axis=-1, keepdims=True)
@@ -140,6 +147,7 @@ class QuotientRemainderSpecs:
     ``pool_after_combine`` is True when a product of multi-id bags must be pooled after
     combining (the features then return [B, L, D] and ``combine`` pools with the mask).
     """
+
     name: str
     vocab_size: int
     num_remainder_rows: int
@@ -173,11 +181,20 @@ class QuotientRemainderSpecs:
         return combine_quotient_remainder(q_emb, r_emb, self.op, combiner=combiner, mask=mask)
 
 
-def quotient_remainder_specs(name: str, vocab_size: int, num_remainder_rows: int | None = None,
-                             dim: int = 32, max_ids: int = 1, combiner: str = "sum",
-                             optimizer: SGD | None = None, *, op: str = "mult",
-                             initializer: str = "normal", init_scale: float | None = None,
-                             dtype: str = "float32") -> QuotientRemainderSpecs:
+def quotient_remainder_specs(
+    name: str,
+    vocab_size: int,
+    num_remainder_rows: int | None = None,
+    dim: int = 32,
+    max_ids: int = 1,
+    combiner: str = "sum",
+    optimizer: SGD | None = None,
+    *,
+    op: str = "mult",
+    initializer: str = "normal",
+    init_scale: float | None = None,
+    dtype: str = "float32",
+) -> QuotientRemainderSpecs:
     """Table and feature specs for a quotient-remainder feature over ids [0, vocab_size).
 
     Tables ``{name}_quotient`` [ceil(vocab_size / m), dim] and ``{name}_remainder`` [m, dim],
@@ -196,28 +213,44 @@ def quotient_remainder_specs(name: str, vocab_size: int, num_remainder_rows: int
         num_remainder_rows = math.isqrt(vocab_size - 1) + 1
     m = _positive_int("num_remainder_rows", num_remainder_rows)
     if m > vocab_size:
-        raise OpenVocabError(f"feature '{name}': num_remainder_rows must be <= vocab_size="
-                             f"{vocab_size}, got {m}")
+        raise OpenVocabError(
+            f"feature '{name}': num_remainder_rows must be <= vocab_size={vocab_size}, got {m}"
+        )
     if op not in OPS:
         raise OpenVocabError(f"feature '{name}': op must be one of {OPS}, got {op!r}")
     if combiner not in COMBINERS:
-        raise OpenVocabError(f"feature '{name}': combiner must be one of {COMBINERS}, "
-                             f"got {combiner!r}")
+        raise OpenVocabError(
+            f"feature '{name}': combiner must be one of {COMBINERS}, got {combiner!r}"
+        )
     if init_scale is None and op == "mult":
         init_scale = _positive_int("dim", dim) ** -0.25
-    table_fields = {"dim": dim, "initializer": initializer, "init_scale": init_scale,
-                    "dtype": dtype}
+    table_fields = {
+        "dim": dim,
+        "initializer": initializer,
+        "init_scale": init_scale,
+        "dtype": dtype,
+    }
     if optimizer is not None:
         table_fields["optimizer"] = optimizer
-    quotient_table = TableSpec(name=f"{name}_quotient", vocab_size=-(-vocab_size // m),
-                               **table_fields)
+    quotient_table = TableSpec(
+        name=f"{name}_quotient", vocab_size=-(-vocab_size // m), **table_fields
+    )
     remainder_table = TableSpec(name=f"{name}_remainder", vocab_size=m, **table_fields)
     # A product does not commute with pooling: multi-id bags come back per id and are
     # pooled by combine(); sums (and single ids) pool inside the lookup as usual.
     feature_combiner = "none" if op == "mult" and max_ids > 1 else combiner
-    features = [FeatureSpec(name=table.name, table=table.name, max_ids=max_ids,
-                            combiner=feature_combiner) for table in (quotient_table, remainder_table)]
-    return QuotientRemainderSpecs(name=name, vocab_size=vocab_size, num_remainder_rows=m, op=op,
-                                  combiner=combiner, quotient_table=quotient_table,
-                                  remainder_table=remainder_table, quotient_feature=features[0],
-                                  remainder_feature=features[1])
+    features = [
+        FeatureSpec(name=table.name, table=table.name, max_ids=max_ids, combiner=feature_combiner)
+        for table in (quotient_table, remainder_table)
+    ]
+    return QuotientRemainderSpecs(
+        name=name,
+        vocab_size=vocab_size,
+        num_remainder_rows=m,
+        op=op,
+        combiner=combiner,
+        quotient_table=quotient_table,
+        remainder_table=remainder_table,
+        quotient_feature=features[0],
+        remainder_feature=features[1],
+    )

@@ -16,9 +16,9 @@ Example:
     >>> validate_plan(plan, tables_by_name, mesh)
 """
 
-from collections.abc import Mapping
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +58,9 @@ def num_slots(mesh: Mesh) -> int:
     return math.prod(mesh.shape.values())
 
 
-def validate_plan(plan: Mapping[str, Mapping[str, Any]], tables: Mapping[str, Any],
-                  mesh: Mesh) -> dict[str, dict]:
+def validate_plan(
+    plan: Mapping[str, Mapping[str, Any]], tables: Mapping[str, Any], mesh: Mesh
+) -> dict[str, dict]:
     """Checks a plan against tables and mesh; returns it normalised (tuples, defaults).
 
     Every table needs an entry; unknown tables, strategies, axes and shard counts raise
@@ -74,45 +75,61 @@ def validate_plan(plan: Mapping[str, Mapping[str, Any]], tables: Mapping[str, An
     normalised = {}
     for name, entry in plan.items():
         if not isinstance(entry, Mapping):
-            raise PlanError(f"table '{name}': plan entry must be a strategy dict such as "
-                            f"row_wise(), got {entry!r}")
+            raise PlanError(
+                f"table '{name}': plan entry must be a strategy dict such as "
+                f"row_wise(), got {entry!r}"
+            )
         entry = dict(entry)
         kind = entry.get("strategy")
         table = tables[name]
         if kind not in STRATEGIES:
-            raise PlanError(f"table '{name}': strategy {kind!r} is unknown; choose one of {STRATEGIES}")
+            raise PlanError(
+                f"table '{name}': strategy {kind!r} is unknown; choose one of {STRATEGIES}"
+            )
         if kind == "row_wise":
             axes = entry.get("axes", ("model",))
             axes = (axes,) if isinstance(axes, str) else tuple(axes)
             bad = [axis for axis in axes if axis not in mesh.shape]
             if bad or not axes:
-                raise PlanError(f"table '{name}': row_wise axes {axes} are not mesh axes "
-                                f"{tuple(mesh.shape)}")
+                raise PlanError(
+                    f"table '{name}': row_wise axes {axes} are not mesh axes {tuple(mesh.shape)}"
+                )
             entry["axes"] = tuple(axis for axis in mesh.axis_names if axis in axes)
         elif kind == "table_wise":
             device = entry.get("device")
-            if device is not None and not (isinstance(device, int) and 0 <= device < num_slots(mesh)):
-                raise PlanError(f"table '{name}': table_wise device {device!r} is outside "
-                                f"[0, {num_slots(mesh)})")
+            if device is not None and not (
+                isinstance(device, int) and 0 <= device < num_slots(mesh)
+            ):
+                raise PlanError(
+                    f"table '{name}': table_wise device {device!r} is outside "
+                    f"[0, {num_slots(mesh)})"
+                )
             entry["device"] = device
         elif kind == "column_wise":
             shards = entry.get("num_shards")
             if not isinstance(shards, int) or shards < 1 or table.dim % shards:
-                raise PlanError(f"table '{name}': column_wise num_shards {shards!r} must be a "
-                                f"positive divisor of dim {table.dim}")
+                raise PlanError(
+                    f"table '{name}': column_wise num_shards {shards!r} must be a "
+                    f"positive divisor of dim {table.dim}"
+                )
             if shards > num_slots(mesh):
-                raise PlanError(f"table '{name}': column_wise num_shards {shards} exceeds the "
-                                f"{num_slots(mesh)} devices")
+                raise PlanError(
+                    f"table '{name}': column_wise num_shards {shards} exceeds the "
+                    f"{num_slots(mesh)} devices"
+                )
         elif kind == "table_wise_row_wise":
             axis = entry.get("axis", "model")
             if axis not in mesh.shape:
-                raise PlanError(f"table '{name}': table_wise_row_wise axis {axis!r} is not a mesh "
-                                f"axis {tuple(mesh.shape)}")
+                raise PlanError(
+                    f"table '{name}': table_wise_row_wise axis {axis!r} is not a mesh "
+                    f"axis {tuple(mesh.shape)}"
+                )
             groups = num_slots(mesh) // mesh.shape[axis]
             group = entry.get("group", 0)
             if not isinstance(group, int) or not 0 <= group < groups:
-                raise PlanError(f"table '{name}': table_wise_row_wise group {group!r} is outside "
-                                f"[0, {groups})")
+                raise PlanError(
+                    f"table '{name}': table_wise_row_wise group {group!r} is outside [0, {groups})"
+                )
             entry["axis"], entry["group"] = axis, group
         normalised[name] = entry
     return normalised
@@ -120,7 +137,9 @@ def validate_plan(plan: Mapping[str, Mapping[str, Any]], tables: Mapping[str, An
 
 def save_plan(plan: Mapping[str, Mapping], path: str | Path) -> None:
     """Writes a plan as JSON."""
-    Path(path).write_text(json.dumps({k: dict(v) for k, v in plan.items()}, indent=2, sort_keys=True))
+    Path(path).write_text(
+        json.dumps({k: dict(v) for k, v in plan.items()}, indent=2, sort_keys=True)
+    )
 
 
 def load_plan(path: str | Path) -> dict[str, dict]:

@@ -31,6 +31,7 @@ class InvalidIdsError(UserInputError):
 
 class SparseBatch(NamedTuple):
     """Padded ids and weights per feature: ids [B, L] int32 (-1 pad), weights [B, L] f32."""
+
     ids: dict
     weights: dict
 
@@ -40,71 +41,96 @@ def _to_padded(name: str, raw: Any, max_ids: int, truncate: bool, what: str) -> 
     if isinstance(raw, tuple) and len(raw) == 2:
         values, lengths = (np.asarray(part) for part in raw)
         if values.ndim != 1 or lengths.ndim != 1:
-            raise InvalidIdsError(f"feature '{name}': (values, lengths) must both be 1-D, got shapes "
-                                  f"{values.shape} and {lengths.shape}")
+            raise InvalidIdsError(
+                f"feature '{name}': (values, lengths) must both be 1-D, got shapes "
+                f"{values.shape} and {lengths.shape}"
+            )
         if lengths.size and not np.issubdtype(lengths.dtype, np.integer):
-            raise InvalidIdsError(f"feature '{name}': lengths must be integers, got dtype "
-                                  f"{lengths.dtype}")
+            raise InvalidIdsError(
+                f"feature '{name}': lengths must be integers, got dtype {lengths.dtype}"
+            )
         if lengths.size and lengths.min() < 0:
-            raise InvalidIdsError(f"feature '{name}': lengths must be >= 0, got {int(lengths.min())} "
-                                  f"(example {int(np.argmin(lengths))})")
+            raise InvalidIdsError(
+                f"feature '{name}': lengths must be >= 0, got {int(lengths.min())} "
+                f"(example {int(np.argmin(lengths))})"
+            )
         if lengths.size and lengths.sum() != values.size:
-            raise InvalidIdsError(f"feature '{name}': lengths sum to {int(lengths.sum())} but there "
-                                  f"are {values.size} {what}")
+            raise InvalidIdsError(
+                f"feature '{name}': lengths sum to {int(lengths.sum())} but there "
+                f"are {values.size} {what}"
+            )
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-        raw = [values[s:s + n] for s, n in zip(starts, lengths)]
+        raw = [values[s : s + n] for s, n in zip(starts, lengths)]
     if isinstance(raw, np.ndarray) and raw.ndim in (1, 2) and raw.dtype != object:
         array = raw[:, None] if raw.ndim == 1 else raw
         _check_dtype(name, array, what)
         out = np.full((array.shape[0], max_ids), np.nan)
         width = min(array.shape[1], max_ids)
         if array.shape[1] > max_ids and not truncate:
-            too_long = np.nonzero((array[:, max_ids:] != -1).any(axis=1))[0] if what == "ids" else []
+            too_long = (
+                np.nonzero((array[:, max_ids:] != -1).any(axis=1))[0] if what == "ids" else []
+            )
             if len(too_long):
-                raise InvalidIdsError(f"feature '{name}': example {too_long[0]} has more than "
-                                      f"max_ids={max_ids} ids and truncate=False")
+                raise InvalidIdsError(
+                    f"feature '{name}': example {too_long[0]} has more than "
+                    f"max_ids={max_ids} ids and truncate=False"
+                )
         block = array[:, :width].astype(np.float64)
         if what == "ids":
             block[array[:, :width] == -1] = np.nan
         out[:, :width] = block
         return out
     if isinstance(raw, np.ndarray) and raw.ndim > 2:
-        raise InvalidIdsError(f"feature '{name}': {what} array must be 1-D or 2-D, got shape {raw.shape}")
+        raise InvalidIdsError(
+            f"feature '{name}': {what} array must be 1-D or 2-D, got shape {raw.shape}"
+        )
     if not isinstance(raw, (list, tuple, np.ndarray)):
-        raise InvalidIdsError(f"feature '{name}': expected a list, (values, lengths) or an array of "
-                              f"{what}, got {type(raw).__name__}")
+        raise InvalidIdsError(
+            f"feature '{name}': expected a list, (values, lengths) or an array of "
+            f"{what}, got {type(raw).__name__}"
+        )
     out = np.full((len(raw), max_ids), np.nan)
     for row, bag in enumerate(raw):
         try:
             bag = np.atleast_1d(np.asarray(bag))
         except ValueError:  # a ragged nested list such as [1, [2, 3]]
             raise InvalidIdsError(
-                f"feature '{name}': example {row} is not a flat list of {what}") from None
+                f"feature '{name}': example {row} is not a flat list of {what}"
+            ) from None
         if bag.ndim != 1:
             raise InvalidIdsError(f"feature '{name}': example {row} is not a flat list of {what}")
         if bag.size:
             _check_dtype(name, bag, what, row)
         if bag.size > max_ids and not truncate:
-            raise InvalidIdsError(f"feature '{name}': example {row} has {bag.size} ids, more than "
-                                  f"max_ids={max_ids}, and truncate=False")
-        out[row, :min(bag.size, max_ids)] = bag[:max_ids]
+            raise InvalidIdsError(
+                f"feature '{name}': example {row} has {bag.size} ids, more than "
+                f"max_ids={max_ids}, and truncate=False"
+            )
+        out[row, : min(bag.size, max_ids)] = bag[:max_ids]
     return out
 
 
 def _check_dtype(name, array, what, row=None):
     where = "" if row is None else f" (example {row})"
     if what == "ids" and not np.issubdtype(array.dtype, np.integer):
-        raise InvalidIdsError(f"feature '{name}': ids must be integers, got dtype {array.dtype}{where}")
+        raise InvalidIdsError(
+            f"feature '{name}': ids must be integers, got dtype {array.dtype}{where}"
+        )
     if what == "weights" and not np.issubdtype(array.dtype, np.number):
-        raise InvalidIdsError(f"feature '{name}': weights must be numbers, got dtype {array.dtype}{where}")
+        raise InvalidIdsError(
+            f"feature '{name}': weights must be numbers, got dtype {array.dtype}{where}"
+        )
     if what == "weights" and not np.isfinite(array).all():
         bad = array[~np.isfinite(array)].flat[0]
         raise InvalidIdsError(f"feature '{name}': weights must be finite, got {bad}{where}")
 
 
-def preprocess(features: Mapping[str, FeatureSpec], tables: Mapping[str, TableSpec],
-               raw_ids: Mapping[str, Any], raw_weights: Mapping[str, Any] | None = None
-               ) -> SparseBatch:
+def preprocess(
+    features: Mapping[str, FeatureSpec],
+    tables: Mapping[str, TableSpec],
+    raw_ids: Mapping[str, Any],
+    raw_weights: Mapping[str, Any] | None = None,
+) -> SparseBatch:
     """Validates and pads every feature; see the module docstring for accepted forms."""
     raw_weights = raw_weights or {}
     missing = sorted(set(features) - set(raw_ids))
@@ -112,19 +138,25 @@ def preprocess(features: Mapping[str, FeatureSpec], tables: Mapping[str, TableSp
         raise InvalidIdsError(f"batch lacks feature(s) {missing}")
     unknown = sorted(set(raw_ids) - set(features))
     if unknown:
-        raise InvalidIdsError(f"batch has unknown feature(s) {unknown} (features: {sorted(features)})")
+        raise InvalidIdsError(
+            f"batch has unknown feature(s) {unknown} (features: {sorted(features)})"
+        )
     unweighted = sorted(set(raw_weights) - {n for n, f in features.items() if f.weighted})
     if unweighted:
-        raise InvalidIdsError(f"batch has weights for feature(s) {unweighted}, which are unknown or "
-                              f"not weighted (set weighted=True in their FeatureSpec)")
+        raise InvalidIdsError(
+            f"batch has weights for feature(s) {unweighted}, which are unknown or "
+            f"not weighted (set weighted=True in their FeatureSpec)"
+        )
     ids, weights, batch_size = {}, {}, None
     for name, feature in features.items():
         padded = _to_padded(name, raw_ids[name], feature.max_ids, feature.truncate, "ids")
         if batch_size is None:
             batch_size = padded.shape[0]
         elif padded.shape[0] != batch_size:
-            raise InvalidIdsError(f"feature '{name}' has {padded.shape[0]} examples, expected "
-                                  f"{batch_size} like the other features")
+            raise InvalidIdsError(
+                f"feature '{name}' has {padded.shape[0]} examples, expected "
+                f"{batch_size} like the other features"
+            )
         valid = ~np.isnan(padded)
         vocab = tables[feature.table].vocab_size
         bad = valid & ((padded < 0) | (padded >= vocab))
@@ -133,24 +165,33 @@ def preprocess(features: Mapping[str, FeatureSpec], tables: Mapping[str, TableSp
             if feature.oov_row is None:
                 raise InvalidIdsError(
                     f"feature '{name}': id {int(padded[row, col])} (example {row}) is outside table "
-                    f"'{feature.table}' rows [0, {vocab}); set oov_row to map such ids")
+                    f"'{feature.table}' rows [0, {vocab}); set oov_row to map such ids"
+                )
             padded[bad] = feature.oov_row
         ids[name] = np.where(valid, padded, -1).astype(np.int32)
         if feature.weighted:
             if name not in raw_weights:
-                raise InvalidIdsError(f"feature '{name}' is weighted but the batch has no weights for it")
+                raise InvalidIdsError(
+                    f"feature '{name}' is weighted but the batch has no weights for it"
+                )
             raw_w = raw_weights[name]
             w = _to_padded(name, raw_w, feature.max_ids, True, "weights")
             if w.shape != padded.shape:
-                raise InvalidIdsError(f"feature '{name}': weights are for {w.shape[0]} examples, "
-                                      f"ids for {padded.shape[0]}")
+                raise InvalidIdsError(
+                    f"feature '{name}': weights are for {w.shape[0]} examples, "
+                    f"ids for {padded.shape[0]}"
+                )
             # A padded weights array has values at the ids' -1 padding: they are ignored.
-            padded_form = isinstance(raw_w, np.ndarray) and raw_w.ndim == 2 and raw_w.dtype != object
+            padded_form = (
+                isinstance(raw_w, np.ndarray) and raw_w.ndim == 2 and raw_w.dtype != object
+            )
             mismatch = (np.isnan(w) & valid) | (~np.isnan(w) & ~valid & (not padded_form))
             if mismatch.any():
                 row = int(np.nonzero(mismatch.any(axis=1))[0][0])
-                raise InvalidIdsError(f"feature '{name}': example {row} has {int(valid[row].sum())} "
-                                      f"ids but {int((~np.isnan(w[row])).sum())} weights")
+                raise InvalidIdsError(
+                    f"feature '{name}': example {row} has {int(valid[row].sum())} "
+                    f"ids but {int((~np.isnan(w[row])).sum())} weights"
+                )
             weights[name] = np.where(valid, w, 0.0).astype(np.float32)
         else:
             weights[name] = valid.astype(np.float32)

@@ -29,6 +29,7 @@ def _positive(name: str, value: float) -> None:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SGD:
     """rows -= learning_rate * grad. No slots."""
+
     learning_rate: float
     kind: ClassVar[str] = "sgd"
 
@@ -43,8 +44,10 @@ class SGD:
         raise KeyError(name)
 
     def init_slots(self, num_rows: int, dim: int, dtype=jnp.float32) -> dict:
-        return {name: jnp.full((num_rows, *shape), self.slot_init(name), dtype)
-                for name, shape in self.slot_shapes(dim).items()}
+        return {
+            name: jnp.full((num_rows, *shape), self.slot_init(name), dtype)
+            for name, shape in self.slot_shapes(dim).items()
+        }
 
     def update(self, rows_ud, grads_ud, slots: dict, step):
         return rows_ud - self.learning_rate * grads_ud, slots
@@ -53,6 +56,7 @@ class SGD:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RowWiseAdagrad(SGD):
     """One accumulator per row: acc += mean(g^2); rows -= lr * g / (sqrt(acc) + eps)."""
+
     learning_rate: float
     initial_accumulator: float = 0.1
     eps: float = 1e-8
@@ -63,7 +67,8 @@ class RowWiseAdagrad(SGD):
         _positive("eps", self.eps)
         if self.initial_accumulator < 0:
             raise UserInputError(
-                f"rowwise_adagrad: initial_accumulator must be >= 0, got {self.initial_accumulator!r}")
+                f"rowwise_adagrad: initial_accumulator must be >= 0, got {self.initial_accumulator!r}"
+            )
 
     def slot_shapes(self, dim):
         return {"accumulator": ()}
@@ -80,6 +85,7 @@ class RowWiseAdagrad(SGD):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Adam(SGD):
     """Lazy Adam: moments of touched rows only, bias correction from the global step."""
+
     learning_rate: float
     b1: float = 0.9
     b2: float = 0.999
@@ -104,10 +110,12 @@ class Adam(SGD):
         mu_ud = self.b1 * slots["mu"] + (1 - self.b1) * grads_ud
         nu_ud = self.b2 * slots["nu"] + (1 - self.b2) * jnp.square(grads_ud)
         step = jnp.asarray(step, jnp.float32)
-        mu_hat = mu_ud / (1 - self.b1 ** step)
-        nu_hat = nu_ud / (1 - self.b2 ** step)
+        mu_hat = mu_ud / (1 - self.b1**step)
+        nu_hat = nu_ud / (1 - self.b2**step)
         return rows_ud - self.learning_rate * mu_hat / (jnp.sqrt(nu_hat) + self.eps), {
-            "mu": mu_ud, "nu": nu_ud}
+            "mu": mu_ud,
+            "nu": nu_ud,
+        }
 
 
 SparseOptimizer = SGD  # the protocol every sparse optimizer follows
@@ -118,11 +126,13 @@ def sgd(learning_rate: float) -> SGD:
     return SGD(learning_rate=learning_rate)
 
 
-def rowwise_adagrad(learning_rate: float, initial_accumulator: float = 0.1,
-                    eps: float = 1e-8) -> RowWiseAdagrad:
+def rowwise_adagrad(
+    learning_rate: float, initial_accumulator: float = 0.1, eps: float = 1e-8
+) -> RowWiseAdagrad:
     """Row-wise Adagrad (one accumulator per row), the usual choice for huge tables."""
-    return RowWiseAdagrad(learning_rate=learning_rate, initial_accumulator=initial_accumulator,
-                          eps=eps)
+    return RowWiseAdagrad(
+        learning_rate=learning_rate, initial_accumulator=initial_accumulator, eps=eps
+    )
 
 
 def adam(learning_rate: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Adam:
@@ -132,8 +142,14 @@ def adam(learning_rate: float, b1: float = 0.9, b2: float = 0.999, eps: float = 
 
 def from_config(kind: str, **kwargs) -> SGD:
     """Builds an optimizer from a config name: sgd | rowwise_adagrad | adam."""
-    makers = {"sgd": sgd, "rowwise_adagrad": rowwise_adagrad, "adagrad": rowwise_adagrad,
-              "adam": adam}
+    makers = {
+        "sgd": sgd,
+        "rowwise_adagrad": rowwise_adagrad,
+        "adagrad": rowwise_adagrad,
+        "adam": adam,
+    }
     if kind not in makers:
-        raise UserInputError(f"sparse optimizer '{kind}' is unknown; choose one of {sorted(makers)}")
+        raise UserInputError(
+            f"sparse optimizer '{kind}' is unknown; choose one of {sorted(makers)}"
+        )
     return makers[kind](**kwargs)

@@ -10,9 +10,9 @@ Example:
     ...                       combiner="mean")
 """
 
-from collections.abc import Sequence
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -36,6 +36,7 @@ class TableSpec:
     1/sqrt(dim)). The values depend only on the seed and the table name, never on the
     plan, so any plan starts from the same logical table.
     """
+
     name: str
     vocab_size: int
     dim: int
@@ -50,15 +51,23 @@ class TableSpec:
         for field in ("vocab_size", "dim"):
             value = getattr(self, field)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-                raise SpecError(f"table '{self.name}': {field} must be a positive int, got {value!r}")
+                raise SpecError(
+                    f"table '{self.name}': {field} must be a positive int, got {value!r}"
+                )
         if self.initializer not in INITIALIZERS:
-            raise SpecError(f"table '{self.name}': initializer must be one of {INITIALIZERS}, "
-                            f"got {self.initializer!r}")
+            raise SpecError(
+                f"table '{self.name}': initializer must be one of {INITIALIZERS}, "
+                f"got {self.initializer!r}"
+            )
         if self.dtype not in DTYPES:
-            raise SpecError(f"table '{self.name}': dtype must be one of {DTYPES}, got {self.dtype!r}")
+            raise SpecError(
+                f"table '{self.name}': dtype must be one of {DTYPES}, got {self.dtype!r}"
+            )
         if not isinstance(self.optimizer, SGD):
-            raise SpecError(f"table '{self.name}': optimizer must come from "
-                            f"lf_jax.embedding.sparse_optim, got {self.optimizer!r}")
+            raise SpecError(
+                f"table '{self.name}': optimizer must come from "
+                f"lf_jax.embedding.sparse_optim, got {self.optimizer!r}"
+            )
 
     @property
     def scale(self) -> float:
@@ -83,6 +92,7 @@ class FeatureSpec:
     them to. Bags longer than ``max_ids`` are truncated (the first max_ids ids are kept)
     unless ``truncate`` is False, which makes them an error.
     """
+
     name: str
     table: str
     max_ids: int = 1
@@ -94,20 +104,27 @@ class FeatureSpec:
     def __post_init__(self):
         if not self.name or not isinstance(self.name, str):
             raise SpecError(f"FeatureSpec.name must be a non-empty string, got {self.name!r}")
-        if not isinstance(self.max_ids, (int, np.integer)) or isinstance(self.max_ids, bool) \
-                or self.max_ids < 1:
-            raise SpecError(f"feature '{self.name}': max_ids must be a positive int, got {self.max_ids!r}")
+        if (
+            not isinstance(self.max_ids, (int, np.integer))
+            or isinstance(self.max_ids, bool)
+            or self.max_ids < 1
+        ):
+            raise SpecError(
+                f"feature '{self.name}': max_ids must be a positive int, got {self.max_ids!r}"
+            )
         if self.combiner not in COMBINERS:
-            raise SpecError(f"feature '{self.name}': combiner must be one of {COMBINERS}, "
-                            f"got {self.combiner!r}")
+            raise SpecError(
+                f"feature '{self.name}': combiner must be one of {COMBINERS}, got {self.combiner!r}"
+            )
 
     @property
     def pooled(self) -> bool:
         return self.combiner != "none"
 
 
-def validate_specs(tables: Sequence[TableSpec], features: Sequence[FeatureSpec]
-                   ) -> dict[str, TableSpec]:
+def validate_specs(
+    tables: Sequence[TableSpec], features: Sequence[FeatureSpec]
+) -> dict[str, TableSpec]:
     """Checks names are unique and every feature's table and oov_row exist.
 
     Returns the tables by name.
@@ -123,10 +140,14 @@ def validate_specs(tables: Sequence[TableSpec], features: Sequence[FeatureSpec]
             raise SpecError(f"feature name '{feature.name}' is used twice")
         seen.add(feature.name)
         if feature.table not in by_name:
-            raise SpecError(f"feature '{feature.name}' reads table '{feature.table}', which is not "
-                            f"defined (tables: {sorted(by_name)})")
+            raise SpecError(
+                f"feature '{feature.name}' reads table '{feature.table}', which is not "
+                f"defined (tables: {sorted(by_name)})"
+            )
         vocab = by_name[feature.table].vocab_size
         if feature.oov_row is not None and not 0 <= feature.oov_row < vocab:
-            raise SpecError(f"feature '{feature.name}': oov_row {feature.oov_row} is outside table "
-                            f"'{feature.table}' rows [0, {vocab})")
+            raise SpecError(
+                f"feature '{feature.name}': oov_row {feature.oov_row} is outside table "
+                f"'{feature.table}' rows [0, {vocab})"
+            )
     return by_name

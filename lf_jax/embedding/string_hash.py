@@ -22,7 +22,7 @@ import numpy as np
 from lf_jax.errors import UserInputError
 
 HASH_CHUNK = 1 << 16
-GOLDEN = 0x9E3779B97F4A7C15          # 2**64 / the golden ratio: an odd constant for mixing
+GOLDEN = 0x9E3779B97F4A7C15  # 2**64 / the golden ratio: an odd constant for mixing
 MASK64 = (1 << 64) - 1
 _FNV_PRIME = np.uint64(0x100000001B3)
 _FNV_OFFSET = 0xCBF29CE484222325
@@ -61,8 +61,10 @@ def as_string_array(chunk, field: str) -> np.ndarray:
         except UnicodeDecodeError as error:
             raise IdMapError(f"{field}: bytes keys must be utf-8, got {error}") from None
     elif array.dtype.kind != "U":
-        raise IdMapError(f"{field} must be strings, got an array of {array.dtype} (integer ids "
-                         "need no IdMap: use open_vocab.hash_to_rows or the ids themselves)")
+        raise IdMapError(
+            f"{field} must be strings, got an array of {array.dtype} (integer ids "
+            "need no IdMap: use open_vocab.hash_to_rows or the ids themselves)"
+        )
     return array.astype(array.dtype.newbyteorder("<"), copy=False).reshape(-1)
 
 
@@ -73,14 +75,16 @@ def _key_chunks(keys, field: str):
     if isinstance(keys, np.ndarray):
         flat = keys.reshape(-1)
         shape = keys.shape
-        chunks = (flat[start:start + HASH_CHUNK] for start in range(0, flat.size, HASH_CHUNK))
-    elif isinstance(keys, Sequence) and len(keys) and isinstance(keys[0], (list, tuple, np.ndarray)):
+        chunks = (flat[start : start + HASH_CHUNK] for start in range(0, flat.size, HASH_CHUNK))
+    elif (
+        isinstance(keys, Sequence) and len(keys) and isinstance(keys[0], (list, tuple, np.ndarray))
+    ):
         return _key_chunks(np.asarray(keys), field)
     else:
         if not isinstance(keys, Sequence):
             keys = list(keys)
         shape = (len(keys),)
-        chunks = (keys[start:start + HASH_CHUNK] for start in range(0, len(keys), HASH_CHUNK))
+        chunks = (keys[start : start + HASH_CHUNK] for start in range(0, len(keys), HASH_CHUNK))
     return shape, (as_string_array(chunk, field) for chunk in chunks)
 
 

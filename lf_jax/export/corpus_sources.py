@@ -34,6 +34,7 @@ def _gather_to_host(x: jax.Array) -> np.ndarray:
     if jax.process_count() == 1:
         return np.asarray(x)
     from jax.experimental import multihost_utils
+
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
@@ -45,10 +46,11 @@ class RankerCorpus:
 
     def __init__(self, config, workdir, step: int | None = None):
         from lf_jax.train.loop import build_task
+
         self.checkpoint_dir, self.step = find_checkpoint(workdir, step)
         config = config.copy_and_resolve_references()
         with config.unlocked():
-            config.train.ips = False      # loss weights only; export needs no IPS pass over the logs
+            config.train.ips = False  # loss weights only; export needs no IPS pass over the logs
         # The task writes plan.json into its workdir: keep the training workdir untouched.
         self._scratch = tempfile.TemporaryDirectory(prefix="lf_jax_export_")
         self.task = build_task(config, self._scratch.name)
@@ -75,13 +77,15 @@ class RankerCorpus:
         devices = self.collection.num_devices
         if self._pad_to is None or ids.size > self._pad_to:  # one compiled shape per run
             self._pad_to = -(-ids.size // devices) * devices
-        raw = {name: np.full((self._pad_to, spec.max_ids), -1, np.int64)
-               for name, spec in self.collection.features.items()}
+        raw = {
+            name: np.full((self._pad_to, spec.max_ids), -1, np.int64)
+            for name, spec in self.collection.features.items()
+        }
         feature = RANKER_ENTITIES[entity][0]
-        raw[feature][:ids.size, 0] = ids
+        raw[feature][: ids.size, 0] = ids
         batch = self.collection.shard_batch(self.collection.preprocess(raw))
         out = self._lookup(self.state["embedding"]["tables"], batch)[feature]
-        return _gather_to_host(out)[:ids.size]
+        return _gather_to_host(out)[: ids.size]
 
     def close(self) -> None:
         self._scratch.cleanup()
@@ -99,12 +103,15 @@ class TaskCorpus:
 
     def __init__(self, config, workdir, step: int | None = None):
         from lf_jax.train.loop import build_task
+
         self.checkpoint_dir, self.step = find_checkpoint(workdir, step)
         self.task = build_task(config, workdir)
         for method in ("corpus", "embed"):
             if not callable(getattr(self.task, method, None)):
-                raise ExportError(f"model family {self.family!r}: its TrainingTask has no "
-                                  f"'{method}' method, so it cannot be exported")
+                raise ExportError(
+                    f"model family {self.family!r}: its TrainingTask has no "
+                    f"'{method}' method, so it cannot be exported"
+                )
         self.state = restore_task_state(self.task, self.checkpoint_dir, self.step)
         self._dims: dict[str, int] = {}
 
@@ -132,6 +139,7 @@ class TaskCorpus:
 
 class DualEncoderCorpus(TaskCorpus):
     """The dual encoder's members ("m<id>") and items ("p<id>", feed_logs posts): unit rows."""
+
     family = "dual_encoder"
     metric = "cosine"
     sides = {"members": "member", "items": "item"}

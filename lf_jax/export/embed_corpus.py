@@ -24,15 +24,15 @@ Example:
     >>> ids, vectors, manifest = load_export("runs/export/posts")   # [N] str, [N, D]
 """
 
-from collections.abc import Sequence
 import dataclasses
 import json
 import os
-from pathlib import Path
 import shutil
 import time
-from typing import Any, Protocol
 import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -52,21 +52,23 @@ class ExportError(UserInputError):
 
 class CorpusSource(Protocol):
     """What export_corpus needs from a model family (see RankerCorpus, TaskCorpus)."""
-    family: str                      # model family, recorded in the manifest
-    step: int                        # checkpoint step the state was restored from
+
+    family: str  # model family, recorded in the manifest
+    step: int  # checkpoint step the state was restored from
     checkpoint_dir: str
-    metric: str                      # default similarity of its vectors (METRICS)
+    metric: str  # default similarity of its vectors (METRICS)
 
     def entities(self) -> tuple[str, ...]: ...
     def dims(self, entity: str) -> int: ...
-    def corpus(self, entity: str) -> tuple[Sequence[str], Any]: ...       # ids [N], records [N, ...]
-    def embed(self, entity: str, records) -> np.ndarray: ...              # [b, D] float
-    def close(self) -> None: ...                                          # frees what it holds
+    def corpus(self, entity: str) -> tuple[Sequence[str], Any]: ...  # ids [N], records [N, ...]
+    def embed(self, entity: str, records) -> np.ndarray: ...  # [b, D] float
+    def close(self) -> None: ...  # frees what it holds
 
 
 @dataclasses.dataclass(frozen=True)
 class ExportResult:
     """Where the export went and what it holds (the manifest as written)."""
+
     directory: Path
     manifest: dict
 
@@ -78,8 +80,10 @@ def check_output(output: str | os.PathLike) -> Path:
     if target.exists() and not target.is_dir():
         raise ExportError(f"output '{target}' exists and is not a directory")
     if target.is_dir() and any(target.iterdir()) and not (target / MANIFEST).is_file():
-        raise ExportError(f"output '{target}' is a non-empty directory without {MANIFEST}; "
-                          "refusing to replace it (choose an empty or new directory)")
+        raise ExportError(
+            f"output '{target}' is a non-empty directory without {MANIFEST}; "
+            "refusing to replace it (choose an empty or new directory)"
+        )
     parent = target.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -87,8 +91,10 @@ def check_output(output: str | os.PathLike) -> Path:
         probe.write_text("ok")
         probe.unlink()
     except OSError as error:
-        raise ExportError(f"output '{target}' is not writable: cannot write in '{parent}' "
-                          f"({error.strerror or error})") from None
+        raise ExportError(
+            f"output '{target}' is not writable: cannot write in '{parent}' "
+            f"({error.strerror or error})"
+        ) from None
     return target
 
 
@@ -115,12 +121,14 @@ def _check_dims(dims, width: int) -> int:
 
 
 # ----------------------------------------------------------------------------- export
-def embed_all(source: CorpusSource, entity: str, *, batch_size: int = 1024
-              ) -> tuple[np.ndarray, np.ndarray]:
+def embed_all(
+    source: CorpusSource, entity: str, *, batch_size: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
     """Embeds every record of ``source.corpus(entity)``: (ids [N] str, vectors [N, D] float32)."""
     if entity not in source.entities():
-        raise ExportError(f"entity {entity!r} is not one of {source.family}'s "
-                          f"{list(source.entities())}")
+        raise ExportError(
+            f"entity {entity!r} is not one of {source.family}'s {list(source.entities())}"
+        )
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ExportError(f"batch_size must be a positive int, got {batch_size!r}")
     ids, records = source.corpus(entity)
@@ -134,22 +142,35 @@ def embed_all(source: CorpusSource, entity: str, *, batch_size: int = 1024
             stop = min(start + batch_size, ids.size)
             out = np.asarray(source.embed(entity, records[start:stop]), np.float32)
             if out.shape != (stop - start, width):
-                raise ExportError(f"{source.family}.embed({entity!r}) returned shape {out.shape} "
-                                  f"for {stop - start} records; expected ({stop - start}, {width})")
+                raise ExportError(
+                    f"{source.family}.embed({entity!r}) returned shape {out.shape} "
+                    f"for {stop - start} records; expected ({stop - start}, {width})"
+                )
             vectors[start:stop] = out
             bar.update(stop - start)
     bad = ~np.isfinite(vectors).all(axis=1)
     if bad.any():
         row = int(np.argmax(bad))
-        raise ExportError(f"corpus '{entity}': the vector of id {str(ids[row])!r} (row {row}) is not "
-                          f"finite; {int(bad.sum())} rows are NaN/Inf")
+        raise ExportError(
+            f"corpus '{entity}': the vector of id {str(ids[row])!r} (row {row}) is not "
+            f"finite; {int(bad.sum())} rows are NaN/Inf"
+        )
     return ids, vectors
 
 
-def export_corpus(source: CorpusSource, entity: str, output: str | os.PathLike, *,
-                  batch_size: int = 1024, dims: int | None = None, metric: str | None = None,
-                  build_index: bool = False, build_kv: bool = False,
-                  target_recall: float = 0.95, index_kwargs: dict | None = None) -> ExportResult:
+def export_corpus(
+    source: CorpusSource,
+    entity: str,
+    output: str | os.PathLike,
+    *,
+    batch_size: int = 1024,
+    dims: int | None = None,
+    metric: str | None = None,
+    build_index: bool = False,
+    build_kv: bool = False,
+    target_recall: float = 0.95,
+    index_kwargs: dict | None = None,
+) -> ExportResult:
     """Embeds ``entity`` and writes vectors, ids, manifest (+ index/, kv/) to ``output``.
 
     dims: keep the first ``dims`` columns (Matryoshka). metric: the index metric
@@ -160,8 +181,9 @@ def export_corpus(source: CorpusSource, entity: str, output: str | os.PathLike, 
     if metric not in METRICS:
         raise ExportError(f"metric must be one of {METRICS}, got {metric!r}")
     if entity not in source.entities():
-        raise ExportError(f"entity {entity!r} is not one of {source.family}'s "
-                          f"{list(source.entities())}")
+        raise ExportError(
+            f"entity {entity!r} is not one of {source.family}'s {list(source.entities())}"
+        )
     dims = _check_dims(dims, source.dims(entity))
     target = check_output(output)
     start = time.perf_counter()
@@ -169,11 +191,18 @@ def export_corpus(source: CorpusSource, entity: str, output: str | os.PathLike, 
     vectors = np.ascontiguousarray(vectors[:, :dims])
     embed_seconds = time.perf_counter() - start
     manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "model": source.family,
-        "entity": entity, "checkpoint_step": int(source.step),
-        "checkpoint_dir": str(source.checkpoint_dir), "model_dims": int(source.dims(entity)),
-        "dims": int(dims), "metric": metric, "count": int(ids.size),
-        "embed_seconds": round(embed_seconds, 3), "created_at": manifest_timestamp(),
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": source.family,
+        "entity": entity,
+        "checkpoint_step": int(source.step),
+        "checkpoint_dir": str(source.checkpoint_dir),
+        "model_dims": int(source.dims(entity)),
+        "dims": int(dims),
+        "metric": metric,
+        "count": int(ids.size),
+        "embed_seconds": round(embed_seconds, 3),
+        "created_at": manifest_timestamp(),
         "files": {"vectors": "vectors.npy", "ids": "ids.npy"},
     }
     temp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -182,8 +211,9 @@ def export_corpus(source: CorpusSource, entity: str, output: str | os.PathLike, 
         np.save(temp / "vectors.npy", vectors, allow_pickle=False)
         np.save(temp / "ids.npy", np.strings.encode(ids, "utf-8"), allow_pickle=False)
         if build_index:
-            manifest["index"] = _write_index(temp / "index", ids, vectors, metric, source,
-                                             target_recall, index_kwargs or {})
+            manifest["index"] = _write_index(
+                temp / "index", ids, vectors, metric, source, target_recall, index_kwargs or {}
+            )
         if build_kv:
             manifest["kv"] = _write_kv(temp / "kv", ids, vectors, source)
         manifest["seconds"] = round(time.perf_counter() - start, 3)
@@ -191,13 +221,23 @@ def export_corpus(source: CorpusSource, entity: str, output: str | os.PathLike, 
         fsync_tree_recursive(temp)
         replace_directory(temp, target)
     except OSError as error:
-        raise ExportError(f"output '{target}' could not be written: {error.strerror or error}; "
-                          "any previous export there is unchanged") from None
+        raise ExportError(
+            f"output '{target}' could not be written: {error.strerror or error}; "
+            "any previous export there is unchanged"
+        ) from None
     finally:
         if temp.exists():
             shutil.rmtree(temp, ignore_errors=True)
-    get_logger().info("exported %d %s x %d dims (%s, step %d) to %s in %.1f s", ids.size, entity,
-                      dims, source.family, source.step, target, manifest["seconds"])
+    get_logger().info(
+        "exported %d %s x %d dims (%s, step %d) to %s in %.1f s",
+        ids.size,
+        entity,
+        dims,
+        source.family,
+        source.step,
+        target,
+        manifest["seconds"],
+    )
     return ExportResult(target, manifest)
 
 
@@ -213,27 +253,45 @@ def fsync_tree_recursive(directory: Path) -> None:
 
 def _write_index(directory: Path, ids, vectors, metric, source, target_recall, kwargs) -> dict:
     from lf_jax.export.scann_index import VectorIndex
+
     kwargs = dict(kwargs)
     num_neighbors = min(kwargs.pop("num_neighbors", 10), ids.size)
-    index = VectorIndex.build(vectors, ids, metric=metric, target_recall=target_recall,
-                              num_neighbors=num_neighbors, model=source.family,
-                              checkpoint_step=int(source.step), **kwargs)
+    index = VectorIndex.build(
+        vectors,
+        ids,
+        metric=metric,
+        target_recall=target_recall,
+        num_neighbors=num_neighbors,
+        model=source.family,
+        checkpoint_step=int(source.step),
+        **kwargs,
+    )
     index.save(directory)
     recall = index.manifest.get("recall") or {}
-    return {"directory": "index", "mode": index.params.mode, "recall": recall.get("recall"),
-            "k": recall.get("k"), "target_recall": target_recall}
+    return {
+        "directory": "index",
+        "mode": index.params.mode,
+        "recall": recall.get("recall"),
+        "k": recall.get("k"),
+        "target_recall": target_recall,
+    }
 
 
 def _write_kv(directory: Path, ids, vectors, source) -> dict:
     from lf_jax.export.kv_store import KVStore
     from lf_jax.export.quantize import quantization_error
+
     version = f"{source.family}-step{int(source.step)}"
     with KVStore(directory, dims=vectors.shape[1]) as store:
         store.put(list(ids), vectors, version=version)
         stats = store.stats()
     error = quantization_error(vectors)
-    return {"directory": "kv", "version": version, "bytes_on_disk": stats.get("bytes_on_disk"),
-            "quantization": error}
+    return {
+        "directory": "kv",
+        "version": version,
+        "bytes_on_disk": stats.get("bytes_on_disk"),
+        "quantization": error,
+    }
 
 
 def load_export(directory: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -253,8 +311,10 @@ def load_export(directory: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, d
     except (OSError, ValueError) as error:
         raise ExportError(f"export '{directory}' is incomplete: {error}") from None
     if vectors.shape != (manifest["count"], manifest["dims"]) or ids.shape != (manifest["count"],):
-        raise ExportError(f"export '{directory}' holds vectors {vectors.shape} and {ids.shape[0]} ids; "
-                          f"its manifest says {manifest['count']} x {manifest['dims']}")
+        raise ExportError(
+            f"export '{directory}' holds vectors {vectors.shape} and {ids.shape[0]} ids; "
+            f"its manifest says {manifest['count']} x {manifest['dims']}"
+        )
     return ids, vectors, manifest
 
 
@@ -266,6 +326,7 @@ def check_checkpoint_matches(checkpointer, step: int, template: dict, collection
     import orbax.checkpoint as ocp
 
     from lf_jax.train.checkpoint import flatten_to_dict
+
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     for item in ("state", "embedding"):
         registry.add(item, ocp.args.StandardRestore, ocp.StandardCheckpointHandler)
@@ -273,24 +334,32 @@ def check_checkpoint_matches(checkpointer, step: int, template: dict, collection
     manager = ocp.CheckpointManager(checkpointer.directory, handler_registry=registry)
     try:
         saved = manager.item_metadata(step)
-        expected = {"state": flatten_to_dict({k: v for k, v in template.items() if k != "embedding"})}
+        expected = {
+            "state": flatten_to_dict({k: v for k, v in template.items() if k != "embedding"})
+        }
         if collection is not None and "embedding" in template:
-            expected["embedding"] = flatten_to_dict(jax.eval_shape(collection.to_logical,
-                                                                   template["embedding"]))
+            expected["embedding"] = flatten_to_dict(
+                jax.eval_shape(collection.to_logical, template["embedding"])
+            )
         for item, arrays in expected.items():
             stored = saved[item] if item in saved else None
             if stored is None:
-                raise ExportError(f"checkpoint step {step} in '{checkpointer.directory}' has no "
-                                  f"'{item}' item: it was written by another model family")
+                raise ExportError(
+                    f"checkpoint step {step} in '{checkpointer.directory}' has no "
+                    f"'{item}' item: it was written by another model family"
+                )
             for key, value in arrays.items():
                 if key not in stored:
-                    raise ExportError(f"checkpoint step {step} in '{checkpointer.directory}' lacks "
-                                      f"'{key}': the config describes a different model")
+                    raise ExportError(
+                        f"checkpoint step {step} in '{checkpointer.directory}' lacks "
+                        f"'{key}': the config describes a different model"
+                    )
                 if tuple(stored[key].shape) != tuple(value.shape):
                     raise ExportError(
                         f"checkpoint step {step} in '{checkpointer.directory}' does not match the "
                         f"config: '{key}' has shape {tuple(stored[key].shape)} in the checkpoint "
-                        f"but {tuple(value.shape)} in the config")
+                        f"but {tuple(value.shape)} in the config"
+                    )
     finally:
         manager.close()
 
@@ -299,10 +368,13 @@ def find_checkpoint(workdir: str | os.PathLike, step: int | None) -> tuple[Path,
     """(checkpoint directory, step) in ``workdir/checkpoints``: the latest when ``step`` is
     None. Cheap: call it before building a model, so a missing checkpoint fails fast."""
     from lf_jax.train.checkpoint import Checkpointer
+
     directory = (Path(workdir) / "checkpoints").absolute()
     if not directory.is_dir():
-        raise ExportError(f"no checkpoint: '{directory}' does not exist (train first, or pass the "
-                          "training --workdir)")
+        raise ExportError(
+            f"no checkpoint: '{directory}' does not exist (train first, or pass the "
+            "training --workdir)"
+        )
     checkpointer = Checkpointer(directory)
     try:
         steps = checkpointer.all_steps()
@@ -318,6 +390,7 @@ def find_checkpoint(workdir: str | os.PathLike, step: int | None) -> tuple[Path,
 def restore_task_state(task, directory: Path, step: int) -> dict:
     """``task``'s state at checkpoint ``step`` of ``directory``, after a shape check."""
     from lf_jax.train.checkpoint import Checkpointer
+
     checkpointer = Checkpointer(directory)
     try:
         template = task.init_state()
@@ -338,9 +411,11 @@ FAMILIES = {
 def open_source(config, workdir: str | os.PathLike, step: int | None = None) -> CorpusSource:
     """The CorpusSource of ``config.model_family``, restored from ``workdir`` (latest step)."""
     import importlib
+
     family = config.get("model_family", "")
     if family not in FAMILIES:
-        raise ExportError(f"config model_family={family!r} cannot be exported; families: "
-                          f"{sorted(FAMILIES)}")
+        raise ExportError(
+            f"config model_family={family!r} cannot be exported; families: {sorted(FAMILIES)}"
+        )
     module, name = FAMILIES[family].split(":")
     return getattr(importlib.import_module(module), name)(config, workdir, step)

@@ -24,9 +24,9 @@ import hashlib
 import importlib.metadata
 import json
 import os
-from pathlib import Path
 import shutil
 import uuid
+from pathlib import Path
 
 import numpy as np
 
@@ -119,22 +119,27 @@ def write_atomically(directory: str | os.PathLike, write) -> Path:
     if target.exists() and not target.is_dir():
         raise VectorIndexError(f"VectorIndex.save: '{target}' exists and is not a directory")
     if target.is_dir() and any(target.iterdir()) and not (target / MANIFEST).is_file():
-        raise VectorIndexError(f"VectorIndex.save: '{target}' is a non-empty directory without "
-                               f"{MANIFEST}; refusing to replace it")
+        raise VectorIndexError(
+            f"VectorIndex.save: '{target}' is a non-empty directory without "
+            f"{MANIFEST}; refusing to replace it"
+        )
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         temp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
         temp.mkdir()
     except OSError as error:
-        raise VectorIndexError(f"VectorIndex.save: cannot write under '{target.parent}': "
-                               f"{error.strerror or error}") from None
+        raise VectorIndexError(
+            f"VectorIndex.save: cannot write under '{target.parent}': {error.strerror or error}"
+        ) from None
     try:
         write(temp)
         fsync_tree(temp)
         replace_directory(temp, target)
     except (OSError, RuntimeError) as error:
-        raise VectorIndexError(f"VectorIndex.save: cannot write '{target}': "
-                               f"{getattr(error, 'strerror', None) or error}") from None
+        raise VectorIndexError(
+            f"VectorIndex.save: cannot write '{target}': "
+            f"{getattr(error, 'strerror', None) or error}"
+        ) from None
     finally:
         if temp.exists():
             shutil.rmtree(temp, ignore_errors=True)
@@ -146,8 +151,10 @@ def write_index_files(directory: Path, searcher, ids: np.ndarray, manifest: dict
     searcher.serialize(str(directory), True)  # asset paths relative to the directory
     # utf-8 bytes ('S'): a quarter of numpy's UTF-32 strings for ASCII ids
     np.save(directory / IDS_FILE, np.strings.encode(ids, "utf-8"), allow_pickle=False)
-    files = {path.name: {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
-             for path in sorted(directory.iterdir())}
+    files = {
+        path.name: {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+        for path in sorted(directory.iterdir())
+    }
     manifest = dict(manifest, saved_at=manifest_timestamp(), files=files)
     with open(directory / MANIFEST, "w") as file:
         json.dump(manifest, file, indent=2)
@@ -158,16 +165,23 @@ def _read_manifest(directory: Path) -> dict:
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
     except FileNotFoundError:
-        raise VectorIndexError(f"VectorIndex.load: '{directory}' has no {MANIFEST}; not an index "
-                               "directory (or an interrupted copy)") from None
+        raise VectorIndexError(
+            f"VectorIndex.load: '{directory}' has no {MANIFEST}; not an index "
+            "directory (or an interrupted copy)"
+        ) from None
     except (OSError, ValueError) as error:
-        raise VectorIndexError(f"VectorIndex.load: '{directory / MANIFEST}' is not readable "
-                               f"JSON: {error}") from None
+        raise VectorIndexError(
+            f"VectorIndex.load: '{directory / MANIFEST}' is not readable JSON: {error}"
+        ) from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise VectorIndexError(f"VectorIndex.load: '{directory / MANIFEST}' is not a {FORMAT} manifest")
+        raise VectorIndexError(
+            f"VectorIndex.load: '{directory / MANIFEST}' is not a {FORMAT} manifest"
+        )
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise VectorIndexError(f"VectorIndex.load: '{directory}' has format_version "
-                               f"{manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
+        raise VectorIndexError(
+            f"VectorIndex.load: '{directory}' has format_version "
+            f"{manifest.get('format_version')!r}, expected {FORMAT_VERSION}"
+        )
     return manifest
 
 
@@ -185,43 +199,69 @@ def read_index_directory(directory: str | os.PathLike, *, verify: bool = True) -
     try:
         files = dict(manifest["files"])
         params = SearchParams(**manifest["params"])
-        metric, input_dim, dims, count = (manifest["metric"], int(manifest["input_dim"]),
-                                          int(manifest["dims"]), int(manifest["count"]))
+        metric, input_dim, dims, count = (
+            manifest["metric"],
+            int(manifest["input_dim"]),
+            int(manifest["dims"]),
+            int(manifest["count"]),
+        )
     except (KeyError, TypeError, ValueError) as error:
-        raise VectorIndexError(f"VectorIndex.load: '{directory / MANIFEST}' lacks or garbles "
-                               f"{error}") from None
+        raise VectorIndexError(
+            f"VectorIndex.load: '{directory / MANIFEST}' lacks or garbles {error}"
+        ) from None
     for name, info in files.items():
         path = directory / name
         if not path.is_file():
-            raise VectorIndexError(f"VectorIndex.load: '{path}' is missing; the index is incomplete")
+            raise VectorIndexError(
+                f"VectorIndex.load: '{path}' is missing; the index is incomplete"
+            )
         expected = info if isinstance(info, dict) else {}
-        if (path.stat().st_size != expected.get("bytes")
-                or (verify and file_sha256(path) != expected.get("sha256"))):
-            raise VectorIndexError(f"VectorIndex.load: '{path}' does not match its checksum in "
-                                   f"{MANIFEST}; the index is corrupt")
+        if path.stat().st_size != expected.get("bytes") or (
+            verify and file_sha256(path) != expected.get("sha256")
+        ):
+            raise VectorIndexError(
+                f"VectorIndex.load: '{path}' does not match its checksum in "
+                f"{MANIFEST}; the index is corrupt"
+            )
     try:
         ids = np.load(directory / IDS_FILE, allow_pickle=False)
         ids = np.strings.decode(ids, "utf-8") if ids.dtype.kind == "S" else ids
     except (OSError, ValueError, UnicodeDecodeError) as error:
-        raise VectorIndexError(f"VectorIndex.load: '{directory / IDS_FILE}' is not readable: "
-                               f"{error}") from None
+        raise VectorIndexError(
+            f"VectorIndex.load: '{directory / IDS_FILE}' is not readable: {error}"
+        ) from None
     if ids.dtype.kind != "U" or ids.shape != (count,):
-        raise VectorIndexError(f"VectorIndex.load: '{directory / IDS_FILE}' holds {ids.dtype} "
-                               f"{ids.shape}, expected {count} str ids")
+        raise VectorIndexError(
+            f"VectorIndex.load: '{directory / IDS_FILE}' holds {ids.dtype} "
+            f"{ids.shape}, expected {count} str ids"
+        )
     try:
         from scann import scann_ops_pybind
+
         assets = (directory / "scann_assets.pbtxt").read_text()
         searcher = scann_ops_pybind.scann_pybind.ScannNumpy(str(directory), assets)
     except (OSError, RuntimeError, ValueError) as error:
-        raise VectorIndexError(f"VectorIndex.load: ScaNN cannot read '{directory}': {error}") from None
+        raise VectorIndexError(
+            f"VectorIndex.load: ScaNN cannot read '{directory}': {error}"
+        ) from None
     if searcher.size() != count:
-        raise VectorIndexError(f"VectorIndex.load: '{directory}' holds {searcher.size()} vectors "
-                               f"but {count} ids; the index is corrupt")
+        raise VectorIndexError(
+            f"VectorIndex.load: '{directory}' holds {searcher.size()} vectors "
+            f"but {count} ids; the index is corrupt"
+        )
     vectors = None
     if (directory / "dataset.npy").is_file():  # mapped: stays valid if the directory is replaced
         vectors = np.load(directory / "dataset.npy", mmap_mode="r", allow_pickle=False)
         if vectors.shape != (count, dims):
             vectors = None
     manifest = {key: value for key, value in manifest.items() if key not in ("files", "params")}
-    return {"searcher": searcher, "ids": ids, "vectors": vectors, "metric": metric,
-            "input_dim": input_dim, "dims": dims, "params": params, "manifest": manifest}
+    return {
+        "searcher": searcher,
+        "ids": ids,
+        "vectors": vectors,
+        "metric": metric,
+        "input_dim": input_dim,
+        "dims": dims,
+        "params": params,
+        "manifest": manifest,
+    }

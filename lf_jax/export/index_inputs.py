@@ -51,26 +51,32 @@ def check_recall(field: str, value) -> float:
 def check_ids(ids, count: int | None) -> np.ndarray:
     """A 1-D '<U' array of non-empty ids; count (if given) must match."""
     if isinstance(ids, (str, bytes)):
-        raise VectorIndexError(f"ids must be a list or array of str, got a single "
-                               f"{type(ids).__name__} {ids!r}")
+        raise VectorIndexError(
+            f"ids must be a list or array of str, got a single {type(ids).__name__} {ids!r}"
+        )
     if not isinstance(ids, np.ndarray):
         ids = ids if isinstance(ids, Sequence) else list(ids)
         bad = next((i for i, v in enumerate(ids) if not isinstance(v, str)), None)
         if bad is not None:  # numpy would silently turn a stray int into a str
-            raise VectorIndexError(f"ids must be str, got {type(ids[bad]).__name__} {ids[bad]!r} "
-                                   f"at position {bad}")
+            raise VectorIndexError(
+                f"ids must be str, got {type(ids[bad]).__name__} {ids[bad]!r} at position {bad}"
+            )
     array = np.asarray(ids)
     if array.dtype.kind == "O" and array.size:
         bad = next((i for i, v in enumerate(array.reshape(-1)) if not isinstance(v, str)), None)
         if bad is not None:
             value = array.reshape(-1)[bad]
-            raise VectorIndexError(f"ids must be str, got {type(value).__name__} {value!r} at position {bad}")
+            raise VectorIndexError(
+                f"ids must be str, got {type(value).__name__} {value!r} at position {bad}"
+            )
         array = array.astype(str)
     if array.size == 0:
         array = array.astype(str)
     if array.dtype.kind != "U":
-        raise VectorIndexError(f"ids must be str, got an array of {array.dtype} (convert integer ids "
-                               "with str() so search returns what you stored)")
+        raise VectorIndexError(
+            f"ids must be str, got an array of {array.dtype} (convert integer ids "
+            "with str() so search returns what you stored)"
+        )
     if array.ndim != 1:
         raise VectorIndexError(f"ids must be 1-D, got shape {array.shape}")
     if count is not None and array.size != count:
@@ -99,12 +105,20 @@ def check_unique_ids(ids: np.ndarray) -> None:
     duplicate = first_duplicate(ids)
     if duplicate is not None:
         key, first, second = duplicate
-        raise VectorIndexError(f"ids must be unique, but {key!r} appears at positions {first} "
-                               f"and {second}")
+        raise VectorIndexError(
+            f"ids must be unique, but {key!r} appears at positions {first} and {second}"
+        )
 
 
-def prepare_vectors(vectors, *, field: str, metric: str, width: int | None, dims: int | None,
-             ids: np.ndarray | None = None) -> np.ndarray:
+def prepare_vectors(
+    vectors,
+    *,
+    field: str,
+    metric: str,
+    width: int | None,
+    dims: int | None,
+    ids: np.ndarray | None = None,
+) -> np.ndarray:
     """Checks a [n, D] float array and returns float32 [n, dims], normalised for cosine.
 
     width: the expected D (None: any); a D equal to ``dims`` is accepted too (queries
@@ -118,24 +132,31 @@ def prepare_vectors(vectors, *, field: str, metric: str, width: int | None, dims
     if array.shape[0] == 0:
         raise VectorIndexError(f"{field} is empty (shape {array.shape}); need at least one vector")
     if width is not None and array.shape[1] not in (width, dims):
-        expected = f"{width}" if dims in (None, width) else f"{width} (or {dims}, already truncated)"
+        expected = (
+            f"{width}" if dims in (None, width) else f"{width} (or {dims}, already truncated)"
+        )
         raise VectorIndexError(f"{field} must have {expected} columns, got shape {array.shape}")
     if dims is not None and array.shape[1] < dims:
         raise VectorIndexError(f"dims={dims} is more than the {array.shape[1]} columns of {field}")
-    array = np.array(array[:, :dims] if dims is not None else array, dtype=np.float32, order="C")  # a copy
+    array = np.array(
+        array[:, :dims] if dims is not None else array, dtype=np.float32, order="C"
+    )  # a copy
     finite = np.isfinite(array).all(axis=1)
     if not finite.all():
         row = int(np.argmin(finite))
         name = f" (id {str(ids[row])!r})" if ids is not None else ""
-        raise VectorIndexError(f"{field}: row {row}{name} holds NaN or Inf; "
-                               f"{int((~finite).sum())} of {array.shape[0]} rows are not finite")
+        raise VectorIndexError(
+            f"{field}: row {row}{name} holds NaN or Inf; "
+            f"{int((~finite).sum())} of {array.shape[0]} rows are not finite"
+        )
     if metric == "cosine":
         norms = np.linalg.norm(array, axis=1, keepdims=True)
         zero = np.flatnonzero(norms[:, 0] == 0)
         if zero.size:
             name = f" (id {str(ids[zero[0]])!r})" if ids is not None else ""
-            raise VectorIndexError(f"{field}: row {int(zero[0])}{name} is all zeros; the cosine "
-                                   "metric needs non-zero vectors")
+            raise VectorIndexError(
+                f"{field}: row {int(zero[0])}{name} is all zeros; the cosine "
+                "metric needs non-zero vectors"
+            )
         array /= norms
     return array
-

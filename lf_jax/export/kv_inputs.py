@@ -29,8 +29,9 @@ class KVStoreError(UserInputError):
 def encode_keys(ids, field: str = "ids") -> list[bytes]:
     """The utf-8 keys of a 1-D list or array of str ids, each 1-MAX_KEY_BYTES bytes long."""
     if isinstance(ids, (str, bytes)):
-        raise KVStoreError(f"{field} must be a list or array of str, got a single "
-                           f"{type(ids).__name__} {ids!r}")
+        raise KVStoreError(
+            f"{field} must be a list or array of str, got a single {type(ids).__name__} {ids!r}"
+        )
     if isinstance(ids, np.ndarray):
         if ids.ndim != 1:
             raise KVStoreError(f"{field} must be 1-D, got shape {ids.shape}")
@@ -40,12 +41,15 @@ def encode_keys(ids, field: str = "ids") -> list[bytes]:
     keys = []
     for position, key in enumerate(ids):
         if not isinstance(key, str):
-            raise KVStoreError(f"{field} must be str, got {type(key).__name__} {key!r} at "
-                               f"position {position}")
+            raise KVStoreError(
+                f"{field} must be str, got {type(key).__name__} {key!r} at position {position}"
+            )
         encoded = key.encode("utf-8")
         if not 0 < len(encoded) <= MAX_KEY_BYTES:
-            raise KVStoreError(f"{field}: id at position {position} ({key[:60]!r}) is {len(encoded)} "
-                               f"utf-8 bytes; LMDB keys must be 1-{MAX_KEY_BYTES} bytes")
+            raise KVStoreError(
+                f"{field}: id at position {position} ({key[:60]!r}) is {len(encoded)} "
+                f"utf-8 bytes; LMDB keys must be 1-{MAX_KEY_BYTES} bytes"
+            )
         keys.append(encoded)
     return keys
 
@@ -57,8 +61,10 @@ def check_unique_keys(keys: list[bytes], field: str = "ids") -> None:
     seen: dict[bytes, int] = {}
     for position, key in enumerate(keys):
         if key in seen:
-            raise KVStoreError(f"{field} must be unique within a call, but {key.decode()!r} appears at "
-                               f"positions {seen[key]} and {position}")
+            raise KVStoreError(
+                f"{field} must be unique within a call, but {key.decode()!r} appears at "
+                f"positions {seen[key]} and {position}"
+            )
         seen[key] = position
 
 

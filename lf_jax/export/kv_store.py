@@ -38,25 +38,32 @@ import lmdb
 import numpy as np
 
 from lf_jax.console import get_logger, progress
+
 # Some names are imported only so that callers keep importing them from this module.
-from lf_jax.export.kv_inputs import (MAX_KEY_BYTES, KVStoreError, check_unique_keys, check_vectors,
-                                     encode_keys)
+from lf_jax.export.kv_inputs import (
+    MAX_KEY_BYTES,
+    KVStoreError,
+    check_unique_keys,
+    check_vectors,
+    encode_keys,
+)
 from lf_jax.export.quantize import RowCodec, dequantize_int8, quantization_error, quantize_int8
 
 FORMAT = "lf_jax.KVStore"
 FORMAT_VERSION = 1
 DTYPES = ("int8", "float32")
 MAX_VERSIONS = 65535
-DEFAULT_MAP_SIZE = 1 << 30       # grows by doubling when full
+DEFAULT_MAP_SIZE = 1 << 30  # grows by doubling when full
 DEFAULT_BATCH_SIZE = 10_000
 _META_FORMAT = b"format"
-_META_VERSIONS = b"versions"          # json list: version index -> name
-_META_COUNTS = b"version_counts"      # json list: rows per version index
+_META_VERSIONS = b"versions"  # json list: version index -> name
+_META_COUNTS = b"version_counts"  # json list: rows per version index
 
 
 @dataclasses.dataclass(frozen=True)
 class UpdateCounts:
     """What ``update`` did: ``written`` = ``new`` + changed rows; ``unchanged`` rows were kept."""
+
     written: int
     unchanged: int
     new: int
@@ -65,6 +72,7 @@ class UpdateCounts:
 @dataclasses.dataclass(frozen=True)
 class RawRows:
     """Stored rows as they are: codes [n, D] (int8, or float32), scales [n], versions [n] str."""
+
     codes: np.ndarray
     scales: np.ndarray
     versions: np.ndarray
@@ -78,29 +86,51 @@ class KVStore:
     at creation. readonly: open for lookups only (many processes may do so at once).
     """
 
-    def __init__(self, path: str | os.PathLike, dims: int | None = None, *, dtype: str = "int8",
-                 readonly: bool = False, map_size: int = DEFAULT_MAP_SIZE, sync: bool = True):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        dims: int | None = None,
+        *,
+        dtype: str = "int8",
+        readonly: bool = False,
+        map_size: int = DEFAULT_MAP_SIZE,
+        sync: bool = True,
+    ):
         self.path = Path(path)
-        if dims is not None and (not isinstance(dims, (int, np.integer)) or isinstance(dims, bool)
-                                 or dims < 1):
+        if dims is not None and (
+            not isinstance(dims, (int, np.integer)) or isinstance(dims, bool) or dims < 1
+        ):
             raise KVStoreError(f"dims must be a positive int, got {dims!r}")
         if dtype not in DTYPES:
             raise KVStoreError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         exists = (self.path / "data.mdb").is_file()
         if not exists and readonly:
-            raise KVStoreError(f"KVStore: '{self.path}' holds no store (no data.mdb) to open read-only")
+            raise KVStoreError(
+                f"KVStore: '{self.path}' holds no store (no data.mdb) to open read-only"
+            )
         if not exists and dims is None:
-            raise KVStoreError(f"KVStore: '{self.path}' holds no store yet; pass dims=... to create one")
+            raise KVStoreError(
+                f"KVStore: '{self.path}' holds no store yet; pass dims=... to create one"
+            )
         if self.path.exists() and not self.path.is_dir():
             raise KVStoreError(f"KVStore: '{self.path}' exists and is not a directory")
         try:
             if not readonly:
                 self.path.mkdir(parents=True, exist_ok=True)
-            self._env = lmdb.open(str(self.path), map_size=map_size, max_dbs=2, readonly=readonly,
-                                  lock=True, sync=sync, metasync=sync)
+            self._env = lmdb.open(
+                str(self.path),
+                map_size=map_size,
+                max_dbs=2,
+                readonly=readonly,
+                lock=True,
+                sync=sync,
+                metasync=sync,
+            )
         except (OSError, lmdb.Error) as error:
-            raise KVStoreError(f"KVStore: cannot open '{self.path}'"
-                               f"{' for writing' if not readonly else ''}: {error}") from None
+            raise KVStoreError(
+                f"KVStore: cannot open '{self.path}'"
+                f"{' for writing' if not readonly else ''}: {error}"
+            ) from None
         try:
             self._meta = self._env.open_db(b"meta", create=not readonly)
             self._rows = self._env.open_db(b"vectors", create=not readonly)
@@ -112,8 +142,15 @@ class KVStore:
         if header is None:
             if readonly:
                 self._env.close()
-                raise KVStoreError(f"KVStore: '{self.path}' is an LMDB directory without KVStore metadata")
-            header = {"format": FORMAT, "format_version": FORMAT_VERSION, "dims": int(dims), "dtype": dtype}
+                raise KVStoreError(
+                    f"KVStore: '{self.path}' is an LMDB directory without KVStore metadata"
+                )
+            header = {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "dims": int(dims),
+                "dtype": dtype,
+            }
             with self._env.begin(write=True, db=self._meta) as txn:
                 txn.put(_META_FORMAT, json.dumps(header).encode())
                 txn.put(_META_VERSIONS, b"[]")
@@ -122,12 +159,16 @@ class KVStore:
             header = json.loads(header)
             if header.get("format") != FORMAT or header.get("format_version") != FORMAT_VERSION:
                 self._env.close()
-                raise KVStoreError(f"KVStore: '{self.path}' has format {header.get('format')!r} version "
-                                   f"{header.get('format_version')!r}, expected {FORMAT!r} {FORMAT_VERSION}")
+                raise KVStoreError(
+                    f"KVStore: '{self.path}' has format {header.get('format')!r} version "
+                    f"{header.get('format_version')!r}, expected {FORMAT!r} {FORMAT_VERSION}"
+                )
             if dims is not None and dims != header["dims"]:
                 self._env.close()
-                raise KVStoreError(f"dims={dims} does not match the store at '{self.path}', which holds "
-                                   f"{header['dims']}-dim vectors")
+                raise KVStoreError(
+                    f"dims={dims} does not match the store at '{self.path}', which holds "
+                    f"{header['dims']}-dim vectors"
+                )
         self.dims: int = int(header["dims"])
         self.dtype: str = header["dtype"]
         self.readonly = readonly
@@ -165,8 +206,10 @@ class KVStore:
         size = self._row_dtype.itemsize
         for key, value in zip(keys, values):
             if len(value) != size:
-                raise KVStoreError(f"KVStore: row {key.decode()!r} in '{self.path}' has {len(value)} bytes, "
-                                   f"expected {size}; the store is corrupt or of another layout")
+                raise KVStoreError(
+                    f"KVStore: row {key.decode()!r} in '{self.path}' has {len(value)} bytes, "
+                    f"expected {size}; the store is corrupt or of another layout"
+                )
         return self._codec.decode(values)
 
     def _read_meta(self, txn) -> tuple[list[str], list[int]]:
@@ -183,7 +226,9 @@ class KVStore:
 
     def _grow(self) -> None:
         size = self._env.info()["map_size"] * 2
-        get_logger().info("KVStore: %s is full; growing the map to %.1f GiB", self.path, size / 2**30)
+        get_logger().info(
+            "KVStore: %s is full; growing the map to %.1f GiB", self.path, size / 2**30
+        )
         self._env.set_mapsize(size)
 
     # --------------------------------------------------------------- writes
@@ -191,12 +236,21 @@ class KVStore:
         if self.readonly:
             raise KVStoreError(f"KVStore: '{self.path}' was opened read-only")
 
-    def _write(self, ids, vectors, version, *, batch_size: int, tolerance: float | None,
-               desc: str) -> UpdateCounts:
+    def _write(
+        self, ids, vectors, version, *, batch_size: int, tolerance: float | None, desc: str
+    ) -> UpdateCounts:
         self._check_writable()
-        if not isinstance(version, (str, int, np.integer)) or isinstance(version, bool) or str(version) == "":
+        if (
+            not isinstance(version, (str, int, np.integer))
+            or isinstance(version, bool)
+            or str(version) == ""
+        ):
             raise KVStoreError(f"version must be a non-empty str or an int, got {version!r}")
-        if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
+        if (
+            not isinstance(batch_size, (int, np.integer))
+            or isinstance(batch_size, bool)
+            or batch_size < 1
+        ):
             raise KVStoreError(f"batch_size must be a positive int, got {batch_size!r}")
         version = str(version)
         keys = encode_keys(ids)
@@ -210,26 +264,33 @@ class KVStore:
         written = unchanged = new = 0
         with progress(total=len(keys), desc=desc, unit="row") as bar:
             for start in range(0, len(keys), batch_size):
-                batch_keys = keys[start:start + batch_size]
-                batch = vectors[start:start + batch_size]
+                batch_keys = keys[start : start + batch_size]
+                batch = vectors[start : start + batch_size]
                 while True:
                     try:
                         counts = self._write_transaction(batch_keys, batch, version, tolerance)
                         break
                     except lmdb.MapFullError:
                         self._grow()
-                written, unchanged, new = (written + counts[0], unchanged + counts[1], new + counts[2])
+                written, unchanged, new = (
+                    written + counts[0],
+                    unchanged + counts[1],
+                    new + counts[2],
+                )
                 bar.update(len(batch_keys))
         return UpdateCounts(written=written, unchanged=unchanged, new=new)
 
-    def _write_transaction(self, keys: list[bytes], vectors: np.ndarray, version: str,
-                           tolerance: float | None) -> tuple[int, int, int]:
+    def _write_transaction(
+        self, keys: list[bytes], vectors: np.ndarray, version: str, tolerance: float | None
+    ) -> tuple[int, int, int]:
         with self._env.begin(write=True) as txn:
             versions, counts = self._read_meta(txn)
             if version not in versions:
                 if len(versions) >= MAX_VERSIONS:
-                    raise KVStoreError(f"version {version!r}: the store already holds {MAX_VERSIONS} "
-                                       "versions; rewrite it with fewer")
+                    raise KVStoreError(
+                        f"version {version!r}: the store already holds {MAX_VERSIONS} "
+                        "versions; rewrite it with fewer"
+                    )
                 versions.append(version)
                 counts.append(0)
             version_index = versions.index(version)
@@ -238,8 +299,10 @@ class KVStore:
             present = np.array([value is not None for value in old_values])
             write = np.ones(len(keys), bool)
             if present.any():
-                old = self._decode([v for v in old_values if v is not None],
-                                   [k for k, v in zip(keys, old_values) if v is not None])
+                old = self._decode(
+                    [v for v in old_values if v is not None],
+                    [k for k, v in zip(keys, old_values) if v is not None],
+                )
                 if tolerance is not None:
                     stored = self._codec.vectors(old)
                     fresh = self._codec.vectors(records[present])
@@ -249,8 +312,9 @@ class KVStore:
                     counts[old_version] -= 1
             if write.any():
                 chosen = np.flatnonzero(write)
-                self._write_batch(txn, [keys[i] for i in chosen.tolist()],
-                                  self._codec.values(records[chosen]))
+                self._write_batch(
+                    txn, [keys[i] for i in chosen.tolist()], self._codec.values(records[chosen])
+                )
                 counts[version_index] += int(chosen.size)
             txn.put(_META_VERSIONS, json.dumps(versions).encode(), db=self._meta)
             txn.put(_META_COUNTS, json.dumps(counts).encode(), db=self._meta)
@@ -263,11 +327,19 @@ class KVStore:
         Rows are sorted by id and written ``batch_size`` at a time, one transaction each:
         a batch is all in or all out, also if the process dies.
         """
-        return self._write(ids, vectors, version, batch_size=batch_size, tolerance=None,
-                           desc="kv put").written
+        return self._write(
+            ids, vectors, version, batch_size=batch_size, tolerance=None, desc="kv put"
+        ).written
 
-    def update(self, ids, vectors, version, *, tolerance: float = 1e-3,
-               batch_size: int = DEFAULT_BATCH_SIZE) -> UpdateCounts:
+    def update(
+        self,
+        ids,
+        vectors,
+        version,
+        *,
+        tolerance: float = 1e-3,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> UpdateCounts:
         """Writes only new rows and rows whose vector changed; returns the counts.
 
         A stored row is rewritten (with ``version``) when
@@ -277,8 +349,14 @@ class KVStore:
         """
         if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or tolerance < 0:
             raise KVStoreError(f"tolerance must be a number >= 0, got {tolerance!r}")
-        return self._write(ids, vectors, version, batch_size=batch_size, tolerance=float(tolerance),
-                           desc="kv update")
+        return self._write(
+            ids,
+            vectors,
+            version,
+            batch_size=batch_size,
+            tolerance=float(tolerance),
+            desc="kv update",
+        )
 
     def delete(self, ids, *, batch_size: int = DEFAULT_BATCH_SIZE) -> int:
         """Removes rows (unknown ids are skipped); returns how many were removed."""
@@ -288,7 +366,7 @@ class KVStore:
         for start in range(0, len(keys), batch_size):
             with self._env.begin(write=True) as txn:
                 versions, counts = self._read_meta(txn)
-                for key in keys[start:start + batch_size]:
+                for key in keys[start : start + batch_size]:
                     value = txn.pop(key, db=self._rows)
                     if value is not None:
                         counts[self._decode([value], [key])["version"][0]] -= 1
@@ -306,13 +384,17 @@ class KVStore:
         found = np.array([value is not None for value in values], bool)
         if not found.all() and missing == "raise":
             first = int(np.argmin(found))
-            raise KVStoreError(f"ids: {int((~found).sum())} of {len(keys)} ids are not in the store "
-                               f"(first: {keys[first].decode()!r} at position {first}); pass "
-                               "missing='nan' or 'zeros' to fill them")
+            raise KVStoreError(
+                f"ids: {int((~found).sum())} of {len(keys)} ids are not in the store "
+                f"(first: {keys[first].decode()!r} at position {first}); pass "
+                "missing='nan' or 'zeros' to fill them"
+            )
         records = np.zeros(len(keys), self._row_dtype)
         if found.any():
-            records[found] = self._decode([v for v in values if v is not None],
-                                          [k for k, v in zip(keys, values) if v is not None])
+            records[found] = self._decode(
+                [v for v in values if v is not None],
+                [k for k, v in zip(keys, values) if v is not None],
+            )
         return records, found, keys
 
     def get(self, ids, *, missing: str = "raise") -> np.ndarray:
@@ -333,7 +415,9 @@ class KVStore:
             names = np.array(self._read_meta(txn)[0] or [""])
         versions = names[records["version"].astype(np.int64)]
         versions[~found] = ""
-        return RawRows(codes=records["codes"].copy(), scales=records["scale"].copy(), versions=versions)
+        return RawRows(
+            codes=records["codes"].copy(), scales=records["scale"].copy(), versions=versions
+        )
 
     def ids(self) -> list[str]:
         """Every id in the store, in key (utf-8 byte) order."""
@@ -354,13 +438,22 @@ class KVStore:
             trees = [txn.stat(self._rows), txn.stat(self._meta), self._env.stat()]
         count = trees[0]["entries"]
         page = trees[0]["psize"]
-        live_pages = 2 + sum(t["branch_pages"] + t["leaf_pages"] + t["overflow_pages"] for t in trees)
+        live_pages = 2 + sum(
+            t["branch_pages"] + t["leaf_pages"] + t["overflow_pages"] for t in trees
+        )
         file_stat = (self.path / "data.mdb").stat()
-        return {"count": count, "dims": self.dims, "dtype": self.dtype,
-                "versions": {name: n for name, n in zip(versions, counts) if n},
-                "bytes_on_disk": file_stat.st_blocks * 512, "file_bytes": file_stat.st_size,
-                "bytes_live": live_pages * page, "bytes_float32": count * self.dims * 4,
-                "row_bytes": self._row_dtype.itemsize, "map_size": self._env.info()["map_size"]}
+        return {
+            "count": count,
+            "dims": self.dims,
+            "dtype": self.dtype,
+            "versions": {name: n for name, n in zip(versions, counts) if n},
+            "bytes_on_disk": file_stat.st_blocks * 512,
+            "file_bytes": file_stat.st_size,
+            "bytes_live": live_pages * page,
+            "bytes_float32": count * self.dims * 4,
+            "row_bytes": self._row_dtype.itemsize,
+            "map_size": self._env.info()["map_size"],
+        }
 
     def copy_compact(self, directory: str | os.PathLike) -> Path:
         """Writes a compacted copy (no free pages) of the store to a new or empty directory.

@@ -51,11 +51,18 @@ def quantization_error(vectors) -> dict:
     norms = np.linalg.norm(vectors, axis=1)
     restored_norms = np.linalg.norm(restored, axis=1)
     denominator = norms * restored_norms
-    cosine = np.where(denominator > 0, np.einsum("ij,ij->i", vectors, restored)
-                      / np.where(denominator > 0, denominator, 1.0), 1.0)
+    cosine = np.where(
+        denominator > 0,
+        np.einsum("ij,ij->i", vectors, restored) / np.where(denominator > 0, denominator, 1.0),
+        1.0,
+    )
     relative = np.linalg.norm(vectors - restored, axis=1) / np.where(norms > 0, norms, 1.0)
-    return {"cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min()),
-            "relative_l2_mean": float(relative.mean()), "relative_l2_max": float(relative.max())}
+    return {
+        "cosine_mean": float(cosine.mean()),
+        "cosine_min": float(cosine.min()),
+        "relative_l2_mean": float(relative.mean()),
+        "relative_l2_max": float(relative.max()),
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +71,7 @@ class RowCodec:
 
     dtype: "int8" (quantized with ``quantize_int8``) or "float32" (exact, scale 1).
     """
+
     dims: int
     dtype: str = "int8"
 
@@ -93,7 +101,7 @@ class RowCodec:
         """records [n] -> n byte strings of ``row_dtype.itemsize`` bytes (the stored values)."""
         payload = records.tobytes()
         size = self.row_dtype.itemsize
-        return [payload[i * size:(i + 1) * size] for i in range(records.size)]
+        return [payload[i * size : (i + 1) * size] for i in range(records.size)]
 
     def decode(self, values: list[bytes]) -> np.ndarray:
         """Stored values (each ``row_dtype.itemsize`` bytes; the caller checks) -> records [n]."""

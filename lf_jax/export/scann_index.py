@@ -39,23 +39,52 @@ directory format in index_files.py; their public names are importable from here 
 
 import math
 import os
-from pathlib import Path
 import time
+from pathlib import Path
 
 import numpy as np
 
 from lf_jax.console import get_logger
+
 # Some names are imported only so that callers keep importing them from this module.
-from lf_jax.export.index_files import (FORMAT, FORMAT_VERSION, IDS_FILE, MANIFEST,
-                                       manifest_timestamp, read_index_directory, scann_version,
-                                       write_atomically, write_index_files)
-from lf_jax.export.index_inputs import (METRICS, VectorIndexError, check_ids, check_metric,
-                                        check_positive_int, check_recall, check_unique_ids,
-                                        first_duplicate, prepare_vectors)
-from lf_jax.export.scann_tuning import (ANISOTROPIC_THRESHOLD, BRUTE_FORCE_BELOW, DIMS_PER_BLOCK,
-                                        EXACT_TILE, MODES, TUNE_QUERIES, SearchParams,
-                                        build_searcher, choose_params, describe_params,
-                                        exact_search, recall_at_k, recall_of, run_tuning_trials)
+from lf_jax.export.index_files import (
+    FORMAT,
+    FORMAT_VERSION,
+    IDS_FILE,
+    MANIFEST,
+    manifest_timestamp,
+    read_index_directory,
+    scann_version,
+    write_atomically,
+    write_index_files,
+)
+from lf_jax.export.index_inputs import (
+    METRICS,
+    VectorIndexError,
+    check_ids,
+    check_metric,
+    check_positive_int,
+    check_recall,
+    check_unique_ids,
+    first_duplicate,
+    prepare_vectors,
+)
+from lf_jax.export.scann_tuning import (
+    ANISOTROPIC_THRESHOLD,
+    BRUTE_FORCE_BELOW,
+    DIMS_PER_BLOCK,
+    EXACT_TILE,
+    MODES,
+    TUNE_QUERIES,
+    SearchParams,
+    build_searcher,
+    choose_params,
+    describe_params,
+    exact_search,
+    recall_at_k,
+    recall_of,
+    run_tuning_trials,
+)
 
 # Names this module had before the split, still imported by tests and bench/scann_index.py.
 _prepare = prepare_vectors
@@ -65,8 +94,18 @@ _build_searcher = build_searcher
 class VectorIndex:
     """A ScaNN searcher over float32 vectors, keyed by string ids. Build with ``build`` or ``load``."""
 
-    def __init__(self, *, searcher, ids: np.ndarray, vectors: np.ndarray | None, metric: str,
-                 input_dim: int, dims: int, params: SearchParams, manifest: dict):
+    def __init__(
+        self,
+        *,
+        searcher,
+        ids: np.ndarray,
+        vectors: np.ndarray | None,
+        metric: str,
+        input_dim: int,
+        dims: int,
+        params: SearchParams,
+        manifest: dict,
+    ):
         self._searcher = searcher
         self._ids = ids
         self._row: dict[str, int] | None = None  # id -> row, built on the first upsert/delete
@@ -79,12 +118,25 @@ class VectorIndex:
 
     # ----------------------------------------------------------------- build
     @classmethod
-    def build(cls, vectors, ids, *, metric: str = "dot_product", target_recall: float = 0.95,
-              num_neighbors: int = 10, dims: int | None = None, tune: bool = True,
-              tune_queries=None, num_tune_queries: int = TUNE_QUERIES, recall_margin: float = 0.01,
-              brute_force_below: int = BRUTE_FORCE_BELOW, model: str | None = None,
-              checkpoint_step: int | None = None, training_threads: int = 0,
-              seed: int = 0) -> "VectorIndex":
+    def build(
+        cls,
+        vectors,
+        ids,
+        *,
+        metric: str = "dot_product",
+        target_recall: float = 0.95,
+        num_neighbors: int = 10,
+        dims: int | None = None,
+        tune: bool = True,
+        tune_queries=None,
+        num_tune_queries: int = TUNE_QUERIES,
+        recall_margin: float = 0.01,
+        brute_force_below: int = BRUTE_FORCE_BELOW,
+        model: str | None = None,
+        checkpoint_step: int | None = None,
+        training_threads: int = 0,
+        seed: int = 0,
+    ) -> "VectorIndex":
         """Builds (and by default tunes) an index over ``vectors`` [N, D] with string ``ids`` [N].
 
         target_recall: recall@num_neighbors that ``tune`` aims for (plus ``recall_margin``
@@ -96,14 +148,21 @@ class VectorIndex:
         target_recall = check_recall("target_recall", target_recall)
         num_neighbors = check_positive_int("num_neighbors", num_neighbors)
         brute_force_below = check_positive_int("brute_force_below", brute_force_below)
-        if checkpoint_step is not None and (not isinstance(checkpoint_step, (int, np.integer))
-                                            or isinstance(checkpoint_step, bool) or checkpoint_step < 0):
-            raise VectorIndexError(f"checkpoint_step must be an int >= 0 or None, got {checkpoint_step!r}")
+        if checkpoint_step is not None and (
+            not isinstance(checkpoint_step, (int, np.integer))
+            or isinstance(checkpoint_step, bool)
+            or checkpoint_step < 0
+        ):
+            raise VectorIndexError(
+                f"checkpoint_step must be an int >= 0 or None, got {checkpoint_step!r}"
+            )
         shape = np.shape(vectors)
         if len(shape) != 2:
             raise VectorIndexError(f"vectors must be 2-D [N, D], got shape {shape}")
         if shape[0] == 0:
-            raise VectorIndexError("vectors: the corpus is empty (0 vectors); an index needs at least one")
+            raise VectorIndexError(
+                "vectors: the corpus is empty (0 vectors); an index needs at least one"
+            )
         if dims is not None:
             dims = check_positive_int("dims", dims)
             if dims > shape[1]:
@@ -111,43 +170,90 @@ class VectorIndex:
         id_array = check_ids(ids, shape[0])
         check_unique_ids(id_array)
         if num_neighbors > shape[0]:
-            raise VectorIndexError(f"num_neighbors={num_neighbors} is more than the {shape[0]} vectors")
-        corpus = prepare_vectors(vectors, field="vectors", metric=metric, width=None, dims=dims,
-                                 ids=id_array)
-        params, reason = choose_params(corpus.shape[0], num_neighbors=num_neighbors, metric=metric,
-                                       brute_force_below=brute_force_below)
+            raise VectorIndexError(
+                f"num_neighbors={num_neighbors} is more than the {shape[0]} vectors"
+            )
+        corpus = prepare_vectors(
+            vectors, field="vectors", metric=metric, width=None, dims=dims, ids=id_array
+        )
+        params, reason = choose_params(
+            corpus.shape[0],
+            num_neighbors=num_neighbors,
+            metric=metric,
+            brute_force_below=brute_force_below,
+        )
         start = time.perf_counter()
         try:
             searcher = build_searcher(corpus, params, metric, training_threads)
         except RuntimeError as error:  # ScaNN's own checks (should not happen after ours)
-            raise VectorIndexError(f"ScaNN could not build the index ({params.mode}): {error}") from None
+            raise VectorIndexError(
+                f"ScaNN could not build the index ({params.mode}): {error}"
+            ) from None
         build_seconds = time.perf_counter() - start
         manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "model": model,
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model": model,
             "checkpoint_step": None if checkpoint_step is None else int(checkpoint_step),
-            "metric": metric, "input_dim": int(shape[1]),
-            "dims": corpus.shape[1], "count": corpus.shape[0], "mode_reason": reason,
-            "brute_force_below": brute_force_below, "build_seconds": round(build_seconds, 3),
+            "metric": metric,
+            "input_dim": int(shape[1]),
+            "dims": corpus.shape[1],
+            "count": corpus.shape[0],
+            "mode_reason": reason,
+            "brute_force_below": brute_force_below,
+            "build_seconds": round(build_seconds, 3),
             "built_at": manifest_timestamp(),
-            "scann_version": scann_version(), "target_recall": target_recall,
-            "recall": None, "updates_since_recall": 0,
+            "scann_version": scann_version(),
+            "target_recall": target_recall,
+            "recall": None,
+            "updates_since_recall": 0,
         }
-        index = cls(searcher=searcher, ids=id_array, vectors=corpus, metric=metric,
-                    input_dim=int(shape[1]), dims=corpus.shape[1], params=params, manifest=manifest)
-        get_logger().info("VectorIndex: built %s over %d x %d in %.1f s (%s)", params.mode,
-                          corpus.shape[0], corpus.shape[1], build_seconds, reason)
+        index = cls(
+            searcher=searcher,
+            ids=id_array,
+            vectors=corpus,
+            metric=metric,
+            input_dim=int(shape[1]),
+            dims=corpus.shape[1],
+            params=params,
+            manifest=manifest,
+        )
+        get_logger().info(
+            "VectorIndex: built %s over %d x %d in %.1f s (%s)",
+            params.mode,
+            corpus.shape[0],
+            corpus.shape[1],
+            build_seconds,
+            reason,
+        )
         if tune:
-            index.tune(queries=tune_queries, target_recall=target_recall, num_queries=num_tune_queries,
-                       margin=recall_margin, seed=seed)
+            index.tune(
+                queries=tune_queries,
+                target_recall=target_recall,
+                num_queries=num_tune_queries,
+                margin=recall_margin,
+                seed=seed,
+            )
         return index
 
     # ------------------------------------------------------------------ tune
     def _prepare_queries(self, queries, field: str = "queries") -> np.ndarray:
-        return prepare_vectors(queries, field=field, metric=self.metric, width=self.input_dim,
-                               dims=self.dims if self.dims < self.input_dim else None)
+        return prepare_vectors(
+            queries,
+            field=field,
+            metric=self.metric,
+            width=self.input_dim,
+            dims=self.dims if self.dims < self.input_dim else None,
+        )
 
-    def _raw_search(self, queries: np.ndarray, k: int, leaves: int | None, reorder: int | None,
-                    batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    def _raw_search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        leaves: int | None,
+        reorder: int | None,
+        batch_size: int = 256,
+    ) -> tuple[np.ndarray, np.ndarray]:
         if self.params.mode == "brute_force":
             leaves, pre = -1, -1
         else:
@@ -155,8 +261,9 @@ class VectorIndex:
             base = self.params.reorder_k if reorder is None else reorder
             pre = max(k, math.ceil(base * max(1.0, k / self.params.num_neighbors)))
         parallel = queries.shape[0] >= 2 * batch_size and (os.cpu_count() or 1) > 1
-        rows, scores = self._searcher.search_batched(queries, k, pre, leaves, parallel,
-                                                     batch_size if parallel else 0)
+        rows, scores = self._searcher.search_batched(
+            queries, k, pre, leaves, parallel, batch_size if parallel else 0
+        )
         return np.asarray(rows), np.asarray(scores, np.float32)
 
     def _tune_queries(self, queries, num_queries: int, seed: int) -> tuple[np.ndarray, str]:
@@ -169,22 +276,41 @@ class VectorIndex:
 
     def _require_vectors(self, what: str) -> np.ndarray:
         if self._vectors is None:
-            raise VectorIndexError(f"{what} needs the corpus vectors, which this index does not hold "
-                                   "(its directory lacks dataset.npy); rebuild it with VectorIndex.build")
+            raise VectorIndexError(
+                f"{what} needs the corpus vectors, which this index does not hold "
+                "(its directory lacks dataset.npy); rebuild it with VectorIndex.build"
+            )
         return self._vectors
 
-    def measure_recall(self, queries=None, *, k: int | None = None, num_queries: int = TUNE_QUERIES,
-                       seed: int = 0, leaves_to_search: int | None = None,
-                       reorder_k: int | None = None) -> float:
+    def measure_recall(
+        self,
+        queries=None,
+        *,
+        k: int | None = None,
+        num_queries: int = TUNE_QUERIES,
+        seed: int = 0,
+        leaves_to_search: int | None = None,
+        reorder_k: int | None = None,
+    ) -> float:
         """recall@k of ``search`` against exact search on ``queries`` (or a corpus sample)."""
         k = self._check_k(k)
         prepared, _ = self._tune_queries(queries, num_queries, seed)
-        exact_rows, _ = exact_search(self._require_vectors("measure_recall"), prepared, k, self.metric)
+        exact_rows, _ = exact_search(
+            self._require_vectors("measure_recall"), prepared, k, self.metric
+        )
         rows, scores = self._raw_search(prepared, k, leaves_to_search, reorder_k)
         return recall_of(rows, scores, exact_rows)
 
-    def tune(self, queries=None, *, target_recall: float | None = None, k: int | None = None,
-             num_queries: int = TUNE_QUERIES, margin: float = 0.01, seed: int = 0) -> dict:
+    def tune(
+        self,
+        queries=None,
+        *,
+        target_recall: float | None = None,
+        k: int | None = None,
+        num_queries: int = TUNE_QUERIES,
+        margin: float = 0.01,
+        seed: int = 0,
+    ) -> dict:
         """Raises leaves_to_search, then reorder_k, until recall@k meets the target.
 
         Measures recall@k (k = num_neighbors by default) against exact search on
@@ -193,8 +319,10 @@ class VectorIndex:
         then the smallest reorder_k that still does at those leaves. Updates ``params``
         and ``manifest["recall"]`` and returns that report. No rebuild is needed.
         """
-        target = check_recall("target_recall", self.manifest["target_recall"] if target_recall is None
-                              else target_recall)
+        target = check_recall(
+            "target_recall",
+            self.manifest["target_recall"] if target_recall is None else target_recall,
+        )
         k = self._check_k(k)
         if not isinstance(margin, (int, float)) or isinstance(margin, bool) or not 0 <= margin < 1:
             raise VectorIndexError(f"margin must be a number in [0, 1), got {margin!r}")
@@ -205,17 +333,34 @@ class VectorIndex:
         goal = min(1.0, target + margin)
         params, recall, trials = run_tuning_trials(
             lambda leaves, reorder: self._raw_search(prepared, k, leaves, reorder),
-            exact_rows, self.params, count=self.count, goal=goal)
-        report = {"recall": round(recall, 5), "k": k, "target_recall": target, "goal": goal,
-                  "target_met": recall >= target, "num_queries": int(prepared.shape[0]),
-                  "queries": source, "count": self.count,
-                  "tune_seconds": round(time.perf_counter() - start, 3),
-                  "trials": trials}
+            exact_rows,
+            self.params,
+            count=self.count,
+            goal=goal,
+        )
+        report = {
+            "recall": round(recall, 5),
+            "k": k,
+            "target_recall": target,
+            "goal": goal,
+            "target_met": recall >= target,
+            "num_queries": int(prepared.shape[0]),
+            "queries": source,
+            "count": self.count,
+            "tune_seconds": round(time.perf_counter() - start, 3),
+            "trials": trials,
+        }
         self.params = params
         self.manifest.update(recall=report, target_recall=target, updates_since_recall=0)
         log = get_logger().info if report["target_met"] else get_logger().warning
-        log("VectorIndex.tune: recall@%d = %.4f (target %.3f%s) with %s", k, recall, target,
-            "" if report["target_met"] else ", NOT MET", describe_params(params))
+        log(
+            "VectorIndex.tune: recall@%d = %.4f (target %.3f%s) with %s",
+            k,
+            recall,
+            target,
+            "" if report["target_met"] else ", NOT MET",
+            describe_params(params),
+        )
         return report
 
     # ---------------------------------------------------------------- search
@@ -237,8 +382,15 @@ class VectorIndex:
             raise VectorIndexError(f"k={k} is more than the {self.count} items in the index")
         return k
 
-    def search(self, queries, k: int | None = None, *, leaves_to_search: int | None = None,
-               reorder_k: int | None = None, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self,
+        queries,
+        k: int | None = None,
+        *,
+        leaves_to_search: int | None = None,
+        reorder_k: int | None = None,
+        batch_size: int = 256,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k ids and scores for each query: (ids [Q, k] str, scores [Q, k] float32).
 
         Batched: ScaNN splits the queries into batches of ``batch_size`` over its threads.
@@ -251,8 +403,9 @@ class VectorIndex:
             leaves_to_search = check_positive_int("leaves_to_search", leaves_to_search)
         if reorder_k is not None:
             reorder_k = check_positive_int("reorder_k", reorder_k)
-        rows, scores = self._raw_search(prepared, k, leaves_to_search, reorder_k,
-                                        check_positive_int("batch_size", batch_size))
+        rows, scores = self._raw_search(
+            prepared, k, leaves_to_search, reorder_k, check_positive_int("batch_size", batch_size)
+        )
         missing = np.isnan(scores)
         found = self._ids[np.where(missing, 0, rows).astype(np.int64)]
         if missing.any():
@@ -274,13 +427,21 @@ class VectorIndex:
         if id_array.size == 0:
             return {"added": 0, "replaced": 0}
         check_unique_ids(id_array)
-        prepared = prepare_vectors(vectors, field="vectors", metric=self.metric, width=self.input_dim,
-                                   dims=self.dims if self.dims < self.input_dim else None, ids=id_array)
+        prepared = prepare_vectors(
+            vectors,
+            field="vectors",
+            metric=self.metric,
+            width=self.input_dim,
+            dims=self.dims if self.dims < self.input_dim else None,
+            ids=id_array,
+        )
         rows = self._rows()
         keys = id_array.tolist()
         indices = [rows.get(key) for key in keys]
         try:
-            assigned = self._searcher.upsert(indices, prepared, check_positive_int("batch_size", batch_size))
+            assigned = self._searcher.upsert(
+                indices, prepared, check_positive_int("batch_size", batch_size)
+            )
         except RuntimeError as error:
             raise VectorIndexError(f"ScaNN upsert failed: {error}") from None
         assigned = np.asarray(assigned, np.int64)
@@ -294,9 +455,13 @@ class VectorIndex:
         for key, row in zip(id_array[new].tolist(), added_rows.tolist()):
             rows[key] = row
         if self._vectors is not None:
-            vectors_now = np.array(self._vectors) if not self._vectors.flags.writeable else self._vectors
+            vectors_now = (
+                np.array(self._vectors) if not self._vectors.flags.writeable else self._vectors
+            )
             vectors_now[replaced_rows] = prepared[~new]
-            self._vectors = np.concatenate([vectors_now, prepared[new]]) if added_rows.size else vectors_now
+            self._vectors = (
+                np.concatenate([vectors_now, prepared[new]]) if added_rows.size else vectors_now
+            )
         self._after_update(int(id_array.size))
         return {"added": int(added_rows.size), "replaced": int(replaced_rows.size)}
 
@@ -311,12 +476,16 @@ class VectorIndex:
         keys = list(dict.fromkeys(id_array.tolist()))
         unknown = [key for key in keys if key not in rows]
         if unknown and not missing_ok:
-            raise VectorIndexError(f"ids: {len(unknown)} of {len(keys)} ids are not in the index "
-                                   f"(first: {unknown[0]!r}); pass missing_ok=True to skip them")
+            raise VectorIndexError(
+                f"ids: {len(unknown)} of {len(keys)} ids are not in the index "
+                f"(first: {unknown[0]!r}); pass missing_ok=True to skip them"
+            )
         keys = [key for key in keys if key in rows]
         if len(keys) >= self.count:
-            raise VectorIndexError(f"ids: deleting all {self.count} items would leave an empty "
-                                   "index; build a new one instead")
+            raise VectorIndexError(
+                f"ids: deleting all {self.count} items would leave an empty "
+                "index; build a new one instead"
+            )
         if not keys:
             return 0
         ids_now = self._ids.copy()
@@ -345,14 +514,22 @@ class VectorIndex:
 
     def _after_update(self, changed: int) -> None:
         self.manifest["count"] = self.count
-        self.manifest["updates_since_recall"] = self.manifest.get("updates_since_recall", 0) + changed
+        self.manifest["updates_since_recall"] = (
+            self.manifest.get("updates_since_recall", 0) + changed
+        )
 
     def rebuild(self, *, target_recall: float | None = None, **build_kwargs) -> "VectorIndex":
         """A new index trained and tuned on the current items (after many upserts/deletes)."""
-        keep = {"metric": self.metric, "num_neighbors": self.params.num_neighbors,
-                "target_recall": self.manifest["target_recall"] if target_recall is None else target_recall,
-                "model": self.manifest.get("model"), "checkpoint_step": self.manifest.get("checkpoint_step"),
-                "brute_force_below": self.manifest.get("brute_force_below", BRUTE_FORCE_BELOW)}
+        keep = {
+            "metric": self.metric,
+            "num_neighbors": self.params.num_neighbors,
+            "target_recall": self.manifest["target_recall"]
+            if target_recall is None
+            else target_recall,
+            "model": self.manifest.get("model"),
+            "checkpoint_step": self.manifest.get("checkpoint_step"),
+            "brute_force_below": self.manifest.get("brute_force_below", BRUTE_FORCE_BELOW),
+        }
         keep.update(build_kwargs)
         return VectorIndex.build(np.asarray(self._require_vectors("rebuild")), self._ids, **keep)
 
@@ -368,8 +545,12 @@ class VectorIndex:
         return target
 
     def _write(self, directory: Path) -> None:
-        write_index_files(directory, self._searcher, self._ids,
-                          dict(self.manifest, count=self.count, params=self.params.to_json()))
+        write_index_files(
+            directory,
+            self._searcher,
+            self._ids,
+            dict(self.manifest, count=self.count, params=self.params.to_json()),
+        )
 
     @classmethod
     def load(cls, directory: str | os.PathLike, *, verify: bool = True) -> "VectorIndex":
@@ -378,5 +559,7 @@ class VectorIndex:
 
     def __repr__(self) -> str:
         recall = (self.manifest.get("recall") or {}).get("recall")
-        return (f"VectorIndex(count={self.count}, dims={self.dims}, metric={self.metric!r}, "
-                f"{describe_params(self.params)}, recall={recall})")
+        return (
+            f"VectorIndex(count={self.count}, dims={self.dims}, metric={self.metric!r}, "
+            f"{describe_params(self.params)}, recall={recall})"
+        )

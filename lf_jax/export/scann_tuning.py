@@ -45,6 +45,7 @@ class SearchParams:
     them without a rebuild); ``reorder_k`` is for ``num_neighbors`` results and grows in
     proportion for a larger k. The other fields are fixed when the index is trained.
     """
+
     mode: str
     num_neighbors: int
     num_leaves: int = 0
@@ -60,8 +61,9 @@ class SearchParams:
         return dataclasses.asdict(self)
 
 
-def exact_search(corpus: np.ndarray, queries: np.ndarray, k: int,
-                 metric: str = "dot_product") -> tuple[np.ndarray, np.ndarray]:
+def exact_search(
+    corpus: np.ndarray, queries: np.ndarray, k: int, metric: str = "dot_product"
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k with numpy: (rows [Q, k] int64, scores [Q, k] float32), best first.
 
     ``corpus`` and ``queries`` are prepared float32 arrays (already truncated and, for
@@ -78,24 +80,29 @@ def exact_search(corpus: np.ndarray, queries: np.ndarray, k: int,
     rows = np.empty((queries.shape[0], k), np.int64)
     scores = np.empty((queries.shape[0], k), np.float32)
     for start in range(0, queries.shape[0], query_chunk):
-        q = queries[start:start + query_chunk]
+        q = queries[start : start + query_chunk]
         candidate_sims, candidate_rows = [], []
         for first in range(0, n, block):
-            sim = q @ corpus[first:first + block].T
+            sim = q @ corpus[first : first + block].T
             if l2:  # rank by 2 q.x - |x|^2 (the squared distance minus |q|^2, negated)
                 sim *= 2.0
-                sim -= norms[first:first + block]
+                sim -= norms[first : first + block]
             width = sim.shape[1]
             keep = min(k, width)
-            top = np.argpartition(sim, width - keep, axis=1)[:, width - keep:] if keep < width else \
-                np.broadcast_to(np.arange(width), sim.shape)
+            top = (
+                np.argpartition(sim, width - keep, axis=1)[:, width - keep :]
+                if keep < width
+                else np.broadcast_to(np.arange(width), sim.shape)
+            )
             candidate_sims.append(np.take_along_axis(sim, top, axis=1))
             candidate_rows.append(top + first)
         sims, cands = np.concatenate(candidate_sims, axis=1), np.concatenate(candidate_rows, axis=1)
         order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
-        rows[start:start + q.shape[0]] = np.take_along_axis(cands, order, axis=1)
+        rows[start : start + q.shape[0]] = np.take_along_axis(cands, order, axis=1)
         best = np.take_along_axis(sims, order, axis=1)
-        scores[start:start + q.shape[0]] = (np.einsum("ij,ij->i", q, q)[:, None] - best) if l2 else best
+        scores[start : start + q.shape[0]] = (
+            (np.einsum("ij,ij->i", q, q)[:, None] - best) if l2 else best
+        )
     return rows, scores
 
 
@@ -106,28 +113,40 @@ def recall_at_k(found_rows: np.ndarray, exact_rows: np.ndarray) -> float:
     return hits / (k * exact_rows.shape[0])
 
 
-def choose_params(count: int, *, num_neighbors: int, metric: str,
-                  brute_force_below: int = BRUTE_FORCE_BELOW) -> tuple[SearchParams, str]:
+def choose_params(
+    count: int, *, num_neighbors: int, metric: str, brute_force_below: int = BRUTE_FORCE_BELOW
+) -> tuple[SearchParams, str]:
     """ScaNN parameters for a corpus size, before tuning: (params, why this mode)."""
     if count < brute_force_below:
-        return (SearchParams(mode="brute_force", num_neighbors=num_neighbors),
-                f"brute force: {count} vectors < brute_force_below={brute_force_below}")
+        return (
+            SearchParams(mode="brute_force", num_neighbors=num_neighbors),
+            f"brute force: {count} vectors < brute_force_below={brute_force_below}",
+        )
     num_leaves = max(2, int(round(math.sqrt(count))))
     leaves_to_search = max(1, math.ceil(num_leaves / 20))
     params = SearchParams(
-        mode="tree_ah", num_neighbors=num_neighbors, num_leaves=num_leaves,
-        leaves_to_search=leaves_to_search, reorder_k=max(100, 10 * num_neighbors),
+        mode="tree_ah",
+        num_neighbors=num_neighbors,
+        num_leaves=num_leaves,
+        leaves_to_search=leaves_to_search,
+        reorder_k=max(100, 10 * num_neighbors),
         dims_per_block=DIMS_PER_BLOCK,
-        anisotropic_quantization_threshold=ANISOTROPIC_THRESHOLD if metric != "squared_l2" else None,
+        anisotropic_quantization_threshold=ANISOTROPIC_THRESHOLD
+        if metric != "squared_l2"
+        else None,
         training_sample_size=min(count, max(100_000, 250 * num_leaves)),
-        min_partition_size=max(1, min(50, count // (4 * num_leaves))))
-    return params, (f"tree + asymmetric hashing + reordering: {count} vectors >= "
-                    f"brute_force_below={brute_force_below}, {num_leaves} leaves ~ sqrt(N)")
+        min_partition_size=max(1, min(50, count // (4 * num_leaves))),
+    )
+    return params, (
+        f"tree + asymmetric hashing + reordering: {count} vectors >= "
+        f"brute_force_below={brute_force_below}, {num_leaves} leaves ~ sqrt(N)"
+    )
 
 
 def build_searcher(corpus: np.ndarray, params: SearchParams, metric: str, training_threads: int):
     """Trains a ScaNN searcher (scann_pybind.ScannNumpy) over prepared ``corpus`` [N, D] float32."""
     from scann import scann_ops_pybind
+
     distance = "squared_l2" if metric == "squared_l2" else "dot_product"
     builder = scann_ops_pybind.builder(corpus, params.num_neighbors, distance)
     if params.mode == "brute_force":
@@ -135,14 +154,20 @@ def build_searcher(corpus: np.ndarray, params: SearchParams, metric: str, traini
     else:
         threshold = params.anisotropic_quantization_threshold
         threshold = float("nan") if threshold is None else threshold
-        builder = (builder.tree(num_leaves=params.num_leaves,
-                                num_leaves_to_search=params.leaves_to_search,
-                                training_sample_size=params.training_sample_size,
-                                min_partition_size=params.min_partition_size)
-                   .score_ah(params.dims_per_block,
-                             anisotropic_quantization_threshold=threshold,
-                             training_sample_size=min(corpus.shape[0], 100_000))
-                   .reorder(params.reorder_k))
+        builder = (
+            builder.tree(
+                num_leaves=params.num_leaves,
+                num_leaves_to_search=params.leaves_to_search,
+                training_sample_size=params.training_sample_size,
+                min_partition_size=params.min_partition_size,
+            )
+            .score_ah(
+                params.dims_per_block,
+                anisotropic_quantization_threshold=threshold,
+                training_sample_size=min(corpus.shape[0], 100_000),
+            )
+            .reorder(params.reorder_k)
+        )
     builder.set_n_training_threads(training_threads)
     config = builder.create_config()
     return scann_ops_pybind.scann_pybind.ScannNumpy(corpus, config, training_threads)
@@ -161,8 +186,9 @@ def recall_of(rows: np.ndarray, scores: np.ndarray, exact_rows: np.ndarray) -> f
     return recall_at_k(np.where(np.isnan(scores), -1, rows), exact_rows)
 
 
-def run_tuning_trials(search, exact_rows: np.ndarray, params: SearchParams, *, count: int,
-                      goal: float) -> tuple[SearchParams, float, list[dict]]:
+def run_tuning_trials(
+    search, exact_rows: np.ndarray, params: SearchParams, *, count: int, goal: float
+) -> tuple[SearchParams, float, list[dict]]:
     """Cheapest search settings whose recall@k reaches ``goal``: (params, recall, trials).
 
     ``search(leaves_to_search, reorder_k)`` runs the tuning queries and returns (rows
@@ -182,8 +208,14 @@ def run_tuning_trials(search, exact_rows: np.ndarray, params: SearchParams, *, c
         began = time.perf_counter()
         rows, scores = search(leaves, reorder)
         recall = recall_of(rows, scores, exact_rows)
-        trials.append({"leaves_to_search": leaves, "reorder_k": reorder, "recall": round(recall, 5),
-                       "queries_per_second": round(exact_rows.shape[0] / (time.perf_counter() - began), 1)})
+        trials.append(
+            {
+                "leaves_to_search": leaves,
+                "reorder_k": reorder,
+                "recall": round(recall, 5),
+                "queries_per_second": round(exact_rows.shape[0] / (time.perf_counter() - began), 1),
+            }
+        )
         return recall
 
     if params.mode == "brute_force":
@@ -210,6 +242,7 @@ def describe_params(params: SearchParams) -> str:
     """The mode and search settings in one line, for logs and ``repr``."""
     if params.mode == "brute_force":
         return "mode=brute_force"
-    return (f"mode=tree_ah, num_leaves={params.num_leaves}, leaves_to_search={params.leaves_to_search}, "
-            f"reorder_k={params.reorder_k}")
-
+    return (
+        f"mode=tree_ah, num_leaves={params.num_leaves}, leaves_to_search={params.leaves_to_search}, "
+        f"reorder_k={params.reorder_k}"
+    )

@@ -23,17 +23,17 @@ Example:
     >>> results[0].post_ids[:3], results[0].task_probs["like"][:3]
 """
 
-from collections.abc import Callable, Mapping, Sequence
 import dataclasses
 import importlib.util
 import sys
 import time
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
 from lf_jax.errors import UserInputError
 
-SIMULATOR_MODULE = "lf_jax_data_feed_logs_simulator"   # the name data/feed_logs/feed_logs.py uses
+SIMULATOR_MODULE = "lf_jax_data_feed_logs_simulator"  # the name data/feed_logs/feed_logs.py uses
 
 
 class ServingError(UserInputError):
@@ -44,8 +44,10 @@ def feed_logs_simulator():
     """data/feed_logs/simulator.py, imported by path once per process (shared with the builder)."""
     if SIMULATOR_MODULE not in sys.modules:
         from lf_jax.input.datasets import DATA_ROOT
-        spec = importlib.util.spec_from_file_location(SIMULATOR_MODULE,
-                                                      DATA_ROOT / "feed_logs" / "simulator.py")
+
+        spec = importlib.util.spec_from_file_location(
+            SIMULATOR_MODULE, DATA_ROOT / "feed_logs" / "simulator.py"
+        )
         module = importlib.util.module_from_spec(spec)
         sys.modules[SIMULATOR_MODULE] = module
         spec.loader.exec_module(module)
@@ -56,10 +58,11 @@ def parse_ids(ids: Sequence[str], prefix: str, count: int, field: str) -> np.nda
     """["m3", "m17"] -> [3, 17]; an id without the prefix or out of [0, count) is an error."""
     out = np.empty(len(ids), np.int64)
     for i, key in enumerate(ids):
-        body = key[len(prefix):] if isinstance(key, str) and key.startswith(prefix) else ""
+        body = key[len(prefix) :] if isinstance(key, str) and key.startswith(prefix) else ""
         if not body.isdigit() or int(body) >= count:
-            raise ServingError(f"{field}[{i}]={key!r} is not a known id ('{prefix}0' .. "
-                               f"'{prefix}{count - 1}')")
+            raise ServingError(
+                f"{field}[{i}]={key!r} is not a known id ('{prefix}0' .. '{prefix}{count - 1}')"
+            )
         out[i] = int(body)
     return out
 
@@ -94,7 +97,7 @@ class FeedWorldFeatures:
         hist_actors = np.empty((q, cfg.max_history), np.int64)
         hist_tags = np.empty((q, cfg.max_history), np.int64)
         log_age, noise = np.empty((q, k)), np.empty((q, k, 2))
-        for row, member in enumerate(members_q):   # one stream per member: a request is reproducible
+        for row, member in enumerate(members_q):  # one stream per member: a request is reproducible
             rng = np.random.default_rng([self.seed, int(member)])
             actors, tags = self.sim.draw_histories(rng, w, np.array([member]), cfg.max_history)
             hist_actors[row], hist_tags[row] = actors[0], tags[0]
@@ -104,24 +107,41 @@ class FeedWorldFeatures:
         actor, root = w.post_actor[posts_qk], w.post_root_actor[posts_qk]
         tags = w.post_hashtags[posts_qk]
         aff = self.sim.affinities(w, member_qk, actor, root, tags)
-        dense = np.stack([np.log1p(w.followers[actor]), np.log1p(w.followers[root]), log_age,
-                          np.log1p(5.0 * w.member_activity[member_qk]),
-                          aff[..., 0] + noise[..., 0], aff[..., 2] + noise[..., 1],
-                          np.log1p(w.post_prior_likes[posts_qk]), (actor != root).astype(np.float64)],
-                         axis=-1)
+        dense = np.stack(
+            [
+                np.log1p(w.followers[actor]),
+                np.log1p(w.followers[root]),
+                log_age,
+                np.log1p(5.0 * w.member_activity[member_qk]),
+                aff[..., 0] + noise[..., 0],
+                aff[..., 2] + noise[..., 1],
+                np.log1p(w.post_prior_likes[posts_qk]),
+                (actor != root).astype(np.float64),
+            ],
+            axis=-1,
+        )
         flat = lambda a: a.reshape(q * k, *a.shape[2:])
-        return {"member_id": flat(member_qk), "actor_id": flat(actor), "root_actor_id": flat(root),
-                "post_id": flat(posts_qk), "position": np.zeros(q * k, np.int64),
-                "post_hashtags": flat(tags), "history_actors": np.repeat(hist_actors, k, axis=0),
-                "history_hashtags": np.repeat(hist_tags, k, axis=0),
-                "dense": flat(dense).astype(np.float32), "log_age": flat(log_age)}
+        return {
+            "member_id": flat(member_qk),
+            "actor_id": flat(actor),
+            "root_actor_id": flat(root),
+            "post_id": flat(posts_qk),
+            "position": np.zeros(q * k, np.int64),
+            "post_hashtags": flat(tags),
+            "history_actors": np.repeat(hist_actors, k, axis=0),
+            "history_hashtags": np.repeat(hist_tags, k, axis=0),
+            "dense": flat(dense).astype(np.float32),
+            "log_age": flat(log_age),
+        }
 
     def true_relevance(self, batch: Mapping[str, np.ndarray]) -> np.ndarray:
         """The world's true position-free engagement probabilities [B, T] of a ``batch`` (oracle;
         evaluation only, never an input to serving)."""
         w = self.world
         member, post = batch["member_id"], batch["post_id"]
-        aff = self.sim.affinities(w, member, batch["actor_id"], batch["root_actor_id"], batch["post_hashtags"])
+        aff = self.sim.affinities(
+            w, member, batch["actor_id"], batch["root_actor_id"], batch["post_hashtags"]
+        )
         logits = self.sim.relevance_logits(w, member, post, aff, batch["log_age"])
         return 1.0 / (1.0 + np.exp(-logits))
 
@@ -138,15 +158,20 @@ class RankerScorer:
         import jax
 
         from lf_jax.train.step import make_eval_step
+
         self.task, self.state = source.task, source.state
         self.tasks = tuple(self.task.tasks)
         self.collection = self.task.collection
-        self._step = make_eval_step(self.task.graphdef, self.collection,
-                                    lambda model, acts, batch: jax.nn.sigmoid(model(acts, batch["dense"])))
+        self._step = make_eval_step(
+            self.task.graphdef,
+            self.collection,
+            lambda model, acts, batch: jax.nn.sigmoid(model(acts, batch["dense"])),
+        )
 
     def score(self, batch: Mapping[str, np.ndarray]) -> np.ndarray:
         import jax
         from jax.sharding import NamedSharding, PartitionSpec
+
         rows = len(batch["member_id"])
         devices = self.collection.num_devices
         padded = max(devices, 1 << (rows - 1).bit_length())
@@ -155,7 +180,9 @@ class RankerScorer:
         for name in self.collection.features:
             ids = np.asarray(batch[name]).reshape(rows, -1)
             raw[name] = np.pad(ids, ((0, padded - rows), (0, 0)), constant_values=-1)
-        dense = (np.asarray(batch["dense"], np.float32) - self.task.dense_mean_k) / self.task.dense_std_k
+        dense = (
+            np.asarray(batch["dense"], np.float32) - self.task.dense_mean_k
+        ) / self.task.dense_std_k
         dense = np.pad(dense, ((0, padded - rows), (0, 0)))
         sharding = NamedSharding(self.collection.mesh, PartitionSpec(self.collection.batch_axes))
         inputs = {"sparse": self.collection.preprocess(raw), "dense": dense}
@@ -188,6 +215,7 @@ class ServedFeed:
     per-task probabilities ({task: [N]}), their rows among the K candidates (in retrieval
     order, i.e. rows of ``TwoStageService.last_batch`` for this member), and the number of
     candidates ranked."""
+
     member_id: str
     post_ids: list[str]
     score: np.ndarray
@@ -206,23 +234,44 @@ class TwoStageService:
     (ms per stage) and ``last_batch`` (the ranker's input rows, Q*K, for evaluation).
     """
 
-    def __init__(self, query_encoder: Callable[[list[str]], np.ndarray], index, scorer: RankerScorer,
-                 features: FeedWorldFeatures, *, num_candidates: int = 2000, top_n: int = 10,
-                 task_weights: Mapping[str, float] | None = None):
-        self.query_encoder, self.index, self.scorer, self.features = query_encoder, index, scorer, features
+    def __init__(
+        self,
+        query_encoder: Callable[[list[str]], np.ndarray],
+        index,
+        scorer: RankerScorer,
+        features: FeedWorldFeatures,
+        *,
+        num_candidates: int = 2000,
+        top_n: int = 10,
+        task_weights: Mapping[str, float] | None = None,
+    ):
+        self.query_encoder, self.index, self.scorer, self.features = (
+            query_encoder,
+            index,
+            scorer,
+            features,
+        )
         self.num_candidates = self._check_k("num_candidates", num_candidates)
         self.top_n = self._check_n(top_n, self.num_candidates)
         weights = dict(task_weights or {name: 1.0 for name in scorer.tasks})
         unknown = sorted(set(weights) - set(scorer.tasks))
         if unknown:
-            raise ServingError(f"task_weights names unknown task(s) {unknown} (tasks: {list(scorer.tasks)})")
+            raise ServingError(
+                f"task_weights names unknown task(s) {unknown} (tasks: {list(scorer.tasks)})"
+            )
         self.weights_t = np.array([weights.get(name, 0.0) for name in scorer.tasks], np.float32)
         self.timings: dict[str, float] = {}
         self.last_batch: dict[str, np.ndarray] = {}
 
     def _check_k(self, field: str, k) -> int:
-        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= self.index.count:
-            raise ServingError(f"{field} must be an int in [1, {self.index.count}] (the index size), got {k!r}")
+        if (
+            not isinstance(k, (int, np.integer))
+            or isinstance(k, bool)
+            or not 1 <= k <= self.index.count
+        ):
+            raise ServingError(
+                f"{field} must be an int in [1, {self.index.count}] (the index size), got {k!r}"
+            )
         return int(k)
 
     @staticmethod
@@ -250,12 +299,23 @@ class TwoStageService:
         self.timings["retrieve_ms"] = 1e3 * (time.perf_counter() - start)
         return found, scores
 
-    def serve(self, member_ids: Sequence[str], *, num_candidates: int | None = None,
-              top_n: int | None = None) -> list[ServedFeed]:
+    def serve(
+        self,
+        member_ids: Sequence[str],
+        *,
+        num_candidates: int | None = None,
+        top_n: int | None = None,
+    ) -> list[ServedFeed]:
         """Top-N feeds for ``member_ids`` ("m<id>"); timings of each stage in ``self.timings`` (ms)."""
         if isinstance(member_ids, str) or len(member_ids) == 0:
-            raise ServingError(f"member_ids must be a non-empty list of ids like 'm3', got {member_ids!r}")
-        k = self.num_candidates if num_candidates is None else self._check_k("num_candidates", num_candidates)
+            raise ServingError(
+                f"member_ids must be a non-empty list of ids like 'm3', got {member_ids!r}"
+            )
+        k = (
+            self.num_candidates
+            if num_candidates is None
+            else self._check_k("num_candidates", num_candidates)
+        )
         n = self.top_n if top_n is None else self._check_n(top_n, k)
         members_q = parse_ids(member_ids, "m", self.features.num_members, "member_ids")
         total = time.perf_counter()
@@ -263,8 +323,9 @@ class TwoStageService:
         start = time.perf_counter()
         filled = found_qk != ""
         posts_qk = np.zeros(found_qk.shape, np.int64)
-        posts_qk[filled] = parse_ids(found_qk[filled].tolist(), "p", self.features.num_posts,
-                                     "index ids")
+        posts_qk[filled] = parse_ids(
+            found_qk[filled].tolist(), "p", self.features.num_posts, "index ids"
+        )
         batch = self.features.batch(members_q, posts_qk)
         self.timings["features_ms"] = 1e3 * (time.perf_counter() - start)
         start = time.perf_counter()
@@ -277,10 +338,17 @@ class TwoStageService:
         results = []
         for q, member in enumerate(member_ids):
             top = order_qn[q][np.isfinite(score_qk[q, order_qn[q]])]
-            results.append(ServedFeed(
-                member_id=member, post_ids=found_qk[q, top].tolist(), score=score_qk[q, top],
-                retrieval_score=retrieval_qk[q, top],
-                task_probs={name: probs_bt[q, top, t] for t, name in enumerate(self.scorer.tasks)},
-                rows=top,
-                num_candidates=int(filled[q].sum())))
+            results.append(
+                ServedFeed(
+                    member_id=member,
+                    post_ids=found_qk[q, top].tolist(),
+                    score=score_qk[q, top],
+                    retrieval_score=retrieval_qk[q, top],
+                    task_probs={
+                        name: probs_bt[q, top, t] for t, name in enumerate(self.scorer.tasks)
+                    },
+                    rows=top,
+                    num_candidates=int(filled[q].sum()),
+                )
+            )
         return results

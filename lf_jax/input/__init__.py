@@ -8,12 +8,28 @@ Example:
     >>> batch = next(train_iterator(builder, global_batch_size=256))
 """
 
-from lf_jax.input.datasets import (DatasetError, available_datasets, build_dataset,
-                                   dataset_metadata)
-from lf_jax.input.feed_pipeline import (EvalReader, FeedIterator, PipelineError, collate,
-                                        pad_lists, train_iterator)
+from lf_jax.input.datasets import DatasetError, available_datasets, build_dataset, dataset_metadata
+from lf_jax.input.feed_pipeline import (
+    EvalReader,
+    FeedIterator,
+    PipelineError,
+    collate,
+    pad_lists,
+    train_iterator,
+)
 from lf_jax.input.record_decoding import RecordBatchDecoder, RecordDecodingError
 
-__all__ = ["DatasetError", "available_datasets", "build_dataset", "dataset_metadata",
-           "EvalReader", "FeedIterator", "PipelineError", "RecordBatchDecoder",
-           "RecordDecodingError", "collate", "pad_lists", "train_iterator"]
+__all__ = [
+    "DatasetError",
+    "available_datasets",
+    "build_dataset",
+    "dataset_metadata",
+    "EvalReader",
+    "FeedIterator",
+    "PipelineError",
+    "RecordBatchDecoder",
+    "RecordDecodingError",
+    "collate",
+    "pad_lists",
+    "train_iterator",
+]

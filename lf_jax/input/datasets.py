@@ -13,10 +13,10 @@ Example:
 import contextlib
 import importlib.util
 import os
-from pathlib import Path
 import re
 import sys
 import tempfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import lf_jax
@@ -45,8 +45,10 @@ def builder_file(name: str) -> Path:
         raise DatasetError(f"dataset name must be a lower_snake_case string, got {name!r}")
     path = DATA_ROOT / name / f"{name}.py"
     if not path.is_file():
-        raise DatasetError(f"no builder file for dataset '{name}': expected {path} "
-                           f"(available: {available_datasets() or 'none'})")
+        raise DatasetError(
+            f"no builder file for dataset '{name}': expected {path} "
+            f"(available: {available_datasets() or 'none'})"
+        )
     return path
 
 
@@ -80,11 +82,16 @@ def builder_class(name: str):
     try:
         module = import_by_path(module_name, path)
     except Exception as error:
-        raise DatasetError(f"cannot import the builder file {path}: "
-                           f"{type(error).__name__}: {error}") from error
+        raise DatasetError(
+            f"cannot import the builder file {path}: {type(error).__name__}: {error}"
+        ) from error
     for value in vars(module).values():
-        if (isinstance(value, type) and issubclass(value, tfds.core.DatasetBuilder)
-                and value.__module__ == module_name and getattr(value, "name", None) == name):
+        if (
+            isinstance(value, type)
+            and issubclass(value, tfds.core.DatasetBuilder)
+            and value.__module__ == module_name
+            and getattr(value, "name", None) == name
+        ):
             return value
     raise DatasetError(f"{path} defines no tfds builder class named '{name}'")
 
@@ -106,9 +113,11 @@ def _check_writable(path: Path) -> None:
         with tempfile.NamedTemporaryFile(dir=path, prefix=".lf_jax_write_check"):
             pass
     except OSError as error:
-        raise DatasetError(f"data_dir {path} is not writable ({error.strerror or error}); "
-                           f"pass data_dir= a writable directory or set "
-                           f"{DEFAULT_DATA_DIR_ENV}") from None
+        raise DatasetError(
+            f"data_dir {path} is not writable ({error.strerror or error}); "
+            f"pass data_dir= a writable directory or set "
+            f"{DEFAULT_DATA_DIR_ENV}"
+        ) from None
 
 
 class _NeverRaised(Exception):
@@ -120,7 +129,8 @@ class _NeverRaised(Exception):
 # spill imports it; with this stand-in the large feed_logs config builds without it.
 _TF_STAND_IN = SimpleNamespace(
     io=SimpleNamespace(gfile=SimpleNamespace(GFile=open, exists=os.path.exists, remove=os.remove)),
-    errors=SimpleNamespace(ResourceExhaustedError=_NeverRaised))
+    errors=SimpleNamespace(ResourceExhaustedError=_NeverRaised),
+)
 
 
 @contextlib.contextmanager
@@ -134,7 +144,7 @@ def _shuffle_without_tensorflow():
     from tensorflow_datasets.core import shuffle
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = shuffle.BUCKETS_NUMBER + 1024                  # one open file per bucket
+    wanted = shuffle.BUCKETS_NUMBER + 1024  # one open file per bucket
     if soft != resource.RLIM_INFINITY and soft < wanted:
         limit = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
         with contextlib.suppress(ValueError, OSError):
@@ -147,8 +157,9 @@ def _shuffle_without_tensorflow():
         shuffle.tf = previous
 
 
-def build_dataset(name: str = "feed_logs", config: str = "tiny", data_dir=None, *,
-                  prepare: bool = True):
+def build_dataset(
+    name: str = "feed_logs", config: str = "tiny", data_dir=None, *, prepare: bool = True
+):
     """Returns the tfds builder of ``name``/``config`` in ``data_dir``, prepared offline.
 
     ``data_dir`` defaults to $TFDS_DATA_DIR or ~/tensorflow_datasets. Preparing is a no-op
@@ -169,6 +180,7 @@ def build_dataset(name: str = "feed_logs", config: str = "tiny", data_dir=None, 
     if root.exists() and not root.is_dir():
         raise DatasetError(f"data_dir {root} exists and is not a directory")
     from absl import logging as absl_logging
+
     verbosity = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.ERROR)  # tfds warns about the folder it is to fill
     try:
@@ -180,7 +192,8 @@ def build_dataset(name: str = "feed_logs", config: str = "tiny", data_dir=None, 
             get_logger().info("building %s/%s into %s", name, config, root)
             with _shuffle_without_tensorflow():
                 builder.download_and_prepare(
-                    download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+                    download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+                )
     finally:
         absl_logging.set_verbosity(verbosity)
     return builder
@@ -194,7 +207,9 @@ def dataset_metadata(builder) -> dict:
     random_share, num_examples {split: count}.
     """
     metadata = dict(builder.info.metadata or {})
-    metadata["num_examples"] = {split: info.num_examples for split, info in builder.info.splits.items()}
+    metadata["num_examples"] = {
+        split: info.num_examples for split, info in builder.info.splits.items()
+    }
     metadata["name"], metadata["config"] = builder.name, builder.builder_config.name
     metadata["data_dir"] = str(builder.data_dir)
     return metadata

@@ -31,10 +31,10 @@ Example:
     >>> for batch in EvalReader(builder, "holdout_random", global_batch_size=512): ...
 """
 
-from collections.abc import Iterator, Mapping, Sequence
 import json
 import math
 import sys
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -56,8 +56,9 @@ def pad_lists(example: Mapping, max_lengths: Mapping[str, int], int_dtype=np.int
     return {name: value[0] for name, value in collate([example], max_lengths, int_dtype).items()}
 
 
-def collate(examples: Sequence[Mapping], max_lengths: Mapping[str, int],
-            int_dtype=np.int32) -> dict[str, np.ndarray]:
+def collate(
+    examples: Sequence[Mapping], max_lengths: Mapping[str, int], int_dtype=np.int32
+) -> dict[str, np.ndarray]:
     """Examples -> one batch: fixed fields stacked, list fields [B, max_len] padded with -1.
 
     Integer fields become ``int_dtype``, floats float32; lists keep their first max_len ids.
@@ -69,7 +70,7 @@ def collate(examples: Sequence[Mapping], max_lengths: Mapping[str, int],
             padded = np.full((len(examples), length), PAD_ID, dtype=int_dtype)
             for row, example in enumerate(examples):
                 kept = np.asarray(example[name])[:length]
-                padded[row, :kept.size] = kept
+                padded[row, : kept.size] = kept
             out[name] = padded
             continue
         array = np.asarray([example[name] for example in examples])
@@ -88,7 +89,7 @@ class _ProcessRows:
         self.index, self.count = index, count
 
     def __call__(self, indices: np.ndarray) -> np.ndarray:
-        return indices[self.index::self.count]
+        return indices[self.index :: self.count]
 
 
 class _ReadBatch:
@@ -110,10 +111,12 @@ class _ReadBatch:
     def _open(self, source=None) -> None:
         if source is None:
             import tensorflow_datasets as tfds
+
             source = tfds.builder_from_directory(self.builder_dir).as_data_source(self.split)
         self.source = source
-        self.decoder = RecordBatchDecoder(source.dataset_info.features, self.max_lengths,
-                                          self.int_dtype)
+        self.decoder = RecordBatchDecoder(
+            source.dataset_info.features, self.max_lengths, self.int_dtype
+        )
 
     def __getstate__(self):
         return {k: v for k, v in vars(self).items() if k not in ("source", "decoder")}
@@ -131,8 +134,9 @@ def _max_lengths(builder, max_lengths: Mapping[str, int] | None) -> dict[str, in
     if max_lengths is not None:
         unknown = sorted(set(max_lengths) - set(known))
         if unknown:
-            raise PipelineError(f"max_lengths names unknown list field(s) {unknown} "
-                                f"(list fields: {sorted(known)})")
+            raise PipelineError(
+                f"max_lengths names unknown list field(s) {unknown} (list fields: {sorted(known)})"
+            )
         for name, length in max_lengths.items():
             if not isinstance(length, int) or isinstance(length, bool) or length < 1:
                 raise PipelineError(f"max_lengths['{name}'] must be a positive int, got {length!r}")
@@ -143,6 +147,7 @@ def _max_lengths(builder, max_lengths: Mapping[str, int] | None) -> dict[str, in
 def _shard_args(shard_index, shard_count) -> tuple[int, int]:
     if shard_index is None or shard_count is None:
         import jax
+
         shard_index = jax.process_index() if shard_index is None else shard_index
         shard_count = jax.process_count() if shard_count is None else shard_count
     if not isinstance(shard_count, int) or shard_count < 1:
@@ -156,22 +161,27 @@ def _per_process_batch(global_batch_size, shard_count) -> int:
     if not isinstance(global_batch_size, int) or global_batch_size < 1:
         raise PipelineError(f"global_batch_size must be a positive int, got {global_batch_size!r}")
     if global_batch_size % shard_count:
-        raise PipelineError(f"global_batch_size={global_batch_size} is not divisible by "
-                            f"shard_count={shard_count} (one shard per process)")
+        raise PipelineError(
+            f"global_batch_size={global_batch_size} is not divisible by "
+            f"shard_count={shard_count} (one shard per process)"
+        )
     return global_batch_size // shard_count
 
 
 def _source(builder, split: str):
     splits = sorted(builder.info.splits)
     if split not in splits:
-        raise PipelineError(f"split {split!r} is not in {builder.name}/{builder.builder_config.name} "
-                            f"(splits: {splits})")
+        raise PipelineError(
+            f"split {split!r} is not in {builder.name}/{builder.builder_config.name} "
+            f"(splits: {splits})"
+        )
     return builder.as_data_source(split=split)
 
 
 def _ensure_absl_flags() -> None:
     # grain's worker processes read absl flags; outside absl.app.run they are unparsed.
     from absl import flags
+
     if not flags.FLAGS.is_parsed():
         flags.FLAGS(sys.argv[:1], known_only=True)
 
@@ -186,6 +196,7 @@ class FeedIterator(Iterator):
     count) may differ, as the position is global. With Orbax, save it as
     ``ocp.args.JsonSave(it.get_state())`` next to the model (one copy, from process 0).
     """
+
     # Fields that only say which rows of a global batch this process reads.
     PER_PROCESS = ("shard_index", "shard_count", "batch_size")
 
@@ -223,21 +234,34 @@ class FeedIterator(Iterator):
         if isinstance(state, (str, bytes)):
             state = json.loads(state)
         if not isinstance(state, Mapping) or set(state) != {"pipeline", "grain"}:
-            raise PipelineError("iterator state must be a dict with keys 'pipeline' and 'grain' "
-                                "as returned by get_state()")
+            raise PipelineError(
+                "iterator state must be a dict with keys 'pipeline' and 'grain' "
+                "as returned by get_state()"
+            )
         saved = state["pipeline"]
         for key, value in self.signature.items():
             if key not in self.PER_PROCESS and saved.get(key) != value:
-                raise PipelineError(f"iterator state was saved with {key}={saved.get(key)!r} but this "
-                                    f"pipeline has {key}={value!r}; resume with the same settings")
+                raise PipelineError(
+                    f"iterator state was saved with {key}={saved.get(key)!r} but this "
+                    f"pipeline has {key}={value!r}; resume with the same settings"
+                )
         self._iterator.set_state(state["grain"])
 
 
-def train_iterator(builder, split: str = "train", *, global_batch_size: int, seed: int = 0,
-                   num_epochs: int | None = None, shuffle: bool = True,
-                   max_lengths: Mapping[str, int] | None = None, shard_index: int | None = None,
-                   shard_count: int | None = None, worker_count: int = 0,
-                   int_dtype=np.int32) -> FeedIterator:
+def train_iterator(
+    builder,
+    split: str = "train",
+    *,
+    global_batch_size: int,
+    seed: int = 0,
+    num_epochs: int | None = None,
+    shuffle: bool = True,
+    max_lengths: Mapping[str, int] | None = None,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    worker_count: int = 0,
+    int_dtype=np.int32,
+) -> FeedIterator:
     """Shuffled, repeated, sharded, padded batches of ``split`` (see the module docstring).
 
     Args:
@@ -259,15 +283,20 @@ def train_iterator(builder, split: str = "train", *, global_batch_size: int, see
     shard_index, shard_count = _shard_args(shard_index, shard_count)
     batch_size = _per_process_batch(global_batch_size, shard_count)
     if num_epochs is not None and (not isinstance(num_epochs, int) or num_epochs < 1):
-        raise PipelineError(f"num_epochs must be None (forever) or a positive int, got {num_epochs!r}")
+        raise PipelineError(
+            f"num_epochs must be None (forever) or a positive int, got {num_epochs!r}"
+        )
     if not isinstance(worker_count, int) or isinstance(worker_count, bool) or worker_count < 0:
-        raise PipelineError(f"worker_count must be an int >= 0 (0: threads of this process), "
-                            f"got {worker_count!r}")
+        raise PipelineError(
+            f"worker_count must be an int >= 0 (0: threads of this process), got {worker_count!r}"
+        )
     lengths = _max_lengths(builder, max_lengths)
     source = _source(builder, split)
     if len(source) < global_batch_size:
-        raise PipelineError(f"split {split!r} has {len(source)} examples, fewer than one batch of "
-                            f"{global_batch_size}")
+        raise PipelineError(
+            f"split {split!r} has {len(source)} examples, fewer than one batch of "
+            f"{global_batch_size}"
+        )
     # Shuffle, repeat and batch record indices globally, keep this process's rows, read
     # them with one __getitems__ call (about 2x faster than per-record reads). grain's
     # state is the next global batch index.
@@ -280,12 +309,23 @@ def train_iterator(builder, split: str = "train", *, global_batch_size: int, see
     iter_dataset = batches.map(read).to_iter_dataset()
     if worker_count:
         _ensure_absl_flags()
-        iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    signature = {"dataset": f"{builder.name}/{builder.builder_config.name}", "split": split,
-                 "num_examples": len(source), "seed": seed, "shuffle": shuffle,
-                 "num_epochs": num_epochs, "global_batch_size": global_batch_size,
-                 "batch_size": batch_size, "shard_index": shard_index,
-                 "shard_count": shard_count, "max_lengths": lengths, "worker_count": worker_count}
+        iter_dataset = iter_dataset.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=worker_count)
+        )
+    signature = {
+        "dataset": f"{builder.name}/{builder.builder_config.name}",
+        "split": split,
+        "num_examples": len(source),
+        "seed": seed,
+        "shuffle": shuffle,
+        "num_epochs": num_epochs,
+        "global_batch_size": global_batch_size,
+        "batch_size": batch_size,
+        "shard_index": shard_index,
+        "shard_count": shard_count,
+        "max_lengths": lengths,
+        "worker_count": worker_count,
+    }
     return FeedIterator(iter(iter_dataset), signature)
 
 
@@ -303,21 +343,32 @@ class EvalReader:
         True
     """
 
-    def __init__(self, builder, split: str = "holdout_ranked", *, global_batch_size: int,
-                 max_lengths: Mapping[str, int] | None = None, shard_index: int | None = None,
-                 shard_count: int | None = None, int_dtype=np.int32):
+    def __init__(
+        self,
+        builder,
+        split: str = "holdout_ranked",
+        *,
+        global_batch_size: int,
+        max_lengths: Mapping[str, int] | None = None,
+        shard_index: int | None = None,
+        shard_count: int | None = None,
+        int_dtype=np.int32,
+    ):
         self.shard_index, self.shard_count = _shard_args(shard_index, shard_count)
         self.batch_size = _per_process_batch(global_batch_size, self.shard_count)
         self.max_lengths = _max_lengths(builder, max_lengths)
         self.int_dtype = int_dtype
         self.split = split
         self._source = _source(builder, split)
-        self._read = _ReadBatch(str(builder.data_dir), split, self.max_lengths, int_dtype,
-                                self._source)
+        self._read = _ReadBatch(
+            str(builder.data_dir), split, self.max_lengths, int_dtype, self._source
+        )
         self.num_examples = len(self._source)
         if self.num_examples == 0:
             raise PipelineError(f"split {split!r} is empty")
-        self.num_batches = math.ceil(math.ceil(self.num_examples / self.shard_count) / self.batch_size)
+        self.num_batches = math.ceil(
+            math.ceil(self.num_examples / self.shard_count) / self.batch_size
+        )
 
     def __len__(self) -> int:
         return self.num_batches
@@ -331,7 +382,7 @@ class EvalReader:
     def _batch(self, index: int) -> dict[str, np.ndarray]:
         indices = self.batch_indices(index)
         rows = len(indices)
-        batch = self._read(indices if rows else np.zeros(1, np.int64))   # template from record 0
+        batch = self._read(indices if rows else np.zeros(1, np.int64))  # template from record 0
         batch["valid"] = np.full(len(batch["member_id"]), rows > 0)
         if rows == self.batch_size:
             return batch

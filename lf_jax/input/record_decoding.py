@@ -36,15 +36,16 @@ class RecordDecodingError(UserInputError):
 
 class _Field(NamedTuple):
     name: str
-    kind: str           # "int64_list" | "float_list" (the tf.Example value list)
-    dtype: np.dtype     # output dtype
-    width: int | None   # values per example; None: variable length, padded to max_len
+    kind: str  # "int64_list" | "float_list" (the tf.Example value list)
+    dtype: np.dtype  # output dtype
+    width: int | None  # values per example; None: variable length, padded to max_len
     max_len: int | None
-    scalar: bool        # rank 0: output [B], else [B, width or max_len]
+    scalar: bool  # rank 0: output [B], else [B, width or max_len]
 
 
 def _example_class():
     from tensorflow_datasets.proto import tf_example_pb2
+
     return tf_example_pb2.Example
 
 
@@ -62,18 +63,24 @@ class RecordBatchDecoder:
         for name, feature in features.items():
             shape, np_dtype = tuple(feature.shape), np.dtype(feature.np_dtype)
             if len(shape) > 1 or type(feature).__name__ not in ("Scalar", "Tensor"):
-                raise RecordDecodingError(f"feature '{name}' ({type(feature).__name__}, shape {shape}) "
-                                          f"is not a flat scalar or rank-1 tensor feature")
+                raise RecordDecodingError(
+                    f"feature '{name}' ({type(feature).__name__}, shape {shape}) "
+                    f"is not a flat scalar or rank-1 tensor feature"
+                )
             if np_dtype.kind not in "iubf":
-                raise RecordDecodingError(f"feature '{name}' has dtype {np_dtype}; only integer, "
-                                          f"bool and float features are decoded")
+                raise RecordDecodingError(
+                    f"feature '{name}' has dtype {np_dtype}; only integer, "
+                    f"bool and float features are decoded"
+                )
             width = 1 if not shape else shape[0]
             if width is None and name not in max_lengths:
-                raise RecordDecodingError(f"feature '{name}' has variable length: max_lengths "
-                                          f"must give its padded length")
+                raise RecordDecodingError(
+                    f"feature '{name}' has variable length: max_lengths must give its padded length"
+                )
             kind = "float_list" if np_dtype.kind == "f" else "int64_list"
-            dtype = np.dtype(np.float32 if np_dtype.kind == "f" else
-                             bool if np_dtype.kind == "b" else int_dtype)
+            dtype = np.dtype(
+                np.float32 if np_dtype.kind == "f" else bool if np_dtype.kind == "b" else int_dtype
+            )
             max_len = max_lengths.get(name) if width is None else None
             self.fields.append(_Field(name, kind, dtype, width, max_len, not shape))
         self._example = _example_class()
@@ -91,14 +98,15 @@ class RecordBatchDecoder:
         if field.width is not None:
             bad = np.nonzero(lengths != field.width)[0]
             if len(bad):
-                raise RecordDecodingError(f"feature '{field.name}': record {int(bad[0])} of the batch "
-                                          f"has {int(lengths[bad[0]])} values, expected {field.width}")
+                raise RecordDecodingError(
+                    f"feature '{field.name}': record {int(bad[0])} of the batch "
+                    f"has {int(lengths[bad[0]])} values, expected {field.width}"
+                )
             array = flat.astype(field.dtype, copy=False)
             return array if field.scalar else array.reshape(rows, field.width)
-        kept = np.minimum(lengths, field.max_len)                  # longer lists keep their first ids
+        kept = np.minimum(lengths, field.max_len)  # longer lists keep their first ids
         row = np.repeat(np.arange(rows), kept)
         column = np.arange(int(kept.sum())) - np.repeat(np.cumsum(kept) - kept, kept)
         padded = np.full((rows, field.max_len), PAD_ID, field.dtype)
         padded[row, column] = flat[np.repeat(np.cumsum(lengths) - lengths, kept) + column]
         return padded
-

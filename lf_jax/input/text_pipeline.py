@@ -22,32 +22,34 @@ Example:
     >>> ids_nl, mask_nl = tokenize(tok, prompts, max_length=48, eos=True)
 """
 
-from collections.abc import Callable, Mapping, Sequence
 import dataclasses
 import json
 import os
-from pathlib import Path
 import string
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 
 from lf_jax.errors import UserInputError
 
-BUCKET_WORDS = {3: ("low", "medium", "high"),
-                5: ("lowest", "low", "medium", "high", "highest")}
+BUCKET_WORDS = {3: ("low", "medium", "high"), 5: ("lowest", "low", "medium", "high", "highest")}
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[EOS]")
 
 
 @dataclasses.dataclass(frozen=True)
 class PercentileBuckets:
     """Edges [n-1] at the k/n percentiles of a feature, and the n words naming the buckets."""
+
     edges: tuple[float, ...]
     names: tuple[str, ...]
 
     @classmethod
     def fit(cls, values_n: np.ndarray, num_buckets: int = 5) -> "PercentileBuckets":
         if num_buckets not in BUCKET_WORDS:
-            raise UserInputError(f"num_buckets={num_buckets!r} must be one of {sorted(BUCKET_WORDS)}")
+            raise UserInputError(
+                f"num_buckets={num_buckets!r} must be one of {sorted(BUCKET_WORDS)}"
+            )
         values_n = np.asarray(values_n, np.float64)
         if values_n.size == 0 or not np.all(np.isfinite(values_n)):
             raise UserInputError("PercentileBuckets.fit needs a non-empty array of finite values")
@@ -56,7 +58,9 @@ class PercentileBuckets:
 
     def index(self, values_n: np.ndarray) -> np.ndarray:
         """Bucket of each value in 0..n-1 (a value equal to an edge goes up)."""
-        return np.searchsorted(np.asarray(self.edges), np.asarray(values_n, np.float64), side="right")
+        return np.searchsorted(
+            np.asarray(self.edges), np.asarray(values_n, np.float64), side="right"
+        )
 
     def words(self, values_n: np.ndarray) -> list[str]:
         return [self.names[i] for i in self.index(values_n)]
@@ -74,24 +78,33 @@ def render_prompt(template: str, fields: Mapping[str, str]) -> str:
     """``template`` with every ``{name}`` replaced by ``fields[name]``."""
     missing = [name for name in template_fields(template) if name not in fields]
     if missing:
-        raise UserInputError(f"prompt template {template!r} names unknown field(s) {missing} "
-                             f"(known: {sorted(fields)})")
+        raise UserInputError(
+            f"prompt template {template!r} names unknown field(s) {missing} "
+            f"(known: {sorted(fields)})"
+        )
     return template.format(**fields)
 
 
-def render_prompts(template: str, texts: Mapping[str, Sequence[str]],
-                   numeric: Mapping[str, np.ndarray], buckets: Mapping[str, PercentileBuckets]) -> list[str]:
+def render_prompts(
+    template: str,
+    texts: Mapping[str, Sequence[str]],
+    numeric: Mapping[str, np.ndarray],
+    buckets: Mapping[str, PercentileBuckets],
+) -> list[str]:
     """One prompt per entity: text fields as they are, numeric fields as bucket words."""
     columns = {name: list(values) for name, values in texts.items()}
     for name, values in numeric.items():
         columns[name] = buckets[name].words(values)
     count = len(next(iter(columns.values())))
-    return [render_prompt(template, {name: column[i] for name, column in columns.items()})
-            for i in range(count)]
+    return [
+        render_prompt(template, {name: column[i] for name, column in columns.items()})
+        for i in range(count)
+    ]
 
 
 def _words(text: str) -> list[str]:
     from tokenizers.pre_tokenizers import Whitespace
+
     return [piece for piece, _ in Whitespace().pre_tokenize_str(text)]
 
 
@@ -119,24 +132,27 @@ def load_word_tokenizer(path: str | Path):
 
     if not os.path.isfile(path):
         raise UserInputError(f"tokenizer file '{path}' does not exist")
-    return PreTrainedTokenizerFast(tokenizer_file=str(path), pad_token="[PAD]", unk_token="[UNK]",
-                                   eos_token="[EOS]")
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(path), pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]"
+    )
 
 
-def tokenize(tokenizer, texts: Sequence[str], max_length: int, *, eos: bool = False
-             ) -> tuple[np.ndarray, np.ndarray]:
+def tokenize(
+    tokenizer, texts: Sequence[str], max_length: int, *, eos: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """int32 ids and attention mask [N, max_length], right-padded with the pad id; with
     ``eos`` the eos token ends every text (kept when truncating, for last-token pooling)."""
     if not isinstance(max_length, int) or max_length < 2:
         raise UserInputError(f"max_length must be an int >= 2, got {max_length!r}")
-    encoded = tokenizer(list(texts), add_special_tokens=False, truncation=True,
-                        max_length=max_length - int(eos))["input_ids"]
+    encoded = tokenizer(
+        list(texts), add_special_tokens=False, truncation=True, max_length=max_length - int(eos)
+    )["input_ids"]
     ids_nl = np.full((len(encoded), max_length), tokenizer.pad_token_id, np.int32)
     mask_nl = np.zeros((len(encoded), max_length), np.int32)
     for row, ids in enumerate(encoded):
         ids = list(ids) + ([tokenizer.eos_token_id] if eos else [])
-        ids_nl[row, :len(ids)] = ids
-        mask_nl[row, :len(ids)] = 1
+        ids_nl[row, : len(ids)] = ids
+        mask_nl[row, : len(ids)] = 1
     return ids_nl, mask_nl
 
 
@@ -165,14 +181,20 @@ class StepSampler:
         self.step = state["step"]
 
 
-def task_mixture_indices(rng: np.random.Generator, task_sizes: Sequence[int],
-                         proportions: Sequence[float], num_groups: int, group_batch: int
-                         ) -> tuple[np.ndarray, np.ndarray]:
+def task_mixture_indices(
+    rng: np.random.Generator,
+    task_sizes: Sequence[int],
+    proportions: Sequence[float],
+    num_groups: int,
+    group_batch: int,
+) -> tuple[np.ndarray, np.ndarray]:
     """(task of each group [G], row index within that task [G, b]) for one step."""
     p = np.asarray(proportions, np.float64)
     if p.shape != (len(task_sizes),) or np.any(p < 0) or p.sum() <= 0:
-        raise UserInputError(f"task proportions {list(proportions)} must be {len(task_sizes)} "
-                             f"non-negative numbers with a positive sum")
+        raise UserInputError(
+            f"task proportions {list(proportions)} must be {len(task_sizes)} "
+            f"non-negative numbers with a positive sum"
+        )
     tasks_g = rng.choice(len(task_sizes), num_groups, p=p / p.sum())
     rows_gb = np.stack([rng.integers(0, task_sizes[t], group_batch) for t in tasks_g])
     return tasks_g, rows_gb

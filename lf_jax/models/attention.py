@@ -22,16 +22,23 @@ from flax import nnx
 Initializer = Callable[..., jax.Array]
 
 
-def logical_param(rngs: nnx.Rngs | None, init: Initializer, shape: Sequence[int],
-                  names: Sequence[str | None], dtype=jnp.float32) -> nnx.Param:
+def logical_param(
+    rngs: nnx.Rngs | None,
+    init: Initializer,
+    shape: Sequence[int],
+    names: Sequence[str | None],
+    dtype=jnp.float32,
+) -> nnx.Param:
     """An nnx.Param of ``shape`` whose dims carry the logical ``names``.
 
     Example:
         >>> w = logical_param(rngs, nnx.initializers.normal(0.02), (384, 1536), ("embed", "mlp"))
     """
     if len(shape) != len(names):
-        raise ValueError(f"parameter shape {tuple(shape)} has {len(shape)} dims but "
-                         f"{len(names)} logical names {tuple(names)}")
+        raise ValueError(
+            f"parameter shape {tuple(shape)} has {len(shape)} dims but "
+            f"{len(names)} logical names {tuple(names)}"
+        )
     key = rngs.params() if rngs is not None else jax.random.key(0)
     value = init(key, tuple(shape), dtype)
     return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
@@ -49,8 +56,9 @@ def causal_padding_mask(mask_bl: jax.Array) -> jax.Array:
     return causal_ll[None, :, :] & (mask_bl > 0)[:, None, :]
 
 
-def dot_product_attention(q_blhd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array,
-                          mask_bls: jax.Array) -> jax.Array:
+def dot_product_attention(
+    q_blhd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, mask_bls: jax.Array
+) -> jax.Array:
     """Softmax attention with grouped-query heads (H a multiple of K).
 
     ``mask_bls`` is boolean, broadcastable to [B, L, S]; masked keys get the smallest
@@ -66,8 +74,9 @@ def dot_product_attention(q_blhd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Arra
     group = heads // kv_heads
     batch, length = q_blhd.shape[:2]
     q_blkgd = q_blhd.reshape(batch, length, kv_heads, group, head_dim)
-    logits_bkgls = jnp.einsum("blkgd,bskd->bkgls", q_blkgd, k_bskd,
-                              preferred_element_type=jnp.float32)
+    logits_bkgls = jnp.einsum(
+        "blkgd,bskd->bkgls", q_blkgd, k_bskd, preferred_element_type=jnp.float32
+    )
     logits_bkgls = logits_bkgls / jnp.sqrt(jnp.float32(head_dim))
     visible = mask_bls[:, None, None, :, :]
     logits_bkgls = jnp.where(visible, logits_bkgls, jnp.finfo(jnp.float32).min)

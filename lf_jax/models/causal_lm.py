@@ -23,12 +23,23 @@ from flax import nnx
 
 from lf_jax.errors import UserInputError
 from lf_jax.models import hf_weights
-from lf_jax.models.attention import (causal_padding_mask, dot_product_attention,
-                                     l2_normalize, logical_param, mean_pool)
+from lf_jax.models.attention import (
+    causal_padding_mask,
+    dot_product_attention,
+    l2_normalize,
+    logical_param,
+    mean_pool,
+)
 from lf_jax.models.encoder_sharding import check_mode, encoder_shardings
 
-__all__ = ["LlamaConfig", "LlamaModel", "l2_normalize", "last_token_pool", "load_llama",
-           "mean_pool"]
+__all__ = [
+    "LlamaConfig",
+    "LlamaModel",
+    "l2_normalize",
+    "last_token_pool",
+    "load_llama",
+    "mean_pool",
+]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -49,14 +60,19 @@ class LlamaConfig:
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
-            raise UserInputError(f"LlamaConfig: num_heads={self.num_heads} is not a multiple of "
-                                 f"num_kv_heads={self.num_kv_heads}")
+            raise UserInputError(
+                f"LlamaConfig: num_heads={self.num_heads} is not a multiple of "
+                f"num_kv_heads={self.num_kv_heads}"
+            )
         if self.head_dim is None and self.hidden_size % self.num_heads:
-            raise UserInputError(f"LlamaConfig: hidden_size={self.hidden_size} is not a "
-                                 f"multiple of num_heads={self.num_heads}")
+            raise UserInputError(
+                f"LlamaConfig: hidden_size={self.hidden_size} is not a "
+                f"multiple of num_heads={self.num_heads}"
+            )
         if self.resolved_head_dim % 2:
-            raise UserInputError(f"LlamaConfig: head_dim={self.resolved_head_dim} must be even "
-                                 "for rotary embeddings")
+            raise UserInputError(
+                f"LlamaConfig: head_dim={self.resolved_head_dim} must be even for rotary embeddings"
+            )
 
     @property
     def resolved_head_dim(self) -> int:
@@ -68,39 +84,48 @@ class LlamaConfig:
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
         data = hf_weights.read_json(path, what="Llama config")
-        checks = {"model_type": ("llama",), "hidden_act": ("silu",),
-                  "rope_scaling": (None,), "attention_bias": (False,), "mlp_bias": (False,)}
+        checks = {
+            "model_type": ("llama",),
+            "hidden_act": ("silu",),
+            "rope_scaling": (None,),
+            "attention_bias": (False,),
+            "mlp_bias": (False,),
+        }
         defaults = {"model_type": "llama", "hidden_act": "silu"}
         for key, allowed in checks.items():
             value = data.get(key, defaults.get(key))
             if value not in allowed:
-                raise UserInputError(f"{path}: {key}={value!r} is not supported "
-                                     f"(supported: {list(allowed)})")
+                raise UserInputError(
+                    f"{path}: {key}={value!r} is not supported (supported: {list(allowed)})"
+                )
         rope_theta = data.get("rope_theta")
         if rope_theta is None and isinstance(data.get("rope_parameters"), dict):
-            parameters = data["rope_parameters"]   # transformers >= 5 writes this form
+            parameters = data["rope_parameters"]  # transformers >= 5 writes this form
             if parameters.get("rope_type", "default") != "default":
-                raise UserInputError(f"{path}: rope_parameters.rope_type="
-                                     f"{parameters['rope_type']!r} is not supported ('default')")
+                raise UserInputError(
+                    f"{path}: rope_parameters.rope_type="
+                    f"{parameters['rope_type']!r} is not supported ('default')"
+                )
             rope_theta = parameters.get("rope_theta")
         heads = hf_weights.require_int(data, "num_attention_heads", path)
         head_dim = data.get("head_dim")
-        return cls(vocab_size=hf_weights.require_int(data, "vocab_size", path),
-                   hidden_size=hf_weights.require_int(data, "hidden_size", path),
-                   num_layers=hf_weights.require_int(data, "num_hidden_layers", path),
-                   num_heads=heads,
-                   num_kv_heads=hf_weights.require_int(data, "num_key_value_heads", path,
-                                                       default=heads),
-                   intermediate_size=hf_weights.require_int(data, "intermediate_size", path),
-                   rms_norm_eps=hf_weights.require_float(data, "rms_norm_eps", path,
-                                                         default=1e-6),
-                   rope_theta=hf_weights.require_float({"rope_theta": rope_theta}, "rope_theta",
-                                                       path, default=10000.0),
-                   max_position_embeddings=hf_weights.require_int(
-                       data, "max_position_embeddings", path, default=2048),
-                   tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
-                   head_dim=None if head_dim is None else hf_weights.require_int(
-                       data, "head_dim", path))
+        return cls(
+            vocab_size=hf_weights.require_int(data, "vocab_size", path),
+            hidden_size=hf_weights.require_int(data, "hidden_size", path),
+            num_layers=hf_weights.require_int(data, "num_hidden_layers", path),
+            num_heads=heads,
+            num_kv_heads=hf_weights.require_int(data, "num_key_value_heads", path, default=heads),
+            intermediate_size=hf_weights.require_int(data, "intermediate_size", path),
+            rms_norm_eps=hf_weights.require_float(data, "rms_norm_eps", path, default=1e-6),
+            rope_theta=hf_weights.require_float(
+                {"rope_theta": rope_theta}, "rope_theta", path, default=10000.0
+            ),
+            max_position_embeddings=hf_weights.require_int(
+                data, "max_position_embeddings", path, default=2048
+            ),
+            tie_word_embeddings=bool(data.get("tie_word_embeddings", False)),
+            head_dim=None if head_dim is None else hf_weights.require_int(data, "head_dim", path),
+        )
 
 
 def rms_norm(x_bld: jax.Array, scale_d: jax.Array, eps: float, dtype) -> jax.Array:
@@ -130,10 +155,15 @@ def apply_rotary(x_blhd: jax.Array, cos_ld: jax.Array, sin_ld: jax.Array) -> jax
 class LlamaLayer(nnx.Module):
     """x += attn(rms(x)); x += swiglu(rms(x))."""
 
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32):
-        d, h, k, dh = (config.hidden_size, config.num_heads, config.num_kv_heads,
-                       config.resolved_head_dim)
+    def __init__(
+        self, config: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32
+    ):
+        d, h, k, dh = (
+            config.hidden_size,
+            config.num_heads,
+            config.num_kv_heads,
+            config.resolved_head_dim,
+        )
         f = config.intermediate_size
         normal, ones = nnx.initializers.normal(0.02), nnx.initializers.ones
 
@@ -178,28 +208,41 @@ class LlamaModel(nnx.Module):
         >>> hidden_bld = model(ids_bl, mask_bl)
     """
 
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32):
+    def __init__(
+        self, config: LlamaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32
+    ):
         self.config, self.dtype = config, dtype
-        self.embed_tokens = logical_param(rngs, nnx.initializers.normal(0.02),
-                                          (config.vocab_size, config.hidden_size),
-                                          ("vocab", "embed"), param_dtype)
-        self.layers = nnx.List([LlamaLayer(config, rngs=rngs, dtype=dtype,
-                                           param_dtype=param_dtype)
-                                for _ in range(config.num_layers)])
-        self.final_norm = logical_param(rngs, nnx.initializers.ones, (config.hidden_size,),
-                                        ("embed",), param_dtype)
+        self.embed_tokens = logical_param(
+            rngs,
+            nnx.initializers.normal(0.02),
+            (config.vocab_size, config.hidden_size),
+            ("vocab", "embed"),
+            param_dtype,
+        )
+        self.layers = nnx.List(
+            [
+                LlamaLayer(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+                for _ in range(config.num_layers)
+            ]
+        )
+        self.final_norm = logical_param(
+            rngs, nnx.initializers.ones, (config.hidden_size,), ("embed",), param_dtype
+        )
 
     def __call__(self, input_ids_bl: jax.Array, attention_mask_bl: jax.Array) -> jax.Array:
         """Hidden states [B, L, D] after the final RMSNorm (pad positions: mask downstream)."""
         if input_ids_bl.ndim != 2 or attention_mask_bl.shape != input_ids_bl.shape:
-            raise UserInputError(f"input_ids {input_ids_bl.shape} and attention_mask "
-                                 f"{attention_mask_bl.shape} must both be [batch, length]")
+            raise UserInputError(
+                f"input_ids {input_ids_bl.shape} and attention_mask "
+                f"{attention_mask_bl.shape} must both be [batch, length]"
+            )
         length = input_ids_bl.shape[1]
         c = self.config
         if length > c.max_position_embeddings:
-            raise UserInputError(f"sequence length {length} exceeds max_position_embeddings="
-                                 f"{c.max_position_embeddings}")
+            raise UserInputError(
+                f"sequence length {length} exceeds max_position_embeddings="
+                f"{c.max_position_embeddings}"
+            )
         cos_ld, sin_ld = rotary_tables(length, c.resolved_head_dim, c.rope_theta)
         mask_bls = causal_padding_mask(attention_mask_bl)
         x_bld = jnp.take(self.embed_tokens[...], input_ids_bl, axis=0).astype(self.dtype)
@@ -215,12 +258,12 @@ def last_token_pool(hidden_bld: jax.Array, mask_bl: jax.Array) -> jax.Array:
         >>> emb_bd = last_token_pool(hidden_bld, mask_bl)
     """
     last_b = jnp.maximum(jnp.sum(mask_bl > 0, axis=1) - 1, 0)
-    return jnp.take_along_axis(hidden_bld, last_b[:, None, None], axis=1)[:, 0].astype(
-        jnp.float32)
+    return jnp.take_along_axis(hidden_bld, last_b[:, None, None], axis=1)[:, 0].astype(jnp.float32)
 
 
-def load_llama(model_dir: str, *, dtype=jnp.float32, param_dtype=jnp.float32, mesh=None,
-               mode: str = "fsdp"):
+def load_llama(
+    model_dir: str, *, dtype=jnp.float32, param_dtype=jnp.float32, mesh=None, mode: str = "fsdp"
+):
     """(LlamaModel, tokenizer or None) from a local HF Llama directory; no torch, no network.
 
     Reads config.json and model.safetensors (or a sharded index); the tokenizer is
@@ -235,9 +278,11 @@ def load_llama(model_dir: str, *, dtype=jnp.float32, param_dtype=jnp.float32, me
     config = LlamaConfig.from_json(os.path.join(model_dir, "config.json"))
     tensors = hf_weights.strip_prefix(hf_weights.read_safetensors(model_dir), ("model.",))
     arrays = hf_weights.llama_arrays_from_hf(tensors, config, model_dir)
-    place = (None if mesh is None else
-             lambda abstract: encoder_shardings(abstract, mesh, mode)[0])
+    place = None if mesh is None else lambda abstract: encoder_shardings(abstract, mesh, mode)[0]
     model = hf_weights.build_with_arrays(
         lambda: LlamaModel(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype),
-        arrays, source=model_dir, place=place)
+        arrays,
+        source=model_dir,
+        place=place,
+    )
     return model, hf_weights.load_tokenizer(model_dir, required=False)

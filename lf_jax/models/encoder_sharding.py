@@ -15,15 +15,14 @@ Example:
     >>> model = init_sharded_encoder(lambda: LlamaModel(cfg, rngs=nnx.Rngs(0)), mesh, "fsdp")
 """
 
-from collections.abc import Callable
 import logging
+from collections.abc import Callable
 
 import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lf_jax.distributed.rules import (ENCODER_PARAM_MODES, encoder_param_rules,
-                                      logical_to_mesh_axes)
+from lf_jax.distributed.rules import ENCODER_PARAM_MODES, encoder_param_rules, logical_to_mesh_axes
 from lf_jax.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -52,8 +51,9 @@ def _divisible_spec(spec: PartitionSpec, shape, mesh: Mesh) -> tuple[PartitionSp
     return PartitionSpec(*out), dropped
 
 
-def encoder_shardings(model: nnx.Module, mesh: Mesh, mode: str = "fsdp", *,
-                      strict: bool = False) -> tuple[nnx.State, list[str]]:
+def encoder_shardings(
+    model: nnx.Module, mesh: Mesh, mode: str = "fsdp", *, strict: bool = False
+) -> tuple[nnx.State, list[str]]:
     """(NamedSharding for every parameter, notes on dims left whole) for ``model``.
 
     ``model`` may be abstract (``nnx.eval_shape``). Parameters without logical names
@@ -71,8 +71,10 @@ def encoder_shardings(model: nnx.Module, mesh: Mesh, mode: str = "fsdp", *,
         spec, dropped = _divisible_spec(spec, shape, mesh)
         for dim in dropped:
             axes = tuple(logical_to_mesh_axes(names, rules, mesh))[dim]
-            note = (f"{'.'.join(map(str, path))}: dim {dim} ({names[dim]}, size {shape[dim]}) "
-                    f"is not divisible by mesh axes {axes}; kept whole")
+            note = (
+                f"{'.'.join(map(str, path))}: dim {dim} ({names[dim]}, size {shape[dim]}) "
+                f"is not divisible by mesh axes {axes}; kept whole"
+            )
             if strict:
                 raise UserInputError(f"shard_encoder(mode={mode!r}, strict=True): {note}")
             notes.append(note)
@@ -82,8 +84,9 @@ def encoder_shardings(model: nnx.Module, mesh: Mesh, mode: str = "fsdp", *,
     return nnx.from_flat_state(placed), notes
 
 
-def shard_encoder(model: nnx.Module, mesh: Mesh, mode: str = "fsdp", *,
-                  strict: bool = False) -> nnx.Module:
+def shard_encoder(
+    model: nnx.Module, mesh: Mesh, mode: str = "fsdp", *, strict: bool = False
+) -> nnx.Module:
     """Moves ``model``'s parameters onto ``mesh`` per ``mode``, in place; returns the model.
 
     Example:
@@ -102,8 +105,9 @@ def _fully_addressable(x) -> bool:
     return not isinstance(x, jax.Array) or x.is_fully_addressable
 
 
-def init_sharded_encoder(make_model: Callable[[], nnx.Module], mesh: Mesh,
-                         mode: str = "fsdp", *, strict: bool = False) -> nnx.Module:
+def init_sharded_encoder(
+    make_model: Callable[[], nnx.Module], mesh: Mesh, mode: str = "fsdp", *, strict: bool = False
+) -> nnx.Module:
     """Builds ``make_model()`` with every parameter created directly in its sharding.
 
     eval_shape -> shardings -> jit(init, out_shardings): no device ever holds a full

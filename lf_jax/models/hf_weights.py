@@ -15,9 +15,9 @@ Example:
     ...                           {("layers", 0, "q_kernel"): q_dhk, ...}, source=model_dir)
 """
 
-from collections.abc import Callable, Mapping
 import json
 import os
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -74,8 +74,9 @@ def read_safetensors(model_dir: str) -> dict[str, np.ndarray]:
             raise UserInputError(f"{index}: field 'weight_map' is missing or empty")
         files = [os.path.join(model_dir, name) for name in sorted(set(weight_map.values()))]
     else:
-        raise UserInputError(f"model directory {model_dir!r} has neither {SAFETENSORS} nor "
-                             f"{SAFETENSORS_INDEX}")
+        raise UserInputError(
+            f"model directory {model_dir!r} has neither {SAFETENSORS} nor {SAFETENSORS_INDEX}"
+        )
     tensors: dict[str, np.ndarray] = {}
     for path in files:
         if not os.path.isfile(path):
@@ -98,8 +99,10 @@ def strip_prefix(tensors: Mapping[str, np.ndarray], prefixes: tuple[str, ...]) -
     """
     for prefix in prefixes:
         if any(name.startswith(prefix) for name in tensors):
-            return {name[len(prefix):] if name.startswith(prefix) else name: value
-                    for name, value in tensors.items()}
+            return {
+                name[len(prefix) :] if name.startswith(prefix) else name: value
+                for name, value in tensors.items()
+            }
     return dict(tensors)
 
 
@@ -115,12 +118,16 @@ class TensorSource:
         """The tensor ``name`` with exactly ``shape``; otherwise a UserInputError."""
         if name not in self.tensors:
             close = sorted(key for key in self.tensors if key.split(".")[-1] == name.split(".")[-1])
-            raise UserInputError(f"checkpoint {self.source!r} has no tensor '{name}' "
-                                 f"(tensors ending alike: {close[:4]})")
+            raise UserInputError(
+                f"checkpoint {self.source!r} has no tensor '{name}' "
+                f"(tensors ending alike: {close[:4]})"
+            )
         value = self.tensors[name]
         if tuple(value.shape) != tuple(shape):
-            raise UserInputError(f"checkpoint {self.source!r}: tensor '{name}' has shape "
-                                 f"{tuple(value.shape)} but config.json implies {tuple(shape)}")
+            raise UserInputError(
+                f"checkpoint {self.source!r}: tensor '{name}' has shape "
+                f"{tuple(value.shape)} but config.json implies {tuple(shape)}"
+            )
         self.used.add(name)
         return value
 
@@ -129,9 +136,13 @@ class TensorSource:
         return sorted(name for name in self.tensors if name not in self.used and not ignore(name))
 
 
-def build_with_arrays(make_model: Callable[[], nnx.Module],
-                      arrays: Mapping[tuple, np.ndarray], *, source: str,
-                      place: Callable[[nnx.Module], nnx.State] | None = None) -> nnx.Module:
+def build_with_arrays(
+    make_model: Callable[[], nnx.Module],
+    arrays: Mapping[tuple, np.ndarray],
+    *,
+    source: str,
+    place: Callable[[nnx.Module], nnx.State] | None = None,
+) -> nnx.Module:
     """Builds ``make_model()`` abstractly and fills every Param from ``arrays``.
 
     ``arrays`` maps each NNX state path (e.g. ``("layers", 0, "q_kernel")``) to a numpy
@@ -153,11 +164,16 @@ def build_with_arrays(make_model: Callable[[], nnx.Module],
             raise ValueError(f"no checkpoint value mapped to parameter {path} of the model")
         value = np.asarray(arrays[path])
         if tuple(value.shape) != tuple(abstract.shape):
-            raise UserInputError(f"checkpoint {source!r}: value for {'.'.join(map(str, path))} "
-                                 f"has shape {value.shape}, the model wants {abstract.shape}")
+            raise UserInputError(
+                f"checkpoint {source!r}: value for {'.'.join(map(str, path))} "
+                f"has shape {value.shape}, the model wants {abstract.shape}"
+            )
         value = value.astype(abstract.dtype)
-        placed = (jax.device_put(value, targets[path].get_value()) if path in targets
-                  else jnp.asarray(value))
+        placed = (
+            jax.device_put(value, targets[path].get_value())
+            if path in targets
+            else jnp.asarray(value)
+        )
         filled.append((path, variable.replace(value=placed)))
     extra = sorted(set(arrays) - expected)
     if extra:
@@ -172,8 +188,9 @@ def _hf_name_alias(tensors: dict, name: str) -> str:
     """Old TF-converted checkpoints call LayerNorm weight/bias gamma/beta."""
     if name in tensors:
         return name
-    legacy = name.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias",
-                                                                          "LayerNorm.beta")
+    legacy = name.replace("LayerNorm.weight", "LayerNorm.gamma").replace(
+        "LayerNorm.bias", "LayerNorm.beta"
+    )
     return legacy if legacy in tensors else name
 
 
@@ -187,10 +204,12 @@ def bert_arrays_from_hf(tensors: dict, config, source: str) -> dict:
 
     arrays = {
         ("word_embeddings",): take("embeddings.word_embeddings.weight", (c.vocab_size, d)),
-        ("position_embeddings",): take("embeddings.position_embeddings.weight",
-                                       (c.max_position_embeddings, d)),
-        ("token_type_embeddings",): take("embeddings.token_type_embeddings.weight",
-                                         (c.type_vocab_size, d)),
+        ("position_embeddings",): take(
+            "embeddings.position_embeddings.weight", (c.max_position_embeddings, d)
+        ),
+        ("token_type_embeddings",): take(
+            "embeddings.token_type_embeddings.weight", (c.type_vocab_size, d)
+        ),
         ("emb_ln_scale",): take("embeddings.LayerNorm.weight", (d,)),
         ("emb_ln_bias",): take("embeddings.LayerNorm.bias", (d,)),
     }
@@ -200,58 +219,78 @@ def bert_arrays_from_hf(tensors: dict, config, source: str) -> dict:
             weight = take(f"{pre}attention.self.{theirs}.weight", (d, d))
             arrays[("layers", i, f"{ours}_kernel")] = weight.T.reshape(d, h, k)
             arrays[("layers", i, f"{ours}_bias")] = take(
-                f"{pre}attention.self.{theirs}.bias", (d,)).reshape(h, k)
+                f"{pre}attention.self.{theirs}.bias", (d,)
+            ).reshape(h, k)
         arrays[("layers", i, "o_kernel")] = take(
-            f"{pre}attention.output.dense.weight", (d, d)).T.reshape(h, k, d)
+            f"{pre}attention.output.dense.weight", (d, d)
+        ).T.reshape(h, k, d)
         arrays[("layers", i, "o_bias")] = take(f"{pre}attention.output.dense.bias", (d,))
-        arrays[("layers", i, "attn_ln_scale")] = take(f"{pre}attention.output.LayerNorm.weight",
-                                                      (d,))
-        arrays[("layers", i, "attn_ln_bias")] = take(f"{pre}attention.output.LayerNorm.bias",
-                                                     (d,))
+        arrays[("layers", i, "attn_ln_scale")] = take(
+            f"{pre}attention.output.LayerNorm.weight", (d,)
+        )
+        arrays[("layers", i, "attn_ln_bias")] = take(f"{pre}attention.output.LayerNorm.bias", (d,))
         arrays[("layers", i, "mlp_in_kernel")] = take(
-            f"{pre}intermediate.dense.weight", (c.intermediate_size, d)).T
-        arrays[("layers", i, "mlp_in_bias")] = take(f"{pre}intermediate.dense.bias",
-                                                    (c.intermediate_size,))
+            f"{pre}intermediate.dense.weight", (c.intermediate_size, d)
+        ).T
+        arrays[("layers", i, "mlp_in_bias")] = take(
+            f"{pre}intermediate.dense.bias", (c.intermediate_size,)
+        )
         arrays[("layers", i, "mlp_out_kernel")] = take(
-            f"{pre}output.dense.weight", (d, c.intermediate_size)).T
+            f"{pre}output.dense.weight", (d, c.intermediate_size)
+        ).T
         arrays[("layers", i, "mlp_out_bias")] = take(f"{pre}output.dense.bias", (d,))
         arrays[("layers", i, "out_ln_scale")] = take(f"{pre}output.LayerNorm.weight", (d,))
         arrays[("layers", i, "out_ln_bias")] = take(f"{pre}output.LayerNorm.bias", (d,))
     ignored = ("embeddings.position_ids", "pooler.", "cls.")
     unused = src.unused(lambda name: name.startswith(ignored))
     if unused:
-        raise UserInputError(f"checkpoint {source!r} has tensors a BertEncoder does not use "
-                             f"(a different architecture?): {unused[:5]}")
+        raise UserInputError(
+            f"checkpoint {source!r} has tensors a BertEncoder does not use "
+            f"(a different architecture?): {unused[:5]}"
+        )
     return arrays
 
 
 def llama_arrays_from_hf(tensors: dict, config, source: str) -> dict:
     """HF ``LlamaModel`` tensors ("model." stripped) -> {NNX path: array}; config: LlamaConfig."""
     c = config
-    d, h, k, dh, f = (c.hidden_size, c.num_heads, c.num_kv_heads, c.resolved_head_dim,
-                      c.intermediate_size)
+    d, h, k, dh, f = (
+        c.hidden_size,
+        c.num_heads,
+        c.num_kv_heads,
+        c.resolved_head_dim,
+        c.intermediate_size,
+    )
     src = TensorSource(tensors, source)
-    arrays = {("embed_tokens",): src.take("embed_tokens.weight", (c.vocab_size, d)),
-              ("final_norm",): src.take("norm.weight", (d,))}
+    arrays = {
+        ("embed_tokens",): src.take("embed_tokens.weight", (c.vocab_size, d)),
+        ("final_norm",): src.take("norm.weight", (d,)),
+    }
     for i in range(c.num_layers):
         pre, at = f"layers.{i}.", ("layers", i)
         arrays[at + ("attn_norm",)] = src.take(f"{pre}input_layernorm.weight", (d,))
         arrays[at + ("mlp_norm",)] = src.take(f"{pre}post_attention_layernorm.weight", (d,))
-        arrays[at + ("q_kernel",)] = src.take(f"{pre}self_attn.q_proj.weight",
-                                              (h * dh, d)).T.reshape(d, h, dh)
-        arrays[at + ("k_kernel",)] = src.take(f"{pre}self_attn.k_proj.weight",
-                                              (k * dh, d)).T.reshape(d, k, dh)
-        arrays[at + ("v_kernel",)] = src.take(f"{pre}self_attn.v_proj.weight",
-                                              (k * dh, d)).T.reshape(d, k, dh)
-        arrays[at + ("o_kernel",)] = src.take(f"{pre}self_attn.o_proj.weight",
-                                              (d, h * dh)).T.reshape(h, dh, d)
+        arrays[at + ("q_kernel",)] = src.take(
+            f"{pre}self_attn.q_proj.weight", (h * dh, d)
+        ).T.reshape(d, h, dh)
+        arrays[at + ("k_kernel",)] = src.take(
+            f"{pre}self_attn.k_proj.weight", (k * dh, d)
+        ).T.reshape(d, k, dh)
+        arrays[at + ("v_kernel",)] = src.take(
+            f"{pre}self_attn.v_proj.weight", (k * dh, d)
+        ).T.reshape(d, k, dh)
+        arrays[at + ("o_kernel",)] = src.take(
+            f"{pre}self_attn.o_proj.weight", (d, h * dh)
+        ).T.reshape(h, dh, d)
         arrays[at + ("gate_kernel",)] = src.take(f"{pre}mlp.gate_proj.weight", (f, d)).T
         arrays[at + ("up_kernel",)] = src.take(f"{pre}mlp.up_proj.weight", (f, d)).T
         arrays[at + ("down_kernel",)] = src.take(f"{pre}mlp.down_proj.weight", (d, f)).T
     unused = src.unused(lambda name: name == "lm_head.weight" or name.endswith("inv_freq"))
     if unused:
-        raise UserInputError(f"checkpoint {source!r} has tensors a LlamaModel does not use "
-                             f"(a different architecture?): {unused[:5]}")
+        raise UserInputError(
+            f"checkpoint {source!r} has tensors a LlamaModel does not use "
+            f"(a different architecture?): {unused[:5]}"
+        )
     return arrays
 
 
@@ -263,8 +302,10 @@ def load_tokenizer(model_dir: str, *, required: bool):
     names = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
     if not any(os.path.isfile(os.path.join(model_dir, name)) for name in names):
         if required:
-            raise UserInputError(f"model directory {model_dir!r} has no tokenizer files "
-                                 f"(looked for {', '.join(names)})")
+            raise UserInputError(
+                f"model directory {model_dir!r} has no tokenizer files "
+                f"(looked for {', '.join(names)})"
+            )
         return None
     from transformers import AutoTokenizer
 

@@ -22,12 +22,21 @@ class MLP(nnx.Module):
     (GateNet's hidden gating), so gates start close to identity.
     """
 
-    def __init__(self, in_features: int, hidden: Sequence[int], *, hidden_gates: bool = False,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, in_features: int, hidden: Sequence[int], *, hidden_gates: bool = False, rngs: nnx.Rngs
+    ):
         sizes = [in_features, *hidden]
         self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
-        self.gates = nnx.List([nnx.Linear(a, b, rngs=rngs, kernel_init=nnx.initializers.zeros)
-                               for a, b in zip(sizes[:-1], sizes[1:])]) if hidden_gates else None
+        self.gates = (
+            nnx.List(
+                [
+                    nnx.Linear(a, b, rngs=rngs, kernel_init=nnx.initializers.zeros)
+                    for a, b in zip(sizes[:-1], sizes[1:])
+                ]
+            )
+            if hidden_gates
+            else None
+        )
         self.out_features = sizes[-1]
 
     def __call__(self, x_bh: jax.Array) -> jax.Array:
@@ -61,8 +70,9 @@ class CrossNetwork(nnx.Module):
     """A stack of DCNv2 cross layers (full rank when low_rank == 0)."""
 
     def __init__(self, in_features: int, num_layers: int, low_rank: int = 0, *, rngs: nnx.Rngs):
-        self.layers = nnx.List([CrossLayer(in_features, low_rank, rngs=rngs)
-                                for _ in range(num_layers)])
+        self.layers = nnx.List(
+            [CrossLayer(in_features, low_rank, rngs=rngs) for _ in range(num_layers)]
+        )
 
     def __call__(self, x0_bh: jax.Array) -> jax.Array:
         x_bh = x0_bh
@@ -80,12 +90,18 @@ class EmbeddingGate(nnx.Module):
     """
 
     def __init__(self, dims: Sequence[int], *, vector: bool = False, rngs: nnx.Rngs):
-        self.gates = nnx.List([nnx.Linear(dim, dim if vector else 1, rngs=rngs,
-                                          kernel_init=nnx.initializers.zeros) for dim in dims])
+        self.gates = nnx.List(
+            [
+                nnx.Linear(dim, dim if vector else 1, rngs=rngs, kernel_init=nnx.initializers.zeros)
+                for dim in dims
+            ]
+        )
 
     def __call__(self, fields: Sequence[jax.Array]) -> list[jax.Array]:
         """Per field [B, D_f] -> gated [B, D_f]."""
-        return [emb_bd * 2.0 * jax.nn.sigmoid(gate(emb_bd)) for gate, emb_bd in zip(self.gates, fields)]
+        return [
+            emb_bd * 2.0 * jax.nn.sigmoid(gate(emb_bd)) for gate, emb_bd in zip(self.gates, fields)
+        ]
 
 
 def pairwise_dots(fields: Sequence[jax.Array]) -> jax.Array:
@@ -98,9 +114,12 @@ def pairwise_dots(fields: Sequence[jax.Array]) -> jax.Array:
     Example:
         >>> dots_bp = pairwise_dots([member_bd, actor_bd, hashtags_bd])   # [B, 3]
     """
-    pairs = [(i, j) for i in range(len(fields)) for j in range(i + 1, len(fields))
-             if fields[i].shape[-1] == fields[j].shape[-1]]
+    pairs = [
+        (i, j)
+        for i in range(len(fields))
+        for j in range(i + 1, len(fields))
+        if fields[i].shape[-1] == fields[j].shape[-1]
+    ]
     if not pairs:
         return jnp.zeros((fields[0].shape[0], 0), fields[0].dtype)
     return jnp.stack([jnp.sum(fields[i] * fields[j], axis=-1) for i, j in pairs], axis=-1)
-

@@ -21,8 +21,15 @@ from lf_jax.models.bert import BertEncoder
 class PostEncoder(nnx.Module):
     """BERT -> mean pool -> unit norm -> Linear(H, P) -> unit norm; scale * cos + bias logits."""
 
-    def __init__(self, encoder: BertEncoder, *, projection_dim: int = 50, init_scale: float = 10.0,
-                 init_bias: float = -5.0, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        encoder: BertEncoder,
+        *,
+        projection_dim: int = 50,
+        init_scale: float = 10.0,
+        init_bias: float = -5.0,
+        rngs: nnx.Rngs,
+    ):
         self.encoder = encoder
         self.projection = nnx.Linear(encoder.config.hidden_size, projection_dim, rngs=rngs)
         self.logit_scale = nnx.Param(jnp.asarray(init_scale, jnp.float32))
@@ -30,7 +37,9 @@ class PostEncoder(nnx.Module):
 
     def embed(self, input_ids_bl: jax.Array, attention_mask_bl: jax.Array) -> jax.Array:
         """Unit-norm embeddings [B, P] of the texts."""
-        pooled_bh = l2_normalize(mean_pool(self.encoder(input_ids_bl, attention_mask_bl), attention_mask_bl))
+        pooled_bh = l2_normalize(
+            mean_pool(self.encoder(input_ids_bl, attention_mask_bl), attention_mask_bl)
+        )
         return l2_normalize(self.projection(pooled_bh))
 
     def pair_logits(self, a_bp: jax.Array, b_bp: jax.Array) -> jax.Array:

@@ -37,29 +37,48 @@ class TaskHead(nnx.Module):
 class FeedRanker(nnx.Module):
     """Multi-task ranker over embedding activations and dense features."""
 
-    def __init__(self, *, field_dims: Mapping[str, int], num_dense: int,
-                 tasks: Sequence[str], mlp_hidden: Sequence[int] = (256, 128),
-                 cross_layers: int = 2, cross_low_rank: int = 0, embedding_gate: bool = True,
-                 embedding_gate_vector: bool = False, hidden_gate: bool = True,
-                 head_hidden: int = 0, dot_interactions: bool = False, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        *,
+        field_dims: Mapping[str, int],
+        num_dense: int,
+        tasks: Sequence[str],
+        mlp_hidden: Sequence[int] = (256, 128),
+        cross_layers: int = 2,
+        cross_low_rank: int = 0,
+        embedding_gate: bool = True,
+        embedding_gate_vector: bool = False,
+        hidden_gate: bool = True,
+        head_hidden: int = 0,
+        dot_interactions: bool = False,
+        rngs: nnx.Rngs,
+    ):
         if not field_dims or not tasks:
             raise ValueError("FeedRanker needs at least one sparse field and one task")
         self.sparse_fields = tuple(field_dims)
         self.tasks = tuple(tasks)
         self.num_dense = num_dense
-        self.gate = (EmbeddingGate(list(field_dims.values()), vector=embedding_gate_vector,
-                                   rngs=rngs) if embedding_gate else None)
+        self.gate = (
+            EmbeddingGate(list(field_dims.values()), vector=embedding_gate_vector, rngs=rngs)
+            if embedding_gate
+            else None
+        )
         self.dot_interactions = dot_interactions
         dims = list(field_dims.values())
-        num_dots = sum(dims[i] == dims[j] for i in range(len(dims)) for j in range(i + 1, len(dims)))
+        num_dots = sum(
+            dims[i] == dims[j] for i in range(len(dims)) for j in range(i + 1, len(dims))
+        )
         width = sum(dims) + num_dense + (num_dots if dot_interactions else 0)
-        self.cross = (CrossNetwork(width, cross_layers, cross_low_rank, rngs=rngs)
-                      if cross_layers else None)
+        self.cross = (
+            CrossNetwork(width, cross_layers, cross_low_rank, rngs=rngs) if cross_layers else None
+        )
         self.mlp = MLP(width, mlp_hidden, hidden_gates=hidden_gate, rngs=rngs)
         top = self.mlp.out_features + (width if self.cross is not None else 0)
         self.heads = nnx.List([TaskHead(top, head_hidden, rngs=rngs) for _ in tasks])
 
-    def __call__(self, activations: Mapping[str, jax.Array], dense_bk: jax.Array | None) -> jax.Array:
+    def __call__(
+        self, activations: Mapping[str, jax.Array], dense_bk: jax.Array | None
+    ) -> jax.Array:
         """Logits [B, T] from activations {field: [B, D_f]} and standardised dense [B, K]."""
         fields = [activations[name] for name in self.sparse_fields]
         if self.gate is not None:

@@ -11,9 +11,25 @@ Example:
     >>> save_plan(result.plan, "plan.json")
 """
 
-from lf_jax.planner.cost import (StepCost, Traffic, format_bytes, simulate_layout, step_cost,
-                                 table_bytes)
+from lf_jax.planner.cost import (
+    StepCost,
+    Traffic,
+    format_bytes,
+    simulate_layout,
+    step_cost,
+    table_bytes,
+)
 from lf_jax.planner.greedy import PlanResult, TableRow, plan_tables, strategy_label
 
-__all__ = ["PlanResult", "StepCost", "TableRow", "Traffic", "format_bytes", "plan_tables",
-           "simulate_layout", "step_cost", "strategy_label", "table_bytes"]
+__all__ = [
+    "PlanResult",
+    "StepCost",
+    "TableRow",
+    "Traffic",
+    "format_bytes",
+    "plan_tables",
+    "simulate_layout",
+    "step_cost",
+    "strategy_label",
+    "table_bytes",
+]

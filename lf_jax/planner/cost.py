@@ -30,10 +30,10 @@ Example:
     '48.1 MB'
 """
 
-from collections import defaultdict
-from collections.abc import Mapping, Sequence
 import dataclasses
 import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -74,14 +74,17 @@ def piece_row_bytes(table: TableSpec, dim: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class Traffic:
     """What one example asks of a table: E id entries and C output columns."""
+
     entries: int
     columns: int
 
     @classmethod
     def of(cls, table: str, features: Sequence[FeatureSpec]) -> "Traffic":
         reading = [f for f in features if f.table == table]
-        return cls(entries=sum(f.max_ids for f in reading),
-                   columns=sum(1 if f.pooled else f.max_ids for f in reading))
+        return cls(
+            entries=sum(f.max_ids for f in reading),
+            columns=sum(1 if f.pooled else f.max_ids for f in reading),
+        )
 
 
 def all_axes(mesh_shape: Mapping[str, int]) -> tuple[str, ...]:
@@ -95,6 +98,7 @@ def num_devices(mesh_shape: Mapping[str, int]) -> int:
 @dataclasses.dataclass(frozen=True)
 class Piece:
     """A column slice placed over ``num_slots`` slots of its group (slot0 None: auto)."""
+
     table: str
     dim: int
     col_start: int
@@ -117,16 +121,38 @@ def pieces_of(table: TableSpec, entry: Mapping, mesh_shape: Mapping[str, int]) -
     if kind == "row_wise":
         axes = tuple(a for a in every if a in entry["axes"])
         shards = math.prod(mesh_shape[a] for a in axes)
-        return [Piece(**whole, axes=axes, num_slots=shards,
-                      rows_per_slot=math.ceil(table.vocab_size / shards))]
+        return [
+            Piece(
+                **whole,
+                axes=axes,
+                num_slots=shards,
+                rows_per_slot=math.ceil(table.vocab_size / shards),
+            )
+        ]
     if kind == "table_wise":
-        return [Piece(**whole, axes=every, num_slots=1, rows_per_slot=table.vocab_size,
-                      slot0=entry.get("device"))]
+        return [
+            Piece(
+                **whole,
+                axes=every,
+                num_slots=1,
+                rows_per_slot=table.vocab_size,
+                slot0=entry.get("device"),
+            )
+        ]
     if kind == "column_wise":
         width = table.dim // entry["num_shards"]
-        return [Piece(table=table.name, dim=width, col_start=i * width, axes=every, num_slots=1,
-                      rows_per_slot=table.vocab_size, slot0=None)
-                for i in range(entry["num_shards"])]
+        return [
+            Piece(
+                table=table.name,
+                dim=width,
+                col_start=i * width,
+                axes=every,
+                num_slots=1,
+                rows_per_slot=table.vocab_size,
+                slot0=None,
+            )
+            for i in range(entry["num_shards"])
+        ]
     if kind == "table_wise_row_wise":
         axis = entry["axis"]
         grid = np.arange(num_devices(mesh_shape)).reshape(tuple(mesh_shape.values()))
@@ -135,15 +161,23 @@ def pieces_of(table: TableSpec, entry: Mapping, mesh_shape: Mapping[str, int]) -
         index.insert(every.index(axis), slice(None))
         slots = grid[tuple(index)]
         stride = int(slots[1] - slots[0]) if len(slots) > 1 else 1
-        return [Piece(**whole, axes=every, num_slots=len(slots),
-                      rows_per_slot=math.ceil(table.vocab_size / len(slots)),
-                      slot0=int(slots[0]), stride=stride)]
+        return [
+            Piece(
+                **whole,
+                axes=every,
+                num_slots=len(slots),
+                rows_per_slot=math.ceil(table.vocab_size / len(slots)),
+                slot0=int(slots[0]),
+                stride=stride,
+            )
+        ]
     raise ValueError(f"unknown strategy {kind!r}")
 
 
 @dataclasses.dataclass(frozen=True)
 class StepCost:
     """Per-device bytes one step costs a table: traffic and activation peak."""
+
     forward_comm: int
     update_comm: int
     activation: int
@@ -153,8 +187,13 @@ class StepCost:
         return self.forward_comm + self.update_comm
 
 
-def step_cost(table: TableSpec, traffic: Traffic, entry: Mapping,
-              mesh_shape: Mapping[str, int], batch_size: int) -> StepCost:
+def step_cost(
+    table: TableSpec,
+    traffic: Traffic,
+    entry: Mapping,
+    mesh_shape: Mapping[str, int],
+    batch_size: int,
+) -> StepCost:
     """Forward + update communication and activation bytes per device for one table."""
     n = num_devices(mesh_shape)
     b = batch_size // n
@@ -166,17 +205,22 @@ def step_cost(table: TableSpec, traffic: Traffic, entry: Mapping,
         slot_bytes = slot_row_bytes(table, d)
         fwd_comm += (s - 1) * b * (e * ENTRY_BYTES + c * d * ACT_BYTES)
         upd_comm += (n - 1) * b * (e * ENTRY_BYTES + c * d * ACT_BYTES)
-        fwd_act += s * b * e * (ENTRY_BYTES + d * ACT_BYTES) + (s * b * c * d * ACT_BYTES if s > 1 else 0)
-        upd_act += batch_size * (e * (ENTRY_BYTES + UPDATE_COPIES * d * ACT_BYTES + slot_bytes)
-                                 + c * d * ACT_BYTES)
+        fwd_act += s * b * e * (ENTRY_BYTES + d * ACT_BYTES) + (
+            s * b * c * d * ACT_BYTES if s > 1 else 0
+        )
+        upd_act += batch_size * (
+            e * (ENTRY_BYTES + UPDATE_COPIES * d * ACT_BYTES + slot_bytes) + c * d * ACT_BYTES
+        )
         out += b * c * d * ACT_BYTES
-    return StepCost(forward_comm=fwd_comm, update_comm=upd_comm,
-                    activation=max(fwd_act, upd_act) + out)
+    return StepCost(
+        forward_comm=fwd_comm, update_comm=upd_comm, activation=max(fwd_act, upd_act) + out
+    )
 
 
 @dataclasses.dataclass
 class Group:
     """One stacked array: rows used on each of its slots, bytes per row."""
+
     axes: tuple[str, ...]
     dim: int
     row_bytes: int
@@ -191,6 +235,7 @@ class Group:
 @dataclasses.dataclass
 class Layout:
     """Where every piece of a plan lives; all per-device figures in bytes."""
+
     mesh_shape: dict[str, int]
     groups: list[Group]
     by_key: dict = dataclasses.field(default_factory=dict, repr=False)  # group key -> Group
@@ -220,8 +265,14 @@ class Layout:
 
     def devices_of(self, table: str) -> list[int]:
         """Slots (devices) of the table's all-axes pieces, in piece order."""
-        return [s for g in self.groups if g.axes == all_axes(self.mesh_shape)
-                for p in g.pieces if p.table == table for s in p.slots()]
+        return [
+            s
+            for g in self.groups
+            if g.axes == all_axes(self.mesh_shape)
+            for p in g.pieces
+            if p.table == table
+            for s in p.slots()
+        ]
 
     def stack_for(self, table: TableSpec, dim: int | None = None) -> Group | None:
         """The all-axes group a table-wise piece of ``table`` would join, if it exists."""
@@ -242,8 +293,9 @@ class Layout:
         return (axes, dim, table.dtype, table.optimizer)
 
 
-def simulate_layout(tables: Sequence[TableSpec], plan: Mapping[str, Mapping],
-                    mesh_shape: Mapping[str, int]) -> Layout:
+def simulate_layout(
+    tables: Sequence[TableSpec], plan: Mapping[str, Mapping], mesh_shape: Mapping[str, int]
+) -> Layout:
     """The engine's layout of ``plan`` (tables in order; entries validated).
 
     Fixed pieces are placed first in table order, then auto-placed column pieces
@@ -261,16 +313,24 @@ def simulate_layout(tables: Sequence[TableSpec], plan: Mapping[str, Mapping],
     for key, members in keyed.items():
         axes, dim = key[0], key[1]
         num_slots = math.prod(mesh_shape[a] for a in axes)
-        group = Group(axes=axes, dim=dim, row_bytes=piece_row_bytes(members[0][0], dim),
-                      used=np.zeros(num_slots, np.int64))
+        group = Group(
+            axes=axes,
+            dim=dim,
+            row_bytes=piece_row_bytes(members[0][0], dim),
+            used=np.zeros(num_slots, np.int64),
+        )
         fixed = [p for _, p in members if p.slot0 is not None]
-        auto = sorted((p for _, p in members if p.slot0 is None),
-                      key=lambda p: (-p.rows_per_slot * p.dim, p.table, p.col_start))
+        auto = sorted(
+            (p for _, p in members if p.slot0 is None),
+            key=lambda p: (-p.rows_per_slot * p.dim, p.table, p.col_start),
+        )
         for piece in fixed + auto:
             if piece.slot0 is None:
                 holding = {s for q in group.pieces if q.table == piece.table for s in q.slots()}
                 free = [s for s in range(num_slots) if s not in holding] or list(range(num_slots))
-                piece = dataclasses.replace(piece, slot0=min(free, key=lambda s: (device_load[s], s)))
+                piece = dataclasses.replace(
+                    piece, slot0=min(free, key=lambda s: (device_load[s], s))
+                )
             slots = piece.slots()
             offset = int(group.used[slots].max())
             group.used[slots] = offset + piece.rows_per_slot

@@ -29,23 +29,37 @@ Example:
     >>> validate_plan(result.plan, {t.name: t for t in tables}, mesh)
 """
 
-from collections.abc import Mapping, Sequence
 import dataclasses
 import math
+from collections.abc import Mapping, Sequence
 
 from jax.sharding import AbstractMesh
 
 from lf_jax.distributed.mesh import resolve_mesh_shape
-from lf_jax.embedding.plan import (PlanError, column_wise, data_parallel, row_wise, table_wise,
-                                   validate_plan)
+from lf_jax.embedding.plan import (
+    PlanError,
+    column_wise,
+    data_parallel,
+    row_wise,
+    table_wise,
+    validate_plan,
+)
 from lf_jax.embedding.spec import FeatureSpec, TableSpec, validate_specs
-from lf_jax.planner.cost import (Layout, Traffic, format_bytes, num_devices, simulate_layout,
-                                 step_cost, table_bytes)
+from lf_jax.planner.cost import (
+    Layout,
+    Traffic,
+    format_bytes,
+    num_devices,
+    simulate_layout,
+    step_cost,
+    table_bytes,
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class TableRow:
     """One explained line of a plan (bytes are per device unless named otherwise)."""
+
     table: str
     rows: int
     dim: int
@@ -60,6 +74,7 @@ class TableRow:
 @dataclasses.dataclass(frozen=True)
 class PlanResult:
     """A plan dict plus what it costs on each device and why each table went where."""
+
     plan: dict[str, dict]
     rows: tuple[TableRow, ...]
     mesh_shape: dict[str, int]
@@ -86,31 +101,58 @@ class PlanResult:
         """An aligned text table, one row per table, with header and summary lines."""
         n = len(self.used_bytes)
         mesh = " x ".join(f"{k}={v}" for k, v in self.mesh_shape.items())
-        head = ("table", "rows", "dim", "bytes", "strategy", "per-device", "activations",
-                "comm/step", "why")
-        body = [(r.table, f"{r.rows:,}", str(r.dim), format_bytes(r.bytes), r.strategy,
-                 format_bytes(r.per_device_bytes), format_bytes(r.activation_bytes),
-                 format_bytes(r.comm_bytes), r.why) for r in self.rows]
+        head = (
+            "table",
+            "rows",
+            "dim",
+            "bytes",
+            "strategy",
+            "per-device",
+            "activations",
+            "comm/step",
+            "why",
+        )
+        body = [
+            (
+                r.table,
+                f"{r.rows:,}",
+                str(r.dim),
+                format_bytes(r.bytes),
+                r.strategy,
+                format_bytes(r.per_device_bytes),
+                format_bytes(r.activation_bytes),
+                format_bytes(r.comm_bytes),
+                r.why,
+            )
+            for r in self.rows
+        ]
         widths = [max(len(line[i]) for line in [head, *body]) for i in range(len(head))]
         right = {1, 2, 3, 5, 6, 7}
 
         def line(cells):
-            return "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                             for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+            return "  ".join(
+                c.rjust(w) if i in right else c.ljust(w)
+                for i, (c, w) in enumerate(zip(cells, widths))
+            ).rstrip()
 
         share = self.max_device_bytes / self.memory_budget_bytes
         padding = self.weight_bytes - min(self.used_bytes)
         padded = f" (up to {format_bytes(padding)} of it stack padding)" if padding else ""
-        return "\n".join([
-            f"plan for mesh {mesh} ({n} devices), batch {self.batch_size:,} "
-            f"({self.batch_size // n:,} per device), budget {format_bytes(self.memory_budget_bytes)} "
-            f"per device",
-            line(head), line(["-" * w for w in widths]), *map(line, body),
-            f"max per device: {format_bytes(self.max_device_bytes)} of "
-            f"{format_bytes(self.memory_budget_bytes)} budget ({share:.0%}) = weights+slots "
-            f"{format_bytes(self.weight_bytes)}{padded} + activations "
-            f"{format_bytes(self.activation_bytes)}; comm {format_bytes(self.comm_bytes)}/step "
-            f"per device"])
+        return "\n".join(
+            [
+                f"plan for mesh {mesh} ({n} devices), batch {self.batch_size:,} "
+                f"({self.batch_size // n:,} per device), budget {format_bytes(self.memory_budget_bytes)} "
+                f"per device",
+                line(head),
+                line(["-" * w for w in widths]),
+                *map(line, body),
+                f"max per device: {format_bytes(self.max_device_bytes)} of "
+                f"{format_bytes(self.memory_budget_bytes)} budget ({share:.0%}) = weights+slots "
+                f"{format_bytes(self.weight_bytes)}{padded} + activations "
+                f"{format_bytes(self.activation_bytes)}; comm {format_bytes(self.comm_bytes)}/step "
+                f"per device",
+            ]
+        )
 
 
 def abstract_mesh(mesh_shape: Mapping[str, int]) -> AbstractMesh:
@@ -149,9 +191,12 @@ class _Planner:
 
     def cost(self, plan) -> tuple[int, int]:
         """Per-device (allocated weights + slots, activations) bytes of ``plan``."""
-        activations = sum(step_cost(self.by_name[name], self.traffic[name], entry,
-                                    self.mesh_shape, self.batch_size).activation
-                          for name, entry in plan.items())
+        activations = sum(
+            step_cost(
+                self.by_name[name], self.traffic[name], entry, self.mesh_shape, self.batch_size
+            ).activation
+            for name, entry in plan.items()
+        )
         return self.layout(plan).allocated_per_device(), activations
 
     def least_loaded_device(self, table: TableSpec) -> int:
@@ -159,22 +204,29 @@ class _Planner:
         layout = self.layout(self.chosen)
         stack = layout.stack_for(table)
         used = layout.used_per_device()
-        return min(range(self.n), key=lambda d: (int(stack.used[d]) if stack else 0,
-                                                 int(used[d]), d))
+        return min(
+            range(self.n), key=lambda d: (int(stack.used[d]) if stack else 0, int(used[d]), d)
+        )
 
-    def candidates(self, table: TableSpec, small: float, medium: float, wide_dim: int,
-                   model_axis: str):
+    def candidates(
+        self, table: TableSpec, small: float, medium: float, wide_dim: int, model_axis: str
+    ):
         """(entry, reason) pairs in order of preference for ``table``'s size class."""
         size, every = table_bytes(table), tuple(self.mesh_shape)
         fsize = format_bytes(size)
         small_pct, medium_pct = f"{small:.0%}", f"{medium:.0%}"
         model = self.mesh_shape.get(model_axis, 1)
         has_model = 1 < model < self.n
-        shard = lambda shards: math.ceil(table.vocab_size / shards) * (
-            table.bytes_per_row + table.slot_bytes_per_row())
+        shard = lambda shards: (
+            math.ceil(table.vocab_size / shards)
+            * (table.bytes_per_row + table.slot_bytes_per_row())
+        )
         skipped_tw = None
         if size <= small * self.budget:
-            yield data_parallel(), f"{fsize} <= {small_pct} of budget: replicated, no forward collective"
+            yield (
+                data_parallel(),
+                f"{fsize} <= {small_pct} of budget: replicated, no forward collective",
+            )
         if size <= medium * self.budget:
             # Same-dim table-wise tables share one stacked array whose every slot is as tall
             # as its tallest, so a whole table only pays off where it fits the stack's gaps:
@@ -183,23 +235,40 @@ class _Planner:
             tw_bytes = self.cost({**self.chosen, table.name: table_wise(device)})[0]
             rw_bytes = self.cost({**self.chosen, table.name: row_wise(every)})[0]
             if tw_bytes <= rw_bytes:
-                yield table_wise(device), (f"{fsize} <= {medium_pct} of budget: whole table on "
-                                           f"device {device}, fits its d{table.dim} stack")
+                yield (
+                    table_wise(device),
+                    (
+                        f"{fsize} <= {medium_pct} of budget: whole table on "
+                        f"device {device}, fits its d{table.dim} stack"
+                    ),
+                )
             else:
-                skipped_tw = (f"table_wise would pad every device to {format_bytes(tw_bytes)} "
-                              f"(stacked d{table.dim} array)")
+                skipped_tw = (
+                    f"table_wise would pad every device to {format_bytes(tw_bytes)} "
+                    f"(stacked d{table.dim} array)"
+                )
         big = f"{fsize} > {medium_pct} of budget"
         if skipped_tw is not None:
             fsize = skipped_tw
         if size > medium * self.budget and table.dim >= wide_dim:
             for k in range(2, min(table.dim, self.n) + 1):
                 if table.dim % k == 0 and size / k <= medium * self.budget:
-                    yield column_wise(k), (f"wide (dim {table.dim} >= {wide_dim}), {big}: "
-                                           f"{k} column pieces of {table.dim // k} on {k} devices")
+                    yield (
+                        column_wise(k),
+                        (
+                            f"wide (dim {table.dim} >= {wide_dim}), {big}: "
+                            f"{k} column pieces of {table.dim // k} on {k} devices"
+                        ),
+                    )
                     break
         if has_model and (size <= medium * self.budget or shard(model) <= medium * self.budget):
-            yield row_wise((model_axis,)), (f"{big if size > medium * self.budget else fsize}: "
-                                            f"rows split over {model_axis} ({model} devices)")
+            yield (
+                row_wise((model_axis,)),
+                (
+                    f"{big if size > medium * self.budget else fsize}: "
+                    f"rows split over {model_axis} ({model} devices)"
+                ),
+            )
         why = big if size > medium * self.budget else fsize
         if has_model and shard(model) > medium * self.budget:
             why += f" and a {model_axis} shard is {format_bytes(shard(model))}"
@@ -222,7 +291,8 @@ class _Planner:
             f"fit the per-device memory budget of {format_bytes(self.budget)} ({self.budget} "
             f"bytes) under any strategy: rows split over all {self.n} devices still need "
             f"{format_bytes(weights + activations)} per device ({format_bytes(weights)} weights+"
-            f"slots, {format_bytes(activations)} activations, tables placed before it included)")
+            f"slots, {format_bytes(activations)} activations, tables placed before it included)"
+        )
 
     def take_hand(self, name: str, entry: dict) -> None:
         """Applies a hand entry; PlanError when it pushes a device over the budget."""
@@ -236,7 +306,8 @@ class _Planner:
             raise PlanError(
                 f"hand plan for table '{name}' ({strategy_label(entry)}, {format_bytes(size)}, "
                 f"{size} bytes of weights+slots) needs {format_bytes(total)} per device, over the "
-                f"memory budget of {format_bytes(self.budget)} ({self.budget} bytes)")
+                f"memory budget of {format_bytes(self.budget)} ({self.budget} bytes)"
+            )
 
 
 def _check_inputs(mesh_shape, device_count, batch_size, budget) -> dict[str, int]:
@@ -249,17 +320,27 @@ def _check_inputs(mesh_shape, device_count, batch_size, budget) -> dict[str, int
             raise PlanError(f"planner: {name} must be a positive int, got {value!r}")
     n = num_devices(sizes)
     if batch_size % n:
-        raise PlanError(f"planner: batch_size {batch_size} is not divisible by the {n} devices "
-                        f"of mesh {sizes} (the batch is sharded over all axes)")
+        raise PlanError(
+            f"planner: batch_size {batch_size} is not divisible by the {n} devices "
+            f"of mesh {sizes} (the batch is sharded over all axes)"
+        )
     return sizes
 
 
-def plan_tables(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
-                mesh_shape: Mapping[str, int], batch_size: int, memory_budget_bytes: int,
-                hand_plan: Mapping[str, Mapping] | None = None, *,
-                device_count: int | None = None, small_fraction: float = 0.01,
-                medium_fraction: float = 0.25, wide_dim: int = 256,
-                model_axis: str = "model") -> PlanResult:
+def plan_tables(
+    tables: Sequence[TableSpec],
+    features: Sequence[FeatureSpec],
+    mesh_shape: Mapping[str, int],
+    batch_size: int,
+    memory_budget_bytes: int,
+    hand_plan: Mapping[str, Mapping] | None = None,
+    *,
+    device_count: int | None = None,
+    small_fraction: float = 0.01,
+    medium_fraction: float = 0.25,
+    wide_dim: int = 256,
+    model_axis: str = "model",
+) -> PlanResult:
     """Chooses a strategy for every table (see the module docstring for the rules).
 
     ``mesh_shape`` may hold one -1 axis, resolved against ``device_count``; no device is
@@ -279,8 +360,9 @@ def plan_tables(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
     for table in order:
         if table.name in hand:
             planner.take_hand(table.name, hand[table.name])
-    rules = dict(small=small_fraction, medium=medium_fraction, wide_dim=wide_dim,
-                 model_axis=model_axis)
+    rules = dict(
+        small=small_fraction, medium=medium_fraction, wide_dim=wide_dim, model_axis=model_axis
+    )
     for table in order:
         if table.name not in hand:
             planner.choose(table, **rules)
@@ -295,12 +377,26 @@ def plan_tables(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
         label = strategy_label(entry)
         if entry["strategy"] == "column_wise" and entry["num_shards"] <= 4:
             label += f" dev {','.join(map(str, layout.devices_of(table.name)))}"
-        rows.append(TableRow(table=table.name, rows=table.vocab_size, dim=table.dim,
-                             bytes=table_bytes(table), strategy=label,
-                             per_device_bytes=int(layout.table_per_device(table.name).max()),
-                             activation_bytes=cost.activation, comm_bytes=cost.comm,
-                             why=planner.why[table.name]))
-    return PlanResult(plan=plan, rows=tuple(rows), mesh_shape=sizes, batch_size=batch_size,
-                      memory_budget_bytes=memory_budget_bytes,
-                      weight_bytes=layout.allocated_per_device(), activation_bytes=activations,
-                      used_bytes=tuple(int(x) for x in layout.used_per_device()))
+        rows.append(
+            TableRow(
+                table=table.name,
+                rows=table.vocab_size,
+                dim=table.dim,
+                bytes=table_bytes(table),
+                strategy=label,
+                per_device_bytes=int(layout.table_per_device(table.name).max()),
+                activation_bytes=cost.activation,
+                comm_bytes=cost.comm,
+                why=planner.why[table.name],
+            )
+        )
+    return PlanResult(
+        plan=plan,
+        rows=tuple(rows),
+        mesh_shape=sizes,
+        batch_size=batch_size,
+        memory_budget_bytes=memory_budget_bytes,
+        weight_bytes=layout.allocated_per_device(),
+        activation_bytes=activations,
+        used_bytes=tuple(int(x) for x in layout.used_per_device()),
+    )

@@ -81,8 +81,9 @@ def row_id_coded_tables(specs, dtype=np.float32) -> dict[str, np.ndarray]:
     for index, spec in enumerate(_by_name(specs).values()):
         rows = np.arange(spec.vocab_size, dtype=np.float64)[:, None]
         cols = np.arange(spec.dim, dtype=np.float64)[None, :]
-        out[spec.name] = (rows + (index % 10) * ROW_CODE_TABLE_STEP
-                          + cols * ROW_CODE_DIM_STEP).astype(dtype)
+        out[spec.name] = (
+            rows + (index % 10) * ROW_CODE_TABLE_STEP + cols * ROW_CODE_DIM_STEP
+        ).astype(dtype)
     return out
 
 
@@ -123,8 +124,9 @@ def init_slots(table_specs, plan: Mapping | None = None) -> dict[str, dict[str, 
     return slots
 
 
-def logical_slots(slots: Mapping[str, Mapping[str, np.ndarray]]
-                  ) -> dict[str, dict[str, np.ndarray]]:
+def logical_slots(
+    slots: Mapping[str, Mapping[str, np.ndarray]],
+) -> dict[str, dict[str, np.ndarray]]:
     """Oracle slots -> the engine's ``logical_slots`` form (piece accumulators averaged).
 
     Tables without slots (sgd) are left out, as the engine leaves them out.
@@ -179,22 +181,28 @@ def oracle_lookup(features, tables: Mapping[str, np.ndarray], batch) -> dict[str
 
 
 # ----- sparse step ---------------------------------------------------------------------------
-def row_gradients(features, table_specs, batch, activation_grads
-                  ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def row_gradients(
+    features, table_specs, batch, activation_grads
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per table: (touched [V] bool, summed row gradients [V, D] float64).
 
     Row r is touched when some valid id of some feature reading the table equals r.
     """
     ids, weights = _ids_weights(batch)
     specs = _by_name(table_specs)
-    out = {name: (np.zeros(spec.vocab_size, bool), np.zeros((spec.vocab_size, spec.dim)))
-           for name, spec in specs.items()}
+    out = {
+        name: (np.zeros(spec.vocab_size, bool), np.zeros((spec.vocab_size, spec.dim)))
+        for name, spec in specs.items()
+    }
     for name, feature in _by_name(features).items():
         ids_bl = ids[name]
         coef_bl = _coefs(feature, ids_bl, weights[name])
         grad = np.asarray(activation_grads[name], np.float64)
-        grad_bld = grad if feature.combiner == "none" else np.broadcast_to(
-            grad[:, None, :], (*ids_bl.shape, grad.shape[-1]))
+        grad_bld = (
+            grad
+            if feature.combiner == "none"
+            else np.broadcast_to(grad[:, None, :], (*ids_bl.shape, grad.shape[-1]))
+        )
         valid = ids_bl >= 0
         touched, grads_vd = out[feature.table]
         touched[ids_bl[valid]] = True
@@ -208,25 +216,34 @@ def _update_rows(opt, rows_ud, grads_ud, slots: dict, step: int, pieces: int):
         return rows_ud - opt.learning_rate * grads_ud, {}
     if opt.kind == "rowwise_adagrad":
         acc = slots["accumulator"]
-        acc_up = acc.reshape(acc.shape[0], -1)                     # [U, pieces]
-        g_upw = grads_ud.reshape(grads_ud.shape[0], pieces, -1)    # [U, pieces, D/pieces]
-        acc_up = acc_up + np.mean(g_upw ** 2, axis=-1)
+        acc_up = acc.reshape(acc.shape[0], -1)  # [U, pieces]
+        g_upw = grads_ud.reshape(grads_ud.shape[0], pieces, -1)  # [U, pieces, D/pieces]
+        acc_up = acc_up + np.mean(g_upw**2, axis=-1)
         scale_up = opt.learning_rate / (np.sqrt(acc_up) + opt.eps)
         new_rows = rows_ud - (scale_up[..., None] * g_upw).reshape(rows_ud.shape)
         return new_rows, {"accumulator": acc_up.reshape(acc.shape)}
     if opt.kind == "adam":
         mu = opt.b1 * slots["mu"] + (1 - opt.b1) * grads_ud
-        nu = opt.b2 * slots["nu"] + (1 - opt.b2) * grads_ud ** 2
-        mu_hat = mu / (1 - opt.b1 ** step)
-        nu_hat = nu / (1 - opt.b2 ** step)
+        nu = opt.b2 * slots["nu"] + (1 - opt.b2) * grads_ud**2
+        mu_hat = mu / (1 - opt.b1**step)
+        nu_hat = nu / (1 - opt.b2**step)
         return rows_ud - opt.learning_rate * mu_hat / (np.sqrt(nu_hat) + opt.eps), {
-            "mu": mu, "nu": nu}
+            "mu": mu,
+            "nu": nu,
+        }
     raise NotImplementedError(f"oracle has no optimizer '{opt.kind}'")
 
 
-def oracle_step(tables: Mapping[str, np.ndarray], slots: Mapping[str, Mapping[str, np.ndarray]],
-                features, table_specs, batch, activation_grads: Mapping[str, Any], step: int,
-                plan: Mapping | None = None) -> tuple[dict, dict]:
+def oracle_step(
+    tables: Mapping[str, np.ndarray],
+    slots: Mapping[str, Mapping[str, np.ndarray]],
+    features,
+    table_specs,
+    batch,
+    activation_grads: Mapping[str, Any],
+    step: int,
+    plan: Mapping | None = None,
+) -> tuple[dict, dict]:
     """One sparse optimizer step on logical tables; returns (new tables, new slots).
 
     Args:
@@ -244,18 +261,26 @@ def oracle_step(tables: Mapping[str, np.ndarray], slots: Mapping[str, Mapping[st
     """
     specs = _by_name(table_specs)
     new_tables = {name: np.asarray(value, np.float64).copy() for name, value in tables.items()}
-    new_slots = {name: {k: np.asarray(v, np.float64).copy() for k, v in s.items()}
-                 for name, s in slots.items()}
-    for name, (touched, grads_vd) in row_gradients(features, specs, batch,
-                                                   activation_grads).items():
+    new_slots = {
+        name: {k: np.asarray(v, np.float64).copy() for k, v in s.items()}
+        for name, s in slots.items()
+    }
+    for name, (touched, grads_vd) in row_gradients(
+        features, specs, batch, activation_grads
+    ).items():
         rows = np.nonzero(touched)[0]
         if not rows.size:
             continue
         spec = specs[name]
         table_slots = new_slots.get(name, {})
         updated, slot_rows = _update_rows(
-            spec.optimizer, new_tables[name][rows], grads_vd[rows],
-            {k: v[rows] for k, v in table_slots.items()}, step, num_column_pieces(plan, name))
+            spec.optimizer,
+            new_tables[name][rows],
+            grads_vd[rows],
+            {k: v[rows] for k, v in table_slots.items()},
+            step,
+            num_column_pieces(plan, name),
+        )
         new_tables[name][rows] = updated
         for key, value in slot_rows.items():
             table_slots[key][rows] = value
@@ -263,9 +288,14 @@ def oracle_step(tables: Mapping[str, np.ndarray], slots: Mapping[str, Mapping[st
 
 
 # ----- inputs for tests and notebooks --------------------------------------------------------
-def random_batch(features, table_specs, batch_size: int, seed: int = 0,
-                 empty_every: int = 5, zero_weight_prob: float = 0.1
-                 ) -> tuple[dict[str, list], dict[str, list]]:
+def random_batch(
+    features,
+    table_specs,
+    batch_size: int,
+    seed: int = 0,
+    empty_every: int = 5,
+    zero_weight_prob: float = 0.1,
+) -> tuple[dict[str, list], dict[str, list]]:
     """Ragged raw ids (+ weights for weighted features) that stress the engine.
 
     Bags have 0..max_ids ids (every ``empty_every``-th example is empty), ids come from
@@ -296,6 +326,11 @@ def random_batch(features, table_specs, batch_size: int, seed: int = 0,
             bags.append([int(i) for i in bag])
         raw_ids[name] = bags
         if feature.weighted:
-            raw_weights[name] = [[0.0 if rng.random() < zero_weight_prob
-                                  else float(rng.uniform(0.25, 2.0)) for _ in bag] for bag in bags]
+            raw_weights[name] = [
+                [
+                    0.0 if rng.random() < zero_weight_prob else float(rng.uniform(0.25, 2.0))
+                    for _ in bag
+                ]
+                for bag in bags
+            ]
     return raw_ids, raw_weights

@@ -29,9 +29,9 @@ Example:
      'collective-permute': 0}
 """
 
-from collections.abc import Callable
 import dataclasses
 import re
+from collections.abc import Callable
 
 import jax
 
@@ -45,6 +45,7 @@ _GROUPS_IOTA = re.compile(r"replica_groups=\[(\d+),(\d+)\]<=")
 @dataclasses.dataclass(frozen=True)
 class Collective:
     """One collective op: its kind, the HLO line, and its replica groups' size (or None)."""
+
     kind: str
     line: str
     group_size: int | None

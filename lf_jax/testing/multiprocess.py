@@ -16,7 +16,6 @@ Example:
     [-6, -9]
 """
 
-from collections.abc import Callable, Mapping, Sequence
 import dataclasses
 import os
 import re
@@ -26,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 
 
 def free_port() -> int:
@@ -35,17 +35,28 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def worker_env(process_id: int, num_processes: int, devices_per_process: int, coordinator: str,
-               base: Mapping[str, str] | None = None, **settings) -> dict[str, str]:
+def worker_env(
+    process_id: int,
+    num_processes: int,
+    devices_per_process: int,
+    coordinator: str,
+    base: Mapping[str, str] | None = None,
+    **settings,
+) -> dict[str, str]:
     """The environment of one local worker; ``settings`` become LF_JAX_<NAME> variables,
     e.g. heartbeat_timeout=5 -> LF_JAX_HEARTBEAT_TIMEOUT=5."""
     env = dict(os.environ if base is None else base)
     flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
-    env.update(XLA_FLAGS=f"{flags.strip()} --xla_force_host_platform_device_count="
-                         f"{devices_per_process}".strip(),
-               JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-               LF_JAX_COORDINATOR_ADDRESS=coordinator, LF_JAX_NUM_PROCESSES=str(num_processes),
-               LF_JAX_PROCESS_ID=str(process_id), LF_JAX_CPU_DEVICES=str(devices_per_process))
+    env.update(
+        XLA_FLAGS=f"{flags.strip()} --xla_force_host_platform_device_count="
+        f"{devices_per_process}".strip(),
+        JAX_PLATFORMS="cpu",
+        PYTHONUNBUFFERED="1",
+        LF_JAX_COORDINATOR_ADDRESS=coordinator,
+        LF_JAX_NUM_PROCESSES=str(num_processes),
+        LF_JAX_PROCESS_ID=str(process_id),
+        LF_JAX_CPU_DEVICES=str(devices_per_process),
+    )
     env.update({f"LF_JAX_{name.upper()}": str(value) for name, value in settings.items()})
     return env
 
@@ -53,7 +64,7 @@ def worker_env(process_id: int, num_processes: int, devices_per_process: int, co
 @dataclasses.dataclass
 class ProcessResult:
     process: int
-    returncode: int | None      # None: still running when the time limit stopped it
+    returncode: int | None  # None: still running when the time limit stopped it
     output: str
     elapsed_s: float
     stopped_by_limit: bool = False
@@ -68,12 +79,22 @@ class ProcessResult:
 class ProcessGroup:
     """N local processes of ``argv`` (a list, or a callable process_id -> list)."""
 
-    def __init__(self, argv: Sequence[str] | Callable[[int], Sequence[str]], num_processes: int,
-                 devices_per_process: int, *, env: Mapping[str, str] | None = None,
-                 echo: Callable[[str], None] | None = None, cwd: str | None = None, **settings):
+    def __init__(
+        self,
+        argv: Sequence[str] | Callable[[int], Sequence[str]],
+        num_processes: int,
+        devices_per_process: int,
+        *,
+        env: Mapping[str, str] | None = None,
+        echo: Callable[[str], None] | None = None,
+        cwd: str | None = None,
+        **settings,
+    ):
         if num_processes < 1 or devices_per_process < 1:
-            raise ValueError(f"num_processes={num_processes} and devices_per_process="
-                             f"{devices_per_process} must be >= 1")
+            raise ValueError(
+                f"num_processes={num_processes} and devices_per_process="
+                f"{devices_per_process} must be >= 1"
+            )
         self.coordinator = f"127.0.0.1:{free_port()}"
         self.num_processes = num_processes
         self._lines: list[list[str]] = [[] for _ in range(num_processes)]
@@ -84,11 +105,19 @@ class ProcessGroup:
         self.procs: list[subprocess.Popen] = []
         for index in range(num_processes):
             args = list(argv(index) if callable(argv) else argv)
-            proc_env = worker_env(index, num_processes, devices_per_process, self.coordinator,
-                                  env, **settings)
-            proc = subprocess.Popen(args, env=proc_env, cwd=cwd, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True, errors="replace",
-                                    start_new_session=True)
+            proc_env = worker_env(
+                index, num_processes, devices_per_process, self.coordinator, env, **settings
+            )
+            proc = subprocess.Popen(
+                args,
+                env=proc_env,
+                cwd=cwd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                errors="replace",
+                start_new_session=True,
+            )
             self.procs.append(proc)
             threading.Thread(target=self._pump, args=(index, proc), daemon=True).start()
 
@@ -121,7 +150,9 @@ class ProcessGroup:
                     if match:
                         return match
                 if all(index in self.end_times for index in watched):
-                    raise TimeoutError(f"{pattern!r} never appeared; processes {list(watched)} ended")
+                    raise TimeoutError(
+                        f"{pattern!r} never appeared; processes {list(watched)} ended"
+                    )
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError(f"{pattern!r} did not appear within {timeout} s")
@@ -139,8 +170,9 @@ class ProcessGroup:
         failed = [(t, i) for i, t in self.end_times.items() if self.procs[i].returncode != 0]
         return min(failed)[1] if failed else None
 
-    def wait(self, timeout: float, *, stop_others_after_failure: float | None = None
-             ) -> list[ProcessResult]:
+    def wait(
+        self, timeout: float, *, stop_others_after_failure: float | None = None
+    ) -> list[ProcessResult]:
         """Waits for every process; kills what still runs after ``timeout`` s. With
         ``stop_others_after_failure``, the survivors of a failed process get SIGTERM that
         many seconds after the failure, and SIGKILL 10 s later."""
@@ -171,9 +203,16 @@ class ProcessGroup:
         with self._changed:
             while len(self.end_times) < self.num_processes:
                 self._changed.wait(0.2)
-        return [ProcessResult(i, None if i in limited else proc.returncode, self.output(i),
-                              self.end_times[i] - self.start_time, i in limited)
-                for i, proc in enumerate(self.procs)]
+        return [
+            ProcessResult(
+                i,
+                None if i in limited else proc.returncode,
+                self.output(i),
+                self.end_times[i] - self.start_time,
+                i in limited,
+            )
+            for i, proc in enumerate(self.procs)
+        ]
 
     def close(self) -> None:
         for index in range(self.num_processes):
@@ -188,8 +227,15 @@ class ProcessGroup:
         self.close()
 
 
-def run_processes(argv, num_processes: int, devices_per_process: int, *, timeout: float,
-                  env: Mapping[str, str] | None = None, **settings) -> list[ProcessResult]:
+def run_processes(
+    argv,
+    num_processes: int,
+    devices_per_process: int,
+    *,
+    timeout: float,
+    env: Mapping[str, str] | None = None,
+    **settings,
+) -> list[ProcessResult]:
     """Runs ``argv`` in N local processes to completion (or ``timeout``); see ProcessGroup."""
     with ProcessGroup(argv, num_processes, devices_per_process, env=env, **settings) as group:
         return group.wait(timeout)

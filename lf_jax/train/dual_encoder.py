@@ -31,8 +31,15 @@ from jax.sharding import NamedSharding, PartitionSpec
 from lf_jax.console import get_logger
 from lf_jax.errors import UserInputError
 from lf_jax.input.datasets import build_dataset, dataset_metadata
-from lf_jax.input.text_pipeline import (PercentileBuckets, StepSampler, load_word_tokenizer,
-                                        render_prompts, template_fields, tokenize, train_word_tokenizer)
+from lf_jax.input.text_pipeline import (
+    PercentileBuckets,
+    StepSampler,
+    load_word_tokenizer,
+    render_prompts,
+    template_fields,
+    tokenize,
+    train_word_tokenizer,
+)
 from lf_jax.losses import l2_normalize, matryoshka_info_nce
 from lf_jax.models.causal_lm import LlamaConfig
 from lf_jax.models.dual_encoder import DualEncoder
@@ -60,8 +67,9 @@ def read_pairs(builder, split: str) -> np.ndarray:
     return np.asarray([(row["member_id"], row["item_id"]) for row in rows], np.int64)
 
 
-def recall_at_k(scores_mn: np.ndarray, test_pairs: np.ndarray, train_pairs: np.ndarray,
-                k: int = 10) -> float:
+def recall_at_k(
+    scores_mn: np.ndarray, test_pairs: np.ndarray, train_pairs: np.ndarray, k: int = 10
+) -> float:
     """Mean over members with test pairs of |top-k ∩ test items| / |test items|, ranking all
     items by score with the member's train items excluded."""
     scores_mn = np.array(scores_mn, np.float64, copy=True)
@@ -87,17 +95,25 @@ class DualEncoderTask:
         self.builder = build_dataset(c.data.dataset, c.data.config, c.data.data_dir or None)
         self.meta = dataset_metadata(self.builder)
         self.dims = tuple(int(d) for d in c.loss.matryoshka_dims)
-        if not self.dims or list(self.dims) != sorted(set(self.dims)) or self.dims[-1] != c.model.hidden_size:
-            raise UserInputError(f"config loss.matryoshka_dims={tuple(c.loss.matryoshka_dims)} must "
-                                 f"increase and end at model.hidden_size={c.model.hidden_size}")
+        if (
+            not self.dims
+            or list(self.dims) != sorted(set(self.dims))
+            or self.dims[-1] != c.model.hidden_size
+        ):
+            raise UserInputError(
+                f"config loss.matryoshka_dims={tuple(c.loss.matryoshka_dims)} must "
+                f"increase and end at model.hidden_size={c.model.hidden_size}"
+            )
         if not c.loss.temperature > 0:
             raise UserInputError(f"config loss.temperature={c.loss.temperature} must be > 0")
         self.data_size = int(mesh.shape.get("data", 1))
         self.num_micro = int(c.train.grad_accum_steps)
         if self.num_micro < 1 or c.batch_size % (self.num_micro * self.data_size):
-            raise UserInputError(f"config batch_size={c.batch_size} must split into "
-                                 f"train.grad_accum_steps={self.num_micro} micro-batches of a "
-                                 f"multiple of the data axis ({self.data_size})")
+            raise UserInputError(
+                f"config batch_size={c.batch_size} must split into "
+                f"train.grad_accum_steps={self.num_micro} micro-batches of a "
+                f"multiple of the data axis ({self.data_size})"
+            )
         self.grad_cache = bool(c.train.grad_cache)
         self.aux_names = tuple(f"dim{d}" for d in self.dims)
         self.examples_per_step = c.batch_size
@@ -106,28 +122,45 @@ class DualEncoderTask:
         for side in SIDES:
             prompts[side] = self.render(side, self.entities[side], fit=True)
         path = self.workdir / "tokenizer.json"
-        self.tokenizer = (load_word_tokenizer(path) if path.exists()
-                          else train_word_tokenizer(prompts["member"] + prompts["item"], path))
-        self.tokens = {side: tokenize(self.tokenizer, prompts[side], c.data.max_length, eos=True)
-                       for side in SIDES}
+        self.tokenizer = (
+            load_word_tokenizer(path)
+            if path.exists()
+            else train_word_tokenizer(prompts["member"] + prompts["item"], path)
+        )
+        self.tokens = {
+            side: tokenize(self.tokenizer, prompts[side], c.data.max_length, eos=True)
+            for side in SIDES
+        }
         truncated = {side: float(np.mean(self.tokens[side][1][:, -1])) for side in SIDES}
-        get_logger().info("dual encoder: %d members, %d items, vocab %d, prompts truncated %s; "
-                          "e.g. %r", len(prompts["member"]), len(prompts["item"]), len(self.tokenizer),
-                          truncated, prompts["member"][0])
+        get_logger().info(
+            "dual encoder: %d members, %d items, vocab %d, prompts truncated %s; e.g. %r",
+            len(prompts["member"]),
+            len(prompts["item"]),
+            len(self.tokenizer),
+            truncated,
+            prompts["member"][0],
+        )
         self.train_pairs = read_pairs(self.builder, "train")
         self.test_pairs = read_pairs(self.builder, "test")
         vocab = -(-len(self.tokenizer) // 64) * 64
         self.llama_config = LlamaConfig(
-            vocab_size=vocab, hidden_size=c.model.hidden_size, num_layers=c.model.num_layers,
-            num_heads=c.model.num_heads, num_kv_heads=c.model.num_kv_heads,
-            intermediate_size=c.model.intermediate_size, max_position_embeddings=c.data.max_length)
+            vocab_size=vocab,
+            hidden_size=c.model.hidden_size,
+            num_layers=c.model.num_layers,
+            num_heads=c.model.num_heads,
+            num_kv_heads=c.model.num_kv_heads,
+            intermediate_size=c.model.intermediate_size,
+            max_position_embeddings=c.data.max_length,
+        )
         model = DualEncoder(self.llama_config, pooling=c.model.pooling, rngs=nnx.Rngs(c.seed))
         shard_encoder(model, mesh, c.model.sharding)
         self.graphdef, self._params = nnx.split(model)
         self.tx = dense_optimizer(c.train)
         self._batch_sharding = NamedSharding(mesh, PartitionSpec(None, "data"))
         self._row_sharding = NamedSharding(mesh, PartitionSpec("data"))
-        self._embed_step = jax.jit(lambda params, ids, mask: nnx.merge(self.graphdef, params).embed(ids, mask))
+        self._embed_step = jax.jit(
+            lambda params, ids, mask: nnx.merge(self.graphdef, params).embed(ids, mask)
+        )
 
     # ----- prompts ---------------------------------------------------------------------------
     def render(self, side: str, records: Sequence[Mapping], fit: bool = False) -> list[str]:
@@ -135,32 +168,53 @@ class DualEncoderTask:
         template = self.config.prompts[side]
         numeric_names = list(self.meta[f"{side}_numeric"])
         used = template_fields(template)
-        numeric = {name: np.asarray([row[f"{side}_numeric"][i] for row in records], np.float64)
-                   for i, name in enumerate(numeric_names) if name in used}
-        texts = {name: [_decode(row[f"{side}_{name}"]) for row in records]
-                 for name in TEXT_FIELDS[side] if name in used}
+        numeric = {
+            name: np.asarray([row[f"{side}_numeric"][i] for row in records], np.float64)
+            for i, name in enumerate(numeric_names)
+            if name in used
+        }
+        texts = {
+            name: [_decode(row[f"{side}_{name}"]) for row in records]
+            for name in TEXT_FIELDS[side]
+            if name in used
+        }
         unknown = [name for name in used if name not in numeric and name not in texts]
         if unknown:
-            raise UserInputError(f"config prompts.{side}={template!r} names unknown field(s) {unknown} "
-                                 f"(known: {list(TEXT_FIELDS[side]) + numeric_names})")
+            raise UserInputError(
+                f"config prompts.{side}={template!r} names unknown field(s) {unknown} "
+                f"(known: {list(TEXT_FIELDS[side]) + numeric_names})"
+            )
         if fit:
             for name, values in numeric.items():
-                self.buckets[(side, name)] = PercentileBuckets.fit(values, self.config.prompts.num_buckets)
-        return render_prompts(template, texts, numeric,
-                              {name: self.buckets[(side, name)] for name in numeric})
+                self.buckets[(side, name)] = PercentileBuckets.fit(
+                    values, self.config.prompts.num_buckets
+                )
+        return render_prompts(
+            template, texts, numeric, {name: self.buckets[(side, name)] for name in numeric}
+        )
 
     # ----- TrainingTask ----------------------------------------------------------------------
     def init_state(self) -> dict:
         return jax.jit(lambda p: init_train_state(p, self.tx, {}))(self._params)
 
     def embed_fn(self, model, micro_batch):
-        return {side: model.embed(micro_batch[f"{side}_ids"], micro_batch[f"{side}_mask"]) for side in SIDES}
+        return {
+            side: model.embed(micro_batch[f"{side}_ids"], micro_batch[f"{side}_mask"])
+            for side in SIDES
+        }
 
     def contrastive_loss_fn(self, reps):
         c = self.config.loss
-        return matryoshka_info_nce(reps["member"], reps["item"], self.dims, c.temperature,
-                                   weights=tuple(c.matryoshka_weights) or None, symmetric=c.symmetric,
-                                   mesh=self.mesh, axis="data")
+        return matryoshka_info_nce(
+            reps["member"],
+            reps["item"],
+            self.dims,
+            c.temperature,
+            weights=tuple(c.matryoshka_weights) or None,
+            symmetric=c.symmetric,
+            mesh=self.mesh,
+            axis="data",
+        )
 
     def loss_fn(self, model, activations, micro_batch):
         """Per-micro-batch InfoNCE (used when train.grad_cache is false: negatives only from
@@ -174,7 +228,10 @@ class DualEncoderTask:
         batch = {}
         for side, column in zip(SIDES, (0, 1)):
             ids, mask = self.tokens[side]
-            batch[f"{side}_ids"], batch[f"{side}_mask"] = ids[pairs[:, column]], mask[pairs[:, column]]
+            batch[f"{side}_ids"], batch[f"{side}_mask"] = (
+                ids[pairs[:, column]],
+                mask[pairs[:, column]],
+            )
         return batch
 
     def train_iterator(self):
@@ -187,7 +244,7 @@ class DualEncoderTask:
         def place(x):
             x = np.asarray(x).reshape(k, x.shape[0] // k, *x.shape[1:])
             rows = x.shape[1] // jax.process_count()
-            local = x[:, jax.process_index() * rows:(jax.process_index() + 1) * rows]
+            local = x[:, jax.process_index() * rows : (jax.process_index() + 1) * rows]
             return jax.make_array_from_process_local_data(self._batch_sharding, local, x.shape)
 
         return {name: place(value) for name, value in host.items()}
@@ -199,8 +256,14 @@ class DualEncoderTask:
             raise UserInputError(f"side={side!r} is not one of {SIDES}")
         return [_decode(row[f"{side}_key"]) for row in self.entities[side]], self.entities[side]
 
-    def embed(self, state: Mapping, side: str, records: Sequence[Mapping] | None = None,
-              dim: int | None = None, batch_size: int = 256) -> np.ndarray:
+    def embed(
+        self,
+        state: Mapping,
+        side: str,
+        records: Sequence[Mapping] | None = None,
+        dim: int | None = None,
+        batch_size: int = 256,
+    ) -> np.ndarray:
         """Unit-norm float32 [N, dim] vectors (dim: a Matryoshka prefix, default full) of
         ``records`` (default: the whole corpus of ``side``) with the trained ``state``."""
         if side not in SIDES:
@@ -208,12 +271,20 @@ class DualEncoderTask:
         dim = self.dims[-1] if dim is None else dim
         if dim not in self.dims:
             raise UserInputError(f"dim={dim} is not one of the Matryoshka dims {self.dims}")
-        ids, mask = (self.tokens[side] if records is None else
-                     tokenize(self.tokenizer, self.render(side, records), self.config.data.max_length, eos=True))
+        ids, mask = (
+            self.tokens[side]
+            if records is None
+            else tokenize(
+                self.tokenizer, self.render(side, records), self.config.data.max_length, eos=True
+            )
+        )
         batch_size = -(-batch_size // self.data_size) * self.data_size
         out = []
         for start in range(0, len(ids), batch_size):
-            chunk_ids, chunk_mask = ids[start:start + batch_size], mask[start:start + batch_size]
+            chunk_ids, chunk_mask = (
+                ids[start : start + batch_size],
+                mask[start : start + batch_size],
+            )
             rows = len(chunk_ids)
             pad = batch_size - rows
             chunk_ids = np.pad(chunk_ids, ((0, pad), (0, 0)))
@@ -229,10 +300,17 @@ class DualEncoderTask:
         members, items = self.embed(state, "member"), self.embed(state, "item")
         metrics = {}
         for dim in self.dims:
-            m, i = l2_normalize(jnp.asarray(members[:, :dim])), l2_normalize(jnp.asarray(items[:, :dim]))
+            m, i = (
+                l2_normalize(jnp.asarray(members[:, :dim])),
+                l2_normalize(jnp.asarray(items[:, :dim])),
+            )
             scores = np.asarray(m @ i.T)
-            metrics[f"recall@{k}/dim{dim}"] = recall_at_k(scores, self.test_pairs, self.train_pairs, k)
+            metrics[f"recall@{k}/dim{dim}"] = recall_at_k(
+                scores, self.test_pairs, self.train_pairs, k
+            )
         popularity = np.bincount(self.train_pairs[:, 1], minlength=len(items)).astype(np.float64)
         scores = np.broadcast_to(popularity, (len(members), len(items)))
-        metrics[f"recall@{k}/popularity"] = recall_at_k(scores, self.test_pairs, self.train_pairs, k)
+        metrics[f"recall@{k}/popularity"] = recall_at_k(
+            scores, self.test_pairs, self.train_pairs, k
+        )
         return metrics

@@ -44,8 +44,9 @@ def _unflatten_chunks(x_n, k: int):
     return jnp.swapaxes(x_n.reshape(b, k, *x_n.shape[1:]), 0, 1)
 
 
-def grad_cache_value_and_grad(params, graphdef: nnx.GraphDef, embed_fn: Callable, loss_fn: Callable,
-                              batch) -> tuple[tuple[jax.Array, object], object]:
+def grad_cache_value_and_grad(
+    params, graphdef: nnx.GraphDef, embed_fn: Callable, loss_fn: Callable, batch
+) -> tuple[tuple[jax.Array, object], object]:
     """((loss, aux), grads w.r.t. params) of ``loss_fn(embed(all micro-batches))``.
 
     ``batch`` leaves carry a leading micro-batch axis [k, b, ...]; the result equals
@@ -72,8 +73,13 @@ def grad_cache_value_and_grad(params, graphdef: nnx.GraphDef, embed_fn: Callable
     return (loss, aux), grads
 
 
-def make_grad_cache_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                         embed_fn: Callable, loss_fn: Callable, donate: bool = True) -> Callable:
+def make_grad_cache_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    embed_fn: Callable,
+    loss_fn: Callable,
+    donate: bool = True,
+) -> Callable:
     """Returns jit(step)(state, batch) -> (state, {"loss", "aux", "grad_norm"}), the same
     contract as lf_jax.train.step.make_train_step for models without sparse tables."""
 
@@ -81,8 +87,12 @@ def make_grad_cache_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformatio
         params = state["params"]
         (loss, aux), grads = grad_cache_value_and_grad(params, graphdef, embed_fn, loss_fn, batch)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
-                     "embedding": state["embedding"], "step": state["step"] + 1}
+        new_state = {
+            "params": optax.apply_updates(params, updates),
+            "opt_state": opt_state,
+            "embedding": state["embedding"],
+            "step": state["step"] + 1,
+        }
         return new_state, {"loss": loss, "aux": aux, "grad_norm": optax.tree.norm(grads)}
 
     return jax.jit(step, donate_argnums=(0,) if donate else ())

@@ -14,10 +14,10 @@ Example:
     >>> ips.save(workdir / "ips_weights.json")
 """
 
-from collections.abc import Sequence
 import dataclasses
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -39,35 +39,62 @@ class IpsWeights:
         """[B, T] float32 weights: the table's row for ranked impressions, 1 for random ones."""
         position_b = np.asarray(position_b)
         if position_b.size and (position_b.min() < 0 or position_b.max() >= len(self.weights_pt)):
-            raise UserInputError(f"ips: position {int(position_b.max())} outside the table's "
-                                 f"{len(self.weights_pt)} positions")
+            raise UserInputError(
+                f"ips: position {int(position_b.max())} outside the table's "
+                f"{len(self.weights_pt)} positions"
+            )
         rows = self.weights_pt[position_b]
         return np.where(np.asarray(random_b, bool)[:, None], 1.0, rows).astype(np.float32)
 
     def save(self, path: str | Path) -> None:
         """Writes JSON atomically (temp file + rename)."""
         path = Path(path)
-        payload = {"tasks": list(self.tasks), "clip": list(self.clip),
-                   **{name: getattr(self, name).tolist() for name in
-                      ("weights_pt", "ctr_random_pt", "ctr_ranked_pt", "count_random_p",
-                       "count_ranked_p")}}
+        payload = {
+            "tasks": list(self.tasks),
+            "clip": list(self.clip),
+            **{
+                name: getattr(self, name).tolist()
+                for name in (
+                    "weights_pt",
+                    "ctr_random_pt",
+                    "ctr_ranked_pt",
+                    "count_random_p",
+                    "count_ranked_p",
+                )
+            },
+        }
         tmp = path.with_suffix(path.suffix + ".tmp")
         try:
             tmp.write_text(json.dumps(payload, indent=1))
             os.replace(tmp, path)
         except OSError as error:
-            raise UserInputError(f"ips weights path '{path}' is not writable: {error.strerror}") from None
+            raise UserInputError(
+                f"ips weights path '{path}' is not writable: {error.strerror}"
+            ) from None
 
     @classmethod
     def load(cls, path: str | Path) -> "IpsWeights":
         path = Path(path)
         if not path.is_file():
-            raise UserInputError(f"ips weights file '{path}' does not exist; run `lf-jax ips` first")
+            raise UserInputError(
+                f"ips weights file '{path}' does not exist; run `lf-jax ips` first"
+            )
         try:
             data = json.loads(path.read_text())
-            return cls(tuple(data["tasks"]), *(np.asarray(data[name], np.float64) for name in (
-                "weights_pt", "ctr_random_pt", "ctr_ranked_pt", "count_random_p", "count_ranked_p")),
-                clip=tuple(data["clip"]))
+            return cls(
+                tuple(data["tasks"]),
+                *(
+                    np.asarray(data[name], np.float64)
+                    for name in (
+                        "weights_pt",
+                        "ctr_random_pt",
+                        "ctr_ranked_pt",
+                        "count_random_p",
+                        "count_ranked_p",
+                    )
+                ),
+                clip=tuple(data["clip"]),
+            )
         except (KeyError, ValueError, TypeError) as error:
             raise UserInputError(f"ips weights file '{path}' is malformed: {error}") from None
 
@@ -76,8 +103,10 @@ class IpsWeights:
         head = "pos  n_random  n_ranked  " + "  ".join(f"{t:>10}" for t in self.tasks)
         lines = [head]
         for p in range(len(self.weights_pt)):
-            lines.append(f"{p:>3}  {int(self.count_random_p[p]):>8}  {int(self.count_ranked_p[p]):>8}  "
-                         + "  ".join(f"{w:>10.3f}" for w in self.weights_pt[p]))
+            lines.append(
+                f"{p:>3}  {int(self.count_random_p[p]):>8}  {int(self.count_ranked_p[p]):>8}  "
+                + "  ".join(f"{w:>10.3f}" for w in self.weights_pt[p])
+            )
         return "\n".join(lines)
 
 
@@ -93,7 +122,7 @@ def _power_law_ctr(count_p: np.ndarray, clicks_pt: np.ndarray, iterations: int =
     params = []
     for t in range(clicks_pt.shape[1]):
         beta = np.array([np.log(max(clicks_pt[:, t].sum() / max(count_p.sum(), 1), 1e-6)), 0.0])
-        for _ in range(iterations):                   # Newton steps on the Poisson likelihood
+        for _ in range(iterations):  # Newton steps on the Poisson likelihood
             expected_p = count_p * np.exp(design_p2 @ beta)
             gradient = design_p2.T @ (clicks_pt[:, t] - expected_p)
             hessian = design_p2.T @ (design_p2 * expected_p[:, None]) + 1e-9 * np.eye(2)
@@ -102,34 +131,66 @@ def _power_law_ctr(count_p: np.ndarray, clicks_pt: np.ndarray, iterations: int =
     return np.asarray(params)
 
 
-def position_counts(position_n: np.ndarray, random_n: np.ndarray, labels_nt: np.ndarray,
-                    num_positions: int) -> dict[str, np.ndarray]:
+def position_counts(
+    position_n: np.ndarray, random_n: np.ndarray, labels_nt: np.ndarray, num_positions: int
+) -> dict[str, np.ndarray]:
     """Sufficient statistics of the weights: impressions [P] and clicks [P, T] per session type."""
     position_n, random_n = np.asarray(position_n), np.asarray(random_n, bool)
     labels_nt = np.asarray(labels_nt, np.float64)
     out = {}
     for kind, mask in (("random", random_n), ("ranked", ~random_n)):
-        out[f"count_{kind}_p"] = np.bincount(position_n[mask], minlength=num_positions)[:num_positions]
+        out[f"count_{kind}_p"] = np.bincount(position_n[mask], minlength=num_positions)[
+            :num_positions
+        ]
         out[f"clicks_{kind}_pt"] = np.stack(
-            [np.bincount(position_n[mask], weights=labels_nt[mask, t], minlength=num_positions)[:num_positions]
-             for t in range(labels_nt.shape[1])], axis=1).reshape(num_positions, labels_nt.shape[1])
+            [
+                np.bincount(position_n[mask], weights=labels_nt[mask, t], minlength=num_positions)[
+                    :num_positions
+                ]
+                for t in range(labels_nt.shape[1])
+            ],
+            axis=1,
+        ).reshape(num_positions, labels_nt.shape[1])
     return out
 
 
-def compute_ips_weights(position_n: np.ndarray, random_n: np.ndarray, labels_nt: np.ndarray, *,
-                        num_positions: int, tasks: Sequence[str], clip: tuple[float, float] = (0.2, 5.0),
-                        smoothing: float = 50.0, fit: str = "power_law") -> IpsWeights:
+def compute_ips_weights(
+    position_n: np.ndarray,
+    random_n: np.ndarray,
+    labels_nt: np.ndarray,
+    *,
+    num_positions: int,
+    tasks: Sequence[str],
+    clip: tuple[float, float] = (0.2, 5.0),
+    smoothing: float = 50.0,
+    fit: str = "power_law",
+) -> IpsWeights:
     """Per-position, per-task weights from logged impressions (see module docstring)."""
     labels_nt = np.asarray(labels_nt, np.float64)
     if labels_nt.ndim != 2 or labels_nt.shape[1] != len(tasks):
-        raise UserInputError(f"ips: labels have shape {labels_nt.shape}, expected [N, {len(tasks)}]")
-    return ips_weights_from_counts(**position_counts(position_n, random_n, labels_nt, num_positions),
-                                   tasks=tasks, clip=clip, smoothing=smoothing, fit=fit)
+        raise UserInputError(
+            f"ips: labels have shape {labels_nt.shape}, expected [N, {len(tasks)}]"
+        )
+    return ips_weights_from_counts(
+        **position_counts(position_n, random_n, labels_nt, num_positions),
+        tasks=tasks,
+        clip=clip,
+        smoothing=smoothing,
+        fit=fit,
+    )
 
 
-def ips_weights_from_counts(*, count_random_p, clicks_random_pt, count_ranked_p, clicks_ranked_pt,
-                            tasks: Sequence[str], clip: tuple[float, float] = (0.2, 5.0),
-                            smoothing: float = 50.0, fit: str = "power_law") -> IpsWeights:
+def ips_weights_from_counts(
+    *,
+    count_random_p,
+    clicks_random_pt,
+    count_ranked_p,
+    clicks_ranked_pt,
+    tasks: Sequence[str],
+    clip: tuple[float, float] = (0.2, 5.0),
+    smoothing: float = 50.0,
+    fit: str = "power_law",
+) -> IpsWeights:
     """The weights from per-position impressions [P] and clicks [P, T] of each session type.
 
     ``fit="power_law"`` (default) fits CTR(p) = c * (1 + p) ** -k per session type and task
@@ -137,30 +198,50 @@ def ips_weights_from_counts(*, count_random_p, clicks_random_pt, count_ranked_p,
     few random sessions. ``fit="per_position"`` uses each position's own CTRs, smoothed by
     ``smoothing`` pseudo-impressions at the session type's overall CTR.
     """
-    counts = {"random": np.asarray(count_random_p, np.float64), "ranked": np.asarray(count_ranked_p, np.float64)}
-    clicks = {"random": np.asarray(clicks_random_pt, np.float64),
-              "ranked": np.asarray(clicks_ranked_pt, np.float64)}
+    counts = {
+        "random": np.asarray(count_random_p, np.float64),
+        "ranked": np.asarray(count_ranked_p, np.float64),
+    }
+    clicks = {
+        "random": np.asarray(clicks_random_pt, np.float64),
+        "ranked": np.asarray(clicks_ranked_pt, np.float64),
+    }
     if clicks["random"].ndim != 2 or clicks["random"].shape[1] != len(tasks):
-        raise UserInputError(f"ips: clicks have shape {clicks['random'].shape}, expected [P, {len(tasks)}]")
+        raise UserInputError(
+            f"ips: clicks have shape {clicks['random'].shape}, expected [P, {len(tasks)}]"
+        )
     if not counts["random"].sum() or not counts["ranked"].sum():
         share = counts["random"].sum() / max(counts["random"].sum() + counts["ranked"].sum(), 1)
-        raise UserInputError("ips: the data needs both random-session and ranked-session impressions "
-                             f"(random share {share:.3f})")
+        raise UserInputError(
+            "ips: the data needs both random-session and ranked-session impressions "
+            f"(random share {share:.3f})"
+        )
     if not 0 < clip[0] <= 1 <= clip[1]:
         raise UserInputError(f"ips: clip must satisfy 0 < low <= 1 <= high, got {clip}")
     if fit not in ("power_law", "per_position"):
         raise UserInputError(f"ips: fit must be 'power_law' or 'per_position', got {fit!r}")
-    ctr = {kind: (clicks[kind] + smoothing * clicks[kind].sum(0) / counts[kind].sum())
-           / (counts[kind][:, None] + smoothing) for kind in counts}
+    ctr = {
+        kind: (clicks[kind] + smoothing * clicks[kind].sum(0) / counts[kind].sum())
+        / (counts[kind][:, None] + smoothing)
+        for kind in counts
+    }
     if fit == "power_law":
         x_p1 = np.log1p(np.arange(len(counts["random"]), dtype=np.float64))[:, None]
         (a_random, b_random), (a_ranked, b_ranked) = (
-            _power_law_ctr(counts[kind], clicks[kind]).T for kind in ("random", "ranked"))
+            _power_law_ctr(counts[kind], clicks[kind]).T for kind in ("random", "ranked")
+        )
         ratio_pt = np.exp((a_random - a_ranked)[None, :] + (b_random - b_ranked)[None, :] * x_p1)
     else:
         ratio_pt = ctr["random"] / np.maximum(ctr["ranked"], 1e-9)
     raw_pt = np.clip(ratio_pt, *clip)
     share_p = counts["ranked"] / counts["ranked"].sum()
     weights_pt = raw_pt / np.maximum((share_p[:, None] * raw_pt).sum(axis=0, keepdims=True), 1e-12)
-    return IpsWeights(tuple(tasks), weights_pt, ctr["random"], ctr["ranked"], counts["random"],
-                      counts["ranked"], tuple(clip))
+    return IpsWeights(
+        tuple(tasks),
+        weights_pt,
+        ctr["random"],
+        ctr["ranked"],
+        counts["random"],
+        counts["ranked"],
+        tuple(clip),
+    )

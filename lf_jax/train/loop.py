@@ -16,11 +16,11 @@ Example:
     >>> metrics = run_training(task, config.train, workdir)
 """
 
-from collections.abc import Callable, Iterator, Mapping
 import json
 import math
-from pathlib import Path
 import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any, Protocol
 
 import jax
@@ -38,6 +38,7 @@ class TrainingTask(Protocol):
     """``collection`` may be None (no sparse tables). A task with ``grad_cache = True``
     provides ``embed_fn(model, micro_batch)`` and ``contrastive_loss_fn(reps)`` instead of
     using ``loss_fn`` (see lf_jax/train/grad_cache.py)."""
+
     collection: Any
     graphdef: Any
     tx: Any
@@ -66,6 +67,7 @@ class _Summaries:
         self.writer = None
         if jax.process_index() == 0:
             from tensorboardX import SummaryWriter
+
             self.writer = SummaryWriter(str(directory))
 
     def scalars(self, step: int, values: Mapping[str, float], prefix: str) -> None:
@@ -86,11 +88,16 @@ def _check_finite(step: int, loss: float, aux: np.ndarray, names: tuple[str, ...
     if bad or not np.isfinite(loss):
         raise TrainingDivergedError(
             f"non-finite loss at step {step}: loss={loss}, task(s) {bad or ['total']}; "
-            f"stopped without saving, the last good checkpoint is intact")
+            f"stopped without saving, the last good checkpoint is intact"
+        )
 
 
-def run_training(task: TrainingTask, train_config, workdir: str | Path,
-                 on_eval: Callable[[int, dict], None] | None = None) -> dict:
+def run_training(
+    task: TrainingTask,
+    train_config,
+    workdir: str | Path,
+    on_eval: Callable[[int, dict], None] | None = None,
+) -> dict:
     """Trains ``task`` for ``train_config.steps`` steps; returns the last eval metrics.
 
     ``train_config`` fields: steps, eval_every (0: never evaluate), checkpoint_every,
@@ -112,15 +119,23 @@ def run_training(task: TrainingTask, train_config, workdir: str | Path,
     elif train_config.get("warm_start"):
         source = Checkpointer(Path(train_config.warm_start) / "checkpoints")
         if source.latest_step() is None:
-            raise UserInputError(f"train.warm_start='{train_config.warm_start}' holds no checkpoint")
+            raise UserInputError(
+                f"train.warm_start='{train_config.warm_start}' holds no checkpoint"
+            )
         warm, _ = source.restore(source.latest_step(), state, task.collection)
         source.close()
         state = {**state, "params": warm["params"], "embedding": warm["embedding"]}
-        log.info("warm start from %s step %d (new data window; dense optimizer restarts, table slots kept)",
-                 source.directory, source.latest_step())
+        log.info(
+            "warm start from %s step %d (new data window; dense optimizer restarts, table slots kept)",
+            source.directory,
+            source.latest_step(),
+        )
     if getattr(task, "grad_cache", False):  # contrastive: every example a negative of all others
         from lf_jax.train.grad_cache import make_grad_cache_step
-        train_step = make_grad_cache_step(task.graphdef, task.tx, task.embed_fn, task.contrastive_loss_fn)
+
+        train_step = make_grad_cache_step(
+            task.graphdef, task.tx, task.embed_fn, task.contrastive_loss_fn
+        )
     else:
         train_step = make_train_step(task.graphdef, task.collection, task.tx, task.loss_fn)
     summaries = _Summaries(workdir / "tensorboard")
@@ -137,9 +152,16 @@ def run_training(task: TrainingTask, train_config, workdir: str | Path,
 
     try:
         # SIGTERM: every process saves the same step (multihost.preemption_notice) and returns
-        with preemption_notice() as preempted, progress(
-                total=train_config.steps, initial=start, desc="train", unit="step",
-                disable=not progress_enabled() or not is_primary()) as bar:
+        with (
+            preemption_notice() as preempted,
+            progress(
+                total=train_config.steps,
+                initial=start,
+                desc="train",
+                unit="step",
+                disable=not progress_enabled() or not is_primary(),
+            ) as bar,
+        ):
             tic, tic_step = time.perf_counter(), start
             for step in range(start + 1, train_config.steps + 1):
                 state, step_metrics = train_step(state, task.device_batch(next(iterator)))
@@ -152,16 +174,28 @@ def run_training(task: TrainingTask, train_config, workdir: str | Path,
                     rate = (step - tic_step) * task.examples_per_step / max(elapsed, 1e-9)
                     tic, tic_step = time.perf_counter(), step
                     bar.set_postfix(loss=f"{loss:.4f}", ex_per_s=f"{rate:,.0f}")
-                    scalars = {"loss": loss, "examples_per_second": rate,
-                               "grad_norm": float(step_metrics["grad_norm"]),
-                               **{f"loss_{n}": float(v) for n, v in zip(task.aux_names, np.atleast_1d(aux))}}
+                    scalars = {
+                        "loss": loss,
+                        "examples_per_second": rate,
+                        "grad_norm": float(step_metrics["grad_norm"]),
+                        **{
+                            f"loss_{n}": float(v)
+                            for n, v in zip(task.aux_names, np.atleast_1d(aux))
+                        },
+                    }
                     summaries.scalars(step, scalars, "train")
                     record({"step": step, **scalars})
                     if bar.disable:
-                        log.info("step %d/%d loss %.4f (%s ex/s)", step, train_config.steps, loss,
-                                 f"{rate:,.0f}")
-                if train_config.eval_every and (step % train_config.eval_every == 0
-                                                or step == train_config.steps):
+                        log.info(
+                            "step %d/%d loss %.4f (%s ex/s)",
+                            step,
+                            train_config.steps,
+                            loss,
+                            f"{rate:,.0f}",
+                        )
+                if train_config.eval_every and (
+                    step % train_config.eval_every == 0 or step == train_config.steps
+                ):
                     metrics = task.evaluate(state)
                     summaries.scalars(step, metrics, "eval")
                     record({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
@@ -169,8 +203,11 @@ def run_training(task: TrainingTask, train_config, workdir: str | Path,
                         on_eval(step, metrics)
                 if step % train_config.checkpoint_every == 0 or step == train_config.steps:
                     save(step)
-                if train_config.eval_every and step % train_config.eval_every == 0 or \
-                        step % train_config.checkpoint_every == 0:
+                if (
+                    train_config.eval_every
+                    and step % train_config.eval_every == 0
+                    or step % train_config.checkpoint_every == 0
+                ):
                     tic, tic_step = time.perf_counter(), step  # examples/s excludes eval and saves
                 if preempted(step):
                     if step % train_config.checkpoint_every:
@@ -181,14 +218,16 @@ def run_training(task: TrainingTask, train_config, workdir: str | Path,
         # waits for any async save: a crash or NaN stop never leaves a half-written latest step
         checkpointer.close()
         summaries.close()
-        if hasattr(iterator, "close"):       # stops prefetch threads / grain worker processes
+        if hasattr(iterator, "close"):  # stops prefetch threads / grain worker processes
             iterator.close()
     return metrics
 
 
-FAMILIES = {"feed_ranker": "lf_jax.train.ranker:RankerTask",
-            "post_encoder": "lf_jax.train.post_encoder:PostEncoderTask",
-            "dual_encoder": "lf_jax.train.dual_encoder:DualEncoderTask"}
+FAMILIES = {
+    "feed_ranker": "lf_jax.train.ranker:RankerTask",
+    "post_encoder": "lf_jax.train.post_encoder:PostEncoderTask",
+    "dual_encoder": "lf_jax.train.dual_encoder:DualEncoderTask",
+}
 
 
 def build_task(config, workdir: str | Path) -> TrainingTask:
@@ -201,7 +240,9 @@ def build_task(config, workdir: str | Path) -> TrainingTask:
     if family not in FAMILIES:
         raise UserInputError(f"config model_family={family!r} is not one of {sorted(FAMILIES)}")
     module, name = FAMILIES[family].split(":")
-    return getattr(importlib.import_module(module), name)(config, make_mesh(dict(config.mesh)), workdir)
+    return getattr(importlib.import_module(module), name)(
+        config, make_mesh(dict(config.mesh)), workdir
+    )
 
 
 def train_and_evaluate(config, workdir: str | Path) -> dict:

@@ -25,7 +25,9 @@ def auc(scores_n: np.ndarray, labels_n: np.ndarray) -> float:
     ends = np.r_[starts[1:], scores_n.size]
     average = (starts + ends + 1) / 2.0  # 1-based average rank of each tie run
     ranks[order] = np.repeat(average, ends - starts)
-    return float((ranks[labels_n].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+    return float(
+        (ranks[labels_n].sum() - positives * (positives + 1) / 2) / (positives * negatives)
+    )
 
 
 def log_loss(probs_n: np.ndarray, labels_n: np.ndarray, eps: float = 1e-7) -> float:
@@ -48,8 +50,12 @@ def calibration(probs_n: np.ndarray, labels_n: np.ndarray) -> float:
     return float(np.sum(probs_n) / positives) if positives else float("nan")
 
 
-def binary_metrics(probs_nt: np.ndarray, labels_nt: np.ndarray, tasks: Sequence[str],
-                   oracle_probs_nt: np.ndarray | None = None) -> dict[str, float]:
+def binary_metrics(
+    probs_nt: np.ndarray,
+    labels_nt: np.ndarray,
+    tasks: Sequence[str],
+    oracle_probs_nt: np.ndarray | None = None,
+) -> dict[str, float]:
     """Per task: auc, ne, calibration, and oracle_auc when true probabilities are given."""
     out = {}
     for index, task in enumerate(tasks):

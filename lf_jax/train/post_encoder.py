@@ -46,10 +46,14 @@ def _decode(value) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def triplet_accuracy(anchor_nd: np.ndarray, positive_nd: np.ndarray, negative_nd: np.ndarray) -> float:
+def triplet_accuracy(
+    anchor_nd: np.ndarray, positive_nd: np.ndarray, negative_nd: np.ndarray
+) -> float:
     """Fraction of rows whose positive has a higher cosine with the anchor than the negative."""
+
     def cos(a, b):
         return np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+
     return float(np.mean(cos(anchor_nd, positive_nd) > cos(anchor_nd, negative_nd)))
 
 
@@ -68,14 +72,18 @@ class PostEncoderTask:
         self.aux_names = self.tasks
         proportions = tuple(c.data.task_proportions)
         if len(proportions) != len(self.tasks) or min(proportions) < 0 or sum(proportions) <= 0:
-            raise UserInputError(f"config data.task_proportions={proportions} must be "
-                                 f"{len(self.tasks)} non-negative numbers (tasks {self.tasks})")
+            raise UserInputError(
+                f"config data.task_proportions={proportions} must be "
+                f"{len(self.tasks)} non-negative numbers (tasks {self.tasks})"
+            )
         self.proportions = proportions
         self.groups = int(mesh.shape.get("data", 1))
         self.num_micro = int(c.train.grad_accum_steps)
         if self.num_micro < 1 or c.batch_size % (self.groups * self.num_micro):
-            raise UserInputError(f"config batch_size={c.batch_size} must split into {self.groups} data "
-                                 f"groups x train.grad_accum_steps={self.num_micro} micro-batches")
+            raise UserInputError(
+                f"config batch_size={c.batch_size} must split into {self.groups} data "
+                f"groups x train.grad_accum_steps={self.num_micro} micro-batches"
+            )
         self.examples_per_step = c.batch_size
         if c.model.pretrained:
             sentence = load_sentence_encoder(c.model.pretrained)
@@ -83,25 +91,41 @@ class PostEncoderTask:
         else:
             sentence = load_sentence_encoder(c.model.tokenizer)
             self.tokenizer = sentence.tokenizer
-            bert = BertConfig(vocab_size=self.tokenizer.vocab_size, hidden_size=c.model.hidden_size,
-                              num_layers=c.model.num_layers, num_heads=c.model.num_heads,
-                              intermediate_size=c.model.intermediate_size,
-                              max_position_embeddings=max(c.data.max_length, 64))
+            bert = BertConfig(
+                vocab_size=self.tokenizer.vocab_size,
+                hidden_size=c.model.hidden_size,
+                num_layers=c.model.num_layers,
+                num_heads=c.model.num_heads,
+                intermediate_size=c.model.intermediate_size,
+                max_position_embeddings=max(c.data.max_length, 64),
+            )
             encoder = BertEncoder(bert, rngs=nnx.Rngs(c.seed))
-        model = PostEncoder(encoder, projection_dim=c.model.projection_dim, init_scale=c.loss.init_scale,
-                            init_bias=c.loss.init_bias, rngs=nnx.Rngs(c.seed + 1))
+        model = PostEncoder(
+            encoder,
+            projection_dim=c.model.projection_dim,
+            init_scale=c.loss.init_scale,
+            init_bias=c.loss.init_bias,
+            rngs=nnx.Rngs(c.seed + 1),
+        )
         shard_encoder(model, mesh, c.model.sharding)
         self.graphdef, self._params = nnx.split(model)
         self._load_pairs()
         self.tx = dense_optimizer(c.train)
         self._batch_sharding = NamedSharding(mesh, PartitionSpec(None, "data"))
         self._row_sharding = NamedSharding(mesh, PartitionSpec("data"))
-        self._embed_step = jax.jit(lambda p, ids, mask: nnx.merge(self.graphdef, p).embed(ids, mask))
+        self._embed_step = jax.jit(
+            lambda p, ids, mask: nnx.merge(self.graphdef, p).embed(ids, mask)
+        )
         self._baseline: dict[str, float] | None = None
 
     def _tokens(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        out = self.tokenizer(list(texts), padding="max_length", truncation=True,
-                             max_length=self.config.data.max_length, return_tensors="np")
+        out = self.tokenizer(
+            list(texts),
+            padding="max_length",
+            truncation=True,
+            max_length=self.config.data.max_length,
+            return_tensors="np",
+        )
         return np.asarray(out["input_ids"], np.int32), np.asarray(out["attention_mask"], np.int32)
 
     def _load_pairs(self) -> None:
@@ -114,12 +138,18 @@ class PostEncoderTask:
                 raise UserInputError(f"post_texts train split has no pairs of task {task!r}")
             text_ids, text_mask = self._tokens([_decode(row["text"]) for row in mine])
             post_ids, post_mask = self._tokens([_decode(row["post"]) for row in mine])
-            self.train[task] = {"text_ids": text_ids, "text_mask": text_mask, "post_ids": post_ids,
-                                "post_mask": post_mask,
-                                "labels": np.asarray([row["label"] for row in mine], np.float32)}
+            self.train[task] = {
+                "text_ids": text_ids,
+                "text_mask": text_mask,
+                "post_ids": post_ids,
+                "post_mask": post_mask,
+                "labels": np.asarray([row["label"] for row in mine], np.float32),
+            }
         source = self.builder.as_data_source("test")
-        self.test_rows = sorted(source.__getitems__(list(range(len(source)))),
-                                key=lambda row: (_decode(row["task"]), _decode(row["text"])))
+        self.test_rows = sorted(
+            source.__getitems__(list(range(len(source)))),
+            key=lambda row: (_decode(row["task"]), _decode(row["text"])),
+        )
         self.eval_tasks = tuple(dict.fromkeys(_decode(row["task"]) for row in self.test_rows))
 
     # ----- TrainingTask ----------------------------------------------------------------------
@@ -130,21 +160,31 @@ class PostEncoderTask:
         del activations
         text_bp = model.embed(micro_batch["text_ids"], micro_batch["text_mask"])
         post_bp = model.embed(micro_batch["post_ids"], micro_batch["post_mask"])
-        losses_b = scaled_cosine_bce(text_bp, post_bp, micro_batch["labels"], model.logit_scale[...],
-                                     model.logit_bias[...])
+        losses_b = scaled_cosine_bce(
+            text_bp, post_bp, micro_batch["labels"], model.logit_scale[...], model.logit_bias[...]
+        )
         onehot_bt = jax.nn.one_hot(micro_batch["task"], len(self.tasks), dtype=losses_b.dtype)
         per_task_t = (losses_b @ onehot_bt) / jnp.maximum(onehot_bt.sum(0), 1.0)
         return jnp.mean(losses_b), per_task_t
 
     def _batch(self, rng: np.random.Generator, step: int) -> dict:
         b = self.config.batch_size // self.groups
-        tasks_g, rows_gb = task_mixture_indices(rng, [len(self.train[t]["labels"]) for t in self.tasks],
-                                                self.proportions, self.groups, b)
+        tasks_g, rows_gb = task_mixture_indices(
+            rng,
+            [len(self.train[t]["labels"]) for t in self.tasks],
+            self.proportions,
+            self.groups,
+            b,
+        )
         parts = []
         for task_index, rows in zip(tasks_g, rows_gb):
             pairs = self.train[self.tasks[task_index]]
-            parts.append({**{name: value[rows] for name, value in pairs.items()},
-                          "task": np.full(b, task_index, np.int32)})
+            parts.append(
+                {
+                    **{name: value[rows] for name, value in pairs.items()},
+                    "task": np.full(b, task_index, np.int32),
+                }
+            )
         return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
     def train_iterator(self):
@@ -159,7 +199,7 @@ class PostEncoderTask:
             x = x.reshape(g, k, x.shape[0] // (g * k), *x.shape[1:]).swapaxes(0, 1)
             x = x.reshape(k, -1, *x.shape[3:])
             rows = x.shape[1] // jax.process_count()
-            local = x[:, jax.process_index() * rows:(jax.process_index() + 1) * rows]
+            local = x[:, jax.process_index() * rows : (jax.process_index() + 1) * rows]
             return jax.make_array_from_process_local_data(self._batch_sharding, local, x.shape)
 
         return {name: place(value) for name, value in host.items()}
@@ -169,11 +209,18 @@ class PostEncoderTask:
         """(string ids "t<i>", records {"post": str}) of the test split's distinct posts."""
         if side != "post":
             raise UserInputError(f"side={side!r}: the post encoder's corpus is 'post'")
-        posts = sorted({_decode(row[name]) for row in self.test_rows for name in ("post", "negative_post")})
+        posts = sorted(
+            {_decode(row[name]) for row in self.test_rows for name in ("post", "negative_post")}
+        )
         return [f"t{i}" for i in range(len(posts))], [{"post": text} for text in posts]
 
-    def embed(self, state: Mapping, side: str, records: Sequence[Mapping] | None = None,
-              batch_size: int = 128) -> np.ndarray:
+    def embed(
+        self,
+        state: Mapping,
+        side: str,
+        records: Sequence[Mapping] | None = None,
+        batch_size: int = 128,
+    ) -> np.ndarray:
         """float32 [N, projection_dim] unit vectors of ``records`` ({side: text} dicts; default
         the corpus of ``side``) with the trained ``state``."""
         if side not in SIDES:
@@ -182,38 +229,52 @@ class PostEncoderTask:
             records = self.corpus(side)[1]
         return self.embed_texts(state, [_decode(row[side]) for row in records], batch_size)
 
-    def embed_texts(self, state: Mapping, texts: Sequence[str], batch_size: int = 128) -> np.ndarray:
+    def embed_texts(
+        self, state: Mapping, texts: Sequence[str], batch_size: int = 128
+    ) -> np.ndarray:
         ids, mask = self._tokens(texts)
         batch_size = -(-batch_size // self.groups) * self.groups
         out = []
         for start in range(0, len(ids), batch_size):
-            rows = len(ids[start:start + batch_size])
+            rows = len(ids[start : start + batch_size])
             pad = ((0, batch_size - rows), (0, 0))
-            placed = [jax.device_put(np.pad(x[start:start + batch_size], pad), self._row_sharding)
-                      for x in (ids, mask)]
+            placed = [
+                jax.device_put(np.pad(x[start : start + batch_size], pad), self._row_sharding)
+                for x in (ids, mask)
+            ]
             out.append(np.asarray(self._embed_step(state["params"], *placed))[:rows])
         return np.concatenate(out)
 
     def _triplet_texts(self, task: str) -> tuple[list[str], list[str], list[str]]:
         rows = [row for row in self.test_rows if _decode(row["task"]) == task]
-        return tuple([_decode(row[name]) for row in rows] for name in ("text", "post", "negative_post"))
+        return tuple(
+            [_decode(row[name]) for row in rows] for name in ("text", "post", "negative_post")
+        )
 
     def baseline(self) -> dict[str, float]:
         """Triplet accuracy per task of the untuned pretrained sentence encoder (cached)."""
         if self._baseline is None:
             encoder = load_sentence_encoder(self.config.eval.baseline_model)
-            self._baseline = {task: triplet_accuracy(*(encoder.encode(texts, batch_size=128)
-                                                       for texts in self._triplet_texts(task)))
-                              for task in self.eval_tasks}
-            get_logger().info("untuned %s triplet accuracy: %s", self.config.eval.baseline_model,
-                              self._baseline)
+            self._baseline = {
+                task: triplet_accuracy(
+                    *(encoder.encode(texts, batch_size=128) for texts in self._triplet_texts(task))
+                )
+                for task in self.eval_tasks
+            }
+            get_logger().info(
+                "untuned %s triplet accuracy: %s", self.config.eval.baseline_model, self._baseline
+            )
         return self._baseline
 
     def evaluate(self, state: Mapping) -> dict[str, float]:
         metrics = {}
         for task in self.eval_tasks:
-            anchor, positive, negative = (self.embed_texts(state, texts) for texts in self._triplet_texts(task))
+            anchor, positive, negative = (
+                self.embed_texts(state, texts) for texts in self._triplet_texts(task)
+            )
             metrics[f"{task}/triplet_acc"] = triplet_accuracy(anchor, positive, negative)
         if self.config.eval.baseline:
-            metrics.update({f"{task}/minilm_triplet_acc": acc for task, acc in self.baseline().items()})
+            metrics.update(
+                {f"{task}/minilm_triplet_acc": acc for task, acc in self.baseline().items()}
+            )
         return metrics

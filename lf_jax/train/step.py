@@ -28,21 +28,31 @@ def dense_optimizer(train_config) -> optax.GradientTransformation:
     """AdamW with linear warmup + cosine decay from ``train_config`` (learning_rate,
     warmup_steps, steps, weight_decay): the dense optimizer every model family uses."""
     warmup = min(train_config.warmup_steps, max(train_config.steps - 1, 0))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, train_config.learning_rate, warmup,
-                                                  max(train_config.steps, warmup + 1))
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, train_config.learning_rate, warmup, max(train_config.steps, warmup + 1)
+    )
     return optax.adamw(schedule, weight_decay=train_config.weight_decay)
 
 
-def init_train_state(params: nnx.State, tx: optax.GradientTransformation,
-                     embedding_state: dict) -> dict:
+def init_train_state(
+    params: nnx.State, tx: optax.GradientTransformation, embedding_state: dict
+) -> dict:
     """The train state pytree: params, dense optimizer state, embedding state, step."""
-    return {"params": params, "opt_state": tx.init(params), "embedding": embedding_state,
-            "step": jnp.zeros((), jnp.int32)}
+    return {
+        "params": params,
+        "opt_state": tx.init(params),
+        "embedding": embedding_state,
+        "step": jnp.zeros((), jnp.int32),
+    }
 
 
-def make_train_step(graphdef: nnx.GraphDef, collection: EmbeddingCollection | None,
-                    tx: optax.GradientTransformation, loss_fn: Callable,
-                    donate: bool = True) -> Callable:
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    collection: EmbeddingCollection | None,
+    tx: optax.GradientTransformation,
+    loss_fn: Callable,
+    donate: bool = True,
+) -> Callable:
     """Returns jit(step)(state, batch) -> (state, {"loss": [], "aux": ...}); batch has
     "sparse" (a SparseBatch) plus model inputs, each with a leading micro-batch axis.
 
@@ -55,14 +65,16 @@ def make_train_step(graphdef: nnx.GraphDef, collection: EmbeddingCollection | No
         num_micro = jax.tree.leaves(batch)[0].shape[0]
 
         def micro(grad_sum, micro_batch):
-            activations = (collection.lookup(tables, micro_batch["sparse"])
-                           if collection is not None else None)
+            activations = (
+                collection.lookup(tables, micro_batch["sparse"]) if collection is not None else None
+            )
 
             def objective(params, activations):
                 return loss_fn(nnx.merge(graphdef, params), activations, micro_batch)
 
             (loss, aux), (grad_params, grad_acts) = jax.value_and_grad(
-                objective, argnums=(0, 1), has_aux=True)(params, activations)
+                objective, argnums=(0, 1), has_aux=True
+            )(params, activations)
             return jax.tree.map(jnp.add, grad_sum, grad_params), (grad_acts, loss, aux)
 
         zeros = jax.tree.map(jnp.zeros_like, params)
@@ -73,20 +85,28 @@ def make_train_step(graphdef: nnx.GraphDef, collection: EmbeddingCollection | No
         new_state = {
             "params": optax.apply_updates(params, updates),
             "opt_state": opt_state,
-            "embedding": (collection.apply_gradients(state["embedding"], batch["sparse"], grad_acts,
-                                                     microbatched=True)
-                          if collection is not None else state["embedding"]),
+            "embedding": (
+                collection.apply_gradients(
+                    state["embedding"], batch["sparse"], grad_acts, microbatched=True
+                )
+                if collection is not None
+                else state["embedding"]
+            ),
             "step": state["step"] + 1,
         }
-        metrics = {"loss": jnp.mean(losses), "aux": jax.tree.map(lambda x: jnp.mean(x, axis=0), aux),
-                   "grad_norm": optax.tree.norm(grads)}
+        metrics = {
+            "loss": jnp.mean(losses),
+            "aux": jax.tree.map(lambda x: jnp.mean(x, axis=0), aux),
+            "grad_norm": optax.tree.norm(grads),
+        }
         return new_state, metrics
 
     return jax.jit(step, donate_argnums=(0,) if donate else ())
 
 
-def make_eval_step(graphdef: nnx.GraphDef, collection: EmbeddingCollection | None,
-                   predict_fn: Callable) -> Callable:
+def make_eval_step(
+    graphdef: nnx.GraphDef, collection: EmbeddingCollection | None, predict_fn: Callable
+) -> Callable:
     """Returns jit(step)(params, tables, batch) -> predict_fn(model, activations, batch)
     (``collection=None``: tables are ignored and activations is None)."""
 

@@ -12,9 +12,9 @@ Example:
     "member: ids >= 1000 (200 new since the snapshot) -> OOV row 1000 until the vocabulary is rebuilt"
 """
 
-from collections.abc import Mapping, Sequence
 import dataclasses
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from lf_jax.embedding.spec import FeatureSpec, TableSpec
@@ -25,19 +25,26 @@ def snapshot_table_rows(warm_start: str | Path) -> dict[str, int]:
     """{table: vocab_size} of the run in ``warm_start`` (from its config.json)."""
     path = Path(warm_start) / "config.json"
     if not path.is_file():
-        raise UserInputError(f"train.warm_start='{warm_start}' has no config.json: "
-                             "is it the workdir of a finished run?")
+        raise UserInputError(
+            f"train.warm_start='{warm_start}' has no config.json: "
+            "is it the workdir of a finished run?"
+        )
     try:
         tables = json.loads(path.read_text())["embedding"]["tables"]
         return {name: int(spec["vocab_size"]) for name, spec in tables.items()}
     except (KeyError, TypeError, ValueError) as error:
-        raise UserInputError(f"train.warm_start='{warm_start}': config.json has no readable "
-                             f"embedding.tables ({error})") from None
+        raise UserInputError(
+            f"train.warm_start='{warm_start}': config.json has no readable "
+            f"embedding.tables ({error})"
+        ) from None
 
 
-def snapshot_vocabulary(tables: Sequence[TableSpec], features: Sequence[FeatureSpec],
-                        warm_start: str | Path, entities: Mapping[str, int]
-                        ) -> tuple[list[TableSpec], list[FeatureSpec], list[str]]:
+def snapshot_vocabulary(
+    tables: Sequence[TableSpec],
+    features: Sequence[FeatureSpec],
+    warm_start: str | Path,
+    entities: Mapping[str, int],
+) -> tuple[list[TableSpec], list[FeatureSpec], list[str]]:
     """Tables sized as in the snapshot; features of tables whose data outgrew the snapshot
     send ids >= rows - 1 to the OOV row rows - 1.
 
@@ -47,8 +54,9 @@ def snapshot_vocabulary(tables: Sequence[TableSpec], features: Sequence[FeatureS
     rows = snapshot_table_rows(warm_start)
     missing = sorted(t.name for t in tables if t.name not in rows)
     if missing:
-        raise UserInputError(f"train.warm_start='{warm_start}' has no table(s) {missing}; "
-                             f"its tables: {sorted(rows)}")
+        raise UserInputError(
+            f"train.warm_start='{warm_start}' has no table(s) {missing}; its tables: {sorted(rows)}"
+        )
     new_tables, remapped, notes = [], {}, []
     for table in tables:
         snapshot_rows = rows[table.name]
@@ -57,8 +65,12 @@ def snapshot_vocabulary(tables: Sequence[TableSpec], features: Sequence[FeatureS
         oov_row = snapshot_rows - 1
         if count > oov_row:
             remapped[table.name] = oov_row
-            notes.append(f"{table.name}: ids >= {oov_row} ({count - oov_row} new since the snapshot) "
-                         f"-> OOV row {oov_row} until the vocabulary is rebuilt")
-    new_features = [dataclasses.replace(f, oov_row=remapped[f.table]) if f.table in remapped else f
-                    for f in features]
+            notes.append(
+                f"{table.name}: ids >= {oov_row} ({count - oov_row} new since the snapshot) "
+                f"-> OOV row {oov_row} until the vocabulary is rebuilt"
+            )
+    new_features = [
+        dataclasses.replace(f, oov_row=remapped[f.table]) if f.table in remapped else f
+        for f in features
+    ]
     return new_tables, new_features, notes

@@ -28,9 +28,15 @@ def _concat(chunks):
 @pytest.fixture(scope="module")
 def sample():
     """80k train impressions, half of the sessions random, in a 2k-member world."""
-    cfg = dataclasses.replace(sim.CONFIGS["tiny"], num_members=2_000, num_hashtags=300,
-                              num_posts=4_000, train_sessions=4000, random_share=0.5,
-                              chunk_sessions=2000)
+    cfg = dataclasses.replace(
+        sim.CONFIGS["tiny"],
+        num_members=2_000,
+        num_hashtags=300,
+        num_posts=4_000,
+        train_sessions=4000,
+        random_share=0.5,
+        chunk_sessions=2000,
+    )
     world = sim.make_world(cfg)
     return cfg, world, _concat(sim.simulate_chunks(cfg, "train", world))
 
@@ -64,10 +70,12 @@ def test_fields_shapes_and_ranges(sample):
     lengths = (tags >= 0).sum(1)
     assert lengths.min() >= 1 and lengths.max() <= 5
     assert ((tags >= 0) == (np.arange(5) < lengths[:, None])).all()
-    valid_tags = np.where(tags >= 0, tags, -np.arange(1, 6))       # distinct pads
-    assert all(len(set(row)) == 5 for row in valid_tags[:2000])      # no repeated hashtag
-    for name, vocab in (("history_actors", meta["num_members"]),
-                        ("history_hashtags", meta["num_hashtags"])):
+    valid_tags = np.where(tags >= 0, tags, -np.arange(1, 6))  # distinct pads
+    assert all(len(set(row)) == 5 for row in valid_tags[:2000])  # no repeated hashtag
+    for name, vocab in (
+        ("history_actors", meta["num_members"]),
+        ("history_hashtags", meta["num_hashtags"]),
+    ):
         hist = d[name]
         assert hist.shape == (n, 50) and hist.max() < vocab
         length = (hist >= 0).sum(1)
@@ -89,7 +97,9 @@ def test_true_probs_are_position_biased_relevance(sample):
     examine = (1.0 + d["position"]) ** -cfg.position_bias_exponent
     np.testing.assert_allclose(d["true_probs"], examine[:, None] * d["relevance_probs"], rtol=1e-5)
     rates = d["labels"].mean(0)
-    assert 0.01 < rates[0] < 0.08 and rates[3] > rates[0] > rates[1] > 0   # like < dwell, comment rarer
+    assert (
+        0.01 < rates[0] < 0.08 and rates[3] > rates[0] > rates[1] > 0
+    )  # like < dwell, comment rarer
 
 
 def test_position_bias_visible_in_random_sessions(sample):
@@ -97,8 +107,12 @@ def test_position_bias_visible_in_random_sessions(sample):
     log_pos = np.log1p(np.arange(cfg.session_length))
 
     def slope(mask):
-        ctr = np.array([d["labels"][mask & (d["position"] == p)][:, [0, 3]].mean()
-                        for p in range(cfg.session_length)])
+        ctr = np.array(
+            [
+                d["labels"][mask & (d["position"] == p)][:, [0, 3]].mean()
+                for p in range(cfg.session_length)
+            ]
+        )
         return np.polyfit(log_pos, np.log(ctr), 1)[0]
 
     random_slope, ranked_slope = slope(d["random_session"]), slope(~d["random_session"])
@@ -111,7 +125,7 @@ def test_ranked_sessions_are_exposure_biased(sample):
     _, _, d = sample
     rnd = d["random_session"]
     log_followers = d["dense"][:, 0]
-    assert log_followers[~rnd].mean() > log_followers[rnd].mean() + 0.5     # popular actors
+    assert log_followers[~rnd].mean() > log_followers[rnd].mean() + 0.5  # popular actors
     assert d["relevance_probs"][~rnd, 0].mean() > d["relevance_probs"][rnd, 0].mean()
     # The old model's order: followers fall with position in ranked sessions only.
     first, last = d["position"] < 5, d["position"] >= 15
@@ -122,13 +136,15 @@ def test_ranked_sessions_are_exposure_biased(sample):
 def test_relevance_is_learnable_from_features(sample):
     """Logistic regression on latent interactions + dense features approaches the oracle AUC."""
     _, world, d = sample
-    aff = sim.affinities(world, d["member_id"], d["actor_id"], d["root_actor_id"], d["post_hashtags"])
+    aff = sim.affinities(
+        world, d["member_id"], d["actor_id"], d["root_actor_id"], d["post_hashtags"]
+    )
     x = np.concatenate([aff, d["dense"], np.log1p(d["position"])[:, None]], axis=1)
     x = np.concatenate([(x - x.mean(0)) / x.std(0), np.ones((len(x), 1))], axis=1)
     half = len(x) // 2
     y = d["labels"][:, 0].astype(np.float64)
     w = np.zeros(x.shape[1])
-    for _ in range(8):                                                    # Newton steps
+    for _ in range(8):  # Newton steps
         p = 1.0 / (1.0 + np.exp(-x[:half] @ w))
         hessian = (x[:half] * (p * (1 - p))[:, None]).T @ x[:half] + 1e-3 * np.eye(x.shape[1])
         w -= np.linalg.solve(hessian, x[:half].T @ (p - y[:half]))
@@ -140,7 +156,11 @@ def test_relevance_is_learnable_from_features(sample):
 def test_metadata_and_split_sizes():
     for name, cfg in sim.CONFIGS.items():
         meta = cfg.metadata()
-        assert meta["max_lengths"] == {"post_hashtags": 5, "history_actors": 50, "history_hashtags": 50}
+        assert meta["max_lengths"] == {
+            "post_hashtags": 5,
+            "history_actors": 50,
+            "history_hashtags": 50,
+        }
         assert meta["tasks"] == ["like", "comment", "share", "long_dwell"]
         assert len(meta["dense_features"]) == meta["dense_dim"] == 8
     tiny, large = sim.CONFIGS["tiny"], sim.CONFIGS["large"]
@@ -154,8 +174,10 @@ def test_metadata_and_split_sizes():
 def test_session_ids_are_disjoint_across_splits():
     cfg = sim.CONFIGS["tiny"]
     world = sim.make_world(cfg)
-    ids = {split: np.unique(_concat(sim.simulate_chunks(cfg, split, world))["session_id"])
-           for split in ("holdout_ranked", "holdout_random")}
+    ids = {
+        split: np.unique(_concat(sim.simulate_chunks(cfg, split, world))["session_id"])
+        for split in ("holdout_ranked", "holdout_random")
+    }
     assert not set(ids["holdout_ranked"]) & set(ids["holdout_random"])
     assert ids["holdout_ranked"].min() == cfg.train_sessions
 
@@ -167,14 +189,20 @@ def test_history_follows_the_members_own_affinities(sample):
     first = np.unique(d["session_id"], return_index=True)[1]
     members = d["member_id"][first]
     rng = np.random.default_rng(0)
-    for field, sampler, vecs in (("history_actors", world.actor_sampler, world.member_vecs),
-                                 ("history_hashtags", world.hashtag_sampler, world.hashtag_vecs)):
+    for field, sampler, vecs in (
+        ("history_actors", world.actor_sampler, world.member_vecs),
+        ("history_hashtags", world.hashtag_sampler, world.hashtag_vecs),
+    ):
         ids = d[field][first]
         valid = ids >= 0
-        engaged = np.einsum("sd,sld->sl", world.member_vecs[members], vecs[np.maximum(ids, 0)])[valid]
-        topics, pick = world.member_topics[members], rng.random(ids.shape)   # the pool's mixture
+        engaged = np.einsum("sd,sld->sl", world.member_vecs[members], vecs[np.maximum(ids, 0)])[
+            valid
+        ]
+        topics, pick = world.member_topics[members], rng.random(ids.shape)  # the pool's mixture
         topic = np.where(pick < 0.6, topics[:, :1], topics[:, 1:2])
-        pool = np.where(pick < 0.85, sampler.sample(rng, topic), sampler.sample(rng, None, ids.shape))
+        pool = np.where(
+            pick < 0.85, sampler.sample(rng, topic), sampler.sample(rng, None, ids.shape)
+        )
         drawn = np.einsum("sd,sld->sl", world.member_vecs[members], vecs[pool])
         assert engaged.mean() > drawn.mean() + 0.06, (field, engaged.mean(), drawn.mean())
 
@@ -189,15 +217,24 @@ def test_unlogged_signal_is_selection_on_an_unobservable():
     """tiny_unlogged: relevance has a term the logs do not carry (the stored relevance minus
     the truth recomputed from logged fields), and the old ranker put high values of it on
     top; random sessions show no such trend, and tiny (signal off) has no such term."""
+
     def residual(name):
         cfg = dataclasses.replace(sim.CONFIGS[name], train_sessions=2000, random_share=0.5)
         world = sim.make_world(cfg)
         d = _concat(sim.simulate_chunks(cfg, "train", world))
-        aff = sim.affinities(world, d["member_id"], d["actor_id"], d["root_actor_id"], d["post_hashtags"])
-        logged = sim.relevance_logits(world, d["member_id"], d["post_id"], aff, d["dense"][:, 2])[:, 0]
+        aff = sim.affinities(
+            world, d["member_id"], d["actor_id"], d["root_actor_id"], d["post_hashtags"]
+        )
+        logged = sim.relevance_logits(world, d["member_id"], d["post_id"], aff, d["dense"][:, 2])[
+            :, 0
+        ]
         rel = d["relevance_probs"][:, 0].astype(np.float64)
-        kept = rel > 1e-5                                   # not clipped at 1e-6
-        return (np.log(rel / (1 - rel)) - logged)[kept], d["position"][kept], d["random_session"][kept]
+        kept = rel > 1e-5  # not clipped at 1e-6
+        return (
+            (np.log(rel / (1 - rel)) - logged)[kept],
+            d["position"][kept],
+            d["random_session"][kept],
+        )
 
     off, _, _ = residual("tiny")
     assert np.abs(off).max() < 1e-3

@@ -9,7 +9,9 @@ import pytest
 
 from lf_jax.input import build_dataset
 
-DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "data")
+DATA = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "data"
+)
 
 
 def _load(name, path):
@@ -30,15 +32,17 @@ def test_post_texts_deterministic_and_topical():
     first = list(texts.iter_examples(cfg, "test"))
     assert first == list(texts.iter_examples(cfg, "test"))
     vocabs = texts.topic_vocabularies(cfg.num_topics, cfg.words_per_topic, cfg.seed)
-    assert len({w for v in vocabs for w in v}) == cfg.num_topics * cfg.words_per_topic   # disjoint
+    assert len({w for v in vocabs for w in v}) == cfg.num_topics * cfg.words_per_topic  # disjoint
     tasks = {row["task"] for _, row in first}
     assert tasks == set(texts.TASKS) | set(texts.ZERO_SHOT_TASKS)
     for _, row in first:
         words = set(row["post"].replace("#", " ").replace("_", " ").split())
         assert words & set(vocabs[row["topic"]])
-        assert not set(row["negative_post"].replace("#", " ").replace("_", " ").split()) & set(vocabs[row["topic"]])
+        assert not set(row["negative_post"].replace("#", " ").replace("_", " ").split()) & set(
+            vocabs[row["topic"]]
+        )
     train = [row for _, row in texts.iter_examples(cfg, "train")]
-    assert {row["task"] for row in train} == set(texts.TASKS)          # intent never trained on
+    assert {row["task"] for row in train} == set(texts.TASKS)  # intent never trained on
     assert 0.3 < np.mean([row["label"] for row in train]) < 0.7
 
 

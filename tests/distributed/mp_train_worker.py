@@ -51,17 +51,21 @@ def main(argv):
     task.train_iterator = recording_iterator
     final = {}
     run_training(task, config.train, workdir)
-    np.save(os.path.join(out_dir, f"consumed_p{jax.process_index()}.npy"),
-            np.stack(consumed) if consumed else np.zeros((0, 0), np.int64))
+    np.save(
+        os.path.join(out_dir, f"consumed_p{jax.process_index()}.npy"),
+        np.stack(consumed) if consumed else np.zeros((0, 0), np.int64),
+    )
     # the final state as these processes restore it on their own mesh, gathered to process 0
     from lf_jax.train.checkpoint import Checkpointer
+
     checkpointer = Checkpointer(workdir / "checkpoints")
     state, _ = checkpointer.restore(checkpointer.latest_step(), task.init_state(), task.collection)
     checkpointer.close()
     for name, leaf in flatten_to_dict(state["params"]).items():
         final[f"params/{name}"] = np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
-    logical = jax.jit(task.collection.to_logical,
-                      out_shardings=task.collection.logical_shardings())(state["embedding"])
+    logical = jax.jit(
+        task.collection.to_logical, out_shardings=task.collection.logical_shardings()
+    )(state["embedding"])
     for name, leaf in flatten_to_dict(logical).items():
         final[f"embedding/{name}"] = np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
     if jax.process_index() == 0:

@@ -9,8 +9,13 @@ from lf_jax.distributed.devices import DeviceSetupError, simulate_cpu_devices
 
 def _run(code: str) -> subprocess.CompletedProcess:
     env = {"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
 
 
 def test_simulate_in_fresh_process_gives_requested_count():

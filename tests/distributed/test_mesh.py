@@ -11,12 +11,15 @@ def test_conftest_gives_eight_cpu_devices():
     assert jax.default_backend() == "cpu"
 
 
-@pytest.mark.parametrize("shape, expected", [
-    ({"data": 8}, {"data": 8}),
-    ({"data": 2, "model": 4}, {"data": 2, "model": 4}),
-    ({"data": -1, "model": 2}, {"data": 4, "model": 2}),
-    ({"data": 4, "model": -1}, {"data": 4, "model": 2}),
-])
+@pytest.mark.parametrize(
+    "shape, expected",
+    [
+        ({"data": 8}, {"data": 8}),
+        ({"data": 2, "model": 4}, {"data": 2, "model": 4}),
+        ({"data": -1, "model": 2}, {"data": 4, "model": 2}),
+        ({"data": 4, "model": -1}, {"data": 4, "model": 2}),
+    ],
+)
 def test_make_mesh_shapes(shape, expected):
     mesh = make_mesh(shape)
     assert dict(mesh.shape) == expected
@@ -24,14 +27,17 @@ def test_make_mesh_shapes(shape, expected):
     assert sorted(d.id for d in mesh.devices.flat) == list(range(8))
 
 
-@pytest.mark.parametrize("shape, message", [
-    ({"data": 3, "model": -1}, "does not divide the 8"),
-    ({"data": 2, "model": 2}, "needs 4 devices but 8"),
-    ({"data": -1, "model": -1}, "only one mesh axis may be -1"),
-    ({"data": 0}, "mesh axis 'data' has size 0"),
-    ({"data": 2.5}, "mesh axis 'data' has size 2.5"),
-    ({}, "mesh shape is empty"),
-])
+@pytest.mark.parametrize(
+    "shape, message",
+    [
+        ({"data": 3, "model": -1}, "does not divide the 8"),
+        ({"data": 2, "model": 2}, "needs 4 devices but 8"),
+        ({"data": -1, "model": -1}, "only one mesh axis may be -1"),
+        ({"data": 0}, "mesh axis 'data' has size 0"),
+        ({"data": 2.5}, "mesh axis 'data' has size 2.5"),
+        ({}, "mesh shape is empty"),
+    ],
+)
 def test_bad_mesh_shapes_name_the_problem(shape, message):
     with pytest.raises(MeshShapeError, match=message):
         resolve_mesh_shape(shape, 8)

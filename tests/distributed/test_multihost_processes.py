@@ -7,12 +7,12 @@ every process and exits 0. Each start is bounded by an outer time limit.
 """
 
 import os
-from pathlib import Path
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -27,24 +27,37 @@ from lf_jax.train.ranker import RankerTask
 
 pytestmark = pytest.mark.multiprocess
 WORKER = str(Path(__file__).with_name("mp_train_worker.py"))
-HEARTBEAT_S = 4          # the configured failure-detection bound of these runs
-LIMIT_S = 420            # outer time limit of one multi-process start
-BUDGET = "1000000"        # bytes per device: the planner splits member, post, hashtag rows
+HEARTBEAT_S = 4  # the configured failure-detection bound of these runs
+LIMIT_S = 420  # outer time limit of one multi-process start
+BUDGET = "1000000"  # bytes per device: the planner splits member, post, hashtag rows
 
 
 def _overrides(data_dir, **extra) -> dict[str, str]:
-    values = {"batch_size": "64", "model.mlp_dims": "(32,)", "model.dcn_layers": "1",
-              "embedding.features.history_actors.max_ids": "10",
-              "embedding.features.history_hashtags.max_ids": "10", "embedding.memory_budget_bytes": BUDGET,
-              "train.steps": "6", "train.eval_every": "0", "train.checkpoint_every": "2",
-              "train.log_every": "1", "train.ips": "false", "data.data_dir": str(data_dir)}
+    values = {
+        "batch_size": "64",
+        "model.mlp_dims": "(32,)",
+        "model.dcn_layers": "1",
+        "embedding.features.history_actors.max_ids": "10",
+        "embedding.features.history_hashtags.max_ids": "10",
+        "embedding.memory_budget_bytes": BUDGET,
+        "train.steps": "6",
+        "train.eval_every": "0",
+        "train.checkpoint_every": "2",
+        "train.log_every": "1",
+        "train.ips": "false",
+        "data.data_dir": str(data_dir),
+    }
     values.update(extra)
     return values
 
 
 def _args(repo_root, workdir, overrides) -> list[str]:
-    return (["--config", f"{repo_root}/configs/feed_ranker.py:size=tiny", "--workdir", str(workdir)]
-            + [f"--config.{k}={v}" for k, v in overrides.items()])
+    return [
+        "--config",
+        f"{repo_root}/configs/feed_ranker.py:size=tiny",
+        "--workdir",
+        str(workdir),
+    ] + [f"--config.{k}={v}" for k, v in overrides.items()]
 
 
 def _env():
@@ -65,8 +78,9 @@ def _restored(config, workdir, mesh_shape, step=None):
     state, data_state = checkpointer.restore(step, task.init_state(), task.collection)
     checkpointer.close()
     out = {f"params/{k}": np.asarray(v) for k, v in flatten_to_dict(state["params"]).items()}
-    logical = jax.jit(task.collection.to_logical,
-                      out_shardings=task.collection.logical_shardings())(state["embedding"])
+    logical = jax.jit(
+        task.collection.to_logical, out_shardings=task.collection.logical_shardings()
+    )(state["embedding"])
     out.update({f"embedding/{k}": np.asarray(v) for k, v in flatten_to_dict(logical).items()})
     return out, data_state
 
@@ -84,9 +98,16 @@ def _compare(expected, got, exact):
 def two_process_run(repo_root, feed_builder, feed_data_dir, tmp_path_factory):
     """The tiny ranker trained 6 steps by 2 processes x 4 devices (checkpoints every 2)."""
     root = tmp_path_factory.mktemp("mp2")
-    argv = [sys.executable, WORKER, str(root), *_args(repo_root, root / "run", _overrides(feed_data_dir))]
+    argv = [
+        sys.executable,
+        WORKER,
+        str(root),
+        *_args(repo_root, root / "run", _overrides(feed_data_dir)),
+    ]
     t0 = time.monotonic()
-    with ProcessGroup(argv, 2, 4, env=_env(), cwd=repo_root, heartbeat_timeout=HEARTBEAT_S) as group:
+    with ProcessGroup(
+        argv, 2, 4, env=_env(), cwd=repo_root, heartbeat_timeout=HEARTBEAT_S
+    ) as group:
         results = group.wait(LIMIT_S)
     print(f"2-process run: {time.monotonic() - t0:.1f} s")
     for r in results:
@@ -95,16 +116,18 @@ def two_process_run(repo_root, feed_builder, feed_data_dir, tmp_path_factory):
 
 
 def _config(repo_root, data_dir, **extra):
-    return apply_overrides(load_config(f"{repo_root}/configs/feed_ranker.py:size=tiny"),
-                           _overrides(data_dir, **extra))
+    return apply_overrides(
+        load_config(f"{repo_root}/configs/feed_ranker.py:size=tiny"), _overrides(data_dir, **extra)
+    )
 
 
-def test_two_processes_train_like_one_and_read_each_example_once(two_process_run, repo_root,
-                                                                  feed_data_dir, tmp_path):
+def test_two_processes_train_like_one_and_read_each_example_once(
+    two_process_run, repo_root, feed_data_dir, tmp_path
+):
     root, final_2p = two_process_run
     config = _config(repo_root, feed_data_dir)
     workdir = prepare_workdir(tmp_path / "one", config)
-    task = RankerTask(config, make_mesh(dict(config.mesh)), workdir)     # 1 process x 8 devices
+    task = RankerTask(config, make_mesh(dict(config.mesh)), workdir)  # 1 process x 8 devices
     consumed, make_iterator = [], task.train_iterator
 
     def recording():
@@ -127,32 +150,44 @@ def test_two_processes_train_like_one_and_read_each_example_once(two_process_run
 
     keys = [np.load(root / f"consumed_p{p}.npy") for p in range(2)]
     assert keys[0].shape == keys[1].shape == (6, 32)
-    for step in range(6):                 # per step: disjoint halves of the 1-process batch
+    for step in range(6):  # per step: disjoint halves of the 1-process batch
         assert not set(keys[0][step]) & set(keys[1][step])
         assert sorted(np.concatenate([keys[0][step], keys[1][step]])) == sorted(consumed[step])
     everything = np.concatenate([k.ravel() for k in keys])
-    assert len(set(everything)) == everything.size == 6 * 64     # each example exactly once
+    assert len(set(everything)) == everything.size == 6 * 64  # each example exactly once
 
 
-def test_two_process_checkpoint_restores_in_one_process_on_another_mesh(two_process_run, repo_root,
-                                                                        feed_data_dir):
+def test_two_process_checkpoint_restores_in_one_process_on_another_mesh(
+    two_process_run, repo_root, feed_data_dir
+):
     root, final_2p = two_process_run
-    config = _config(repo_root, feed_data_dir,        # another plan: every table replicated
-                     **{"embedding.memory_budget_bytes": "64000000"})
+    config = _config(
+        repo_root,
+        feed_data_dir,  # another plan: every table replicated
+        **{"embedding.memory_budget_bytes": "64000000"},
+    )
     restored, data_state = _restored(config, root / "run", {"data": 4, "model": 2})
     _compare(final_2p, restored, exact=True)
     assert data_state["train"]["pipeline"]["global_batch_size"] == 64
 
 
-def test_killed_process_stops_its_peer_in_bound_and_relaunch_resumes(two_process_run, repo_root,
-                                                                     feed_data_dir, tmp_path):
+def test_killed_process_stops_its_peer_in_bound_and_relaunch_resumes(
+    two_process_run, repo_root, feed_data_dir, tmp_path
+):
     _, final_2p = two_process_run
     overrides = _overrides(feed_data_dir)
     argv = _cli(repo_root, tmp_path / "run", overrides)
-    with ProcessGroup(argv, 2, 4, env=_env(), cwd=repo_root, heartbeat_timeout=HEARTBEAT_S,
-                      shutdown_timeout=2 * HEARTBEAT_S) as group:
+    with ProcessGroup(
+        argv,
+        2,
+        4,
+        env=_env(),
+        cwd=repo_root,
+        heartbeat_timeout=HEARTBEAT_S,
+        shutdown_timeout=2 * HEARTBEAT_S,
+    ) as group:
         group.wait_for(r"checkpoint step 2 ->", process=0, timeout=LIMIT_S)
-        group.kill(1)                                  # during / right after the step-2 save
+        group.kill(1)  # during / right after the step-2 save
         killed_at = time.monotonic() - group.start_time
         results = group.wait(60)
     survivor, victim = results
@@ -160,12 +195,14 @@ def test_killed_process_stops_its_peer_in_bound_and_relaunch_resumes(two_process
     print(f"survivor stopped {took:.1f} s after the kill (heartbeat {HEARTBEAT_S} s)")
     assert victim.signal_name == "SIGKILL" and group.first_failure() == 1
     assert survivor.returncode != 0 and not survivor.stopped_by_limit
-    assert took <= HEARTBEAT_S + 6, survivor.output[-2000:]         # bound: heartbeat + slack
+    assert took <= HEARTBEAT_S + 6, survivor.output[-2000:]  # bound: heartbeat + slack
     assert "stopped sending heartbeats" in survivor.output and "\n1\n" in survivor.output
     latest = Checkpointer(tmp_path / "run" / "checkpoints").latest_step()
-    assert latest in (None, 2, 4)                      # never a half-written step
+    assert latest in (None, 2, 4)  # never a half-written step
 
-    with ProcessGroup(argv, 2, 4, env=_env(), cwd=repo_root, heartbeat_timeout=HEARTBEAT_S) as group:
+    with ProcessGroup(
+        argv, 2, 4, env=_env(), cwd=repo_root, heartbeat_timeout=HEARTBEAT_S
+    ) as group:
         results = group.wait(LIMIT_S)
     for r in results:
         assert r.returncode == 0, f"process {r.process}:\n{r.output[-3000:]}"
@@ -176,14 +213,32 @@ def test_killed_process_stops_its_peer_in_bound_and_relaunch_resumes(two_process
     _compare(final_2p, resumed, exact=False)
 
 
-def test_sigterm_to_the_launcher_saves_on_every_process_and_exits_0(repo_root, feed_builder,
-                                                                    feed_data_dir, tmp_path):
-    overrides = _overrides(feed_data_dir, **{"train.steps": "100000",
-                                             "train.checkpoint_every": "100000"})
+def test_sigterm_to_the_launcher_saves_on_every_process_and_exits_0(
+    repo_root, feed_builder, feed_data_dir, tmp_path
+):
+    overrides = _overrides(
+        feed_data_dir, **{"train.steps": "100000", "train.checkpoint_every": "100000"}
+    )
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "launch.local", "-n", "2", "-d", "4", "--heartbeat-timeout",
-         str(HEARTBEAT_S), "--", *_cli(repo_root, tmp_path / "run", overrides)],
-        cwd=repo_root, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "launch.local",
+            "-n",
+            "2",
+            "-d",
+            "4",
+            "--heartbeat-timeout",
+            str(HEARTBEAT_S),
+            "--",
+            *_cli(repo_root, tmp_path / "run", overrides),
+        ],
+        cwd=repo_root,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines, seen = [], threading.Event()
 
     def pump():
@@ -205,9 +260,11 @@ def test_sigterm_to_the_launcher_saves_on_every_process_and_exits_0(repo_root, f
     out = "".join(lines)
     assert launcher.returncode == 0, out[-3000:]
     assert "[launch] process 0: exit 0" in out and "[launch] process 1: exit 0" in out
-    saved = {p: [line for line in lines if line.startswith(f"[p{p}]") and "SIGTERM: saved" in line]
-             for p in (0, 1)}
+    saved = {
+        p: [line for line in lines if line.startswith(f"[p{p}]") and "SIGTERM: saved" in line]
+        for p in (0, 1)
+    }
     assert saved[0] and saved[1], out[-3000:]
     step = int(saved[0][0].split("at step ")[1].split(",")[0])
-    assert f"at step {step}," in saved[1][0]             # both processes saved the same step
+    assert f"at step {step}," in saved[1][0]  # both processes saved the same step
     assert Checkpointer(tmp_path / "run" / "checkpoints").latest_step() == step >= 3

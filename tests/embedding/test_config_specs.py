@@ -4,17 +4,27 @@ import ml_collections
 import pytest
 
 from lf_jax.configuration import load_config
-from lf_jax.embedding.config_specs import (EmbeddingConfigError, memory_budget_from_config,
-                                           specs_from_config)
+from lf_jax.embedding.config_specs import (
+    EmbeddingConfigError,
+    memory_budget_from_config,
+    specs_from_config,
+)
 from lf_jax.embedding.sparse_optim import Adam, RowWiseAdagrad
 from lf_jax.errors import UserInputError
 
 BASE = {
     "tables": {
-        "member": {"vocab_size": 1000, "dim": 16, "initializer": "normal",
-                   "optimizer": {"kind": "rowwise_adagrad", "learning_rate": 0.05}},
-        "position": {"vocab_size": 10, "dim": 4, "optimizer": {"kind": "adam",
-                                                                "learning_rate": 0.01}},
+        "member": {
+            "vocab_size": 1000,
+            "dim": 16,
+            "initializer": "normal",
+            "optimizer": {"kind": "rowwise_adagrad", "learning_rate": 0.05},
+        },
+        "position": {
+            "vocab_size": 10,
+            "dim": 4,
+            "optimizer": {"kind": "adam", "learning_rate": 0.01},
+        },
     },
     "features": {
         "actor_id": {"table": "member", "max_ids": 1, "combiner": "sum", "weighted": False},
@@ -44,11 +54,16 @@ def section(**changes):
 def test_plain_dicts_become_specs():
     tables, features, hand = specs_from_config(section())
     assert [t.name for t in tables] == ["member", "position"]
-    assert isinstance(tables[0].optimizer, RowWiseAdagrad) and tables[0].optimizer.learning_rate == 0.05
+    assert (
+        isinstance(tables[0].optimizer, RowWiseAdagrad)
+        and tables[0].optimizer.learning_rate == 0.05
+    )
     assert isinstance(tables[1].optimizer, Adam)
     assert [(f.name, f.table, f.max_ids, f.combiner) for f in features] == [
-        ("actor_id", "member", 1, "sum"), ("history_actors", "member", 50, "mean"),
-        ("position", "position", 1, "sum")]
+        ("actor_id", "member", 1, "sum"),
+        ("history_actors", "member", 50, "mean"),
+        ("position", "position", 1, "sum"),
+    ]
     assert hand == {}
     assert memory_budget_from_config(section()) == 1_000_000
 
@@ -66,6 +81,7 @@ def test_feed_ranker_config_shares_the_member_table(repo_root):
 @pytest.mark.parametrize("size", ["tiny", "small", "large"])
 def test_feed_ranker_sizes_match_the_dataset(repo_root, size):
     import importlib.util
+
     spec = importlib.util.spec_from_file_location("sim", f"{repo_root}/data/feed_logs/simulator.py")
     simulator = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(simulator)
@@ -81,44 +97,78 @@ def test_feed_ranker_sizes_match_the_dataset(repo_root, size):
 
 
 def test_hand_plan_from_a_config_dict():
-    config = ml_collections.ConfigDict(section(
-        plan={"member": {"strategy": "row_wise", "axes": ["data", "model"]}, "position": "data_parallel"}))
+    config = ml_collections.ConfigDict(
+        section(
+            plan={
+                "member": {"strategy": "row_wise", "axes": ["data", "model"]},
+                "position": "data_parallel",
+            }
+        )
+    )
     _, _, hand = specs_from_config(config)
-    assert hand == {"member": {"strategy": "row_wise", "axes": ("data", "model")},
-                    "position": {"strategy": "data_parallel"}}
+    assert hand == {
+        "member": {"strategy": "row_wise", "axes": ("data", "model")},
+        "position": {"strategy": "data_parallel"},
+    }
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"tables": None}, "embedding.tables is missing"),
-    ({"tables": {}}, "embedding.tables is empty"),
-    ({"tables__member__vocab_size": None}, "embedding.tables.member.vocab_size is missing"),
-    ({"tables__member__dim": 0}, "embedding.tables.member.dim must be a positive int, got 0"),
-    ({"tables__member__vocab_size": 1e6},
-     "embedding.tables.member.vocab_size must be a positive int, got 1000000.0"),
-    ({"tables__member__vocab": 5}, "embedding.tables.member.vocab is not a known key"),
-    ({"tables__member__initializer": "ones"},
-     "embedding.tables.member.initializer must be one of ('normal', 'uniform', 'zeros'), got 'ones'"),
-    ({"tables__member__optimizer": {"kind": "adamw", "learning_rate": 0.1}},
-     "embedding.tables.member.optimizer: sparse optimizer 'adamw' is unknown"),
-    ({"tables__member__optimizer": {"kind": "sgd"}},
-     "embedding.tables.member.optimizer.learning_rate is missing"),
-    ({"tables__member__optimizer": {"kind": "sgd", "learning_rate": -1.0}},
-     "embedding.tables.member.optimizer: sparse optimizer: learning_rate must be > 0, got -1.0"),
-    ({"tables__member__optimizer": {"kind": "sgd", "learning_rate": 0.1, "beta": 2}},
-     "embedding.tables.member.optimizer {"),
-    ({"features__actor_id__table": "members"},
-     "embedding.features.actor_id.table 'members' is not a table (tables: ['member', 'position'])"),
-    ({"features__actor_id__max_ids": 0}, "embedding.features.actor_id.max_ids must be a positive int, got 0"),
-    ({"features__actor_id__combiner": "max"},
-     "embedding.features.actor_id.combiner must be one of ('sum', 'mean', 'sqrtn', 'none'), got 'max'"),
-    ({"features__actor_id__table": None}, "embedding.features.actor_id.table is missing"),
-    ({"features__actor_id": 3}, "embedding.features.actor_id must be a dict"),
-    ({"plan": {"memberz": {"strategy": "row_wise"}}},
-     "embedding.plan.memberz names no table (tables: ['member', 'position'])"),
-    ({"plan": {"member": {"strategy": "rows"}}},
-     "embedding.plan.member.strategy must be one of ('data_parallel', 'table_wise', 'row_wise', "
-     "'column_wise', 'table_wise_row_wise'), got 'rows'"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"tables": None}, "embedding.tables is missing"),
+        ({"tables": {}}, "embedding.tables is empty"),
+        ({"tables__member__vocab_size": None}, "embedding.tables.member.vocab_size is missing"),
+        ({"tables__member__dim": 0}, "embedding.tables.member.dim must be a positive int, got 0"),
+        (
+            {"tables__member__vocab_size": 1e6},
+            "embedding.tables.member.vocab_size must be a positive int, got 1000000.0",
+        ),
+        ({"tables__member__vocab": 5}, "embedding.tables.member.vocab is not a known key"),
+        (
+            {"tables__member__initializer": "ones"},
+            "embedding.tables.member.initializer must be one of ('normal', 'uniform', 'zeros'), got 'ones'",
+        ),
+        (
+            {"tables__member__optimizer": {"kind": "adamw", "learning_rate": 0.1}},
+            "embedding.tables.member.optimizer: sparse optimizer 'adamw' is unknown",
+        ),
+        (
+            {"tables__member__optimizer": {"kind": "sgd"}},
+            "embedding.tables.member.optimizer.learning_rate is missing",
+        ),
+        (
+            {"tables__member__optimizer": {"kind": "sgd", "learning_rate": -1.0}},
+            "embedding.tables.member.optimizer: sparse optimizer: learning_rate must be > 0, got -1.0",
+        ),
+        (
+            {"tables__member__optimizer": {"kind": "sgd", "learning_rate": 0.1, "beta": 2}},
+            "embedding.tables.member.optimizer {",
+        ),
+        (
+            {"features__actor_id__table": "members"},
+            "embedding.features.actor_id.table 'members' is not a table (tables: ['member', 'position'])",
+        ),
+        (
+            {"features__actor_id__max_ids": 0},
+            "embedding.features.actor_id.max_ids must be a positive int, got 0",
+        ),
+        (
+            {"features__actor_id__combiner": "max"},
+            "embedding.features.actor_id.combiner must be one of ('sum', 'mean', 'sqrtn', 'none'), got 'max'",
+        ),
+        ({"features__actor_id__table": None}, "embedding.features.actor_id.table is missing"),
+        ({"features__actor_id": 3}, "embedding.features.actor_id must be a dict"),
+        (
+            {"plan": {"memberz": {"strategy": "row_wise"}}},
+            "embedding.plan.memberz names no table (tables: ['member', 'position'])",
+        ),
+        (
+            {"plan": {"member": {"strategy": "rows"}}},
+            "embedding.plan.member.strategy must be one of ('data_parallel', 'table_wise', 'row_wise', "
+            "'column_wise', 'table_wise_row_wise'), got 'rows'",
+        ),
+    ],
+)
 def test_errors_name_the_key_and_value(changes, message):
     with pytest.raises(EmbeddingConfigError) as error:
         specs_from_config(section(**changes))
@@ -128,10 +178,14 @@ def test_errors_name_the_key_and_value(changes, message):
 
 @pytest.mark.parametrize("value", [None, 0, -5, "1GB", 1.5])
 def test_memory_budget_errors(value):
-    with pytest.raises(EmbeddingConfigError,
-                       match=r"embedding.memory_budget_bytes must be a positive int"):
-        memory_budget_from_config(section(memory_budget_bytes=value) if value is not None
-                                  else section(memory_budget_bytes=None))
+    with pytest.raises(
+        EmbeddingConfigError, match=r"embedding.memory_budget_bytes must be a positive int"
+    ):
+        memory_budget_from_config(
+            section(memory_budget_bytes=value)
+            if value is not None
+            else section(memory_budget_bytes=None)
+        )
 
 
 def test_memory_budget_accepts_whole_floats():

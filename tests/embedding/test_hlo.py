@@ -44,31 +44,44 @@ def mesh():
 def abstract_state(coll):
     """ShapeDtypeStructs (with shardings) of the collection's state: compile, never run."""
     shardings = coll.state_shardings()
-    state = {"tables": {}, "slots": {}, "step": jax.ShapeDtypeStruct((), np.int32,
-                                                                      sharding=shardings["step"])}
+    state = {
+        "tables": {},
+        "slots": {},
+        "step": jax.ShapeDtypeStruct((), np.int32, sharding=shardings["step"]),
+    }
     for group in coll.groups:
         state["tables"][group.name] = jax.ShapeDtypeStruct(
-            group.shape, np.float32, sharding=shardings["tables"][group.name])
+            group.shape, np.float32, sharding=shardings["tables"][group.name]
+        )
         state["slots"][group.name] = {
-            name: jax.ShapeDtypeStruct((group.num_slots, group.rows, *shape), np.float32,
-                                       sharding=shardings["slots"][group.name][name])
-            for name, shape in group.optimizer.slot_shapes(group.dim).items()}
+            name: jax.ShapeDtypeStruct(
+                (group.num_slots, group.rows, *shape),
+                np.float32,
+                sharding=shardings["slots"][group.name][name],
+            )
+            for name, shape in group.optimizer.slot_shapes(group.dim).items()
+        }
     return state
 
 
 def compiled_collectives(strategy, vocab_size=37):
     """(lookup ops, update ops) of a one-table collection with a pooled + a sequence feature."""
     tables = [TableSpec(name="t", vocab_size=vocab_size, dim=8, optimizer=rowwise_adagrad(0.1))]
-    features = [FeatureSpec(name="bag", table="t", max_ids=3, combiner="mean"),
-                FeatureSpec(name="seq", table="t", max_ids=2, combiner="none")]
+    features = [
+        FeatureSpec(name="bag", table="t", max_ids=3, combiner="mean"),
+        FeatureSpec(name="seq", table="t", max_ids=2, combiner="none"),
+    ]
     coll = EmbeddingCollection(tables, features, {"t": strategy}, mesh())
     state = abstract_state(coll)
     batch = coll.shard_batch(coll.preprocess(*random_batch(features, tables, BATCH)))
-    grads = {"bag": jax.ShapeDtypeStruct((BATCH, 8), np.float32, sharding=coll.batch_sharding()),
-             "seq": jax.ShapeDtypeStruct((BATCH, 2, 8), np.float32, sharding=coll.batch_sharding())}
+    grads = {
+        "bag": jax.ShapeDtypeStruct((BATCH, 8), np.float32, sharding=coll.batch_sharding()),
+        "seq": jax.ShapeDtypeStruct((BATCH, 2, 8), np.float32, sharding=coll.batch_sharding()),
+    }
     lookup_ops = hlo.collective_ops(jax.jit(coll.lookup), state["tables"], batch)
-    update_ops = hlo.collective_ops(jax.jit(coll.apply_gradients, donate_argnums=0),
-                                    state, batch, grads)
+    update_ops = hlo.collective_ops(
+        jax.jit(coll.apply_gradients, donate_argnums=0), state, batch, grads
+    )
     return coll, lookup_ops, update_ops
 
 
@@ -91,13 +104,17 @@ def test_data_parallel_lookup_has_no_collectives():
     assert {op.group_size for op in update_ops} == {8}
 
 
-@pytest.mark.parametrize("strategy,group_size", [
-    (P.row_wise(("model",)), 4),
-    (P.row_wise(("data", "model")), 8),
-    (P.table_wise(), 8),
-    (P.column_wise(2), 8),
-    (P.table_wise_row_wise(1, "model"), 8),
-], ids=["row_wise_model", "row_wise_all", "table_wise", "column_wise2", "table_wise_row_wise"])
+@pytest.mark.parametrize(
+    "strategy,group_size",
+    [
+        (P.row_wise(("model",)), 4),
+        (P.row_wise(("data", "model")), 8),
+        (P.table_wise(), 8),
+        (P.column_wise(2), 8),
+        (P.table_wise_row_wise(1, "model"), 8),
+    ],
+    ids=["row_wise_model", "row_wise_all", "table_wise", "column_wise2", "table_wise_row_wise"],
+)
 def test_sharded_lookup_gathers_and_reduce_scatters(strategy, group_size):
     coll, lookup_ops, update_ops = compiled_collectives(strategy)
     counts = kinds(lookup_ops)
@@ -113,8 +130,9 @@ def test_sharded_lookup_gathers_and_reduce_scatters(strategy, group_size):
     assert {op.group_size for op in update_ops} == {8}
 
 
-@pytest.mark.parametrize("strategy", [P.data_parallel(), P.row_wise(("model",))],
-                         ids=["data_parallel", "row_wise_model"])
+@pytest.mark.parametrize(
+    "strategy", [P.data_parallel(), P.row_wise(("model",))], ids=["data_parallel", "row_wise_model"]
+)
 def test_update_collectives_do_not_grow_with_vocab(strategy):
     """No dense table gradient: the same collectives, of the same shapes, at 37 and 40k rows."""
     shapes = lambda ops: [(op.kind, op.line.split("=", 1)[1].split("(")[0]) for op in ops]
@@ -125,24 +143,36 @@ def test_update_collectives_do_not_grow_with_vocab(strategy):
 
 
 def test_parser_handles_async_and_tuple_forms():
-    text = "\n".join([
-        "%all-gather-start = (f32[2]{0}, f32[16]{0}) all-gather-start(f32[2]{0} %p), "
-        "replica_groups=[2,4]<=[8], dimensions={0}",
-        "%all-gather-done = f32[16]{0} all-gather-done((f32[2]{0}, f32[16]{0}) %all-gather-start)",
-        "%all-to-all = (f32[2,4]{1,0}, f32[2,4]{1,0}) all-to-all(%a, %b), "
-        "replica_groups={{0,1},{2,3}}",
-        "%gte = f32[2,4]{1,0} get-tuple-element(%all-to-all), index=0",
-        "%rs = f32[1,4]{1,0} reduce-scatter(%x), replica_groups={{0,1,2,3,4,5,6,7}}, "
-        "metadata={op_name=\"jit(f)/all-reduce(\"}",
-        "%cp = f32[4]{0} collective-permute-start(%x), source_target_pairs={{0,1},{1,0}}",
-        "%ar = f32[4]{0} all-reduce(%x), replica_groups={}, to_apply=%add",
-    ])
+    text = "\n".join(
+        [
+            "%all-gather-start = (f32[2]{0}, f32[16]{0}) all-gather-start(f32[2]{0} %p), "
+            "replica_groups=[2,4]<=[8], dimensions={0}",
+            "%all-gather-done = f32[16]{0} all-gather-done((f32[2]{0}, f32[16]{0}) %all-gather-start)",
+            "%all-to-all = (f32[2,4]{1,0}, f32[2,4]{1,0}) all-to-all(%a, %b), "
+            "replica_groups={{0,1},{2,3}}",
+            "%gte = f32[2,4]{1,0} get-tuple-element(%all-to-all), index=0",
+            "%rs = f32[1,4]{1,0} reduce-scatter(%x), replica_groups={{0,1,2,3,4,5,6,7}}, "
+            'metadata={op_name="jit(f)/all-reduce("}',
+            "%cp = f32[4]{0} collective-permute-start(%x), source_target_pairs={{0,1},{1,0}}",
+            "%ar = f32[4]{0} all-reduce(%x), replica_groups={}, to_apply=%add",
+        ]
+    )
     ops = hlo.parse_collectives(text)
-    assert [op.kind for op in ops] == ["all-gather", "all-to-all", "reduce-scatter",
-                                       "collective-permute", "all-reduce"]
+    assert [op.kind for op in ops] == [
+        "all-gather",
+        "all-to-all",
+        "reduce-scatter",
+        "collective-permute",
+        "all-reduce",
+    ]
     assert [op.group_size for op in ops][:3] == [4, 2, 8]
-    assert hlo.count_collectives(text) == {"all-gather": 1, "reduce-scatter": 1, "all-reduce": 1,
-                                           "all-to-all": 1, "collective-permute": 1}
+    assert hlo.count_collectives(text) == {
+        "all-gather": 1,
+        "reduce-scatter": 1,
+        "all-reduce": 1,
+        "all-to-all": 1,
+        "collective-permute": 1,
+    }
 
 
 def test_collective_counts_of_plain_function():
@@ -151,8 +181,17 @@ def test_collective_counts_of_plain_function():
     def f(x):
         return jax.lax.psum(x, "model")
 
-    fn = jax.shard_map(f, mesh=mesh(), in_specs=PartitionSpec(("data", "model")),
-                       out_specs=PartitionSpec(("data", "model")))
+    fn = jax.shard_map(
+        f,
+        mesh=mesh(),
+        in_specs=PartitionSpec(("data", "model")),
+        out_specs=PartitionSpec(("data", "model")),
+    )
     counts = hlo.collective_counts(fn, np.ones((8, 4), np.float32))
-    assert counts == {"all-gather": 0, "reduce-scatter": 0, "all-reduce": 1, "all-to-all": 0,
-                      "collective-permute": 0}
+    assert counts == {
+        "all-gather": 0,
+        "reduce-scatter": 0,
+        "all-reduce": 1,
+        "all-to-all": 0,
+        "collective-permute": 0,
+    }

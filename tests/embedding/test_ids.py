@@ -10,9 +10,13 @@ import pytest
 
 from lf_jax.embedding import ids as ids_module
 from lf_jax.embedding.ids import IdMap, IdMapError, hash_strings
-from lf_jax.embedding.open_vocab import (OpenVocabError, combine_quotient_remainder,
-                                         hash_to_rows, quotient_remainder_rows,
-                                         quotient_remainder_specs)
+from lf_jax.embedding.open_vocab import (
+    OpenVocabError,
+    combine_quotient_remainder,
+    hash_to_rows,
+    quotient_remainder_rows,
+    quotient_remainder_specs,
+)
 from lf_jax.embedding.sparse_optim import rowwise_adagrad
 from lf_jax.embedding.spec import validate_specs
 from lf_jax.errors import UserInputError
@@ -36,8 +40,9 @@ def million_map(million_keys) -> IdMap:
 
 @pytest.fixture
 def small_map() -> IdMap:
-    return IdMap.build(["urn:li:member:1", "urn:li:member:7", "urn:li:hashtag:jax", "é🙂"],
-                       num_oov_buckets=2)
+    return IdMap.build(
+        ["urn:li:member:1", "urn:li:member:7", "urn:li:hashtag:jax", "é🙂"], num_oov_buckets=2
+    )
 
 
 def test_million_keys_get_their_snapshot_rows(million_keys, million_map):
@@ -170,22 +175,29 @@ def test_duplicate_keys_name_the_first_duplicate():
     with pytest.raises(IdMapError, match=r"'b' appears at positions 1 and 3"):
         IdMap.build(keys)
     big = member_ids(0, 100_000) + ["urn:li:member:99999"]
-    with pytest.raises(UserInputError, match=r"'urn:li:member:99999' appears at positions 99999 and 100000"):
+    with pytest.raises(
+        UserInputError, match=r"'urn:li:member:99999' appears at positions 99999 and 100000"
+    ):
         IdMap.build(np.array(big))
 
 
-@pytest.mark.parametrize("keys, match", [
-    ([], "snapshot is empty"),
-    (np.array([], dtype=str), "snapshot is empty"),
-    (np.arange(5), "keys must be strings, got an array of int64"),
-])
+@pytest.mark.parametrize(
+    "keys, match",
+    [
+        ([], "snapshot is empty"),
+        (np.array([], dtype=str), "snapshot is empty"),
+        (np.arange(5), "keys must be strings, got an array of int64"),
+    ],
+)
 def test_bad_snapshots(keys, match):
     with pytest.raises(IdMapError, match=match):
         IdMap.build(keys)
 
 
-@pytest.mark.parametrize("field, value", [("num_oov_buckets", -1), ("gamma", 0.5),
-                                          ("fingerprint_bits", 12), ("seed", -3)])
+@pytest.mark.parametrize(
+    "field, value",
+    [("num_oov_buckets", -1), ("gamma", 0.5), ("fingerprint_bits", 12), ("seed", -3)],
+)
 def test_bad_build_arguments_name_the_field(field, value):
     with pytest.raises(IdMapError, match=rf"{field} must .*{value}"):
         IdMap.build(["a"], **{field: value})
@@ -201,7 +213,9 @@ def test_hashing_trick_range_and_determinism():
     assert counts.min() > 0 and counts.max() < 3 * counts.mean()
     int_rows = hash_to_rows(np.arange(-5, 20_000, dtype=np.int64).reshape(5, -1), 97)
     assert int_rows.shape == (5, 4001) and int_rows.min() >= 0 and int_rows.max() < 97
-    np.testing.assert_array_equal(hash_to_rows([3, 3, 17], 97), hash_to_rows(np.int32([3, 3, 17]), 97))
+    np.testing.assert_array_equal(
+        hash_to_rows([3, 3, 17], 97), hash_to_rows(np.int32([3, 3, 17]), 97)
+    )
     with pytest.raises(OpenVocabError, match="num_rows must be a positive int, got 0"):
         hash_to_rows(keys, 0)
     with pytest.raises(OpenVocabError, match="got an array of float64"):
@@ -223,25 +237,35 @@ def test_quotient_remainder_round_trip():
 
 
 def test_quotient_remainder_specs():
-    qr = quotient_remainder_specs("member", vocab_size=1_000_001, num_remainder_rows=1000, dim=16,
-                                  max_ids=1, combiner="sum", optimizer=rowwise_adagrad(0.05))
+    qr = quotient_remainder_specs(
+        "member",
+        vocab_size=1_000_001,
+        num_remainder_rows=1000,
+        dim=16,
+        max_ids=1,
+        combiner="sum",
+        optimizer=rowwise_adagrad(0.05),
+    )
     assert [t.name for t in qr.tables] == ["member_quotient", "member_remainder"]
     assert [t.vocab_size for t in qr.tables] == [1001, 1000]
     assert all(t.optimizer == rowwise_adagrad(0.05) and t.dim == 16 for t in qr.tables)
-    assert qr.tables[0].scale == pytest.approx(16 ** -0.25)
+    assert qr.tables[0].scale == pytest.approx(16**-0.25)
     assert [f.table for f in qr.features] == ["member_quotient", "member_remainder"]
     assert validate_specs(qr.tables, qr.features).keys() == {"member_quotient", "member_remainder"}
     split = qr.split_ids(np.array([[5], [1_000_000]]))
     np.testing.assert_array_equal(split["member_quotient"], [[0], [1000]])
     np.testing.assert_array_equal(split["member_remainder"], [[5], [0]])
     assert quotient_remainder_specs("x", 10_000).num_remainder_rows == 100
-    with pytest.raises(OpenVocabError, match="'x': num_remainder_rows must be <= vocab_size=10, got 11"):
+    with pytest.raises(
+        OpenVocabError, match="'x': num_remainder_rows must be <= vocab_size=10, got 11"
+    ):
         quotient_remainder_specs("x", 10, 11)
 
 
 def test_combine_product_pools_after_combining():
-    qr = quotient_remainder_specs("tags", vocab_size=100, num_remainder_rows=10, dim=2,
-                                  max_ids=3, combiner="mean")
+    qr = quotient_remainder_specs(
+        "tags", vocab_size=100, num_remainder_rows=10, dim=2, max_ids=3, combiner="mean"
+    )
     assert qr.pool_after_combine and all(f.combiner == "none" for f in qr.features)
     q_bld = jnp.array([[[1.0, 2.0], [3.0, 4.0], [9.0, 9.0]]])
     r_bld = jnp.array([[[2.0, 2.0], [1.0, 0.0], [9.0, 9.0]]])
@@ -253,7 +277,8 @@ def test_combine_product_pools_after_combining():
     np.testing.assert_allclose(summed.combine(q_bld[:, 0], r_bld[:, 0]), [[3.0, 4.0]])
     np.testing.assert_allclose(
         combine_quotient_remainder(q_bld, r_bld, "sum", combiner="sqrtn", mask=mask_bl),
-        [[7 / np.sqrt(2), 8 / np.sqrt(2)]])
+        [[7 / np.sqrt(2), 8 / np.sqrt(2)]],
+    )
     with pytest.raises(OpenVocabError, match="op must be one of .*got 'max'"):
         combine_quotient_remainder(q_bld, r_bld, "max")
 

@@ -12,9 +12,13 @@ from lf_jax.distributed.mesh import make_mesh
 @pytest.fixture(scope="module")
 def collection():
     mesh = make_mesh({"data": 2, "model": 4})
-    tables = [emb.TableSpec(name="member", vocab_size=100, dim=8, optimizer=emb.rowwise_adagrad(0.2))]
-    features = [emb.FeatureSpec(name="actor", table="member", max_ids=1),
-                emb.FeatureSpec(name="history", table="member", max_ids=4, combiner="mean")]
+    tables = [
+        emb.TableSpec(name="member", vocab_size=100, dim=8, optimizer=emb.rowwise_adagrad(0.2))
+    ]
+    features = [
+        emb.FeatureSpec(name="actor", table="member", max_ids=1),
+        emb.FeatureSpec(name="history", table="member", max_ids=4, combiner="mean"),
+    ]
     return emb.EmbeddingCollection(tables, features, {"member": emb.row_wise()}, mesh)
 
 

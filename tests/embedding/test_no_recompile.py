@@ -38,6 +38,7 @@ def test_train_step_compiles_once_and_donates_tables():
     def train_step(state, batch, targets):
         def loss_fn(acts):
             return sum(jnp.mean((acts[k] - targets[k]) ** 2) for k in acts)
+
         acts = coll.lookup(state["tables"], batch)
         loss, grads = jax.value_and_grad(loss_fn)(acts)
         return coll.apply_gradients(state, batch, grads), loss
@@ -48,10 +49,18 @@ def test_train_step_compiles_once_and_donates_tables():
     inputs = []
     for i in range(4):  # host work first: only the step may compile inside the counter
         batch = coll.shard_batch(coll.preprocess(*random_batch(FEATURES, TABLES, BATCH, seed=i)))
-        shapes = {f.name: (BATCH, f.max_ids, coll.tables[f.table].dim) if f.combiner == "none"
-                  else (BATCH, coll.tables[f.table].dim) for f in FEATURES}
-        targets = {name: jax.device_put(rng.standard_normal(shape).astype(np.float32),
-                                        coll.batch_sharding()) for name, shape in shapes.items()}
+        shapes = {
+            f.name: (BATCH, f.max_ids, coll.tables[f.table].dim)
+            if f.combiner == "none"
+            else (BATCH, coll.tables[f.table].dim)
+            for f in FEATURES
+        }
+        targets = {
+            name: jax.device_put(
+                rng.standard_normal(shape).astype(np.float32), coll.batch_sharding()
+            )
+            for name, shape in shapes.items()
+        }
         inputs.append((batch, targets))
 
     losses = []

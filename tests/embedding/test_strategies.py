@@ -22,8 +22,15 @@ from lf_jax.testing import embedding_oracle as oracle
 BATCH = 16
 STEPS = 3
 MESHES = {"d8": {"data": 8}, "d4m2": {"data": 4, "model": 2}, "d2m4": {"data": 2, "model": 4}}
-STRATEGIES = ["data_parallel", "table_wise", "row_wise", "row_wise_all", "column_wise2",
-              "column_wise4", "table_wise_row_wise"]
+STRATEGIES = [
+    "data_parallel",
+    "table_wise",
+    "row_wise",
+    "row_wise_all",
+    "column_wise2",
+    "column_wise4",
+    "table_wise_row_wise",
+]
 OPTIMIZERS = {"sgd": sgd(0.5), "adagrad": rowwise_adagrad(0.5), "adam": adam(0.1)}
 VOCABS = (13, 19, 11, 7, 17, 5, 23)
 POOLED = ("sum", "mean", "sqrtn")
@@ -42,12 +49,25 @@ def _specs():
             i = s * len(OPTIMIZERS) + o
             name = f"{strategy_name}_{opt_name}"
             dim = {"column_wise2": 16, "column_wise4": 32}.get(strategy_name, 8)
-            tables.append(TableSpec(name=name, vocab_size=VOCABS[i % len(VOCABS)], dim=dim,
-                                    optimizer=optimizer))
-            features.append(FeatureSpec(name=f"{name}_pool", table=name, max_ids=1 + i % 4,
-                                        combiner=POOLED[(s + o) % 3], weighted=i % 2 == 0))
-            features.append(FeatureSpec(name=f"{name}_seq", table=name, max_ids=2,
-                                        combiner="none", weighted=i % 2 == 1))
+            tables.append(
+                TableSpec(
+                    name=name, vocab_size=VOCABS[i % len(VOCABS)], dim=dim, optimizer=optimizer
+                )
+            )
+            features.append(
+                FeatureSpec(
+                    name=f"{name}_pool",
+                    table=name,
+                    max_ids=1 + i % 4,
+                    combiner=POOLED[(s + o) % 3],
+                    weighted=i % 2 == 0,
+                )
+            )
+            features.append(
+                FeatureSpec(
+                    name=f"{name}_seq", table=name, max_ids=2, combiner="none", weighted=i % 2 == 1
+                )
+            )
     return tables, features
 
 
@@ -74,7 +94,7 @@ def strategy(name: str, mesh) -> dict:
     if name == "row_wise_all":
         return P.row_wise(tuple(mesh.axis_names))
     if name.startswith("column_wise"):
-        return P.column_wise(int(name[len("column_wise"):]))
+        return P.column_wise(int(name[len("column_wise") :]))
     if name == "table_wise_row_wise":
         # (8,): all devices; (4, 2): rows over 'data' in model group 1 (devices 1,3,5,7);
         # (2, 4): rows over 'model' in data group 1 (devices 4..7).
@@ -87,8 +107,10 @@ def strategy(name: str, mesh) -> dict:
 
 
 def _grads_like(acts, coll, rng):
-    return {k: jax.device_put(rng.standard_normal(v.shape).astype(np.float32),
-                              coll.batch_sharding()) for k, v in acts.items()}
+    return {
+        k: jax.device_put(rng.standard_normal(v.shape).astype(np.float32), coll.batch_sharding())
+        for k, v in acts.items()
+    }
 
 
 def assert_matches_oracle(coll, tables, features, steps=STEPS, seed=0, check_steps=(1, STEPS)):
@@ -114,17 +136,32 @@ def assert_matches_oracle(coll, tables, features, steps=STEPS, seed=0, check_ste
         acts = lookup(state["tables"], batch)
         expected = oracle.oracle_lookup(features, o_tables, host)
         for f in features:
-            np.testing.assert_allclose(np.asarray(acts[f.name]), expected[f.name], rtol=1e-5,
-                                       atol=1e-5, err_msg=f"step {step} forward {f.name} "
-                                       f"({f.combiner}) via {plan[f.table]}")
+            np.testing.assert_allclose(
+                np.asarray(acts[f.name]),
+                expected[f.name],
+                rtol=1e-5,
+                atol=1e-5,
+                err_msg=f"step {step} forward {f.name} ({f.combiner}) via {plan[f.table]}",
+            )
         grads = _grads_like(acts, coll, rng)
-        touched = {k: t for k, (t, _) in oracle.row_gradients(
-            features, tables, host, {k: np.asarray(v) for k, v in grads.items()}).items()}
+        touched = {
+            k: t
+            for k, (t, _) in oracle.row_gradients(
+                features, tables, host, {k: np.asarray(v) for k, v in grads.items()}
+            ).items()
+        }
         previous = jax.device_get(to_logical(state)["tables"]) if step in check_steps else None
         state = update(state, batch, grads)
-        o_tables, o_slots = oracle.oracle_step(o_tables, o_slots, features, tables, host,
-                                               {k: np.asarray(v) for k, v in grads.items()},
-                                               step=step, plan=plan)
+        o_tables, o_slots = oracle.oracle_step(
+            o_tables,
+            o_slots,
+            features,
+            tables,
+            host,
+            {k: np.asarray(v) for k, v in grads.items()},
+            step=step,
+            plan=plan,
+        )
         if step not in check_steps:
             continue
         assert int(state["step"]) == step
@@ -133,15 +170,22 @@ def assert_matches_oracle(coll, tables, features, steps=STEPS, seed=0, check_ste
         for name, value in got_tables.items():
             where = f"step {step} table {name} via {plan[name]}"
             np.testing.assert_allclose(value, o_tables[name], rtol=1e-5, atol=1e-5, err_msg=where)
-            np.testing.assert_array_equal(value[~touched[name]], previous[name][~touched[name]],
-                                          err_msg=f"{where}: untouched rows changed")
+            np.testing.assert_array_equal(
+                value[~touched[name]],
+                previous[name][~touched[name]],
+                err_msg=f"{where}: untouched rows changed",
+            )
         want_slots = oracle.logical_slots(o_slots)
         assert set(got_slots) == set(want_slots)
         for name, slots in want_slots.items():
             for slot, value in slots.items():
-                np.testing.assert_allclose(got_slots[name][slot], value, rtol=1e-4, atol=1e-7,
-                                           err_msg=f"step {step} slot {name}/{slot} "
-                                           f"via {plan[name]}")
+                np.testing.assert_allclose(
+                    got_slots[name][slot],
+                    value,
+                    rtol=1e-4,
+                    atol=1e-7,
+                    err_msg=f"step {step} slot {name}/{slot} via {plan[name]}",
+                )
     return state
 
 
@@ -149,8 +193,9 @@ def plan_for(mesh) -> dict:
     """Each table gets the strategy its name starts with."""
     plan = {}
     for table in TABLES:
-        strategy_name = next(s for s in sorted(STRATEGIES, key=len, reverse=True)
-                             if table.name.startswith(s + "_"))
+        strategy_name = next(
+            s for s in sorted(STRATEGIES, key=len, reverse=True) if table.name.startswith(s + "_")
+        )
         plan[table.name] = strategy(strategy_name, mesh)
     return plan
 
@@ -161,8 +206,13 @@ def test_every_strategy_matches_oracle(mesh_name):
     mesh = mesh_for(mesh_name)
     coll = EmbeddingCollection(TABLES, FEATURES, plan_for(mesh), mesh)
     strategies_seen = {coll.plan[t.name]["strategy"] for t in TABLES}
-    assert strategies_seen == {"data_parallel", "table_wise", "row_wise", "column_wise",
-                               "table_wise_row_wise"}
+    assert strategies_seen == {
+        "data_parallel",
+        "table_wise",
+        "row_wise",
+        "column_wise",
+        "table_wise_row_wise",
+    }
     # Several tables (and strategies) are stacked into one stored group.
     assert any(len({p.table for p in g.pieces}) > 1 for g in coll.groups)
     assert_matches_oracle(coll, TABLES, FEATURES)
@@ -191,12 +241,18 @@ SMALL_FEATURES = [
 
 def small_plan(mesh) -> dict:
     axis = "model" if "model" in mesh.shape else "data"
-    return {"rw": P.row_wise((axis,)), "tw": P.table_wise(), "twrw": P.table_wise_row_wise(0, axis),
-            "dp": P.data_parallel(), "cw": P.column_wise(1)}
+    return {
+        "rw": P.row_wise((axis,)),
+        "tw": P.table_wise(),
+        "twrw": P.table_wise_row_wise(0, axis),
+        "dp": P.data_parallel(),
+        "cw": P.column_wise(1),
+    }
 
 
-@pytest.mark.parametrize("mesh_name,single", [("d8", {"data": 1}),
-                                               ("d2m4", {"data": 1, "model": 1})])
+@pytest.mark.parametrize(
+    "mesh_name,single", [("d8", {"data": 1}), ("d2m4", {"data": 1, "model": 1})]
+)
 def test_sharded_equals_unsharded(mesh_name, single):
     """The same specs and plan on 8 devices and on 1 device give the same state.
 
@@ -212,8 +268,11 @@ def test_sharded_equals_unsharded(mesh_name, single):
         rng = np.random.default_rng(5)
         acts_seen = []
         for step in range(2):
-            batch = coll.shard_batch(coll.preprocess(
-                *oracle.random_batch(SMALL_FEATURES, SMALL_TABLES, BATCH, seed=40 + step)))
+            batch = coll.shard_batch(
+                coll.preprocess(
+                    *oracle.random_batch(SMALL_FEATURES, SMALL_TABLES, BATCH, seed=40 + step)
+                )
+            )
             acts = lookup(state["tables"], batch)
             acts_seen.append({k: np.asarray(v) for k, v in acts.items()})
             state = update(state, batch, _grads_like(acts, coll, rng))
@@ -222,11 +281,18 @@ def test_sharded_equals_unsharded(mesh_name, single):
     (acts_a, tables_a, slots_a), (acts_b, tables_b, slots_b) = results
     for step, (a, b) in enumerate(zip(acts_a, acts_b)):
         for name in a:
-            np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6,
-                                       err_msg=f"step {step} feature {name}")
+            np.testing.assert_allclose(
+                a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=f"step {step} feature {name}"
+            )
     for name in tables_a:
-        np.testing.assert_allclose(tables_a[name], tables_b[name], rtol=1e-5, atol=1e-6,
-                                   err_msg=f"table {name}")
+        np.testing.assert_allclose(
+            tables_a[name], tables_b[name], rtol=1e-5, atol=1e-6, err_msg=f"table {name}"
+        )
         for slot in slots_a.get(name, {}):
-            np.testing.assert_allclose(slots_a[name][slot], slots_b[name][slot], rtol=1e-5,
-                                       atol=1e-7, err_msg=f"slot {name}/{slot}")
+            np.testing.assert_allclose(
+                slots_a[name][slot],
+                slots_b[name][slot],
+                rtol=1e-5,
+                atol=1e-7,
+                err_msg=f"slot {name}/{slot}",
+            )

@@ -5,8 +5,14 @@ import numpy as np
 import pytest
 
 from lf_jax.cli import main
-from lf_jax.export.embed_corpus import (ExportError, check_checkpoint_matches, export_corpus,
-                                        find_checkpoint, load_export, open_source)
+from lf_jax.export.embed_corpus import (
+    ExportError,
+    check_checkpoint_matches,
+    export_corpus,
+    find_checkpoint,
+    load_export,
+    open_source,
+)
 from lf_jax.train.checkpoint import Checkpointer
 
 STEP = 7
@@ -17,8 +23,10 @@ def export_ranker_config(shrunk_ranker_config):
     with config.unlocked():
         config.train.ips = False
         # a hand plan that really shards: the export reads the rows back through the mesh
-        config.embedding.plan = {"post": {"strategy": "row_wise", "axes": ("data", "model")},
-                                 "member": {"strategy": "column_wise", "num_shards": 4}}
+        config.embedding.plan = {
+            "post": {"strategy": "row_wise", "axes": ("data", "model")},
+            "member": {"strategy": "column_wise", "num_shards": 4},
+        }
     return config
 
 
@@ -26,13 +34,16 @@ def export_ranker_config(shrunk_ranker_config):
 def ranker_run(shrunk_ranker_config, feed_builder, tmp_path_factory):
     """A ranker workdir whose checkpoint (step 7) holds known random member/post tables."""
     from lf_jax.train.loop import build_task
+
     workdir = tmp_path_factory.mktemp("ranker_run")
     config = export_ranker_config(shrunk_ranker_config)
     task = build_task(config, workdir)
     state = task.init_state()
     rng = np.random.default_rng(0)
-    tables = {name: rng.normal(size=(spec.vocab_size, spec.dim)).astype(np.float32)
-              for name, spec in task.collection.tables.items()}
+    tables = {
+        name: rng.normal(size=(spec.vocab_size, spec.dim)).astype(np.float32)
+        for name, spec in task.collection.tables.items()
+    }
     state["embedding"] = task.collection.state_from_logical(tables, step=STEP)
     checkpointer = Checkpointer(workdir / "checkpoints")
     checkpointer.save(STEP, state, task.collection, {})
@@ -44,18 +55,30 @@ def ranker_run(shrunk_ranker_config, feed_builder, tmp_path_factory):
 
 def test_export_round_trip_with_index_and_kv(ranker_run, tmp_path):
     source, tables = ranker_run["source"], ranker_run["tables"]
-    result = export_corpus(source, "posts", tmp_path / "posts", batch_size=500, metric="cosine",
-                           build_index=True, build_kv=True)
+    result = export_corpus(
+        source,
+        "posts",
+        tmp_path / "posts",
+        batch_size=500,
+        metric="cosine",
+        build_index=True,
+        build_kv=True,
+    )
     ids, vectors, manifest = load_export(tmp_path / "posts")
     num_posts = 1_000
     assert ids.tolist() == [f"p{i}" for i in range(num_posts)]
-    np.testing.assert_array_equal(vectors, tables["post"][:num_posts])   # row-sharded lookup, exact
+    np.testing.assert_array_equal(vectors, tables["post"][:num_posts])  # row-sharded lookup, exact
     assert manifest == result.manifest
-    assert (manifest["model"], manifest["entity"], manifest["checkpoint_step"]) == ("feed_ranker", "posts", STEP)
+    assert (manifest["model"], manifest["entity"], manifest["checkpoint_step"]) == (
+        "feed_ranker",
+        "posts",
+        STEP,
+    )
     assert (manifest["count"], manifest["dims"], manifest["metric"]) == (num_posts, 16, "cosine")
     assert manifest["index"]["recall"] >= 0.95 and manifest["kv"]["version"] == "feed_ranker-step7"
 
     from lf_jax.export import KVStore, VectorIndex
+
     index = VectorIndex.load(tmp_path / "posts" / "index")
     found, scores = index.search(vectors[[17, 923]], k=5)
     assert found[:, 0].tolist() == ["p17", "p923"] and np.allclose(scores[:, 0], 1.0, atol=1e-3)
@@ -68,7 +91,10 @@ def test_export_round_trip_with_index_and_kv(ranker_run, tmp_path):
 def test_members_through_column_wise_table_and_matryoshka_dims(ranker_run, tmp_path):
     result = export_corpus(ranker_run["source"], "members", tmp_path / "members", dims=8)
     ids, vectors, manifest = load_export(result.directory)
-    assert ids[:2].tolist() == ["m0", "m1"] and (manifest["dims"], manifest["model_dims"]) == (8, 16)
+    assert ids[:2].tolist() == ["m0", "m1"] and (manifest["dims"], manifest["model_dims"]) == (
+        8,
+        16,
+    )
     np.testing.assert_array_equal(vectors, ranker_run["tables"]["member"][:300, :8])
     with pytest.raises(ExportError, match="dims=17 is more than the model's 16-dim"):
         export_corpus(ranker_run["source"], "members", tmp_path / "m2", dims=17)
@@ -86,10 +112,12 @@ def test_failed_export_leaves_the_previous_one_intact(ranker_run, tmp_path, monk
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(kv_store.KVStore, "put", disk_full)
-    with pytest.raises(ExportError, match="No space left on device; any previous export there is unchanged"):
+    with pytest.raises(
+        ExportError, match="No space left on device; any previous export there is unchanged"
+    ):
         export_corpus(ranker_run["source"], "posts", target, dims=4, build_kv=True)
     assert {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["posts"]      # no temporary left over
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["posts"]  # no temporary left over
     assert load_export(target)[2]["dims"] == 16
 
 
@@ -124,12 +152,19 @@ class FakeSource:
         return self.vectors[records]
 
 
-@pytest.mark.parametrize("ids, vectors, message", [
-    ([], np.zeros((0, 4)), "corpus 'items' is empty"),
-    (["a", "b", "a"], np.ones((3, 4)), "duplicate id 'a' at rows 0 and 2"),
-    (["a", "b"], np.ones((2, 3)), r"returned shape \(2, 3\) for 2 records; expected \(2, 4\)"),
-    (["a", "b"], [[1, 1, 1, 1], [1, np.nan, 1, 1]], "the vector of id 'b' \\(row 1\\) is not finite"),
-])
+@pytest.mark.parametrize(
+    "ids, vectors, message",
+    [
+        ([], np.zeros((0, 4)), "corpus 'items' is empty"),
+        (["a", "b", "a"], np.ones((3, 4)), "duplicate id 'a' at rows 0 and 2"),
+        (["a", "b"], np.ones((2, 3)), r"returned shape \(2, 3\) for 2 records; expected \(2, 4\)"),
+        (
+            ["a", "b"],
+            [[1, 1, 1, 1], [1, np.nan, 1, 1]],
+            "the vector of id 'b' \\(row 1\\) is not finite",
+        ),
+    ],
+)
 def test_bad_corpora_are_one_clear_error(tmp_path, ids, vectors, message):
     with pytest.raises(ExportError, match=message):
         export_corpus(FakeSource(ids, vectors), "items", tmp_path / "out")
@@ -143,10 +178,12 @@ def test_missing_and_mismatched_checkpoints(ranker_run, tmp_path):
         find_checkpoint(ranker_run["workdir"], 3)
     source = ranker_run["source"]
     template = source.task.init_state()
-    template["step"] = jax.numpy.zeros((2,), jax.numpy.int32)        # the config's model differs
+    template["step"] = jax.numpy.zeros((2,), jax.numpy.int32)  # the config's model differs
     checkpointer = Checkpointer(ranker_run["workdir"] / "checkpoints")
     try:
-        with pytest.raises(ExportError, match=r"'step' has shape \(\) in the checkpoint but \(2,\)"):
+        with pytest.raises(
+            ExportError, match=r"'step' has shape \(\) in the checkpoint but \(2,\)"
+        ):
             check_checkpoint_matches(checkpointer, STEP, template, source.collection)
     finally:
         checkpointer.close()
@@ -154,21 +191,68 @@ def test_missing_and_mismatched_checkpoints(ranker_run, tmp_path):
 
 def test_cli_export_and_its_errors(ranker_run, repo_root, tmp_path, capsys):
     workdir, data_dir = ranker_run["workdir"], ranker_run["config"].data.data_dir
-    base = ["export", "--config", f"{repo_root}/configs/feed_ranker.py:size=tiny",
-            f"--config.data.data_dir={data_dir}", "--config.batch_size=64",
-            *(f"--config.embedding.tables.{t}.dim=16" for t in ("member", "hashtag", "post"))]
-    assert main([*base, "--workdir", str(tmp_path / "none"), "--entity", "posts",
-                 "--output", str(tmp_path / "out")]) == 2
+    base = [
+        "export",
+        "--config",
+        f"{repo_root}/configs/feed_ranker.py:size=tiny",
+        f"--config.data.data_dir={data_dir}",
+        "--config.batch_size=64",
+        *(f"--config.embedding.tables.{t}.dim=16" for t in ("member", "hashtag", "post")),
+    ]
+    assert (
+        main(
+            [
+                *base,
+                "--workdir",
+                str(tmp_path / "none"),
+                "--entity",
+                "posts",
+                "--output",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 2
+    )
     assert "no checkpoint" in capsys.readouterr().err
     # the default tiny model (mlp 256-128, 2 cross layers) is not the checkpoint's
-    assert main([*base, "--workdir", str(workdir), "--entity", "posts",
-                 "--output", str(tmp_path / "out")]) == 2
+    assert (
+        main(
+            [
+                *base,
+                "--workdir",
+                str(workdir),
+                "--entity",
+                "posts",
+                "--output",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "the config describes a different model" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
-    assert main([*base, "--config.model.mlp_dims=(32,)", "--config.model.dcn_layers=1",
-                 "--workdir", str(workdir), "--entity", "members", "--output", str(tmp_path / "out"),
-                 "--kv", "--dims", "4"]) == 0
+    assert (
+        main(
+            [
+                *base,
+                "--config.model.mlp_dims=(32,)",
+                "--config.model.dcn_layers=1",
+                "--workdir",
+                str(workdir),
+                "--entity",
+                "members",
+                "--output",
+                str(tmp_path / "out"),
+                "--kv",
+                "--dims",
+                "4",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "exported 300 members x 4 dims (feed_ranker, checkpoint step 7" in out and "kv/" in out
-    np.testing.assert_array_equal(load_export(tmp_path / "out")[1], ranker_run["tables"]["member"][:300, :4])
+    np.testing.assert_array_equal(
+        load_export(tmp_path / "out")[1], ranker_run["tables"]["member"][:300, :4]
+    )

@@ -11,8 +11,14 @@ import numpy as np
 import pytest
 
 from lf_jax.errors import UserInputError
-from lf_jax.export.kv_store import (KVStore, KVStoreError, UpdateCounts, dequantize_int8,
-                                    quantization_error, quantize_int8)
+from lf_jax.export.kv_store import (
+    KVStore,
+    KVStoreError,
+    UpdateCounts,
+    dequantize_int8,
+    quantization_error,
+    quantize_int8,
+)
 
 DIMS = 16
 
@@ -46,7 +52,11 @@ def test_round_trip_quantized(tmp_path):
         assert len(store) == 1000 and ids[5] in store and "urn:li:member:x" not in store
         assert store.ids() == ids
         stats = store.stats()
-        assert stats["count"] == 1000 and stats["dims"] == DIMS and stats["versions"] == {"ckpt-100": 1000}
+        assert (
+            stats["count"] == 1000
+            and stats["dims"] == DIMS
+            and stats["versions"] == {"ckpt-100": 1000}
+        )
         assert stats["row_bytes"] == DIMS + 6 and stats["bytes_float32"] == 1000 * DIMS * 4
         assert 0 < stats["bytes_live"] <= stats["file_bytes"]
     with KVStore(tmp_path / "kv", readonly=True) as reader:  # reopen: dims from the store
@@ -69,18 +79,24 @@ def test_update_rewrites_only_new_and_changed_rows(tmp_path):
         store.put(ids, vectors, version="v1", batch_size=128)
         file_before = store.stats()["bytes_live"]
         fresh = vectors.copy()
-        fresh += 1e-6 * _vectors(500, seed=1)             # float noise: below the tolerance
-        fresh[10:40] = _vectors(30, seed=2)                 # 30 re-embedded rows
+        fresh += 1e-6 * _vectors(500, seed=1)  # float noise: below the tolerance
+        fresh[10:40] = _vectors(30, seed=2)  # 30 re-embedded rows
         new_vectors = _vectors(20, seed=3)
-        counts = store.update(ids + _ids(20, start=500), np.concatenate([fresh, new_vectors]),
-                              version="v2", batch_size=128)
+        counts = store.update(
+            ids + _ids(20, start=500),
+            np.concatenate([fresh, new_vectors]),
+            version="v2",
+            batch_size=128,
+        )
         assert counts == UpdateCounts(written=50, unchanged=470, new=20)
         assert store.stats()["versions"] == {"v1": 470, "v2": 50}
         versions = store.get_raw(ids).versions
         assert set(versions[10:40]) == {"v2"} and set(np.delete(versions, range(10, 40))) == {"v1"}
         assert _cosine(store.get(ids[10:40]), fresh[10:40]).min() > 0.99
         # the same vectors again: nothing to write
-        again = store.update(ids + _ids(20, start=500), np.concatenate([fresh, new_vectors]), version="v3")
+        again = store.update(
+            ids + _ids(20, start=500), np.concatenate([fresh, new_vectors]), version="v3"
+        )
         assert again == UpdateCounts(written=0, unchanged=520, new=0)
         assert store.stats()["versions"] == {"v1": 470, "v2": 50}
         # tolerance 0 still skips rows whose stored codes are identical
@@ -94,8 +110,11 @@ def test_delete_and_missing_ids(tmp_path):
         store.put(_ids(10, start=100), _vectors(10, seed=5), version="b")
         assert store.delete(_ids(5) + ["urn:li:member:nope", _ids(1, start=100)[0]]) == 6
         assert len(store) == 104 and store.stats()["versions"] == {"a": 95, "b": 9}
-        with pytest.raises(KVStoreError, match=r"1 of 2 ids are not in the store \(first: "
-                                               r"'urn:li:member:000000' at position 0\)"):
+        with pytest.raises(
+            KVStoreError,
+            match=r"1 of 2 ids are not in the store \(first: "
+            r"'urn:li:member:000000' at position 0\)",
+        ):
             store.get([_ids(1)[0], _ids(1, start=50)[0]])
         filled = store.get([_ids(1)[0], _ids(1, start=50)[0]], missing="nan")
         assert np.isnan(filled[0]).all() and np.isfinite(filled[1]).all()
@@ -113,19 +132,37 @@ def test_quantization_error_report():
     assert quantization_error(np.zeros((1, 4)))["cosine_min"] == 1.0
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda s: s.put(["a", "b"], _vectors(3), "v"), "got 3 vectors for 2 ids"),
-    (lambda s: s.put(["a"], _vectors(1, dims=8), "v"), r"vectors must have shape \[n, 16\], got \(1, 8\)"),
-    (lambda s: s.put(["a", "b", "a"], _vectors(3), "v"), "'a' appears at positions 0 and 2"),
-    (lambda s: s.put(["a", 7], _vectors(2), "v"), "ids must be str, got int 7 at position 1"),
-    (lambda s: s.put(["a", "x" * 600], _vectors(2), "v"), "id at position 1 .* is 600 utf-8 bytes"),
-    (lambda s: s.put([""], _vectors(1), "v"), "id at position 0 .* is 0 utf-8 bytes"),
-    (lambda s: s.put("abc", _vectors(1), "v"), "got a single str 'abc'"),
-    (lambda s: s.put(["a"], _vectors(1), ""), "version must be a non-empty str or an int"),
-    (lambda s: s.put(["a"], _vectors(1), "v", batch_size=0), "batch_size must be a positive int, got 0"),
-    (lambda s: s.update(["a"], _vectors(1), "v", tolerance=-1), "tolerance must be a number >= 0, got -1"),
-    (lambda s: s.get(["a"], missing="skip"), "missing must be 'raise', 'nan' or 'zeros', got 'skip'"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda s: s.put(["a", "b"], _vectors(3), "v"), "got 3 vectors for 2 ids"),
+        (
+            lambda s: s.put(["a"], _vectors(1, dims=8), "v"),
+            r"vectors must have shape \[n, 16\], got \(1, 8\)",
+        ),
+        (lambda s: s.put(["a", "b", "a"], _vectors(3), "v"), "'a' appears at positions 0 and 2"),
+        (lambda s: s.put(["a", 7], _vectors(2), "v"), "ids must be str, got int 7 at position 1"),
+        (
+            lambda s: s.put(["a", "x" * 600], _vectors(2), "v"),
+            "id at position 1 .* is 600 utf-8 bytes",
+        ),
+        (lambda s: s.put([""], _vectors(1), "v"), "id at position 0 .* is 0 utf-8 bytes"),
+        (lambda s: s.put("abc", _vectors(1), "v"), "got a single str 'abc'"),
+        (lambda s: s.put(["a"], _vectors(1), ""), "version must be a non-empty str or an int"),
+        (
+            lambda s: s.put(["a"], _vectors(1), "v", batch_size=0),
+            "batch_size must be a positive int, got 0",
+        ),
+        (
+            lambda s: s.update(["a"], _vectors(1), "v", tolerance=-1),
+            "tolerance must be a number >= 0, got -1",
+        ),
+        (
+            lambda s: s.get(["a"], missing="skip"),
+            "missing must be 'raise', 'nan' or 'zeros', got 'skip'",
+        ),
+    ],
+)
 def test_write_errors_name_field_and_value(tmp_path, call, message):
     with KVStore(tmp_path / "kv", dims=DIMS) as store:
         store.put(["a"], _vectors(1), "v0")
@@ -219,8 +256,12 @@ CHILD = textwrap.dedent("""
 def _start_child(tmp_path, mode, n, batch):
     script = tmp_path / "writer.py"
     script.write_text(CHILD)
-    return subprocess.Popen([sys.executable, str(script), str(tmp_path / "kv"), mode, str(n), str(DIMS),
-                             str(batch)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "kv"), mode, str(n), str(DIMS), str(batch)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for(process, word, timeout=60):
@@ -228,7 +269,9 @@ def _wait_for(process, word, timeout=60):
     line = process.stdout.readline() if ready else ""
     if line.strip() != word:
         process.kill()
-        raise AssertionError(f"writer did not print {word}: {line!r} {process.stderr.read()[-2000:]}")
+        raise AssertionError(
+            f"writer did not print {word}: {line!r} {process.stderr.read()[-2000:]}"
+        )
 
 
 def _check_consistent(path, n, batch):
@@ -238,15 +281,20 @@ def _check_consistent(path, n, batch):
         raw = store.get_raw(_ids(n))
         restored = store.get(_ids(n))
         stats = store.stats()
-        rounds = np.array([0 if v == "v1" else 1 if v == "v2" else int(v[1:]) for v in raw.versions])
+        rounds = np.array(
+            [0 if v == "v1" else 1 if v == "v2" else int(v[1:]) for v in raw.versions]
+        )
         for start in range(0, n, batch):
-            assert len(set(rounds[start:start + batch].tolist())) == 1, f"batch at {start} is mixed"
+            assert len(set(rounds[start : start + batch].tolist())) == 1, (
+                f"batch at {start} is mixed"
+            )
         expected = base + rounds[:, None]
         assert _cosine(restored, expected).min() > 0.99
         assert stats["count"] == n
         assert sum(stats["versions"].values()) == n
-        assert stats["versions"] == {name: int(count) for name, count in
-                                     zip(*np.unique(raw.versions, return_counts=True))}
+        assert stats["versions"] == {
+            name: int(count) for name, count in zip(*np.unique(raw.versions, return_counts=True))
+        }
         store.put(["zz:probe"], base[:1], "probe")  # the dead writer's lock is free again
         assert store.delete(["zz:probe"]) == 1 and store.stats()["versions"] == stats["versions"]
     return rounds

@@ -11,7 +11,6 @@ from lf_jax.export import index_files, scann_index
 from lf_jax.export.scann_index import VectorIndex, VectorIndexError, exact_search, recall_at_k
 
 
-
 def clustered(n: int, dims: int, *, centres: int = 200, spread: float = 0.5, seed: int = 0):
     """A Gaussian mixture: [n, dims] float32 around ``centres`` random centres."""
     rng = np.random.default_rng(seed)
@@ -38,8 +37,15 @@ def corpus_20k():
 def tuned_index(corpus_20k):
     vectors, ids = corpus_20k
     tune_queries = queries_like(vectors, 1000, seed=11)
-    return VectorIndex.build(vectors, ids, metric="dot_product", target_recall=0.95,
-                             tune_queries=tune_queries, model="two_tower_demo", checkpoint_step=1200)
+    return VectorIndex.build(
+        vectors,
+        ids,
+        metric="dot_product",
+        target_recall=0.95,
+        tune_queries=tune_queries,
+        model="two_tower_demo",
+        checkpoint_step=1200,
+    )
 
 
 def _exact_ids(index_vectors, ids, queries, k, metric, dims=None):
@@ -53,7 +59,9 @@ def test_recall_at_10_meets_target_on_held_out_queries(tuned_index, corpus_20k):
     vectors, ids = corpus_20k
     report = tuned_index.manifest["recall"]
     assert tuned_index.params.mode == "tree_ah"
-    assert report["target_met"] and report["recall"] >= 0.95 and report["queries"] == "given queries"
+    assert (
+        report["target_met"] and report["recall"] >= 0.95 and report["queries"] == "given queries"
+    )
     assert 1 <= tuned_index.params.leaves_to_search <= tuned_index.params.num_leaves == 141
     queries = queries_like(vectors, 1000, seed=99)  # not the tuning queries
     found, scores = tuned_index.search(queries, k=10)
@@ -70,7 +78,11 @@ def test_save_load_round_trip_gives_same_results(tuned_index, corpus_20k, tmp_pa
     path = tuned_index.save(tmp_path / "index")
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["model"] == "two_tower_demo" and manifest["checkpoint_step"] == 1200
-    assert manifest["count"] == 20_000 and manifest["dims"] == 32 and manifest["metric"] == "dot_product"
+    assert (
+        manifest["count"] == 20_000
+        and manifest["dims"] == 32
+        and manifest["metric"] == "dot_product"
+    )
     assert manifest["params"]["leaves_to_search"] == tuned_index.params.leaves_to_search
     assert manifest["params"]["dims_per_block"] == 2
     assert manifest["params"]["anisotropic_quantization_threshold"] == 0.2
@@ -93,7 +105,9 @@ def test_small_corpus_falls_back_to_brute_force(tmp_path):
     ids = [f"doc-{i}" for i in range(500)]
     index = VectorIndex.build(vectors, ids, metric="squared_l2")
     assert index.params.mode == "brute_force"
-    assert "brute force" in index.manifest["mode_reason"] and index.manifest["recall"]["recall"] == 1.0
+    assert (
+        "brute force" in index.manifest["mode_reason"] and index.manifest["recall"]["recall"] == 1.0
+    )
     queries = queries_like(vectors, 50)
     found, scores = index.search(queries, k=5)
     exact, exact_scores = _exact_ids(vectors, ids, queries, 5, "squared_l2")
@@ -106,21 +120,29 @@ def test_small_corpus_falls_back_to_brute_force(tmp_path):
 
 
 def test_unicode_ids_round_trip(tmp_path):
-    ids = [f"urn:li:hashtag:{word}-{i}" for i, word in enumerate(["café", "東京", "𝄞", "naïve"] * 25)]
+    ids = [
+        f"urn:li:hashtag:{word}-{i}" for i, word in enumerate(["café", "東京", "𝄞", "naïve"] * 25)
+    ]
     vectors = clustered(100, 8, seed=12)
-    loaded = VectorIndex.load(VectorIndex.build(vectors, ids, metric="squared_l2").save(tmp_path / "u"))
+    loaded = VectorIndex.load(
+        VectorIndex.build(vectors, ids, metric="squared_l2").save(tmp_path / "u")
+    )
     assert loaded.ids.tolist() == ids
     assert loaded.search(vectors[:4], k=1)[0][:, 0].tolist() == ids[:4]
 
 
 def test_cosine_normalises_and_scores_are_cosines():
-    vectors = clustered(300, 8, centres=10, seed=4) * np.linspace(0.1, 10, 300, dtype=np.float32)[:, None]
+    vectors = (
+        clustered(300, 8, centres=10, seed=4) * np.linspace(0.1, 10, 300, dtype=np.float32)[:, None]
+    )
     ids = [f"c{i}" for i in range(300)]
     index = VectorIndex.build(vectors, ids, metric="cosine")
     found, scores = index.search(vectors[:20] * 3.0, k=1)
     np.testing.assert_array_equal(found[:, 0], ids[:20])
     np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
-    assert vectors[0, 0] != 0 and not np.allclose(np.linalg.norm(vectors, axis=1), 1)  # input untouched
+    assert vectors[0, 0] != 0 and not np.allclose(
+        np.linalg.norm(vectors, axis=1), 1
+    )  # input untouched
 
 
 @pytest.mark.parametrize("metric", ["cosine", "dot_product"])
@@ -138,15 +160,23 @@ def test_matryoshka_dims_use_the_first_columns(metric):
     full = VectorIndex.build(vectors, ids, metric=metric)
     full_found, _ = full.search(queries, k=10)
     assert recall_at_k(full_found, found) < 1.0  # dims really changed the ranking
-    with pytest.raises(VectorIndexError, match=r"queries must have 32 \(or 8, already truncated\) "
-                                               r"columns, got shape \(40, 20\)"):
+    with pytest.raises(
+        VectorIndexError,
+        match=r"queries must have 32 \(or 8, already truncated\) "
+        r"columns, got shape \(40, 20\)",
+    ):
         index.search(queries[:, :20], k=10)
 
 
 def test_tree_index_with_dims_tunes_to_target(corpus_20k):
     vectors, ids = corpus_20k
-    index = VectorIndex.build(vectors[:6000], ids[:6000], metric="cosine", dims=16,
-                              tune_queries=queries_like(vectors[:6000], 500, seed=2))
+    index = VectorIndex.build(
+        vectors[:6000],
+        ids[:6000],
+        metric="cosine",
+        dims=16,
+        tune_queries=queries_like(vectors[:6000], 500, seed=2),
+    )
     assert index.params.mode == "tree_ah" and index.manifest["recall"]["recall"] >= 0.95
     queries = queries_like(vectors[:6000], 500, seed=3)
     exact, _ = _exact_ids(vectors[:6000], ids[:6000], queries, 10, "cosine", dims=16)
@@ -159,8 +189,9 @@ def test_upsert_and_delete_without_rebuild(size, tmp_path):
     vectors, new_vectors, replaced = everything[:size], everything[size:-5], everything[-5:]
     ids = [f"item:{i}" for i in range(size)]
     index = VectorIndex.build(vectors, ids, metric="squared_l2", target_recall=0.95)
-    result = index.upsert([f"new:{i}" for i in range(20)] + ids[:5],
-                          np.concatenate([new_vectors, replaced]))
+    result = index.upsert(
+        [f"new:{i}" for i in range(20)] + ids[:5], np.concatenate([new_vectors, replaced])
+    )
     assert result == {"added": 20, "replaced": 5} and index.count == size + 20
     found, _ = index.search(np.concatenate([new_vectors, replaced]), k=1)  # each is its own nearest
     np.testing.assert_array_equal(found[:, 0], [f"new:{i}" for i in range(20)] + ids[:5])
@@ -170,8 +201,11 @@ def test_upsert_and_delete_without_rebuild(size, tmp_path):
     with pytest.raises(VectorIndexError, match="'never'"):
         index.delete(["never"])
     # every remaining item still maps to its own id: query with its stored vector
-    current = {**dict(zip(ids, vectors)), **dict(zip([f"new:{i}" for i in range(20)], new_vectors)),
-               **dict(zip(ids[:5], replaced))}
+    current = {
+        **dict(zip(ids, vectors)),
+        **dict(zip([f"new:{i}" for i in range(20)], new_vectors)),
+        **dict(zip(ids[:5], replaced)),
+    }
     for key in gone:
         current.pop(key)
     keys = sorted(current)
@@ -228,22 +262,31 @@ def _build_small(**kwargs):
     return VectorIndex.build(args.pop("vectors"), args.pop("ids"), **args)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(vectors=np.zeros((0, 4), np.float32), ids=[]), "corpus is empty"),
-    (dict(ids=["a", "b", "c", "b", "a"] + [f"x{i}" for i in range(25)]), r"'b' appears at positions 1 and 3"),
-    (dict(vectors=np.zeros(4, np.float32), ids=["a"]), r"2-D \[N, D\], got shape \(4,\)"),
-    (dict(ids=["a", "b"]), "got 2 ids for 30 vectors"),
-    (dict(ids=np.arange(30)), "ids must be str, got an array of int64"),
-    (dict(ids=list(range(30))), "ids must be str, got int 0 at position 0"),
-    (dict(ids=["a"] * 29 + [3]), "ids must be str, got int 3 at position 29"),
-    (dict(ids=[f"x{i}" for i in range(29)] + [""]), "ids must be non-empty strings, got '' at position 29"),
-    (dict(metric="hamming"), "metric must be one of"),
-    (dict(dims=5), "dims=5 is more than the vectors' 4 columns"),
-    (dict(dims=0), "dims must be a positive int, got 0"),
-    (dict(num_neighbors=31), "num_neighbors=31 is more than the 30 vectors"),
-    (dict(target_recall=1.5), r"target_recall must be a number in \(0, 1\], got 1.5"),
-    (dict(vectors=np.array([["a"] * 4] * 30)), "must be a float array"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(vectors=np.zeros((0, 4), np.float32), ids=[]), "corpus is empty"),
+        (
+            dict(ids=["a", "b", "c", "b", "a"] + [f"x{i}" for i in range(25)]),
+            r"'b' appears at positions 1 and 3",
+        ),
+        (dict(vectors=np.zeros(4, np.float32), ids=["a"]), r"2-D \[N, D\], got shape \(4,\)"),
+        (dict(ids=["a", "b"]), "got 2 ids for 30 vectors"),
+        (dict(ids=np.arange(30)), "ids must be str, got an array of int64"),
+        (dict(ids=list(range(30))), "ids must be str, got int 0 at position 0"),
+        (dict(ids=["a"] * 29 + [3]), "ids must be str, got int 3 at position 29"),
+        (
+            dict(ids=[f"x{i}" for i in range(29)] + [""]),
+            "ids must be non-empty strings, got '' at position 29",
+        ),
+        (dict(metric="hamming"), "metric must be one of"),
+        (dict(dims=5), "dims=5 is more than the vectors' 4 columns"),
+        (dict(dims=0), "dims must be a positive int, got 0"),
+        (dict(num_neighbors=31), "num_neighbors=31 is more than the 30 vectors"),
+        (dict(target_recall=1.5), r"target_recall must be a number in \(0, 1\], got 1.5"),
+        (dict(vectors=np.array([["a"] * 4] * 30)), "must be a float array"),
+    ],
+)
 def test_build_errors_name_field_and_value(kwargs, message):
     with pytest.raises(VectorIndexError, match=message) as info:
         _build_small(**kwargs)
@@ -281,7 +324,9 @@ def test_load_errors_for_missing_and_corrupt_directories(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(VectorIndexError, match="has no manifest.json"):
         VectorIndex.load(tmp_path / "empty")
-    index = VectorIndex.build(clustered(3000, 8, seed=3), [f"x{i}" for i in range(3000)], tune=False)
+    index = VectorIndex.build(
+        clustered(3000, 8, seed=3), [f"x{i}" for i in range(3000)], tune=False
+    )
     path = index.save(tmp_path / "index")
     hashed = path / "hashed_dataset.npy"
     data = bytearray(hashed.read_bytes())

@@ -5,11 +5,16 @@ import pytest
 
 from lf_jax.export import VectorIndex
 from lf_jax.export.embed_corpus import open_source
-from lf_jax.export.two_stage import (FeedWorldFeatures, RankerScorer, ServingError, TwoStageService,
-                                     parse_ids)
+from lf_jax.export.two_stage import (
+    FeedWorldFeatures,
+    RankerScorer,
+    ServingError,
+    TwoStageService,
+    parse_ids,
+)
 from lf_jax.train.checkpoint import Checkpointer
 
-NUM_POSTS, DIM, K = 1_000, 8, 500   # feed_logs/tiny has 1,000 posts and 300 members
+NUM_POSTS, DIM, K = 1_000, 8, 500  # feed_logs/tiny has 1,000 posts and 300 members
 
 
 @pytest.fixture(scope="module")
@@ -17,6 +22,7 @@ def service(shrunk_ranker_config, feed_builder, tmp_path_factory):
     """A ranker restored from a checkpoint of its initial state; an index of random post vectors;
     a stand-in member tower (test double: fixed random query vectors per member)."""
     from lf_jax.train.loop import build_task
+
     config = shrunk_ranker_config()
     with config.unlocked():
         config.train.ips = False
@@ -27,13 +33,24 @@ def service(shrunk_ranker_config, feed_builder, tmp_path_factory):
     checkpointer.close()
     source = open_source(config, workdir)
     rng = np.random.default_rng(0)
-    index = VectorIndex.build(rng.normal(size=(NUM_POSTS, DIM)).astype(np.float32),
-                              [f"p{i}" for i in range(NUM_POSTS)], metric="dot_product", tune=False,
-                              brute_force_below=1)        # a tree even for 1,000 posts
+    index = VectorIndex.build(
+        rng.normal(size=(NUM_POSTS, DIM)).astype(np.float32),
+        [f"p{i}" for i in range(NUM_POSTS)],
+        metric="dot_product",
+        tune=False,
+        brute_force_below=1,
+    )  # a tree even for 1,000 posts
     member_vectors = rng.normal(size=(300, DIM)).astype(np.float32)
     encoder = lambda ids: member_vectors[parse_ids(ids, "m", 300, "member_ids")]
-    yield TwoStageService(encoder, index, RankerScorer(source), FeedWorldFeatures("tiny"),
-                          num_candidates=K, top_n=10, task_weights={"like": 1.0, "share": 2.0})
+    yield TwoStageService(
+        encoder,
+        index,
+        RankerScorer(source),
+        FeedWorldFeatures("tiny"),
+        num_candidates=K,
+        top_n=10,
+        task_weights={"like": 1.0, "share": 2.0},
+    )
     source.close()
 
 
@@ -53,13 +70,14 @@ def test_serves_the_ranker_top_n_of_the_retrieved_candidates(service):
         assert all_scores.max() == pytest.approx(result.score[0], rel=1e-5)
         assert np.sort(all_scores)[-10] == pytest.approx(result.score[-1], rel=1e-5)
     exact_ids, exact_scores = service.index.search(
-        service.query_encoder(["m3"]), k=K, leaves_to_search=service.index.params.num_leaves)
-    assert set(results[0].post_ids) <= set(exact_ids[0].tolist())   # candidates come from retrieval
+        service.query_encoder(["m3"]), k=K, leaves_to_search=service.index.params.num_leaves
+    )
+    assert set(results[0].post_ids) <= set(exact_ids[0].tolist())  # candidates come from retrieval
     assert service.timings["rank_ms"] > 0 and service.timings["retrieve_ms"] > 0
 
 
 def test_batched_requests_equal_single_ones(service):
-    batched = service.serve(["m5", "m6"], top_n=5)     # shapes compiled by the test above
+    batched = service.serve(["m5", "m6"], top_n=5)  # shapes compiled by the test above
     single = service.serve(["m6"], top_n=5)[0]
     assert batched[1].post_ids == single.post_ids
     np.testing.assert_allclose(batched[1].score, single.score, rtol=1e-5)
@@ -68,28 +86,47 @@ def test_batched_requests_equal_single_ones(service):
 def test_world_features_reproduce_the_logged_catalog_features(service, feed_builder):
     rows = feed_builder.as_data_source("train").__getitems__(list(range(40)))
     features = service.features
-    batch = features.batch(np.array([r["member_id"] for r in rows]), np.array([[r["post_id"]] for r in rows]))
+    batch = features.batch(
+        np.array([r["member_id"] for r in rows]), np.array([[r["post_id"]] for r in rows])
+    )
     assert batch["actor_id"].tolist() == [r["actor_id"] for r in rows]
     assert batch["root_actor_id"].tolist() == [r["root_actor_id"] for r in rows]
     for got, row in zip(batch["post_hashtags"], rows):
         assert got[got >= 0].tolist() == list(row["post_hashtags"])
     logged = np.array([r["dense"] for r in rows])
-    catalog = [0, 1, 3, 6, 7]    # followers, root followers, member activity, prior likes, reshare
+    catalog = [0, 1, 3, 6, 7]  # followers, root followers, member activity, prior likes, reshare
     np.testing.assert_allclose(batch["dense"][:, catalog], logged[:, catalog], rtol=1e-5)
     relevance = features.true_relevance(batch)
     assert relevance.shape == (40, 4) and np.all((relevance > 0) & (relevance < 1))
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda s: s.serve(["x5"]), r"member_ids\[0\]='x5' is not a known id"),
-    (lambda s: s.serve(["m1", "m1000"]), r"member_ids\[1\]='m1000' is not a known id"),
-    (lambda s: s.serve([]), "must be a non-empty list"),
-    (lambda s: s.serve(["m1"], num_candidates=1_001), r"num_candidates must be an int in \[1, 1000\]"),
-    (lambda s: s.serve(["m1"], num_candidates=5, top_n=6), r"top_n must be an int in \[1, num_candidates=5\]"),
-    (lambda s: TwoStageService(s.query_encoder, s.index, s.scorer, s.features, num_candidates=K,
-                               task_weights={"lik": 1}),
-     r"task_weights names unknown task\(s\) \['lik'\]"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda s: s.serve(["x5"]), r"member_ids\[0\]='x5' is not a known id"),
+        (lambda s: s.serve(["m1", "m1000"]), r"member_ids\[1\]='m1000' is not a known id"),
+        (lambda s: s.serve([]), "must be a non-empty list"),
+        (
+            lambda s: s.serve(["m1"], num_candidates=1_001),
+            r"num_candidates must be an int in \[1, 1000\]",
+        ),
+        (
+            lambda s: s.serve(["m1"], num_candidates=5, top_n=6),
+            r"top_n must be an int in \[1, num_candidates=5\]",
+        ),
+        (
+            lambda s: TwoStageService(
+                s.query_encoder,
+                s.index,
+                s.scorer,
+                s.features,
+                num_candidates=K,
+                task_weights={"lik": 1},
+            ),
+            r"task_weights names unknown task\(s\) \['lik'\]",
+        ),
+    ],
+)
 def test_bad_requests_are_one_clear_error(service, call, message):
     with pytest.raises(ServingError, match=message):
         call(service)

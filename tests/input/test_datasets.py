@@ -19,8 +19,13 @@ FIELDS = set(SCALARS) | set(LISTS) | set(FOURS) | {"random_session", "dense"}
 def _shrink_tiny(patch):
     """Patches tiny's simulator config to a 1,000-session world (20,000 train impressions)."""
     tiny = builder_class("feed_logs").builder_configs["tiny"]
-    patch.setattr(tiny, "sim", dataclasses.replace(
-        tiny.sim, train_sessions=1_000, holdout_ranked_sessions=50, holdout_random_sessions=100))
+    patch.setattr(
+        tiny,
+        "sim",
+        dataclasses.replace(
+            tiny.sim, train_sessions=1_000, holdout_ranked_sessions=50, holdout_random_sessions=100
+        ),
+    )
     return tiny
 
 
@@ -30,25 +35,36 @@ def small_tiny_build(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         tiny = _shrink_tiny(patch)
         sim = tiny.sim
-        builder = build_dataset("feed_logs", config="tiny", data_dir=tmp_path_factory.mktemp("small_tiny"))
+        builder = build_dataset(
+            "feed_logs", config="tiny", data_dir=tmp_path_factory.mktemp("small_tiny")
+        )
     return sim, builder
 
 
 def test_tiny_builds_with_documented_splits_and_metadata(feed_builder):
     meta = dataset_metadata(feed_builder)
-    assert meta["num_examples"] == {"train": 400_000, "holdout_ranked": 6_000, "holdout_random": 100_000}
+    assert meta["num_examples"] == {
+        "train": 400_000,
+        "holdout_ranked": 6_000,
+        "holdout_random": 100_000,
+    }
     assert meta["num_members"] == 300 and meta["num_hashtags"] == 100 and meta["num_posts"] == 1_000
     assert meta["max_lengths"] == {"post_hashtags": 5, "history_actors": 50, "history_hashtags": 50}
     assert meta["tasks"] == ["like", "comment", "share", "long_dwell"] and meta["dense_dim"] == 8
     assert meta["name"] == "feed_logs" and meta["config"] == "tiny"
     assert set(feed_builder.info.features) == FIELDS
     files = sorted(f.name for f in feed_builder.data_path.glob("*.array_record*"))
-    for split in meta["num_examples"]:                   # every split complete: shards 0..n-1 of n
+    for split in meta["num_examples"]:  # every split complete: shards 0..n-1 of n
         shards = [f for f in files if f.startswith(f"feed_logs-{split}.array_record-")]
         count = len(shards)
-        assert shards == [f"feed_logs-{split}.array_record-{i:05d}-of-{count:05d}" for i in range(count)]
-    assert len(files) == sum(1 for f in files if f.split(".array_record-")[0] in
-                             {f"feed_logs-{s}" for s in meta["num_examples"]})
+        assert shards == [
+            f"feed_logs-{split}.array_record-{i:05d}-of-{count:05d}" for i in range(count)
+        ]
+    assert len(files) == sum(
+        1
+        for f in files
+        if f.split(".array_record-")[0] in {f"feed_logs-{s}" for s in meta["num_examples"]}
+    )
 
 
 @pytest.mark.parametrize("split", ["train", "holdout_ranked", "holdout_random"])
@@ -98,7 +114,7 @@ def test_builder_file_can_be_imported_twice():
     module = importlib.util.module_from_spec(spec)
     sys.modules["feed_logs_second_copy"] = module
     try:
-        spec.loader.exec_module(module)   # would raise "already registered" without the guard
+        spec.loader.exec_module(module)  # would raise "already registered" without the guard
     finally:
         del sys.modules["feed_logs_second_copy"]
     assert module.FeedLogs.name == builder_class("feed_logs").name == "feed_logs"
@@ -120,8 +136,9 @@ def test_errors_name_the_path(tmp_path):
         build_dataset("feed_logs", data_dir=a_file / "sub")
 
 
-def test_split_over_the_shuffle_buffer_builds_without_tensorflow(small_tiny_build, tmp_path,
-                                                                 monkeypatch):
+def test_split_over_the_shuffle_buffer_builds_without_tensorflow(
+    small_tiny_build, tmp_path, monkeypatch
+):
     """tfds spills splits over 1 GB (here: 100 kB) to bucket files, through tf.io.gfile; the
     spilled build holds the same records in the same order as one shuffled in memory (a
     1,000-session tiny world keeps both builds short)."""
@@ -131,14 +148,16 @@ def test_split_over_the_shuffle_buffer_builds_without_tensorflow(small_tiny_buil
     _shrink_tiny(monkeypatch)
     monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 100_000)
     spilled = build_dataset("feed_logs", config="tiny", data_dir=tmp_path / "spilled")
-    assert not list(tmp_path.rglob("bucket_*.tmp"))                 # cleaned up
+    assert not list(tmp_path.rglob("bucket_*.tmp"))  # cleaned up
     for split in ("train", "holdout_random"):
         want_source, got = want.as_data_source(split), spilled.as_data_source(split)
         assert len(got) == len(want_source) == sim.num_impressions(split)
-        for i in range(0, len(want_source), 97):                     # same records, same order
+        for i in range(0, len(want_source), 97):  # same records, same order
             assert got[i]["session_id"] == want_source[i]["session_id"]
             assert got[i]["position"] == want_source[i]["position"]
-            np.testing.assert_array_equal(got[i]["history_actors"], want_source[i]["history_actors"])
+            np.testing.assert_array_equal(
+                got[i]["history_actors"], want_source[i]["history_actors"]
+            )
 
 
 def test_train_stats_match_the_stored_records(small_tiny_build):
@@ -146,6 +165,7 @@ def test_train_stats_match_the_stored_records(small_tiny_build):
     (of a 1,000-session build: the pass decodes every record)."""
     from lf_jax.train.ips import position_counts
     from lf_jax.train.ranker import dense_feature_stats
+
     _, feed_builder = small_tiny_build
     stats = dataset_metadata(feed_builder)["train_stats"]
     source = feed_builder.as_data_source("train")
@@ -155,9 +175,11 @@ def test_train_stats_match_the_stored_records(small_tiny_build):
     mean, std = dense_feature_stats(feed_builder)
     np.testing.assert_allclose(mean, dense.mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(std, dense.std(0), rtol=1e-4, atol=1e-6)
-    counts = position_counts(np.asarray([row["position"] for row in rows]),
-                             np.asarray([row["random_session"] for row in rows]),
-                             np.asarray([row["labels"] for row in rows]),
-                             num_positions=dataset_metadata(feed_builder)["num_positions"])
+    counts = position_counts(
+        np.asarray([row["position"] for row in rows]),
+        np.asarray([row["random_session"] for row in rows]),
+        np.asarray([row["labels"] for row in rows]),
+        num_positions=dataset_metadata(feed_builder)["num_positions"],
+    )
     for key, value in counts.items():
         np.testing.assert_array_equal(np.asarray(stats[key]), value, err_msg=key)

@@ -27,8 +27,12 @@ def test_gpu_jobset_env_resolves_to_the_process_group(repo_root):
     job, container = _container(doc)
     env = {item["name"]: item.get("value") for item in container["env"]}
     assert int(env["LF_JAX_NUM_PROCESSES"]) == job["template"]["spec"]["parallelism"]
-    pod_env = {"JOBSET_NAME": doc["metadata"]["name"], "REPLICATED_JOB_NAME": job["name"],
-               "JOB_COMPLETION_INDEX": "1", "LF_JAX_NUM_PROCESSES": env["LF_JAX_NUM_PROCESSES"]}
+    pod_env = {
+        "JOBSET_NAME": doc["metadata"]["name"],
+        "REPLICATED_JOB_NAME": job["name"],
+        "JOB_COMPLETION_INDEX": "1",
+        "LF_JAX_NUM_PROCESSES": env["LF_JAX_NUM_PROCESSES"],
+    }
     settings = settings_from_env(pod_env)
     assert settings.coordinator_address == "lf-jax-ranker-gpu-workers-0-0.lf-jax-ranker-gpu:8476"
     assert (settings.num_processes, settings.process_id) == (2, 1)

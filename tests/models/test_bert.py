@@ -11,8 +11,15 @@ from safetensors.numpy import save_file
 
 from lf_jax.errors import UserInputError
 from lf_jax.models import bert
-from lf_jax.models.bert import (BertConfig, BertEncoder, SentenceEncoder, l2_normalize,
-                                load_bert, load_sentence_encoder, mean_pool)
+from lf_jax.models.bert import (
+    BertConfig,
+    BertEncoder,
+    SentenceEncoder,
+    l2_normalize,
+    load_bert,
+    load_sentence_encoder,
+    mean_pool,
+)
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures")
 
@@ -32,8 +39,9 @@ def test_minilm_matches_sentence_transformers(minilm, reference):
     sentences, expected_nd = reference
     got_nd = minilm.encode(sentences, batch_size=8)
     assert got_nd.shape == expected_nd.shape == (16, 384) and got_nd.dtype == np.float32
-    cosine_n = (got_nd * expected_nd).sum(1) / (np.linalg.norm(got_nd, axis=1)
-                                                * np.linalg.norm(expected_nd, axis=1))
+    cosine_n = (got_nd * expected_nd).sum(1) / (
+        np.linalg.norm(got_nd, axis=1) * np.linalg.norm(expected_nd, axis=1)
+    )
     assert cosine_n.min() >= 0.9999, cosine_n
     np.testing.assert_allclose(np.linalg.norm(got_nd, axis=1), 1.0, atol=1e-5)
     # The reference padded each batch to its longest text, we pad to a power of two (32 for
@@ -49,7 +57,7 @@ def test_tokenize_truncates_to_max_length(minilm, reference):
     assert batch["input_ids"].dtype == np.int32 and batch["attention_mask"].dtype == np.int32
     assert minilm.max_length == 256 and batch["input_ids"].shape == (16, 256)
     lengths = batch["attention_mask"].sum(1)
-    assert lengths.max() == 256 and lengths[1] < 10          # the long post and "Ok"
+    assert lengths.max() == 256 and lengths[1] < 10  # the long post and "Ok"
     assert (batch["input_ids"][batch["attention_mask"] == 0] == 0).all()
 
 
@@ -66,8 +74,11 @@ def test_encoder_input_errors(minilm):
 
 
 def test_missing_package_names_the_install(monkeypatch):
-    monkeypatch.setitem(bert.KNOWN_SENTENCE_ENCODERS, "fake-encoder",
-                        ("lf_jax_no_such_package", "lf-jax-no-such-package"))
+    monkeypatch.setitem(
+        bert.KNOWN_SENTENCE_ENCODERS,
+        "fake-encoder",
+        ("lf_jax_no_such_package", "lf-jax-no-such-package"),
+    )
     with pytest.raises(UserInputError, match="pip install lf-jax-no-such-package"):
         load_sentence_encoder("fake-encoder")
 
@@ -75,8 +86,9 @@ def test_missing_package_names_the_install(monkeypatch):
 def test_unsupported_pooling_is_refused_before_loading(tmp_path):
     pooling = tmp_path / "1_Pooling"
     pooling.mkdir()
-    (pooling / "config.json").write_text(json.dumps(
-        {"pooling_mode_mean_tokens": True, "pooling_mode_lasttoken": True}))
+    (pooling / "config.json").write_text(
+        json.dumps({"pooling_mode_mean_tokens": True, "pooling_mode_lasttoken": True})
+    )
     with pytest.raises(UserInputError, match="pooling_mode_lasttoken"):
         SentenceEncoder.from_dir(str(tmp_path))
 
@@ -87,41 +99,65 @@ def test_mean_pool_and_normalize_against_numpy():
     mask_bl = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], np.int32)
     pooled = np.asarray(mean_pool(jnp.asarray(hidden_bld), jnp.asarray(mask_bl)))
     for row in range(3):
-        np.testing.assert_allclose(pooled[row], hidden_bld[row, mask_bl[row] == 1].mean(0),
-                                   rtol=1e-6)
+        np.testing.assert_allclose(
+            pooled[row], hidden_bld[row, mask_bl[row] == 1].mean(0), rtol=1e-6
+        )
     unit = np.asarray(l2_normalize(jnp.asarray(pooled)))
-    np.testing.assert_allclose(unit, pooled / np.linalg.norm(pooled, axis=1, keepdims=True),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        unit, pooled / np.linalg.norm(pooled, axis=1, keepdims=True), rtol=1e-6
+    )
 
 
-TINY = dict(vocab_size=40, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-            intermediate_size=16, max_position_embeddings=12, type_vocab_size=2,
-            layer_norm_eps=1e-12, hidden_act="gelu", model_type="bert")
+TINY = dict(
+    vocab_size=40,
+    hidden_size=8,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=16,
+    max_position_embeddings=12,
+    type_vocab_size=2,
+    layer_norm_eps=1e-12,
+    hidden_act="gelu",
+    model_type="bert",
+)
 
 
 def _tiny_checkpoint(directory, prefix="", drop=None, reshape=None, extra=None):
     rng = np.random.default_rng(1)
     d, f = TINY["hidden_size"], TINY["intermediate_size"]
-    shapes = {"embeddings.word_embeddings.weight": (40, d),
-              "embeddings.position_embeddings.weight": (12, d),
-              "embeddings.token_type_embeddings.weight": (2, d),
-              "embeddings.LayerNorm.weight": (d,), "embeddings.LayerNorm.bias": (d,)}
+    shapes = {
+        "embeddings.word_embeddings.weight": (40, d),
+        "embeddings.position_embeddings.weight": (12, d),
+        "embeddings.token_type_embeddings.weight": (2, d),
+        "embeddings.LayerNorm.weight": (d,),
+        "embeddings.LayerNorm.bias": (d,),
+    }
     pre = "encoder.layer.0."
     for name in ("query", "key", "value"):
         shapes[f"{pre}attention.self.{name}.weight"] = (d, d)
         shapes[f"{pre}attention.self.{name}.bias"] = (d,)
-    shapes.update({f"{pre}attention.output.dense.weight": (d, d),
-                   f"{pre}attention.output.dense.bias": (d,),
-                   f"{pre}attention.output.LayerNorm.weight": (d,),
-                   f"{pre}attention.output.LayerNorm.bias": (d,),
-                   f"{pre}intermediate.dense.weight": (f, d), f"{pre}intermediate.dense.bias": (f,),
-                   f"{pre}output.dense.weight": (d, f), f"{pre}output.dense.bias": (d,),
-                   f"{pre}output.LayerNorm.weight": (d,), f"{pre}output.LayerNorm.bias": (d,),
-                   "pooler.dense.weight": (d, d)})
+    shapes.update(
+        {
+            f"{pre}attention.output.dense.weight": (d, d),
+            f"{pre}attention.output.dense.bias": (d,),
+            f"{pre}attention.output.LayerNorm.weight": (d,),
+            f"{pre}attention.output.LayerNorm.bias": (d,),
+            f"{pre}intermediate.dense.weight": (f, d),
+            f"{pre}intermediate.dense.bias": (f,),
+            f"{pre}output.dense.weight": (d, f),
+            f"{pre}output.dense.bias": (d,),
+            f"{pre}output.LayerNorm.weight": (d,),
+            f"{pre}output.LayerNorm.bias": (d,),
+            "pooler.dense.weight": (d, d),
+        }
+    )
     if reshape:
         shapes[reshape[0]] = reshape[1]
-    tensors = {prefix + name: rng.normal(size=shape).astype(np.float32)
-               for name, shape in shapes.items() if name != drop}
+    tensors = {
+        prefix + name: rng.normal(size=shape).astype(np.float32)
+        for name, shape in shapes.items()
+        if name != drop
+    }
     tensors.update(extra or {})
     os.makedirs(directory, exist_ok=True)
     save_file(tensors, os.path.join(directory, "model.safetensors"))
@@ -137,12 +173,13 @@ def test_loader_maps_hf_layout_and_strips_prefix(tmp_path):
     other, _ = load_bert(str(tmp_path / "prefixed"), with_tokenizer=False)
     assert tokenizer is None
     layer = model.layers[0]
-    q_weight = bare["encoder.layer.0.attention.self.query.weight"]     # [out = H*Dh, in = D]
+    q_weight = bare["encoder.layer.0.attention.self.query.weight"]  # [out = H*Dh, in = D]
     np.testing.assert_array_equal(np.asarray(layer.q_kernel[...])[:, 1, 2], q_weight[1 * 4 + 2])
-    o_weight = bare["encoder.layer.0.attention.output.dense.weight"]   # [out = D, in = H*Dh]
+    o_weight = bare["encoder.layer.0.attention.output.dense.weight"]  # [out = D, in = H*Dh]
     np.testing.assert_array_equal(np.asarray(layer.o_kernel[...])[1, 3], o_weight[:, 1 * 4 + 3])
-    np.testing.assert_array_equal(np.asarray(layer.mlp_in_kernel[...]),
-                                  bare["encoder.layer.0.intermediate.dense.weight"].T)
+    np.testing.assert_array_equal(
+        np.asarray(layer.mlp_in_kernel[...]), bare["encoder.layer.0.intermediate.dense.weight"].T
+    )
     for a, b in zip(nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(other))):
         np.testing.assert_array_equal(np.asarray(a[1].get_value()), np.asarray(b[1].get_value()))
     ids_bl = np.array([[2, 5, 7, 0]], np.int32)
@@ -177,8 +214,14 @@ def test_config_errors(tmp_path):
         BertConfig.from_json(str(tmp_path))
     with pytest.raises(UserInputError, match="not a multiple"):
         BertConfig(vocab_size=10, hidden_size=10, num_layers=1, num_heads=3, intermediate_size=4)
-    config = BertConfig(vocab_size=10, hidden_size=8, num_layers=1, num_heads=2,
-                        intermediate_size=8, max_position_embeddings=4)
+    config = BertConfig(
+        vocab_size=10,
+        hidden_size=8,
+        num_layers=1,
+        num_heads=2,
+        intermediate_size=8,
+        max_position_embeddings=4,
+    )
     model = nnx.eval_shape(lambda: BertEncoder(config, rngs=nnx.Rngs(0)))
     with pytest.raises(UserInputError, match="exceeds max_position_embeddings=4"):
         nnx.eval_shape(lambda m: m(np.zeros((1, 5), np.int32), np.ones((1, 5), np.int32)), model)

@@ -20,7 +20,7 @@ TINY_DIR = os.path.join(FIXTURES, "tiny_llama")
 @pytest.fixture(scope="module")
 def tiny():
     model, tokenizer = load_llama(TINY_DIR)
-    assert tokenizer is None                     # the fixture ships no tokenizer files
+    assert tokenizer is None  # the fixture ships no tokenizer files
     forward = nnx.jit(lambda m, ids, mask: m(ids, mask))
     return model, forward
 
@@ -33,8 +33,14 @@ def reference():
 
 def test_config_from_fixture():
     config = LlamaConfig.from_json(TINY_DIR)
-    assert (config.vocab_size, config.hidden_size, config.num_layers, config.num_heads,
-            config.num_kv_heads, config.intermediate_size) == (512, 64, 2, 4, 2, 128)
+    assert (
+        config.vocab_size,
+        config.hidden_size,
+        config.num_layers,
+        config.num_heads,
+        config.num_kv_heads,
+        config.intermediate_size,
+    ) == (512, 64, 2, 4, 2, 128)
     assert config.rope_theta == 10000.0 and config.resolved_head_dim == 16
     assert config.tie_word_embeddings is False
 
@@ -42,7 +48,7 @@ def test_config_from_fixture():
 def test_matches_transformers_on_real_tokens(tiny, reference):
     model, forward = tiny
     ids_bl, mask_bl, expected_bld = reference
-    assert (mask_bl.sum(1) < mask_bl.shape[1]).any()          # the batch really is padded
+    assert (mask_bl.sum(1) < mask_bl.shape[1]).any()  # the batch really is padded
     got_bld = np.asarray(forward(model, ids_bl, mask_bl))
     real = mask_bl > 0
     assert np.abs(got_bld - expected_bld)[real].max() < 1e-4
@@ -56,7 +62,7 @@ def test_causal_and_padding_invariance(tiny, reference):
     ids_bl, mask_bl, _ = reference
     base_bld = np.asarray(forward(model, ids_bl, mask_bl))
     changed = ids_bl.copy()
-    changed[0, 6] = (changed[0, 6] + 1) % 512                # row 0 has 12 real tokens
+    changed[0, 6] = (changed[0, 6] + 1) % 512  # row 0 has 12 real tokens
     changed_bld = np.asarray(forward(model, changed, mask_bl))
     np.testing.assert_allclose(changed_bld[0, :6], base_bld[0, :6], atol=1e-6)
     assert np.abs(changed_bld[0, 6:] - base_bld[0, 6:]).max() > 1e-3
@@ -89,8 +95,14 @@ def test_unsupported_config_fields_are_named(tmp_path):
     with pytest.raises(UserInputError, match="'num_key_value_heads'.*got 0"):
         LlamaConfig.from_json(_copy_fixture(tmp_path, {"num_key_value_heads": 0}))
     with pytest.raises(UserInputError, match="num_heads=4 is not a multiple of num_kv_heads=3"):
-        LlamaConfig(vocab_size=8, hidden_size=16, num_layers=1, num_heads=4, num_kv_heads=3,
-                    intermediate_size=8)
+        LlamaConfig(
+            vocab_size=8,
+            hidden_size=16,
+            num_layers=1,
+            num_heads=4,
+            num_kv_heads=3,
+            intermediate_size=8,
+        )
 
 
 def test_checkpoint_errors_are_named(tmp_path):
@@ -101,12 +113,14 @@ def test_checkpoint_errors_are_named(tmp_path):
         load_llama(path)
     shutil.rmtree(tmp_path / "llama")
     path = _copy_fixture(tmp_path, {"intermediate_size": 96})
-    with pytest.raises(UserInputError,
-                       match=r"gate_proj.weight' has shape \(128, 64\).*\(96, 64\)"):
+    with pytest.raises(
+        UserInputError, match=r"gate_proj.weight' has shape \(128, 64\).*\(96, 64\)"
+    ):
         load_llama(path)
     shutil.rmtree(tmp_path / "llama")
-    path = _copy_fixture(tmp_path, tensors_update={"model.layers.0.self_attn.q_proj.bias":
-                                                   np.zeros(64, np.float32)})
+    path = _copy_fixture(
+        tmp_path, tensors_update={"model.layers.0.self_attn.q_proj.bias": np.zeros(64, np.float32)}
+    )
     with pytest.raises(UserInputError, match="q_proj.bias"):
         load_llama(path)
     with pytest.raises(UserInputError, match="mode='pipeline'"):
@@ -114,8 +128,15 @@ def test_checkpoint_errors_are_named(tmp_path):
 
 
 def test_length_check_before_device_work():
-    config = LlamaConfig(vocab_size=8, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
-                         intermediate_size=8, max_position_embeddings=4)
+    config = LlamaConfig(
+        vocab_size=8,
+        hidden_size=16,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        intermediate_size=8,
+        max_position_embeddings=4,
+    )
     model = nnx.eval_shape(lambda: LlamaModel(config, rngs=nnx.Rngs(0)))
     with pytest.raises(UserInputError, match="exceeds max_position_embeddings=4"):
         nnx.eval_shape(lambda m: m(np.zeros((1, 5), np.int32), np.ones((1, 5), np.int32)), model)

@@ -20,7 +20,9 @@ def data_dir(tmp_path_factory):
 def config(repo_root, data_dir):
     config = load_config(f"{repo_root}/configs/post_encoder.py")
     with config.unlocked():
-        config.model.update(pretrained="", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+        config.model.update(
+            pretrained="", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64
+        )
         config.batch_size = 16
         config.train.update(steps=2, eval_every=2, checkpoint_every=2, log_every=1)
         config.eval.baseline = False
@@ -30,7 +32,9 @@ def config(repo_root, data_dir):
 
 
 def _task(config, workdir, mesh=None):
-    return PostEncoderTask(config, mesh or make_mesh(dict(config.mesh)), prepare_workdir(workdir, config))
+    return PostEncoderTask(
+        config, mesh or make_mesh(dict(config.mesh)), prepare_workdir(workdir, config)
+    )
 
 
 def _step(task, host):
@@ -46,7 +50,7 @@ def test_each_data_group_draws_one_task_and_sharded_equals_unsharded(config, tmp
     host = next(sharded.train_iterator())
     placed = sharded.device_batch(host)
     assert placed["task"].shape == (2, 8)
-    for shard in placed["task"].addressable_shards:            # data shard g holds one task
+    for shard in placed["task"].addressable_shards:  # data shard g holds one task
         assert len(np.unique(np.asarray(shard.data))) == 1
     one = _task(config, tmp_path / "one", make_mesh({"data": 1}, devices=jax.devices()[:1]))
     assert one.groups == 1
@@ -60,11 +64,14 @@ def test_each_data_group_draws_one_task_and_sharded_equals_unsharded(config, tmp
 
 def test_train_end_to_end_reports_triplet_accuracy_per_task(config, tmp_path):
     metrics = train_and_evaluate(config, tmp_path / "run")
-    assert set(metrics) == {f"{task}/triplet_acc" for task in
-                            ("interests", "storylines", "hashtags", "queries", "intent")}
+    assert set(metrics) == {
+        f"{task}/triplet_acc"
+        for task in ("interests", "storylines", "hashtags", "queries", "intent")
+    }
     task = _task(config, tmp_path / "run")
     ids, records = task.corpus("post")
     from lf_jax.train.checkpoint import Checkpointer
+
     ckpt = Checkpointer(tmp_path / "run" / "checkpoints")
     state, _ = ckpt.restore(ckpt.latest_step(), task.init_state(), None)
     ckpt.close()

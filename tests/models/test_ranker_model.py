@@ -22,13 +22,23 @@ def test_pairwise_dots_match_numpy_and_skip_mismatched_widths():
 @pytest.mark.parametrize("dots", [False, True])
 def test_ranker_input_width_counts_dot_products(dots):
     dims = {"member": 4, "actor": 4, "position": 2}
-    ranker = FeedRanker(field_dims=dims, num_dense=3, tasks=("like", "share"), mlp_hidden=(8,),
-                        cross_layers=1, embedding_gate=False, hidden_gate=False,
-                        dot_interactions=dots, rngs=nnx.Rngs(0))
-    width = 4 + 4 + 2 + 3 + (1 if dots else 0)      # member.actor is the only same-width pair
+    ranker = FeedRanker(
+        field_dims=dims,
+        num_dense=3,
+        tasks=("like", "share"),
+        mlp_hidden=(8,),
+        cross_layers=1,
+        embedding_gate=False,
+        hidden_gate=False,
+        dot_interactions=dots,
+        rngs=nnx.Rngs(0),
+    )
+    width = 4 + 4 + 2 + 3 + (1 if dots else 0)  # member.actor is the only same-width pair
     assert ranker.cross.layers[0].full.kernel.shape == (width, width)
     rng = np.random.default_rng(1)
-    fields = {name: jnp.asarray(rng.standard_normal((6, d)), jnp.float32) for name, d in dims.items()}
+    fields = {
+        name: jnp.asarray(rng.standard_normal((6, d)), jnp.float32) for name, d in dims.items()
+    }
     dense = jnp.asarray(rng.standard_normal((6, 3)), jnp.float32)
     logits = ranker(fields, dense)
     assert logits.shape == (6, 2) and np.isfinite(np.asarray(logits)).all()

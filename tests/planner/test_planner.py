@@ -4,12 +4,25 @@ import numpy as np
 import pytest
 
 from lf_jax.distributed.mesh import make_mesh
-from lf_jax.embedding.plan import (PlanError, column_wise, data_parallel, row_wise, table_wise,
-                                   table_wise_row_wise, validate_plan)
+from lf_jax.embedding.plan import (
+    PlanError,
+    column_wise,
+    data_parallel,
+    row_wise,
+    table_wise,
+    table_wise_row_wise,
+    validate_plan,
+)
 from lf_jax.embedding.sparse_optim import adam, rowwise_adagrad, sgd
 from lf_jax.embedding.spec import FeatureSpec, TableSpec
-from lf_jax.planner import (Traffic, format_bytes, plan_tables, simulate_layout, step_cost,
-                            table_bytes)
+from lf_jax.planner import (
+    Traffic,
+    format_bytes,
+    plan_tables,
+    simulate_layout,
+    step_cost,
+    table_bytes,
+)
 
 MESH = {"data": 2, "model": 4}
 
@@ -22,9 +35,18 @@ def feature(name, table_name, max_ids=1, combiner="sum"):
     return FeatureSpec(name=name, table=table_name, max_ids=max_ids, combiner=combiner)
 
 
-@pytest.mark.parametrize("count, text", [(0, "0 B"), (999, "999 B"), (1000, "1 KB"),
-                                         (660_000, "660 KB"), (5_160_000_000, "5.16 GB"),
-                                         (999_600, "1 MB"), (3e12, "3 TB")])
+@pytest.mark.parametrize(
+    "count, text",
+    [
+        (0, "0 B"),
+        (999, "999 B"),
+        (1000, "1 KB"),
+        (660_000, "660 KB"),
+        (5_160_000_000, "5.16 GB"),
+        (999_600, "1 MB"),
+        (3e12, "3 TB"),
+    ],
+)
 def test_format_bytes(count, text):
     assert format_bytes(count) == text
 
@@ -62,8 +84,7 @@ def test_step_cost_matches_hand_computed_bytes():
 
 def test_layout_pads_stacks_and_splits_rows():
     tables = [table("a", 1001, 16), table("b", 300, 16), table("c", 50, 16), table("d", 10, 8)]
-    plan = {"a": row_wise("model"), "b": table_wise(2), "c": table_wise(5),
-            "d": data_parallel()}
+    plan = {"a": row_wise("model"), "b": table_wise(2), "c": table_wise(5), "d": data_parallel()}
     layout = simulate_layout(tables, plan, MESH)
     row16 = 16 * 4
     # a: ceil(1001 / 4) rows per device; b and c share one stack padded to 300 rows; d: 10.
@@ -76,16 +97,28 @@ def test_layout_pads_stacks_and_splits_rows():
 
 def test_layout_matches_the_engine_layout():
     layout_module = pytest.importorskip("lf_jax.embedding.sharding.layout")
-    tables = [table("m", 1001, 16, rowwise_adagrad(0.1)), table("h", 300, 16),
-              table("w", 200, 32), table("g", 70, 16), table("p", 10, 8, adam(0.1))]
-    plan = {"m": row_wise("model"), "h": table_wise(3), "w": column_wise(4),
-            "g": table_wise_row_wise(1, "model"), "p": data_parallel()}
+    tables = [
+        table("m", 1001, 16, rowwise_adagrad(0.1)),
+        table("h", 300, 16),
+        table("w", 200, 32),
+        table("g", 70, 16),
+        table("p", 10, 8, adam(0.1)),
+    ]
+    plan = {
+        "m": row_wise("model"),
+        "h": table_wise(3),
+        "w": column_wise(4),
+        "g": table_wise_row_wise(1, "model"),
+        "p": data_parallel(),
+    }
     mesh = make_mesh(MESH)
     by_name = {t.name: t for t in tables}
     groups = layout_module.build_layout(by_name, validate_plan(plan, by_name, mesh), mesh)
-    engine = sum(g.rows * (g.dim * 4 + 4 * sum(math.prod(s) for s in
-                                               g.optimizer.slot_shapes(g.dim).values()))
-                 for g in groups)
+    engine = sum(
+        g.rows
+        * (g.dim * 4 + 4 * sum(math.prod(s) for s in g.optimizer.slot_shapes(g.dim).values()))
+        for g in groups
+    )
     ours = simulate_layout(tables, validate_plan(plan, by_name, mesh), MESH)
     assert ours.allocated_per_device() == engine
     engine_w = sorted(p.slot0 for g in groups for p in g.pieces if p.table == "w")
@@ -93,12 +126,15 @@ def test_layout_matches_the_engine_layout():
 
 
 def ranker_specs():
-    tables = [table("huge", 3_000_000, 64, rowwise_adagrad(0.05)),  # 780 MB
-              table("big", 1_000_000, 64, rowwise_adagrad(0.05)),  # 260 MB
-              table("wide", 500_000, 512),  # 1.02 GB, dim 512
-              table("medium_a", 200_000, 32), table("medium_b", 150_000, 32),
-              table("medium_c", 100_000, 32),  # 25.6 / 19.2 / 12.8 MB
-              table("small", 1000, 16, adam(0.01))]  # 192 KB
+    tables = [
+        table("huge", 3_000_000, 64, rowwise_adagrad(0.05)),  # 780 MB
+        table("big", 1_000_000, 64, rowwise_adagrad(0.05)),  # 260 MB
+        table("wide", 500_000, 512),  # 1.02 GB, dim 512
+        table("medium_a", 200_000, 32),
+        table("medium_b", 150_000, 32),
+        table("medium_c", 100_000, 32),  # 25.6 / 19.2 / 12.8 MB
+        table("small", 1000, 16, adam(0.01)),
+    ]  # 192 KB
     features = [feature(t.name, t.name) for t in tables] + [feature("hist", "huge", 10, "mean")]
     return tables, features
 
@@ -106,8 +142,9 @@ def ranker_specs():
 def test_strategy_per_size_class():
     tables, features = ranker_specs()
     # budget 1 GB: small <= 10 MB, medium <= 250 MB
-    result = plan_tables(tables, features, {"data": 2, "model": -1}, 256, 1_000_000_000,
-                         device_count=8)
+    result = plan_tables(
+        tables, features, {"data": 2, "model": -1}, 256, 1_000_000_000, device_count=8
+    )
     plan = result.plan
     assert plan["small"] == data_parallel()
     assert plan["huge"] == row_wise("model")  # 780 MB > 250 MB, shard 195 MB <= 250 MB
@@ -160,8 +197,10 @@ def test_fallback_reason_names_the_rejected_strategy():
 
 def test_hand_plan_overrides_only_the_tables_it_names():
     tables, features = ranker_specs()
-    hand = {"small": {"strategy": "row_wise", "axes": ["data", "model"]},
-            "medium_a": {"strategy": "table_wise", "device": None}}
+    hand = {
+        "small": {"strategy": "row_wise", "axes": ["data", "model"]},
+        "medium_a": {"strategy": "table_wise", "device": None},
+    }
     result = plan_tables(tables, features, MESH, 256, 1_000_000_000, hand)
     assert result.plan["small"] == {"strategy": "row_wise", "axes": ("data", "model")}
     assert result.plan["medium_a"]["strategy"] == "table_wise"
@@ -191,15 +230,22 @@ def test_hand_plan_errors():
 def test_impossible_budget_names_table_bytes_and_budget():
     tables = [table("member", 4_000_000, 128, rowwise_adagrad(0.05))]
     with pytest.raises(PlanError) as error:
-        plan_tables(tables, [feature("m", "member")], {"data": 2, "model": -1}, 64,
-                    100_000_000, device_count=8)
+        plan_tables(
+            tables,
+            [feature("m", "member")],
+            {"data": 2, "model": -1},
+            64,
+            100_000_000,
+            device_count=8,
+        )
     message = str(error.value)
     assert "table 'member'" in message and "2064000000 bytes" in message
     assert "100 MB (100000000 bytes)" in message and "\n" not in message
 
 
-@pytest.mark.parametrize("shape", [{"data": 8}, {"data": 2, "model": 4}, {"data": 4, "model": 2},
-                                   {"model": 8}])
+@pytest.mark.parametrize(
+    "shape", [{"data": 8}, {"data": 2, "model": 4}, {"data": 4, "model": 2}, {"model": 8}]
+)
 def test_plan_validates_against_a_real_mesh(shape):
     tables, features = ranker_specs()
     result = plan_tables(tables, features, shape, 256, 2_000_000_000)
@@ -210,8 +256,9 @@ def test_plan_validates_against_a_real_mesh(shape):
 
 def test_mesh_with_minus_one_plans_for_devices_it_does_not_have():
     tables, features = ranker_specs()
-    result = plan_tables(tables, features, {"data": 8, "model": -1}, 4096, 1_000_000_000,
-                         device_count=64)
+    result = plan_tables(
+        tables, features, {"data": 8, "model": -1}, 4096, 1_000_000_000, device_count=64
+    )
     assert result.mesh_shape == {"data": 8, "model": 8} and len(result.used_bytes) == 64
     assert result.plan["huge"] == row_wise("model")
     with pytest.raises(PlanError, match="pass device_count"):
@@ -232,12 +279,27 @@ def test_format_table_is_aligned_with_units_and_summary():
     text = result.format_table()
     lines = text.splitlines()
     assert lines[0].startswith("plan for mesh data=2 x model=4 (8 devices), batch 256")
-    assert lines[1].split() == ["table", "rows", "dim", "bytes", "strategy", "per-device",
-                                "activations", "comm/step", "why"]
+    assert lines[1].split() == [
+        "table",
+        "rows",
+        "dim",
+        "bytes",
+        "strategy",
+        "per-device",
+        "activations",
+        "comm/step",
+        "why",
+    ]
     assert len(lines) == 3 + len(tables) + 1
     assert lines[-1].startswith("max per device: ") and "of 1 GB budget" in lines[-1]
-    assert "3,000,000" in text and "780 MB" in text and "1.02 GB" in text and "KB" in text and "MB" in text
+    assert (
+        "3,000,000" in text
+        and "780 MB" in text
+        and "1.02 GB" in text
+        and "KB" in text
+        and "MB" in text
+    )
     column = lines[1].index("strategy")
-    assert all(line[column - 2:column] == "  " for line in lines[3:-1])
+    assert all(line[column - 2 : column] == "  " for line in lines[3:-1])
     per_device = np.asarray(result.device_bytes)
     assert (per_device == result.weight_bytes + result.activation_bytes).all()

@@ -12,16 +12,25 @@ from lf_jax.models.ranker import FeedRanker
 from lf_jax.train.checkpoint import Checkpointer, flatten_to_dict
 from lf_jax.train.step import init_train_state
 
-TABLES = [emb.TableSpec(name="member", vocab_size=64, dim=8, optimizer=emb.rowwise_adagrad(0.1)),
-          emb.TableSpec(name="tag", vocab_size=30, dim=8, optimizer=emb.adam(0.01))]
-FEATURES = [emb.FeatureSpec(name="member", table="member"),
-            emb.FeatureSpec(name="tags", table="tag", max_ids=3, combiner="mean")]
+TABLES = [
+    emb.TableSpec(name="member", vocab_size=64, dim=8, optimizer=emb.rowwise_adagrad(0.1)),
+    emb.TableSpec(name="tag", vocab_size=30, dim=8, optimizer=emb.adam(0.01)),
+]
+FEATURES = [
+    emb.FeatureSpec(name="member", table="member"),
+    emb.FeatureSpec(name="tags", table="tag", max_ids=3, combiner="mean"),
+]
 
 
 def _state(mesh, plan, seed):
     collection = emb.EmbeddingCollection(TABLES, FEATURES, plan, mesh)
-    model = FeedRanker(field_dims={"member": 8, "tags": 8}, num_dense=2, tasks=("a",),
-                       mlp_hidden=(8,), rngs=nnx.Rngs(seed))
+    model = FeedRanker(
+        field_dims={"member": 8, "tags": 8},
+        num_dense=2,
+        tasks=("a",),
+        mlp_hidden=(8,),
+        rngs=nnx.Rngs(seed),
+    )
     graphdef, params = nnx.split(model)
     tx = optax.adam(1e-3)
     state = init_train_state(params, tx, collection.init(jax.random.key(seed)))
@@ -29,22 +38,33 @@ def _state(mesh, plan, seed):
 
 
 def _host(collection, state):
-    flat = {k: np.asarray(v) for k, v in flatten_to_dict(
-        {k: v for k, v in state.items() if k != "embedding"}).items()}
-    return flat, collection.logical_tables(state["embedding"]), collection.logical_slots(state["embedding"])
+    flat = {
+        k: np.asarray(v)
+        for k, v in flatten_to_dict({k: v for k, v in state.items() if k != "embedding"}).items()
+    }
+    return (
+        flat,
+        collection.logical_tables(state["embedding"]),
+        collection.logical_slots(state["embedding"]),
+    )
 
 
 def test_restore_onto_another_mesh_and_plan_is_exact(tmp_path):
     mesh_a = make_mesh({"data": 2, "model": 4})
     collection_a, state_a = _state(mesh_a, {"member": emb.row_wise(), "tag": emb.column_wise(2)}, 0)
     # make slots non-trivial: one sparse step
-    batch = collection_a.shard_batch(collection_a.preprocess(
-        {"member": np.arange(16) * 3, "tags": np.arange(48).reshape(16, 3) % 30}))
+    batch = collection_a.shard_batch(
+        collection_a.preprocess(
+            {"member": np.arange(16) * 3, "tags": np.arange(48).reshape(16, 3) % 30}
+        )
+    )
 
     @jax.jit
     def sparse_step(embedding_state, batch):
         acts = collection_a.lookup(embedding_state["tables"], batch)
-        return collection_a.apply_gradients(embedding_state, batch, jax.tree.map(jnp.ones_like, acts))
+        return collection_a.apply_gradients(
+            embedding_state, batch, jax.tree.map(jnp.ones_like, acts)
+        )
 
     state_a["embedding"] = sparse_step(state_a["embedding"], batch)
     ckpt = Checkpointer(tmp_path / "ckpt")
@@ -53,7 +73,9 @@ def test_restore_onto_another_mesh_and_plan_is_exact(tmp_path):
     expected = _host(collection_a, state_a)
 
     mesh_b = make_mesh({"data": 8})
-    collection_b, template = _state(mesh_b, {"member": emb.table_wise(), "tag": emb.data_parallel()}, 1)
+    collection_b, template = _state(
+        mesh_b, {"member": emb.table_wise(), "tag": emb.data_parallel()}, 1
+    )
     restored, data_state = Checkpointer(tmp_path / "ckpt").restore(7, template, collection_b)
     got = _host(collection_b, restored)
     assert data_state == {"train": {"position": 5}}
@@ -61,10 +83,15 @@ def test_restore_onto_another_mesh_and_plan_is_exact(tmp_path):
         np.testing.assert_array_equal(got[0][key], value, err_msg=key)
     for name in expected[1]:
         np.testing.assert_array_equal(got[1][name], expected[1][name])
-    np.testing.assert_array_equal(got[2]["member"]["accumulator"], expected[2]["member"]["accumulator"])
+    np.testing.assert_array_equal(
+        got[2]["member"]["accumulator"], expected[2]["member"]["accumulator"]
+    )
     np.testing.assert_array_equal(got[2]["tag"]["mu"], expected[2]["tag"]["mu"])
     assert int(restored["embedding"]["step"]) == 1
-    assert restored["embedding"]["tables"][collection_b.groups[0].name].sharding.mesh.shape == mesh_b.shape
+    assert (
+        restored["embedding"]["tables"][collection_b.groups[0].name].sharding.mesh.shape
+        == mesh_b.shape
+    )
 
 
 def test_missing_step_is_a_clear_error(tmp_path):

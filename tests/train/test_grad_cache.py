@@ -18,8 +18,12 @@ DIMS = (4, 8, 16)
 
 class TwoTower(nnx.Module):
     def __init__(self, rngs):
-        self.member = nnx.Sequential(nnx.Linear(12, 32, rngs=rngs), nnx.tanh, nnx.Linear(32, 16, rngs=rngs))
-        self.item = nnx.Sequential(nnx.Linear(10, 32, rngs=rngs), nnx.tanh, nnx.Linear(32, 16, rngs=rngs))
+        self.member = nnx.Sequential(
+            nnx.Linear(12, 32, rngs=rngs), nnx.tanh, nnx.Linear(32, 16, rngs=rngs)
+        )
+        self.item = nnx.Sequential(
+            nnx.Linear(10, 32, rngs=rngs), nnx.tanh, nnx.Linear(32, 16, rngs=rngs)
+        )
 
 
 def embed_fn(model, micro_batch):
@@ -35,8 +39,10 @@ def loss_fn(reps, mesh=None):
 def setup():
     graphdef, params = nnx.split(TwoTower(nnx.Rngs(0)))
     rng = np.random.default_rng(1)
-    batch = {"member": rng.standard_normal((64, 12)).astype(np.float32),
-             "item": rng.standard_normal((64, 10)).astype(np.float32)}
+    batch = {
+        "member": rng.standard_normal((64, 12)).astype(np.float32),
+        "item": rng.standard_normal((64, 10)).astype(np.float32),
+    }
     return graphdef, params, batch
 
 
@@ -48,6 +54,7 @@ def _chunks(batch, k):
 def _direct(graphdef, params, batch):
     def objective(p, b):
         return loss_fn(embed_fn(nnx.merge(graphdef, p), b))
+
     return jax.jit(jax.value_and_grad(objective, has_aux=True))(params, batch)
 
 
@@ -56,7 +63,8 @@ def test_grad_cache_gradient_equals_whole_batch(setup, k):
     graphdef, params, batch = setup
     (loss, per_dim), grads = _direct(graphdef, params, batch)
     (loss_gc, per_dim_gc), grads_gc = jax.jit(
-        lambda p, b: grad_cache_value_and_grad(p, graphdef, embed_fn, loss_fn, b))(params, _chunks(batch, k))
+        lambda p, b: grad_cache_value_and_grad(p, graphdef, embed_fn, loss_fn, b)
+    )(params, _chunks(batch, k))
     assert float(loss_gc) == pytest.approx(float(loss), rel=1e-5)
     np.testing.assert_allclose(np.asarray(per_dim_gc), np.asarray(per_dim), rtol=1e-5)
     for g, g_gc in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_gc)):
@@ -70,7 +78,10 @@ def test_naive_accumulation_loses_negatives(setup):
     chunks = _chunks(batch, 4)
     naive = [_direct(graphdef, params, jax.tree.map(lambda x: x[i], chunks))[1] for i in range(4)]
     naive = jax.tree.map(lambda *g: sum(g) / 4, *naive)
-    diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(naive)))
+    diff = max(
+        float(jnp.max(jnp.abs(a - b)))
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(naive))
+    )
     assert diff > 1e-3
 
 

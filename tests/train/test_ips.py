@@ -17,8 +17,15 @@ def _logs(n=200_000, seed=0):
 
 def test_weights_follow_the_ctr_ratio_and_are_normalised():
     position, random, labels = _logs()
-    ips = compute_ips_weights(position, random, labels, num_positions=5, tasks=("a", "b"),
-                              clip=(0.01, 100.0), smoothing=0.0)
+    ips = compute_ips_weights(
+        position,
+        random,
+        labels,
+        num_positions=5,
+        tasks=("a", "b"),
+        clip=(0.01, 100.0),
+        smoothing=0.0,
+    )
     expected_ratio = (0.1 / (1 + np.arange(5))) / 0.2
     ratio = ips.weights_pt[:, 0] / ips.weights_pt[0, 0]
     np.testing.assert_allclose(ratio, expected_ratio / expected_ratio[0], rtol=0.1)
@@ -28,8 +35,9 @@ def test_weights_follow_the_ctr_ratio_and_are_normalised():
 
 def test_clipping_and_batch_weights():
     position, random, labels = _logs()
-    ips = compute_ips_weights(position, random, labels, num_positions=5, tasks=("a", "b"),
-                              clip=(0.2, 2.0))
+    ips = compute_ips_weights(
+        position, random, labels, num_positions=5, tasks=("a", "b"), clip=(0.2, 2.0)
+    )
     weights = ips.batch_weights(np.array([0, 4, 4]), np.array([False, False, True]))
     assert weights.shape == (3, 2) and weights.dtype == np.float32
     np.testing.assert_array_equal(weights[2], [1.0, 1.0])
@@ -41,8 +49,16 @@ def test_clipping_and_batch_weights():
 @pytest.mark.parametrize("fit", ["power_law", "per_position"])
 def test_both_fits_recover_a_power_law_ratio(fit):
     position, random, labels = _logs()
-    ips = compute_ips_weights(position, random, labels, num_positions=5, tasks=("a", "b"),
-                              clip=(0.01, 100.0), smoothing=0.0, fit=fit)
+    ips = compute_ips_weights(
+        position,
+        random,
+        labels,
+        num_positions=5,
+        tasks=("a", "b"),
+        clip=(0.01, 100.0),
+        smoothing=0.0,
+        fit=fit,
+    )
     ratio = ips.weights_pt[:, 1] / ips.weights_pt[0, 1]
     np.testing.assert_allclose(ratio, 1.0 / (1 + np.arange(5)), rtol=0.1)
 
@@ -51,15 +67,22 @@ def test_power_law_fit_is_stabler_with_few_random_sessions():
     rng = np.random.default_rng(3)
     n, positions = 400_000, 20
     position = rng.integers(0, positions, n)
-    random = rng.random(n) < 0.01                      # ~200 random impressions per position
+    random = rng.random(n) < 0.01  # ~200 random impressions per position
     examine = (1.0 + position) ** -0.8
     ctr = examine * np.where(random, 0.05, 0.05 * (1.0 + 1.0 / (1 + position)))
     labels = (rng.random((n, 1)) < ctr[:, None]).astype(np.float32)
     truth = 1.0 / (1.0 + 1.0 / (1 + np.arange(positions)))
     errors = {}
     for fit in ("power_law", "per_position"):
-        ips = compute_ips_weights(position, random, labels, num_positions=positions, tasks=("a",),
-                                  clip=(0.01, 100.0), fit=fit)
+        ips = compute_ips_weights(
+            position,
+            random,
+            labels,
+            num_positions=positions,
+            tasks=("a",),
+            clip=(0.01, 100.0),
+            fit=fit,
+        )
         estimate = ips.weights_pt[:, 0] / ips.weights_pt[:, 0].mean()
         errors[fit] = np.abs(estimate - truth / truth.mean()).mean()
     assert errors["power_law"] < 0.5 * errors["per_position"], errors
@@ -77,13 +100,17 @@ def test_save_load_round_trip(tmp_path):
 def test_errors(tmp_path):
     position, random, labels = _logs(1_000)
     with pytest.raises(UserInputError, match="both random-session and ranked"):
-        compute_ips_weights(position, np.zeros_like(random), labels, num_positions=5, tasks=("a", "b"))
+        compute_ips_weights(
+            position, np.zeros_like(random), labels, num_positions=5, tasks=("a", "b")
+        )
     with pytest.raises(UserInputError, match="expected \\[N, 3\\]"):
         compute_ips_weights(position, random, labels, num_positions=5, tasks=("a", "b", "c"))
     with pytest.raises(UserInputError, match="does not exist"):
         IpsWeights.load(tmp_path / "missing.json")
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(UserInputError, match="fit must be"):
-        compute_ips_weights(position, random, labels, num_positions=5, tasks=("a", "b"), fit="spline")
+        compute_ips_weights(
+            position, random, labels, num_positions=5, tasks=("a", "b"), fit="spline"
+        )
     with pytest.raises(UserInputError, match="malformed"):
         IpsWeights.load(tmp_path / "bad.json")

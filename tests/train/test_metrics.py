@@ -35,5 +35,6 @@ def test_binary_metrics_names():
     labels = np.array([[0, 1], [1, 0], [0, 1], [1, 0]])
     out = binary_metrics(probs, labels, ("like", "share"), oracle_probs_nt=probs)
     assert out["like/auc"] == 1.0 and out["share/oracle_auc"] == 1.0
-    assert set(out) == {f"{t}/{m}" for t in ("like", "share")
-                        for m in ("auc", "ne", "calibration", "oracle_auc")}
+    assert set(out) == {
+        f"{t}/{m}" for t in ("like", "share") for m in ("auc", "ne", "calibration", "oracle_auc")
+    }

@@ -33,11 +33,14 @@ def _assert_states(a, b, exact, rtol=2e-5, atol=2e-6):
             if exact:
                 np.testing.assert_array_equal(part_a[key], part_b[key], err_msg=key)
             else:
-                np.testing.assert_allclose(part_a[key], part_b[key], rtol=rtol, atol=atol, err_msg=key)
+                np.testing.assert_allclose(
+                    part_a[key], part_b[key], rtol=rtol, atol=atol, err_msg=key
+                )
 
 
 def _one_step(task, host_batch):
     from lf_jax.train.step import make_train_step
+
     step = make_train_step(task.graphdef, task.collection, task.tx, task.loss_fn)
     state, metrics = step(task.init_state(), task.device_batch(host_batch))
     return _host_state(task, state), float(metrics["loss"])
@@ -60,13 +63,18 @@ def test_sharded_model_equals_unsharded(small_ranker_config, tmp_path):
     sharded = _task(small_ranker_config, tmp_path / "sharded")
     host_batch = next(sharded.train_iterator())
     with small_ranker_config.unlocked():
-        small_ranker_config.embedding.plan = {"member": {"strategy": "row_wise", "axes": ("data", "model")},
-                                              "hashtag": {"strategy": "table_wise_row_wise", "group": 1}}
+        small_ranker_config.embedding.plan = {
+            "member": {"strategy": "row_wise", "axes": ("data", "model")},
+            "hashtag": {"strategy": "table_wise_row_wise", "group": 1},
+        }
     hand_planned = _task(small_ranker_config, tmp_path / "hand")
     with small_ranker_config.unlocked():
         small_ranker_config.embedding.plan = {}
-    one_device = _task(small_ranker_config, tmp_path / "one",
-                       mesh=make_mesh({"data": 1}, devices=jax.devices()[:1]))
+    one_device = _task(
+        small_ranker_config,
+        tmp_path / "one",
+        mesh=make_mesh({"data": 1}, devices=jax.devices()[:1]),
+    )
     reference, loss_ref = _one_step(one_device, host_batch)
     for task in (sharded, hand_planned):
         state, loss = _one_step(task, host_batch)
@@ -82,8 +90,9 @@ def test_killed_run_resumes_bit_exact(small_ranker_config, tmp_path):
     uninterrupted = _task(small_ranker_config, tmp_path / "a")
     run_training(uninterrupted, small_ranker_config.train, tmp_path / "a")
     ckpt = Checkpointer(tmp_path / "a" / "checkpoints")
-    expected = _host_state(uninterrupted, ckpt.restore(6, uninterrupted.init_state(),
-                                                       uninterrupted.collection)[0])
+    expected = _host_state(
+        uninterrupted, ckpt.restore(6, uninterrupted.init_state(), uninterrupted.collection)[0]
+    )
     ckpt.close()
 
     crashing = _task(small_ranker_config, tmp_path / "b")
@@ -135,7 +144,7 @@ def test_nan_loss_stops_naming_step_and_task(small_ranker_config, tmp_path):
         inputs = real_inputs(host)
         calls.append(1)
         if len(calls) == 3:
-            inputs["labels"][:, 1] = np.nan   # task 'comment'
+            inputs["labels"][:, 1] = np.nan  # task 'comment'
         return inputs
 
     task.model_inputs = poison_step_3
@@ -153,12 +162,28 @@ def test_sigterm_saves_and_exits_cleanly(repo_root, tiny_data_dir, tmp_path):
     env.pop("XLA_FLAGS", None)
     workdir = tmp_path / "run"
     process = subprocess.Popen(
-        [sys.executable, "-m", "lf_jax.cli", "train", "--config",
-         f"{repo_root}/configs/feed_ranker.py:size=tiny", "--workdir", str(workdir),
-         f"--config.data.data_dir={tiny_data_dir}", "--config.train.steps=100000",
-         "--config.train.log_every=1", "--config.train.checkpoint_every=100000",
-         "--config.batch_size=64", "--config.model.mlp_dims=(32,)"],
-        env=env, cwd=repo_root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "lf_jax.cli",
+            "train",
+            "--config",
+            f"{repo_root}/configs/feed_ranker.py:size=tiny",
+            "--workdir",
+            str(workdir),
+            f"--config.data.data_dir={tiny_data_dir}",
+            "--config.train.steps=100000",
+            "--config.train.log_every=1",
+            "--config.train.checkpoint_every=100000",
+            "--config.batch_size=64",
+            "--config.model.mlp_dims=(32,)",
+        ],
+        env=env,
+        cwd=repo_root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.time() + 240
     for line in process.stdout:
         if "step 3/" in line or time.time() > deadline:
@@ -180,5 +205,5 @@ def test_evaluate_reports_each_split_and_task_with_the_oracle(small_ranker_confi
         for name in task.tasks:
             key = f"{split}/{name}"
             assert 0.0 <= metrics[f"{key}/auc"] <= 1.0
-            assert metrics[f"{key}/oracle_auc"] > 0.7   # the true probabilities rank well
+            assert metrics[f"{key}/oracle_auc"] > 0.7  # the true probabilities rank well
             assert metrics[f"{key}/ne"] > 0 and metrics[f"{key}/calibration"] > 0

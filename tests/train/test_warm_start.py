@@ -23,15 +23,24 @@ def _snapshot_config(directory, **rows):
 
 def test_tables_keep_snapshot_rows_and_new_ids_go_to_the_last_row(tmp_path):
     snapshot = _snapshot_config(tmp_path / "w1", member=11, hashtag=6)
-    tables = [TableSpec(name="member", vocab_size=21, dim=4), TableSpec(name="hashtag", vocab_size=6, dim=4)]
-    features = [FeatureSpec(name="member_id", table="member"), FeatureSpec(name="actor_id", table="member"),
-                FeatureSpec(name="tags", table="hashtag", max_ids=3, combiner="mean")]
-    new_tables, new_features, notes = snapshot_vocabulary(tables, features, snapshot,
-                                                          {"member": 20, "hashtag": 5})
+    tables = [
+        TableSpec(name="member", vocab_size=21, dim=4),
+        TableSpec(name="hashtag", vocab_size=6, dim=4),
+    ]
+    features = [
+        FeatureSpec(name="member_id", table="member"),
+        FeatureSpec(name="actor_id", table="member"),
+        FeatureSpec(name="tags", table="hashtag", max_ids=3, combiner="mean"),
+    ]
+    new_tables, new_features, notes = snapshot_vocabulary(
+        tables, features, snapshot, {"member": 20, "hashtag": 5}
+    )
     assert [t.vocab_size for t in new_tables] == [11, 6]
     assert [f.oov_row for f in new_features] == [10, 10, None]
-    assert notes == ["member: ids >= 10 (10 new since the snapshot) -> OOV row 10 until the "
-                     "vocabulary is rebuilt"]
+    assert notes == [
+        "member: ids >= 10 (10 new since the snapshot) -> OOV row 10 until the "
+        "vocabulary is rebuilt"
+    ]
 
 
 def test_bad_snapshots_name_the_problem(tmp_path):
@@ -52,11 +61,14 @@ def test_warm_started_ranker_maps_ids_added_since_the_snapshot(small_ranker_conf
 
     # The second window's data knows more members than the snapshot: pretend the snapshot
     # was taken when only the first 100 member ids existed (its config says 101 rows).
-    small = _snapshot_config(tmp_path / "small_snapshot", member=101, hashtag=1_000, post=10_000,
-                             position=20)
+    small = _snapshot_config(
+        tmp_path / "small_snapshot", member=101, hashtag=1_000, post=10_000, position=20
+    )
     with config.unlocked():
         config.train.warm_start = str(small)
-    task = RankerTask(config, make_mesh(dict(config.mesh)), prepare_workdir(tmp_path / "w2", config))
+    task = RankerTask(
+        config, make_mesh(dict(config.mesh)), prepare_workdir(tmp_path / "w2", config)
+    )
     host = next(task.train_iterator())
     ids = task.model_inputs(host)["sparse"]
     member_ids = np.asarray(host["member_id"]).reshape(-1)

@@ -8,8 +8,13 @@ sees one device set per argument. The lookup protocol (lf_jax.embedding.lookup) 
 same for all: route ids to owners -> local lookup on the shard -> combine back.
 """
 
-from lf_jax.embedding.sharding import (column_wise, data_parallel, row_wise, table_wise,
-                                       table_wise_row_wise)
+from lf_jax.embedding.sharding import (
+    column_wise,
+    data_parallel,
+    row_wise,
+    table_wise,
+    table_wise_row_wise,
+)
 
 STRATEGY_MODULES = {
     "data_parallel": data_parallel,

@@ -13,5 +13,13 @@ def place(table, entry, mesh):
     shards = entry["num_shards"]
     width = table.dim // shards
     return tuple(mesh.axis_names), [
-        Piece(table=table.name, col_start=i * width, col_end=(i + 1) * width, num_slots=1,
-              rows_per_slot=table.vocab_size, slot0=None) for i in range(shards)]
+        Piece(
+            table=table.name,
+            col_start=i * width,
+            col_end=(i + 1) * width,
+            num_slots=1,
+            rows_per_slot=table.vocab_size,
+            slot0=None,
+        )
+        for i in range(shards)
+    ]

@@ -10,5 +10,12 @@ from lf_jax.embedding.sharding.piece import Piece
 
 def place(table, entry, mesh) -> tuple[tuple[str, ...], list[Piece]]:
     """Returns (group mesh axes, pieces): no axes, one piece holding every row."""
-    return (), [Piece(table=table.name, col_start=0, col_end=table.dim, num_slots=1,
-                      rows_per_slot=table.vocab_size)]
+    return (), [
+        Piece(
+            table=table.name,
+            col_start=0,
+            col_end=table.dim,
+            num_slots=1,
+            rows_per_slot=table.vocab_size,
+        )
+    ]

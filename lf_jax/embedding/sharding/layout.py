@@ -9,10 +9,10 @@ Example:
     [('rw_model_d16', (4, 250, 16)), ('tw_d16', (8, 1000, 16))]
 """
 
-from collections import defaultdict
-from collections.abc import Mapping
 import dataclasses
 import math
+from collections import defaultdict
+from collections.abc import Mapping
 
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -71,14 +71,19 @@ def build_layout(tables: Mapping, plan: Mapping[str, Mapping], mesh: Mesh) -> li
         used = [0] * num_slots
         placed: list[Piece] = []
         fixed = [p for p in pieces if p.slot0 is not None]
-        auto = sorted((p for p in pieces if p.slot0 is None),
-                      key=lambda p: (-p.rows_per_slot * p.dim, p.table, p.col_start))
+        auto = sorted(
+            (p for p in pieces if p.slot0 is None),
+            key=lambda p: (-p.rows_per_slot * p.dim, p.table, p.col_start),
+        )
         for piece in fixed + auto:
             if piece.slot0 is None:
                 holding = {s for q in placed if q.table == piece.table for s in q.slots()}
-                candidates = [s for s in range(num_slots) if s not in holding] or list(range(num_slots))
+                candidates = [s for s in range(num_slots) if s not in holding] or list(
+                    range(num_slots)
+                )
                 piece = dataclasses.replace(
-                    piece, slot0=min(candidates, key=lambda s: (device_load[s], s)))
+                    piece, slot0=min(candidates, key=lambda s: (device_load[s], s))
+                )
             slots = piece.slots()
             offset = max(used[s] for s in slots)
             piece = dataclasses.replace(piece, row_offset=offset)
@@ -89,6 +94,16 @@ def build_layout(tables: Mapping, plan: Mapping[str, Mapping], mesh: Mesh) -> li
             placed.append(piece)
         name = _group_name(axes, dim, dtype, optimizer, taken)
         taken.add(name)
-        groups.append(Group(name=name, axes=axes, num_slots=num_slots, rows=max(max(used), 1),
-                            dim=dim, dtype=dtype, optimizer=optimizer, pieces=tuple(placed)))
+        groups.append(
+            Group(
+                name=name,
+                axes=axes,
+                num_slots=num_slots,
+                rows=max(max(used), 1),
+                dim=dim,
+                dtype=dtype,
+                optimizer=optimizer,
+                pieces=tuple(placed),
+            )
+        )
     return groups

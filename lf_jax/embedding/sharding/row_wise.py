@@ -14,5 +14,12 @@ def place(table, entry, mesh):
     """Returns (group mesh axes, pieces): one piece split over the row axes."""
     axes = tuple(entry["axes"])
     shards = math.prod(mesh.shape[axis] for axis in axes)
-    return axes, [Piece(table=table.name, col_start=0, col_end=table.dim, num_slots=shards,
-                        rows_per_slot=split_rows(table.vocab_size, shards))]
+    return axes, [
+        Piece(
+            table=table.name,
+            col_start=0,
+            col_end=table.dim,
+            num_slots=shards,
+            rows_per_slot=split_rows(table.vocab_size, shards),
+        )
+    ]

@@ -10,6 +10,13 @@ from lf_jax.embedding.sharding.piece import Piece
 
 def place(table, entry, mesh):
     """Returns (all mesh axes, one piece on ``entry['device']`` or unplaced)."""
-    return tuple(mesh.axis_names), [Piece(table=table.name, col_start=0, col_end=table.dim,
-                                          num_slots=1, rows_per_slot=table.vocab_size,
-                                          slot0=entry.get("device"))]
+    return tuple(mesh.axis_names), [
+        Piece(
+            table=table.name,
+            col_start=0,
+            col_end=table.dim,
+            num_slots=1,
+            rows_per_slot=table.vocab_size,
+            slot0=entry.get("device"),
+        )
+    ]

@@ -23,6 +23,14 @@ def place(table, entry, mesh):
     index.insert(along, slice(None))
     slots = grid[tuple(index)]
     stride = int(slots[1] - slots[0]) if len(slots) > 1 else 1
-    return axes, [Piece(table=table.name, col_start=0, col_end=table.dim,
-                        num_slots=len(slots), rows_per_slot=split_rows(table.vocab_size, len(slots)),
-                        slot0=int(slots[0]), slot_stride=stride)]
+    return axes, [
+        Piece(
+            table=table.name,
+            col_start=0,
+            col_end=table.dim,
+            num_slots=len(slots),
+            rows_per_slot=split_rows(table.vocab_size, len(slots)),
+            slot0=int(slots[0]),
+            slot_stride=stride,
+        )
+    ]
