@@ -6,7 +6,17 @@ owner slot, the local row and a coefficient (combiner scale x weight, 0 for padd
 and adds ``coef * row`` into output column ``out_col[e]`` (one column per pooled
 block, one per position for a sequence block).
 
-Shapes: b local batch, n gathered batch, E entries, C output columns, D dim, R rows.
+Route: every device dedupes its own entries and exchanges them with the owners of their
+rows only (lf_jax.embedding.exchange: all_to_all over the group's axes, in rounds of a
+static per-owner capacity, exact under any skew). Lookup: owners gather the rows and
+send them back. Combine: each device pools its own bags. The update sends each unique
+row's gradient to its owner, which sums duplicates (across replicas of the group too)
+and applies the sparse optimizer once. Per-device work: O(local entries + owned rows
+touched), never O(global batch), for groups over mesh axes; replicated groups
+(data_parallel, row_wise over some axes) all-gather the owners' received gradients over
+their replica axes, the inherent cost of keeping replicas equal.
+
+Shapes: B local batch, E entries, C output columns, D dim, R rows, S slots.
 Forward:  stored [S, R, D], slot/local/coef [B, E] -> out [B, C, D]
 Update:   + grads [k, B, C, D] (k micro-batches) -> new stored and slots (sparse).
 
@@ -23,6 +33,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
+from lf_jax.embedding.exchange import (
+    Requests,
+    capacity_for,
+    check_key_range,
+    fetch_rows,
+    push_gradients,
+)
 from lf_jax.embedding.sharding.layout import Group
 from lf_jax.embedding.sharding.piece import Piece
 
@@ -50,12 +67,14 @@ class GroupRoute:
     offset_e: np.ndarray
     out_col_e: np.ndarray
     num_out: int
+    owner_share: float
 
     @classmethod
     def build(cls, group: Group, features: Mapping) -> "GroupRoute":
         """Blocks for every feature reading a table with a piece in ``group``."""
         blocks, columns = [], {k: [] for k in ("slot0", "stride", "rpp", "offset", "out")}
         out_start = 0
+        load = np.zeros(group.num_slots)  # expected entries per owner, rows spread evenly
         for feature in features.values():
             for piece in group.pieces:
                 if piece.table != feature.table:
@@ -72,7 +91,12 @@ class GroupRoute:
                     else list(range(out_start, out_start + feature.max_ids))
                 )
                 out_start += block.out_width
-        as_array = lambda key: np.asarray(columns[key], np.int32)
+                load[piece.slots()] += feature.max_ids / piece.num_slots
+        check_key_range(group.name, group.num_slots, group.rows)
+
+        def as_array(key):
+            return np.asarray(columns[key], np.int32)
+
         return cls(
             group,
             tuple(blocks),
@@ -82,7 +106,12 @@ class GroupRoute:
             as_array("offset"),
             as_array("out"),
             out_start,
+            float(load.max() / load.sum()) if load.sum() else 1.0,
         )
+
+    def capacity(self, entries: int) -> int:
+        """Keys per owner and exchange round for ``entries`` local entries."""
+        return capacity_for(entries, self.owner_share)
 
     def entries(self, ids: Mapping[str, jax.Array], coefs: Mapping[str, jax.Array]):
         """Per-entry (slot, local row, coef) [..., B, E] from per-feature ids/coefs [..., B, L].
@@ -119,59 +148,37 @@ class GroupRoute:
         return jnp.concatenate(parts, axis=-2)
 
 
-def _my_slot(mesh: Mesh, axes: tuple[str, ...]) -> jax.Array:
-    index = jnp.int32(0)
-    for axis in axes:
-        index = index * mesh.shape[axis] + jax.lax.axis_index(axis)
-    return index
-
-
-def _gather(x, axes):
-    return jax.lax.all_gather(x, axes, axis=0, tiled=True) if axes else x
-
-
 def group_forward(mesh: Mesh, route: GroupRoute, stored_srd, slot_be, local_be, coef_be):
-    """Pooled/sequence lookups of one group: [B, E] entries -> [B, C, D] float32."""
-    group, batch_axes = route.group, tuple(mesh.axis_names)
-    entry_spec = PartitionSpec(batch_axes)
+    """Pooled/sequence lookups of one group: [B, E] entries -> [B, C, D] float32.
+
+    Each device dedupes its own entries, fetches the unique rows from their owners
+    (lf_jax.embedding.exchange) and combines its bags locally.
+    """
+    group, all_axes = route.group, tuple(mesh.axis_names)
+    entry_spec = PartitionSpec(all_axes)
 
     def shard(stored_1rd, slot_be, local_be, coef_be):
-        slot_ne, local_ne, coef_ne = (_gather(x, group.axes) for x in (slot_be, local_be, coef_be))
-        own_ne = slot_ne == _my_slot(mesh, group.axes)
-        rows_ned = jnp.take(stored_1rd[0], jnp.where(own_ne, local_ne, 0), axis=0)
-        rows_ned = rows_ned.astype(jnp.float32) * jnp.where(own_ne, coef_ne, 0.0)[..., None]
-        out_cnd = jax.ops.segment_sum(
-            jnp.swapaxes(rows_ned, 0, 1),
+        b, e = slot_be.shape
+        requests = Requests.build(
+            slot_be.reshape(-1), local_be.reshape(-1), group.num_slots, group.rows
+        )
+        rows_ud = fetch_rows(requests, stored_1rd[0], group.axes, route.capacity(b * e), all_axes)
+        rows_bed = rows_ud[requests.inverse_m].reshape(b, e, -1) * coef_be[..., None]
+        out_cbd = jax.ops.segment_sum(
+            jnp.swapaxes(rows_bed, 0, 1),
             route.out_col_e,
             num_segments=route.num_out,
             indices_are_sorted=True,
         )
-        out_ncd = jnp.swapaxes(out_cnd, 0, 1)
-        if group.axes:
-            out_ncd = jax.lax.psum_scatter(out_ncd, group.axes, scatter_dimension=0, tiled=True)
-        return out_ncd
+        return jnp.swapaxes(out_cbd, 0, 1)
 
     return jax.shard_map(
         shard,
         mesh=mesh,
         out_specs=entry_spec,
         in_specs=(group.partition_spec(None, None), entry_spec, entry_spec, entry_spec),
+        check_vma=False,
     )(stored_srd, slot_be, local_be, coef_be)
-
-
-def _unique_with_inverse(keys_m, fill):
-    """jnp.unique(keys_m, size=M, fill_value=fill, return_inverse=True), faster on CPU.
-
-    Sorts the keys alone (XLA's key+payload argsort is ~4x slower than a one-operand
-    sort on CPU), compacts the distinct keys (ascending, padded with ``fill``, which is
-    larger than every key) and finds each key's slot by binary search. Same result.
-    """
-    sorted_m = jnp.sort(keys_m)
-    is_new = jnp.concatenate([jnp.ones((1,), bool), sorted_m[1:] != sorted_m[:-1]])
-    target = jnp.where(is_new, jnp.cumsum(is_new) - 1, keys_m.size)
-    unique_u = jnp.full_like(keys_m, fill).at[target].set(sorted_m, mode="drop")
-    inverse_m = jnp.searchsorted(unique_u, keys_m, method="scan_unrolled")
-    return unique_u, inverse_m.astype(jnp.int32)
 
 
 def group_update(
@@ -187,41 +194,47 @@ def group_update(
 ):
     """Sparse optimizer step on the rows touched by k micro-batches of entries.
 
-    Gradients w.r.t. looked-up rows are coef * grad of the output column; duplicate
-    rows are summed (sort + segment_sum, static size) and updated once.
+    Each device sums its entries' row gradients (coef * grad of the output column) per
+    unique row and sends them to the owners, which sum them across senders (and
+    replicas of the group) and apply the optimizer once per row.
     """
-    group, batch_axes = route.group, tuple(mesh.axis_names)
-    entry_spec = PartitionSpec(None, batch_axes)
+    group, all_axes = route.group, tuple(mesh.axis_names)
+    replica_axes = tuple(axis for axis in all_axes if axis not in group.axes)
+    entry_spec = PartitionSpec(None, all_axes)
     slot_specs = {
         name: group.partition_spec(*([None] * (value.ndim - 1))) for name, value in slots.items()
     }
 
     def shard(stored_1rd, slots, slot_kbe, local_kbe, coef_kbe, grad_kbcd, step):
-        flat = lambda x: x.reshape(-1, *x.shape[2:])
-        slot_ne, local_ne, coef_ne, grad_ncd = (
-            _gather(flat(x), batch_axes) for x in (slot_kbe, local_kbe, coef_kbe, grad_kbcd)
-        )
-        own_ne = slot_ne == _my_slot(mesh, group.axes)
+        def flat(x):
+            return x.reshape(-1, *x.shape[2:])
+
+        slot_ne, local_ne, coef_ne, grad_ncd = map(flat, (slot_kbe, local_kbe, coef_kbe, grad_kbcd))
         grad_ned = jnp.take(grad_ncd, route.out_col_e, axis=1) * coef_ne[..., None]
-        sentinel = group.rows
-        keys_m = jnp.where(own_ne, local_ne, sentinel).reshape(-1)
-        unique_u, inverse_m = _unique_with_inverse(keys_m, sentinel)
-        grad_ud = jax.ops.segment_sum(
-            grad_ned.reshape(-1, group.dim), inverse_m.reshape(-1), num_segments=keys_m.size
+        requests = Requests.build(
+            slot_ne.reshape(-1), local_ne.reshape(-1), group.num_slots, group.rows
         )
-        table_rd = stored_1rd[0]
-        rows_ud = table_rd.at[unique_u].get(mode="fill", fill_value=0).astype(jnp.float32)
-        slots_u = {k: v[0].at[unique_u].get(mode="fill", fill_value=0) for k, v in slots.items()}
-        new_rows_ud, new_slots_u = group.optimizer.update(rows_ud, grad_ud, slots_u, step)
-        table_rd = table_rd.at[unique_u].set(new_rows_ud.astype(table_rd.dtype), mode="drop")
-        new_slots = {
-            k: slots[k][0].at[unique_u].set(new_slots_u[k], mode="drop")[None] for k in slots
-        }
-        return table_rd[None], new_slots
+        grad_ud = jax.ops.segment_sum(
+            grad_ned.reshape(-1, group.dim), requests.inverse_m, num_segments=slot_ne.size
+        )
+        table_rd, slots_r = push_gradients(
+            requests,
+            grad_ud,
+            stored_1rd[0],
+            {k: v[0] for k, v in slots.items()},
+            group.optimizer,
+            step,
+            group.axes,
+            replica_axes,
+            route.capacity(slot_ne.size),
+            all_axes,
+        )
+        return table_rd[None], {k: v[None] for k, v in slots_r.items()}
 
     table_spec = group.partition_spec(None, None)
-    # Gathered entries are identical on every replica, so replicated outputs really are
-    # replicated; the vma checker cannot see through all_gather, hence check_vma=False.
+    # Replicas of a group apply the same update (their owners all-gather the pushed
+    # gradients over the replica axes); the vma checker cannot see that, hence
+    # check_vma=False.
     return jax.shard_map(
         shard,
         mesh=mesh,

@@ -87,6 +87,53 @@ def count_collectives(hlo_text: str) -> dict[str, int]:
     return counts
 
 
+_SHAPE = re.compile(r"\b(pred|s8|u8|s16|u16|f16|bf16|s32|u32|f32|s64|u64|f64)\[([\d,]*)\]")
+_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2}
+
+
+def _result_bytes(line: str) -> list[int]:
+    """Byte sizes of the result shapes of one HLO instruction line (tuple: each part)."""
+    result = line.split("=", 1)[1]
+    result = result[: _OPCODE.search(result).start()]
+    sizes = []
+    for dtype, dims in _SHAPE.findall(result):
+        count = 1
+        for dim in filter(None, dims.split(",")):
+            count *= int(dim)
+        sizes.append(count * _ITEMSIZE.get(dtype, 8 if dtype.endswith("64") else 4))
+    return sizes
+
+
+def received_bytes(op: Collective) -> int:
+    """Bytes one device receives for ``op`` with ring algorithms over its replica group.
+
+    all-gather / all-to-all: (S-1)/S of the result; reduce-scatter: (S-1) results;
+    all-reduce: 2 (S-1)/S of the buffer; collective-permute: the result. An async
+    ``-start`` op's tuple holds (operand, result): its last part counts. Ops inside a
+    loop body count once.
+    """
+    sizes = _result_bytes(op.line)
+    if not sizes:
+        return 0
+    size = sizes[-1] if "-start(" in op.line else sum(sizes)
+    group = op.group_size or 1
+    if op.kind in ("all-gather", "all-to-all"):
+        return size * (group - 1) // group
+    if op.kind == "reduce-scatter":
+        return size * (group - 1)
+    if op.kind == "all-reduce":
+        return 2 * size * (group - 1) // group
+    return size
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+    """{kind: bytes received per device} over the collectives of an HLO text."""
+    totals = dict.fromkeys(COLLECTIVES, 0)
+    for op in parse_collectives(hlo_text):
+        totals[op.kind] += received_bytes(op)
+    return totals
+
+
 def collective_ops(fn: Callable, *args, **kwargs) -> list[Collective]:
     """The collective ops of ``fn`` compiled for ``args`` (kind, line, group size)."""
     return parse_collectives(compiled_text(fn, *args, **kwargs))

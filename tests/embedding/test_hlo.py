@@ -1,20 +1,24 @@
 """Which collectives each strategy's lookup and sparse update compile to (CPU, 2 x 4 mesh).
 
-Found on jax 0.10.2 CPU (per stored group; B = local batch, E = entries per example):
+Found on jax 0.10.2 CPU (per stored group):
 
-    strategy                   lookup                                  update
-    data_parallel              none                                    all-gather x4 (8 devices)
-    row_wise(("model",))       all-gather x3 + reduce-scatter (4 dev)  all-gather x4 (8 devices)
-    row_wise(all axes)         all-gather x3 + reduce-scatter (8 dev)  all-gather x4 (8 devices)
-    table_wise                 same as row_wise(all axes)              same
-    column_wise(n)             same as row_wise(all axes)              same
-    table_wise_row_wise        same as row_wise(all axes)              same
+    strategy                   lookup                          update
+    data_parallel              none                            all-gather (8 devices)
+    row_wise(("model",))       all-to-all (4) + all-reduce (8)  all-to-all (4) + all-gather (2)
+                                                               + all-reduce (8)
+    row_wise(all axes)         all-to-all (8) + all-reduce (8)  all-to-all (8) + all-reduce (8)
+    table_wise, column_wise,   same as row_wise(all axes)      same
+    table_wise_row_wise
 
-The lookup gathers (slot, local row, coef) per entry over the group's axes and
-reduce-scatters the partial bags back; the update gathers entries and activation
-gradients from every device. No strategy emits all-reduce, all-to-all or
-collective-permute: there is no dense table gradient anywhere, and the update's
-collectives do not depend on vocab_size.
+Each device sends its deduplicated ids only to their owners (all-to-all over the group's
+axes) and gets the rows back (a second all-to-all); the update pushes each unique row's
+gradient to its owner. The all-reduces are scalars and [S] vectors: the round bounds
+and the "any device still has keys" flag of the exchange loop. Replicated groups gather
+the owners' received gradients over their replica axes. No strategy emits a
+reduce-scatter or a collective-permute, and no collective carries a dense table
+gradient: shapes do not depend on vocab_size. Per-device bytes, temporaries and flops
+stay flat when the devices grow with the batch (the last test; bench/scaling.py for
+8 ... 256 devices).
 """
 
 import jax
@@ -23,10 +27,11 @@ import pytest
 
 from lf_jax.distributed.mesh import make_mesh
 from lf_jax.embedding import plan as P
-from lf_jax.embedding.collection import EmbeddingCollection
+from lf_jax.embedding.collection import EmbeddingCollection, SparseBatch
 from lf_jax.embedding.sparse_optim import rowwise_adagrad
 from lf_jax.embedding.spec import FeatureSpec, TableSpec
 from lf_jax.testing import hlo
+from lf_jax.testing.abstract import abstract_state
 from lf_jax.testing.embedding_oracle import random_batch
 
 BATCH = 16
@@ -39,29 +44,6 @@ def mesh():
     if not _mesh:
         _mesh.append(make_mesh({"data": 2, "model": 4}))
     return _mesh[0]
-
-
-def abstract_state(coll):
-    """ShapeDtypeStructs (with shardings) of the collection's state: compile, never run."""
-    shardings = coll.state_shardings()
-    state = {
-        "tables": {},
-        "slots": {},
-        "step": jax.ShapeDtypeStruct((), np.int32, sharding=shardings["step"]),
-    }
-    for group in coll.groups:
-        state["tables"][group.name] = jax.ShapeDtypeStruct(
-            group.shape, np.float32, sharding=shardings["tables"][group.name]
-        )
-        state["slots"][group.name] = {
-            name: jax.ShapeDtypeStruct(
-                (group.num_slots, group.rows, *shape),
-                np.float32,
-                sharding=shardings["slots"][group.name][name],
-            )
-            for name, shape in group.optimizer.slot_shapes(group.dim).items()
-        }
-    return state
 
 
 def compiled_collectives(strategy, vocab_size=37):
@@ -96,38 +78,47 @@ def test_data_parallel_lookup_has_no_collectives():
     coll, lookup_ops, update_ops = compiled_collectives(P.data_parallel())
     assert [g.axes for g in coll.groups] == [()]
     assert lookup_ops == []
-    # Every replica applies the same sparse update: entries and activation grads are
-    # all-gathered from all 8 devices, nothing else.
+    # Every replica applies the same sparse update: each device's deduplicated row
+    # gradients are all-gathered from all 8 devices, nothing else.
     counts = kinds(update_ops)
     assert counts["all-gather"] >= 1
     assert all(counts[k] == 0 for k in ("reduce-scatter",) + NONE), counts
     assert {op.group_size for op in update_ops} == {8}
 
 
+def test_row_wise_over_some_axes_exchanges_within_them_and_syncs_replicas():
+    coll, lookup_ops, update_ops = compiled_collectives(P.row_wise(("model",)))
+    assert [g.axes for g in coll.groups] == [("model",)]
+    sizes = lambda ops, kind: {op.group_size for op in ops if op.kind == kind}  # noqa: E731
+    assert kinds(lookup_ops)["all-to-all"] == 2  # ids out, rows back
+    assert sizes(lookup_ops, "all-to-all") == {4}
+    assert sizes(lookup_ops, "all-reduce") == {8}  # round bounds and loop flag
+    assert kinds(update_ops)["all-to-all"] == 2  # rows and their gradients out
+    assert sizes(update_ops, "all-to-all") == {4}
+    assert sizes(update_ops, "all-gather") == {2}  # the group's replicas over "data"
+    for ops in (lookup_ops, update_ops):
+        assert kinds(ops)["reduce-scatter"] == kinds(ops)["collective-permute"] == 0
+
+
 @pytest.mark.parametrize(
-    "strategy,group_size",
+    "strategy",
     [
-        (P.row_wise(("model",)), 4),
-        (P.row_wise(("data", "model")), 8),
-        (P.table_wise(), 8),
-        (P.column_wise(2), 8),
-        (P.table_wise_row_wise(1, "model"), 8),
+        P.row_wise(("data", "model")),
+        P.table_wise(),
+        P.column_wise(2),
+        P.table_wise_row_wise(1, "model"),
     ],
-    ids=["row_wise_model", "row_wise_all", "table_wise", "column_wise2", "table_wise_row_wise"],
+    ids=["row_wise_all", "table_wise", "column_wise2", "table_wise_row_wise"],
 )
-def test_sharded_lookup_gathers_and_reduce_scatters(strategy, group_size):
+def test_all_axes_groups_exchange_ids_with_owners_only(strategy):
     coll, lookup_ops, update_ops = compiled_collectives(strategy)
-    counts = kinds(lookup_ops)
-    # Route: ids (slot, local row, coef) all-gathered over the group's axes;
-    # combine: one reduce-scatter of the partial bags per stored group.
-    assert counts["all-gather"] >= 1, counts
-    assert counts["reduce-scatter"] == len(coll.groups), counts
-    assert all(counts[k] == 0 for k in NONE), counts
-    assert {op.group_size for op in lookup_ops} == {group_size}
-    update_counts = kinds(update_ops)
-    assert update_counts["all-gather"] >= 1
-    assert all(update_counts[k] == 0 for k in ("reduce-scatter",) + NONE), update_counts
-    assert {op.group_size for op in update_ops} == {8}
+    assert all(g.axes == ("data", "model") for g in coll.groups)
+    for ops, all_to_all in ((lookup_ops, 2), (update_ops, 2)):
+        counts = kinds(ops)
+        assert counts["all-to-all"] == all_to_all * len(coll.groups), counts
+        assert counts["all-gather"] == counts["reduce-scatter"] == 0, counts
+        assert counts["collective-permute"] == 0, counts
+        assert {op.group_size for op in ops} == {8}
 
 
 @pytest.mark.parametrize(
@@ -140,6 +131,48 @@ def test_update_collectives_do_not_grow_with_vocab(strategy):
     _, big_lookup, big_update = compiled_collectives(strategy, vocab_size=40_000)
     assert shapes(small_update) == shapes(big_update)
     assert shapes(small_lookup) == shapes(big_lookup)
+
+
+def _step_figures(num_devices: int, strategy) -> tuple[float, int, int]:
+    """(flops, temp bytes, collective bytes received) per device of lookup + update with
+    256 examples per device, compiled for the first ``num_devices`` devices."""
+    mesh = make_mesh({"data": num_devices}, devices=jax.devices()[:num_devices])
+    tables = [
+        TableSpec(name=f"t{i}", vocab_size=4096, dim=16, optimizer=rowwise_adagrad(0.1))
+        for i in range(4)
+    ]
+    features = [
+        FeatureSpec(name=f"f{i}", table=f"t{i}", max_ids=10, combiner="sum") for i in range(4)
+    ]
+    coll = EmbeddingCollection(tables, features, {t.name: strategy for t in tables}, mesh)
+    size = 256 * num_devices
+    ids = jax.ShapeDtypeStruct((size, 10), np.int32, sharding=coll.batch_sharding())
+    weights = jax.ShapeDtypeStruct((size, 10), np.float32, sharding=coll.batch_sharding())
+    batch = SparseBatch({f.name: ids for f in features}, {f.name: weights for f in features})
+
+    def step(state, batch):
+        acts = coll.lookup(state["tables"], batch)
+        grads = jax.grad(lambda a: sum(jax.numpy.sum(v * v) for v in a.values()))(acts)
+        return coll.apply_gradients(state, batch, grads)
+
+    compiled = jax.jit(step, donate_argnums=0).lower(abstract_state(coll), batch).compile()
+    cost = compiled.cost_analysis()
+    received = hlo.collective_bytes(compiled.as_text())
+    return cost["flops"], compiled.memory_analysis().temp_size_in_bytes, sum(received.values())
+
+
+def test_per_device_cost_is_flat_in_the_device_count():
+    """Same per-device batch on 2 and 8 devices, rows split over all of them: per-device
+    flops, temporaries and received bytes grow by at most 1.3x (they grew ~4x when every
+    device saw every id). Table-wise and replicated tables keep their inherent costs
+    (an owner serves its table's ids of the whole batch), so they are not in this test.
+    """
+    strategy, small = P.row_wise(("data",)), 2
+    flops_s, temp_s, comm_s = _step_figures(small, strategy)
+    flops_8, temp_8, comm_8 = _step_figures(8, strategy)
+    assert flops_8 <= 1.3 * flops_s, (flops_s, flops_8)
+    assert temp_8 <= 1.3 * temp_s, (temp_s, temp_8)
+    assert comm_8 <= 1.3 * comm_s * (8 - 1) / 8 / ((small - 1) / small), (comm_s, comm_8)
 
 
 def test_parser_handles_async_and_tuple_forms():

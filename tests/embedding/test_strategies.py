@@ -113,10 +113,13 @@ def _grads_like(acts, coll, rng):
     }
 
 
-def assert_matches_oracle(coll, tables, features, steps=STEPS, seed=0, check_steps=(1, STEPS)):
+def assert_matches_oracle(
+    coll, tables, features, steps=STEPS, seed=0, check_steps=(1, STEPS), batch_fn=None
+):
     """Runs ``steps`` lookups + updates on coll and the oracle and compares them.
 
-    Returns the final engine state (for further checks).
+    ``batch_fn(step) -> (raw ids, raw weights)`` replaces the random batches. Returns the
+    final engine state (for further checks).
     """
     plan = coll.plan
     logical = oracle.row_id_coded_tables(tables)
@@ -130,7 +133,11 @@ def assert_matches_oracle(coll, tables, features, steps=STEPS, seed=0, check_ste
     o_slots = oracle.init_slots(tables, plan)
     rng = np.random.default_rng(seed)
     for step in range(1, steps + 1):
-        raw = oracle.random_batch(features, tables, BATCH, seed=seed * 100 + step)
+        raw = (
+            batch_fn(step)
+            if batch_fn
+            else oracle.random_batch(features, tables, BATCH, seed=seed * 100 + step)
+        )
         host = coll.preprocess(*raw)
         batch = coll.shard_batch(host)
         acts = lookup(state["tables"], batch)
