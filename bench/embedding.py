@@ -145,7 +145,7 @@ def _build_ours(cfg: dict):
     import jax
 
     from lf_jax.distributed.mesh import make_mesh
-    from lf_jax.embedding import plan as plan_lib
+    from lf_jax import embedding as plan_lib
     from lf_jax.embedding.collection import EmbeddingCollection
     from lf_jax.embedding.sparse_optim import rowwise_adagrad
     from lf_jax.embedding.spec import FeatureSpec, TableSpec

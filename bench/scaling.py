@@ -39,7 +39,7 @@ STRATEGIES = ("row_wise_all", "table_wise_row_wise", "column_wise", "table_wise"
 
 
 def _plan(strategy: str, names: list[str], groups: int) -> dict:
-    from lf_jax.embedding import plan as P
+    from lf_jax import embedding as P
 
     if strategy == "row_wise_all":
         return {n: P.row_wise(("data", "model")) for n in names}

@@ -1,11 +1,18 @@
-"""Multi-task feed ranker on synthetic feed logs: size=tiny | small | large.
+"""Multi-task feed ranker on synthetic feed logs: size=tiny | small | large | production.
 
 Command:  lf-jax train --config configs/feed_ranker.py:size=tiny --workdir runs/ranker_tiny
           lf-jax ips   --config configs/feed_ranker.py:size=tiny --workdir runs/ranker_tiny
           lf-jax plan  --config configs/feed_ranker.py:size=large --config.mesh.data=8 \\
                        --config.devices=64          (the embedding plan only; no devices)
+          lf-jax plan  --config configs/feed_ranker.py:size=production --config.mesh.data=8 \\
+                       --config.devices=64
 Devices:  tiny, small: 8 simulated CPU devices, mesh data=2 x model=4.
           large: 64 accelerators, mesh data=8 x model=8 with the overrides above.
+          production: the scale of the production feed ranker (3.2 billion parameters:
+          member 16M x 64, post 12M x 64, post_text 4M x 256, hashtag 2M x 64,
+          author_cluster 2M x 128), 64 devices (8 x 8), 16 GB per device. It has no
+          synthetic dataset: it is for `lf-jax plan` and compile-only checks
+          (bench/plan_vs_xla.py compiles its full train step on 64 simulated devices).
 Time:     see README "Feed ranker" for measured times (tiny: a few minutes on 2 cores).
 Metric:   per-task AUC on the random-session holdout next to the oracle AUC of the true
           probabilities (target: within 0.02 on tiny); NE and calibration per task.
@@ -29,11 +36,18 @@ SIZES = {
     "tiny": (300, 100, 1_000, 32, 512, 64_000_000),
     "small": (100_000, 5_000, 100_000, 32, 1_024, 512_000_000),
     "large": (1_000_000, 50_000, 1_000_000, 64, 16_384, 2_000_000_000),
+    "production": (16_000_000, 2_000_000, 12_000_000, 64, 16_384, 16_000_000_000),
+}
+# production only: a post-text embedding table (wide) and member author clusters
+PRODUCTION_EXTRA = {  # table: (rows, dim)
+    "post_text": (4_000_000, 256),
+    "author_cluster": (2_000_000, 128),
 }
 TRAIN = {  # steps, eval_every, checkpoint_every
     "tiny": (800, 400, 400),
     "small": (5_000, 1_000, 1_000),
     "large": (200_000, 5_000, 10_000),
+    "production": (1_000_000, 10_000, 10_000),
 }
 NUM_POSITIONS = 20
 HISTORY_LENGTH = 50
@@ -97,6 +111,15 @@ def _embedding(size: str) -> ml_collections.ConfigDict:
         },
         "position": {"table": "position", **one},
     }
+    if size == "production":
+        for name, (rows, width) in PRODUCTION_EXTRA.items():
+            tables[name] = {
+                "vocab_size": rows,
+                "dim": width,
+                "initializer": "normal",
+                "optimizer": dict(adagrad),
+            }
+            features[name] = {"table": name, **one}
     return ml_collections.ConfigDict(
         {"tables": tables, "features": features, "plan": {}, "memory_budget_bytes": budget}
     )

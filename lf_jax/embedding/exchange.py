@@ -62,22 +62,41 @@ def check_key_range(group_name: str, num_slots: int, rows: int) -> None:
         )
 
 
-def capacity_for(entries: int, share: float) -> int:
+def capacity_for(entries: int, share: float, rows: int) -> int:
     """Keys per owner and round: the expected count plus 5 standard deviations.
 
     ``share`` is the largest fraction of a device's entries one owner is expected to
     receive (1 / S for rows spread evenly). Five sigma of a binomial count keeps a
-    second round rare at 256 devices x 256 owners; skew costs rounds, never ids.
+    second round rare at 256 devices x 256 owners; skew costs rounds, never ids. Never
+    more than the entries, nor than the ``rows`` an owner holds (its distinct keys).
     """
     mean = share * entries
-    return int(min(entries, math.ceil(mean + 5 * math.sqrt(mean) + 1)))
+    return int(min(entries, rows, math.ceil(mean + 5 * math.sqrt(mean) + 1)))
+
+
+def replicas_gather_entries(entries: int, columns: int, dim: int, rows: int) -> bool:
+    """Whether a replicated group (one slot, several replicas) syncs its replicas by
+    all-gathering every device's entries and output gradients (12 bytes per id + one
+    float32 D-vector per output column) rather than its unique rows' gradients (4 + 4 D
+    bytes per distinct id, at most ``rows``): the fewer bytes wins. Long bags favour the
+    entries; short bags over small tables favour the rows. ``entries`` and ``columns``
+    are one device's counts."""
+    entry_bytes = entries * 12 + columns * dim * 4
+    row_bytes = min(entries, rows) * (4 + dim * 4)
+    return entry_bytes < row_bytes
+
+
+def unique_size(entries: int, num_slots: int, rows: int) -> int:
+    """Static count of a device's distinct keys: at most every row of the group + fill."""
+    return min(entries, num_slots * rows + 1)
 
 
 @dataclasses.dataclass(frozen=True)
 class Requests:
     """A device's deduplicated keys, sorted (so bucketed by owner), with bucket bounds.
 
-    unique_u: [U] packed keys (fill = num_slots * rows); inverse_m: [M] entry -> unique;
+    unique_u: [U] packed keys (fill = num_slots * rows), U = unique_size(M, S, rows);
+    inverse_m: [M] entry -> unique;
     row_u: [U] local row at the owner (``rows`` for fill); start_s / end_s: [S] bucket
     bounds in unique_u.
     """
@@ -95,6 +114,7 @@ class Requests:
         fill = num_slots * rows
         keys_m = jnp.where(slot_m >= 0, slot_m * rows + local_m, fill)
         unique_u, inverse_m = unique_with_inverse(keys_m, fill)
+        unique_u = unique_u[: unique_size(keys_m.size, num_slots, rows)]
         bounds = jnp.searchsorted(
             unique_u, jnp.arange(num_slots + 1, dtype=unique_u.dtype) * rows, method="sort"
         ).astype(jnp.int32)
@@ -136,9 +156,10 @@ def _exchange(x, axes):
 def _run_rounds(req: Requests, capacity: int, all_axes, body, carry):
     """Runs ``body(safe_sc, valid_sc, carry) -> carry`` until no device has pending keys.
 
-    One round without a loop when there is a single owner and capacity covers M.
+    One round without a loop when there is a single owner and capacity covers every
+    distinct key it can be asked for.
     """
-    if req.num_slots == 1 and capacity >= req.row_u.shape[0]:
+    if req.num_slots == 1 and capacity >= min(req.row_u.shape[0], req.rows):
         safe_sc, valid_sc = _round_requests(req, req.start_s, capacity, ())
         return body(safe_sc, valid_sc, carry)
 
@@ -204,10 +225,13 @@ def push_gradients(
             row_sc = jax.lax.all_gather(row_sc, replica_axes, axis=0, tiled=True)
             grad_scd = jax.lax.all_gather(grad_scd, replica_axes, axis=0, tiled=True)
         row_k = row_sc.reshape(-1)
-        unique_k, inverse_k = unique_with_inverse(row_k, rows)
-        grad_kd = jax.ops.segment_sum(
-            grad_scd.reshape(row_k.size, -1), inverse_k, num_segments=row_k.size
-        )
+        if axes or replica_axes:  # several senders: sum their gradients per row
+            unique_k, inverse_k = unique_with_inverse(row_k, rows)
+            grad_kd = jax.ops.segment_sum(
+                grad_scd.reshape(row_k.size, -1), inverse_k, num_segments=row_k.size
+            )
+        else:  # this device's own unique keys: already one gradient per row
+            unique_k, grad_kd = row_k, grad_scd.reshape(row_k.size, -1)
         old_kd = table_rd.at[unique_k].get(mode="fill", fill_value=0).astype(jnp.float32)
         old_slots = {k: v.at[unique_k].get(mode="fill", fill_value=0) for k, v in slots_r.items()}
         new_kd, new_slots = optimizer.update(old_kd, grad_kd, old_slots, step)

@@ -26,6 +26,7 @@ Example:
 """
 
 import dataclasses
+import math
 from collections.abc import Mapping
 
 import jax
@@ -39,6 +40,7 @@ from lf_jax.embedding.exchange import (
     check_key_range,
     fetch_rows,
     push_gradients,
+    replicas_gather_entries,
 )
 from lf_jax.embedding.sharding.layout import Group
 from lf_jax.embedding.sharding.piece import Piece
@@ -109,9 +111,19 @@ class GroupRoute:
             float(load.max() / load.sum()) if load.sum() else 1.0,
         )
 
+    def gathers_entries(self, local_examples: int) -> bool:
+        """Whether this replicated group syncs replicas by gathering entries (see
+        lf_jax.embedding.exchange.replicas_gather_entries); never for sharded groups."""
+        return self.group.num_slots == 1 and replicas_gather_entries(
+            local_examples * len(self.out_col_e),
+            local_examples * self.num_out,
+            self.group.dim,
+            self.group.rows,
+        )
+
     def capacity(self, entries: int) -> int:
         """Keys per owner and exchange round for ``entries`` local entries."""
-        return capacity_for(entries, self.owner_share)
+        return capacity_for(entries, self.owner_share, self.group.rows)
 
     def entries(self, ids: Mapping[str, jax.Array], coefs: Mapping[str, jax.Array]):
         """Per-entry (slot, local row, coef) [..., B, E] from per-feature ids/coefs [..., B, L].
@@ -200,6 +212,8 @@ def group_update(
     """
     group, all_axes = route.group, tuple(mesh.axis_names)
     replica_axes = tuple(axis for axis in all_axes if axis not in group.axes)
+    local_examples = slot_kbe.shape[0] * slot_kbe.shape[1] // math.prod(mesh.shape.values())
+    gather_entries = bool(replica_axes) and route.gathers_entries(local_examples)
     entry_spec = PartitionSpec(None, all_axes)
     slot_specs = {
         name: group.partition_spec(*([None] * (value.ndim - 1))) for name, value in slots.items()
@@ -210,12 +224,21 @@ def group_update(
             return x.reshape(-1, *x.shape[2:])
 
         slot_ne, local_ne, coef_ne, grad_ncd = map(flat, (slot_kbe, local_kbe, coef_kbe, grad_kbcd))
+        replicas = replica_axes
+        if gather_entries:  # every replica sees every entry; no exchange after the dedupe
+            slot_ne, local_ne, coef_ne, grad_ncd = (
+                jax.lax.all_gather(x, all_axes, axis=0, tiled=True)
+                for x in (slot_ne, local_ne, coef_ne, grad_ncd)
+            )
+            replicas = ()
         grad_ned = jnp.take(grad_ncd, route.out_col_e, axis=1) * coef_ne[..., None]
         requests = Requests.build(
             slot_ne.reshape(-1), local_ne.reshape(-1), group.num_slots, group.rows
         )
         grad_ud = jax.ops.segment_sum(
-            grad_ned.reshape(-1, group.dim), requests.inverse_m, num_segments=slot_ne.size
+            grad_ned.reshape(-1, group.dim),
+            requests.inverse_m,
+            num_segments=requests.unique_u.shape[0],
         )
         table_rd, slots_r = push_gradients(
             requests,
@@ -225,7 +248,7 @@ def group_update(
             group.optimizer,
             step,
             group.axes,
-            replica_axes,
+            replicas,
             route.capacity(slot_ne.size),
             all_axes,
         )

@@ -1,7 +1,7 @@
 """Sharding plans: plain dicts mapping each table name to a strategy dict.
 
 A plan is written by hand or emitted by the planner (lf_jax.planner), and can be
-saved as JSON. Strategy helpers build the dicts:
+saved as JSON. Each strategy module (lf_jax.embedding.sharding) has its constructor:
 
     data_parallel()                      replicated on every device
     table_wise(device=None)              whole table on one device (auto-placed if None)
@@ -12,60 +12,33 @@ saved as JSON. Strategy helpers build the dicts:
                                          (one index of the other mesh axes)
 
 Example:
-    >>> plan = {"member": row_wise(), "hashtag": table_wise(), "position": data_parallel()}
-    >>> validate_plan(plan, tables_by_name, mesh)
+    >>> from lf_jax import embedding as emb
+    >>> plan = {"member": emb.row_wise(), "hashtag": emb.table_wise(),
+    ...         "position": emb.data_parallel()}
+    >>> validate_plan(plan, tables_by_name, mesh)        # a Mesh or {"data": 2, "model": 4}
 """
 
 import json
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from jax.sharding import Mesh
+from lf_jax.embedding.sharding import STRATEGY_MODULES
+from lf_jax.embedding.sharding.piece import PlanError, mesh_shape_of
 
-from lf_jax.errors import UserInputError
-
-STRATEGIES = ("data_parallel", "table_wise", "row_wise", "column_wise", "table_wise_row_wise")
-
-
-class PlanError(UserInputError):
-    """A plan that names an unknown table or strategy, or does not fit the mesh."""
-
-
-def data_parallel() -> dict:
-    return {"strategy": "data_parallel"}
-
-
-def table_wise(device: int | None = None) -> dict:
-    return {"strategy": "table_wise", "device": device}
-
-
-def row_wise(axes: str | tuple[str, ...] = ("model",)) -> dict:
-    return {"strategy": "row_wise", "axes": (axes,) if isinstance(axes, str) else tuple(axes)}
-
-
-def column_wise(num_shards: int) -> dict:
-    return {"strategy": "column_wise", "num_shards": num_shards}
-
-
-def table_wise_row_wise(group: int = 0, axis: str = "model") -> dict:
-    return {"strategy": "table_wise_row_wise", "group": group, "axis": axis}
-
-
-def num_slots(mesh: Mesh) -> int:
-    """Devices in the mesh: table-wise placements index them row-major over all axes."""
-    return math.prod(mesh.shape.values())
+STRATEGIES = tuple(STRATEGY_MODULES)
 
 
 def validate_plan(
-    plan: Mapping[str, Mapping[str, Any]], tables: Mapping[str, Any], mesh: Mesh
+    plan: Mapping[str, Mapping[str, Any]], tables: Mapping[str, Any], mesh
 ) -> dict[str, dict]:
     """Checks a plan against tables and mesh; returns it normalised (tuples, defaults).
 
-    Every table needs an entry; unknown tables, strategies, axes and shard counts raise
-    PlanError naming the table and the bad value.
+    ``mesh`` is a Mesh, an AbstractMesh or an {axis: size} mapping. Every table needs an
+    entry; unknown tables, strategies, axes and shard counts raise PlanError naming the
+    table and the bad value (each strategy module checks its own options).
     """
+    mesh_shape = mesh_shape_of(mesh)
     missing = sorted(set(tables) - set(plan))
     if missing:
         raise PlanError(f"plan has no strategy for table(s) {missing}")
@@ -79,60 +52,18 @@ def validate_plan(
                 f"table '{name}': plan entry must be a strategy dict such as "
                 f"row_wise(), got {entry!r}"
             )
-        entry = dict(entry)
         kind = entry.get("strategy")
-        table = tables[name]
-        if kind not in STRATEGIES:
+        if kind not in STRATEGY_MODULES:
             raise PlanError(
                 f"table '{name}': strategy {kind!r} is unknown; choose one of {STRATEGIES}"
             )
-        if kind == "row_wise":
-            axes = entry.get("axes", ("model",))
-            axes = (axes,) if isinstance(axes, str) else tuple(axes)
-            bad = [axis for axis in axes if axis not in mesh.shape]
-            if bad or not axes:
-                raise PlanError(
-                    f"table '{name}': row_wise axes {axes} are not mesh axes {tuple(mesh.shape)}"
-                )
-            entry["axes"] = tuple(axis for axis in mesh.axis_names if axis in axes)
-        elif kind == "table_wise":
-            device = entry.get("device")
-            if device is not None and not (
-                isinstance(device, int) and 0 <= device < num_slots(mesh)
-            ):
-                raise PlanError(
-                    f"table '{name}': table_wise device {device!r} is outside "
-                    f"[0, {num_slots(mesh)})"
-                )
-            entry["device"] = device
-        elif kind == "column_wise":
-            shards = entry.get("num_shards")
-            if not isinstance(shards, int) or shards < 1 or table.dim % shards:
-                raise PlanError(
-                    f"table '{name}': column_wise num_shards {shards!r} must be a "
-                    f"positive divisor of dim {table.dim}"
-                )
-            if shards > num_slots(mesh):
-                raise PlanError(
-                    f"table '{name}': column_wise num_shards {shards} exceeds the "
-                    f"{num_slots(mesh)} devices"
-                )
-        elif kind == "table_wise_row_wise":
-            axis = entry.get("axis", "model")
-            if axis not in mesh.shape:
-                raise PlanError(
-                    f"table '{name}': table_wise_row_wise axis {axis!r} is not a mesh "
-                    f"axis {tuple(mesh.shape)}"
-                )
-            groups = num_slots(mesh) // mesh.shape[axis]
-            group = entry.get("group", 0)
-            if not isinstance(group, int) or not 0 <= group < groups:
-                raise PlanError(
-                    f"table '{name}': table_wise_row_wise group {group!r} is outside [0, {groups})"
-                )
-            entry["axis"], entry["group"] = axis, group
-        normalised[name] = entry
+        normalised[name] = STRATEGY_MODULES[kind].validate(tables[name], dict(entry), mesh_shape)
     return normalised
+
+
+def strategy_label(entry: Mapping) -> str:
+    """Short text for a validated plan entry: 'row_wise(model)', 'table_wise(dev 3)', ..."""
+    return STRATEGY_MODULES[entry["strategy"]].label(entry)
 
 
 def save_plan(plan: Mapping[str, Mapping], path: str | Path) -> None:

@@ -1,7 +1,8 @@
 """The embedding planner: a cost model and a greedy rule set that emit plain plan dicts.
 
 lf_jax.embedding never imports this package; a plan from here is an ordinary dict that
-lf_jax.embedding.plan.validate_plan accepts, the same as a hand-written one.
+lf_jax.embedding.plan.validate_plan accepts, the same as a hand-written one. The cost
+model prices the engine's own layout and exchange (lf_jax.planner.cost).
 
 Example:
     >>> from lf_jax.planner import plan_tables
@@ -12,24 +13,25 @@ Example:
 """
 
 from lf_jax.planner.cost import (
+    Layout,
     StepCost,
     Traffic,
     format_bytes,
-    simulate_layout,
-    step_cost,
+    plan_step_cost,
     table_bytes,
+    table_step_cost,
 )
-from lf_jax.planner.greedy import PlanResult, TableRow, plan_tables, strategy_label
+from lf_jax.planner.greedy import PlanResult, TableRow, plan_tables
 
 __all__ = [
+    "Layout",
     "PlanResult",
     "StepCost",
     "TableRow",
     "Traffic",
     "format_bytes",
+    "plan_step_cost",
     "plan_tables",
-    "simulate_layout",
-    "step_cost",
-    "strategy_label",
     "table_bytes",
+    "table_step_cost",
 ]

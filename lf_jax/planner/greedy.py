@@ -5,8 +5,12 @@ Thresholds are fractions of the per-device memory budget (``small_fraction`` 1%,
 
   0. A hand plan wins for every table it names (table_wise without a device is placed
      by rule 2's balancing). Its tables are charged first.
-  1. small  (bytes <= 1% of budget)  -> data_parallel: replicated, no forward collective.
-  2. medium (bytes <= 25% of budget) -> table_wise on the device with the fewest rows in
+  1. small  (bytes <= 1% of budget)  -> data_parallel: replicated, no forward exchange,
+     unless its update (every replica gathers every device's row gradients) would
+     exchange more than EXCHANGE_FACTOR (4) x the bytes of rows split over all devices
+     (and more than EXCHANGE_FLOOR, 32 MB per device and step).
+  2. medium (bytes <= 25% of budget) -> table_wise (same exchange check: one owner
+     serves the whole batch's ids of the table) on the device with the fewest rows in
      its stacked same-dim array, then the fewest bytes overall (largest table first), but
      only where the table fits the stack's gaps: a stacked array is as tall on every
      device as its tallest slot, so otherwise rows split over all devices cost less.
@@ -33,10 +37,8 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 
-from jax.sharding import AbstractMesh
-
 from lf_jax.distributed.mesh import resolve_mesh_shape
-from lf_jax.embedding.plan import (
+from lf_jax.embedding import (
     PlanError,
     column_wise,
     data_parallel,
@@ -44,16 +46,22 @@ from lf_jax.embedding.plan import (
     table_wise,
     validate_plan,
 )
+from lf_jax.embedding.plan import strategy_label
 from lf_jax.embedding.spec import FeatureSpec, TableSpec, validate_specs
 from lf_jax.planner.cost import (
     Layout,
-    Traffic,
     format_bytes,
     num_devices,
-    simulate_layout,
-    step_cost,
+    plan_step_cost,
     table_bytes,
+    table_step_cost,
 )
+
+# A replicated or whole-table placement is taken only while its exchange bytes stay
+# within this factor of a row split over every device (fewer collectives, more bytes),
+# or under the floor (per device and step), where the collectives' latency dominates.
+EXCHANGE_FACTOR = 4
+EXCHANGE_FLOOR = 32_000_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +75,7 @@ class TableRow:
     strategy: str
     per_device_bytes: int  # the table's own rows on the device holding most of them
     activation_bytes: int
-    comm_bytes: int  # forward + update, received per device per step
+    comm_bytes: int  # forward + update exchange, received per device per step
     why: str
 
 
@@ -83,6 +91,7 @@ class PlanResult:
     weight_bytes: int  # weights + slots allocated on every device (stack padding included)
     activation_bytes: int
     used_bytes: tuple[int, ...]  # [N] bytes of real rows per device
+    comm_bytes: int  # bytes each device receives per step through the id/row exchange
 
     @property
     def device_bytes(self) -> tuple[int, ...]:
@@ -92,10 +101,6 @@ class PlanResult:
     @property
     def max_device_bytes(self) -> int:
         return max(self.device_bytes)
-
-    @property
-    def comm_bytes(self) -> int:
-        return sum(row.comm_bytes for row in self.rows)
 
     def format_table(self) -> str:
         """An aligned text table, one row per table, with header and summary lines."""
@@ -109,7 +114,7 @@ class PlanResult:
             "strategy",
             "per-device",
             "activations",
-            "comm/step",
+            "exchanged/step",
             "why",
         )
         body = [
@@ -149,29 +154,10 @@ class PlanResult:
                 f"max per device: {format_bytes(self.max_device_bytes)} of "
                 f"{format_bytes(self.memory_budget_bytes)} budget ({share:.0%}) = weights+slots "
                 f"{format_bytes(self.weight_bytes)}{padded} + activations "
-                f"{format_bytes(self.activation_bytes)}; comm {format_bytes(self.comm_bytes)}/step "
-                f"per device",
+                f"{format_bytes(self.activation_bytes)}; exchange {format_bytes(self.comm_bytes)} "
+                f"received per device and step",
             ]
         )
-
-
-def abstract_mesh(mesh_shape: Mapping[str, int]) -> AbstractMesh:
-    """A device-free mesh of that shape, enough for validate_plan."""
-    return AbstractMesh(tuple(mesh_shape.values()), tuple(mesh_shape))
-
-
-def strategy_label(entry: Mapping, layout: Layout | None = None) -> str:
-    """Short text for a plan entry: 'row_wise(model)', 'table_wise(dev 3)', ..."""
-    kind = entry["strategy"]
-    if kind == "row_wise":
-        return f"row_wise({','.join(entry['axes'])})"
-    if kind == "table_wise":
-        return f"table_wise(dev {entry['device']})"
-    if kind == "column_wise":
-        return f"column_wise({entry['num_shards']})"
-    if kind == "table_wise_row_wise":
-        return f"table_wise_row_wise(group {entry['group']}, {entry['axis']})"
-    return kind
 
 
 class _Planner:
@@ -182,31 +168,31 @@ class _Planner:
         self.by_name = {t.name: t for t in self.tables}
         self.batch_size, self.budget = batch_size, budget
         self.n = num_devices(mesh_shape)
-        self.traffic = {t.name: Traffic.of(t.name, features) for t in self.tables}
+        self.features = list(features)
         self.chosen: dict[str, dict] = {}
         self.why: dict[str, str] = {}
 
     def layout(self, plan) -> Layout:
-        return simulate_layout(self.tables, plan, self.mesh_shape)
+        return Layout.of(self.tables, plan, self.mesh_shape)
 
     def cost(self, plan) -> tuple[int, int]:
         """Per-device (allocated weights + slots, activations) bytes of ``plan``."""
-        activations = sum(
-            step_cost(
-                self.by_name[name], self.traffic[name], entry, self.mesh_shape, self.batch_size
-            ).activation
-            for name, entry in plan.items()
-        )
-        return self.layout(plan).allocated_per_device(), activations
+        layout = self.layout(plan)
+        activations = plan_step_cost(layout, self.features, self.batch_size).activation
+        return layout.allocated_per_device(), activations
+
+    def exchange_bytes(self, table: TableSpec, entry: dict) -> int:
+        """Bytes a device receives per step for ``table`` alone under ``entry``."""
+        layout = Layout.of([table], {table.name: entry}, self.mesh_shape)
+        return table_step_cost(table, layout, self.features, self.batch_size).comm
 
     def least_loaded_device(self, table: TableSpec) -> int:
         """The device with the fewest rows in the table's stack, then fewest bytes."""
         layout = self.layout(self.chosen)
         stack = layout.stack_for(table)
         used = layout.used_per_device()
-        return min(
-            range(self.n), key=lambda d: (int(stack.used[d]) if stack else 0, int(used[d]), d)
-        )
+        stack_used = stack.used_rows() if stack else [0] * self.n
+        return min(range(self.n), key=lambda d: (stack_used[d], int(used[d]), d))
 
     def candidates(
         self, table: TableSpec, small: float, medium: float, wide_dim: int, model_axis: str
@@ -221,12 +207,22 @@ class _Planner:
             math.ceil(table.vocab_size / shards)
             * (table.bytes_per_row + table.slot_bytes_per_row())
         )
-        skipped_tw = None
+        skipped_tw = dp_note = None
+        split_comm = self.exchange_bytes(table, row_wise(every))
+        too_chatty = lambda comm: comm > max(EXCHANGE_FACTOR * split_comm, EXCHANGE_FLOOR)  # noqa: E731
         if size <= small * self.budget:
-            yield (
-                data_parallel(),
-                f"{fsize} <= {small_pct} of budget: replicated, no forward collective",
-            )
+            dp_comm = self.exchange_bytes(table, data_parallel())
+            if not too_chatty(dp_comm):
+                yield (
+                    data_parallel(),
+                    f"{fsize} <= {small_pct} of budget: replicated, no forward exchange",
+                )
+            else:
+                dp_note = (
+                    f"{fsize} but replicas would exchange {format_bytes(dp_comm)}/step "
+                    f"(> {EXCHANGE_FACTOR}x the {format_bytes(split_comm)} of a row split)"
+                )
+                fsize = dp_note
         if size <= medium * self.budget:
             # Same-dim table-wise tables share one stacked array whose every slot is as tall
             # as its tallest, so a whole table only pays off where it fits the stack's gaps:
@@ -234,7 +230,13 @@ class _Planner:
             device = self.least_loaded_device(table)
             tw_bytes = self.cost({**self.chosen, table.name: table_wise(device)})[0]
             rw_bytes = self.cost({**self.chosen, table.name: row_wise(every)})[0]
-            if tw_bytes <= rw_bytes:
+            tw_comm = self.exchange_bytes(table, table_wise(device))
+            if tw_bytes <= rw_bytes and too_chatty(tw_comm):
+                skipped_tw = (
+                    f"{fsize}; one owner would exchange {format_bytes(tw_comm)}/step "
+                    f"(> {EXCHANGE_FACTOR}x a row split)"
+                )
+            elif tw_bytes <= rw_bytes:
                 yield (
                     table_wise(device),
                     (
@@ -243,10 +245,11 @@ class _Planner:
                     ),
                 )
             else:
-                skipped_tw = (
+                padded = (
                     f"table_wise would pad every device to {format_bytes(tw_bytes)} "
                     f"(stacked d{table.dim} array)"
                 )
+                skipped_tw = f"{dp_note}; {padded}" if dp_note else padded
         big = f"{fsize} > {medium_pct} of budget"
         if skipped_tw is not None:
             fsize = skipped_tw
@@ -348,12 +351,11 @@ def plan_tables(
     """
     by_name = validate_specs(tables, features)
     sizes = _check_inputs(mesh_shape, device_count, batch_size, memory_budget_bytes)
-    mesh = abstract_mesh(sizes)
     hand = {name: dict(entry) for name, entry in (hand_plan or {}).items()}
     unknown = sorted(set(hand) - set(by_name))
     if unknown:
         raise PlanError(f"hand plan names unknown table(s) {unknown} (tables: {sorted(by_name)})")
-    hand = validate_plan(hand, {name: by_name[name] for name in hand}, mesh)
+    hand = validate_plan(hand, {name: by_name[name] for name in hand}, sizes)
 
     planner = _Planner(tables, features, sizes, batch_size, memory_budget_bytes)
     order = sorted(by_name.values(), key=lambda t: (-table_bytes(t), t.name))
@@ -367,13 +369,13 @@ def plan_tables(
         if table.name not in hand:
             planner.choose(table, **rules)
 
-    plan = validate_plan({t.name: planner.chosen[t.name] for t in tables}, by_name, mesh)
+    plan = validate_plan({t.name: planner.chosen[t.name] for t in tables}, by_name, sizes)
     layout = planner.layout(plan)
-    rows, activations = [], 0
+    total = plan_step_cost(layout, features, batch_size)
+    rows = []
     for table in order:
         entry = plan[table.name]
-        cost = step_cost(table, planner.traffic[table.name], entry, sizes, batch_size)
-        activations += cost.activation
+        cost = table_step_cost(table, layout, features, batch_size)
         label = strategy_label(entry)
         if entry["strategy"] == "column_wise" and entry["num_shards"] <= 4:
             label += f" dev {','.join(map(str, layout.devices_of(table.name)))}"
@@ -397,6 +399,7 @@ def plan_tables(
         batch_size=batch_size,
         memory_budget_bytes=memory_budget_bytes,
         weight_bytes=layout.allocated_per_device(),
-        activation_bytes=activations,
+        activation_bytes=total.activation,
         used_bytes=tuple(int(x) for x in layout.used_per_device()),
+        comm_bytes=total.comm,
     )

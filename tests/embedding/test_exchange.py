@@ -18,7 +18,7 @@ from test_strategies import (
 )
 
 from lf_jax.embedding import lookup
-from lf_jax.embedding import plan as P
+from lf_jax import embedding as P
 from lf_jax.embedding.collection import EmbeddingCollection
 from lf_jax.embedding.exchange import Requests, capacity_for, fetch_rows
 from lf_jax.embedding.sparse_optim import adam, rowwise_adagrad
@@ -84,7 +84,7 @@ def test_skewed_ids_match_oracle(kind, mesh_name, strategy):
 
 def test_every_strategy_matches_oracle_with_many_rounds(monkeypatch):
     """Capacity 2: each step needs many exchange rounds on every sharded group."""
-    monkeypatch.setattr(lookup, "capacity_for", lambda entries, share: min(entries, 2))
+    monkeypatch.setattr(lookup, "capacity_for", lambda entries, share, rows: min(entries, 2))
     mesh = mesh_for("d2m4")
     coll = EmbeddingCollection(TABLES, FEATURES, plan_for(mesh), mesh)
     assert_matches_oracle(coll, TABLES, FEATURES, steps=2, check_steps=(1, 2))
@@ -115,6 +115,7 @@ def test_fetch_rows_takes_as_many_rounds_as_skew_needs():
 
 
 def test_capacity_is_the_expected_share_plus_five_sigma():
-    assert capacity_for(81920, 1 / 8) == 10240 + 506 + 1
-    assert capacity_for(100, 1.0) == 100  # never more than the entries
-    assert capacity_for(81920, 1 / 256) == 320 + 90 + 1
+    assert capacity_for(81920, 1 / 8, 125_000) == 10240 + 506 + 1
+    assert capacity_for(100, 1.0, 1000) == 100  # never more than the entries
+    assert capacity_for(100, 1.0, 20) == 20  # nor than the rows an owner holds
+    assert capacity_for(81920, 1 / 256, 4000) == 320 + 90 + 1

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from lf_jax.distributed.mesh import make_mesh
-from lf_jax.embedding import plan as P
+from lf_jax import embedding as P
 from lf_jax.embedding.collection import EmbeddingCollection, SparseBatch
 from lf_jax.embedding.sparse_optim import rowwise_adagrad
 from lf_jax.embedding.spec import FeatureSpec, TableSpec

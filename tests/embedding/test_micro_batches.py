@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from lf_jax.distributed.mesh import make_mesh
-from lf_jax.embedding import plan as P
+from lf_jax import embedding as P
 from lf_jax.embedding.collection import EmbeddingCollection
 from lf_jax.embedding.preprocess import SparseBatch
 from lf_jax.embedding.sparse_optim import adam, rowwise_adagrad, sgd

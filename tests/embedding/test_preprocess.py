@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from lf_jax.distributed.mesh import make_mesh
-from lf_jax.embedding import plan as P
+from lf_jax import embedding as P
 from lf_jax.embedding.collection import EmbeddingCollection
-from lf_jax.embedding.plan import PlanError, validate_plan
+from lf_jax.embedding import PlanError, validate_plan
 from lf_jax.embedding.preprocess import InvalidIdsError, preprocess
 from lf_jax.embedding.spec import FeatureSpec, SpecError, TableSpec, validate_specs
 from lf_jax.errors import UserInputError

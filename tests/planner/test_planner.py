@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from lf_jax.distributed.mesh import make_mesh
-from lf_jax.embedding.plan import (
+from lf_jax.embedding import (
     PlanError,
     column_wise,
     data_parallel,
@@ -15,13 +15,14 @@ from lf_jax.embedding.plan import (
 )
 from lf_jax.embedding.sparse_optim import adam, rowwise_adagrad, sgd
 from lf_jax.embedding.spec import FeatureSpec, TableSpec
+from lf_jax.embedding.exchange import capacity_for
 from lf_jax.planner import (
+    Layout,
     Traffic,
     format_bytes,
     plan_tables,
-    simulate_layout,
-    step_cost,
     table_bytes,
+    table_step_cost,
 )
 
 MESH = {"data": 2, "model": 4}
@@ -63,29 +64,42 @@ def test_traffic_counts_entries_and_output_columns():
 
 
 def test_step_cost_matches_hand_computed_bytes():
-    # b = 64 / 8 = 8 examples per device; E = 5 entries, C = 3 columns, D = 16.
+    # b = 64 / 8 = 8 examples per device; E = 5 entries, C = 3 columns, D = 16: M = 40.
     t = table("t", 1000, 16)
-    traffic = Traffic(entries=5, columns=3)
-    chunk = 8 * (5 * 12 + 3 * 16 * 4)  # one device's entries + output columns, bytes
-    update = 7 * chunk  # all-gathered over all 8 devices
-    cost = lambda entry: step_cost(t, traffic, entry, MESH, 64)
-    assert (cost(data_parallel()).forward_comm, cost(data_parallel()).update_comm) == (0, update)
-    assert cost(row_wise("model")).forward_comm == 3 * chunk  # within the 4-device model axis
-    assert cost(row_wise(("data", "model"))).forward_comm == 7 * chunk
-    assert cost(table_wise(0)).forward_comm == 7 * chunk
-    half = 8 * (5 * 12 + 3 * 8 * 4)  # a column piece of 8: entries travel once per piece
-    assert cost(column_wise(2)).forward_comm == 2 * 7 * half
-    assert cost(column_wise(2)).comm == 4 * 7 * half
-    # activations: max(forward, update buffers) + the [b, C, D] output
-    forward = 8 * 5 * (12 + 16 * 4)
-    update_buffers = 64 * (5 * (12 + 3 * 16 * 4) + 3 * 16 * 4)
-    assert cost(data_parallel()).activation == max(forward, update_buffers) + 8 * 3 * 16 * 4
+    features = [feature("a", "t", 3), feature("b", "t", 2, "none")]
+    row = 4 + 16 * 4  # an id out, a float32 row back (or a gradient out)
+
+    def cost(entry):
+        plan = {"t": entry}
+        return table_step_cost(t, Layout.of([t], plan, MESH), features, 64)
+
+    # data_parallel: no forward exchange; the update all-gathers the other 7 replicas'
+    # entries (12 B each) and output gradients: fewer bytes than their 40 unique rows'
+    # gradients (40 x 68 B) for these bags.
+    dp = cost(data_parallel())
+    assert (dp.forward_comm, dp.update_comm) == (0, 7 * (40 * 12 + 8 * 3 * 16 * 4))
+    # one id per example: the unique rows' gradients are fewer bytes, so those travel
+    one_id = [feature("a", "t", 1)]
+    dp1 = table_step_cost(t, Layout.of([t], {"t": data_parallel()}, MESH), one_id, 64)
+    assert dp1.update_comm == 7 * 8 * row
+    # row_wise over model: 4 owners, capacity for a 1/4 share; 2 replicas over data.
+    k = 4 * capacity_for(40, 1 / 4, 250)
+    rw = cost(row_wise("model"))
+    assert rw.forward_comm == int(3 / 4 * k * row)
+    assert rw.update_comm == rw.forward_comm + 1 * k * row
+    # all axes: 8 owners, no replicas: the update sends what the forward fetched.
+    k8 = 8 * capacity_for(40, 1 / 8, 125)
+    everywhere = cost(row_wise(("data", "model")))
+    assert everywhere.forward_comm == everywhere.update_comm == int(7 / 8 * k8 * row)
+    # a column piece of 8: each piece is exchanged on its own, at half the row bytes
+    half = 8 * capacity_for(40, 1.0, 1000) * (4 + 8 * 4)
+    assert cost(column_wise(2)).forward_comm == 2 * int(7 / 8 * half)
 
 
 def test_layout_pads_stacks_and_splits_rows():
     tables = [table("a", 1001, 16), table("b", 300, 16), table("c", 50, 16), table("d", 10, 8)]
     plan = {"a": row_wise("model"), "b": table_wise(2), "c": table_wise(5), "d": data_parallel()}
-    layout = simulate_layout(tables, plan, MESH)
+    layout = Layout.of(tables, validate_plan(plan, {t.name: t for t in tables}, MESH), MESH)
     row16 = 16 * 4
     # a: ceil(1001 / 4) rows per device; b and c share one stack padded to 300 rows; d: 10.
     assert layout.allocated_per_device() == 251 * row16 + 300 * row16 + 10 * 8 * 4
@@ -95,8 +109,9 @@ def test_layout_pads_stacks_and_splits_rows():
     assert layout.table_per_device("b").tolist() == [0, 0, 300 * row16, 0, 0, 0, 0, 0]
 
 
-def test_layout_matches_the_engine_layout():
-    layout_module = pytest.importorskip("lf_jax.embedding.sharding.layout")
+def test_layout_is_the_engine_layout_on_a_mesh_shape_without_devices():
+    """64 devices are laid out on this 8-device machine: the planner runs the engine's
+    own build_layout on a mesh shape, nothing is allocated."""
     tables = [
         table("m", 1001, 16, rowwise_adagrad(0.1)),
         table("h", 300, 16),
@@ -111,18 +126,15 @@ def test_layout_matches_the_engine_layout():
         "g": table_wise_row_wise(1, "model"),
         "p": data_parallel(),
     }
-    mesh = make_mesh(MESH)
+    shape = {"data": 8, "model": 8}
     by_name = {t.name: t for t in tables}
-    groups = layout_module.build_layout(by_name, validate_plan(plan, by_name, mesh), mesh)
-    engine = sum(
-        g.rows
-        * (g.dim * 4 + 4 * sum(math.prod(s) for s in g.optimizer.slot_shapes(g.dim).values()))
-        for g in groups
-    )
-    ours = simulate_layout(tables, validate_plan(plan, by_name, mesh), MESH)
-    assert ours.allocated_per_device() == engine
-    engine_w = sorted(p.slot0 for g in groups for p in g.pieces if p.table == "w")
-    assert sorted(ours.devices_of("w")) == engine_w
+    layout = Layout.of(tables, validate_plan(plan, by_name, shape), shape)
+    assert {g.num_slots for g in layout.groups} == {1, 8, 64}
+    assert layout.table_per_device("m").max() == math.ceil(1001 / 8) * (16 * 4 + 4)
+    assert len(set(layout.devices_of("w"))) == 4  # column pieces on distinct devices
+    group_g = next(g for g in layout.groups if any(p.table == "g" for p in g.pieces))
+    piece_g = next(p for p in group_g.pieces if p.table == "g")
+    assert piece_g.slots() == list(range(8, 16))  # data index 1, all of model
 
 
 def ranker_specs():
@@ -287,7 +299,7 @@ def test_format_table_is_aligned_with_units_and_summary():
         "strategy",
         "per-device",
         "activations",
-        "comm/step",
+        "exchanged/step",
         "why",
     ]
     assert len(lines) == 3 + len(tables) + 1

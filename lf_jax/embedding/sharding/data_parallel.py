@@ -1,14 +1,27 @@
 """data_parallel: the whole table replicated on every device.
 
 Route: nothing (every device owns every row). Lookup: local gather. Combine: nothing.
-Update: ids and row gradients are all-gathered so every replica applies the same
-sparse update. Best for small tables read by many features.
+Update: each device's deduplicated row gradients are all-gathered so every replica
+applies the same sparse update (inherent: O(global batch) per device). Best for small
+tables read by many features.
 """
 
 from lf_jax.embedding.sharding.piece import Piece
 
+NAME = "data_parallel"
 
-def place(table, entry, mesh) -> tuple[tuple[str, ...], list[Piece]]:
+
+def data_parallel() -> dict:
+    """Plan entry: replicated on every device."""
+    return {"strategy": NAME}
+
+
+def validate(table, entry: dict, mesh_shape) -> dict:
+    """No options."""
+    return entry
+
+
+def place(table, entry, mesh_shape) -> tuple[tuple[str, ...], list[Piece]]:
     """Returns (group mesh axes, pieces): no axes, one piece holding every row."""
     return (), [
         Piece(
@@ -19,3 +32,7 @@ def place(table, entry, mesh) -> tuple[tuple[str, ...], list[Piece]]:
             rows_per_slot=table.vocab_size,
         )
     ]
+
+
+def label(entry) -> str:
+    return NAME

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lf_jax.embedding.sharding import STRATEGY_MODULES
-from lf_jax.embedding.sharding.piece import Piece
+from lf_jax.embedding.sharding.piece import Piece, mesh_shape_of
 from lf_jax.embedding.sparse_optim import SGD
 
 
@@ -40,6 +40,14 @@ class Group:
         first = None if not self.axes else self.axes[0] if len(self.axes) == 1 else self.axes
         return PartitionSpec(first, *trailing)
 
+    def used_rows(self) -> list[int]:
+        """[num_slots] rows in use on each slot (below them a slot holds only padding)."""
+        used = [0] * self.num_slots
+        for piece in self.pieces:
+            for slot in piece.slots():
+                used[slot] = max(used[slot], piece.row_offset + piece.rows_per_slot)
+        return used
+
     def sharding(self, mesh: Mesh, extra_dims: int = 1) -> NamedSharding:
         """Sharding of the table (extra_dims=1) or of a row-wise slot (extra_dims=0)."""
         return NamedSharding(mesh, self.partition_spec(None, *([None] * extra_dims)))
@@ -55,19 +63,27 @@ def _group_name(axes, dim, dtype, optimizer, taken) -> str:
     return name
 
 
-def build_layout(tables: Mapping, plan: Mapping[str, Mapping], mesh: Mesh) -> list[Group]:
-    """Places every table piece; ``plan`` must come from validate_plan."""
+def build_layout(tables: Mapping, plan: Mapping[str, Mapping], mesh) -> list[Group]:
+    """Places every table piece; ``plan`` must come from validate_plan.
+
+    ``mesh`` is a Mesh or an {axis: size} mapping: the layout needs no devices, so the
+    planner prices exactly what the engine allocates. Tables named in ``tables`` but not
+    in ``plan`` are skipped (the planner lays out partial plans).
+    """
+    mesh_shape = mesh_shape_of(mesh)
     keyed: dict[tuple, list[Piece]] = defaultdict(list)
     for name, table in tables.items():
+        if name not in plan:
+            continue
         entry = plan[name]
-        axes, pieces = STRATEGY_MODULES[entry["strategy"]].place(table, entry, mesh)
+        axes, pieces = STRATEGY_MODULES[entry["strategy"]].place(table, entry, mesh_shape)
         for piece in pieces:
             keyed[(axes, piece.dim, table.dtype, table.optimizer)].append(piece)
     device_load = defaultdict(int)  # bytes on each all-axes slot, for table-wise balancing
     groups, taken = [], set()
-    all_axes = tuple(mesh.axis_names)
+    all_axes = tuple(mesh_shape)
     for (axes, dim, dtype, optimizer), pieces in keyed.items():
-        num_slots = math.prod(mesh.shape[axis] for axis in axes)
+        num_slots = math.prod(mesh_shape[axis] for axis in axes)
         used = [0] * num_slots
         placed: list[Piece] = []
         fixed = [p for p in pieces if p.slot0 is not None]

@@ -5,12 +5,23 @@ local row ``row_offset + r % rows_per_slot``; slots index the devices along the
 group's mesh axes, row-major. ``slot0`` None means "place me" (table-wise, balanced
 by the layout).
 
+Also the vocabulary every strategy module shares: PlanError, and the mesh shape as an
+ordered {axis: size} mapping (a Mesh, an AbstractMesh or a plain dict), so plans are
+validated and laid out without devices.
+
 Example:
     >>> Piece(table="member", col_start=0, col_end=64, num_slots=8, rows_per_slot=125_000)
 """
 
 import dataclasses
 import math
+from collections.abc import Mapping
+
+from lf_jax.errors import UserInputError
+
+
+class PlanError(UserInputError):
+    """A plan that names an unknown table or strategy, or does not fit the mesh."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -29,9 +40,23 @@ class Piece:
         return self.col_end - self.col_start
 
     def slots(self) -> list[int]:
+        assert self.slot0 is not None, "an unplaced piece has no slots yet"
         return [self.slot0 + i * self.slot_stride for i in range(self.num_slots)]
 
 
 def split_rows(vocab_size: int, num_slots: int) -> int:
     """Rows per slot when ``vocab_size`` rows are split evenly (the last slot padded)."""
     return math.ceil(vocab_size / num_slots)
+
+
+def mesh_shape_of(mesh) -> dict[str, int]:
+    """{axis: size} in mesh order, from a Mesh, an AbstractMesh or a mapping."""
+    shape = mesh.shape if hasattr(mesh, "axis_names") else mesh
+    if not isinstance(shape, Mapping):
+        raise TypeError(f"expected a mesh or an {{axis: size}} mapping, got {mesh!r}")
+    return {str(name): int(size) for name, size in shape.items()}
+
+
+def device_count(mesh_shape: Mapping[str, int]) -> int:
+    """Devices in the mesh: table-wise placements index them row-major over all axes."""
+    return math.prod(mesh_shape.values())

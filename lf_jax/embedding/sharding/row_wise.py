@@ -1,19 +1,39 @@
 """row_wise: rows split evenly over some mesh axes (all axes: every device).
 
-Route: ids all-gathered over the row axes. Lookup: each shard gathers the rows it owns
-(others contribute zeros). Combine: partial bags reduce-scattered (psum_scatter) back to
-the batch owners. Replicated over the remaining axes. For the largest tables.
+Route: each device sends its deduplicated ids to the owners along the row axes
+(all_to_all). Lookup: owners gather the rows and send them back. Combine: each device
+pools its own bags. Replicated over the remaining axes (their owners sync gradients
+with an all-gather over those axes). For the largest tables.
 """
 
 import math
 
-from lf_jax.embedding.sharding.piece import Piece, split_rows
+from lf_jax.embedding.sharding.piece import Piece, PlanError, split_rows
+
+NAME = "row_wise"
 
 
-def place(table, entry, mesh):
+def row_wise(axes: str | tuple[str, ...] = ("model",)) -> dict:
+    """Plan entry: rows split over ``axes`` (all mesh axes: every device)."""
+    return {"strategy": NAME, "axes": (axes,) if isinstance(axes, str) else tuple(axes)}
+
+
+def validate(table, entry: dict, mesh_shape) -> dict:
+    """Axes must be mesh axes; they are put in mesh order."""
+    axes = entry.get("axes", ("model",))
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    bad = [axis for axis in axes if axis not in mesh_shape]
+    if bad or not axes:
+        raise PlanError(
+            f"table '{table.name}': row_wise axes {axes} are not mesh axes {tuple(mesh_shape)}"
+        )
+    return {**entry, "axes": tuple(axis for axis in mesh_shape if axis in axes)}
+
+
+def place(table, entry, mesh_shape):
     """Returns (group mesh axes, pieces): one piece split over the row axes."""
     axes = tuple(entry["axes"])
-    shards = math.prod(mesh.shape[axis] for axis in axes)
+    shards = math.prod(mesh_shape[axis] for axis in axes)
     return axes, [
         Piece(
             table=table.name,
@@ -23,3 +43,7 @@ def place(table, entry, mesh):
             rows_per_slot=split_rows(table.vocab_size, shards),
         )
     ]
+
+
+def label(entry) -> str:
+    return f"{NAME}({','.join(entry['axes'])})"
