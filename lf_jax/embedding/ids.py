@@ -21,8 +21,7 @@ Example:
     >>> id_map.save("/tmp/member_ids"); IdMap.load("/tmp/member_ids").num_rows
     4
 
-The string hashing lives in string_hash.py; hash_strings, mix64 and IdMapError are
-importable from here too.
+The string hashing (hash_strings, mix64, IdMapError) lives in string_hash.py.
 """
 
 import dataclasses
@@ -36,10 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-# Some names are imported only so that callers keep importing them from this module.
 from lf_jax.embedding.string_hash import (
     GOLDEN,
-    HASH_CHUNK,
     MASK64,
     IdMapError,
     as_string_array,

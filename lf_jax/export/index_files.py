@@ -97,7 +97,7 @@ def replace_directory(new: Path, target: Path) -> None:
 
 def manifest_timestamp() -> str:
     """Now, in UTC, to the second (ISO 8601): the manifest's built_at and saved_at."""
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def scann_version() -> str | None:

@@ -26,7 +26,7 @@ Example:
     ...     store.stats()["bytes_on_disk"]
 
 The quantization and row layout live in quantize.py, the id and vector checks in
-kv_inputs.py; their public names are importable from here too.
+kv_inputs.py.
 """
 
 import dataclasses
@@ -38,16 +38,13 @@ import lmdb
 import numpy as np
 
 from lf_jax.console import get_logger, progress
-
-# Some names are imported only so that callers keep importing them from this module.
 from lf_jax.export.kv_inputs import (
-    MAX_KEY_BYTES,
     KVStoreError,
     check_unique_keys,
     check_vectors,
     encode_keys,
 )
-from lf_jax.export.quantize import RowCodec, dequantize_int8, quantization_error, quantize_int8
+from lf_jax.export.quantize import RowCodec
 
 FORMAT = "lf_jax.KVStore"
 FORMAT_VERSION = 1

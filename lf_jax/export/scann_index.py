@@ -34,7 +34,7 @@ Example:
     >>> index.save("/tmp/item_index"); VectorIndex.load("/tmp/item_index").count
 
 Input checks live in index_inputs.py, parameter choice and tuning in scann_tuning.py, the
-directory format in index_files.py; their public names are importable from here too.
+directory format in index_files.py.
 """
 
 import math
@@ -45,13 +45,9 @@ from pathlib import Path
 import numpy as np
 
 from lf_jax.console import get_logger
-
-# Some names are imported only so that callers keep importing them from this module.
 from lf_jax.export.index_files import (
     FORMAT,
     FORMAT_VERSION,
-    IDS_FILE,
-    MANIFEST,
     manifest_timestamp,
     read_index_directory,
     scann_version,
@@ -59,36 +55,25 @@ from lf_jax.export.index_files import (
     write_index_files,
 )
 from lf_jax.export.index_inputs import (
-    METRICS,
     VectorIndexError,
     check_ids,
     check_metric,
     check_positive_int,
     check_recall,
     check_unique_ids,
-    first_duplicate,
     prepare_vectors,
 )
 from lf_jax.export.scann_tuning import (
-    ANISOTROPIC_THRESHOLD,
     BRUTE_FORCE_BELOW,
-    DIMS_PER_BLOCK,
-    EXACT_TILE,
-    MODES,
     TUNE_QUERIES,
     SearchParams,
     build_searcher,
     choose_params,
     describe_params,
     exact_search,
-    recall_at_k,
     recall_of,
     run_tuning_trials,
 )
-
-# Names this module had before the split, still imported by tests and bench/scann_index.py.
-_prepare = prepare_vectors
-_build_searcher = build_searcher
 
 
 class VectorIndex:

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from lf_jax.embedding import ids as ids_module
-from lf_jax.embedding.ids import IdMap, IdMapError, hash_strings
+from lf_jax.embedding.ids import IdMap
+from lf_jax.embedding.string_hash import IdMapError, hash_strings
 from lf_jax.embedding.open_vocab import (
     OpenVocabError,
     combine_quotient_remainder,

@@ -15,10 +15,8 @@ from lf_jax.export.kv_store import (
     KVStore,
     KVStoreError,
     UpdateCounts,
-    dequantize_int8,
-    quantization_error,
-    quantize_int8,
 )
+from lf_jax.export.quantize import dequantize_int8, quantization_error, quantize_int8
 
 DIMS = 16
 

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from lf_jax.errors import UserInputError
-from lf_jax.export import index_files, scann_index
-from lf_jax.export.scann_index import VectorIndex, VectorIndexError, exact_search, recall_at_k
+from lf_jax.export import index_files, index_inputs
+from lf_jax.export.index_inputs import VectorIndexError
+from lf_jax.export.scann_index import VectorIndex
+from lf_jax.export.scann_tuning import exact_search, recall_at_k
 
 
 def clustered(n: int, dims: int, *, centres: int = 200, spread: float = 0.5, seed: int = 0):
@@ -49,8 +51,8 @@ def tuned_index(corpus_20k):
 
 
 def _exact_ids(index_vectors, ids, queries, k, metric, dims=None):
-    corpus = scann_index._prepare(index_vectors, field="v", metric=metric, width=None, dims=dims)
-    prepared = scann_index._prepare(queries, field="q", metric=metric, width=None, dims=dims)
+    corpus = index_inputs.prepare_vectors(index_vectors, field="v", metric=metric, width=None, dims=dims)
+    prepared = index_inputs.prepare_vectors(queries, field="q", metric=metric, width=None, dims=dims)
     rows, scores = exact_search(corpus, prepared, k, metric)
     return np.asarray(ids)[rows], scores
 
