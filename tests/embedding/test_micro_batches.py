@@ -104,7 +104,7 @@ def test_microbatched_update_equals_one_big_batch():
     want_tables, want_slots = oracle.oracle_step(
         logical, slots, FEATURES, TABLES, flat, grads_flat, step=5, plan=PLAN
     )
-    want_slots = oracle.logical_slots(want_slots)
+    want_slots = oracle.logical_slots(want_slots, {t.name: t.dim for t in TABLES})
     for name in logical:
         np.testing.assert_allclose(
             got_acc["tables"][name],
