@@ -164,7 +164,7 @@ def test_train_stats_match_the_stored_records(small_tiny_build):
     """The builder's train_stats (dense standardisation, IPS counts) equal a pass over train
     (of a 1,000-session build: the pass decodes every record)."""
     from lf_jax.train.ips import position_counts
-    from lf_jax.train.ranker import dense_feature_stats
+    from lf_jax.train.ranker_model import dense_feature_stats
 
     _, feed_builder = small_tiny_build
     stats = dataset_metadata(feed_builder)["train_stats"]
