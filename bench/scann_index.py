@@ -129,7 +129,7 @@ def main() -> None:
         "single_query": bf_single,
     }
     print("ScaNN brute force:", results["scann_brute_force"])
-    del bf
+    bf = None  # frees the searcher before the next build
 
     # The tuned tree + AH index.
     start = time.perf_counter()

@@ -54,7 +54,8 @@ class GroupRoute:
     @classmethod
     def build(cls, group: Group, features: Mapping) -> "GroupRoute":
         """Blocks for every feature reading a table with a piece in ``group``."""
-        blocks, columns = [], {k: [] for k in ("slot0", "stride", "rpp", "offset", "out")}
+        blocks: list[Block] = []
+        columns: dict[str, list] = {k: [] for k in ("slot0", "stride", "rpp", "offset", "out")}
         out_start = 0
         for feature in features.values():
             for piece in group.pieces:
@@ -72,7 +73,10 @@ class GroupRoute:
                     else list(range(out_start, out_start + feature.max_ids))
                 )
                 out_start += block.out_width
-        as_array = lambda key: np.asarray(columns[key], np.int32)
+
+        def as_array(key):
+            return np.asarray(columns[key], np.int32)
+
         return cls(
             group,
             tuple(blocks),
@@ -197,7 +201,9 @@ def group_update(
     }
 
     def shard(stored_1rd, slots, slot_kbe, local_kbe, coef_kbe, grad_kbcd, step):
-        flat = lambda x: x.reshape(-1, *x.shape[2:])
+        def flat(x):
+            return x.reshape(-1, *x.shape[2:])
+
         slot_ne, local_ne, coef_ne, grad_ncd = (
             _gather(flat(x), batch_axes) for x in (slot_kbe, local_kbe, coef_kbe, grad_kbcd)
         )

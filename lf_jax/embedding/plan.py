@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from jax.sharding import Mesh
+from jax.sharding import AbstractMesh, Mesh
 
 from lf_jax.errors import UserInputError
 
@@ -53,13 +53,13 @@ def table_wise_row_wise(group: int = 0, axis: str = "model") -> dict:
     return {"strategy": "table_wise_row_wise", "group": group, "axis": axis}
 
 
-def num_slots(mesh: Mesh) -> int:
+def num_slots(mesh: Mesh | AbstractMesh) -> int:
     """Devices in the mesh: table-wise placements index them row-major over all axes."""
     return math.prod(mesh.shape.values())
 
 
 def validate_plan(
-    plan: Mapping[str, Mapping[str, Any]], tables: Mapping[str, Any], mesh: Mesh
+    plan: Mapping[str, Mapping[str, Any]], tables: Mapping[str, Any], mesh: Mesh | AbstractMesh
 ) -> dict[str, dict]:
     """Checks a plan against tables and mesh; returns it normalised (tuples, defaults).
 

@@ -34,6 +34,7 @@ import dataclasses
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -109,13 +110,14 @@ class Piece:
     stride: int = 1
 
     def slots(self) -> list[int]:
+        assert self.slot0 is not None, f"piece of '{self.table}' is not placed yet"
         return [self.slot0 + i * self.stride for i in range(self.num_slots)]
 
 
 def pieces_of(table: TableSpec, entry: Mapping, mesh_shape: Mapping[str, int]) -> list[Piece]:
     """The pieces a (validated) plan entry makes of ``table``, as the engine places them."""
     kind, every = entry["strategy"], all_axes(mesh_shape)
-    whole = dict(table=table.name, dim=table.dim, col_start=0)
+    whole: dict[str, Any] = dict(table=table.name, dim=table.dim, col_start=0)
     if kind == "data_parallel":
         return [Piece(**whole, axes=(), num_slots=1, rows_per_slot=table.vocab_size)]
     if kind == "row_wise":

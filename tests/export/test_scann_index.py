@@ -51,8 +51,12 @@ def tuned_index(corpus_20k):
 
 
 def _exact_ids(index_vectors, ids, queries, k, metric, dims=None):
-    corpus = index_inputs.prepare_vectors(index_vectors, field="v", metric=metric, width=None, dims=dims)
-    prepared = index_inputs.prepare_vectors(queries, field="q", metric=metric, width=None, dims=dims)
+    corpus = index_inputs.prepare_vectors(
+        index_vectors, field="v", metric=metric, width=None, dims=dims
+    )
+    prepared = index_inputs.prepare_vectors(
+        queries, field="q", metric=metric, width=None, dims=dims
+    )
     rows, scores = exact_search(corpus, prepared, k, metric)
     return np.asarray(ids)[rows], scores
 
@@ -204,9 +208,9 @@ def test_upsert_and_delete_without_rebuild(size, tmp_path):
         index.delete(["never"])
     # every remaining item still maps to its own id: query with its stored vector
     current = {
-        **dict(zip(ids, vectors)),
-        **dict(zip([f"new:{i}" for i in range(20)], new_vectors)),
-        **dict(zip(ids[:5], replaced)),
+        **dict(zip(ids, vectors, strict=False)),
+        **dict(zip([f"new:{i}" for i in range(20)], new_vectors, strict=False)),
+        **dict(zip(ids[:5], replaced, strict=False)),
     }
     for key in gone:
         current.pop(key)

@@ -68,7 +68,10 @@ def test_step_cost_matches_hand_computed_bytes():
     traffic = Traffic(entries=5, columns=3)
     chunk = 8 * (5 * 12 + 3 * 16 * 4)  # one device's entries + output columns, bytes
     update = 7 * chunk  # all-gathered over all 8 devices
-    cost = lambda entry: step_cost(t, traffic, entry, MESH, 64)
+
+    def cost(entry):
+        return step_cost(t, traffic, entry, MESH, 64)
+
     assert (cost(data_parallel()).forward_comm, cost(data_parallel()).update_comm) == (0, update)
     assert cost(row_wise("model")).forward_comm == 3 * chunk  # within the 4-device model axis
     assert cost(row_wise(("data", "model"))).forward_comm == 7 * chunk

@@ -29,6 +29,7 @@ class Piece:
         return self.col_end - self.col_start
 
     def slots(self) -> list[int]:
+        assert self.slot0 is not None, f"piece of '{self.table}' is not placed yet"
         return [self.slot0 + i * self.slot_stride for i in range(self.num_slots)]
 
 
