@@ -161,7 +161,6 @@ def from_config(kind: str, **kwargs) -> SparseOptimizer:
     makers: dict[str, Callable[..., SparseOptimizer]] = {
         "sgd": sgd,
         "rowwise_adagrad": rowwise_adagrad,
-        "adagrad": rowwise_adagrad,
         "adam": adam,
     }
     if kind not in makers:

@@ -48,7 +48,7 @@ class RankerCorpus:
         from lf_jax.train.step import dense_optimizer
 
         self.checkpoint_dir, self.step = find_checkpoint(workdir, step)
-        self.model = RankerModel.from_config(config, make_mesh(dict(config.mesh)))
+        self.model = RankerModel.from_config(config, make_mesh(dict(config.mesh)), build=False)
         self.collection = self.model.collection
         template = self.model.init_state(dense_optimizer(config.train), config.seed)
         self.state = restore_state(template, self.collection, self.checkpoint_dir, self.step)
@@ -104,7 +104,7 @@ class DualEncoderCorpus:
 
         self.checkpoint_dir, self.step = find_checkpoint(workdir, step)
         mesh = make_mesh(dict(config.mesh))
-        self.model = DualEncoderModel(config, mesh, workdir, create_tokenizer=False)
+        self.model = DualEncoderModel(config, mesh, workdir, for_training=False)
         tx = dense_optimizer(config.train)
         template = jax.jit(lambda p: init_train_state(p, tx, {}))(self.model.params)
         self.state = restore_state(template, None, self.checkpoint_dir, self.step)

@@ -79,7 +79,7 @@ class DualEncoderTask:
         self.grad_cache = bool(c.train.grad_cache)
         self.aux_names = tuple(f"dim{d}" for d in self.dims)
         self.examples_per_step = c.batch_size
-        self.encoder = DualEncoderModel(c, mesh, workdir, create_tokenizer=True)
+        self.encoder = DualEncoderModel(c, mesh, workdir, for_training=True)
         self.entities, self.tokens = self.encoder.entities, self.encoder.tokens
         self.train_pairs = read_pairs(self.encoder.builder, "train")
         self.test_pairs = read_pairs(self.encoder.builder, "test")

@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lf_jax.console import get_logger
 from lf_jax.errors import UserInputError
-from lf_jax.input.datasets import build_dataset, dataset_metadata
+from lf_jax.input.datasets import build_dataset, dataset_metadata, open_built_dataset
 from lf_jax.input.text_pipeline import (
     PercentileBuckets,
     as_text,
@@ -64,10 +64,15 @@ def matryoshka_dims(config) -> tuple[int, ...]:
 class DualEncoderModel:
     """Prompts, tokenizer and model of the dual encoder (see the module docstring)."""
 
-    def __init__(self, config, mesh, workdir: str | Path, *, create_tokenizer: bool):
+    def __init__(self, config, mesh, workdir: str | Path, *, for_training: bool):
+        """``for_training``: build the dataset and the tokenizer when missing; otherwise
+        (export, serving) both must exist, and the dataset is read from its files
+        without the builder code in data/."""
         c = self.config = config
         self.mesh = mesh
-        self.builder = build_dataset(c.data.dataset, c.data.config, c.data.data_dir or None)
+        self.builder = (build_dataset if for_training else open_built_dataset)(
+            c.data.dataset, c.data.config, c.data.data_dir or None
+        )
         self.meta = dataset_metadata(self.builder)
         self.dims = matryoshka_dims(c)
         self.data_size = int(mesh.shape.get("data", 1))
@@ -77,7 +82,7 @@ class DualEncoderModel:
         path = Path(workdir) / TOKENIZER_FILE
         if path.exists():
             self.tokenizer = load_word_tokenizer(path)
-        elif create_tokenizer:
+        elif for_training:
             self.tokenizer = train_word_tokenizer(prompts["member"] + prompts["item"], path)
         else:
             raise UserInputError(f"'{path}' does not exist: train the dual encoder first")

@@ -26,7 +26,7 @@ from lf_jax.distributed.multihost import barrier, is_primary
 from lf_jax.embedding.collection import EmbeddingCollection
 from lf_jax.embedding.config_specs import memory_budget_from_config, specs_from_config
 from lf_jax.errors import UserInputError
-from lf_jax.input.datasets import build_dataset, dataset_metadata
+from lf_jax.input.datasets import build_dataset, dataset_metadata, open_built_dataset
 from lf_jax.models.ranker import FeedRanker
 from lf_jax.planner import plan_tables
 from lf_jax.train.step import init_train_state
@@ -112,8 +112,18 @@ class RankerModel:
     params: Any  # the model's initial parameters (host)
 
     @classmethod
-    def from_config(cls, config, mesh, *, micro_batches: int = 1) -> "RankerModel":
-        builder = open_feed_logs(config)
+    def from_config(
+        cls, config, mesh, *, micro_batches: int = 1, build: bool = True
+    ) -> "RankerModel":
+        """``build=False`` (export, serving): the dataset must be built already; it is read
+        from its files, without the builder code in data/."""
+        builder = (
+            open_feed_logs(config)
+            if build
+            else open_built_dataset(
+                config.data.dataset, config.data.config, config.data.data_dir or None
+            )
+        )
         meta = dataset_metadata(builder)
         tables, features, hand_plan = ranker_specs(config, meta)
         devices = int(np.prod(list(mesh.shape.values())))

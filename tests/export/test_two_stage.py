@@ -134,3 +134,20 @@ def test_world_features_reproduce_the_logged_catalog_features(service, feed_buil
 def test_bad_requests_are_one_clear_error(service, call, message):
     with pytest.raises(ServingError, match=message):
         call(service)
+
+
+def test_serving_and_export_import_nothing_from_data(repo_root):
+    """The installed package serves on its own: no module from data/ gets imported."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import lf_jax.export.corpus_sources, lf_jax.export.two_stage as serving\n"
+        "serving.FeedWorldFeatures('tiny')\n"
+        f"data = {repo_root + '/data/'!r}\n"
+        "print([n for n, m in list(sys.modules.items())"
+        " if str(getattr(m, '__file__', '') or '').startswith(data)])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
