@@ -144,8 +144,8 @@ def _build_ours(cfg: dict):
     """Collection, device batches, dense vector and the jitted (donating) train step."""
     import jax
 
-    from lf_jax.distributed.mesh import make_mesh
     from lf_jax import embedding as plan_lib
+    from lf_jax.distributed.mesh import make_mesh
     from lf_jax.embedding.collection import EmbeddingCollection
     from lf_jax.embedding.sparse_optim import rowwise_adagrad
     from lf_jax.embedding.spec import FeatureSpec, TableSpec
@@ -195,7 +195,9 @@ def _state_by_callback(coll, dim: int):
         kind = path[0].key
 
         def shard(index):
-            shape = tuple(len(range(*i.indices(n))) for i, n in zip(index, leaf.shape))
+            shape = tuple(
+                len(range(*i.indices(n))) for i, n in zip(index, leaf.shape, strict=False)
+            )
             if kind == "tables":
                 return np.resize(block, shape).astype(leaf.dtype)
             if kind == "slots":
@@ -367,7 +369,8 @@ def run_worker(cfg: dict, timeout: float) -> dict:
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.update(cfg.get("env", {}))
     label = (
-        f"{cfg['method']} V={cfg.get('vocab', cfg.get('vocabs'))} T={cfg['num_tables']} {cfg['dist']} "
+        f"{cfg['method']} V={cfg.get('vocab', cfg.get('vocabs'))} T={cfg['num_tables']} "
+        f"{cfg['dist']} "
         f"dev={cfg['devices']} {cfg.get('plan', '')} {cfg.get('env', '')}"
     )
     print(f"[bench] {label} ...", file=sys.stderr, flush=True)
@@ -484,7 +487,10 @@ def scenario_a(args) -> dict:
             "cpu_time_speedup_vs_naive_at_largest",
         ),
     ):
-        ms = lambda v, m: rows[str(v)][m].get(field)
+
+        def ms(v, m, field=field):
+            return rows[str(v)][m].get(field)
+
         if ms(small, "ours") and ms(big, "ours"):
             ratio = ms(big, "ours") / ms(small, "ours")
             out["targets"][ratio_key] = {
@@ -574,7 +580,7 @@ def scenario_b(args) -> dict:
             # thread is often faster on this shared 2-core machine, so both are reported.
             results[dist]["fbgemm_cpu_1thread"] = run_fbgemm(args, {**fb, "threads": 1})
         base = results[dist]["ours_1dev"].get("examples_per_s")
-        for name, result in results[dist].items():
+        for result in results[dist].values():
             if base and result.get("examples_per_s"):
                 result["examples_per_s_vs_ours_1dev"] = result["examples_per_s"] / base
     return results

@@ -75,9 +75,12 @@ def main() -> None:
     hash_map, hash_map_bytes, _ = traced(lambda: IdMap.build(keys, preserve_order=False))
 
     # Time.
-    dict_build, dict_map = best_time(lambda: dict(zip(keys, range(n))), args.repeats)
+    dict_build, dict_map = best_time(lambda: dict(zip(keys, range(n), strict=False)), args.repeats)
     map_build, _ = best_time(lambda: IdMap.build(keys, num_oov_buckets=1), args.repeats)
-    dict_lookup = lambda batch: np.fromiter(map(dict_map.__getitem__, batch), np.int64, len(batch))
+
+    def dict_lookup(batch):
+        return np.fromiter(map(dict_map.__getitem__, batch), np.int64, len(batch))
+
     dict_all, dict_rows = best_time(lambda: dict_lookup(keys), args.repeats)
     map_all, map_rows = best_time(lambda: id_map.lookup(keys), args.repeats)
     np.testing.assert_array_equal(dict_rows, map_rows)
@@ -88,9 +91,15 @@ def main() -> None:
     map_unknown, unknown_rows = best_time(lambda: id_map.lookup(unknown), args.repeats)
     false_accepts = int(np.sum(unknown_rows < n))
 
-    mb = lambda b: f"{b / 2**20:.1f} MiB"
-    per_key = lambda b: f"{b / n:.1f}"
-    rate = lambda seconds, count=n: f"{count / seconds / 1e6:.2f} M/s"
+    def mb(b):
+        return f"{b / 2**20:.1f} MiB"
+
+    def per_key(b):
+        return f"{b / n:.1f}"
+
+    def rate(seconds, count=n):
+        return f"{count / seconds / 1e6:.2f} M/s"
+
     rows = [
         (
             "memory kept (tracemalloc)",

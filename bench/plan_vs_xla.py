@@ -124,14 +124,7 @@ def measure(config_arg: str, devices: int, full_step: bool) -> dict:
             field_dims=field_dims,
             num_dense=NUM_DENSE,
             tasks=TASKS,
-            mlp_hidden=tuple(config.model.mlp_dims),
-            cross_layers=config.model.dcn_layers,
-            cross_low_rank=config.model.dcn_low_rank,
-            embedding_gate=config.model.gatenet,
-            embedding_gate_vector=config.model.gatenet_vector,
-            hidden_gate=config.model.hidden_gates,
-            head_hidden=config.model.head_hidden,
-            dot_interactions=config.model.dot_interactions,
+            **config.model.to_dict(),
             rngs=nnx.Rngs(0),
         )
         graphdef, params = nnx.split(model)

@@ -36,7 +36,8 @@ of the history.jsonl log rows (each row averages the steps since the previous ro
 
 Usage:
     .venv/bin/python bench/ranker_experiments.py --root /tmp/ranker_bench
-    .venv/bin/python bench/ranker_experiments.py --root /tmp/ranker_bench --variants baseline,ips_off
+    .venv/bin/python bench/ranker_experiments.py --root /tmp/ranker_bench --variants
+    baseline,ips_off
     .venv/bin/python bench/ranker_experiments.py --root /tmp/ranker_bench --reuse   # skip finished
     .venv/bin/python bench/ranker_experiments.py --root /tmp/ranker_bench --table-only
 """
@@ -179,7 +180,8 @@ def command(name: str, workdir: Path, data_dir: str, steps: int, tput_steps: int
 
 
 def prebuild(data_dir: str, data_config: str = "tiny") -> float:
-    """Prepares feed_logs/<data_config> in data_dir (no-op when present) so no variant times a build."""
+    """Prepares feed_logs/<data_config> in data_dir (no-op when present) so no variant times a
+    build."""
     tic = time.perf_counter()
     code = (
         "from lf_jax.input.datasets import build_dataset; "
@@ -348,7 +350,7 @@ def tables(results: dict[str, dict]) -> str:
             gaps = [m[f"{h}/{t}/auc"] - m[f"{h}/{t}/oracle_auc"] for t in TASKS]
             cells = [
                 f"{g:+.4f} / {_f(m[f'{h}/{t}/ne'], 3)} / {_f(m[f'{h}/{t}/calibration'], 2)}"
-                for g, t in zip(gaps, TASKS)
+                for g, t in zip(gaps, TASKS, strict=False)
             ]
             lines.append("| " + " | ".join([name, *cells, f"{_mean(gaps):+.4f}"]) + " |")
     tput = {n: r for n, r in results.items() if VARIANTS[n][2] == "throughput" and not r["failed"]}
@@ -358,7 +360,8 @@ def tables(results: dict[str, dict]) -> str:
             "Training throughput (median examples/s of the last half of the log rows, "
             "10 steps per row; batch 512):",
             "",
-            "| variant | devices / mesh | steps | wall s | examples/s (median, last half) | all rows |",
+            "| variant | devices / mesh | steps | wall s | examples/s (median, last half) | all "
+            "rows |",
             "|---|---|---|---|---|---|",
         ]
         for name, r in tput.items():

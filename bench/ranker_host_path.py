@@ -68,15 +68,19 @@ def main() -> None:
         ]
         host = decoder(source.data_source.__getitems__(indices))
         seconds = {
-            "read raw": timed(lambda: source.data_source.__getitems__(indices), args.repeats),
+            "read raw": timed(
+                lambda indices=indices: source.data_source.__getitems__(indices), args.repeats
+            ),
             "tfds read+decode": timed(
-                lambda: collate(source.__getitems__(indices), lengths), args.repeats
+                lambda indices=indices: collate(source.__getitems__(indices), lengths),
+                args.repeats,
             ),
             "read+batch decode": timed(
-                lambda: decoder(source.data_source.__getitems__(indices)), args.repeats
+                lambda indices=indices: decoder(source.data_source.__getitems__(indices)),
+                args.repeats,
             ),
-            "model_inputs": timed(lambda: task.model_inputs(host), args.repeats),
-            "device_batch": timed(lambda: task.device_batch(host), args.repeats),
+            "model_inputs": timed(lambda host=host: task.model_inputs(host), args.repeats),
+            "device_batch": timed(lambda host=host: task.device_batch(host), args.repeats),
         }
         results[batch_size] = {name: batch_size / s for name, s in seconds.items()}
         print(

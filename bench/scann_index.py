@@ -28,13 +28,8 @@ import time
 import numpy as np
 
 from lf_jax.console import set_verbosity
-from lf_jax.export.scann_index import (
-    SearchParams,
-    VectorIndex,
-    _build_searcher,
-    exact_search,
-    recall_at_k,
-)
+from lf_jax.export.scann_index import VectorIndex
+from lf_jax.export.scann_tuning import SearchParams, build_searcher, exact_search, recall_at_k
 
 
 def mixture(rng, centres: np.ndarray, n: int, spread: float) -> np.ndarray:
@@ -119,7 +114,7 @@ def main() -> None:
 
     # ScaNN exact brute force.
     start = time.perf_counter()
-    bf = _build_searcher(
+    bf = build_searcher(
         corpus, SearchParams(mode="brute_force", num_neighbors=args.k), "dot_product", 0
     )
     bf_build = time.perf_counter() - start
@@ -134,7 +129,7 @@ def main() -> None:
         "single_query": bf_single,
     }
     print("ScaNN brute force:", results["scann_brute_force"])
-    del bf
+    bf = None  # frees the searcher before the next build
 
     # The tuned tree + AH index.
     start = time.perf_counter()

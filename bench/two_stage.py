@@ -2,7 +2,8 @@
 
 Command (after ``make demo``, which leaves trained checkpoints and exports in runs/demo):
     .venv/bin/python bench/two_stage.py --workdir runs/demo
-    .venv/bin/python bench/two_stage.py --workdir runs/demo --candidates 2000 --batch 16 --repeats 100
+    .venv/bin/python bench/two_stage.py --workdir runs/demo --candidates 2000 --batch 16 --repeats
+    100
 
 Uses the demo's dual encoder (members embedded from their prompts on each request), its
 ScaNN item index (export/items/index) and its feed ranker checkpoint, on 8 simulated CPU
@@ -71,7 +72,10 @@ def main() -> None:
     rng = np.random.default_rng(0)
     figures = {}
     for name, size in (("single", 1), ("batched", args.batch)):
-        members = lambda: [f"m{i}" for i in rng.choice(1000, size, replace=False)]
+
+        def members(size=size):
+            return [f"m{i}" for i in rng.choice(1000, size, replace=False)]
+
         service.serve(members())  # compile this shape
         samples: dict[str, list[float]] = {}
         for _ in range(args.repeats):
@@ -87,7 +91,8 @@ def main() -> None:
         }
     print(
         f"K={args.candidates} candidates of {index.count:,} items ({index.params.mode}, "
-        f"{service.leaves_for(args.candidates)} of {index.params.num_leaves} leaves), top {args.top_n}, "
+        f"{service.leaves_for(args.candidates)} of {index.params.num_leaves} leaves), top "
+        f"{args.top_n}, "
         f"{args.repeats} requests per shape, {args.devices} simulated CPU devices, "
         f"{os.cpu_count()} cores"
     )

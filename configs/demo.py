@@ -50,7 +50,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.export = ml_collections.ConfigDict({"target_recall": 0.95})
     config.serving = ml_collections.ConfigDict(
         {
-            "num_candidates": 500,  # K retrieved by ScaNN from the dual encoder's item index (1,000 posts)
+            # K retrieved by ScaNN from the dual encoder's item index (1,000 posts)
+            "num_candidates": 500,
             "top_n": 10,  # N returned after the ranker
             "members": ("m3", "m42", "m151", "m277"),
             "task_weights": {"like": 1.0, "comment": 1.0, "share": 1.0, "long_dwell": 0.5},

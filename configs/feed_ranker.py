@@ -18,7 +18,8 @@ Metric:   per-task AUC on the random-session holdout next to the oracle AUC of t
           probabilities (target: within 0.02 on tiny); NE and calibration per task.
 
 Sizes follow data/feed_logs (members, hashtags, posts, positions): tiny 300 / 100 /
-1e3 / 20, small 1e5 / 5e3 / 1e5 / 20, large 1e6 / 5e4 / 1e6 / 20. The member table is shared by member_id,
+1e3 / 20, small 1e5 / 5e3 / 1e5 / 20, large 1e6 / 5e4 / 1e6 / 20. The member table is shared by
+member_id,
 actor_id, root_actor_id and history_actors; the hashtag table by post_hashtags and
 history_hashtags. ``embedding.plan`` is empty, so the planner picks each strategy under
 ``embedding.memory_budget_bytes``; a hand plan may name some tables, e.g.

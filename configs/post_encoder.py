@@ -22,7 +22,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.batch_size = 32  # pairs per step: 8 groups x 4 pairs
     config.model = ml_collections.ConfigDict(
         {
-            "pretrained": "all-MiniLM-L6-v2",  # starting weights; "" = random BERT of the sizes below
+            # starting weights; "" = random BERT of the sizes below
+            "pretrained": "all-MiniLM-L6-v2",
             "tokenizer": "all-MiniLM-L6-v2",  # used when pretrained is ""
             "hidden_size": 384,
             "num_layers": 6,

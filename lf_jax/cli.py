@@ -367,7 +367,8 @@ def _export_run(args, overrides):
     )
     if "index" in m:
         print(
-            f"  index/  ScaNN {m['index']['mode']}, recall@{m['index']['k']} = {m['index']['recall']}"
+            f"  index/  ScaNN {m['index']['mode']}, recall@{m['index']['k']} = "
+            f"{m['index']['recall']}"
         )
     if "kv" in m:
         print(

@@ -58,7 +58,8 @@ def _train_ranker(config, workdir: Path) -> dict:
         for name in task.tasks:
             key = f"{split}/{name}"
             print(
-                f"{split:<16}{name:<12}{metrics[key + '/auc']:>8.3f}{metrics[key + '/oracle_auc']:>8.3f}"
+                f"{split:<16}{name:<12}{metrics[key + '/auc']:>8.3f}"
+                f"{metrics[key + '/oracle_auc']:>8.3f}"
                 f"{metrics[key + '/ne']:>8.3f}{metrics[key + '/calibration']:>8.3f}"
             )
     return metrics
@@ -104,7 +105,8 @@ def _export(config, encoder_dir: Path, workdir: Path) -> tuple[object, dict]:
             else ""
         )
         print(
-            f"  {entity:<8} {m['count']:>6,} x {m['dims']} ({m['metric']}) in {m['embed_seconds']:.1f} s; "
+            f"  {entity:<8} {m['count']:>6,} x {m['dims']} ({m['metric']}) in "
+            f"{m['embed_seconds']:.1f} s; "
             f"KV int8 {m['kv']['bytes_on_disk']:,} bytes, cosine to float "
             f"{m['kv']['quantization']['cosine_mean']:.5f}{extra}"
         )
@@ -157,7 +159,7 @@ def _serve(config, encoder_source, workdir: Path) -> dict:
         np.mean([t[:n].mean() for t in per_member])
     )
     value[f"two-stage top {n} (ranker over {k})"] = float(
-        np.mean([t[r.rows].mean() for t, r in zip(per_member, results)])
+        np.mean([t[r.rows].mean() for t, r in zip(per_member, results, strict=False)])
     )
     value[f"best {n} of the {k} (oracle)"] = float(
         np.mean([np.sort(t)[-n:].mean() for t in per_member])
@@ -206,7 +208,8 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     encoder_config = _with_data_dir(config.dual_encoder, workdir)
     _section(
         f"4. train the dual encoder (tiny Llama, {encoder_config.train.steps} steps, batch "
-        f"{encoder_config.batch_size}, Matryoshka dims {tuple(encoder_config.loss.matryoshka_dims)})"
+        f"{encoder_config.batch_size}, Matryoshka dims "
+        f"{tuple(encoder_config.loss.matryoshka_dims)})"
     )
     encoder_metrics, encoder_dir = _train_encoder(encoder_config, workdir)
 

@@ -9,7 +9,9 @@ Example:
     >>> loss = per_task_t.sum()
     >>> loss_n = scaled_cosine_bce(text_nd, post_nd, labels_n, scale=10.0, bias=-5.0)
     >>> loss = info_nce(member_nd, item_nd, temperature=0.05)
-    >>> loss, per_dim_k = matryoshka_info_nce(member_nd, item_nd, dims=(16, 32, 64), temperature=0.05)
+    >>> loss, per_dim_k = matryoshka_info_nce(
+    ...     member_nd, item_nd, dims=(16, 32, 64), temperature=0.05
+    ... )
 """
 
 from collections.abc import Sequence

@@ -38,7 +38,7 @@ def loss_curves_png(histories: Mapping[str, str | Path], path: str | Path) -> Pa
     """One panel per run: its training loss against the step."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(histories), figsize=(5 * len(histories), 3.5), squeeze=False)
-    for ax, (name, history) in zip(axes[0], histories.items()):
+    for ax, (name, history) in zip(axes[0], histories.items(), strict=False):
         steps, losses = read_losses(history)
         ax.plot(steps, losses, marker="o", markersize=3)
         ax.set_title(f"{name}: training loss")

@@ -1,8 +1,10 @@
-"""Output directories: created up front, with one clear error when they cannot be written.
+"""Output directories: created up front, with one clear error when they cannot be written,
+and flushed to disk before a rename publishes them.
 
 Example:
     >>> ensure_writable_dir("runs/ranker", "workdir")
     PosixPath('runs/ranker')
+    >>> fsync_tree(Path("runs/export/.tmp-posts"))       # then os.replace(...)
 """
 
 import os
@@ -25,3 +27,30 @@ def ensure_writable_dir(path: str | Path, what: str) -> Path:
     except OSError as error:
         raise UserInputError(f"{what} '{directory}' is not writable: {error.strerror}") from None
     return directory
+
+
+def fsync_tree(directory: Path) -> None:
+    """fsync every file and directory under ``directory``, deepest first, then ``directory``."""
+    for path in [*sorted(directory.rglob("*"), key=lambda p: -len(p.parts)), directory]:
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def replaceable_dir(
+    path: str | os.PathLike, marker: str, error: type[Exception], what: str
+) -> Path:
+    """``path`` as an absolute path that a writer may (re)place with one rename: absent,
+    empty, or a directory holding ``marker`` (its own earlier output). Anything else is
+    ``error`` naming ``what`` and the path: other directories are never replaced."""
+    target = Path(path).absolute()
+    if target.exists() and not target.is_dir():
+        raise error(f"{what} '{target}' exists and is not a directory")
+    if target.is_dir() and any(target.iterdir()) and not (target / marker).is_file():
+        raise error(
+            f"{what} '{target}' is a non-empty directory without {marker}; "
+            "refusing to replace it (choose an empty or new directory)"
+        )
+    return target

@@ -52,7 +52,8 @@ def feed_builder(feed_data_dir):
 @pytest.fixture(scope="session")
 def shrunk_ranker_config(repo_root, feed_data_dir):
     """Factory of the tiny feed ranker shrunk for tests (batch 64, id tables of dim 16,
-    MLP (32,), one cross layer) reading the session's feed_logs build; each call returns a fresh ConfigDict
+    MLP (32,), one cross layer) reading the session's feed_logs build; each call returns a
+    fresh ConfigDict
     for a test to add its own overrides to (``with config.unlocked(): ...``)."""
     from lf_jax.configuration import load_config
 
@@ -68,3 +69,25 @@ def shrunk_ranker_config(repo_root, feed_data_dir):
         return config
 
     return make
+
+
+@pytest.fixture(scope="session")
+def mesh_of():
+    """``mesh_of({"data": 2, "model": 4})``: one Mesh per shape for the whole session."""
+    from lf_jax.distributed.mesh import make_mesh
+
+    meshes = {}
+
+    def get(shape):
+        key = tuple(shape.items())
+        if key not in meshes:
+            meshes[key] = make_mesh(dict(shape))
+        return meshes[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def mesh_2x4(mesh_of):
+    """The 8 simulated devices as data 2 x model 4."""
+    return mesh_of({"data": 2, "model": 4})

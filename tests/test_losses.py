@@ -64,7 +64,7 @@ def test_sharded_info_nce_equals_global_value_and_gradient(pair, symmetric):
     value, grads = jax.value_and_grad(global_loss, argnums=(0, 1))(q, d)
     value_s, grads_s = jax.jit(jax.value_and_grad(sharded_loss, argnums=(0, 1)))(q, d)
     assert float(value_s) == pytest.approx(float(value), rel=1e-5)
-    for g, gs in zip(grads, grads_s):
+    for g, gs in zip(grads, grads_s, strict=False):
         np.testing.assert_allclose(np.asarray(gs), np.asarray(g), rtol=1e-4, atol=1e-6)
 
 

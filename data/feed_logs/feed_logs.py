@@ -2,7 +2,7 @@
 
 Configs: tiny (~506k impressions, ~70 s), tiny_unlogged (tiny whose old ranker also saw a
 relevance term the logs lack), small (~1M), large (~10M, minutes to hours); see
-simulator.CONFIGS. Splits: ``train`` (ranked sessions plus a ``random_share`` of
+feed_world.CONFIGS. Splits: ``train`` (ranked sessions plus a ``random_share`` of
 random-order sessions), ``holdout_ranked`` and ``holdout_random`` (held-out sessions;
 random sessions are only in holdout_random). One example per impression:
 
@@ -11,7 +11,7 @@ random sessions are only in holdout_random). One example per impression:
   random_session                                bool
   post_hashtags                                 int64 [1..5]   (variable length)
   history_actors, history_hashtags              int64 [0..50]  (variable, most recent first)
-  dense                                         float32 [8]    (simulator.DENSE_FEATURES)
+  dense                                         float32 [8]    (feed_world.DENSE_FEATURES)
   labels                                        int64 [4]      (like, comment, share, long_dwell)
   true_probs, relevance_probs                   float32 [4]    (with / without position bias)
 
@@ -33,6 +33,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
+from lf_jax import feed_world
 from lf_jax.input.datasets import import_by_path
 
 simulator = import_by_path(
@@ -50,11 +51,11 @@ _REGISTERED = _NAME in tfds.core.registered.list_imported_builders()
 class FeedLogsConfig(tfds.core.BuilderConfig):
     """A BuilderConfig that carries the simulator's config."""
 
-    sim: simulator.SimConfig | None = None
+    sim: feed_world.SimConfig | None = None
 
 
 def _config(sim_config) -> FeedLogsConfig:
-    n = sum(sim_config.num_impressions(split) for split in simulator.SPLITS)
+    n = sum(sim_config.num_impressions(split) for split in feed_world.SPLITS)
     return FeedLogsConfig(
         name=sim_config.name,
         sim=sim_config,
@@ -78,7 +79,7 @@ class FeedLogs(tfds.core.GeneratorBasedBuilder, skip_registration=_REGISTERED):
         "config tiny_unlogged (the old ranker saw a signal the logs lack).",
     }
     BUILDER_CONFIGS = [
-        _config(simulator.CONFIGS[size]) for size in ("tiny", "tiny_unlogged", "small", "large")
+        _config(feed_world.CONFIGS[size]) for size in ("tiny", "tiny_unlogged", "small", "large")
     ]
     DEFAULT_CONFIG_NAME = "tiny"
 
@@ -86,7 +87,7 @@ class FeedLogs(tfds.core.GeneratorBasedBuilder, skip_registration=_REGISTERED):
         sim = self.builder_config.sim
         scalar = tfds.features.Scalar(np.int64)
         ids = tfds.features.Tensor(shape=(None,), dtype=np.int64)
-        four = tfds.features.Tensor(shape=(len(simulator.TASKS),), dtype=np.float32)
+        four = tfds.features.Tensor(shape=(len(feed_world.TASKS),), dtype=np.float32)
         features = tfds.features.FeaturesDict(
             {
                 "member_id": scalar,
@@ -100,9 +101,9 @@ class FeedLogs(tfds.core.GeneratorBasedBuilder, skip_registration=_REGISTERED):
                 "history_actors": ids,
                 "history_hashtags": ids,
                 "dense": tfds.features.Tensor(
-                    shape=(len(simulator.DENSE_FEATURES),), dtype=np.float32
+                    shape=(len(feed_world.DENSE_FEATURES),), dtype=np.float32
                 ),
-                "labels": tfds.features.Tensor(shape=(len(simulator.TASKS),), dtype=np.int64),
+                "labels": tfds.features.Tensor(shape=(len(feed_world.TASKS),), dtype=np.int64),
                 "true_probs": four,
                 "relevance_probs": four,
             }
@@ -116,7 +117,7 @@ class FeedLogs(tfds.core.GeneratorBasedBuilder, skip_registration=_REGISTERED):
 
     def _split_generators(self, dl_manager):
         del dl_manager  # synthetic: nothing to download
-        return {split: self._generate_examples(split) for split in simulator.SPLITS}
+        return {split: self._generate_examples(split) for split in feed_world.SPLITS}
 
     def _generate_examples(self, split):
         sim = self.builder_config.sim

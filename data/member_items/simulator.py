@@ -1,6 +1,6 @@
 """Members and items (posts) of the feed_logs world rendered as text, with planted affinities.
 
-Built from ``data/feed_logs/simulator.make_world`` (same ids: member ``m`` and post ``p``
+Built from ``lf_jax.feed_world.make_world`` (same ids: member ``m`` and post ``p``
 here are member ``m`` and post ``p`` there, string ids "m<id>", "p<id>"), with words from
 ``data/post_texts/simulator.topic_vocabularies`` (the post encoder's topic vocabularies):
 
@@ -25,6 +25,7 @@ import os
 
 import numpy as np
 
+from lf_jax import feed_world
 from lf_jax.input.datasets import import_by_path
 
 SPLITS = ("train", "test", "members", "items")
@@ -32,9 +33,6 @@ MEMBER_NUMERIC = ("followers", "activity", "account_age_days")
 ITEM_NUMERIC = ("author_followers", "prior_likes", "age_hours", "is_reshare")
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-feed = import_by_path(
-    "lf_jax_data_feed_logs_simulator", os.path.join(_HERE, "../feed_logs/simulator.py")
-)
 texts = import_by_path(
     "lf_jax_data_post_texts_simulator", os.path.join(_HERE, "../post_texts/simulator.py")
 )
@@ -51,7 +49,7 @@ class MemberItemsConfig:
     seed: int = 0
 
     def metadata(self) -> dict:
-        sim = feed.CONFIGS[self.feed_config]
+        sim = feed_world.CONFIGS[self.feed_config]
         return {
             "config": self.name,
             "feed_config": self.feed_config,
@@ -95,8 +93,8 @@ def affinity_scores(world, members: np.ndarray) -> np.ndarray:
 
 def make_entities(cfg: MemberItemsConfig) -> dict:
     """Entity texts, numeric features and train/test pairs (deterministic given cfg.seed)."""
-    sim = feed.CONFIGS[cfg.feed_config]
-    world = feed.make_world(sim)
+    sim = feed_world.CONFIGS[cfg.feed_config]
+    world = feed_world.make_world(sim)
     rng = np.random.default_rng(np.random.SeedSequence(cfg.seed, spawn_key=(5,)))
     vocabs = texts.topic_vocabularies(sim.num_topics, cfg.words_per_topic, cfg.seed)
     hashtag_topic = np.argmax(world.hashtag_vecs @ world.topic_vecs.T, axis=1)

@@ -13,6 +13,7 @@ Example:
 import os
 import re
 
+from lf_jax.checks import check_int
 from lf_jax.errors import UserInputError
 
 _FLAG = "--xla_force_host_platform_device_count"
@@ -26,6 +27,20 @@ def _strip_flag(xla_flags: str) -> str:
     return re.sub(rf"{_FLAG}=\S+", "", xla_flags).strip()
 
 
+def backends_started() -> bool:
+    """Whether a JAX backend is already up, through the public config API: jax refuses to
+    change ``jax_num_cpu_devices`` once it is (the probe puts the value back)."""
+    import jax
+
+    current = jax.config.jax_num_cpu_devices
+    try:
+        jax.config.update("jax_num_cpu_devices", current + 1)
+    except RuntimeError:
+        return True
+    jax.config.update("jax_num_cpu_devices", current)
+    return False
+
+
 def simulate_cpu_devices(count: int) -> int:
     """Makes the CPU backend expose ``count`` devices; returns the device count.
 
@@ -33,12 +48,10 @@ def simulate_cpu_devices(count: int) -> int:
     DeviceSetupError when jax already started with another count (restart the kernel
     or process), and ValueError for a count below 1.
     """
-    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-        raise ValueError(f"simulate_cpu_devices: count must be a positive int, got {count!r}")
+    check_int("simulate_cpu_devices: count", count, ValueError)
     import jax
-    from jax._src import xla_bridge
 
-    if xla_bridge.backends_are_initialized():
+    if backends_started():
         have = jax.device_count()
         platform = jax.default_backend()
         if platform == "cpu" and have == count:

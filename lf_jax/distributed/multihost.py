@@ -34,6 +34,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator, Mapping
 
+from lf_jax.checks import check_int
 from lf_jax.errors import UserInputError
 
 ENV_PREFIX = "LF_JAX_"
@@ -261,10 +262,9 @@ def initialize(
     computation; calling it again with the same settings is a no-op.
     """
     import jax
-    from jax._src import xla_bridge
 
     from lf_jax.console import get_logger
-    from lf_jax.distributed.devices import simulate_cpu_devices
+    from lf_jax.distributed.devices import backends_started, simulate_cpu_devices
 
     settings = settings_from_env() if settings is None else settings
     if _INITIALIZED:
@@ -277,14 +277,13 @@ def initialize(
         if cpu_devices is not None:
             simulate_cpu_devices(cpu_devices)
         return settings
-    if xla_bridge.backends_are_initialized():
+    if backends_started():
         raise DistributedConfigError(
             "multihost.initialize() must run before any jax computation (jax already started "
             f"with {jax.device_count()} device(s)); call it first in the program"
         )
     if cpu_devices is not None:
-        if not isinstance(cpu_devices, int) or isinstance(cpu_devices, bool) or cpu_devices < 1:
-            raise DistributedConfigError(f"cpu_devices={cpu_devices!r} must be a positive int")
+        check_int("cpu_devices", cpu_devices, DistributedConfigError)
         os.environ["JAX_PLATFORMS"] = "cpu"
         jax.config.update("jax_platforms", "cpu")
         jax.config.update("jax_num_cpu_devices", cpu_devices)
@@ -353,9 +352,10 @@ def barrier(name: str) -> None:
 
 
 def _preemption_service_running() -> bool:
-    from jax._src import distributed
+    """jax.distributed starts the preemption service when this config flag is on."""
+    import jax
 
-    return distributed.global_state.preemption_sync_manager is not None
+    return bool(jax.config.jax_enable_preemption_service)
 
 
 @contextlib.contextmanager

@@ -11,13 +11,13 @@ Example:
 from lf_jax.embedding.collection import EmbeddingCollection, SparseBatch
 from lf_jax.embedding.layer import Embedding, EmbeddingState
 from lf_jax.embedding.plan import load_plan, save_plan, validate_plan
+from lf_jax.embedding.preprocess import InvalidIdsError, preprocess
 from lf_jax.embedding.sharding.column_wise import column_wise
 from lf_jax.embedding.sharding.data_parallel import data_parallel
 from lf_jax.embedding.sharding.piece import PlanError
 from lf_jax.embedding.sharding.row_wise import row_wise
 from lf_jax.embedding.sharding.table_wise import table_wise
 from lf_jax.embedding.sharding.table_wise_row_wise import table_wise_row_wise
-from lf_jax.embedding.preprocess import InvalidIdsError, preprocess
 from lf_jax.embedding.sparse_optim import adam, rowwise_adagrad, sgd
 from lf_jax.embedding.spec import FeatureSpec, SpecError, TableSpec
 

@@ -17,6 +17,7 @@ Example:
 import functools
 import zlib
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -79,7 +80,10 @@ class EmbeddingCollection:
 
     def init(self, key: jax.Array) -> dict:
         """Sharded state from each table's initializer; values do not depend on the plan."""
-        logical = lambda: {name: _initial_table(spec, key) for name, spec in self.tables.items()}
+
+        def logical():
+            return {name: _initial_table(spec, key) for name, spec in self.tables.items()}
+
         return jax.jit(
             lambda: self._state_from_logical(logical(), None, 0),
             out_shardings=self.state_shardings(),
@@ -93,17 +97,20 @@ class EmbeddingCollection:
     ) -> dict:
         """Sharded state from logical [vocab, dim] tables (+ optional slots), any plan."""
         for name, spec in self.tables.items():
-            shape = np.shape(tables.get(name))
+            shape = np.shape(tables[name]) if name in tables else ()
             if shape != (spec.vocab_size, spec.dim):
                 raise UserInputError(
                     f"table '{name}': expected logical shape "
                     f"{(spec.vocab_size, spec.dim)}, got {shape}"
                 )
-        fn = lambda t, s: self._state_from_logical(t, s, step)
+
+        def fn(t, s):
+            return self._state_from_logical(t, s, step)
+
         return jax.jit(fn, out_shardings=self.state_shardings())(dict(tables), slots)
 
     def _state_from_logical(self, tables, slots, step) -> dict:
-        state = {"tables": {}, "slots": {}, "step": jnp.asarray(step, jnp.int32)}
+        state: dict[str, Any] = {"tables": {}, "slots": {}, "step": jnp.asarray(step, jnp.int32)}
         for group in self.groups:
             dtype = jnp.dtype(group.dtype)
             state["tables"][group.name] = self._place(group, tables, dtype, with_dim=True)
@@ -133,16 +140,21 @@ class EmbeddingCollection:
         return state
 
     def _place(self, group: Group, logical: Mapping, dtype, with_dim: bool) -> jax.Array:
+        """Stored [S, R(, D)] array of ``group`` from logical arrays per table. Without
+        ``with_dim`` (a row-wise slot) a logical [V, D] array gives each piece the column
+        at its col_start; a [V] array gives every piece the same values."""
         trailing = (group.dim,) if with_dim else ()
         stored = jnp.zeros((group.num_slots, group.rows, *trailing), dtype)
         for piece in group.pieces:
             block = jnp.asarray(logical[piece.table]).astype(dtype)
             if with_dim:
                 block = block[:, piece.col_start : piece.col_end]
+            elif block.ndim == 2:
+                block = block[:, piece.col_start]
             padded_rows = piece.num_slots * piece.rows_per_slot
             block = jnp.pad(block, [(0, padded_rows - block.shape[0])] + [(0, 0)] * len(trailing))
             block = block.reshape(piece.num_slots, piece.rows_per_slot, *trailing)
-            stop = piece.slot0 + (piece.num_slots - 1) * piece.slot_stride + 1
+            stop = piece.slots()[-1] + 1
             stored = stored.at[
                 piece.slot0 : stop : piece.slot_stride,
                 piece.row_offset : piece.row_offset + piece.rows_per_slot,
@@ -150,9 +162,10 @@ class EmbeddingCollection:
         return stored
 
     def to_logical(self, state: Mapping) -> dict:
-        """Jit-able logical form: {"tables": {name: [V, D]}, "slots": {name: {slot: [V(, D)]}},
-        "step"}. A row-wise slot of a column_wise table keeps one value per column piece;
-        the logical form holds their mean (restoring broadcasts it to every piece)."""
+        """Jit-able logical form: {"tables": {name: [V, D]}, "slots": {name: {slot: [V, D]}},
+        "step"}. A row-wise slot ([V] per piece, e.g. the Adagrad accumulator) is stored per
+        column: each column holds the value of the piece that owns it, so the per-piece
+        accumulators of a column_wise table survive a checkpoint exactly, on any plan."""
         tables: dict[str, list] = {}
         slots: dict[str, dict[str, list]] = {}
         for group in self.groups:
@@ -160,22 +173,23 @@ class EmbeddingCollection:
                 tables.setdefault(piece.table, []).append((piece.col_start, rows))
             for name, stored in state["slots"][group.name].items():
                 for piece, rows in self._piece_rows(group, stored):
+                    if rows.ndim == 1:  # one value per row of the piece: one per column
+                        width = piece.col_end - piece.col_start
+                        rows = jnp.broadcast_to(rows[:, None], (rows.shape[0], width))
                     slots.setdefault(piece.table, {}).setdefault(name, []).append(
                         (piece.col_start, rows)
                     )
-        ordered = lambda parts: [rows for _, rows in sorted(parts, key=lambda p: p[0])]
+
+        def ordered(parts):
+            return [rows for _, rows in sorted(parts, key=lambda p: p[0])]
+
         return {
             "tables": {
                 name: jnp.concatenate(ordered(parts), axis=1) for name, parts in tables.items()
             },
             "slots": {
                 table: {
-                    name: (
-                        jnp.concatenate(ordered(parts), axis=1)
-                        if parts[0][1].ndim == 2
-                        else jnp.mean(jnp.stack(ordered(parts)), axis=0)
-                    )
-                    for name, parts in by_slot.items()
+                    name: jnp.concatenate(ordered(parts), axis=1) for name, parts in by_slot.items()
                 }
                 for table, by_slot in slots.items()
             },
@@ -199,8 +213,8 @@ class EmbeddingCollection:
             "tables": {n: rows(t.vocab_size, 2) for n, t in self.tables.items()},
             "slots": {
                 n: {
-                    name: rows(t.vocab_size, 1 + len(shape))
-                    for name, shape in t.optimizer.slot_shapes(t.dim).items()
+                    name: rows(t.vocab_size, 2)  # every logical slot is [V, D]
+                    for name in t.optimizer.slot_shapes(t.dim)
                 }
                 for n, t in self.tables.items()
                 if t.optimizer.slot_shapes(t.dim)
@@ -213,7 +227,7 @@ class EmbeddingCollection:
         return jax.device_get(self._jitted_to_logical(state)["tables"])
 
     def logical_slots(self, state: Mapping) -> dict[str, dict[str, np.ndarray]]:
-        """Optimizer slots per table in logical form ([vocab] or [vocab, dim]), as numpy."""
+        """Optimizer slots per table in logical [vocab, dim] form (see to_logical), as numpy."""
         return jax.device_get(self._jitted_to_logical(state)["slots"])
 
     @functools.cached_property
@@ -222,7 +236,7 @@ class EmbeddingCollection:
 
     def _piece_rows(self, group: Group, stored):
         for piece in group.pieces:
-            stop = piece.slot0 + (piece.num_slots - 1) * piece.slot_stride + 1
+            stop = piece.slots()[-1] + 1
             block = stored[
                 piece.slot0 : stop : piece.slot_stride,
                 piece.row_offset : piece.row_offset + piece.rows_per_slot,
@@ -300,12 +314,15 @@ class EmbeddingCollection:
             if not route.blocks:
                 continue
             name = route.group.name
+            slot_kbe, local_kbe, coef_kbe = route.entries(batch.ids, coefs)
             tables[name], slots[name] = group_update(
                 self.mesh,
                 route,
                 tables[name],
                 slots[name],
-                *route.entries(batch.ids, coefs),
+                slot_kbe,
+                local_kbe,
+                coef_kbe,
                 route.join_gradients(activation_grads),
                 step,
             )

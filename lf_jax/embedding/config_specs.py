@@ -20,6 +20,7 @@ Example:
 from collections.abc import Mapping
 from typing import Any
 
+from lf_jax.checks import check_int
 from lf_jax.embedding.plan import STRATEGIES
 from lf_jax.embedding.sparse_optim import from_config as optimizer_from_config
 from lf_jax.embedding.spec import (
@@ -82,8 +83,7 @@ def _check_values(
 ) -> None:
     for key in positive:
         value = values.get(key, 1)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise EmbeddingConfigError(f"{where}.{key} must be a positive int, got {value!r}")
+        check_int(f"{where}.{key}", value, EmbeddingConfigError)
     for key, allowed in choices.items():
         if key in values and values[key] not in allowed:
             raise EmbeddingConfigError(
@@ -182,8 +182,6 @@ def memory_budget_from_config(embedding: Mapping) -> int:
     value = embedding.get("memory_budget_bytes") if hasattr(embedding, "get") else None
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise EmbeddingConfigError(
-            f"embedding.memory_budget_bytes must be a positive int (bytes per device), got {value!r}"
-        )
-    return value
+    return check_int(
+        "embedding.memory_budget_bytes", value, EmbeddingConfigError, hint=" (bytes per device)"
+    )

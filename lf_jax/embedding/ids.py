@@ -21,8 +21,7 @@ Example:
     >>> id_map.save("/tmp/member_ids"); IdMap.load("/tmp/member_ids").num_rows
     4
 
-The string hashing lives in string_hash.py; hash_strings, mix64 and IdMapError are
-importable from here too.
+The string hashing (hash_strings, mix64, IdMapError) lives in string_hash.py.
 """
 
 import dataclasses
@@ -33,13 +32,13 @@ import uuid
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-# Some names are imported only so that callers keep importing them from this module.
+from lf_jax.checks import check_int, first_duplicate
 from lf_jax.embedding.string_hash import (
     GOLDEN,
-    HASH_CHUNK,
     MASK64,
     IdMapError,
     as_string_array,
@@ -86,15 +85,11 @@ def _first_duplicate(keys, hashes: np.ndarray) -> tuple[str, int, int] | None:
         return None
     suspects = np.unique(np.concatenate([order[:-1][same], order[1:][same]]))
     flat = keys.reshape(-1) if isinstance(keys, np.ndarray) else keys
-    strings = as_string_array([flat[i] for i in suspects], "keys")
-    by_key = np.lexsort((suspects, strings))
-    strings, suspects = strings[by_key], suspects[by_key]
-    repeats = np.flatnonzero(strings[1:] == strings[:-1])
-    if repeats.size == 0:
+    duplicate = first_duplicate(as_string_array([flat[i] for i in suspects], "keys"))
+    if duplicate is None:
         return None  # a 64-bit collision of two different keys: the caller re-seeds
-    second = repeats[np.argmin(suspects[repeats + 1])]
-    first = suspects[np.flatnonzero(strings == strings[second + 1])[0]]
-    return str(strings[second + 1]), int(first), int(suspects[second + 1])
+    key, first, second = duplicate  # positions among the suspects, in row order
+    return key, int(suspects[first]), int(suspects[second])
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
@@ -136,12 +131,7 @@ class IdMap:
         a known one with probability about 2**-fingerprint_bits. preserve_order: row of
         ``keys[i]`` is ``i`` (4 more bytes per key); otherwise rows follow the hash.
         """
-        if (
-            not isinstance(num_oov_buckets, (int, np.integer))
-            or isinstance(num_oov_buckets, bool)
-            or num_oov_buckets < 0
-        ):
-            raise IdMapError(f"num_oov_buckets must be an int >= 0, got {num_oov_buckets!r}")
+        check_int("num_oov_buckets", num_oov_buckets, IdMapError, minimum=0)
         if (
             not isinstance(gamma, (int, float))
             or isinstance(gamma, bool)
@@ -346,7 +336,8 @@ class IdMap:
             "fingerprint_bits": self.fingerprint_bits,
             "preserve_order": self.order is not None,
         }
-        arrays = {
+        arrays: dict[str, Any] = {
+            "header": np.array(json.dumps(header)),
             "level_words": self.level_words,
             "words": self.words,
             "fingerprints": self.fingerprints,
@@ -356,7 +347,7 @@ class IdMap:
             arrays["order"] = self.order
         try:
             with open(temp, "wb") as file:
-                np.savez(file, header=np.array(json.dumps(header)), **arrays)
+                np.savez(file, **arrays)
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(temp, path)

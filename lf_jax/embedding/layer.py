@@ -46,7 +46,10 @@ class Embedding(nnx.Module):
         if (key is None) == (state is None):
             raise ValueError("Embedding needs exactly one of key= (fresh tables) or state=")
         self.collection = collection
-        self.state = EmbeddingState(dict(state) if state is not None else collection.init(key))
+        if state is None:
+            assert key is not None  # exactly one of them, checked above
+            state = collection.init(key)
+        self.state = EmbeddingState(dict(state))
 
     def __call__(self, batch: SparseBatch) -> dict[str, jax.Array]:
         """Activations per feature: pooled [B, D] or sequence [B, max_ids, D]."""

@@ -74,7 +74,8 @@ class GroupRoute:
     @classmethod
     def build(cls, group: Group, features: Mapping) -> "GroupRoute":
         """Blocks for every feature reading a table with a piece in ``group``."""
-        blocks, columns = [], {k: [] for k in ("slot0", "stride", "rpp", "offset", "out")}
+        blocks: list[Block] = []
+        columns: dict[str, list] = {k: [] for k in ("slot0", "stride", "rpp", "offset", "out")}
         out_start = 0
         load = np.zeros(group.num_slots)  # expected entries per owner, rows spread evenly
         for feature in features.values():

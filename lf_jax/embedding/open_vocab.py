@@ -22,11 +22,13 @@ Example:
 
 import dataclasses
 import math
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
-from lf_jax.embedding.sparse_optim import SGD
+from lf_jax.checks import check_int
+from lf_jax.embedding.sparse_optim import SparseOptimizer
 from lf_jax.embedding.spec import COMBINERS, FeatureSpec, TableSpec
 from lf_jax.embedding.string_hash import hash_strings, mix64
 from lf_jax.errors import UserInputError
@@ -39,12 +41,6 @@ class OpenVocabError(UserInputError):
     """Bad ids or arguments for the hashing trick or quotient-remainder embeddings."""
 
 
-def _positive_int(field: str, value) -> int:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        raise OpenVocabError(f"{field} must be a positive int, got {value!r}")
-    return int(value)
-
-
 def hash_to_rows(keys_or_ids, num_rows: int, seed: int = 0) -> np.ndarray:
     """The hashing trick: string or integer ids -> int32 rows in [0, num_rows), same shape.
 
@@ -55,7 +51,7 @@ def hash_to_rows(keys_or_ids, num_rows: int, seed: int = 0) -> np.ndarray:
     Example:
         >>> hash_to_rows(np.array([3, 3, 17]), num_rows=10, seed=1)   # same id, same row
     """
-    num_rows = _positive_int("num_rows", num_rows)
+    num_rows = check_int("num_rows", num_rows, OpenVocabError)
     if num_rows >= 2**31:
         raise OpenVocabError(f"num_rows must be < 2**31 (int32 rows), got {num_rows}")
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed < 2**64:
@@ -87,7 +83,7 @@ def quotient_remainder_rows(ids, num_remainder_rows: int, vocab_size: int | None
         >>> quotient_remainder_rows(np.array([0, 7, 1001]), num_remainder_rows=1000)
         (array([0, 0, 1]), array([0, 7, 1]))
     """
-    m = _positive_int("num_remainder_rows", num_remainder_rows)
+    m = check_int("num_remainder_rows", num_remainder_rows, OpenVocabError)
     if isinstance(ids, (list, tuple, int, np.integer)):
         ids = np.asarray(ids)
     if isinstance(ids, np.ndarray):
@@ -188,7 +184,7 @@ def quotient_remainder_specs(
     dim: int = 32,
     max_ids: int = 1,
     combiner: str = "sum",
-    optimizer: SGD | None = None,
+    optimizer: SparseOptimizer | None = None,
     *,
     op: str = "mult",
     initializer: str = "normal",
@@ -208,10 +204,10 @@ def quotient_remainder_specs(
         >>> [t.vocab_size for t in qr.tables]
         [1000, 1000]
     """
-    vocab_size = _positive_int("vocab_size", vocab_size)
+    vocab_size = check_int("vocab_size", vocab_size, OpenVocabError)
     if num_remainder_rows is None:
         num_remainder_rows = math.isqrt(vocab_size - 1) + 1
-    m = _positive_int("num_remainder_rows", num_remainder_rows)
+    m = check_int("num_remainder_rows", num_remainder_rows, OpenVocabError)
     if m > vocab_size:
         raise OpenVocabError(
             f"feature '{name}': num_remainder_rows must be <= vocab_size={vocab_size}, got {m}"
@@ -223,8 +219,8 @@ def quotient_remainder_specs(
             f"feature '{name}': combiner must be one of {COMBINERS}, got {combiner!r}"
         )
     if init_scale is None and op == "mult":
-        init_scale = _positive_int("dim", dim) ** -0.25
-    table_fields = {
+        init_scale = check_int("dim", dim, OpenVocabError) ** -0.25
+    table_fields: dict[str, Any] = {
         "dim": dim,
         "initializer": initializer,
         "init_scale": init_scale,

@@ -60,7 +60,7 @@ def _to_padded(name: str, raw: Any, max_ids: int, truncate: bool, what: str) -> 
                 f"are {values.size} {what}"
             )
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-        raw = [values[s : s + n] for s, n in zip(starts, lengths)]
+        raw = [values[s : s + n] for s, n in zip(starts, lengths, strict=False)]
     if isinstance(raw, np.ndarray) and raw.ndim in (1, 2) and raw.dtype != object:
         array = raw[:, None] if raw.ndim == 1 else raw
         _check_dtype(name, array, what)
@@ -68,7 +68,9 @@ def _to_padded(name: str, raw: Any, max_ids: int, truncate: bool, what: str) -> 
         width = min(array.shape[1], max_ids)
         if array.shape[1] > max_ids and not truncate:
             too_long = (
-                np.nonzero((array[:, max_ids:] != -1).any(axis=1))[0] if what == "ids" else []
+                np.nonzero((array[:, max_ids:] != -1).any(axis=1))[0].tolist()
+                if what == "ids"
+                else []
             )
             if len(too_long):
                 raise InvalidIdsError(
@@ -164,7 +166,8 @@ def preprocess(
             row, col = map(int, np.argwhere(bad)[0])
             if feature.oov_row is None:
                 raise InvalidIdsError(
-                    f"feature '{name}': id {int(padded[row, col])} (example {row}) is outside table "
+                    f"feature '{name}': id {int(padded[row, col])} (example {row}) is outside "
+                    "table "
                     f"'{feature.table}' rows [0, {vocab}); set oov_row to map such ids"
                 )
             padded[bad] = feature.oov_row

@@ -13,8 +13,10 @@ Example:
     >>> new_rows, new_slots = opt.update(rows_ud, grads_ud, slots_at_u, step=1)
 """
 
+import abc
 import dataclasses
-from typing import ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import jax.numpy as jnp
 
@@ -27,21 +29,26 @@ def _positive(name: str, value: float) -> None:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class SGD:
-    """rows -= learning_rate * grad. No slots."""
+class SparseOptimizer(abc.ABC):
+    """What every sparse optimizer is: a learning rate, per-row slots and a row update."""
 
     learning_rate: float
-    kind: ClassVar[str] = "sgd"
+    kind: ClassVar[str]
 
     def __post_init__(self):
         _positive("learning_rate", self.learning_rate)
 
+    @abc.abstractmethod
     def slot_shapes(self, dim: int) -> dict[str, tuple[int, ...]]:
-        """Per-row slot shapes (without the row axis)."""
-        return {}
+        """Per-row slot shapes (without the row axis): () row-wise, (dim,) element-wise."""
 
+    @abc.abstractmethod
     def slot_init(self, name: str) -> float:
-        raise KeyError(name)
+        """The initial value of slot ``name``."""
+
+    @abc.abstractmethod
+    def update(self, rows_ud, grads_ud, slots: dict, step) -> tuple[Any, dict]:
+        """(new rows [U, D], new slots) of the touched rows; ``step`` is 1-based."""
 
     def init_slots(self, num_rows: int, dim: int, dtype=jnp.float32) -> dict:
         return {
@@ -49,31 +56,44 @@ class SGD:
             for name, shape in self.slot_shapes(dim).items()
         }
 
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SGD(SparseOptimizer):
+    """rows -= learning_rate * grad. No slots."""
+
+    kind: ClassVar[str] = "sgd"
+
+    def slot_shapes(self, dim: int) -> dict[str, tuple[int, ...]]:
+        return {}
+
+    def slot_init(self, name: str) -> float:
+        raise KeyError(name)
+
     def update(self, rows_ud, grads_ud, slots: dict, step):
         return rows_ud - self.learning_rate * grads_ud, slots
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class RowWiseAdagrad(SGD):
+class RowWiseAdagrad(SparseOptimizer):
     """One accumulator per row: acc += mean(g^2); rows -= lr * g / (sqrt(acc) + eps)."""
 
-    learning_rate: float
     initial_accumulator: float = 0.1
     eps: float = 1e-8
     kind: ClassVar[str] = "rowwise_adagrad"
 
     def __post_init__(self):
-        _positive("learning_rate", self.learning_rate)
+        super().__post_init__()
         _positive("eps", self.eps)
         if self.initial_accumulator < 0:
             raise UserInputError(
-                f"rowwise_adagrad: initial_accumulator must be >= 0, got {self.initial_accumulator!r}"
+                "rowwise_adagrad: initial_accumulator must be >= 0, got "
+                f"{self.initial_accumulator!r}"
             )
 
-    def slot_shapes(self, dim):
+    def slot_shapes(self, dim: int) -> dict[str, tuple[int, ...]]:
         return {"accumulator": ()}
 
-    def slot_init(self, name):
+    def slot_init(self, name: str) -> float:
         return self.initial_accumulator
 
     def update(self, rows_ud, grads_ud, slots, step):
@@ -83,27 +103,26 @@ class RowWiseAdagrad(SGD):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Adam(SGD):
+class Adam(SparseOptimizer):
     """Lazy Adam: moments of touched rows only, bias correction from the global step."""
 
-    learning_rate: float
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
     kind: ClassVar[str] = "adam"
 
     def __post_init__(self):
-        _positive("learning_rate", self.learning_rate)
+        super().__post_init__()
         _positive("eps", self.eps)
         for name in ("b1", "b2"):
             value = getattr(self, name)
             if not 0 <= value < 1:
                 raise UserInputError(f"adam: {name} must be in [0, 1), got {value!r}")
 
-    def slot_shapes(self, dim):
+    def slot_shapes(self, dim: int) -> dict[str, tuple[int, ...]]:
         return {"mu": (dim,), "nu": (dim,)}
 
-    def slot_init(self, name):
+    def slot_init(self, name: str) -> float:
         return 0.0
 
     def update(self, rows_ud, grads_ud, slots, step):
@@ -116,9 +135,6 @@ class Adam(SGD):
             "mu": mu_ud,
             "nu": nu_ud,
         }
-
-
-SparseOptimizer = SGD  # the protocol every sparse optimizer follows
 
 
 def sgd(learning_rate: float) -> SGD:
@@ -140,12 +156,11 @@ def adam(learning_rate: float, b1: float = 0.9, b2: float = 0.999, eps: float = 
     return Adam(learning_rate=learning_rate, b1=b1, b2=b2, eps=eps)
 
 
-def from_config(kind: str, **kwargs) -> SGD:
+def from_config(kind: str, **kwargs) -> SparseOptimizer:
     """Builds an optimizer from a config name: sgd | rowwise_adagrad | adam."""
-    makers = {
+    makers: dict[str, Callable[..., SparseOptimizer]] = {
         "sgd": sgd,
         "rowwise_adagrad": rowwise_adagrad,
-        "adagrad": rowwise_adagrad,
         "adam": adam,
     }
     if kind not in makers:

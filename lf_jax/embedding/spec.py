@@ -16,7 +16,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from lf_jax.embedding.sparse_optim import SGD, sgd
+from lf_jax.checks import check_int
+from lf_jax.embedding.sparse_optim import SparseOptimizer, sgd
 from lf_jax.errors import UserInputError
 
 COMBINERS = ("sum", "mean", "sqrtn", "none")
@@ -42,7 +43,7 @@ class TableSpec:
     dim: int
     initializer: str = "normal"
     init_scale: float | None = None
-    optimizer: SGD = dataclasses.field(default_factory=lambda: sgd(0.01))
+    optimizer: SparseOptimizer = dataclasses.field(default_factory=lambda: sgd(0.01))
     dtype: str = "float32"
 
     def __post_init__(self):
@@ -50,10 +51,7 @@ class TableSpec:
             raise SpecError(f"TableSpec.name must be a non-empty string, got {self.name!r}")
         for field in ("vocab_size", "dim"):
             value = getattr(self, field)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-                raise SpecError(
-                    f"table '{self.name}': {field} must be a positive int, got {value!r}"
-                )
+            check_int(f"table '{self.name}': {field}", value, SpecError)
         if self.initializer not in INITIALIZERS:
             raise SpecError(
                 f"table '{self.name}': initializer must be one of {INITIALIZERS}, "
@@ -63,7 +61,7 @@ class TableSpec:
             raise SpecError(
                 f"table '{self.name}': dtype must be one of {DTYPES}, got {self.dtype!r}"
             )
-        if not isinstance(self.optimizer, SGD):
+        if not isinstance(self.optimizer, SparseOptimizer):
             raise SpecError(
                 f"table '{self.name}': optimizer must come from "
                 f"lf_jax.embedding.sparse_optim, got {self.optimizer!r}"
@@ -104,14 +102,7 @@ class FeatureSpec:
     def __post_init__(self):
         if not self.name or not isinstance(self.name, str):
             raise SpecError(f"FeatureSpec.name must be a non-empty string, got {self.name!r}")
-        if (
-            not isinstance(self.max_ids, (int, np.integer))
-            or isinstance(self.max_ids, bool)
-            or self.max_ids < 1
-        ):
-            raise SpecError(
-                f"feature '{self.name}': max_ids must be a positive int, got {self.max_ids!r}"
-            )
+        check_int(f"feature '{self.name}': max_ids", self.max_ids, SpecError)
         if self.combiner not in COMBINERS:
             raise SpecError(
                 f"feature '{self.name}': combiner must be one of {COMBINERS}, got {self.combiner!r}"

@@ -32,7 +32,7 @@ class IdMapError(UserInputError):
     """Bad keys, arguments or files for an IdMap (``hash_strings`` raises it for bad keys too)."""
 
 
-def mix64(h: np.ndarray) -> np.ndarray:
+def mix64(h: np.ndarray | np.unsignedinteger) -> np.ndarray:
     """The murmur3 64-bit finaliser (a bijection with full avalanche), on a uint64 array."""
     h = np.array(h, dtype=np.uint64)  # a copy: callers keep their keys
     h ^= h >> np.uint64(33)

@@ -1,29 +1,25 @@
 """Export: a ScaNN vector index keyed by string ids, and an int8 LMDB key-value store.
 
-Imported lazily, so ``import lf_jax.export`` loads neither scann nor lmdb until used.
-
 Example:
     >>> from lf_jax.export import VectorIndex, KVStore
 """
 
-_EXPORTS = {
-    "VectorIndex": "lf_jax.export.scann_index",
-    "VectorIndexError": "lf_jax.export.scann_index",
-    "SearchParams": "lf_jax.export.scann_index",
-    "exact_search": "lf_jax.export.scann_index",
-    "recall_at_k": "lf_jax.export.scann_index",
-    "KVStore": "lf_jax.export.kv_store",
-    "KVStoreError": "lf_jax.export.kv_store",
-    "quantize_int8": "lf_jax.export.kv_store",
-    "dequantize_int8": "lf_jax.export.kv_store",
-    "quantization_error": "lf_jax.export.kv_store",
-}
-__all__ = sorted(_EXPORTS)
+from lf_jax.export.index_inputs import VectorIndexError
+from lf_jax.export.kv_inputs import KVStoreError
+from lf_jax.export.kv_store import KVStore
+from lf_jax.export.quantize import dequantize_int8, quantization_error, quantize_int8
+from lf_jax.export.scann_index import VectorIndex
+from lf_jax.export.scann_tuning import SearchParams, exact_search, recall_at_k
 
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'lf_jax.export' has no attribute {name!r}")
+__all__ = [
+    "KVStore",
+    "KVStoreError",
+    "SearchParams",
+    "VectorIndex",
+    "VectorIndexError",
+    "dequantize_int8",
+    "exact_search",
+    "quantization_error",
+    "quantize_int8",
+    "recall_at_k",
+]

@@ -1,15 +1,15 @@
 """Corpus sources for ``lf-jax export``: one small class per model family.
 
-Each class restores a checkpoint onto the mesh and implements the CorpusSource protocol
-of embed_corpus.py (entities, dims, corpus, embed). Adding a family whose TrainingTask
-offers ``corpus(side)`` and ``embed(state, side, records)`` is one entry in
-``embed_corpus.FAMILIES`` pointing at a ``TaskCorpus`` subclass that names its sides.
+Each class builds its family's model from the config (``RankerModel``,
+``DualEncoderModel``: no training task, nothing written), restores the checkpoint onto the
+mesh and implements the CorpusSource protocol of embed_corpus.py (entities, dims, corpus,
+embed). A new family is one such class plus ``corpus=`` in lf_jax/train/families.py.
 
   * RankerCorpus (feed_ranker): members and posts are rows of the ranker's member and
     post id tables, looked up on the mesh through the embedding collection (the tables
     stay sharded as planned); ids "m<id>" and "p<id>" like the dual encoder's.
   * DualEncoderCorpus (dual_encoder): members and items through the trained tiny Llama
-    (``DualEncoderTask.corpus`` / ``embed``), unit-norm rows, cosine.
+    (``DualEncoderModel.corpus`` / ``embed``), unit-norm rows, cosine.
 
 Example:
     >>> source = RankerCorpus(config, "runs/ranker_tiny", step=None)   # latest checkpoint
@@ -17,12 +17,10 @@ Example:
     >>> source.embed("posts", records[:256]).shape   # (256, 16), the post table's rows
 """
 
-import tempfile
-
 import jax
 import numpy as np
 
-from lf_jax.export.embed_corpus import ExportError, find_checkpoint, restore_task_state
+from lf_jax.export.embed_corpus import ExportError, find_checkpoint, restore_state
 
 RANKER_ENTITIES = {  # entity -> (feature that reads the table, id prefix, dataset count key)
     "members": ("member_id", "m", "num_members"),
@@ -45,17 +43,15 @@ class RankerCorpus:
     metric = "dot_product"
 
     def __init__(self, config, workdir, step: int | None = None):
-        from lf_jax.train.loop import build_task
+        from lf_jax.distributed.mesh import make_mesh
+        from lf_jax.train.ranker_model import RankerModel
+        from lf_jax.train.step import dense_optimizer
 
         self.checkpoint_dir, self.step = find_checkpoint(workdir, step)
-        config = config.copy_and_resolve_references()
-        with config.unlocked():
-            config.train.ips = False  # loss weights only; export needs no IPS pass over the logs
-        # The task writes plan.json into its workdir: keep the training workdir untouched.
-        self._scratch = tempfile.TemporaryDirectory(prefix="lf_jax_export_")
-        self.task = build_task(config, self._scratch.name)
-        self.state = restore_task_state(self.task, self.checkpoint_dir, self.step)
-        self.collection = self.task.collection
+        self.model = RankerModel.from_config(config, make_mesh(dict(config.mesh)), build=False)
+        self.collection = self.model.collection
+        template = self.model.init_state(dense_optimizer(config.train), config.seed)
+        self.state = restore_state(template, self.collection, self.checkpoint_dir, self.step)
         self._lookup = jax.jit(self.collection.lookup)
         self._pad_to: int | None = None
 
@@ -68,7 +64,7 @@ class RankerCorpus:
 
     def corpus(self, entity: str) -> tuple[list[str], np.ndarray]:
         _, prefix, count_key = RANKER_ENTITIES[entity]
-        count = int(self.task.meta[count_key])
+        count = int(self.model.meta[count_key])
         return [f"{prefix}{i}" for i in range(count)], np.arange(count, dtype=np.int64)
 
     def embed(self, entity: str, records) -> np.ndarray:
@@ -88,58 +84,45 @@ class RankerCorpus:
         return _gather_to_host(out)[: ids.size]
 
     def close(self) -> None:
-        self._scratch.cleanup()
+        pass
 
 
-class TaskCorpus:
-    """A family whose TrainingTask embeds entities itself: ``task.corpus(side) -> (ids,
-    records)`` and ``task.embed(state, side, records) -> [b, D]``. Subclasses set
-    ``family``, ``metric`` and ``sides`` ({entity: side}). The task is built on the
-    training workdir, so it reuses what training left there (e.g. the tokenizer)."""
+class DualEncoderCorpus:
+    """The dual encoder's members ("m<id>") and items ("p<id>", feed_logs posts): unit rows.
 
-    family = ""
+    Built from ``DualEncoderModel`` (prompts, the run's tokenizer, the model) and the
+    checkpoint's parameters; no training task, nothing written to the workdir."""
+
+    family = "dual_encoder"
     metric = "cosine"
-    sides: dict[str, str] = {}
+    sides = {"members": "member", "items": "item"}
 
     def __init__(self, config, workdir, step: int | None = None):
-        from lf_jax.train.loop import build_task
+        from lf_jax.distributed.mesh import make_mesh
+        from lf_jax.train.dual_encoder_model import DualEncoderModel
+        from lf_jax.train.step import dense_optimizer, init_train_state
 
         self.checkpoint_dir, self.step = find_checkpoint(workdir, step)
-        self.task = build_task(config, workdir)
-        for method in ("corpus", "embed"):
-            if not callable(getattr(self.task, method, None)):
-                raise ExportError(
-                    f"model family {self.family!r}: its TrainingTask has no "
-                    f"'{method}' method, so it cannot be exported"
-                )
-        self.state = restore_task_state(self.task, self.checkpoint_dir, self.step)
-        self._dims: dict[str, int] = {}
+        mesh = make_mesh(dict(config.mesh))
+        self.model = DualEncoderModel(config, mesh, workdir, for_training=False)
+        tx = dense_optimizer(config.train)
+        template = jax.jit(lambda p: init_train_state(p, tx, {}))(self.model.params)
+        self.state = restore_state(template, None, self.checkpoint_dir, self.step)
 
     def entities(self) -> tuple[str, ...]:
         return tuple(self.sides)
 
     def dims(self, entity: str) -> int:
-        if entity not in self._dims:
-            _, records = self.corpus(entity)
-            if len(records) == 0:
-                raise ExportError(f"corpus '{entity}' is empty (0 records); nothing to export")
-            self._dims[entity] = int(np.shape(self.embed(entity, records[:1]))[-1])
-        return self._dims[entity]
+        if not self.model.entities[self.sides[entity]]:
+            raise ExportError(f"corpus '{entity}' is empty (0 records); nothing to export")
+        return self.model.dims[-1]
 
     def corpus(self, entity: str):
-        ids, records = self.task.corpus(self.sides[entity])
+        ids, records = self.model.corpus(self.sides[entity])
         return list(ids), records
 
     def embed(self, entity: str, records) -> np.ndarray:
-        return np.asarray(self.task.embed(self.state, self.sides[entity], records))
+        return self.model.embed(self.state["params"], self.sides[entity], records)
 
     def close(self) -> None:
         pass
-
-
-class DualEncoderCorpus(TaskCorpus):
-    """The dual encoder's members ("m<id>") and items ("p<id>", feed_logs posts): unit rows."""
-
-    family = "dual_encoder"
-    metric = "cosine"
-    sides = {"members": "member", "items": "item"}

@@ -16,7 +16,7 @@ ids) and writes, into a temporary directory that then replaces ``output`` in one
 A failed export (bad input, crash, full disk) leaves any previous export at ``output``
 as it was. Sources: ``feed_ranker`` (rows of the member and post id tables, ids
 "m<id>" / "p<id>") and any TrainingTask with ``corpus(side)`` and ``embed(state, side,
-records)`` (the encoder families, registered in FAMILIES).
+records)`` (the encoder families, registered in lf_jax/train/families.py).
 
 Example:
     >>> source = open_source(config, "runs/ranker_tiny")       # latest checkpoint
@@ -36,10 +36,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from lf_jax.checks import check_int, first_duplicate
 from lf_jax.console import get_logger, progress
 from lf_jax.errors import UserInputError
 from lf_jax.export.index_files import manifest_timestamp, replace_directory
-from lf_jax.export.index_inputs import METRICS, first_duplicate
+from lf_jax.export.index_inputs import METRICS
+from lf_jax.workdir import fsync_tree, replaceable_dir
 
 FORMAT = "lf_jax.EmbeddingExport"
 FORMAT_VERSION = 1
@@ -51,7 +53,7 @@ class ExportError(UserInputError):
 
 
 class CorpusSource(Protocol):
-    """What export_corpus needs from a model family (see RankerCorpus, TaskCorpus)."""
+    """What export_corpus needs from a model family (see corpus_sources.py)."""
 
     family: str  # model family, recorded in the manifest
     step: int  # checkpoint step the state was restored from
@@ -76,14 +78,7 @@ class ExportResult:
 # ----------------------------------------------------------------------------- checks
 def check_output(output: str | os.PathLike) -> Path:
     """``output`` as an absolute path that an export may (re)place; raised before device work."""
-    target = Path(output).absolute()
-    if target.exists() and not target.is_dir():
-        raise ExportError(f"output '{target}' exists and is not a directory")
-    if target.is_dir() and any(target.iterdir()) and not (target / MANIFEST).is_file():
-        raise ExportError(
-            f"output '{target}' is a non-empty directory without {MANIFEST}; "
-            "refusing to replace it (choose an empty or new directory)"
-        )
+    target = replaceable_dir(output, MANIFEST, ExportError, "output")
     parent = target.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -113,8 +108,7 @@ def check_ids_unique(ids: Sequence[str], entity: str) -> np.ndarray:
 def _check_dims(dims, width: int) -> int:
     if dims is None:
         return width
-    if not isinstance(dims, (int, np.integer)) or isinstance(dims, bool) or dims < 1:
-        raise ExportError(f"dims must be a positive int, got {dims!r}")
+    dims = check_int("dims", dims, ExportError)
     if dims > width:
         raise ExportError(f"dims={dims} is more than the model's {width}-dim embeddings")
     return int(dims)
@@ -129,10 +123,9 @@ def embed_all(
         raise ExportError(
             f"entity {entity!r} is not one of {source.family}'s {list(source.entities())}"
         )
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ExportError(f"batch_size must be a positive int, got {batch_size!r}")
-    ids, records = source.corpus(entity)
-    ids = check_ids_unique(ids, entity)
+    check_int("batch_size", batch_size, ExportError)
+    raw_ids, records = source.corpus(entity)
+    ids = check_ids_unique(raw_ids, entity)
     if len(records) != ids.size:
         raise ExportError(f"corpus '{entity}': {len(records)} records for {ids.size} ids")
     width = source.dims(entity)
@@ -218,7 +211,7 @@ def export_corpus(
             manifest["kv"] = _write_kv(temp / "kv", ids, vectors, source)
         manifest["seconds"] = round(time.perf_counter() - start, 3)
         (temp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        fsync_tree_recursive(temp)
+        fsync_tree(temp)
         replace_directory(temp, target)
     except OSError as error:
         raise ExportError(
@@ -239,16 +232,6 @@ def export_corpus(
         manifest["seconds"],
     )
     return ExportResult(target, manifest)
-
-
-def fsync_tree_recursive(directory: Path) -> None:
-    """fsync every file and directory under ``directory``, deepest first, then ``directory``."""
-    for path in [*sorted(directory.rglob("*"), key=lambda p: -len(p.parts)), directory]:
-        descriptor = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
 
 
 def _write_index(directory: Path, ids, vectors, metric, source, target_recall, kwargs) -> dict:
@@ -387,14 +370,13 @@ def find_checkpoint(workdir: str | os.PathLike, step: int | None) -> tuple[Path,
     return directory, max(steps) if step is None else int(step)
 
 
-def restore_task_state(task, directory: Path, step: int) -> dict:
-    """``task``'s state at checkpoint ``step`` of ``directory``, after a shape check."""
+def restore_state(template: dict, collection, directory: Path, step: int) -> dict:
+    """The state of ``template``'s structure (and of ``collection``'s tables, None for a model
+    without tables) at checkpoint ``step`` of ``directory``, after a shape check."""
     from lf_jax.train.checkpoint import Checkpointer
 
     checkpointer = Checkpointer(directory)
     try:
-        template = task.init_state()
-        collection = getattr(task, "collection", None)
         check_checkpoint_matches(checkpointer, step, template, collection)
         state, _ = checkpointer.restore(step, template, collection)
     finally:
@@ -402,20 +384,9 @@ def restore_task_state(task, directory: Path, step: int) -> dict:
     return state
 
 
-FAMILIES = {
-    "feed_ranker": "lf_jax.export.corpus_sources:RankerCorpus",
-    "dual_encoder": "lf_jax.export.corpus_sources:DualEncoderCorpus",
-}
-
-
 def open_source(config, workdir: str | os.PathLike, step: int | None = None) -> CorpusSource:
     """The CorpusSource of ``config.model_family``, restored from ``workdir`` (latest step)."""
-    import importlib
+    from lf_jax.train.families import family_class
 
-    family = config.get("model_family", "")
-    if family not in FAMILIES:
-        raise ExportError(
-            f"config model_family={family!r} cannot be exported; families: {sorted(FAMILIES)}"
-        )
-    module, name = FAMILIES[family].split(":")
-    return getattr(importlib.import_module(module), name)(config, workdir, step)
+    source_class = family_class(config.get("model_family", ""), "corpus", ExportError)
+    return source_class(config, workdir, step)

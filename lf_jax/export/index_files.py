@@ -32,6 +32,7 @@ import numpy as np
 
 from lf_jax.export.index_inputs import VectorIndexError
 from lf_jax.export.scann_tuning import SearchParams
+from lf_jax.workdir import fsync_tree, replaceable_dir
 
 FORMAT = "lf_jax.VectorIndex"
 FORMAT_VERSION = 1
@@ -46,18 +47,6 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: file.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def fsync_tree(directory: Path) -> None:
-    """Flushes every file of a flat directory, then the directory itself, to disk."""
-    for path in directory.iterdir():
-        with open(path, "rb") as file:
-            os.fsync(file.fileno())
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def exchange_paths(a: Path, b: Path) -> bool:
@@ -78,7 +67,8 @@ def exchange_paths(a: Path, b: Path) -> bool:
 
 
 def replace_directory(new: Path, target: Path) -> None:
-    """Puts ``new`` at ``target``; an existing ``target`` is replaced only once ``new`` is complete."""
+    """Puts ``new`` at ``target``; an existing ``target`` is replaced only once ``new`` is
+    complete."""
     if not target.exists():
         os.rename(new, target)
         return
@@ -97,7 +87,7 @@ def replace_directory(new: Path, target: Path) -> None:
 
 def manifest_timestamp() -> str:
     """Now, in UTC, to the second (ISO 8601): the manifest's built_at and saved_at."""
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def scann_version() -> str | None:
@@ -115,14 +105,7 @@ def write_atomically(directory: str | os.PathLike, write) -> Path:
     ``directory`` as it was. An existing ``directory`` must be an index or empty:
     other directories are never replaced.
     """
-    target = Path(directory).absolute()
-    if target.exists() and not target.is_dir():
-        raise VectorIndexError(f"VectorIndex.save: '{target}' exists and is not a directory")
-    if target.is_dir() and any(target.iterdir()) and not (target / MANIFEST).is_file():
-        raise VectorIndexError(
-            f"VectorIndex.save: '{target}' is a non-empty directory without "
-            f"{MANIFEST}; refusing to replace it"
-        )
+    target = replaceable_dir(directory, MANIFEST, VectorIndexError, "VectorIndex.save:")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         temp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -147,7 +130,8 @@ def write_atomically(directory: str | os.PathLike, write) -> Path:
 
 
 def write_index_files(directory: Path, searcher, ids: np.ndarray, manifest: dict) -> None:
-    """Writes the searcher, ``ids`` [N] str and ``manifest`` (plus saved_at and files) to ``directory``."""
+    """Writes the searcher, ``ids`` [N] str and ``manifest`` (plus saved_at and files) to
+    ``directory``."""
     searcher.serialize(str(directory), True)  # asset paths relative to the directory
     # utf-8 bytes ('S'): a quarter of numpy's UTF-32 strings for ASCII ids
     np.save(directory / IDS_FILE, np.strings.encode(ids, "utf-8"), allow_pickle=False)

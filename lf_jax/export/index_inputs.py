@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from lf_jax.checks import first_duplicate
 from lf_jax.errors import UserInputError
 
 METRICS = ("dot_product", "squared_l2", "cosine")
@@ -25,13 +26,6 @@ METRICS = ("dot_product", "squared_l2", "cosine")
 
 class VectorIndexError(UserInputError):
     """Bad vectors, ids, arguments or index directories for a VectorIndex."""
-
-
-def check_positive_int(field: str, value) -> int:
-    """``value`` as an int >= 1 (bools refused), else an error naming ``field``."""
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        raise VectorIndexError(f"{field} must be a positive int, got {value!r}")
-    return int(value)
 
 
 def check_metric(metric) -> str:
@@ -85,19 +79,6 @@ def check_ids(ids, count: int | None) -> np.ndarray:
     if empty.size:
         raise VectorIndexError(f"ids must be non-empty strings, got '' at position {int(empty[0])}")
     return array
-
-
-def first_duplicate(ids: np.ndarray) -> tuple[str, int, int] | None:
-    """The duplicate whose second occurrence comes first: (id, first, second), or None."""
-    order = np.argsort(ids, kind="stable")
-    same = np.flatnonzero(ids[order][1:] == ids[order][:-1])
-    if same.size == 0:
-        return None
-    second_positions = order[same + 1]
-    pick = int(np.argmin(second_positions))
-    key = ids[second_positions[pick]]
-    first = int(np.flatnonzero(ids == key)[0])
-    return str(key), first, int(second_positions[pick])
 
 
 def check_unique_ids(ids: np.ndarray) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from lf_jax.checks import first_duplicate
 from lf_jax.errors import UserInputError
 
 MAX_KEY_BYTES = 511
@@ -56,16 +57,13 @@ def encode_keys(ids, field: str = "ids") -> list[bytes]:
 
 def check_unique_keys(keys: list[bytes], field: str = "ids") -> None:
     """An error naming the first key that appears twice in ``keys``, if any does."""
-    if len(set(keys)) == len(keys):
-        return
-    seen: dict[bytes, int] = {}
-    for position, key in enumerate(keys):
-        if key in seen:
-            raise KVStoreError(
-                f"{field} must be unique within a call, but {key.decode()!r} appears at "
-                f"positions {seen[key]} and {position}"
-            )
-        seen[key] = position
+    duplicate = first_duplicate(keys) if len(set(keys)) != len(keys) else None
+    if duplicate is not None:
+        key, first, second = duplicate
+        raise KVStoreError(
+            f"{field} must be unique within a call, but {key.decode()!r} appears at "
+            f"positions {first} and {second}"
+        )
 
 
 def check_vectors(vectors, *, dims: int, keys: list[bytes]) -> np.ndarray:

@@ -26,28 +26,27 @@ Example:
     ...     store.stats()["bytes_on_disk"]
 
 The quantization and row layout live in quantize.py, the id and vector checks in
-kv_inputs.py; their public names are importable from here too.
+kv_inputs.py.
 """
 
 import dataclasses
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import lmdb
 import numpy as np
 
+from lf_jax.checks import check_int
 from lf_jax.console import get_logger, progress
-
-# Some names are imported only so that callers keep importing them from this module.
 from lf_jax.export.kv_inputs import (
-    MAX_KEY_BYTES,
     KVStoreError,
     check_unique_keys,
     check_vectors,
     encode_keys,
 )
-from lf_jax.export.quantize import RowCodec, dequantize_int8, quantization_error, quantize_int8
+from lf_jax.export.quantize import RowCodec
 
 FORMAT = "lf_jax.KVStore"
 FORMAT_VERSION = 1
@@ -97,10 +96,8 @@ class KVStore:
         sync: bool = True,
     ):
         self.path = Path(path)
-        if dims is not None and (
-            not isinstance(dims, (int, np.integer)) or isinstance(dims, bool) or dims < 1
-        ):
-            raise KVStoreError(f"dims must be a positive int, got {dims!r}")
+        if dims is not None:
+            check_int("dims", dims, KVStoreError)
         if dtype not in DTYPES:
             raise KVStoreError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         exists = (self.path / "data.mdb").is_file()
@@ -138,8 +135,9 @@ class KVStore:
             self._env.close()
             raise KVStoreError(f"KVStore: '{self.path}' is not a KVStore ({error})") from None
         with self._env.begin(db=self._meta) as txn:
-            header = txn.get(_META_FORMAT)
-        if header is None:
+            stored_header = txn.get(_META_FORMAT)
+        header: dict[str, Any]
+        if stored_header is None:
             if readonly:
                 self._env.close()
                 raise KVStoreError(
@@ -148,7 +146,7 @@ class KVStore:
             header = {
                 "format": FORMAT,
                 "format_version": FORMAT_VERSION,
-                "dims": int(dims),
+                "dims": check_int("dims", dims, KVStoreError),  # required for a new store
                 "dtype": dtype,
             }
             with self._env.begin(write=True, db=self._meta) as txn:
@@ -156,7 +154,7 @@ class KVStore:
                 txn.put(_META_VERSIONS, b"[]")
                 txn.put(_META_COUNTS, b"[]")
         else:
-            header = json.loads(header)
+            header = json.loads(stored_header)
             if header.get("format") != FORMAT or header.get("format_version") != FORMAT_VERSION:
                 self._env.close()
                 raise KVStoreError(
@@ -204,7 +202,7 @@ class KVStore:
 
     def _decode(self, values: list[bytes], keys: list[bytes]) -> np.ndarray:
         size = self._row_dtype.itemsize
-        for key, value in zip(keys, values):
+        for key, value in zip(keys, values, strict=False):
             if len(value) != size:
                 raise KVStoreError(
                     f"KVStore: row {key.decode()!r} in '{self.path}' has {len(value)} bytes, "
@@ -222,7 +220,7 @@ class KVStore:
         with txn.cursor(db=self._rows) as cursor:
             # Sorted keys past the last stored one are appended: LMDB then fills every page.
             append = not cursor.last() or cursor.key() < keys[0]
-            cursor.putmulti(zip(keys, values), append=append)
+            cursor.putmulti(zip(keys, values, strict=False), append=append)
 
     def _grow(self) -> None:
         size = self._env.info()["map_size"] * 2
@@ -246,12 +244,7 @@ class KVStore:
             or str(version) == ""
         ):
             raise KVStoreError(f"version must be a non-empty str or an int, got {version!r}")
-        if (
-            not isinstance(batch_size, (int, np.integer))
-            or isinstance(batch_size, bool)
-            or batch_size < 1
-        ):
-            raise KVStoreError(f"batch_size must be a positive int, got {batch_size!r}")
+        check_int("batch_size", batch_size, KVStoreError)
         version = str(version)
         keys = encode_keys(ids)
         check_unique_keys(keys)
@@ -301,7 +294,7 @@ class KVStore:
             if present.any():
                 old = self._decode(
                     [v for v in old_values if v is not None],
-                    [k for k, v in zip(keys, old_values) if v is not None],
+                    [k for k, v in zip(keys, old_values, strict=False) if v is not None],
                 )
                 if tolerance is not None:
                     stored = self._codec.vectors(old)
@@ -393,7 +386,7 @@ class KVStore:
         if found.any():
             records[found] = self._decode(
                 [v for v in values if v is not None],
-                [k for k, v in zip(keys, values) if v is not None],
+                [k for k, v in zip(keys, values, strict=False) if v is not None],
             )
         return records, found, keys
 
@@ -446,7 +439,7 @@ class KVStore:
             "count": count,
             "dims": self.dims,
             "dtype": self.dtype,
-            "versions": {name: n for name, n in zip(versions, counts) if n},
+            "versions": {name: n for name, n in zip(versions, counts, strict=False) if n},
             "bytes_on_disk": file_stat.st_blocks * 512,
             "file_bytes": file_stat.st_size,
             "bytes_live": live_pages * page,

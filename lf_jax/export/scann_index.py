@@ -34,7 +34,7 @@ Example:
     >>> index.save("/tmp/item_index"); VectorIndex.load("/tmp/item_index").count
 
 Input checks live in index_inputs.py, parameter choice and tuning in scann_tuning.py, the
-directory format in index_files.py; their public names are importable from here too.
+directory format in index_files.py.
 """
 
 import math
@@ -44,14 +44,11 @@ from pathlib import Path
 
 import numpy as np
 
+from lf_jax.checks import check_int
 from lf_jax.console import get_logger
-
-# Some names are imported only so that callers keep importing them from this module.
 from lf_jax.export.index_files import (
     FORMAT,
     FORMAT_VERSION,
-    IDS_FILE,
-    MANIFEST,
     manifest_timestamp,
     read_index_directory,
     scann_version,
@@ -59,40 +56,29 @@ from lf_jax.export.index_files import (
     write_index_files,
 )
 from lf_jax.export.index_inputs import (
-    METRICS,
     VectorIndexError,
     check_ids,
     check_metric,
-    check_positive_int,
     check_recall,
     check_unique_ids,
-    first_duplicate,
     prepare_vectors,
 )
 from lf_jax.export.scann_tuning import (
-    ANISOTROPIC_THRESHOLD,
     BRUTE_FORCE_BELOW,
-    DIMS_PER_BLOCK,
-    EXACT_TILE,
-    MODES,
     TUNE_QUERIES,
     SearchParams,
     build_searcher,
     choose_params,
     describe_params,
     exact_search,
-    recall_at_k,
     recall_of,
     run_tuning_trials,
 )
 
-# Names this module had before the split, still imported by tests and bench/scann_index.py.
-_prepare = prepare_vectors
-_build_searcher = build_searcher
-
 
 class VectorIndex:
-    """A ScaNN searcher over float32 vectors, keyed by string ids. Build with ``build`` or ``load``."""
+    """A ScaNN searcher over float32 vectors, keyed by string ids. Build with ``build`` or
+    ``load``."""
 
     def __init__(
         self,
@@ -146,16 +132,10 @@ class VectorIndex:
         """
         metric = check_metric(metric)
         target_recall = check_recall("target_recall", target_recall)
-        num_neighbors = check_positive_int("num_neighbors", num_neighbors)
-        brute_force_below = check_positive_int("brute_force_below", brute_force_below)
-        if checkpoint_step is not None and (
-            not isinstance(checkpoint_step, (int, np.integer))
-            or isinstance(checkpoint_step, bool)
-            or checkpoint_step < 0
-        ):
-            raise VectorIndexError(
-                f"checkpoint_step must be an int >= 0 or None, got {checkpoint_step!r}"
-            )
+        num_neighbors = check_int("num_neighbors", num_neighbors, VectorIndexError)
+        brute_force_below = check_int("brute_force_below", brute_force_below, VectorIndexError)
+        if checkpoint_step is not None:
+            check_int("checkpoint_step", checkpoint_step, VectorIndexError, minimum=0)
         shape = np.shape(vectors)
         if len(shape) != 2:
             raise VectorIndexError(f"vectors must be 2-D [N, D], got shape {shape}")
@@ -164,7 +144,7 @@ class VectorIndex:
                 "vectors: the corpus is empty (0 vectors); an index needs at least one"
             )
         if dims is not None:
-            dims = check_positive_int("dims", dims)
+            dims = check_int("dims", dims, VectorIndexError)
             if dims > shape[1]:
                 raise VectorIndexError(f"dims={dims} is more than the vectors' {shape[1]} columns")
         id_array = check_ids(ids, shape[0])
@@ -326,7 +306,7 @@ class VectorIndex:
         k = self._check_k(k)
         if not isinstance(margin, (int, float)) or isinstance(margin, bool) or not 0 <= margin < 1:
             raise VectorIndexError(f"margin must be a number in [0, 1), got {margin!r}")
-        num_queries = check_positive_int("num_queries", num_queries)
+        num_queries = check_int("num_queries", num_queries, VectorIndexError)
         prepared, source = self._tune_queries(queries, num_queries, seed)
         start = time.perf_counter()
         exact_rows, _ = exact_search(self._require_vectors("tune"), prepared, k, self.metric)
@@ -377,7 +357,7 @@ class VectorIndex:
         return view
 
     def _check_k(self, k) -> int:
-        k = self.params.num_neighbors if k is None else check_positive_int("k", k)
+        k = self.params.num_neighbors if k is None else check_int("k", k, VectorIndexError)
         if k > self.count:
             raise VectorIndexError(f"k={k} is more than the {self.count} items in the index")
         return k
@@ -400,11 +380,15 @@ class VectorIndex:
         single = np.ndim(queries) == 1
         prepared = self._prepare_queries(np.reshape(queries, (1, -1)) if single else queries)
         if leaves_to_search is not None:
-            leaves_to_search = check_positive_int("leaves_to_search", leaves_to_search)
+            leaves_to_search = check_int("leaves_to_search", leaves_to_search, VectorIndexError)
         if reorder_k is not None:
-            reorder_k = check_positive_int("reorder_k", reorder_k)
+            reorder_k = check_int("reorder_k", reorder_k, VectorIndexError)
         rows, scores = self._raw_search(
-            prepared, k, leaves_to_search, reorder_k, check_positive_int("batch_size", batch_size)
+            prepared,
+            k,
+            leaves_to_search,
+            reorder_k,
+            check_int("batch_size", batch_size, VectorIndexError),
         )
         missing = np.isnan(scores)
         found = self._ids[np.where(missing, 0, rows).astype(np.int64)]
@@ -440,7 +424,7 @@ class VectorIndex:
         indices = [rows.get(key) for key in keys]
         try:
             assigned = self._searcher.upsert(
-                indices, prepared, check_positive_int("batch_size", batch_size)
+                indices, prepared, check_int("batch_size", batch_size, VectorIndexError)
             )
         except RuntimeError as error:
             raise VectorIndexError(f"ScaNN upsert failed: {error}") from None
@@ -452,7 +436,7 @@ class VectorIndex:
         if added_rows.size and not np.array_equal(added_rows, expected_rows):
             raise RuntimeError("ScaNN placed new items out of order; the id map would be wrong")
         self._ids = np.concatenate([self._ids, id_array[new]]) if added_rows.size else self._ids
-        for key, row in zip(id_array[new].tolist(), added_rows.tolist()):
+        for key, row in zip(id_array[new].tolist(), added_rows.tolist(), strict=False):
             rows[key] = row
         if self._vectors is not None:
             vectors_now = (

@@ -84,7 +84,7 @@ def exact_search(
         candidate_sims, candidate_rows = [], []
         for first in range(0, n, block):
             sim = q @ corpus[first : first + block].T
-            if l2:  # rank by 2 q.x - |x|^2 (the squared distance minus |q|^2, negated)
+            if norms is not None:  # squared_l2: rank by 2 q.x - |x|^2 (distance - |q|^2, negated)
                 sim *= 2.0
                 sim -= norms[first : first + block]
             width = sim.shape[1]
@@ -109,7 +109,9 @@ def exact_search(
 def recall_at_k(found_rows: np.ndarray, exact_rows: np.ndarray) -> float:
     """Mean over queries of |found ∩ exact| / k (ids or rows; padding never matches)."""
     k = exact_rows.shape[1]
-    hits = sum(len(set(f.tolist()) & set(e.tolist())) for f, e in zip(found_rows, exact_rows))
+    hits = sum(
+        len(set(f.tolist()) & set(e.tolist())) for f, e in zip(found_rows, exact_rows, strict=False)
+    )
     return hits / (k * exact_rows.shape[0])
 
 
@@ -174,7 +176,8 @@ def build_searcher(corpus: np.ndarray, params: SearchParams, metric: str, traini
 
 
 def _ladder(start: int, stop: int, factor: float) -> list[int]:
-    """start, then steps growing by ``factor`` (at least +1), ending at stop: _ladder(1, 5, 1.4) == [1, 2, 3, 5]."""
+    """start, then steps growing by ``factor`` (at least +1), ending at stop: _ladder(1, 5, 1.4)
+    == [1, 2, 3, 5]."""
     values = [start]
     while values[-1] < stop:
         values.append(min(stop, max(values[-1] + 1, int(math.ceil(values[-1] * factor)))))
@@ -222,7 +225,7 @@ def run_tuning_trials(
         return params, measure(None, None), trials
     max_reorder = min(count, max(50 * params.num_neighbors, 500))
     leaves_ladder = _ladder(1, params.num_leaves, 1.4)
-    leaves, recall = leaves_ladder[-1], None
+    leaves, recall = leaves_ladder[-1], 0.0  # the loop runs at least once
     for candidate in leaves_ladder:
         recall = measure(candidate, max_reorder)
         if recall >= goal:
@@ -243,6 +246,7 @@ def describe_params(params: SearchParams) -> str:
     if params.mode == "brute_force":
         return "mode=brute_force"
     return (
-        f"mode=tree_ah, num_leaves={params.num_leaves}, leaves_to_search={params.leaves_to_search}, "
+        f"mode=tree_ah, num_leaves={params.num_leaves}, "
+        f"leaves_to_search={params.leaves_to_search}, "
         f"reorder_k={params.reorder_k}"
     )

@@ -1,4 +1,4 @@
-"""Two-stage serving: retrieve candidates with the dual encoder + ScaNN, rank them with the feed ranker.
+"""Two-stage serving: dual encoder + ScaNN retrieve candidates, the feed ranker ranks them.
 
 For each member: the dual encoder embeds the member prompt (``query_encoder``), the ScaNN
 index of item vectors returns the top K candidates (K up to 2000), the feed ranker scores
@@ -24,34 +24,17 @@ Example:
 """
 
 import dataclasses
-import importlib.util
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from lf_jax import feed_world
 from lf_jax.errors import UserInputError
-
-SIMULATOR_MODULE = "lf_jax_data_feed_logs_simulator"  # the name data/feed_logs/feed_logs.py uses
 
 
 class ServingError(UserInputError):
     """Bad serving input: unknown ids, bad K or N, mismatched components."""
-
-
-def feed_logs_simulator():
-    """data/feed_logs/simulator.py, imported by path once per process (shared with the builder)."""
-    if SIMULATOR_MODULE not in sys.modules:
-        from lf_jax.input.datasets import DATA_ROOT
-
-        spec = importlib.util.spec_from_file_location(
-            SIMULATOR_MODULE, DATA_ROOT / "feed_logs" / "simulator.py"
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[SIMULATOR_MODULE] = module
-        spec.loader.exec_module(module)
-    return sys.modules[SIMULATOR_MODULE]
 
 
 def parse_ids(ids: Sequence[str], prefix: str, count: int, field: str) -> np.ndarray:
@@ -71,11 +54,12 @@ class FeedWorldFeatures:
     """Ranker features of (member, post) pairs from the feed_logs world (see module docstring)."""
 
     def __init__(self, size: str = "tiny", seed: int = 0):
-        self.sim = feed_logs_simulator()
-        if size not in self.sim.CONFIGS:
-            raise ServingError(f"feed_logs size {size!r} is not one of {sorted(self.sim.CONFIGS)}")
-        self.config = self.sim.CONFIGS[size]
-        self.world = self.sim.make_world(self.config)
+        if size not in feed_world.CONFIGS:
+            raise ServingError(
+                f"feed_logs size {size!r} is not one of {sorted(feed_world.CONFIGS)}"
+            )
+        self.config = feed_world.CONFIGS[size]
+        self.world = feed_world.make_world(self.config)
         self.seed = int(seed)
 
     @property
@@ -99,14 +83,14 @@ class FeedWorldFeatures:
         log_age, noise = np.empty((q, k)), np.empty((q, k, 2))
         for row, member in enumerate(members_q):  # one stream per member: a request is reproducible
             rng = np.random.default_rng([self.seed, int(member)])
-            actors, tags = self.sim.draw_histories(rng, w, np.array([member]), cfg.max_history)
+            actors, tags = feed_world.draw_histories(rng, w, np.array([member]), cfg.max_history)
             hist_actors[row], hist_tags[row] = actors[0], tags[0]
             log_age[row] = np.log1p(rng.lognormal(2.5, 1.0, k))
             noise[row] = rng.normal(0.0, cfg.affinity_noise, (k, 2))
         member_qk = np.repeat(members_q[:, None], k, axis=1)
         actor, root = w.post_actor[posts_qk], w.post_root_actor[posts_qk]
         tags = w.post_hashtags[posts_qk]
-        aff = self.sim.affinities(w, member_qk, actor, root, tags)
+        aff = feed_world.affinities(w, member_qk, actor, root, tags)
         dense = np.stack(
             [
                 np.log1p(w.followers[actor]),
@@ -120,7 +104,10 @@ class FeedWorldFeatures:
             ],
             axis=-1,
         )
-        flat = lambda a: a.reshape(q * k, *a.shape[2:])
+
+        def flat(a):
+            return a.reshape(q * k, *a.shape[2:])
+
         return {
             "member_id": flat(member_qk),
             "actor_id": flat(actor),
@@ -139,17 +126,17 @@ class FeedWorldFeatures:
         evaluation only, never an input to serving)."""
         w = self.world
         member, post = batch["member_id"], batch["post_id"]
-        aff = self.sim.affinities(
+        aff = feed_world.affinities(
             w, member, batch["actor_id"], batch["root_actor_id"], batch["post_hashtags"]
         )
-        logits = self.sim.relevance_logits(w, member, post, aff, batch["log_age"])
+        logits = feed_world.relevance_logits(w, member, post, aff, batch["log_age"])
         return 1.0 / (1.0 + np.exp(-logits))
 
 
 class RankerScorer:
     """The feed ranker's per-task probabilities [B, T] for host batches, on the mesh.
 
-    ``source`` is a restored ``corpus_sources.RankerCorpus`` (task + state). Batches are
+    ``source`` is a restored ``corpus_sources.RankerCorpus`` (model + state). Batches are
     padded to a multiple of the devices, rounded up to a power of two, so repeated
     requests of one size compile once.
     """
@@ -159,11 +146,11 @@ class RankerScorer:
 
         from lf_jax.train.step import make_eval_step
 
-        self.task, self.state = source.task, source.state
-        self.tasks = tuple(self.task.tasks)
-        self.collection = self.task.collection
+        self.model, self.state = source.model, source.state
+        self.tasks = tuple(self.model.tasks)
+        self.collection = self.model.collection
         self._step = make_eval_step(
-            self.task.graphdef,
+            self.model.graphdef,
             self.collection,
             lambda model, acts, batch: jax.nn.sigmoid(model(acts, batch["dense"])),
         )
@@ -180,10 +167,7 @@ class RankerScorer:
         for name in self.collection.features:
             ids = np.asarray(batch[name]).reshape(rows, -1)
             raw[name] = np.pad(ids, ((0, padded - rows), (0, 0)), constant_values=-1)
-        dense = (
-            np.asarray(batch["dense"], np.float32) - self.task.dense_mean_k
-        ) / self.task.dense_std_k
-        dense = np.pad(dense, ((0, padded - rows), (0, 0)))
+        dense = np.pad(self.model.normalize_dense(batch["dense"]), ((0, padded - rows), (0, 0)))
         sharding = NamedSharding(self.collection.mesh, PartitionSpec(self.collection.batch_axes))
         inputs = {"sparse": self.collection.preprocess(raw), "dense": dense}
         inputs = jax.tree.map(lambda x: jax.device_put(x, sharding), inputs)
@@ -306,7 +290,8 @@ class TwoStageService:
         num_candidates: int | None = None,
         top_n: int | None = None,
     ) -> list[ServedFeed]:
-        """Top-N feeds for ``member_ids`` ("m<id>"); timings of each stage in ``self.timings`` (ms)."""
+        """Top-N feeds for ``member_ids`` ("m<id>"); timings of each stage in ``self.timings``
+        (ms)."""
         if isinstance(member_ids, str) or len(member_ids) == 0:
             raise ServingError(
                 f"member_ids must be a non-empty list of ids like 'm3', got {member_ids!r}"

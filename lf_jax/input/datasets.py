@@ -199,6 +199,25 @@ def build_dataset(
     return builder
 
 
+def open_built_dataset(name: str, config: str, data_dir=None):
+    """The tfds builder of an already built ``name``/``config`` in ``data_dir`` (its newest
+    version), read from the dataset's own files: no builder code from data/ is imported,
+    so export and serving run from the installed package. DatasetError when not built."""
+    import tensorflow_datasets as tfds
+
+    directory = _resolve_data_dir(data_dir) / name / config
+    versions = sorted(
+        (path for path in directory.glob("*") if (path / "dataset_info.json").is_file()),
+        key=lambda path: tuple(int(part) for part in path.name.split(".") if part.isdigit()),
+    )
+    if not versions:
+        raise DatasetError(
+            f"dataset {name}/{config} is not built in '{directory}' (train first, or pass "
+            "the training run's data_dir)"
+        )
+    return tfds.builder_from_directory(str(versions[-1]))
+
+
 def dataset_metadata(builder) -> dict:
     """Metadata of a built dataset: vocab sizes, max list lengths, tasks, split sizes.
 

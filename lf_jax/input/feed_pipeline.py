@@ -38,6 +38,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
+from lf_jax.checks import check_int
 from lf_jax.errors import UserInputError
 from lf_jax.input.record_decoding import PAD_ID, RecordBatchDecoder
 
@@ -138,8 +139,7 @@ def _max_lengths(builder, max_lengths: Mapping[str, int] | None) -> dict[str, in
                 f"max_lengths names unknown list field(s) {unknown} (list fields: {sorted(known)})"
             )
         for name, length in max_lengths.items():
-            if not isinstance(length, int) or isinstance(length, bool) or length < 1:
-                raise PipelineError(f"max_lengths['{name}'] must be a positive int, got {length!r}")
+            check_int(f"max_lengths['{name}']", length, PipelineError)
         known.update(max_lengths)
     return known
 
@@ -150,16 +150,14 @@ def _shard_args(shard_index, shard_count) -> tuple[int, int]:
 
         shard_index = jax.process_index() if shard_index is None else shard_index
         shard_count = jax.process_count() if shard_count is None else shard_count
-    if not isinstance(shard_count, int) or shard_count < 1:
-        raise PipelineError(f"shard_count must be a positive int, got {shard_count!r}")
+    check_int("shard_count", shard_count, PipelineError)
     if not isinstance(shard_index, int) or not 0 <= shard_index < shard_count:
         raise PipelineError(f"shard_index must be in [0, {shard_count}), got {shard_index!r}")
     return shard_index, shard_count
 
 
 def _per_process_batch(global_batch_size, shard_count) -> int:
-    if not isinstance(global_batch_size, int) or global_batch_size < 1:
-        raise PipelineError(f"global_batch_size must be a positive int, got {global_batch_size!r}")
+    check_int("global_batch_size", global_batch_size, PipelineError)
     if global_batch_size % shard_count:
         raise PipelineError(
             f"global_batch_size={global_batch_size} is not divisible by "
@@ -282,14 +280,11 @@ def train_iterator(
 
     shard_index, shard_count = _shard_args(shard_index, shard_count)
     batch_size = _per_process_batch(global_batch_size, shard_count)
-    if num_epochs is not None and (not isinstance(num_epochs, int) or num_epochs < 1):
-        raise PipelineError(
-            f"num_epochs must be None (forever) or a positive int, got {num_epochs!r}"
-        )
-    if not isinstance(worker_count, int) or isinstance(worker_count, bool) or worker_count < 0:
-        raise PipelineError(
-            f"worker_count must be an int >= 0 (0: threads of this process), got {worker_count!r}"
-        )
+    if num_epochs is not None:
+        check_int("num_epochs", num_epochs, PipelineError, hint=" (None: forever)")
+    check_int(
+        "worker_count", worker_count, PipelineError, minimum=0, hint=" (0: threads of this process)"
+    )
     lengths = _max_lengths(builder, max_lengths)
     source = _source(builder, split)
     if len(source) < global_batch_size:
@@ -339,7 +334,8 @@ class EvalReader:
 
     Example:
         >>> reader = EvalReader(builder, "holdout_ranked", global_batch_size=512)
-        >>> sum(int(b["valid"].sum()) for b in reader) == len(builder.as_data_source("holdout_ranked"))
+        >>> valid = sum(int(b["valid"].sum()) for b in reader)
+        >>> valid == len(builder.as_data_source("holdout_ranked"))
         True
     """
 

@@ -2,7 +2,8 @@
 
 tfds stores each example of an array_record dataset as a serialized ``tf.train.Example``;
 its own decoder turns every record into a dict of arrays one feature at a time (about
-7,000 examples/s on one core with the read, for a feed_logs record of 14 features). ``RecordBatchDecoder``
+7,000 examples/s on one core with the read, for a feed_logs record of 14 features).
+``RecordBatchDecoder``
 parses the records with protobuf and gathers each feature over the whole batch with one
 ``np.fromiter``, writing list features straight into their [B, max_len] -1 padded array
 (4.3x faster with the raw read, bench/BENCHMARKS.md). The output equals

@@ -66,6 +66,11 @@ class PercentileBuckets:
         return [self.names[i] for i in self.index(values_n)]
 
 
+def as_text(value) -> str:
+    """A tfds string field (bytes or str) as str."""
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
 def template_fields(template: str) -> list[str]:
     """The ``{name}`` placeholders of a template, in order."""
     try:

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lf_jax.checks import check_int
 from lf_jax.errors import UserInputError
 from lf_jax.models import hf_weights
 from lf_jax.models.attention import (
@@ -385,8 +386,7 @@ class SentenceEncoder:
     def encode(self, texts, batch_size: int = 64) -> np.ndarray:
         """float32 [N, D] embeddings of ``texts`` (unit norm when ``normalize``)."""
         texts = self._check_texts(texts)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise UserInputError(f"batch_size must be a positive int, got {batch_size!r}")
+        check_int("batch_size", batch_size)
         width = self.model.config.hidden_size
         if not texts:
             return np.zeros((0, width), np.float32)

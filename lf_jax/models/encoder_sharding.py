@@ -38,7 +38,9 @@ def check_mode(mode: str) -> str:
 def _divisible_spec(spec: PartitionSpec, shape, mesh: Mesh) -> tuple[PartitionSpec, list[int]]:
     """``spec`` with every dim the mesh cannot split evenly set to None; the dims dropped."""
     out, dropped = [], []
-    for dim, (size, axes) in enumerate(zip(shape, tuple(spec) + (None,) * len(shape))):
+    for dim, (size, axes) in enumerate(
+        zip(shape, tuple(spec) + (None,) * len(shape), strict=False)
+    ):
         names = (axes,) if isinstance(axes, str) else tuple(axes or ())
         ways = 1
         for name in names:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lf_jax.checks import check_int
 from lf_jax.errors import UserInputError
 
 SAFETENSORS = "model.safetensors"
@@ -47,9 +48,7 @@ def read_json(path: str, *, what: str) -> dict:
 def require_int(data: Mapping, key: str, path: str, *, default=None, minimum: int = 1) -> int:
     """``data[key]`` as a positive int, else UserInputError naming the file, key and value."""
     value = data.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UserInputError(f"{path}: field '{key}' must be an int >= {minimum}, got {value!r}")
-    return value
+    return check_int(f"{path}: field '{key}'", value, minimum=minimum)
 
 
 def require_float(data: Mapping, key: str, path: str, *, default=None) -> float:

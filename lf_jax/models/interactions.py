@@ -26,12 +26,14 @@ class MLP(nnx.Module):
         self, in_features: int, hidden: Sequence[int], *, hidden_gates: bool = False, rngs: nnx.Rngs
     ):
         sizes = [in_features, *hidden]
-        self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
+        self.layers = nnx.List(
+            [nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:], strict=False)]
+        )
         self.gates = (
             nnx.List(
                 [
                     nnx.Linear(a, b, rngs=rngs, kernel_init=nnx.initializers.zeros)
-                    for a, b in zip(sizes[:-1], sizes[1:])
+                    for a, b in zip(sizes[:-1], sizes[1:], strict=False)
                 ]
             )
             if hidden_gates
@@ -100,7 +102,8 @@ class EmbeddingGate(nnx.Module):
     def __call__(self, fields: Sequence[jax.Array]) -> list[jax.Array]:
         """Per field [B, D_f] -> gated [B, D_f]."""
         return [
-            emb_bd * 2.0 * jax.nn.sigmoid(gate(emb_bd)) for gate, emb_bd in zip(self.gates, fields)
+            emb_bd * 2.0 * jax.nn.sigmoid(gate(emb_bd))
+            for gate, emb_bd in zip(self.gates, fields, strict=False)
         ]
 
 

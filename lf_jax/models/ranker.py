@@ -1,7 +1,8 @@
 """The multi-task feed ranker: pooled sparse embeddings + dense features -> task logits.
 
 Blocks (each switchable, so an ablation is one config override):
-  GateNet embedding gates -> optional pairwise dot products of same-width fields -> [cross network (DCNv2, full or low rank) || wide MLP with
+  GateNet embedding gates -> optional pairwise dot products of same-width fields -> [cross network
+  (DCNv2, full or low rank) || wide MLP with
   optional GateNet hidden gates] -> one head per task.
 
 Shapes: B batch, D_f dim of field f, K dense features, T tasks.
@@ -43,12 +44,12 @@ class FeedRanker(nnx.Module):
         field_dims: Mapping[str, int],
         num_dense: int,
         tasks: Sequence[str],
-        mlp_hidden: Sequence[int] = (256, 128),
-        cross_layers: int = 2,
-        cross_low_rank: int = 0,
-        embedding_gate: bool = True,
-        embedding_gate_vector: bool = False,
-        hidden_gate: bool = True,
+        mlp_dims: Sequence[int] = (256, 128),
+        dcn_layers: int = 2,
+        dcn_low_rank: int = 0,
+        gatenet: bool = True,
+        gatenet_vector: bool = False,
+        hidden_gates: bool = True,
         head_hidden: int = 0,
         dot_interactions: bool = False,
         rngs: nnx.Rngs,
@@ -59,8 +60,8 @@ class FeedRanker(nnx.Module):
         self.tasks = tuple(tasks)
         self.num_dense = num_dense
         self.gate = (
-            EmbeddingGate(list(field_dims.values()), vector=embedding_gate_vector, rngs=rngs)
-            if embedding_gate
+            EmbeddingGate(list(field_dims.values()), vector=gatenet_vector, rngs=rngs)
+            if gatenet
             else None
         )
         self.dot_interactions = dot_interactions
@@ -70,9 +71,9 @@ class FeedRanker(nnx.Module):
         )
         width = sum(dims) + num_dense + (num_dots if dot_interactions else 0)
         self.cross = (
-            CrossNetwork(width, cross_layers, cross_low_rank, rngs=rngs) if cross_layers else None
+            CrossNetwork(width, dcn_layers, dcn_low_rank, rngs=rngs) if dcn_layers else None
         )
-        self.mlp = MLP(width, mlp_hidden, hidden_gates=hidden_gate, rngs=rngs)
+        self.mlp = MLP(width, mlp_dims, hidden_gates=hidden_gates, rngs=rngs)
         top = self.mlp.out_features + (width if self.cross is not None else 0)
         self.heads = nnx.List([TaskHead(top, head_hidden, rngs=rngs) for _ in tasks])
 

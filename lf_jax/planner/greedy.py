@@ -137,7 +137,7 @@ class PlanResult:
         def line(cells):
             return "  ".join(
                 c.rjust(w) if i in right else c.ljust(w)
-                for i, (c, w) in enumerate(zip(cells, widths))
+                for i, (c, w) in enumerate(zip(cells, widths, strict=False))
             ).rstrip()
 
         share = self.max_device_bytes / self.memory_budget_bytes
@@ -146,8 +146,8 @@ class PlanResult:
         return "\n".join(
             [
                 f"plan for mesh {mesh} ({n} devices), batch {self.batch_size:,} "
-                f"({self.batch_size // n:,} per device), budget {format_bytes(self.memory_budget_bytes)} "
-                f"per device",
+                f"({self.batch_size // n:,} per device), budget "
+                f"{format_bytes(self.memory_budget_bytes)} per device",
                 line(head),
                 line(["-" * w for w in widths]),
                 *map(line, body),
@@ -203,10 +203,12 @@ class _Planner:
         small_pct, medium_pct = f"{small:.0%}", f"{medium:.0%}"
         model = self.mesh_shape.get(model_axis, 1)
         has_model = 1 < model < self.n
-        shard = lambda shards: (
-            math.ceil(table.vocab_size / shards)
-            * (table.bytes_per_row + table.slot_bytes_per_row())
-        )
+
+        def shard(shards):
+            return math.ceil(table.vocab_size / shards) * (
+                table.bytes_per_row + table.slot_bytes_per_row()
+            )
+
         skipped_tw = dp_note = None
         split_comm = self.exchange_bytes(table, row_wise(every))
         too_chatty = lambda comm: comm > max(EXCHANGE_FACTOR * split_comm, EXCHANGE_FLOOR)  # noqa: E731

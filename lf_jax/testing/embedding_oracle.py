@@ -125,9 +125,11 @@ def init_slots(table_specs, plan: Mapping | None = None) -> dict[str, dict[str, 
 
 
 def logical_slots(
-    slots: Mapping[str, Mapping[str, np.ndarray]],
+    slots: Mapping[str, Mapping[str, np.ndarray]], dims: Mapping[str, int]
 ) -> dict[str, dict[str, np.ndarray]]:
-    """Oracle slots -> the engine's ``logical_slots`` form (piece accumulators averaged).
+    """Oracle slots -> the engine's ``logical_slots`` form: every slot [V, D] (``dims``:
+    table -> D); a row-wise accumulator ([V], or [V, P] for P equal column pieces) is
+    repeated over the columns of its piece.
 
     Tables without slots (sgd) are left out, as the engine leaves them out.
     """
@@ -137,8 +139,9 @@ def logical_slots(
             continue
         out[name] = {}
         for slot, value in table_slots.items():
-            if slot == "accumulator" and value.ndim == 2:
-                value = value.mean(axis=1)
+            if slot == "accumulator":
+                pieces_vp = value.reshape(value.shape[0], -1)
+                value = np.repeat(pieces_vp, dims[name] // pieces_vp.shape[1], axis=1)
             out[name][slot] = value
     return out
 

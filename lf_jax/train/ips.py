@@ -24,6 +24,9 @@ import numpy as np
 
 from lf_jax.errors import UserInputError
 
+# the arrays of an IpsWeights, in constructor order after ``tasks`` (also the JSON keys)
+_ARRAY_FIELDS = ("weights_pt", "ctr_random_pt", "ctr_ranked_pt", "count_random_p", "count_ranked_p")
+
 
 @dataclasses.dataclass(frozen=True)
 class IpsWeights:
@@ -52,16 +55,7 @@ class IpsWeights:
         payload = {
             "tasks": list(self.tasks),
             "clip": list(self.clip),
-            **{
-                name: getattr(self, name).tolist()
-                for name in (
-                    "weights_pt",
-                    "ctr_random_pt",
-                    "ctr_ranked_pt",
-                    "count_random_p",
-                    "count_ranked_p",
-                )
-            },
+            **{name: getattr(self, name).tolist() for name in _ARRAY_FIELDS},
         }
         tmp = path.with_suffix(path.suffix + ".tmp")
         try:
@@ -83,16 +77,7 @@ class IpsWeights:
             data = json.loads(path.read_text())
             return cls(
                 tuple(data["tasks"]),
-                *(
-                    np.asarray(data[name], np.float64)
-                    for name in (
-                        "weights_pt",
-                        "ctr_random_pt",
-                        "ctr_ranked_pt",
-                        "count_random_p",
-                        "count_ranked_p",
-                    )
-                ),
+                *(np.asarray(data[name], np.float64) for name in _ARRAY_FIELDS),
                 clip=tuple(data["clip"]),
             )
         except (KeyError, ValueError, TypeError) as error:

@@ -30,6 +30,7 @@ from lf_jax.console import get_logger, progress, progress_enabled
 from lf_jax.distributed.multihost import is_primary, preemption_notice
 from lf_jax.errors import TrainingDivergedError, UserInputError
 from lf_jax.train.checkpoint import Checkpointer
+from lf_jax.train.families import family_class
 from lf_jax.train.step import make_train_step
 from lf_jax.workdir import ensure_writable_dir
 
@@ -84,7 +85,11 @@ class _Summaries:
 
 
 def _check_finite(step: int, loss: float, aux: np.ndarray, names: tuple[str, ...]) -> None:
-    bad = [name for name, value in zip(names, np.atleast_1d(aux)) if not np.isfinite(value)]
+    bad = [
+        name
+        for name, value in zip(names, np.atleast_1d(aux), strict=False)
+        if not np.isfinite(value)
+    ]
     if bad or not np.isfinite(loss):
         raise TrainingDivergedError(
             f"non-finite loss at step {step}: loss={loss}, task(s) {bad or ['total']}; "
@@ -126,7 +131,8 @@ def run_training(
         source.close()
         state = {**state, "params": warm["params"], "embedding": warm["embedding"]}
         log.info(
-            "warm start from %s step %d (new data window; dense optimizer restarts, table slots kept)",
+            "warm start from %s step %d (new data window; dense optimizer restarts, table slots "
+            "kept)",
             source.directory,
             source.latest_step(),
         )
@@ -180,7 +186,7 @@ def run_training(
                         "grad_norm": float(step_metrics["grad_norm"]),
                         **{
                             f"loss_{n}": float(v)
-                            for n, v in zip(task.aux_names, np.atleast_1d(aux))
+                            for n, v in zip(task.aux_names, np.atleast_1d(aux), strict=False)
                         },
                     }
                     summaries.scalars(step, scalars, "train")
@@ -223,26 +229,12 @@ def run_training(
     return metrics
 
 
-FAMILIES = {
-    "feed_ranker": "lf_jax.train.ranker:RankerTask",
-    "post_encoder": "lf_jax.train.post_encoder:PostEncoderTask",
-    "dual_encoder": "lf_jax.train.dual_encoder:DualEncoderTask",
-}
-
-
 def build_task(config, workdir: str | Path) -> TrainingTask:
     """The TrainingTask of ``config.model_family`` on a mesh of ``config.mesh``."""
-    import importlib
-
     from lf_jax.distributed.mesh import make_mesh
 
-    family = config.get("model_family", "")
-    if family not in FAMILIES:
-        raise UserInputError(f"config model_family={family!r} is not one of {sorted(FAMILIES)}")
-    module, name = FAMILIES[family].split(":")
-    return getattr(importlib.import_module(module), name)(
-        config, make_mesh(dict(config.mesh)), workdir
-    )
+    task_class = family_class(config.get("model_family", ""), "task")
+    return task_class(config, make_mesh(dict(config.mesh)), workdir)
 
 
 def train_and_evaluate(config, workdir: str | Path) -> dict:

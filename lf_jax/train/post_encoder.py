@@ -32,18 +32,15 @@ from jax.sharding import NamedSharding, PartitionSpec
 from lf_jax.console import get_logger
 from lf_jax.errors import UserInputError
 from lf_jax.input.datasets import build_dataset, dataset_metadata
-from lf_jax.input.text_pipeline import StepSampler, task_mixture_indices
+from lf_jax.input.text_pipeline import StepSampler, as_text, task_mixture_indices
 from lf_jax.losses import scaled_cosine_bce
 from lf_jax.models.bert import BertConfig, BertEncoder, load_sentence_encoder
 from lf_jax.models.encoder_sharding import shard_encoder
 from lf_jax.models.post_encoder import PostEncoder
+from lf_jax.train.batch import check_micro_batches, place_batch
 from lf_jax.train.step import dense_optimizer, init_train_state
 
 SIDES = ("text", "post")
-
-
-def _decode(value) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 def triplet_accuracy(
@@ -78,12 +75,12 @@ class PostEncoderTask:
             )
         self.proportions = proportions
         self.groups = int(mesh.shape.get("data", 1))
-        self.num_micro = int(c.train.grad_accum_steps)
-        if self.num_micro < 1 or c.batch_size % (self.groups * self.num_micro):
-            raise UserInputError(
-                f"config batch_size={c.batch_size} must split into {self.groups} data "
-                f"groups x train.grad_accum_steps={self.num_micro} micro-batches"
-            )
+        self.num_micro = check_micro_batches(
+            c.batch_size,
+            c.train.grad_accum_steps,
+            self.groups,
+            f"the {self.groups} data groups (one per data shard)",
+        )
         self.examples_per_step = c.batch_size
         if c.model.pretrained:
             sentence = load_sentence_encoder(c.model.pretrained)
@@ -133,11 +130,11 @@ class PostEncoderTask:
         rows = source.__getitems__(list(range(len(source))))
         self.train = {}
         for task in self.tasks:
-            mine = [row for row in rows if _decode(row["task"]) == task]
+            mine = [row for row in rows if as_text(row["task"]) == task]
             if not mine:
                 raise UserInputError(f"post_texts train split has no pairs of task {task!r}")
-            text_ids, text_mask = self._tokens([_decode(row["text"]) for row in mine])
-            post_ids, post_mask = self._tokens([_decode(row["post"]) for row in mine])
+            text_ids, text_mask = self._tokens([as_text(row["text"]) for row in mine])
+            post_ids, post_mask = self._tokens([as_text(row["post"]) for row in mine])
             self.train[task] = {
                 "text_ids": text_ids,
                 "text_mask": text_mask,
@@ -148,9 +145,9 @@ class PostEncoderTask:
         source = self.builder.as_data_source("test")
         self.test_rows = sorted(
             source.__getitems__(list(range(len(source)))),
-            key=lambda row: (_decode(row["task"]), _decode(row["text"])),
+            key=lambda row: (as_text(row["task"]), as_text(row["text"])),
         )
-        self.eval_tasks = tuple(dict.fromkeys(_decode(row["task"]) for row in self.test_rows))
+        self.eval_tasks = tuple(dict.fromkeys(as_text(row["task"]) for row in self.test_rows))
 
     # ----- TrainingTask ----------------------------------------------------------------------
     def init_state(self) -> dict:
@@ -177,7 +174,7 @@ class PostEncoderTask:
             b,
         )
         parts = []
-        for task_index, rows in zip(tasks_g, rows_gb):
+        for task_index, rows in zip(tasks_g, rows_gb, strict=False):
             pairs = self.train[self.tasks[task_index]]
             parts.append(
                 {
@@ -191,18 +188,11 @@ class PostEncoderTask:
         return StepSampler(self._batch, self.config.data.seed)
 
     def device_batch(self, host: Mapping[str, np.ndarray]) -> dict:
-        """[k, B/k, ...]: micro-batch m holds rows m*b/k.. of every group, group g's rows on data shard g."""
-        k, g = self.num_micro, self.groups
-
-        def place(x):
-            x = np.asarray(x)
-            x = x.reshape(g, k, x.shape[0] // (g * k), *x.shape[1:]).swapaxes(0, 1)
-            x = x.reshape(k, -1, *x.shape[3:])
-            rows = x.shape[1] // jax.process_count()
-            local = x[:, jax.process_index() * rows : (jax.process_index() + 1) * rows]
-            return jax.make_array_from_process_local_data(self._batch_sharding, local, x.shape)
-
-        return {name: place(value) for name, value in host.items()}
+        """[k, B/k, ...]: micro-batch m holds rows m*b/k.. of every group, group g's rows on data
+        shard g."""
+        return place_batch(
+            host, self.num_micro, self._batch_sharding, rows="global", groups=self.groups
+        )
 
     # ----- embedding and evaluation ---------------------------------------------------------
     def corpus(self, side: str = "post") -> tuple[list[str], list[dict]]:
@@ -210,7 +200,7 @@ class PostEncoderTask:
         if side != "post":
             raise UserInputError(f"side={side!r}: the post encoder's corpus is 'post'")
         posts = sorted(
-            {_decode(row[name]) for row in self.test_rows for name in ("post", "negative_post")}
+            {as_text(row[name]) for row in self.test_rows for name in ("post", "negative_post")}
         )
         return [f"t{i}" for i in range(len(posts))], [{"post": text} for text in posts]
 
@@ -227,7 +217,7 @@ class PostEncoderTask:
             raise UserInputError(f"side={side!r} is not one of {SIDES}")
         if records is None:
             records = self.corpus(side)[1]
-        return self.embed_texts(state, [_decode(row[side]) for row in records], batch_size)
+        return self.embed_texts(state, [as_text(row[side]) for row in records], batch_size)
 
     def embed_texts(
         self, state: Mapping, texts: Sequence[str], batch_size: int = 128
@@ -246,9 +236,9 @@ class PostEncoderTask:
         return np.concatenate(out)
 
     def _triplet_texts(self, task: str) -> tuple[list[str], list[str], list[str]]:
-        rows = [row for row in self.test_rows if _decode(row["task"]) == task]
+        rows = [row for row in self.test_rows if as_text(row["task"]) == task]
         return tuple(
-            [_decode(row[name]) for row in rows] for name in ("text", "post", "negative_post")
+            [as_text(row[name]) for row in rows] for name in ("text", "post", "negative_post")
         )
 
     def baseline(self) -> dict[str, float]:

@@ -9,7 +9,8 @@ Example:
     >>> tables, features, notes = snapshot_vocabulary(tables, features, "runs/window1",
     ...                                               {"member": 1_200})
     >>> notes[0]
-    "member: ids >= 1000 (200 new since the snapshot) -> OOV row 1000 until the vocabulary is rebuilt"
+    "member: ids >= 1000 (200 new since the snapshot) -> OOV row 1000 until the vocabulary is "
+    "rebuilt"
 """
 
 import dataclasses

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lf_jax import feed_world
+
 SIM_PATH = Path(__file__).resolve().parents[2] / "data" / "feed_logs" / "simulator.py"
 
 
@@ -29,7 +31,7 @@ def _concat(chunks):
 def sample():
     """80k train impressions, half of the sessions random, in a 2k-member world."""
     cfg = dataclasses.replace(
-        sim.CONFIGS["tiny"],
+        feed_world.CONFIGS["tiny"],
         num_members=2_000,
         num_hashtags=300,
         num_posts=4_000,
@@ -37,7 +39,7 @@ def sample():
         random_share=0.5,
         chunk_sessions=2000,
     )
-    world = sim.make_world(cfg)
+    world = feed_world.make_world(cfg)
     return cfg, world, _concat(sim.simulate_chunks(cfg, "train", world))
 
 
@@ -48,7 +50,7 @@ def _auc(labels, scores):
 
 
 def test_deterministic_given_seed():
-    cfg = sim.CONFIGS["tiny"]
+    cfg = feed_world.CONFIGS["tiny"]
     a = _concat(sim.simulate_chunks(cfg, "holdout_ranked"))
     b = _concat(sim.simulate_chunks(cfg, "holdout_ranked"))
     for name in a:
@@ -136,7 +138,7 @@ def test_ranked_sessions_are_exposure_biased(sample):
 def test_relevance_is_learnable_from_features(sample):
     """Logistic regression on latent interactions + dense features approaches the oracle AUC."""
     _, world, d = sample
-    aff = sim.affinities(
+    aff = feed_world.affinities(
         world, d["member_id"], d["actor_id"], d["root_actor_id"], d["post_hashtags"]
     )
     x = np.concatenate([aff, d["dense"], np.log1p(d["position"])[:, None]], axis=1)
@@ -154,7 +156,7 @@ def test_relevance_is_learnable_from_features(sample):
 
 
 def test_metadata_and_split_sizes():
-    for name, cfg in sim.CONFIGS.items():
+    for cfg in feed_world.CONFIGS.values():
         meta = cfg.metadata()
         assert meta["max_lengths"] == {
             "post_hashtags": 5,
@@ -163,17 +165,17 @@ def test_metadata_and_split_sizes():
         }
         assert meta["tasks"] == ["like", "comment", "share", "long_dwell"]
         assert len(meta["dense_features"]) == meta["dense_dim"] == 8
-    tiny, large = sim.CONFIGS["tiny"], sim.CONFIGS["large"]
-    assert 100_000 < sum(tiny.num_impressions(s) for s in sim.SPLITS) < 600_000
+    tiny, large = feed_world.CONFIGS["tiny"], feed_world.CONFIGS["large"]
+    assert 100_000 < sum(tiny.num_impressions(s) for s in feed_world.SPLITS) < 600_000
     assert large.num_members >= 1_000_000
-    assert sum(large.num_impressions(s) for s in sim.SPLITS) >= 10_000_000
+    assert sum(large.num_impressions(s) for s in feed_world.SPLITS) >= 10_000_000
     with pytest.raises(ValueError, match="split"):
         tiny.sessions("test")
 
 
 def test_session_ids_are_disjoint_across_splits():
-    cfg = sim.CONFIGS["tiny"]
-    world = sim.make_world(cfg)
+    cfg = feed_world.CONFIGS["tiny"]
+    world = feed_world.make_world(cfg)
     ids = {
         split: np.unique(_concat(sim.simulate_chunks(cfg, split, world))["session_id"])
         for split in ("holdout_ranked", "holdout_random")
@@ -210,7 +212,9 @@ def test_history_follows_the_members_own_affinities(sample):
 def test_draw_history_rejects_an_unknown_kind(sample):
     cfg, world, _ = sample
     with pytest.raises(ValueError, match="kind must be"):
-        sim.draw_history(np.random.default_rng(0), world, np.array([0]), np.array([3]), "posts", 5)
+        feed_world.draw_history(
+            np.random.default_rng(0), world, np.array([0]), np.array([3]), "posts", 5
+        )
 
 
 def test_unlogged_signal_is_selection_on_an_unobservable():
@@ -219,15 +223,15 @@ def test_unlogged_signal_is_selection_on_an_unobservable():
     top; random sessions show no such trend, and tiny (signal off) has no such term."""
 
     def residual(name):
-        cfg = dataclasses.replace(sim.CONFIGS[name], train_sessions=2000, random_share=0.5)
-        world = sim.make_world(cfg)
+        cfg = dataclasses.replace(feed_world.CONFIGS[name], train_sessions=2000, random_share=0.5)
+        world = feed_world.make_world(cfg)
         d = _concat(sim.simulate_chunks(cfg, "train", world))
-        aff = sim.affinities(
+        aff = feed_world.affinities(
             world, d["member_id"], d["actor_id"], d["root_actor_id"], d["post_hashtags"]
         )
-        logged = sim.relevance_logits(world, d["member_id"], d["post_id"], aff, d["dense"][:, 2])[
-            :, 0
-        ]
+        logged = feed_world.relevance_logits(
+            world, d["member_id"], d["post_id"], aff, d["dense"][:, 2]
+        )[:, 0]
         rel = d["relevance_probs"][:, 0].astype(np.float64)
         kept = rel > 1e-5  # not clipped at 1e-6
         return (

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 
+from lf_jax import feed_world
 from lf_jax.input import build_dataset
 
 DATA = os.path.join(
@@ -51,7 +52,7 @@ def test_member_items_ids_follow_feed_logs_world():
     e1, e2 = member_items.make_entities(cfg), member_items.make_entities(cfg)
     np.testing.assert_array_equal(e1["train_pairs"], e2["train_pairs"])
     assert e1["item_text"] == e2["item_text"]
-    world = member_items.feed.make_world(member_items.feed.CONFIGS["tiny"])
+    world = feed_world.make_world(feed_world.CONFIGS["tiny"])
     assert len(e1["member_interests"]) == len(world.member_vecs)
     assert len(e1["item_text"]) == len(world.post_topic)
     np.testing.assert_array_equal(e1["item_numeric"][:, 0], world.followers[world.post_actor])

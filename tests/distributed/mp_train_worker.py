@@ -28,7 +28,7 @@ def main(argv):
 
     set_verbosity("info")
     overrides, rest = split_override_args(rest)
-    args = dict(zip(rest[::2], rest[1::2]))
+    args = dict(zip(rest[::2], rest[1::2], strict=False))
     config = apply_overrides(load_config(args["--config"]), overrides)
     workdir = prepare_workdir(args["--workdir"], config)
     task = build_task(config, workdir)

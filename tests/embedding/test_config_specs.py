@@ -80,15 +80,12 @@ def test_feed_ranker_config_shares_the_member_table(repo_root):
 
 @pytest.mark.parametrize("size", ["tiny", "small", "large"])
 def test_feed_ranker_sizes_match_the_dataset(repo_root, size):
-    import importlib.util
+    from lf_jax import feed_world
 
-    spec = importlib.util.spec_from_file_location("sim", f"{repo_root}/data/feed_logs/simulator.py")
-    simulator = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(simulator)
     config = load_config(f"{repo_root}/configs/feed_ranker.py:size={size}")
     tables, _, _ = specs_from_config(config.embedding)
     rows = {t.name: t.vocab_size for t in tables}
-    world = simulator.CONFIGS[config.data.config]
+    world = feed_world.CONFIGS[config.data.config]
     # id tables hold one row per id plus a last OOV row (lf_jax/train/warm_start.py)
     assert rows["member"] == world.num_members + 1
     assert rows["hashtag"] == world.num_hashtags + 1
@@ -126,7 +123,8 @@ def test_hand_plan_from_a_config_dict():
         ({"tables__member__vocab": 5}, "embedding.tables.member.vocab is not a known key"),
         (
             {"tables__member__initializer": "ones"},
-            "embedding.tables.member.initializer must be one of ('normal', 'uniform', 'zeros'), got 'ones'",
+            "embedding.tables.member.initializer must be one of ('normal', 'uniform', 'zeros'), "
+            "got 'ones'",
         ),
         (
             {"tables__member__optimizer": {"kind": "adamw", "learning_rate": 0.1}},
@@ -138,7 +136,8 @@ def test_hand_plan_from_a_config_dict():
         ),
         (
             {"tables__member__optimizer": {"kind": "sgd", "learning_rate": -1.0}},
-            "embedding.tables.member.optimizer: sparse optimizer: learning_rate must be > 0, got -1.0",
+            "embedding.tables.member.optimizer: sparse optimizer: learning_rate must be > 0, got "
+            "-1.0",
         ),
         (
             {"tables__member__optimizer": {"kind": "sgd", "learning_rate": 0.1, "beta": 2}},
@@ -146,7 +145,8 @@ def test_hand_plan_from_a_config_dict():
         ),
         (
             {"features__actor_id__table": "members"},
-            "embedding.features.actor_id.table 'members' is not a table (tables: ['member', 'position'])",
+            "embedding.features.actor_id.table 'members' is not a table (tables: ['member', "
+            "'position'])",
         ),
         (
             {"features__actor_id__max_ids": 0},
@@ -154,7 +154,8 @@ def test_hand_plan_from_a_config_dict():
         ),
         (
             {"features__actor_id__combiner": "max"},
-            "embedding.features.actor_id.combiner must be one of ('sum', 'mean', 'sqrtn', 'none'), got 'max'",
+            "embedding.features.actor_id.combiner must be one of ('sum', 'mean', 'sqrtn', 'none'), "
+            "got 'max'",
         ),
         ({"features__actor_id__table": None}, "embedding.features.actor_id.table is missing"),
         ({"features__actor_id": 3}, "embedding.features.actor_id must be a dict"),
@@ -164,7 +165,8 @@ def test_hand_plan_from_a_config_dict():
         ),
         (
             {"plan": {"member": {"strategy": "rows"}}},
-            "embedding.plan.member.strategy must be one of ('data_parallel', 'table_wise', 'row_wise', "
+            "embedding.plan.member.strategy must be one of ('data_parallel', 'table_wise', "
+            "'row_wise', "
             "'column_wise', 'table_wise_row_wise'), got 'rows'",
         ),
     ],

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 from test_strategies import (
     FEATURES,
+    MESHES,
     TABLES,
     assert_matches_oracle,
-    mesh_for,
     plan_for,
 )
 
-from lf_jax.embedding import lookup
 from lf_jax import embedding as P
+from lf_jax.embedding import lookup
 from lf_jax.embedding.collection import EmbeddingCollection
 from lf_jax.embedding.exchange import Requests, capacity_for, fetch_rows
 from lf_jax.embedding.sparse_optim import adam, rowwise_adagrad
@@ -67,8 +67,8 @@ def skewed_batch(kind: str, step: int):
     ],
     ids=["rw_d8", "rw_all_d2m4", "rw_model_d2m4", "twrw_d4m2", "tw_d2m4"],
 )
-def test_skewed_ids_match_oracle(kind, mesh_name, strategy):
-    mesh = mesh_for(mesh_name)
+def test_skewed_ids_match_oracle(kind, mesh_name, strategy, mesh_of):
+    mesh = mesh_of(MESHES[mesh_name])
     coll = EmbeddingCollection(
         SKEW_TABLES, SKEW_FEATURES, {t.name: strategy for t in SKEW_TABLES}, mesh
     )
@@ -82,17 +82,17 @@ def test_skewed_ids_match_oracle(kind, mesh_name, strategy):
     )
 
 
-def test_every_strategy_matches_oracle_with_many_rounds(monkeypatch):
+def test_every_strategy_matches_oracle_with_many_rounds(monkeypatch, mesh_2x4):
     """Capacity 2: each step needs many exchange rounds on every sharded group."""
     monkeypatch.setattr(lookup, "capacity_for", lambda entries, share, rows: min(entries, 2))
-    mesh = mesh_for("d2m4")
+    mesh = mesh_2x4
     coll = EmbeddingCollection(TABLES, FEATURES, plan_for(mesh), mesh)
     assert_matches_oracle(coll, TABLES, FEATURES, steps=2, check_steps=(1, 2))
 
 
-def test_fetch_rows_takes_as_many_rounds_as_skew_needs():
+def test_fetch_rows_takes_as_many_rounds_as_skew_needs(mesh_of):
     """Every device asks owner 0 for 12 distinct rows with capacity 3: four rounds."""
-    mesh = mesh_for("d8")
+    mesh = mesh_of({"data": 8})
     rows, dim = 16, 2
     table_srd = np.arange(8 * rows * dim, dtype=np.float32).reshape(8, rows, dim)
     local_m = np.tile(np.arange(12, dtype=np.int32)[::-1], 8)  # 12 per device, reversed

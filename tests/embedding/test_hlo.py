@@ -25,8 +25,8 @@ import jax
 import numpy as np
 import pytest
 
-from lf_jax.distributed.mesh import make_mesh
 from lf_jax import embedding as P
+from lf_jax.distributed.mesh import make_mesh
 from lf_jax.embedding.collection import EmbeddingCollection, SparseBatch
 from lf_jax.embedding.sparse_optim import rowwise_adagrad
 from lf_jax.embedding.spec import FeatureSpec, TableSpec
@@ -37,23 +37,15 @@ from lf_jax.testing.embedding_oracle import random_batch
 BATCH = 16
 NONE = ("all-reduce", "all-to-all", "collective-permute")
 
-_mesh = []
 
-
-def mesh():
-    if not _mesh:
-        _mesh.append(make_mesh({"data": 2, "model": 4}))
-    return _mesh[0]
-
-
-def compiled_collectives(strategy, vocab_size=37):
+def compiled_collectives(mesh, strategy, vocab_size=37):
     """(lookup ops, update ops) of a one-table collection with a pooled + a sequence feature."""
     tables = [TableSpec(name="t", vocab_size=vocab_size, dim=8, optimizer=rowwise_adagrad(0.1))]
     features = [
         FeatureSpec(name="bag", table="t", max_ids=3, combiner="mean"),
         FeatureSpec(name="seq", table="t", max_ids=2, combiner="none"),
     ]
-    coll = EmbeddingCollection(tables, features, {"t": strategy}, mesh())
+    coll = EmbeddingCollection(tables, features, {"t": strategy}, mesh)
     state = abstract_state(coll)
     batch = coll.shard_batch(coll.preprocess(*random_batch(features, tables, BATCH)))
     grads = {
@@ -74,8 +66,8 @@ def kinds(ops):
     return counts
 
 
-def test_data_parallel_lookup_has_no_collectives():
-    coll, lookup_ops, update_ops = compiled_collectives(P.data_parallel())
+def test_data_parallel_lookup_has_no_collectives(mesh_2x4):
+    coll, lookup_ops, update_ops = compiled_collectives(mesh_2x4, P.data_parallel())
     assert [g.axes for g in coll.groups] == [()]
     assert lookup_ops == []
     # Every replica applies the same sparse update: each device's deduplicated row
@@ -86,8 +78,8 @@ def test_data_parallel_lookup_has_no_collectives():
     assert {op.group_size for op in update_ops} == {8}
 
 
-def test_row_wise_over_some_axes_exchanges_within_them_and_syncs_replicas():
-    coll, lookup_ops, update_ops = compiled_collectives(P.row_wise(("model",)))
+def test_row_wise_over_some_axes_exchanges_within_them_and_syncs_replicas(mesh_2x4):
+    coll, lookup_ops, update_ops = compiled_collectives(mesh_2x4, P.row_wise(("model",)))
     assert [g.axes for g in coll.groups] == [("model",)]
     sizes = lambda ops, kind: {op.group_size for op in ops if op.kind == kind}  # noqa: E731
     assert kinds(lookup_ops)["all-to-all"] == 2  # ids out, rows back
@@ -110,8 +102,8 @@ def test_row_wise_over_some_axes_exchanges_within_them_and_syncs_replicas():
     ],
     ids=["row_wise_all", "table_wise", "column_wise2", "table_wise_row_wise"],
 )
-def test_all_axes_groups_exchange_ids_with_owners_only(strategy):
-    coll, lookup_ops, update_ops = compiled_collectives(strategy)
+def test_all_axes_groups_exchange_ids_with_owners_only(strategy, mesh_2x4):
+    coll, lookup_ops, update_ops = compiled_collectives(mesh_2x4, strategy)
     assert all(g.axes == ("data", "model") for g in coll.groups)
     for ops, all_to_all in ((lookup_ops, 2), (update_ops, 2)):
         counts = kinds(ops)
@@ -124,11 +116,14 @@ def test_all_axes_groups_exchange_ids_with_owners_only(strategy):
 @pytest.mark.parametrize(
     "strategy", [P.data_parallel(), P.row_wise(("model",))], ids=["data_parallel", "row_wise_model"]
 )
-def test_update_collectives_do_not_grow_with_vocab(strategy):
+def test_update_collectives_do_not_grow_with_vocab(strategy, mesh_2x4):
     """No dense table gradient: the same collectives, of the same shapes, at 37 and 40k rows."""
-    shapes = lambda ops: [(op.kind, op.line.split("=", 1)[1].split("(")[0]) for op in ops]
-    _, small_lookup, small_update = compiled_collectives(strategy, vocab_size=37)
-    _, big_lookup, big_update = compiled_collectives(strategy, vocab_size=40_000)
+
+    def shapes(ops):
+        return [(op.kind, op.line.split("=", 1)[1].split("(")[0]) for op in ops]
+
+    _, small_lookup, small_update = compiled_collectives(mesh_2x4, strategy, vocab_size=37)
+    _, big_lookup, big_update = compiled_collectives(mesh_2x4, strategy, vocab_size=40_000)
     assert shapes(small_update) == shapes(big_update)
     assert shapes(small_lookup) == shapes(big_lookup)
 
@@ -180,7 +175,8 @@ def test_parser_handles_async_and_tuple_forms():
         [
             "%all-gather-start = (f32[2]{0}, f32[16]{0}) all-gather-start(f32[2]{0} %p), "
             "replica_groups=[2,4]<=[8], dimensions={0}",
-            "%all-gather-done = f32[16]{0} all-gather-done((f32[2]{0}, f32[16]{0}) %all-gather-start)",
+            "%all-gather-done = f32[16]{0} "
+            "all-gather-done((f32[2]{0}, f32[16]{0}) %all-gather-start)",
             "%all-to-all = (f32[2,4]{1,0}, f32[2,4]{1,0}) all-to-all(%a, %b), "
             "replica_groups={{0,1},{2,3}}",
             "%gte = f32[2,4]{1,0} get-tuple-element(%all-to-all), index=0",
@@ -208,7 +204,7 @@ def test_parser_handles_async_and_tuple_forms():
     }
 
 
-def test_collective_counts_of_plain_function():
+def test_collective_counts_of_plain_function(mesh_2x4):
     from jax.sharding import PartitionSpec
 
     def f(x):
@@ -216,7 +212,7 @@ def test_collective_counts_of_plain_function():
 
     fn = jax.shard_map(
         f,
-        mesh=mesh(),
+        mesh=mesh_2x4,
         in_specs=PartitionSpec(("data", "model")),
         out_specs=PartitionSpec(("data", "model")),
     )

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lf_jax.embedding import ids as ids_module
-from lf_jax.embedding.ids import IdMap, IdMapError, hash_strings
+from lf_jax.embedding.ids import IdMap
 from lf_jax.embedding.open_vocab import (
     OpenVocabError,
     combine_quotient_remainder,
@@ -19,6 +19,7 @@ from lf_jax.embedding.open_vocab import (
 )
 from lf_jax.embedding.sparse_optim import rowwise_adagrad
 from lf_jax.embedding.spec import validate_specs
+from lf_jax.embedding.string_hash import IdMapError, hash_strings
 from lf_jax.errors import UserInputError
 
 NUM_KEYS = 1_000_000

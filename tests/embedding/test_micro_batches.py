@@ -13,8 +13,8 @@ calls, which would apply k optimizer steps.
 import jax
 import numpy as np
 
-from lf_jax.distributed.mesh import make_mesh
 from lf_jax import embedding as P
+from lf_jax.distributed.mesh import make_mesh
 from lf_jax.embedding.collection import EmbeddingCollection
 from lf_jax.embedding.preprocess import SparseBatch
 from lf_jax.embedding.sparse_optim import adam, rowwise_adagrad, sgd
@@ -104,7 +104,7 @@ def test_microbatched_update_equals_one_big_batch():
     want_tables, want_slots = oracle.oracle_step(
         logical, slots, FEATURES, TABLES, flat, grads_flat, step=5, plan=PLAN
     )
-    want_slots = oracle.logical_slots(want_slots)
+    want_slots = oracle.logical_slots(want_slots, {t.name: t.dim for t in TABLES})
     for name in logical:
         np.testing.assert_allclose(
             got_acc["tables"][name],

@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lf_jax.distributed.mesh import make_mesh
 from lf_jax import embedding as P
+from lf_jax.distributed.mesh import make_mesh
 from lf_jax.embedding.collection import EmbeddingCollection
 from lf_jax.embedding.sparse_optim import adam, rowwise_adagrad, sgd
 from lf_jax.embedding.spec import FeatureSpec, TableSpec

@@ -9,10 +9,10 @@ import re
 import numpy as np
 import pytest
 
-from lf_jax.distributed.mesh import make_mesh
 from lf_jax import embedding as P
-from lf_jax.embedding.collection import EmbeddingCollection
+from lf_jax.distributed.mesh import make_mesh
 from lf_jax.embedding import PlanError, validate_plan
+from lf_jax.embedding.collection import EmbeddingCollection
 from lf_jax.embedding.preprocess import InvalidIdsError, preprocess
 from lf_jax.embedding.spec import FeatureSpec, SpecError, TableSpec, validate_specs
 from lf_jax.errors import UserInputError
@@ -249,15 +249,6 @@ def test_spec_errors_name_the_feature():
 
 
 # ----- plans and batches that do not fit the mesh ------------------------------------------
-_mesh = []
-
-
-def mesh():
-    if not _mesh:
-        _mesh.append(make_mesh({"data": 2, "model": 4}))
-    return _mesh[0]
-
-
 def full_plan(**changes):
     plan = {"members": P.row_wise(), "tags": P.table_wise()}
     plan.update(changes)
@@ -303,10 +294,10 @@ def full_plan(**changes):
         "not_a_dict",
     ],
 )
-def test_impossible_plans_raise_plan_error_naming_the_table(plan, parts):
+def test_impossible_plans_raise_plan_error_naming_the_table(plan, parts, mesh_2x4):
     for check in (
-        lambda: validate_plan(plan, TABLES, mesh()),
-        lambda: EmbeddingCollection(list(TABLES.values()), [HISTORY, TAGS], plan, mesh()),
+        lambda: validate_plan(plan, TABLES, mesh_2x4),
+        lambda: EmbeddingCollection(list(TABLES.values()), [HISTORY, TAGS], plan, mesh_2x4),
     ):
         with pytest.raises(PlanError) as info:
             check()
@@ -320,8 +311,8 @@ def test_plan_needs_a_model_axis_for_the_default_row_wise():
         validate_plan(full_plan(), TABLES, make_mesh({"data": 8}))
 
 
-def test_batch_size_must_divide_over_the_devices():
-    coll = EmbeddingCollection(list(TABLES.values()), [HISTORY, TAGS], full_plan(), mesh())
+def test_batch_size_must_divide_over_the_devices(mesh_2x4):
+    coll = EmbeddingCollection(list(TABLES.values()), [HISTORY, TAGS], full_plan(), mesh_2x4)
     batch = coll.preprocess({"history": [[1]] * 12, "tags": [[1]] * 12}, {"tags": [[1.0]] * 12})
     with pytest.raises(UserInputError, match="batch size 12 does not divide over 8 devices"):
         coll.shard_batch(batch)

@@ -14,6 +14,7 @@ from lf_jax.export.embed_corpus import (
     open_source,
 )
 from lf_jax.train.checkpoint import Checkpointer
+from lf_jax.train.step import dense_optimizer
 
 STEP = 7
 
@@ -48,7 +49,9 @@ def ranker_run(shrunk_ranker_config, feed_builder, tmp_path_factory):
     checkpointer = Checkpointer(workdir / "checkpoints")
     checkpointer.save(STEP, state, task.collection, {})
     checkpointer.close()
+    before = sorted(path.name for path in workdir.iterdir())
     source = open_source(config, workdir)
+    assert sorted(path.name for path in workdir.iterdir()) == before  # export writes nothing
     yield {"config": config, "workdir": workdir, "tables": tables, "source": source}
     source.close()
 
@@ -177,7 +180,8 @@ def test_missing_and_mismatched_checkpoints(ranker_run, tmp_path):
     with pytest.raises(ExportError, match=r"checkpoint step 3 not found .* \(steps: \[7\]\)"):
         find_checkpoint(ranker_run["workdir"], 3)
     source = ranker_run["source"]
-    template = source.task.init_state()
+    config = ranker_run["config"]
+    template = source.model.init_state(dense_optimizer(config.train), config.seed)
     template["step"] = jax.numpy.zeros((2,), jax.numpy.int32)  # the config's model differs
     checkpointer = Checkpointer(ranker_run["workdir"] / "checkpoints")
     try:

@@ -15,10 +15,8 @@ from lf_jax.export.kv_store import (
     KVStore,
     KVStoreError,
     UpdateCounts,
-    dequantize_int8,
-    quantization_error,
-    quantize_int8,
 )
+from lf_jax.export.quantize import dequantize_int8, quantization_error, quantize_int8
 
 DIMS = 16
 
@@ -293,7 +291,8 @@ def _check_consistent(path, n, batch):
         assert stats["count"] == n
         assert sum(stats["versions"].values()) == n
         assert stats["versions"] == {
-            name: int(count) for name, count in zip(*np.unique(raw.versions, return_counts=True))
+            name: int(count)
+            for name, count in zip(*np.unique(raw.versions, return_counts=True), strict=False)
         }
         store.put(["zz:probe"], base[:1], "probe")  # the dead writer's lock is free again
         assert store.delete(["zz:probe"]) == 1 and store.stats()["versions"] == stats["versions"]

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from lf_jax.errors import UserInputError
-from lf_jax.export import index_files, scann_index
-from lf_jax.export.scann_index import VectorIndex, VectorIndexError, exact_search, recall_at_k
+from lf_jax.export import index_files, index_inputs
+from lf_jax.export.index_inputs import VectorIndexError
+from lf_jax.export.scann_index import VectorIndex
+from lf_jax.export.scann_tuning import exact_search, recall_at_k
 
 
 def clustered(n: int, dims: int, *, centres: int = 200, spread: float = 0.5, seed: int = 0):
@@ -49,8 +51,12 @@ def tuned_index(corpus_20k):
 
 
 def _exact_ids(index_vectors, ids, queries, k, metric, dims=None):
-    corpus = scann_index._prepare(index_vectors, field="v", metric=metric, width=None, dims=dims)
-    prepared = scann_index._prepare(queries, field="q", metric=metric, width=None, dims=dims)
+    corpus = index_inputs.prepare_vectors(
+        index_vectors, field="v", metric=metric, width=None, dims=dims
+    )
+    prepared = index_inputs.prepare_vectors(
+        queries, field="q", metric=metric, width=None, dims=dims
+    )
     rows, scores = exact_search(corpus, prepared, k, metric)
     return np.asarray(ids)[rows], scores
 
@@ -202,9 +208,9 @@ def test_upsert_and_delete_without_rebuild(size, tmp_path):
         index.delete(["never"])
     # every remaining item still maps to its own id: query with its stored vector
     current = {
-        **dict(zip(ids, vectors)),
-        **dict(zip([f"new:{i}" for i in range(20)], new_vectors)),
-        **dict(zip(ids[:5], replaced)),
+        **dict(zip(ids, vectors, strict=False)),
+        **dict(zip([f"new:{i}" for i in range(20)], new_vectors, strict=False)),
+        **dict(zip(ids[:5], replaced, strict=False)),
     }
     for key in gone:
         current.pop(key)

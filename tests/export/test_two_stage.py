@@ -1,4 +1,5 @@
-"""Two-stage serving: ScaNN retrieval of K candidates, feed-ranker scoring, top N with per-task scores."""
+"""Two-stage serving: ScaNN retrieval of K candidates, feed-ranker scoring, top N with per-task
+scores."""
 
 import numpy as np
 import pytest
@@ -41,7 +42,10 @@ def service(shrunk_ranker_config, feed_builder, tmp_path_factory):
         brute_force_below=1,
     )  # a tree even for 1,000 posts
     member_vectors = rng.normal(size=(300, DIM)).astype(np.float32)
-    encoder = lambda ids: member_vectors[parse_ids(ids, "m", 300, "member_ids")]
+
+    def encoder(ids):
+        return member_vectors[parse_ids(ids, "m", 300, "member_ids")]
+
     yield TwoStageService(
         encoder,
         index,
@@ -91,7 +95,7 @@ def test_world_features_reproduce_the_logged_catalog_features(service, feed_buil
     )
     assert batch["actor_id"].tolist() == [r["actor_id"] for r in rows]
     assert batch["root_actor_id"].tolist() == [r["root_actor_id"] for r in rows]
-    for got, row in zip(batch["post_hashtags"], rows):
+    for got, row in zip(batch["post_hashtags"], rows, strict=False):
         assert got[got >= 0].tolist() == list(row["post_hashtags"])
     logged = np.array([r["dense"] for r in rows])
     catalog = [0, 1, 3, 6, 7]  # followers, root followers, member activity, prior likes, reshare
@@ -130,3 +134,20 @@ def test_world_features_reproduce_the_logged_catalog_features(service, feed_buil
 def test_bad_requests_are_one_clear_error(service, call, message):
     with pytest.raises(ServingError, match=message):
         call(service)
+
+
+def test_serving_and_export_import_nothing_from_data(repo_root):
+    """The installed package serves on its own: no module from data/ gets imported."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import lf_jax.export.corpus_sources, lf_jax.export.two_stage as serving\n"
+        "serving.FeedWorldFeatures('tiny')\n"
+        f"data = {repo_root + '/data/'!r}\n"
+        "print([n for n, m in list(sys.modules.items())"
+        " if str(getattr(m, '__file__', '') or '').startswith(data)])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -164,7 +164,7 @@ def test_train_stats_match_the_stored_records(small_tiny_build):
     """The builder's train_stats (dense standardisation, IPS counts) equal a pass over train
     (of a 1,000-session build: the pass decodes every record)."""
     from lf_jax.train.ips import position_counts
-    from lf_jax.train.ranker import dense_feature_stats
+    from lf_jax.train.ranker_model import dense_feature_stats
 
     _, feed_builder = small_tiny_build
     stats = dataset_metadata(feed_builder)["train_stats"]
@@ -183,3 +183,16 @@ def test_train_stats_match_the_stored_records(small_tiny_build):
     )
     for key, value in counts.items():
         np.testing.assert_array_equal(np.asarray(stats[key]), value, err_msg=key)
+
+
+def test_built_dataset_opens_from_its_files_without_builder_code(feed_builder, feed_data_dir):
+    from lf_jax.input.datasets import open_built_dataset
+
+    built = open_built_dataset("feed_logs", "tiny", feed_data_dir)
+    assert type(built) is not type(feed_builder)  # tfds read it back; data/ code not used
+    want, got = dataset_metadata(feed_builder), dataset_metadata(built)
+    for key in ("num_members", "num_posts", "tasks", "dense_dim", "train_stats", "num_examples"):
+        assert got[key] == want[key], key
+    assert len(built.as_data_source("train")) == len(feed_builder.as_data_source("train"))
+    with pytest.raises(DatasetError, match="feed_logs/small is not built in"):
+        open_built_dataset("feed_logs", "small", feed_data_dir)

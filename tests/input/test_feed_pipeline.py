@@ -209,7 +209,8 @@ def test_eval_reader_yields_every_example_once(feed_builder, shard_count):
         )
         batches = list(reader)
         lengths.add(len(batches))
-        assert len(batches) == len(reader) == -(-(-(-n // shard_count)) // 96)
+        per_shard = -(-n // shard_count)  # ceil
+        assert len(batches) == len(reader) == -(-per_shard // 96)
         for batch in batches:
             assert all(len(v) == 96 for v in batch.values())
             valid = batch["valid"]

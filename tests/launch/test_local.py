@@ -6,7 +6,8 @@ import time
 
 WORKER = (
     "import os, sys, time; p = int(os.environ['LF_JAX_PROCESS_ID']); "
-    "print('hello from', p, os.environ['LF_JAX_NUM_PROCESSES'], os.environ['XLA_FLAGS'].split('=')[-1], flush=True); "
+    "print('hello from', p, os.environ['LF_JAX_NUM_PROCESSES'], "
+    "os.environ['XLA_FLAGS'].split('=')[-1], flush=True); "
     "time.sleep(0.5 if p == 1 else 120); sys.exit(3 if p == 1 else 0)"
 )
 

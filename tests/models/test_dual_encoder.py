@@ -47,7 +47,7 @@ def _step(task, host):
 
 
 def _assert_close(a, b):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=False):
         np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-6)
 
 

@@ -13,9 +13,9 @@ from lf_jax.embedding import (
     table_wise_row_wise,
     validate_plan,
 )
+from lf_jax.embedding.exchange import capacity_for
 from lf_jax.embedding.sparse_optim import adam, rowwise_adagrad, sgd
 from lf_jax.embedding.spec import FeatureSpec, TableSpec
-from lf_jax.embedding.exchange import capacity_for
 from lf_jax.planner import (
     Layout,
     Traffic,

@@ -67,20 +67,23 @@ def test_grad_cache_gradient_equals_whole_batch(setup, k):
     )(params, _chunks(batch, k))
     assert float(loss_gc) == pytest.approx(float(loss), rel=1e-5)
     np.testing.assert_allclose(np.asarray(per_dim_gc), np.asarray(per_dim), rtol=1e-5)
-    for g, g_gc in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_gc)):
+    for g, g_gc in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_gc), strict=False):
         np.testing.assert_allclose(np.asarray(g_gc), np.asarray(g), rtol=1e-4, atol=1e-6)
 
 
 def test_naive_accumulation_loses_negatives(setup):
-    """Per-chunk losses averaged (what plain accumulation computes) differ: the test above can fail."""
+    """Per-chunk losses averaged (what plain accumulation computes) differ: the test above can
+    fail."""
     graphdef, params, batch = setup
     (_, _), grads = _direct(graphdef, params, batch)
     chunks = _chunks(batch, 4)
-    naive = [_direct(graphdef, params, jax.tree.map(lambda x: x[i], chunks))[1] for i in range(4)]
+    naive = [
+        _direct(graphdef, params, jax.tree.map(lambda x, i=i: x[i], chunks))[1] for i in range(4)
+    ]
     naive = jax.tree.map(lambda *g: sum(g) / 4, *naive)
     diff = max(
         float(jnp.max(jnp.abs(a - b)))
-        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(naive))
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(naive), strict=False)
     )
     assert diff > 1e-3
 
@@ -96,6 +99,8 @@ def test_sharded_grad_cache_step_equals_one_big_step(setup):
     placed = jax.device_put(_chunks(batch, 4), NamedSharding(mesh, PartitionSpec(None, "data")))
     state_k, metrics_k = sharded(init_train_state(params, tx, {}), placed)
     assert float(metrics_k["loss"]) == pytest.approx(float(metrics_one["loss"]), rel=1e-5)
-    for a, b in zip(jax.tree.leaves(state_one["params"]), jax.tree.leaves(state_k["params"])):
+    for a, b in zip(
+        jax.tree.leaves(state_one["params"]), jax.tree.leaves(state_k["params"]), strict=False
+    ):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
     assert int(state_k["step"]) == 1

@@ -27,7 +27,7 @@ def _host_state(task, state):
 
 
 def _assert_states(a, b, exact, rtol=2e-5, atol=2e-6):
-    for part_a, part_b in zip(a, b):
+    for part_a, part_b in zip(a, b, strict=False):
         assert part_a.keys() == part_b.keys()
         for key in part_a:
             if exact:

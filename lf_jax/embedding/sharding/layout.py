@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lf_jax.embedding.sharding import STRATEGY_MODULES
 from lf_jax.embedding.sharding.piece import Piece, mesh_shape_of
-from lf_jax.embedding.sparse_optim import SGD
+from lf_jax.embedding.sparse_optim import SparseOptimizer
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -29,7 +29,7 @@ class Group:
     rows: int
     dim: int
     dtype: str
-    optimizer: SGD
+    optimizer: SparseOptimizer
     pieces: tuple[Piece, ...]
 
     @property
@@ -79,8 +79,9 @@ def build_layout(tables: Mapping, plan: Mapping[str, Mapping], mesh) -> list[Gro
         axes, pieces = STRATEGY_MODULES[entry["strategy"]].place(table, entry, mesh_shape)
         for piece in pieces:
             keyed[(axes, piece.dim, table.dtype, table.optimizer)].append(piece)
-    device_load = defaultdict(int)  # bytes on each all-axes slot, for table-wise balancing
-    groups, taken = [], set()
+    device_load: defaultdict[int, int] = defaultdict(int)  # bytes per all-axes slot (balancing)
+    groups: list[Group] = []
+    taken: set[str] = set()
     all_axes = tuple(mesh_shape)
     for (axes, dim, dtype, optimizer), pieces in keyed.items():
         num_slots = math.prod(mesh_shape[axis] for axis in axes)
