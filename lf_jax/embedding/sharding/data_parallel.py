@@ -6,7 +6,7 @@ applies the same sparse update (inherent: O(global batch) per device). Best for 
 tables read by many features.
 """
 
-from lf_jax.embedding.sharding.piece import Piece
+from lf_jax.embedding.sharding.piece import Piece, whole_table_piece
 
 NAME = "data_parallel"
 
@@ -24,10 +24,8 @@ def validate(table, entry: dict, mesh_shape) -> dict:
 def place(table, entry, mesh_shape) -> tuple[tuple[str, ...], list[Piece]]:
     """Returns (group mesh axes, pieces): no axes, one piece holding every row."""
     return (), [
-        Piece(
-            table=table.name,
-            col_start=0,
-            col_end=table.dim,
+        whole_table_piece(
+            table,
             num_slots=1,
             rows_per_slot=table.vocab_size,
         )

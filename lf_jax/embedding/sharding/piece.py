@@ -44,6 +44,18 @@ class Piece:
         return [self.slot0 + i * self.slot_stride for i in range(self.num_slots)]
 
 
+def whole_table_piece(table, *, num_slots: int, rows_per_slot: int, **placement) -> Piece:
+    """A piece holding every column of ``table`` (placement: slot0, slot_stride)."""
+    return Piece(
+        table=table.name,
+        col_start=0,
+        col_end=table.dim,
+        num_slots=num_slots,
+        rows_per_slot=rows_per_slot,
+        **placement,
+    )
+
+
 def split_rows(vocab_size: int, num_slots: int) -> int:
     """Rows per slot when ``vocab_size`` rows are split evenly (the last slot padded)."""
     return math.ceil(vocab_size / num_slots)

@@ -8,7 +8,7 @@ with an all-gather over those axes). For the largest tables.
 
 import math
 
-from lf_jax.embedding.sharding.piece import Piece, PlanError, split_rows
+from lf_jax.embedding.sharding.piece import PlanError, split_rows, whole_table_piece
 
 NAME = "row_wise"
 
@@ -35,10 +35,8 @@ def place(table, entry, mesh_shape):
     axes = tuple(entry["axes"])
     shards = math.prod(mesh_shape[axis] for axis in axes)
     return axes, [
-        Piece(
-            table=table.name,
-            col_start=0,
-            col_end=table.dim,
+        whole_table_piece(
+            table,
             num_slots=shards,
             rows_per_slot=split_rows(table.vocab_size, shards),
         )

@@ -6,7 +6,7 @@ ids of the whole batch (inherent). Tables without a device are placed by the lay
 the least-loaded device, largest first.
 """
 
-from lf_jax.embedding.sharding.piece import Piece, PlanError, device_count
+from lf_jax.embedding.sharding.piece import PlanError, device_count, whole_table_piece
 
 NAME = "table_wise"
 
@@ -29,10 +29,8 @@ def validate(table, entry: dict, mesh_shape) -> dict:
 def place(table, entry, mesh_shape):
     """Returns (all mesh axes, one piece on ``entry['device']`` or unplaced)."""
     return tuple(mesh_shape), [
-        Piece(
-            table=table.name,
-            col_start=0,
-            col_end=table.dim,
+        whole_table_piece(
+            table,
             num_slots=1,
             rows_per_slot=table.vocab_size,
             slot0=entry.get("device"),

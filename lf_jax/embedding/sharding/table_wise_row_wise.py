@@ -9,7 +9,7 @@ real hardware); the group serves the table's ids of the whole batch.
 
 import numpy as np
 
-from lf_jax.embedding.sharding.piece import Piece, PlanError, device_count, split_rows
+from lf_jax.embedding.sharding.piece import PlanError, device_count, split_rows, whole_table_piece
 
 NAME = "table_wise_row_wise"
 
@@ -46,10 +46,8 @@ def place(table, entry, mesh_shape):
     slots = grid[tuple(index)]
     stride = int(slots[1] - slots[0]) if len(slots) > 1 else 1
     return axes, [
-        Piece(
-            table=table.name,
-            col_start=0,
-            col_end=table.dim,
+        whole_table_piece(
+            table,
             num_slots=len(slots),
             rows_per_slot=split_rows(table.vocab_size, len(slots)),
             slot0=int(slots[0]),
