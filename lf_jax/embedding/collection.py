@@ -153,8 +153,7 @@ class EmbeddingCollection:
                 block = block[:, piece.col_start]
             padded_rows = piece.num_slots * piece.rows_per_slot
             block = jnp.pad(block, [(0, padded_rows - block.shape[0])] + [(0, 0)] * len(trailing))
-            # row r lives on slot r % num_slots at local row r // num_slots
-            block = block.reshape(piece.rows_per_slot, piece.num_slots, *trailing).swapaxes(0, 1)
+            block = block.reshape(piece.num_slots, piece.rows_per_slot, *trailing)
             stop = piece.slots()[-1] + 1
             stored = stored.at[
                 piece.slot0 : stop : piece.slot_stride,
@@ -242,8 +241,7 @@ class EmbeddingCollection:
                 piece.slot0 : stop : piece.slot_stride,
                 piece.row_offset : piece.row_offset + piece.rows_per_slot,
             ]
-            rows = block.swapaxes(0, 1).reshape(-1, *block.shape[2:])
-            rows = rows[: self.tables[piece.table].vocab_size]
+            rows = block.reshape(-1, *block.shape[2:])[: self.tables[piece.table].vocab_size]
             yield piece, rows
 
     # ----- batches --------------------------------------------------------------------------
