@@ -253,18 +253,16 @@ def group_step_cost(
 
 
 def plan_step_cost(layout: Layout, features: Sequence[FeatureSpec], batch_size: int) -> StepCost:
-    """The whole plan's step: exchange bytes add up over groups; the activation peak is
-    the largest group's temporaries plus every group's outputs and their gradients
-    (which live from the lookup to the update)."""
-    total, peak, outputs = StepCost(0, 0, 0), 0, 0
+    """The whole plan's step: exchange bytes and activations add up over groups (XLA
+    does not reliably reuse one group's update buffers for another's), plus every
+    group's outputs and their gradients, which live from the lookup to the update."""
+    total, outputs = StepCost(0, 0, 0), 0
     b = batch_size // num_devices(layout.mesh_shape)
     for group in layout.groups:
-        cost = group_step_cost(group, features, layout.mesh_shape, batch_size)
+        total = total + group_step_cost(group, features, layout.mesh_shape, batch_size)
         route = GroupRoute.build(group, {f.name: f for f in features})
-        total = total + StepCost(cost.forward_comm, cost.update_comm, 0)
-        peak = max(peak, cost.activation)
         outputs += 2 * b * route.num_out * group.dim * ACT_BYTES
-    return StepCost(total.forward_comm, total.update_comm, peak + outputs)
+    return StepCost(total.forward_comm, total.update_comm, total.activation + outputs)
 
 
 def table_step_cost(
