@@ -234,13 +234,15 @@ class Layout:
 def group_step_cost(
     group: Group, features: Sequence[FeatureSpec], mesh_shape: Mapping, batch_size: int
 ) -> StepCost:
-    """Exchange and activation bytes per device of one group's lookup + update."""
+    """Exchange and activation bytes per device of one group's lookup + update; the
+    activations include the group's outputs and their gradients, which live from the
+    lookup to the update."""
     route = GroupRoute.build(group, {f.name: f for f in features})
     if not route.blocks:
         return StepCost(0, 0, 0)
     b = batch_size // num_devices(mesh_shape)
     entries = sum(block.max_ids for block in route.blocks)
-    return exchange_cost(
+    cost = exchange_cost(
         entries=b * entries,
         columns=b * route.num_out,
         dim=group.dim,
@@ -250,19 +252,17 @@ def group_step_cost(
         replicas=num_devices(mesh_shape) // group.num_slots,
         slot_bytes=slot_row_bytes(group.optimizer, group.dim),
     )
+    outputs = 2 * b * route.num_out * group.dim * ACT_BYTES
+    return cost + StepCost(0, 0, outputs)
 
 
 def plan_step_cost(layout: Layout, features: Sequence[FeatureSpec], batch_size: int) -> StepCost:
     """The whole plan's step: exchange bytes and activations add up over groups (XLA
-    does not reliably reuse one group's update buffers for another's), plus every
-    group's outputs and their gradients, which live from the lookup to the update."""
-    total, outputs = StepCost(0, 0, 0), 0
-    b = batch_size // num_devices(layout.mesh_shape)
+    does not reliably reuse one group's update buffers for another's)."""
+    total = StepCost(0, 0, 0)
     for group in layout.groups:
         total = total + group_step_cost(group, features, layout.mesh_shape, batch_size)
-        route = GroupRoute.build(group, {f.name: f for f in features})
-        outputs += 2 * b * route.num_out * group.dim * ACT_BYTES
-    return StepCost(total.forward_comm, total.update_comm, total.activation + outputs)
+    return total
 
 
 def table_step_cost(
