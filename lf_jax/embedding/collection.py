@@ -153,13 +153,26 @@ class EmbeddingCollection:
                 block = block[:, piece.col_start]
             padded_rows = piece.num_slots * piece.rows_per_slot
             block = jnp.pad(block, [(0, padded_rows - block.shape[0])] + [(0, 0)] * len(trailing))
-            block = block.reshape(piece.num_slots, piece.rows_per_slot, *trailing)
+            # row r lives on slot r % num_slots at local row r // num_slots
+            block = block.reshape(piece.rows_per_slot, piece.num_slots, *trailing)
+            block = self._swap_rows_and_slots(group, piece, block)
             stop = piece.slots()[-1] + 1
             stored = stored.at[
                 piece.slot0 : stop : piece.slot_stride,
                 piece.row_offset : piece.row_offset + piece.rows_per_slot,
             ].set(block)
         return stored
+
+    def _swap_rows_and_slots(self, group: Group, piece, block: jax.Array) -> jax.Array:
+        """[R, S, ...] logical order (row r at [r // S, r % S]) <-> [S, R, ...] stored order.
+        For a piece spread over the whole group both sides stay split on their first axis
+        over the group's devices, so XLA exchanges the rows all-to-all and never gathers a
+        table on one device (init, restore and to_logical of tables larger than a device)."""
+        if piece.num_slots == group.num_slots > 1:
+            spec = NamedSharding(self.mesh, group.partition_spec(*([None] * (block.ndim - 1))))
+            block = jax.lax.with_sharding_constraint(block, spec)
+            return jax.lax.with_sharding_constraint(block.swapaxes(0, 1), spec)
+        return block.swapaxes(0, 1)
 
     def to_logical(self, state: Mapping) -> dict:
         """Jit-able logical form: {"tables": {name: [V, D]}, "slots": {name: {slot: [V, D]}},
@@ -241,7 +254,9 @@ class EmbeddingCollection:
                 piece.slot0 : stop : piece.slot_stride,
                 piece.row_offset : piece.row_offset + piece.rows_per_slot,
             ]
-            rows = block.reshape(-1, *block.shape[2:])[: self.tables[piece.table].vocab_size]
+            rows = self._swap_rows_and_slots(group, piece, block)
+            rows = rows.reshape(-1, *block.shape[2:])
+            rows = rows[: self.tables[piece.table].vocab_size]
             yield piece, rows
 
     # ----- batches --------------------------------------------------------------------------

@@ -65,7 +65,7 @@ class GroupRoute:
     blocks: tuple[Block, ...]
     slot0_e: np.ndarray
     stride_e: np.ndarray
-    rows_per_slot_e: np.ndarray
+    num_slots_e: np.ndarray
     offset_e: np.ndarray
     out_col_e: np.ndarray
     num_out: int
@@ -75,7 +75,7 @@ class GroupRoute:
     def build(cls, group: Group, features: Mapping) -> "GroupRoute":
         """Blocks for every feature reading a table with a piece in ``group``."""
         blocks: list[Block] = []
-        columns: dict[str, list] = {k: [] for k in ("slot0", "stride", "rpp", "offset", "out")}
+        columns: dict[str, list] = {k: [] for k in ("slot0", "stride", "slots", "offset", "out")}
         out_start = 0
         load = np.zeros(group.num_slots)  # expected entries per owner, rows spread evenly
         for feature in features.values():
@@ -86,7 +86,7 @@ class GroupRoute:
                 blocks.append(block)
                 columns["slot0"] += [piece.slot0] * feature.max_ids
                 columns["stride"] += [piece.slot_stride] * feature.max_ids
-                columns["rpp"] += [piece.rows_per_slot] * feature.max_ids
+                columns["slots"] += [piece.num_slots] * feature.max_ids
                 columns["offset"] += [piece.row_offset] * feature.max_ids
                 columns["out"] += (
                     [out_start] * feature.max_ids
@@ -105,7 +105,7 @@ class GroupRoute:
             tuple(blocks),
             as_array("slot0"),
             as_array("stride"),
-            as_array("rpp"),
+            as_array("slots"),
             as_array("offset"),
             as_array("out"),
             out_start,
@@ -135,10 +135,10 @@ class GroupRoute:
         coef_be = jnp.concatenate([coefs[b.feature] for b in self.blocks], axis=-1)
         valid = ids_be >= 0
         safe = jnp.where(valid, ids_be, 0)
-        slot_be = jnp.where(
-            valid, self.slot0_e + (safe // self.rows_per_slot_e) * self.stride_e, -1
-        )
-        local_be = self.offset_e + safe % self.rows_per_slot_e
+        # rows are dealt round-robin over a piece's slots (row r on slot r % num_slots),
+        # so hot low ids (zipf) spread over every owner instead of piling onto one
+        slot_be = jnp.where(valid, self.slot0_e + (safe % self.num_slots_e) * self.stride_e, -1)
+        local_be = self.offset_e + safe // self.num_slots_e
         return slot_be.astype(jnp.int32), local_be.astype(jnp.int32), coef_be.astype(jnp.float32)
 
     def split_output(self, out_bcd: jax.Array) -> dict[Block, jax.Array]:

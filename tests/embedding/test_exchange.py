@@ -40,13 +40,14 @@ BATCH = 64
 
 
 def skewed_batch(kind: str, step: int):
-    """Raw ids: 'one_owner' keeps every id in rows [0, 100) (device 0 of a row split);
+    """Raw ids: 'one_owner' draws multiples of 8 (rows are dealt round-robin, so all of
+    them live on slot 0 of a split over 8, 4 or 2 devices);
     'zipf' draws ranks ~ zipf(1.1) clipped to the vocab."""
     rng = np.random.default_rng(step)
     ids, weights = {}, {}
     for f in SKEW_FEATURES:
         if kind == "one_owner":
-            bag = rng.integers(0, VOCAB // 8, size=(BATCH, f.max_ids))
+            bag = 8 * rng.integers(0, VOCAB // 8, size=(BATCH, f.max_ids))
         else:
             bag = np.minimum(rng.zipf(1.1, size=(BATCH, f.max_ids)), VOCAB) - 1
         ids[f.name] = bag.tolist()

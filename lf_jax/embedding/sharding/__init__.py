@@ -2,7 +2,7 @@
 
 Every strategy answers one question: where does row r of table t live? The answer is
 a Piece: a column slice of the table whose rows are spread over ``num_slots`` slots
-(devices along the group's mesh axes) in blocks of ``rows_per_slot``. Pieces of the
+(devices along the group's mesh axes), row r on slot r % num_slots. Pieces of the
 same dim, mesh axes and optimizer share one stored array [slots, rows, dim], so jit
 sees one device set per argument. The lookup protocol (lf_jax.embedding.lookup) and the
 owner-routed exchange (lf_jax.embedding.exchange) are the same for all: route ids to

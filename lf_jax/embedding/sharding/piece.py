@@ -1,7 +1,8 @@
 """Piece: where one column slice of a logical table lives in its shard group.
 
-Row r of the piece lives in slot ``slot0 + (r // rows_per_slot) * slot_stride`` at
-local row ``row_offset + r % rows_per_slot``; slots index the devices along the
+Row r of the piece lives in slot ``slot0 + (r % num_slots) * slot_stride`` at local row
+``row_offset + r // num_slots`` (rows dealt round-robin, so hot low ids spread over
+every owner); slots index the devices along the
 group's mesh axes, row-major. ``slot0`` None means "place me" (table-wise, balanced
 by the layout).
 
