@@ -360,6 +360,15 @@ def worker_naive(cfg: dict) -> dict:
     }
 
 
+def worker_plain_jax(cfg: dict) -> dict:
+    """The plain-JAX sparse step of ../shared/peers (bench/embedding_plain_jax.py)."""
+    from embedding_plain_jax import worker_plain_jax as plain
+
+    return plain(
+        {**cfg, "learning_rate": LEARNING_RATE}, host_batches, _timed_steps, summarize_times
+    )
+
+
 # ----- driver -----------------------------------------------------------------------------
 def run_worker(cfg: dict, timeout: float) -> dict:
     """Runs one measurement in a fresh interpreter; returns its JSON (or an error)."""
@@ -572,6 +581,7 @@ def scenario_b(args) -> dict:
         cases["naive_1dev"] = base_config(
             args, method="naive", dist=dist, **common, steps=args.naive_steps
         )
+        cases["plain_jax_1dev"] = base_config(args, method="plain_jax", dist=dist, **common)
         results[dist] = {name: run_worker(cfg, args.timeout) for name, cfg in cases.items()}
         if not args.skip_fbgemm:
             fb = base_config(args, method="fbgemm", dist=dist, threads=os.cpu_count(), **common)
@@ -660,7 +670,12 @@ def main(argv=None) -> int:
 
     if args.worker:
         cfg = json.loads(args.worker)
-        workers = {"ours": worker_ours, "naive": worker_naive, "interleaved": worker_interleaved}
+        workers = {
+            "ours": worker_ours,
+            "naive": worker_naive,
+            "interleaved": worker_interleaved,
+            "plain_jax": worker_plain_jax,
+        }
         result = workers[cfg["method"]](cfg)
         print(json.dumps(result))
         return 0
