@@ -113,7 +113,7 @@ def load_config(spec: str | Path) -> ml_collections.ConfigDict:
         raise
     except Exception as error:
         raise ConfigError(
-            f"get_config({arg!r}) in '{path}' raised {_reason(error, path)}"
+            f"get_config({arg or None!r}) in '{path}' raised {_reason(error, path)}"
         ) from None
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(

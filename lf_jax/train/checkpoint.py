@@ -34,6 +34,34 @@ from lf_jax.errors import LfJaxError, UserInputError
 
 # tensorstore and orbax name the file they failed on as: local file "/x/y" / File /x/y not
 _FILE_IN_ERROR = re.compile(r'(?:local file "|File )(/[^"\s]+)')
+_OCDBT_ENTRY = re.compile(r'Error reading "([^"]+)" in OCDBT database at local file "([^"]+)"')
+
+
+def _damaged_file(error: BaseException | None, step_dir: Path) -> tuple[str, str]:
+    """(where, why) of a failed restore, from its exception chain (Orbax wraps tensorstore's
+    error): the data file it names, else the OCDBT database and the array, else the step
+    directory; why: the innermost error's own words."""
+    texts, seen = [], 0
+    while error is not None and seen < 8:
+        texts.append(" ".join(str(error).split()) or type(error).__name__)
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    text = "\n".join(texts)
+    why = texts[-1].split('": ')[-1] if texts else "unknown error"
+    why = why if len(why) <= 160 else why[:160] + "..."
+    files = [path for path in _FILE_IN_ERROR.findall(text) if not path.endswith("/")]
+    if files:
+        return files[-1], why
+    entry = _OCDBT_ENTRY.search(text)
+    size = re.search(r"not valid for value of size (\d+)", text)
+    if entry and size:  # a truncated data file: the one of that size
+        sized = [
+            p for p in Path(entry[2]).rglob("*") if p.is_file() and p.stat().st_size == int(size[1])
+        ]
+        if len(sized) == 1:
+            return str(sized[0]), why
+    if entry:
+        return f"{entry[2]} (array {entry[1]})", why
+    return str(step_dir), why
 
 
 class CheckpointError(LfJaxError):
@@ -64,7 +92,7 @@ class _SaveErrors(logging.Filter):
         return True
 
 
-def _one_line(error: BaseException) -> str:
+def _one_line(error: BaseException) -> str:  # an exception's message on one line
     text = " ".join(str(error).split()) or type(error).__name__
     return text if len(text) <= 200 else text[:200] + "..."
 
@@ -206,13 +234,15 @@ class Checkpointer:
         logical tables) before anything is restored; CheckpointMismatchError names the first
         entry that differs (the config describes another model than the checkpoint)."""
         saved = self.manager.item_metadata(step)
-        expected = {
-            "state": flatten_to_dict({k: v for k, v in template.items() if k != "embedding"})
-        }
+        expected = {}  # tables first, then params, then optimizer state: the clearest first
         if collection is not None:
             expected["embedding"] = flatten_to_dict(
                 jax.eval_shape(collection.to_logical, template["embedding"])
             )
+        dense = flatten_to_dict({k: v for k, v in template.items() if k != "embedding"})
+        expected["state"] = dict(
+            sorted(dense.items(), key=lambda item: not item[0].startswith("params."))
+        )
         where = f"checkpoint step {step} in '{self.directory}'"
         for item, arrays in expected.items():
             stored = saved[item] if item in saved else None
@@ -267,20 +297,20 @@ class Checkpointer:
             except LfJaxError:
                 raise
             except Exception as error:  # any read failure: the step is damaged
-                found = _FILE_IN_ERROR.findall(str(error))
-                file = found[-1] if found else str(self.directory / str(candidate))
+                file, why = _damaged_file(error, self.directory / str(candidate))
                 if step is not None:
                     raise CheckpointError(
-                        f"checkpoint step {candidate} cannot be read: '{file}' "
-                        f"({_one_line(error)}); steps: {sorted(steps)}"
+                        f"checkpoint step {candidate} cannot be read: {file} is damaged "
+                        f"({why}); steps: {sorted(steps)}"
                     ) from None
                 moved = self._move_aside(candidate)
                 damaged.append(f"{candidate} ({file})")
                 get_logger().warning(
-                    "checkpoint step %d cannot be read: '%s' is damaged; the step is moved to "
-                    "%s and the next older step is restored",
+                    "checkpoint step %d cannot be read: %s is damaged (%s); the step is moved "
+                    "to %s and the next older step is restored",
                     candidate,
                     file,
+                    why,
                     moved,
                 )
                 continue

@@ -293,7 +293,8 @@ def _already_done(workdir: Path, step: int, steps: int) -> str:
 
 def train_and_evaluate(config, workdir: str | Path) -> dict:
     """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the
-    final eval metrics, also written to ``workdir/metrics.json``. A workdir already at
+    final eval metrics, also written to ``workdir/metrics.json`` once the run reaches
+    train.steps (a run stopped by SIGTERM or Ctrl-C leaves it as it was). A workdir already at
     train.steps returns its metrics.json as it is, without building anything."""
     from lf_jax.config_checks import check_config
 
@@ -308,7 +309,8 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     metrics = run_training(
         task, config.train, workdir, on_start=lambda step: write_run_config(workdir, config, step)
     )
-    if jax.process_index() == 0:
+    finished = (workdir / "checkpoints" / str(config.train.steps)).is_dir()
+    if jax.process_index() == 0 and finished:  # a run stopped by a signal keeps the old file
         (workdir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
     return metrics
 
