@@ -1,5 +1,8 @@
-"""Running ``lf-jax`` in-process for the fault suite: the shrunk tiny ranker's arguments
-and the one-line error every user fault must end in."""
+"""Running ``lf-jax`` in-process for the fault suite: the shrunk tiny ranker's arguments,
+the one-line error every user fault must end in, and damaging a checkpoint step."""
+
+import os
+from pathlib import Path
 
 from lf_jax.cli import main
 
@@ -48,3 +51,18 @@ def one_error_line(err: str, command: str) -> str:
     lines = [line for line in err.splitlines() if line.startswith(f"lf-jax {command}:")]
     assert len(lines) == 1, err
     return lines[0]
+
+
+def damage(step_dir: Path, mode: str) -> Path:
+    """Truncates or deletes the largest data file of ``step_dir``'s dense state; returns it."""
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    target = max(files, key=lambda p: p.stat().st_size)
+    if mode == "truncate":
+        os.truncate(target, target.stat().st_size // 2)
+    else:
+        target.unlink()
+    return target
+
+
+def steps_of(workdir: Path) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())

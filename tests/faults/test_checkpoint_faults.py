@@ -6,27 +6,11 @@ import errno
 import json
 import os
 import signal
-from pathlib import Path
 
 import pytest
-from cli_probe import STEPS, cli, one_error_line, ranker_args
+from cli_probe import STEPS, cli, damage, one_error_line, ranker_args, steps_of
 
 from lf_jax.train.checkpoint import Checkpointer
-
-
-def damage(step_dir: Path, mode: str) -> Path:
-    """Truncates or deletes the largest data file of ``step_dir``'s dense state; returns it."""
-    files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
-    target = max(files, key=lambda p: p.stat().st_size)
-    if mode == "truncate":
-        os.truncate(target, target.stat().st_size // 2)
-    else:
-        target.unlink()
-    return target
-
-
-def steps_of(workdir: Path) -> list[int]:
-    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
 def test_damaged_newest_step_falls_back_and_is_kept(
