@@ -234,15 +234,16 @@ class Checkpointer:
         logical tables) before anything is restored; CheckpointMismatchError names the first
         entry that differs (the config describes another model than the checkpoint)."""
         saved = self.manager.item_metadata(step)
-        expected = {}  # tables first, then params, then optimizer state: the clearest first
+        expected = {}  # tables, then params, then slots and optimizer state: clearest first
         if collection is not None:
             expected["embedding"] = flatten_to_dict(
                 jax.eval_shape(collection.to_logical, template["embedding"])
             )
-        dense = flatten_to_dict({k: v for k, v in template.items() if k != "embedding"})
-        expected["state"] = dict(
-            sorted(dense.items(), key=lambda item: not item[0].startswith("params."))
-        )
+        expected["state"] = flatten_to_dict({k: v for k, v in template.items() if k != "embedding"})
+        for item, arrays in expected.items():
+            expected[item] = dict(
+                sorted(arrays.items(), key=lambda kv: not kv[0].startswith(("tables.", "params.")))
+            )
         where = f"checkpoint step {step} in '{self.directory}'"
         for item, arrays in expected.items():
             stored = saved[item] if item in saved else None
