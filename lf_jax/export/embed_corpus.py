@@ -215,7 +215,8 @@ def export_corpus(
         if build_kv:
             manifest["kv"] = _write_kv(temp / "kv", ids, vectors, source)
         manifest["seconds"] = round(time.perf_counter() - start, 3)
-        (temp / MANIFEST).write_text(json.dumps(seal_manifest(manifest), indent=2))
+        manifest = seal_manifest(manifest)
+        (temp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         fsync_tree(temp)
         replace_directory(temp, target)
     except OSError as error:

@@ -1,14 +1,13 @@
-"""Fixtures of the fault-injection suite: a tiny trained ranker workdir (checkpoints at
-steps 2, 4 and 6) made once per session through the CLI, copied by each test that damages
-it, and the lf_jax log records of a test (helpers to run ``lf-jax``: cli_probe.py)."""
+"""Fixtures of the fault-injection suite: a tiny ranker workdir (checkpoints at steps 2, 4
+and 6) made once per session, copied by each test that damages it, and the lf_jax log
+records of a test (helpers to run ``lf-jax``: cli_probe.py)."""
 
+import json
 import logging
 import shutil
 
 import pytest
-from cli_probe import ranker_args
-
-from lf_jax.cli import main
+from cli_probe import STEPS, ranker_args
 
 
 @pytest.fixture
@@ -30,14 +29,25 @@ def lf_jax_log():
 
 @pytest.fixture(scope="session")
 def trained_workdir(repo_root, feed_builder, feed_data_dir, tmp_path_factory):
-    """A finished tiny ranker run (lf-jax train, in this process): checkpoints 2, 4, 6,
-    config.json and metrics.json. Tests copy it with ``copy_workdir``."""
+    """A workdir as `lf-jax train` leaves it (config.json, plan.json, metrics.json,
+    checkpoints 2, 4 and 6 of the shrunk tiny ranker), made without compiling a train step:
+    the checkpoints hold the initial state (about 10 s instead of a minute). Tests copy it
+    with ``copy_workdir``."""
+    from lf_jax.configuration import apply_overrides, load_config, split_override_args
+    from lf_jax.train.checkpoint import Checkpointer
+    from lf_jax.train.loop import build_task, prepare_workdir
+
     workdir = tmp_path_factory.mktemp("faults") / "trained"
-    assert (
-        main(["--verbosity", "warning", "train", *ranker_args(repo_root, feed_data_dir, workdir)])
-        == 0
-    )
-    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [2, 4, 6]
+    args = ranker_args(repo_root, feed_data_dir, workdir)
+    overrides, _ = split_override_args(args)
+    config = apply_overrides(load_config(args[1]), overrides)  # what `lf-jax train` loads
+    task = build_task(config, prepare_workdir(workdir, config))
+    state = task.init_state()
+    checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=3)
+    for step in (2, 4, STEPS):
+        checkpointer.save(step, state, task.collection, {})
+    checkpointer.close()
+    (workdir / "metrics.json").write_text(json.dumps({"holdout_random/like/auc": 0.5}))
     return workdir
 
 

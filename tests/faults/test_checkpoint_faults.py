@@ -13,6 +13,7 @@ from cli_probe import STEPS, cli, damage, one_error_line, ranker_args, steps_of
 from lf_jax.train.checkpoint import Checkpointer
 
 
+@pytest.mark.nightly
 def test_damaged_newest_step_falls_back_and_is_kept(
     repo_root, feed_data_dir, copy_workdir, capsys, lf_jax_log
 ):
@@ -81,6 +82,7 @@ def test_finished_workdir_trains_nothing(
     assert not (copy_workdir / "config.step6.json").exists()
 
 
+@pytest.mark.nightly
 def test_disk_full_during_background_save_is_one_line(
     repo_root, feed_data_dir, tmp_path, capsys, monkeypatch
 ):
@@ -110,6 +112,7 @@ def test_disk_full_during_background_save_is_one_line(
     checkpointer.close()
 
 
+@pytest.mark.nightly
 def test_ctrl_c_saves_like_sigterm(repo_root, feed_data_dir, tmp_path, capsys, monkeypatch):
     from lf_jax.train.ranker import RankerTask
 
