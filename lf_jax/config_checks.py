@@ -49,8 +49,10 @@ BATCH_UNITS = {"feed_ranker": "devices", "dual_encoder": "data", "post_encoder":
 
 def check_config(config: ml_collections.ConfigDict, device_count: int | None = None) -> None:
     """Raises ConfigError naming the first key whose value is out of range (see module
-    docstring). ``device_count``: the devices the run will use, when known before they
-    exist (simulated CPU devices); None checks the mesh against ``config.devices`` only."""
+    docstring). ``device_count``: the devices the run will use when known before they
+    exist (``config.devices`` for simulated CPU devices and the planner); None (real
+    accelerators, counted only once they start) skips the mesh and batch-split checks,
+    which ``make_mesh`` and the task repeat on the real devices."""
     _check_section(config, "", device_count)
     for name, value in config.items():
         if isinstance(value, ml_collections.ConfigDict) and "model_family" in value:
@@ -81,11 +83,11 @@ def _check_section(config, prefix: str, device_count: int | None) -> None:
         raise ConfigError(
             f"config {prefix}model_family={family!r} is not one of {sorted(FAMILIES)}"
         )
-    devices = _int(config, "devices", prefix, 1, "devices the run is laid over")
+    _int(config, "devices", prefix, 1, "devices the run is laid over")
     mesh_shape = None
-    if "mesh" in config and (device_count or devices):
+    if "mesh" in config and device_count:
         try:
-            mesh_shape = resolve_mesh_shape(dict(config.mesh), device_count or devices)
+            mesh_shape = resolve_mesh_shape(dict(config.mesh), device_count)
         except MeshShapeError as error:
             raise ConfigError(f"config {prefix}mesh: {error}") from None
     batch = _int(config, "batch_size", prefix, 1, "global examples per step")
