@@ -53,7 +53,28 @@ def _add_workdir(parser: argparse.ArgumentParser, default: str) -> None:
 
 
 def _resolved_config(args, overrides):
-    return apply_overrides(load_config(args.config), overrides)
+    """The config with its overrides, every value range checked (lf_jax/config_checks.py)
+    before any device work or file write."""
+    from lf_jax.config_checks import check_config
+
+    config = apply_overrides(load_config(args.config), overrides)
+    check_config(config, _planned_device_count(args, config))
+    return config
+
+
+def _planned_device_count(args, config) -> int | None:
+    """The devices the run will have, when known before they exist: config.devices for
+    simulated CPU devices, N x processes for --devices cpu:N; None for real accelerators."""
+    import importlib.util
+
+    choice = getattr(args, "devices", None)
+    if choice is None or (
+        choice == "auto" and not any(importlib.util.find_spec(n) for n in ACCELERATOR_PLUGINS)
+    ):
+        return config.get("devices")
+    if choice.startswith("cpu:") and choice[4:].isdigit():
+        return int(choice[4:]) * _distributed_settings(args, config).num_processes
+    return None
 
 
 def _check_workdir(path: str) -> Path:
@@ -262,6 +283,9 @@ def _eval_arguments(parser):
 
 def _eval_run(args, overrides):
     config = _resolved_config(args, overrides)
+    checkpoints = (Path(args.workdir) / "checkpoints").absolute()
+    if not checkpoints.is_dir() or not any(p.name.isdigit() for p in checkpoints.iterdir()):
+        raise CommandError(f"no checkpoint in '{checkpoints}': train first (or pass --workdir)")
     _setup_devices(args.devices, config, args)
     from lf_jax.train.loop import evaluate_checkpoint
 
@@ -477,6 +501,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         get_logger().debug("command failed", exc_info=True)
         print(f"lf-jax {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside the training loop (which saves and returns)
+        print(f"lf-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -14,6 +14,7 @@ Example:
 import ast
 import importlib.util
 import sys
+import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -98,16 +99,39 @@ def load_config(spec: str | Path) -> ml_collections.ConfigDict:
     module_spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_name] = module
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as error:
+        raise ConfigError(f"config file '{path}' line {error.lineno}: {error.msg}") from None
+    except Exception as error:  # the file's own code failed: its one-line reason
+        raise ConfigError(f"config file '{path}' failed to load: {_reason(error, path)}") from None
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file '{path}' has no get_config(arg=None) function")
-    config = module.get_config(arg or None) if arg else module.get_config()
+    try:
+        config = module.get_config(arg or None) if arg else module.get_config()
+    except ConfigError:
+        raise
+    except Exception as error:
+        raise ConfigError(
+            f"get_config({arg or None!r}) in '{path}' raised {_reason(error, path)}"
+        ) from None
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(
             f"get_config() in '{path}' returned {type(config).__name__}, not a ConfigDict"
         )
     config.lock()
     return config
+
+
+def _reason(error: BaseException, path: Path) -> str:
+    """``Type: message`` on one line, with the line of ``path`` where it was raised."""
+    lines = [
+        frame.lineno
+        for frame in traceback.extract_tb(error.__traceback__)
+        if Path(frame.filename).resolve() == path.resolve()
+    ]
+    message = " ".join(str(error).split()) or "(no message)"
+    return f"{type(error).__name__}: {message}" + (f" (line {lines[-1]})" if lines else "")
 
 
 def apply_overrides(

@@ -232,3 +232,42 @@ def dataset_metadata(builder) -> dict:
     metadata["name"], metadata["config"] = builder.name, builder.builder_config.name
     metadata["data_dir"] = str(builder.data_dir)
     return metadata
+
+
+def read_records(source, indices) -> list:
+    """``source.__getitems__(indices)`` for a tfds/array_record data source, where a
+    truncated or corrupt shard is one DatasetError naming the shard's file (Riegeli's own
+    error names none).
+
+    Example:
+        >>> read_records(builder.as_data_source("train").data_source, [0, 1, 2])
+    """
+    keys = [int(i) for i in indices]
+    try:
+        return source.__getitems__(keys)
+    except UserInputError:
+        raise
+    except Exception as error:
+        raise DatasetError(
+            f"dataset file '{_failing_file(source, keys)}' cannot be read "
+            f"({type(error).__name__}: {' '.join(str(error).split())[:160]}); it is truncated "
+            "or corrupt: rebuild the dataset (delete its directory under data_dir)"
+        ) from None
+
+
+def _failing_file(source, keys: list[int]) -> str:
+    """The shard holding the first of ``keys`` that cannot be read, found by reading each
+    shard's keys on their own (array_record's ArrayRecordDataSource)."""
+    records = getattr(source, "data_source", source)
+    try:
+        files: dict[int, list[int]] = {}
+        for key in keys:
+            files.setdefault(records._reader_idx_and_position(key)[0], []).append(key)
+        for reader, shard_keys in files.items():
+            try:
+                records.__getitems__(shard_keys)
+            except Exception:
+                return str(records._read_instructions[reader].filename)
+    except AttributeError:  # another kind of source
+        pass
+    return f"one of the shards of {getattr(source, 'split', 'the split')}"
