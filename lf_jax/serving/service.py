@@ -70,25 +70,13 @@ class Version:
                 self.models[model] = ServedModel.load(directory / model, device)
         if not self.models:
             raise ArtifactError(f"artifact version '{directory}' holds no retrieval/ or ranker/")
-        self.compile_seconds = sum(m.warm_up(self._zeros(m)) for m in self.models.values())
+        self.compile_seconds = sum(m.warm_up() for m in self.models.values())
         ranker = self.models.get("ranker")
         self.tasks = ranker.manifest["tasks"] if ranker else []
         self.task_weights = (
             np.array([ranker.manifest["task_weights"][t] for t in self.tasks], np.float32)
             if ranker
             else None
-        )
-
-    @staticmethod
-    def _zeros(model: ServedModel):
-        width = model.manifest["inputs"][0]["shape"][1]
-        if model.manifest["model"] == "retrieval":
-            return lambda q, k: (np.zeros((q, width), np.float32),)
-        return lambda q, k: (
-            np.zeros((q, width), np.float32),
-            np.zeros((q, k, width), np.float32),
-            np.zeros(q, np.int32),
-            np.zeros((q, k), np.int32),
         )
 
     def stages(self) -> list[str]:
