@@ -86,6 +86,8 @@ def test_demo_runs_in_a_fresh_process(tmp_path, repo_root, feed_builder, feed_da
         "member m3: top 10 of 500 candidates" in out and "two-stage top 10 (ranker over 500)" in out
     )
     assert "latency for K=500: single query" in out
+    assert "serving version v0001 on http://127.0.0.1:" in out  # through artifacts + server
+    assert (tmp_path / "demo" / "serving" / "CURRENT").read_text().strip() == "v0001"
     demo = tmp_path / "demo"
     assert "demo finished" in out and (demo / "ranker" / "checkpoints").is_dir()
     for name in ("loss_curves.png", "recall_by_dim.png"):

@@ -148,8 +148,10 @@ class ServedModel:
         for name, entry in manifest["files"].items():
             path = directory / name
             if not path.is_file() or path.stat().st_size != entry["bytes"]:
-                raise ArtifactError(f"serving artifact '{directory}': {name} is missing or "
-                                    f"not {entry['bytes']} bytes")
+                raise ArtifactError(
+                    f"serving artifact '{directory}': {name} is missing or "
+                    f"not {entry['bytes']} bytes"
+                )
             if verify and sha256(path) != entry["sha256"]:
                 raise ArtifactError(
                     f"serving artifact '{directory}': {name} does not match its sha256 in "
@@ -166,8 +168,7 @@ class ServedModel:
             functions[(entry["queries"], entry["candidates"])] = jax.jit(exported.call)
             del name
         id_maps = {
-            entity: IdMap.load(directory / "ids" / entity)
-            for entity in manifest.get("id_maps", [])
+            entity: IdMap.load(directory / "ids" / entity) for entity in manifest.get("id_maps", [])
         }
         keys = {
             entity: np.load(directory / "keys" / f"{entity}.npy")

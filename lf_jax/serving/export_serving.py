@@ -39,7 +39,7 @@ VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 def next_version(root: Path) -> str:
-    """"v0001" for an empty ``root``, else one past the highest "v<N>" under versions/."""
+    """ "v0001" for an empty ``root``, else one past the highest "v<N>" under versions/."""
     numbers = [
         int(p.name[1:])
         for p in (root / "versions").glob("v*")
@@ -51,7 +51,10 @@ def next_version(root: Path) -> str:
 def _sections(config, workdir: Path) -> dict:
     """{"ranker": (config, workdir), "dual_encoder": (config, workdir)} present in ``config``."""
     if "ranker" in config and "dual_encoder" in config:
-        out = {"ranker": (config.ranker, workdir / "ranker"), "dual_encoder": (config.dual_encoder, workdir / "dual_encoder")}
+        out = {
+            "ranker": (config.ranker, workdir / "ranker"),
+            "dual_encoder": (config.dual_encoder, workdir / "dual_encoder"),
+        }
         for section, _ in out.values():
             if not section.data.data_dir and (workdir / "tfds").is_dir():
                 with section.unlocked():
@@ -79,9 +82,7 @@ def holdout_auc(source, weights_by_dtype: dict, features, split: str = "holdout_
     device = jax.local_devices(backend="cpu")[0]
     fn = jax.jit(lambda w, s, d: ranker_probs(graphdef, treedef, features, w, s, d))
     placed = {name: jax.device_put(w, device) for name, w in weights_by_dtype.items()}
-    reader = EvalReader(
-        model.builder, split, global_batch_size=4096, max_lengths=None
-    )
+    reader = EvalReader(model.builder, split, global_batch_size=4096, max_lengths=None)
     probs: dict[str, list] = {name: [] for name in placed}
     labels, valid = [], []
     for host in reader:
@@ -208,8 +209,15 @@ def export_serving(
         if "ranker" in sections:
             section, directory = sections["ranker"]
             manifests["ranker"] = _ranker(
-                section, directory, staging / "ranker", dtype, version, buckets, task_weights,
-                layout, world,
+                section,
+                directory,
+                staging / "ranker",
+                dtype,
+                version,
+                buckets,
+                task_weights,
+                layout,
+                world,
             )
         counts = FeatureStore.write(root / "features", world, prompts, version=version, seed=seed)
         fsync_tree(staging)

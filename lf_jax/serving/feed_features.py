@@ -171,7 +171,14 @@ MEMBER_FEATURES = ("member_id", "position", "history_actors", "history_hashtags"
 
 
 def pair_inputs(
-    xp, layout: FeatureLayout, member_qm, post_qkp, member_table_q, post_table_qk, *, per_query=False
+    xp,
+    layout: FeatureLayout,
+    member_qm,
+    post_qkp,
+    member_table_q,
+    post_table_qk,
+    *,
+    per_query=False,
 ):
     """Sparse ids {feature: [Q*K, L]} (int32, -1 padded) and raw dense features [Q*K, 8] of
     the Q x K (member, post) pairs; ``xp`` is numpy or jax.numpy.

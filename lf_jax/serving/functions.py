@@ -122,7 +122,9 @@ def export_function(fn, weights, *args) -> bytes:
     (numpy arrays or ShapeDtypeStructs), serialized (StableHLO + signature)."""
 
     def spec(x):
-        return jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype)
+        return jax.ShapeDtypeStruct(
+            np.shape(x), np.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype
+        )
 
     exported = jax.export.export(jax.jit(fn))(
         jax.tree.map(spec, weights), *[jax.tree.map(spec, a) for a in args]

@@ -55,7 +55,9 @@ def parse_request(stage: str, raw: bytes) -> Request:
     )
     unknown = sorted(set(body) - allowed)
     if unknown:
-        raise RequestError(f"unknown field(s) {unknown} for /v1/{stage} (fields: {sorted(allowed)})")
+        raise RequestError(
+            f"unknown field(s) {unknown} for /v1/{stage} (fields: {sorted(allowed)})"
+        )
     member = body.get("member_id")
     if not isinstance(member, str) or not member:
         raise RequestError(f"member_id must be a non-empty string, got {member!r}")
@@ -180,6 +182,38 @@ async def serve(service: Service, host: str, port: int, poll_s: float, ready=Non
     finally:
         stop.set()
         server.stop()
+
+
+def serve_in_thread(service: Service, host: str = "127.0.0.1", port: int = 0, poll_s: float = 1.0):
+    """Starts the server on a thread of its own (notebooks, the demo, tests); returns
+    (bound port, stop) where ``stop()`` shuts it down (the service stays open)."""
+    loop = asyncio.new_event_loop()
+    ports: list[int] = []
+    ready = threading.Event()
+
+    def run():
+        asyncio.set_event_loop(loop)
+        task = loop.create_task(
+            serve(service, host, port, poll_s, lambda p: (ports.append(p), ready.set()))
+        )
+        try:
+            loop.run_until_complete(task)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            loop.close()
+
+    thread = threading.Thread(target=run, name="lf_jax-http", daemon=True)
+    thread.start()
+    if not ready.wait(60):
+        raise RuntimeError("the serving HTTP server did not start within 60 s")
+
+    def stop() -> None:
+        for task in asyncio.all_tasks(loop):
+            loop.call_soon_threadsafe(task.cancel)
+        thread.join(10)
+
+    return ports[0], stop
 
 
 def run_server(artifacts: str, host: str, port: int, poll_s: float, window_ms: float) -> None:

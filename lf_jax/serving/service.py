@@ -53,9 +53,7 @@ class Request:
     k: int = 0
     post_ids: list[str] | None = None
     top_n: int | None = None
-    future: concurrent.futures.Future = dataclasses.field(
-        default_factory=concurrent.futures.Future
-    )
+    future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
     received: float = dataclasses.field(default_factory=time.perf_counter)
 
 
@@ -83,7 +81,11 @@ class Version:
         have = set(self.models)
         return [
             s
-            for s, needs in (("retrieve", {"retrieval"}), ("rank", {"ranker"}), ("feed", {"retrieval", "ranker"}))
+            for s, needs in (
+                ("retrieve", {"retrieval"}),
+                ("rank", {"ranker"}),
+                ("feed", {"retrieval", "ranker"}),
+            )
             if needs <= have
         ]
 
@@ -122,7 +124,9 @@ class Version:
 def read_current(root: Path) -> str:
     path = root / CURRENT
     if not path.is_file():
-        raise ArtifactError(f"'{root}' has no {CURRENT} file: export with `lf-jax export --serving`")
+        raise ArtifactError(
+            f"'{root}' has no {CURRENT} file: export with `lf-jax export --serving`"
+        )
     return path.read_text().strip()
 
 

@@ -92,8 +92,13 @@ def test_retrieval_artifact_equals_the_member_tower_and_exact_search(tmp_path, d
     from lf_jax.serving.export import retrieval_artifact
 
     cfg = LlamaConfig(
-        vocab_size=64, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
-        intermediate_size=32, max_position_embeddings=8,
+        vocab_size=64,
+        hidden_size=16,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        intermediate_size=32,
+        max_position_embeddings=8,
     )
     graphdef, params = nnx.split(DualEncoder(cfg, rngs=nnx.Rngs(0)))
     layout = FeatureLayout(latent_dim=2, max_history=3, max_post_hashtags=2, prompt_length=8)
@@ -101,9 +106,18 @@ def test_retrieval_artifact_equals_the_member_tower_and_exact_search(tmp_path, d
     items = rng.normal(size=(200, 16)).astype(np.float32)
     items /= np.linalg.norm(items, axis=1, keepdims=True)
     retrieval_artifact(
-        tmp_path / "retrieval", graphdef=graphdef, params=params, items=items,
-        item_keys=[f"p{i}" for i in range(200)], num_members=5, layout=layout, pad_id=0,
-        dtype=dtype, version="t", queries=(2,), candidates=(50, 500),
+        tmp_path / "retrieval",
+        graphdef=graphdef,
+        params=params,
+        items=items,
+        item_keys=[f"p{i}" for i in range(200)],
+        num_members=5,
+        layout=layout,
+        pad_id=0,
+        dtype=dtype,
+        version="t",
+        queries=(2,),
+        candidates=(50, 500),
     )
     model = ServedModel.load(tmp_path / "retrieval")
     assert sorted(model.buckets) == [(2, 50), (2, 200)]  # K cut to the 200 items

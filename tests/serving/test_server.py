@@ -1,7 +1,6 @@
 """The HTTP server: good and malformed requests, and a hot swap of the artifact version under
 load with no failed request."""
 
-import asyncio
 import http.client
 import json
 import os
@@ -11,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from lf_jax.serving.server import serve
+from lf_jax.serving.server import serve_in_thread
 from lf_jax.serving.service import Service
 
 
@@ -32,27 +31,9 @@ def server(serving_root, export_version):
     export_version(root, "int8", "v0002")
     (root / "CURRENT").write_text("v0001\n")  # serve v0001 first; the test switches
     service = Service(root)
-    ports: list[int] = []
-    ready = threading.Event()
-    loop = asyncio.new_event_loop()
-
-    def run():
-        asyncio.set_event_loop(loop)
-        task = loop.create_task(
-            serve(service, "127.0.0.1", 0, 0.2, lambda p: (ports.append(p), ready.set()))
-        )
-        try:
-            loop.run_until_complete(task)
-        except asyncio.CancelledError:
-            pass
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert ready.wait(60)
-    yield service, ports[0], root
-    for task in asyncio.all_tasks(loop):
-        loop.call_soon_threadsafe(task.cancel)
-    thread.join(10)
+    port, stop = serve_in_thread(service, poll_s=0.2)
+    yield service, port, root
+    stop()
     service.close()
 
 
