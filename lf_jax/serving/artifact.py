@@ -89,7 +89,8 @@ def write_artifact(
     functions: {bucket name "q<Q>_k<K>": serialized export}; weights: a dict whose
     "params" entry is a list of arrays (flattened with "/" in weights.npz)."""
     directory.mkdir(parents=True, exist_ok=False)
-    np.savez(directory / "weights.npz", **_flatten(weights))
+    flat: dict = _flatten(weights)
+    np.savez(directory / "weights.npz", **flat)
     (directory / "functions").mkdir()
     for name, blob in functions.items():
         (directory / "functions" / f"{name}.jax").write_bytes(blob)
@@ -133,8 +134,8 @@ def read_manifest(directory: str | os.PathLike) -> dict:
 class ServedModel:
     """One loaded artifact on one device: weights, compiled bucket functions, id maps."""
 
-    def __init__(self, directory: Path, manifest: dict, weights, functions, id_maps, keys):
-        self.directory, self.manifest = directory, manifest
+    def __init__(self, directory: Path, manifest: dict, weights, functions, id_maps, keys, device):
+        self.directory, self.manifest, self.device = directory, manifest, device
         self.weights, self.functions = weights, functions
         self.id_maps, self.keys = id_maps, keys
         self.buckets = sorted(functions)  # (Q, K)
@@ -174,9 +175,7 @@ class ServedModel:
             entity: np.load(directory / "keys" / f"{entity}.npy")
             for entity in manifest.get("keys", [])
         }
-        model = cls(directory, manifest, weights, functions, id_maps, keys)
-        model.device = device
-        return model
+        return cls(directory, manifest, weights, functions, id_maps, keys, device)
 
     def bucket(self, queries: int, candidates: int):
         """(function, (Q, K)) of the smallest bucket holding ``queries`` x ``candidates``."""

@@ -146,7 +146,7 @@ class Service:
             name: collections.deque(maxlen=20_000)
             for name in ("queue_ms", "features_ms", "retrieve_ms", "rank_ms", "total_ms")
         }
-        self.batches = collections.Counter()
+        self.batches: collections.Counter[int] = collections.Counter()
         self.swaps: list[dict] = []
         self._swap_lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue()
@@ -222,8 +222,8 @@ class Service:
         wants = [i for i, r in enumerate(live) if r.stage in ("retrieve", "feed")]
         if wants:
             t = time.perf_counter()
-            retrieved = self._retrieve(version, [live[i] for i in wants], member_rows[wants])
-            retrieved = dict(zip(wants, retrieved, strict=True))
+            found = self._retrieve(version, [live[i] for i in wants], member_rows[wants])
+            retrieved = dict(zip(wants, found, strict=True))
             retrieve_ms = 1e3 * (time.perf_counter() - t)
             feeds = [i for i in wants if live[i].stage == "feed"]
             if feeds:
