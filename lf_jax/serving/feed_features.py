@@ -83,10 +83,11 @@ class FeatureLayout:
         return max(self.member_width, self.post_width)
 
     def to_json(self) -> dict:
+        """Plain JSON values (lists, not tuples): equal to what json.loads gives back."""
         return {
             **dataclasses.asdict(self),
-            "member_columns": self.member_columns(),
-            "post_columns": self.post_columns(),
+            "member_columns": {k: list(v) for k, v in self.member_columns().items()},
+            "post_columns": {k: list(v) for k, v in self.post_columns().items()},
         }
 
     @classmethod
