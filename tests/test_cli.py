@@ -20,7 +20,14 @@ def test_help_lists_every_command(capsys):
 def test_each_command_has_help(command, capsys):
     with pytest.raises(SystemExit):
         main([command, "--help"])
-    assert "--config" in capsys.readouterr().out
+    # serve reads everything from its artifacts; every other command reads a config
+    assert ("--artifacts" if command == "serve" else "--config") in capsys.readouterr().out
+
+
+def test_serve_refuses_a_missing_artifacts_directory(tmp_path, capsys):
+    assert main(["serve", "--artifacts", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert f"--artifacts '{tmp_path / 'nope'}' is not a directory" in err
 
 
 def test_config_override_round_trip(repo_root, capsys):
