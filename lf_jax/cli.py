@@ -346,6 +346,7 @@ def _export_run(args, overrides):
 
     config = _resolved_config(args, overrides)
     if args.serving:
+        serving_commands.check_export(args)  # before any device work
         _setup_devices(args.devices, config, args)
         return serving_commands.run_export(args, config)
     if args.entity is None:

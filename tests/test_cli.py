@@ -24,6 +24,15 @@ def test_each_command_has_help(command, capsys):
     assert ("--artifacts" if command == "serve" else "--config") in capsys.readouterr().out
 
 
+def test_export_serving_checks_its_version_before_device_work(repo_root, tmp_path, capsys):
+    args = ["export", "--serving", "--config", f"{repo_root}/configs/demo.py"]
+    assert main([*args, "--output", str(tmp_path), "--version", "a/b"]) == 2
+    assert "--version 'a/b': use letters" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert main([*args, "--output", str(tmp_path / "file")]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err
+
+
 def test_serve_refuses_a_missing_artifacts_directory(tmp_path, capsys):
     assert main(["serve", "--artifacts", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err

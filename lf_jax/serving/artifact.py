@@ -163,11 +163,10 @@ class ServedModel:
             flat = {name: npz[name] for name in npz.files}
         weights = jax.device_put(_unflatten(flat, ("params",)), device)
         functions = {}
-        for name, entry in manifest["functions"].items():
+        for entry in manifest["functions"].values():
             blob = (directory / entry["file"]).read_bytes()
             exported = jax.export.deserialize(bytearray(blob))
             functions[(entry["queries"], entry["candidates"])] = jax.jit(exported.call)
-            del name
         id_maps = {
             entity: IdMap.load(directory / "ids" / entity) for entity in manifest.get("id_maps", [])
         }

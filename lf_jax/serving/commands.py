@@ -54,6 +54,19 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check_export(args) -> None:
+    """Checks --output and --version before any device work."""
+    from lf_jax.serving.export_serving import VERSION_PATTERN
+
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise UserInputError(f"--output '{output}' exists and is not a directory")
+    if args.version is not None and not VERSION_PATTERN.match(args.version):
+        raise UserInputError(f"--version {args.version!r}: use letters, digits, '.', '_' or '-'")
+    if args.version is not None and (output / "versions" / args.version).exists():
+        raise UserInputError(f"--version {args.version!r} already exists under '{output}'")
+
+
 def run_export(args, config) -> None:
     from lf_jax.serving.export_serving import export_serving
 
