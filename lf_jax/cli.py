@@ -15,6 +15,7 @@ from lf_jax.configuration import ConfigError, apply_overrides, load_config, spli
 from lf_jax.console import get_logger, set_verbosity
 from lf_jax.distributed.multihost import is_primary
 from lf_jax.errors import LfJaxError, UserInputError
+from lf_jax.serving import commands as serving_commands
 from lf_jax.workdir import ensure_writable_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -325,15 +326,17 @@ def _export_arguments(parser):
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     parser.add_argument(
         "--entity",
-        required=True,
+        default=None,
         metavar="members|posts|items",
-        help="which corpus to embed (the model family says which it has)",
+        help="which corpus to embed (the model family says which it has); required "
+        "without --serving",
     )
     parser.add_argument(
         "--output",
         required=True,
         metavar="DIR",
-        help="export directory (replaced atomically; a failed export keeps the old one)",
+        help="export directory (replaced atomically; a failed export keeps the old one); "
+        "with --serving, the artifacts directory (a new version is added)",
     )
     parser.add_argument(
         "--index", action="store_true", help="also build a tuned ScaNN index (DIR/index)"
@@ -359,12 +362,19 @@ def _export_arguments(parser):
         help="recall@10 the index is tuned to (default: 0.95)",
     )
     parser.add_argument("--batch-size", type=int, default=1024, help="entities per embedding batch")
+    serving_commands.add_export_arguments(parser)
 
 
 def _export_run(args, overrides):
     from lf_jax.export.embed_corpus import check_output
 
     config = _resolved_config(args, overrides)
+    if args.serving:
+        serving_commands.check_export(args)  # before any device work
+        _setup_devices(args.devices, config, args)
+        return serving_commands.run_export(args, config)
+    if args.entity is None:
+        raise CommandError("--entity is required (members, posts or items) without --serving")
     check_output(args.output)  # before any device work
     _setup_devices(args.devices, config, args)
     from lf_jax.export.embed_corpus import export_corpus, open_source
@@ -451,6 +461,12 @@ COMMANDS: dict[str, Command] = {
         "a manifest, and optionally a ScaNN index and a KV store",
         _export_arguments,
         _export_run,
+    ),
+    "serve": (
+        "serve an `export --serving` artifacts directory over HTTP on one CPU device: "
+        "retrieve, rank and feed endpoints, health, metrics, hot swap of versions",
+        serving_commands.serve_arguments,
+        serving_commands.run_serve,
     ),
     "plan": (
         "explain the embedding plan for config.devices devices (one row per table: "
