@@ -37,17 +37,46 @@ from lf_jax.errors import UserInputError
 INT32_LIMIT = 2**31 - 1
 
 
-def unique_with_inverse(keys_m: jax.Array, fill: int) -> tuple[jax.Array, jax.Array]:
+DENSE_KEYS_PER_ENTRY = 8
+
+
+def unique_with_inverse(
+    keys_m: jax.Array, fill: int, ordered: bool = True
+) -> tuple[jax.Array, jax.Array]:
     """jnp.unique(keys_m, size=M, fill_value=fill, return_inverse=True), faster on CPU.
 
-    Sorts the keys alone (XLA's key+payload argsort is ~4x slower than a one-operand
-    sort on CPU), compacts the distinct keys (ascending, padded with ``fill``, which is
-    larger than every key) and finds each key's position by binary search.
+    Keys lie in [0, fill]. Distinct keys come first, padded with ``fill`` (larger than
+    every key). When the key space is small (fill + 1 <= 8 M) each key's unique
+    position is found through a dense [fill + 1] int32 index: with ``ordered=False`` the
+    distinct keys stay in order of first appearance and no sort runs at all (one
+    scatter-min, two gathers and a cumsum: 27 ms for 655,360 keys in [0, 1e6) on this
+    2-core CPU); ordered, one one-operand sort comes first (75 ms). A larger key space
+    sorts the keys alone (XLA's key+payload sort is ~6x slower than a one-operand sort
+    on CPU) and finds each key's position by binary search (330 ms).
     """
+    m = keys_m.size
+    dense = fill + 1 <= DENSE_KEYS_PER_ENTRY * m
+    if dense and not ordered:
+        pos_m = jnp.arange(m, dtype=jnp.int32)
+        first_m = jnp.full((fill + 1,), m, jnp.int32).at[keys_m].min(pos_m)[keys_m]
+        is_first = first_m == pos_m
+        rank_m = jnp.cumsum(is_first, dtype=jnp.int32) - 1
+        target = jnp.where(is_first & (keys_m < fill), rank_m, m)
+        unique_u = jnp.full_like(keys_m, fill).at[target].set(keys_m, mode="drop")
+        return unique_u, rank_m[first_m]
     sorted_m = jnp.sort(keys_m)
     is_new = jnp.concatenate([jnp.ones((1,), bool), sorted_m[1:] != sorted_m[:-1]])
-    target = jnp.where(is_new, jnp.cumsum(is_new) - 1, keys_m.size)
+    rank_m = jnp.cumsum(is_new, dtype=jnp.int32) - 1
+    target = jnp.where(is_new, rank_m, m)
     unique_u = jnp.full_like(keys_m, fill).at[target].set(sorted_m, mode="drop")
+    if dense:  # the fill key (largest) maps to its own first slot, as searchsorted gives
+        where_u = jnp.where(unique_u < fill, unique_u, fill + 1)
+        position = (
+            jnp.zeros((fill + 1,), jnp.int32)
+            .at[where_u]
+            .set(jnp.arange(m, dtype=jnp.int32), mode="drop")
+        )
+        return unique_u, position.at[fill].set(rank_m[-1])[keys_m]
     inverse_m = jnp.searchsorted(unique_u, keys_m, method="scan_unrolled")
     return unique_u, inverse_m.astype(jnp.int32)
 
@@ -116,7 +145,7 @@ class Requests:
         unique_u, inverse_m = unique_with_inverse(keys_m, fill)
         unique_u = unique_u[: unique_size(keys_m.size, num_slots, rows)]
         bounds = jnp.searchsorted(
-            unique_u, jnp.arange(num_slots + 1, dtype=unique_u.dtype) * rows, method="sort"
+            unique_u, jnp.arange(num_slots + 1, dtype=unique_u.dtype) * rows, method="scan_unrolled"
         ).astype(jnp.int32)
         row_u = jnp.where(unique_u < fill, unique_u % rows, rows)
         return cls(unique_u, inverse_m, row_u, bounds[:-1], bounds[1:], rows)
@@ -226,17 +255,23 @@ def push_gradients(
             grad_scd = jax.lax.all_gather(grad_scd, replica_axes, axis=0, tiled=True)
         row_k = row_sc.reshape(-1)
         if axes or replica_axes:  # several senders: sum their gradients per row
-            unique_k, inverse_k = unique_with_inverse(row_k, rows)
+            unique_k, inverse_k = unique_with_inverse(row_k, rows, ordered=False)
             grad_kd = jax.ops.segment_sum(
                 grad_scd.reshape(row_k.size, -1), inverse_k, num_segments=row_k.size
             )
         else:  # this device's own unique keys: already one gradient per row
             unique_k, grad_kd = row_k, grad_scd.reshape(row_k.size, -1)
-        old_kd = table_rd.at[unique_k].get(mode="fill", fill_value=0).astype(jnp.float32)
-        old_slots = {k: v.at[unique_k].get(mode="fill", fill_value=0) for k, v in slots_r.items()}
-        new_kd, new_slots = optimizer.update(old_kd, grad_kd, old_slots, step)
-        table_rd = table_rd.at[unique_k].set(new_kd.astype(table_rd.dtype), mode="drop")
-        slots_r = {k: v.at[unique_k].set(new_slots[k], mode="drop") for k, v in slots_r.items()}
-        return table_rd, slots_r
+        return apply_rows(table_rd, slots_r, unique_k, grad_kd, optimizer, step)
 
     return _run_rounds(req, capacity, all_axes, body, (table_rd, slots_r))
+
+
+def apply_rows(table_rd, slots_r: dict, row_k, grad_kd, optimizer, step):
+    """``optimizer`` applied to the rows ``row_k`` (distinct; ``rows`` and above are
+    padding, neither read nor written) with their summed gradients [K, D]."""
+    old_kd = table_rd.at[row_k].get(mode="fill", fill_value=0).astype(jnp.float32)
+    old_slots = {k: v.at[row_k].get(mode="fill", fill_value=0) for k, v in slots_r.items()}
+    new_kd, new_slots = optimizer.update(old_kd, grad_kd, old_slots, step)
+    table_rd = table_rd.at[row_k].set(new_kd.astype(table_rd.dtype), mode="drop")
+    slots_r = {k: v.at[row_k].set(new_slots[k], mode="drop") for k, v in slots_r.items()}
+    return table_rd, slots_r

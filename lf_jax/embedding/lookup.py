@@ -36,11 +36,13 @@ from jax.sharding import Mesh, PartitionSpec
 
 from lf_jax.embedding.exchange import (
     Requests,
+    apply_rows,
     capacity_for,
     check_key_range,
     fetch_rows,
     push_gradients,
     replicas_gather_entries,
+    unique_with_inverse,
 )
 from lf_jax.embedding.sharding.layout import Group
 from lf_jax.embedding.sharding.piece import Piece
@@ -141,6 +143,23 @@ class GroupRoute:
         local_be = self.offset_e + safe // self.num_slots_e
         return slot_be.astype(jnp.int32), local_be.astype(jnp.int32), coef_be.astype(jnp.float32)
 
+    def pool(self, rows_xd: jax.Array, index_be: jax.Array, coef_be: jax.Array) -> jax.Array:
+        """[B, C, D] float32 outputs: entry e adds ``coef[:, e] * rows[index[:, e]]`` into
+        column out_col[e]. One gather per entry column, summed per pooled block, which XLA
+        fuses into one loop per output: no [B, E, D] temporary (a gather of every entry
+        followed by a reduction or segment_sum materialised it, 168 MB at B = 4096 and
+        E = 160, and took 3.3x the time). Indices are clamped, as XLA's gather does."""
+        columns, e = [], 0
+        for block in self.blocks:
+            picked = [
+                rows_xd.at[index_be[:, e + i]].get(mode="clip").astype(jnp.float32)
+                * coef_be[:, e + i, None]
+                for i in range(block.max_ids)
+            ]
+            columns += [sum(picked[1:], picked[0])] if block.pooled else picked
+            e += block.max_ids
+        return jnp.stack(columns, axis=1)
+
     def split_output(self, out_bcd: jax.Array) -> dict[Block, jax.Array]:
         """Output columns -> per block [B, Dp] (pooled) or [B, L, Dp] (sequence)."""
         return {
@@ -171,19 +190,14 @@ def group_forward(mesh: Mesh, route: GroupRoute, stored_srd, slot_be, local_be, 
     entry_spec = PartitionSpec(all_axes)
 
     def shard(stored_1rd, slot_be, local_be, coef_be):
+        if group.num_slots == 1:  # every row of the group is here: pool straight from it
+            return route.pool(stored_1rd[0], local_be, coef_be)
         b, e = slot_be.shape
         requests = Requests.build(
             slot_be.reshape(-1), local_be.reshape(-1), group.num_slots, group.rows
         )
         rows_ud = fetch_rows(requests, stored_1rd[0], group.axes, route.capacity(b * e), all_axes)
-        rows_bed = rows_ud[requests.inverse_m].reshape(b, e, -1) * coef_be[..., None]
-        out_cbd = jax.ops.segment_sum(
-            jnp.swapaxes(rows_bed, 0, 1),
-            route.out_col_e,
-            num_segments=route.num_out,
-            indices_are_sorted=True,
-        )
-        return jnp.swapaxes(out_cbd, 0, 1)
+        return route.pool(rows_ud, requests.inverse_m.reshape(b, e), coef_be)
 
     return jax.shard_map(
         shard,
@@ -233,6 +247,23 @@ def group_update(
             )
             replicas = ()
         grad_ned = jnp.take(grad_ncd, route.out_col_e, axis=1) * coef_ne[..., None]
+        stored_rd = stored_1rd[0]
+        if group.num_slots == 1 and not replicas:  # all rows and entries here: no exchange
+            fill = group.rows  # padding entries (slot -1); the key of a row is its index
+            keys_m = jnp.where(slot_ne >= 0, local_ne, fill).reshape(-1)
+            unique_u, inverse_m = unique_with_inverse(keys_m, fill, ordered=False)
+            grad_ud = jax.ops.segment_sum(
+                grad_ned.reshape(-1, group.dim), inverse_m, num_segments=keys_m.size
+            )
+            table_rd, slots_r = apply_rows(
+                stored_rd,
+                {k: v[0] for k, v in slots.items()},
+                unique_u,
+                grad_ud,
+                group.optimizer,
+                step,
+            )
+            return table_rd[None], {k: v[None] for k, v in slots_r.items()}
         requests = Requests.build(
             slot_ne.reshape(-1), local_ne.reshape(-1), group.num_slots, group.rows
         )
@@ -244,7 +275,7 @@ def group_update(
         table_rd, slots_r = push_gradients(
             requests,
             grad_ud,
-            stored_1rd[0],
+            stored_rd,
             {k: v[0] for k, v in slots.items()},
             group.optimizer,
             step,
