@@ -1,7 +1,7 @@
-"""Locate, build and describe the repository's tfds datasets (data/<name>/<name>.py).
+"""Locate, build and describe the shipped tfds datasets (lf_jax/data/<name>/<name>.py).
 
-Builders live outside the package, under ``data/`` at the repository root
-(``Path(lf_jax.__file__).parents[1]``), and are imported by path. Building is offline:
+Builders are modules of the ``lf_jax.data`` package (``lf_jax.data.feed_logs.feed_logs``),
+so an installed wheel builds them as a checkout does. Building is offline:
 the generators are synthetic, and the array_record files are what grain reads.
 
 Example:
@@ -11,10 +11,10 @@ Example:
 """
 
 import contextlib
+import importlib
 import importlib.util
 import os
 import re
-import sys
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,9 +22,9 @@ from types import SimpleNamespace
 import lf_jax
 from lf_jax.console import get_logger, progress_enabled
 from lf_jax.errors import UserInputError
+from lf_jax.workdir import reject_remote
 
-REPO_ROOT = Path(lf_jax.__file__).resolve().parents[1]
-DATA_ROOT = REPO_ROOT / "data"
+DATA_ROOT = Path(lf_jax.__file__).resolve().parent / "data"
 DEFAULT_DATA_DIR_ENV = "TFDS_DATA_DIR"
 
 
@@ -33,7 +33,7 @@ class DatasetError(UserInputError):
 
 
 def available_datasets() -> list[str]:
-    """Names with a builder file data/<name>/<name>.py in this checkout."""
+    """Names with a builder file lf_jax/data/<name>/<name>.py."""
     if not DATA_ROOT.is_dir():
         return []
     return sorted(p.name for p in DATA_ROOT.iterdir() if (p / f"{p.name}.py").is_file())
@@ -52,35 +52,14 @@ def builder_file(name: str) -> Path:
     return path
 
 
-def import_by_path(module_name: str, path: str | Path):
-    """Imports the Python file ``path`` as ``module_name`` once per process (data/ builders
-    and their simulators live outside the package and load each other this way).
-
-    Example:
-        >>> simulator = import_by_path("lf_jax_data_feed_logs_simulator",
-        ...                            Path(__file__).with_name("simulator.py"))
-    """
-    module = sys.modules.get(module_name)
-    if module is None:
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[module_name]
-            raise
-    return module
-
-
 def builder_class(name: str):
-    """Imports data/<name>/<name>.py by path (once per process) and returns its builder class."""
+    """Imports lf_jax.data.<name>.<name> and returns its builder class."""
     import tensorflow_datasets as tfds
 
     path = builder_file(name)
-    module_name = f"lf_jax_data_{name}"
+    module_name = f"lf_jax.data.{name}.{name}"
     try:
-        module = import_by_path(module_name, path)
+        module = importlib.import_module(module_name)
     except Exception as error:
         raise DatasetError(
             f"cannot import the builder file {path}: {type(error).__name__}: {error}"
@@ -99,6 +78,8 @@ def builder_class(name: str):
 def _resolve_data_dir(data_dir) -> Path:
     if data_dir is None:
         data_dir = os.environ.get(DEFAULT_DATA_DIR_ENV, "~/tensorflow_datasets")
+    if isinstance(data_dir, (str, os.PathLike)):
+        reject_remote(data_dir, "data_dir")
     try:
         return Path(os.fspath(data_dir)).expanduser().resolve()
     except TypeError:

@@ -32,7 +32,7 @@ from lf_jax.errors import TrainingDivergedError, UserInputError
 from lf_jax.train.checkpoint import Checkpointer
 from lf_jax.train.families import family_class
 from lf_jax.train.step import make_train_step
-from lf_jax.workdir import ensure_writable_dir
+from lf_jax.workdir import ensure_writable_dir, reject_remote
 
 
 class TrainingTask(Protocol):
@@ -122,6 +122,7 @@ def run_training(
         start = latest
         log.info("resumed from checkpoint step %d in %s", latest, checkpointer.directory)
     elif train_config.get("warm_start"):
+        reject_remote(train_config.warm_start, "train.warm_start")
         source = Checkpointer(Path(train_config.warm_start) / "checkpoints")
         if source.latest_step() is None:
             raise UserInputError(
@@ -248,8 +249,10 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     return metrics
 
 
-def evaluate_checkpoint(config, workdir: str | Path, step: int | None = None) -> dict:
-    """Restores ``step`` (default: latest) from ``workdir/checkpoints`` and evaluates it."""
+def evaluate_checkpoint(config, workdir: str | Path, step: int | None = None) -> tuple[int, dict]:
+    """Restores ``step`` (default: latest) from ``workdir/checkpoints`` and evaluates it;
+    returns (the step evaluated, metrics)."""
+    reject_remote(workdir, "workdir")
     workdir = Path(workdir)
     checkpointer = Checkpointer(workdir / "checkpoints")
     step = checkpointer.latest_step() if step is None else step
@@ -258,4 +261,4 @@ def evaluate_checkpoint(config, workdir: str | Path, step: int | None = None) ->
     task = build_task(config, workdir)
     state, _ = checkpointer.restore(step, task.init_state(), task.collection)
     checkpointer.close()
-    return task.evaluate(state)
+    return step, task.evaluate(state)
