@@ -58,7 +58,7 @@ def installed(repo_root, tmp_path_factory):
 def test_wheel_holds_configs_builders_and_py_typed(installed):
     bin_dir, env, cwd = installed
     code = (
-        "import lf_jax, lf_jax.data.feed_logs.simulator as sim, pathlib\n"
+        "import lf_jax, lf_jax.data.feed_logs.simulator, pathlib\n"
         "from lf_jax.input.datasets import builder_class\n"
         "root = pathlib.Path(lf_jax.__file__).parent\n"
         "print(root)\n"

@@ -98,7 +98,19 @@ def test_quickstart_notebook_runs(tmp_path, feed_builder, feed_data_dir):
     print(f"quickstart.ipynb executed in {seconds:.1f} s")
 
 
-@pytest.mark.parametrize("name", ["quickstart.ipynb", "sharding.ipynb"])
+def test_own_data_notebook_trains_saves_loads_and_scores(tmp_path):
+    notebook, seconds = execute("own_data.ipynb", tmp_path, str(tmp_path / "tfds"))
+    text = stdout_of(notebook)
+    assert "over 8 cpu device(s)" in text
+    auc, oracle = (float(x) for x in re.search(r"AUC ([\d.]+), oracle AUC ([\d.]+)", text).groups())
+    assert auc > oracle - 0.05, text  # close to the best any model can do on these clicks
+    assert "['params.npz', 'ranker.json', 'tables.npz']" in text
+    assert images_of(notebook) == 1  # the smoothed loss
+    assert not (tmp_path / "tfds").exists()  # no dataset builder involved
+    print(f"own_data.ipynb executed in {seconds:.1f} s")
+
+
+@pytest.mark.parametrize("name", ["quickstart.ipynb", "sharding.ipynb", "own_data.ipynb"])
 def test_stored_notebook_has_outputs_and_no_errors(name):
     """Readers see the plots on GitHub: notebooks are stored executed, small, error-free."""
     path = NOTEBOOKS / name

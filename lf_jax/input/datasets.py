@@ -1,7 +1,7 @@
 """Locate, build and describe the shipped tfds datasets (lf_jax/data/<name>/<name>.py).
 
-Builders are modules of the ``lf_jax.data`` package (``lf_jax.data.feed_logs.feed_logs``),
-so an installed wheel builds them as a checkout does. Building is offline:
+Builders ship in the ``lf_jax.data`` package, so an installed wheel builds them as a
+checkout does; each is imported by its file (see import_by_path). Building is offline:
 the generators are synthetic, and the array_record files are what grain reads.
 
 Example:
@@ -11,10 +11,10 @@ Example:
 """
 
 import contextlib
-import importlib
 import importlib.util
 import os
 import re
+import sys
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -52,14 +52,38 @@ def builder_file(name: str) -> Path:
     return path
 
 
+def import_by_path(module_name: str, path: str | Path):
+    """Imports the Python file ``path`` as ``module_name`` once per process.
+
+    Builders are imported under a name without dots (``lf_jax_data_feed_logs``): tfds
+    resolves the code path of a builder in a dotted module through importlib_resources,
+    which is not a dependency. Their simulators are ordinary modules of lf_jax.data.
+
+    Example:
+        >>> module = import_by_path("lf_jax_data_feed_logs", builder_file("feed_logs"))
+    """
+    module = sys.modules.get(module_name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[module_name]
+            raise
+    return module
+
+
 def builder_class(name: str):
-    """Imports lf_jax.data.<name>.<name> and returns its builder class."""
+    """Imports lf_jax/data/<name>/<name>.py by path (once per process, see import_by_path)
+    and returns its builder class."""
     import tensorflow_datasets as tfds
 
     path = builder_file(name)
-    module_name = f"lf_jax.data.{name}.{name}"
+    module_name = f"lf_jax_data_{name}"
     try:
-        module = importlib.import_module(module_name)
+        module = import_by_path(module_name, path)
     except Exception as error:
         raise DatasetError(
             f"cannot import the builder file {path}: {type(error).__name__}: {error}"

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 
-from lf_jax.console import get_logger, progress, progress_enabled
+from lf_jax.console import ensure_logging, get_logger, progress, progress_enabled
 from lf_jax.distributed.multihost import is_primary, preemption_notice
 from lf_jax.errors import TrainingDivergedError, UserInputError
 from lf_jax.train.checkpoint import Checkpointer
@@ -241,6 +241,7 @@ def build_task(config, workdir: str | Path) -> TrainingTask:
 def train_and_evaluate(config, workdir: str | Path) -> dict:
     """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the
     final eval metrics, also written to ``workdir/metrics.json``."""
+    ensure_logging()
     workdir = prepare_workdir(workdir, config)
     task = build_task(config, workdir)
     metrics = run_training(task, config.train, workdir)
