@@ -102,8 +102,9 @@ def test_own_data_notebook_trains_saves_loads_and_scores(tmp_path):
     notebook, seconds = execute("own_data.ipynb", tmp_path, str(tmp_path / "tfds"))
     text = stdout_of(notebook)
     assert "over 8 cpu device(s)" in text
-    auc, oracle = (float(x) for x in re.search(r"AUC ([\d.]+), oracle AUC ([\d.]+)", text).groups())
-    assert auc > oracle - 0.05, text  # close to the best any model can do on these clicks
+    found = re.search(r"held-out AUC ([\d.]+), oracle AUC ([\d.]+).* alone: AUC ([\d.]+)", text)
+    auc, oracle, dense_only = (float(x) for x in found.groups())
+    assert dense_only + 0.1 < auc < oracle, text  # the id embeddings were learned
     assert "['params.npz', 'ranker.json', 'tables.npz']" in text
     assert images_of(notebook) == 1  # the smoothed loss
     assert not (tmp_path / "tfds").exists()  # no dataset builder involved

@@ -48,7 +48,7 @@ from lf_jax.models.ranker import FeedRanker
 from lf_jax.workdir import ensure_writable_dir, reject_remote
 
 MANIFEST = "ranker.json"
-SMALL_MODEL = {"mlp_dims": (64, 32), "dcn_layers": 1, "dot_interactions": False}
+SMALL_MODEL = {"mlp_dims": (64, 32), "dcn_layers": 1, "dot_interactions": True}
 
 
 def _table_json(table: TableSpec) -> dict:
@@ -180,12 +180,14 @@ class Ranker:
     ) -> list[dict]:
         """Trains ``steps`` steps (a list or other re-iterable is cycled; an exhausted
         iterator is an error); returns one row per ``log_every`` steps (default steps/10)
-        with the loss of each task. Shows a progress bar (Jupyter included) and INFO lines."""
+        with the loss of each task. Shows a progress bar (Jupyter included) and about ten
+        INFO lines."""
         from lf_jax.train.step import dense_optimizer, init_train_state, make_train_step
 
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise UserInputError(f"fit: steps must be an integer >= 1, got {steps!r}")
         log_every = log_every or max(steps // 10, 1)
+        info_every = log_every * max((steps // 10) // log_every, 1)  # about 10 INFO lines
         ensure_logging()
         train = SimpleNamespace(
             steps=steps,
@@ -226,7 +228,8 @@ class Ranker:
                     )
                     history.append(row)
                     bar.set_postfix(loss=f"{row['loss']:.4f}")
-                    get_logger().info("fit step %d/%d loss %.4f", step, steps, row["loss"])
+                    if step % info_every == 0 or step == steps:
+                        get_logger().info("fit step %d/%d loss %.4f", step, steps, row["loss"])
         self.params, self.embedding = state["params"], state["embedding"]
         self.steps_trained += steps
         return history

@@ -13,11 +13,11 @@ from lf_jax.train.metrics import binary_metrics
 USERS, ITEMS, BATCH = 300, 120, 128
 
 
-def make_batch(rng, taste, topic, n):
-    """Clicks drawn from sigmoid(user taste . item topic + dense[0] - 1); true probs in "p"."""
+def make_batch(rng, user_bias, item_bias, n):
+    """Clicks drawn from sigmoid(user bias + item bias + dense[0] - 1); true probs in "p"."""
     user, item = rng.integers(0, USERS, n), rng.integers(0, ITEMS, n)
     dense = rng.normal(size=(n, 2)).astype(np.float32)
-    p = 1 / (1 + np.exp(-((taste[user] * topic[item]).sum(1) + dense[:, 0] - 1)))
+    p = 1 / (1 + np.exp(-(user_bias[user] + item_bias[item] + dense[:, 0] - 1)))
     return {
         "user": user,
         "item": item,
@@ -29,7 +29,7 @@ def make_batch(rng, taste, topic, n):
 
 
 def new_ranker(**kwargs):
-    adagrad = lf_jax.rowwise_adagrad(0.1, initial_accumulator=0.0)
+    adagrad = lf_jax.rowwise_adagrad(0.2, initial_accumulator=0.0)
     return lf_jax.Ranker(
         [
             lf_jax.TableSpec(name="user", vocab_size=USERS, dim=8, optimizer=adagrad),
@@ -51,23 +51,27 @@ def new_ranker(**kwargs):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     rng = np.random.default_rng(0)
-    taste, topic = rng.normal(size=(USERS, 3)), rng.normal(size=(ITEMS, 3))
+    user_bias, item_bias = rng.normal(0, 1.5, USERS), rng.normal(0, 1.5, ITEMS)
     ranker = new_ranker()
-    batches = (make_batch(rng, taste, topic, BATCH) for _ in range(150))  # fresh data
-    history = ranker.fit(batches, steps=150, log_every=50)
+    batches = (make_batch(rng, user_bias, item_bias, BATCH) for _ in range(300))  # fresh data
+    history = ranker.fit(batches, steps=300, log_every=100)
     directory = ranker.save(tmp_path_factory.mktemp("saved") / "ranker")
-    return ranker, history, directory, make_batch(rng, taste, topic, 2001)
+    return ranker, history, directory, make_batch(rng, user_bias, item_bias, 2001)
 
 
 def test_fit_learns_from_in_memory_batches(trained):
     ranker, history, _, test = trained
-    assert [row["step"] for row in history] == [50, 100, 150]
-    assert history[-1]["loss_click"] < history[0]["loss_click"]
+    assert [row["step"] for row in history] == [100, 200, 300]
+    assert all(row["loss"] == row["loss_click"] > 0 for row in history)  # one task
     probs = ranker.predict(test)
     assert probs.shape == (2001, 1)  # any batch size: padded to the devices, cut back
     labels = test["labels"]["click"][:, None]
     metrics = binary_metrics(probs, labels, ("click",), test["p"])
-    assert metrics["click/auc"] > 0.7, metrics  # oracle AUC of these clicks is about 0.8
+    dense_only = binary_metrics(
+        1 / (1 + np.exp(-test["dense"][:, :1])), labels, ("click",), test["p"]
+    )
+    # the ids carry most of the signal: the model learned them (dense alone: about 0.6)
+    assert metrics["click/auc"] > dense_only["click/auc"] + 0.1, (metrics, dense_only)
 
 
 def test_saved_ranker_scores_the_same_on_another_mesh(trained):
@@ -82,7 +86,7 @@ def test_saved_ranker_scores_the_same_on_another_mesh(trained):
     np.testing.assert_array_equal(same.predict(test), expected)
     other = lf_jax.Ranker.load(directory, mesh={"data": 2, "model": 4})
     np.testing.assert_allclose(other.predict(test), expected, atol=1e-5)
-    assert other.steps_trained == 150
+    assert other.steps_trained == 300
 
 
 def test_bad_batches_are_named(trained, tmp_path):
