@@ -26,7 +26,7 @@ Example:
 
 import dataclasses
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -133,7 +133,7 @@ class Ranker:
         self._micro_rows = NamedSharding(
             self.mesh, PartitionSpec(None, tuple(self.mesh.axis_names))
         )
-        self._predict = None
+        self._predict: Callable | None = None
         self.steps_trained = 0
 
     # ----- inputs ---------------------------------------------------------------------------
@@ -286,9 +286,12 @@ class Ranker:
             "steps_trained": self.steps_trained,
         }
         (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        pure = nnx.to_pure_dict(self.params)
-        np.savez(directory / "params.npz", **{k: np.asarray(v) for k, v in _flat(pure).items()})
-        np.savez(directory / "tables.npz", **self.collection.logical_tables(self.embedding))
+        params: dict[str, Any] = {
+            k: np.asarray(v) for k, v in _flat(nnx.to_pure_dict(self.params)).items()
+        }
+        tables: dict[str, Any] = self.collection.logical_tables(self.embedding)
+        np.savez(directory / "params.npz", **params)
+        np.savez(directory / "tables.npz", **tables)
         return directory
 
     @classmethod
