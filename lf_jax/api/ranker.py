@@ -98,6 +98,11 @@ class Ranker:
         from lf_jax.distributed.mesh import make_mesh
         from lf_jax.planner import plan_tables
 
+        if jax.process_count() > 1:
+            raise UserInputError(
+                "lf_jax.Ranker drives the devices of one process; for several processes "
+                "train with `lf-jax train` (lf_jax.train.loop.train_and_evaluate)"
+            )
         self.tables, self.features = list(tables), list(features)
         self.num_dense, self.tasks = int(num_dense), tuple(tasks)
         self.model_options = {**SMALL_MODEL, **dict(model or {})}
