@@ -1,7 +1,8 @@
-"""The synthetic tfds datasets, one builder per folder: ``<name>/<name>.py`` plus the
-simulator it draws from.
+"""The synthetic tfds datasets, one folder each: ``<name>/<name>.py`` (the builder) and
+``<name>/simulator.py`` (the world it draws from).
 
-``lf_jax.input.datasets.build_dataset(name, config, data_dir)`` imports a builder by its
-file and builds it offline; the simulators are importable on their own, e.g.
-``lf_jax.data.feed_logs.simulator`` (the world the feed_logs sessions are drawn from).
+Build them with ``lf_jax.input.build_dataset(name, config, data_dir)``, which imports the
+builder by its file under a dot-free module name (tfds resolves the code of a builder in
+a dotted module through importlib_resources, not a dependency of lf_jax). The simulators
+are ordinary modules: ``from lf_jax.data.feed_logs import simulator``.
 """
