@@ -108,6 +108,12 @@ def test_own_data_notebook_trains_saves_loads_and_scores(tmp_path):
     assert "['params.npz', 'ranker.json', 'tables.npz']" in text
     assert images_of(notebook) == 1  # the smoothed loss
     assert not (tmp_path / "tfds").exists()  # no dataset builder involved
+    user_code = [  # train, save, load and score (the data is built in cells before)
+        cell.source
+        for cell in notebook.cells
+        if cell.cell_type == "code" and ("lf_jax.Ranker(" in cell.source or ".load(" in cell.source)
+    ]
+    assert len([line for src in user_code for line in src.splitlines() if line.strip()]) < 20
     print(f"own_data.ipynb executed in {seconds:.1f} s")
 
 
