@@ -205,39 +205,54 @@ class Ranker:
         step_fn = make_train_step(self.graphdef, self.collection, tx, self._loss)
         history: list[dict] = []
         iterator = iter(batches)
-        with progress(total=steps, desc="fit", unit="step") as bar:
-            for step in range(1, steps + 1):
-                batch = next(iterator, None)
-                if batch is None and iter(batches) is not batches:  # a new epoch
-                    iterator = iter(batches)
-                    batch = next(iterator, None)
-                if batch is None:
-                    raise UserInputError(
-                        f"fit: the batches ran out after {step - 1} steps of {steps}; pass "
-                        "fewer steps or a list (lists are cycled)"
-                    )
-                inputs = self._inputs(batch, labels=True)
-                if len(inputs["dense"]) != self.batch_size:
-                    raise UserInputError(
-                        f"fit: batch {step} holds {len(inputs['dense'])} examples; every "
-                        f"training batch must hold batch_size={self.batch_size}"
-                    )
-                placed = jax.tree.map(lambda x: jax.device_put(x[None], self._micro_rows), inputs)
-                state, metrics = step_fn(state, placed)
-                bar.update(1)
-                if step % log_every == 0 or step == steps:
-                    aux = np.atleast_1d(np.asarray(metrics["aux"]))
-                    row = {"step": self.steps_trained + step, "loss": float(metrics["loss"])}
-                    row.update(
-                        {f"loss_{t}": float(v) for t, v in zip(self.tasks, aux, strict=True)}
-                    )
-                    history.append(row)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}")
-                    if step % info_every == 0 or step == steps:
-                        get_logger().info("fit step %d/%d loss %.4f", step, steps, row["loss"])
-        self.params, self.embedding = state["params"], state["embedding"]
-        self.steps_trained += steps
+        done = 0
+        try:
+            with progress(total=steps, desc="fit", unit="step") as bar:
+                for step in range(1, steps + 1):
+                    placed = self._next_train_batch(batches, iterator, step, steps)
+                    if placed is None:  # a re-iterable (a list): a new epoch
+                        iterator = iter(batches)
+                        placed = self._next_train_batch(batches, iterator, step, steps)
+                    if placed is None:
+                        raise UserInputError("fit: batches holds no batch")
+                    state, metrics = step_fn(state, placed)  # state donated
+                    done = step
+                    bar.update(1)
+                    if step % log_every == 0 or step == steps:
+                        history.append(self._row(self.steps_trained + step, metrics))
+                        bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
+                        if step % info_every == 0 or step == steps:
+                            get_logger().info(
+                                "fit step %d/%d loss %.4f", step, steps, history[-1]["loss"]
+                            )
+        finally:  # the latest state, also when a bad batch stops the run half way
+            self.params, self.embedding = state["params"], state["embedding"]
+            self.steps_trained += done
         return history
+
+    def _next_train_batch(self, batches, iterator, step: int, steps: int) -> dict | None:
+        """The next batch placed on the mesh [1, B, ...]; None when a re-iterable ran out."""
+        batch = next(iterator, None)
+        if batch is None:
+            if iter(batches) is not batches:
+                return None
+            raise UserInputError(
+                f"fit: the batches ran out after {step - 1} steps of {steps}; pass "
+                "fewer steps or a list (lists are cycled)"
+            )
+        inputs = self._inputs(batch, labels=True)
+        if len(inputs["dense"]) != self.batch_size:
+            raise UserInputError(
+                f"fit: batch {step} holds {len(inputs['dense'])} examples; every "
+                f"training batch must hold batch_size={self.batch_size}"
+            )
+        return jax.tree.map(lambda x: jax.device_put(x[None], self._micro_rows), inputs)
+
+    def _row(self, step: int, metrics) -> dict:
+        aux = np.atleast_1d(np.asarray(metrics["aux"]))
+        row = {"step": step, "loss": float(metrics["loss"])}
+        row.update({f"loss_{t}": float(v) for t, v in zip(self.tasks, aux, strict=True)})
+        return row
 
     def _loss(self, model, activations, micro_batch):
         logits_bt = model(activations, micro_batch["dense"])

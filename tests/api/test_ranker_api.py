@@ -100,8 +100,13 @@ def test_bad_batches_are_named(trained, tmp_path):
         ranker.fit([test], steps=1)
     one = {k: v[:BATCH] for k, v in test.items() if k != "labels"}
     one["labels"] = {"click": test["labels"]["click"][:BATCH]}
+    before = ranker.predict(test)
     with pytest.raises(lf_jax.UserInputError, match="ran out after 1 steps of 2"):
         ranker.fit(iter([one]), steps=2)
+    assert ranker.steps_trained == 301  # the step before the error is kept, state intact
+    assert np.abs(ranker.predict(test) - before).max() > 0
+    with pytest.raises(lf_jax.UserInputError, match="holds no batch"):
+        ranker.fit([], steps=1)
     with pytest.raises(lf_jax.UserInputError, match="not a saved Ranker"):
         lf_jax.Ranker.load(tmp_path)
     with pytest.raises(lf_jax.UserInputError, match="multiple of the 8 devices"):
