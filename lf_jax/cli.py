@@ -11,18 +11,21 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from lf_jax.configuration import ConfigError, apply_overrides, load_config, split_override_args
+from lf_jax.configuration import (
+    ConfigError,
+    apply_overrides,
+    load_config,
+    load_workdir_config,
+    packaged_configs,
+    split_override_args,
+)
 from lf_jax.console import get_logger, set_verbosity
 from lf_jax.distributed.multihost import is_primary
 from lf_jax.errors import LfJaxError, UserInputError
 from lf_jax.serving import commands as serving_commands
-from lf_jax.workdir import ensure_writable_dir
+from lf_jax.workdir import ensure_writable_dir, reject_remote
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIGS = {
-    "demo": REPO_ROOT / "configs" / "demo.py",
-    "plan": REPO_ROOT / "configs" / "feed_ranker.py",
-}
+DEFAULT_CONFIGS = {"demo": "demo", "plan": "feed_ranker"}  # packaged: lf_jax/configs/<name>.py
 ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm_plugin", "libtpu")
 
 
@@ -30,14 +33,19 @@ class CommandError(UserInputError):
     """A user-facing failure: printed as one line, exit status 2."""
 
 
-def _add_config_arguments(parser: argparse.ArgumentParser, default: Path | None) -> None:
+def _add_config_arguments(
+    parser: argparse.ArgumentParser, default: str | None, required: bool = True
+) -> None:
     parser.add_argument(
         "--config",
-        default=str(default) if default else None,
-        required=default is None,
-        metavar="FILE.py[:ARG]",
-        help="config file with get_config(arg); ARG like 'size=tiny,steps=3'"
-        + (f" (default: {default.relative_to(REPO_ROOT)})" if default else ""),
+        default=default,
+        required=required and default is None,
+        metavar="FILE.py[:ARG]|NAME[:ARG]",
+        help="config file with get_config(arg), or a packaged config by name ("
+        + ", ".join(packaged_configs())
+        + "); ARG like 'size=tiny,steps=3'"
+        + (f" (default: {default})" if default else "")
+        + ("" if required or default else " (default: WORKDIR/config.json of the training run)"),
     )
     parser.epilog = (
         "Override any existing config key with --config.KEY.SUBKEY=VALUE; values are "
@@ -58,7 +66,10 @@ def _resolved_config(args, overrides):
     before any device work or file write."""
     from lf_jax.config_checks import check_config
 
-    config = apply_overrides(load_config(args.config), overrides)
+    if args.config is None:  # eval without --config: the workdir's own config.json
+        config = apply_overrides(load_workdir_config(args.workdir), overrides)
+    else:
+        config = apply_overrides(load_config(args.config), overrides)
     check_config(config, _planned_device_count(args, config))
     return config
 
@@ -276,13 +287,14 @@ def _train_run(args, overrides):
 
 
 def _eval_arguments(parser):
-    _add_config_arguments(parser, None)
+    _add_config_arguments(parser, None, required=False)
     _add_workdir(parser, "runs/train")
     _add_devices(parser)
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
 
 
 def _eval_run(args, overrides):
+    reject_remote(args.workdir, "--workdir")
     config = _resolved_config(args, overrides)
     checkpoints = (Path(args.workdir) / "checkpoints").absolute()
     if not checkpoints.is_dir() or not any(p.name.isdigit() for p in checkpoints.iterdir()):
@@ -290,8 +302,9 @@ def _eval_run(args, overrides):
     _setup_devices(args.devices, config, args)
     from lf_jax.train.loop import evaluate_checkpoint
 
-    metrics = evaluate_checkpoint(config, args.workdir, args.step)
+    step, metrics = evaluate_checkpoint(config, args.workdir, args.step)
     if is_primary():
+        print(f"evaluated checkpoint step {step} of {Path(args.workdir).resolve()}")
         print(_format_metrics(metrics))
 
 
@@ -369,6 +382,8 @@ def _export_run(args, overrides):
     from lf_jax.export.embed_corpus import check_output
 
     config = _resolved_config(args, overrides)
+    reject_remote(args.workdir, "--workdir")
+    reject_remote(args.output, "--output")
     if args.serving:
         serving_commands.check_export(args)  # before any device work
         _setup_devices(args.devices, config, args)

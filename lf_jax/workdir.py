@@ -17,12 +17,33 @@ from pathlib import Path
 from lf_jax.console import get_logger
 from lf_jax.errors import UserInputError
 
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def reject_remote(path: str | os.PathLike, what: str) -> None:
+    """UserInputError for a URL (``gs://``, ``s3://``, any fsspec/epath scheme): lf_jax
+    writes workdirs, datasets and exports through the local filesystem, and ``Path`` would
+    silently turn ``gs://b/run`` into a local directory ``gs:/b/run``.
+
+    Example:
+        >>> reject_remote("gs://bucket/run", "--workdir")   # UserInputError: ... mount ...
+    """
+    text = os.fspath(path)
+    if _URL.match(str(text)):
+        raise UserInputError(
+            f"{what} '{text}' is a remote URL; lf_jax reads and writes it through the local "
+            "filesystem: mount the bucket (e.g. Cloud Storage FUSE, /gcs/BUCKET) and pass "
+            "the mounted path"
+        )
+
 
 def ensure_writable_dir(path: str | Path, what: str) -> Path:
     """Creates ``path`` and checks a file can be written there, before any device work.
 
-    Raises UserInputError naming ``what`` and the path otherwise.
+    Raises UserInputError naming ``what`` and the path otherwise (a URL included, see
+    reject_remote).
     """
+    reject_remote(path, what)
     directory = Path(path)
     try:
         directory.mkdir(parents=True, exist_ok=True)

@@ -30,13 +30,13 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 
-from lf_jax.console import get_logger, progress, progress_enabled
+from lf_jax.console import ensure_logging, get_logger, progress, progress_enabled
 from lf_jax.distributed.multihost import is_primary, preemption_notice
 from lf_jax.errors import TrainingDivergedError, UserInputError
 from lf_jax.train.checkpoint import Checkpointer
 from lf_jax.train.families import family_class
 from lf_jax.train.step import make_train_step
-from lf_jax.workdir import ensure_writable_dir
+from lf_jax.workdir import ensure_writable_dir, reject_remote
 
 
 class TrainingTask(Protocol):
@@ -162,6 +162,7 @@ def run_training(
             iterator.set_state(data_state["train"])
         log.info("resumed from checkpoint step %d in %s", start, checkpointer.directory)
     elif train_config.get("warm_start"):
+        reject_remote(train_config.warm_start, "train.warm_start")
         source = Checkpointer(Path(train_config.warm_start) / "checkpoints")
         if source.latest_step() is None:
             raise UserInputError(
@@ -298,6 +299,7 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     train.steps returns its metrics.json as it is, without building anything."""
     from lf_jax.config_checks import check_config
 
+    ensure_logging()
     check_config(config, jax.device_count())
     workdir = prepare_workdir(workdir, config)
     latest = latest_checkpoint_step(workdir)
@@ -315,8 +317,10 @@ def train_and_evaluate(config, workdir: str | Path) -> dict:
     return metrics
 
 
-def evaluate_checkpoint(config, workdir: str | Path, step: int | None = None) -> dict:
-    """Restores ``step`` (default: latest) from ``workdir/checkpoints`` and evaluates it."""
+def evaluate_checkpoint(config, workdir: str | Path, step: int | None = None) -> tuple[int, dict]:
+    """Restores ``step`` (default: latest) from ``workdir/checkpoints`` and evaluates it;
+    returns (the step evaluated, metrics)."""
+    reject_remote(workdir, "workdir")
     workdir = Path(workdir)
     if latest_checkpoint_step(workdir) is None:
         raise UserInputError(
@@ -325,7 +329,7 @@ def evaluate_checkpoint(config, workdir: str | Path, step: int | None = None) ->
     task = build_task(config, workdir)
     checkpointer = Checkpointer(workdir / "checkpoints", create=False)
     try:
-        state, _, _ = checkpointer.restore_newest(task.init_state(), task.collection, step)
+        state, _, restored = checkpointer.restore_newest(task.init_state(), task.collection, step)
     finally:
         checkpointer.close()
-    return task.evaluate(state)
+    return restored, task.evaluate(state)
