@@ -1,7 +1,9 @@
 """Forces 8 simulated CPU devices before jax is imported anywhere in the suite."""
 
 import os
+import shutil
 import socket
+from pathlib import Path
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -30,22 +32,38 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
-# The tiny feed_logs dataset, built offline once per test session (per xdist worker).
+# The tiny feed_logs dataset, built offline once per test run: the first xdist worker
+# that needs it builds it under a file lock in a directory shared by the run's workers;
+# every worker hard-links the built files into its own data dir (which tests may also
+# build other datasets into).
 @pytest.fixture(scope="session")
 def feed_data_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("tfds")
 
 
+def _shared_build_root(tmp_path_factory) -> Path:
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "feed_logs_tiny"
+
+
 @pytest.fixture(scope="session")
-def feed_builder(feed_data_dir):
+def feed_builder(feed_data_dir, tmp_path_factory):
+    from filelock import FileLock
+
     from lf_jax.input import build_dataset
 
     def no_network(*args, **kwargs):
         raise AssertionError("building feed_logs tried to reach the network")
 
+    shared = _shared_build_root(tmp_path_factory)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(socket.socket, "connect", no_network)
         patch.setattr(socket, "create_connection", no_network)
+        with FileLock(f"{shared}.lock"):
+            build_dataset("feed_logs", config="tiny", data_dir=shared)
+        target = feed_data_dir / "feed_logs"
+        if not target.exists():
+            shutil.copytree(shared / "feed_logs", target, copy_function=os.link)
         return build_dataset("feed_logs", config="tiny", data_dir=feed_data_dir)
 
 
