@@ -7,7 +7,7 @@ Accepted forms per feature (B examples):
 Bags longer than ``max_ids`` keep their first max_ids ids (or raise when the feature
 sets ``truncate=False``). Weights (only for ``weighted`` features) take the same forms,
 one finite number per id; in a padded 2-D weights array the values at the ids' -1
-padding are ignored. A ``mean`` feature's non-empty bags need a positive weight sum.
+padding are ignored. A ``mean`` feature's bags with a nonzero weight need a positive weight sum.
 Output ids are [B, max_ids] int32 padded with -1; weights are [B, max_ids] float32 (1 for
 unweighted ids, 0 for padding).
 
@@ -129,15 +129,17 @@ def _check_dtype(name, array, what, row=None):
 
 
 def _check_mean_weights(name: str, weights_bl: np.ndarray, valid_bl: np.ndarray) -> None:
-    """A weighted mean divides by the bag's weight sum: a non-empty bag must have a
-    positive one (an empty bag pools to zeros)."""
+    """A weighted mean divides by the bag's weight sum: a bag with a nonzero weight must
+    have a positive sum (an empty bag, or one whose weights are all zero, pools to
+    zeros)."""
     sums_b = weights_bl.sum(axis=1, dtype=np.float64)
-    bad = valid_bl.any(axis=1) & (sums_b <= 0)
+    weighted_b = (valid_bl & (weights_bl != 0)).any(axis=1)
+    bad = weighted_b & (sums_b <= 0)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         raise InvalidIdsError(
             f"feature '{name}': example {row} has weights summing to {sums_b[row]:g}; a "
-            "weighted mean needs a positive weight sum per non-empty bag"
+            "weighted mean needs a positive weight sum in every bag with a nonzero weight"
         )
 
 

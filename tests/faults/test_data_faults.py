@@ -29,10 +29,10 @@ def test_weighted_mean_bag_needs_a_positive_weight_sum(weights, total):
         preprocess(features, tables, {"f": ids}, {"f": weights})
 
 
-def test_weighted_mean_bag_accepts_positive_sums_and_empty_bags():
+def test_weighted_mean_bag_accepts_positive_sums_empty_and_all_zero_bags():
     features, tables = mean_bag()
-    batch = preprocess(features, tables, {"f": [[1, 2], []]}, {"f": [[3.0, -1.0], []]})
-    assert batch.weights["f"].sum(axis=1).tolist() == [2.0, 0.0]
+    batch = preprocess(features, tables, {"f": [[1, 2], [], [4]]}, {"f": [[3.0, -1.0], [], [0.0]]})
+    assert batch.weights["f"].sum(axis=1).tolist() == [2.0, 0.0, 0.0]
 
 
 def shard_copy(feed_data_dir, tmp_path) -> tuple:
