@@ -1,11 +1,12 @@
 # Two entry points: `make demo` and `make test`. Both create .venv and install on first use.
+# `make test-nightly` runs the tests marked nightly (fault injection during training runs).
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test lint install clean
+.PHONY: demo test test-nightly lint install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,7 +26,10 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --durations=15
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --durations=15 -m "not nightly"
+
+test-nightly: $(STAMP)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --durations=15 -m nightly
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

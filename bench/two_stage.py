@@ -74,7 +74,8 @@ def main() -> None:
     for name, size in (("single", 1), ("batched", args.batch)):
 
         def members(size=size):
-            return [f"m{i}" for i in rng.choice(1000, size, replace=False)]
+            # members of the demo's world (300 in feed_logs tiny 1.2.0), not a fixed range
+            return [f"m{i}" for i in rng.choice(service.features.num_members, size, replace=False)]
 
         service.serve(members())  # compile this shape
         samples: dict[str, list[float]] = {}

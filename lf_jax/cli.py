@@ -11,17 +11,21 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from lf_jax.configuration import ConfigError, apply_overrides, load_config, split_override_args
+from lf_jax.configuration import (
+    ConfigError,
+    apply_overrides,
+    load_config,
+    load_workdir_config,
+    packaged_configs,
+    split_override_args,
+)
 from lf_jax.console import get_logger, set_verbosity
 from lf_jax.distributed.multihost import is_primary
 from lf_jax.errors import LfJaxError, UserInputError
-from lf_jax.workdir import ensure_writable_dir
+from lf_jax.serving import commands as serving_commands
+from lf_jax.workdir import ensure_writable_dir, reject_remote
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIGS = {
-    "demo": REPO_ROOT / "configs" / "demo.py",
-    "plan": REPO_ROOT / "configs" / "feed_ranker.py",
-}
+DEFAULT_CONFIGS = {"demo": "demo", "plan": "feed_ranker"}  # packaged: lf_jax/configs/<name>.py
 ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm_plugin", "libtpu")
 
 
@@ -29,14 +33,19 @@ class CommandError(UserInputError):
     """A user-facing failure: printed as one line, exit status 2."""
 
 
-def _add_config_arguments(parser: argparse.ArgumentParser, default: Path | None) -> None:
+def _add_config_arguments(
+    parser: argparse.ArgumentParser, default: str | None, required: bool = True
+) -> None:
     parser.add_argument(
         "--config",
-        default=str(default) if default else None,
-        required=default is None,
-        metavar="FILE.py[:ARG]",
-        help="config file with get_config(arg); ARG like 'size=tiny,steps=3'"
-        + (f" (default: {default.relative_to(REPO_ROOT)})" if default else ""),
+        default=default,
+        required=required and default is None,
+        metavar="FILE.py[:ARG]|NAME[:ARG]",
+        help="config file with get_config(arg), or a packaged config by name ("
+        + ", ".join(packaged_configs())
+        + "); ARG like 'size=tiny,steps=3'"
+        + (f" (default: {default})" if default else "")
+        + ("" if required or default else " (default: WORKDIR/config.json of the training run)"),
     )
     parser.epilog = (
         "Override any existing config key with --config.KEY.SUBKEY=VALUE; values are "
@@ -53,7 +62,31 @@ def _add_workdir(parser: argparse.ArgumentParser, default: str) -> None:
 
 
 def _resolved_config(args, overrides):
-    return apply_overrides(load_config(args.config), overrides)
+    """The config with its overrides, every value range checked (lf_jax/config_checks.py)
+    before any device work or file write."""
+    from lf_jax.config_checks import check_config
+
+    if args.config is None:  # eval without --config: the workdir's own config.json
+        config = apply_overrides(load_workdir_config(args.workdir), overrides)
+    else:
+        config = apply_overrides(load_config(args.config), overrides)
+    check_config(config, _planned_device_count(args, config))
+    return config
+
+
+def _planned_device_count(args, config) -> int | None:
+    """The devices the run will have, when known before they exist: config.devices for
+    simulated CPU devices, N x processes for --devices cpu:N; None for real accelerators."""
+    import importlib.util
+
+    choice = getattr(args, "devices", None)
+    if choice is None or (
+        choice == "auto" and not any(importlib.util.find_spec(n) for n in ACCELERATOR_PLUGINS)
+    ):
+        return config.get("devices")
+    if choice.startswith("cpu:") and choice[4:].isdigit():
+        return int(choice[4:]) * _distributed_settings(args, config).num_processes
+    return None
 
 
 def _check_workdir(path: str) -> Path:
@@ -254,19 +287,24 @@ def _train_run(args, overrides):
 
 
 def _eval_arguments(parser):
-    _add_config_arguments(parser, None)
+    _add_config_arguments(parser, None, required=False)
     _add_workdir(parser, "runs/train")
     _add_devices(parser)
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
 
 
 def _eval_run(args, overrides):
+    reject_remote(args.workdir, "--workdir")
     config = _resolved_config(args, overrides)
+    checkpoints = (Path(args.workdir) / "checkpoints").absolute()
+    if not checkpoints.is_dir() or not any(p.name.isdigit() for p in checkpoints.iterdir()):
+        raise CommandError(f"no checkpoint in '{checkpoints}': train first (or pass --workdir)")
     _setup_devices(args.devices, config, args)
     from lf_jax.train.loop import evaluate_checkpoint
 
-    metrics = evaluate_checkpoint(config, args.workdir, args.step)
+    step, metrics = evaluate_checkpoint(config, args.workdir, args.step)
     if is_primary():
+        print(f"evaluated checkpoint step {step} of {Path(args.workdir).resolve()}")
         print(_format_metrics(metrics))
 
 
@@ -301,15 +339,17 @@ def _export_arguments(parser):
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     parser.add_argument(
         "--entity",
-        required=True,
+        default=None,
         metavar="members|posts|items",
-        help="which corpus to embed (the model family says which it has)",
+        help="which corpus to embed (the model family says which it has); required "
+        "without --serving",
     )
     parser.add_argument(
         "--output",
         required=True,
         metavar="DIR",
-        help="export directory (replaced atomically; a failed export keeps the old one)",
+        help="export directory (replaced atomically; a failed export keeps the old one); "
+        "with --serving, the artifacts directory (a new version is added)",
     )
     parser.add_argument(
         "--index", action="store_true", help="also build a tuned ScaNN index (DIR/index)"
@@ -335,12 +375,21 @@ def _export_arguments(parser):
         help="recall@10 the index is tuned to (default: 0.95)",
     )
     parser.add_argument("--batch-size", type=int, default=1024, help="entities per embedding batch")
+    serving_commands.add_export_arguments(parser)
 
 
 def _export_run(args, overrides):
     from lf_jax.export.embed_corpus import check_output
 
     config = _resolved_config(args, overrides)
+    reject_remote(args.workdir, "--workdir")
+    reject_remote(args.output, "--output")
+    if args.serving:
+        serving_commands.check_export(args)  # before any device work
+        _setup_devices(args.devices, config, args)
+        return serving_commands.run_export(args, config)
+    if args.entity is None:
+        raise CommandError("--entity is required (members, posts or items) without --serving")
     check_output(args.output)  # before any device work
     _setup_devices(args.devices, config, args)
     from lf_jax.export.embed_corpus import export_corpus, open_source
@@ -428,6 +477,12 @@ COMMANDS: dict[str, Command] = {
         _export_arguments,
         _export_run,
     ),
+    "serve": (
+        "serve an `export --serving` artifacts directory over HTTP on one CPU device: "
+        "retrieve, rank and feed endpoints, health, metrics, hot swap of versions",
+        serving_commands.serve_arguments,
+        serving_commands.run_serve,
+    ),
     "plan": (
         "explain the embedding plan for config.devices devices (one row per table: "
         "bytes, strategy, reason) without allocating anything",
@@ -477,6 +532,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         get_logger().debug("command failed", exc_info=True)
         print(f"lf-jax {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside the training loop (which saves and returns)
+        print(f"lf-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -1,7 +1,8 @@
 """The project's one logger and its progress bars.
 
-Progress bars show on an interactive terminal only: they are off when stderr is not a
-TTY or when the CI environment variable is set, so logs stay readable.
+Progress bars show on an interactive terminal and in a Jupyter kernel (tqdm.auto: a
+widget with ipywidgets, text otherwise); they are off when stderr is neither or when the
+CI environment variable is set, so logs stay readable.
 
 Example:
     >>> set_verbosity("info")
@@ -56,11 +57,20 @@ def set_verbosity(level: str | int = "info") -> logging.Logger:
     return logger
 
 
+def ensure_logging() -> logging.Logger:
+    """INFO lines on stderr unless the lf_jax logger is configured already (set_verbosity,
+    or handlers a user added): training from a notebook shows its log lines."""
+    logger = get_logger()
+    if not logger.handlers:
+        set_verbosity("info")
+    return logger
+
+
 def progress_enabled() -> bool:
-    """True on an interactive terminal outside CI."""
+    """True on an interactive terminal or in a Jupyter (IPython) kernel, outside CI."""
     if os.environ.get("CI", "").lower() not in ("", "0", "false"):
         return False
-    return sys.stderr.isatty()
+    return sys.stderr.isatty() or "ipykernel" in sys.modules
 
 
 def progress(

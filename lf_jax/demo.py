@@ -4,8 +4,9 @@ Stages: the mesh; the synthetic feed logs and the tiny feed ranker's embedding p
 short ranker run (IPS weights, checkpoints, AUC against the oracle); a short dual
 encoder run (tiny Llama, Matryoshka InfoNCE, recall@10 per dim against popularity);
 export of the dual encoder's items to a ScaNN index + KV store and of its members to a KV
-store; two-stage serving (dual encoder -> ScaNN top K -> ranker -> top N) for a few
-members, with what each stage buys in true engagement and the latency; a report of where
+store; serving: the export of serving artifacts and the feature store, then `lf-jax serve`'s
+HTTP API (dual encoder -> exact top K -> ranker -> top N) for a few members, with what
+each stage buys in true engagement and the latency; a report of where
 files went, with PNG plots (loss curves, recall by Matryoshka dim).
 
 Example:
@@ -113,83 +114,124 @@ def _export(config, encoder_dir: Path, workdir: Path) -> tuple[object, dict]:
     return source, manifests
 
 
-def _serve(config, encoder_source, workdir: Path) -> dict:
-    from lf_jax.export.embed_corpus import open_source
-    from lf_jax.export.scann_index import VectorIndex
-    from lf_jax.export.two_stage import (
-        FeedWorldFeatures,
-        RankerScorer,
-        TwoStageService,
-        dual_encoder_queries,
-    )
+def _post(port: int, path: str, body: dict) -> dict:
+    import http.client
+    import json
 
-    ranker_source = open_source(config.ranker, workdir / "ranker")
-    features = FeedWorldFeatures(config.ranker.data.config, seed=config.seed)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    conn.request("POST", path, body=json.dumps(body))
+    response = conn.getresponse()
+    out = json.loads(response.read())
+    conn.close()
+    if response.status != 200:
+        raise RuntimeError(f"{path} {body}: {response.status} {out}")
+    return out
+
+
+def _true_value(world, store, member: str, posts: list[str], weights: np.ndarray) -> np.ndarray:
+    """The world's true engagement (weighted task probabilities) of ``posts`` for ``member``,
+    at the post ages the feature store serves (evaluation only)."""
+    from lf_jax import feed_world
+
+    _, rows = store.read([], posts)
+    start, _ = store.layout.post_columns()["log_age"]
+    post = np.array([int(p[1:]) for p in posts])
+    member_n = np.full(len(post), int(member[1:]))
+    aff = feed_world.affinities(
+        world,
+        member_n,
+        world.post_actor[post],
+        world.post_root_actor[post],
+        world.post_hashtags[post],
+    )
+    logits = feed_world.relevance_logits(world, member_n, post, aff, rows[:, start])
+    return (1.0 / (1.0 + np.exp(-logits))) @ weights
+
+
+def _serve(config, workdir: Path) -> dict:
+    import concurrent.futures
+
+    from lf_jax import feed_world
+    from lf_jax.serving.export_serving import export_serving
+    from lf_jax.serving.server import serve_in_thread
+    from lf_jax.serving.service import Service
+
     serving = config.serving
-    service = TwoStageService(
-        dual_encoder_queries(encoder_source),
-        VectorIndex.load(workdir / "export" / "items" / "index"),
-        RankerScorer(ranker_source),
-        features,
-        num_candidates=serving.num_candidates,
-        top_n=serving.top_n,
-        task_weights=dict(serving.task_weights),
+    k, n, members = int(serving.num_candidates), int(serving.top_n), list(serving.members)
+    exported = export_serving(
+        config, workdir, workdir / "serving", queries=(1, len(members)), candidates=(k,)
     )
-    members = list(serving.members)
-    service.serve(members)  # compiles the ranker's shapes
-    latency = {}
-    for name, ids in (("single", members[:1]), ("batched", members)):
-        totals = []
-        for _ in range(5):
-            service.serve(ids)
-            totals.append(service.timings["total_ms"])
-        latency[name] = float(np.median(totals))
-    results, batch = service.serve(members), service.last_batch
-    k, n = service.num_candidates, service.top_n
-    weights = service.weights_t
-    truth = features.true_relevance(batch) @ weights  # [Q*K]
-    rng = np.random.default_rng(config.seed)
-    random_batch = features.batch(
-        np.array([int(m[1:]) for m in members]),
-        rng.integers(0, features.num_posts, (len(members), n)),
-    )
-    value = {"random posts": float(np.mean(features.true_relevance(random_batch) @ weights))}
-    per_member = [truth[q * k : (q + 1) * k] for q in range(len(members))]
-    value[f"dual encoder top {n} (retrieval order)"] = float(
-        np.mean([t[:n].mean() for t in per_member])
-    )
-    value[f"two-stage top {n} (ranker over {k})"] = float(
-        np.mean([t[r.rows].mean() for t, r in zip(per_member, results, strict=False)])
-    )
-    value[f"best {n} of the {k} (oracle)"] = float(
-        np.mean([np.sort(t)[-n:].mean() for t in per_member])
-    )
-    first = results[0]
-    print(f"member {first.member_id}: top {n} of {first.num_candidates} candidates")
+    ranker = exported["manifests"]["ranker"]
+    aucs = ranker["quality"]["holdout_random_auc"]
     print(
-        f"  {'post':<8}{'score':>8}{'retrieval':>11}"
-        + "".join(f"{t:>12}" for t in first.task_probs)
+        f"artifacts {exported['directory']}: "
+        + ", ".join(f"{m} {b:,} bytes" for m, b in exported["bytes"].items())
+        + f" (int8 tables; holdout_random AUC float32 {aucs['float32']['mean']:.4f}, "
+        f"int8 {aucs['int8']['mean']:.4f})"
     )
-    for i, post in enumerate(first.post_ids):
+    service = Service(workdir / "serving")
+    port, stop = serve_in_thread(service)
+    print(f"serving version {service.current.name} on http://127.0.0.1:{port} (one CPU device)")
+    try:
+        feeds = {m: _post(port, "/v1/feed", {"member_id": m, "k": k, "top_n": n}) for m in members}
+        latency = {}
+        single = [
+            _post(port, "/v1/feed", {"member_id": members[0], "k": k, "top_n": n}) for _ in range(5)
+        ]
+        latency["single"] = float(np.median([r["timings_ms"]["total"] for r in single]))
+        with concurrent.futures.ThreadPoolExecutor(len(members)) as pool:
+            batched = list(
+                pool.map(
+                    lambda m: _post(port, "/v1/feed", {"member_id": m, "k": k, "top_n": n}),
+                    members,
+                )
+            )
+        latency["batched"] = float(max(r["timings_ms"]["total"] for r in batched))
+        candidates = {m: _post(port, "/v1/retrieve", {"member_id": m, "k": k}) for m in members}
+    finally:
+        stop()
+    world = feed_world.make_world(feed_world.CONFIGS[config.ranker.data.config])
+    weights = service.current.task_weights
+    rng = np.random.default_rng(config.seed)
+    value: dict[str, list[float]] = {}
+    for m in members:
+        retrieved = candidates[m]["post_ids"]
+        truth = _true_value(world, service.store, m, retrieved, weights)
+        random_posts = [f"p{i}" for i in rng.choice(world.post_actor.size, n, replace=False)]
+        for name, number in (
+            ("random posts", _true_value(world, service.store, m, random_posts, weights).mean()),
+            (f"dual encoder top {n} (retrieval order)", truth[:n].mean()),
+            (
+                f"two-stage top {n} (ranker over {k})",
+                _true_value(world, service.store, m, feeds[m]["post_ids"], weights).mean(),
+            ),
+            (f"best {n} of the {k} (oracle)", np.sort(truth)[-n:].mean()),
+        ):
+            value.setdefault(name, []).append(float(number))
+    service.close()
+    first = feeds[members[0]]
+    print(f"member {members[0]}: top {n} of {first['num_candidates']} candidates")
+    tasks = list(first["task_probs"])
+    print(f"  {'post':<8}{'score':>8}{'retrieval':>11}" + "".join(f"{t:>12}" for t in tasks))
+    for i, post in enumerate(first["post_ids"]):
         print(
-            f"  {post:<8}{first.score[i]:>8.3f}{first.retrieval_score[i]:>11.3f}"
-            + "".join(f"{p[i]:>12.3f}" for p in first.task_probs.values())
+            f"  {post:<8}{first['scores'][i]:>8.3f}{first['retrieval_scores'][i]:>11.3f}"
+            + "".join(f"{first['task_probs'][t][i]:>12.3f}" for t in tasks)
         )
     print(
         f"true engagement (weighted sum of the world's true probabilities), mean over "
         f"{len(members)} members:"
     )
-    for name, number in value.items():
+    means = {name: float(np.mean(v)) for name, v in value.items()}
+    for name, number in means.items():
         print(f"  {name:<40}{number:>8.4f}")
-    stages = ", ".join(
-        f"{key[:-3]} {ms:.1f}" for key, ms in service.timings.items() if key != "total_ms"
-    )
+    stages = ", ".join(f"{key} {ms:.1f}" for key, ms in single[-1]["timings_ms"].items())
     print(
-        f"latency for K={k}: single query {latency['single']:.0f} ms, batch of {len(members)} "
-        f"{latency['batched']:.0f} ms (median of 5; last call's stages in ms: {stages})"
+        f"latency for K={k}: single query {latency['single']:.1f} ms (median of 5), "
+        f"{len(members)} concurrent requests {latency['batched']:.1f} ms (slowest; batched "
+        f"by the server); last single request's stages in ms: {stages}"
     )
-    ranker_source.close()
-    return {"value": value, "latency_ms": latency}
+    return {"value": means, "latency_ms": latency, "artifacts": exported["directory"]}
 
 
 def run_demo(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
@@ -216,8 +258,8 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     _section("5. export: dual encoder items -> ScaNN index + KV store, members -> KV store")
     encoder_source, manifests = _export(config, encoder_dir, workdir)
 
-    _section("6. two-stage serving: dual encoder -> ScaNN top K -> feed ranker -> top N")
-    served = _serve(config, encoder_source, workdir)
+    _section("6. serving: export artifacts, lf-jax serve, retrieve top K -> rank -> top N")
+    served = _serve(config, workdir)
 
     _section("7. where things went")
     k = int(encoder_config.eval.recall_k)
@@ -245,6 +287,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         ("dual_encoder/tokenizer.json", "the dual encoder's word-level tokenizer"),
         ("export/items", "item vectors + ids + manifest, index/ (ScaNN), kv/ (LMDB)"),
         ("export/members", "member vectors + ids + manifest, kv/ (LMDB)"),
+        ("serving", "serving artifacts (versions/, CURRENT) and the feature store (features/)"),
         ("loss_curves.png", "training loss of both models"),
         ("recall_by_dim.png", "recall@10 by Matryoshka dimension"),
         ("tfds", "the feed_logs and member_items datasets (array_record)"),

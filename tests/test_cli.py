@@ -20,7 +20,23 @@ def test_help_lists_every_command(capsys):
 def test_each_command_has_help(command, capsys):
     with pytest.raises(SystemExit):
         main([command, "--help"])
-    assert "--config" in capsys.readouterr().out
+    # serve reads everything from its artifacts; every other command reads a config
+    assert ("--artifacts" if command == "serve" else "--config") in capsys.readouterr().out
+
+
+def test_export_serving_checks_its_version_before_device_work(repo_root, tmp_path, capsys):
+    args = ["export", "--serving", "--config", f"{repo_root}/configs/demo.py"]
+    assert main([*args, "--output", str(tmp_path), "--version", "a/b"]) == 2
+    assert "--version 'a/b': use letters" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert main([*args, "--output", str(tmp_path / "file")]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_missing_artifacts_directory(tmp_path, capsys):
+    assert main(["serve", "--artifacts", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert f"--artifacts '{tmp_path / 'nope'}' is not a directory" in err
 
 
 def test_config_override_round_trip(repo_root, capsys):
@@ -86,6 +102,8 @@ def test_demo_runs_in_a_fresh_process(tmp_path, repo_root, feed_builder, feed_da
         "member m3: top 10 of 500 candidates" in out and "two-stage top 10 (ranker over 500)" in out
     )
     assert "latency for K=500: single query" in out
+    assert "serving version v0001 on http://127.0.0.1:" in out  # through artifacts + server
+    assert (tmp_path / "demo" / "serving" / "CURRENT").read_text().strip() == "v0001"
     demo = tmp_path / "demo"
     assert "demo finished" in out and (demo / "ranker" / "checkpoints").is_dir()
     for name in ("loss_curves.png", "recall_by_dim.png"):

@@ -98,7 +98,26 @@ def test_quickstart_notebook_runs(tmp_path, feed_builder, feed_data_dir):
     print(f"quickstart.ipynb executed in {seconds:.1f} s")
 
 
-@pytest.mark.parametrize("name", ["quickstart.ipynb", "sharding.ipynb"])
+def test_own_data_notebook_trains_saves_loads_and_scores(tmp_path):
+    notebook, seconds = execute("own_data.ipynb", tmp_path, str(tmp_path / "tfds"))
+    text = stdout_of(notebook)
+    assert "over 8 cpu device(s)" in text
+    found = re.search(r"held-out AUC ([\d.]+), oracle AUC ([\d.]+).* alone: AUC ([\d.]+)", text)
+    auc, oracle, dense_only = (float(x) for x in found.groups())
+    assert dense_only + 0.1 < auc < oracle, text  # the id embeddings were learned
+    assert "['params.npz', 'ranker.json', 'tables.npz']" in text
+    assert images_of(notebook) == 1  # the smoothed loss
+    assert not (tmp_path / "tfds").exists()  # no dataset builder involved
+    user_code = [  # train, save, load and score (the data is built in cells before)
+        cell.source
+        for cell in notebook.cells
+        if cell.cell_type == "code" and ("lf_jax.Ranker(" in cell.source or ".load(" in cell.source)
+    ]
+    assert len([line for src in user_code for line in src.splitlines() if line.strip()]) < 20
+    print(f"own_data.ipynb executed in {seconds:.1f} s")
+
+
+@pytest.mark.parametrize("name", ["quickstart.ipynb", "sharding.ipynb", "own_data.ipynb"])
 def test_stored_notebook_has_outputs_and_no_errors(name):
     """Readers see the plots on GitHub: notebooks are stored executed, small, error-free."""
     path = NOTEBOOKS / name

@@ -16,7 +16,9 @@ Environment (all optional):
   LF_JAX_DISTRIBUTED        auto (default) | off | jax
   LF_JAX_COORDINATOR_ADDRESS host:port of process 0
   LF_JAX_COORDINATOR_PORT   port for auto-detected clusters (default 8476)
-  LF_JAX_NUM_PROCESSES, LF_JAX_PROCESS_ID, LF_JAX_LOCAL_DEVICE_IDS (e.g. "0,1")
+  LF_JAX_NUM_PROCESSES, LF_JAX_PROCESS_ID, LF_JAX_LOCAL_DEVICE_IDS (e.g. "0,1"; default
+                            under SLURM / a JobSet: all of the node's visible GPUs, see
+                            lf_jax/distributed/node_devices.py)
   LF_JAX_INIT_TIMEOUT, LF_JAX_HEARTBEAT_TIMEOUT, LF_JAX_SHUTDOWN_TIMEOUT   seconds
 
 Example:
@@ -35,6 +37,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 
 from lf_jax.checks import check_int
+from lf_jax.distributed.node_devices import node_local_device_ids
 from lf_jax.errors import UserInputError
 
 ENV_PREFIX = "LF_JAX_"
@@ -74,7 +77,9 @@ class DistributedSettings:
             return "single process (jax.distributed not started)"
         return (
             f"process {self.process_id} of {self.num_processes} via {self.source}, coordinator "
-            f"{self.coordinator_address or '(jax auto-detect)'}; a dead process stops the others "
+            f"{self.coordinator_address or '(jax auto-detect)'}, local devices "
+            f"{list(self.local_device_ids) if self.local_device_ids else 'jax default'}; "
+            f"a dead process stops the others "
             f"within ~{self.heartbeat_timeout_s} s (heartbeat), a failing one within "
             f"{self.shutdown_timeout_s} s (shutdown)"
         )
@@ -237,6 +242,8 @@ def settings_from_env(env: Mapping[str, str] | None = None, **overrides) -> Dist
             f"{pid_field}={pid_raw!r} must be below the process count {num}"
         )
     address = _address(fields["coordinator_address"][1], fields["coordinator_address"][0])
+    if "local_device_ids" not in values and source in ("slurm", "gke-jobset"):
+        values["local_device_ids"] = node_local_device_ids(env)  # all of the node's GPUs
     return DistributedSettings(
         **values, coordinator_address=address, num_processes=num, process_id=pid, source=source
     )
@@ -361,25 +368,49 @@ def _preemption_service_running() -> bool:
 @contextlib.contextmanager
 def preemption_notice() -> Iterator[Callable[[int], bool]]:
     """Yields ``reached(step) -> bool``: True at the step where every process should save
-    and stop after a SIGTERM (call it once per step, with the same steps on every process).
+    and stop after a SIGTERM or a Ctrl-C (call it once per step, with the same steps on
+    every process).
 
     Several processes: JAX's preemption service (started by jax.distributed) catches SIGTERM
-    on any process and agrees on one step for all. One process: a SIGTERM handler sets a
-    flag and the current step is the one (main thread only; elsewhere nothing is caught).
+    on any process and agrees on one step for all; a Ctrl-C (SIGINT) is turned into a
+    SIGTERM to this process. One process: a handler sets a flag and the current step is
+    the one. A second Ctrl-C raises KeyboardInterrupt at once (nothing saved). Handlers
+    are installed from the main thread only; elsewhere nothing is caught.
     """
     import jax
 
-    if jax.process_count() > 1 and _preemption_service_running():
-        from jax.experimental import multihost_utils
-
-        yield multihost_utils.reached_preemption_sync_point
-        return
     event = threading.Event()
+    service = jax.process_count() > 1 and _preemption_service_running()
     if threading.current_thread() is not threading.main_thread():
-        yield lambda step: event.is_set()
+        yield _service_reached if service else (lambda step: event.is_set())
         return
-    previous = signal.signal(signal.SIGTERM, lambda *_: event.set())
+
+    def on_interrupt(signum, frame):
+        if event.is_set():  # the second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        event.set()
+        logging.getLogger("lf_jax").warning(
+            "Ctrl-C: saving a checkpoint at the end of this step (Ctrl-C again stops at once)"
+        )
+        if service:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    previous_int = signal.signal(signal.SIGINT, on_interrupt)
+    if service:
+        try:
+            yield _service_reached
+        finally:
+            signal.signal(signal.SIGINT, previous_int)
+        return
+    previous_term = signal.signal(signal.SIGTERM, lambda *_: event.set())
     try:
         yield lambda step: event.is_set()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous_term)
+        signal.signal(signal.SIGINT, previous_int)
+
+
+def _service_reached(step: int) -> bool:
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.reached_preemption_sync_point(step)

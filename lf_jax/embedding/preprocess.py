@@ -7,8 +7,9 @@ Accepted forms per feature (B examples):
 Bags longer than ``max_ids`` keep their first max_ids ids (or raise when the feature
 sets ``truncate=False``). Weights (only for ``weighted`` features) take the same forms,
 one finite number per id; in a padded 2-D weights array the values at the ids' -1
-padding are ignored. Output ids are [B, max_ids] int32 padded with -1; weights are
-[B, max_ids] float32 (1 for unweighted ids, 0 for padding).
+padding are ignored. A ``mean`` feature's bags with a nonzero weight need a positive weight sum.
+Output ids are [B, max_ids] int32 padded with -1; weights are [B, max_ids] float32 (1 for
+unweighted ids, 0 for padding).
 
 Example:
     >>> batch = preprocess(features, tables, {"history": [[1, 2, 3], [], [7]]})
@@ -127,6 +128,21 @@ def _check_dtype(name, array, what, row=None):
         raise InvalidIdsError(f"feature '{name}': weights must be finite, got {bad}{where}")
 
 
+def _check_mean_weights(name: str, weights_bl: np.ndarray, valid_bl: np.ndarray) -> None:
+    """A weighted mean divides by the bag's weight sum: a bag with a nonzero weight must
+    have a positive sum (an empty bag, or one whose weights are all zero, pools to
+    zeros)."""
+    sums_b = weights_bl.sum(axis=1, dtype=np.float64)
+    weighted_b = (valid_bl & (weights_bl != 0)).any(axis=1)
+    bad = weighted_b & (sums_b <= 0)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise InvalidIdsError(
+            f"feature '{name}': example {row} has weights summing to {sums_b[row]:g}; a "
+            "weighted mean needs a positive weight sum in every bag with a nonzero weight"
+        )
+
+
 def preprocess(
     features: Mapping[str, FeatureSpec],
     tables: Mapping[str, TableSpec],
@@ -196,6 +212,8 @@ def preprocess(
                     f"ids but {int((~np.isnan(w[row])).sum())} weights"
                 )
             weights[name] = np.where(valid, w, 0.0).astype(np.float32)
+            if feature.combiner == "mean":
+                _check_mean_weights(name, weights[name], valid)
         else:
             weights[name] = valid.astype(np.float32)
     return SparseBatch(ids, weights)

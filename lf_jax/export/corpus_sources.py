@@ -47,11 +47,11 @@ class RankerCorpus:
         from lf_jax.train.ranker_model import RankerModel
         from lf_jax.train.step import dense_optimizer
 
-        self.checkpoint_dir, self.step = find_checkpoint(workdir, step)
+        self.checkpoint_dir, _ = find_checkpoint(workdir, step)
         self.model = RankerModel.from_config(config, make_mesh(dict(config.mesh)), build=False)
         self.collection = self.model.collection
         template = self.model.init_state(dense_optimizer(config.train), config.seed)
-        self.state = restore_state(template, self.collection, self.checkpoint_dir, self.step)
+        self.state, self.step = restore_state(template, self.collection, self.checkpoint_dir, step)
         self._lookup = jax.jit(self.collection.lookup)
         self._pad_to: int | None = None
 
@@ -102,12 +102,12 @@ class DualEncoderCorpus:
         from lf_jax.train.dual_encoder_model import DualEncoderModel
         from lf_jax.train.step import dense_optimizer, init_train_state
 
-        self.checkpoint_dir, self.step = find_checkpoint(workdir, step)
+        self.checkpoint_dir, _ = find_checkpoint(workdir, step)
         mesh = make_mesh(dict(config.mesh))
         self.model = DualEncoderModel(config, mesh, workdir, for_training=False)
         tx = dense_optimizer(config.train)
         template = jax.jit(lambda p: init_train_state(p, tx, {}))(self.model.params)
-        self.state = restore_state(template, None, self.checkpoint_dir, self.step)
+        self.state, self.step = restore_state(template, None, self.checkpoint_dir, step)
 
     def entities(self) -> tuple[str, ...]:
         return tuple(self.sides)

@@ -39,9 +39,14 @@ import numpy as np
 from lf_jax.checks import check_int, first_duplicate
 from lf_jax.console import get_logger, progress
 from lf_jax.errors import UserInputError
-from lf_jax.export.index_files import manifest_timestamp, replace_directory
+from lf_jax.export.index_files import (
+    check_manifest_seal,
+    manifest_timestamp,
+    replace_directory,
+    seal_manifest,
+)
 from lf_jax.export.index_inputs import METRICS
-from lf_jax.workdir import fsync_tree, replaceable_dir
+from lf_jax.workdir import fsync_tree, replaceable_dir, temp_sibling
 
 FORMAT = "lf_jax.EmbeddingExport"
 FORMAT_VERSION = 1
@@ -198,7 +203,7 @@ def export_corpus(
         "created_at": manifest_timestamp(),
         "files": {"vectors": "vectors.npy", "ids": "ids.npy"},
     }
-    temp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    temp = temp_sibling(target)
     try:
         temp.mkdir()
         np.save(temp / "vectors.npy", vectors, allow_pickle=False)
@@ -210,6 +215,7 @@ def export_corpus(
         if build_kv:
             manifest["kv"] = _write_kv(temp / "kv", ids, vectors, source)
         manifest["seconds"] = round(time.perf_counter() - start, 3)
+        manifest = seal_manifest(manifest)
         (temp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         fsync_tree(temp)
         replace_directory(temp, target)
@@ -286,8 +292,9 @@ def load_export(directory: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, d
         raise ExportError(f"'{directory}' holds no export ({MANIFEST} is missing)") from None
     except (OSError, ValueError) as error:
         raise ExportError(f"'{directory / MANIFEST}' is not readable JSON: {error}") from None
-    if manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ExportError(f"'{directory / MANIFEST}' is not a {FORMAT} manifest")
+    check_manifest_seal(manifest, directory / MANIFEST, ExportError)
     try:
         vectors = np.load(directory / "vectors.npy", allow_pickle=False)
         ids = np.strings.decode(np.load(directory / "ids.npy", allow_pickle=False), "utf-8")
@@ -302,51 +309,6 @@ def load_export(directory: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, d
 
 
 # ------------------------------------------------------------------------ sources
-def check_checkpoint_matches(checkpointer, step: int, template: dict, collection) -> None:
-    """Compares array shapes in checkpoint ``step`` with ``template``; one error naming the
-    first mismatch (the config and the checkpoint describe different models)."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    from lf_jax.train.checkpoint import flatten_to_dict
-
-    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-    for item in ("state", "embedding"):
-        registry.add(item, ocp.args.StandardRestore, ocp.StandardCheckpointHandler)
-    registry.add("data", ocp.args.JsonRestore, ocp.JsonCheckpointHandler)
-    manager = ocp.CheckpointManager(checkpointer.directory, handler_registry=registry)
-    try:
-        saved = manager.item_metadata(step)
-        expected = {
-            "state": flatten_to_dict({k: v for k, v in template.items() if k != "embedding"})
-        }
-        if collection is not None and "embedding" in template:
-            expected["embedding"] = flatten_to_dict(
-                jax.eval_shape(collection.to_logical, template["embedding"])
-            )
-        for item, arrays in expected.items():
-            stored = saved[item] if item in saved else None
-            if stored is None:
-                raise ExportError(
-                    f"checkpoint step {step} in '{checkpointer.directory}' has no "
-                    f"'{item}' item: it was written by another model family"
-                )
-            for key, value in arrays.items():
-                if key not in stored:
-                    raise ExportError(
-                        f"checkpoint step {step} in '{checkpointer.directory}' lacks "
-                        f"'{key}': the config describes a different model"
-                    )
-                if tuple(stored[key].shape) != tuple(value.shape):
-                    raise ExportError(
-                        f"checkpoint step {step} in '{checkpointer.directory}' does not match the "
-                        f"config: '{key}' has shape {tuple(stored[key].shape)} in the checkpoint "
-                        f"but {tuple(value.shape)} in the config"
-                    )
-    finally:
-        manager.close()
-
-
 def find_checkpoint(workdir: str | os.PathLike, step: int | None) -> tuple[Path, int]:
     """(checkpoint directory, step) in ``workdir/checkpoints``: the latest when ``step`` is
     None. Cheap: call it before building a model, so a missing checkpoint fails fast."""
@@ -370,18 +332,20 @@ def find_checkpoint(workdir: str | os.PathLike, step: int | None) -> tuple[Path,
     return directory, max(steps) if step is None else int(step)
 
 
-def restore_state(template: dict, collection, directory: Path, step: int) -> dict:
-    """The state of ``template``'s structure (and of ``collection``'s tables, None for a model
-    without tables) at checkpoint ``step`` of ``directory``, after a shape check."""
+def restore_state(
+    template: dict, collection, directory: Path, step: int | None
+) -> tuple[dict, int]:
+    """(state, step): the state of ``template``'s structure (and of ``collection``'s tables,
+    None for a model without tables) at checkpoint ``step`` of ``directory``, after a shape
+    check; ``step=None``: the newest readable step (a damaged newer one is moved aside)."""
     from lf_jax.train.checkpoint import Checkpointer
 
-    checkpointer = Checkpointer(directory)
+    checkpointer = Checkpointer(directory, create=False)
     try:
-        check_checkpoint_matches(checkpointer, step, template, collection)
-        state, _ = checkpointer.restore(step, template, collection)
+        state, _, restored = checkpointer.restore_newest(template, collection, step)
     finally:
         checkpointer.close()
-    return state
+    return state, restored
 
 
 def open_source(config, workdir: str | os.PathLike, step: int | None = None) -> CorpusSource:

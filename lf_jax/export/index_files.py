@@ -32,11 +32,12 @@ import numpy as np
 
 from lf_jax.export.index_inputs import VectorIndexError
 from lf_jax.export.scann_tuning import SearchParams
-from lf_jax.workdir import fsync_tree, replaceable_dir
+from lf_jax.workdir import fsync_tree, replaceable_dir, temp_sibling
 
 FORMAT = "lf_jax.VectorIndex"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+MANIFEST_SHA256 = "manifest_sha256"
 IDS_FILE = "ids.npy"
 
 
@@ -108,7 +109,7 @@ def write_atomically(directory: str | os.PathLike, write) -> Path:
     target = replaceable_dir(directory, MANIFEST, VectorIndexError, "VectorIndex.save:")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        temp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+        temp = temp_sibling(target)
         temp.mkdir()
     except OSError as error:
         raise VectorIndexError(
@@ -139,9 +140,32 @@ def write_index_files(directory: Path, searcher, ids: np.ndarray, manifest: dict
         path.name: {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
         for path in sorted(directory.iterdir())
     }
-    manifest = dict(manifest, saved_at=manifest_timestamp(), files=files)
+    manifest = seal_manifest(dict(manifest, saved_at=manifest_timestamp(), files=files))
     with open(directory / MANIFEST, "w") as file:
         json.dump(manifest, file, indent=2)
+
+
+def _manifest_digest(manifest: dict) -> str:
+    body = {key: value for key, value in manifest.items() if key != MANIFEST_SHA256}
+    return hashlib.sha256(
+        json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
+
+
+def seal_manifest(manifest: dict) -> dict:
+    """``manifest`` plus ``manifest_sha256``: the sha256 of its canonical JSON (sorted keys,
+    no spaces) without that key, so that any edit of the file, even valid JSON, is found."""
+    return dict(manifest, **{MANIFEST_SHA256: _manifest_digest(manifest)})
+
+
+def check_manifest_seal(manifest: dict, path: Path, error: type[Exception]) -> None:
+    """Raises ``error`` naming ``path`` when ``manifest`` was edited after it was sealed."""
+    if manifest.get(MANIFEST_SHA256) != _manifest_digest(manifest):
+        problem = "has no checksum" if MANIFEST_SHA256 not in manifest else "was edited"
+        raise error(
+            f"'{path}' {problem}: its {MANIFEST_SHA256} does not match its content; "
+            "rewrite it with the tool that made it"
+        )
 
 
 def _read_manifest(directory: Path) -> dict:
@@ -166,6 +190,7 @@ def _read_manifest(directory: Path) -> dict:
             f"VectorIndex.load: '{directory}' has format_version "
             f"{manifest.get('format_version')!r}, expected {FORMAT_VERSION}"
         )
+    check_manifest_seal(manifest, directory / MANIFEST, VectorIndexError)
     return manifest
 
 

@@ -14,7 +14,9 @@ change of the dequantized vectors), for near-line re-embedding: a row keeps the 
 of the model that last changed it. Version counts and the dimension live in a small
 metadata database, updated in the same transactions.
 
-One process may write at a time (LMDB's writer lock); any number of processes may read.
+One process writes at a time (LMDB's writer lock; other writers wait); any number of
+processes may read. A writer whose map another writer grew adopts the new size and
+retries its batch; an LMDB failure is one KVStoreError.
 
 Shapes: ids [n] str; vectors [n, D] float; ``get`` -> [n, D] float32.
 
@@ -54,6 +56,7 @@ DTYPES = ("int8", "float32")
 MAX_VERSIONS = 65535
 DEFAULT_MAP_SIZE = 1 << 30  # grows by doubling when full
 DEFAULT_BATCH_SIZE = 10_000
+MAX_RETRIES = 32  # per batch: map growths and adoptions of another writer's resize
 _META_FORMAT = b"format"
 _META_VERSIONS = b"versions"  # json list: version index -> name
 _META_COUNTS = b"version_counts"  # json list: rows per version index
@@ -259,12 +262,7 @@ class KVStore:
             for start in range(0, len(keys), batch_size):
                 batch_keys = keys[start : start + batch_size]
                 batch = vectors[start : start + batch_size]
-                while True:
-                    try:
-                        counts = self._write_transaction(batch_keys, batch, version, tolerance)
-                        break
-                    except lmdb.MapFullError:
-                        self._grow()
+                counts = self._write_with_retries(batch_keys, batch, version, tolerance)
                 written, unchanged, new = (
                     written + counts[0],
                     unchanged + counts[1],
@@ -272,6 +270,26 @@ class KVStore:
                 )
                 bar.update(len(batch_keys))
         return UpdateCounts(written=written, unchanged=unchanged, new=new)
+
+    def _write_with_retries(
+        self, keys: list[bytes], vectors: np.ndarray, version: str, tolerance: float | None
+    ) -> tuple[int, int, int]:
+        """One batch's transaction: a full map is grown, a map grown by another writer
+        (MDB_MAP_RESIZED) adopted, and the batch retried; other LMDB failures, or more than
+        MAX_RETRIES retries, are one KVStoreError."""
+        for _ in range(MAX_RETRIES):
+            try:
+                return self._write_transaction(keys, vectors, version, tolerance)
+            except lmdb.MapFullError:
+                self._grow()
+            except lmdb.MapResizedError:
+                self._env.set_mapsize(0)  # adopt the size another writer grew the map to
+            except lmdb.Error as error:
+                raise KVStoreError(f"KVStore: writing to '{self.path}' failed: {error}") from None
+        raise KVStoreError(
+            f"KVStore: writing to '{self.path}' failed {MAX_RETRIES} times (the map kept "
+            "filling or being resized by another writer)"
+        )
 
     def _write_transaction(
         self, keys: list[bytes], vectors: np.ndarray, version: str, tolerance: float | None

@@ -1,7 +1,7 @@
-"""Locate, build and describe the repository's tfds datasets (data/<name>/<name>.py).
+"""Locate, build and describe the shipped tfds datasets (lf_jax/data/<name>/<name>.py).
 
-Builders live outside the package, under ``data/`` at the repository root
-(``Path(lf_jax.__file__).parents[1]``), and are imported by path. Building is offline:
+Builders ship in the ``lf_jax.data`` package, so an installed wheel builds them as a
+checkout does; each is imported by its file (see import_by_path). Building is offline:
 the generators are synthetic, and the array_record files are what grain reads.
 
 Example:
@@ -22,9 +22,9 @@ from types import SimpleNamespace
 import lf_jax
 from lf_jax.console import get_logger, progress_enabled
 from lf_jax.errors import UserInputError
+from lf_jax.workdir import reject_remote
 
-REPO_ROOT = Path(lf_jax.__file__).resolve().parents[1]
-DATA_ROOT = REPO_ROOT / "data"
+DATA_ROOT = Path(lf_jax.__file__).resolve().parent / "data"
 DEFAULT_DATA_DIR_ENV = "TFDS_DATA_DIR"
 
 
@@ -33,7 +33,7 @@ class DatasetError(UserInputError):
 
 
 def available_datasets() -> list[str]:
-    """Names with a builder file data/<name>/<name>.py in this checkout."""
+    """Names with a builder file lf_jax/data/<name>/<name>.py."""
     if not DATA_ROOT.is_dir():
         return []
     return sorted(p.name for p in DATA_ROOT.iterdir() if (p / f"{p.name}.py").is_file())
@@ -53,12 +53,14 @@ def builder_file(name: str) -> Path:
 
 
 def import_by_path(module_name: str, path: str | Path):
-    """Imports the Python file ``path`` as ``module_name`` once per process (data/ builders
-    and their simulators live outside the package and load each other this way).
+    """Imports the Python file ``path`` as ``module_name`` once per process.
+
+    Builders are imported under a name without dots (``lf_jax_data_feed_logs``): tfds
+    resolves the code path of a builder in a dotted module through importlib_resources,
+    which is not a dependency. Their simulators are ordinary modules of lf_jax.data.
 
     Example:
-        >>> simulator = import_by_path("lf_jax_data_feed_logs_simulator",
-        ...                            Path(__file__).with_name("simulator.py"))
+        >>> module = import_by_path("lf_jax_data_feed_logs", builder_file("feed_logs"))
     """
     module = sys.modules.get(module_name)
     if module is None:
@@ -74,7 +76,8 @@ def import_by_path(module_name: str, path: str | Path):
 
 
 def builder_class(name: str):
-    """Imports data/<name>/<name>.py by path (once per process) and returns its builder class."""
+    """Imports lf_jax/data/<name>/<name>.py by path (once per process, see import_by_path)
+    and returns its builder class."""
     import tensorflow_datasets as tfds
 
     path = builder_file(name)
@@ -99,6 +102,8 @@ def builder_class(name: str):
 def _resolve_data_dir(data_dir) -> Path:
     if data_dir is None:
         data_dir = os.environ.get(DEFAULT_DATA_DIR_ENV, "~/tensorflow_datasets")
+    if isinstance(data_dir, (str, os.PathLike)):
+        reject_remote(data_dir, "data_dir")
     try:
         return Path(os.fspath(data_dir)).expanduser().resolve()
     except TypeError:
@@ -232,3 +237,42 @@ def dataset_metadata(builder) -> dict:
     metadata["name"], metadata["config"] = builder.name, builder.builder_config.name
     metadata["data_dir"] = str(builder.data_dir)
     return metadata
+
+
+def read_records(source, indices) -> list:
+    """``source.__getitems__(indices)`` for a tfds/array_record data source, where a
+    truncated or corrupt shard is one DatasetError naming the shard's file (Riegeli's own
+    error names none).
+
+    Example:
+        >>> read_records(builder.as_data_source("train").data_source, [0, 1, 2])
+    """
+    keys = [int(i) for i in indices]
+    try:
+        return source.__getitems__(keys)
+    except UserInputError:
+        raise
+    except Exception as error:
+        raise DatasetError(
+            f"dataset file '{_failing_file(source, keys)}' cannot be read "
+            f"({type(error).__name__}: {' '.join(str(error).split())[:160]}); it is truncated "
+            "or corrupt: rebuild the dataset (delete its directory under data_dir)"
+        ) from None
+
+
+def _failing_file(source, keys: list[int]) -> str:
+    """The shard holding the first of ``keys`` that cannot be read, found by reading each
+    shard's keys on their own (array_record's ArrayRecordDataSource)."""
+    records = getattr(source, "data_source", source)
+    try:
+        files: dict[int, list[int]] = {}
+        for key in keys:
+            files.setdefault(records._reader_idx_and_position(key)[0], []).append(key)
+        for reader, shard_keys in files.items():
+            try:
+                records.__getitems__(shard_keys)
+            except Exception:
+                return str(records._read_instructions[reader].filename)
+    except AttributeError:  # another kind of source
+        pass
+    return f"one of the shards of {getattr(source, 'split', 'the split')}"

@@ -40,6 +40,7 @@ import numpy as np
 
 from lf_jax.checks import check_int
 from lf_jax.errors import UserInputError
+from lf_jax.input.datasets import read_records
 from lf_jax.input.record_decoding import PAD_ID, RecordBatchDecoder
 
 
@@ -127,7 +128,7 @@ class _ReadBatch:
         self._open()
 
     def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        return self.decoder(self.source.data_source.__getitems__([int(i) for i in indices]))
+        return self.decoder(read_records(self.source.data_source, indices))
 
 
 def _max_lengths(builder, max_lengths: Mapping[str, int] | None) -> dict[str, int]:

@@ -4,14 +4,24 @@ A checkpoint holds: dense params and optimizer state (flattened to "a.b.c" keys)
 embedding table and slot in its logical [vocab_size, dim] form (rows sharded over the
 devices when they divide), the step, and the data-iterator state as JSON. Saves are
 asynchronous; keep-last-n and kill -9 safety come from Orbax (an interrupted save never
-becomes the latest step).
+becomes the latest step). A save that fails in the background (a full disk) is raised as
+one CheckpointError by the next ``raise_save_error`` call (the loop calls it every step).
+
+``restore_newest`` checks the checkpoint's shapes against the config first
+(CheckpointMismatchError naming the first entry that differs), then restores; a step that
+cannot be read is moved aside to ``<checkpoints>.damaged/<step>`` (never deleted), one
+warning names the step and the file, and the next older step is tried. With an explicit
+``step`` it stops with one CheckpointError instead.
 
 Example:
     >>> ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=3)
     >>> ckpt.save(step, state, collection, data_state={"train": it.get_state()})
-    >>> state, data_state = ckpt.restore(ckpt.latest_step(), template_state, collection)
+    >>> state, data_state, step = ckpt.restore_newest(template_state, collection)
 """
 
+import logging
+import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -20,7 +30,71 @@ import orbax.checkpoint as ocp
 
 from lf_jax.console import get_logger
 from lf_jax.embedding.collection import EmbeddingCollection
-from lf_jax.errors import UserInputError
+from lf_jax.errors import LfJaxError, UserInputError
+
+# tensorstore and orbax name the file they failed on as: local file "/x/y" / File /x/y not
+_FILE_IN_ERROR = re.compile(r'(?:local file "|File )(/[^"\s]+)')
+_OCDBT_ENTRY = re.compile(r'Error reading "([^"]+)" in OCDBT database at local file "([^"]+)"')
+
+
+def _damaged_file(error: BaseException | None, step_dir: Path) -> tuple[str, str]:
+    """(where, why) of a failed restore, from its exception chain (Orbax wraps tensorstore's
+    error): the data file it names, else the OCDBT database and the array, else the step
+    directory; why: the innermost error's own words."""
+    texts, seen = [], 0
+    while error is not None and seen < 8:
+        texts.append(" ".join(str(error).split()) or type(error).__name__)
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    text = "\n".join(texts)
+    why = texts[-1].split('": ')[-1] if texts else "unknown error"
+    why = why if len(why) <= 160 else why[:160] + "..."
+    files = [path for path in _FILE_IN_ERROR.findall(text) if not path.endswith("/")]
+    if files:
+        return files[-1], why
+    entry = _OCDBT_ENTRY.search(text)
+    size = re.search(r"not valid for value of size (\d+)", text)
+    if entry and size:  # a truncated data file: the one of that size
+        sized = [
+            p for p in Path(entry[2]).rglob("*") if p.is_file() and p.stat().st_size == int(size[1])
+        ]
+        if len(sized) == 1:
+            return str(sized[0]), why
+    if entry:
+        return f"{entry[2]} (array {entry[1]})", why
+    return str(step_dir), why
+
+
+class CheckpointError(LfJaxError):
+    """A checkpoint that cannot be read, or a save that failed: names the step and file."""
+
+
+class CheckpointMismatchError(UserInputError):
+    """A checkpoint written by another model config: names the first entry that differs."""
+
+
+class _SaveErrors(logging.Filter):
+    """Catches the errors Orbax's background save thread logs (with their tracebacks) on
+    the ``absl`` logger, so that the main thread raises them as one line instead."""
+
+    def __init__(self):
+        super().__init__()
+        self.errors: list[BaseException] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        background = any(
+            text in message
+            for text in ("background save thread", "Checkpointer failed", "Save Finalize thread")
+        )
+        if record.levelno >= logging.ERROR and record.exc_info and background:
+            self.errors.append(record.exc_info[1])
+            return False
+        return True
+
+
+def _one_line(error: BaseException) -> str:  # an exception's message on one line
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def _key_name(entry) -> str:
@@ -61,16 +135,32 @@ def _abstract(tree, shardings=None):
 
 
 class Checkpointer:
-    """Saves and restores train states (see module docstring)."""
+    """Saves and restores train states (see module docstring). ``create=False``: a
+    missing directory is a UserInputError (eval and export never create one)."""
 
-    def __init__(self, directory: str | Path, *, max_to_keep: int = 3, async_save: bool = True):
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        max_to_keep: int = 3,
+        async_save: bool = True,
+        create: bool = True,
+    ):
         self.directory = Path(directory).absolute()
+        if not create and not self.directory.is_dir():
+            raise UserInputError(f"no checkpoint: '{self.directory}' does not exist (train first)")
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise UserInputError(
                 f"checkpoint directory '{self.directory}' cannot be created: {error.strerror}"
             ) from None
+        registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+        for item in ("state", "embedding"):
+            registry.add(item, ocp.args.StandardSave, ocp.StandardCheckpointHandler)
+            registry.add(item, ocp.args.StandardRestore, ocp.StandardCheckpointHandler)
+        registry.add("data", ocp.args.JsonSave, ocp.JsonCheckpointHandler)
+        registry.add("data", ocp.args.JsonRestore, ocp.JsonCheckpointHandler)
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -78,8 +168,12 @@ class Checkpointer:
                 enable_async_checkpointing=async_save,
                 cleanup_tmp_directories=True,
             ),
-            item_names=("state", "embedding", "data"),
+            handler_registry=registry,
         )
+        self._save_errors = _SaveErrors()
+        logging.getLogger("absl").addFilter(self._save_errors)
+        self._pending_step: int | None = None
+        self._reported = False  # a failed save was raised: close() does not raise it again
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -97,6 +191,7 @@ class Checkpointer:
     ) -> bool:
         """Starts an async save of ``state`` at ``step``; returns whether it saves.
         ``collection=None``: a model without tables (no "embedding" item is written)."""
+        self.raise_save_error()
         dense = flatten_to_dict({k: v for k, v in state.items() if k != "embedding"})
         items = {
             "state": ocp.args.StandardSave(dense),
@@ -107,10 +202,139 @@ class Checkpointer:
                 state["embedding"]
             )
             items["embedding"] = ocp.args.StandardSave(flatten_to_dict(logical))
-        saved = self.manager.save(step, force=force, args=ocp.args.Composite(**items))
+        try:
+            saved = self.manager.save(step, force=force, args=ocp.args.Composite(**items))
+        except OSError as error:
+            raise CheckpointError(
+                f"checkpoint step {step} could not be written to '{self.directory}': "
+                f"{error.strerror or error}; the last complete checkpoint is step "
+                f"{self.latest_step()}"
+            ) from None
         if saved:
+            self._pending_step = step
             get_logger().info("checkpoint step %d -> %s", step, self.directory)
         return saved
+
+    def raise_save_error(self) -> None:
+        """Raises CheckpointError if a background save failed since the last call."""
+        if not self._save_errors.errors:
+            return
+        error = self._save_errors.errors[0]
+        self._save_errors.errors.clear()
+        self._reported = True
+        self.manager.reload()
+        raise CheckpointError(
+            f"checkpoint step {self._pending_step} could not be written to "
+            f"'{self.directory}': {_one_line(error)}; the last complete checkpoint is step "
+            f"{self.latest_step()}"
+        )
+
+    def check_matches(self, step: int, template: Mapping, collection) -> None:
+        """Compares the array shapes stored at ``step`` with ``template`` (and ``collection``'s
+        logical tables) before anything is restored; CheckpointMismatchError names the first
+        entry that differs (the config describes another model than the checkpoint)."""
+        saved = self.manager.item_metadata(step)
+        expected = {}  # tables, then params, then slots and optimizer state: clearest first
+        if collection is not None:
+            expected["embedding"] = flatten_to_dict(
+                jax.eval_shape(collection.to_logical, template["embedding"])
+            )
+        expected["state"] = flatten_to_dict({k: v for k, v in template.items() if k != "embedding"})
+        for item, arrays in expected.items():
+            expected[item] = dict(
+                sorted(arrays.items(), key=lambda kv: not kv[0].startswith(("tables.", "params.")))
+            )
+        where = f"checkpoint step {step} in '{self.directory}'"
+        for item, arrays in expected.items():
+            stored = saved[item] if item in saved else None
+            if stored is None:
+                raise CheckpointMismatchError(
+                    f"{where} has no '{item}' item: it was written by another model family"
+                )
+            stored = dict(getattr(stored, "tree", stored))
+            for key, value in arrays.items():
+                if key not in stored:
+                    raise CheckpointMismatchError(
+                        f"{where} lacks '{key}': the config describes a different model"
+                    )
+                if tuple(stored[key].shape) != tuple(value.shape):
+                    raise CheckpointMismatchError(
+                        f"{where} does not match the config: '{key}' has shape "
+                        f"{tuple(stored[key].shape)} in the checkpoint but {tuple(value.shape)} "
+                        "in the config"
+                    )
+            extra = sorted(set(stored) - set(arrays))
+            if extra:
+                raise CheckpointMismatchError(
+                    f"{where} holds '{extra[0]}', which the config's model lacks: the config "
+                    "describes a different model"
+                )
+        has_tables = "embedding" in saved and saved["embedding"] is not None
+        if collection is None and has_tables:
+            raise CheckpointMismatchError(
+                f"{where} holds embedding tables but the config's model has none"
+            )
+
+    def restore_newest(
+        self, template: Mapping, collection, step: int | None = None
+    ) -> tuple[dict, dict, int]:
+        """(state, data_state, step) of the newest readable step (or of ``step``).
+
+        Each candidate is shape-checked (check_matches) then restored. A newest step that
+        cannot be read is moved to ``<checkpoints>.damaged/<step>`` with one warning naming
+        the step and the file, and the next older one is tried; an explicit ``step`` that
+        cannot be read raises CheckpointError naming the file.
+        """
+        steps = sorted(self.all_steps(), reverse=True)
+        if step is not None and step not in steps:
+            raise UserInputError(
+                f"checkpoint step {step} not found in '{self.directory}' (steps: {sorted(steps)})"
+            )
+        damaged: list[str] = []
+        for candidate in [step] if step is not None else steps:
+            try:
+                self.check_matches(candidate, template, collection)
+                state, data_state = self.restore(candidate, template, collection)
+            except LfJaxError:
+                raise
+            except Exception as error:  # any read failure: the step is damaged
+                file, why = _damaged_file(error, self.directory / str(candidate))
+                if step is not None:
+                    raise CheckpointError(
+                        f"checkpoint step {candidate} cannot be read: {file} is damaged "
+                        f"({why}); steps: {sorted(steps)}"
+                    ) from None
+                moved = self._move_aside(candidate)
+                damaged.append(f"{candidate} ({file})")
+                get_logger().warning(
+                    "checkpoint step %d cannot be read: %s is damaged (%s); the step is moved "
+                    "to %s and the next older step is restored",
+                    candidate,
+                    file,
+                    why,
+                    moved,
+                )
+                continue
+            return state, data_state, candidate
+        raise CheckpointError(
+            f"no readable checkpoint in '{self.directory}': damaged step(s) "
+            f"{', '.join(damaged)} were moved to '{self._damaged_dir()}'"
+        )
+
+    def _damaged_dir(self) -> Path:
+        return self.directory.with_name(self.directory.name + ".damaged")
+
+    def _move_aside(self, step: int) -> Path:
+        """Moves step directory ``step`` out of Orbax's sight (process 0; kept, not deleted)."""
+        target = self._damaged_dir() / str(step)
+        suffix = 1
+        while target.exists():
+            target, suffix = self._damaged_dir() / f"{step}.{suffix}", suffix + 1
+        if jax.process_index() == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.directory / str(step), target)
+        self.manager.reload()
+        return target
 
     def restore(
         self, step: int, template: Mapping, collection: EmbeddingCollection | None
@@ -155,5 +379,15 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for the last save; a failure not raised yet is raised as CheckpointError."""
+        try:
+            self.manager.wait_until_finished()
+            self.manager.close()
+        except Exception as error:
+            if not self._reported and not self._save_errors.errors:
+                self._save_errors.errors.append(error)
+        finally:
+            logging.getLogger("absl").removeFilter(self._save_errors)
+        if self._reported:
+            self._save_errors.errors.clear()
+        self.raise_save_error()

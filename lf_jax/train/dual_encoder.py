@@ -28,6 +28,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lf_jax.errors import UserInputError
+from lf_jax.input.datasets import read_records
 from lf_jax.input.text_pipeline import StepSampler
 from lf_jax.losses import l2_normalize, matryoshka_info_nce
 from lf_jax.train.batch import check_micro_batches, place_batch
@@ -37,7 +38,7 @@ from lf_jax.train.step import dense_optimizer, init_train_state
 
 def read_pairs(builder, split: str) -> np.ndarray:
     source = builder.as_data_source(split)
-    rows = source.__getitems__(list(range(len(source))))
+    rows = read_records(source, range(len(source)))
     return np.asarray([(row["member_id"], row["item_id"]) for row in rows], np.int64)
 
 

@@ -23,7 +23,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lf_jax.console import get_logger
 from lf_jax.errors import UserInputError
-from lf_jax.input.datasets import build_dataset, dataset_metadata, open_built_dataset
+from lf_jax.input.datasets import (
+    build_dataset,
+    dataset_metadata,
+    open_built_dataset,
+    read_records,
+)
 from lf_jax.input.text_pipeline import (
     PercentileBuckets,
     as_text,
@@ -46,7 +51,7 @@ TOKENIZER_FILE = "tokenizer.json"
 def read_entities(builder, side: str) -> list[dict]:
     """Every record of split ``members`` / ``items``, ordered by id."""
     source = builder.as_data_source(f"{side}s")
-    rows = source.__getitems__(list(range(len(source))))
+    rows = read_records(source, range(len(source)))
     return sorted(rows, key=lambda row: int(row[f"{side}_id"]))
 
 

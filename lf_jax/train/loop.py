@@ -8,8 +8,12 @@ this loop does the rest:
     step and data-iterator position), so a killed run continues as if never stopped;
   * stops with TrainingDivergedError naming the step and task on a NaN/Inf loss, before
     anything non-finite is saved;
-  * on SIGTERM saves a checkpoint and returns cleanly (with several processes, all of
-    them at the same step, agreed through JAX's preemption service);
+  * on SIGTERM or Ctrl-C saves a checkpoint and returns cleanly (with several processes,
+    all of them at the same step, agreed through JAX's preemption service);
+  * restores the newest readable checkpoint (a damaged one is moved aside with one
+    warning), after checking its shapes against the config; a workdir already at
+    train.steps trains nothing and leaves metrics.json as it was;
+  * raises a failed background save as one CheckpointError at the next step;
   * logs to TensorBoard (``workdir/tensorboard``) and a tqdm bar (off in CI / non-TTY).
 
 Example:
@@ -26,13 +30,13 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 
-from lf_jax.console import get_logger, progress, progress_enabled
+from lf_jax.console import ensure_logging, get_logger, progress, progress_enabled
 from lf_jax.distributed.multihost import is_primary, preemption_notice
 from lf_jax.errors import TrainingDivergedError, UserInputError
 from lf_jax.train.checkpoint import Checkpointer
 from lf_jax.train.families import family_class
 from lf_jax.train.step import make_train_step
-from lf_jax.workdir import ensure_writable_dir
+from lf_jax.workdir import ensure_writable_dir, reject_remote
 
 
 class TrainingTask(Protocol):
@@ -54,11 +58,38 @@ class TrainingTask(Protocol):
 
 
 def prepare_workdir(workdir: str | Path, config=None) -> Path:
-    """Creates ``workdir`` (error naming it when not writable) and writes config.json."""
+    """Creates ``workdir`` (error naming it when not writable); writes ``config`` as
+    config.json when the workdir holds no checkpoint yet. Over checkpoints, config.json is
+    written by ``write_run_config`` only once they are known to match the config."""
     workdir = ensure_writable_dir(workdir, "workdir")
-    if config is not None and jax.process_index() == 0:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
+    if config is not None and latest_checkpoint_step(workdir) is None:
+        write_run_config(workdir, config, None)
     return workdir
+
+
+def latest_checkpoint_step(workdir: str | Path) -> int | None:
+    """The newest step in ``workdir/checkpoints``, or None; creates nothing."""
+    if not (Path(workdir) / "checkpoints").is_dir():
+        return None
+    checkpointer = Checkpointer(Path(workdir) / "checkpoints", create=False)
+    try:
+        return checkpointer.latest_step()
+    finally:
+        checkpointer.close()
+
+
+def write_run_config(workdir: Path, config, step: int | None) -> None:
+    """Writes config.json (process 0). Resuming at ``step`` with a config that differs
+    from the one there keeps the previous file as config.step<step>.json: a config.json
+    describing existing checkpoints is never lost."""
+    if jax.process_index() != 0:
+        return
+    path, text = Path(workdir) / "config.json", config.to_json_best_effort(indent=1)
+    if path.is_file() and step is not None:
+        if path.read_text() == text:
+            return
+        path.replace(path.with_name(f"config.step{step}.json"))
+    path.write_text(text)
 
 
 class _Summaries:
@@ -102,11 +133,14 @@ def run_training(
     train_config,
     workdir: str | Path,
     on_eval: Callable[[int, dict], None] | None = None,
+    on_start: Callable[[int | None], None] | None = None,
 ) -> dict:
-    """Trains ``task`` for ``train_config.steps`` steps; returns the last eval metrics.
+    """Trains ``task`` for ``train_config.steps`` steps; returns the last eval metrics
+    ({} when the workdir is already at train.steps: nothing is trained or written).
 
     ``train_config`` fields: steps, eval_every (0: never evaluate), checkpoint_every,
-    log_every, keep_checkpoints, warm_start.
+    log_every, keep_checkpoints, warm_start. ``on_start(resumed_step or None)`` runs once
+    the checkpoint is restored (shape-checked), before the first step.
     """
     log = get_logger()
     workdir = Path(workdir)
@@ -114,14 +148,21 @@ def run_training(
     state = task.init_state()
     iterator = task.train_iterator()
     start = 0
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        state, data_state = checkpointer.restore(latest, state, task.collection)
+    if checkpointer.latest_step() is not None:
+        try:
+            state, data_state, start = checkpointer.restore_newest(state, task.collection)
+        except BaseException:
+            checkpointer.close()
+            raise
+        if start >= train_config.steps:
+            checkpointer.close()
+            log.warning(_already_done(workdir, start, train_config.steps))
+            return {}
         if "train" in data_state:
             iterator.set_state(data_state["train"])
-        start = latest
-        log.info("resumed from checkpoint step %d in %s", latest, checkpointer.directory)
+        log.info("resumed from checkpoint step %d in %s", start, checkpointer.directory)
     elif train_config.get("warm_start"):
+        reject_remote(train_config.warm_start, "train.warm_start")
         source = Checkpointer(Path(train_config.warm_start) / "checkpoints")
         if source.latest_step() is None:
             raise UserInputError(
@@ -136,6 +177,8 @@ def run_training(
             source.directory,
             source.latest_step(),
         )
+    if on_start is not None:
+        on_start(start or None)
     if getattr(task, "grad_cache", False):  # contrastive: every example a negative of all others
         from lf_jax.train.grad_cache import make_grad_cache_step
 
@@ -157,7 +200,7 @@ def run_training(
         checkpointer.save(step, state, task.collection, {"train": iterator.get_state()})
 
     try:
-        # SIGTERM: every process saves the same step (multihost.preemption_notice) and returns
+        # SIGTERM / Ctrl-C: every process saves the same step (multihost.preemption_notice)
         with (
             preemption_notice() as preempted,
             progress(
@@ -174,6 +217,7 @@ def run_training(
                 loss = float(step_metrics["loss"])
                 aux = np.asarray(jax.device_get(step_metrics["aux"]))
                 _check_finite(step, loss, aux, task.aux_names)
+                checkpointer.raise_save_error()  # a failed background save stops here
                 bar.update(1)
                 if step % train_config.log_every == 0 or step == train_config.steps:
                     elapsed = time.perf_counter() - tic
@@ -218,7 +262,11 @@ def run_training(
                 if preempted(step):
                     if step % train_config.checkpoint_every:
                         save(step)
-                    log.warning("SIGTERM: saved checkpoint at step %d, exiting cleanly", step)
+                    log.warning(
+                        "stop signal (SIGTERM or Ctrl-C): saved checkpoint at step %d, "
+                        "exiting cleanly",
+                        step,
+                    )
                     break
     finally:
         # waits for any async save: a crash or NaN stop never leaves a half-written latest step
@@ -237,25 +285,51 @@ def build_task(config, workdir: str | Path) -> TrainingTask:
     return task_class(config, make_mesh(dict(config.mesh)), workdir)
 
 
+def _already_done(workdir: Path, step: int, steps: int) -> str:
+    return (
+        f"workdir '{workdir}' is already at step {step} (train.steps={steps}): nothing to "
+        "train, metrics.json is unchanged; raise --config.train.steps to train on"
+    )
+
+
 def train_and_evaluate(config, workdir: str | Path) -> dict:
     """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints); returns the
-    final eval metrics, also written to ``workdir/metrics.json``."""
+    final eval metrics, also written to ``workdir/metrics.json`` once the run reaches
+    train.steps (a run stopped by SIGTERM or Ctrl-C leaves it as it was). A workdir already at
+    train.steps returns its metrics.json as it is, without building anything."""
+    from lf_jax.config_checks import check_config
+
+    ensure_logging()
+    check_config(config, jax.device_count())
     workdir = prepare_workdir(workdir, config)
+    latest = latest_checkpoint_step(workdir)
+    if latest is not None and latest >= config.train.steps:
+        get_logger().warning(_already_done(workdir, latest, config.train.steps))
+        path = workdir / "metrics.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
     task = build_task(config, workdir)
-    metrics = run_training(task, config.train, workdir)
-    if jax.process_index() == 0:
+    metrics = run_training(
+        task, config.train, workdir, on_start=lambda step: write_run_config(workdir, config, step)
+    )
+    finished = (workdir / "checkpoints" / str(config.train.steps)).is_dir()
+    if jax.process_index() == 0 and finished:  # a run stopped by a signal keeps the old file
         (workdir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
     return metrics
 
 
-def evaluate_checkpoint(config, workdir: str | Path, step: int | None = None) -> dict:
-    """Restores ``step`` (default: latest) from ``workdir/checkpoints`` and evaluates it."""
+def evaluate_checkpoint(config, workdir: str | Path, step: int | None = None) -> tuple[int, dict]:
+    """Restores ``step`` (default: latest) from ``workdir/checkpoints`` and evaluates it;
+    returns (the step evaluated, metrics)."""
+    reject_remote(workdir, "workdir")
     workdir = Path(workdir)
-    checkpointer = Checkpointer(workdir / "checkpoints")
-    step = checkpointer.latest_step() if step is None else step
-    if step is None:
-        raise UserInputError(f"no checkpoint in '{checkpointer.directory}': train first")
+    if latest_checkpoint_step(workdir) is None:
+        raise UserInputError(
+            f"no checkpoint in '{(workdir / 'checkpoints').absolute()}': train first"
+        )
     task = build_task(config, workdir)
-    state, _ = checkpointer.restore(step, task.init_state(), task.collection)
-    checkpointer.close()
-    return task.evaluate(state)
+    checkpointer = Checkpointer(workdir / "checkpoints", create=False)
+    try:
+        state, _, restored = checkpointer.restore_newest(task.init_state(), task.collection, step)
+    finally:
+        checkpointer.close()
+    return restored, task.evaluate(state)

@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lf_jax.console import get_logger
 from lf_jax.errors import UserInputError
-from lf_jax.input.datasets import build_dataset, dataset_metadata
+from lf_jax.input.datasets import build_dataset, dataset_metadata, read_records
 from lf_jax.input.text_pipeline import StepSampler, as_text, task_mixture_indices
 from lf_jax.losses import scaled_cosine_bce
 from lf_jax.models.bert import BertConfig, BertEncoder, load_sentence_encoder
@@ -127,7 +127,7 @@ class PostEncoderTask:
 
     def _load_pairs(self) -> None:
         source = self.builder.as_data_source("train")
-        rows = source.__getitems__(list(range(len(source))))
+        rows = read_records(source, range(len(source)))
         self.train = {}
         for task in self.tasks:
             mine = [row for row in rows if as_text(row["task"]) == task]
@@ -144,7 +144,7 @@ class PostEncoderTask:
             }
         source = self.builder.as_data_source("test")
         self.test_rows = sorted(
-            source.__getitems__(list(range(len(source)))),
+            read_records(source, range(len(source))),
             key=lambda row: (as_text(row["task"]), as_text(row["text"])),
         )
         self.eval_tasks = tuple(dict.fromkeys(as_text(row["task"]) for row in self.test_rows))

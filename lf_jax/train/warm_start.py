@@ -20,10 +20,12 @@ from pathlib import Path
 
 from lf_jax.embedding.spec import FeatureSpec, TableSpec
 from lf_jax.errors import UserInputError
+from lf_jax.workdir import reject_remote
 
 
 def snapshot_table_rows(warm_start: str | Path) -> dict[str, int]:
     """{table: vocab_size} of the run in ``warm_start`` (from its config.json)."""
+    reject_remote(warm_start, "train.warm_start")
     path = Path(warm_start) / "config.json"
     if not path.is_file():
         raise UserInputError(

@@ -1,25 +1,12 @@
 """The feed-log simulator: determinism, shapes, and the biases it is meant to carry."""
 
 import dataclasses
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from lf_jax import feed_world
-
-SIM_PATH = Path(__file__).resolve().parents[2] / "data" / "feed_logs" / "simulator.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("feed_logs_simulator_under_test", SIM_PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-sim = _load()
+from lf_jax.data.feed_logs import simulator as sim
 
 
 def _concat(chunks):

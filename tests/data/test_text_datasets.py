@@ -1,31 +1,12 @@
 """post_texts and member_items: deterministic, structured, held-out, tied to feed_logs ids."""
 
-import importlib.util
-import os
-import sys
-
 import numpy as np
 import pytest
 
 from lf_jax import feed_world
+from lf_jax.data.member_items import simulator as member_items
+from lf_jax.data.post_texts import simulator as texts
 from lf_jax.input import build_dataset
-
-DATA = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "data"
-)
-
-
-def _load(name, path):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(DATA, path))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-texts = _load("lf_jax_data_post_texts_simulator", "post_texts/simulator.py")
-member_items = _load("lf_jax_data_member_items_simulator", "member_items/simulator.py")
 
 
 def test_post_texts_deterministic_and_topical():

@@ -261,7 +261,11 @@ def test_sigterm_to_the_launcher_saves_on_every_process_and_exits_0(
     assert launcher.returncode == 0, out[-3000:]
     assert "[launch] process 0: exit 0" in out and "[launch] process 1: exit 0" in out
     saved = {
-        p: [line for line in lines if line.startswith(f"[p{p}]") and "SIGTERM: saved" in line]
+        p: [
+            line
+            for line in lines
+            if line.startswith(f"[p{p}]") and "saved checkpoint at step" in line
+        ]
         for p in (0, 1)
     }
     assert saved[0] and saved[1], out[-3000:]

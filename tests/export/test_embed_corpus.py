@@ -7,13 +7,12 @@ import pytest
 from lf_jax.cli import main
 from lf_jax.export.embed_corpus import (
     ExportError,
-    check_checkpoint_matches,
     export_corpus,
     find_checkpoint,
     load_export,
     open_source,
 )
-from lf_jax.train.checkpoint import Checkpointer
+from lf_jax.train.checkpoint import Checkpointer, CheckpointMismatchError
 from lf_jax.train.step import dense_optimizer
 
 STEP = 7
@@ -186,9 +185,9 @@ def test_missing_and_mismatched_checkpoints(ranker_run, tmp_path):
     checkpointer = Checkpointer(ranker_run["workdir"] / "checkpoints")
     try:
         with pytest.raises(
-            ExportError, match=r"'step' has shape \(\) in the checkpoint but \(2,\)"
+            CheckpointMismatchError, match=r"'step' has shape \(\) in the checkpoint but \(2,\)"
         ):
-            check_checkpoint_matches(checkpointer, STEP, template, source.collection)
+            checkpointer.check_matches(STEP, template, source.collection)
     finally:
         checkpointer.close()
 

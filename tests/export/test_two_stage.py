@@ -137,7 +137,7 @@ def test_bad_requests_are_one_clear_error(service, call, message):
 
 
 def test_serving_and_export_import_nothing_from_data(repo_root):
-    """The installed package serves on its own: no module from data/ gets imported."""
+    """The installed package serves on its own: no module from lf_jax/data/ gets imported."""
     import subprocess
     import sys
 
@@ -145,7 +145,7 @@ def test_serving_and_export_import_nothing_from_data(repo_root):
         "import sys\n"
         "import lf_jax.export.corpus_sources, lf_jax.export.two_stage as serving\n"
         "serving.FeedWorldFeatures('tiny')\n"
-        f"data = {repo_root + '/data/'!r}\n"
+        f"data = {repo_root + '/lf_jax/data/'!r}\n"
         "print([n for n, m in list(sys.modules.items())"
         " if str(getattr(m, '__file__', '') or '').startswith(data)])\n"
     )

@@ -191,7 +191,7 @@ def test_sigterm_saves_and_exits_cleanly(repo_root, tiny_data_dir, tmp_path):
     process.send_signal(signal.SIGTERM)
     out, _ = process.communicate(timeout=240)
     assert process.returncode == 0, out[-3000:]
-    assert "SIGTERM: saved checkpoint at step" in out
+    assert "stop signal (SIGTERM or Ctrl-C): saved checkpoint at step" in out
     steps = Checkpointer(workdir / "checkpoints").all_steps()
     assert len(steps) == 1 and 3 <= steps[0] < 100000
     history = [json.loads(line) for line in open(workdir / "history.jsonl")]

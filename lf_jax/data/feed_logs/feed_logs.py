@@ -28,18 +28,13 @@ Example (lf_jax.input.datasets does this for you):
 """
 
 import dataclasses
-import os
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from lf_jax import feed_world
-from lf_jax.input.datasets import import_by_path
+from lf_jax.data.feed_logs import simulator
 
-simulator = import_by_path(
-    "lf_jax_data_feed_logs_simulator",
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "simulator.py"),
-)
 _NAME = "feed_logs"
 # This file may be executed more than once in a process (imported by path under two module
 # names, re-run in a notebook): tfds registers builder classes by name and raises on the

@@ -18,17 +18,12 @@ Example:
 """
 
 import dataclasses
-import os
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from lf_jax.input.datasets import import_by_path
+from lf_jax.data.member_items import simulator
 
-simulator = import_by_path(
-    "lf_jax_data_member_items_simulator",
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "simulator.py"),
-)
 _NAME = "member_items"
 _REGISTERED = _NAME in tfds.core.registered.list_imported_builders()
 

@@ -17,17 +17,12 @@ Example (lf_jax.input.build_dataset does this for you):
 """
 
 import dataclasses
-import os
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from lf_jax.input.datasets import import_by_path
+from lf_jax.data.post_texts import simulator
 
-simulator = import_by_path(
-    "lf_jax_data_post_texts_simulator",
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "simulator.py"),
-)
 _NAME = "post_texts"
 _REGISTERED = _NAME in tfds.core.registered.list_imported_builders()
 

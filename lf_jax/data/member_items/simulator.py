@@ -21,21 +21,15 @@ Example:
 """
 
 import dataclasses
-import os
 
 import numpy as np
 
 from lf_jax import feed_world
-from lf_jax.input.datasets import import_by_path
+from lf_jax.data.post_texts import simulator as texts
 
 SPLITS = ("train", "test", "members", "items")
 MEMBER_NUMERIC = ("followers", "activity", "account_age_days")
 ITEM_NUMERIC = ("author_followers", "prior_likes", "age_hours", "is_reshare")
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-texts = import_by_path(
-    "lf_jax_data_post_texts_simulator", os.path.join(_HERE, "../post_texts/simulator.py")
-)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

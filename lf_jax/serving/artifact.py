@@ -1,0 +1,216 @@
+"""Serving artifacts on disk: one self-contained directory per model, and its loader.
+
+    <model>/manifest.json         format, model, version, jax version, table dtype, tasks,
+                                  input and output signatures, buckets, feature layout,
+                                  every file's bytes and sha256, total bytes, source
+    <model>/weights.npz           the exported functions' weights (params leaves, tables)
+    <model>/functions/*.jax       jax.export serializations (StableHLO), one per bucket
+    <model>/ids/<entity>/         string id -> row maps (embedding/ids.py minimal perfect hash)
+    <model>/keys/<entity>.npy     row -> string id, where outputs name rows (retrieved items)
+
+``write_artifact`` writes such a directory; ``ServedModel.load`` checks every checksum,
+puts the weights on one device, deserializes every bucket's function and compiles it
+(``warm_up``), so that no request compiles: a request of Q queries and K candidates runs
+the smallest bucket that holds it, padded. Nothing here imports the training code.
+
+Example:
+    >>> model = ServedModel.load("runs/demo/serving/versions/v0001/ranker")
+    >>> fn, (q, k) = model.bucket(1, 500)          # the (1, 512) function
+    >>> probs_qkt = fn(model.weights, member_qw, post_qkw, member_rows_q, post_rows_qk)
+"""
+
+import datetime
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from lf_jax.embedding.ids import IdMap
+from lf_jax.errors import UserInputError
+
+FORMAT = "lf_jax.ServingArtifact"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class ArtifactError(UserInputError):
+    """A missing, incomplete or corrupt serving artifact, or a request beyond its buckets."""
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _flatten(weights: dict, prefix: str = "") -> dict[str, np.ndarray]:
+    out = {}
+    for key, value in weights.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "/"))
+        elif isinstance(value, (list, tuple)):
+            out.update({f"{name}/{i:05d}": np.asarray(v) for i, v in enumerate(value)})
+        else:
+            out[name] = np.asarray(value)
+    return out
+
+
+def _unflatten(flat: dict[str, np.ndarray], lists: tuple[str, ...]) -> dict:
+    out: dict = {}
+    for name in sorted(flat):
+        parts = name.split("/")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = flat[name]
+    for key in lists:  # {"00000": a, ...} -> [a, ...]
+        out[key] = [out[key][i] for i in sorted(out[key])] if key in out else []
+    return out
+
+
+def write_artifact(
+    directory: Path,
+    *,
+    manifest: dict,
+    weights: dict,
+    functions: dict[str, bytes],
+    id_maps: dict[str, IdMap],
+    keys: dict[str, np.ndarray] | None = None,
+) -> dict:
+    """Writes one model's directory (new or empty); returns the manifest it wrote.
+
+    functions: {bucket name "q<Q>_k<K>": serialized export}; weights: a dict whose
+    "params" entry is a list of arrays (flattened with "/" in weights.npz)."""
+    directory.mkdir(parents=True, exist_ok=False)
+    flat: dict = _flatten(weights)
+    np.savez(directory / "weights.npz", **flat)
+    (directory / "functions").mkdir()
+    for name, blob in functions.items():
+        (directory / "functions" / f"{name}.jax").write_bytes(blob)
+    for entity, id_map in id_maps.items():
+        id_map.save(directory / "ids" / entity)
+    if keys:
+        (directory / "keys").mkdir()
+        for entity, values in keys.items():
+            np.save(directory / "keys" / f"{entity}.npy", np.asarray(values, dtype=str))
+    files = {
+        str(path.relative_to(directory)): {"bytes": path.stat().st_size, "sha256": sha256(path)}
+        for path in sorted(directory.rglob("*"))
+        if path.is_file()
+    }
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        **manifest,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "jax_version": jax.__version__,
+        "files": files,
+        "bytes": sum(f["bytes"] for f in files.values()),
+    }
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def read_manifest(directory: str | os.PathLike) -> dict:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"serving artifact '{directory}' has no {MANIFEST}")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(
+            f"'{path}' has format {manifest.get('format')!r} version "
+            f"{manifest.get('format_version')!r}, expected {FORMAT!r} {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+class ServedModel:
+    """One loaded artifact on one device: weights, compiled bucket functions, id maps."""
+
+    def __init__(self, directory: Path, manifest: dict, weights, functions, id_maps, keys, device):
+        self.directory, self.manifest, self.device = directory, manifest, device
+        self.weights, self.functions = weights, functions
+        self.id_maps, self.keys = id_maps, keys
+        self.buckets = sorted(functions)  # (Q, K)
+        self.compiles = 0
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, device=None, *, verify: bool = True):
+        """Loads, checksums and compiles every bucket (see the module docstring)."""
+        directory = Path(directory)
+        manifest = read_manifest(directory)
+        for name, entry in manifest["files"].items():
+            path = directory / name
+            if not path.is_file() or path.stat().st_size != entry["bytes"]:
+                raise ArtifactError(
+                    f"serving artifact '{directory}': {name} is missing or "
+                    f"not {entry['bytes']} bytes"
+                )
+            if verify and sha256(path) != entry["sha256"]:
+                raise ArtifactError(
+                    f"serving artifact '{directory}': {name} does not match its sha256 in "
+                    f"{MANIFEST} (corrupt or changed after export)"
+                )
+        device = device or jax.local_devices(backend="cpu")[0]
+        with np.load(directory / "weights.npz") as npz:
+            flat = {name: npz[name] for name in npz.files}
+        weights = jax.device_put(_unflatten(flat, ("params",)), device)
+        functions = {}
+        for entry in manifest["functions"].values():
+            blob = (directory / entry["file"]).read_bytes()
+            exported = jax.export.deserialize(bytearray(blob))
+            functions[(entry["queries"], entry["candidates"])] = jax.jit(exported.call)
+        id_maps = {
+            entity: IdMap.load(directory / "ids" / entity) for entity in manifest.get("id_maps", [])
+        }
+        keys = {
+            entity: np.load(directory / "keys" / f"{entity}.npy")
+            for entity in manifest.get("keys", [])
+        }
+        return cls(directory, manifest, weights, functions, id_maps, keys, device)
+
+    def bucket(self, queries: int, candidates: int):
+        """(function, (Q, K)) of the smallest bucket holding ``queries`` x ``candidates``."""
+        fits = [b for b in self.buckets if b[0] >= queries and b[1] >= candidates]
+        if not fits:
+            largest = max(self.buckets)
+            raise ArtifactError(
+                f"{queries} queries x {candidates} candidates exceed the largest bucket of "
+                f"{self.manifest['model']} ({largest[0]} x {largest[1]})"
+            )
+        shape = min(fits, key=lambda b: (b[0] * b[1], b))
+        return self.functions[shape], shape
+
+    def zeros(self, queries: int, candidates: int) -> list[np.ndarray]:
+        """Zero inputs of the manifest's input signature for a Q x K bucket."""
+        sizes = {"Q": queries, "K": candidates}
+        return [
+            np.zeros([sizes.get(d, d) for d in entry["shape"]], entry["dtype"])
+            for entry in self.manifest["inputs"]
+        ]
+
+    def warm_up(self) -> float:
+        """Compiles every bucket (one call on zeros); returns the seconds it took."""
+        start = time.perf_counter()
+        for shape, fn in self.functions.items():
+            # numpy inputs, as requests pass them (a committed array is another cache key)
+            jax.block_until_ready(fn(self.weights, *self.zeros(*shape)))
+        self.compiles = self.cache_size()
+        return time.perf_counter() - start
+
+    def cache_size(self) -> int:
+        """Compiled executables across the buckets (stays constant once warm)."""
+        return sum(fn._cache_size() for fn in self.functions.values())
+
+    def rows(self, entity: str, ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(rows [n] int32, known [n] bool) of string ids in the ``entity`` id map."""
+        id_map = self.id_maps[entity]
+        rows = id_map.lookup(np.asarray(ids, dtype=str)) if ids else np.zeros(0, np.int32)
+        return rows, rows < id_map.num_keys
