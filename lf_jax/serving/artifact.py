@@ -20,7 +20,6 @@ Example:
 """
 
 import datetime
-import hashlib
 import json
 import os
 import time
@@ -31,6 +30,7 @@ import numpy as np
 
 from lf_jax.embedding.ids import IdMap
 from lf_jax.errors import UserInputError
+from lf_jax.export.index_files import file_sha256
 
 FORMAT = "lf_jax.ServingArtifact"
 FORMAT_VERSION = 1
@@ -39,14 +39,6 @@ MANIFEST = "manifest.json"
 
 class ArtifactError(UserInputError):
     """A missing, incomplete or corrupt serving artifact, or a request beyond its buckets."""
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _flatten(weights: dict, prefix: str = "") -> dict[str, np.ndarray]:
@@ -101,7 +93,10 @@ def write_artifact(
         for entity, values in keys.items():
             np.save(directory / "keys" / f"{entity}.npy", np.asarray(values, dtype=str))
     files = {
-        str(path.relative_to(directory)): {"bytes": path.stat().st_size, "sha256": sha256(path)}
+        str(path.relative_to(directory)): {
+            "bytes": path.stat().st_size,
+            "sha256": file_sha256(path),
+        }
         for path in sorted(directory.rglob("*"))
         if path.is_file()
     }
@@ -153,7 +148,7 @@ class ServedModel:
                     f"serving artifact '{directory}': {name} is missing or "
                     f"not {entry['bytes']} bytes"
                 )
-            if verify and sha256(path) != entry["sha256"]:
+            if verify and file_sha256(path) != entry["sha256"]:
                 raise ArtifactError(
                     f"serving artifact '{directory}': {name} does not match its sha256 in "
                     f"{MANIFEST} (corrupt or changed after export)"
