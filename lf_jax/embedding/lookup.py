@@ -247,43 +247,37 @@ def group_update(
             )
             replicas = ()
         grad_ned = jnp.take(grad_ncd, route.out_col_e, axis=1) * coef_ne[..., None]
-        stored_rd = stored_1rd[0]
-        if group.num_slots == 1 and not replicas:  # all rows and entries here: no exchange
+        stored_rd, slots_r = stored_1rd[0], {k: v[0] for k, v in slots.items()}
+        local = group.num_slots == 1 and not replicas  # all rows and entries here
+        if local:  # no exchange, so the unique rows need no owner order
             fill = group.rows  # padding entries (slot -1); the key of a row is its index
             keys_m = jnp.where(slot_ne >= 0, local_ne, fill).reshape(-1)
             unique_u, inverse_m = unique_with_inverse(keys_m, fill, ordered=False)
-            grad_ud = jax.ops.segment_sum(
-                grad_ned.reshape(-1, group.dim), inverse_m, num_segments=keys_m.size
+        else:
+            requests = Requests.build(
+                slot_ne.reshape(-1), local_ne.reshape(-1), group.num_slots, group.rows
             )
+            unique_u, inverse_m = requests.unique_u, requests.inverse_m
+        grad_ud = jax.ops.segment_sum(
+            grad_ned.reshape(-1, group.dim), inverse_m, num_segments=unique_u.shape[0]
+        )
+        if local:
             table_rd, slots_r = apply_rows(
-                stored_rd,
-                {k: v[0] for k, v in slots.items()},
-                unique_u,
+                stored_rd, slots_r, unique_u, grad_ud, group.optimizer, step
+            )
+        else:
+            table_rd, slots_r = push_gradients(
+                requests,
                 grad_ud,
+                stored_rd,
+                slots_r,
                 group.optimizer,
                 step,
+                group.axes,
+                replicas,
+                route.capacity(slot_ne.size),
+                all_axes,
             )
-            return table_rd[None], {k: v[None] for k, v in slots_r.items()}
-        requests = Requests.build(
-            slot_ne.reshape(-1), local_ne.reshape(-1), group.num_slots, group.rows
-        )
-        grad_ud = jax.ops.segment_sum(
-            grad_ned.reshape(-1, group.dim),
-            requests.inverse_m,
-            num_segments=requests.unique_u.shape[0],
-        )
-        table_rd, slots_r = push_gradients(
-            requests,
-            grad_ud,
-            stored_rd,
-            {k: v[0] for k, v in slots.items()},
-            group.optimizer,
-            step,
-            group.axes,
-            replicas,
-            route.capacity(slot_ne.size),
-            all_axes,
-        )
         return table_rd[None], {k: v[None] for k, v in slots_r.items()}
 
     table_spec = group.partition_spec(None, None)
