@@ -162,21 +162,28 @@ def _reason(error: BaseException, path: Path) -> str:
     return f"{type(error).__name__}: {message}" + (f" (line {lines[-1]})" if lines else "")
 
 
-def load_workdir_config(workdir: str | Path) -> ml_collections.ConfigDict:
+def load_workdir_config(
+    workdir: str | Path,
+    field: str = "--workdir",
+    hint: str = "pass --config, or the workdir of a training run",
+) -> ml_collections.ConfigDict:
     """The locked config a training run wrote to ``workdir/config.json`` (tuples come back
-    as lists); ConfigError naming the file when it is missing or not a JSON object."""
+    as lists); ConfigError naming ``field``, its value and the file when the file is missing
+    or not a JSON object.
+
+    Example: ``load_workdir_config("runs/demo").train.steps``.
+    """
     path = Path(workdir) / "config.json"
     if not path.is_file():
-        raise ConfigError(
-            f"no --config given and '{path}' does not exist: pass --config or the workdir "
-            "of a training run"
-        )
+        raise ConfigError(f"{field}='{workdir}' has no config.json ('{path}'): {hint}")
     try:
         values = json.loads(path.read_text())
     except json.JSONDecodeError as error:
-        raise ConfigError(f"'{path}' is not valid JSON: {error}") from None
+        raise ConfigError(f"{field}='{workdir}': '{path}' is not valid JSON: {error}") from None
     if not isinstance(values, dict):
-        raise ConfigError(f"'{path}' holds {type(values).__name__}, not a config object")
+        raise ConfigError(
+            f"{field}='{workdir}': '{path}' holds {type(values).__name__}, not a config object"
+        )
     config = ml_collections.ConfigDict(values)
     config.lock()
     return config

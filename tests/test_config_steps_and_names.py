@@ -52,7 +52,7 @@ def test_workdir_config_round_trips(tmp_path):
     loaded = load_workdir_config(tmp_path)
     assert loaded.train.steps == 800 and list(loaded.model.mlp_dims) == [256, 128]
     assert apply_overrides(loaded, {"train.steps": "8"}).train.log_every == 1
-    with pytest.raises(ConfigError, match=r"no --config given and '.*missing/config.json'"):
+    with pytest.raises(ConfigError, match=r"--workdir='.*missing' has no config.json"):
         load_workdir_config(tmp_path / "missing")
     (tmp_path / "config.json").write_text("[1]")
     with pytest.raises(ConfigError, match="not a config object"):

@@ -14,10 +14,10 @@ Example:
 """
 
 import dataclasses
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from lf_jax.configuration import load_workdir_config
 from lf_jax.embedding.spec import FeatureSpec, TableSpec
 from lf_jax.errors import UserInputError
 from lf_jax.workdir import reject_remote
@@ -26,16 +26,13 @@ from lf_jax.workdir import reject_remote
 def snapshot_table_rows(warm_start: str | Path) -> dict[str, int]:
     """{table: vocab_size} of the run in ``warm_start`` (from its config.json)."""
     reject_remote(warm_start, "train.warm_start")
-    path = Path(warm_start) / "config.json"
-    if not path.is_file():
-        raise UserInputError(
-            f"train.warm_start='{warm_start}' has no config.json: "
-            "is it the workdir of a finished run?"
-        )
+    config = load_workdir_config(
+        warm_start, "train.warm_start", "is it the workdir of a finished run?"
+    )
     try:
-        tables = json.loads(path.read_text())["embedding"]["tables"]
+        tables = config.embedding.tables
         return {name: int(spec["vocab_size"]) for name, spec in tables.items()}
-    except (KeyError, TypeError, ValueError) as error:
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
         raise UserInputError(
             f"train.warm_start='{warm_start}': config.json has no readable "
             f"embedding.tables ({error})"
