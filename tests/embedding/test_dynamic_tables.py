@@ -16,6 +16,7 @@ from lf_jax.embedding.collection import EmbeddingCollection
 from lf_jax.embedding.dynamic.keys import split_keys
 from lf_jax.embedding.dynamic.policy import DynamicPolicy
 from lf_jax.embedding.dynamic.tables import DynamicTables, initial_rows
+from lf_jax.embedding.exchange import capacity_for
 from lf_jax.embedding.sparse_optim import adam, rowwise_adagrad
 from lf_jax.embedding.spec import FeatureSpec, TableSpec
 from lf_jax.testing.dynamic_reference import DynamicReference
@@ -126,3 +127,35 @@ def test_stream_equals_reference(policy_name, mesh_name):
         assert counters["not_admitted"] > 0
     if policy_name in ("none", "ttl"):
         assert counters["refused"] > 0
+
+
+def test_keys_all_on_one_owner_equal_reference():
+    """Skew: every key belongs to shard 0, so devices overflow the expected per-owner
+    buffer and the step takes the [S, M] branch; the result is the same algorithm."""
+    spec, coll, dyn = make("admit2_lru", "8")
+    ref = DynamicReference(spec, FEATURES, SHARDS, reference_rows(spec))
+    candidates = (k * 0x9E3779B97F4A7C15 % 2**64 for k in range(10_000))
+    owned = [k for k in candidates if ref.owner(k) == 0][:40]
+    state, step_fn = dyn.init(jax.random.key(0)), train_step(dyn)
+    rng = np.random.default_rng(2)
+    for t in range(1, 4):
+        raw = {
+            "p": [[int(k) for k in rng.choice(owned, 3)] for _ in range(BATCH)],
+            "q": [[int(k) for k in rng.choice(owned, 2)] for _ in range(BATCH)],
+        }
+        per_device = [
+            len({k for f in ("p", "q") for bag in raw[f][d * 2 : d * 2 + 2] for k in bag})
+            for d in range(SHARDS)
+        ]
+        assert max(per_device) > capacity_for(BATCH // SHARDS * 5, 1 / SHARDS, 10)
+        grads = {n: rng.standard_normal((BATCH, DIM)).astype(np.float32) for n in ("p", "q")}
+        state, acts = step_fn(state, dyn.shard_batch(dyn.preprocess(raw)), grads)
+        want = ref.step(raw, grads, t)
+        np.testing.assert_allclose(acts["p"], want["p"], rtol=1e-5, atol=1e-6)
+        snap = dyn.snapshot(state)["post"]
+        assert snap["keys"].tolist() == ref.alive_keys(t)
+        want_rows = np.array([ref.rows[k] for k in ref.alive_keys(t)]).reshape(-1, DIM)
+        np.testing.assert_allclose(snap["rows"], want_rows, rtol=1e-5, atol=1e-6)
+    counters = dyn.counters(state)["post"]
+    assert {k: counters[k] for k in ref.counts} == ref.counts
+    assert counters["evictions"] > 0 and counters["occupancy_max"] == 1.0

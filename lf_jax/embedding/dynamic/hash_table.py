@@ -135,8 +135,20 @@ def resolve_shard(state: dict, hi_n, lo_n, valid_n, step, policy: DynamicPolicy)
         estimate_n = jnp.min(sketch[rows[:, None], idx_dn], axis=0)
         admitted_n = miss_n & (estimate_n >= policy.admit_after)
 
-    def insert_round(_, carry):
-        pending_n, slot_n, off_n, key_hi, key_lo, last_c, freq_c, alive_c, taken_c, evicted = carry
+    def insert_round(carry):
+        (
+            rounds,
+            pending_n,
+            slot_n,
+            off_n,
+            key_hi,
+            key_lo,
+            last_c,
+            freq_c,
+            alive_c,
+            taken_c,
+            evicted,
+        ) = carry
         alive_np, taken_np = alive_c[pos_np], taken_c[pos_np]
         free_np = ~alive_np & ~taken_np
         has_room_n = jnp.any(free_np, axis=1)
@@ -157,6 +169,7 @@ def resolve_shard(state: dict, hi_n, lo_n, valid_n, step, policy: DynamicPolicy)
         evicted = evicted + jnp.sum(win_n & alive_c[safe_n], dtype=jnp.int32)
         put_n = jnp.where(win_n, cand_n, capacity)
         return (
+            rounds + 1,
             pending_n & ~win_n,
             jnp.where(win_n, cand_n, slot_n),
             jnp.where(win_n, choice_n, off_n),
@@ -170,6 +183,7 @@ def resolve_shard(state: dict, hi_n, lo_n, valid_n, step, policy: DynamicPolicy)
         )
 
     carry = (
+        jnp.int32(0),
         admitted_n,
         jnp.full((n,), -1, jnp.int32),
         jnp.zeros((n,), jnp.int32),
@@ -181,8 +195,9 @@ def resolve_shard(state: dict, hi_n, lo_n, valid_n, step, policy: DynamicPolicy)
         jnp.zeros((capacity,), bool),
         jnp.int32(0),
     )
-    pending_n, slot_n, off_n, key_hi, key_lo, last_c, freq_c, _, _, evicted = jax.lax.fori_loop(
-        0, probes, insert_round, carry
+    # rounds end early once no key is pending (a step of hits runs none)
+    _, pending_n, slot_n, off_n, key_hi, key_lo, last_c, freq_c, _, _, evicted = jax.lax.while_loop(
+        lambda c: (c[0] < probes) & jnp.any(c[1]), insert_round, carry
     )
     new_n = slot_n >= 0
     probe_n = jnp.where(found_n, found_off_n, jnp.where(new_n, off_n, 0))

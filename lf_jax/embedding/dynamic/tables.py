@@ -7,8 +7,12 @@ one shard's hash table (lf_jax.embedding.dynamic.hash_table) next to its rows. A
 ``resolve``, inside one shard_map per dynamic table:
 
 1. every device dedupes its keys and buckets them by owner, ``key_hash(key) % S``;
-2. one ``all_to_all`` sends each owner the keys it owns (a static [S, M] buffer: any
-   skew fits, at O(S x M) bytes per device for M local entries);
+2. one ``all_to_all`` sends each owner the keys it owns in a static [S, W] buffer, W the
+   expected keys per owner plus 5 standard deviations (lf_jax.embedding.exchange's
+   ``capacity_for``); when some device has more than W keys for one owner (skew), the
+   step takes the other branch of a ``lax.cond``: [S, M] buffers, which fit any skew at
+   O(S x M) per device for M local entries. Both branches resolve an owner's keys of the
+   step at once, so the result does not depend on the branch;
 3. each owner dedupes the keys of every sender and resolves them (find, admit, insert,
    evict), resetting the rows and optimizer slots of inserted keys to their initial
    values, then sends every key's slot back (a second ``all_to_all``);
@@ -44,11 +48,21 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lf_jax.embedding.collection import EmbeddingCollection, SparseBatch
 from lf_jax.embedding.dynamic.hash_table import COUNTERS, alive_slots, init_shard, resolve_shard
-from lf_jax.embedding.dynamic.keys import OWNER_SALT, join_keys, key_hash, parse_keys, salt
+from lf_jax.embedding.dynamic.keys import (
+    OWNER_SALT,
+    fmix32,
+    join_keys,
+    key_hash,
+    parse_keys,
+    salt,
+)
 from lf_jax.embedding.dynamic.policy import DynamicPolicy
+from lf_jax.embedding.exchange import capacity_for
 from lf_jax.embedding.preprocess import InvalidIdsError, preprocess
 from lf_jax.embedding.sharding.piece import PlanError
 from lf_jax.embedding.spec import SpecError, TableSpec
+
+GOLDEN32 = jnp.uint32(0x9E3779B9)
 
 
 class KeyBatch(NamedTuple):
@@ -64,18 +78,24 @@ class KeyBatch(NamedTuple):
 def initial_rows(spec: TableSpec, hi, lo) -> jax.Array:
     """[N, D] float32 initial rows of keys (hi, lo): a function of the table name and the
     key only (``spec.initializer`` and scale), so a key starts from the same row on every
-    shard, mesh and step."""
+    shard, mesh and step. Counter-based: 32 bits per value from murmur3's finaliser of
+    (key hash, column), normals by Box-Muller; elementwise, so cheap for every key of a
+    step."""
+    n = hi.shape[0]
     if spec.initializer == "zeros":
-        return jnp.zeros((hi.shape[0], spec.dim), jnp.float32)
-    base = jax.random.key(zlib.crc32(spec.name.encode()) & 0x7FFFFFFF)
+        return jnp.zeros((n, spec.dim), jnp.float32)
+    table_salt = zlib.crc32(spec.name.encode())
+    base_n = key_hash(jnp, hi, lo, table_salt)[:, None]
+    column = jnp.arange(spec.dim, dtype=jnp.uint32)[None, :]
 
-    def one(h, low):
-        key = jax.random.fold_in(jax.random.fold_in(base, h), low)
-        if spec.initializer == "uniform":
-            return jax.random.uniform(key, (spec.dim,), jnp.float32, -spec.scale, spec.scale)
-        return spec.scale * jax.random.normal(key, (spec.dim,), jnp.float32)
+    def unit(offset: int):  # uniform in (0, 1), 24 bits
+        bits = fmix32(jnp, base_n + (column * jnp.uint32(2) + jnp.uint32(offset)) * GOLDEN32)
+        return ((bits >> jnp.uint32(8)).astype(jnp.float32) + 0.5) * (1.0 / (1 << 24))
 
-    return jax.vmap(one)(hi, lo)
+    if spec.initializer == "uniform":
+        return spec.scale * (2.0 * unit(0) - 1.0)
+    radius = jnp.sqrt(-2.0 * jnp.log(unit(0)))
+    return spec.scale * radius * jnp.cos(2.0 * jnp.pi * unit(1))
 
 
 def _dedupe(sort_keys: tuple, fill_values: tuple):
@@ -264,30 +284,54 @@ class DynamicTables:
             within = jnp.arange(m, dtype=jnp.int32) - start[jnp.minimum(u_owner, shards - 1)]
             to_owner = u_owner  # row `shards` (padding) is dropped by the scatters
 
-            def bucket(values, fill):
-                buf = jnp.full((shards, m), fill, values.dtype)
-                return buf.at[to_owner, within].set(values, mode="drop")
+            def owner_resolve(width, stored, opt_slots, table):
+                """Keys to owners through [S, width] buffers, resolved there; returns
+                each unique local key's slot at its owner (-1: none)."""
 
-            sent = [bucket(u_hi, 0), bucket(u_lo, 0), bucket(u_owner < shards, False)]
-            r_hi, r_lo, r_valid = (
-                jax.lax.all_to_all(x, axes, 0, 0, tiled=True).reshape(-1) for x in sent
-            )
-            (o_invalid, o_hi, o_lo), o_inverse = _dedupe(
-                ((~r_valid).astype(jnp.int32), r_hi, r_lo), (1, 0, 0)
-            )
+                def bucket(values, fill):
+                    buf = jnp.full((shards, width), fill, values.dtype)
+                    return buf.at[to_owner, within].set(values, mode="drop")
+
+                sent = [bucket(u_hi, 0), bucket(u_lo, 0), bucket(u_owner < shards, False)]
+                r_hi, r_lo, r_valid = (
+                    jax.lax.all_to_all(x, axes, 0, 0, tiled=True).reshape(-1) for x in sent
+                )
+                (o_invalid, o_hi, o_lo), o_inverse = _dedupe(
+                    ((~r_valid).astype(jnp.int32), r_hi, r_lo), (1, 0, 0)
+                )
+                slot_u, new_u, table = resolve_shard(
+                    table, o_hi, o_lo, o_invalid == 0, step, policy
+                )
+                back = jax.lax.all_to_all(
+                    slot_u[o_inverse].reshape(shards, width), axes, 0, 0, tiled=True
+                )
+                local = jnp.where(new_u, piece.row_offset + slot_u, group.rows)
+                fresh = initial_rows(spec, o_hi, o_lo)[:, piece.col_start : piece.col_end]
+                stored = stored.at[0, local].set(fresh.astype(stored.dtype), mode="drop")
+                opt_slots = {
+                    k: v.at[0, local].set(jnp.asarray(slot_init[k], v.dtype), mode="drop")
+                    for k, v in opt_slots.items()
+                }
+                got = back.at[to_owner, within].get(mode="fill", fill_value=-1)
+                return got, stored, opt_slots, table
+
             table = {k: v[0] for k, v in index.items()}
-            slot_u, new_u, table = resolve_shard(table, o_hi, o_lo, o_invalid == 0, step, policy)
-            back = jax.lax.all_to_all(slot_u[o_inverse].reshape(shards, m), axes, 0, 0, tiled=True)
-            got = back.at[to_owner, within].get(mode="fill", fill_value=-1)
+            width = capacity_for(m, 1 / shards, m)
+            if width >= m:
+                got, stored, opt_slots, table = owner_resolve(m, stored, opt_slots, table)
+            else:  # the [S, width] buffers unless some device has more keys for one owner
+                load = jnp.zeros((shards + 1,), jnp.int32).at[u_owner].add(1)[:shards]
+                over = jax.lax.pmax((jnp.max(load) > width).astype(jnp.int32), axes)
+                got, stored, opt_slots, table = jax.lax.cond(
+                    over > 0,
+                    functools.partial(owner_resolve, m),
+                    functools.partial(owner_resolve, width),
+                    stored,
+                    opt_slots,
+                    table,
+                )
             row_u = jnp.where(got >= 0, got * shards + u_owner, -1)
             ids = jnp.where(valid, row_u[inverse], -1).reshape(shape)
-            local = jnp.where(new_u, piece.row_offset + slot_u, group.rows)
-            fresh = initial_rows(spec, o_hi, o_lo)[:, piece.col_start : piece.col_end]
-            stored = stored.at[0, local].set(fresh.astype(stored.dtype), mode="drop")
-            opt_slots = {
-                k: v.at[0, local].set(jnp.asarray(slot_init[k], v.dtype), mode="drop")
-                for k, v in opt_slots.items()
-            }
             return ids, stored, opt_slots, {k: v[None] for k, v in table.items()}
 
         table_spec = group.partition_spec(None, None)
