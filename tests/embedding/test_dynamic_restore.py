@@ -126,3 +126,29 @@ def test_microbatches_resolve_and_update_as_one_batch():
     )
     assert isinstance(keys.static, SparseBatch)
     assert_same(dyn, one, dyn, micro)
+
+
+def test_find_only_reads_present_keys_and_changes_nothing():
+    dyn = make(8)
+    stream = list(batches(4))
+    state = run(dyn, dyn.init(jax.random.key(0)), stream[:3])
+    before, counts = dyn.snapshot(state)["post"], dyn.counters(state)["post"]
+    keys = dyn.shard_batch(dyn.preprocess(stream[3][0]))
+    after, found = jax.jit(lambda s, k: dyn.resolve(s, k, insert=False))(state, keys)
+    snap = dyn.snapshot(after)["post"]
+    assert snap["keys"].tolist() == before["keys"].tolist()
+    assert snap["last"].tolist() == before["last"].tolist()
+    assert dyn.counters(after)["post"] == counts
+    _, trained = jax.jit(dyn.resolve)(after, keys)
+    found_ids, trained_ids = np.asarray(found.ids["p"]), np.asarray(trained.ids["p"])
+    hit = found_ids >= 0
+    assert hit.any() and (found_ids == -1).any()
+    np.testing.assert_array_equal(found_ids[hit], trained_ids[hit])
+    # alive at the next step (4): seen within the last ttl_steps = 2 steps
+    present = {
+        k for k, last in zip(before["keys"].tolist(), before["last"], strict=True) if last >= 2
+    }
+    raw = stream[3][0]["p"]
+    for b, bag in enumerate(raw):
+        for i, key in enumerate(bag):
+            assert (found_ids[b, i] >= 0) == (key in present)

@@ -13,9 +13,9 @@ import pytest
 from lf_jax.distributed.mesh import make_mesh
 from lf_jax.embedding import row_wise
 from lf_jax.embedding.collection import EmbeddingCollection
-from lf_jax.embedding.dynamic.keys import split_keys
+from lf_jax.embedding.dynamic.keys import initial_rows, split_keys
 from lf_jax.embedding.dynamic.policy import DynamicPolicy
-from lf_jax.embedding.dynamic.tables import DynamicTables, initial_rows
+from lf_jax.embedding.dynamic.tables import DynamicTables
 from lf_jax.embedding.exchange import capacity_for
 from lf_jax.embedding.sparse_optim import adam, rowwise_adagrad
 from lf_jax.embedding.spec import FeatureSpec, TableSpec

@@ -94,10 +94,11 @@ def _victim(evictable_np, last_np, freq_np, eviction: str):
     return jnp.argmax(mask, axis=1).astype(jnp.int32), jnp.any(evictable_np, axis=1)
 
 
-def resolve_shard(state: dict, hi_n, lo_n, valid_n, step, policy: DynamicPolicy):
+def resolve_shard(state: dict, hi_n, lo_n, valid_n, step, policy: DynamicPolicy, insert=True):
     """(slot_n int32, -1 when absent; new_n bool; new state) for one step's keys.
 
-    Valid keys must be distinct and in ascending (hi, lo) order (their priority).
+    Valid keys must be distinct and in ascending (hi, lo) order (their priority). With
+    ``insert`` False the keys are only found: the state comes back unchanged.
     """
     capacity = state["last"].shape[0]
     probes = min(policy.probe_limit, capacity)
@@ -114,6 +115,8 @@ def resolve_shard(state: dict, hi_n, lo_n, valid_n, step, policy: DynamicPolicy)
     found_n = jnp.any(match_np, axis=1)
     found_off_n = jnp.argmax(match_np, axis=1).astype(jnp.int32)
     found_slot_n = jnp.take_along_axis(pos_np, found_off_n[:, None], axis=1)[:, 0]
+    if not insert:
+        return jnp.where(found_n, found_slot_n, -1), jnp.zeros((n,), bool), state
     touch_n = jnp.where(found_n, found_slot_n, capacity)
     last_c = state["last"].at[touch_n].set(step, mode="drop")
     freq_c = state["freq"].at[touch_n].add(1, mode="drop")

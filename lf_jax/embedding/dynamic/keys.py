@@ -1,4 +1,4 @@
-"""64-bit keys as uint32 (hi, lo) pairs, and the uint32 hashes of a key.
+"""64-bit keys as uint32 (hi, lo) pairs, the uint32 hashes of a key and its initial row.
 
 JAX runs without x64 here, so a key travels as two uint32 halves. String keys are
 fingerprinted to 64 bits with ``string_hash.hash_strings``. The hashes (owner shard,
@@ -12,16 +12,21 @@ Example:
     >>> key_hash(np, hi, lo, OWNER_SALT) % 8        # owner shard of each key
 """
 
+import zlib
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from lf_jax.embedding.spec import TableSpec
 from lf_jax.embedding.string_hash import hash_strings
 from lf_jax.errors import UserInputError
 
 OWNER_SALT = 0x6A09E667
 HOME_SALT = 0xBB67AE85
 SKETCH_SALT = 0x3C6EF372
+GOLDEN32 = 0x9E3779B9
 
 
 class InvalidKeysError(UserInputError):
@@ -118,3 +123,28 @@ def parse_keys(name: str, raw: Any, max_ids: int) -> tuple[np.ndarray, np.ndarra
         valid[row, : bag_keys.size] = True
     hi, lo = split_keys(keys)
     return hi, lo, valid
+
+
+def initial_rows(spec: TableSpec, hi, lo) -> jax.Array:
+    """[N, D] float32 initial rows of keys (hi, lo): a function of the table name and the
+    key only (``spec.initializer`` and scale), so a key starts from the same row on every
+    shard, mesh and step. Counter-based: 32 bits per value from murmur3's finaliser of
+    (key hash, column), normals by Box-Muller; elementwise, so cheap for every key of a
+    step."""
+    n = hi.shape[0]
+    if spec.initializer == "zeros":
+        return jnp.zeros((n, spec.dim), jnp.float32)
+    table_salt = zlib.crc32(spec.name.encode())
+    base_n = key_hash(jnp, hi, lo, table_salt)[:, None]
+    column = jnp.arange(spec.dim, dtype=jnp.uint32)[None, :]
+
+    def unit(offset: int):  # uniform in (0, 1), 24 bits
+        bits = fmix32(
+            jnp, base_n + (column * jnp.uint32(2) + jnp.uint32(offset)) * jnp.uint32(GOLDEN32)
+        )
+        return ((bits >> jnp.uint32(8)).astype(jnp.float32) + 0.5) * (1.0 / (1 << 24))
+
+    if spec.initializer == "uniform":
+        return spec.scale * (2.0 * unit(0) - 1.0)
+    radius = jnp.sqrt(-2.0 * jnp.log(unit(0)))
+    return spec.scale * radius * jnp.cos(2.0 * jnp.pi * unit(1))

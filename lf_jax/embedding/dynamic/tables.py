@@ -37,7 +37,6 @@ Example:
 """
 
 import functools
-import zlib
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -50,7 +49,7 @@ from lf_jax.embedding.collection import EmbeddingCollection, SparseBatch
 from lf_jax.embedding.dynamic.hash_table import COUNTERS, alive_slots, init_shard, resolve_shard
 from lf_jax.embedding.dynamic.keys import (
     OWNER_SALT,
-    fmix32,
+    initial_rows,
     join_keys,
     key_hash,
     parse_keys,
@@ -60,9 +59,7 @@ from lf_jax.embedding.dynamic.policy import DynamicPolicy
 from lf_jax.embedding.exchange import capacity_for
 from lf_jax.embedding.preprocess import InvalidIdsError, preprocess
 from lf_jax.embedding.sharding.piece import PlanError
-from lf_jax.embedding.spec import SpecError, TableSpec
-
-GOLDEN32 = jnp.uint32(0x9E3779B9)
+from lf_jax.embedding.spec import SpecError
 
 
 class KeyBatch(NamedTuple):
@@ -73,29 +70,6 @@ class KeyBatch(NamedTuple):
     hi: dict
     lo: dict
     valid: dict
-
-
-def initial_rows(spec: TableSpec, hi, lo) -> jax.Array:
-    """[N, D] float32 initial rows of keys (hi, lo): a function of the table name and the
-    key only (``spec.initializer`` and scale), so a key starts from the same row on every
-    shard, mesh and step. Counter-based: 32 bits per value from murmur3's finaliser of
-    (key hash, column), normals by Box-Muller; elementwise, so cheap for every key of a
-    step."""
-    n = hi.shape[0]
-    if spec.initializer == "zeros":
-        return jnp.zeros((n, spec.dim), jnp.float32)
-    table_salt = zlib.crc32(spec.name.encode())
-    base_n = key_hash(jnp, hi, lo, table_salt)[:, None]
-    column = jnp.arange(spec.dim, dtype=jnp.uint32)[None, :]
-
-    def unit(offset: int):  # uniform in (0, 1), 24 bits
-        bits = fmix32(jnp, base_n + (column * jnp.uint32(2) + jnp.uint32(offset)) * GOLDEN32)
-        return ((bits >> jnp.uint32(8)).astype(jnp.float32) + 0.5) * (1.0 / (1 << 24))
-
-    if spec.initializer == "uniform":
-        return spec.scale * (2.0 * unit(0) - 1.0)
-    radius = jnp.sqrt(-2.0 * jnp.log(unit(0)))
-    return spec.scale * radius * jnp.cos(2.0 * jnp.pi * unit(1))
 
 
 def _dedupe(sort_keys: tuple, fill_values: tuple):
@@ -227,12 +201,16 @@ class DynamicTables:
         return jax.tree.map(lambda x: jax.device_put(x, sharding), batch)
 
     # ----- resolve --------------------------------------------------------------------------
-    def resolve(self, state: Mapping, batch: KeyBatch) -> tuple[dict, SparseBatch]:
+    def resolve(
+        self, state: Mapping, batch: KeyBatch, insert: bool = True
+    ) -> tuple[dict, SparseBatch]:
         """(new state, the collection's SparseBatch) for one training step's keys.
 
         Jit-able (donate ``state``). Keys of a micro-batched step ([k, B, L]) are resolved
         together, as one step. Inserted keys get fresh rows and optimizer slots; the step
-        stamped on the maps is the one ``apply_gradients`` will apply next.
+        stamped on the maps is the one ``apply_gradients`` will apply next. With
+        ``insert`` False (evaluation, serving) keys are only found: nothing is admitted,
+        inserted, stamped or counted, and the state comes back unchanged.
         """
         emb = state["embedding"]
         tables, slots = dict(emb["tables"]), dict(emb["slots"])
@@ -251,6 +229,7 @@ class DynamicTables:
                 [batch.lo[f] for f in feats],
                 [batch.valid[f] for f in feats],
                 step,
+                insert,
             )
             for feature, part in zip(feats, rows, strict=True):
                 ids[feature] = part
@@ -261,7 +240,7 @@ class DynamicTables:
         }
         return new_state, SparseBatch(ids, weights)
 
-    def _resolve_table(self, name, stored, opt_slots, index, his, los, valids, step):
+    def _resolve_table(self, name, stored, opt_slots, index, his, los, valids, step, insert):
         spec, (group, piece) = self.specs[name], self.placement[name]
         policy = self.policies[name]
         shards, axes = self.shards, self.axes
@@ -300,18 +279,19 @@ class DynamicTables:
                     ((~r_valid).astype(jnp.int32), r_hi, r_lo), (1, 0, 0)
                 )
                 slot_u, new_u, table = resolve_shard(
-                    table, o_hi, o_lo, o_invalid == 0, step, policy
+                    table, o_hi, o_lo, o_invalid == 0, step, policy, insert
                 )
                 back = jax.lax.all_to_all(
                     slot_u[o_inverse].reshape(shards, width), axes, 0, 0, tiled=True
                 )
-                local = jnp.where(new_u, piece.row_offset + slot_u, group.rows)
-                fresh = initial_rows(spec, o_hi, o_lo)[:, piece.col_start : piece.col_end]
-                stored = stored.at[0, local].set(fresh.astype(stored.dtype), mode="drop")
-                opt_slots = {
-                    k: v.at[0, local].set(jnp.asarray(slot_init[k], v.dtype), mode="drop")
-                    for k, v in opt_slots.items()
-                }
+                if insert:  # inserted keys start from fresh rows and optimizer slots
+                    local = jnp.where(new_u, piece.row_offset + slot_u, group.rows)
+                    fresh = initial_rows(spec, o_hi, o_lo)[:, piece.col_start : piece.col_end]
+                    stored = stored.at[0, local].set(fresh.astype(stored.dtype), mode="drop")
+                    opt_slots = {
+                        k: v.at[0, local].set(jnp.asarray(slot_init[k], v.dtype), mode="drop")
+                        for k, v in opt_slots.items()
+                    }
                 got = back.at[to_owner, within].get(mode="fill", fill_value=-1)
                 return got, stored, opt_slots, table
 
