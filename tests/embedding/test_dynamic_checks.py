@@ -9,6 +9,7 @@ from lf_jax.embedding import row_wise, table_wise
 from lf_jax.embedding.collection import EmbeddingCollection
 from lf_jax.embedding.dynamic.keys import InvalidKeysError, join_keys, parse_keys
 from lf_jax.embedding.dynamic.policy import DynamicPolicy, DynamicPolicyError
+from lf_jax.embedding.dynamic.report import explain
 from lf_jax.embedding.dynamic.tables import DynamicTables
 from lf_jax.embedding.sharding.piece import PlanError
 from lf_jax.embedding.spec import FeatureSpec, SpecError, TableSpec
@@ -73,3 +74,10 @@ def test_plans_and_capacities_that_do_not_fit_are_refused():
         _dyn(row_wise("data"), vocab=60)
     with pytest.raises(SpecError, match="feature 'p' reads dynamic table 'post' and is weighted"):
         _dyn(row_wise("data"), weighted=True)
+
+
+def test_explain_gives_capacity_and_bytes_per_shard():
+    (row,) = explain(_dyn(row_wise("data")))
+    assert row["slots_per_shard"] == 8 and row["shards"] == 8 and row["probe_limit"] == 8
+    assert row["bytes_per_shard"] == 8 * 4 * 4 + 8 * 16  # float32 rows (sgd: no slots) + index
+    assert "64 rows over 8 shards" in row["reason"] and "evicts by lru" in row["reason"]
