@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from lf_jax.checks import check_int
+from lf_jax.embedding.dynamic.policy import DynamicPolicy
 from lf_jax.embedding.sparse_optim import SparseOptimizer, sgd
 from lf_jax.errors import UserInputError
 
@@ -36,6 +37,9 @@ class TableSpec:
     initializer: normal | uniform | zeros, scaled by ``init_scale`` (default
     1/sqrt(dim)). The values depend only on the seed and the table name, never on the
     plan, so any plan starts from the same logical table.
+
+    dynamic: a DynamicPolicy makes the table take 64-bit keys through per-shard hash
+    tables (lf_jax.embedding.dynamic); ``vocab_size`` is then its total row capacity.
     """
 
     name: str
@@ -45,6 +49,7 @@ class TableSpec:
     init_scale: float | None = None
     optimizer: SparseOptimizer = dataclasses.field(default_factory=lambda: sgd(0.01))
     dtype: str = "float32"
+    dynamic: DynamicPolicy | None = None
 
     def __post_init__(self):
         if not self.name or not isinstance(self.name, str):
@@ -65,6 +70,11 @@ class TableSpec:
             raise SpecError(
                 f"table '{self.name}': optimizer must come from "
                 f"lf_jax.embedding.sparse_optim, got {self.optimizer!r}"
+            )
+        if self.dynamic is not None and not isinstance(self.dynamic, DynamicPolicy):
+            raise SpecError(
+                f"table '{self.name}': dynamic must be a DynamicPolicy or None, "
+                f"got {self.dynamic!r}"
             )
 
     @property

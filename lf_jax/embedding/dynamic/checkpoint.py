@@ -1,0 +1,117 @@
+"""Mesh-free checkpoints of dynamic tables: keys with their rows, restored onto any mesh.
+
+``to_checkpoint`` writes, as numpy, the collection's logical form of every static table
+and, per dynamic table, its alive keys with rows, optimizer slots, ``last`` and ``freq``
+(``DynamicTables.snapshot``), the count-min sketch summed over shards and the counters.
+``from_checkpoint`` places those keys on the shards of another mesh or device count:
+each key goes to its new owner (``key_hash % shards``) and, in ascending key order, to
+the first free slot of its new window. Every new shard gets the summed sketch, which
+keeps count-min's guarantee (never an under-count) but may count a key early where
+keys of the old shards share counters. A key with no free slot in its window is an
+error naming the table (restore onto more rows or a larger ``probe_limit``), never a
+silent drop.
+
+Example:
+    >>> ckpt = to_checkpoint(dyn8, state8)             # host numpy pytree
+    >>> state4 = from_checkpoint(dyn4, ckpt)           # same tables, 4 devices
+"""
+
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+
+from lf_jax.embedding.dynamic.hash_table import COUNTERS
+from lf_jax.embedding.dynamic.keys import HOME_SALT, OWNER_SALT, key_hash, salt, split_keys
+from lf_jax.embedding.dynamic.tables import DynamicTables
+from lf_jax.errors import UserInputError
+
+
+def to_checkpoint(dyn: DynamicTables, state: Mapping) -> dict:
+    """{"static": logical static tables and slots, "dynamic": {table: keys, rows, ...},
+    "step"} as numpy."""
+    logical = jax.device_get(jax.jit(dyn.collection.to_logical)(state["embedding"]))
+    index = jax.device_get(state["index"])
+    dynamic = dyn.snapshot(state)
+    for name, part in dynamic.items():
+        part["sketch"] = index[name]["sketch"].sum(axis=0)
+        counts = index[name]["counters"]
+        part["counters"] = np.concatenate([counts[:, :-1].sum(axis=0), counts[:, -1:].max(axis=0)])
+    return {
+        "static": {
+            "tables": {n: v for n, v in logical["tables"].items() if n not in dyn.specs},
+            "slots": {n: v for n, v in logical["slots"].items() if n not in dyn.specs},
+        },
+        "dynamic": dynamic,
+        "step": int(logical["step"]),
+    }
+
+
+def _place_keys(dyn: DynamicTables, name: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(shard, slot) of each key on ``dyn``'s mesh: ascending keys, first free slot."""
+    policy, capacity, shards = dyn.policies[name], dyn.capacity(name), dyn.shards
+    hi, lo = split_keys(keys)
+    owner = key_hash(np, hi, lo, salt(OWNER_SALT, policy.seed)) % np.uint32(shards)
+    home = key_hash(np, hi, lo, salt(HOME_SALT, policy.seed)) % np.uint32(capacity)
+    used = np.zeros((shards, capacity), bool)
+    slot = np.zeros(keys.shape, np.int64)
+    probes = min(policy.probe_limit, capacity)
+    for i in np.argsort(keys, kind="stable"):
+        window = (int(home[i]) + np.arange(probes)) % capacity
+        free = window[~used[owner[i], window]]
+        if not free.size:
+            raise UserInputError(
+                f"dynamic table '{name}': key {int(keys[i])} finds no free slot among its "
+                f"{probes} on shard {int(owner[i])} of {shards} ({capacity} slots each, "
+                f"{keys.size} keys to restore); restore onto more rows (vocab_size) or a "
+                "larger probe_limit"
+            )
+        slot[i] = free[0]
+        used[owner[i], free[0]] = True
+    return owner.astype(np.int64), slot
+
+
+def from_checkpoint(dyn: DynamicTables, ckpt: Mapping) -> dict:
+    """DynamicTables state on ``dyn``'s mesh from ``to_checkpoint`` output (any mesh)."""
+    coll, shards = dyn.collection, dyn.shards
+    tables = dict(ckpt["static"]["tables"])
+    slots = {n: dict(v) for n, v in ckpt["static"]["slots"].items()}
+    index = {}
+    for name, spec in dyn.specs.items():
+        part, capacity = ckpt["dynamic"][name], dyn.capacity(name)
+        owner, slot = _place_keys(dyn, name, np.asarray(part["keys"], np.uint64))
+        row = slot * shards + owner  # row r lives on shard r % S at local row r // S
+        table = np.zeros((spec.vocab_size, spec.dim), np.float32)
+        table[row] = part["rows"]
+        tables[name] = table
+        slots[name] = {}
+        for slot_name, shape in spec.optimizer.slot_shapes(spec.dim).items():
+            value = np.full((spec.vocab_size, spec.dim), spec.optimizer.slot_init(slot_name))
+            saved = np.asarray(part["slots"][slot_name])
+            value[row] = saved if shape else saved[:, None]
+            slots[name][slot_name] = value.astype(np.float32)
+        hi, lo = split_keys(np.asarray(part["keys"], np.uint64))
+        shard = {
+            "key_hi": np.zeros((shards, capacity), np.uint32),
+            "key_lo": np.zeros((shards, capacity), np.uint32),
+            "last": np.full((shards, capacity), -1, np.int32),
+            "freq": np.zeros((shards, capacity), np.int32),
+        }
+        for field, values in (("key_hi", hi), ("key_lo", lo)):
+            shard[field][owner, slot] = values
+        shard["last"][owner, slot] = part["last"]
+        shard["freq"][owner, slot] = part["freq"]
+        sketch = np.asarray(part["sketch"], np.int32)
+        shard["sketch"] = np.broadcast_to(sketch, (shards, *sketch.shape)).copy()
+        counters = np.zeros((shards, len(COUNTERS)), np.int32)
+        counters[0] = part["counters"]
+        shard["counters"] = counters
+        index[name] = shard
+    index_shardings = dyn.index_shardings()
+    return {
+        "embedding": coll.state_from_logical(tables, slots, ckpt["step"]),
+        "index": {
+            name: {k: jax.device_put(v, index_shardings[name][k]) for k, v in part.items()}
+            for name, part in index.items()
+        },
+    }

@@ -1,0 +1,229 @@
+"""One shard's hash table (key -> slot) under jit: find, admit, insert and evict a step's keys.
+
+A shard holds ``capacity`` slots. Key k may live only in its window: the ``probe_limit``
+slots home(k), home(k)+1, ... (mod capacity), home(k) = key_hash(k, HOME) % capacity. A
+lookup compares the whole window (no early stop), so freeing a slot never hides another
+key and needs no tombstone. A slot is *alive* when it holds a key that has not expired
+(``ttl_steps``: seen within the last ttl_steps steps).
+
+A step at an owner, on its distinct keys in ascending 64-bit order (the order is the
+priority when keys compete for a slot):
+
+1. Find: a key matching an alive slot of its window is a hit; the slot records the step
+   (``last``) and one more step seen (``freq``). Hit slots are *touched*: never evicted in
+   this step.
+2. Admit: every missing key adds one to its ``sketch_depth`` count-min counters; it is
+   admitted when the smallest of them reaches ``admit_after`` (1: always admitted).
+3. Insert, in at most ``probe_limit`` rounds: every admitted key still pending proposes
+   the first slot of its window that is neither alive nor taken in this step; with no
+   such slot, under ``lru``/``lfu``, the alive, untouched, untaken slot of its window with
+   the lowest score (lru: last; lfu: freq, then last), ties to the first in window
+   order. Each proposed slot goes to the smallest key proposing it; the others try again
+   next round. A key left without a slot is *refused* (counted; it reads the default
+   row and is tried again when seen next). Nothing is ever overwritten except an
+   evicted key, which is counted.
+
+Each losing proposal means a slot of the key's window was taken, so after probe_limit
+rounds a refused key's window is full of keys alive and (lru/lfu) untouchable: refusals
+are exactly the keys that had no room. The returned ``new_n`` marks keys given a slot,
+whose row and optimizer slots the caller resets to their initial values.
+
+Shapes: C capacity, N keys (distinct among valid ones), P probe_limit.
+State: key_hi, key_lo [C] uint32, last [C] int32 (-1 empty), freq [C] int32,
+sketch [depth, width] int32, counters [len(COUNTERS)] int32 (cumulative).
+
+Example:
+    >>> state = init_shard(capacity=1024, policy=DynamicPolicy())
+    >>> slot_n, new_n, state = resolve_shard(state, hi_n, lo_n, valid_n, step, policy)
+"""
+
+import jax
+import jax.numpy as jnp
+
+from lf_jax.embedding.dynamic.keys import HOME_SALT, SKETCH_SALT, key_hash, salt
+from lf_jax.embedding.dynamic.policy import DynamicPolicy
+
+COUNTERS = (
+    "hits",
+    "misses",
+    "not_admitted",
+    "inserts",
+    "evictions",
+    "refused",
+    "probe_sum",
+    "probe_max",
+)
+_BIG = jnp.iinfo(jnp.int32).max
+
+
+def init_shard(capacity: int, policy: DynamicPolicy) -> dict:
+    """An empty shard: every slot free, sketch and counters zero."""
+    depth, width = (policy.sketch_depth, policy.sketch_width) if policy.uses_sketch else (1, 1)
+    return {
+        "key_hi": jnp.zeros((capacity,), jnp.uint32),
+        "key_lo": jnp.zeros((capacity,), jnp.uint32),
+        "last": jnp.full((capacity,), -1, jnp.int32),
+        "freq": jnp.zeros((capacity,), jnp.int32),
+        "sketch": jnp.zeros((depth, width), jnp.int32),
+        "counters": jnp.zeros((len(COUNTERS),), jnp.int32),
+    }
+
+
+def alive_slots(state: dict, step, policy: DynamicPolicy) -> jax.Array:
+    """[C] bool: slots holding a key that has not expired at ``step``."""
+    used = state["last"] >= 0
+    if policy.ttl_steps is None:
+        return used
+    return used & (step - state["last"] <= policy.ttl_steps)
+
+
+def home_slots(hi, lo, capacity: int, policy: DynamicPolicy) -> jax.Array:
+    """Home slot of each key on its shard (int32)."""
+    return (key_hash(jnp, hi, lo, salt(HOME_SALT, policy.seed)) % jnp.uint32(capacity)).astype(
+        jnp.int32
+    )
+
+
+def _victim(evictable_np, last_np, freq_np, eviction: str):
+    """Window offset of the lowest-score evictable slot, and whether there is one."""
+    mask = evictable_np
+    scores = (freq_np, last_np) if eviction == "lfu" else (last_np,)
+    for score in scores:
+        masked = jnp.where(mask, score, _BIG)
+        mask = mask & (masked == jnp.min(masked, axis=1, keepdims=True))
+    return jnp.argmax(mask, axis=1).astype(jnp.int32), jnp.any(evictable_np, axis=1)
+
+
+def resolve_shard(state: dict, hi_n, lo_n, valid_n, step, policy: DynamicPolicy, insert=True):
+    """(slot_n int32, -1 when absent; new_n bool; new state) for one step's keys.
+
+    Valid keys must be distinct and in ascending (hi, lo) order (their priority). With
+    ``insert`` False the keys are only found: the state comes back unchanged.
+    """
+    capacity = state["last"].shape[0]
+    probes = min(policy.probe_limit, capacity)
+    n = hi_n.shape[0]
+    index_n = jnp.arange(n, dtype=jnp.int32)
+    pos_np = (home_slots(hi_n, lo_n, capacity, policy)[:, None] + jnp.arange(probes)) % capacity
+    alive_c = alive_slots(state, step, policy)
+    match_np = (
+        alive_c[pos_np]
+        & (state["key_hi"][pos_np] == hi_n[:, None])
+        & (state["key_lo"][pos_np] == lo_n[:, None])
+        & valid_n[:, None]
+    )
+    found_n = jnp.any(match_np, axis=1)
+    found_off_n = jnp.argmax(match_np, axis=1).astype(jnp.int32)
+    found_slot_n = jnp.take_along_axis(pos_np, found_off_n[:, None], axis=1)[:, 0]
+    if not insert:
+        return jnp.where(found_n, found_slot_n, -1), jnp.zeros((n,), bool), state
+    touch_n = jnp.where(found_n, found_slot_n, capacity)
+    last_c = state["last"].at[touch_n].set(step, mode="drop")
+    freq_c = state["freq"].at[touch_n].add(1, mode="drop")
+    touched_c = jnp.zeros((capacity,), bool).at[touch_n].set(True, mode="drop")
+
+    miss_n = valid_n & ~found_n
+    sketch = state["sketch"]
+    admitted_n = miss_n
+    if policy.uses_sketch:
+        rows = jnp.arange(policy.sketch_depth)
+        idx_dn = jnp.stack(
+            [
+                key_hash(jnp, hi_n, lo_n, salt(SKETCH_SALT, policy.seed, d))
+                % jnp.uint32(policy.sketch_width)
+                for d in range(policy.sketch_depth)
+            ]
+        ).astype(jnp.int32)
+        sketch = sketch.at[rows[:, None], idx_dn].add(miss_n.astype(jnp.int32)[None, :])
+        estimate_n = jnp.min(sketch[rows[:, None], idx_dn], axis=0)
+        admitted_n = miss_n & (estimate_n >= policy.admit_after)
+
+    def insert_round(carry):
+        (
+            rounds,
+            pending_n,
+            slot_n,
+            off_n,
+            key_hi,
+            key_lo,
+            last_c,
+            freq_c,
+            alive_c,
+            taken_c,
+            evicted,
+        ) = carry
+        alive_np, taken_np = alive_c[pos_np], taken_c[pos_np]
+        free_np = ~alive_np & ~taken_np
+        has_room_n = jnp.any(free_np, axis=1)
+        choice_n = jnp.argmax(free_np, axis=1).astype(jnp.int32)
+        if policy.eviction != "none":
+            evictable_np = alive_np & ~touched_c[pos_np] & ~taken_np
+            victim_n, has_victim_n = _victim(
+                evictable_np, last_c[pos_np], freq_c[pos_np], policy.eviction
+            )
+            choice_n = jnp.where(has_room_n, choice_n, victim_n)
+            has_room_n = has_room_n | has_victim_n
+        propose_n = pending_n & has_room_n
+        cand_n = jnp.take_along_axis(pos_np, choice_n[:, None], axis=1)[:, 0]
+        cand_n = jnp.where(propose_n, cand_n, capacity)
+        first_c = jnp.full((capacity,), n, jnp.int32).at[cand_n].min(index_n, mode="drop")
+        safe_n = jnp.minimum(cand_n, capacity - 1)
+        win_n = propose_n & (first_c[safe_n] == index_n)
+        evicted = evicted + jnp.sum(win_n & alive_c[safe_n], dtype=jnp.int32)
+        put_n = jnp.where(win_n, cand_n, capacity)
+        return (
+            rounds + 1,
+            pending_n & ~win_n,
+            jnp.where(win_n, cand_n, slot_n),
+            jnp.where(win_n, choice_n, off_n),
+            key_hi.at[put_n].set(hi_n, mode="drop"),
+            key_lo.at[put_n].set(lo_n, mode="drop"),
+            last_c.at[put_n].set(step, mode="drop"),
+            freq_c.at[put_n].set(1, mode="drop"),
+            alive_c.at[put_n].set(True, mode="drop"),
+            taken_c.at[put_n].set(True, mode="drop"),
+            evicted,
+        )
+
+    carry = (
+        jnp.int32(0),
+        admitted_n,
+        jnp.full((n,), -1, jnp.int32),
+        jnp.zeros((n,), jnp.int32),
+        state["key_hi"],
+        state["key_lo"],
+        last_c,
+        freq_c,
+        alive_c,
+        jnp.zeros((capacity,), bool),
+        jnp.int32(0),
+    )
+    # rounds end early once no key is pending (a step of hits runs none)
+    _, pending_n, slot_n, off_n, key_hi, key_lo, last_c, freq_c, _, _, evicted = jax.lax.while_loop(
+        lambda c: (c[0] < probes) & jnp.any(c[1]), insert_round, carry
+    )
+    new_n = slot_n >= 0
+    probe_n = jnp.where(found_n, found_off_n, jnp.where(new_n, off_n, 0))
+    step_counts = jnp.stack(
+        [
+            jnp.sum(found_n, dtype=jnp.int32),
+            jnp.sum(miss_n, dtype=jnp.int32),
+            jnp.sum(miss_n & ~admitted_n, dtype=jnp.int32),
+            jnp.sum(new_n, dtype=jnp.int32),
+            evicted,
+            jnp.sum(pending_n, dtype=jnp.int32),
+            jnp.sum(probe_n, dtype=jnp.int32),
+            jnp.int32(0),
+        ]
+    )
+    counters = state["counters"] + step_counts
+    counters = counters.at[-1].set(jnp.maximum(state["counters"][-1], jnp.max(probe_n)))
+    new_state = {
+        "key_hi": key_hi,
+        "key_lo": key_lo,
+        "last": last_c,
+        "freq": freq_c,
+        "sketch": sketch,
+        "counters": counters,
+    }
+    return jnp.where(found_n, found_slot_n, slot_n), new_n, new_state

@@ -1,0 +1,83 @@
+"""Dynamic tables: bad policies, keys and plans fail on the host with one clear error."""
+
+import jax
+import numpy as np
+import pytest
+
+from lf_jax.distributed.mesh import make_mesh
+from lf_jax.embedding import row_wise, table_wise
+from lf_jax.embedding.collection import EmbeddingCollection
+from lf_jax.embedding.dynamic.keys import InvalidKeysError, join_keys, parse_keys
+from lf_jax.embedding.dynamic.policy import DynamicPolicy, DynamicPolicyError
+from lf_jax.embedding.dynamic.report import explain
+from lf_jax.embedding.dynamic.tables import DynamicTables
+from lf_jax.embedding.sharding.piece import PlanError
+from lf_jax.embedding.spec import FeatureSpec, SpecError, TableSpec
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"probe_limit": 0}, "DynamicPolicy.probe_limit must be a positive int, got 0"),
+        ({"admit_after": 1.5}, "DynamicPolicy.admit_after"),
+        ({"eviction": "fifo"}, "DynamicPolicy.eviction must be one of .* got 'fifo'"),
+        ({"ttl_steps": -3}, "DynamicPolicy.ttl_steps .* got -3"),
+        ({"seed": 2**32}, "DynamicPolicy.seed must be < 2\\*\\*32"),
+    ],
+)
+def test_bad_policy_fields_are_named(kwargs, message):
+    with pytest.raises(DynamicPolicyError, match=message):
+        DynamicPolicy(**kwargs)
+
+
+def test_tablespec_refuses_a_non_policy():
+    with pytest.raises(SpecError, match="table 'post': dynamic must be a DynamicPolicy"):
+        TableSpec(name="post", vocab_size=8, dim=4, dynamic={"eviction": "lru"})
+
+
+def test_keys_parse_ints_strings_and_padding():
+    hi, lo, valid = parse_keys("p", [[3, 2**64 - 1], [], ["urn:li:post:1"]], max_ids=3)
+    assert valid.tolist() == [[True, True, False], [False] * 3, [True, False, False]]
+    assert join_keys(hi, lo)[0, :2].tolist() == [3, 2**64 - 1]
+    hi, lo, valid = parse_keys("p", np.array([[5, -1], [-1, -1]]), max_ids=2)
+    assert valid.tolist() == [[True, False], [False, False]]
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (
+            [[2**64]],
+            "feature 'p': keys must be ints in \\[0, 2\\*\\*64\\), got 18446744073709551616",
+        ),
+        ([[-2]], "feature 'p': keys must be ints in \\[0, 2\\*\\*64\\), got -2"),
+        ([[1.5]], "feature 'p': keys must be integers or strings, got dtype float64"),
+        ({"a": 1}, "feature 'p': expected a list of bags or an array of keys, got dict"),
+    ],
+)
+def test_bad_keys_are_named(raw, message):
+    with pytest.raises(InvalidKeysError, match=message):
+        parse_keys("p", raw, max_ids=2)
+
+
+def _dyn(plan_entry, vocab=64, weighted=False):
+    mesh = make_mesh({"data": 8}, devices=jax.devices()[:8])
+    spec = TableSpec(name="post", vocab_size=vocab, dim=4, dynamic=DynamicPolicy())
+    feature = FeatureSpec(name="p", table="post", max_ids=2, weighted=weighted)
+    return DynamicTables(EmbeddingCollection([spec], [feature], {"post": plan_entry}, mesh))
+
+
+def test_plans_and_capacities_that_do_not_fit_are_refused():
+    with pytest.raises(PlanError, match="dynamic table 'post': plan it row_wise over every"):
+        _dyn(table_wise())
+    with pytest.raises(SpecError, match="vocab_size 60 .* must divide over the 8 devices"):
+        _dyn(row_wise("data"), vocab=60)
+    with pytest.raises(SpecError, match="feature 'p' reads dynamic table 'post' and is weighted"):
+        _dyn(row_wise("data"), weighted=True)
+
+
+def test_explain_gives_capacity_and_bytes_per_shard():
+    (row,) = explain(_dyn(row_wise("data")))
+    assert row["slots_per_shard"] == 8 and row["shards"] == 8 and row["probe_limit"] == 8
+    assert row["bytes_per_shard"] == 8 * 4 * 4 + 8 * 16  # float32 rows (sgd: no slots) + index
+    assert "64 rows over 8 shards" in row["reason"] and "evicts by lru" in row["reason"]
