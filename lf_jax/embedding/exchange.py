@@ -46,7 +46,7 @@ def unique_with_inverse(
     """jnp.unique(keys_m, size=M, fill_value=fill, return_inverse=True), faster on CPU.
 
     Keys lie in [0, fill]. Distinct keys come first, padded with ``fill`` (larger than
-    every key). When the key space is small (fill + 1 <= 8 M) each key's unique
+    every key). When the key space is small (fill + 1 <= 16 M) each key's unique
     position is found through a dense [fill + 1] int32 index: with ``ordered=False`` the
     distinct keys stay in order of first appearance and no sort runs at all (one
     scatter-min, two gathers and a cumsum: 27 ms for 655,360 keys in [0, 1e6) on this

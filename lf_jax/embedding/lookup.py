@@ -11,7 +11,9 @@ rows only (lf_jax.embedding.exchange: all_to_all over the group's axes, in round
 static per-owner capacity, exact under any skew). Lookup: owners gather the rows and
 send them back. Combine: each device pools its own bags. The update sends each unique
 row's gradient to its owner, which sums duplicates (across replicas of the group too)
-and applies the sparse optimizer once. Per-device work: O(local entries + owned rows
+and applies the sparse optimizer once (exchange.sum_and_apply: work sized to the real
+entries and distinct rows); a group whose rows are all on the device updates one piece
+(table) at a time. Per-device work: O(local entries + owned rows
 touched), never O(global batch), for groups over mesh axes; replicated groups
 (data_parallel, row_wise over some axes) all-gather the owners' received gradients over
 their replica axes, the inherent cost of keeping replicas equal.
