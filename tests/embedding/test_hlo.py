@@ -301,7 +301,8 @@ def test_local_update_keeps_one_piece_of_temporaries():
         FeatureSpec(name=f"f{i}", table=f"t{i}", max_ids=20, combiner="sum") for i in range(4)
     ]
     plan = {t.name: P.data_parallel() for t in tables}
-    coll = EmbeddingCollection(tables, features, plan, make_mesh({"data": 1}))
+    mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
+    coll = EmbeddingCollection(tables, features, plan, mesh)
     batch_size = 1024
     batch = coll.shard_batch(coll.preprocess(*random_batch(features, tables, batch_size)))
     grads = {
