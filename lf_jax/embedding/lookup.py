@@ -11,7 +11,9 @@ rows only (lf_jax.embedding.exchange: all_to_all over the group's axes, in round
 static per-owner capacity, exact under any skew). Lookup: owners gather the rows and
 send them back. Combine: each device pools its own bags. The update sends each unique
 row's gradient to its owner, which sums duplicates (across replicas of the group too)
-and applies the sparse optimizer once. Per-device work: O(local entries + owned rows
+and applies the sparse optimizer once (exchange.sum_and_apply: work sized to the real
+entries and distinct rows); a group whose rows are all on the device updates one piece
+(table) at a time. Per-device work: O(local entries + owned rows
 touched), never O(global batch), for groups over mesh axes; replicated groups
 (data_parallel, row_wise over some axes) all-gather the owners' received gradients over
 their replica axes, the inherent cost of keeping replicas equal.
@@ -26,6 +28,7 @@ Example:
 """
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 
@@ -36,13 +39,13 @@ from jax.sharding import Mesh, PartitionSpec
 
 from lf_jax.embedding.exchange import (
     Requests,
-    apply_rows,
     capacity_for,
     check_key_range,
+    chunked_size,
     fetch_rows,
     push_gradients,
     replicas_gather_entries,
-    unique_with_inverse,
+    sum_and_apply,
 )
 from lf_jax.embedding.sharding.layout import Group
 from lf_jax.embedding.sharding.piece import Piece
@@ -113,6 +116,16 @@ class GroupRoute:
             out_start,
             float(load.max() / load.sum()) if load.sum() else 1.0,
         )
+
+    @functools.cached_property
+    def piece_columns(self) -> tuple[tuple[Piece, np.ndarray], ...]:
+        """Each piece with the entry columns that read it (pieces hold disjoint rows)."""
+        columns: dict[Piece, list[int]] = {}
+        e = 0
+        for block in self.blocks:
+            columns.setdefault(block.piece, []).extend(range(e, e + block.max_ids))
+            e += block.max_ids
+        return tuple((piece, np.asarray(cols, np.int32)) for piece, cols in columns.items())
 
     def gathers_entries(self, local_examples: int) -> bool:
         """Whether this replicated group syncs replicas by gathering entries (see
@@ -246,26 +259,21 @@ def group_update(
                 for x in (slot_ne, local_ne, coef_ne, grad_ncd)
             )
             replicas = ()
-        grad_ned = jnp.take(grad_ncd, route.out_col_e, axis=1) * coef_ne[..., None]
         stored_rd, slots_r = stored_1rd[0], {k: v[0] for k, v in slots.items()}
-        local = group.num_slots == 1 and not replicas  # all rows and entries here
-        if local:  # no exchange, so the unique rows need no owner order
-            fill = group.rows  # padding entries (slot -1); the key of a row is its index
-            keys_m = jnp.where(slot_ne >= 0, local_ne, fill).reshape(-1)
-            unique_u, inverse_m = unique_with_inverse(keys_m, fill, ordered=False)
+        if group.num_slots == 1 and not replicas:  # all rows and entries here
+            table_rd, slots_r = _update_pieces(
+                route, stored_rd, slots_r, slot_ne, local_ne, coef_ne, grad_ncd, step
+            )
         else:
             requests = Requests.build(
                 slot_ne.reshape(-1), local_ne.reshape(-1), group.num_slots, group.rows
             )
-            unique_u, inverse_m = requests.unique_u, requests.inverse_m
-        grad_ud = jax.ops.segment_sum(
-            grad_ned.reshape(-1, group.dim), inverse_m, num_segments=unique_u.shape[0]
-        )
-        if local:
-            table_rd, slots_r = apply_rows(
-                stored_rd, slots_r, unique_u, grad_ud, group.optimizer, step
+            grad_ned = jnp.take(grad_ncd, route.out_col_e, axis=1) * coef_ne[..., None]
+            grad_ud = jax.ops.segment_sum(
+                grad_ned.reshape(-1, group.dim),
+                requests.inverse_m,
+                num_segments=requests.unique_u.shape[0],
             )
-        else:
             table_rd, slots_r = push_gradients(
                 requests,
                 grad_ud,
@@ -299,3 +307,57 @@ def group_update(
             PartitionSpec(),
         ),
     )(stored_srd, slots, slot_kbe, local_kbe, coef_kbe, grad_kbcd, step)
+
+
+def _update_pieces(
+    route: GroupRoute, table_rd, slots_r, slot_ne, local_ne, coef_ne, grad_ncd, step
+):
+    """The update of a group whose rows and entries are all on this device: one piece
+    (table) per iteration of a ``lax.scan`` (pieces hold disjoint rows, so each dedupes
+    only the entries that read it, over its own rows), each through
+    ``exchange.sum_and_apply`` (work sized to its real entries and distinct rows, one
+    [N, D] scratch buffer carried from piece to piece, N = B x the widest piece's entry
+    columns). The whole group's [N, D] arrays at once were 396 MB at 8 tables x 4096 x
+    20 ids, page-faulted afresh every step; unrolled per piece, XLA scheduled every
+    piece's zero-filled buffers first. Pieces with fewer entry columns than the widest
+    are padded with an empty column (id -1)."""
+    pieces = route.piece_columns
+    width = max(cols.size for _, cols in pieces)
+    empty = slot_ne.shape[1]  # index of the appended empty column
+    cols_pw = np.full((len(pieces), width), empty, np.int32)
+    for i, (_, cols) in enumerate(pieces):
+        cols_pw[i, : cols.size] = cols
+    out_pw = np.append(route.out_col_e, 0)[cols_pw]
+    offset_p = np.asarray([piece.row_offset for piece, _ in pieces], np.int32)
+    fill = max(piece.rows_per_slot for piece, _ in pieces)
+    slot_ne = jnp.pad(slot_ne, ((0, 0), (0, 1)), constant_values=-1)
+    local_ne = jnp.pad(local_ne, ((0, 0), (0, 1)))
+    coef_ne = jnp.pad(coef_ne, ((0, 0), (0, 1)))
+    dim, num_out = grad_ncd.shape[-1], grad_ncd.shape[1]
+    grad_cd = grad_ncd.reshape(-1, dim)  # row n * C + c: output column c of example n
+
+    def piece_update(carry, xs):
+        cols_w, out_w, offset = xs
+        coef_m = coef_ne[:, cols_w].reshape(-1)
+
+        def gradient(e_k):  # entry e = n * width + w: coef x output gradient
+            source_k = (e_k // width) * num_out + out_w[e_k % width]
+            return grad_cd.at[source_k].get(mode="promise_in_bounds") * coef_m[e_k][:, None]
+
+        return sum_and_apply(
+            *carry[:2],
+            (local_ne[:, cols_w] - offset).reshape(-1),
+            (slot_ne[:, cols_w] >= 0).reshape(-1),
+            gradient,
+            fill,
+            offset,
+            route.group.optimizer,
+            step,
+            carry[2],
+        ), None
+
+    scratch = jnp.zeros((chunked_size(slot_ne.shape[0] * width), dim), jnp.float32)
+    (table_rd, slots_r, _), _ = jax.lax.scan(
+        piece_update, (table_rd, slots_r, scratch), (cols_pw, out_pw, offset_p)
+    )
+    return table_rd, slots_r

@@ -284,3 +284,36 @@ def test_lookup_keeps_no_per_entry_temporaries(strategy, limit, mesh_2x4):
     entry_bytes = batch_size // 8 * 4 * 20 * 32 * 4
     temp = compiled.memory_analysis().temp_size_in_bytes
     assert temp < limit * entry_bytes, (temp, entry_bytes)
+
+
+def test_local_update_keeps_one_piece_of_temporaries():
+    """A group whose rows are all on the device (4 tables stacked, one device) updates
+    one piece (table) at a time through a loop, with one [N_p, D] float32 scratch
+    buffer (N_p = batch x the piece's entry columns) and chunk-sized pieces: XLA's
+    temporaries stay under 3 such buffers. Found: 2.36 (and 9.13 when the group's
+    [N, D] gradient, segment-sum and new-rows arrays were materialised for every
+    piece at once; XLA:CPU page-faults its temporaries afresh every step)."""
+    tables = [
+        TableSpec(name=f"t{i}", vocab_size=50_000, dim=32, optimizer=rowwise_adagrad(0.1))
+        for i in range(4)
+    ]
+    features = [
+        FeatureSpec(name=f"f{i}", table=f"t{i}", max_ids=20, combiner="sum") for i in range(4)
+    ]
+    plan = {t.name: P.data_parallel() for t in tables}
+    mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
+    coll = EmbeddingCollection(tables, features, plan, mesh)
+    batch_size = 1024
+    batch = coll.shard_batch(coll.preprocess(*random_batch(features, tables, batch_size)))
+    grads = {
+        f.name: jax.ShapeDtypeStruct((batch_size, 32), np.float32, sharding=coll.batch_sharding())
+        for f in features
+    }
+    compiled = (
+        jax.jit(coll.apply_gradients, donate_argnums=0)
+        .lower(abstract_state(coll), batch, grads)
+        .compile()
+    )
+    piece_bytes = batch_size * 20 * 32 * 4
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp < 3 * piece_bytes, (temp, piece_bytes)
