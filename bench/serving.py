@@ -35,6 +35,7 @@ def build_synthetic(root: Path, members: int, posts: int, dtype: str) -> None:
     from flax import nnx
 
     from lf_jax import feed_world
+    from lf_jax.configuration import load_config
     from lf_jax.models.causal_lm import LlamaConfig
     from lf_jax.models.dual_encoder import DualEncoder
     from lf_jax.models.ranker import FeedRanker
@@ -69,9 +70,7 @@ def build_synthetic(root: Path, members: int, posts: int, dtype: str) -> None:
         field_dims={n: tables[t].shape[1] for n, (t, _) in features.items()},
         num_dense=8,
         tasks=tasks,
-        mlp_dims=(256, 128),
-        dcn_layers=2,
-        dot_interactions=True,
+        **load_config("demo").ranker.model.to_dict(),  # the demo's architecture
         rngs=nnx.Rngs(0),
     )
     graphdef, params = nnx.split(ranker)
