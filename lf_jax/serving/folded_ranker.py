@@ -53,6 +53,39 @@ def _split_linear(
     return (per_pair.reshape(q, candidates, out) + per_query[:, None, :]).reshape(-1, out)
 
 
+def _dots(fields: list[tuple[bool, jax.Array]], q: int, k: int) -> list[tuple[bool, jax.Array]]:
+    """The model's pairwise dots (i < j, same width, its order) as (member?, [rows, 1]) blocks:
+    member x member once per query; member x pair as one [Q, K, F_p, D] x [Q, F_m, D]
+    product and pair x pair as one [Q, K, F_p, F_p] product per width."""
+    products = {}
+    for width in sorted({x.shape[-1] for _, x in fields}):
+        members = [i for i, (m, x) in enumerate(fields) if m and x.shape[-1] == width]
+        pairs = [i for i, (m, x) in enumerate(fields) if not m and x.shape[-1] == width]
+        if pairs:
+            p_qkfd = jnp.stack([fields[i][1] for i in pairs], axis=1).reshape(q, k, -1, width)
+            pp = jnp.sum(p_qkfd[:, :, :, None, :] * p_qkfd[:, :, None, :, :], axis=-1)
+            for a, i in enumerate(pairs):
+                for b, j in enumerate(pairs):
+                    products[i, j] = pp[:, :, a, b].reshape(-1, 1)
+            if members:
+                m_qfd = jnp.stack([fields[i][1] for i in members], axis=1)
+                pm = jnp.einsum("qkpd,qmd->qkpm", p_qkfd, m_qfd)
+                for a, i in enumerate(pairs):
+                    for b, j in enumerate(members):
+                        products[i, j] = products[j, i] = pm[:, :, a, b].reshape(-1, 1)
+    out = []
+    for i in range(len(fields)):
+        for j in range(i + 1, len(fields)):
+            (mi, xi), (mj, xj) = fields[i], fields[j]
+            if xi.shape[-1] != xj.shape[-1]:
+                continue
+            if mi and mj:
+                out.append((True, jnp.sum(xi * xj, axis=-1, keepdims=True)))
+            else:
+                out.append((False, products[i, j]))
+    return out
+
+
 def folded_logits(
     model: FeedRanker,
     member_fields: Mapping[str, jax.Array],
@@ -82,29 +115,14 @@ def folded_logits(
     def widen(x_qd):  # [Q, D] -> [Q*K, D]
         return jnp.repeat(x_qd, candidates, axis=0)
 
-    def dot(a, a_member, b, b_member):  # [Q*K, 1]; a member field is broadcast over K
-        if a_member or b_member:
-            pair, member = (b, a) if a_member else (a, b)
-            a, b = pair.reshape(q, candidates, -1), member[:, None, :]
-        return jnp.sum(a * b, axis=-1).reshape(-1, 1)
-
     # x0 column blocks in the model's order, each tagged member (per query) or pair.
     blocks: list[tuple[bool, jax.Array]] = []
     for name in model.sparse_fields:
         is_member = name in member_fields
         x = member_fields[name] if is_member else pair_fields[name]
         blocks.append((is_member, _gated(model, name, x)))
-    fields = list(blocks)
     if model.dot_interactions:
-        for i in range(len(fields)):
-            for j in range(i + 1, len(fields)):
-                (mi, xi), (mj, xj) = fields[i], fields[j]
-                if xi.shape[-1] != xj.shape[-1]:
-                    continue
-                if mi and mj:
-                    blocks.append((True, jnp.sum(xi * xj, axis=-1, keepdims=True)))
-                else:
-                    blocks.append((False, dot(xi, mi, xj, mj)))
+        blocks.extend(_dots(list(blocks), q, candidates))
     if model.num_dense:
         if dense_pk is None:
             raise ValueError(f"the model reads {model.num_dense} dense features; got none")
