@@ -4,8 +4,9 @@ Command:
     .venv/bin/python bench/serving.py --synthetic /tmp/serving_bench      # builds, then serves
     .venv/bin/python bench/serving.py --artifacts runs/demo/serving --candidates 500
 
-``--synthetic DIR`` writes an artifacts directory first: the demo's architectures (the tiny
-feed ranker: 32-dim tables, MLP 256-128 with hidden gates, 2 full-rank cross layers; the
+``--synthetic DIR`` writes an artifacts directory first (only when DIR has no CURRENT: use a
+new DIR after changing the demo config): the demo's architectures (the feed ranker of
+configs/demo.py: 32-dim tables, MLP 64-32 with hidden gates, 2 rank-16 cross layers; the
 dual encoder's 2-layer 64-wide Llama over 40 prompt tokens) with random weights (latency
 does not depend on their values) over a feed world of ``--posts`` posts, so that K = 2000
 candidates exist (the tiny world has 1,000). ``--artifacts DIR`` uses an existing export.
@@ -35,6 +36,7 @@ def build_synthetic(root: Path, members: int, posts: int, dtype: str) -> None:
     from flax import nnx
 
     from lf_jax import feed_world
+    from lf_jax.configuration import load_config
     from lf_jax.models.causal_lm import LlamaConfig
     from lf_jax.models.dual_encoder import DualEncoder
     from lf_jax.models.ranker import FeedRanker
@@ -69,9 +71,7 @@ def build_synthetic(root: Path, members: int, posts: int, dtype: str) -> None:
         field_dims={n: tables[t].shape[1] for n, (t, _) in features.items()},
         num_dense=8,
         tasks=tasks,
-        mlp_dims=(256, 128),
-        dcn_layers=2,
-        dot_interactions=True,
+        **load_config("demo").ranker.model.to_dict(),  # the demo's architecture
         rngs=nnx.Rngs(0),
     )
     graphdef, params = nnx.split(ranker)

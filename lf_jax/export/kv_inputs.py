@@ -39,20 +39,32 @@ def encode_keys(ids, field: str = "ids") -> list[bytes]:
         ids = ids.tolist()
     elif not isinstance(ids, Sequence):
         ids = list(ids)
-    keys = []
+    try:  # the common case in one pass; a bad id is located below
+        keys = [key.encode("utf-8") for key in ids if isinstance(key, str)]
+    except UnicodeEncodeError:
+        keys = []
+    lengths = np.fromiter(map(len, keys), np.int64, len(keys))
+    if len(keys) == len(ids) and (
+        not keys or (int(lengths.min()) > 0 and int(lengths.max()) <= MAX_KEY_BYTES)
+    ):
+        return keys
     for position, key in enumerate(ids):
         if not isinstance(key, str):
             raise KVStoreError(
                 f"{field} must be str, got {type(key).__name__} {key!r} at position {position}"
             )
-        encoded = key.encode("utf-8")
+        try:
+            encoded = key.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise KVStoreError(
+                f"{field}: id at position {position} ({key[:60]!r}) is not valid utf-8 ({error})"
+            ) from None
         if not 0 < len(encoded) <= MAX_KEY_BYTES:
             raise KVStoreError(
                 f"{field}: id at position {position} ({key[:60]!r}) is {len(encoded)} "
                 f"utf-8 bytes; LMDB keys must be 1-{MAX_KEY_BYTES} bytes"
             )
-        keys.append(encoded)
-    return keys
+    raise AssertionError("unreachable: every id passed its checks")
 
 
 def check_unique_keys(keys: list[bytes], field: str = "ids") -> None:

@@ -204,13 +204,17 @@ class KVStore:
             return txn.get(key, db=self._rows) is not None
 
     def _decode(self, values: list[bytes], keys: list[bytes]) -> np.ndarray:
+        """records [n] of stored values (one frombuffer over their concatenation); a value of
+        the wrong size is an error naming its key."""
         size = self._row_dtype.itemsize
-        for key, value in zip(keys, values, strict=False):
-            if len(value) != size:
-                raise KVStoreError(
-                    f"KVStore: row {key.decode()!r} in '{self.path}' has {len(value)} bytes, "
-                    f"expected {size}; the store is corrupt or of another layout"
-                )
+        lengths = np.fromiter(map(len, values), np.int64, len(values))
+        bad = np.flatnonzero(lengths != size)
+        if bad.size:
+            key, length = keys[int(bad[0])], int(lengths[bad[0]])
+            raise KVStoreError(
+                f"KVStore: row {key.decode()!r} in '{self.path}' has {length} bytes, "
+                f"expected {size}; the store is corrupt or of another layout"
+            )
         return self._codec.decode(values)
 
     def _read_meta(self, txn) -> tuple[list[str], list[int]]:
@@ -390,9 +394,15 @@ class KVStore:
         if missing not in ("raise", "nan", "zeros"):
             raise KVStoreError(f"missing must be 'raise', 'nan' or 'zeros', got {missing!r}")
         keys = encode_keys(ids)
-        with self._reader() as txn:
-            values = [txn.get(key, db=self._rows) for key in keys]
-        found = np.array([value is not None for value in values], bool)
+        with self._reader() as txn, txn.cursor(db=self._rows) as cursor:
+            pairs = cursor.getmulti(keys)  # (key, value) of the keys found, in their order
+        if len(pairs) == len(keys):
+            found = np.ones(len(keys), bool)
+            values = [value for _, value in pairs]
+        else:
+            stored = dict(pairs)
+            found = np.array([key in stored for key in keys], bool)
+            values = [stored[key] for key in keys if key in stored]
         if not found.all() and missing == "raise":
             first = int(np.argmin(found))
             raise KVStoreError(
@@ -400,12 +410,13 @@ class KVStore:
                 f"(first: {keys[first].decode()!r} at position {first}); pass "
                 "missing='nan' or 'zeros' to fill them"
             )
-        records = np.zeros(len(keys), self._row_dtype)
-        if found.any():
-            records[found] = self._decode(
-                [v for v in values if v is not None],
-                [k for k, v in zip(keys, values, strict=False) if v is not None],
-            )
+        if found.all():
+            records = self._decode(values, keys) if keys else np.zeros(0, self._row_dtype)
+        else:
+            records = np.zeros(len(keys), self._row_dtype)
+            if found.any():
+                known = [key for key, f in zip(keys, found.tolist(), strict=True) if f]
+                records[found] = self._decode(values, known)
         return records, found, keys
 
     def get(self, ids, *, missing: str = "raise") -> np.ndarray:

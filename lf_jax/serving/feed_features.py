@@ -186,8 +186,8 @@ def pair_inputs(
 
     member_qm [Q, >=W_m], post_qkp [Q, K, >=W_p] float32 rows; member_table_q [Q] and
     post_table_qk [Q, K] are the rows of the member and post id tables (from the id maps).
-    ``per_query``: the features of MEMBER_FEATURES stay [Q, L] (one lookup per query,
-    repeated K times by the caller) instead of [Q*K, L].
+    ``per_query``: the features of MEMBER_FEATURES stay [Q, L] (one lookup per query;
+    the served ranker folds them, folded_ranker.py) instead of [Q*K, L].
     """
     q, k = post_qkp.shape[:2]
     mc, pc = layout.member_columns(), layout.post_columns()

@@ -4,7 +4,9 @@
   member and post table rows from the id maps -> the feed ranker's task probabilities
   [Q, K, T]. Inside: the pair features (feed_features.pair_inputs), one gather per
   feature from the tables (float32, or int8 codes times a float32 scale per row), the
-  feature's combiner, the dense standardisation and the FeedRanker.
+  feature's combiner, the dense standardisation and the FeedRanker, with the member's
+  features looked up and multiplied into the first layers once per query
+  (folded_ranker.py) rather than once per candidate.
 * ``retrieve``: member rows [Q, W] -> the member tower (the dual encoder on the member's
   prompt tokens), L2-normalised, scored against every item vector (cosine) -> top K
   scores and item rows [Q, K] (exact: all items are scored).
@@ -28,6 +30,7 @@ from flax import nnx
 from lf_jax.errors import UserInputError
 from lf_jax.export.quantize import quantize_int8
 from lf_jax.serving.feed_features import FeatureLayout, pair_inputs
+from lf_jax.serving.folded_ranker import folded_logits
 
 TABLE_DTYPES = ("float32", "int8")
 
@@ -64,20 +67,26 @@ def pooled_lookup(table: Mapping[str, jax.Array], ids_bl: jax.Array, combiner: s
 
 
 def ranker_probs(
-    graphdef, treedef, features: Mapping[str, tuple[str, str]], weights, sparse, dense, repeat=1
+    graphdef, treedef, features: Mapping[str, tuple[str, str]], weights, sparse, dense, candidates=1
 ):
     """Task probabilities [B, T] from sparse ids {feature: [B, L]} and raw dense [B, K_d].
 
     features: {feature: (table, combiner)} in the model's field order. A feature given for
-    B / ``repeat`` rows (one per query) is looked up once and repeated ``repeat`` times."""
+    B / ``candidates`` rows (one per query: the member's) is looked up once per query, and
+    the model's layers that read it are split so that its columns are multiplied once per
+    query (folded_ranker.folded_logits); with every feature given for B rows the model
+    runs as trained."""
     rows = dense.shape[0]
-    activations = {}
+    member: dict[str, jax.Array] = {}
+    pair: dict[str, jax.Array] = {}
     for name, (table, combiner) in features.items():
         pooled = pooled_lookup(weights["tables"][table], sparse[name], combiner)
-        activations[name] = pooled if pooled.shape[0] == rows else jnp.repeat(pooled, repeat, 0)
+        (pair if pooled.shape[0] == rows else member)[name] = pooled
     dense = (dense - weights["dense_mean"]) / weights["dense_std"]
     model = nnx.merge(graphdef, jax.tree.unflatten(treedef, weights["params"]))
-    return jax.nn.sigmoid(model(activations, dense))
+    if not member:
+        return jax.nn.sigmoid(model(pair, dense))
+    return jax.nn.sigmoid(folded_logits(model, member, pair, dense, candidates=candidates))
 
 
 def rank_function(graphdef, treedef, features: Mapping[str, tuple[str, str]], layout):
@@ -88,7 +97,7 @@ def rank_function(graphdef, treedef, features: Mapping[str, tuple[str, str]], la
         sparse, dense = pair_inputs(
             jnp, layout, member_qw, post_qkw, member_table_q, post_table_qk, per_query=True
         )
-        probs = ranker_probs(graphdef, treedef, features, weights, sparse, dense, repeat=k)
+        probs = ranker_probs(graphdef, treedef, features, weights, sparse, dense, candidates=k)
         return probs.reshape(q, k, -1)
 
     return rank

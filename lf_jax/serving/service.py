@@ -53,6 +53,9 @@ class Request:
     k: int = 0
     post_ids: list[str] | None = None
     top_n: int | None = None
+    # the ranker's table rows of member_id and the posts to rank (Version.check, _process)
+    member_row: int = -1
+    post_rows: np.ndarray | None = None
     future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
     received: float = dataclasses.field(default_factory=time.perf_counter)
 
@@ -76,6 +79,13 @@ class Version:
             if ranker
             else None
         )
+        retrieval = self.models.get("retrieval")
+        # retrieved item row -> the ranker's post table row (feed requests skip the id map)
+        self.item_post_rows = (
+            ranker.rows("post", retrieval.keys["item"].tolist())[0]
+            if ranker and retrieval
+            else None
+        )
 
     def stages(self) -> list[str]:
         have = set(self.models)
@@ -94,9 +104,11 @@ class Version:
 
     def check(self, request: Request) -> tuple[str, int] | None:
         """(reason, status) when ``request`` cannot be answered by this version, else None."""
-        any_model = next(iter(self.models.values()))
-        if not any_model.rows("member", [request.member_id])[1][0]:
+        any_model = self.models.get("ranker") or next(iter(self.models.values()))
+        member_rows, known_member = any_model.rows("member", [request.member_id])
+        if not known_member[0]:
             return f"member_id {request.member_id!r} is not a known member", 404
+        request.member_row = int(member_rows[0])
         if request.stage == "rank":
             posts = request.post_ids or []
             limit = self.max_candidates("ranker")
@@ -104,10 +116,11 @@ class Version:
                 return f"post_ids must name 1 to {limit} posts, got {len(posts)}", 400
             if len(set(posts)) != len(posts):
                 return "post_ids must not repeat a post", 400
-            _, known = self.models["ranker"].rows("post", posts)
+            rows, known = self.models["ranker"].rows("post", posts)
             if not known.all():
                 first = posts[int(np.argmin(known))]
                 return f"post_ids: {first!r} is not a known post", 404
+            request.post_rows = rows
         else:
             limit = min(self.max_candidates("retrieval"), self.max_candidates("ranker"))
             if request.stage == "retrieve":
@@ -238,6 +251,8 @@ class Service:
                 for i, ks in zip(feeds, keys, strict=True):
                     rank_posts[i] = ks
                     post_rows[i] = rows[offset : offset + len(ks)]
+                    assert version.item_post_rows is not None  # feed: both models
+                    live[i].post_rows = version.item_post_rows[retrieved[i][1]]
                     offset += len(ks)
         rank_ms = 0.0
         scored: dict[int, np.ndarray] = {}
@@ -301,8 +316,8 @@ class Service:
                 n = len(rank_posts[i])
                 member_qw[j] = member_rows[i]
                 post_qkw[j, :n] = post_rows[i]
-                member_q[j] = ranker.rows("member", [live[i].member_id])[0][0]
-                post_qk[j, :n] = ranker.rows("post", rank_posts[i])[0]
+                member_q[j] = live[i].member_row
+                post_qk[j, :n] = live[i].post_rows
             probs = np.asarray(fn(ranker.weights, member_qw, post_qkw, member_q, post_qk))
             for j, i in enumerate(chunk):
                 out[i] = probs[j, : len(rank_posts[i])]
