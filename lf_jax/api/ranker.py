@@ -38,6 +38,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 import lf_jax
+from lf_jax.api.params_npz import load_params, save_params
 from lf_jax.console import ensure_logging, get_logger, progress
 from lf_jax.embedding.collection import EmbeddingCollection
 from lf_jax.embedding.sparse_optim import from_config as optimizer_from_config
@@ -62,15 +63,6 @@ def _table_from_json(values: Mapping) -> TableSpec:
     return TableSpec(
         **{**values, "optimizer": optimizer_from_config(optimizer.pop("kind"), **optimizer)}
     )
-
-
-def _flat(tree) -> dict[str, Any]:
-    """{"a/b/0": leaf} of a nested pure dict (the npz keys of the saved parameters)."""
-    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {
-        "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf
-        for path, leaf in leaves
-    }
 
 
 class Ranker:
@@ -306,11 +298,8 @@ class Ranker:
             "steps_trained": self.steps_trained,
         }
         (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        params: dict[str, Any] = {
-            k: np.asarray(v) for k, v in _flat(nnx.to_pure_dict(self.params)).items()
-        }
+        save_params(directory / "params.npz", self.params)
         tables: dict[str, Any] = self.collection.logical_tables(self.embedding)
-        np.savez(directory / "params.npz", **params)
         np.savez(directory / "tables.npz", **tables)
         return directory
 
@@ -335,13 +324,7 @@ class Ranker:
             weight_decay=manifest["weight_decay"],
             seed=manifest["seed"],
         )
-        with np.load(Path(directory) / "params.npz") as saved:
-            pure = nnx.to_pure_dict(ranker.params)
-            leaves, treedef = jax.tree_util.tree_flatten(pure)
-            keys = list(_flat(pure))
-            restored = jax.tree_util.tree_unflatten(treedef, [saved[k] for k in keys])
-        params = ranker.params
-        nnx.replace_by_pure_dict(params, restored)
+        params = load_params(Path(directory) / "params.npz", ranker.params)
         ranker.params = jax.device_put(params, NamedSharding(ranker.mesh, PartitionSpec()))
         with np.load(Path(directory) / "tables.npz") as saved:
             tables = {name: saved[name] for name in saved.files}
