@@ -69,7 +69,9 @@ class Ranker:
     """A multi-task ranker over sparse id features and dense features (see the module
     docstring). ``model`` holds FeedRanker options (``mlp_dims``, ``dcn_layers``,
     ``gatenet``, ...); ``plan`` a partial hand plan; ``mesh`` a shape like
-    ``{"data": -1}`` over every device of the process."""
+    ``{"data": -1}`` over every device of the process; ``dense_mean``/``dense_std`` [K]
+    standardise the dense features before the model (``from_workdir`` sets them to the
+    training run's)."""
 
     def __init__(
         self,
@@ -86,6 +88,8 @@ class Ranker:
         weight_decay: float = 1e-5,
         memory_budget_bytes: int = 2_000_000_000,
         seed: int = 0,
+        dense_mean: Sequence[float] | None = None,
+        dense_std: Sequence[float] | None = None,
     ):
         from lf_jax.distributed.mesh import make_mesh
         from lf_jax.planner import plan_tables
@@ -100,6 +104,17 @@ class Ranker:
         self.model_options = {**SMALL_MODEL, **dict(model or {})}
         self.batch_size, self.seed = int(batch_size), int(seed)
         self.learning_rate, self.weight_decay = float(learning_rate), float(weight_decay)
+        self.dense_stats = None
+        if (dense_mean is None) != (dense_std is None):
+            raise UserInputError("Ranker: pass dense_mean and dense_std together (or neither)")
+        if dense_mean is not None and dense_std is not None:
+            stats = np.asarray(dense_mean, np.float32), np.asarray(dense_std, np.float32)
+            if any(x.shape != (self.num_dense,) for x in stats) or stats[1].min() <= 0:
+                raise UserInputError(
+                    f"Ranker: dense_mean and dense_std must be [{self.num_dense}] "
+                    f"(std > 0), got shapes {stats[0].shape} and {stats[1].shape}"
+                )
+            self.dense_stats = stats
         self.mesh = make_mesh(dict(mesh or {"data": -1}))
         devices = int(np.prod(list(self.mesh.shape.values())))
         if self.batch_size % devices:
@@ -145,6 +160,8 @@ class Ranker:
             raise UserInputError(
                 f"batch 'dense' must be [B, {self.num_dense}], got shape {dense.shape}"
             )
+        if self.dense_stats is not None:  # standardised as in training
+            dense = (dense - self.dense_stats[0]) / self.dense_stats[1]
         inputs = {
             "sparse": self.collection.preprocess({f.name: batch[f.name] for f in self.features}),
             "dense": dense,
@@ -296,12 +313,29 @@ class Ranker:
             "weight_decay": self.weight_decay,
             "seed": self.seed,
             "steps_trained": self.steps_trained,
+            "dense_stats": None
+            if self.dense_stats is None
+            else [x.tolist() for x in self.dense_stats],
         }
         (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
         save_params(directory / "params.npz", self.params)
         tables: dict[str, Any] = self.collection.logical_tables(self.embedding)
         np.savez(directory / "tables.npz", **tables)
         return directory
+
+    @classmethod
+    def from_workdir(
+        cls,
+        workdir: str | Path,
+        *,
+        step: int | None = None,
+        mesh: Mapping[str, int] | None = None,
+    ) -> "Ranker":
+        """The feed ranker trained by ``lf-jax train`` in ``workdir`` (newest checkpoint or
+        ``step``) as a Ranker; see ``lf_jax.api.ranker_run``."""
+        from lf_jax.api.ranker_run import ranker_from_workdir
+
+        return ranker_from_workdir(workdir, step=step, mesh=mesh)
 
     @classmethod
     def load(cls, directory: str | Path, *, mesh: Mapping[str, int] | None = None) -> "Ranker":
@@ -323,6 +357,8 @@ class Ranker:
             learning_rate=manifest["learning_rate"],
             weight_decay=manifest["weight_decay"],
             seed=manifest["seed"],
+            dense_mean=(manifest.get("dense_stats") or [None, None])[0],
+            dense_std=(manifest.get("dense_stats") or [None, None])[1],
         )
         params = load_params(Path(directory) / "params.npz", ranker.params)
         ranker.params = jax.device_put(params, NamedSharding(ranker.mesh, PartitionSpec()))
