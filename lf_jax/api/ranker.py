@@ -32,7 +32,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -44,7 +43,6 @@ from lf_jax.embedding.collection import EmbeddingCollection
 from lf_jax.embedding.sparse_optim import from_config as optimizer_from_config
 from lf_jax.embedding.spec import FeatureSpec, TableSpec
 from lf_jax.errors import UserInputError
-from lf_jax.losses import weighted_bce
 from lf_jax.models.ranker import FeedRanker
 from lf_jax.workdir import ensure_writable_dir, reject_remote
 
@@ -196,6 +194,7 @@ class Ranker:
         iterator is an error); returns one row per ``log_every`` steps (default steps/10)
         with the loss of each task. Shows a progress bar (Jupyter included) and about ten
         INFO lines."""
+        from lf_jax.train.ranker_model import ranker_loss
         from lf_jax.train.step import dense_optimizer, init_train_state, make_train_step
 
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
@@ -211,7 +210,7 @@ class Ranker:
         )
         tx = dense_optimizer(train)
         state = jax.jit(lambda p, e: init_train_state(p, tx, e))(self.params, self.embedding)
-        step_fn = make_train_step(self.graphdef, self.collection, tx, self._loss)
+        step_fn = make_train_step(self.graphdef, self.collection, tx, ranker_loss)
         history: list[dict] = []
         iterator = iter(batches)
         done = 0
@@ -263,22 +262,14 @@ class Ranker:
         row.update({f"loss_{t}": float(v) for t, v in zip(self.tasks, aux, strict=True)})
         return row
 
-    def _loss(self, model, activations, micro_batch):
-        logits_bt = model(activations, micro_batch["dense"])
-        per_task_t = weighted_bce(logits_bt, micro_batch["labels"], micro_batch["weights"])
-        return jnp.sum(per_task_t), per_task_t
-
     # ----- scoring -------------------------------------------------------------------------
     def predict(self, batch: Mapping) -> np.ndarray:
         """Probabilities [B, T] (column t: task ``tasks[t]``) of a batch of any size."""
+        from lf_jax.train.ranker_model import ranker_probs
         from lf_jax.train.step import make_eval_step
 
         if self._predict is None:
-            self._predict = make_eval_step(
-                self.graphdef,
-                self.collection,
-                lambda model, acts, b: jax.nn.sigmoid(model(acts, b["dense"])),
-            )
+            self._predict = make_eval_step(self.graphdef, self.collection, ranker_probs)
         inputs = self._inputs(batch, labels=False)
         size = len(inputs["dense"])
         devices = self.mesh.size
