@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 
 _LAZY = {  # name -> module it lives in
     "Ranker": "lf_jax.api.ranker",
+    "Encoder": "lf_jax.api.encoder",
     "TableSpec": "lf_jax.embedding.spec",
     "FeatureSpec": "lf_jax.embedding.spec",
     "sgd": "lf_jax.embedding.sparse_optim",

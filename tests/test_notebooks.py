@@ -87,7 +87,7 @@ def test_quickstart_notebook_runs(tmp_path, feed_builder, feed_data_dir):
     text = stdout_of(notebook)
     assert "over 8 cpu device(s)" in text
     assert "recall@10 against exact search" in text
-    assert images_of(notebook) == 1  # the loss curve
+    assert images_of(notebook) == 1  # smoothed loss and holdout AUC vs oracle AUC
     workdirs = list(tmp_path.glob("lf_jax_quickstart_*"))
     assert len(workdirs) == 1, workdirs  # written under tmp_path, nowhere else
     history = [

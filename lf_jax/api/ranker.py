@@ -32,18 +32,17 @@ from types import SimpleNamespace
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 import lf_jax
+from lf_jax.api.params_npz import load_params, save_params
 from lf_jax.console import ensure_logging, get_logger, progress
 from lf_jax.embedding.collection import EmbeddingCollection
 from lf_jax.embedding.sparse_optim import from_config as optimizer_from_config
 from lf_jax.embedding.spec import FeatureSpec, TableSpec
 from lf_jax.errors import UserInputError
-from lf_jax.losses import weighted_bce
 from lf_jax.models.ranker import FeedRanker
 from lf_jax.workdir import ensure_writable_dir, reject_remote
 
@@ -64,20 +63,13 @@ def _table_from_json(values: Mapping) -> TableSpec:
     )
 
 
-def _flat(tree) -> dict[str, Any]:
-    """{"a/b/0": leaf} of a nested pure dict (the npz keys of the saved parameters)."""
-    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {
-        "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf
-        for path, leaf in leaves
-    }
-
-
 class Ranker:
     """A multi-task ranker over sparse id features and dense features (see the module
     docstring). ``model`` holds FeedRanker options (``mlp_dims``, ``dcn_layers``,
     ``gatenet``, ...); ``plan`` a partial hand plan; ``mesh`` a shape like
-    ``{"data": -1}`` over every device of the process."""
+    ``{"data": -1}`` over every device of the process; ``dense_mean``/``dense_std`` [K]
+    standardise the dense features before the model (``from_workdir`` sets them to the
+    training run's)."""
 
     def __init__(
         self,
@@ -94,6 +86,8 @@ class Ranker:
         weight_decay: float = 1e-5,
         memory_budget_bytes: int = 2_000_000_000,
         seed: int = 0,
+        dense_mean: Sequence[float] | None = None,
+        dense_std: Sequence[float] | None = None,
     ):
         from lf_jax.distributed.mesh import make_mesh
         from lf_jax.planner import plan_tables
@@ -108,6 +102,17 @@ class Ranker:
         self.model_options = {**SMALL_MODEL, **dict(model or {})}
         self.batch_size, self.seed = int(batch_size), int(seed)
         self.learning_rate, self.weight_decay = float(learning_rate), float(weight_decay)
+        self.dense_stats = None
+        if (dense_mean is None) != (dense_std is None):
+            raise UserInputError("Ranker: pass dense_mean and dense_std together (or neither)")
+        if dense_mean is not None and dense_std is not None:
+            stats = np.asarray(dense_mean, np.float32), np.asarray(dense_std, np.float32)
+            if any(x.shape != (self.num_dense,) for x in stats) or stats[1].min() <= 0:
+                raise UserInputError(
+                    f"Ranker: dense_mean and dense_std must be [{self.num_dense}] "
+                    f"(std > 0), got shapes {stats[0].shape} and {stats[1].shape}"
+                )
+            self.dense_stats = stats
         self.mesh = make_mesh(dict(mesh or {"data": -1}))
         devices = int(np.prod(list(self.mesh.shape.values())))
         if self.batch_size % devices:
@@ -153,6 +158,8 @@ class Ranker:
             raise UserInputError(
                 f"batch 'dense' must be [B, {self.num_dense}], got shape {dense.shape}"
             )
+        if self.dense_stats is not None:  # standardised as in training
+            dense = (dense - self.dense_stats[0]) / self.dense_stats[1]
         inputs = {
             "sparse": self.collection.preprocess({f.name: batch[f.name] for f in self.features}),
             "dense": dense,
@@ -187,6 +194,7 @@ class Ranker:
         iterator is an error); returns one row per ``log_every`` steps (default steps/10)
         with the loss of each task. Shows a progress bar (Jupyter included) and about ten
         INFO lines."""
+        from lf_jax.train.ranker_model import ranker_loss
         from lf_jax.train.step import dense_optimizer, init_train_state, make_train_step
 
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
@@ -202,7 +210,7 @@ class Ranker:
         )
         tx = dense_optimizer(train)
         state = jax.jit(lambda p, e: init_train_state(p, tx, e))(self.params, self.embedding)
-        step_fn = make_train_step(self.graphdef, self.collection, tx, self._loss)
+        step_fn = make_train_step(self.graphdef, self.collection, tx, ranker_loss)
         history: list[dict] = []
         iterator = iter(batches)
         done = 0
@@ -254,22 +262,14 @@ class Ranker:
         row.update({f"loss_{t}": float(v) for t, v in zip(self.tasks, aux, strict=True)})
         return row
 
-    def _loss(self, model, activations, micro_batch):
-        logits_bt = model(activations, micro_batch["dense"])
-        per_task_t = weighted_bce(logits_bt, micro_batch["labels"], micro_batch["weights"])
-        return jnp.sum(per_task_t), per_task_t
-
     # ----- scoring -------------------------------------------------------------------------
     def predict(self, batch: Mapping) -> np.ndarray:
         """Probabilities [B, T] (column t: task ``tasks[t]``) of a batch of any size."""
+        from lf_jax.train.ranker_model import ranker_probs
         from lf_jax.train.step import make_eval_step
 
         if self._predict is None:
-            self._predict = make_eval_step(
-                self.graphdef,
-                self.collection,
-                lambda model, acts, b: jax.nn.sigmoid(model(acts, b["dense"])),
-            )
+            self._predict = make_eval_step(self.graphdef, self.collection, ranker_probs)
         inputs = self._inputs(batch, labels=False)
         size = len(inputs["dense"])
         devices = self.mesh.size
@@ -304,15 +304,29 @@ class Ranker:
             "weight_decay": self.weight_decay,
             "seed": self.seed,
             "steps_trained": self.steps_trained,
+            "dense_stats": None
+            if self.dense_stats is None
+            else [x.tolist() for x in self.dense_stats],
         }
         (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        params: dict[str, Any] = {
-            k: np.asarray(v) for k, v in _flat(nnx.to_pure_dict(self.params)).items()
-        }
+        save_params(directory / "params.npz", self.params)
         tables: dict[str, Any] = self.collection.logical_tables(self.embedding)
-        np.savez(directory / "params.npz", **params)
         np.savez(directory / "tables.npz", **tables)
         return directory
+
+    @classmethod
+    def from_workdir(
+        cls,
+        workdir: str | Path,
+        *,
+        step: int | None = None,
+        mesh: Mapping[str, int] | None = None,
+    ) -> "Ranker":
+        """The feed ranker trained by ``lf-jax train`` in ``workdir`` (newest checkpoint or
+        ``step``) as a Ranker; see ``lf_jax.api.ranker_run``."""
+        from lf_jax.api.ranker_run import ranker_from_workdir
+
+        return ranker_from_workdir(workdir, step=step, mesh=mesh)
 
     @classmethod
     def load(cls, directory: str | Path, *, mesh: Mapping[str, int] | None = None) -> "Ranker":
@@ -334,14 +348,10 @@ class Ranker:
             learning_rate=manifest["learning_rate"],
             weight_decay=manifest["weight_decay"],
             seed=manifest["seed"],
+            dense_mean=(manifest.get("dense_stats") or [None, None])[0],
+            dense_std=(manifest.get("dense_stats") or [None, None])[1],
         )
-        with np.load(Path(directory) / "params.npz") as saved:
-            pure = nnx.to_pure_dict(ranker.params)
-            leaves, treedef = jax.tree_util.tree_flatten(pure)
-            keys = list(_flat(pure))
-            restored = jax.tree_util.tree_unflatten(treedef, [saved[k] for k in keys])
-        params = ranker.params
-        nnx.replace_by_pure_dict(params, restored)
+        params = load_params(Path(directory) / "params.npz", ranker.params)
         ranker.params = jax.device_put(params, NamedSharding(ranker.mesh, PartitionSpec()))
         with np.load(Path(directory) / "tables.npz") as saved:
             tables = {name: saved[name] for name in saved.files}

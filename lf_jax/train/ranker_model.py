@@ -17,6 +17,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -27,6 +28,7 @@ from lf_jax.embedding.collection import EmbeddingCollection
 from lf_jax.embedding.config_specs import memory_budget_from_config, specs_from_config
 from lf_jax.errors import UserInputError
 from lf_jax.input.datasets import build_dataset, dataset_metadata, open_built_dataset
+from lf_jax.losses import weighted_bce
 from lf_jax.models.ranker import FeedRanker
 from lf_jax.planner import plan_tables
 from lf_jax.train.step import init_train_state
@@ -39,6 +41,19 @@ VOCAB_OF_TABLE = {
     "post": "num_posts",
     "position": "num_positions",
 }
+
+
+def ranker_loss(model: FeedRanker, activations, micro_batch) -> tuple[jax.Array, jax.Array]:
+    """The feed ranker's loss for ``make_train_step``, ``lf-jax train`` and ``lf_jax.Ranker``
+    alike: the sum over tasks of (IPS-)weighted BCE; aux the per-task losses [T]."""
+    logits_bt = model(activations, micro_batch["dense"])
+    per_task_t = weighted_bce(logits_bt, micro_batch["labels"], micro_batch["weights"])
+    return jnp.sum(per_task_t), per_task_t
+
+
+def ranker_probs(model: FeedRanker, activations, batch) -> jax.Array:
+    """Probabilities [B, T] (``make_eval_step``'s predict_fn of both paths)."""
+    return jax.nn.sigmoid(model(activations, batch["dense"]))
 
 
 def train_stats(builder) -> dict:
