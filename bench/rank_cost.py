@@ -29,15 +29,10 @@ from lf_jax.serving.feed_features import FeatureLayout, pair_inputs
 from lf_jax.serving.folded_ranker import folded_logits
 from lf_jax.serving.functions import encode_table, ranker_probs
 
-FEATURES = {  # feature: (table, combiner), the tiny feed ranker's
-    "member_id": ("member", "sum"),
-    "actor_id": ("member", "sum"),
-    "root_actor_id": ("member", "sum"),
-    "post_id": ("post", "sum"),
-    "post_hashtags": ("hashtag", "mean"),
-    "history_actors": ("member", "mean"),
-    "history_hashtags": ("hashtag", "mean"),
-    "position": ("position", "sum"),
+# feature: (table, combiner), the demo ranker's
+FEATURES = {
+    name: (spec.table, spec.combiner)
+    for name, spec in load_config("demo").ranker.embedding.features.items()
 }
 MEMBER_SIDE = ("member_id", "history_actors", "history_hashtags", "position")
 

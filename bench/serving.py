@@ -53,15 +53,9 @@ def build_synthetic(root: Path, members: int, posts: int, dtype: str) -> None:
     prompts[:, 30:] = -1
     layout = layout_for(world, prompt_length)
     version, out = "v0001", root / "versions" / "v0001"
-    features = {
-        "member_id": ("member", "sum"),
-        "actor_id": ("member", "sum"),
-        "root_actor_id": ("member", "sum"),
-        "post_id": ("post", "sum"),
-        "post_hashtags": ("hashtag", "mean"),
-        "history_actors": ("member", "mean"),
-        "history_hashtags": ("hashtag", "mean"),
-        "position": ("position", "sum"),
+    features = {  # feature: (table, combiner), the demo ranker's
+        name: (spec.table, spec.combiner)
+        for name, spec in load_config("demo").ranker.embedding.features.items()
     }
     sizes = {"member": members + 1, "post": posts + 1, "hashtag": world.num_hashtags + 1}
     tables = {n: rng.normal(0, 0.2, (v, 32)).astype(np.float32) for n, v in sizes.items()}
