@@ -20,13 +20,17 @@ from lf_jax.configuration import (
     split_override_args,
 )
 from lf_jax.console import get_logger, set_verbosity
+from lf_jax.distributed.device_flags import (
+    add_device_arguments,
+    planned_device_count,
+    setup_devices,
+)
 from lf_jax.distributed.multihost import is_primary
 from lf_jax.errors import LfJaxError, UserInputError
 from lf_jax.serving import commands as serving_commands
 from lf_jax.workdir import ensure_writable_dir, reject_remote
 
 DEFAULT_CONFIGS = {"demo": "demo", "plan": "feed_ranker"}  # packaged: lf_jax/configs/<name>.py
-ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm_plugin", "libtpu")
 
 
 class CommandError(UserInputError):
@@ -70,23 +74,8 @@ def _resolved_config(args, overrides):
         config = apply_overrides(load_workdir_config(args.workdir), overrides)
     else:
         config = apply_overrides(load_config(args.config), overrides)
-    check_config(config, _planned_device_count(args, config))
+    check_config(config, planned_device_count(args, config))
     return config
-
-
-def _planned_device_count(args, config) -> int | None:
-    """The devices the run will have, when known before they exist: config.devices for
-    simulated CPU devices, N x processes for --devices cpu:N; None for real accelerators."""
-    import importlib.util
-
-    choice = getattr(args, "devices", None)
-    if choice is None or (
-        choice == "auto" and not any(importlib.util.find_spec(n) for n in ACCELERATOR_PLUGINS)
-    ):
-        return config.get("devices")
-    if choice.startswith("cpu:") and choice[4:].isdigit():
-        return int(choice[4:]) * _distributed_settings(args, config).num_processes
-    return None
 
 
 def _check_workdir(path: str) -> Path:
@@ -165,116 +154,17 @@ def _plan_run(args, overrides):
         print(f"plan written to {output}")
 
 
-# --- devices ----------------------------------------------------------------------------
-def _add_devices(parser):
-    parser.add_argument(
-        "--devices",
-        default="auto",
-        metavar="auto|cpu:N|real",
-        help="auto: real accelerators when a GPU/TPU plugin is installed, else "
-        "config.devices simulated CPU devices (split over the processes); "
-        "cpu:N simulates N per process; real uses what jax finds (default: auto)",
-    )
-    group = parser.add_argument_group(
-        "several processes (jax.distributed; default: found from LF_JAX_* variables, SLURM, "
-        "GKE TPU or JobSet, else one process; see launch/README.md)"
-    )
-    group.add_argument(
-        "--distributed",
-        default=None,
-        choices=("auto", "off", "jax"),
-        help="auto: detect; off: one process; jax: let jax.distributed detect (Cloud TPU VMs)",
-    )
-    group.add_argument(
-        "--coordinator",
-        default=None,
-        metavar="HOST:PORT",
-        help="address of process 0 (LF_JAX_COORDINATOR_ADDRESS)",
-    )
-    group.add_argument("--num-processes", type=int, default=None, help="LF_JAX_NUM_PROCESSES")
-    group.add_argument("--process-id", type=int, default=None, help="LF_JAX_PROCESS_ID")
-    group.add_argument(
-        "--heartbeat-timeout",
-        type=int,
-        default=None,
-        metavar="S",
-        help="a dead process stops the others after about S s (default 30)",
-    )
-    group.add_argument(
-        "--shutdown-timeout",
-        type=int,
-        default=None,
-        metavar="S",
-        help="a failed process stops the others after at most S s (default 60)",
-    )
-
-
-def _distributed_settings(args, config):
-    """Flags > config.distributed (optional section) > LF_JAX_* > scheduler environment."""
-    from lf_jax.distributed.multihost import settings_from_env
-
-    values = dict(config.get("distributed") or {}) if config is not None else {}
-    flags = {
-        "mode": "distributed",
-        "coordinator_address": "coordinator",
-        "num_processes": "num_processes",
-        "process_id": "process_id",
-        "heartbeat_timeout_s": "heartbeat_timeout",
-        "shutdown_timeout_s": "shutdown_timeout",
-    }
-    values.update(
-        {
-            name: getattr(args, flag)
-            for name, flag in flags.items()
-            if getattr(args, flag, None) is not None
-        }
-    )
-    return settings_from_env(**values)
-
-
-def _setup_devices(choice: str, config, args=None) -> None:
-    """Simulated CPU devices (per process) and, for several processes, jax.distributed."""
-    import importlib.util
-
-    from lf_jax.distributed import multihost
-    from lf_jax.distributed.devices import simulate_cpu_devices
-
-    settings = _distributed_settings(args, config)
-    count = None  # simulated CPU devices of this process
-    if choice.startswith("cpu:"):
-        try:
-            count = int(choice[4:])
-        except ValueError:
-            raise CommandError(f"--devices {choice!r}: expected cpu:N with an integer N") from None
-    elif choice not in ("auto", "real"):
-        raise CommandError(f"--devices {choice!r}: expected auto, cpu:N or real")
-    elif choice == "auto" and not any(
-        importlib.util.find_spec(name) for name in ACCELERATOR_PLUGINS
-    ):
-        total = int(config.get("devices", 1))
-        count = multihost.cpu_devices_from_env() or total // settings.num_processes
-        if multihost.cpu_devices_from_env() is None and total % settings.num_processes:
-            raise CommandError(
-                f"config devices={total} does not split over "
-                f"{settings.num_processes} processes; use --devices cpu:N"
-            )
-    if settings.is_multiprocess:
-        multihost.initialize(settings, cpu_devices=count)
-    elif count is not None:
-        simulate_cpu_devices(count)
-
-
 # --- train / eval / ips -----------------------------------------------------------------
 def _train_arguments(parser):
     _add_config_arguments(parser, None)
     _add_workdir(parser, "runs/train")
-    _add_devices(parser)
+    add_device_arguments(parser)
 
 
 def _train_run(args, overrides):
     config = _resolved_config(args, overrides)
     _check_workdir(args.workdir)
-    _setup_devices(args.devices, config, args)
+    setup_devices(args.devices, config, args)
     from lf_jax.train.loop import train_and_evaluate
 
     metrics = train_and_evaluate(config, args.workdir)
@@ -289,7 +179,7 @@ def _train_run(args, overrides):
 def _eval_arguments(parser):
     _add_config_arguments(parser, None, required=False)
     _add_workdir(parser, "runs/train")
-    _add_devices(parser)
+    add_device_arguments(parser)
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
 
 
@@ -299,7 +189,7 @@ def _eval_run(args, overrides):
     checkpoints = (Path(args.workdir) / "checkpoints").absolute()
     if not checkpoints.is_dir() or not any(p.name.isdigit() for p in checkpoints.iterdir()):
         raise CommandError(f"no checkpoint in '{checkpoints}': train first (or pass --workdir)")
-    _setup_devices(args.devices, config, args)
+    setup_devices(args.devices, config, args)
     from lf_jax.train.loop import evaluate_checkpoint
 
     step, metrics = evaluate_checkpoint(config, args.workdir, args.step)
@@ -335,7 +225,7 @@ def _ips_run(args, overrides):
 def _export_arguments(parser):
     _add_config_arguments(parser, None)
     _add_workdir(parser, "runs/train")
-    _add_devices(parser)
+    add_device_arguments(parser)
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     parser.add_argument(
         "--entity",
@@ -386,12 +276,12 @@ def _export_run(args, overrides):
     reject_remote(args.output, "--output")
     if args.serving:
         serving_commands.check_export(args)  # before any device work
-        _setup_devices(args.devices, config, args)
+        setup_devices(args.devices, config, args)
         return serving_commands.run_export(args, config)
     if args.entity is None:
         raise CommandError("--entity is required (members, posts or items) without --serving")
     check_output(args.output)  # before any device work
-    _setup_devices(args.devices, config, args)
+    setup_devices(args.devices, config, args)
     from lf_jax.export.embed_corpus import export_corpus, open_source
 
     source = open_source(config, args.workdir, args.step)
