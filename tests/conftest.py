@@ -90,6 +90,23 @@ def shrunk_ranker_config(repo_root, feed_data_dir):
 
 
 @pytest.fixture(scope="session")
+def ranker_workdir(shrunk_ranker_config, feed_builder, tmp_path_factory):
+    """(config, workdir) of a feed ranker whose checkpoint holds its initial state."""
+    from lf_jax.train.checkpoint import Checkpointer
+    from lf_jax.train.loop import build_task
+
+    config = shrunk_ranker_config()
+    with config.unlocked():
+        config.train.ips = False
+    workdir = tmp_path_factory.mktemp("serving_ranker")
+    task = build_task(config, workdir)
+    checkpointer = Checkpointer(workdir / "checkpoints")
+    checkpointer.save(1, task.init_state(), task.collection, {})
+    checkpointer.close()
+    return config, workdir
+
+
+@pytest.fixture(scope="session")
 def mesh_of():
     """``mesh_of({"data": 2, "model": 4})``: one Mesh per shape for the whole session."""
     from lf_jax.distributed.mesh import make_mesh

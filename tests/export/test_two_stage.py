@@ -13,25 +13,15 @@ from lf_jax.export.two_stage import (
     TwoStageService,
     parse_ids,
 )
-from lf_jax.train.checkpoint import Checkpointer
 
 NUM_POSTS, DIM, K = 1_000, 8, 500  # feed_logs/tiny has 1,000 posts and 300 members
 
 
 @pytest.fixture(scope="module")
-def service(shrunk_ranker_config, feed_builder, tmp_path_factory):
+def service(ranker_workdir):
     """A ranker restored from a checkpoint of its initial state; an index of random post vectors;
     a stand-in member tower (test double: fixed random query vectors per member)."""
-    from lf_jax.train.loop import build_task
-
-    config = shrunk_ranker_config()
-    with config.unlocked():
-        config.train.ips = False
-    workdir = tmp_path_factory.mktemp("ranker")
-    task = build_task(config, workdir)
-    checkpointer = Checkpointer(workdir / "checkpoints")
-    checkpointer.save(1, task.init_state(), task.collection, {})
-    checkpointer.close()
+    config, workdir = ranker_workdir
     source = open_source(config, workdir)
     rng = np.random.default_rng(0)
     index = VectorIndex.build(

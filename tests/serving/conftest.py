@@ -1,26 +1,9 @@
-"""Fixtures for serving tests: a feed ranker checkpoint (its initial state) on the tiny
-feed_logs build, and factories of serving artifact directories exported from it."""
+"""Fixtures for serving tests: factories of serving artifact directories exported from the
+session's feed ranker checkpoint (``ranker_workdir`` in tests/conftest.py)."""
 
 import pytest
 
 BUCKETS = {"queries": (1, 2), "candidates": (64,)}
-
-
-@pytest.fixture(scope="session")
-def ranker_workdir(shrunk_ranker_config, feed_builder, tmp_path_factory):
-    """(config, workdir) of a feed ranker whose checkpoint holds its initial state."""
-    from lf_jax.train.checkpoint import Checkpointer
-    from lf_jax.train.loop import build_task
-
-    config = shrunk_ranker_config()
-    with config.unlocked():
-        config.train.ips = False
-    workdir = tmp_path_factory.mktemp("serving_ranker")
-    task = build_task(config, workdir)
-    checkpointer = Checkpointer(workdir / "checkpoints")
-    checkpointer.save(1, task.init_state(), task.collection, {})
-    checkpointer.close()
-    return config, workdir
 
 
 @pytest.fixture(scope="session")
