@@ -1,7 +1,7 @@
 """TFDS builder for the synthetic feed logs (array_record, built offline, no TensorFlow).
 
-Configs: tiny (~506k impressions, ~70 s), tiny_unlogged (tiny whose old ranker also saw a
-relevance term the logs lack), small (~1M), large (~10M, minutes to hours); see
+Configs: tiny (~506k impressions, ~45 CPU s to build), tiny_unlogged (tiny whose old ranker
+also saw a relevance term the logs lack), small (~1M), large (~10M, minutes to hours); see
 feed_world.CONFIGS. Splits: ``train`` (ranked sessions plus a ``random_share`` of
 random-order sessions), ``holdout_ranked`` and ``holdout_random`` (held-out sessions;
 random sessions are only in holdout_random). One example per impression:
@@ -34,6 +34,7 @@ import tensorflow_datasets as tfds
 
 from lf_jax import feed_world
 from lf_jax.data.feed_logs import simulator
+from lf_jax.input.record_encoding import RecordBatchEncoder
 
 _NAME = "feed_logs"
 # This file may be executed more than once in a process (imported by path under two module
@@ -115,11 +116,69 @@ class FeedLogs(tfds.core.GeneratorBasedBuilder, skip_registration=_REGISTERED):
         return {split: self._generate_examples(split) for split in feed_world.SPLITS}
 
     def _generate_examples(self, split):
+        """tfds's per-example path (kept for tfds's interface; builds use _generate_splits)."""
+        for keys, chunk in self._chunks(split):
+            del keys
+            yield from simulator.chunk_examples(self.builder_config.sim, chunk)
+
+    def _chunks(self, split):
+        """(keys [n], chunk columns) of ``split``; train_stats saved after the train split."""
         sim = self.builder_config.sim
         world = simulator.make_world(sim)
         stats = simulator.SplitStatistics(sim)
         for chunk in simulator.simulate_chunks(sim, split, world, show_progress=True):
             stats.add(chunk)
-            yield from simulator.chunk_examples(sim, chunk)
+            yield chunk["session_id"] * sim.session_length + chunk["position"], chunk
         if split == "train":  # saved with the dataset info: dense standardisation and IPS counts
             self.info.metadata["train_stats"] = stats.result()
+
+    def _generate_splits(self, dl_manager, download_config):
+        """Every split through tfds's own writer (its keys, shuffle, shards and file names),
+        with each chunk's records serialised at once by RecordBatchEncoder instead of one
+        example at a time (about 16x faster: the build is mostly serialisation)."""
+        from tensorflow_datasets.core import splits as splits_lib
+        from tensorflow_datasets.core import writer as writer_lib
+
+        del dl_manager  # synthetic: nothing to download
+        encoder = RecordBatchEncoder(self.info.features)
+        infos = []
+        for split in feed_world.SPLITS:
+            template = self._get_filename_template(split_name=split)
+            writer = writer_lib.Writer(
+                serializer=_Serialized(),
+                filename_template=template,
+                hash_salt=split,
+                disable_shuffling=self.info.disable_shuffling,
+                shard_config=download_config.get_shard_config(),
+                example_writer=self._example_writer(),
+                ignore_duplicates=download_config.ignore_duplicates,
+            )
+            for keys, chunk in self._chunks(split):
+                records = encoder(_columns(chunk))
+                for key, record in zip(keys.tolist(), records, strict=True):
+                    writer.write(key, record)
+            shard_lengths, total_size = writer.finalize()
+            infos.append(
+                splits_lib.SplitInfo(
+                    name=split,
+                    shard_lengths=shard_lengths,
+                    num_bytes=total_size,
+                    filename_template=template,
+                )
+            )
+        return infos
+
+
+class _Serialized:
+    """tfds writer serializer for records that are already serialized."""
+
+    def serialize_example(self, example: bytes) -> bytes:
+        return example
+
+
+def _columns(chunk: dict[str, np.ndarray]) -> dict:
+    """Chunk columns as RecordBatchEncoder takes them: list fields as (padded, lengths)."""
+    columns = dict(chunk)
+    for name in simulator.LIST_FIELDS:
+        columns[name] = (chunk[name], (chunk[name] >= 0).sum(axis=1))
+    return columns
