@@ -23,6 +23,24 @@ def repo_root() -> str:
     return REPO_ROOT
 
 
+@pytest.fixture(scope="session", autouse=True)
+def xla_compilation_cache(tmp_path_factory):
+    """One persistent XLA compilation cache per test run, shared by the run's xdist workers
+    and by the processes tests start (they inherit the environment): many tests compile the
+    same train steps. A cache hit still counts as a compilation for count_compilations;
+    the size limit turns on the cache's file lock, which concurrent writers need."""
+    cache = _shared_root(tmp_path_factory) / "xla_compilation_cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "jax_compilation_cache_dir": str(cache),
+        "jax_compilation_cache_max_size": 8 * 2**30,
+    }
+    for name, value in settings.items():
+        jax.config.update(name, value)
+        os.environ[name.upper()] = str(value)
+    return cache
+
+
 def pytest_collection_modifyitems(config, items):
     if any(device.platform == "gpu" for device in jax.devices()):
         return
@@ -41,9 +59,10 @@ def feed_data_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("tfds")
 
 
-def _shared_build_root(tmp_path_factory) -> Path:
+def _shared_root(tmp_path_factory) -> Path:
+    """The test run's temporary directory shared by its xdist workers."""
     base = tmp_path_factory.getbasetemp()
-    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "feed_logs_tiny"
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +74,7 @@ def feed_builder(feed_data_dir, tmp_path_factory):
     def no_network(*args, **kwargs):
         raise AssertionError("building feed_logs tried to reach the network")
 
-    shared = _shared_build_root(tmp_path_factory)
+    shared = _shared_root(tmp_path_factory) / "feed_logs_tiny"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(socket.socket, "connect", no_network)
         patch.setattr(socket, "create_connection", no_network)

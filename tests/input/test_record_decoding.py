@@ -68,3 +68,33 @@ def test_a_record_with_the_wrong_width_is_named(feed_builder):
         RecordDecodingError, match="feature 'dense': record 1 of the batch has 3 values, expected 8"
     ):
         decode([records[0], broken.SerializeToString(), records[2]])
+
+
+def test_malformed_or_incomplete_records_are_named():
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.proto import tf_example_pb2
+
+    features = tfds.features.FeaturesDict(
+        {
+            "a": tfds.features.Scalar(np.int64),
+            "b": tfds.features.Tensor(shape=(2,), dtype=np.float32),
+        }
+    )
+    decode = RecordBatchDecoder(features, {}, int_dtype=np.int64)
+
+    def record(**values) -> bytes:
+        example = tf_example_pb2.Example()
+        for name, (kind, items) in values.items():
+            getattr(example.features.feature[name], kind).value.extend(items)
+        return example.SerializeToString()
+
+    good = record(a=("int64_list", [-7]), b=("float_list", [0.5, 2.0]))
+    out = decode([good, record(b=("float_list", [1.0, 1.5]), a=("int64_list", [2**40]))])
+    np.testing.assert_array_equal(out["a"], [-7, 2**40])
+    np.testing.assert_array_equal(out["b"], [[0.5, 2.0], [1.0, 1.5]])
+    with pytest.raises(RecordDecodingError, match="record 1 of the batch has no feature 'b'"):
+        decode([good, record(a=("int64_list", [1]))])
+    with pytest.raises(RecordDecodingError, match="record 1 of the batch: Example.features length"):
+        decode([good, good[:-3]])
+    with pytest.raises(RecordDecodingError, match="record 0 of the batch: feature 'a' is not a"):
+        decode([record(a=("float_list", [1.0]), b=("float_list", [1.0, 2.0]))])
