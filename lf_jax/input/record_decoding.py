@@ -185,11 +185,11 @@ class RecordBatchDecoder:
                 match = hashes == self._hashes[i]
                 if not match.any():
                     continue
-                rows = np.flatnonzero(match)  # confirm the whole fingerprint, then long names
-                match[rows] = (fingerprints[rows] == self._fingerprints[i]).all(axis=1)
+                hit = np.flatnonzero(match)  # confirm the whole fingerprint, then long names
+                match[hit] = (fingerprints[hit] == self._fingerprints[i]).all(axis=1)
                 if len(name) > 16:
-                    tail = buf[key[rows, None] + np.arange(len(name))]
-                    match[rows] &= (tail == np.frombuffer(name, np.uint8)).all(axis=1)
+                    tail = buf[key[hit, None] + np.arange(len(name))]
+                    match[hit] &= (tail == np.frombuffer(name, np.uint8)).all(axis=1)
                 if match.any():
                     field = self.fields[i]
                     want = 0x12 if field.kind == "float_list" else 0x1A
@@ -217,10 +217,11 @@ class RecordBatchDecoder:
                 )
             array = flat.astype(field.dtype, copy=False)
             return array if field.scalar else array.reshape(rows, field.width)
-        kept = np.minimum(lengths, field.max_len)  # longer lists keep their first ids
+        max_len = int(field.max_len or 0)  # set for every variable-length field (checked)
+        kept = np.minimum(lengths, max_len)  # longer lists keep their first ids
         row = np.repeat(np.arange(rows), kept)
         column = np.arange(int(kept.sum())) - np.repeat(np.cumsum(kept) - kept, kept)
-        padded = np.full((rows, field.max_len), PAD_ID, field.dtype)
+        padded = np.full((rows, max_len), PAD_ID, field.dtype)
         padded[row, column] = flat[np.repeat(np.cumsum(lengths) - lengths, kept) + column]
         return padded
 
