@@ -7,6 +7,7 @@ explains it. Config overrides follow ml_collections' ``--config.a.b=value`` conv
 """
 
 import argparse
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -131,7 +132,12 @@ def _plan_run(args, overrides):
     if output is not None and not output.parent.is_dir():
         raise CommandError(f"--output '{output}': directory '{output.parent}' does not exist")
     # Plans for config.devices devices without touching (or needing) any jax device.
-    from lf_jax.embedding.config_specs import memory_budget_from_config, specs_from_config
+    from lf_jax.embedding.config_specs import (
+        dynamic_expected_keys,
+        memory_budget_from_config,
+        specs_from_config,
+    )
+    from lf_jax.embedding.dynamic.report import explain_tables, format_rows
     from lf_jax.embedding.plan import save_plan
     from lf_jax.planner import plan_tables
 
@@ -146,6 +152,13 @@ def _plan_run(args, overrides):
         device_count=config.devices,
     )
     print(result.format_table())
+    dynamic = explain_tables(
+        {t.name: t for t in tables},
+        math.prod(result.mesh_shape.values()),
+        dynamic_expected_keys(config.embedding),
+    )
+    if dynamic:
+        print(format_rows(dynamic))
     if output is not None:
         try:
             save_plan(result.plan, output)
