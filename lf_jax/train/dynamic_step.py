@@ -55,6 +55,21 @@ def dynamic_scalars(dyn: DynamicTables, index: Mapping, step) -> dict[str, jax.A
     return out
 
 
+def describe_scalars(scalars: Mapping[str, float]) -> str:
+    """The log line's part of ``dynamic_scalars`` (as floats), e.g. "post: occupancy 0.98
+    (fullest shard 1.00), inserts 4,142, evictions 4,092, refused 30, not admitted 0"."""
+    tables = sorted({key.split("/")[1] for key in scalars if key.startswith("dynamic/")})
+    parts = []
+    for name in tables:
+        v = {k.split("/")[2]: x for k, x in scalars.items() if k.startswith(f"dynamic/{name}/")}
+        parts.append(
+            f"{name}: occupancy {v['occupancy']:.2f} (fullest shard {v['occupancy_max']:.2f}), "
+            f"inserts {v['inserts']:,.0f}, evictions {v['evictions']:,.0f}, refused "
+            f"{v['refused']:,.0f}, not admitted {v['not_admitted']:,.0f}"
+        )
+    return "; ".join(parts)
+
+
 def make_dynamic_train_step(
     dyn: DynamicTables, graphdef, tx, loss_fn: Callable, donate: bool = True
 ) -> Callable:

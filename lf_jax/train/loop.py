@@ -34,6 +34,7 @@ from lf_jax.console import ensure_logging, get_logger, progress, progress_enable
 from lf_jax.distributed.multihost import is_primary, preemption_notice
 from lf_jax.errors import TrainingDivergedError, UserInputError
 from lf_jax.train.checkpoint import Checkpointer
+from lf_jax.train.dynamic_step import describe_scalars, make_dynamic_train_step
 from lf_jax.train.families import family_class
 from lf_jax.train.step import make_train_step
 from lf_jax.workdir import ensure_writable_dir, reject_remote
@@ -189,8 +190,6 @@ def run_training(
             task.graphdef, task.tx, task.embed_fn, task.contrastive_loss_fn
         )
     elif getattr(task, "dynamic", None) is not None:  # dynamic tables: keys resolved first
-        from lf_jax.train.dynamic_step import make_dynamic_train_step
-
         train_step = make_dynamic_train_step(task.dynamic, task.graphdef, task.tx, task.loss_fn)
     else:
         train_step = make_train_step(task.graphdef, task.collection, task.tx, task.loss_fn)
@@ -251,7 +250,7 @@ def run_training(
                             train_config.steps,
                             loss,
                             f"{rate:,.0f}",
-                            "".join(f" {k} {v:.4g}" for k, v in extra.items()),
+                            f"; {describe_scalars(extra)}" if extra else "",
                         )
                 if train_config.eval_every and (
                     step % train_config.eval_every == 0 or step == train_config.steps
