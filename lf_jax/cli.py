@@ -7,6 +7,7 @@ explains it. Config overrides follow ml_collections' ``--config.a.b=value`` conv
 """
 
 import argparse
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -131,7 +132,12 @@ def _plan_run(args, overrides):
     if output is not None and not output.parent.is_dir():
         raise CommandError(f"--output '{output}': directory '{output.parent}' does not exist")
     # Plans for config.devices devices without touching (or needing) any jax device.
-    from lf_jax.embedding.config_specs import memory_budget_from_config, specs_from_config
+    from lf_jax.embedding.config_specs import (
+        dynamic_expected_keys,
+        memory_budget_from_config,
+        specs_from_config,
+    )
+    from lf_jax.embedding.dynamic.report import explain_tables, format_rows
     from lf_jax.embedding.plan import save_plan
     from lf_jax.planner import plan_tables
 
@@ -146,6 +152,13 @@ def _plan_run(args, overrides):
         device_count=config.devices,
     )
     print(result.format_table())
+    dynamic = explain_tables(
+        {t.name: t for t in tables},
+        math.prod(result.mesh_shape.values()),
+        dynamic_expected_keys(config.embedding),
+    )
+    if dynamic:
+        print(format_rows(dynamic))
     if output is not None:
         try:
             save_plan(result.plan, output)
@@ -166,10 +179,11 @@ def _train_run(args, overrides):
     _check_workdir(args.workdir)
     setup_devices(args.devices, config, args)
     from lf_jax.train.loop import train_and_evaluate
+    from lf_jax.train.metrics import format_metrics
 
     metrics = train_and_evaluate(config, args.workdir)
     if is_primary():  # every process has the metrics; one prints them
-        print(_format_metrics(metrics))
+        print(format_metrics(metrics))
         print(
             f"workdir: {Path(args.workdir).resolve()} (checkpoints/, tensorboard/, history.jsonl, "
             f"metrics.json, plan.json)"
@@ -191,11 +205,12 @@ def _eval_run(args, overrides):
         raise CommandError(f"no checkpoint in '{checkpoints}': train first (or pass --workdir)")
     setup_devices(args.devices, config, args)
     from lf_jax.train.loop import evaluate_checkpoint
+    from lf_jax.train.metrics import format_metrics
 
     step, metrics = evaluate_checkpoint(config, args.workdir, args.step)
     if is_primary():
         print(f"evaluated checkpoint step {step} of {Path(args.workdir).resolve()}")
-        print(_format_metrics(metrics))
+        print(format_metrics(metrics))
 
 
 def _ips_arguments(parser):
@@ -313,21 +328,6 @@ def _export_run(args, overrides):
         print(
             f"  kv/     LMDB int8, version {m['kv']['version']}, {m['kv']['bytes_on_disk']:,} bytes"
         )
-
-
-def _format_metrics(metrics) -> str:
-    """Splits 'split/task/metric' keys into one row per split and task."""
-    rows: dict[tuple[str, str], dict[str, float]] = {}
-    for key, value in sorted(metrics.items()):
-        split, task, name = key.split("/") if key.count("/") == 2 else ("", *key.split("/", 1))
-        rows.setdefault((split, task), {})[name] = value
-    names = sorted({name for row in rows.values() for name in row})
-    lines = [f"{'split':<16}{'task':<12}" + "".join(f"{n:>12}" for n in names)]
-    for (split, task), row in rows.items():
-        lines.append(
-            f"{split:<16}{task:<12}" + "".join(f"{row.get(n, float('nan')):>12.4f}" for n in names)
-        )
-    return "\n".join(lines)
 
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable]

@@ -24,6 +24,10 @@ actor_id, root_actor_id and history_actors; the hashtag table by post_hashtags a
 history_hashtags. ``embedding.plan`` is empty, so the planner picks each strategy under
 ``embedding.memory_budget_bytes``; a hand plan may name some tables, e.g.
 ``--config.embedding.plan='{"member": {"strategy": "row_wise", "axes": ("data", "model")}}'``.
+Dynamic tables: ``feed_ranker:size=tiny,dynamic=0.5`` makes member and post dynamic
+tables (64-bit keys, lf_jax.embedding.dynamic) of half the dataset's ids each (rounded
+down to a multiple of ``devices``), LRU eviction; their policy is the tables'
+``dynamic`` section, e.g. ``--config.embedding.tables.post.dynamic.admit_after=2``.
 Ablations are one override: ``--config.model.dcn_layers=0``, ``--config.model.gatenet=false``,
 ``--config.train.ips=false``, ``--config.train.grad_accum_steps=5``.
 """
@@ -55,7 +59,23 @@ HISTORY_LENGTH = 50
 MAX_POST_HASHTAGS = 5
 
 
-def _embedding(size: str) -> ml_collections.ConfigDict:
+def _dynamic(entities: int, fraction: float, devices: int) -> tuple[int, dict]:
+    """(capacity, dynamic section) of an id table holding ``fraction`` of its ids."""
+    capacity = max(int(fraction * entities) // devices, 1) * devices
+    policy = {
+        "eviction": "lru",
+        "probe_limit": 8,
+        "admit_after": 1,
+        "sketch_width": 4096,
+        "sketch_depth": 2,
+        "ttl_steps": 0,  # 0: keys stay until evicted
+        "seed": 0,
+        "expected_keys": entities,  # the plan's expected occupancy
+    }
+    return capacity, policy
+
+
+def _embedding(size: str, dynamic: float, devices: int) -> ml_collections.ConfigDict:
     members, hashtags, posts, dim, _, budget = SIZES[size]
     # initial_accumulator 0: with a per-example mean loss, row gradients are small and a
     # 0.1 start kept the tables almost frozen (bench/BENCHMARKS.md, feed ranker).
@@ -86,6 +106,10 @@ def _embedding(size: str) -> ml_collections.ConfigDict:
             "optimizer": {"kind": "adam", "learning_rate": 0.01},
         },
     }
+    if dynamic:  # member and post: keys are the dataset's ids, no OOV row
+        for name, entities in (("member", members), ("post", posts)):
+            capacity, policy = _dynamic(entities, dynamic, devices)
+            tables[name].update(vocab_size=capacity, dynamic=policy)
     one = {"max_ids": 1, "combiner": "sum", "weighted": False}
     features = {
         "member_id": {"table": "member", **one},
@@ -127,10 +151,15 @@ def _embedding(size: str) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = parse_config_arg(arg, {"size": "tiny"})
+    args = parse_config_arg(arg, {"size": "tiny", "dynamic": 0.0})
     size = args["size"]
     if size not in SIZES:
         raise ConfigError(f"config argument 'size' must be one of {sorted(SIZES)}, got {size!r}")
+    if not 0.0 <= args["dynamic"] <= 1.0:
+        raise ConfigError(
+            f"config argument 'dynamic' must be a fraction in [0, 1] (0: static tables), "
+            f"got {args['dynamic']!r}"
+        )
     batch = SIZES[size][4]
     steps, eval_every, checkpoint_every = TRAIN[size]
 
@@ -141,7 +170,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.mesh = ml_collections.ConfigDict({"data": 2, "model": -1})
     config.seed = 0
     config.batch_size = batch  # global examples per optimizer step (all micro-batches)
-    config.embedding = _embedding(size)
+    config.embedding = _embedding(size, args["dynamic"], config.devices)
     config.model = ml_collections.ConfigDict(
         {
             "gatenet": True,  # GateNet embedding gates

@@ -6,6 +6,10 @@ The section looks like (a ConfigDict or plain dicts):
                                optimizer: {kind: "rowwise_adagrad", learning_rate: 0.05}}
     embedding.features.actor_id = {table: "member", max_ids: 1, combiner: "sum",
                                    weighted: False}
+    embedding.tables.post.dynamic = {eviction: "lru", probe_limit: 8, admit_after: 1,
+                                     ttl_steps: 0, expected_keys: 1_000_000}
+                                              # optional: a dynamic table (64-bit keys);
+                                              # vocab_size is its row capacity
     embedding.plan = {}                       # or {"member": {"strategy": "row_wise", ...}}
     embedding.memory_budget_bytes = 2_000_000_000   # per device, read by the planner
 
@@ -21,6 +25,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from lf_jax.checks import check_int
+from lf_jax.embedding.dynamic.policy import DynamicPolicy
 from lf_jax.embedding.plan import STRATEGIES
 from lf_jax.embedding.sparse_optim import from_config as optimizer_from_config
 from lf_jax.embedding.spec import (
@@ -34,7 +39,20 @@ from lf_jax.embedding.spec import (
 )
 from lf_jax.errors import UserInputError
 
-TABLE_KEYS = ("vocab_size", "dim", "initializer", "init_scale", "optimizer", "dtype")
+TABLE_KEYS = ("vocab_size", "dim", "initializer", "init_scale", "optimizer", "dtype", "dynamic")
+# a table's ``dynamic`` section: the DynamicPolicy fields (ttl_steps 0: keys never expire)
+# and ``expected_keys``, the distinct keys its traffic carries (0: unknown), which the
+# plan turns into an expected occupancy (lf_jax.embedding.dynamic.report)
+DYNAMIC_KEYS = (
+    "probe_limit",
+    "admit_after",
+    "sketch_width",
+    "sketch_depth",
+    "eviction",
+    "ttl_steps",
+    "seed",
+    "expected_keys",
+)
 FEATURE_KEYS = ("table", "max_ids", "combiner", "weighted", "oov_row", "truncate")
 
 
@@ -113,10 +131,37 @@ def _table(name: str, values: Any, where: str) -> TableSpec:
             raise EmbeddingConfigError(f"{where}.optimizer {options!r}: {error}") from None
         except UserInputError as error:
             raise EmbeddingConfigError(f"{where}.optimizer: {error}") from None
+    if "dynamic" in values:
+        values["dynamic"] = _dynamic_policy(values["dynamic"], f"{where}.dynamic")
     try:
         return TableSpec(name=name, **values)
     except SpecError as error:
         raise EmbeddingConfigError(f"{where}: {error}") from None
+
+
+def _dynamic_policy(values: Any, where: str) -> DynamicPolicy | None:
+    """A table's ``dynamic`` section -> DynamicPolicy (None: the section is None)."""
+    if values is None:
+        return None
+    values = dict(_fields(values, where, DYNAMIC_KEYS, ()))
+    expected = values.pop("expected_keys", 0)
+    check_int(f"{where}.expected_keys", expected, EmbeddingConfigError, minimum=0)
+    if values.get("ttl_steps") == 0:
+        values["ttl_steps"] = None  # documented: 0 keeps keys until they are evicted
+    try:
+        return DynamicPolicy(**values)
+    except UserInputError as error:
+        raise EmbeddingConfigError(f"{where}: {error}") from None
+
+
+def dynamic_expected_keys(embedding: Mapping) -> dict[str, int]:
+    """{table: expected_keys} of the config's dynamic tables (0: not given)."""
+    tables = _section(embedding, "tables", "embedding")
+    return {
+        name: int(values["dynamic"].get("expected_keys", 0) or 0)
+        for name, values in tables.items()
+        if isinstance(values, dict) and isinstance(values.get("dynamic"), dict)
+    }
 
 
 def _feature(name: str, values: Any, where: str) -> FeatureSpec:

@@ -4,7 +4,8 @@ Thresholds are fractions of the per-device memory budget (``small_fraction`` 1%,
 ``medium_fraction`` 25%); "bytes" of a table are its weights plus optimizer slots.
 
   0. A hand plan wins for every table it names (table_wise without a device is placed
-     by rule 2's balancing). Its tables are charged first.
+     by rule 2's balancing). Its tables are charged first, and so are dynamic tables
+     (TableSpec.dynamic) it does not name: row_wise over every mesh axis.
   1. small  (bytes <= 1% of budget)  -> data_parallel: replicated, no forward exchange,
      unless its update (every replica gathers every device's row gradients) would
      exchange more than EXCHANGE_FACTOR (4) x the bytes of rows split over all devices
@@ -357,6 +358,8 @@ def plan_tables(
     unknown = sorted(set(hand) - set(by_name))
     if unknown:
         raise PlanError(f"hand plan names unknown table(s) {unknown} (tables: {sorted(by_name)})")
+    dynamic = [t.name for t in tables if t.dynamic is not None and t.name not in hand]
+    hand.update({name: {"strategy": "row_wise", "axes": tuple(sizes)} for name in dynamic})
     hand = validate_plan(hand, {name: by_name[name] for name in hand}, sizes)
 
     planner = _Planner(tables, features, sizes, batch_size, memory_budget_bytes)
@@ -364,6 +367,8 @@ def plan_tables(
     for table in order:
         if table.name in hand:
             planner.take_hand(table.name, hand[table.name])
+    for name in dynamic:  # keys are hashed to owners: rows split over every device
+        planner.why[name] = "dynamic table: keys hashed over every device"
     rules = dict(
         small=small_fraction, medium=medium_fraction, wide_dim=wide_dim, model_axis=model_axis
     )

@@ -257,6 +257,13 @@ class Checkpointer:
                     raise CheckpointMismatchError(
                         f"{where} lacks '{key}': the config describes a different model"
                     )
+                if tuple(stored[key].shape) != tuple(value.shape) and key.startswith("dynamic."):
+                    raise CheckpointMismatchError(  # per-shard hash tables: [devices, ...]
+                        f"{where} holds the dynamic tables' hash tables of "
+                        f"{stored[key].shape[0]} devices ('{key}'), this run has "
+                        f"{value.shape[0]}: resume on {stored[key].shape[0]} devices (from "
+                        "Python, lf_jax.embedding.dynamic.checkpoint rehashes keys onto any count)"
+                    )
                 if tuple(stored[key].shape) != tuple(value.shape):
                     raise CheckpointMismatchError(
                         f"{where} does not match the config: '{key}' has shape "

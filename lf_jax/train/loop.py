@@ -34,13 +34,16 @@ from lf_jax.console import ensure_logging, get_logger, progress, progress_enable
 from lf_jax.distributed.multihost import is_primary, preemption_notice
 from lf_jax.errors import TrainingDivergedError, UserInputError
 from lf_jax.train.checkpoint import Checkpointer
+from lf_jax.train.dynamic_step import describe_scalars, make_dynamic_train_step
 from lf_jax.train.families import family_class
 from lf_jax.train.step import make_train_step
 from lf_jax.workdir import ensure_writable_dir, reject_remote
 
 
 class TrainingTask(Protocol):
-    """``collection`` may be None (no sparse tables). A task with ``grad_cache = True``
+    """``collection`` may be None (no sparse tables). A task whose ``dynamic`` attribute is a
+    DynamicTables trains through lf_jax.train.dynamic_step (its state holds "dynamic",
+    its batches KeyBatches). A task with ``grad_cache = True``
     provides ``embed_fn(model, micro_batch)`` and ``contrastive_loss_fn(reps)`` instead of
     using ``loss_fn`` (see lf_jax/train/grad_cache.py)."""
 
@@ -170,7 +173,8 @@ def run_training(
             )
         warm, _ = source.restore(source.latest_step(), state, task.collection)
         source.close()
-        state = {**state, "params": warm["params"], "embedding": warm["embedding"]}
+        kept = ("params", "embedding", "dynamic")  # dynamic: the keys of dynamic tables
+        state = {**state, **{k: warm[k] for k in kept if k in warm}}
         log.info(
             "warm start from %s step %d (new data window; dense optimizer restarts, table slots "
             "kept)",
@@ -185,6 +189,8 @@ def run_training(
         train_step = make_grad_cache_step(
             task.graphdef, task.tx, task.embed_fn, task.contrastive_loss_fn
         )
+    elif getattr(task, "dynamic", None) is not None:  # dynamic tables: keys resolved first
+        train_step = make_dynamic_train_step(task.dynamic, task.graphdef, task.tx, task.loss_fn)
     else:
         train_step = make_train_step(task.graphdef, task.collection, task.tx, task.loss_fn)
     summaries = _Summaries(workdir / "tensorboard")
@@ -233,15 +239,18 @@ def run_training(
                             for n, v in zip(task.aux_names, np.atleast_1d(aux), strict=False)
                         },
                     }
+                    extra = {k: float(v) for k, v in step_metrics.get("scalars", {}).items()}
+                    scalars.update(extra)
                     summaries.scalars(step, scalars, "train")
                     record({"step": step, **scalars})
                     if bar.disable:
                         log.info(
-                            "step %d/%d loss %.4f (%s ex/s)",
+                            "step %d/%d loss %.4f (%s ex/s)%s",
                             step,
                             train_config.steps,
                             loss,
                             f"{rate:,.0f}",
+                            f"; {describe_scalars(extra)}" if extra else "",
                         )
                 if train_config.eval_every and (
                     step % train_config.eval_every == 0 or step == train_config.steps

@@ -4,9 +4,10 @@ Example:
     >>> auc(np.array([0.1, 0.9, 0.4]), np.array([0, 1, 1]))
     1.0
     >>> binary_metrics(probs_nt, labels_nt, tasks=("like", "share"))["like/auc"]
+    >>> print(format_metrics({"holdout_random/like/auc": 0.87}))   # as lf-jax eval prints
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -66,3 +67,26 @@ def binary_metrics(
         if oracle_probs_nt is not None:
             out[f"{task}/oracle_auc"] = auc(oracle_probs_nt[:, index], y)
     return out
+
+
+def format_metrics(metrics: Mapping[str, float]) -> str:
+    """Splits 'split/task/metric' keys into one row per split and task; the counters of
+    dynamic tables ('dynamic/<table>/<counter>') follow in a table of their own."""
+    blocks = []
+    for dynamic in (False, True):
+        part = {k: v for k, v in metrics.items() if k.startswith("dynamic/") == dynamic}
+        if not part:
+            continue
+        rows: dict[tuple[str, str], dict[str, float]] = {}
+        for key, value in sorted(part.items()):
+            split, task, name = key.split("/") if key.count("/") == 2 else ("", *key.split("/", 1))
+            rows.setdefault((split, task), {})[name] = value
+        names = sorted({name for row in rows.values() for name in row})
+        widths = {n: max(12, len(n) + 1) for n in names}
+        head = ("split", "task") if not dynamic else ("dynamic", "table")
+        lines = [f"{head[0]:<16}{head[1]:<12}" + "".join(f"{n:>{widths[n]}}" for n in names)]
+        for (split, task), row in rows.items():
+            cells = (f"{row.get(n, float('nan')):>{widths[n]}.4f}" for n in names)
+            lines.append(f"{split:<16}{task:<12}" + "".join(cells))
+        blocks.append("\n".join(lines))
+    return "\n".join(blocks)

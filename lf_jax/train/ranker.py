@@ -21,10 +21,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 from lf_jax.checks import check_int
 from lf_jax.console import get_logger
 from lf_jax.distributed.multihost import barrier, is_primary
+from lf_jax.embedding.config_specs import dynamic_expected_keys
+from lf_jax.embedding.dynamic.report import explain, format_rows
 from lf_jax.embedding.plan import save_plan
 from lf_jax.errors import UserInputError
 from lf_jax.input.feed_pipeline import EvalReader, train_iterator
 from lf_jax.train.batch import check_micro_batches, place_batch
+from lf_jax.train.dynamic_step import dynamic_eval_metrics, make_dynamic_resolve
 from lf_jax.train.ips import IpsWeights, ips_weights_from_counts
 from lf_jax.train.metrics import binary_metrics
 from lf_jax.train.ranker_model import RankerModel, ranker_loss, ranker_probs, train_stats
@@ -100,7 +103,12 @@ class RankerTask:
         self.builder, self.meta = self.ranker.builder, self.ranker.meta
         self.tasks = self.aux_names = self.ranker.tasks
         self.collection, self.graphdef = self.ranker.collection, self.ranker.graphdef
+        self.dynamic = self.ranker.dynamic  # DynamicTables or None (run_training's step)
         self.plan_table = self.ranker.plan.format_table()
+        if self.dynamic is not None:
+            rows = explain(self.dynamic, expected_keys=dynamic_expected_keys(config.embedding))
+            self.plan_table += "\n" + format_rows(rows)
+            self._find = make_dynamic_resolve(self.dynamic)
         get_logger().info("embedding plan\n%s", self.plan_table)
         if jax.process_index() == 0:
             save_plan(self.ranker.plan.plan, self.workdir / "plan.json")
@@ -148,7 +156,7 @@ class RankerTask:
 
     def model_inputs(self, host: Mapping[str, np.ndarray]) -> dict:
         """Host batch -> {"sparse", "dense", "labels", "weights"} numpy, validated."""
-        sparse = self.collection.preprocess({name: host[name] for name in self.collection.features})
+        sparse = self.ranker.preprocess({name: host[name] for name in self.collection.features})
         labels = np.asarray(host["labels"], np.float32)
         weights = np.ones_like(labels)
         if self.ips is not None:
@@ -164,7 +172,8 @@ class RankerTask:
         return place_batch(inputs, self.num_micro, self._batch_sharding, rows="local")
 
     def evaluate(self, state: Mapping) -> dict[str, float]:
-        """Per split and task: auc, ne, calibration and oracle_auc (true probabilities)."""
+        """Per split and task: auc, ne, calibration and oracle_auc (true probabilities);
+        with dynamic tables also their counters and occupancy (``dynamic/<table>/...``)."""
         metrics = {}
         sharding = NamedSharding(self.mesh, PartitionSpec(tuple(self.mesh.axis_names)))
         for split in HOLDOUTS:
@@ -184,6 +193,8 @@ class RankerTask:
                     ),
                     inputs,
                 )
+                if self.dynamic is not None:  # keys found, none inserted
+                    batch["sparse"] = self._find(state, batch["sparse"])
                 out = self._eval_step(state["params"], state["embedding"]["tables"], batch)
                 probs.append(
                     np.asarray(jax.experimental.multihost_utils.process_allgather(out, tiled=True))
@@ -201,4 +212,6 @@ class RankerTask:
                 np.concatenate(oracle)[mask],
             )
             metrics.update({f"{split}/{name}": value for name, value in split_metrics.items()})
+        if self.dynamic is not None:
+            metrics.update(dynamic_eval_metrics(self.dynamic, state))
         return metrics

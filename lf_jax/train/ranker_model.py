@@ -26,6 +26,7 @@ from lf_jax.console import get_logger
 from lf_jax.distributed.multihost import barrier, is_primary
 from lf_jax.embedding.collection import EmbeddingCollection
 from lf_jax.embedding.config_specs import memory_budget_from_config, specs_from_config
+from lf_jax.embedding.dynamic.tables import DynamicTables
 from lf_jax.errors import UserInputError
 from lf_jax.input.datasets import build_dataset, dataset_metadata, open_built_dataset
 from lf_jax.losses import weighted_bce
@@ -102,6 +103,8 @@ def ranker_specs(config, meta: dict) -> tuple[list, list, dict]:
         entities = {t.name: min(entities[t.name], t.vocab_size - 1) for t in tables}
     for table in tables:
         oov = table.name in OOV_TABLES  # id tables keep their last row for OOV
+        if table.dynamic is not None:  # ids are keys; vocab_size is a capacity, any size
+            continue
         if table.name in VOCAB_OF_TABLE and table.vocab_size < entities[table.name] + oov:
             raise UserInputError(
                 f"config embedding.tables.{table.name}.vocab_size={table.vocab_size} is too "
@@ -123,6 +126,7 @@ class RankerModel:
     dense_std_k: np.ndarray
     plan: Any  # PlanResult: .plan and .format_table()
     collection: EmbeddingCollection
+    dynamic: DynamicTables | None  # the key -> row maps of dynamic tables, if any
     graphdef: Any
     params: Any  # the model's initial parameters (host)
 
@@ -141,6 +145,13 @@ class RankerModel:
         )
         meta = dataset_metadata(builder)
         tables, features, hand_plan = ranker_specs(config, meta)
+        dynamic_names = [t.name for t in tables if t.dynamic is not None]
+        if dynamic_names and not build:
+            raise UserInputError(
+                f"config embedding.tables.{dynamic_names[0]}.dynamic: export, serving and "
+                f"Ranker.from_workdir read static tables only; a run with dynamic tables "
+                f"{dynamic_names} is evaluated with `lf-jax eval`"
+            )
         devices = int(np.prod(list(mesh.shape.values())))
         plan = plan_tables(
             tables,
@@ -152,6 +163,7 @@ class RankerModel:
             device_count=devices,
         )
         collection = EmbeddingCollection(tables, features, plan.plan, mesh)
+        dynamic = DynamicTables(collection) if dynamic_names else None
         tasks = tuple(meta["tasks"])
         model = FeedRanker(
             field_dims={f.name: collection.tables[f.table].dim for f in features},
@@ -171,17 +183,33 @@ class RankerModel:
             dense_std_k=std_k,
             plan=plan,
             collection=collection,
+            dynamic=dynamic,
             graphdef=graphdef,
             params=params,
         )
 
     def init_state(self, tx, seed: int) -> dict:
-        """A fresh train state: replicated params, ``tx`` slots, tables from ``seed``."""
+        """A fresh train state: replicated params, ``tx`` slots, tables from ``seed``;
+        with dynamic tables, their empty hash tables as ``state["dynamic"]``."""
         params = jax.device_put(self.params, NamedSharding(self.mesh, PartitionSpec()))
-        embedding = self.collection.init(jax.random.key(seed))
-        return jax.jit(lambda p, e: init_train_state(p, tx, e), out_shardings=None)(
+        if self.dynamic is None:
+            embedding, index = self.collection.init(jax.random.key(seed)), None
+        else:
+            both = self.dynamic.init(jax.random.key(seed))
+            embedding, index = both["embedding"], both["index"]
+        state = jax.jit(lambda p, e: init_train_state(p, tx, e), out_shardings=None)(
             params, embedding
         )
+        if index is not None:
+            state["dynamic"] = index
+        return state
+
+    def preprocess(self, raw_ids):
+        """The host ids of the collection's features: a SparseBatch, or a KeyBatch
+        (dynamic features as 64-bit keys) when the model has dynamic tables."""
+        if self.dynamic is None:
+            return self.collection.preprocess(raw_ids)
+        return self.dynamic.preprocess(raw_ids)
 
     def normalize_dense(self, dense_bk) -> np.ndarray:
         """Dense features [B, K] standardized with the train split's mean and std."""

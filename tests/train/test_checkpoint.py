@@ -152,3 +152,22 @@ def test_column_wise_adagrad_resumes_exactly(tmp_path):
         )
         resumed = train(collection, restored["embedding"], range(2, 4))
         np.testing.assert_array_equal(collection.logical_tables(resumed)["member"], want)
+
+
+def test_dynamic_hash_tables_of_another_device_count_name_both_counts(tmp_path):
+    from lf_jax.train.checkpoint import CheckpointMismatchError
+
+    def state(devices):
+        index = {"key_hi": jnp.zeros((devices, 32 // devices), jnp.uint32)}
+        return {"params": {"w": jnp.zeros((3,))}, "dynamic": {"post": index}}
+
+    ckpt = Checkpointer(tmp_path / "c", async_save=False)
+    ckpt.save(1, state(8), None)
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"hash tables of 8 devices \('dynamic.post.key_hi'\), this run has 4: resume on 8",
+    ):
+        ckpt.restore_newest(state(4), None)
+    restored, _, step = ckpt.restore_newest(state(8), None)
+    assert step == 1 and restored["dynamic"]["post"]["key_hi"].shape == (8, 4)
+    ckpt.close()

@@ -38,3 +38,21 @@ def test_binary_metrics_names():
     assert set(out) == {
         f"{t}/{m}" for t in ("like", "share") for m in ("auc", "ne", "calibration", "oracle_auc")
     }
+
+
+def test_format_metrics_prints_dynamic_counters_in_a_table_of_their_own():
+    from lf_jax.train.metrics import format_metrics
+
+    text = format_metrics(
+        {
+            "holdout_random/like/auc": 0.87,
+            "holdout_random/like/ne": 0.75,
+            "dynamic/post/occupancy_max": 0.96,
+            "dynamic/post/not_admitted": 3.0,
+        }
+    )
+    lines = text.splitlines()
+    assert lines[0].split() == ["split", "task", "auc", "ne"]
+    assert lines[1].split() == ["holdout_random", "like", "0.8700", "0.7500"]
+    assert lines[2].split() == ["dynamic", "table", "not_admitted", "occupancy_max"]
+    assert lines[3].split() == ["dynamic", "post", "3.0000", "0.9600"]

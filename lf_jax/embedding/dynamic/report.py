@@ -1,28 +1,68 @@
 """What a dynamic table costs and holds per shard: one row per table, like the planner's.
 
-``explain(dyn)`` gives, per dynamic table: shards, slots per shard, the policy, bytes per
-shard (rows + optimizer slots in the collection's group; the hash table's keys, last
-and freq, 16 bytes a slot; the sketch) and, given a state, occupancy and counters.
+``explain_tables(tables, shards)`` needs only the specs and the shard count (``lf-jax
+plan`` runs it without devices); ``explain(dyn, state)`` adds a run's counters. Per
+dynamic table: shards, slots per shard, the policy, bytes per shard (rows + optimizer
+slots in the collection's group; the hash table's keys, last and freq, 16 bytes a slot;
+the sketch) and, given the distinct keys its traffic carries (``expected_keys``, e.g. the
+config's ``embedding.tables.<t>.dynamic.expected_keys``), the expected occupancy:
+
+  * all shards: min(1, keys / capacity);
+  * the fullest shard: keys hash uniformly to shards, so a shard holds about
+    keys/S + 3 standard deviations (sqrt(keys/S * (1 - 1/S))), at most its slots;
+  * keys beyond the capacity are evicted (lru/lfu) or refused (none) as they come.
+
+A key can also be refused while its shard has room, when the ``probe_limit`` slots of its
+window are full; the counters of a run (``refused``) say how often.
 
 Example:
-    >>> for row in explain(dyn, state):
-    ...     print(row["table"], row["slots_per_shard"], row["reason"])
+    >>> rows = explain_tables({"post": post_spec}, shards=8, expected_keys={"post": 1000})
+    >>> print(format_rows(rows))
+    >>> explain(dyn, state)            # the same rows with occupancy and counters
 """
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 from lf_jax.embedding.dynamic.tables import DynamicTables
+from lf_jax.embedding.spec import TableSpec
 
 INDEX_BYTES_PER_SLOT = 16  # key hi + lo, last, freq: 4 bytes each
 
 
-def explain(dyn: DynamicTables, state: Mapping | None = None) -> list[dict[str, Any]]:
-    """One row per dynamic table (see module docstring); counters when ``state`` is given."""
-    counters = dyn.counters(state) if state is not None else {}
+def _expected(keys: int, shards: int, capacity: int, eviction: str) -> dict[str, Any]:
+    """Expected occupancy (all shards, fullest shard) of ``keys`` distinct keys."""
+    per_shard = keys / shards
+    spread = 3 * math.sqrt(per_shard * (1 - 1 / shards))
+    over = keys - shards * capacity
+    fate = "evicted (" + eviction + ")" if eviction != "none" else "refused"
+    return {
+        "expected_keys": keys,
+        "expected_occupancy": min(1.0, keys / (shards * capacity)),
+        "expected_occupancy_max": min(1.0, (per_shard + spread) / capacity),
+        "expected_note": (
+            f"{over:,} keys more than slots: {fate} as they come"
+            if over > 0
+            else f"{-over:,} slots to spare"
+        ),
+    }
+
+
+def explain_tables(
+    tables: Mapping[str, TableSpec],
+    shards: int,
+    expected_keys: Mapping[str, int] | None = None,
+    counters: Mapping[str, Mapping[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """One row per dynamic table of ``tables`` (others are skipped) on ``shards`` shards
+    (see module docstring); ``expected_keys`` 0 or absent: no expected occupancy."""
     rows = []
-    for name, spec in dyn.specs.items():
-        policy, capacity = dyn.policies[name], dyn.capacity(name)
+    for name, spec in tables.items():
+        policy = spec.dynamic
+        if policy is None:
+            continue
+        capacity = spec.vocab_size // shards
         sketch = 4 * policy.sketch_depth * policy.sketch_width if policy.uses_sketch else 0
         row_bytes = capacity * (spec.bytes_per_row + spec.slot_bytes_per_row())
         admission = (
@@ -34,19 +74,56 @@ def explain(dyn: DynamicTables, state: Mapping | None = None) -> list[dict[str, 
         forgetting = (
             f", forgotten after {policy.ttl_steps} steps unseen" if policy.ttl_steps else ""
         )
+        probes = min(policy.probe_limit, capacity)
+        full = "evicts by " + policy.eviction if policy.eviction != "none" else "refuses"
         row: dict[str, Any] = {
             "table": name,
-            "shards": dyn.shards,
+            "shards": shards,
             "slots_per_shard": capacity,
-            "probe_limit": min(policy.probe_limit, capacity),
+            "probe_limit": probes,
             "bytes_per_shard": row_bytes + capacity * INDEX_BYTES_PER_SLOT + sketch,
             "reason": (
-                f"{spec.vocab_size} rows over {dyn.shards} shards by hash(key) % shards; keys "
-                f"{admission}; a full window of {min(policy.probe_limit, capacity)} slots "
-                f"{'evicts by ' + policy.eviction if policy.eviction != 'none' else 'refuses'}"
-                f"{forgetting}"
+                f"{spec.vocab_size} rows over {shards} shards by hash(key) % shards; keys "
+                f"{admission}; a full window of {probes} slots {full}{forgetting}"
             ),
         }
-        row.update(counters.get(name, {}))
+        keys = (expected_keys or {}).get(name, 0)
+        if keys:
+            row.update(_expected(keys, shards, capacity, policy.eviction))
+        row.update((counters or {}).get(name, {}))
         rows.append(row)
     return rows
+
+
+def explain(
+    dyn: DynamicTables, state: Mapping | None = None, expected_keys: Mapping | None = None
+) -> list[dict[str, Any]]:
+    """``explain_tables`` of ``dyn``'s tables; with ``state``, its counters and occupancy."""
+    counters = dyn.counters(state) if state is not None else None
+    return explain_tables(dyn.specs, dyn.shards, expected_keys, counters)
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    """The rows as text, one paragraph per table (for ``lf-jax plan`` and the train log)."""
+    lines = []
+    for row in rows:
+        lines.append(
+            f"dynamic {row['table']}: {row['shards']} shards x {row['slots_per_shard']:,} "
+            f"slots ({row['bytes_per_shard']:,} bytes per shard), probe limit "
+            f"{row['probe_limit']}; "
+            f"{row['reason']}"
+        )
+        if "expected_keys" in row:
+            lines.append(
+                f"  expected: {row['expected_keys']:,} keys -> occupancy "
+                f"{row['expected_occupancy']:.2f} (fullest shard "
+                f"{row['expected_occupancy_max']:.2f}); {row['expected_note']}"
+            )
+        if "occupancy" in row:
+            lines.append(
+                f"  now: occupancy {row['occupancy']:.3f} (fullest shard "
+                f"{row['occupancy_max']:.3f}), inserts {row['inserts']:,}, evictions "
+                f"{row['evictions']:,}, refused {row['refused']:,}, not admitted "
+                f"{row['not_admitted']:,}, probe max {row['probe_max']}"
+            )
+    return "\n".join(lines)
