@@ -39,7 +39,6 @@ from collections.abc import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from lf_jax.models.ranker import FeedRanker
 
@@ -136,31 +135,84 @@ def _gated(model: FeedRanker, name: str, x_bd: jax.Array) -> jax.Array:
     return x_bd * 2.0 * jax.nn.sigmoid(gate(x_bd))
 
 
-def _first_layers(model: FeedRanker) -> list[nnx.Linear]:
-    """The layers that read x0, in the order their outputs sit in the F columns."""
-    layers = []
-    if len(model.mlp.layers):
-        layers.append(model.mlp.layers[0])
-        if model.mlp.gates is not None:
-            layers.append(model.mlp.gates[0])
-    if model.cross is not None:
-        first = model.cross.layers[0]
-        layers.append(first.down if first.low_rank else first.full)
-    return layers
+def folds_cross(model: FeedRanker) -> bool:
+    """Whether the cross network folds into x0 products (none, or low-rank layers only)."""
+    return model.cross is None or all(layer.low_rank for layer in model.cross.layers)
 
 
-def _first_kernel(model: FeedRanker, split: Split) -> tuple[jax.Array, jax.Array]:
-    """(kernel [H, F] with x0's rows in model order, bias [F]) of the first layers; a full
-    rank cross layer's output columns are permuted to the served order."""
-    kernels, biases = [], []
-    for layer in _first_layers(model):
-        kernel = layer.kernel[...]
-        bias = layer.bias[...] if layer.bias is not None else jnp.zeros(kernel.shape[1])
-        if model.cross is not None and layer is getattr(model.cross.layers[0], "full", None):
-            kernel, bias = kernel[:, split.perm], bias[split.perm]
-        kernels.append(kernel)
-        biases.append(bias)
-    return jnp.concatenate(kernels, axis=1), jnp.concatenate(biases)
+def _heads_in(model: FeedRanker) -> tuple[jax.Array, jax.Array]:
+    """(kernel [top, T'], bias [T']) of the heads' first layers side by side: the hidden
+    layer of a head that has one, else its output layer."""
+    layers = [head.hidden if head.hidden is not None else head.out for head in model.heads]
+    kernel = jnp.concatenate([layer.kernel[...] for layer in layers], axis=1)
+    bias = jnp.concatenate(
+        [
+            layer.bias[...] if layer.bias is not None else jnp.zeros(layer.kernel.shape[1])
+            for layer in layers
+        ]
+    )
+    return kernel, bias
+
+
+def _x0_kernel(model: FeedRanker, split: Split):
+    """(kernel [H, F] (x0's rows in model order), bias [F], blocks {name: (start, stop)}): every
+    product of x0 the served pass needs, side by side.
+
+    "mlp", "gate": the first MLP layer and its hidden gate. A full-rank cross network:
+    "cross0", its first layer (output columns in the served order). A low-rank one folds
+    whole (x_l = x0 * s_l with s_l = 1 + sum_{j<l} (low_j @ U_j + b_j)): "low<l>" =
+    c_l * D_l with c_l = 1 + sum_{j<l} b_j, "z<j>_<l>" [H, r*r] = U_j[a, h] D_l[h, b]
+    (low_l adds low_j . (x0 @ z)), "heads" = c_L * W_c (W_c: the heads' cross rows; plus
+    their x0 rows without an MLP; bias: the heads'), "y<j>" [H, r*T'] = U_j[a, h] W_c[h, t]
+    (the heads add low_j . (x0 @ y))."""
+    kernels: list[tuple[str, jax.Array, jax.Array | None]] = []
+    mlp = model.mlp
+    if len(mlp.layers):
+        kernels.append(("mlp", mlp.layers[0].kernel[...], mlp.layers[0].bias[...]))
+        if mlp.gates is not None:
+            kernels.append(("gate", mlp.gates[0].kernel[...], mlp.gates[0].bias[...]))
+    cross = model.cross
+    if cross is not None and not folds_cross(model):
+        full = cross.layers[0].full
+        perm = split.perm
+        kernels.append(("cross0", full.kernel[...][:, perm], full.bias[...][perm]))
+    elif cross is not None or not len(mlp.layers):
+        width = len(split.perm)
+        w_heads, b_heads = _heads_in(model)
+        mlp_out = mlp.out_features  # the heads' cross rows start here (x0's width without MLP)
+        layers = list(cross.layers) if cross is not None else []
+        c = jnp.ones(width)
+        for index, layer in enumerate(layers):
+            down = layer.down.kernel[...]
+            kernels.append((f"low{index}", c[:, None] * down, None))
+            for j in range(index):
+                up_j = layers[j].up.kernel[...].T  # [H, r]
+                z = (up_j[:, :, None] * down[:, None, :]).reshape(width, -1)
+                kernels.append((f"z{j}_{index}", z, None))
+            c = c + layer.up.bias[...]
+        w_cross = w_heads[mlp_out:] if layers else jnp.zeros((width, w_heads.shape[1]))
+        w_x0 = w_heads[:width] if not len(mlp.layers) else 0.0
+        kernels.append(("heads", c[:, None] * w_cross + w_x0, b_heads))
+        for j, layer in enumerate(layers):
+            up_j = layer.up.kernel[...].T
+            y = (up_j[:, :, None] * w_cross[:, None, :]).reshape(width, -1)
+            kernels.append((f"y{j}", y, None))
+    blocks, start = {}, 0
+    for name, kernel, _ in kernels:
+        blocks[name] = (start, start + kernel.shape[1])
+        start += kernel.shape[1]
+    bias = jnp.concatenate([b if b is not None else jnp.zeros(k.shape[1]) for _, k, b in kernels])
+    return jnp.concatenate([k for _, k, _ in kernels], axis=1), bias, blocks
+
+
+def _cached_x0(model: FeedRanker, split: Split) -> int:
+    """Columns of x0_P the post cache keeps: all of them where the pass rebuilds x0 per
+    pair (a full-rank cross network), else only the post fields the pair dots read."""
+    if not folds_cross(model):
+        return split.width("post")
+    if not model.dot_interactions:
+        return 0
+    return sum(split.field_dims[name] for name in split.post_fields)
 
 
 def _pairwise(fields: list[jax.Array]) -> list[jax.Array]:
@@ -189,13 +241,15 @@ def _side(model: FeedRanker, split: Split, group: str, fields, dense) -> jax.Arr
 def post_side(
     model: FeedRanker, split: Split, post_fields: Mapping[str, jax.Array], post_dense
 ) -> jax.Array:
-    """The post cache [N, H_P + F]: x0_P and x0_P @ W[P] of N posts.
+    """The post cache [N, C]: the columns of x0_P the pair work reads (``_cached_x0``) and
+    x0_P @ W[P] for every x0 product (``_x0_kernel``) of N posts.
 
     post_fields: {post field: pooled [N, D_f]}; post_dense: standardised [N, d_P] (the
     dense columns of group "post"; None when there are none)."""
     x0_p = _side(model, split, "post", post_fields, post_dense)
-    kernel, _ = _first_kernel(model, split)
-    return jnp.concatenate([x0_p, x0_p @ kernel[split.order["post"]]], axis=-1)
+    kernel, _, _ = _x0_kernel(model, split)
+    keep = _cached_x0(model, split)
+    return jnp.concatenate([x0_p[:, :keep], x0_p @ kernel[split.order["post"]]], axis=-1)
 
 
 def split_logits(
@@ -216,17 +270,15 @@ def split_logits(
     k = candidates
     x0_m = _side(model, split, "member", member_fields, member_dense)  # [Q, H_M]
     q = x0_m.shape[0]
-    h_p = split.width("post")
-    x0_p = cache_pc[:, :h_p]
-    kernel, bias = _first_kernel(model, split)
+    keep = _cached_x0(model, split)
+    x0_p = cache_pc[:, :keep]
+    kernel, bias, blocks = _x0_kernel(model, split)
     pair_parts = []
     if model.dot_interactions:
         members = [_gated(model, n, member_fields[n]) for n in split.member_fields]
         offsets = np.cumsum([0, *(split.field_dims[n] for n in split.post_fields)])
         for width in sorted(set(split.field_dims.values())):
-            m = [
-                x for n, x in zip(split.member_fields, members, strict=True) if x.shape[-1] == width
-            ]
+            m = [x for x in members if x.shape[-1] == width]
             p = [
                 x0_p[:, offsets[i] : offsets[i + 1]]
                 for i, n in enumerate(split.post_fields)
@@ -240,61 +292,67 @@ def split_logits(
         pair_parts.append(pair_dense)
     x0_x = jnp.concatenate(pair_parts, axis=-1) if pair_parts else None
     per_query = x0_m @ kernel[split.order["member"]] + bias  # [Q, F]
-    first = cache_pc[:, h_p:].reshape(q, k, -1) + per_query[:, None, :]
+    first = cache_pc[:, keep:].reshape(q, k, -1) + per_query[:, None, :]
     first = first.reshape(q * k, -1)
     if x0_x is not None:
         first = first + x0_x @ kernel[split.order["pair"]]
 
-    def x0_served():  # [Q*K, H], columns in the served order
-        parts = [jnp.broadcast_to(x0_m[:, None, :], (q, k, x0_m.shape[1])).reshape(q * k, -1)]
-        return jnp.concatenate([*parts, x0_p, *([x0_x] if x0_x is not None else [])], axis=-1)
+    def block(name):
+        start, stop = blocks[name]
+        return first[:, start:stop]
 
-    perm = split.perm
-    used, top = 0, []
     mlp = model.mlp
+    mlp_top = None
     if len(mlp.layers):
-        width = mlp.layers[0].out_features
-        y_bh = jax.nn.relu(first[:, :width])
-        used = width
+        y_bh = jax.nn.relu(block("mlp"))
         if mlp.gates is not None:
-            y_bh = y_bh * 2.0 * jax.nn.sigmoid(first[:, width : 2 * width])
-            used = 2 * width
+            y_bh = y_bh * 2.0 * jax.nn.sigmoid(block("gate"))
         for index in range(1, len(mlp.layers)):
             x_bh = y_bh
             y_bh = jax.nn.relu(mlp.layers[index](x_bh))
             if mlp.gates is not None:
                 y_bh = y_bh * 2.0 * jax.nn.sigmoid(mlp.gates[index](x_bh))
-        top.append((y_bh, None))
-    else:
-        top.append((x0_served(), perm))
-    if model.cross is not None:
-        x0_bh = x0_served()
+        mlp_top = y_bh
+    w_heads, b_heads = _heads_in(model)
+    if folds_cross(model):
+        heads = block("heads") if "heads" in blocks else b_heads
+        layers = list(model.cross.layers) if model.cross is not None else []
+        lows: list[jax.Array] = []
+        for index in range(len(layers)):
+            low = block(f"low{index}")
+            for j, low_j in enumerate(lows):
+                z = block(f"z{j}_{index}").reshape(q * k, low_j.shape[1], -1)
+                low = low + jnp.sum(low_j[:, :, None] * z, axis=1)
+            lows.append(low)
+        for j, low_j in enumerate(lows):
+            y = block(f"y{j}").reshape(q * k, low_j.shape[1], -1)
+            heads = heads + jnp.sum(low_j[:, :, None] * y, axis=1)
+        if mlp_top is not None:
+            heads = heads + mlp_top @ w_heads[: mlp_top.shape[1]]
+    else:  # full-rank cross layers: x0 per pair, columns in the served order (M, P, X)
+        perm = split.perm
+        x0_m_pairs = jnp.broadcast_to(x0_m[:, None, :], (q, k, x0_m.shape[1]))
+        x0_parts = [x0_m_pairs.reshape(q * k, -1), x0_p]
+        x0_bh = jnp.concatenate(x0_parts + ([x0_x] if x0_x is not None else []), axis=-1)
         x_bh = x0_bh
         for index, cross in enumerate(model.cross.layers):
-            if cross.low_rank:
-                low = first[:, used:] if index == 0 else x_bh @ cross.down.kernel[...][perm]
-                mixed_bh = low @ cross.up.kernel[...][:, perm] + cross.up.bias[...][perm]
-            elif index == 0:
-                mixed_bh = first[:, used:]
+            if index == 0:
+                mixed_bh = block("cross0")
             else:
                 full = cross.full
                 mixed_bh = x_bh @ full.kernel[...][perm][:, perm] + full.bias[...][perm]
             x_bh = x0_bh * mixed_bh + x_bh
-        top.append((x_bh, perm))
-    top_bh = jnp.concatenate([x for x, _ in top], axis=-1)
-    # rows of the heads' input kernels in the served order of their input columns
-    rows, start = [], 0
-    for x, p in top:
-        rows.append(start + (np.arange(x.shape[-1]) if p is None else p))
-        start += x.shape[-1]
-    head_rows = np.concatenate(rows)
-    logits = []
+        tops = [mlp_top if mlp_top is not None else x0_bh, x_bh]
+        first_rows = np.arange(mlp.out_features) if mlp_top is not None else perm
+        rows = np.concatenate([first_rows, mlp.out_features + perm])
+        heads = jnp.concatenate(tops, axis=-1) @ w_heads[rows] + b_heads
+    logits, start = [], 0
     for head in model.heads:
-        first_layer = head.hidden if head.hidden is not None else head.out
-        h = top_bh @ first_layer.kernel[...][head_rows]
-        if first_layer.bias is not None:
-            h = h + first_layer.bias[...]
-        if head.hidden is not None:
-            h = head.out(jax.nn.relu(h))
-        logits.append(h[:, 0])
+        if head.hidden is None:
+            logits.append(heads[:, start])
+            start += 1
+        else:
+            width = head.hidden.out_features
+            logits.append(head.out(jax.nn.relu(heads[:, start : start + width]))[:, 0])
+            start += width
     return jnp.stack(logits, axis=-1)

@@ -24,6 +24,8 @@ DENSE = ("post", "member", "pair", "post", "pair")
         {"gatenet": False, "mlp_dims": ()},
         {"dcn_layers": 1, "dcn_low_rank": 2, "num_dense": 0},
         {"dcn_layers": 3, "dcn_low_rank": 4, "mlp_dims": (16,)},
+        {"mlp_dims": (), "dcn_low_rank": 2, "head_hidden": 3},
+        {"mlp_dims": (), "dcn_layers": 0},
     ],
 )
 def test_split_logits_equal_the_model(options):
