@@ -237,7 +237,7 @@ def pair_dense(xp, layout: FeatureLayout, member_qm, latents_qkl):
     start, stop = layout.member_columns()["latent"]
     lat_qkad = latents_qkl.reshape(q, k, 2, stop - start)
     u_qd = member_qm[:, start:stop]
-    return (3.0 * (lat_qkad * u_qd[:, None, None, :]).sum(-1)).reshape(q * k, 2)
+    return (3.0 * xp.einsum("qkad,qd->qka", lat_qkad, u_qd)).reshape(q * k, 2)
 
 
 def assemble_dense(xp, parts: dict):

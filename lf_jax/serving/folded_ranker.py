@@ -84,11 +84,16 @@ class Split:
         dims = [int(field_dims[n]) for n in names]
         starts = np.cumsum([0, *dims])
         group = ["member" if n in member_fields else "post" for n in names]
+        # each group's fields: model order, grouped by width (stable), so that the fields
+        # of one width are adjacent (the pair dots read them as one [.., F, D] block)
+        fields = {
+            g: sorted((i for i in range(len(names)) if group[i] == g), key=lambda i: dims[i])
+            for g in ("member", "post")
+        }
         order: dict[str, list[int]] = {g: [] for g in GROUPS}
-        for g in ("member", "post"):
-            for i in range(len(names)):
-                if group[i] == g:
-                    order[g].extend(range(starts[i], starts[i + 1]))
+        for g, members in fields.items():
+            for i in members:
+                order[g].extend(range(starts[i], starts[i + 1]))
         column = int(starts[-1])
         dot_column = {}
         if model.dot_interactions:
@@ -96,14 +101,15 @@ class Split:
                 for j in range(i + 1, len(names)):
                     if dims[i] == dims[j]:
                         dot_column[i, j] = dot_column[j, i] = column
-                        if group[i] == group[j]:
-                            order[group[i]].append(column)
                         column += 1
+            for g, members in fields.items():  # as _pairwise enumerates the group's fields
+                for a, i in enumerate(members):
+                    order[g].extend(
+                        dot_column[i, j] for j in members[a + 1 :] if dims[i] == dims[j]
+                    )
             for width in sorted(set(dims)):
-                posts = [i for i in range(len(names)) if group[i] == "post" and dims[i] == width]
-                members = [
-                    i for i in range(len(names)) if group[i] == "member" and dims[i] == width
-                ]
+                posts = [i for i in fields["post"] if dims[i] == width]
+                members = [i for i in fields["member"] if dims[i] == width]
                 order["pair"].extend(dot_column[p, m] for p in posts for m in members)
         dense = {
             g: np.asarray([c for c, d in enumerate(dense_groups) if d == g], np.int32)
@@ -113,8 +119,8 @@ class Split:
             order[g].extend(column + dense[g])
         return cls(
             field_dims=dict(zip(names, dims, strict=True)),
-            member_fields=tuple(n for n in names if n in member_fields),
-            post_fields=tuple(n for n in names if n not in member_fields),
+            member_fields=tuple(names[i] for i in fields["member"]),
+            post_fields=tuple(names[i] for i in fields["post"]),
             order={g: np.asarray(v, np.int32) for g, v in order.items()},
             dense=dense,
         )
@@ -276,18 +282,15 @@ def split_logits(
     pair_parts = []
     if model.dot_interactions:
         members = [_gated(model, n, member_fields[n]) for n in split.member_fields]
-        offsets = np.cumsum([0, *(split.field_dims[n] for n in split.post_fields)])
+        start = 0
         for width in sorted(set(split.field_dims.values())):
             m = [x for x in members if x.shape[-1] == width]
-            p = [
-                x0_p[:, offsets[i] : offsets[i + 1]]
-                for i, n in enumerate(split.post_fields)
-                if split.field_dims[n] == width
-            ]
-            if m and p:
-                p_qkfd = jnp.stack(p, axis=1).reshape(q, k, len(p), width)
+            count = sum(split.field_dims[n] == width for n in split.post_fields)
+            if m and count:  # the post fields of one width are adjacent in the cache
+                p_qkfd = x0_p[:, start : start + count * width].reshape(q, k, count, width)
                 pm = jnp.einsum("qkpd,qmd->qkpm", p_qkfd, jnp.stack(m, axis=1))
-                pair_parts.append(pm.reshape(q * k, len(p) * len(m)))
+                pair_parts.append(pm.reshape(q * k, count * len(m)))
+            start += count * width
     if len(split.dense["pair"]):
         pair_parts.append(pair_dense)
     x0_x = jnp.concatenate(pair_parts, axis=-1) if pair_parts else None
@@ -307,11 +310,14 @@ def split_logits(
         y_bh = jax.nn.relu(block("mlp"))
         if mlp.gates is not None:
             y_bh = y_bh * 2.0 * jax.nn.sigmoid(block("gate"))
-        for index in range(1, len(mlp.layers)):
-            x_bh = y_bh
-            y_bh = jax.nn.relu(mlp.layers[index](x_bh))
+        for index in range(1, len(mlp.layers)):  # a layer and its gate as one product
+            linears = [mlp.layers[index]] + ([mlp.gates[index]] if mlp.gates is not None else [])
+            h = y_bh @ jnp.concatenate([la.kernel[...] for la in linears], axis=1)
+            h = h + jnp.concatenate([la.bias[...] for la in linears])
+            width = mlp.layers[index].out_features
+            y_bh = jax.nn.relu(h[:, :width])
             if mlp.gates is not None:
-                y_bh = y_bh * 2.0 * jax.nn.sigmoid(mlp.gates[index](x_bh))
+                y_bh = y_bh * 2.0 * jax.nn.sigmoid(h[:, width:])
         mlp_top = y_bh
     w_heads, b_heads = _heads_in(model)
     if folds_cross(model):
@@ -322,11 +328,11 @@ def split_logits(
             low = block(f"low{index}")
             for j, low_j in enumerate(lows):
                 z = block(f"z{j}_{index}").reshape(q * k, low_j.shape[1], -1)
-                low = low + jnp.sum(low_j[:, :, None] * z, axis=1)
+                low = low + jnp.einsum("pa,pab->pb", low_j, z)
             lows.append(low)
         for j, low_j in enumerate(lows):
             y = block(f"y{j}").reshape(q * k, low_j.shape[1], -1)
-            heads = heads + jnp.sum(low_j[:, :, None] * y, axis=1)
+            heads = heads + jnp.einsum("pa,pat->pt", low_j, y)
         if mlp_top is not None:
             heads = heads + mlp_top @ w_heads[: mlp_top.shape[1]]
     else:  # full-rank cross layers: x0 per pair, columns in the served order (M, P, X)

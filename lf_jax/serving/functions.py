@@ -148,7 +148,7 @@ def rank_function(graphdef, treedef, features: Mapping[str, tuple[str, str]], la
             for name, (table, combiner) in features.items()
             if name in split.member_fields
         }
-        rows = posts_nc[post_table_qk.reshape(q * k)]
+        rows = posts_nc.at[post_table_qk.reshape(q * k)].get(mode="promise_in_bounds")
         cache = rows[:, : rows.shape[1] - 2 * layout.latent_dim]
         latents = rows[:, cache.shape[1] :].reshape(q, k, -1)
         pair = _standardised(weights, split, "pair", pair_dense(jnp, layout, member_qw, latents))
