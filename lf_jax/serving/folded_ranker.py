@@ -13,17 +13,24 @@ rows:
            + x0_P @ W[P]      once per post, at version load  [N, H_P] @ [H_P, F]
            + x0_X @ W[X]      once per pair                   [Q*K, H_X] @ [H_X, F]
 
-``post_side`` computes, for every post, x0_P and x0_P @ W[P] (one row of the post cache);
-``split_logits`` computes the member side once per query, gathers the candidates' cache
-rows and does only the pair work: the member x post dots (one product per width), the
-pair features, one [H_X, F] product for all first layers, then the layers after the first
-(which read the pair's whole activations) and the task heads. Inside the cross network
-x0 is held with its columns in group order (M, P, X); the cross and head weights are
-permuted to match, so nothing is scattered back. Sums are reassociated: scores agree with
-the model to float32 rounding (~1e-7), not bit for bit.
+A low-rank cross network folds whole: with x_{l+1} = x0 * (low_l @ U_l + b_l) + x_l,
+x_l = x0 * s_l where s_l = c_l + sum_{j<l} low_j @ U_j, so low_l = x_l @ D_l and the
+heads' cross term x_L @ W_c are products of x0 too (with [r, r] and [r, T'] mixes by the
+earlier low_j): every layer that reads x0 becomes a column block of one [H, F] matrix
+(``_x0_kernel``), and no H-wide array is formed per pair. A full-rank cross network does
+not fold: x0 is rebuilt per pair with its columns in group order (M, P, X) and the cross
+and head weights are permuted to match, so nothing is scattered back.
 
-Shapes: Q queries, K candidates per query, N posts, D_f a field's width, F the summed
-output width of the first layers, C = H_P + F the cache width, T tasks.
+``post_side`` computes, for every post, the x0_P columns the pair work reads and
+x0_P @ W[P] (one row of the post cache); ``split_logits`` computes the member side once
+per query, takes the candidates' cache rows and does only the pair work: the member x
+post dots (one product per width), the pair features, one [H_X, F] product, the MLP
+layers after the first and the heads. Sums are reassociated: scores agree with the model
+to float32 rounding (~1e-7), not bit for bit.
+
+Shapes: Q queries, K candidates per query, N posts, D_f a field's width, H x0's width
+(H_M + H_P + H_X), F the width of all x0 products, C the cache width, r the cross rank,
+T tasks, T' the heads' first-layer width.
 
 Example:
     >>> split = Split.of(ranker, field_dims, member_fields=("member_id", "position"),
@@ -39,6 +46,7 @@ from collections.abc import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from lf_jax.models.ranker import FeedRanker
 
@@ -141,6 +149,11 @@ def _gated(model: FeedRanker, name: str, x_bd: jax.Array) -> jax.Array:
     return x_bd * 2.0 * jax.nn.sigmoid(gate(x_bd))
 
 
+def _bias(layer: nnx.Linear) -> jax.Array:
+    """The layer's bias [O] (zeros for a layer without one)."""
+    return layer.bias[...] if layer.bias is not None else jnp.zeros(layer.kernel.shape[1])
+
+
 def folds_cross(model: FeedRanker) -> bool:
     """Whether the cross network folds into x0 products (none, or low-rank layers only)."""
     return model.cross is None or all(layer.low_rank for layer in model.cross.layers)
@@ -151,13 +164,7 @@ def _heads_in(model: FeedRanker) -> tuple[jax.Array, jax.Array]:
     layer of a head that has one, else its output layer."""
     layers = [head.hidden if head.hidden is not None else head.out for head in model.heads]
     kernel = jnp.concatenate([layer.kernel[...] for layer in layers], axis=1)
-    bias = jnp.concatenate(
-        [
-            layer.bias[...] if layer.bias is not None else jnp.zeros(layer.kernel.shape[1])
-            for layer in layers
-        ]
-    )
-    return kernel, bias
+    return kernel, jnp.concatenate([_bias(layer) for layer in layers])
 
 
 def _x0_kernel(model: FeedRanker, split: Split):
@@ -174,14 +181,14 @@ def _x0_kernel(model: FeedRanker, split: Split):
     kernels: list[tuple[str, jax.Array, jax.Array | None]] = []
     mlp = model.mlp
     if len(mlp.layers):
-        kernels.append(("mlp", mlp.layers[0].kernel[...], mlp.layers[0].bias[...]))
+        kernels.append(("mlp", mlp.layers[0].kernel[...], _bias(mlp.layers[0])))
         if mlp.gates is not None:
-            kernels.append(("gate", mlp.gates[0].kernel[...], mlp.gates[0].bias[...]))
+            kernels.append(("gate", mlp.gates[0].kernel[...], _bias(mlp.gates[0])))
     cross = model.cross
     if cross is not None and not folds_cross(model):
         full = cross.layers[0].full
         perm = split.perm
-        kernels.append(("cross0", full.kernel[...][:, perm], full.bias[...][perm]))
+        kernels.append(("cross0", full.kernel[...][:, perm], _bias(full)[perm]))
     elif cross is not None or not len(mlp.layers):
         width = len(split.perm)
         w_heads, b_heads = _heads_in(model)
@@ -195,7 +202,7 @@ def _x0_kernel(model: FeedRanker, split: Split):
                 up_j = layers[j].up.kernel[...].T  # [H, r]
                 z = (up_j[:, :, None] * down[:, None, :]).reshape(width, -1)
                 kernels.append((f"z{j}_{index}", z, None))
-            c = c + layer.up.bias[...]
+            c = c + _bias(layer.up)
         w_cross = w_heads[mlp_out:] if layers else jnp.zeros((width, w_heads.shape[1]))
         w_x0 = w_heads[:width] if not len(mlp.layers) else 0.0
         kernels.append(("heads", c[:, None] * w_cross + w_x0, b_heads))
@@ -313,7 +320,7 @@ def split_logits(
         for index in range(1, len(mlp.layers)):  # a layer and its gate as one product
             linears = [mlp.layers[index]] + ([mlp.gates[index]] if mlp.gates is not None else [])
             h = y_bh @ jnp.concatenate([la.kernel[...] for la in linears], axis=1)
-            h = h + jnp.concatenate([la.bias[...] for la in linears])
+            h = h + jnp.concatenate([_bias(la) for la in linears])
             width = mlp.layers[index].out_features
             y_bh = jax.nn.relu(h[:, :width])
             if mlp.gates is not None:
@@ -341,12 +348,13 @@ def split_logits(
         x0_parts = [x0_m_pairs.reshape(q * k, -1), x0_p]
         x0_bh = jnp.concatenate(x0_parts + ([x0_x] if x0_x is not None else []), axis=-1)
         x_bh = x0_bh
+        assert model.cross is not None  # folds_cross is False only with cross layers
         for index, cross in enumerate(model.cross.layers):
             if index == 0:
                 mixed_bh = block("cross0")
             else:
                 full = cross.full
-                mixed_bh = x_bh @ full.kernel[...][perm][:, perm] + full.bias[...][perm]
+                mixed_bh = x_bh @ full.kernel[...][perm][:, perm] + _bias(full)[perm]
             x_bh = x0_bh * mixed_bh + x_bh
         tops = [mlp_top if mlp_top is not None else x0_bh, x_bh]
         first_rows = np.arange(mlp.out_features) if mlp_top is not None else perm

@@ -76,7 +76,7 @@ class Version:
         if not self.models:
             raise ArtifactError(f"artifact version '{directory}' holds no retrieval/ or ranker/")
         ranker = self.models.get("ranker")
-        self.post_cache = None
+        self.post_cache: jax.Array | None = None
         self.store_generation = -1
         if ranker is not None:
             self.refresh_post_cache(store)
