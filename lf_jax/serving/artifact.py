@@ -36,7 +36,7 @@ from lf_jax.errors import UserInputError
 from lf_jax.export.index_files import file_sha256
 
 FORMAT = "lf_jax.ServingArtifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the ranker computes a post cache (functions/posts.jax), its first input
 MANIFEST = "manifest.json"
 
 
