@@ -8,10 +8,12 @@ Builds the demo config's feed ranker (configs/demo.py, section ``ranker.model``;
 its options with ``--model.<name>=value``) with random weights over 32-dim tables, then
 reports for K candidates of one member: XLA's cost analysis (FLOPs) of each block of the
 model run on K pairs (GateNet gates, dot interactions, MLP, cross network, heads), of the
-served rank function as trained (every feature looked up per pair) and folded (member
-features once per query, folded_ranker.py), and the median wall and process CPU time per
-call of each (one CPU device; the machine's load average is printed beside them: compare
-CPU times on a shared machine). Nothing is written.
+served rank function as trained (every feature looked up per pair) and as served (member
+side once per query, post side from the post cache, only the pair work per candidate:
+folded_ranker.py), of the post-cache function (run when a server loads a version), and
+the median wall and process CPU time per call of each (one CPU device; the machine's
+load average is printed beside them: compare CPU times on a shared machine). Nothing is
+written.
 """
 
 import argparse
@@ -26,15 +28,13 @@ from flax import nnx
 from lf_jax.configuration import load_config
 from lf_jax.models.ranker import FeedRanker
 from lf_jax.serving.feed_features import FeatureLayout, pair_inputs
-from lf_jax.serving.folded_ranker import folded_logits
-from lf_jax.serving.functions import encode_table, ranker_probs
+from lf_jax.serving.functions import encode_table, posts_function, rank_function, ranker_probs
 
 # feature: (table, combiner), the demo ranker's
 FEATURES = {
     name: (spec.table, spec.combiner)
     for name, spec in load_config("demo").ranker.embedding.features.items()
 }
-MEMBER_SIDE = ("member_id", "history_actors", "history_hashtags", "position")
 
 
 def timed(fn, *args, repeats: int):
@@ -99,16 +99,19 @@ def main() -> None:
     member_qw[0, slice(*layout.member_columns()["history_actors"])] = rng.integers(0, 2000, 50)
     rows_q, rows_qk = np.array([7], np.int32), rng.integers(0, 20000, (1, k)).astype(np.int32)
 
-    def served(per_query):
-        def rank(w, m, p, mq, pqk):
-            sparse, dense = pair_inputs(jnp, layout, m, p, mq, pqk, per_query=per_query)
-            return ranker_probs(graphdef, treedef, FEATURES, w, sparse, dense, candidates=k)
+    def as_trained(w, m, p, mq, pqk):
+        sparse, dense = pair_inputs(jnp, layout, m, p, mq, pqk)
+        return ranker_probs(graphdef, treedef, FEATURES, w, sparse, dense)
 
-        return rank
-
+    n = 20000
+    post_nw = np.zeros((n, layout.width), np.float32)
+    post_nw[:, cols["actor"][0]] = rng.integers(0, 2000, n)
+    post_nw[:, slice(*cols["hashtags"])] = rng.integers(-1, 100, (n, 5))
+    posts = jax.jit(posts_function(graphdef, treedef, FEATURES, layout))
+    posts_nc = jax.block_until_ready(posts(weights, post_nw, np.arange(n, dtype=np.int32)))
+    served = rank_function(graphdef, treedef, FEATURES, layout)
+    chunk = 4096
     x = {n: jnp.asarray(rng.normal(size=(k, d)), jnp.float32) for n, d in dims.items()}
-    x_q = {n: x[n][:1] for n in MEMBER_SIDE}
-    x_p = {n: v for n, v in x.items() if n not in MEMBER_SIDE}
     dense = jnp.asarray(rng.normal(size=(k, 8)), jnp.float32)
     fields = [x[n] for n in model.sparse_fields]
     x0 = model.mlp.layers[0].in_features if len(model.mlp.layers) else None
@@ -118,16 +121,23 @@ def main() -> None:
     def blocks(fn):  # fn(model, *arrays), the model's weights passed as arguments
         return lambda p, *a: fn(nnx.merge(graphdef, p), *a)
 
-    served_args = (weights, member_qw, post_qkw, rows_q, rows_qk)
     cases = [
-        ("served rank, as trained (all per pair)", served(False), served_args),
-        ("served rank, folded (member once)", served(True), served_args),
-        ("  model alone, per pair", blocks(lambda m, x, d: m(x, d)), (params, x, dense)),
         (
-            "  model alone, folded",
-            blocks(lambda m, xq, xp, d: folded_logits(m, xq, xp, d, candidates=k)),
-            (params, x_q, x_p, dense),
+            "served rank, as trained (all per pair)",
+            as_trained,
+            (weights, member_qw, post_qkw, rows_q, rows_qk),
         ),
+        (
+            "served rank, split (post cache)",
+            served,
+            (weights, posts_nc, member_qw, rows_q, rows_qk),
+        ),
+        (
+            f"post cache of {chunk} posts (at load)",
+            posts_function(graphdef, treedef, FEATURES, layout),
+            (weights, post_nw[:chunk], np.arange(chunk, dtype=np.int32)),
+        ),
+        ("  model alone, per pair", blocks(lambda m, x, d: m(x, d)), (params, x, dense)),
     ]
     if model.gate is not None:
         cases.append(("  block: GateNet gates", blocks(lambda m, f: m.gate(f)), (params, fields)))

@@ -13,8 +13,9 @@ candidates exist (the tiny world has 1,000). ``--artifacts DIR`` uses an existin
 The server runs in a subprocess on one CPU device. For each stage (retrieve, rank, feed),
 each K and each client count, every client sends its next request when its last one is
 answered (closed loop), for at most ``--requests`` requests per client or ``--seconds``.
-Reports client-side p50/p99 latency (ms), requests/s, the server's stage timings and the
-CPU seconds the server process used per wall second; ``--json`` writes the figures.
+Reports client-side p50/p99 latency (ms), requests/s, the server's stage timings (total: from
+parsed request to answer built, so client minus total is HTTP, JSON and thread hand-offs) and
+the CPU seconds the server process used per wall second; ``--json`` writes the figures.
 """
 
 import argparse
@@ -164,7 +165,7 @@ def run_cell(port, stage, k, clients, requests, seconds, members, posts):
     flat = [x for per in latencies for x in per]
     stages = {
         name: float(np.percentile([m[name] for m in server_ms], 50))
-        for name in ("queue", "features", "retrieve", "rank")
+        for name in ("queue", "features", "retrieve", "rank", "total")
     }
     return {
         "stage": stage,
@@ -229,7 +230,7 @@ def main() -> None:
         rows = []
         print(
             f"{'stage':<9}{'K':>6}{'clients':>8}{'n':>6}{'p50 ms':>9}{'p99 ms':>9}"
-            f"{'req/s':>8}{'srv cpu/s':>10}  server p50 ms (queue/features/retrieve/rank)"
+            f"{'req/s':>8}{'srv cpu/s':>10}  server p50 ms (queue/features/retrieve/rank/total)"
         )
         for stage in args.stages.split(","):
             for k in (int(v) for v in args.candidates.split(",")):
@@ -246,7 +247,7 @@ def main() -> None:
                         f"{stage:<9}{k:>6}{clients:>8}{row['requests']:>6}{row['p50_ms']:>9.1f}"
                         f"{row['p99_ms']:>9.1f}{row['requests_per_s']:>8.1f}"
                         f"{row['server_cpu_per_wall_s']:>10.2f}  {s['queue']:.1f}/"
-                        f"{s['features']:.1f}/{s['retrieve']:.1f}/{s['rank']:.1f}"
+                        f"{s['features']:.1f}/{s['retrieve']:.1f}/{s['rank']:.1f}/{s['total']:.1f}"
                         f"{'  ERRORS ' + str(row['errors']) if row['errors'] else ''}",
                         flush=True,
                     )

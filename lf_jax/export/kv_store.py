@@ -185,6 +185,12 @@ class KVStore:
             self._env.set_mapsize(0)
             return self._env.begin()
 
+    def generation(self) -> int:
+        """The id of the last write transaction committed to the store (by any process): it
+        changes on every write, so a reader holding rows in memory knows when to reread."""
+        with self._reader() as txn:
+            return int(txn.id())
+
     def close(self) -> None:
         self._env.close()
 

@@ -4,7 +4,8 @@
                                   input and output signatures, buckets, feature layout,
                                   every file's bytes and sha256, total bytes, source
     <model>/weights.npz           the exported functions' weights (params leaves, tables)
-    <model>/functions/*.jax       jax.export serializations (StableHLO), one per bucket
+    <model>/functions/*.jax       jax.export serializations (StableHLO), one per bucket;
+                                  the ranker's posts.jax computes its post cache
     <model>/ids/<entity>/         string id -> row maps (embedding/ids.py minimal perfect hash)
     <model>/keys/<entity>.npy     row -> string id, where outputs name rows (retrieved items)
 
@@ -15,8 +16,10 @@ the smallest bucket that holds it, padded. Nothing here imports the training cod
 
 Example:
     >>> model = ServedModel.load("runs/demo/serving/versions/v0001/ranker")
+    >>> posts_nc = model.post_cache(store_rows_of(model.post_keys()))
+    >>> model.warm_up(posts_nc)
     >>> fn, (q, k) = model.bucket(1, 500)          # the (1, 512) function
-    >>> probs_qkt = fn(model.weights, member_qw, post_qkw, member_rows_q, post_rows_qk)
+    >>> probs_qkt = fn(model.weights, posts_nc, member_qw, member_rows_q, post_rows_qk)
 """
 
 import datetime
@@ -33,7 +36,7 @@ from lf_jax.errors import UserInputError
 from lf_jax.export.index_files import file_sha256
 
 FORMAT = "lf_jax.ServingArtifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the ranker computes a post cache (functions/posts.jax), its first input
 MANIFEST = "manifest.json"
 
 
@@ -129,12 +132,15 @@ def read_manifest(directory: str | os.PathLike) -> dict:
 class ServedModel:
     """One loaded artifact on one device: weights, compiled bucket functions, id maps."""
 
-    def __init__(self, directory: Path, manifest: dict, weights, functions, id_maps, keys, device):
+    def __init__(
+        self, directory: Path, manifest: dict, weights, functions, id_maps, keys, device, posts_fn
+    ):
         self.directory, self.manifest, self.device = directory, manifest, device
         self.weights, self.functions = weights, functions
         self.id_maps, self.keys = id_maps, keys
         self.buckets = sorted(functions)  # (Q, K)
         self.compiles = 0
+        self.posts_fn = posts_fn  # the ranker's post-cache function (None for retrieval)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device=None, *, verify: bool = True):
@@ -162,6 +168,10 @@ class ServedModel:
             blob = (directory / entry["file"]).read_bytes()
             exported = jax.export.deserialize(bytearray(blob))
             functions[(entry["queries"], entry["candidates"])] = jax.jit(exported.call)
+        posts_fn = None
+        if "post_cache" in manifest:
+            blob = (directory / manifest["post_cache"]["file"]).read_bytes()
+            posts_fn = jax.jit(jax.export.deserialize(bytearray(blob)).call)
         id_maps = {
             entity: IdMap.load(directory / "ids" / entity) for entity in manifest.get("id_maps", [])
         }
@@ -169,7 +179,7 @@ class ServedModel:
             entity: np.load(directory / "keys" / f"{entity}.npy")
             for entity in manifest.get("keys", [])
         }
-        return cls(directory, manifest, weights, functions, id_maps, keys, device)
+        return cls(directory, manifest, weights, functions, id_maps, keys, device, posts_fn)
 
     def bucket(self, queries: int, candidates: int):
         """(function, (Q, K)) of the smallest bucket holding ``queries`` x ``candidates``."""
@@ -191,18 +201,45 @@ class ServedModel:
             for entry in self.manifest["inputs"]
         ]
 
-    def warm_up(self) -> float:
-        """Compiles every bucket (one call on zeros); returns the seconds it took."""
+    def post_keys(self) -> list[str]:
+        """The ranker's posts in post table order (row i is "p<i>", as the export maps ids)."""
+        return [f"p{i}" for i in range(self.manifest["post_cache"]["num_posts"])]
+
+    def post_cache(self, post_rows_nw: np.ndarray) -> jax.Array:
+        """The ranker's post cache [N, C] on the device (every post-only part of the ranker)
+        from the feature-store rows [N, W] of ``post_keys()``, ``rows_per_call`` per call."""
+        spec = self.manifest["post_cache"]
+        chunk, n = spec["rows_per_call"], spec["num_posts"]
+        if self.posts_fn is None or post_rows_nw.shape[0] != n:
+            raise ArtifactError(
+                f"{self.manifest['model']}: post_cache needs the rows of its {n} posts, "
+                f"got {post_rows_nw.shape[0]}"
+            )
+        parts = []
+        for start in range(0, n, chunk):
+            rows = np.zeros((chunk, post_rows_nw.shape[1]), np.float32)
+            rows[: min(chunk, n - start)] = post_rows_nw[start : start + chunk]
+            table_rows = np.arange(start, start + chunk, dtype=np.int32) % n
+            parts.append(self.posts_fn(self.weights, rows, table_rows))
+        return jax.device_put(np.concatenate(jax.device_get(parts))[:n], self.device)
+
+    def warm_up(self, *leading) -> float:
+        """Compiles every bucket (one call on zeros; ``leading``: the first inputs as
+        requests will pass them, e.g. the ranker's device-resident post cache); returns
+        the seconds it took."""
         start = time.perf_counter()
         for shape, fn in self.functions.items():
             # numpy inputs, as requests pass them (a committed array is another cache key)
-            jax.block_until_ready(fn(self.weights, *self.zeros(*shape)))
+            inputs = [*leading, *self.zeros(*shape)[len(leading) :]]
+            jax.block_until_ready(fn(self.weights, *inputs))
         self.compiles = self.cache_size()
         return time.perf_counter() - start
 
     def cache_size(self) -> int:
-        """Compiled executables across the buckets (stays constant once warm)."""
-        return sum(fn._cache_size() for fn in self.functions.values())
+        """Compiled executables across the buckets and the post-cache function (stays
+        constant once warm)."""
+        posts = self.posts_fn._cache_size() if self.posts_fn is not None else 0
+        return posts + sum(fn._cache_size() for fn in self.functions.values())
 
     def rows(self, entity: str, ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(rows [n] int32, known [n] bool) of string ids in the ``entity`` id map."""

@@ -4,6 +4,9 @@
 snapshots (from a checkpoint: export_serving.py; random, for the load generator:
 bench/serving.py), export one ``jax.export`` function per bucket and write the directory
 of artifact.py. Buckets: every (Q queries, K candidates) in ``queries`` x ``candidates``.
+The ranker also gets ``functions/posts.jax``, the function that computes its post cache
+(every post-only part of the ranker, functions.posts_function) from feature-store rows,
+POST_CHUNK posts per call; the server runs it when it loads a version.
 
 Shapes: Q queries, K candidates, W feature-store row width, T tasks, N items, D dims.
 
@@ -26,12 +29,14 @@ from lf_jax.serving.feed_features import FeatureLayout
 from lf_jax.serving.functions import (
     encode_table,
     export_function,
+    posts_function,
     rank_function,
     retrieve_function,
 )
 
 QUERY_BUCKETS = (1, 4, 16)
 CANDIDATE_BUCKETS = (128, 512, 2048)
+POST_CHUNK = 4096  # post rows per call of the ranker's post-cache function
 
 
 def _params(params) -> tuple[list[np.ndarray], object]:
@@ -78,13 +83,20 @@ def ranker_artifact(
         "dense_mean": np.asarray(dense_mean, np.float32),
         "dense_std": np.asarray(dense_std, np.float32),
     }
-    fn = rank_function(graphdef, treedef, dict(features), layout)
-    functions, entries = {}, {}
+    features = dict(features)
+    chunk = min(POST_CHUNK, num_posts)
+    posts_fn = posts_function(graphdef, treedef, features, layout)
+    post_args = (np.zeros((chunk, layout.width), np.float32), np.zeros(chunk, np.int32))
+    functions = {"posts": export_function(posts_fn, weights, *post_args)}
+    cache = jax.eval_shape(posts_fn, weights, *post_args)
+    posts_nc = np.zeros((num_posts, cache.shape[1]), np.float32)
+    fn = rank_function(graphdef, treedef, features, layout)
+    entries = {}
     for q, k in _buckets(queries, candidates):
         name = f"q{q}_k{k}"
         args = (
+            posts_nc,
             np.zeros((q, layout.width), np.float32),
-            np.zeros((q, k, layout.width), np.float32),
             np.zeros(q, np.int32),
             np.zeros((q, k), np.int32),
         )
@@ -97,9 +109,19 @@ def ranker_artifact(
         "tasks": list(tasks),
         "task_weights": {t: float(task_weights.get(t, 0.0)) for t in tasks},
         "functions": entries,
+        "post_cache": {
+            "file": "functions/posts.jax",
+            "rows_per_call": chunk,
+            "num_posts": num_posts,
+            "width": int(cache.shape[1]),
+            "inputs": [
+                {"name": "post_rows", "shape": [chunk, layout.width], "dtype": "float32"},
+                {"name": "post_table_rows", "shape": [chunk], "dtype": "int32"},
+            ],
+        },
         "inputs": [
+            {"name": "post_cache", "shape": list(posts_nc.shape), "dtype": "float32"},
             {"name": "member_rows", "shape": ["Q", layout.width], "dtype": "float32"},
-            {"name": "post_rows", "shape": ["Q", "K", layout.width], "dtype": "float32"},
             {"name": "member_table_rows", "shape": ["Q"], "dtype": "int32"},
             {"name": "post_table_rows", "shape": ["Q", "K"], "dtype": "int32"},
         ],

@@ -124,6 +124,11 @@ class FeatureStore:
             raise FeatureStoreError(f"feature store '{self.path}': {error}") from None
         return rows[: len(member_ids)], rows[len(member_ids) :]
 
+    def generation(self) -> int:
+        """The store's last committed write (``KVStore.generation``): it changes on every
+        update, so a server knows when to recompute what it derived from the rows."""
+        return self._store.generation()
+
     def stats(self) -> dict:
         return self._store.stats()
 

@@ -7,9 +7,12 @@ A member row and a post row are float32 vectors (ids are stored exactly: every i
 root author, hashtags (-1 padded), follower counts of both authors, prior likes, log post
 age and the two latent vectors the affinity features read (the author's, the mean of the
 hashtags'). ``pair_inputs`` turns Q member rows and Q x K post rows into the feed ranker's
-sparse ids and raw dense features per pair, for numpy (tests, the training-time ranker)
-and jax.numpy (inside the exported ranker) alike. Serving ranks as if every candidate
-were shown first (position 0) and uses the noise-free affinities (the logs add noise).
+sparse ids and raw dense features per pair (the training-time ranker's inputs; numpy or
+jax.numpy); the served ranker builds the same features per group instead: the member's
+once per query (``member_inputs``), the posts' once per post (``post_inputs``,
+``post_latents``) and the pair's per pair (``pair_dense``), see DENSE_GROUPS. Serving
+ranks as if every candidate were shown first (position 0) and uses the noise-free
+affinities (the logs add noise).
 
 Shapes: Q queries, K candidates, W_m / W_p row widths, H history, T hashtags per post,
 L prompt tokens, d latent dim.
@@ -169,74 +172,105 @@ def post_rows(layout: FeatureLayout, world, posts: np.ndarray, seed: int) -> np.
 
 
 MEMBER_FEATURES = ("member_id", "position", "history_actors", "history_hashtags")
+# what each of the ranker's 8 dense features depends on, in the order of pair_inputs:
+# log1p actor followers, log1p root followers, log age, log1p 5 * activity, the two
+# affinities (3 x member latent . author / hashtag latent), log1p prior likes, reshared
+DENSE_GROUPS = ("post", "post", "post", "member", "pair", "pair", "post", "post")
 
 
-def pair_inputs(
-    xp,
-    layout: FeatureLayout,
-    member_qm,
-    post_qkp,
-    member_table_q,
-    post_table_qk,
-    *,
-    per_query=False,
-):
-    """Sparse ids {feature: [Q*K, L]} (int32, -1 padded) and raw dense features [Q*K, 8] of
-    the Q x K (member, post) pairs; ``xp`` is numpy or jax.numpy.
+def member_inputs(xp, layout: FeatureLayout, member_qm, member_table_q):
+    """The member's sparse ids {feature: [Q, L]} (int32, -1 padded) and its dense
+    features [Q, 1] (the "member" columns of DENSE_GROUPS) from member rows [Q, >=W_m]
+    and member table rows [Q] (from the id map); served ranking is at position 0."""
+    mc = layout.member_columns()
+    hist_a, hist_h = mc["history_actors"], mc["history_hashtags"]
+    start = mc["activity"][0]
+    sparse = {
+        "member_id": member_table_q[:, None].astype(xp.int32),
+        "position": xp.zeros((member_qm.shape[0], 1), xp.int32),
+        "history_actors": member_qm[:, hist_a[0] : hist_a[1]].astype(xp.int32),
+        "history_hashtags": member_qm[:, hist_h[0] : hist_h[1]].astype(xp.int32),
+    }
+    return sparse, xp.log1p(5.0 * member_qm[:, start : start + 1]).astype(xp.float32)
 
-    member_qm [Q, >=W_m], post_qkp [Q, K, >=W_p] float32 rows; member_table_q [Q] and
-    post_table_qk [Q, K] are the rows of the member and post id tables (from the id maps).
-    ``per_query``: the features of MEMBER_FEATURES stay [Q, L] (one lookup per query;
-    the served ranker folds them, folded_ranker.py) instead of [Q*K, L].
-    """
-    q, k = post_qkp.shape[:2]
-    mc, pc = layout.member_columns(), layout.post_columns()
 
-    def member(name):
-        start, stop = mc[name]
-        return xp.broadcast_to(member_qm[:, None, start:stop], (q, k, stop - start)).reshape(
-            q * k, stop - start
-        )
+def post_inputs(xp, layout: FeatureLayout, post_np, post_table_n):
+    """The posts' sparse ids {feature: [N, L]} and dense features [N, 5] (the "post"
+    columns of DENSE_GROUPS, in order) from post rows [N, >=W_p] and post table rows [N]."""
+    pc = layout.post_columns()
 
-    def post(name):
+    def col(name):
         start, stop = pc[name]
-        return post_qkp[:, :, start:stop].reshape(q * k, stop - start)
+        return post_np[:, start:stop]
 
-    def ids(x):
-        return x.astype(xp.int32)
-
-    actor, root = post("actor"), post("root_actor")
-    u = member("latent")
+    actor, root = col("actor"), col("root_actor")
     dense = xp.concatenate(
         [
-            xp.log1p(post("actor_followers")),
-            xp.log1p(post("root_followers")),
-            post("log_age"),
-            xp.log1p(5.0 * member("activity")),
-            3.0 * xp.sum(u * post("actor_latent"), axis=-1, keepdims=True),
-            3.0 * xp.sum(u * post("hashtag_latent"), axis=-1, keepdims=True),
-            xp.log1p(post("prior_likes")),
+            xp.log1p(col("actor_followers")),
+            xp.log1p(col("root_followers")),
+            col("log_age"),
+            xp.log1p(col("prior_likes")),
             (actor != root).astype(xp.float32),
         ],
         axis=-1,
     ).astype(xp.float32)
-    hist_a, hist_h = mc["history_actors"], mc["history_hashtags"]
-    queries = {
-        "member_id": ids(member_table_q[:, None]),
-        "position": xp.zeros((q, 1), xp.int32),
-        "history_actors": ids(member_qm[:, hist_a[0] : hist_a[1]]),
-        "history_hashtags": ids(member_qm[:, hist_h[0] : hist_h[1]]),
-    }
-    if not per_query:
-        queries = {name: xp.repeat(v, k, axis=0) for name, v in queries.items()}
     sparse = {
-        **queries,
-        "actor_id": ids(actor),
-        "root_actor_id": ids(root),
-        "post_id": ids(post_table_qk.reshape(q * k, 1)),
-        "post_hashtags": ids(post("hashtags")),
+        "actor_id": actor.astype(xp.int32),
+        "root_actor_id": root.astype(xp.int32),
+        "post_id": post_table_n[:, None].astype(xp.int32),
+        "post_hashtags": col("hashtags").astype(xp.int32),
     }
     return sparse, dense
+
+
+def post_latents(layout: FeatureLayout, post_np):
+    """[N, 2d]: the author's and the hashtags' latent vectors of post rows [N, >=W_p]."""
+    pc = layout.post_columns()
+    return post_np[:, pc["actor_latent"][0] : pc["hashtag_latent"][1]]
+
+
+def pair_dense(xp, layout: FeatureLayout, member_qm, latents_qkl):
+    """The pair dense features [Q*K, 2] (the "pair" columns of DENSE_GROUPS): the member's
+    affinity to each candidate's author and hashtags, from member rows [Q, >=W_m] and the
+    candidates' ``post_latents`` [Q, K, 2d]."""
+    q, k = latents_qkl.shape[:2]
+    start, stop = layout.member_columns()["latent"]
+    lat_qkad = latents_qkl.reshape(q, k, 2, stop - start)
+    u_qd = member_qm[:, start:stop]
+    return (3.0 * xp.einsum("qkad,qd->qka", lat_qkad, u_qd)).reshape(q * k, 2)
+
+
+def assemble_dense(xp, parts: dict):
+    """The dense features [B, 8] in DENSE_GROUPS order from {group: [B, d_group]}."""
+    used = dict.fromkeys(parts, 0)
+    columns = []
+    for group in DENSE_GROUPS:
+        columns.append(parts[group][:, used[group] : used[group] + 1])
+        used[group] += 1
+    return xp.concatenate(columns, axis=-1)
+
+
+def pair_inputs(xp, layout: FeatureLayout, member_qm, post_qkp, member_table_q, post_table_qk):
+    """Sparse ids {feature: [Q*K, L]} (int32, -1 padded) and raw dense features [Q*K, 8] of
+    the Q x K (member, post) pairs, every feature per pair (the model's training-time
+    inputs); ``xp`` is numpy or jax.numpy.
+
+    member_qm [Q, >=W_m], post_qkp [Q, K, >=W_p] float32 rows; member_table_q [Q] and
+    post_table_qk [Q, K] are the rows of the member and post id tables (from the id maps).
+    """
+    q, k = post_qkp.shape[:2]
+    member_sparse, member_dense = member_inputs(xp, layout, member_qm, member_table_q)
+    post_np = post_qkp.reshape(q * k, post_qkp.shape[-1])
+    post_sparse, post_dense = post_inputs(xp, layout, post_np, post_table_qk.reshape(q * k))
+    pair = pair_dense(xp, layout, member_qm, post_latents(layout, post_np).reshape(q, k, -1))
+    dense = assemble_dense(
+        xp, {"member": xp.repeat(member_dense, k, axis=0), "post": post_dense, "pair": pair}
+    )
+    sparse = {
+        **{name: xp.repeat(v, k, axis=0) for name, v in member_sparse.items()},
+        **post_sparse,
+    }
+    return sparse, dense.astype(xp.float32)
 
 
 def layout_for(world_config, prompt_length: int) -> FeatureLayout:

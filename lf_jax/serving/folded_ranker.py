@@ -1,29 +1,47 @@
-"""The feed ranker's forward pass for serving, with the member-only work done once per query.
+"""The feed ranker's forward pass for serving, split into member-only, post-only and pair work.
 
-A ranking request scores K candidates for one member: every input column that depends only
-on the member (its pooled id, history and position embeddings, their gates, the dot
-products among them) is the same for all K pairs. ``folded_logits`` computes exactly what
-``FeedRanker.__call__`` computes on the concatenated input x0 = [gated fields, dots, dense],
-but splits every layer that reads x0 (the first MLP layer and its hidden gate, the first
-cross layer's W, or its down projection when low rank) by columns:
+A ranking request scores K candidate posts for one member. Every column of the model's
+input x0 = [gated fields, dots, dense] depends on the member only (its id, history and
+position embeddings, their gates, the dots among them, its activity), on the post only
+(author, hashtag and post embeddings, their gates and dots, the post's counters and age),
+or on the pair (member x post dots, the affinity features). ``Split`` sorts the columns
+into those three groups (M, P, X). Every layer that reads x0 (the first MLP layer and its
+hidden gate, the first cross layer's W, or its down projection when low rank) is split by
+rows:
 
-    x0 @ W = x0[:, member_cols] @ W[member_cols]   (once per query:      [Q, H_m] @ [H_m, O])
-           + x0[:, pair_cols] @ W[pair_cols]       (once per pair:  [Q*K, H_p] @ [H_p, O])
+    x0 @ W = x0_M @ W[M]      once per query                  [Q, H_M] @ [H_M, F]
+           + x0_P @ W[P]      once per post, at version load  [N, H_P] @ [H_P, F]
+           + x0_X @ W[X]      once per pair                   [Q*K, H_X] @ [H_X, F]
 
-so the per-pair multiply-adds of those layers shrink by H_m / H. Layers after the first
-(x_l for l >= 1, the heads) depend on the pair and run per pair as in the model; linear
-task heads run as one [H, T] product. The sum is reassociated, so scores agree with the
-model to float32 rounding (~1e-7), not bit for bit.
+A low-rank cross network folds whole: with x_{l+1} = x0 * (low_l @ U_l + b_l) + x_l,
+x_l = x0 * s_l where s_l = c_l + sum_{j<l} low_j @ U_j, so low_l = x_l @ D_l and the
+heads' cross term x_L @ W_c are products of x0 too (with [r, r] and [r, T'] mixes by the
+earlier low_j): every layer that reads x0 becomes a column block of one [H, F] matrix
+(``_x0_kernel``), and no H-wide array is formed per pair. A full-rank cross network does
+not fold: x0 is rebuilt per pair with its columns in group order (M, P, X) and the cross
+and head weights are permuted to match, so nothing is scattered back.
 
-Shapes: Q queries, K candidates per query, D_f a field's width, T tasks.
+``post_side`` computes, for every post, the x0_P columns the pair work reads and
+x0_P @ W[P] (one row of the post cache); ``split_logits`` computes the member side once
+per query, takes the candidates' cache rows and does only the pair work: the member x
+post dots (one product per width), the pair features, one [H_X, F] product, the MLP
+layers after the first and the heads. Sums are reassociated: scores agree with the model
+to float32 rounding (~1e-7), not bit for bit.
+
+Shapes: Q queries, K candidates per query, N posts, D_f a field's width, H x0's width
+(H_M + H_P + H_X), F the width of all x0 products, C the cache width, r the cross rank,
+T tasks, T' the heads' first-layer width.
 
 Example:
-    >>> logits_qk_t = folded_logits(ranker, {"member_id": m_qd, "position": p_qd, ...},
-    ...                             {"actor_id": a_pd, ...}, dense_pk, candidates=K)
-    >>> np.allclose(logits_qk_t, ranker(all_fields_repeated, dense_pk), atol=1e-5)
+    >>> split = Split.of(ranker, field_dims, member_fields=("member_id", "position"),
+    ...                  dense_groups=("post", "member", "pair"))
+    >>> cache_nc = post_side(ranker, split, {"actor_id": a_nd, ...}, post_dense_nd)
+    >>> logits = split_logits(ranker, split, {"member_id": m_qd, ...}, member_dense_qd,
+    ...                       cache_nc[post_rows_qk.reshape(-1)], pair_dense_pd, candidates=K)
 """
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +49,97 @@ import numpy as np
 from flax import nnx
 
 from lf_jax.models.ranker import FeedRanker
+
+GROUPS = ("member", "post", "pair")
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """x0's columns by group, each group in its own order (see the module docstring).
+
+    order[g]: the model's x0 column indices of group g, in the order the served pass holds
+    them: member and post: their fields' blocks (model order), the dots among them, their
+    dense columns; pair: the member x post dots per width as [post field, member field]
+    (the einsum's order), then the pair dense columns. dense[g]: dense column indices of g.
+    """
+
+    field_dims: dict[str, int]
+    member_fields: tuple[str, ...]
+    post_fields: tuple[str, ...]
+    order: dict[str, np.ndarray]
+    dense: dict[str, np.ndarray]
+
+    @classmethod
+    def of(
+        cls,
+        model: FeedRanker,
+        field_dims: Mapping[str, int],
+        *,
+        member_fields: Sequence[str],
+        dense_groups: Sequence[str],
+    ) -> "Split":
+        if set(field_dims) != set(model.sparse_fields) or not set(member_fields) <= set(field_dims):
+            raise ValueError(
+                f"field_dims {sorted(field_dims)} must name the model's fields "
+                f"{sorted(model.sparse_fields)}, member_fields {sorted(member_fields)} among them"
+            )
+        if len(dense_groups) != model.num_dense or set(dense_groups) - set(GROUPS):
+            raise ValueError(
+                f"dense_groups must give one of {GROUPS} for each of the model's "
+                f"{model.num_dense} dense columns, got {list(dense_groups)}"
+            )
+        names = model.sparse_fields
+        dims = [int(field_dims[n]) for n in names]
+        starts = np.cumsum([0, *dims])
+        group = ["member" if n in member_fields else "post" for n in names]
+        # each group's fields: model order, grouped by width (stable), so that the fields
+        # of one width are adjacent (the pair dots read them as one [.., F, D] block)
+        fields = {
+            g: sorted((i for i in range(len(names)) if group[i] == g), key=lambda i: dims[i])
+            for g in ("member", "post")
+        }
+        order: dict[str, list[int]] = {g: [] for g in GROUPS}
+        for g, members in fields.items():
+            for i in members:
+                order[g].extend(range(starts[i], starts[i + 1]))
+        column = int(starts[-1])
+        dot_column = {}
+        if model.dot_interactions:
+            for i in range(len(names)):
+                for j in range(i + 1, len(names)):
+                    if dims[i] == dims[j]:
+                        dot_column[i, j] = dot_column[j, i] = column
+                        column += 1
+            for g, members in fields.items():  # as _pairwise enumerates the group's fields
+                for a, i in enumerate(members):
+                    order[g].extend(
+                        dot_column[i, j] for j in members[a + 1 :] if dims[i] == dims[j]
+                    )
+            for width in sorted(set(dims)):
+                posts = [i for i in fields["post"] if dims[i] == width]
+                members = [i for i in fields["member"] if dims[i] == width]
+                order["pair"].extend(dot_column[p, m] for p in posts for m in members)
+        dense = {
+            g: np.asarray([c for c, d in enumerate(dense_groups) if d == g], np.int32)
+            for g in GROUPS
+        }
+        for g in GROUPS:
+            order[g].extend(column + dense[g])
+        return cls(
+            field_dims=dict(zip(names, dims, strict=True)),
+            member_fields=tuple(names[i] for i in fields["member"]),
+            post_fields=tuple(names[i] for i in fields["post"]),
+            order={g: np.asarray(v, np.int32) for g, v in order.items()},
+            dense=dense,
+        )
+
+    @property
+    def perm(self) -> np.ndarray:
+        """[H]: x0's model column index at each position of the served order (M, P, X)."""
+        return np.concatenate([self.order[g] for g in GROUPS])
+
+    def width(self, group: str) -> int:
+        return len(self.order[group])
 
 
 def _gated(model: FeedRanker, name: str, x_bd: jax.Array) -> jax.Array:
@@ -40,140 +149,224 @@ def _gated(model: FeedRanker, name: str, x_bd: jax.Array) -> jax.Array:
     return x_bd * 2.0 * jax.nn.sigmoid(gate(x_bd))
 
 
-def _split_linear(
-    layer: nnx.Linear, member_qh, pair_ph, member_cols, pair_cols, candidates: int
+def _bias(layer: nnx.Linear) -> jax.Array:
+    """The layer's bias [O] (zeros for a layer without one)."""
+    return layer.bias[...] if layer.bias is not None else jnp.zeros(layer.kernel.shape[1])
+
+
+def folds_cross(model: FeedRanker) -> bool:
+    """Whether the cross network folds into x0 products (none, or low-rank layers only)."""
+    return model.cross is None or all(layer.low_rank for layer in model.cross.layers)
+
+
+def _heads_in(model: FeedRanker) -> tuple[jax.Array, jax.Array]:
+    """(kernel [top, T'], bias [T']) of the heads' first layers side by side: the hidden
+    layer of a head that has one, else its output layer."""
+    layers = [head.hidden if head.hidden is not None else head.out for head in model.heads]
+    kernel = jnp.concatenate([layer.kernel[...] for layer in layers], axis=1)
+    return kernel, jnp.concatenate([_bias(layer) for layer in layers])
+
+
+def _x0_kernel(model: FeedRanker, split: Split):
+    """(kernel [H, F] (x0's rows in model order), bias [F], blocks {name: (start, stop)}): every
+    product of x0 the served pass needs, side by side.
+
+    "mlp", "gate": the first MLP layer and its hidden gate. A full-rank cross network:
+    "cross0", its first layer (output columns in the served order). A low-rank one folds
+    whole (x_l = x0 * s_l with s_l = 1 + sum_{j<l} (low_j @ U_j + b_j)): "low<l>" =
+    c_l * D_l with c_l = 1 + sum_{j<l} b_j, "z<j>_<l>" [H, r*r] = U_j[a, h] D_l[h, b]
+    (low_l adds low_j . (x0 @ z)), "heads" = c_L * W_c (W_c: the heads' cross rows; plus
+    their x0 rows without an MLP; bias: the heads'), "y<j>" [H, r*T'] = U_j[a, h] W_c[h, t]
+    (the heads add low_j . (x0 @ y))."""
+    kernels: list[tuple[str, jax.Array, jax.Array | None]] = []
+    mlp = model.mlp
+    if len(mlp.layers):
+        kernels.append(("mlp", mlp.layers[0].kernel[...], _bias(mlp.layers[0])))
+        if mlp.gates is not None:
+            kernels.append(("gate", mlp.gates[0].kernel[...], _bias(mlp.gates[0])))
+    cross = model.cross
+    if cross is not None and not folds_cross(model):
+        full = cross.layers[0].full
+        perm = split.perm
+        kernels.append(("cross0", full.kernel[...][:, perm], _bias(full)[perm]))
+    elif cross is not None or not len(mlp.layers):
+        width = len(split.perm)
+        w_heads, b_heads = _heads_in(model)
+        mlp_out = mlp.out_features  # the heads' cross rows start here (x0's width without MLP)
+        layers = list(cross.layers) if cross is not None else []
+        c = jnp.ones(width)
+        for index, layer in enumerate(layers):
+            down = layer.down.kernel[...]
+            kernels.append((f"low{index}", c[:, None] * down, None))
+            for j in range(index):
+                up_j = layers[j].up.kernel[...].T  # [H, r]
+                z = (up_j[:, :, None] * down[:, None, :]).reshape(width, -1)
+                kernels.append((f"z{j}_{index}", z, None))
+            c = c + _bias(layer.up)
+        w_cross = w_heads[mlp_out:] if layers else jnp.zeros((width, w_heads.shape[1]))
+        w_x0 = w_heads[:width] if not len(mlp.layers) else 0.0
+        kernels.append(("heads", c[:, None] * w_cross + w_x0, b_heads))
+        for j, layer in enumerate(layers):
+            up_j = layer.up.kernel[...].T
+            y = (up_j[:, :, None] * w_cross[:, None, :]).reshape(width, -1)
+            kernels.append((f"y{j}", y, None))
+    blocks, start = {}, 0
+    for name, kernel, _ in kernels:
+        blocks[name] = (start, start + kernel.shape[1])
+        start += kernel.shape[1]
+    bias = jnp.concatenate([b if b is not None else jnp.zeros(k.shape[1]) for _, k, b in kernels])
+    return jnp.concatenate([k for _, k, _ in kernels], axis=1), bias, blocks
+
+
+def _cached_x0(model: FeedRanker, split: Split) -> int:
+    """Columns of x0_P the post cache keeps: all of them where the pass rebuilds x0 per
+    pair (a full-rank cross network), else only the post fields the pair dots read."""
+    if not folds_cross(model):
+        return split.width("post")
+    if not model.dot_interactions:
+        return 0
+    return sum(split.field_dims[name] for name in split.post_fields)
+
+
+def _pairwise(fields: list[jax.Array]) -> list[jax.Array]:
+    """Dots [B, 1] of every i < j pair of same-width fields, the model's order."""
+    return [
+        jnp.sum(fields[i] * fields[j], axis=-1, keepdims=True)
+        for i in range(len(fields))
+        for j in range(i + 1, len(fields))
+        if fields[i].shape[-1] == fields[j].shape[-1]
+    ]
+
+
+def _side(model: FeedRanker, split: Split, group: str, fields, dense) -> jax.Array:
+    """x0_M [Q, H_M] or x0_P [N, H_P] in the group's order from its pooled fields and its
+    standardised dense columns."""
+    names = split.member_fields if group == "member" else split.post_fields
+    gated = [_gated(model, n, fields[n]) for n in names]
+    parts = list(gated)
+    if model.dot_interactions:
+        parts.extend(_pairwise(gated))
+    if len(split.dense[group]):
+        parts.append(dense)
+    return jnp.concatenate(parts, axis=-1)
+
+
+def post_side(
+    model: FeedRanker, split: Split, post_fields: Mapping[str, jax.Array], post_dense
 ) -> jax.Array:
-    """layer(x0) [Q*K, O] from the member columns [Q, H_m] and the pair columns [Q*K, H_p]."""
-    kernel = layer.kernel[...]
-    per_query = member_qh @ kernel[member_cols]
-    if layer.bias is not None:
-        per_query = per_query + layer.bias[...]
-    per_pair = pair_ph @ kernel[pair_cols]
-    q, out = per_query.shape
-    return (per_pair.reshape(q, candidates, out) + per_query[:, None, :]).reshape(-1, out)
+    """The post cache [N, C]: the columns of x0_P the pair work reads (``_cached_x0``) and
+    x0_P @ W[P] for every x0 product (``_x0_kernel``) of N posts.
+
+    post_fields: {post field: pooled [N, D_f]}; post_dense: standardised [N, d_P] (the
+    dense columns of group "post"; None when there are none)."""
+    x0_p = _side(model, split, "post", post_fields, post_dense)
+    kernel, _, _ = _x0_kernel(model, split)
+    keep = _cached_x0(model, split)
+    return jnp.concatenate([x0_p[:, :keep], x0_p @ kernel[split.order["post"]]], axis=-1)
 
 
-def _dots(fields: list[tuple[bool, jax.Array]], q: int, k: int) -> list[tuple[bool, jax.Array]]:
-    """The model's pairwise dots (i < j, same width, its order) as (member?, [rows, 1]) blocks:
-    member x member once per query; member x pair as one [Q, K, F_p, D] x [Q, F_m, D]
-    product and pair x pair as one [Q, K, F_p, F_p] product per width."""
-    products = {}
-    for width in sorted({x.shape[-1] for _, x in fields}):
-        members = [i for i, (m, x) in enumerate(fields) if m and x.shape[-1] == width]
-        pairs = [i for i, (m, x) in enumerate(fields) if not m and x.shape[-1] == width]
-        if pairs:
-            p_qkfd = jnp.stack([fields[i][1] for i in pairs], axis=1).reshape(q, k, -1, width)
-            pp = jnp.sum(p_qkfd[:, :, :, None, :] * p_qkfd[:, :, None, :, :], axis=-1)
-            for a, i in enumerate(pairs):
-                for b, j in enumerate(pairs):
-                    products[i, j] = pp[:, :, a, b].reshape(-1, 1)
-            if members:
-                m_qfd = jnp.stack([fields[i][1] for i in members], axis=1)
-                pm = jnp.einsum("qkpd,qmd->qkpm", p_qkfd, m_qfd)
-                for a, i in enumerate(pairs):
-                    for b, j in enumerate(members):
-                        products[i, j] = products[j, i] = pm[:, :, a, b].reshape(-1, 1)
-    out = []
-    for i in range(len(fields)):
-        for j in range(i + 1, len(fields)):
-            (mi, xi), (mj, xj) = fields[i], fields[j]
-            if xi.shape[-1] != xj.shape[-1]:
-                continue
-            if mi and mj:
-                out.append((True, jnp.sum(xi * xj, axis=-1, keepdims=True)))
-            else:
-                out.append((False, products[i, j]))
-    return out
-
-
-def folded_logits(
+def split_logits(
     model: FeedRanker,
+    split: Split,
     member_fields: Mapping[str, jax.Array],
-    pair_fields: Mapping[str, jax.Array],
-    dense_pk: jax.Array | None,
+    member_dense,
+    cache_pc: jax.Array,
+    pair_dense,
     *,
     candidates: int,
 ) -> jax.Array:
-    """Logits [Q*K, T] of ``model`` (pairs in query-major order).
+    """Logits [Q*K, T] (pairs in query-major order).
 
-    member_fields: {field: [Q, D_f]} for the fields that depend only on the member;
-    pair_fields: {field: [Q*K, D_f]} for the others (every field of the model in exactly
-    one); dense_pk: standardised dense features [Q*K, K_d] (None without dense features).
-    """
-    missing = set(model.sparse_fields) - set(member_fields) - set(pair_fields)
-    both = set(member_fields) & set(pair_fields)
-    if missing or both:
-        raise ValueError(
-            f"every field in exactly one of member_fields / pair_fields: missing "
-            f"{sorted(missing)}, in both {sorted(both)}"
-        )
-
-    if not member_fields:
-        raise ValueError("folded_logits needs at least one member field")
-    q = next(iter(member_fields.values())).shape[0]
-
-    def widen(x_qd):  # [Q, D] -> [Q*K, D]
-        return jnp.repeat(x_qd, candidates, axis=0)
-
-    # x0 column blocks in the model's order, each tagged member (per query) or pair.
-    blocks: list[tuple[bool, jax.Array]] = []
-    for name in model.sparse_fields:
-        is_member = name in member_fields
-        x = member_fields[name] if is_member else pair_fields[name]
-        blocks.append((is_member, _gated(model, name, x)))
+    member_fields: {member field: pooled [Q, D_f]}; member_dense: standardised [Q, d_M];
+    cache_pc: the candidates' post cache rows [Q*K, C] (``post_side``); pair_dense:
+    standardised [Q*K, d_X] (None where a group has no dense columns)."""
+    k = candidates
+    x0_m = _side(model, split, "member", member_fields, member_dense)  # [Q, H_M]
+    q = x0_m.shape[0]
+    keep = _cached_x0(model, split)
+    x0_p = cache_pc[:, :keep]
+    kernel, bias, blocks = _x0_kernel(model, split)
+    pair_parts = []
     if model.dot_interactions:
-        blocks.extend(_dots(list(blocks), q, candidates))
-    if model.num_dense:
-        if dense_pk is None:
-            raise ValueError(f"the model reads {model.num_dense} dense features; got none")
-        blocks.append((False, dense_pk))
-    member_cols: list[int] = []
-    pair_cols: list[int] = []
-    start = 0
-    for is_member, x in blocks:
-        cols = range(start, start + x.shape[-1])
-        (member_cols if is_member else pair_cols).extend(cols)
-        start += x.shape[-1]
-    member_cols_np = np.asarray(member_cols, np.int32)
-    pair_cols_np = np.asarray(pair_cols, np.int32)
-    member_qh = jnp.concatenate([x for m, x in blocks if m], axis=-1)
-    pair_ph = jnp.concatenate([x for m, x in blocks if not m], axis=-1)
+        members = [_gated(model, n, member_fields[n]) for n in split.member_fields]
+        start = 0
+        for width in sorted(set(split.field_dims.values())):
+            m = [x for x in members if x.shape[-1] == width]
+            count = sum(split.field_dims[n] == width for n in split.post_fields)
+            if m and count:  # the post fields of one width are adjacent in the cache
+                p_qkfd = x0_p[:, start : start + count * width].reshape(q, k, count, width)
+                pm = jnp.einsum("qkpd,qmd->qkpm", p_qkfd, jnp.stack(m, axis=1))
+                pair_parts.append(pm.reshape(q * k, count * len(m)))
+            start += count * width
+    if len(split.dense["pair"]):
+        pair_parts.append(pair_dense)
+    x0_x = jnp.concatenate(pair_parts, axis=-1) if pair_parts else None
+    per_query = x0_m @ kernel[split.order["member"]] + bias  # [Q, F]
+    first = cache_pc[:, keep:].reshape(q, k, -1) + per_query[:, None, :]
+    first = first.reshape(q * k, -1)
+    if x0_x is not None:
+        first = first + x0_x @ kernel[split.order["pair"]]
 
-    def first_layer(layer):
-        return _split_linear(layer, member_qh, pair_ph, member_cols_np, pair_cols_np, candidates)
+    def block(name):
+        start, stop = blocks[name]
+        return first[:, start:stop]
 
-    def full_x0():  # [Q*K, H]: the whole x0, for what reads it elementwise
-        return jnp.concatenate([widen(x) if m else x for m, x in blocks], axis=-1)
-
-    mlp, top = model.mlp, []
+    mlp = model.mlp
+    mlp_top = None
     if len(mlp.layers):
-        y_bh = jax.nn.relu(first_layer(mlp.layers[0]))
+        y_bh = jax.nn.relu(block("mlp"))
         if mlp.gates is not None:
-            y_bh = y_bh * 2.0 * jax.nn.sigmoid(first_layer(mlp.gates[0]))
-        for index in range(1, len(mlp.layers)):
-            x_bh = y_bh
-            y_bh = jax.nn.relu(mlp.layers[index](x_bh))
+            y_bh = y_bh * 2.0 * jax.nn.sigmoid(block("gate"))
+        for index in range(1, len(mlp.layers)):  # a layer and its gate as one product
+            linears = [mlp.layers[index]] + ([mlp.gates[index]] if mlp.gates is not None else [])
+            h = y_bh @ jnp.concatenate([la.kernel[...] for la in linears], axis=1)
+            h = h + jnp.concatenate([_bias(la) for la in linears])
+            width = mlp.layers[index].out_features
+            y_bh = jax.nn.relu(h[:, :width])
             if mlp.gates is not None:
-                y_bh = y_bh * 2.0 * jax.nn.sigmoid(mlp.gates[index](x_bh))
-        top.append(y_bh)
-    else:
-        top.append(full_x0())
-    if model.cross is not None:
-        x0_bh = full_x0()
+                y_bh = y_bh * 2.0 * jax.nn.sigmoid(h[:, width:])
+        mlp_top = y_bh
+    w_heads, b_heads = _heads_in(model)
+    if folds_cross(model):
+        heads = block("heads") if "heads" in blocks else b_heads
+        layers = list(model.cross.layers) if model.cross is not None else []
+        lows: list[jax.Array] = []
+        for index in range(len(layers)):
+            low = block(f"low{index}")
+            for j, low_j in enumerate(lows):
+                z = block(f"z{j}_{index}").reshape(q * k, low_j.shape[1], -1)
+                low = low + jnp.einsum("pa,pab->pb", low_j, z)
+            lows.append(low)
+        for j, low_j in enumerate(lows):
+            y = block(f"y{j}").reshape(q * k, low_j.shape[1], -1)
+            heads = heads + jnp.einsum("pa,pat->pt", low_j, y)
+        if mlp_top is not None:
+            heads = heads + mlp_top @ w_heads[: mlp_top.shape[1]]
+    else:  # full-rank cross layers: x0 per pair, columns in the served order (M, P, X)
+        perm = split.perm
+        x0_m_pairs = jnp.broadcast_to(x0_m[:, None, :], (q, k, x0_m.shape[1]))
+        x0_parts = [x0_m_pairs.reshape(q * k, -1), x0_p]
+        x0_bh = jnp.concatenate(x0_parts + ([x0_x] if x0_x is not None else []), axis=-1)
         x_bh = x0_bh
+        assert model.cross is not None  # folds_cross is False only with cross layers
         for index, cross in enumerate(model.cross.layers):
-            if cross.low_rank:
-                low = first_layer(cross.down) if index == 0 else cross.down(x_bh)
-                mixed_bh = cross.up(low)
+            if index == 0:
+                mixed_bh = block("cross0")
             else:
-                mixed_bh = first_layer(cross.full) if index == 0 else cross.full(x_bh)
+                full = cross.full
+                mixed_bh = x_bh @ full.kernel[...][perm][:, perm] + _bias(full)[perm]
             x_bh = x0_bh * mixed_bh + x_bh
-        top.append(x_bh)
-    top_bh = jnp.concatenate(top, axis=-1)
-    biases = [head.out.bias for head in model.heads]
-    if any(head.hidden is not None for head in model.heads) or None in biases:
-        return jnp.stack([head(top_bh) for head in model.heads], axis=-1)
-    # linear heads: one [H, T] product instead of T products of width 1
-    kernel_ht = jnp.concatenate([head.out.kernel[...] for head in model.heads], axis=-1)
-    bias_t = jnp.concatenate([bias[...] for bias in biases if bias is not None])
-    return top_bh @ kernel_ht + bias_t
+        tops = [mlp_top if mlp_top is not None else x0_bh, x_bh]
+        first_rows = np.arange(mlp.out_features) if mlp_top is not None else perm
+        rows = np.concatenate([first_rows, mlp.out_features + perm])
+        heads = jnp.concatenate(tops, axis=-1) @ w_heads[rows] + b_heads
+    logits, start = [], 0
+    for head in model.heads:
+        if head.hidden is None:
+            logits.append(heads[:, start])
+            start += 1
+        else:
+            width = head.hidden.out_features
+            logits.append(head.out(jax.nn.relu(heads[:, start : start + width]))[:, 0])
+            start += width
+    return jnp.stack(logits, axis=-1)

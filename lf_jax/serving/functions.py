@@ -1,12 +1,15 @@
 """The served computations as pure functions of (weights, inputs), for ``jax.export``.
 
-* ``rank``: member rows [Q, W] and post rows [Q, K, W] of the feature store, with the
-  member and post table rows from the id maps -> the feed ranker's task probabilities
-  [Q, K, T]. Inside: the pair features (feed_features.pair_inputs), one gather per
-  feature from the tables (float32, or int8 codes times a float32 scale per row), the
-  feature's combiner, the dense standardisation and the FeedRanker, with the member's
-  features looked up and multiplied into the first layers once per query
-  (folded_ranker.py) rather than once per candidate.
+* ``posts``: post rows [N, W] of the feature store and their post table rows [N] -> the
+  post cache [N, C]: every part of the ranker that depends on the post alone (its
+  features, table lookups, gates, dots, standardised dense columns, and their products
+  with the first layers; folded_ranker.post_side), computed once per post when a server
+  loads a version (and when the store changes), not per request.
+* ``rank``: the post cache, member rows [Q, W] and the member and candidate post table
+  rows [Q], [Q, K] (from the id maps) -> the feed ranker's task probabilities [Q, K, T].
+  Inside: the member's lookups (float32 tables, or int8 codes times a float32 scale per
+  row), combiners, gates and first-layer products once per query, the candidates' cache
+  rows gathered, and only the member x post work per pair (folded_ranker.split_logits).
 * ``retrieve``: member rows [Q, W] -> the member tower (the dual encoder on the member's
   prompt tokens), L2-normalised, scored against every item vector (cosine) -> top K
   scores and item rows [Q, K] (exact: all items are scored).
@@ -16,8 +19,10 @@ order), so an exported function's signature is serializable and loads without Fl
 ``encode_table`` quantizes a table (int8 with per-row scales) or keeps it float32.
 
 Example:
+    >>> posts_nc = jax.jit(posts_function(graphdef, treedef, features, layout))(
+    ...     weights, post_nw, np.arange(n))
     >>> fn = rank_function(graphdef, treedef, features, layout)
-    >>> probs_qkt = jax.jit(fn)(weights, member_qw, post_qkw, member_rows_q, post_rows_qk)
+    >>> probs_qkt = jax.jit(fn)(weights, posts_nc, member_qw, member_rows_q, post_rows_qk)
 """
 
 from collections.abc import Mapping
@@ -29,8 +34,16 @@ from flax import nnx
 
 from lf_jax.errors import UserInputError
 from lf_jax.export.quantize import quantize_int8
-from lf_jax.serving.feed_features import FeatureLayout, pair_inputs
-from lf_jax.serving.folded_ranker import folded_logits
+from lf_jax.serving.feed_features import (
+    DENSE_GROUPS,
+    MEMBER_FEATURES,
+    FeatureLayout,
+    member_inputs,
+    pair_dense,
+    post_inputs,
+    post_latents,
+)
+from lf_jax.serving.folded_ranker import Split, post_side, split_logits
 
 TABLE_DTYPES = ("float32", "int8")
 
@@ -67,38 +80,81 @@ def pooled_lookup(table: Mapping[str, jax.Array], ids_bl: jax.Array, combiner: s
 
 
 def ranker_probs(
-    graphdef, treedef, features: Mapping[str, tuple[str, str]], weights, sparse, dense, candidates=1
+    graphdef, treedef, features: Mapping[str, tuple[str, str]], weights, sparse, dense
 ):
-    """Task probabilities [B, T] from sparse ids {feature: [B, L]} and raw dense [B, K_d].
+    """Task probabilities [B, T] of the model as trained, from sparse ids {feature: [B, L]}
+    and raw dense [B, K_d] (every feature per row; the export's holdout AUC).
 
-    features: {feature: (table, combiner)} in the model's field order. A feature given for
-    B / ``candidates`` rows (one per query: the member's) is looked up once per query, and
-    the model's layers that read it are split so that its columns are multiplied once per
-    query (folded_ranker.folded_logits); with every feature given for B rows the model
-    runs as trained."""
-    rows = dense.shape[0]
-    member: dict[str, jax.Array] = {}
-    pair: dict[str, jax.Array] = {}
-    for name, (table, combiner) in features.items():
-        pooled = pooled_lookup(weights["tables"][table], sparse[name], combiner)
-        (pair if pooled.shape[0] == rows else member)[name] = pooled
+    features: {feature: (table, combiner)} in the model's field order."""
+    pooled = {
+        name: pooled_lookup(weights["tables"][table], sparse[name], combiner)
+        for name, (table, combiner) in features.items()
+    }
     dense = (dense - weights["dense_mean"]) / weights["dense_std"]
     model = nnx.merge(graphdef, jax.tree.unflatten(treedef, weights["params"]))
-    if not member:
-        return jax.nn.sigmoid(model(pair, dense))
-    return jax.nn.sigmoid(folded_logits(model, member, pair, dense, candidates=candidates))
+    return jax.nn.sigmoid(model(pooled, dense))
+
+
+def _served_model(graphdef, treedef, features, weights):
+    """(model, Split) of the served ranker: member features of MEMBER_FEATURES, dense
+    columns grouped by DENSE_GROUPS, field widths from the tables."""
+    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, weights["params"]))
+    tables = weights["tables"]
+    dims = {
+        name: next(iter(tables[table].values())).shape[1] for name, (table, _) in features.items()
+    }
+    member = [name for name in features if name in MEMBER_FEATURES]
+    return model, Split.of(model, dims, member_fields=member, dense_groups=DENSE_GROUPS)
+
+
+def _standardised(weights, split: Split, group: str, raw):
+    columns = split.dense[group]
+    return (raw - weights["dense_mean"][columns]) / weights["dense_std"][columns]
+
+
+def posts_function(graphdef, treedef, features: Mapping[str, tuple[str, str]], layout):
+    """posts(weights, post_nw, post_table_n) -> the post cache [N, C + 2d]: every post-only
+    part of the ranker (folded_ranker.post_side: x0_P and its first-layer products) and the
+    post's two latent vectors (the pair features read them)."""
+
+    def posts(weights, post_nw, post_table_n):
+        model, split = _served_model(graphdef, treedef, features, weights)
+        sparse, dense = post_inputs(jnp, layout, post_nw, post_table_n)
+        pooled = {
+            name: pooled_lookup(weights["tables"][table], sparse[name], combiner)
+            for name, (table, combiner) in features.items()
+            if name in split.post_fields
+        }
+        side = post_side(model, split, pooled, _standardised(weights, split, "post", dense))
+        return jnp.concatenate([side, post_latents(layout, post_nw)], axis=-1)
+
+    return posts
 
 
 def rank_function(graphdef, treedef, features: Mapping[str, tuple[str, str]], layout):
-    """rank(weights, member_qw, post_qkw, member_table_q, post_table_qk) -> probs [Q, K, T]."""
+    """rank(weights, posts_nc, member_qw, member_table_q, post_table_qk) -> probs [Q, K, T].
 
-    def rank(weights, member_qw, post_qkw, member_table_q, post_table_qk):
-        q, k = post_qkw.shape[:2]
-        sparse, dense = pair_inputs(
-            jnp, layout, member_qw, post_qkw, member_table_q, post_table_qk, per_query=True
-        )
-        probs = ranker_probs(graphdef, treedef, features, weights, sparse, dense, candidates=k)
-        return probs.reshape(q, k, -1)
+    posts_nc: the post cache of ``posts_function`` for every post row of the post table;
+    post_table_qk picks the candidates' rows of it. The member's features are looked up
+    and multiplied into the first layers once per query, the pair work is per candidate
+    (folded_ranker.split_logits)."""
+
+    def rank(weights, posts_nc, member_qw, member_table_q, post_table_qk):
+        q, k = post_table_qk.shape
+        model, split = _served_model(graphdef, treedef, features, weights)
+        sparse, dense = member_inputs(jnp, layout, member_qw, member_table_q)
+        pooled = {
+            name: pooled_lookup(weights["tables"][table], sparse[name], combiner)
+            for name, (table, combiner) in features.items()
+            if name in split.member_fields
+        }
+        rows = posts_nc.at[post_table_qk.reshape(q * k)].get(mode="promise_in_bounds")
+        cache = rows[:, : rows.shape[1] - 2 * layout.latent_dim]
+        latents = rows[:, cache.shape[1] :].reshape(q, k, -1)
+        pair = _standardised(weights, split, "pair", pair_dense(jnp, layout, member_qw, latents))
+        member_dense = _standardised(weights, split, "member", dense)
+        logits = split_logits(model, split, pooled, member_dense, cache, pair, candidates=k)
+        return jax.nn.sigmoid(logits).reshape(q, k, -1)
 
     return rank
 

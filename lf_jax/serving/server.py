@@ -13,7 +13,8 @@ Every answer carries "timings_ms" (queue, features, retrieve, rank, total). A ba
 gets 400 (malformed JSON, a missing or mistyped field, k or top_n out of range), 404 (an
 unknown member, post or path) or 405, with {"error": reason}; the server never crashes on
 input. DIR/CURRENT is polled every ``poll_s`` seconds: a new version is loaded and
-compiled in a thread beside the serving one and then swapped in (service.py).
+compiled in a thread beside the serving one and then swapped in (service.py); at the same
+poll, a changed feature store (near-line updates) has the post cache recomputed.
 
 Example:
     $ lf-jax serve --artifacts runs/demo/serving --port 8080 &
@@ -156,7 +157,8 @@ def make_app(service: Service) -> tornado.web.Application:
 
 
 def watch_current(service: Service, poll_s: float, stop: threading.Event) -> None:
-    """Swaps to the version DIR/CURRENT names whenever it changes (a thread's loop)."""
+    """Swaps to the version DIR/CURRENT names whenever it changes, and recomputes the post
+    cache when the feature store changed (a thread's loop)."""
     while not stop.wait(poll_s):
         try:
             if read_current(service.root) != service.current.name:
@@ -164,6 +166,11 @@ def watch_current(service: Service, poll_s: float, stop: threading.Event) -> Non
                 get_logger().info("serving version %s (%s)", record["version"], record)
         except Exception:  # a half-written or broken version: keep serving the current one
             get_logger().exception("hot swap failed; still serving %s", service.current.name)
+        try:
+            if service.refresh_features():
+                get_logger().info("post cache recomputed from the changed feature store")
+        except Exception:  # keep serving the cache of the last good read
+            get_logger().exception("post cache refresh failed; serving the previous one")
 
 
 async def serve(service: Service, host: str, port: int, poll_s: float, ready=None) -> None:

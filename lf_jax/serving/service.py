@@ -2,7 +2,10 @@
 
 An artifacts directory (``lf-jax export --serving``) holds ``versions/<v>/{retrieval,ranker}``,
 ``features/`` (the feature store) and ``CURRENT`` (the version to serve). ``Service``
-loads the current version on one CPU device, compiles every bucket, and runs one worker
+loads the current version on one CPU device, computes the ranker's post cache from the
+store (every post-only part of the ranker for every post, on the device; recomputed when
+the store changes: ``refresh_features``, polled by the server), compiles every bucket,
+and runs one worker
 thread that takes every request waiting (up to the largest query bucket), so concurrent
 requests share one retrieval call and one ranking call. ``swap`` loads and compiles
 another version beside the one serving, then switches in one reference assignment: a
@@ -61,9 +64,10 @@ class Request:
 
 
 class Version:
-    """One artifact version, loaded and compiled on ``device``."""
+    """One artifact version, loaded and compiled on ``device``, with the ranker's post cache
+    computed from ``store`` (every post-only part of the ranker, on the device)."""
 
-    def __init__(self, directory: Path, device):
+    def __init__(self, directory: Path, device, store: FeatureStore):
         self.name = directory.name
         self.models: dict[str, ServedModel] = {}
         for model in ("retrieval", "ranker"):
@@ -71,8 +75,14 @@ class Version:
                 self.models[model] = ServedModel.load(directory / model, device)
         if not self.models:
             raise ArtifactError(f"artifact version '{directory}' holds no retrieval/ or ranker/")
-        self.compile_seconds = sum(m.warm_up() for m in self.models.values())
         ranker = self.models.get("ranker")
+        self.post_cache: jax.Array | None = None
+        self.store_generation = -1
+        if ranker is not None:
+            self.refresh_post_cache(store)
+        self.compile_seconds = sum(
+            m.warm_up(self.post_cache) if m is ranker else m.warm_up() for m in self.models.values()
+        )
         self.tasks = ranker.manifest["tasks"] if ranker else []
         self.task_weights = (
             np.array([ranker.manifest["task_weights"][t] for t in self.tasks], np.float32)
@@ -86,6 +96,19 @@ class Version:
             if ranker and retrieval
             else None
         )
+
+    def refresh_post_cache(self, store: FeatureStore) -> bool:
+        """Recomputes the post cache from the store's rows when the store changed since the
+        last computation (near-line updates); returns whether it did. The new cache is
+        swapped in by one reference assignment: a batch uses the one it started with."""
+        generation = store.generation()
+        ranker = self.models.get("ranker")
+        if ranker is None or generation == self.store_generation:
+            return False
+        _, rows = store.read([], ranker.post_keys())
+        self.post_cache = ranker.post_cache(rows)
+        self.store_generation = generation
+        return True
 
     def stages(self) -> list[str]:
         have = set(self.models)
@@ -150,7 +173,9 @@ class Service:
         self.root = Path(root)
         self.device = jax.local_devices(backend="cpu")[0]
         self.store = FeatureStore.open(self.root / "features")
-        self.current = Version(self.root / "versions" / read_current(self.root), self.device)
+        self.current = Version(
+            self.root / "versions" / read_current(self.root), self.device, self.store
+        )
         self.max_queries = max_queries or max(
             q for m in self.current.models.values() for q, _ in m.buckets
         )
@@ -216,20 +241,14 @@ class Service:
         if not live:
             return
         ranker = version.models.get("ranker")
-        rank_posts: dict[int, list[str]] = {}
-        for i, request in enumerate(live):
-            if request.stage == "rank":
-                rank_posts[i] = request.post_ids or []
-        # one read: every member of the batch and every candidate named in a request
-        named = [p for posts in rank_posts.values() for p in posts]
+        # the candidates of a rank request: its post ids (table rows from Version.check)
+        rank_posts: dict[int, list[str]] = {
+            i: request.post_ids or [] for i, request in enumerate(live) if request.stage == "rank"
+        }
+        # one read: the batch's member rows (post features are in the post cache)
         t = time.perf_counter()
-        member_rows, named_rows = self.store.read([r.member_id for r in live], named)
+        member_rows, _ = self.store.read([r.member_id for r in live], [])
         features_ms = 1e3 * (time.perf_counter() - t)
-        post_rows: dict[int, np.ndarray] = {}
-        offset = 0
-        for i, posts in rank_posts.items():
-            post_rows[i] = named_rows[offset : offset + len(posts)]
-            offset += len(posts)
         retrieve_ms = 0.0
         retrieved: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         wants = [i for i, r in enumerate(live) if r.stage in ("retrieve", "feed")]
@@ -238,27 +257,17 @@ class Service:
             found = self._retrieve(version, [live[i] for i in wants], member_rows[wants])
             retrieved = dict(zip(wants, found, strict=True))
             retrieve_ms = 1e3 * (time.perf_counter() - t)
-            feeds = [i for i in wants if live[i].stage == "feed"]
-            if feeds:
-                t = time.perf_counter()
-                keys = [
-                    version.models["retrieval"].keys["item"][retrieved[i][1]].tolist()
-                    for i in feeds
-                ]
-                _, rows = self.store.read([], [p for ks in keys for p in ks])
-                features_ms += 1e3 * (time.perf_counter() - t)
-                offset = 0
-                for i, ks in zip(feeds, keys, strict=True):
-                    rank_posts[i] = ks
-                    post_rows[i] = rows[offset : offset + len(ks)]
+            item_keys = version.models["retrieval"].keys["item"]
+            for i in wants:
+                if live[i].stage == "feed":
                     assert version.item_post_rows is not None  # feed: both models
+                    rank_posts[i] = item_keys[retrieved[i][1]].tolist()
                     live[i].post_rows = version.item_post_rows[retrieved[i][1]]
-                    offset += len(ks)
         rank_ms = 0.0
         scored: dict[int, np.ndarray] = {}
         if rank_posts and ranker is not None:
             t = time.perf_counter()
-            scored = self._rank(ranker, live, member_rows, rank_posts, post_rows)
+            scored = self._rank(version, live, member_rows, rank_posts)
             rank_ms = 1e3 * (time.perf_counter() - t)
         done = time.perf_counter()
         for i, request in enumerate(live):
@@ -300,25 +309,22 @@ class Service:
         scores, rows = jax.device_get(fn(model.weights, padded))
         return [(scores[j, : r.k], rows[j, : r.k]) for j, r in enumerate(requests)]
 
-    def _rank(self, ranker: ServedModel, live, member_rows, rank_posts, post_rows):
+    def _rank(self, version: Version, live, member_rows, rank_posts):
+        ranker, post_cache = version.models["ranker"], version.post_cache
         order = list(rank_posts)
         out = {}
         for start in range(0, len(order), self.max_queries):
             chunk = order[start : start + self.max_queries]
             k = max(max(len(rank_posts[i]) for i in chunk), 1)
             fn, (qb, kb) = ranker.bucket(len(chunk), k)
-            width = member_rows.shape[1]
-            member_qw = np.zeros((qb, width), np.float32)
-            post_qkw = np.zeros((qb, kb, width), np.float32)
+            member_qw = np.zeros((qb, member_rows.shape[1]), np.float32)
             member_q = np.zeros(qb, np.int32)
             post_qk = np.zeros((qb, kb), np.int32)
             for j, i in enumerate(chunk):
-                n = len(rank_posts[i])
                 member_qw[j] = member_rows[i]
-                post_qkw[j, :n] = post_rows[i]
                 member_q[j] = live[i].member_row
-                post_qk[j, :n] = live[i].post_rows
-            probs = np.asarray(fn(ranker.weights, member_qw, post_qkw, member_q, post_qk))
+                post_qk[j, : len(rank_posts[i])] = live[i].post_rows
+            probs = np.asarray(fn(ranker.weights, post_cache, member_qw, member_q, post_qk))
             for j, i in enumerate(chunk):
                 out[i] = probs[j, : len(rank_posts[i])]
         return out
@@ -332,7 +338,7 @@ class Service:
             if name == self.current.name:
                 return {"version": name, "swapped": False}
             start = time.perf_counter()
-            version = Version(self.root / "versions" / name, self.device)
+            version = Version(self.root / "versions" / name, self.device, self.store)
             old, self.current = self.current.name, version
             record = {
                 "version": name,
@@ -343,6 +349,12 @@ class Service:
             }
             self.swaps.append(record)
             return record
+
+    def refresh_features(self) -> bool:
+        """Recomputes the serving version's post cache when the feature store changed (the
+        server calls it every poll); returns whether it did."""
+        with self._swap_lock:
+            return self.current.refresh_post_cache(self.store)
 
     # ------------------------------------------------------------------- reports
     def metrics(self) -> dict:

@@ -20,8 +20,11 @@ def test_served_ranker_scores_equal_the_training_ranker(serving_root, ranker_wor
 
     root, _ = serving_root
     model = ServedModel.load(root / "versions" / "v0001" / "ranker")
-    assert model.warm_up() > 0 and model.compiles == 2
     store = FeatureStore.open(root / "features")
+    _, post_nw = store.read([], model.post_keys())
+    posts_nc = model.post_cache(post_nw)
+    assert posts_nc.shape == (1000, model.manifest["post_cache"]["width"])
+    assert model.warm_up(posts_nc) > 0 and model.compiles == 3  # 2 buckets, the post cache
     rng = np.random.default_rng(0)
     members = ["m3", "m42"]
     posts = [[f"p{i}" for i in rng.choice(1000, 64, replace=False)] for _ in members]
@@ -32,7 +35,7 @@ def test_served_ranker_scores_equal_the_training_ranker(serving_root, ranker_wor
     assert member_q.tolist() == [3, 42] and post_qk[0, 0] == int(posts[0][0][1:])
     fn, shape = model.bucket(2, 64)
     assert shape == (2, 64)
-    served = np.asarray(fn(model.weights, member_qw, post_qkw, member_q, post_qk))
+    served = np.asarray(fn(model.weights, posts_nc, member_qw, member_q, post_qk))
 
     layout = FeatureLayout.from_json(model.manifest["layout"])
     sparse, dense = pair_inputs(np, layout, member_qw, post_qkw, member_q, post_qk)
@@ -43,6 +46,45 @@ def test_served_ranker_scores_equal_the_training_ranker(serving_root, ranker_wor
     assert served.shape == (2, 64, 4)
     np.testing.assert_allclose(served, expected, atol=1e-5, rtol=0)
     assert model.cache_size() == model.compiles  # the call above hit a compiled bucket
+    store.close()
+
+
+def test_post_cache_follows_feature_store_updates(serving_root, tmp_path):
+    import subprocess
+    import sys
+
+    from lf_jax.serving.service import Version
+
+    root, _ = serving_root
+    shutil.copytree(root / "features", tmp_path / "features")
+    store = FeatureStore.open(tmp_path / "features")
+    version = Version(root / "versions" / "v0001", jax.local_devices(backend="cpu")[0], store)
+    before = np.asarray(version.post_cache)
+    assert not version.refresh_post_cache(store)  # nothing changed
+    start, _ = store.layout.post_columns()["prior_likes"]
+    _, row = store.read([], ["p7"])
+    row[0, start] += 50.0
+    np.save(tmp_path / "row.npy", row)
+    writer = (
+        "import sys, numpy as np; from lf_jax.export.kv_store import KVStore\n"
+        "with KVStore(sys.argv[1]) as kv:\n"
+        "    kv.update(['p7'], np.load(sys.argv[2]), 'near-line', tolerance=0.0)"
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            writer,
+            str(tmp_path / "features" / "kv"),
+            str(tmp_path / "row.npy"),
+        ],
+        check=True,
+    )
+    assert version.refresh_post_cache(store)
+    after = np.asarray(version.post_cache)
+    changed = np.flatnonzero(np.any(after != before, axis=1))
+    assert changed.tolist() == [7]  # only p7's row (its prior likes) changed
+    store.close()
 
 
 def test_manifest_lists_checksums_bytes_and_the_int8_auc_cost(serving_root, tmp_path):
