@@ -36,6 +36,7 @@ from lf_jax.embedding.exchange import CHUNK, chunked_size
 from lf_jax.errors import UserInputError
 
 INT32_MAX = 2**31 - 1
+STACKED_GATHERS = 16  # owners up to which fetch_one_round gathers per owner
 
 
 def position_bits(entries: int) -> int:
@@ -52,6 +53,12 @@ def check_packed_range(group_name: str, entries: int, num_slots: int) -> None:
             "slots exceed the int32 keys of the exchange layout; use a smaller per-device "
             "batch or shard rows over fewer devices"
         )
+
+
+def always_fits(entries: int, rows: int, capacity: int) -> bool:
+    """Whether ``capacity`` covers every distinct key an owner can get (at most the
+    entries, and at most its rows): one round always, known while tracing."""
+    return capacity >= min(entries, rows)
 
 
 def _mix(keys_m: jax.Array, salt: jax.Array, bits: int) -> jax.Array:
@@ -140,6 +147,8 @@ class Buckets:
             .set(place_sc, mode="drop")
         )
         entry_m = jnp.where(valid_m, place_m.at[leader_m].get(mode="promise_in_bounds"), 0)
+        if always_fits(m, rows, capacity):
+            return cls(ask_sc, entry_m, jnp.bool_(True))
         most = jnp.max(count_s)
         if all_axes:
             most = jax.lax.pmax(most, all_axes)
@@ -154,7 +163,14 @@ def fetch_one_round(layout: Buckets, table_rd, axes) -> jax.Array:
     """[S * C, D] float32: the rows of ``layout.ask_sc`` from their owners, in layout
     order (entry m reads row ``layout.entry_m[m]``). Only valid when ``layout.fits``."""
     ask_sc = _exchange(layout.ask_sc, axes)
-    got_scd = table_rd.at[ask_sc].get(mode="clip").astype(jnp.float32)
+    if ask_sc.shape[0] <= STACKED_GATHERS:
+        # one gather per owner, stacked: XLA:CPU splits an all_to_all's operand into one
+        # buffer per peer, and then writes each gather straight into its peer's buffer
+        # (one [S, C, D] gather was copied into them: 22 MB per device per step here)
+        got_scd = jnp.stack([table_rd.at[ask_c].get(mode="clip") for ask_c in ask_sc])
+    else:
+        got_scd = table_rd.at[ask_sc].get(mode="clip")
+    got_scd = got_scd.astype(jnp.float32)
     got_scd = _exchange(got_scd, axes)
     return got_scd.reshape(-1, got_scd.shape[-1])
 

@@ -7,20 +7,20 @@ and adds ``coef * row`` into output column ``out_col[e]`` (one column per pooled
 block, one per position for a sequence block).
 
 Route: every device dedupes its own entries and exchanges them with the owners of their
-rows only (lf_jax.embedding.exchange: all_to_all over the group's axes, in rounds of a
-static per-owner capacity, exact under any skew). Lookup: owners gather the rows and
-send them back. Combine: each device pools its own bags. The update sends each unique
-row's gradient to its owner, which sums duplicates (across replicas of the group too)
-and applies the sparse optimizer once (exchange.sum_and_apply: work sized to the real
-entries and distinct rows); a group whose rows are all on the device updates one piece
-(table) at a time. Per-device work: O(local entries + owned rows
-touched), never O(global batch), for groups over mesh axes; replicated groups
-(data_parallel, row_wise over some axes) all-gather the owners' received gradients over
-their replica axes, the inherent cost of keeping replicas equal.
+rows only. When every owner gets at most the capacity C of distinct keys from every
+device (uniform or zipf ids), one all_to_all round serves the step and the device pools
+straight from the received [S, C] rows (lf_jax.embedding.buckets: a hash dedupe, no
+sort over the key space); otherwise the keys are sorted and exchanged in as many rounds
+as skew needs (lf_jax.embedding.exchange), exact either way. Lookup: owners gather the
+rows and send them back. Combine: each device pools its own bags. The update
+(lf_jax.embedding.update) sends each distinct row's gradient back the same way.
+Per-device work: O(local entries + owned rows touched), never O(global batch), for
+groups over mesh axes; replicated groups (data_parallel, row_wise over some axes)
+all-gather the owners' received gradients over their replica axes in the update, the
+inherent cost of keeping replicas equal.
 
 Shapes: B local batch, E entries, C output columns, D dim, R rows, S slots.
 Forward:  stored [S, R, D], slot/local/coef [B, E] -> out [B, C, D]
-Update:   + grads [k, B, C, D] (k micro-batches) -> new stored and slots (sparse).
 
 Example:
     >>> route = GroupRoute.build(group, features_by_name)
@@ -36,7 +36,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from lf_jax.embedding.buckets import Buckets, check_packed_range, fetch_one_round
+from lf_jax.embedding.buckets import (
+    Buckets,
+    always_fits,
+    check_packed_range,
+    fetch_one_round,
+)
 from lf_jax.embedding.exchange import (
     Requests,
     capacity_for,
@@ -217,6 +222,8 @@ def group_forward(mesh: Mesh, route: GroupRoute, stored_srd, slot_be, local_be, 
             rows_kd = fetch_one_round(layout, stored_1rd[0], group.axes)
             return route.pool(rows_kd, layout.entry_m.reshape(b, e), coef_be)
 
+        if always_fits(b * e, group.rows, capacity):
+            return one_round(None)
         return jax.lax.cond(layout.fits, one_round, rounds, None)
 
     return jax.shard_map(

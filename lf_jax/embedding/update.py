@@ -26,7 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from lf_jax.embedding.buckets import Buckets, check_packed_range, sum_into_layout
+from lf_jax.embedding.buckets import (
+    Buckets,
+    always_fits,
+    check_packed_range,
+    sum_into_layout,
+)
 from lf_jax.embedding.exchange import (
     Requests,
     apply_at_owners,
@@ -191,13 +196,7 @@ def _push_entries(
     capacity = route.capacity(m)
     check_packed_range(group.name, m, num_slots)
     layout = Buckets.build(slot_m, local_m, num_slots, rows, capacity, all_axes)
-    requests = jax.lax.cond(
-        layout.fits,
-        lambda: Requests.empty(m, num_slots, rows),
-        lambda: Requests.build(slot_m, local_m, num_slots, rows),
-    )
     valid_m = slot_m >= 0
-    size = num_slots * capacity
     width, num_out = slot_ne.shape[1], grad_ncd.shape[1]
     grad_cd = grad_ncd.reshape(-1, group.dim)  # row n * C + c: output column c of example n
     out_col_e = jnp.asarray(route.out_col_e)
@@ -206,9 +205,24 @@ def _push_entries(
         source_k = (e_k // width) * num_out + out_col_e[e_k % width]
         return grad_cd.at[source_k].get(mode="promise_in_bounds") * coef_m[e_k][:, None]
 
+    def apply_round(ask_sc, place_m, table_rd, slots_r):
+        grad_scd = sum_into_layout(place_m, valid_m, gradient, (num_slots, capacity, group.dim))
+        return apply_at_owners(
+            ask_sc, grad_scd, table_rd, slots_r, group.optimizer, step, group.axes, replicas
+        )
+
+    one_round_places = jnp.where(valid_m, layout.entry_m, num_slots * capacity)
+    if always_fits(m, rows, capacity):
+        return apply_round(layout.ask_sc, one_round_places, table_rd, slots_r)
+    # Only int arrays go through conds: a cond carrying the table copied it (256 MB).
+    requests = jax.lax.cond(
+        layout.fits,
+        lambda: Requests.empty(m, num_slots, rows),
+        lambda: Requests.build(slot_m, local_m, num_slots, rows),
+    )
+
     def one_round(cursor_s):
-        place_m = jnp.where(valid_m, layout.entry_m, size)
-        return layout.ask_sc, place_m, cursor_s, jnp.int32(0)
+        return layout.ask_sc, one_round_places, cursor_s, jnp.int32(0)
 
     def sorted_round(cursor_s):
         return next_round(requests, cursor_s, capacity, all_axes)
@@ -218,11 +232,7 @@ def _push_entries(
         ask_sc, place_m, cursor_s, more = jax.lax.cond(
             layout.fits, one_round, sorted_round, cursor_s
         )
-        grad_scd = sum_into_layout(place_m, valid_m, gradient, (num_slots, capacity, group.dim))
-        table_rd, slots_r = apply_at_owners(
-            ask_sc, grad_scd, table_rd, slots_r, group.optimizer, step, group.axes, replicas
-        )
-        return cursor_s, more, table_rd, slots_r
+        return cursor_s, more, *apply_round(ask_sc, place_m, table_rd, slots_r)
 
     state = (requests.start_s, jnp.int32(1), table_rd, slots_r)
     return jax.lax.while_loop(lambda s: s[1] > 0, exchange_round, state)[2:]

@@ -26,14 +26,11 @@ def test_leaders_pick_one_entry_per_key(distinct):
 
 
 def _layout(slot, local, num_slots, rows, capacity):
-    build = jax.jit(
-        lambda s, l: dataclass_arrays(Buckets.build(s, l, num_slots, rows, capacity, ()))
-    )
-    return [np.asarray(x) for x in build(jnp.asarray(slot), jnp.asarray(local))]
+    def build(slot_m, local_m):
+        layout = Buckets.build(slot_m, local_m, num_slots, rows, capacity, ())
+        return layout.ask_sc, layout.entry_m, layout.fits
 
-
-def dataclass_arrays(layout):
-    return layout.ask_sc, layout.entry_m, layout.fits
+    return [np.asarray(x) for x in jax.jit(build)(jnp.asarray(slot), jnp.asarray(local))]
 
 
 @pytest.mark.parametrize("skewed", [False, True])
