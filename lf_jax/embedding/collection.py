@@ -25,10 +25,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lf_jax.embedding import preprocess as preprocess_lib
-from lf_jax.embedding.lookup import GroupRoute, group_forward, group_update
+from lf_jax.embedding.lookup import GroupRoute, group_forward
 from lf_jax.embedding.plan import validate_plan
 from lf_jax.embedding.sharding.layout import Group, build_layout
 from lf_jax.embedding.spec import FeatureSpec, TableSpec, validate_specs
+from lf_jax.embedding.update import group_update
 from lf_jax.errors import UserInputError
 
 SparseBatch = preprocess_lib.SparseBatch

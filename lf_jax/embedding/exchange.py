@@ -1,4 +1,8 @@
-"""Owner-routed exchange: each device sends its deduplicated ids to the rows' owners only.
+"""Owner-routed exchange in sorted rounds: exact under any skew.
+
+lf_jax.embedding.buckets serves a step in one round when every bucket fits the capacity
+(the common case); this module is the general path it falls back to, and holds the
+pieces both share (``apply_at_owners``, ``sum_and_apply``).
 
 Inside shard_map, a device holds M local entries (slot, local row) of one shard group.
 It dedupes them (one sort of packed ``slot * rows + local`` keys), which also buckets
@@ -27,6 +31,7 @@ Example (inside shard_map):
 """
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -120,6 +125,11 @@ def unique_size(entries: int, num_slots: int, rows: int) -> int:
     return min(entries, num_slots * rows + 1)
 
 
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["unique_u", "inverse_m", "row_u", "start_s", "end_s"],
+    meta_fields=["rows"],
+)
 @dataclasses.dataclass(frozen=True)
 class Requests:
     """A device's deduplicated keys, sorted (so bucketed by owner), with bucket bounds.
@@ -149,6 +159,20 @@ class Requests:
         ).astype(jnp.int32)
         row_u = jnp.where(unique_u < fill, unique_u % rows, rows)
         return cls(unique_u, inverse_m, row_u, bounds[:-1], bounds[1:], rows)
+
+    @classmethod
+    def empty(cls, entries: int, num_slots: int, rows: int):
+        """Requests of the same shapes as ``build``'s with no keys (a cond's other branch)."""
+        size = unique_size(entries, num_slots, rows)
+        none_s = jnp.zeros((num_slots,), jnp.int32)
+        return cls(
+            jnp.full((size,), num_slots * rows, jnp.int32),
+            jnp.zeros((entries,), jnp.int32),
+            jnp.full((size,), rows, jnp.int32),
+            none_s,
+            none_s,
+            rows,
+        )
 
     @property
     def num_slots(self) -> int:
@@ -207,6 +231,25 @@ def _run_rounds(req: Requests, capacity: int, all_axes, body, carry):
     return jax.lax.while_loop(lambda s: s[1] > 0, step, state)[2]
 
 
+def next_round(req: Requests, cursor_s, capacity: int, all_axes):
+    """The next round of ``req`` from owner cursors ``cursor_s`` [S]: (ask_sc [S, C] local
+    rows to ask, ``rows`` where empty; place_m [M] each entry's place in the [S * C]
+    layout, S * C for entries of other rounds; the advanced cursors; whether any device
+    still has pending keys, the same on every device)."""
+    safe_sc, valid_sc = _round_requests(req, cursor_s, capacity, all_axes)
+    ask_sc = jnp.where(valid_sc, _take(req.row_u, safe_sc), req.rows)
+    size = valid_sc.size
+    place_u = (
+        jnp.full(req.row_u.shape, size, jnp.int32)
+        .at[jnp.where(valid_sc, safe_sc, req.row_u.shape[0])]
+        .set(jnp.arange(size, dtype=jnp.int32).reshape(valid_sc.shape), mode="drop")
+    )
+    cursor_s = cursor_s + jnp.sum(valid_sc, axis=1, dtype=jnp.int32)
+    more = jnp.any(cursor_s < req.end_s).astype(jnp.int32)
+    more = jax.lax.pmax(more, all_axes) if all_axes else more
+    return ask_sc, _take(place_u, req.inverse_m), cursor_s, more
+
+
 def fetch_rows(req: Requests, table_rd, axes, capacity: int, all_axes) -> jax.Array:
     """[U, D] float32 rows of the unique keys, gathered from their owners (0 for fill)."""
     size = req.row_u.shape[0]
@@ -225,55 +268,35 @@ def fetch_rows(req: Requests, table_rd, axes, capacity: int, all_axes) -> jax.Ar
     return _run_rounds(req, capacity, all_axes, body, init)
 
 
-def push_gradients(
-    req: Requests,
-    grad_ud,
-    table_rd,
-    slots_r: dict,
-    optimizer,
-    step,
-    axes,
-    replica_axes,
-    capacity: int,
-    all_axes,
-):
-    """Sends each unique key's gradient to its owner, which sums duplicates across
-    senders (and replicas) and applies ``optimizer`` once per row. Returns (table, slots).
-    """
-    rows = req.rows
-
-    def body(safe_sc, valid_sc, carry):
-        table_rd, slots_r = carry
-        # Invalid slots carry row ``rows`` (the fill key): their gradients sum into the
-        # fill segment, which reads zeros and is dropped on write, so they need no mask.
-        row_sc = jnp.where(valid_sc, _take(req.row_u, safe_sc), rows)
-        grad_scd = _take(grad_ud, safe_sc)
-        if axes:
-            row_sc, grad_scd = _exchange(row_sc, axes), _exchange(grad_scd, axes)
-        if replica_axes:
-            row_sc = jax.lax.all_gather(row_sc, replica_axes, axis=0, tiled=True)
-            grad_scd = jax.lax.all_gather(grad_scd, replica_axes, axis=0, tiled=True)
-        row_k = row_sc.reshape(-1)
-        grad_kd = grad_scd.reshape(row_k.size, -1)
-        if axes or replica_axes:  # several senders: sum their gradients per row
-            scratch = jnp.zeros((chunked_size(row_k.size), grad_kd.shape[1]), jnp.float32)
-            table_rd, slots_r, _ = sum_and_apply(
-                table_rd,
-                slots_r,
-                row_k,
-                row_k < rows,
-                lambda e_k: grad_kd.at[e_k].get(mode="promise_in_bounds"),
-                rows,
-                0,
-                optimizer,
-                step,
-                scratch,
-            )
-            return table_rd, slots_r
-        # this device's own unique keys: already one gradient per row
-        return apply_rows(table_rd, slots_r, row_k, grad_kd, optimizer, step)
-
-    return _run_rounds(req, capacity, all_axes, body, (table_rd, slots_r))
+def apply_at_owners(row_sc, grad_scd, table_rd, slots_r: dict, optimizer, step, axes, replica_axes):
+    """One round's [S, C] rows (``rows`` = table rows for empty places) and their
+    gradients [S, C, D] go to their owners (all_to_all over ``axes``, then gathered
+    over ``replica_axes``); each owner sums them per row across senders and applies
+    ``optimizer`` once per row. Returns (table, slots)."""
+    rows = table_rd.shape[0]
+    if axes:
+        row_sc, grad_scd = _exchange(row_sc, axes), _exchange(grad_scd, axes)
+    if replica_axes:
+        row_sc = jax.lax.all_gather(row_sc, replica_axes, axis=0, tiled=True)
+        grad_scd = jax.lax.all_gather(grad_scd, replica_axes, axis=0, tiled=True)
+    row_k = row_sc.reshape(-1)
+    grad_kd = grad_scd.reshape(row_k.size, -1)
+    if axes or replica_axes:  # several senders: sum their gradients per row, in place
+        table_rd, slots_r, _ = sum_and_apply(
+            table_rd,
+            slots_r,
+            row_k,
+            row_k < rows,
+            lambda e_k, sums_kd: _take(sums_kd, e_k),
+            rows,
+            0,
+            optimizer,
+            step,
+            grad_kd,
+        )
+        return table_rd, slots_r
+    # this device's own unique keys: already one gradient per row
+    return apply_rows(table_rd, slots_r, row_k, grad_kd, optimizer, step)
 
 
 CHUNK = 8192  # entries or distinct rows per iteration of sum_and_apply's loops
@@ -291,19 +314,22 @@ def sum_and_apply(
     """Sums the gradients of entries per distinct key and applies ``optimizer`` to the
     rows ``offset + key``, with work sized to the real entries and distinct keys.
 
-    keys_m: [M] int32 in [0, fill) where valid_m; gradient(e_k) -> [CHUNK, D] float32
-    gradients of entries e_k (indices in [0, M)); grad_kd: a [chunked_size(M), D] float32
-    scratch buffer (any contents; returned for reuse). Two loops with data-dependent trip
-    counts over chunks of CHUNK: (1) the valid entries, compacted: each gradient is
-    written into its distinct key's row of grad_kd (``set`` for the key's first entry,
-    ``add`` for later duplicates, so no zero fill); (2) the distinct keys: gather rows
-    and slots, apply the optimizer, scatter. Padding costs no row work and duplicates
-    make it cheaper. Returns (table, slots, grad_kd).
+    keys_m: [M] int32 in [0, fill) where valid_m; gradient(e_k, grad_kd) -> [CHUNK, D]
+    float32 gradients of entries e_k (indices in [0, M)); grad_kd: an [N >= M, D] float32
+    buffer (any contents; returned for reuse). Two loops with data-dependent trip counts
+    over chunks of CHUNK: (1) the valid entries, compacted: each gradient is written into
+    its distinct key's row of grad_kd (``set`` for the key's first entry, ``add`` for
+    later duplicates, so no zero fill); (2) the distinct keys: gather rows and slots,
+    apply the optimizer, scatter. Padding costs no row work and duplicates make it
+    cheaper. A key's row is at most its first entry's position and chunks go in
+    position order, so ``gradient`` may read entry e's gradient from row e of the
+    grad_kd it is given: the owner of an exchange sums its received rows in place.
+    Returns (table, slots, grad_kd).
     """
     m = keys_m.shape[0]
     chunk = min(CHUNK, m)
-    padded = grad_kd.shape[0]
-    num_rows, dim = table_rd.shape
+    padded, size = chunked_size(m), grad_kd.shape[0]
+    num_rows = table_rd.shape[0]
     keys_m = jnp.where(valid_m, keys_m, fill)
     unique_u, inverse_m = unique_with_inverse(keys_m, fill, ordered=False)
     pos_m = jnp.arange(m, dtype=jnp.int32)
@@ -318,10 +344,10 @@ def sum_and_apply(
         e_k = jax.lax.dynamic_slice(real_k, (c * chunk,), (chunk,))
         ok_k = e_k < m
         e_k = jnp.minimum(e_k, m - 1)
-        g_kd = gradient(e_k)
+        g_kd = gradient(e_k, grad_kd)
         u_k, first_k = inverse_m[e_k], is_first_m[e_k]
-        grad_kd = grad_kd.at[jnp.where(ok_k & first_k, u_k, padded)].set(g_kd, mode="drop")
-        return grad_kd.at[jnp.where(ok_k & ~first_k, u_k, padded)].add(g_kd, mode="drop")
+        grad_kd = grad_kd.at[jnp.where(ok_k & first_k, u_k, size)].set(g_kd, mode="drop")
+        return grad_kd.at[jnp.where(ok_k & ~first_k, u_k, size)].add(g_kd, mode="drop")
 
     grad_kd = jax.lax.fori_loop(0, (num_real + chunk - 1) // chunk, add_entries, grad_kd)
 
@@ -329,7 +355,10 @@ def sum_and_apply(
         u_k = c * chunk + jnp.arange(chunk, dtype=jnp.int32)
         key_k = unique_u[jnp.minimum(u_k, m - 1)]
         rows_k = jnp.where((u_k < count) & (key_k < fill), key_k + offset, num_rows)
-        g_kd = jax.lax.dynamic_slice(grad_kd, (c * chunk, 0), (chunk, dim))
+        if size % chunk == 0:
+            g_kd = jax.lax.dynamic_slice_in_dim(grad_kd, c * chunk, chunk)
+        else:  # a slice would be clamped at the end: gather the rows
+            g_kd = _take(grad_kd, jnp.minimum(u_k, size - 1))
         return apply_rows(*state, rows_k, g_kd, optimizer, step)
 
     table_rd, slots_r = jax.lax.fori_loop(

@@ -7,20 +7,20 @@ and adds ``coef * row`` into output column ``out_col[e]`` (one column per pooled
 block, one per position for a sequence block).
 
 Route: every device dedupes its own entries and exchanges them with the owners of their
-rows only (lf_jax.embedding.exchange: all_to_all over the group's axes, in rounds of a
-static per-owner capacity, exact under any skew). Lookup: owners gather the rows and
-send them back. Combine: each device pools its own bags. The update sends each unique
-row's gradient to its owner, which sums duplicates (across replicas of the group too)
-and applies the sparse optimizer once (exchange.sum_and_apply: work sized to the real
-entries and distinct rows); a group whose rows are all on the device updates one piece
-(table) at a time. Per-device work: O(local entries + owned rows
-touched), never O(global batch), for groups over mesh axes; replicated groups
-(data_parallel, row_wise over some axes) all-gather the owners' received gradients over
-their replica axes, the inherent cost of keeping replicas equal.
+rows only. When every owner gets at most the capacity C of distinct keys from every
+device (uniform or zipf ids), one all_to_all round serves the step and the device pools
+straight from the received [S, C] rows (lf_jax.embedding.buckets: a hash dedupe, no
+sort over the key space); otherwise the keys are sorted and exchanged in as many rounds
+as skew needs (lf_jax.embedding.exchange), exact either way. Lookup: owners gather the
+rows and send them back. Combine: each device pools its own bags. The update
+(lf_jax.embedding.update) sends each distinct row's gradient back the same way.
+Per-device work: O(local entries + owned rows touched), never O(global batch), for
+groups over mesh axes; replicated groups (data_parallel, row_wise over some axes)
+all-gather the owners' received gradients over their replica axes in the update, the
+inherent cost of keeping replicas equal.
 
 Shapes: B local batch, E entries, C output columns, D dim, R rows, S slots.
 Forward:  stored [S, R, D], slot/local/coef [B, E] -> out [B, C, D]
-Update:   + grads [k, B, C, D] (k micro-batches) -> new stored and slots (sparse).
 
 Example:
     >>> route = GroupRoute.build(group, features_by_name)
@@ -29,7 +29,6 @@ Example:
 
 import dataclasses
 import functools
-import math
 from collections.abc import Mapping
 
 import jax
@@ -37,15 +36,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
+from lf_jax.embedding.buckets import (
+    Buckets,
+    always_fits,
+    check_packed_range,
+    fetch_one_round,
+)
 from lf_jax.embedding.exchange import (
     Requests,
     capacity_for,
     check_key_range,
-    chunked_size,
     fetch_rows,
-    push_gradients,
     replicas_gather_entries,
-    sum_and_apply,
 )
 from lf_jax.embedding.sharding.layout import Group
 from lf_jax.embedding.sharding.piece import Piece
@@ -206,11 +208,23 @@ def group_forward(mesh: Mesh, route: GroupRoute, stored_srd, slot_be, local_be, 
         if group.num_slots == 1:  # every row of the group is here: pool straight from it
             return route.pool(stored_1rd[0], local_be, coef_be)
         b, e = slot_be.shape
-        requests = Requests.build(
-            slot_be.reshape(-1), local_be.reshape(-1), group.num_slots, group.rows
-        )
-        rows_ud = fetch_rows(requests, stored_1rd[0], group.axes, route.capacity(b * e), all_axes)
-        return route.pool(rows_ud, requests.inverse_m.reshape(b, e), coef_be)
+        slot_m, local_m, capacity = slot_be.reshape(-1), local_be.reshape(-1), route.capacity(b * e)
+
+        def rounds(_):  # sorted keys, as many rounds as skew needs
+            requests = Requests.build(slot_m, local_m, group.num_slots, group.rows)
+            rows_ud = fetch_rows(requests, stored_1rd[0], group.axes, capacity, all_axes)
+            return route.pool(rows_ud, requests.inverse_m.reshape(b, e), coef_be)
+
+        check_packed_range(group.name, b * e, group.num_slots)
+        layout = Buckets.build(slot_m, local_m, group.num_slots, group.rows, capacity, all_axes)
+
+        def one_round(_):  # pool straight from the received rows
+            rows_kd = fetch_one_round(layout, stored_1rd[0], group.axes)
+            return route.pool(rows_kd, layout.entry_m.reshape(b, e), coef_be)
+
+        if always_fits(b * e, group.rows, capacity):
+            return one_round(None)
+        return jax.lax.cond(layout.fits, one_round, rounds, None)
 
     return jax.shard_map(
         shard,
@@ -219,145 +233,3 @@ def group_forward(mesh: Mesh, route: GroupRoute, stored_srd, slot_be, local_be, 
         in_specs=(group.partition_spec(None, None), entry_spec, entry_spec, entry_spec),
         check_vma=False,
     )(stored_srd, slot_be, local_be, coef_be)
-
-
-def group_update(
-    mesh: Mesh,
-    route: GroupRoute,
-    stored_srd,
-    slots: dict,
-    slot_kbe,
-    local_kbe,
-    coef_kbe,
-    grad_kbcd,
-    step,
-):
-    """Sparse optimizer step on the rows touched by k micro-batches of entries.
-
-    Each device sums its entries' row gradients (coef * grad of the output column) per
-    unique row and sends them to the owners, which sum them across senders (and
-    replicas of the group) and apply the optimizer once per row.
-    """
-    group, all_axes = route.group, tuple(mesh.axis_names)
-    replica_axes = tuple(axis for axis in all_axes if axis not in group.axes)
-    local_examples = slot_kbe.shape[0] * slot_kbe.shape[1] // math.prod(mesh.shape.values())
-    gather_entries = bool(replica_axes) and route.gathers_entries(local_examples)
-    entry_spec = PartitionSpec(None, all_axes)
-    slot_specs = {
-        name: group.partition_spec(*([None] * (value.ndim - 1))) for name, value in slots.items()
-    }
-
-    def shard(stored_1rd, slots, slot_kbe, local_kbe, coef_kbe, grad_kbcd, step):
-        def flat(x):
-            return x.reshape(-1, *x.shape[2:])
-
-        slot_ne, local_ne, coef_ne, grad_ncd = map(flat, (slot_kbe, local_kbe, coef_kbe, grad_kbcd))
-        replicas = replica_axes
-        if gather_entries:  # every replica sees every entry; no exchange after the dedupe
-            slot_ne, local_ne, coef_ne, grad_ncd = (
-                jax.lax.all_gather(x, all_axes, axis=0, tiled=True)
-                for x in (slot_ne, local_ne, coef_ne, grad_ncd)
-            )
-            replicas = ()
-        stored_rd, slots_r = stored_1rd[0], {k: v[0] for k, v in slots.items()}
-        if group.num_slots == 1 and not replicas:  # all rows and entries here
-            table_rd, slots_r = _update_pieces(
-                route, stored_rd, slots_r, slot_ne, local_ne, coef_ne, grad_ncd, step
-            )
-        else:
-            requests = Requests.build(
-                slot_ne.reshape(-1), local_ne.reshape(-1), group.num_slots, group.rows
-            )
-            grad_ned = jnp.take(grad_ncd, route.out_col_e, axis=1) * coef_ne[..., None]
-            grad_ud = jax.ops.segment_sum(
-                grad_ned.reshape(-1, group.dim),
-                requests.inverse_m,
-                num_segments=requests.unique_u.shape[0],
-            )
-            table_rd, slots_r = push_gradients(
-                requests,
-                grad_ud,
-                stored_rd,
-                slots_r,
-                group.optimizer,
-                step,
-                group.axes,
-                replicas,
-                route.capacity(slot_ne.size),
-                all_axes,
-            )
-        return table_rd[None], {k: v[None] for k, v in slots_r.items()}
-
-    table_spec = group.partition_spec(None, None)
-    # Replicas of a group apply the same update (their owners all-gather the pushed
-    # gradients over the replica axes); the vma checker cannot see that, hence
-    # check_vma=False.
-    return jax.shard_map(
-        shard,
-        mesh=mesh,
-        out_specs=(table_spec, slot_specs),
-        check_vma=False,
-        in_specs=(
-            table_spec,
-            slot_specs,
-            entry_spec,
-            entry_spec,
-            entry_spec,
-            entry_spec,
-            PartitionSpec(),
-        ),
-    )(stored_srd, slots, slot_kbe, local_kbe, coef_kbe, grad_kbcd, step)
-
-
-def _update_pieces(
-    route: GroupRoute, table_rd, slots_r, slot_ne, local_ne, coef_ne, grad_ncd, step
-):
-    """The update of a group whose rows and entries are all on this device: one piece
-    (table) per iteration of a ``lax.scan`` (pieces hold disjoint rows, so each dedupes
-    only the entries that read it, over its own rows), each through
-    ``exchange.sum_and_apply`` (work sized to its real entries and distinct rows, one
-    [N, D] scratch buffer carried from piece to piece, N = B x the widest piece's entry
-    columns). The whole group's [N, D] arrays at once were 396 MB at 8 tables x 4096 x
-    20 ids, page-faulted afresh every step; unrolled per piece, XLA scheduled every
-    piece's zero-filled buffers first. Pieces with fewer entry columns than the widest
-    are padded with an empty column (id -1)."""
-    pieces = route.piece_columns
-    width = max(cols.size for _, cols in pieces)
-    empty = slot_ne.shape[1]  # index of the appended empty column
-    cols_pw = np.full((len(pieces), width), empty, np.int32)
-    for i, (_, cols) in enumerate(pieces):
-        cols_pw[i, : cols.size] = cols
-    out_pw = np.append(route.out_col_e, 0)[cols_pw]
-    offset_p = np.asarray([piece.row_offset for piece, _ in pieces], np.int32)
-    fill = max(piece.rows_per_slot for piece, _ in pieces)
-    slot_ne = jnp.pad(slot_ne, ((0, 0), (0, 1)), constant_values=-1)
-    local_ne = jnp.pad(local_ne, ((0, 0), (0, 1)))
-    coef_ne = jnp.pad(coef_ne, ((0, 0), (0, 1)))
-    dim, num_out = grad_ncd.shape[-1], grad_ncd.shape[1]
-    grad_cd = grad_ncd.reshape(-1, dim)  # row n * C + c: output column c of example n
-
-    def piece_update(carry, xs):
-        cols_w, out_w, offset = xs
-        coef_m = coef_ne[:, cols_w].reshape(-1)
-
-        def gradient(e_k):  # entry e = n * width + w: coef x output gradient
-            source_k = (e_k // width) * num_out + out_w[e_k % width]
-            return grad_cd.at[source_k].get(mode="promise_in_bounds") * coef_m[e_k][:, None]
-
-        return sum_and_apply(
-            *carry[:2],
-            (local_ne[:, cols_w] - offset).reshape(-1),
-            (slot_ne[:, cols_w] >= 0).reshape(-1),
-            gradient,
-            fill,
-            offset,
-            route.group.optimizer,
-            step,
-            carry[2],
-        ), None
-
-    scratch = jnp.zeros((chunked_size(slot_ne.shape[0] * width), dim), jnp.float32)
-    (table_rd, slots_r, _), _ = jax.lax.scan(
-        piece_update, (table_rd, slots_r, scratch), (cols_pw, out_pw, offset_p)
-    )
-    return table_rd, slots_r

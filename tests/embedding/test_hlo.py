@@ -4,16 +4,18 @@ Found on jax 0.10.2 CPU (per stored group):
 
     strategy                   lookup                          update
     data_parallel              none                            all-gather (8 devices)
-    row_wise(("model",))       all-to-all (4) + all-reduce (8)  all-to-all (4) + all-gather (2)
-                                                               + all-reduce (8)
-    row_wise(all axes)         all-to-all (8) + all-reduce (8)  all-to-all (8) + all-reduce (8)
+    row_wise(("model",))       all-to-all (4)                  all-to-all (4) + all-gather (2)
+    row_wise(all axes)         all-to-all (8)                  all-to-all (8)
     table_wise, column_wise,   same as row_wise(all axes)      same
     table_wise_row_wise
 
 Each device sends its deduplicated ids only to their owners (all-to-all over the group's
 axes) and gets the rows back (a second all-to-all); the update pushes each unique row's
-gradient to its owner. The all-reduces are scalars and [S] vectors: the round bounds
-and the "any device still has keys" flag of the exchange loop. Replicated groups gather
+gradient to its owner. Here the capacity covers every key a device can send (one round,
+known while tracing). With a smaller capacity both the one-round exchange and the
+sorted rounds are compiled (two all-to-alls each; one of them runs), plus all-reduces
+of scalars and [S] vectors: whether one round fits, the round bounds and the "any
+device still has keys" flag of the exchange loop. Replicated groups gather
 the owners' received gradients over their replica axes. No strategy emits a
 reduce-scatter or a collective-permute, and no collective carries a dense table
 gradient: shapes do not depend on vocab_size. Per-device bytes, temporaries and flops
@@ -27,6 +29,7 @@ import pytest
 
 from lf_jax import embedding as P
 from lf_jax.distributed.mesh import make_mesh
+from lf_jax.embedding import lookup
 from lf_jax.embedding.collection import EmbeddingCollection, SparseBatch
 from lf_jax.embedding.sparse_optim import rowwise_adagrad
 from lf_jax.embedding.spec import FeatureSpec, TableSpec
@@ -84,12 +87,25 @@ def test_row_wise_over_some_axes_exchanges_within_them_and_syncs_replicas(mesh_2
     sizes = lambda ops, kind: {op.group_size for op in ops if op.kind == kind}  # noqa: E731
     assert kinds(lookup_ops)["all-to-all"] == 2  # ids out, rows back
     assert sizes(lookup_ops, "all-to-all") == {4}
-    assert sizes(lookup_ops, "all-reduce") == {8}  # round bounds and loop flag
+    assert kinds(lookup_ops)["all-reduce"] == 0  # one round, known while tracing
     assert kinds(update_ops)["all-to-all"] == 2  # rows and their gradients out
     assert sizes(update_ops, "all-to-all") == {4}
     assert sizes(update_ops, "all-gather") == {2}  # the group's replicas over "data"
     for ops in (lookup_ops, update_ops):
         assert kinds(ops)["reduce-scatter"] == kinds(ops)["collective-permute"] == 0
+
+
+def test_small_capacity_compiles_one_round_and_sorted_rounds(monkeypatch, mesh_2x4):
+    """Capacity 2 < the keys a device may send: both exchanges compile (one runs), with
+    all-reduces over all devices for the fit flag, round bounds and loop flag."""
+    monkeypatch.setattr(lookup, "capacity_for", lambda entries, share, rows: min(entries, 2))
+    _, lookup_ops, update_ops = compiled_collectives(mesh_2x4, P.row_wise(("model",)))
+    sizes = lambda ops, kind: {op.group_size for op in ops if op.kind == kind}  # noqa: E731
+    assert kinds(lookup_ops)["all-to-all"] == 4  # two per exchange
+    assert kinds(update_ops)["all-to-all"] == 2  # one round or sorted ones, in one loop
+    for ops in (lookup_ops, update_ops):
+        assert sizes(ops, "all-to-all") == {4}
+        assert sizes(ops, "all-reduce") == {8}
 
 
 @pytest.mark.parametrize(

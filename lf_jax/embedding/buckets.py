@@ -1,0 +1,204 @@
+"""One-round exchange layout: a hash dedupe and owner buckets without a sort of the keys.
+
+Inside shard_map a device holds M entries (owner slot, local row) of one shard group.
+When every owner gets at most ``capacity`` distinct keys from every device (uniform or
+zipf ids), one exchange round serves the whole step, and the keys need not be sorted by
+row within an owner (lf_jax.embedding.exchange sorts them so that several rounds cover
+disjoint row ranges). This module builds that round's layout:
+
+- a hash dedupe (``leaders``): every entry finds one entry with the same key, its
+  leader, through a table of 4 M int32 slots, in as many probe rounds as collisions
+  need (3-4 at M = 81,920; each resolves at least one key, so it always ends);
+- owner buckets: the leaders' packed ``slot << bits | position`` keys sorted (one
+  one-operand sort of M small ints), so bucket s lists the distinct keys owner s serves;
+- ``entry_m``: each entry's row in the [S * C] send/receive layout, so the forward pools
+  straight from the received rows and the update sums row gradients straight into it.
+
+``fits`` (the same on every device) says whether one round suffices; when it does not,
+the caller takes the sorted, multi-round path of lf_jax.embedding.exchange, which is
+exact under any skew. Per-device work: O(M + S * C).
+
+Shapes: M local entries, S owners, C capacity per owner, D dim.
+
+Example (inside shard_map):
+    >>> layout = Buckets.build(slot_m, local_m, num_slots=S, rows=R, capacity=C,
+    ...                        all_axes=("data",))
+    >>> rows_scd = jax.lax.all_to_all(table_rd[layout.ask_sc], ...)  # when layout.fits
+    >>> pooled = rows_scd.reshape(S * C, D)[layout.entry_m]
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from lf_jax.embedding.exchange import CHUNK, chunked_size
+from lf_jax.errors import UserInputError
+
+INT32_MAX = 2**31 - 1
+STACKED_GATHERS = 16  # owners up to which fetch_one_round gathers per owner
+
+
+def position_bits(entries: int) -> int:
+    """Bits of an entry position (0 .. entries - 1)."""
+    return max(1, (entries - 1).bit_length())
+
+
+def check_packed_range(group_name: str, entries: int, num_slots: int) -> None:
+    """Packed ``slot << bits | position`` keys must fit int32 below the sentinel; a clear
+    error otherwise (raised while tracing, before any device work)."""
+    if num_slots << position_bits(entries) >= INT32_MAX:
+        raise UserInputError(
+            f"shard group '{group_name}': {entries} entries per device x {num_slots} owner "
+            "slots exceed the int32 keys of the exchange layout; use a smaller per-device "
+            "batch or shard rows over fewer devices"
+        )
+
+
+def always_fits(entries: int, rows: int, capacity: int) -> bool:
+    """Whether ``capacity`` covers every distinct key an owner can get (at most the
+    entries, and at most its rows): one round always, known while tracing."""
+    return capacity >= min(entries, rows)
+
+
+def _mix(keys_m: jax.Array, salt: jax.Array, bits: int) -> jax.Array:
+    """A ``bits``-bit hash of int32 keys, different for every ``salt`` (murmur3's
+    finalizer over the key xor a salt-dependent constant)."""
+    x = keys_m.astype(jnp.uint32) ^ (salt.astype(jnp.uint32) * jnp.uint32(0x9E3779B9))
+    x = x * jnp.uint32(0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = x * jnp.uint32(0xC2B2AE35)
+    x = x ^ (x >> 16)
+    return (x >> (32 - bits)).astype(jnp.int32)
+
+
+def leaders(keys_m: jax.Array) -> jax.Array:
+    """[M] int32: for each entry, the position of one entry with the same key (the same
+    one for every entry of that key).
+
+    Each probe round hashes the pending entries' keys into a table of >= 4 M slots and
+    writes their positions there (one writer per slot survives); an entry whose slot
+    holds a position with its own key has found its leader. All entries of a key hash
+    alike, so they resolve together, and every probed slot resolves its winner's key:
+    the loop ends after at most as many rounds as distinct keys, in practice 3-4.
+
+    Example:
+        >>> leaders(jnp.array([7, 3, 7, 7]))  # e.g. [3, 1, 3, 3]
+    """
+    m = keys_m.shape[0]
+    bits = min(position_bits(m) + 2, 30)
+    pos_m = jnp.arange(m, dtype=jnp.int32)
+
+    def probe(state):
+        salt, table, leader_m = state
+        pending_m = leader_m < 0
+        slot_m = _mix(keys_m, salt, bits)
+        table = table.at[jnp.where(pending_m, slot_m, 1 << bits)].set(pos_m, mode="drop")
+        found_m = table.at[slot_m].get(mode="promise_in_bounds")
+        same_m = keys_m.at[found_m].get(mode="promise_in_bounds") == keys_m
+        return salt + 1, table, jnp.where(pending_m & same_m, found_m, leader_m)
+
+    state = (jnp.int32(0), jnp.zeros((1 << bits,), jnp.int32), jnp.full((m,), -1, jnp.int32))
+    return jax.lax.while_loop(lambda s: jnp.any(s[2] < 0), probe, state)[2]
+
+
+@dataclasses.dataclass(frozen=True)
+class Buckets:
+    """The one-round layout of a device's entries (see module docstring).
+
+    ask_sc: [S, C] local rows to ask owner s for (``rows`` where the bucket is shorter);
+    entry_m: [M] each valid entry's row in the [S * C] layout (0 for padding);
+    fits: scalar bool, the same on every device of ``all_axes``: every bucket of every
+    device holds at most C keys.
+    """
+
+    ask_sc: jax.Array
+    entry_m: jax.Array
+    fits: jax.Array
+
+    @classmethod
+    def build(cls, slot_m, local_m, num_slots: int, rows: int, capacity: int, all_axes):
+        """Entries with slot < 0 (padding) are ignored."""
+        m = slot_m.shape[0]
+        bits = position_bits(m)
+        valid_m = slot_m >= 0
+        pos_m = jnp.arange(m, dtype=jnp.int32)
+        leader_m = leaders(jnp.where(valid_m, slot_m * rows + local_m, num_slots * rows))
+        is_leader = valid_m & (leader_m == pos_m)
+        sorted_p = jnp.sort(jnp.where(is_leader, (slot_m << bits) | pos_m, INT32_MAX))
+        count_s = (
+            jnp.zeros((num_slots,), jnp.int32)
+            .at[jnp.where(is_leader, slot_m, num_slots)]
+            .add(1, mode="drop")
+        )
+        start_s = jnp.cumsum(count_s) - count_s
+        pos_sc = start_s[:, None] + jnp.arange(capacity, dtype=jnp.int32)[None, :]
+        has_sc = jnp.arange(capacity, dtype=jnp.int32)[None, :] < count_s[:, None]
+        leader_sc = sorted_p.at[jnp.minimum(pos_sc, m - 1)].get(mode="promise_in_bounds")
+        leader_sc = leader_sc & ((1 << bits) - 1)
+        ask_sc = jnp.where(has_sc, local_m.at[leader_sc].get(mode="clip"), rows)
+        # each leader's place in the layout: owner * C + rank within its bucket
+        place_sc = jnp.arange(num_slots, dtype=jnp.int32)[:, None] * capacity + jnp.arange(
+            capacity, dtype=jnp.int32
+        )
+        place_m = (
+            jnp.zeros((m,), jnp.int32)
+            .at[jnp.where(has_sc, leader_sc, m)]
+            .set(place_sc, mode="drop")
+        )
+        entry_m = jnp.where(valid_m, place_m.at[leader_m].get(mode="promise_in_bounds"), 0)
+        if always_fits(m, rows, capacity):
+            return cls(ask_sc, entry_m, jnp.bool_(True))
+        most = jnp.max(count_s)
+        if all_axes:
+            most = jax.lax.pmax(most, all_axes)
+        return cls(ask_sc, entry_m, most <= capacity)
+
+
+def _exchange(x, axes):
+    return jax.lax.all_to_all(x, axes, 0, 0, tiled=True) if axes else x
+
+
+def fetch_one_round(layout: Buckets, table_rd, axes) -> jax.Array:
+    """[S * C, D] float32: the rows of ``layout.ask_sc`` from their owners, in layout
+    order (entry m reads row ``layout.entry_m[m]``). Only valid when ``layout.fits``."""
+    ask_sc = _exchange(layout.ask_sc, axes)
+    if ask_sc.shape[0] <= STACKED_GATHERS:
+        # one gather per owner, stacked: XLA:CPU splits an all_to_all's operand into one
+        # buffer per peer, and then writes each gather straight into its peer's buffer
+        # (one [S, C, D] gather was copied into them: 22 MB per device per step here)
+        got_scd = jnp.stack([table_rd.at[ask_c].get(mode="clip") for ask_c in ask_sc])
+    else:
+        got_scd = table_rd.at[ask_sc].get(mode="clip")
+    got_scd = got_scd.astype(jnp.float32)
+    got_scd = _exchange(got_scd, axes)
+    return got_scd.reshape(-1, got_scd.shape[-1])
+
+
+def sum_into_layout(place_m, valid_m, gradient, shape: tuple[int, int, int]) -> jax.Array:
+    """[S, C, D] float32: each valid entry's gradient summed into its place (row of the
+    [S * C] layout; places >= S * C are dropped).
+
+    gradient(e_k) -> [K, D] float32 gradients of entries e_k. The valid entries are
+    compacted and added CHUNK at a time, so no [M, D] array is built.
+    """
+    size = shape[0] * shape[1]
+    m = valid_m.shape[0]
+    chunk = min(CHUNK, m)
+    padded = chunked_size(m)
+    pos_m = jnp.arange(m, dtype=jnp.int32)
+    order_m = jnp.where(valid_m, jnp.cumsum(valid_m, dtype=jnp.int32) - 1, padded)
+    real_k = jnp.full((padded,), m, jnp.int32).at[order_m].set(pos_m, mode="drop")
+
+    def add_chunk(c, sums_kd):
+        e_k = jax.lax.dynamic_slice(real_k, (c * chunk,), (chunk,))
+        ok_k = e_k < m
+        e_k = jnp.minimum(e_k, m - 1)
+        place_k = jnp.where(ok_k, place_m.at[e_k].get(mode="promise_in_bounds"), size)
+        return sums_kd.at[place_k].add(gradient(e_k), mode="drop")
+
+    num_real = jnp.sum(valid_m, dtype=jnp.int32)
+    sums_kd = jax.lax.fori_loop(
+        0, (num_real + chunk - 1) // chunk, add_chunk, jnp.zeros((size, shape[2]), jnp.float32)
+    )
+    return sums_kd.reshape(shape)
