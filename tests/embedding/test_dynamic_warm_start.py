@@ -50,15 +50,16 @@ def test_warm_started_keys_read_the_static_rows(dyn):
     assert len(snapshot["keys"]) == len(known)
     query = known[::-1] + ["urn:li:member:1"]  # one id never warm-started
     batch = dyn.shard_batch(dyn.preprocess({"m": query[:16]}))
-    _, sparse = jax.jit(lambda s, b: dyn.resolve(s, b, insert=False))(state, batch)
+    find = jax.jit(lambda s, b: dyn.resolve(s, b, insert=False))  # jitted: eager is minutes
+    _, sparse = find(state, batch)
     acts = np.asarray(dyn.collection.lookup(state["embedding"]["tables"], sparse)["m"])
     np.testing.assert_array_equal(acts, static_vd[id_map.lookup(query[:16])])
     np.testing.assert_array_equal(np.asarray(sparse.ids["m"]) >= 0, True)
-    trained, _ = dyn.resolve(state, batch)  # a training step finds them: no insert, no reset
+    trained, _ = jax.jit(dyn.resolve)(state, batch)  # training finds them: no insert, no reset
     assert dyn.counters(trained)["member"]["hits"] == 16
     assert dyn.counters(trained)["member"]["inserts"] == 0
-    batch = dyn.shard_batch(dyn.preprocess({"m": [query[-1]] * 8}))
-    _, sparse = dyn.resolve(state, batch, insert=False)
+    batch = dyn.shard_batch(dyn.preprocess({"m": [query[-1]] * 16}))
+    _, sparse = find(state, batch)
     assert (np.asarray(sparse.ids["m"]) == -1).all()  # not warm-started: absent
     # snapshot: keys ascending, with the given rows and adam slots (nu: its initial zeros)
     hi, lo, _ = parse_keys("m", known, 1)
