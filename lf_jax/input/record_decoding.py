@@ -50,6 +50,23 @@ class _Field(NamedTuple):
 _SHIFTS = (7 * np.arange(10)).astype(np.uint64)
 
 
+def flat_feature(name: str, feature, error: type[Exception]) -> tuple[tuple, np.dtype]:
+    """(shape, dtype) of a tfds feature the batch codecs handle: a ``Scalar`` or rank-1
+    ``Tensor`` of integers, bools or floats; ``error`` naming the feature otherwise."""
+    shape, dtype = tuple(feature.shape), np.dtype(feature.np_dtype)
+    if len(shape) > 1 or type(feature).__name__ not in ("Scalar", "Tensor"):
+        raise error(
+            f"feature '{name}' ({type(feature).__name__}, shape {shape}) "
+            f"is not a flat scalar or rank-1 tensor feature"
+        )
+    if dtype.kind not in "iubf":
+        raise error(
+            f"feature '{name}' has dtype {dtype}; only integer, bool and float features are "
+            f"read and written"
+        )
+    return shape, dtype
+
+
 def _varints_at(buf: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(values uint64 [M], byte lengths [M]) of the varints starting at ``positions`` of
     ``buf`` (uint8, padded with 10 zero bytes so every window is in range)."""
@@ -103,17 +120,7 @@ class RecordBatchDecoder:
     def __init__(self, features: Mapping, max_lengths: Mapping[str, int], int_dtype=np.int32):
         self.fields = []
         for name, feature in features.items():
-            shape, np_dtype = tuple(feature.shape), np.dtype(feature.np_dtype)
-            if len(shape) > 1 or type(feature).__name__ not in ("Scalar", "Tensor"):
-                raise RecordDecodingError(
-                    f"feature '{name}' ({type(feature).__name__}, shape {shape}) "
-                    f"is not a flat scalar or rank-1 tensor feature"
-                )
-            if np_dtype.kind not in "iubf":
-                raise RecordDecodingError(
-                    f"feature '{name}' has dtype {np_dtype}; only integer, "
-                    f"bool and float features are decoded"
-                )
+            shape, np_dtype = flat_feature(name, feature, RecordDecodingError)
             width = 1 if not shape else shape[0]
             if width is None and name not in max_lengths:
                 raise RecordDecodingError(

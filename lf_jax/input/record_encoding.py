@@ -27,6 +27,7 @@ from typing import NamedTuple
 import numpy as np
 
 from lf_jax.errors import UserInputError
+from lf_jax.input.record_decoding import flat_feature
 
 
 class RecordEncodingError(UserInputError):
@@ -104,17 +105,7 @@ class RecordBatchEncoder:
     def __init__(self, features: Mapping):
         self.features = []
         for name, feature in features.items():
-            shape, dtype = tuple(feature.shape), np.dtype(feature.np_dtype)
-            if len(shape) > 1 or type(feature).__name__ not in ("Scalar", "Tensor"):
-                raise RecordEncodingError(
-                    f"feature '{name}' ({type(feature).__name__}, shape {shape}) "
-                    f"is not a flat scalar or rank-1 tensor feature"
-                )
-            if dtype.kind not in "iubf":
-                raise RecordEncodingError(
-                    f"feature '{name}' has dtype {dtype}; only integer, bool and float "
-                    f"features are encoded"
-                )
+            shape, dtype = flat_feature(name, feature, RecordEncodingError)
             width = 1 if not shape else shape[0]
             self.features.append(_Feature(name, dtype.kind == "f", width))
 
