@@ -98,6 +98,7 @@ def test_dynamic_ranker_trains_logs_counters_and_resumes_bit_exact(dynamic_confi
 def test_evaluation_finds_keys_without_changing_them(dynamic_config, tmp_path):
     with dynamic_config.unlocked():
         dynamic_config.train.steps = 2
+        dynamic_config.data.eval_batch_size = 4096  # 26 eval batches instead of 208
     task = _task(dynamic_config, tmp_path / "e")
     run_training(task, dynamic_config.train, tmp_path / "e")
     state = _restore(task, tmp_path / "e", 2)
