@@ -112,6 +112,15 @@ def _standardised(weights, split: Split, group: str, raw):
     return (raw - weights["dense_mean"][columns]) / weights["dense_std"][columns]
 
 
+def _pooled(weights, features: Mapping[str, tuple[str, str]], sparse, fields) -> dict:
+    """{feature: pooled table rows} of the features in ``fields`` (member or post side)."""
+    return {
+        name: pooled_lookup(weights["tables"][table], sparse[name], combiner)
+        for name, (table, combiner) in features.items()
+        if name in fields
+    }
+
+
 def posts_function(graphdef, treedef, features: Mapping[str, tuple[str, str]], layout):
     """posts(weights, post_nw, post_table_n) -> the post cache [N, C + 2d]: every post-only
     part of the ranker (folded_ranker.post_side: x0_P and its first-layer products) and the
@@ -120,11 +129,7 @@ def posts_function(graphdef, treedef, features: Mapping[str, tuple[str, str]], l
     def posts(weights, post_nw, post_table_n):
         model, split = _served_model(graphdef, treedef, features, weights)
         sparse, dense = post_inputs(jnp, layout, post_nw, post_table_n)
-        pooled = {
-            name: pooled_lookup(weights["tables"][table], sparse[name], combiner)
-            for name, (table, combiner) in features.items()
-            if name in split.post_fields
-        }
+        pooled = _pooled(weights, features, sparse, split.post_fields)
         side = post_side(model, split, pooled, _standardised(weights, split, "post", dense))
         return jnp.concatenate([side, post_latents(layout, post_nw)], axis=-1)
 
@@ -143,11 +148,7 @@ def rank_function(graphdef, treedef, features: Mapping[str, tuple[str, str]], la
         q, k = post_table_qk.shape
         model, split = _served_model(graphdef, treedef, features, weights)
         sparse, dense = member_inputs(jnp, layout, member_qw, member_table_q)
-        pooled = {
-            name: pooled_lookup(weights["tables"][table], sparse[name], combiner)
-            for name, (table, combiner) in features.items()
-            if name in split.member_fields
-        }
+        pooled = _pooled(weights, features, sparse, split.member_fields)
         rows = posts_nc.at[post_table_qk.reshape(q * k)].get(mode="promise_in_bounds")
         cache = rows[:, : rows.shape[1] - 2 * layout.latent_dim]
         latents = rows[:, cache.shape[1] :].reshape(q, k, -1)

@@ -22,3 +22,30 @@ def small_ranker_config(shrunk_ranker_config, tiny_data_dir):
         config.train.log_every = 1
         config.data.eval_batch_size = 512
     return config
+
+
+class SimulatedKill(Exception):
+    """Raised by ``kill_before_batch`` in place of a killed process."""
+
+
+@pytest.fixture
+def kill_before_batch():
+    """``kill_before_batch(task, train_config, workdir, batch)``: runs training until the
+    task is asked for its ``batch``-th device batch (1-based) and stops it there, as a kill
+    would (checkpoints already written stay)."""
+    from lf_jax.train.loop import run_training
+
+    def run(task, train_config, workdir, batch: int) -> None:
+        real_batch, calls = task.device_batch, []
+
+        def device_batch(host):
+            calls.append(1)
+            if len(calls) == batch:
+                raise SimulatedKill(f"simulated kill before device batch {batch}")
+            return real_batch(host)
+
+        task.device_batch = device_batch
+        with pytest.raises(SimulatedKill):
+            run_training(task, train_config, workdir)
+
+    return run

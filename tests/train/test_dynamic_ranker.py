@@ -28,10 +28,6 @@ def dynamic_config(small_ranker_config):
     return config
 
 
-class _Crash(Exception):
-    pass
-
-
 def _task(config, workdir, mesh=None):
     workdir = prepare_workdir(workdir, config)
     return RankerTask(config, mesh or make_mesh(dict(config.mesh)), workdir)
@@ -52,7 +48,9 @@ def _restore(task, workdir, step):
         ckpt.close()
 
 
-def test_dynamic_ranker_trains_logs_counters_and_resumes_bit_exact(dynamic_config, tmp_path):
+def test_dynamic_ranker_trains_logs_counters_and_resumes_bit_exact(
+    dynamic_config, tmp_path, kill_before_batch
+):
     uninterrupted = _task(dynamic_config, tmp_path / "a")
     assert uninterrupted.dynamic is not None
     assert "dynamic post: 8 shards x 8 slots" in uninterrupted.plan_table
@@ -75,18 +73,10 @@ def test_dynamic_ranker_trains_logs_counters_and_resumes_bit_exact(dynamic_confi
     )
     assert counters["post"]["inserts"] == last["dynamic/post/inserts"]
 
-    crashing = _task(dynamic_config, tmp_path / "b")
-    real_batch, calls = crashing.device_batch, []
-
-    def crash_at_step_5(host):
-        calls.append(1)
-        if len(calls) == 5:
-            raise _Crash("simulated kill after the step-4 checkpoint")
-        return real_batch(host)
-
-    crashing.device_batch = crash_at_step_5
-    with pytest.raises(_Crash):
-        run_training(crashing, dynamic_config.train, tmp_path / "b")
+    # killed after the step-4 checkpoint
+    kill_before_batch(
+        _task(dynamic_config, tmp_path / "b"), dynamic_config.train, tmp_path / "b", 5
+    )
     resumed = _task(dynamic_config, tmp_path / "b")
     run_training(resumed, dynamic_config.train, tmp_path / "b")
     got = _host(resumed, _restore(resumed, tmp_path / "b", 6))

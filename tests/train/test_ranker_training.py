@@ -82,11 +82,7 @@ def test_sharded_model_equals_unsharded(small_ranker_config, tmp_path):
         _assert_states(reference, state, exact=False)
 
 
-class _Crash(Exception):
-    pass
-
-
-def test_killed_run_resumes_bit_exact(small_ranker_config, tmp_path):
+def test_killed_run_resumes_bit_exact(small_ranker_config, tmp_path, kill_before_batch):
     uninterrupted = _task(small_ranker_config, tmp_path / "a")
     run_training(uninterrupted, small_ranker_config.train, tmp_path / "a")
     ckpt = Checkpointer(tmp_path / "a" / "checkpoints")
@@ -95,18 +91,10 @@ def test_killed_run_resumes_bit_exact(small_ranker_config, tmp_path):
     )
     ckpt.close()
 
-    crashing = _task(small_ranker_config, tmp_path / "b")
-    real_batch, calls = crashing.device_batch, []
-
-    def crash_at_step_5(host):
-        calls.append(1)
-        if len(calls) == 5:
-            raise _Crash("simulated kill after the step-4 checkpoint")
-        return real_batch(host)
-
-    crashing.device_batch = crash_at_step_5
-    with pytest.raises(_Crash):
-        run_training(crashing, small_ranker_config.train, tmp_path / "b")
+    # killed after the step-4 checkpoint
+    kill_before_batch(
+        _task(small_ranker_config, tmp_path / "b"), small_ranker_config.train, tmp_path / "b", 5
+    )
     assert Checkpointer(tmp_path / "b" / "checkpoints").latest_step() == 4
 
     resumed = _task(small_ranker_config, tmp_path / "b")
