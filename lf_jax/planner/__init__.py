@@ -21,7 +21,8 @@ from lf_jax.planner.cost import (
     table_bytes,
     table_step_cost,
 )
-from lf_jax.planner.greedy import PlanResult, TableRow, plan_tables
+from lf_jax.planner.greedy import plan_tables
+from lf_jax.planner.result import PlanResult, TableRow
 
 __all__ = [
     "Layout",
