@@ -1,10 +1,10 @@
-import os
 import subprocess
 import sys
 
 import pytest
 
 from lf_jax.cli import COMMANDS, main
+from lf_jax.testing.environment import child_env
 
 
 def test_help_lists_every_command(capsys):
@@ -67,8 +67,7 @@ def test_unknown_override_is_one_clear_error(repo_root, capsys):
 def test_demo_runs_in_a_fresh_process(tmp_path, repo_root, feed_builder, feed_data_dir):
     """The whole demo in a fresh process, reading the session's tiny feed_logs build (`make
     demo` builds it into its workdir; the build itself is tested in tests/input)."""
-    env = dict(os.environ, CI="true")
-    env.pop("XLA_FLAGS", None)
+    env = child_env(CI="true")
     result = subprocess.run(
         [
             sys.executable,

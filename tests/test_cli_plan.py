@@ -1,5 +1,4 @@
 import json
-import os
 import subprocess
 import sys
 
@@ -8,6 +7,7 @@ from lf_jax.configuration import load_config
 from lf_jax.distributed.mesh import make_mesh
 from lf_jax.embedding.config_specs import specs_from_config
 from lf_jax.embedding.plan import load_plan, validate_plan
+from lf_jax.testing.environment import child_env
 
 
 def test_plan_prints_the_table_for_tiny(repo_root, capsys):
@@ -120,8 +120,7 @@ def test_plan_never_starts_a_jax_backend(repo_root):
         "from jax._src import xla_bridge\n"
         "print('backend started:', xla_bridge.backends_are_initialized()); sys.exit(rc)"
     )
-    env = dict(os.environ, CI="true")
-    env.pop("XLA_FLAGS", None)
+    env = child_env(CI="true")
     result = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,

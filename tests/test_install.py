@@ -7,7 +7,6 @@ the checkout is not activated there, since .pth files of an added path are not r
 """
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,6 +14,8 @@ from pathlib import Path
 
 import jax
 import pytest
+
+from lf_jax.testing.environment import child_env
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +50,7 @@ def installed(repo_root, tmp_path_factory):
     site = _run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"])
     deps = Path(jax.__file__).resolve().parents[1]
     (Path(site.stdout.strip()) / "lf_jax_test_deps.pth").write_text(f"{deps}\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
+    env = child_env(drop=("PYTHONPATH",))
     cwd = root / "elsewhere"
     cwd.mkdir()
     return venv / "bin", env, cwd

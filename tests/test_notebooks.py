@@ -8,7 +8,6 @@ the quickstart reads the tiny feed_logs dataset the session already built
 """
 
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -17,15 +16,15 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from lf_jax.testing.environment import child_env
+
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 CELL_TIMEOUT_S = 600
 MAX_STORED_BYTES = 1_000_000
 
 
 def kernel_env(tmp_path: Path, data_dir: str) -> dict[str, str]:
-    env = dict(os.environ)
-    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
-    env["XLA_FLAGS"] = flags.strip()
+    env = child_env()
     env["TMPDIR"] = str(tmp_path)
     env["TFDS_DATA_DIR"] = data_dir
     env["CI"] = "true"  # no progress bars

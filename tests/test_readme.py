@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from lf_jax.testing.environment import child_env
+
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 BLOCKS = [
     block
@@ -21,7 +23,7 @@ def test_readme_has_runnable_blocks():
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_block_runs(index, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = child_env()
     result = subprocess.run(
         [sys.executable, "-c", BLOCKS[index]],
         capture_output=True,

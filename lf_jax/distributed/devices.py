@@ -23,7 +23,13 @@ class DeviceSetupError(UserInputError):
     """The requested simulated device count cannot be applied in this process."""
 
 
-def _strip_flag(xla_flags: str) -> str:
+def without_device_count_flag(xla_flags: str) -> str:
+    """``xla_flags`` without its simulated CPU device count (every other flag kept).
+
+    Example:
+        >>> without_device_count_flag("--xla_force_host_platform_device_count=8 --a=1")
+        '--a=1'
+    """
     return re.sub(rf"{_FLAG}=\S+", "", xla_flags).strip()
 
 
@@ -62,7 +68,7 @@ def simulate_cpu_devices(count: int) -> int:
             f"(restart the notebook kernel or process)."
         )
     os.environ["XLA_FLAGS"] = (
-        f"{_strip_flag(os.environ.get('XLA_FLAGS', ''))} {_FLAG}={count}".strip()
+        f"{without_device_count_flag(os.environ.get('XLA_FLAGS', ''))} {_FLAG}={count}".strip()
     )
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     jax.config.update("jax_platforms", os.environ["JAX_PLATFORMS"])

@@ -27,6 +27,8 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 
+from lf_jax.distributed.devices import without_device_count_flag
+
 
 def free_port() -> int:
     """A TCP port that is free on 127.0.0.1 now (the coordinator binds it moments later)."""
@@ -46,10 +48,9 @@ def worker_env(
     """The environment of one local worker; ``settings`` become LF_JAX_<NAME> variables,
     e.g. heartbeat_timeout=5 -> LF_JAX_HEARTBEAT_TIMEOUT=5."""
     env = dict(os.environ if base is None else base)
-    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", ""))
+    flags = without_device_count_flag(env.get("XLA_FLAGS", ""))
     env.update(
-        XLA_FLAGS=f"{flags.strip()} --xla_force_host_platform_device_count="
-        f"{devices_per_process}".strip(),
+        XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices_per_process}".strip(),
         JAX_PLATFORMS="cpu",
         PYTHONUNBUFFERED="1",
         LF_JAX_COORDINATOR_ADDRESS=coordinator,

@@ -6,7 +6,6 @@ configured bound and the relaunch finishes like an uninterrupted run; SIGTERM sa
 every process and exits 0. Each start is bounded by an outer time limit.
 """
 
-import os
 import signal
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import pytest
 
 from lf_jax.configuration import apply_overrides, load_config
 from lf_jax.distributed.mesh import make_mesh
+from lf_jax.testing.environment import child_env
 from lf_jax.testing.multiprocess import ProcessGroup
 from lf_jax.train.checkpoint import Checkpointer, flatten_to_dict
 from lf_jax.train.loop import prepare_workdir, run_training
@@ -61,9 +61,7 @@ def _args(repo_root, workdir, overrides) -> list[str]:
 
 
 def _env():
-    env = dict(os.environ, CI="true")
-    env.pop("XLA_FLAGS", None)
-    return env
+    return child_env(CI="true")
 
 
 def _cli(repo_root, workdir, overrides) -> list[str]:

@@ -17,13 +17,13 @@ from cli_probe import ranker_args
 
 from lf_jax.cli import main
 from lf_jax.export.embed_corpus import load_export
+from lf_jax.testing.environment import child_env
 
 SEED = int(os.environ.get("LF_JAX_FAULT_SEED", "0"))  # the kill moments; logged on failure
 
 
 def lf_jax(args: list[str], repo_root) -> subprocess.Popen:
-    env = dict(os.environ, CI="true")
-    env.pop("XLA_FLAGS", None)  # lf-jax simulates config.devices itself
+    env = child_env(CI="true")  # lf-jax simulates config.devices itself
     return subprocess.Popen(
         [sys.executable, "-m", "lf_jax.cli", "--verbosity", "warning", *args],
         env=env,

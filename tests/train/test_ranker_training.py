@@ -1,5 +1,4 @@
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import pytest
 
 from lf_jax.distributed.mesh import make_mesh
 from lf_jax.errors import TrainingDivergedError, UserInputError
+from lf_jax.testing.environment import child_env
 from lf_jax.train.checkpoint import Checkpointer, flatten_to_dict
 from lf_jax.train.loop import prepare_workdir, run_training
 from lf_jax.train.ranker import RankerTask
@@ -146,8 +146,7 @@ def test_nan_loss_stops_naming_step_and_task(small_ranker_config, tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(repo_root, tiny_data_dir, tmp_path):
-    env = dict(os.environ, CI="true")
-    env.pop("XLA_FLAGS", None)
+    env = child_env(CI="true")
     workdir = tmp_path / "run"
     process = subprocess.Popen(
         [
