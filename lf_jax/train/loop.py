@@ -11,7 +11,8 @@ this loop does the rest:
   * on SIGTERM or Ctrl-C saves a checkpoint and returns cleanly (with several processes,
     all of them at the same step, agreed through JAX's preemption service);
   * restores the newest readable checkpoint (a damaged one is moved aside with one
-    warning), after checking its shapes against the config; a workdir already at
+    warning), after checking its shapes against the config (dynamic tables' keys written
+    on another device count are rehashed to their new owners); a workdir already at
     train.steps trains nothing and leaves metrics.json as it was;
   * raises a failed background save as one CheckpointError at the next step;
   * logs to TensorBoard (``workdir/tensorboard``) and a tqdm bar (off in CI / non-TTY).
@@ -153,7 +154,9 @@ def run_training(
     start = 0
     if checkpointer.latest_step() is not None:
         try:
-            state, data_state, start = checkpointer.restore_newest(state, task.collection)
+            state, data_state, start = checkpointer.restore_newest(
+                state, task.collection, dynamic=getattr(task, "dynamic", None)
+            )
         except BaseException:
             checkpointer.close()
             raise
@@ -338,7 +341,9 @@ def evaluate_checkpoint(config, workdir: str | Path, step: int | None = None) ->
     task = build_task(config, workdir)
     checkpointer = Checkpointer(workdir / "checkpoints", create=False)
     try:
-        state, _, restored = checkpointer.restore_newest(task.init_state(), task.collection, step)
+        state, _, restored = checkpointer.restore_newest(
+            task.init_state(), task.collection, step, dynamic=getattr(task, "dynamic", None)
+        )
     finally:
         checkpointer.close()
     return restored, task.evaluate(state)
