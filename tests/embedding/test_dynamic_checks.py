@@ -81,3 +81,26 @@ def test_explain_gives_capacity_and_bytes_per_shard():
     assert row["slots_per_shard"] == 8 and row["shards"] == 8 and row["probe_limit"] == 8
     assert row["bytes_per_shard"] == 8 * 4 * 4 + 8 * 16  # float32 rows (sgd: no slots) + index
     assert "64 rows over 8 shards" in row["reason"] and "evicts by lru" in row["reason"]
+
+
+def test_counters_carry_into_a_second_word_and_never_overflow():
+    import jax.numpy as jnp
+
+    from lf_jax.embedding.dynamic.hash_table import (
+        COUNTERS,
+        WORD,
+        add_counts,
+        counter_totals,
+        split_totals,
+    )
+
+    start = [WORD - 3, 5, 0, 0, 0, 0, 3 * WORD + 7, 4]  # probe_sum past 2**32 already
+    counters = jnp.asarray(split_totals(start))
+    step = jnp.asarray([10, 1, 0, 0, 0, 0, WORD - 1, 0], jnp.int32)
+    for _ in range(3):
+        counters = add_counts(counters, step)
+    totals = counter_totals(np.asarray(counters)[None])
+    assert totals[0] == WORD - 3 + 30 and totals[1] == 8
+    assert totals[COUNTERS.index("probe_sum")] == 3 * WORD + 7 + 3 * (WORD - 1)
+    two_shards = np.stack([np.asarray(counters), split_totals([1] * 7 + [9])])
+    assert counter_totals(two_shards)[0] == WORD - 3 + 31 and counter_totals(two_shards)[-1] == 9

@@ -25,7 +25,12 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-from lf_jax.embedding.dynamic.hash_table import COUNTERS, alive_slots
+from lf_jax.embedding.dynamic.hash_table import (
+    COUNTERS,
+    alive_slots,
+    counter_totals,
+    split_totals,
+)
 from lf_jax.embedding.dynamic.keys import (
     HOME_SALT,
     OWNER_SALT,
@@ -58,8 +63,9 @@ def to_checkpoint(dyn: DynamicTables, state: Mapping) -> dict:
 
 
 def _merged_counters(counts: np.ndarray) -> np.ndarray:
-    """[S, len(COUNTERS)] per shard -> [len(COUNTERS)]: sums, probe_max the largest."""
-    return np.concatenate([counts[:, :-1].sum(axis=0), counts[:, -1:].max(axis=0)])
+    """Two-word counters [S, 2, len(COUNTERS)] per shard -> exact totals [len(COUNTERS)]
+    (int64): sums, probe_max the largest."""
+    return np.asarray(counter_totals(counts), np.int64)
 
 
 def _place_keys(
@@ -113,8 +119,8 @@ def _shard_index(dyn: DynamicTables, name: str, part: Mapping, owner, slot) -> d
     shard["freq"][owner, slot] = part["freq"]
     sketch = np.asarray(part["sketch"], np.int32)
     shard["sketch"] = np.broadcast_to(sketch, (shards, *sketch.shape)).copy()
-    counters = np.zeros((shards, len(COUNTERS)), np.int32)
-    counters[0] = part["counters"]
+    counters = np.zeros((shards, 2, len(COUNTERS)), np.int32)
+    counters[0] = split_totals(part["counters"])
     shard["counters"] = counters
     return shard
 
