@@ -67,8 +67,9 @@ class SaveErrors(logging.Filter):
             text in message
             for text in ("background save thread", "Checkpointer failed", "Save Finalize thread")
         )
-        if record.levelno >= logging.ERROR and record.exc_info and background:
-            self.errors.append(record.exc_info[1])
+        error = record.exc_info[1] if record.exc_info else None
+        if record.levelno >= logging.ERROR and error is not None and background:
+            self.errors.append(error)
             return False
         return True
 

@@ -36,6 +36,7 @@ from lf_jax.distributed.multihost import is_primary, preemption_notice
 from lf_jax.errors import TrainingDivergedError, UserInputError
 from lf_jax.train.checkpoint import Checkpointer
 from lf_jax.train.dynamic_step import describe_scalars, make_dynamic_train_step
+from lf_jax.train.dynamic_warm_start import is_static_checkpoint, warm_start_from_static
 from lf_jax.train.families import family_class
 from lf_jax.train.step import make_train_step
 from lf_jax.workdir import ensure_writable_dir, reject_remote
@@ -174,7 +175,11 @@ def run_training(
             raise UserInputError(
                 f"train.warm_start='{train_config.warm_start}' holds no checkpoint"
             )
-        warm, _ = source.restore(source.latest_step(), state, task.collection)
+        dynamic, step = getattr(task, "dynamic", None), source.latest_step()
+        if dynamic is not None and is_static_checkpoint(source, step, dynamic):
+            warm = warm_start_from_static(dynamic, state, source, step)  # ids become keys
+        else:
+            warm, _ = source.restore(step, state, task.collection, dynamic)
         source.close()
         kept = ("params", "embedding", "dynamic")  # dynamic: the keys of dynamic tables
         state = {**state, **{k: warm[k] for k in kept if k in warm}}

@@ -107,7 +107,7 @@ def _shard_index(dyn: DynamicTables, name: str, part: Mapping, owner, slot) -> d
     every shard gets the summed sketch, shard 0 the merged counters."""
     shards, capacity = dyn.shards, dyn.capacity(name)
     hi, lo = split_keys(np.asarray(part["keys"], np.uint64))
-    shard = {
+    shard: dict[str, np.ndarray] = {
         "key_hi": np.zeros((shards, capacity), np.uint32),
         "key_lo": np.zeros((shards, capacity), np.uint32),
         "last": np.full((shards, capacity), -1, np.int32),
