@@ -352,6 +352,12 @@ class Checkpointer:
         state = unflatten_like(dense_template, restored["state"])
         logical = unflatten_like(logical_template, restored["embedding"])
         if rehashed and dynamic is not None:
+            if jax.process_count() > 1:  # the tables are read whole onto one host
+                raise UserInputError(
+                    f"checkpoint step {step} holds dynamic tables of {rehashed[0]} devices; "
+                    f"resuming on {dynamic.shards} rehashes them in one process, this run "
+                    f"has {jax.process_count()}: resume on {rehashed[0]} devices"
+                )
             logical, state["dynamic"] = rehash_logical(
                 dynamic, jax.device_get(logical), jax.device_get(state["dynamic"])
             )
