@@ -44,7 +44,7 @@ def dynamic_scalars(dyn: DynamicTables, index: Mapping, step) -> dict[str, jax.A
     out = {}
     for name, shards in index.items():
         words = shards["counters"].astype(jnp.float32)  # [S, 2, N]: float32 totals
-        total = jnp.sum(words[:, 0] + words[:, 1] * WORD, axis=0)
+        total = jnp.sum(words[:, 0] + words[:, 1] * jnp.float32(WORD), axis=0)
         values = {c: total[i] for i, c in enumerate(COUNTERS)}
         values["probe_max"] = jnp.max(words[:, 0, -1])
         alive = jax.vmap(lambda s, n=name: alive_slots(s, step, dyn.policies[n]))(shards)
