@@ -177,7 +177,9 @@ def _x0_kernel(model: FeedRanker, split: Split):
     c_l * D_l with c_l = 1 + sum_{j<l} b_j, "z<j>_<l>" [H, r*r] = U_j[a, h] D_l[h, b]
     (low_l adds low_j . (x0 @ z)), "heads" = c_L * W_c (W_c: the heads' cross rows; plus
     their x0 rows without an MLP; bias: the heads'), "y<j>" [H, r*T'] = U_j[a, h] W_c[h, t]
-    (the heads add low_j . (x0 @ y))."""
+    (the heads add low_j . (x0 @ y)). The mixes (z, y) come last: per pair, their x0_X
+    part is not a product with x0_X (r*r or r*T' columns) but ((low_j @ U_j[:, X]) * x0_X)
+    @ [D_l[X], W_c[X]] (``_pair_mixes``)."""
     kernels: list[tuple[str, jax.Array, jax.Array | None]] = []
     mlp = model.mlp
     if len(mlp.layers):
@@ -210,6 +212,8 @@ def _x0_kernel(model: FeedRanker, split: Split):
             up_j = layer.up.kernel[...].T
             y = (up_j[:, :, None] * w_cross[:, None, :]).reshape(width, -1)
             kernels.append((f"y{j}", y, None))
+    # the mixes last: the pair work adds its x0_X part of them directly (split_logits)
+    kernels.sort(key=lambda entry: entry[0][0] in "zy")
     blocks, start = {}, 0
     for name, kernel, _ in kernels:
         blocks[name] = (start, start + kernel.shape[1])
@@ -265,6 +269,21 @@ def post_side(
     return jnp.concatenate([x0_p[:, :keep], x0_p @ kernel[split.order["post"]]], axis=-1)
 
 
+def _pair_mixes(model: FeedRanker, split: Split, j: int, low_j, x0_x) -> list[jax.Array]:
+    """x0_X's part of the mixes of cross layer j's output low_j [P, r]: for each later layer
+    l, low_j . (x0_X @ z<j>_<l>[X]) [P, r], and low_j . (x0_X @ y<j>[X]) [P, T'] last, as
+    ((low_j @ U_j[:, X]) * x0_X) @ [D_l[X] ..., W_c[X]] (one product; no r*r-wide array)."""
+    assert model.cross is not None  # mixes exist only with cross layers
+    layers = list(model.cross.layers)
+    pair = split.order["pair"]
+    w_heads, _ = _heads_in(model)
+    targets = [layer.down.kernel[...][pair] for layer in layers[j + 1 :]]
+    targets.append(w_heads[model.mlp.out_features :][pair])
+    mixed = ((low_j @ layers[j].up.kernel[...][:, pair]) * x0_x) @ jnp.concatenate(targets, 1)
+    ends = np.cumsum([t.shape[1] for t in targets])
+    return [mixed[:, stop - t.shape[1] : stop] for t, stop in zip(targets, ends, strict=True)]
+
+
 def split_logits(
     model: FeedRanker,
     split: Split,
@@ -301,15 +320,21 @@ def split_logits(
     if len(split.dense["pair"]):
         pair_parts.append(pair_dense)
     x0_x = jnp.concatenate(pair_parts, axis=-1) if pair_parts else None
+    # the x0 products without their pair part: [Q*K, F]; the linear blocks get theirs here,
+    # the mixes theirs in _pair_mixes
+    mix_start = min((s for n, (s, _) in blocks.items() if n[0] in "zy"), default=len(bias))
     per_query = x0_m @ kernel[split.order["member"]] + bias  # [Q, F]
     first = cache_pc[:, keep:].reshape(q, k, -1) + per_query[:, None, :]
     first = first.reshape(q * k, -1)
+    linear = first[:, :mix_start]
     if x0_x is not None:
-        first = first + x0_x @ kernel[split.order["pair"]]
+        linear = linear + x0_x @ kernel[split.order["pair"], :mix_start]
 
     def block(name):
         start, stop = blocks[name]
-        return first[:, start:stop]
+        if start >= mix_start:
+            return first[:, start:stop]
+        return linear[:, start:stop]
 
     mlp = model.mlp
     mlp_top = None
@@ -331,15 +356,22 @@ def split_logits(
         heads = block("heads") if "heads" in blocks else b_heads
         layers = list(model.cross.layers) if model.cross is not None else []
         lows: list[jax.Array] = []
+        mixes: list[list[jax.Array]] = []  # [j][l - j - 1]: x0_X's part of z<j>_<l>, y<j>
         for index in range(len(layers)):
             low = block(f"low{index}")
             for j, low_j in enumerate(lows):
                 z = block(f"z{j}_{index}").reshape(q * k, low_j.shape[1], -1)
                 low = low + jnp.einsum("pa,pab->pb", low_j, z)
+                if x0_x is not None:
+                    low = low + mixes[j][index - j - 1]
             lows.append(low)
+            if x0_x is not None:
+                mixes.append(_pair_mixes(model, split, index, low, x0_x))
         for j, low_j in enumerate(lows):
             y = block(f"y{j}").reshape(q * k, low_j.shape[1], -1)
             heads = heads + jnp.einsum("pa,pat->pt", low_j, y)
+            if x0_x is not None:
+                heads = heads + mixes[j][-1]
         if mlp_top is not None:
             heads = heads + mlp_top @ w_heads[: mlp_top.shape[1]]
     else:  # full-rank cross layers: x0 per pair, columns in the served order (M, P, X)
