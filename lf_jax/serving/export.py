@@ -31,6 +31,7 @@ from lf_jax.serving.functions import (
     export_function,
     posts_function,
     rank_function,
+    ranker_weights,
     retrieve_function,
 )
 
@@ -77,13 +78,18 @@ def ranker_artifact(
     model's field order; ``tables``: logical [V, D] float32 tables (row i of the member
     and post tables is "m<i>" / "p<i>")."""
     leaves, treedef = _params(params)
-    weights = {
-        "params": leaves,
-        "tables": {name: encode_table(values, dtype) for name, values in tables.items()},
-        "dense_mean": np.asarray(dense_mean, np.float32),
-        "dense_std": np.asarray(dense_std, np.float32),
-    }
     features = dict(features)
+    weights = ranker_weights(
+        graphdef,
+        treedef,
+        features,
+        {
+            "params": leaves,
+            "tables": {name: encode_table(values, dtype) for name, values in tables.items()},
+            "dense_mean": np.asarray(dense_mean, np.float32),
+            "dense_std": np.asarray(dense_std, np.float32),
+        },
+    )
     chunk = min(POST_CHUNK, num_posts)
     posts_fn = posts_function(graphdef, treedef, features, layout)
     post_args = (np.zeros((chunk, layout.width), np.float32), np.zeros(chunk, np.int32))

@@ -17,8 +17,11 @@
 Weights are plain dicts of arrays (``params``: the model's parameter leaves in pytree
 order), so an exported function's signature is serializable and loads without Flax.
 ``encode_table`` quantizes a table (int8 with per-row scales) or keeps it float32.
+``ranker_weights`` adds the ranker's weight-only products (x0_kernels) the two ranker
+functions read.
 
 Example:
+    >>> weights = ranker_weights(graphdef, treedef, features, weights)
     >>> posts_nc = jax.jit(posts_function(graphdef, treedef, features, layout))(
     ...     weights, post_nw, np.arange(n))
     >>> fn = rank_function(graphdef, treedef, features, layout)
@@ -43,7 +46,8 @@ from lf_jax.serving.feed_features import (
     post_inputs,
     post_latents,
 )
-from lf_jax.serving.folded_ranker import Split, post_side, split_logits
+from lf_jax.serving.folded_ranker import post_side, split_logits, x0_kernels
+from lf_jax.serving.ranker_split import Split
 
 TABLE_DTYPES = ("float32", "int8")
 
@@ -121,6 +125,17 @@ def _pooled(weights, features: Mapping[str, tuple[str, str]], sparse, fields) ->
     }
 
 
+def ranker_weights(graphdef, treedef, features: Mapping[str, tuple[str, str]], weights) -> dict:
+    """The served ranker's weights: ``weights`` ({"params", "tables", "dense_mean",
+    "dense_std"}) and "x0_kernels", the x0 products by row group (folded_ranker.x0_kernels:
+    functions of the params alone, computed here once instead of in every rank call)."""
+
+    def kernels(w):
+        return x0_kernels(*_served_model(graphdef, treedef, features, w))
+
+    return {**weights, "x0_kernels": jax.device_get(jax.jit(kernels)(weights))}
+
+
 def posts_function(graphdef, treedef, features: Mapping[str, tuple[str, str]], layout):
     """posts(weights, post_nw, post_table_n) -> the post cache [N, C + 2d]: every post-only
     part of the ranker (folded_ranker.post_side: x0_P and its first-layer products) and the
@@ -130,7 +145,8 @@ def posts_function(graphdef, treedef, features: Mapping[str, tuple[str, str]], l
         model, split = _served_model(graphdef, treedef, features, weights)
         sparse, dense = post_inputs(jnp, layout, post_nw, post_table_n)
         pooled = _pooled(weights, features, sparse, split.post_fields)
-        side = post_side(model, split, pooled, _standardised(weights, split, "post", dense))
+        dense = _standardised(weights, split, "post", dense)
+        side = post_side(model, split, weights["x0_kernels"], pooled, dense)
         return jnp.concatenate([side, post_latents(layout, post_nw)], axis=-1)
 
     return posts
@@ -154,7 +170,16 @@ def rank_function(graphdef, treedef, features: Mapping[str, tuple[str, str]], la
         latents = rows[:, cache.shape[1] :].reshape(q, k, -1)
         pair = _standardised(weights, split, "pair", pair_dense(jnp, layout, member_qw, latents))
         member_dense = _standardised(weights, split, "member", dense)
-        logits = split_logits(model, split, pooled, member_dense, cache, pair, candidates=k)
+        logits = split_logits(
+            model,
+            split,
+            pooled,
+            member_dense,
+            cache,
+            pair,
+            kernels=weights["x0_kernels"],
+            candidates=k,
+        )
         return jax.nn.sigmoid(logits).reshape(q, k, -1)
 
     return rank
