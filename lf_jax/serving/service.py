@@ -34,6 +34,7 @@ import numpy as np
 from lf_jax.errors import UserInputError
 from lf_jax.serving.artifact import ArtifactError, ServedModel
 from lf_jax.serving.feature_store import FeatureStore
+from lf_jax.serving.functions import top_k_rows
 
 STAGES = ("retrieve", "rank", "feed")
 CURRENT = "CURRENT"
@@ -311,8 +312,12 @@ class Service:
         fn, (qb, kb) = model.bucket(len(requests), k)
         padded = np.zeros((qb, member_qw.shape[1]), np.float32)
         padded[: len(requests)] = member_qw
-        scores, rows = jax.device_get(fn(model.weights, padded))
-        return [(scores[j, : r.k], rows[j, : r.k]) for j, r in enumerate(requests)]
+        scores_qn = np.asarray(fn(model.weights, padded))
+        found = []
+        for j, request in enumerate(requests):  # the top K on the host (top_k_rows)
+            scores, rows = top_k_rows(scores_qn[j : j + 1], request.k)
+            found.append((scores[0], rows[0]))
+        return found
 
     def _rank(self, version: Version, live, member_rows, rank_posts):
         ranker, post_cache = version.models["ranker"], version.post_cache
