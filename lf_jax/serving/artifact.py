@@ -5,7 +5,9 @@
                                   every file's bytes and sha256, total bytes, source
     <model>/weights.npz           the exported functions' weights (params leaves, tables)
     <model>/functions/*.jax       jax.export serializations (StableHLO), one per bucket;
-                                  the ranker's posts.jax computes its post cache
+                                  the ranker's posts.jax computes its post cache; the
+                                  retrieval functions score every item ([Q, N]: the
+                                  caller takes the top K, functions.top_k_rows)
     <model>/ids/<entity>/         string id -> row maps (embedding/ids.py minimal perfect hash)
     <model>/keys/<entity>.npy     row -> string id, where outputs name rows (retrieved items)
 
