@@ -147,6 +147,7 @@ def _build_ours(cfg: dict):
     from lf_jax import embedding as plan_lib
     from lf_jax.distributed.mesh import make_mesh
     from lf_jax.embedding.collection import EmbeddingCollection
+    from lf_jax.embedding.preprocess import id_fill, preprocess
     from lf_jax.embedding.sparse_optim import rowwise_adagrad
     from lf_jax.embedding.spec import FeatureSpec, TableSpec
 
@@ -170,8 +171,14 @@ def _build_ours(cfg: dict):
         "table_wise": plan_lib.table_wise,
         "row_wise": lambda: plan_lib.row_wise(("data",)),
     }[cfg["plan"]]
-    coll = EmbeddingCollection(tables, features, {n: strategy() for n in names}, mesh)
-    batches = [coll.shard_batch(coll.preprocess(b)) for b in host_batches(cfg)]
+    plan = {n: strategy() for n in names}
+    by_name = ({f.name: f for f in features}, {t.name: t for t in tables})
+    host = [preprocess(*by_name, b) for b in host_batches(cfg)]
+    # exchange capacities sized to the real ids of the batches (1.0: to the padded slots)
+    fill = cfg.get("id_fill", "data")
+    fill = id_fill(host, cfg["devices"]) if fill == "data" else float(fill)
+    coll = EmbeddingCollection(tables, features, plan, mesh, id_fill=fill)
+    batches = [coll.shard_batch(b) for b in host]
     r_d = jax.device_put(np.random.default_rng(1).normal(size=cfg["dim"]).astype(np.float32))
 
     def step(state, batch, r_d):

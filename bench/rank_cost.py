@@ -28,7 +28,13 @@ from flax import nnx
 from lf_jax.configuration import load_config
 from lf_jax.models.ranker import FeedRanker
 from lf_jax.serving.feed_features import FeatureLayout, pair_inputs
-from lf_jax.serving.functions import encode_table, posts_function, rank_function, ranker_probs
+from lf_jax.serving.functions import (
+    encode_table,
+    posts_function,
+    rank_function,
+    ranker_probs,
+    ranker_weights,
+)
 
 # feature: (table, combiner), the demo ranker's
 FEATURES = {
@@ -84,12 +90,17 @@ def main() -> None:
         n: encode_table(rng.normal(0, 0.2, (v, 8 if n == "position" else 32)), args.dtype)
         for n, v in sizes.items()
     }
-    weights = {
-        "params": leaves,
-        "tables": tables,
-        "dense_mean": np.zeros(8, np.float32),
-        "dense_std": np.ones(8, np.float32),
-    }
+    weights = ranker_weights(
+        graphdef,
+        treedef,
+        FEATURES,
+        {
+            "params": leaves,
+            "tables": tables,
+            "dense_mean": np.zeros(8, np.float32),
+            "dense_std": np.ones(8, np.float32),
+        },
+    )
     layout = FeatureLayout(latent_dim=16, max_history=50, max_post_hashtags=5, prompt_length=40)
     member_qw = np.zeros((1, layout.width), np.float32)
     post_qkw = np.zeros((1, k, layout.width), np.float32)

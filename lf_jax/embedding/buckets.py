@@ -32,16 +32,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from lf_jax.embedding.dedupe import leaders, position_bits
 from lf_jax.embedding.exchange import CHUNK, chunked_size
 from lf_jax.errors import UserInputError
 
 INT32_MAX = 2**31 - 1
 STACKED_GATHERS = 16  # owners up to which fetch_one_round gathers per owner
-
-
-def position_bits(entries: int) -> int:
-    """Bits of an entry position (0 .. entries - 1)."""
-    return max(1, (entries - 1).bit_length())
 
 
 def check_packed_range(group_name: str, entries: int, num_slots: int) -> None:
@@ -59,47 +55,6 @@ def always_fits(entries: int, rows: int, capacity: int) -> bool:
     """Whether ``capacity`` covers every distinct key an owner can get (at most the
     entries, and at most its rows): one round always, known while tracing."""
     return capacity >= min(entries, rows)
-
-
-def _mix(keys_m: jax.Array, salt: jax.Array, bits: int) -> jax.Array:
-    """A ``bits``-bit hash of int32 keys, different for every ``salt`` (murmur3's
-    finalizer over the key xor a salt-dependent constant)."""
-    x = keys_m.astype(jnp.uint32) ^ (salt.astype(jnp.uint32) * jnp.uint32(0x9E3779B9))
-    x = x * jnp.uint32(0x85EBCA6B)
-    x = x ^ (x >> 13)
-    x = x * jnp.uint32(0xC2B2AE35)
-    x = x ^ (x >> 16)
-    return (x >> (32 - bits)).astype(jnp.int32)
-
-
-def leaders(keys_m: jax.Array) -> jax.Array:
-    """[M] int32: for each entry, the position of one entry with the same key (the same
-    one for every entry of that key).
-
-    Each probe round hashes the pending entries' keys into a table of >= 4 M slots and
-    writes their positions there (one writer per slot survives); an entry whose slot
-    holds a position with its own key has found its leader. All entries of a key hash
-    alike, so they resolve together, and every probed slot resolves its winner's key:
-    the loop ends after at most as many rounds as distinct keys, in practice 3-4.
-
-    Example:
-        >>> leaders(jnp.array([7, 3, 7, 7]))  # e.g. [3, 1, 3, 3]
-    """
-    m = keys_m.shape[0]
-    bits = min(position_bits(m) + 2, 30)
-    pos_m = jnp.arange(m, dtype=jnp.int32)
-
-    def probe(state):
-        salt, table, leader_m = state
-        pending_m = leader_m < 0
-        slot_m = _mix(keys_m, salt, bits)
-        table = table.at[jnp.where(pending_m, slot_m, 1 << bits)].set(pos_m, mode="drop")
-        found_m = table.at[slot_m].get(mode="promise_in_bounds")
-        same_m = keys_m.at[found_m].get(mode="promise_in_bounds") == keys_m
-        return salt + 1, table, jnp.where(pending_m & same_m, found_m, leader_m)
-
-    state = (jnp.int32(0), jnp.zeros((1 << bits,), jnp.int32), jnp.full((m,), -1, jnp.int32))
-    return jax.lax.while_loop(lambda s: jnp.any(s[2] < 0), probe, state)[2]
 
 
 @dataclasses.dataclass(frozen=True)

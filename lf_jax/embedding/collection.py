@@ -54,13 +54,24 @@ class EmbeddingCollection:
         features: Sequence[FeatureSpec],
         plan: Mapping[str, Mapping],
         mesh: Mesh,
+        id_fill: float = 1.0,
     ):
+        """``id_fill``: the largest fraction of a device's padded id slots (examples x
+        max_ids of each feature) that hold real ids, e.g. ``preprocess.id_fill(batches,
+        num_devices)``; the owner exchange's static capacities are sized to it (1.0:
+        to the padded slots). A batch above it is still exact (more exchange rounds)."""
+        if isinstance(id_fill, bool) or not isinstance(id_fill, (int, float)):
+            raise UserInputError(f"id_fill must be a number in (0, 1], got {id_fill!r}")
+        if not 0 < id_fill <= 1:
+            raise UserInputError(f"id_fill must be in (0, 1], got {id_fill!r}")
         self.tables = validate_specs(tables, features)
         self.features = {feature.name: feature for feature in features}
         self.mesh = mesh
         self.plan = validate_plan(plan, self.tables, mesh)
         self.groups: list[Group] = build_layout(self.tables, self.plan, mesh)
-        self.routes = [GroupRoute.build(group, self.features) for group in self.groups]
+        self.routes = [
+            GroupRoute.build(group, self.features, float(id_fill)) for group in self.groups
+        ]
         self.batch_axes = tuple(mesh.axis_names)
         self.num_devices = int(np.prod(list(mesh.shape.values())))
 

@@ -37,53 +37,10 @@ import math
 import jax
 import jax.numpy as jnp
 
+from lf_jax.embedding.dedupe import unique_with_inverse
 from lf_jax.errors import UserInputError
 
 INT32_LIMIT = 2**31 - 1
-
-
-DENSE_KEYS_PER_ENTRY = 16
-
-
-def unique_with_inverse(
-    keys_m: jax.Array, fill: int, ordered: bool = True
-) -> tuple[jax.Array, jax.Array]:
-    """jnp.unique(keys_m, size=M, fill_value=fill, return_inverse=True), faster on CPU.
-
-    Keys lie in [0, fill]. Distinct keys come first, padded with ``fill`` (larger than
-    every key). When the key space is small (fill + 1 <= 16 M) each key's unique
-    position is found through a dense [fill + 1] int32 index: with ``ordered=False`` the
-    distinct keys stay in order of first appearance and no sort runs at all (one
-    scatter-min, two gathers and a cumsum: 27 ms for 655,360 keys in [0, 1e6) on this
-    2-core CPU); ordered, one one-operand sort comes first (75 ms). A larger key space
-    sorts the keys alone (XLA's key+payload sort is ~6x slower than a one-operand sort
-    on CPU) and finds each key's position by binary search (330 ms).
-    """
-    m = keys_m.size
-    dense = fill + 1 <= DENSE_KEYS_PER_ENTRY * m
-    if dense and not ordered:
-        pos_m = jnp.arange(m, dtype=jnp.int32)
-        first_m = jnp.full((fill + 1,), m, jnp.int32).at[keys_m].min(pos_m)[keys_m]
-        is_first = first_m == pos_m
-        rank_m = jnp.cumsum(is_first, dtype=jnp.int32) - 1
-        target = jnp.where(is_first & (keys_m < fill), rank_m, m)
-        unique_u = jnp.full_like(keys_m, fill).at[target].set(keys_m, mode="drop")
-        return unique_u, rank_m[first_m]
-    sorted_m = jnp.sort(keys_m)
-    is_new = jnp.concatenate([jnp.ones((1,), bool), sorted_m[1:] != sorted_m[:-1]])
-    rank_m = jnp.cumsum(is_new, dtype=jnp.int32) - 1
-    target = jnp.where(is_new, rank_m, m)
-    unique_u = jnp.full_like(keys_m, fill).at[target].set(sorted_m, mode="drop")
-    if dense:  # the fill key (largest) maps to its own first slot, as searchsorted gives
-        where_u = jnp.where(unique_u < fill, unique_u, fill + 1)
-        position = (
-            jnp.zeros((fill + 1,), jnp.int32)
-            .at[where_u]
-            .set(jnp.arange(m, dtype=jnp.int32), mode="drop")
-        )
-        return unique_u, position.at[fill].set(rank_m[-1])[keys_m]
-    inverse_m = jnp.searchsorted(unique_u, keys_m, method="scan_unrolled")
-    return unique_u, inverse_m.astype(jnp.int32)
 
 
 def check_key_range(group_name: str, num_slots: int, rows: int) -> None:

@@ -29,6 +29,7 @@ Example:
 
 import dataclasses
 import functools
+import math
 from collections.abc import Mapping
 
 import jax
@@ -77,10 +78,12 @@ class GroupRoute:
     out_col_e: np.ndarray
     num_out: int
     owner_share: float
+    id_fill: float = 1.0
 
     @classmethod
-    def build(cls, group: Group, features: Mapping) -> "GroupRoute":
-        """Blocks for every feature reading a table with a piece in ``group``."""
+    def build(cls, group: Group, features: Mapping, id_fill: float = 1.0) -> "GroupRoute":
+        """Blocks for every feature reading a table with a piece in ``group``; exchange
+        capacities sized for ``id_fill`` (see ``capacity``)."""
         blocks: list[Block] = []
         columns: dict[str, list] = {k: [] for k in ("slot0", "stride", "slots", "offset", "out")}
         out_start = 0
@@ -117,6 +120,7 @@ class GroupRoute:
             as_array("out"),
             out_start,
             float(load.max() / load.sum()) if load.sum() else 1.0,
+            id_fill,
         )
 
     @functools.cached_property
@@ -140,8 +144,12 @@ class GroupRoute:
         )
 
     def capacity(self, entries: int) -> int:
-        """Keys per owner and exchange round for ``entries`` local entries."""
-        return capacity_for(entries, self.owner_share, self.group.rows)
+        """Keys per owner and exchange round for ``entries`` local (padded) entries, of
+        which at most ``id_fill`` hold real ids (EmbeddingCollection's ``id_fill``, e.g.
+        from lf_jax.embedding.preprocess.id_fill): the [S, C] exchange buffers follow the
+        real ids, not the padding. A batch with more distinct keys for an owner takes the
+        sorted multi-round path: slower, never a dropped id."""
+        return capacity_for(math.ceil(entries * self.id_fill), self.owner_share, self.group.rows)
 
     def entries(self, ids: Mapping[str, jax.Array], coefs: Mapping[str, jax.Array]):
         """Per-entry (slot, local row, coef) [..., B, E] from per-feature ids/coefs [..., B, L].

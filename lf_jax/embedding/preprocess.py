@@ -17,7 +17,8 @@ Example:
     (3, 50)
 """
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -217,3 +218,31 @@ def preprocess(
         else:
             weights[name] = valid.astype(np.float32)
     return SparseBatch(ids, weights)
+
+
+def id_fill(batches: Sequence[SparseBatch], num_devices: int, step: float = 0.125) -> float:
+    """The largest fraction of real ids (>= 0) among one device's padded id slots of any
+    feature, over ``batches`` split into ``num_devices`` contiguous shards of examples
+    (as EmbeddingCollection.shard_batch places them), rounded up to a multiple of
+    ``step`` (so that similar data gives the same value and the step does not
+    recompile) and at most 1. Pass it as EmbeddingCollection's ``id_fill``.
+
+    Example:
+        >>> id_fill([batch], num_devices=8)  # bags of 1-20 ids, max_ids=20: 0.625
+    """
+    if not batches:
+        raise UserInputError("id_fill: need at least one batch, got none")
+    if not 0 < step <= 1:
+        raise UserInputError(f"id_fill: step must be in (0, 1], got {step!r}")
+    most = 0.0
+    for batch in batches:
+        for name, ids in batch.ids.items():
+            ids = np.asarray(ids)
+            if ids.ndim != 2 or ids.shape[0] % num_devices:
+                raise UserInputError(
+                    f"id_fill: feature '{name}' ids must be [B, L] with B divisible by "
+                    f"{num_devices} devices, got shape {ids.shape}"
+                )
+            shards = (ids >= 0).reshape(num_devices, -1).mean(axis=1)
+            most = max(most, float(shards.max()))
+    return min(1.0, max(step, math.ceil(most / step - 1e-9) * step))

@@ -5,7 +5,9 @@
                                   every file's bytes and sha256, total bytes, source
     <model>/weights.npz           the exported functions' weights (params leaves, tables)
     <model>/functions/*.jax       jax.export serializations (StableHLO), one per bucket;
-                                  the ranker's posts.jax computes its post cache
+                                  the ranker's posts.jax computes its post cache; the
+                                  retrieval functions score every item ([Q, N]: the
+                                  caller takes the top K, functions.top_k_rows)
     <model>/ids/<entity>/         string id -> row maps (embedding/ids.py minimal perfect hash)
     <model>/keys/<entity>.npy     row -> string id, where outputs name rows (retrieved items)
 
@@ -36,8 +38,11 @@ from lf_jax.errors import UserInputError
 from lf_jax.export.index_files import file_sha256
 
 FORMAT = "lf_jax.ServingArtifact"
-FORMAT_VERSION = 2  # 2: the ranker computes a post cache (functions/posts.jax), its first input
+# 2: the ranker computes a post cache (functions/posts.jax), its first input;
+# 3: retrieval functions return every item's score [Q, N] (the server takes the top K)
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
+ROWS_SEEN = 1 << 20  # known ids per entity whose rows ServedModel.rows keeps in a dict
 
 
 class ArtifactError(UserInputError):
@@ -141,6 +146,7 @@ class ServedModel:
         self.buckets = sorted(functions)  # (Q, K)
         self.compiles = 0
         self.posts_fn = posts_fn  # the ranker's post-cache function (None for retrieval)
+        self._rows_seen: dict[str, dict[str, int]] = {}  # entity: {known id: row} (rows)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device=None, *, verify: bool = True):
@@ -242,7 +248,20 @@ class ServedModel:
         return posts + sum(fn._cache_size() for fn in self.functions.values())
 
     def rows(self, entity: str, ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(rows [n] int32, known [n] bool) of string ids in the ``entity`` id map."""
+        """(rows [n] int32, known [n] bool) of string ids in the ``entity`` id map.
+
+        Known ids seen before are answered from a dict (up to ROWS_SEEN per entity: the
+        id map's vectorized hash costs ~0.2 ms even for one id); the others from the map,
+        all in one call."""
         id_map = self.id_maps[entity]
-        rows = id_map.lookup(np.asarray(ids, dtype=str)) if ids else np.zeros(0, np.int32)
+        seen = self._rows_seen.setdefault(entity, {})
+        rows = np.fromiter((seen.get(i, -1) for i in ids), np.int32, len(ids))
+        missing = np.flatnonzero(rows < 0)
+        if missing.size:
+            keys = [ids[j] for j in missing]
+            found = id_map.lookup(np.asarray(keys, dtype=str))
+            rows[missing] = found
+            if len(seen) < ROWS_SEEN:
+                new = np.flatnonzero(found < id_map.num_keys)
+                seen.update(zip([keys[j] for j in new], found[new].tolist(), strict=True))
         return rows, rows < id_map.num_keys

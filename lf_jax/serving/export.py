@@ -31,6 +31,7 @@ from lf_jax.serving.functions import (
     export_function,
     posts_function,
     rank_function,
+    ranker_weights,
     retrieve_function,
 )
 
@@ -77,13 +78,18 @@ def ranker_artifact(
     model's field order; ``tables``: logical [V, D] float32 tables (row i of the member
     and post tables is "m<i>" / "p<i>")."""
     leaves, treedef = _params(params)
-    weights = {
-        "params": leaves,
-        "tables": {name: encode_table(values, dtype) for name, values in tables.items()},
-        "dense_mean": np.asarray(dense_mean, np.float32),
-        "dense_std": np.asarray(dense_std, np.float32),
-    }
     features = dict(features)
+    weights = ranker_weights(
+        graphdef,
+        treedef,
+        features,
+        {
+            "params": leaves,
+            "tables": {name: encode_table(values, dtype) for name, values in tables.items()},
+            "dense_mean": np.asarray(dense_mean, np.float32),
+            "dense_std": np.asarray(dense_std, np.float32),
+        },
+    )
     chunk = min(POST_CHUNK, num_posts)
     posts_fn = posts_function(graphdef, treedef, features, layout)
     post_args = (np.zeros((chunk, layout.width), np.float32), np.zeros(chunk, np.int32))
@@ -165,12 +171,15 @@ def retrieval_artifact(
     leaves, treedef = _params(params)
     weights = {"params": leaves, "items": encode_table(items, dtype)}
     dims = items.shape[1]
-    functions, entries = {}, {}
+    functions, entries, by_q = {}, {}, {}
     ks = sorted({min(int(k), len(items)) for k in candidates})
-    for q, k in _buckets(queries, ks):
+    fn = retrieve_function(graphdef, treedef, layout, pad_id, dims)
+    for q, k in _buckets(queries, ks):  # one function per Q (K is the host's top-K)
+        if q not in by_q:
+            member_qw = np.zeros((q, layout.width), np.float32)
+            by_q[q] = export_function(fn, weights, member_qw)
         name = f"q{q}_k{k}"
-        fn = retrieve_function(graphdef, treedef, layout, pad_id, dims, k)
-        functions[name] = export_function(fn, weights, np.zeros((q, layout.width), np.float32))
+        functions[name] = by_q[q]
         entries[name] = {"file": f"functions/{name}.jax", "queries": q, "candidates": k}
     manifest = {
         "model": "retrieval",
@@ -181,10 +190,8 @@ def retrieval_artifact(
         "dims": dims,
         "functions": entries,
         "inputs": [{"name": "member_rows", "shape": ["Q", layout.width], "dtype": "float32"}],
-        "outputs": [
-            {"name": "scores", "shape": ["Q", "K"], "dtype": "float32"},
-            {"name": "item_rows", "shape": ["Q", "K"], "dtype": "int32"},
-        ],
+        # cosine scores of every item; the server takes the top K (functions.top_k_rows)
+        "outputs": [{"name": "scores", "shape": ["Q", len(items)], "dtype": "float32"}],
         "layout": layout.to_json(),
         "id_maps": ["member", "item"],
         "keys": ["item"],

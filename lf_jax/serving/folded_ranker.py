@@ -4,10 +4,10 @@ A ranking request scores K candidate posts for one member. Every column of the m
 input x0 = [gated fields, dots, dense] depends on the member only (its id, history and
 position embeddings, their gates, the dots among them, its activity), on the post only
 (author, hashtag and post embeddings, their gates and dots, the post's counters and age),
-or on the pair (member x post dots, the affinity features). ``Split`` sorts the columns
-into those three groups (M, P, X). Every layer that reads x0 (the first MLP layer and its
-hidden gate, the first cross layer's W, or its down projection when low rank) is split by
-rows:
+or on the pair (member x post dots, the affinity features). ``Split`` (ranker_split.py)
+sorts the columns into those three groups (M, P, X). Every layer that reads x0 (the first
+MLP layer and its hidden gate, the first cross layer's W, or its down projection when low
+rank) is split by rows:
 
     x0 @ W = x0_M @ W[M]      once per query                  [Q, H_M] @ [H_M, F]
            + x0_P @ W[P]      once per post, at version load  [N, H_P] @ [H_P, F]
@@ -15,33 +15,40 @@ rows:
 
 A low-rank cross network folds whole: with x_{l+1} = x0 * (low_l @ U_l + b_l) + x_l,
 x_l = x0 * s_l where s_l = c_l + sum_{j<l} low_j @ U_j, so low_l = x_l @ D_l and the
-heads' cross term x_L @ W_c are products of x0 too (with [r, r] and [r, T'] mixes by the
-earlier low_j): every layer that reads x0 becomes a column block of one [H, F] matrix
-(``_x0_kernel``), and no H-wide array is formed per pair. A full-rank cross network does
-not fold: x0 is rebuilt per pair with its columns in group order (M, P, X) and the cross
-and head weights are permuted to match, so nothing is scattered back.
+heads' cross term x_L @ W_c are products of x0 too, linear ones (c_l * D_l, c_L * W_c)
+and [r, r] and [r, T'] mixes by the earlier low_j (``_x0_kernel``): no H-wide array is
+formed per pair. A mix's member part is a matrix per query; its post and pair parts are
+computed per pair as ((low_j @ U_j[:, P+X]) * x0_{P+X}) @ [D_l, W_c][P+X]
+(``_direct_mixes``), so the post cache holds x0_P (137 floats for the demo ranker)
+instead of the post's mix columns (384). A full-rank cross network does not fold: x0 is
+rebuilt per pair with its columns in group order (M, P, X) and the cross and head
+weights are permuted to match, so nothing is scattered back.
 
-``post_side`` computes, for every post, the x0_P columns the pair work reads and
-x0_P @ W[P] (one row of the post cache); ``split_logits`` computes the member side once
-per query, takes the candidates' cache rows and does only the pair work: the member x
-post dots (one product per width), the pair features, one [H_X, F] product, the MLP
-layers after the first and the heads. Sums are reassociated: scores agree with the model
-to float32 rounding (~1e-7), not bit for bit.
+``x0_kernels`` gives the x0 products' weights by group (weights only: the export computes
+them once); ``post_side`` computes, for every post, x0_P (or the post fields the pair
+dots read) and x0_P @ W[P] for the linear products (one row of the post cache);
+``split_logits`` computes the member side once per query, takes the candidates' cache
+rows and does only the pair work: the member x post dots (one product per width), the
+pair features, one [H_X, F_lin] product, the mixes, the MLP layers after the first and
+the heads. Sums are reassociated: scores agree with the model to float32 rounding
+(~1e-7), not bit for bit.
 
 Shapes: Q queries, K candidates per query, N posts, D_f a field's width, H x0's width
-(H_M + H_P + H_X), F the width of all x0 products, C the cache width, r the cross rank,
+(H_M + H_P + H_X), F the width of all x0 products (F_lin: the linear ones, the mixes
+after them), C the cache width, r the cross rank,
 T tasks, T' the heads' first-layer width.
 
 Example:
     >>> split = Split.of(ranker, field_dims, member_fields=("member_id", "position"),
     ...                  dense_groups=("post", "member", "pair"))
-    >>> cache_nc = post_side(ranker, split, {"actor_id": a_nd, ...}, post_dense_nd)
+    >>> kernels = x0_kernels(ranker, split)     # weights only: once, at export
+    >>> cache_nc = post_side(ranker, split, kernels, {"actor_id": a_nd, ...}, post_dense_nd)
     >>> logits = split_logits(ranker, split, {"member_id": m_qd, ...}, member_dense_qd,
-    ...                       cache_nc[post_rows_qk.reshape(-1)], pair_dense_pd, candidates=K)
+    ...                       cache_nc[post_rows_qk.reshape(-1)], pair_dense_pd,
+    ...                       kernels=kernels, candidates=K)
 """
 
-import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -49,97 +56,7 @@ import numpy as np
 from flax import nnx
 
 from lf_jax.models.ranker import FeedRanker
-
-GROUPS = ("member", "post", "pair")
-
-
-@dataclasses.dataclass(frozen=True)
-class Split:
-    """x0's columns by group, each group in its own order (see the module docstring).
-
-    order[g]: the model's x0 column indices of group g, in the order the served pass holds
-    them: member and post: their fields' blocks (model order), the dots among them, their
-    dense columns; pair: the member x post dots per width as [post field, member field]
-    (the einsum's order), then the pair dense columns. dense[g]: dense column indices of g.
-    """
-
-    field_dims: dict[str, int]
-    member_fields: tuple[str, ...]
-    post_fields: tuple[str, ...]
-    order: dict[str, np.ndarray]
-    dense: dict[str, np.ndarray]
-
-    @classmethod
-    def of(
-        cls,
-        model: FeedRanker,
-        field_dims: Mapping[str, int],
-        *,
-        member_fields: Sequence[str],
-        dense_groups: Sequence[str],
-    ) -> "Split":
-        if set(field_dims) != set(model.sparse_fields) or not set(member_fields) <= set(field_dims):
-            raise ValueError(
-                f"field_dims {sorted(field_dims)} must name the model's fields "
-                f"{sorted(model.sparse_fields)}, member_fields {sorted(member_fields)} among them"
-            )
-        if len(dense_groups) != model.num_dense or set(dense_groups) - set(GROUPS):
-            raise ValueError(
-                f"dense_groups must give one of {GROUPS} for each of the model's "
-                f"{model.num_dense} dense columns, got {list(dense_groups)}"
-            )
-        names = model.sparse_fields
-        dims = [int(field_dims[n]) for n in names]
-        starts = np.cumsum([0, *dims])
-        group = ["member" if n in member_fields else "post" for n in names]
-        # each group's fields: model order, grouped by width (stable), so that the fields
-        # of one width are adjacent (the pair dots read them as one [.., F, D] block)
-        fields = {
-            g: sorted((i for i in range(len(names)) if group[i] == g), key=lambda i: dims[i])
-            for g in ("member", "post")
-        }
-        order: dict[str, list[int]] = {g: [] for g in GROUPS}
-        for g, members in fields.items():
-            for i in members:
-                order[g].extend(range(starts[i], starts[i + 1]))
-        column = int(starts[-1])
-        dot_column = {}
-        if model.dot_interactions:
-            for i in range(len(names)):
-                for j in range(i + 1, len(names)):
-                    if dims[i] == dims[j]:
-                        dot_column[i, j] = dot_column[j, i] = column
-                        column += 1
-            for g, members in fields.items():  # as _pairwise enumerates the group's fields
-                for a, i in enumerate(members):
-                    order[g].extend(
-                        dot_column[i, j] for j in members[a + 1 :] if dims[i] == dims[j]
-                    )
-            for width in sorted(set(dims)):
-                posts = [i for i in fields["post"] if dims[i] == width]
-                members = [i for i in fields["member"] if dims[i] == width]
-                order["pair"].extend(dot_column[p, m] for p in posts for m in members)
-        dense = {
-            g: np.asarray([c for c, d in enumerate(dense_groups) if d == g], np.int32)
-            for g in GROUPS
-        }
-        for g in GROUPS:
-            order[g].extend(column + dense[g])
-        return cls(
-            field_dims=dict(zip(names, dims, strict=True)),
-            member_fields=tuple(names[i] for i in fields["member"]),
-            post_fields=tuple(names[i] for i in fields["post"]),
-            order={g: np.asarray(v, np.int32) for g, v in order.items()},
-            dense=dense,
-        )
-
-    @property
-    def perm(self) -> np.ndarray:
-        """[H]: x0's model column index at each position of the served order (M, P, X)."""
-        return np.concatenate([self.order[g] for g in GROUPS])
-
-    def width(self, group: str) -> int:
-        return len(self.order[group])
+from lf_jax.serving.ranker_split import Split
 
 
 def _gated(model: FeedRanker, name: str, x_bd: jax.Array) -> jax.Array:
@@ -177,7 +94,9 @@ def _x0_kernel(model: FeedRanker, split: Split):
     c_l * D_l with c_l = 1 + sum_{j<l} b_j, "z<j>_<l>" [H, r*r] = U_j[a, h] D_l[h, b]
     (low_l adds low_j . (x0 @ z)), "heads" = c_L * W_c (W_c: the heads' cross rows; plus
     their x0 rows without an MLP; bias: the heads'), "y<j>" [H, r*T'] = U_j[a, h] W_c[h, t]
-    (the heads add low_j . (x0 @ y))."""
+    (the heads add low_j . (x0 @ y)). The mixes (z, y) come last: per pair, their x0_X
+    part is not a product with x0_X (r*r or r*T' columns) but ((low_j @ U_j[:, X]) * x0_X)
+    @ [D_l[X], W_c[X]] (``_pair_mixes``)."""
     kernels: list[tuple[str, jax.Array, jax.Array | None]] = []
     mlp = model.mlp
     if len(mlp.layers):
@@ -210,6 +129,8 @@ def _x0_kernel(model: FeedRanker, split: Split):
             up_j = layer.up.kernel[...].T
             y = (up_j[:, :, None] * w_cross[:, None, :]).reshape(width, -1)
             kernels.append((f"y{j}", y, None))
+    # the mixes last: the pair work adds its x0_X part of them directly (split_logits)
+    kernels.sort(key=lambda entry: entry[0][0] in "zy")
     blocks, start = {}, 0
     for name, kernel, _ in kernels:
         blocks[name] = (start, start + kernel.shape[1])
@@ -219,9 +140,10 @@ def _x0_kernel(model: FeedRanker, split: Split):
 
 
 def _cached_x0(model: FeedRanker, split: Split) -> int:
-    """Columns of x0_P the post cache keeps: all of them where the pass rebuilds x0 per
-    pair (a full-rank cross network), else only the post fields the pair dots read."""
-    if not folds_cross(model):
+    """Columns of x0_P the post cache keeps: all of them with cross layers (a full-rank
+    network rebuilds x0 per pair; a low-rank one computes its mixes' post part per pair,
+    ``_direct_mixes``), else only the post fields the pair dots read."""
+    if model.cross is not None:
         return split.width("post")
     if not model.dot_interactions:
         return 0
@@ -251,18 +173,58 @@ def _side(model: FeedRanker, split: Split, group: str, fields, dense) -> jax.Arr
     return jnp.concatenate(parts, axis=-1)
 
 
+def _mix_start(blocks: dict[str, tuple[int, int]], width: int) -> int:
+    """The first column of the mixes (z, y) among the x0 products (``width`` if none)."""
+    return min((start for name, (start, _) in blocks.items() if name[0] in "zy"), default=width)
+
+
+def x0_kernels(model: FeedRanker, split: Split) -> dict[str, jax.Array]:
+    """The x0 products' kernel (``_x0_kernel``) by row group, as the served pass reads it:
+    {"member": [H_M, F], "post": [H_P, F_lin], "pair": [H_X, F_lin] (the linear blocks
+    only: the mixes get their post and pair parts in ``_direct_mixes``), "bias": [F]}.
+    Functions of the weights alone: the export computes them once (ranker_weights)."""
+    kernel, bias, blocks = _x0_kernel(model, split)
+    linear = _mix_start(blocks, kernel.shape[1])
+    return {
+        "member": kernel[split.order["member"]],
+        "post": kernel[split.order["post"], :linear],
+        "pair": kernel[split.order["pair"], :linear],
+        "bias": bias,
+    }
+
+
 def post_side(
-    model: FeedRanker, split: Split, post_fields: Mapping[str, jax.Array], post_dense
+    model: FeedRanker,
+    split: Split,
+    kernels: Mapping[str, jax.Array],
+    post_fields: Mapping[str, jax.Array],
+    post_dense,
 ) -> jax.Array:
     """The post cache [N, C]: the columns of x0_P the pair work reads (``_cached_x0``) and
-    x0_P @ W[P] for every x0 product (``_x0_kernel``) of N posts.
+    x0_P @ W[P] for every x0 product (``_x0_kernel``) of N posts; kernels: ``x0_kernels``.
 
     post_fields: {post field: pooled [N, D_f]}; post_dense: standardised [N, d_P] (the
     dense columns of group "post"; None when there are none)."""
     x0_p = _side(model, split, "post", post_fields, post_dense)
-    kernel, _, _ = _x0_kernel(model, split)
     keep = _cached_x0(model, split)
-    return jnp.concatenate([x0_p[:, :keep], x0_p @ kernel[split.order["post"]]], axis=-1)
+    return jnp.concatenate([x0_p[:, :keep], x0_p @ kernels["post"]], axis=-1)
+
+
+def _direct_mixes(model: FeedRanker, split: Split, j: int, low_j, x0_d) -> list[jax.Array]:
+    """x0_P's and x0_X's part (x0_d = [x0_P, x0_X] [P, H_P + H_X]) of the mixes of cross
+    layer j's output low_j [P, r]: for each later layer l, low_j . (x0_d @ z<j>_<l>[P, X])
+    [P, r], and low_j . (x0_d @ y<j>[P, X]) [P, T'] last, computed as ((low_j @ U_j[:, PX])
+    * x0_d) @ [D_l[PX] ..., W_c[PX]] (two products; no r*r-wide array, and the post cache
+    holds x0_P instead of the post's r*r and r*T' mix columns)."""
+    assert model.cross is not None  # mixes exist only with cross layers
+    layers = list(model.cross.layers)
+    rows = np.concatenate([split.order["post"], split.order["pair"]])
+    w_heads, _ = _heads_in(model)
+    targets = [layer.down.kernel[...][rows] for layer in layers[j + 1 :]]
+    targets.append(w_heads[model.mlp.out_features :][rows])
+    mixed = ((low_j @ layers[j].up.kernel[...][:, rows]) * x0_d) @ jnp.concatenate(targets, 1)
+    ends = np.cumsum([t.shape[1] for t in targets])
+    return [mixed[:, stop - t.shape[1] : stop] for t, stop in zip(targets, ends, strict=True)]
 
 
 def split_logits(
@@ -273,19 +235,21 @@ def split_logits(
     cache_pc: jax.Array,
     pair_dense,
     *,
+    kernels: Mapping[str, jax.Array],
     candidates: int,
 ) -> jax.Array:
     """Logits [Q*K, T] (pairs in query-major order).
 
     member_fields: {member field: pooled [Q, D_f]}; member_dense: standardised [Q, d_M];
     cache_pc: the candidates' post cache rows [Q*K, C] (``post_side``); pair_dense:
-    standardised [Q*K, d_X] (None where a group has no dense columns)."""
+    standardised [Q*K, d_X] (None where a group has no dense columns); kernels:
+    ``x0_kernels``."""
     k = candidates
     x0_m = _side(model, split, "member", member_fields, member_dense)  # [Q, H_M]
     q = x0_m.shape[0]
     keep = _cached_x0(model, split)
     x0_p = cache_pc[:, :keep]
-    kernel, bias, blocks = _x0_kernel(model, split)
+    _, _, blocks = _x0_kernel(model, split)  # only its column blocks (the values: kernels)
     pair_parts = []
     if model.dot_interactions:
         members = [_gated(model, n, member_fields[n]) for n in split.member_fields]
@@ -301,15 +265,26 @@ def split_logits(
     if len(split.dense["pair"]):
         pair_parts.append(pair_dense)
     x0_x = jnp.concatenate(pair_parts, axis=-1) if pair_parts else None
-    per_query = x0_m @ kernel[split.order["member"]] + bias  # [Q, F]
-    first = cache_pc[:, keep:].reshape(q, k, -1) + per_query[:, None, :]
-    first = first.reshape(q * k, -1)
+    # the linear x0 products [Q*K, F_lin]; the mixes' member part [Q, F - F_lin] (their post
+    # and pair parts: _direct_mixes)
+    mix_start = _mix_start(blocks, len(kernels["bias"]))
+    per_query = x0_m @ kernels["member"] + kernels["bias"]  # [Q, F]
+    linear = cache_pc[:, keep:].reshape(q, k, -1) + per_query[:, None, :mix_start]
+    linear = linear.reshape(q * k, -1)
     if x0_x is not None:
-        first = first + x0_x @ kernel[split.order["pair"]]
+        linear = linear + x0_x @ kernels["pair"]
+    x0_d = jnp.concatenate([x0_p] + ([x0_x] if x0_x is not None else []), axis=-1)
 
     def block(name):
         start, stop = blocks[name]
-        return first[:, start:stop]
+        if start >= mix_start:  # a mix: per query
+            return per_query[:, start:stop]
+        return linear[:, start:stop]
+
+    def mix(low_j, name):  # low_j . (x0_M @ z or y) per pair: a product per query
+        rows = low_j.reshape(q, k, -1)
+        m = block(name).reshape(q, rows.shape[-1], -1)
+        return jnp.einsum("qka,qab->qkb", rows, m).reshape(q * k, -1)
 
     mlp = model.mlp
     mlp_top = None
@@ -331,15 +306,15 @@ def split_logits(
         heads = block("heads") if "heads" in blocks else b_heads
         layers = list(model.cross.layers) if model.cross is not None else []
         lows: list[jax.Array] = []
+        mixes: list[list[jax.Array]] = []  # [j][l - j - 1]: x0_d's part of z<j>_<l>, y<j>
         for index in range(len(layers)):
             low = block(f"low{index}")
             for j, low_j in enumerate(lows):
-                z = block(f"z{j}_{index}").reshape(q * k, low_j.shape[1], -1)
-                low = low + jnp.einsum("pa,pab->pb", low_j, z)
+                low = low + mix(low_j, f"z{j}_{index}") + mixes[j][index - j - 1]
             lows.append(low)
+            mixes.append(_direct_mixes(model, split, index, low, x0_d))
         for j, low_j in enumerate(lows):
-            y = block(f"y{j}").reshape(q * k, low_j.shape[1], -1)
-            heads = heads + jnp.einsum("pa,pat->pt", low_j, y)
+            heads = heads + mix(low_j, f"y{j}") + mixes[j][-1]
         if mlp_top is not None:
             heads = heads + mlp_top @ w_heads[: mlp_top.shape[1]]
     else:  # full-rank cross layers: x0 per pair, columns in the served order (M, P, X)

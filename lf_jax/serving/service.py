@@ -34,6 +34,7 @@ import numpy as np
 from lf_jax.errors import UserInputError
 from lf_jax.serving.artifact import ArtifactError, ServedModel
 from lf_jax.serving.feature_store import FeatureStore
+from lf_jax.serving.functions import top_k_rows
 
 STAGES = ("retrieve", "rank", "feed")
 CURRENT = "CURRENT"
@@ -241,9 +242,9 @@ class Service:
         if not live:
             return
         ranker = version.models.get("ranker")
-        # the candidates of a rank request: its post ids (table rows from Version.check)
-        rank_posts: dict[int, list[str]] = {
-            i: request.post_ids or [] for i, request in enumerate(live) if request.stage == "rank"
+        # candidates to rank per request (their post table rows: request.post_rows)
+        rank_posts: dict[int, int] = {
+            i: len(r.post_ids or []) for i, r in enumerate(live) if r.stage == "rank"
         }
         # one read: the batch's member rows (post features are in the post cache)
         t = time.perf_counter()
@@ -257,11 +258,10 @@ class Service:
             found = self._retrieve(version, [live[i] for i in wants], member_rows[wants])
             retrieved = dict(zip(wants, found, strict=True))
             retrieve_ms = 1e3 * (time.perf_counter() - t)
-            item_keys = version.models["retrieval"].keys["item"]
             for i in wants:
                 if live[i].stage == "feed":
                     assert version.item_post_rows is not None  # feed: both models
-                    rank_posts[i] = item_keys[retrieved[i][1]].tolist()
+                    rank_posts[i] = len(retrieved[i][1])
                     live[i].post_rows = version.item_post_rows[retrieved[i][1]]
         rank_ms = 0.0
         scored: dict[int, np.ndarray] = {}
@@ -270,17 +270,23 @@ class Service:
             scored = self._rank(version, live, member_rows, rank_posts)
             rank_ms = 1e3 * (time.perf_counter() - t)
         done = time.perf_counter()
+        # retrieved item row -> post id, for the posts an answer names
+        retrieval = version.models.get("retrieval")
+        item_keys = retrieval.keys["item"] if retrieval else np.zeros(0, str)
         for i, request in enumerate(live):
             out: dict = {"member_id": request.member_id, "version": version.name}
             if request.stage == "retrieve":
                 scores, rows = retrieved[i]
-                out["post_ids"] = version.models["retrieval"].keys["item"][rows].tolist()
+                out["post_ids"] = item_keys[rows].tolist()
                 out["retrieval_scores"] = scores.tolist()
             else:
                 probs_kt = scored[i]
                 score_k = probs_kt @ version.task_weights
                 order = np.argsort(-score_k, kind="stable")[: request.top_n or len(score_k)]
-                out["post_ids"] = [rank_posts[i][j] for j in order]
+                if request.stage == "rank":
+                    out["post_ids"] = [(request.post_ids or [])[j] for j in order]
+                else:  # only the answer's posts get their string ids
+                    out["post_ids"] = item_keys[retrieved[i][1][order]].tolist()
                 out["scores"] = score_k[order].tolist()
                 out["task_probs"] = {
                     t: probs_kt[order, n].tolist() for n, t in enumerate(version.tasks)
@@ -306,8 +312,12 @@ class Service:
         fn, (qb, kb) = model.bucket(len(requests), k)
         padded = np.zeros((qb, member_qw.shape[1]), np.float32)
         padded[: len(requests)] = member_qw
-        scores, rows = jax.device_get(fn(model.weights, padded))
-        return [(scores[j, : r.k], rows[j, : r.k]) for j, r in enumerate(requests)]
+        scores_qn = np.asarray(fn(model.weights, padded))
+        found = []
+        for j, request in enumerate(requests):  # the top K on the host (top_k_rows)
+            scores, rows = top_k_rows(scores_qn[j : j + 1], request.k)
+            found.append((scores[0], rows[0]))
+        return found
 
     def _rank(self, version: Version, live, member_rows, rank_posts):
         ranker, post_cache = version.models["ranker"], version.post_cache
@@ -315,7 +325,7 @@ class Service:
         out = {}
         for start in range(0, len(order), self.max_queries):
             chunk = order[start : start + self.max_queries]
-            k = max(max(len(rank_posts[i]) for i in chunk), 1)
+            k = max(max(rank_posts[i] for i in chunk), 1)
             fn, (qb, kb) = ranker.bucket(len(chunk), k)
             member_qw = np.zeros((qb, member_rows.shape[1]), np.float32)
             member_q = np.zeros(qb, np.int32)
@@ -323,10 +333,10 @@ class Service:
             for j, i in enumerate(chunk):
                 member_qw[j] = member_rows[i]
                 member_q[j] = live[i].member_row
-                post_qk[j, : len(rank_posts[i])] = live[i].post_rows
+                post_qk[j, : rank_posts[i]] = live[i].post_rows
             probs = np.asarray(fn(ranker.weights, post_cache, member_qw, member_q, post_qk))
             for j, i in enumerate(chunk):
-                out[i] = probs[j, : len(rank_posts[i])]
+                out[i] = probs[j, : rank_posts[i]]
         return out
 
     # ------------------------------------------------------------------ hot swap

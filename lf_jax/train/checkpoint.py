@@ -7,6 +7,9 @@ asynchronous; keep-last-n and kill -9 safety come from Orbax (an interrupted sav
 becomes the latest step). A save that fails in the background (a full disk) is raised as
 one CheckpointError by the next ``raise_save_error`` call (the loop calls it every step).
 
+Dynamic tables' hash tables are saved per shard in the "state" item ([S, ...]); a run on
+another device count restores them with ``dynamic=`` (keys rehashed to their new owners).
+
 ``restore_newest`` checks the checkpoint's shapes against the config first
 (CheckpointMismatchError naming the first entry that differs), then restores; a step that
 cannot be read is moved aside to ``<checkpoints>.damaged/<step>`` (never deleted), one
@@ -21,80 +24,25 @@ Example:
 
 import logging
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from lf_jax.console import get_logger
 from lf_jax.embedding.collection import EmbeddingCollection
+from lf_jax.embedding.dynamic.checkpoint import rehash_logical
+from lf_jax.embedding.dynamic.tables import DynamicTables
 from lf_jax.errors import LfJaxError, UserInputError
-
-# tensorstore and orbax name the file they failed on as: local file "/x/y" / File /x/y not
-_FILE_IN_ERROR = re.compile(r'(?:local file "|File )(/[^"\s]+)')
-_OCDBT_ENTRY = re.compile(r'Error reading "([^"]+)" in OCDBT database at local file "([^"]+)"')
-
-
-def _damaged_file(error: BaseException | None, step_dir: Path) -> tuple[str, str]:
-    """(where, why) of a failed restore, from its exception chain (Orbax wraps tensorstore's
-    error): the data file it names, else the OCDBT database and the array, else the step
-    directory; why: the innermost error's own words."""
-    texts, seen = [], 0
-    while error is not None and seen < 8:
-        texts.append(" ".join(str(error).split()) or type(error).__name__)
-        error, seen = error.__cause__ or error.__context__, seen + 1
-    text = "\n".join(texts)
-    why = texts[-1].split('": ')[-1] if texts else "unknown error"
-    why = why if len(why) <= 160 else why[:160] + "..."
-    files = [path for path in _FILE_IN_ERROR.findall(text) if not path.endswith("/")]
-    if files:
-        return files[-1], why
-    entry = _OCDBT_ENTRY.search(text)
-    size = re.search(r"not valid for value of size (\d+)", text)
-    if entry and size:  # a truncated data file: the one of that size
-        sized = [
-            p for p in Path(entry[2]).rglob("*") if p.is_file() and p.stat().st_size == int(size[1])
-        ]
-        if len(sized) == 1:
-            return str(sized[0]), why
-    if entry:
-        return f"{entry[2]} (array {entry[1]})", why
-    return str(step_dir), why
-
-
-class CheckpointError(LfJaxError):
-    """A checkpoint that cannot be read, or a save that failed: names the step and file."""
-
-
-class CheckpointMismatchError(UserInputError):
-    """A checkpoint written by another model config: names the first entry that differs."""
-
-
-class _SaveErrors(logging.Filter):
-    """Catches the errors Orbax's background save thread logs (with their tracebacks) on
-    the ``absl`` logger, so that the main thread raises them as one line instead."""
-
-    def __init__(self):
-        super().__init__()
-        self.errors: list[BaseException] = []
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = str(record.msg)
-        background = any(
-            text in message
-            for text in ("background save thread", "Checkpointer failed", "Save Finalize thread")
-        )
-        if record.levelno >= logging.ERROR and record.exc_info and background:
-            self.errors.append(record.exc_info[1])
-            return False
-        return True
-
-
-def _one_line(error: BaseException) -> str:  # an exception's message on one line
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= 200 else text[:200] + "..."
+from lf_jax.train.checkpoint_errors import (
+    CheckpointError,
+    CheckpointMismatchError,
+    SaveErrors,
+    damaged_file,
+    one_line,
+)
 
 
 def _key_name(entry) -> str:
@@ -170,7 +118,7 @@ class Checkpointer:
             ),
             handler_registry=registry,
         )
-        self._save_errors = _SaveErrors()
+        self._save_errors = SaveErrors()
         logging.getLogger("absl").addFilter(self._save_errors)
         self._pending_step: int | None = None
         self._reported = False  # a failed save was raised: close() does not raise it again
@@ -225,14 +173,16 @@ class Checkpointer:
         self.manager.reload()
         raise CheckpointError(
             f"checkpoint step {self._pending_step} could not be written to "
-            f"'{self.directory}': {_one_line(error)}; the last complete checkpoint is step "
+            f"'{self.directory}': {one_line(error)}; the last complete checkpoint is step "
             f"{self.latest_step()}"
         )
 
-    def check_matches(self, step: int, template: Mapping, collection) -> None:
+    def check_matches(self, step: int, template: Mapping, collection, dynamic=None) -> None:
         """Compares the array shapes stored at ``step`` with ``template`` (and ``collection``'s
         logical tables) before anything is restored; CheckpointMismatchError names the first
-        entry that differs (the config describes another model than the checkpoint)."""
+        entry that differs (the config describes another model than the checkpoint). With
+        ``dynamic`` (the DynamicTables of ``collection``), hash tables written on another
+        device count match: ``restore`` rehashes their keys."""
         saved = self.manager.item_metadata(step)
         expected = {}  # tables, then params, then slots and optimizer state: clearest first
         if collection is not None:
@@ -258,12 +208,18 @@ class Checkpointer:
                         f"{where} lacks '{key}': the config describes a different model"
                     )
                 if tuple(stored[key].shape) != tuple(value.shape) and key.startswith("dynamic."):
-                    raise CheckpointMismatchError(  # per-shard hash tables: [devices, ...]
-                        f"{where} holds the dynamic tables' hash tables of "
-                        f"{stored[key].shape[0]} devices ('{key}'), this run has "
-                        f"{value.shape[0]}: resume on {stored[key].shape[0]} devices (from "
-                        "Python, lf_jax.embedding.dynamic.checkpoint rehashes keys onto any count)"
-                    )
+                    per_shard = key.endswith((".sketch", ".counters"))  # [S, ...]: policy sizes
+                    if dynamic is not None and (
+                        not per_shard or tuple(stored[key].shape[1:]) == tuple(value.shape[1:])
+                    ):
+                        continue  # keys rehashed onto this device count by restore
+                    if dynamic is None:
+                        raise CheckpointMismatchError(  # per-shard hash tables: [devices, ...]
+                            f"{where} holds the dynamic tables' hash tables of "
+                            f"{stored[key].shape[0]} devices ('{key}'), this run has "
+                            f"{value.shape[0]}: restore with dynamic=<the DynamicTables> to "
+                            "rehash the keys onto this device count"
+                        )
                 if tuple(stored[key].shape) != tuple(value.shape):
                     raise CheckpointMismatchError(
                         f"{where} does not match the config: '{key}' has shape "
@@ -283,14 +239,14 @@ class Checkpointer:
             )
 
     def restore_newest(
-        self, template: Mapping, collection, step: int | None = None
+        self, template: Mapping, collection, step: int | None = None, dynamic=None
     ) -> tuple[dict, dict, int]:
         """(state, data_state, step) of the newest readable step (or of ``step``).
 
         Each candidate is shape-checked (check_matches) then restored. A newest step that
         cannot be read is moved to ``<checkpoints>.damaged/<step>`` with one warning naming
         the step and the file, and the next older one is tried; an explicit ``step`` that
-        cannot be read raises CheckpointError naming the file.
+        cannot be read raises CheckpointError naming the file. ``dynamic``: see ``restore``.
         """
         steps = sorted(self.all_steps(), reverse=True)
         if step is not None and step not in steps:
@@ -300,12 +256,12 @@ class Checkpointer:
         damaged: list[str] = []
         for candidate in [step] if step is not None else steps:
             try:
-                self.check_matches(candidate, template, collection)
-                state, data_state = self.restore(candidate, template, collection)
+                self.check_matches(candidate, template, collection, dynamic)
+                state, data_state = self.restore(candidate, template, collection, dynamic)
             except LfJaxError:
                 raise
             except Exception as error:  # any read failure: the step is damaged
-                file, why = _damaged_file(error, self.directory / str(candidate))
+                file, why = damaged_file(error, self.directory / str(candidate))
                 if step is not None:
                     raise CheckpointError(
                         f"checkpoint step {candidate} cannot be read: {file} is damaged "
@@ -344,9 +300,18 @@ class Checkpointer:
         return target
 
     def restore(
-        self, step: int, template: Mapping, collection: EmbeddingCollection | None
+        self,
+        step: int,
+        template: Mapping,
+        collection: EmbeddingCollection | None,
+        dynamic: DynamicTables | None = None,
     ) -> tuple[dict, dict]:
-        """Restores ``step`` into ``template``'s structure and shardings (any mesh/plan)."""
+        """Restores ``step`` into ``template``'s structure and shardings (any mesh/plan).
+
+        ``dynamic``, the DynamicTables of ``collection``: hash tables written on another
+        device count (``state["dynamic"]``, [S_old, ...]) are read to the host with the
+        logical tables, and every key moves with its rows and slots to its owner on this
+        mesh (lf_jax.embedding.dynamic.checkpoint.rehash_logical; one process only)."""
         if step not in self.all_steps():
             raise UserInputError(
                 f"checkpoint step {step} not found in '{self.directory}' "
@@ -366,16 +331,42 @@ class Checkpointer:
             return state, dict(restored["data"] or {})
         logical_template = jax.eval_shape(collection.to_logical, template["embedding"])
         logical_abstract = _abstract(logical_template, collection.logical_shardings())
+        dense_abstract = _abstract(flatten_to_dict(dense_template))
+        rehashed = []  # hash tables of another device count: read whole, replicated
+        saved = self.manager.item_metadata(step)["state"] if dynamic is not None else {}
+        for key, meta in dict(getattr(saved, "tree", saved)).items():
+            if key.startswith("dynamic.") and tuple(meta.shape) != dense_abstract[key].shape:
+                replicated = NamedSharding(collection.mesh, PartitionSpec())
+                dense_abstract[key] = jax.ShapeDtypeStruct(
+                    tuple(meta.shape), dense_abstract[key].dtype, sharding=replicated
+                )
+                rehashed.append(int(meta.shape[0]))
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(_abstract(flatten_to_dict(dense_template))),
+                state=ocp.args.StandardRestore(dense_abstract),
                 embedding=ocp.args.StandardRestore(flatten_to_dict(logical_abstract)),
                 data=ocp.args.JsonRestore(),
             ),
         )
         state = unflatten_like(dense_template, restored["state"])
         logical = unflatten_like(logical_template, restored["embedding"])
+        if rehashed and dynamic is not None:
+            if jax.process_count() > 1:  # the tables are read whole onto one host
+                raise UserInputError(
+                    f"checkpoint step {step} holds dynamic tables of {rehashed[0]} devices; "
+                    f"resuming on {dynamic.shards} rehashes them in one process, this run "
+                    f"has {jax.process_count()}: resume on {rehashed[0]} devices"
+                )
+            logical, state["dynamic"] = rehash_logical(
+                dynamic, jax.device_get(logical), jax.device_get(state["dynamic"])
+            )
+            get_logger().info(
+                "checkpoint step %d: dynamic tables' keys of %d devices rehashed onto %d",
+                step,
+                rehashed[0],
+                dynamic.shards,
+            )
         embedding_shardings = collection.state_shardings()
         state["embedding"] = jax.jit(collection.from_logical, out_shardings=embedding_shardings)(
             logical

@@ -30,22 +30,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lf_jax.embedding.dynamic.hash_table import COUNTERS, alive_slots
+from lf_jax.embedding.dynamic.hash_table import COUNTERS, WORD, alive_slots
 from lf_jax.embedding.dynamic.tables import DynamicTables, KeyBatch
 from lf_jax.embedding.preprocess import SparseBatch
 from lf_jax.train.step import make_train_step
 
 
 def dynamic_scalars(dyn: DynamicTables, index: Mapping, step) -> dict[str, jax.Array]:
-    """{"dynamic/<table>/<name>": scalar} of the hash tables ``index`` at ``step`` (jit-able):
-    COUNTERS summed over shards (probe_max: the largest), occupancy, occupancy_max,
-    probe_mean."""
+    """{"dynamic/<table>/<name>": float32 scalar} of the hash tables ``index`` at ``step``
+    (jit-able): COUNTERS summed over shards (probe_max: the largest; float32, so exact up
+    to 2**24, then to 7 digits; DynamicTables.counters gives exact ints), occupancy,
+    occupancy_max, probe_mean."""
     out = {}
     for name, shards in index.items():
-        counts = shards["counters"]
-        total = jnp.sum(counts, axis=0)
+        words = shards["counters"].astype(jnp.float32)  # [S, 2, N]: float32 totals
+        total = jnp.sum(words[:, 0] + words[:, 1] * jnp.float32(WORD), axis=0)
         values = {c: total[i] for i, c in enumerate(COUNTERS)}
-        values["probe_max"] = jnp.max(counts[:, -1])
+        values["probe_max"] = jnp.max(words[:, 0, -1])
         alive = jax.vmap(lambda s, n=name: alive_slots(s, step, dyn.policies[n]))(shards)
         values["occupancy"] = jnp.mean(alive)
         values["occupancy_max"] = jnp.max(jnp.mean(alive, axis=1))

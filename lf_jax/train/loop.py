@@ -11,7 +11,8 @@ this loop does the rest:
   * on SIGTERM or Ctrl-C saves a checkpoint and returns cleanly (with several processes,
     all of them at the same step, agreed through JAX's preemption service);
   * restores the newest readable checkpoint (a damaged one is moved aside with one
-    warning), after checking its shapes against the config; a workdir already at
+    warning), after checking its shapes against the config (dynamic tables' keys written
+    on another device count are rehashed to their new owners); a workdir already at
     train.steps trains nothing and leaves metrics.json as it was;
   * raises a failed background save as one CheckpointError at the next step;
   * logs to TensorBoard (``workdir/tensorboard``) and a tqdm bar (off in CI / non-TTY).
@@ -35,6 +36,7 @@ from lf_jax.distributed.multihost import is_primary, preemption_notice
 from lf_jax.errors import TrainingDivergedError, UserInputError
 from lf_jax.train.checkpoint import Checkpointer
 from lf_jax.train.dynamic_step import describe_scalars, make_dynamic_train_step
+from lf_jax.train.dynamic_warm_start import is_static_checkpoint, warm_start_from_static
 from lf_jax.train.families import family_class
 from lf_jax.train.step import make_train_step
 from lf_jax.workdir import ensure_writable_dir, reject_remote
@@ -153,7 +155,9 @@ def run_training(
     start = 0
     if checkpointer.latest_step() is not None:
         try:
-            state, data_state, start = checkpointer.restore_newest(state, task.collection)
+            state, data_state, start = checkpointer.restore_newest(
+                state, task.collection, dynamic=getattr(task, "dynamic", None)
+            )
         except BaseException:
             checkpointer.close()
             raise
@@ -171,7 +175,11 @@ def run_training(
             raise UserInputError(
                 f"train.warm_start='{train_config.warm_start}' holds no checkpoint"
             )
-        warm, _ = source.restore(source.latest_step(), state, task.collection)
+        dynamic, step = getattr(task, "dynamic", None), source.latest_step()
+        if dynamic is not None and is_static_checkpoint(source, step, dynamic):
+            warm = warm_start_from_static(dynamic, state, source, step)  # ids become keys
+        else:
+            warm, _ = source.restore(step, state, task.collection, dynamic)
         source.close()
         kept = ("params", "embedding", "dynamic")  # dynamic: the keys of dynamic tables
         state = {**state, **{k: warm[k] for k in kept if k in warm}}
@@ -338,7 +346,9 @@ def evaluate_checkpoint(config, workdir: str | Path, step: int | None = None) ->
     task = build_task(config, workdir)
     checkpointer = Checkpointer(workdir / "checkpoints", create=False)
     try:
-        state, _, restored = checkpointer.restore_newest(task.init_state(), task.collection, step)
+        state, _, restored = checkpointer.restore_newest(
+            task.init_state(), task.collection, step, dynamic=getattr(task, "dynamic", None)
+        )
     finally:
         checkpointer.close()
     return restored, task.evaluate(state)

@@ -46,7 +46,8 @@ def snapshot_vocabulary(
     entities: Mapping[str, int],
 ) -> tuple[list[TableSpec], list[FeatureSpec], list[str]]:
     """Tables sized as in the snapshot; features of tables whose data outgrew the snapshot
-    send ids >= rows - 1 to the OOV row rows - 1.
+    send ids >= rows - 1 to the OOV row rows - 1. Dynamic tables keep the config's
+    capacity (lf_jax.train.dynamic_warm_start carries a static snapshot's rows into them).
 
     ``entities``: {table: number of ids in the new data window}. Returns the new specs and
     one readable line per table whose ids are remapped.
@@ -59,6 +60,9 @@ def snapshot_vocabulary(
         )
     new_tables, remapped, notes = [], {}, []
     for table in tables:
+        if table.dynamic is not None:  # a capacity of keys: the config's, ids never remapped
+            new_tables.append(table)
+            continue
         snapshot_rows = rows[table.name]
         new_tables.append(dataclasses.replace(table, vocab_size=snapshot_rows))
         count = int(entities.get(table.name, 0))

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lf_jax.embedding.buckets import Buckets, check_packed_range, leaders
+from lf_jax.embedding.buckets import Buckets, check_packed_range
+from lf_jax.embedding.dedupe import leaders
 from lf_jax.errors import UserInputError
 
 

@@ -81,3 +81,50 @@ def test_explain_gives_capacity_and_bytes_per_shard():
     assert row["slots_per_shard"] == 8 and row["shards"] == 8 and row["probe_limit"] == 8
     assert row["bytes_per_shard"] == 8 * 4 * 4 + 8 * 16  # float32 rows (sgd: no slots) + index
     assert "64 rows over 8 shards" in row["reason"] and "evicts by lru" in row["reason"]
+
+
+def test_counters_carry_into_a_second_word_and_never_overflow():
+    import jax.numpy as jnp
+
+    from lf_jax.embedding.dynamic.hash_table import (
+        COUNTERS,
+        WORD,
+        add_counts,
+        counter_totals,
+        split_totals,
+    )
+
+    start = [WORD - 3, 5, 0, 0, 0, 0, 3 * WORD + 7, 4]  # probe_sum past 2**32 already
+    counters = jnp.asarray(split_totals(start))
+    step = jnp.asarray([10, 1, 0, 0, 0, 0, WORD - 1, 0], jnp.int32)
+    for _ in range(3):
+        counters = add_counts(counters, step)
+    totals = counter_totals(np.asarray(counters)[None])
+    assert totals[0] == WORD - 3 + 30 and totals[1] == 8
+    assert totals[COUNTERS.index("probe_sum")] == 3 * WORD + 7 + 3 * (WORD - 1)
+    two_shards = np.stack([np.asarray(counters), split_totals([1] * 7 + [9])])
+    assert counter_totals(two_shards)[0] == WORD - 3 + 31 and counter_totals(two_shards)[-1] == 9
+
+
+def test_step_scalars_read_counters_past_2_to_the_31():
+    """The train step's scalars (float32) of two-word counters: no overflow under jit."""
+    import types
+
+    import jax.numpy as jnp
+
+    from lf_jax.embedding.dynamic.hash_table import WORD, init_shard, split_totals
+    from lf_jax.train.dynamic_step import dynamic_scalars
+
+    policy = DynamicPolicy()
+    shard = init_shard(4, policy)
+    shard["counters"] = jnp.asarray(split_totals([3 * WORD + 5, 0, 0, 7, 0, 0, WORD, 2]))
+    index = {"post": jax.tree.map(lambda x: jnp.stack([x, x]), shard)}  # two shards
+    dyn = types.SimpleNamespace(policies={"post": policy})
+    values = jax.jit(lambda i: dynamic_scalars(dyn, i, jnp.int32(1)))(index)
+    assert float(values["dynamic/post/hits"]) == pytest.approx(2 * (3 * WORD + 5), rel=1e-6)
+    assert (
+        float(values["dynamic/post/inserts"]) == 14 and float(values["dynamic/post/probe_max"]) == 2
+    )
+    assert float(values["dynamic/post/probe_mean"]) == pytest.approx(
+        2 * WORD / (2 * (3 * WORD + 12))
+    )

@@ -11,7 +11,7 @@ from lf_jax.embedding.config_specs import (
     specs_from_config,
 )
 from lf_jax.embedding.dynamic.policy import DynamicPolicy
-from lf_jax.embedding.dynamic.report import explain_tables, format_rows
+from lf_jax.embedding.dynamic.report import explain_tables, format_rows, window_fill
 from lf_jax.planner import plan_tables
 
 
@@ -93,6 +93,36 @@ def test_expected_occupancy_from_the_traffic():
     (row,) = explain_tables(specs, shards=8)
     assert "expected_keys" not in row  # no traffic given: no estimate
     assert format_rows([row]).startswith("dynamic post: 8 shards x 8 slots")
+
+
+def test_probe_windows_lower_the_expected_occupancy():
+    """300 keys for 304 slots (8 shards x 38, windows of 8): the plain estimate says 0.99,
+    the windows fill first. The simulation agrees with the real placement rule (the real
+    key hashes, as a restore places keys: fitting_keys) within sampling noise."""
+    import jax
+    import numpy as np
+
+    from lf_jax.distributed.mesh import make_mesh
+    from lf_jax.embedding import EmbeddingCollection, FeatureSpec, TableSpec, row_wise
+    from lf_jax.embedding.dynamic.checkpoint import fitting_keys
+    from lf_jax.embedding.dynamic.tables import DynamicTables
+
+    occupancy, refused = window_fill(300, shards=8, capacity=38, probes=8)
+    assert 0.8 < occupancy < 0.95 and 15 < refused < 60
+    assert window_fill(32, shards=8, capacity=8, probes=8) == (0.5, 0)  # room everywhere
+    spec = TableSpec(name="post", vocab_size=304, dim=4, dynamic=DynamicPolicy(probe_limit=8))
+    coll = EmbeddingCollection(
+        [spec],
+        [FeatureSpec(name="p", table="post")],
+        {"post": row_wise("data")},
+        make_mesh({"data": 8}),
+    )
+    fit = fitting_keys(DynamicTables(coll), "post", np.arange(300, dtype=np.uint64))
+    assert abs(fit.sum() / 304 - occupancy) < 0.06 and jax.device_count() == 8
+    tables, _, _ = specs_from_config(_embedding({"probe_limit": 2}))
+    (row,) = explain_tables({t.name: t for t in tables}, shards=8, expected_keys={"post": 64})
+    assert row["window_occupancy"] < row["expected_occupancy"] == 1.0
+    assert "probe windows of 2 (keys placed without eviction): occupancy" in format_rows([row])
 
 
 def test_lf_jax_plan_explains_dynamic_tables(capsys):

@@ -21,8 +21,10 @@ from lf_jax import embedding as P
 from lf_jax.embedding import lookup
 from lf_jax.embedding.collection import EmbeddingCollection
 from lf_jax.embedding.exchange import Requests, capacity_for, fetch_rows
+from lf_jax.embedding.preprocess import SparseBatch, id_fill
 from lf_jax.embedding.sparse_optim import adam, rowwise_adagrad
 from lf_jax.embedding.spec import FeatureSpec, TableSpec
+from lf_jax.errors import UserInputError
 
 VOCAB = 800  # 100 rows per device when split over 8
 
@@ -79,6 +81,44 @@ def test_skewed_ids_match_oracle(kind, mesh_name, strategy, mesh_of):
         check_steps=(1, 2),
         batch_fn=lambda step: skewed_batch(kind, step),
     )
+
+
+@pytest.mark.parametrize("id_fill", [0.125, 0.625])
+def test_capacity_sized_to_real_ids_stays_exact(id_fill, mesh_of):
+    """Exchange capacities sized to a fraction of the padded slots: batches with more
+    real ids than ``id_fill`` take more rounds and still equal the oracle."""
+    mesh = mesh_of(MESHES["d8"])
+    strategy = P.row_wise(("data",))
+    coll = EmbeddingCollection(
+        SKEW_TABLES, SKEW_FEATURES, {t.name: strategy for t in SKEW_TABLES}, mesh, id_fill=id_fill
+    )
+    route = coll.routes[0]
+    assert route.capacity(160) < capacity_for(160, route.owner_share, route.group.rows)
+    assert_matches_oracle(
+        coll,
+        SKEW_TABLES,
+        SKEW_FEATURES,
+        steps=2,
+        check_steps=(1, 2),
+        batch_fn=lambda step: skewed_batch("zipf", step),
+    )
+
+
+@pytest.mark.parametrize("bad", [0, 1.5, True, "half"])
+def test_id_fill_out_of_range_is_one_clear_error(bad, mesh_of):
+    mesh = mesh_of(MESHES["d8"])
+    with pytest.raises(UserInputError, match=f"id_fill must be .*got {bad!r}"):
+        EmbeddingCollection(SKEW_TABLES, SKEW_FEATURES, {}, mesh, id_fill=bad)
+
+
+def test_id_fill_of_batches_is_the_fullest_device_rounded_up():
+    lengths = np.array([20] * 4 + [1] * 4)  # device 0 full, device 1 at 1/20
+    ids = np.where(np.arange(20)[None, :] < lengths[:, None], 3, -1)
+    batch = SparseBatch({"f": ids}, {})
+    assert id_fill([batch], num_devices=2) == 1.0
+    assert id_fill([batch._replace(ids={"f": ids[4:]})], num_devices=1) == 0.125
+    with pytest.raises(UserInputError, match="divisible by 3 devices"):
+        id_fill([batch], num_devices=3)
 
 
 def test_every_strategy_matches_oracle_with_many_rounds(monkeypatch, mesh_2x4):

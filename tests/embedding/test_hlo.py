@@ -144,7 +144,7 @@ def test_update_collectives_do_not_grow_with_vocab(strategy, mesh_2x4):
     assert shapes(small_lookup) == shapes(big_lookup)
 
 
-def _step_figures(num_devices: int, strategy) -> tuple[float, int, int]:
+def _step_figures(num_devices: int, strategy, id_fill: float = 1.0) -> tuple[float, int, int]:
     """(flops, temp bytes, collective bytes received) per device of lookup + update with
     256 examples per device, compiled for the first ``num_devices`` devices."""
     mesh = make_mesh({"data": num_devices}, devices=jax.devices()[:num_devices])
@@ -155,7 +155,8 @@ def _step_figures(num_devices: int, strategy) -> tuple[float, int, int]:
     features = [
         FeatureSpec(name=f"f{i}", table=f"t{i}", max_ids=10, combiner="sum") for i in range(4)
     ]
-    coll = EmbeddingCollection(tables, features, {t.name: strategy for t in tables}, mesh)
+    plan = {t.name: strategy for t in tables}
+    coll = EmbeddingCollection(tables, features, plan, mesh, id_fill=id_fill)
     size = 256 * num_devices
     ids = jax.ShapeDtypeStruct((size, 10), np.int32, sharding=coll.batch_sharding())
     weights = jax.ShapeDtypeStruct((size, 10), np.float32, sharding=coll.batch_sharding())
@@ -184,6 +185,17 @@ def test_per_device_cost_is_flat_in_the_device_count():
     assert flops_8 <= 1.3 * flops_s, (flops_s, flops_8)
     assert temp_8 <= 1.3 * temp_s, (temp_s, temp_8)
     assert comm_8 <= 1.3 * comm_s * (8 - 1) / 8 / ((small - 1) / small), (comm_s, comm_8)
+
+
+def test_exchange_buffers_follow_the_real_ids():
+    """Capacities sized to half-full bags (id_fill 0.5) shrink the 8-device step's
+    temporaries and received bytes (the [S, C] buffers) to under 0.8x those sized to the
+    padded entries, so they cannot silently grow back to the padding."""
+    strategy = P.row_wise(("data",))
+    _, temp_full, comm_full = _step_figures(8, strategy)
+    _, temp_half, comm_half = _step_figures(8, strategy, id_fill=0.5)
+    assert temp_half < 0.8 * temp_full, (temp_half, temp_full)
+    assert comm_half < 0.8 * comm_full, (comm_half, comm_full)
 
 
 def test_parser_handles_async_and_tuple_forms():

@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 
 from lf_jax.models.ranker import FeedRanker
-from lf_jax.serving.folded_ranker import Split, post_side, split_logits
+from lf_jax.serving.folded_ranker import post_side, split_logits, x0_kernels
+from lf_jax.serving.ranker_split import Split
 
 DIMS = {"member_id": 8, "actor_id": 8, "history": 8, "post_id": 8, "position": 4, "tag": 4}
 MEMBER = ("member_id", "history", "position")
@@ -77,7 +78,8 @@ def test_split_logits_equal_the_model(options):
     expected = jax.jit(lambda: model(every, dense))()
 
     def served():
-        cache_nc = post_side(model, split, posts, post_dense if columns else None)
+        kernels = x0_kernels(model, split)
+        cache_nc = post_side(model, split, kernels, posts, post_dense if columns else None)
         return split_logits(
             model,
             split,
@@ -85,6 +87,7 @@ def test_split_logits_equal_the_model(options):
             member_dense if columns else None,
             cache_nc[chosen],
             pair_dense if columns else None,
+            kernels=kernels,
             candidates=k,
         )
 

@@ -154,20 +154,78 @@ def test_column_wise_adagrad_resumes_exactly(tmp_path):
         np.testing.assert_array_equal(collection.logical_tables(resumed)["member"], want)
 
 
-def test_dynamic_hash_tables_of_another_device_count_name_both_counts(tmp_path):
+def test_dynamic_tables_restore_onto_another_device_count(tmp_path):
+    """A trainer checkpoint of dynamic tables on 8 devices: restore_newest with the
+    4-device DynamicTables rehashes every key with its rows and slots (equal to the
+    8-device content); without ``dynamic`` the device counts are named."""
+    from lf_jax.embedding.dynamic.policy import DynamicPolicy
+    from lf_jax.embedding.dynamic.tables import DynamicTables
     from lf_jax.train.checkpoint import CheckpointMismatchError
 
-    def state(devices):
-        index = {"key_hi": jnp.zeros((devices, 32 // devices), jnp.uint32)}
-        return {"params": {"w": jnp.zeros((3,))}, "dynamic": {"post": index}}
+    def make(devices):
+        mesh = make_mesh({"data": devices}, devices=jax.devices()[:devices])
+        policy = DynamicPolicy(eviction="lru", admit_after=2, sketch_width=16, ttl_steps=3)
+        tables = [
+            emb.TableSpec(
+                name="post",
+                vocab_size=64,
+                dim=4,
+                optimizer=emb.rowwise_adagrad(0.3),
+                dynamic=policy,
+            ),
+            TABLES[1],
+        ]
+        features = [emb.FeatureSpec(name="p", table="post", max_ids=3), FEATURES[1]]
+        plan = {"post": emb.row_wise("data"), "tag": emb.table_wise()}
+        return DynamicTables(emb.EmbeddingCollection(tables, features, plan, mesh))
 
+    dyn8, dyn4 = make(8), make(4)
+
+    @jax.jit
+    def step(both, keys):
+        both, batch = dyn8.resolve(both, keys)
+        grads = {f: jnp.ones((16, 4)) for f in ("p", "tags")}
+        both["embedding"] = dyn8.collection.apply_gradients(both["embedding"], batch, grads)
+        return both
+
+    rng = np.random.default_rng(0)
+    both = dyn8.init(jax.random.key(0))
+    for _ in range(4):  # keys seen twice are admitted; grads move their rows and slots
+        raw = {
+            "p": [[int(k) * 7919 for k in rng.integers(0, 40, 3)] for _ in range(16)],
+            "tags": [list(rng.integers(0, 30, 2)) for _ in range(16)],
+        }
+        both = step(both, dyn8.shard_batch(dyn8.preprocess(raw)))
+    state8 = {"params": {"w": jnp.zeros((3,))}, "embedding": both["embedding"]}
+    state8["dynamic"] = both["index"]
     ckpt = Checkpointer(tmp_path / "c", async_save=False)
-    ckpt.save(1, state(8), None)
+    ckpt.save(4, state8, dyn8.collection)
+    empty4 = dyn4.init(jax.random.key(1))
+    template = {**state8, "embedding": empty4["embedding"], "dynamic": empty4["index"]}
     with pytest.raises(
         CheckpointMismatchError,
-        match=r"hash tables of 8 devices \('dynamic.post.key_hi'\), this run has 4: resume on 8",
+        match=r"hash tables of 8 devices \('dynamic.post.\w+'\), this run has 4: restore "
+        r"with dynamic=",
     ):
-        ckpt.restore_newest(state(4), None)
-    restored, _, step = ckpt.restore_newest(state(8), None)
-    assert step == 1 and restored["dynamic"]["post"]["key_hi"].shape == (8, 4)
+        ckpt.restore_newest(template, dyn4.collection)
+    restored, _, step = ckpt.restore_newest(template, dyn4.collection, dynamic=dyn4)
     ckpt.close()
+    want = dyn8.snapshot(both)["post"]
+    got = dyn4.snapshot({"embedding": restored["embedding"], "index": restored["dynamic"]})
+    assert step == 4 and restored["dynamic"]["post"]["key_hi"].shape == (4, 16)
+    assert len(want["keys"]) > 10 and got["post"]["keys"].tolist() == want["keys"].tolist()
+    for field in ("rows", "last", "freq"):
+        np.testing.assert_array_equal(got["post"][field], want[field], err_msg=field)
+    np.testing.assert_array_equal(got["post"]["slots"]["accumulator"], want["slots"]["accumulator"])
+    assert (
+        dyn4.counters({"embedding": restored["embedding"], "index": restored["dynamic"]})["post"][
+            "inserts"
+        ]
+        == dyn8.counters(both)["post"]["inserts"]
+    )
+    sketch = np.asarray(restored["dynamic"]["post"]["sketch"])
+    np.testing.assert_array_equal(sketch[3], np.asarray(both["index"]["post"]["sketch"]).sum(0))
+    tags = dyn8.collection.logical_tables(both["embedding"])["tag"]
+    np.testing.assert_array_equal(
+        dyn4.collection.logical_tables(restored["embedding"])["tag"], tags
+    )

@@ -1,13 +1,16 @@
 """The feed ranker with member and post ids in dynamic tables (capacity below the ids):
-trained by run_training, counters in the log, checkpoints with keys, exact resume,
-find-only evaluation."""
+trained by run_training, counters in the log, checkpoints with keys, exact resume (also
+on 4 devices after a checkpoint on 8), find-only evaluation."""
 
 import json
+import logging
+import shutil
 
 import jax
 import numpy as np
 import pytest
 
+from lf_jax.console import get_logger
 from lf_jax.distributed.mesh import make_mesh
 from lf_jax.train.checkpoint import Checkpointer, flatten_to_dict
 from lf_jax.train.loop import prepare_workdir, run_training
@@ -83,6 +86,103 @@ def test_dynamic_ranker_trains_logs_counters_and_resumes_bit_exact(
     assert got.keys() == expected.keys()
     for key in expected:  # params, tables, slots and every hash table field
         np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+
+
+def test_dynamic_run_checkpointed_on_8_devices_continues_on_4_like_on_8(dynamic_config, tmp_path):
+    """Step 4 on the (2, 4) mesh -> resume on a (2, 2) mesh -> step 6 equals steps 5-6 on
+    (2, 4): the same keys with the same last/freq and counters, rows, slots and params
+    equal up to float summation order. Capacities leave room on both meshes (no eviction
+    or refusal): which key a full window evicts depends on the mesh, so under capacity
+    pressure the two runs differ by design."""
+    with dynamic_config.unlocked():
+        for name, capacity in (("member", 1024), ("post", 4096)):
+            dynamic_config.embedding.tables[name].vocab_size = capacity
+            dynamic_config.embedding.tables[name].dynamic.probe_limit = 16
+        dynamic_config.train.steps = 4
+    eight, four = tmp_path / "eight", tmp_path / "four"
+    run_training(_task(dynamic_config, eight), dynamic_config.train, eight)
+    shutil.copytree(eight, four)
+    with dynamic_config.unlocked():
+        dynamic_config.train.steps = 6
+    task8 = _task(dynamic_config, eight)
+    run_training(task8, dynamic_config.train, eight)
+    mesh4 = make_mesh({"data": 2, "model": -1}, devices=jax.devices()[:4])
+    task4 = _task(dynamic_config, four, mesh4)
+    run_training(task4, dynamic_config.train, four)  # rehashes the step-4 keys onto 4
+
+    states = [_restore(task, path, 6) for task, path in ((task8, eight), (task4, four))]
+    assert states[1]["dynamic"]["post"]["key_hi"].shape == (4, 1024)
+    views = [{"embedding": s["embedding"], "index": s["dynamic"]} for s in states]
+    counters = [t.dynamic.counters(v) for t, v in zip((task8, task4), views, strict=True)]
+    for table in ("member", "post"):
+        c8, c4 = counters[0][table], counters[1][table]
+        assert c8["refused"] == c8["evictions"] == c4["refused"] == c4["evictions"] == 0
+        assert c8["inserts"] == c4["inserts"] > 50 and c8["hits"] == c4["hits"] > 0
+        a, b = (t.dynamic.snapshot(v)[table] for t, v in zip((task8, task4), views, strict=True))
+        assert a["keys"].tolist() == b["keys"].tolist()
+        assert a["last"].tolist() == b["last"].tolist() and a["freq"].tolist() == b["freq"].tolist()
+        np.testing.assert_allclose(a["rows"], b["rows"], rtol=1e-5, atol=1e-6, err_msg=table)
+        for slot in a["slots"]:
+            np.testing.assert_allclose(a["slots"][slot], b["slots"][slot], rtol=1e-5, atol=1e-7)
+    params = [flatten_to_dict(s["params"]) for s in states]
+    for key, value in params[0].items():
+        np.testing.assert_allclose(params[1][key], value, rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+def test_static_run_warm_starts_a_dynamic_run(small_ranker_config, tmp_path):
+    """train.warm_start of a static run into dynamic member/post tables: params and static
+    tables as saved, row r of a static id table -> key r with its optimizer slots; post's
+    64 slots take the rows that fit (one warning), the loop trains on from there."""
+    from lf_jax.train.dynamic_warm_start import warm_start_from_static
+
+    config = small_ranker_config
+    with config.unlocked():
+        config.train.steps = 2
+    static = tmp_path / "static"
+    static_task = _task(config, static)
+    run_training(static_task, config.train, static)
+    saved = _restore(static_task, static, 2)
+    tables = static_task.collection.logical_tables(saved["embedding"])
+    slots = static_task.collection.logical_slots(saved["embedding"])
+    with config.unlocked():
+        for name, capacity in (("member", 1024), ("post", 64)):
+            config.embedding.tables[name].vocab_size = capacity
+            config.embedding.tables[name].dynamic = {**POLICY, "probe_limit": 16}
+        config.train.warm_start = str(static)
+        config.train.steps = 1
+    task = _task(config, tmp_path / "dynamic")
+    source, warnings = Checkpointer(static / "checkpoints"), []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())  # type: ignore[method-assign]
+    get_logger().addHandler(handler)
+    try:
+        state = warm_start_from_static(task.dynamic, task.init_state(), source, 2)
+    finally:
+        get_logger().removeHandler(handler)
+        source.close()
+    for key, value in flatten_to_dict(saved["params"]).items():
+        np.testing.assert_array_equal(flatten_to_dict(state["params"])[key], value, err_msg=key)
+    logical = task.collection.logical_tables(state["embedding"])
+    for name in set(tables) - {"member", "post"}:
+        np.testing.assert_array_equal(logical[name], tables[name], err_msg=name)
+    snap = task.dynamic.snapshot({"embedding": state["embedding"], "index": state["dynamic"]})
+    assert snap["member"]["keys"].tolist() == list(range(tables["member"].shape[0] - 1))
+    assert snap["post"]["keys"].size == 64  # 999 ids for 64 slots: every slot taken
+    assert len(warnings) == 1 and "dynamic table post holds" in warnings[0]
+    for name in ("member", "post"):
+        keys = snap[name]["keys"].astype(np.int64)
+        np.testing.assert_array_equal(snap[name]["rows"], tables[name][keys], err_msg=name)
+        for slot, value in snap[name]["slots"].items():
+            want = slots[name][slot][keys]
+            np.testing.assert_array_equal(value, want if value.ndim == 2 else want[:, 0])
+        assert set(snap[name]["last"].tolist()) == {2}  # stamped with the snapshot's step
+
+    run_training(task, config.train, tmp_path / "dynamic")  # the loop's warm start
+    trained = _restore(task, tmp_path / "dynamic", 1)
+    view = {"embedding": trained["embedding"], "index": trained["dynamic"]}
+    member = task.dynamic.snapshot(view)["member"]
+    assert member["keys"].tolist() == snap["member"]["keys"].tolist()  # nothing new to insert
+    assert task.dynamic.counters(view)["member"]["inserts"] == 0
 
 
 def test_evaluation_finds_keys_without_changing_them(dynamic_config, tmp_path):

@@ -11,9 +11,13 @@ keys of the old shards share counters. A key with no free slot in its window is 
 error naming the table (restore onto more rows or a larger ``probe_limit``), never a
 silent drop.
 
+``rehash_logical`` does the same for the trainer's checkpoints (lf_jax.train.checkpoint),
+which hold tables in the collection's logical form and the hash tables per shard.
+
 Example:
     >>> ckpt = to_checkpoint(dyn8, state8)             # host numpy pytree
     >>> state4 = from_checkpoint(dyn4, ckpt)           # same tables, 4 devices
+    >>> logical4, index4 = rehash_logical(dyn4, logical8, index8)
 """
 
 from collections.abc import Mapping
@@ -21,8 +25,20 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-from lf_jax.embedding.dynamic.hash_table import COUNTERS
-from lf_jax.embedding.dynamic.keys import HOME_SALT, OWNER_SALT, key_hash, salt, split_keys
+from lf_jax.embedding.dynamic.hash_table import (
+    COUNTERS,
+    alive_slots,
+    counter_totals,
+    split_totals,
+)
+from lf_jax.embedding.dynamic.keys import (
+    HOME_SALT,
+    OWNER_SALT,
+    join_keys,
+    key_hash,
+    salt,
+    split_keys,
+)
 from lf_jax.embedding.dynamic.tables import DynamicTables
 from lf_jax.errors import UserInputError
 
@@ -35,8 +51,7 @@ def to_checkpoint(dyn: DynamicTables, state: Mapping) -> dict:
     dynamic = dyn.snapshot(state)
     for name, part in dynamic.items():
         part["sketch"] = index[name]["sketch"].sum(axis=0)
-        counts = index[name]["counters"]
-        part["counters"] = np.concatenate([counts[:, :-1].sum(axis=0), counts[:, -1:].max(axis=0)])
+        part["counters"] = _merged_counters(index[name]["counters"])
     return {
         "static": {
             "tables": {n: v for n, v in logical["tables"].items() if n not in dyn.specs},
@@ -47,28 +62,75 @@ def to_checkpoint(dyn: DynamicTables, state: Mapping) -> dict:
     }
 
 
-def _place_keys(dyn: DynamicTables, name: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(shard, slot) of each key on ``dyn``'s mesh: ascending keys, first free slot."""
+def _merged_counters(counts: np.ndarray) -> np.ndarray:
+    """Two-word counters [S, 2, len(COUNTERS)] per shard -> exact totals [len(COUNTERS)]
+    (int64): sums, probe_max the largest."""
+    return np.asarray(counter_totals(counts), np.int64)
+
+
+def _place_keys(
+    dyn: DynamicTables, name: str, keys: np.ndarray, strict: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """(shard, slot) of each key on ``dyn``'s mesh: ascending keys, first free slot. A key
+    without a free slot is an error, or with ``strict`` False slot -1 (left out)."""
     policy, capacity, shards = dyn.policies[name], dyn.capacity(name), dyn.shards
     hi, lo = split_keys(keys)
     owner = key_hash(np, hi, lo, salt(OWNER_SALT, policy.seed)) % np.uint32(shards)
     home = key_hash(np, hi, lo, salt(HOME_SALT, policy.seed)) % np.uint32(capacity)
     used = np.zeros((shards, capacity), bool)
-    slot = np.zeros(keys.shape, np.int64)
+    slot = np.full(keys.shape, -1, np.int64)
     probes = min(policy.probe_limit, capacity)
     for i in np.argsort(keys, kind="stable"):
         window = (int(home[i]) + np.arange(probes)) % capacity
         free = window[~used[owner[i], window]]
-        if not free.size:
+        if not free.size and strict:
             raise UserInputError(
                 f"dynamic table '{name}': key {int(keys[i])} finds no free slot among its "
                 f"{probes} on shard {int(owner[i])} of {shards} ({capacity} slots each, "
                 f"{keys.size} keys to restore); restore onto more rows (vocab_size) or a "
                 "larger probe_limit"
             )
-        slot[i] = free[0]
-        used[owner[i], free[0]] = True
+        if free.size:
+            slot[i] = free[0]
+            used[owner[i], free[0]] = True
     return owner.astype(np.int64), slot
+
+
+def fitting_keys(dyn: DynamicTables, name: str, keys: np.ndarray) -> np.ndarray:
+    """[K] bool: the uint64 ``keys`` that find a slot when placed together (ascending, each
+    in the first free slot of its window on ``dyn``'s mesh), as a restore places them."""
+    return _place_keys(dyn, name, np.asarray(keys, np.uint64), strict=False)[1] >= 0
+
+
+def _shard_index(dyn: DynamicTables, name: str, part: Mapping, owner, slot) -> dict:
+    """Per-shard hash tables [S, ...] (numpy) holding ``part``'s keys at (owner, slot);
+    every shard gets the summed sketch, shard 0 the merged counters."""
+    shards, capacity = dyn.shards, dyn.capacity(name)
+    hi, lo = split_keys(np.asarray(part["keys"], np.uint64))
+    shard: dict[str, np.ndarray] = {
+        "key_hi": np.zeros((shards, capacity), np.uint32),
+        "key_lo": np.zeros((shards, capacity), np.uint32),
+        "last": np.full((shards, capacity), -1, np.int32),
+        "freq": np.zeros((shards, capacity), np.int32),
+    }
+    for field, values in (("key_hi", hi), ("key_lo", lo)):
+        shard[field][owner, slot] = values
+    shard["last"][owner, slot] = part["last"]
+    shard["freq"][owner, slot] = part["freq"]
+    sketch = np.asarray(part["sketch"], np.int32)
+    shard["sketch"] = np.broadcast_to(sketch, (shards, *sketch.shape)).copy()
+    counters = np.zeros((shards, 2, len(COUNTERS)), np.int32)
+    counters[0] = split_totals(part["counters"])
+    shard["counters"] = counters
+    return shard
+
+
+def _placed(dyn: DynamicTables, index: Mapping) -> dict:
+    shardings = dyn.index_shardings()
+    return {
+        name: {k: jax.device_put(v, shardings[name][k]) for k, v in part.items()}
+        for name, part in index.items()
+    }
 
 
 def from_checkpoint(dyn: DynamicTables, ckpt: Mapping) -> dict:
@@ -78,7 +140,7 @@ def from_checkpoint(dyn: DynamicTables, ckpt: Mapping) -> dict:
     slots = {n: dict(v) for n, v in ckpt["static"]["slots"].items()}
     index = {}
     for name, spec in dyn.specs.items():
-        part, capacity = ckpt["dynamic"][name], dyn.capacity(name)
+        part = ckpt["dynamic"][name]
         owner, slot = _place_keys(dyn, name, np.asarray(part["keys"], np.uint64))
         row = slot * shards + owner  # row r lives on shard r % S at local row r // S
         table = np.zeros((spec.vocab_size, spec.dim), np.float32)
@@ -90,28 +152,47 @@ def from_checkpoint(dyn: DynamicTables, ckpt: Mapping) -> dict:
             saved = np.asarray(part["slots"][slot_name])
             value[row] = saved if shape else saved[:, None]
             slots[name][slot_name] = value.astype(np.float32)
-        hi, lo = split_keys(np.asarray(part["keys"], np.uint64))
-        shard = {
-            "key_hi": np.zeros((shards, capacity), np.uint32),
-            "key_lo": np.zeros((shards, capacity), np.uint32),
-            "last": np.full((shards, capacity), -1, np.int32),
-            "freq": np.zeros((shards, capacity), np.int32),
-        }
-        for field, values in (("key_hi", hi), ("key_lo", lo)):
-            shard[field][owner, slot] = values
-        shard["last"][owner, slot] = part["last"]
-        shard["freq"][owner, slot] = part["freq"]
-        sketch = np.asarray(part["sketch"], np.int32)
-        shard["sketch"] = np.broadcast_to(sketch, (shards, *sketch.shape)).copy()
-        counters = np.zeros((shards, len(COUNTERS)), np.int32)
-        counters[0] = part["counters"]
-        shard["counters"] = counters
-        index[name] = shard
-    index_shardings = dyn.index_shardings()
+        index[name] = _shard_index(dyn, name, part, owner, slot)
     return {
         "embedding": coll.state_from_logical(tables, slots, ckpt["step"]),
-        "index": {
-            name: {k: jax.device_put(v, index_shardings[name][k]) for k, v in part.items()}
-            for name, part in index.items()
-        },
+        "index": _placed(dyn, index),
     }
+
+
+def rehash_logical(dyn: DynamicTables, logical: Mapping, index: Mapping) -> tuple[dict, dict]:
+    """(logical form, placed hash tables) on ``dyn``'s mesh from a logical form
+    (``collection.to_logical``, numpy) and per-shard hash tables [S_old, ...] written on
+    another device count (a trainer checkpoint's "embedding" and "dynamic" items).
+
+    The key in slot c of old shard s is logical row ``c * S_old + s``; it moves, with its
+    row, optimizer slots, ``last`` and ``freq``, to the row of its new owner and slot
+    (placed as ``from_checkpoint`` places keys). Rows left free read zeros and the slots'
+    initial values (an inserted key resets both). Static tables are returned as given.
+    """
+    step = int(logical["step"])
+    tables = dict(logical["tables"])
+    slots = {n: dict(v) for n, v in logical["slots"].items()}
+    placed = {}
+    for name, spec in dyn.specs.items():
+        old = {k: np.asarray(v) for k, v in index[name].items()}
+        old_shards = old["last"].shape[0]
+        alive = np.asarray(alive_slots(old, step, dyn.policies[name]))
+        shard_s, slot_s = np.nonzero(alive)
+        part = {
+            "keys": join_keys(old["key_hi"][alive], old["key_lo"][alive]),
+            "last": old["last"][alive],
+            "freq": old["freq"][alive],
+            "sketch": old["sketch"].sum(axis=0),
+            "counters": _merged_counters(old["counters"]),
+        }
+        owner, slot = _place_keys(dyn, name, part["keys"])
+        old_rows, new_rows = slot_s * old_shards + shard_s, slot * dyn.shards + owner
+        table = np.zeros_like(np.asarray(tables[name]))
+        table[new_rows] = np.asarray(tables[name])[old_rows]
+        tables[name] = table
+        for slot_name, value in slots.get(name, {}).items():
+            moved = np.full_like(value, spec.optimizer.slot_init(slot_name))
+            moved[new_rows] = np.asarray(value)[old_rows]
+            slots[name][slot_name] = moved
+        placed[name] = _shard_index(dyn, name, part, owner, slot)
+    return {**logical, "tables": tables, "slots": slots}, _placed(dyn, placed)

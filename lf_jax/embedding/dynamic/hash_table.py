@@ -30,7 +30,9 @@ whose row and optimizer slots the caller resets to their initial values.
 
 Shapes: C capacity, N keys (distinct among valid ones), P probe_limit.
 State: key_hi, key_lo [C] uint32, last [C] int32 (-1 empty), freq [C] int32,
-sketch [depth, width] int32, counters [len(COUNTERS)] int32 (cumulative).
+sketch [depth, width] int32, counters [2, len(COUNTERS)] int32 (cumulative, two words:
+value = counters[0] + counters[1] * 2**31, so long runs never overflow; see
+``counter_totals``).
 
 Example:
     >>> state = init_shard(capacity=1024, policy=DynamicPolicy())
@@ -39,6 +41,7 @@ Example:
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lf_jax.embedding.dynamic.keys import HOME_SALT, SKETCH_SALT, key_hash, salt
 from lf_jax.embedding.dynamic.policy import DynamicPolicy
@@ -54,6 +57,31 @@ COUNTERS = (
     "probe_max",
 )
 _BIG = jnp.iinfo(jnp.int32).max
+WORD = 2**31  # counters: low word in [0, 2**31), high word counts 2**31s
+
+
+def add_counts(counters, counts):
+    """Two-word ``counters`` [2, N] plus ``counts`` [N] (each in [0, 2**31)), carried."""
+    low = counters[0].astype(jnp.uint32) + counts.astype(jnp.uint32)  # < 2**32: no wrap
+    high = counters[1] + (low >> 31).astype(jnp.int32)
+    return jnp.stack([(low & jnp.uint32(WORD - 1)).astype(jnp.int32), high])
+
+
+def counter_totals(counters) -> list[int]:
+    """Exact totals (Python ints) of two-word counters [..., 2, N] summed over the
+    leading axes (shards); probe_max, the last, is their largest."""
+    words = np.asarray(counters, np.int64).reshape(-1, 2, len(COUNTERS))
+    totals = [
+        int(words[:, 0, i].sum()) + int(words[:, 1, i].sum()) * WORD for i in range(len(COUNTERS))
+    ]
+    totals[-1] = int((words[:, 0, -1] + words[:, 1, -1] * WORD).max())
+    return totals
+
+
+def split_totals(totals) -> np.ndarray:
+    """[2, N] int32 words of exact totals (the inverse of one shard's counter_totals)."""
+    values = np.asarray([int(v) for v in totals], dtype=object)
+    return np.stack([values % WORD, values // WORD]).astype(np.int32)
 
 
 def init_shard(capacity: int, policy: DynamicPolicy) -> dict:
@@ -65,7 +93,7 @@ def init_shard(capacity: int, policy: DynamicPolicy) -> dict:
         "last": jnp.full((capacity,), -1, jnp.int32),
         "freq": jnp.zeros((capacity,), jnp.int32),
         "sketch": jnp.zeros((depth, width), jnp.int32),
-        "counters": jnp.zeros((len(COUNTERS),), jnp.int32),
+        "counters": jnp.zeros((2, len(COUNTERS)), jnp.int32),
     }
 
 
@@ -216,8 +244,9 @@ def resolve_shard(state: dict, hi_n, lo_n, valid_n, step, policy: DynamicPolicy,
             jnp.int32(0),
         ]
     )
-    counters = state["counters"] + step_counts
-    counters = counters.at[-1].set(jnp.maximum(state["counters"][-1], jnp.max(probe_n)))
+    counters = add_counts(state["counters"], step_counts)
+    probe_max = jnp.maximum(state["counters"][0, -1], jnp.max(probe_n))
+    counters = counters.at[:, -1].set(jnp.stack([probe_max, jnp.int32(0)]))
     new_state = {
         "key_hi": key_hi,
         "key_lo": key_lo,

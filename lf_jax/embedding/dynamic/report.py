@@ -12,8 +12,17 @@ config's ``embedding.tables.<t>.dynamic.expected_keys``), the expected occupancy
     keys/S + 3 standard deviations (sqrt(keys/S * (1 - 1/S))), at most its slots;
   * keys beyond the capacity are evicted (lru/lfu) or refused (none) as they come.
 
-A key can also be refused while its shard has room, when the ``probe_limit`` slots of its
-window are full; the counters of a run (``refused``) say how often.
+A key can also find its window of ``probe_limit`` slots full while its shard has room.
+``window_fill`` estimates how often by placing the keys (uniform owners and home slots,
+seed 0) one by one in the first free slot of their window, without eviction, on the
+table's shards (scaled down to at most 2**15 slots in all, at the same load):
+
+  * ``window_occupancy``: the slots filled (all shards), below the plain estimate when
+    windows or shards fill first;
+  * ``window_refused``: the keys left without a slot (scaled back to ``expected_keys``):
+    refused under ``none``; under lru/lfu they evict a live key of their window instead.
+
+The counters of a run (``refused``, ``evictions``) say what happened.
 
 Example:
     >>> rows = explain_tables({"post": post_spec}, shards=8, expected_keys={"post": 1000})
@@ -25,19 +34,50 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from lf_jax.embedding.dynamic.tables import DynamicTables
 from lf_jax.embedding.spec import TableSpec
 
 INDEX_BYTES_PER_SLOT = 16  # key hi + lo, last, freq: 4 bytes each
+SIMULATED_SLOTS = 1 << 15  # window_fill's largest simulated table (all shards)
 
 
-def _expected(keys: int, shards: int, capacity: int, eviction: str) -> dict[str, Any]:
-    """Expected occupancy (all shards, fullest shard) of ``keys`` distinct keys."""
+def window_fill(keys: int, shards: int, capacity: int, probes: int) -> tuple[float, int]:
+    """(occupancy, keys without a slot) of ``keys`` keys placed without eviction in windows
+    of ``probes`` slots on ``shards`` shards of ``capacity`` slots (see module docstring).
+
+    >>> window_fill(1000, 8, 125, 8)      # as many keys as slots: windows fill first
+    (0.884, 116)
+    """
+    scale = min(1.0, SIMULATED_SLOTS / (shards * capacity))
+    slots = max(probes, round(capacity * scale))
+    n = min(round(keys * slots / capacity), 4 * shards * slots)  # beyond 4x: all full
+    rng = np.random.default_rng(0)
+    owner, home = rng.integers(0, shards, n), rng.integers(0, slots, n)
+    used = np.zeros((shards, slots), bool)
+    offsets = np.arange(min(probes, slots))
+    for o, h in zip(owner.tolist(), home.tolist(), strict=True):
+        window = (h + offsets) % slots
+        free = window[~used[o, window]]
+        if free.size:
+            used[o, free[0]] = True
+    placed = int(used.sum())
+    left = (n - placed) * keys / max(n, 1) if n else 0.0
+    return placed / (shards * slots), round(left)
+
+
+def _expected(keys: int, shards: int, capacity: int, probes: int, eviction: str) -> dict:
+    """Expected occupancy (all shards, fullest shard, with probe windows) of ``keys``
+    distinct keys."""
     per_shard = keys / shards
     spread = 3 * math.sqrt(per_shard * (1 - 1 / shards))
     over = keys - shards * capacity
     fate = "evicted (" + eviction + ")" if eviction != "none" else "refused"
+    occupancy, refused = window_fill(keys, shards, capacity, probes)
     return {
+        "window_occupancy": occupancy,
+        "window_refused": refused,
         "expected_keys": keys,
         "expected_occupancy": min(1.0, keys / (shards * capacity)),
         "expected_occupancy_max": min(1.0, (per_shard + spread) / capacity),
@@ -89,7 +129,7 @@ def explain_tables(
         }
         keys = (expected_keys or {}).get(name, 0)
         if keys:
-            row.update(_expected(keys, shards, capacity, policy.eviction))
+            row.update(_expected(keys, shards, capacity, probes, policy.eviction))
         row.update((counters or {}).get(name, {}))
         rows.append(row)
     return rows
@@ -118,6 +158,12 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
                 f"  expected: {row['expected_keys']:,} keys -> occupancy "
                 f"{row['expected_occupancy']:.2f} (fullest shard "
                 f"{row['expected_occupancy_max']:.2f}); {row['expected_note']}"
+            )
+            fate = "refused" if "refused" in row["reason"] else "evict a live key"
+            lines.append(
+                f"  probe windows of {row['probe_limit']} (keys placed without eviction): "
+                f"occupancy {row['window_occupancy']:.2f}, {row['window_refused']:,} keys "
+                f"find their window full ({fate})"
             )
         if "occupancy" in row:
             lines.append(

@@ -46,7 +46,13 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lf_jax.embedding.collection import EmbeddingCollection, SparseBatch
-from lf_jax.embedding.dynamic.hash_table import COUNTERS, alive_slots, init_shard, resolve_shard
+from lf_jax.embedding.dynamic.hash_table import (
+    COUNTERS,
+    alive_slots,
+    counter_totals,
+    init_shard,
+    resolve_shard,
+)
 from lf_jax.embedding.dynamic.keys import (
     OWNER_SALT,
     initial_rows,
@@ -358,8 +364,7 @@ class DynamicTables:
             alive = np.asarray(
                 jax.vmap(lambda s, n=name: alive_slots(s, step, self.policies[n]))(index)
             )
-            row: dict[str, Any] = {c: int(counts[:, i].sum()) for i, c in enumerate(COUNTERS)}
-            row["probe_max"] = int(counts[:, -1].max())
+            row: dict[str, Any] = dict(zip(COUNTERS, counter_totals(counts), strict=True))
             row["occupancy"] = float(alive.mean())
             row["occupancy_max"] = float(alive.mean(axis=1).max())
             out[name] = row
