@@ -202,6 +202,11 @@ def main() -> None:
         start = time.perf_counter()
         build_synthetic(root, args.members, args.posts, args.dtype)
         print(f"built {root} in {time.perf_counter() - start:.0f} s", flush=True)
+    if not (root / "CURRENT").is_file() or not (root / "features" / "layout.json").is_file():
+        parser.error(
+            f"--artifacts {str(root)!r} holds no `lf-jax export --serving` output "
+            "(CURRENT and features/layout.json)"
+        )
     layout = json.loads((root / "features" / "layout.json").read_text())
     members, posts = layout["num_members"], layout["num_posts"]
     server = subprocess.Popen(
