@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from lf_jax import export_command
 from lf_jax.configuration import (
     ConfigError,
     apply_overrides,
@@ -241,51 +242,11 @@ def _export_arguments(parser):
     _add_config_arguments(parser, None)
     _add_workdir(parser, "runs/train")
     add_device_arguments(parser)
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    parser.add_argument(
-        "--entity",
-        default=None,
-        metavar="members|posts|items",
-        help="which corpus to embed (the model family says which it has); required "
-        "without --serving",
-    )
-    parser.add_argument(
-        "--output",
-        required=True,
-        metavar="DIR",
-        help="export directory (replaced atomically; a failed export keeps the old one); "
-        "with --serving, the artifacts directory (a new version is added)",
-    )
-    parser.add_argument(
-        "--index", action="store_true", help="also build a tuned ScaNN index (DIR/index)"
-    )
-    parser.add_argument(
-        "--kv", action="store_true", help="also write an int8 LMDB key-value store (DIR/kv)"
-    )
-    parser.add_argument(
-        "--dims",
-        type=int,
-        default=None,
-        help="keep the first DIMS dimensions (Matryoshka; default: all)",
-    )
-    parser.add_argument(
-        "--metric",
-        default=None,
-        help="dot_product | cosine | squared_l2 (default: the model family's)",
-    )
-    parser.add_argument(
-        "--target-recall",
-        type=float,
-        default=0.95,
-        help="recall@10 the index is tuned to (default: 0.95)",
-    )
-    parser.add_argument("--batch-size", type=int, default=1024, help="entities per embedding batch")
+    export_command.add_corpus_arguments(parser)
     serving_commands.add_export_arguments(parser)
 
 
 def _export_run(args, overrides):
-    from lf_jax.export.embed_corpus import check_output
-
     config = _resolved_config(args, overrides)
     reject_remote(args.workdir, "--workdir")
     reject_remote(args.output, "--output")
@@ -293,41 +254,7 @@ def _export_run(args, overrides):
         serving_commands.check_export(args)  # before any device work
         setup_devices(args.devices, config, args)
         return serving_commands.run_export(args, config)
-    if args.entity is None:
-        raise CommandError("--entity is required (members, posts or items) without --serving")
-    check_output(args.output)  # before any device work
-    setup_devices(args.devices, config, args)
-    from lf_jax.export.embed_corpus import export_corpus, open_source
-
-    source = open_source(config, args.workdir, args.step)
-    try:
-        result = export_corpus(
-            source,
-            args.entity,
-            args.output,
-            batch_size=args.batch_size,
-            dims=args.dims,
-            metric=args.metric,
-            build_index=args.index,
-            build_kv=args.kv,
-            target_recall=args.target_recall,
-        )
-    finally:
-        source.close()
-    m = result.manifest
-    print(
-        f"exported {m['count']:,} {m['entity']} x {m['dims']} dims ({m['model']}, checkpoint step "
-        f"{m['checkpoint_step']}, {m['metric']}) in {m['seconds']:.1f} s -> {result.directory}"
-    )
-    if "index" in m:
-        print(
-            f"  index/  ScaNN {m['index']['mode']}, recall@{m['index']['k']} = "
-            f"{m['index']['recall']}"
-        )
-    if "kv" in m:
-        print(
-            f"  kv/     LMDB int8, version {m['kv']['version']}, {m['kv']['bytes_on_disk']:,} bytes"
-        )
+    return export_command.run_corpus_export(args, config)
 
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable]
