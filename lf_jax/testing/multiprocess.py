@@ -17,7 +17,6 @@ Example:
 """
 
 import dataclasses
-import os
 import re
 import signal
 import socket
@@ -27,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-from lf_jax.distributed.devices import without_device_count_flag
+from lf_jax.testing.environment import child_env
 
 
 def free_port() -> int:
@@ -47,8 +46,8 @@ def worker_env(
 ) -> dict[str, str]:
     """The environment of one local worker; ``settings`` become LF_JAX_<NAME> variables,
     e.g. heartbeat_timeout=5 -> LF_JAX_HEARTBEAT_TIMEOUT=5."""
-    env = dict(os.environ if base is None else base)
-    flags = without_device_count_flag(env.get("XLA_FLAGS", ""))
+    env = child_env(base)
+    flags = env.get("XLA_FLAGS", "")
     env.update(
         XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices_per_process}".strip(),
         JAX_PLATFORMS="cpu",
