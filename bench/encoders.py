@@ -31,8 +31,8 @@ import numpy as np
 from flax import nnx
 
 from lf_jax.models.attention import l2_normalize, mean_pool
-from lf_jax.models.bert import load_sentence_encoder
 from lf_jax.models.causal_lm import load_llama
+from lf_jax.models.sentence_encoder import load_sentence_encoder
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY_LLAMA = os.path.join(os.path.dirname(HERE), "tests", "fixtures", "tiny_llama")

@@ -47,9 +47,10 @@ from lf_jax.console import ensure_logging, get_logger, progress
 from lf_jax.errors import UserInputError
 from lf_jax.losses import info_nce, scaled_cosine_bce
 from lf_jax.models import hf_weights
-from lf_jax.models.bert import BertConfig, BertEncoder, load_bert, sentence_encoder_dir
+from lf_jax.models.bert import BertConfig, BertEncoder, load_bert
 from lf_jax.models.encoder_sharding import shard_encoder
 from lf_jax.models.post_encoder import PostEncoder
+from lf_jax.models.sentence_encoder import sentence_encoder_dir
 from lf_jax.workdir import ensure_writable_dir, reject_remote
 
 MANIFEST = "encoder.json"

@@ -34,9 +34,10 @@ from lf_jax.errors import UserInputError
 from lf_jax.input.datasets import build_dataset, dataset_metadata, read_records
 from lf_jax.input.text_pipeline import StepSampler, as_text, task_mixture_indices
 from lf_jax.losses import scaled_cosine_bce
-from lf_jax.models.bert import BertConfig, BertEncoder, load_sentence_encoder
+from lf_jax.models.bert import BertConfig, BertEncoder
 from lf_jax.models.encoder_sharding import shard_encoder
 from lf_jax.models.post_encoder import PostEncoder
+from lf_jax.models.sentence_encoder import load_sentence_encoder
 from lf_jax.train.batch import check_micro_batches, place_batch
 from lf_jax.train.step import dense_optimizer, init_train_state
 

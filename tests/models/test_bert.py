@@ -10,16 +10,10 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from lf_jax.errors import UserInputError
-from lf_jax.models import bert
-from lf_jax.models.bert import (
-    BertConfig,
-    BertEncoder,
-    SentenceEncoder,
-    l2_normalize,
-    load_bert,
-    load_sentence_encoder,
-    mean_pool,
-)
+from lf_jax.models import sentence_encoder
+from lf_jax.models.attention import l2_normalize, mean_pool
+from lf_jax.models.bert import BertConfig, BertEncoder, load_bert
+from lf_jax.models.sentence_encoder import SentenceEncoder, load_sentence_encoder
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures")
 
@@ -75,7 +69,7 @@ def test_encoder_input_errors(minilm):
 
 def test_missing_package_names_the_install(monkeypatch):
     monkeypatch.setitem(
-        bert.KNOWN_SENTENCE_ENCODERS,
+        sentence_encoder.KNOWN_SENTENCE_ENCODERS,
         "fake-encoder",
         ("lf_jax_no_such_package", "lf-jax-no-such-package"),
     )
