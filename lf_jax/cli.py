@@ -22,12 +22,12 @@ from lf_jax.configuration import (
     split_override_args,
 )
 from lf_jax.console import get_logger, set_verbosity
+from lf_jax.distributed.coordination import is_primary
 from lf_jax.distributed.device_flags import (
     add_device_arguments,
     planned_device_count,
     setup_devices,
 )
-from lf_jax.distributed.multihost import is_primary
 from lf_jax.errors import LfJaxError, UserInputError
 from lf_jax.serving import commands as serving_commands
 from lf_jax.workdir import ensure_writable_dir, reject_remote

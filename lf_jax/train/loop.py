@@ -32,7 +32,7 @@ import jax
 import numpy as np
 
 from lf_jax.console import ensure_logging, get_logger, progress, progress_enabled
-from lf_jax.distributed.multihost import is_primary, preemption_notice
+from lf_jax.distributed.coordination import is_primary, preemption_notice
 from lf_jax.errors import TrainingDivergedError, UserInputError
 from lf_jax.train.checkpoint import Checkpointer
 from lf_jax.train.dynamic_step import describe_scalars, make_dynamic_train_step
@@ -214,7 +214,7 @@ def run_training(
         checkpointer.save(step, state, task.collection, {"train": iterator.get_state()})
 
     try:
-        # SIGTERM / Ctrl-C: every process saves the same step (multihost.preemption_notice)
+        # SIGTERM / Ctrl-C: every process saves the same step (coordination.preemption_notice)
         with (
             preemption_notice() as preempted,
             progress(

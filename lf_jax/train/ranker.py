@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lf_jax.checks import check_int
 from lf_jax.console import get_logger
-from lf_jax.distributed.multihost import barrier, is_primary
+from lf_jax.distributed.coordination import barrier, is_primary
 from lf_jax.embedding.config_specs import dynamic_expected_keys
 from lf_jax.embedding.dynamic.report import explain, format_rows
 from lf_jax.embedding.plan import save_plan

@@ -23,7 +23,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lf_jax.console import get_logger
-from lf_jax.distributed.multihost import barrier, is_primary
+from lf_jax.distributed.coordination import barrier, is_primary
 from lf_jax.embedding.collection import EmbeddingCollection
 from lf_jax.embedding.config_specs import memory_budget_from_config, specs_from_config
 from lf_jax.embedding.dynamic.tables import DynamicTables

@@ -2,11 +2,11 @@
 
 import pytest
 
+from lf_jax.distributed.coordination import preemption_notice
 from lf_jax.distributed.multihost import (
     DistributedConfigError,
     detect_cluster,
     initialize,
-    preemption_notice,
     settings_from_env,
 )
 
