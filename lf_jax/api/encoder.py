@@ -77,7 +77,8 @@ class Encoder:
     ``dim``: output width; ``pretrained``: a known sentence encoder name, or None for a
     random BERT of sizes ``bert`` (keys of ``BertConfig``) with the MiniLM tokenizer;
     ``max_length``: tokens per text (longer texts are truncated); ``mesh``: a shape like
-    ``{"data": -1}`` (batches are split over "data", parameters replicated)."""
+    ``{"data": -1}`` (batches are split over "data"; every weight's embed dim too, FSDP-style
+    (models/encoder_sharding.py mode "fsdp"), so each device updates 1/N of the weights)."""
 
     def __init__(
         self,
@@ -142,7 +143,7 @@ class Encoder:
                 f"max_position_embeddings={self.bert.max_position_embeddings}"
             )
         model = PostEncoder(encoder, projection_dim=dim, rngs=nnx.Rngs(seed + 1))
-        shard_encoder(model, self.mesh, "replicated")
+        shard_encoder(model, self.mesh, "fsdp")
         self.graphdef, self.params = nnx.split(model)
         self._micro_rows = NamedSharding(self.mesh, PartitionSpec(None, "data"))
         self._rows = NamedSharding(self.mesh, PartitionSpec("data"))
@@ -353,8 +354,9 @@ class Encoder:
             seed=manifest["seed"],
             _saved=directory,
         )
+        shardings = jax.tree.map(lambda array: array.sharding, encoder.params)  # fsdp
         params = load_params(directory / "params.npz", encoder.params)
-        encoder.params = jax.device_put(params, NamedSharding(encoder.mesh, PartitionSpec()))
+        encoder.params = jax.device_put(params, shardings)
         encoder.steps_trained = int(manifest["steps_trained"])
         return encoder
 

@@ -88,22 +88,23 @@ def test_dynamic_ranker_trains_logs_counters_and_resumes_bit_exact(
         np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
 
 
-def test_dynamic_run_checkpointed_on_8_devices_continues_on_4_like_on_8(dynamic_config, tmp_path):
+def test_dynamic_run_checkpointed_on_8_devices_continues_on_4_like_on_8(
+    dynamic_config, tmp_path, kill_before_batch
+):
     """Step 4 on the (2, 4) mesh -> resume on a (2, 2) mesh -> step 6 equals steps 5-6 on
     (2, 4): the same keys with the same last/freq and counters, rows, slots and params
     equal up to float summation order. Capacities leave room on both meshes (no eviction
     or refusal): which key a full window evicts depends on the mesh, so under capacity
-    pressure the two runs differ by design."""
+    pressure the two runs differ by design. The 8-device run stops before batch 5 (after
+    the step-4 checkpoint), so its resume compiles the same step (compilation cache)."""
     with dynamic_config.unlocked():
         for name, capacity in (("member", 1024), ("post", 4096)):
             dynamic_config.embedding.tables[name].vocab_size = capacity
             dynamic_config.embedding.tables[name].dynamic.probe_limit = 16
-        dynamic_config.train.steps = 4
+    assert dynamic_config.train.steps == 6
     eight, four = tmp_path / "eight", tmp_path / "four"
-    run_training(_task(dynamic_config, eight), dynamic_config.train, eight)
+    kill_before_batch(_task(dynamic_config, eight), dynamic_config.train, eight, 5)
     shutil.copytree(eight, four)
-    with dynamic_config.unlocked():
-        dynamic_config.train.steps = 6
     task8 = _task(dynamic_config, eight)
     run_training(task8, dynamic_config.train, eight)
     mesh4 = make_mesh({"data": 2, "model": -1}, devices=jax.devices()[:4])
