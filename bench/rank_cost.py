@@ -10,7 +10,8 @@ reports for K candidates of one member: XLA's cost analysis (FLOPs) of each bloc
 model run on K pairs (GateNet gates, dot interactions, MLP, cross network, heads), of the
 served rank function as trained (every feature looked up per pair) and as served (member
 side once per query, post side from the post cache, only the pair work per candidate:
-folded_ranker.py), of the post-cache function (run when a server loads a version), and
+folded_ranker.py; and a batch of 16 queries x K, which runs one query at a time), of the
+post-cache function (run when a server loads a version), and
 the median wall and process CPU time per call of each (one CPU device; the machine's
 load average is printed beside them: compare CPU times on a shared machine). Nothing is
 written.
@@ -109,6 +110,7 @@ def main() -> None:
     post_qkw[0, :, slice(*cols["hashtags"])] = rng.integers(-1, 100, (k, 5))
     member_qw[0, slice(*layout.member_columns()["history_actors"])] = rng.integers(0, 2000, 50)
     rows_q, rows_qk = np.array([7], np.int32), rng.integers(0, 20000, (1, k)).astype(np.int32)
+    rows_16k = rng.integers(0, 20000, (16, k)).astype(np.int32)  # a 16-request batch
 
     def as_trained(w, m, p, mq, pqk):
         sparse, dense = pair_inputs(jnp, layout, m, p, mq, pqk)
@@ -142,6 +144,11 @@ def main() -> None:
             "served rank, split (post cache)",
             served,
             (weights, posts_nc, member_qw, rows_q, rows_qk),
+        ),
+        (
+            "served rank, split, 16 queries (lax.map)",
+            served,
+            (weights, posts_nc, np.repeat(member_qw, 16, 0), np.repeat(rows_q, 16), rows_16k),
         ),
         (
             f"post cache of {chunk} posts (at load)",

@@ -26,6 +26,7 @@ import concurrent.futures
 import json
 import threading
 
+import jax
 import tornado.web
 
 from lf_jax.console import get_logger
@@ -224,7 +225,13 @@ def serve_in_thread(service: Service, host: str = "127.0.0.1", port: int = 0, po
 
 
 def run_server(artifacts: str, host: str, port: int, poll_s: float, window_ms: float) -> None:
-    """Loads ``artifacts`` and serves until interrupted (the ``lf-jax serve`` command)."""
+    """Loads ``artifacts`` and serves until interrupted (the ``lf-jax serve`` command).
+
+    XLA:CPU runs each call on the calling (worker) thread, not on a client thread it is
+    handed to (``jax_cpu_enable_async_dispatch``; set before the backend starts): the
+    worker waits for every result anyway, and the hand-off cost ~0.8 CPU ms per feed or
+    rank request of 2,000 candidates (12.9 -> 12.0 CPU ms per feed request)."""
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
     service = Service(artifacts, window_ms=window_ms)
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=2)
     loop = asyncio.new_event_loop()

@@ -282,7 +282,8 @@ class Service:
             else:
                 probs_kt = scored[i]
                 score_k = probs_kt @ version.task_weights
-                order = np.argsort(-score_k, kind="stable")[: request.top_n or len(score_k)]
+                top_n = min(request.top_n or len(score_k), len(score_k))
+                order = top_k_rows(score_k[None], top_n)[1][0]  # ties: the earlier candidate
                 if request.stage == "rank":
                     out["post_ids"] = [(request.post_ids or [])[j] for j in order]
                 else:  # only the answer's posts get their string ids
