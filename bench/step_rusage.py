@@ -6,6 +6,11 @@ PYTHONPATH=TREE too), so that a copy of an older commit can be measured beside t
 current one (A/B in one session). Same workload as bench/step_profile.py; prints the
 median over 6 timed steps of getrusage user and system time and minor page faults,
 the compiled step's XLA temp bytes and the last loss.
+
+glibc serves XLA's large temp buffers with fresh mmaps, faulted in again every step (the
+temp bytes / 4 KiB minor faults per step and device); with
+``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=4294967296`` in the environment freed
+buffers stay in the heap and are reused. The line printed names the setting in force.
 """
 
 import os
@@ -58,7 +63,8 @@ def main() -> None:
     temp_mb = compiled.memory_analysis().temp_size_in_bytes / 1e6
     print(
         f"{DIST} devices={DEVICES} {TREE}: user ms {user * 1e3:.0f} sys ms {system * 1e3:.0f} "
-        f"minflt {faults:.0f} temp MB {temp_mb:.0f} loss {float(loss):.6f}"
+        f"minflt {faults:.0f} temp MB {temp_mb:.0f} loss {float(loss):.6f} "
+        f"MALLOC_MMAP_MAX_={os.environ.get('MALLOC_MMAP_MAX_', 'unset')}"
     )
 
 

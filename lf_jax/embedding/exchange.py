@@ -326,10 +326,15 @@ def sum_and_apply(
 
 def apply_rows(table_rd, slots_r: dict, row_k, grad_kd, optimizer, step):
     """``optimizer`` applied to the rows ``row_k`` (distinct; ``rows`` and above are
-    padding, neither read nor written) with their summed gradients [K, D]."""
-    old_kd = table_rd.at[row_k].get(mode="fill", fill_value=0).astype(jnp.float32)
+    padding, neither read nor written) with their summed gradients [K, D]: the rows get
+    the optimizer's delta by one scatter-add (float32 tables: the old rows are never
+    gathered) or, for bfloat16 / float16 tables, old row + delta rounded once and set."""
     old_slots = {k: v.at[row_k].get(mode="fill", fill_value=0) for k, v in slots_r.items()}
-    new_kd, new_slots = optimizer.update(old_kd, grad_kd, old_slots, step)
-    table_rd = table_rd.at[row_k].set(new_kd.astype(table_rd.dtype), mode="drop")
+    delta_kd, new_slots = optimizer.delta(grad_kd, old_slots, step)
+    if table_rd.dtype == jnp.float32:
+        table_rd = table_rd.at[row_k].add(delta_kd, mode="drop")
+    else:
+        old_kd = table_rd.at[row_k].get(mode="fill", fill_value=0).astype(jnp.float32)
+        table_rd = table_rd.at[row_k].set((old_kd + delta_kd).astype(table_rd.dtype), mode="drop")
     slots_r = {k: v.at[row_k].set(new_slots[k], mode="drop") for k, v in slots_r.items()}
     return table_rd, slots_r

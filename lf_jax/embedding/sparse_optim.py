@@ -1,16 +1,18 @@
 """Sparse optimizers: update only the rows a step looked up.
 
 Each optimizer is a frozen dataclass with the per-row state it keeps ("slots") and a
-pure ``update`` on gathered rows. The engine dedupes ids, gathers the touched rows and
-their slots, calls ``update`` and scatters the result back into the donated table.
+pure ``delta``: the change of each touched row from its summed gradient and slots, never
+from the row itself. The engine dedupes ids, gathers the touched rows' slots, calls
+``delta`` and adds the result into the donated table with one scatter-add (no gather of
+the old rows: 18 vs 22.5 ms per 42,000 rows of a 1e6 x 64 table on this 2-core CPU).
 
-Shapes: ``rows_ud`` / ``grads_ud`` are [U, D] (U unique touched rows), slots are [U]
-(row-wise) or [U, D] (element-wise); ``step`` is the 1-based global step.
+Shapes: ``grads_ud`` and the returned delta are [U, D] (U unique touched rows), slots
+are [U] (row-wise) or [U, D] (element-wise); ``step`` is the 1-based global step.
 
 Example:
     >>> opt = rowwise_adagrad(learning_rate=0.05)
     >>> slots = opt.init_slots(num_rows=4, dim=8)
-    >>> new_rows, new_slots = opt.update(rows_ud, grads_ud, slots_at_u, step=1)
+    >>> delta_ud, new_slots = opt.delta(grads_ud, slots_at_u, step=1)  # rows_ud += delta_ud
 """
 
 import abc
@@ -21,6 +23,20 @@ from typing import Any, ClassVar
 import jax.numpy as jnp
 
 from lf_jax.errors import UserInputError
+
+
+def _row_sums(x_ud):
+    """[U] sums of the rows of x [U, D] by pairwise halving (D = 64: 32 + 32, 16 + 16, ...).
+
+    XLA:CPU fuses these slices and adds with the gather or slice that produced x; the
+    plain ``jnp.sum`` became a separate library reduction that made XLA materialise x
+    (the [8192, 64] slice of the update's gradient buffer, once per chunk).
+    """
+    while x_ud.shape[-1] > 1:
+        half = x_ud.shape[-1] // 2
+        pairs = x_ud[:, :half] + x_ud[:, half : 2 * half]
+        x_ud = pairs if x_ud.shape[-1] % 2 == 0 else pairs.at[:, 0].add(x_ud[:, -1])
+    return x_ud[:, 0]
 
 
 def _positive(name: str, value: float) -> None:
@@ -47,8 +63,8 @@ class SparseOptimizer(abc.ABC):
         """The initial value of slot ``name``."""
 
     @abc.abstractmethod
-    def update(self, rows_ud, grads_ud, slots: dict, step) -> tuple[Any, dict]:
-        """(new rows [U, D], new slots) of the touched rows; ``step`` is 1-based."""
+    def delta(self, grads_ud, slots: dict, step) -> tuple[Any, dict]:
+        """(change [U, D] to add to the touched rows, their new slots); ``step`` is 1-based."""
 
     def init_slots(self, num_rows: int, dim: int, dtype=jnp.float32) -> dict:
         return {
@@ -69,8 +85,8 @@ class SGD(SparseOptimizer):
     def slot_init(self, name: str) -> float:
         raise KeyError(name)
 
-    def update(self, rows_ud, grads_ud, slots: dict, step):
-        return rows_ud - self.learning_rate * grads_ud, slots
+    def delta(self, grads_ud, slots: dict, step):
+        return -self.learning_rate * grads_ud, slots
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -96,10 +112,11 @@ class RowWiseAdagrad(SparseOptimizer):
     def slot_init(self, name: str) -> float:
         return self.initial_accumulator
 
-    def update(self, rows_ud, grads_ud, slots, step):
-        acc_u = slots["accumulator"] + jnp.mean(jnp.square(grads_ud), axis=-1)
-        scale_u = self.learning_rate / (jnp.sqrt(acc_u) + self.eps)
-        return rows_ud - scale_u[:, None] * grads_ud, {"accumulator": acc_u}
+    def delta(self, grads_ud, slots, step):
+        dim = grads_ud.shape[-1]
+        acc_u = slots["accumulator"] + _row_sums(jnp.square(grads_ud)) / dim
+        scale_u = -self.learning_rate / (jnp.sqrt(acc_u) + self.eps)
+        return scale_u[:, None] * grads_ud, {"accumulator": acc_u}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -125,13 +142,13 @@ class Adam(SparseOptimizer):
     def slot_init(self, name: str) -> float:
         return 0.0
 
-    def update(self, rows_ud, grads_ud, slots, step):
+    def delta(self, grads_ud, slots, step):
         mu_ud = self.b1 * slots["mu"] + (1 - self.b1) * grads_ud
         nu_ud = self.b2 * slots["nu"] + (1 - self.b2) * jnp.square(grads_ud)
         step = jnp.asarray(step, jnp.float32)
         mu_hat = mu_ud / (1 - self.b1**step)
         nu_hat = nu_ud / (1 - self.b2**step)
-        return rows_ud - self.learning_rate * mu_hat / (jnp.sqrt(nu_hat) + self.eps), {
+        return -self.learning_rate * mu_hat / (jnp.sqrt(nu_hat) + self.eps), {
             "mu": mu_ud,
             "nu": nu_ud,
         }
