@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from lf_jax.distributed.mesh import make_mesh
-from lf_jax.embedding import row_wise, table_wise
+from lf_jax.embedding import row_wise, table_wise, table_wise_row_wise
 from lf_jax.embedding.collection import EmbeddingCollection
 from lf_jax.embedding.dynamic.keys import InvalidKeysError, join_keys, parse_keys
 from lf_jax.embedding.dynamic.policy import DynamicPolicy, DynamicPolicyError
@@ -70,8 +70,10 @@ def _dyn(plan_entry, vocab=64, weighted=False):
 def test_plans_and_capacities_that_do_not_fit_are_refused():
     with pytest.raises(PlanError, match="dynamic table 'post': plan it row_wise over every"):
         _dyn(table_wise())
-    with pytest.raises(SpecError, match="vocab_size 60 .* must divide over the 8 devices"):
+    with pytest.raises(SpecError, match="vocab_size 60 .* must divide over its 8 shards"):
         _dyn(row_wise("data"), vocab=60)
+    with pytest.raises(SpecError, match=r"vocab_size 60 .* 8 shards \(table_wise_row_wise\)"):
+        _dyn(table_wise_row_wise(0, "data"), vocab=60)
     with pytest.raises(SpecError, match="feature 'p' reads dynamic table 'post' and is weighted"):
         _dyn(row_wise("data"), weighted=True)
 
@@ -119,7 +121,8 @@ def test_step_scalars_read_counters_past_2_to_the_31():
     shard = init_shard(4, policy)
     shard["counters"] = jnp.asarray(split_totals([3 * WORD + 5, 0, 0, 7, 0, 0, WORD, 2]))
     index = {"post": jax.tree.map(lambda x: jnp.stack([x, x]), shard)}  # two shards
-    dyn = types.SimpleNamespace(policies={"post": policy})
+    layout = types.SimpleNamespace(devices=(0, 1))
+    dyn = types.SimpleNamespace(policies={"post": policy}, layouts={"post": layout})
     values = jax.jit(lambda i: dynamic_scalars(dyn, i, jnp.int32(1)))(index)
     assert float(values["dynamic/post/hits"]) == pytest.approx(2 * (3 * WORD + 5), rel=1e-6)
     assert (

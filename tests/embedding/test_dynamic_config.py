@@ -82,15 +82,15 @@ def test_planner_places_dynamic_tables_row_wise_over_every_axis():
 def test_expected_occupancy_from_the_traffic():
     tables, _, _ = specs_from_config(_embedding({"eviction": "none"}))
     specs = {t.name: t for t in tables}
-    (row,) = explain_tables(specs, shards=8, expected_keys={"post": 32})
+    (row,) = explain_tables(specs, {"post": 8}, expected_keys={"post": 32})
     assert row["slots_per_shard"] == 8 and row["expected_occupancy"] == 0.5
     # 4 keys a shard on average, 3 sd = 3 * sqrt(4 * 7/8) = 5.61: fullest shard 9.61 > 8 slots
     assert row["expected_occupancy_max"] == 1.0
     assert row["expected_note"] == "32 slots to spare"
-    (row,) = explain_tables(specs, shards=2, expected_keys={"post": 100})
+    (row,) = explain_tables(specs, {"post": 2}, expected_keys={"post": 100})
     assert row["expected_occupancy"] == 1.0 and row["expected_note"].startswith("36 keys more")
     assert "refused" in row["expected_note"]
-    (row,) = explain_tables(specs, shards=8)
+    (row,) = explain_tables(specs, {"post": 8})
     assert "expected_keys" not in row  # no traffic given: no estimate
     assert format_rows([row]).startswith("dynamic post: 8 shards x 8 slots")
 
@@ -120,7 +120,7 @@ def test_probe_windows_lower_the_expected_occupancy():
     fit = fitting_keys(DynamicTables(coll), "post", np.arange(300, dtype=np.uint64))
     assert abs(fit.sum() / 304 - occupancy) < 0.06 and jax.device_count() == 8
     tables, _, _ = specs_from_config(_embedding({"probe_limit": 2}))
-    (row,) = explain_tables({t.name: t for t in tables}, shards=8, expected_keys={"post": 64})
+    (row,) = explain_tables({t.name: t for t in tables}, {"post": 8}, expected_keys={"post": 64})
     assert row["window_occupancy"] < row["expected_occupancy"] == 1.0
     assert "probe windows of 2 (keys placed without eviction): occupancy" in format_rows([row])
 
