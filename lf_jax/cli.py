@@ -252,6 +252,8 @@ def _export_run(args, overrides):
     reject_remote(args.workdir, "--workdir")
     reject_remote(args.output, "--output")
     if args.serving:
+        if args.delta:
+            raise UserInputError("--delta updates a corpus export; it does not go with --serving")
         serving_commands.check_export(args)  # before any device work
         setup_devices(args.devices, config, args)
         return serving_commands.run_export(args, config)
