@@ -26,8 +26,8 @@ in full again.
 
 Example:
     >>> source = open_source(config, "runs/ranker_dyn")          # latest checkpoint
-    >>> update_export(source, "posts", "runs/export/posts")
-    DeltaUpdate(entity='posts', since_step=800, step=900, upserts=1204, deletes=311, count=4096)
+    >>> update_export(source, "posts", "runs/export/posts")    # tests/export/test_dynamic_export.py
+    DeltaUpdate(entity='posts', since_step=3, step=5, upserts=25, deletes=10, count=205)
 """
 
 import dataclasses
