@@ -58,6 +58,45 @@ def dedupe(sort_keys: tuple, fill_values: tuple):
     return unique, inverse
 
 
+def reset_inserted(layout: TableLayout, stored, opt_slots, slot_init, new_n, slot_n, hi_n, lo_n):
+    """(stored, opt_slots) with the rows of the keys ``new_n`` [N] inserted at ``slot_n``
+    [N] reset to their initial rows (``initial_rows``, a function of the key) and the
+    optimizer slots to their initial values. A step inserts few of its keys once the
+    table is warm: the new keys are packed into N // 8 entries (one cumsum, one scatter)
+    and only those get rows computed and written; a step with more takes the [N] branch
+    of a ``lax.cond``, with the same result."""
+    spec, group, piece = layout.spec, layout.group, layout.piece
+    n = new_n.shape[0]
+
+    def reset(width, stored, opt_slots):
+        target = jnp.where(new_n, jnp.cumsum(new_n, dtype=jnp.int32) - 1, width)
+        pick = (
+            jnp.full((width,), n, jnp.int32)
+            .at[target]
+            .set(jnp.arange(n, dtype=jnp.int32), mode="drop")
+        )
+        safe = jnp.minimum(pick, n - 1)
+        local = jnp.where(pick < n, piece.row_offset + slot_n[safe], group.rows)
+        fresh = initial_rows(spec, hi_n[safe], lo_n[safe])[:, piece.col_start : piece.col_end]
+        stored = stored.at[0, local].set(fresh.astype(stored.dtype), mode="drop")
+        opt_slots = {
+            k: v.at[0, local].set(jnp.asarray(slot_init[k], v.dtype), mode="drop")
+            for k, v in opt_slots.items()
+        }
+        return stored, opt_slots
+
+    small = n // 8
+    if small == 0:
+        return reset(n, stored, opt_slots)
+    return jax.lax.cond(
+        jnp.sum(new_n, dtype=jnp.int32) > small,
+        functools.partial(reset, n),
+        functools.partial(reset, small),
+        stored,
+        opt_slots,
+    )
+
+
 def resolve_table(
     layout: TableLayout, mesh, stored, opt_slots, index, his, los, valids, step, insert
 ):
@@ -68,7 +107,7 @@ def resolve_table(
     the table's per-device hash tables [S, ...]; ``his``/``los``/``valids``: per feature
     [..., B, L_f] key halves and validity.
     """
-    spec, group, piece, policy = layout.spec, layout.group, layout.piece, layout.policy
+    group, policy = layout.group, layout.policy
     axes = tuple(mesh.axis_names)
     devices = int(np.prod(list(mesh.shape.values())))
     shards = layout.shards
@@ -103,23 +142,22 @@ def resolve_table(
             r_hi, r_lo, r_valid = (
                 jax.lax.all_to_all(x, axes, 0, 0, tiled=True).reshape(-1) for x in sent
             )
-            (o_invalid, o_hi, o_lo), o_inverse = dedupe(
-                ((~r_valid).astype(jnp.int32), r_hi, r_lo), (1, 0, 0)
-            )
-            slot_u, new_u, table = resolve_shard(
-                table, o_hi, o_lo, o_invalid == 0, step, policy, insert
-            )
+            if devices == 1:  # the one owner gets its own keys: distinct, ascending, valid first
+                o_hi, o_lo, o_valid = r_hi, r_lo, r_valid
+                o_inverse = jnp.arange(r_hi.shape[0], dtype=jnp.int32)
+            else:
+                (o_invalid, o_hi, o_lo), o_inverse = dedupe(
+                    ((~r_valid).astype(jnp.int32), r_hi, r_lo), (1, 0, 0)
+                )
+                o_valid = o_invalid == 0
+            slot_u, new_u, table = resolve_shard(table, o_hi, o_lo, o_valid, step, policy, insert)
             back = jax.lax.all_to_all(
                 slot_u[o_inverse].reshape(devices, width), axes, 0, 0, tiled=True
             )
             if insert:  # inserted keys start from fresh rows and optimizer slots
-                local = jnp.where(new_u, piece.row_offset + slot_u, group.rows)
-                fresh = initial_rows(spec, o_hi, o_lo)[:, piece.col_start : piece.col_end]
-                stored = stored.at[0, local].set(fresh.astype(stored.dtype), mode="drop")
-                opt_slots = {
-                    k: v.at[0, local].set(jnp.asarray(slot_init[k], v.dtype), mode="drop")
-                    for k, v in opt_slots.items()
-                }
+                stored, opt_slots = reset_inserted(
+                    layout, stored, opt_slots, slot_init, new_u, slot_u, o_hi, o_lo
+                )
             got = back.at[to_device, within].get(mode="fill", fill_value=-1)
             return got, stored, opt_slots, table
 
