@@ -10,6 +10,7 @@ from lf_jax.embedding.config_specs import (
     dynamic_expected_keys,
     specs_from_config,
 )
+from lf_jax.embedding.dynamic.layout import table_shards
 from lf_jax.embedding.dynamic.policy import DynamicPolicy
 from lf_jax.embedding.dynamic.report import explain_tables, format_rows, window_fill
 from lf_jax.planner import plan_tables
@@ -132,3 +133,28 @@ def test_lf_jax_plan_explains_dynamic_tables(capsys):
     assert "dynamic member: 8 shards x 18 slots" in out
     assert "expected: 1,000 keys -> occupancy 1.00" in out
     assert "504 keys more than slots: evicted (lru) as they come" in out
+
+
+def test_plan_reports_each_dynamic_table_on_its_own_shards():
+    """table_wise_row_wise over "model" of a 2 x 4 mesh: 4 shards of 16 slots; row_wise
+    over every axis: 8 of 8; static tables are not listed."""
+    from lf_jax.embedding import row_wise, table_wise_row_wise
+    from lf_jax.embedding.plan import validate_plan
+    from lf_jax.embedding.spec import TableSpec
+
+    specs = {
+        "post": TableSpec(name="post", vocab_size=64, dim=4, dynamic=DynamicPolicy()),
+        "member": TableSpec(name="member", vocab_size=64, dim=4, dynamic=DynamicPolicy()),
+        "tag": TableSpec(name="tag", vocab_size=10, dim=4),
+    }
+    mesh = {"data": 2, "model": 4}
+    plan = {
+        "post": table_wise_row_wise(1, "model"),
+        "member": row_wise(("data", "model")),
+        "tag": row_wise("model"),
+    }
+    shards = table_shards(specs, validate_plan(plan, specs, mesh), mesh)
+    assert shards == {"post": 4, "member": 8}
+    rows = {row["table"]: row for row in explain_tables(specs, shards)}
+    assert rows["post"]["slots_per_shard"] == 16 and rows["member"]["slots_per_shard"] == 8
+    assert format_rows([rows["post"]]).startswith("dynamic post: 4 shards x 16 slots")
