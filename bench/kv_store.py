@@ -24,7 +24,8 @@ import time
 import numpy as np
 
 from lf_jax.console import set_verbosity
-from lf_jax.export.kv_store import KVStore, quantization_error
+from lf_jax.export.kv_store import KVStore
+from lf_jax.export.quantize import quantization_error
 
 
 def run(directory: str, dtype: str, ids: list[str], vectors: np.ndarray, args) -> dict:

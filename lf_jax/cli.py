@@ -7,7 +7,6 @@ explains it. Config overrides follow ml_collections' ``--config.a.b=value`` conv
 """
 
 import argparse
-import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -138,6 +137,7 @@ def _plan_run(args, overrides):
         memory_budget_from_config,
         specs_from_config,
     )
+    from lf_jax.embedding.dynamic.layout import table_shards
     from lf_jax.embedding.dynamic.report import explain_tables, format_rows
     from lf_jax.embedding.plan import save_plan
     from lf_jax.planner import plan_tables
@@ -153,9 +153,10 @@ def _plan_run(args, overrides):
         device_count=config.devices,
     )
     print(result.format_table())
+    by_name = {t.name: t for t in tables}
     dynamic = explain_tables(
-        {t.name: t for t in tables},
-        math.prod(result.mesh_shape.values()),
+        by_name,
+        table_shards(by_name, result.plan, result.mesh_shape),
         dynamic_expected_keys(config.embedding),
     )
     if dynamic:
@@ -251,6 +252,8 @@ def _export_run(args, overrides):
     reject_remote(args.workdir, "--workdir")
     reject_remote(args.output, "--output")
     if args.serving:
+        if args.delta:
+            raise UserInputError("--delta updates a corpus export; it does not go with --serving")
         serving_commands.check_export(args)  # before any device work
         setup_devices(args.devices, config, args)
         return serving_commands.run_export(args, config)

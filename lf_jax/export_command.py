@@ -8,6 +8,9 @@ parser, ``run_corpus_export`` runs it once cli.py has resolved the config (the
 Example:
     lf-jax export --config configs/dual_encoder.py:size=tiny --workdir runs/de \\
         --entity items --output runs/items --index --kv
+    # a run with dynamic tables: export the live keys once, then only what changed
+    lf-jax export --config ... --workdir runs/dyn --entity posts --output runs/posts --kv
+    lf-jax export --config ... --workdir runs/dyn --entity posts --output runs/posts --delta
 """
 
 import argparse
@@ -18,7 +21,7 @@ from lf_jax.errors import UserInputError
 
 def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
     """--step, --entity, --output, --index, --kv, --dims, --metric, --target-recall,
-    --batch-size."""
+    --batch-size, --delta."""
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     parser.add_argument(
         "--entity",
@@ -58,6 +61,12 @@ def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
         help="recall@10 the index is tuned to (default: 0.95)",
     )
     parser.add_argument("--batch-size", type=int, default=1024, help="entities per embedding batch")
+    parser.add_argument(
+        "--delta",
+        action="store_true",
+        help="update the export at --output (of a dynamic table) in place with the rows "
+        "changed since the checkpoint step it records: its kv/, index/, vectors and ids",
+    )
 
 
 def run_corpus_export(args: argparse.Namespace, config) -> None:
@@ -67,6 +76,9 @@ def run_corpus_export(args: argparse.Namespace, config) -> None:
 
     if args.entity is None:
         raise UserInputError("--entity is required (members, posts or items) without --serving")
+    if args.delta:
+        _run_delta(args, config)
+        return
     check_output(args.output)  # before any device work
     setup_devices(args.devices, config, args)
     from lf_jax.export.embed_corpus import export_corpus, open_source
@@ -100,3 +112,45 @@ def run_corpus_export(args: argparse.Namespace, config) -> None:
         print(
             f"  kv/     LMDB int8, version {m['kv']['version']}, {m['kv']['bytes_on_disk']:,} bytes"
         )
+
+
+def _run_delta(args: argparse.Namespace, config) -> None:
+    """``--delta``: the export at --output is read (and checked) before any device work;
+    the options that shape a new export are refused (the export keeps its own)."""
+    from lf_jax.export.embed_corpus import load_export
+
+    given = [
+        flag
+        for flag, value in (
+            ("--index", args.index),
+            ("--kv", args.kv),
+            ("--dims", args.dims is not None),
+            ("--metric", args.metric is not None),
+        )
+        if value
+    ]
+    if given:
+        raise UserInputError(
+            f"--delta updates what the export at --output holds (its dims, metric, index/ "
+            f"and kv/); drop {given[0]}"
+        )
+    _, _, manifest = load_export(args.output)
+    if "dynamic_table" not in manifest:
+        raise UserInputError(
+            f"--delta: '{args.output}' is an export of a static table ({manifest['entity']}); "
+            "only exports of dynamic tables take increments"
+        )
+    setup_devices(args.devices, config, args)
+    from lf_jax.export.delta_corpus import update_export
+    from lf_jax.export.embed_corpus import open_source
+
+    source = open_source(config, args.workdir, args.step)
+    try:
+        result = update_export(source, args.entity, args.output)
+    finally:
+        source.close()
+    print(
+        f"delta {result.entity}: checkpoint step {result.since_step} -> {result.step}, "
+        f"{result.upserts:,} upserts, {result.deletes:,} deletes, {result.count:,} rows now "
+        f"-> {args.output}"
+    )

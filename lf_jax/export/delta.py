@@ -16,7 +16,8 @@ A key is exported under a string name, by default its 64-bit value in decimal (t
 feed ranker's ids are its keys); pass ``names`` to map keys back to string ids (keys of
 string ids are fingerprints and cannot be inverted). Finding deletes reads every name of
 the store or index once (O(exported rows) on the host). Export at step 0 or of a fresh
-store is a full export: every alive key is an upsert.
+store is a full export: every alive key is an upsert. ``lf-jax export --delta``
+(lf_jax.export.delta_corpus) applies the same increment to an export directory.
 
 Shapes: K alive keys, D dim; TableDelta.upsert_keys [U] uint64, upsert_rows [U, D].
 
@@ -102,6 +103,30 @@ def table_delta(
     )
 
 
+def apply_delta(
+    delta: TableDelta,
+    upsert_names: list[str],
+    *,
+    store=None,
+    index=None,
+    version: str,
+    dims: int | None = None,
+) -> None:
+    """Writes ``delta`` (its upserts named ``upsert_names``, rows cut to the first ``dims``
+    columns) to a KVStore (put under ``version``, delete) and/or a VectorIndex (upsert,
+    delete). Idempotent: applying it twice leaves what applying it once leaves."""
+    rows = delta.upsert_rows[:, :dims] if dims is not None else delta.upsert_rows
+    if store is not None:
+        if upsert_names:
+            store.put(upsert_names, rows, version)
+        store.delete(delta.delete_names)
+    if index is not None:
+        if upsert_names:
+            index.upsert(upsert_names, rows)
+        if delta.delete_names:
+            index.delete(delta.delete_names, missing_ok=True)
+
+
 def export_delta(
     dyn: DynamicTables,
     state: Mapping,
@@ -123,13 +148,7 @@ def export_delta(
         exported |= set(index.ids.tolist())
     delta = table_delta(dyn, state, table, since_step, exported, names)
     upsert_names = names(delta.upsert_keys)
-    if store is not None:
-        if upsert_names:
-            store.put(upsert_names, delta.upsert_rows, version or f"step-{delta.step}")
-        store.delete(delta.delete_names)
-    if index is not None:
-        if upsert_names:
-            index.upsert(upsert_names, delta.upsert_rows)
-        if delta.delete_names:
-            index.delete(delta.delete_names, missing_ok=True)
+    apply_delta(
+        delta, upsert_names, store=store, index=index, version=version or f"step-{delta.step}"
+    )
     return DeltaCounts(table, delta.step, len(upsert_names), len(delta.delete_names), delta.alive)

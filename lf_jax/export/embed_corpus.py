@@ -69,6 +69,7 @@ class CorpusSource(Protocol):
     def dims(self, entity: str) -> int: ...
     def corpus(self, entity: str) -> tuple[Sequence[str], Any]: ...  # ids [N], records [N, ...]
     def embed(self, entity: str, records) -> np.ndarray: ...  # [b, D] float
+    def dynamic_table(self, entity: str) -> str | None: ...  # its dynamic table, if any
     def close(self) -> None: ...  # frees what it holds
 
 
@@ -203,6 +204,9 @@ def export_corpus(
         "created_at": manifest_timestamp(),
         "files": {"vectors": "vectors.npy", "ids": "ids.npy"},
     }
+    table = source.dynamic_table(entity)
+    if table is not None:  # `lf-jax export --delta` updates it from checkpoint_step on
+        manifest["dynamic_table"] = table
     temp = temp_sibling(target)
     try:
         temp.mkdir()
@@ -333,16 +337,18 @@ def find_checkpoint(workdir: str | os.PathLike, step: int | None) -> tuple[Path,
 
 
 def restore_state(
-    template: dict, collection, directory: Path, step: int | None
+    template: dict, collection, directory: Path, step: int | None, dynamic=None
 ) -> tuple[dict, int]:
     """(state, step): the state of ``template``'s structure (and of ``collection``'s tables,
     None for a model without tables) at checkpoint ``step`` of ``directory``, after a shape
-    check; ``step=None``: the newest readable step (a damaged newer one is moved aside)."""
+    check; ``step=None``: the newest readable step (a damaged newer one is moved aside).
+    ``dynamic``: the collection's DynamicTables (hash tables of another device count or
+    placement are rehashed)."""
     from lf_jax.train.checkpoint import Checkpointer
 
     checkpointer = Checkpointer(directory, create=False)
     try:
-        state, _, restored = checkpointer.restore_newest(template, collection, step)
+        state, _, restored = checkpointer.restore_newest(template, collection, step, dynamic)
     finally:
         checkpointer.close()
     return state, restored

@@ -28,14 +28,12 @@ Example:
     ...     store.stats()["bytes_on_disk"]
 
 The quantization and row layout live in quantize.py, the id and vector checks in
-kv_inputs.py.
+kv_inputs.py, the LMDB directory's header and version bookkeeping in kv_meta.py.
 """
 
 import dataclasses
-import json
 import os
 from pathlib import Path
-from typing import Any
 
 import lmdb
 import numpy as np
@@ -48,18 +46,18 @@ from lf_jax.export.kv_inputs import (
     check_vectors,
     encode_keys,
 )
+from lf_jax.export.kv_meta import (
+    directory_stats,
+    open_store,
+    read_meta,
+    version_slot,
+    write_meta,
+)
 from lf_jax.export.quantize import RowCodec
 
-FORMAT = "lf_jax.KVStore"
-FORMAT_VERSION = 1
-DTYPES = ("int8", "float32")
-MAX_VERSIONS = 65535
 DEFAULT_MAP_SIZE = 1 << 30  # grows by doubling when full
 DEFAULT_BATCH_SIZE = 10_000
 MAX_RETRIES = 32  # per batch: map growths and adoptions of another writer's resize
-_META_FORMAT = b"format"
-_META_VERSIONS = b"versions"  # json list: version index -> name
-_META_COUNTS = b"version_counts"  # json list: rows per version index
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,77 +97,9 @@ class KVStore:
         sync: bool = True,
     ):
         self.path = Path(path)
-        if dims is not None:
-            check_int("dims", dims, KVStoreError)
-        if dtype not in DTYPES:
-            raise KVStoreError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-        exists = (self.path / "data.mdb").is_file()
-        if not exists and readonly:
-            raise KVStoreError(
-                f"KVStore: '{self.path}' holds no store (no data.mdb) to open read-only"
-            )
-        if not exists and dims is None:
-            raise KVStoreError(
-                f"KVStore: '{self.path}' holds no store yet; pass dims=... to create one"
-            )
-        if self.path.exists() and not self.path.is_dir():
-            raise KVStoreError(f"KVStore: '{self.path}' exists and is not a directory")
-        try:
-            if not readonly:
-                self.path.mkdir(parents=True, exist_ok=True)
-            self._env = lmdb.open(
-                str(self.path),
-                map_size=map_size,
-                max_dbs=2,
-                readonly=readonly,
-                lock=True,
-                sync=sync,
-                metasync=sync,
-            )
-        except (OSError, lmdb.Error) as error:
-            raise KVStoreError(
-                f"KVStore: cannot open '{self.path}'"
-                f"{' for writing' if not readonly else ''}: {error}"
-            ) from None
-        try:
-            self._meta = self._env.open_db(b"meta", create=not readonly)
-            self._rows = self._env.open_db(b"vectors", create=not readonly)
-        except lmdb.Error as error:
-            self._env.close()
-            raise KVStoreError(f"KVStore: '{self.path}' is not a KVStore ({error})") from None
-        with self._env.begin(db=self._meta) as txn:
-            stored_header = txn.get(_META_FORMAT)
-        header: dict[str, Any]
-        if stored_header is None:
-            if readonly:
-                self._env.close()
-                raise KVStoreError(
-                    f"KVStore: '{self.path}' is an LMDB directory without KVStore metadata"
-                )
-            header = {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "dims": check_int("dims", dims, KVStoreError),  # required for a new store
-                "dtype": dtype,
-            }
-            with self._env.begin(write=True, db=self._meta) as txn:
-                txn.put(_META_FORMAT, json.dumps(header).encode())
-                txn.put(_META_VERSIONS, b"[]")
-                txn.put(_META_COUNTS, b"[]")
-        else:
-            header = json.loads(stored_header)
-            if header.get("format") != FORMAT or header.get("format_version") != FORMAT_VERSION:
-                self._env.close()
-                raise KVStoreError(
-                    f"KVStore: '{self.path}' has format {header.get('format')!r} version "
-                    f"{header.get('format_version')!r}, expected {FORMAT!r} {FORMAT_VERSION}"
-                )
-            if dims is not None and dims != header["dims"]:
-                self._env.close()
-                raise KVStoreError(
-                    f"dims={dims} does not match the store at '{self.path}', which holds "
-                    f"{header['dims']}-dim vectors"
-                )
+        self._env, self._meta, self._rows, header = open_store(
+            self.path, dims, dtype, readonly=readonly, map_size=map_size, sync=sync
+        )
         self.dims: int = int(header["dims"])
         self.dtype: str = header["dtype"]
         self.readonly = readonly
@@ -222,11 +152,6 @@ class KVStore:
                 f"expected {size}; the store is corrupt or of another layout"
             )
         return self._codec.decode(values)
-
-    def _read_meta(self, txn) -> tuple[list[str], list[int]]:
-        versions = json.loads(txn.get(_META_VERSIONS, db=self._meta))
-        counts = json.loads(txn.get(_META_COUNTS, db=self._meta))
-        return versions, counts
 
     def _write_batch(self, txn, keys: list[bytes], values: list[bytes]) -> None:
         """Puts one batch inside its transaction (a seam for tests that kill the writer)."""
@@ -305,16 +230,8 @@ class KVStore:
         self, keys: list[bytes], vectors: np.ndarray, version: str, tolerance: float | None
     ) -> tuple[int, int, int]:
         with self._env.begin(write=True) as txn:
-            versions, counts = self._read_meta(txn)
-            if version not in versions:
-                if len(versions) >= MAX_VERSIONS:
-                    raise KVStoreError(
-                        f"version {version!r}: the store already holds {MAX_VERSIONS} "
-                        "versions; rewrite it with fewer"
-                    )
-                versions.append(version)
-                counts.append(0)
-            version_index = versions.index(version)
+            versions, counts = read_meta(txn, self._meta)
+            version_index = version_slot(versions, counts, version)
             records = self._codec.encode(vectors, version_index)
             old_values = [txn.get(key, db=self._rows) for key in keys]
             present = np.array([value is not None for value in old_values])
@@ -337,8 +254,7 @@ class KVStore:
                     txn, [keys[i] for i in chosen.tolist()], self._codec.values(records[chosen])
                 )
                 counts[version_index] += int(chosen.size)
-            txn.put(_META_VERSIONS, json.dumps(versions).encode(), db=self._meta)
-            txn.put(_META_COUNTS, json.dumps(counts).encode(), db=self._meta)
+            write_meta(txn, self._meta, versions, counts)
         num_new = int((~present).sum())
         return int(write.sum()), int((~write).sum()), num_new
 
@@ -386,13 +302,13 @@ class KVStore:
         removed = 0
         for start in range(0, len(keys), batch_size):
             with self._env.begin(write=True) as txn:
-                versions, counts = self._read_meta(txn)
+                versions, counts = read_meta(txn, self._meta)
                 for key in keys[start : start + batch_size]:
                     value = txn.pop(key, db=self._rows)
                     if value is not None:
                         counts[self._decode([value], [key])["version"][0]] -= 1
                         removed += 1
-                txn.put(_META_COUNTS, json.dumps(counts).encode(), db=self._meta)
+                write_meta(txn, self._meta, versions, counts)
         return removed
 
     # ---------------------------------------------------------------- reads
@@ -440,7 +356,7 @@ class KVStore:
         """Stored codes [n, D], scales [n] and version names [n] ('' for missing ids)."""
         records, found, _ = self._read(ids, missing)
         with self._reader() as txn:
-            names = np.array(self._read_meta(txn)[0] or [""])
+            names = np.array(read_meta(txn, self._meta)[0] or [""])
         versions = names[records["version"].astype(np.int64)]
         versions[~found] = ""
         return RawRows(
@@ -453,34 +369,18 @@ class KVStore:
             return [key.decode() for key in cursor.iternext(keys=True, values=False)]
 
     def stats(self) -> dict:
-        """Counts and sizes of the store.
-
-        count, dims, dtype, versions {name: rows}; bytes_on_disk (allocated blocks of
-        data.mdb), bytes_live (pages of the current B-trees: what ``copy_compact``
-        would write; the rest of the file is free pages that later writes reuse),
-        bytes_float32 (count * dims * 4, the raw float32 vectors), row_bytes (value
-        bytes per row).
-        """
+        """Counts and sizes of the store: count, dims, dtype, versions {name: rows},
+        bytes_on_disk, file_bytes, bytes_live, bytes_float32, map_size (see
+        ``kv_meta.directory_stats``) and row_bytes (value bytes per row)."""
         with self._reader() as txn:
-            versions, counts = self._read_meta(txn)
-            trees = [txn.stat(self._rows), txn.stat(self._meta), self._env.stat()]
-        count = trees[0]["entries"]
-        page = trees[0]["psize"]
-        live_pages = 2 + sum(
-            t["branch_pages"] + t["leaf_pages"] + t["overflow_pages"] for t in trees
-        )
-        file_stat = (self.path / "data.mdb").stat()
+            stats = directory_stats(txn, self._env, self._meta, self._rows, self.path)
         return {
-            "count": count,
+            "count": stats["count"],
             "dims": self.dims,
             "dtype": self.dtype,
-            "versions": {name: n for name, n in zip(versions, counts, strict=False) if n},
-            "bytes_on_disk": file_stat.st_blocks * 512,
-            "file_bytes": file_stat.st_size,
-            "bytes_live": live_pages * page,
-            "bytes_float32": count * self.dims * 4,
+            **stats,
+            "bytes_float32": stats["count"] * self.dims * 4,
             "row_bytes": self._row_dtype.itemsize,
-            "map_size": self._env.info()["map_size"],
         }
 
     def copy_compact(self, directory: str | os.PathLike) -> Path:

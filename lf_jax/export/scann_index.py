@@ -17,7 +17,7 @@ have the full input width or already ``dims`` columns.
 
 Items can be added, replaced and removed without a rebuild: scann 1.4.2's pybind
 searcher supports ``upsert`` and ``delete`` on both the tree-AH and the brute-force
-searcher (a deleted row is filled by the last one, which this class mirrors). New
+searcher (a deleted row is filled by the last one, which index_updates.py mirrors). New
 items go to the existing partitions and codebooks, which were trained on the original
 corpus: after large changes, ``rebuild()`` retrains and retunes from the current items.
 
@@ -33,11 +33,11 @@ Example:
     >>> found_ids, scores = index.search(queries, k=10)
     >>> index.save("/tmp/item_index"); VectorIndex.load("/tmp/item_index").count
 
-Input checks live in index_inputs.py, parameter choice and tuning in scann_tuning.py, the
-directory format in index_files.py.
+Input checks live in index_inputs.py, building in index_build.py, parameter choice and
+tuning in scann_tuning.py, in-place updates in index_updates.py, the directory format in
+index_files.py.
 """
 
-import math
 import os
 import time
 from pathlib import Path
@@ -46,33 +46,29 @@ import numpy as np
 
 from lf_jax.checks import check_int
 from lf_jax.console import get_logger
+from lf_jax.export.index_build import build_parts
 from lf_jax.export.index_files import (
-    FORMAT,
-    FORMAT_VERSION,
-    manifest_timestamp,
     read_index_directory,
-    scann_version,
     write_atomically,
     write_index_files,
 )
 from lf_jax.export.index_inputs import (
     VectorIndexError,
     check_ids,
-    check_metric,
     check_recall,
     check_unique_ids,
     prepare_vectors,
 )
+from lf_jax.export.index_updates import deletable_keys, delete_rows, upsert_rows
 from lf_jax.export.scann_tuning import (
     BRUTE_FORCE_BELOW,
     TUNE_QUERIES,
     SearchParams,
-    build_searcher,
-    choose_params,
     describe_params,
     exact_search,
     recall_of,
-    run_tuning_trials,
+    search_rows,
+    tune_search,
 )
 
 
@@ -130,81 +126,19 @@ class VectorIndex:
         sample of ``num_tune_queries`` corpus vectors). dims: keep the first ``dims``
         columns (Matryoshka). model, checkpoint_step: recorded in the manifest.
         """
-        metric = check_metric(metric)
-        target_recall = check_recall("target_recall", target_recall)
-        num_neighbors = check_int("num_neighbors", num_neighbors, VectorIndexError)
-        brute_force_below = check_int("brute_force_below", brute_force_below, VectorIndexError)
-        if checkpoint_step is not None:
-            check_int("checkpoint_step", checkpoint_step, VectorIndexError, minimum=0)
-        shape = np.shape(vectors)
-        if len(shape) != 2:
-            raise VectorIndexError(f"vectors must be 2-D [N, D], got shape {shape}")
-        if shape[0] == 0:
-            raise VectorIndexError(
-                "vectors: the corpus is empty (0 vectors); an index needs at least one"
-            )
-        if dims is not None:
-            dims = check_int("dims", dims, VectorIndexError)
-            if dims > shape[1]:
-                raise VectorIndexError(f"dims={dims} is more than the vectors' {shape[1]} columns")
-        id_array = check_ids(ids, shape[0])
-        check_unique_ids(id_array)
-        if num_neighbors > shape[0]:
-            raise VectorIndexError(
-                f"num_neighbors={num_neighbors} is more than the {shape[0]} vectors"
-            )
-        corpus = prepare_vectors(
-            vectors, field="vectors", metric=metric, width=None, dims=dims, ids=id_array
-        )
-        params, reason = choose_params(
-            corpus.shape[0],
-            num_neighbors=num_neighbors,
-            metric=metric,
-            brute_force_below=brute_force_below,
-        )
-        start = time.perf_counter()
-        try:
-            searcher = build_searcher(corpus, params, metric, training_threads)
-        except RuntimeError as error:  # ScaNN's own checks (should not happen after ours)
-            raise VectorIndexError(
-                f"ScaNN could not build the index ({params.mode}): {error}"
-            ) from None
-        build_seconds = time.perf_counter() - start
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "model": model,
-            "checkpoint_step": None if checkpoint_step is None else int(checkpoint_step),
-            "metric": metric,
-            "input_dim": int(shape[1]),
-            "dims": corpus.shape[1],
-            "count": corpus.shape[0],
-            "mode_reason": reason,
-            "brute_force_below": brute_force_below,
-            "build_seconds": round(build_seconds, 3),
-            "built_at": manifest_timestamp(),
-            "scann_version": scann_version(),
-            "target_recall": target_recall,
-            "recall": None,
-            "updates_since_recall": 0,
-        }
         index = cls(
-            searcher=searcher,
-            ids=id_array,
-            vectors=corpus,
-            metric=metric,
-            input_dim=int(shape[1]),
-            dims=corpus.shape[1],
-            params=params,
-            manifest=manifest,
-        )
-        get_logger().info(
-            "VectorIndex: built %s over %d x %d in %.1f s (%s)",
-            params.mode,
-            corpus.shape[0],
-            corpus.shape[1],
-            build_seconds,
-            reason,
+            **build_parts(
+                vectors,
+                ids,
+                metric=metric,
+                target_recall=target_recall,
+                num_neighbors=num_neighbors,
+                dims=dims,
+                brute_force_below=brute_force_below,
+                model=model,
+                checkpoint_step=checkpoint_step,
+                training_threads=training_threads,
+            )
         )
         if tune:
             index.tune(
@@ -226,25 +160,8 @@ class VectorIndex:
             dims=self.dims if self.dims < self.input_dim else None,
         )
 
-    def _raw_search(
-        self,
-        queries: np.ndarray,
-        k: int,
-        leaves: int | None,
-        reorder: int | None,
-        batch_size: int = 256,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        if self.params.mode == "brute_force":
-            leaves, pre = -1, -1
-        else:
-            leaves = self.params.leaves_to_search if leaves is None else leaves
-            base = self.params.reorder_k if reorder is None else reorder
-            pre = max(k, math.ceil(base * max(1.0, k / self.params.num_neighbors)))
-        parallel = queries.shape[0] >= 2 * batch_size and (os.cpu_count() or 1) > 1
-        rows, scores = self._searcher.search_batched(
-            queries, k, pre, leaves, parallel, batch_size if parallel else 0
-        )
-        return np.asarray(rows), np.asarray(scores, np.float32)
+    def _raw_search(self, queries, k, leaves, reorder, batch_size: int = 256):
+        return search_rows(self._searcher, self.params, queries, k, leaves, reorder, batch_size)
 
     def _tune_queries(self, queries, num_queries: int, seed: int) -> tuple[np.ndarray, str]:
         if queries is not None:
@@ -310,37 +227,17 @@ class VectorIndex:
         prepared, source = self._tune_queries(queries, num_queries, seed)
         start = time.perf_counter()
         exact_rows, _ = exact_search(self._require_vectors("tune"), prepared, k, self.metric)
-        goal = min(1.0, target + margin)
-        params, recall, trials = run_tuning_trials(
+        self.params, report = tune_search(
             lambda leaves, reorder: self._raw_search(prepared, k, leaves, reorder),
             exact_rows,
             self.params,
             count=self.count,
-            goal=goal,
+            target=target,
+            margin=margin,
+            source=source,
+            start=start,
         )
-        report = {
-            "recall": round(recall, 5),
-            "k": k,
-            "target_recall": target,
-            "goal": goal,
-            "target_met": recall >= target,
-            "num_queries": int(prepared.shape[0]),
-            "queries": source,
-            "count": self.count,
-            "tune_seconds": round(time.perf_counter() - start, 3),
-            "trials": trials,
-        }
-        self.params = params
         self.manifest.update(recall=report, target_recall=target, updates_since_recall=0)
-        log = get_logger().info if report["target_met"] else get_logger().warning
-        log(
-            "VectorIndex.tune: recall@%d = %.4f (target %.3f%s) with %s",
-            k,
-            recall,
-            target,
-            "" if report["target_met"] else ", NOT MET",
-            describe_params(params),
-        )
         return report
 
     # ---------------------------------------------------------------- search
@@ -419,35 +316,17 @@ class VectorIndex:
             dims=self.dims if self.dims < self.input_dim else None,
             ids=id_array,
         )
-        rows = self._rows()
-        keys = id_array.tolist()
-        indices = [rows.get(key) for key in keys]
-        try:
-            assigned = self._searcher.upsert(
-                indices, prepared, check_int("batch_size", batch_size, VectorIndexError)
-            )
-        except RuntimeError as error:
-            raise VectorIndexError(f"ScaNN upsert failed: {error}") from None
-        assigned = np.asarray(assigned, np.int64)
-        new = np.array([index is None for index in indices])
-        replaced_rows = assigned[~new]
-        added_rows = assigned[new]
-        expected_rows = np.arange(self.count, self.count + added_rows.size)
-        if added_rows.size and not np.array_equal(added_rows, expected_rows):
-            raise RuntimeError("ScaNN placed new items out of order; the id map would be wrong")
-        self._ids = np.concatenate([self._ids, id_array[new]]) if added_rows.size else self._ids
-        for key, row in zip(id_array[new].tolist(), added_rows.tolist(), strict=False):
-            rows[key] = row
-        if self._vectors is not None:
-            vectors_now = (
-                np.array(self._vectors) if not self._vectors.flags.writeable else self._vectors
-            )
-            vectors_now[replaced_rows] = prepared[~new]
-            self._vectors = (
-                np.concatenate([vectors_now, prepared[new]]) if added_rows.size else vectors_now
-            )
+        self._ids, self._vectors, added, replaced = upsert_rows(
+            self._searcher,
+            self._ids,
+            self._vectors,
+            self._rows(),
+            id_array,
+            prepared,
+            check_int("batch_size", batch_size, VectorIndexError),
+        )
         self._after_update(int(id_array.size))
-        return {"added": int(added_rows.size), "replaced": int(replaced_rows.size)}
+        return {"added": added, "replaced": replaced}
 
     def delete(self, ids, *, missing_ok: bool = False) -> int:
         """Removes ids from the index without a rebuild; returns how many were removed.
@@ -455,44 +334,17 @@ class VectorIndex:
         An unknown id is an error naming it (unless ``missing_ok``). The last row moves
         into each freed row, as ScaNN does.
         """
-        id_array = check_ids(ids, None)
         rows = self._rows()
-        keys = list(dict.fromkeys(id_array.tolist()))
-        unknown = [key for key in keys if key not in rows]
-        if unknown and not missing_ok:
-            raise VectorIndexError(
-                f"ids: {len(unknown)} of {len(keys)} ids are not in the index "
-                f"(first: {unknown[0]!r}); pass missing_ok=True to skip them"
-            )
-        keys = [key for key in keys if key in rows]
-        if len(keys) >= self.count:
-            raise VectorIndexError(
-                f"ids: deleting all {self.count} items would leave an empty "
-                "index; build a new one instead"
-            )
+        keys = deletable_keys(check_ids(ids, None), rows, missing_ok)
         if not keys:
             return 0
-        ids_now = self._ids.copy()
-        vectors_now = None if self._vectors is None else np.array(self._vectors)
-        indices, size = [], self.count
-        for key in keys:  # sequential, as ScaNN applies them: the last row fills the hole
-            row = rows.pop(key)
-            indices.append(row)
-            last = size - 1
-            if row != last:
-                moved = str(ids_now[last])
-                ids_now[row] = moved
-                rows[moved] = row
-                if vectors_now is not None:
-                    vectors_now[row] = vectors_now[last]
-            size -= 1
         try:
-            self._searcher.delete(indices)
-        except RuntimeError as error:
+            self._ids, self._vectors = delete_rows(
+                self._searcher, self._ids, self._vectors, rows, keys
+            )
+        except VectorIndexError:
             self._row = None
-            raise VectorIndexError(f"ScaNN delete failed: {error}") from None
-        self._ids = ids_now[:size]
-        self._vectors = None if vectors_now is None else vectors_now[:size]
+            raise
         self._after_update(len(keys))
         return len(keys)
 

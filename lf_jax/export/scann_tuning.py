@@ -24,9 +24,12 @@ Example:
 
 import dataclasses
 import math
+import os
 import time
 
 import numpy as np
+
+from lf_jax.console import get_logger
 
 MODES = ("tree_ah", "brute_force")
 BRUTE_FORCE_BELOW = 2000
@@ -250,3 +253,72 @@ def describe_params(params: SearchParams) -> str:
         f"leaves_to_search={params.leaves_to_search}, "
         f"reorder_k={params.reorder_k}"
     )
+
+
+def tune_search(
+    search,
+    exact_rows: np.ndarray,
+    params: SearchParams,
+    *,
+    count: int,
+    target: float,
+    margin: float,
+    source: str,
+    start: float,
+) -> tuple[SearchParams, dict]:
+    """(tuned params, report) of ``run_tuning_trials`` towards ``target + margin`` (at
+    most 1) on the queries whose exact top-k rows are ``exact_rows`` [Q, k] (``source``
+    says where they came from; ``count``: the index's items; ``start``: the
+    perf_counter when tuning began). The
+    report (``VectorIndex.manifest["recall"]``): recall, k, target_recall, goal,
+    target_met, num_queries, queries, count, tune_seconds, trials. Logs the result (a
+    warning when the target is not met)."""
+    goal = min(1.0, target + margin)
+    tuned, recall, trials = run_tuning_trials(search, exact_rows, params, count=count, goal=goal)
+    report = {
+        "recall": round(recall, 5),
+        "k": int(exact_rows.shape[1]),
+        "target_recall": target,
+        "goal": goal,
+        "target_met": recall >= target,
+        "num_queries": int(exact_rows.shape[0]),
+        "queries": source,
+        "count": count,
+        "tune_seconds": round(time.perf_counter() - start, 3),
+        "trials": trials,
+    }
+    log = get_logger().info if report["target_met"] else get_logger().warning
+    log(
+        "VectorIndex.tune: recall@%d = %.4f (target %.3f%s) with %s",
+        report["k"],
+        recall,
+        target,
+        "" if report["target_met"] else ", NOT MET",
+        describe_params(tuned),
+    )
+    return tuned, report
+
+
+def search_rows(
+    searcher,
+    params: SearchParams,
+    queries: np.ndarray,
+    k: int,
+    leaves: int | None,
+    reorder: int | None,
+    batch_size: int = 256,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rows [Q, k], scores [Q, k] float32) of prepared ``queries`` [Q, d] with ``params``'
+    settings, or ``leaves`` / ``reorder`` instead (reorder_k grows with k beyond
+    num_neighbors); batches of ``batch_size`` over ScaNN's threads for many queries."""
+    if params.mode == "brute_force":
+        leaves, pre = -1, -1
+    else:
+        leaves = params.leaves_to_search if leaves is None else leaves
+        base = params.reorder_k if reorder is None else reorder
+        pre = max(k, math.ceil(base * max(1.0, k / params.num_neighbors)))
+    parallel = queries.shape[0] >= 2 * batch_size and (os.cpu_count() or 1) > 1
+    rows, scores = searcher.search_batched(
+        queries, k, pre, leaves, parallel, batch_size if parallel else 0
+    )
+    return np.asarray(rows), np.asarray(scores, np.float32)

@@ -355,7 +355,7 @@ class Checkpointer:
             if jax.process_count() > 1:  # the tables are read whole onto one host
                 raise UserInputError(
                     f"checkpoint step {step} holds dynamic tables of {rehashed[0]} devices; "
-                    f"resuming on {dynamic.shards} rehashes them in one process, this run "
+                    f"resuming on {dynamic.num_devices} rehashes them in one process, this run "
                     f"has {jax.process_count()}: resume on {rehashed[0]} devices"
                 )
             logical, state["dynamic"] = rehash_logical(
@@ -365,7 +365,7 @@ class Checkpointer:
                 "checkpoint step %d: dynamic tables' keys of %d devices rehashed onto %d",
                 step,
                 rehashed[0],
-                dynamic.shards,
+                dynamic.num_devices,
             )
         embedding_shardings = collection.state_shardings()
         state["embedding"] = jax.jit(collection.from_logical, out_shardings=embedding_shardings)(

@@ -48,6 +48,7 @@ def dynamic_scalars(dyn: DynamicTables, index: Mapping, step) -> dict[str, jax.A
         values = {c: total[i] for i, c in enumerate(COUNTERS)}
         values["probe_max"] = jnp.max(words[:, 0, -1])
         alive = jax.vmap(lambda s, n=name: alive_slots(s, step, dyn.policies[n]))(shards)
+        alive = alive[np.asarray(dyn.layouts[name].devices)]  # the table's shards
         values["occupancy"] = jnp.mean(alive)
         values["occupancy_max"] = jnp.max(jnp.mean(alive, axis=1))
         found = values["hits"] + values["inserts"]

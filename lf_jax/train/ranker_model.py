@@ -132,10 +132,12 @@ class RankerModel:
 
     @classmethod
     def from_config(
-        cls, config, mesh, *, micro_batches: int = 1, build: bool = True
+        cls, config, mesh, *, micro_batches: int = 1, build: bool = True, dynamic_ok: bool = False
     ) -> "RankerModel":
         """``build=False`` (export, serving): the dataset must be built already; it is read
-        from its files, without the builder code in data/."""
+        from its files, without the builder code in data/. With ``build=False`` a config
+        with dynamic tables is refused unless ``dynamic_ok`` (the corpus export reads
+        their keys; serving does not)."""
         builder = (
             open_feed_logs(config)
             if build
@@ -146,11 +148,12 @@ class RankerModel:
         meta = dataset_metadata(builder)
         tables, features, hand_plan = ranker_specs(config, meta)
         dynamic_names = [t.name for t in tables if t.dynamic is not None]
-        if dynamic_names and not build:
+        if dynamic_names and not build and not dynamic_ok:
             raise UserInputError(
-                f"config embedding.tables.{dynamic_names[0]}.dynamic: export, serving and "
+                f"config embedding.tables.{dynamic_names[0]}.dynamic: serving artifacts and "
                 f"Ranker.from_workdir read static tables only; a run with dynamic tables "
-                f"{dynamic_names} is evaluated with `lf-jax eval`"
+                f"{dynamic_names} is evaluated with `lf-jax eval` and its tables exported "
+                "with `lf-jax export --entity` (and `--delta`)"
             )
         devices = int(np.prod(list(mesh.shape.values())))
         plan = plan_tables(

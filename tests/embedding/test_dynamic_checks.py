@@ -5,13 +5,20 @@ import numpy as np
 import pytest
 
 from lf_jax.distributed.mesh import make_mesh
-from lf_jax.embedding import row_wise, table_wise
+from lf_jax.embedding import row_wise, table_wise, table_wise_row_wise
 from lf_jax.embedding.collection import EmbeddingCollection
-from lf_jax.embedding.dynamic.keys import InvalidKeysError, join_keys, parse_keys
+from lf_jax.embedding.dynamic.keys import (
+    InvalidKeysError,
+    initial_rows,
+    join_keys,
+    parse_keys,
+)
 from lf_jax.embedding.dynamic.policy import DynamicPolicy, DynamicPolicyError
 from lf_jax.embedding.dynamic.report import explain
+from lf_jax.embedding.dynamic.resolve import reset_inserted
 from lf_jax.embedding.dynamic.tables import DynamicTables
 from lf_jax.embedding.sharding.piece import PlanError
+from lf_jax.embedding.sparse_optim import rowwise_adagrad
 from lf_jax.embedding.spec import FeatureSpec, SpecError, TableSpec
 
 
@@ -70,8 +77,10 @@ def _dyn(plan_entry, vocab=64, weighted=False):
 def test_plans_and_capacities_that_do_not_fit_are_refused():
     with pytest.raises(PlanError, match="dynamic table 'post': plan it row_wise over every"):
         _dyn(table_wise())
-    with pytest.raises(SpecError, match="vocab_size 60 .* must divide over the 8 devices"):
+    with pytest.raises(SpecError, match="vocab_size 60 .* must divide over its 8 shards"):
         _dyn(row_wise("data"), vocab=60)
+    with pytest.raises(SpecError, match=r"vocab_size 60 .* 8 shards \(table_wise_row_wise\)"):
+        _dyn(table_wise_row_wise(0, "data"), vocab=60)
     with pytest.raises(SpecError, match="feature 'p' reads dynamic table 'post' and is weighted"):
         _dyn(row_wise("data"), weighted=True)
 
@@ -119,7 +128,8 @@ def test_step_scalars_read_counters_past_2_to_the_31():
     shard = init_shard(4, policy)
     shard["counters"] = jnp.asarray(split_totals([3 * WORD + 5, 0, 0, 7, 0, 0, WORD, 2]))
     index = {"post": jax.tree.map(lambda x: jnp.stack([x, x]), shard)}  # two shards
-    dyn = types.SimpleNamespace(policies={"post": policy})
+    layout = types.SimpleNamespace(devices=(0, 1))
+    dyn = types.SimpleNamespace(policies={"post": policy}, layouts={"post": layout})
     values = jax.jit(lambda i: dynamic_scalars(dyn, i, jnp.int32(1)))(index)
     assert float(values["dynamic/post/hits"]) == pytest.approx(2 * (3 * WORD + 5), rel=1e-6)
     assert (
@@ -128,3 +138,45 @@ def test_step_scalars_read_counters_past_2_to_the_31():
     assert float(values["dynamic/post/probe_mean"]) == pytest.approx(
         2 * WORD / (2 * (3 * WORD + 12))
     )
+
+
+@pytest.mark.parametrize("count", [0, 3, 4, 5, 32])
+def test_reset_inserted_writes_exactly_the_new_keys(count):
+    """32 keys, packed branch up to 32 // 8 = 4 new ones (the boundary included), the [N]
+    branch above: the new keys' rows are their initial rows, their optimizer slots the
+    initial value, every other row untouched."""
+    mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
+    spec = TableSpec(
+        name="post",
+        vocab_size=64,
+        dim=4,
+        optimizer=rowwise_adagrad(0.1),
+        dynamic=DynamicPolicy(),
+    )
+    feature = FeatureSpec(name="p", table="post", max_ids=2)
+    layout = DynamicTables(
+        EmbeddingCollection([spec], [feature], {"post": row_wise("data")}, mesh)
+    ).layouts["post"]
+    n, rows = 32, layout.group.rows
+    hi = np.arange(n, dtype=np.uint32) * 7919
+    lo = np.arange(n, dtype=np.uint32) + 2**31
+    slot_n = (np.arange(n, dtype=np.int32) * 2) % rows
+    new_n = np.zeros(n, bool)
+    new_n[np.random.default_rng(count).choice(n, count, replace=False)] = True
+    init = {"accumulator": layout.group.optimizer.slot_init("accumulator")}
+    stored, slots = jax.jit(
+        lambda t, s, new, slot, h, lo_: reset_inserted(layout, t, s, init, new, slot, h, lo_)
+    )(
+        np.full((1, rows, 4), 7.0, np.float32),
+        {"accumulator": np.full((1, rows), 5.0, np.float32)},
+        new_n,
+        slot_n,
+        hi,
+        lo,
+    )
+    want_rows = np.full((rows, 4), 7.0, np.float32)
+    want_rows[slot_n[new_n]] = np.asarray(initial_rows(spec, hi[new_n], lo[new_n]))
+    np.testing.assert_array_equal(np.asarray(stored)[0], want_rows)
+    want_slots = np.full(rows, 5.0, np.float32)
+    want_slots[slot_n[new_n]] = init["accumulator"]
+    np.testing.assert_array_equal(np.asarray(slots["accumulator"])[0], want_slots)

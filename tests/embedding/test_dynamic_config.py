@@ -10,6 +10,7 @@ from lf_jax.embedding.config_specs import (
     dynamic_expected_keys,
     specs_from_config,
 )
+from lf_jax.embedding.dynamic.layout import table_shards
 from lf_jax.embedding.dynamic.policy import DynamicPolicy
 from lf_jax.embedding.dynamic.report import explain_tables, format_rows, window_fill
 from lf_jax.planner import plan_tables
@@ -82,15 +83,15 @@ def test_planner_places_dynamic_tables_row_wise_over_every_axis():
 def test_expected_occupancy_from_the_traffic():
     tables, _, _ = specs_from_config(_embedding({"eviction": "none"}))
     specs = {t.name: t for t in tables}
-    (row,) = explain_tables(specs, shards=8, expected_keys={"post": 32})
+    (row,) = explain_tables(specs, {"post": 8}, expected_keys={"post": 32})
     assert row["slots_per_shard"] == 8 and row["expected_occupancy"] == 0.5
     # 4 keys a shard on average, 3 sd = 3 * sqrt(4 * 7/8) = 5.61: fullest shard 9.61 > 8 slots
     assert row["expected_occupancy_max"] == 1.0
     assert row["expected_note"] == "32 slots to spare"
-    (row,) = explain_tables(specs, shards=2, expected_keys={"post": 100})
+    (row,) = explain_tables(specs, {"post": 2}, expected_keys={"post": 100})
     assert row["expected_occupancy"] == 1.0 and row["expected_note"].startswith("36 keys more")
     assert "refused" in row["expected_note"]
-    (row,) = explain_tables(specs, shards=8)
+    (row,) = explain_tables(specs, {"post": 8})
     assert "expected_keys" not in row  # no traffic given: no estimate
     assert format_rows([row]).startswith("dynamic post: 8 shards x 8 slots")
 
@@ -120,7 +121,7 @@ def test_probe_windows_lower_the_expected_occupancy():
     fit = fitting_keys(DynamicTables(coll), "post", np.arange(300, dtype=np.uint64))
     assert abs(fit.sum() / 304 - occupancy) < 0.06 and jax.device_count() == 8
     tables, _, _ = specs_from_config(_embedding({"probe_limit": 2}))
-    (row,) = explain_tables({t.name: t for t in tables}, shards=8, expected_keys={"post": 64})
+    (row,) = explain_tables({t.name: t for t in tables}, {"post": 8}, expected_keys={"post": 64})
     assert row["window_occupancy"] < row["expected_occupancy"] == 1.0
     assert "probe windows of 2 (keys placed without eviction): occupancy" in format_rows([row])
 
@@ -132,3 +133,28 @@ def test_lf_jax_plan_explains_dynamic_tables(capsys):
     assert "dynamic member: 8 shards x 18 slots" in out
     assert "expected: 1,000 keys -> occupancy 1.00" in out
     assert "504 keys more than slots: evicted (lru) as they come" in out
+
+
+def test_plan_reports_each_dynamic_table_on_its_own_shards():
+    """table_wise_row_wise over "model" of a 2 x 4 mesh: 4 shards of 16 slots; row_wise
+    over every axis: 8 of 8; static tables are not listed."""
+    from lf_jax.embedding import row_wise, table_wise_row_wise
+    from lf_jax.embedding.plan import validate_plan
+    from lf_jax.embedding.spec import TableSpec
+
+    specs = {
+        "post": TableSpec(name="post", vocab_size=64, dim=4, dynamic=DynamicPolicy()),
+        "member": TableSpec(name="member", vocab_size=64, dim=4, dynamic=DynamicPolicy()),
+        "tag": TableSpec(name="tag", vocab_size=10, dim=4),
+    }
+    mesh = {"data": 2, "model": 4}
+    plan = {
+        "post": table_wise_row_wise(1, "model"),
+        "member": row_wise(("data", "model")),
+        "tag": row_wise("model"),
+    }
+    shards = table_shards(specs, validate_plan(plan, specs, mesh), mesh)
+    assert shards == {"post": 4, "member": 8}
+    rows = {row["table"]: row for row in explain_tables(specs, shards)}
+    assert rows["post"]["slots_per_shard"] == 16 and rows["member"]["slots_per_shard"] == 8
+    assert format_rows([rows["post"]]).startswith("dynamic post: 4 shards x 16 slots")

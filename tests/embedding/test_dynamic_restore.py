@@ -1,15 +1,16 @@
 """Dynamic tables: checkpoint on 8 devices -> restore on 4 -> continue equals continuing
-on 8; k micro-batches resolve and update as one batch; a restore that does not fit fails
-naming the table."""
+on 8 (also from a table_wise_row_wise table onto row_wise ones, through the host
+checkpoint and the trainer's logical form); k micro-batches resolve and update as one
+batch; a restore that does not fit fails naming the table."""
 
 import jax
 import numpy as np
 import pytest
 
 from lf_jax.distributed.mesh import make_mesh
-from lf_jax.embedding import row_wise
+from lf_jax.embedding import row_wise, table_wise_row_wise
 from lf_jax.embedding.collection import EmbeddingCollection
-from lf_jax.embedding.dynamic.checkpoint import from_checkpoint, to_checkpoint
+from lf_jax.embedding.dynamic.checkpoint import from_checkpoint, rehash_logical, to_checkpoint
 from lf_jax.embedding.dynamic.policy import DynamicPolicy
 from lf_jax.embedding.dynamic.tables import DynamicTables
 from lf_jax.embedding.preprocess import SparseBatch
@@ -96,6 +97,30 @@ def test_restore_on_four_devices_continues_like_eight():
     assert counts8["refused"] == counts4["refused"] == 0
     assert counts8["inserts"] == counts4["inserts"] > 40  # TTL forgot and re-inserted keys
     assert 0 < counts4["occupancy"] < 0.5
+
+
+def test_table_wise_row_wise_restores_onto_row_wise_and_continues_alike():
+    """post on devices 4..7 of a (2, 4) mesh (table_wise_row_wise group 1 of "model") ->
+    row_wise on 4 devices (to_checkpoint / from_checkpoint) and on 8 (the trainer's
+    logical form through rehash_logical): same content, and the same after 3 more steps."""
+    stream = list(batches(6))
+    mesh = make_mesh({"data": 2, "model": 4})
+    plan = {"post": table_wise_row_wise(1, "model"), "user": row_wise(("data", "model"))}
+    group = DynamicTables(EmbeddingCollection(tables(512), FEATURES, plan, mesh))
+    dyn4, dyn8 = make(4), make(8)
+    state_g = run(group, group.init(jax.random.key(0)), stream[:3])
+    state4 = from_checkpoint(dyn4, to_checkpoint(group, state_g))
+    logical = jax.device_get(jax.jit(group.collection.to_logical)(state_g["embedding"]))
+    logical8, index8 = rehash_logical(dyn8, logical, jax.device_get(state_g["index"]))
+    state8 = {"embedding": jax.jit(dyn8.collection.from_logical)(logical8), "index": index8}
+    for dyn, state in ((dyn4, state4), (dyn8, state8)):
+        assert_same(group, state_g, dyn, state)
+    state_g = run(group, state_g, stream[3:])
+    for dyn, state in ((dyn4, state4), (dyn8, state8)):
+        state = run(dyn, state, stream[3:])
+        assert_same(group, state_g, dyn, state)
+        assert dyn.counters(state)["post"]["inserts"] == group.counters(state_g)["post"]["inserts"]
+    assert group.counters(state_g)["post"]["evictions"] == 0
 
 
 def test_restore_that_does_not_fit_names_the_table():

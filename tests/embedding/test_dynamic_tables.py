@@ -3,7 +3,8 @@
 A stream of batches with new, repeated and vanishing 64-bit keys over a table whose
 capacity is well below the keys seen, on (8,) and (2, 4) meshes: after every step the
 engine's activations, key set, rows, optimizer slots, per-slot last/freq and counters
-equal the reference's, with admission and each eviction policy.
+equal the reference's, with admission and each eviction policy, planned row_wise over
+every device and table_wise_row_wise (the table's shards on one group of devices).
 """
 
 import jax
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from lf_jax.distributed.mesh import make_mesh
-from lf_jax.embedding import row_wise
+from lf_jax.embedding import row_wise, table_wise_row_wise
 from lf_jax.embedding.collection import EmbeddingCollection
 from lf_jax.embedding.dynamic.keys import initial_rows, split_keys
 from lf_jax.embedding.dynamic.policy import DynamicPolicy
@@ -35,7 +36,7 @@ POLICIES = {
     "ttl": (DynamicPolicy(eviction="none", ttl_steps=1, probe_limit=4), rowwise_adagrad(0.3)),
     "none": (DynamicPolicy(eviction="none", probe_limit=3), rowwise_adagrad(0.3)),
 }
-MESHES = {"8": {"data": 8}, "2x4": {"data": 2, "model": 4}}
+MESHES = {"8": {"data": 8}, "2x4": {"data": 2, "model": 4}, "1": {"data": 1}}
 
 
 def key_stream(seed: int = 0):
@@ -58,13 +59,19 @@ def key_stream(seed: int = 0):
         yield {"p": bags(3), "q": bags(2)}
 
 
-def make(policy_name: str, mesh_name: str):
+def make(
+    policy_name: str, mesh_name: str, placement: dict | None = None, shards=SHARDS, slots=SLOTS
+):
+    """(spec, collection, DynamicTables) of a table of ``shards`` x ``slots`` rows, planned
+    ``placement`` (default: row_wise over every mesh axis)."""
     policy, optimizer = POLICIES[policy_name]
     spec = TableSpec(
-        name="post", vocab_size=SHARDS * SLOTS, dim=DIM, optimizer=optimizer, dynamic=policy
+        name="post", vocab_size=shards * slots, dim=DIM, optimizer=optimizer, dynamic=policy
     )
-    mesh = make_mesh(MESHES[mesh_name])
-    coll = EmbeddingCollection([spec], FEATURES, {"post": row_wise(tuple(mesh.axis_names))}, mesh)
+    shape = MESHES[mesh_name]
+    mesh = make_mesh(shape, devices=jax.devices()[: int(np.prod(list(shape.values())))])
+    entry = placement or row_wise(tuple(mesh.axis_names))
+    coll = EmbeddingCollection([spec], FEATURES, {"post": entry}, mesh)
     return spec, coll, DynamicTables(coll)
 
 
@@ -85,11 +92,9 @@ def reference_rows(spec):
     return lambda keys: np.asarray(init(*split_keys(keys)))
 
 
-@pytest.mark.parametrize("mesh_name", sorted(MESHES))
-@pytest.mark.parametrize("policy_name", sorted(POLICIES))
-def test_stream_equals_reference(policy_name, mesh_name):
-    spec, coll, dyn = make(policy_name, mesh_name)
-    ref = DynamicReference(spec, FEATURES, SHARDS, reference_rows(spec))
+def check_stream(spec, dyn: DynamicTables, shards: int, policy_name: str) -> dict:
+    """Trains the key stream; after every step the engine equals the reference."""
+    ref = DynamicReference(spec, FEATURES, shards, reference_rows(spec))
     state, step_fn = dyn.init(jax.random.key(0)), train_step(dyn)
     rng = np.random.default_rng(1)
     for t, raw in enumerate(key_stream(), start=1):
@@ -119,6 +124,7 @@ def test_stream_equals_reference(policy_name, mesh_name):
         assert snap["freq"].tolist() == [where[k][1] for k in keys]
         counters = dyn.counters(state)["post"]
         assert {k: counters[k] for k in ref.counts} == ref.counts, f"step {t}"
+        assert counters["occupancy"] == len(keys) / (shards * ref.capacity)
     # the stream exercised what the policy is about
     assert counters["inserts"] > 0 and counters["hits"] > 0
     if policy_name in ("admit2_lru", "lfu"):
@@ -127,12 +133,51 @@ def test_stream_equals_reference(policy_name, mesh_name):
         assert counters["not_admitted"] > 0
     if policy_name in ("none", "ttl"):
         assert counters["refused"] > 0
+    return state
+
+
+@pytest.mark.parametrize("mesh_name", ["8", "2x4"])
+@pytest.mark.parametrize("policy_name", sorted(POLICIES))
+def test_stream_equals_reference(policy_name, mesh_name):
+    spec, _, dyn = make(policy_name, mesh_name)
+    check_stream(spec, dyn, SHARDS, policy_name)
+
+
+@pytest.mark.parametrize("policy_name", ["admit2_lru", "lfu"])
+def test_one_device_equals_reference(policy_name):
+    """One device, one shard of 48 slots: the owner receives its own deduplicated keys
+    (no second dedupe). A step inserting more than 10 keys (an eighth of the owner's 80
+    key slots) takes the [N] branch of reset_inserted; under admit2_lru steps 1 and 5
+    insert 4 and 9 (the packed branch), under lfu every step takes the [N] branch."""
+    spec, _, dyn = make(policy_name, "1", shards=1, slots=48)
+    check_stream(spec, dyn, 1, policy_name)
+
+
+@pytest.mark.parametrize(
+    "mesh_name, policy_name, group, axis, devices",
+    [
+        ("8", "lfu", 0, "data", (0, 1, 2, 3, 4, 5, 6, 7)),
+        ("2x4", "admit2_lru", 1, "model", (4, 5, 6, 7)),
+        ("2x4", "ttl", 2, "data", (2, 6)),
+    ],
+)
+def test_table_wise_row_wise_stream_equals_reference(mesh_name, policy_name, group, axis, devices):
+    """The table's shards on one group of devices (all 8; devices 4..7 along "model";
+    devices 2 and 6 along "data"): the same algorithm on len(devices) shards, and the
+    devices outside the group never hold a key."""
+    placement = table_wise_row_wise(group, axis)
+    spec, _, dyn = make(policy_name, mesh_name, placement, shards=len(devices))
+    assert dyn.layouts["post"].devices == devices
+    state = check_stream(spec, dyn, len(devices), policy_name)
+    last = np.asarray(jax.device_get(state["index"]["post"]["last"]))
+    outside = [d for d in range(SHARDS) if d not in devices]
+    assert (last[outside] == -1).all() and (last[list(devices)] >= 0).any()
 
 
 def test_keys_all_on_one_owner_equal_reference():
     """Skew: every key belongs to shard 0, so devices overflow the expected per-owner
     buffer and the step takes the [S, M] branch; the result is the same algorithm."""
-    spec, coll, dyn = make("admit2_lru", "8")
+    spec, _, dyn = make("admit2_lru", "8")
     ref = DynamicReference(spec, FEATURES, SHARDS, reference_rows(spec))
     candidates = (k * 0x9E3779B97F4A7C15 % 2**64 for k in range(10_000))
     owned = [k for k in candidates if ref.owner(k) == 0][:40]

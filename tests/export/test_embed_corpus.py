@@ -153,6 +153,9 @@ class FakeSource:
     def embed(self, entity, records):
         return self.vectors[records]
 
+    def dynamic_table(self, entity):
+        return None
+
 
 @pytest.mark.parametrize(
     "ids, vectors, message",

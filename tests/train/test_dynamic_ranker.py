@@ -201,12 +201,3 @@ def test_evaluation_finds_keys_without_changing_them(dynamic_config, tmp_path):
     after = jax.device_get(state["dynamic"])
     for key, value in flatten_to_dict(before).items():
         np.testing.assert_array_equal(flatten_to_dict(after)[key], value, err_msg=key)
-
-
-def test_export_and_serving_refuse_a_dynamic_run(dynamic_config):
-    """They read static tables only (the model without the dataset builder): one error."""
-    from lf_jax.errors import UserInputError
-    from lf_jax.train.ranker_model import RankerModel
-
-    with pytest.raises(UserInputError, match=r"embedding.tables.member.dynamic: export, serving"):
-        RankerModel.from_config(dynamic_config, make_mesh(dict(dynamic_config.mesh)), build=False)

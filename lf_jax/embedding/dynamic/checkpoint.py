@@ -3,9 +3,10 @@
 ``to_checkpoint`` writes, as numpy, the collection's logical form of every static table
 and, per dynamic table, its alive keys with rows, optimizer slots, ``last`` and ``freq``
 (``DynamicTables.snapshot``), the count-min sketch summed over shards and the counters.
-``from_checkpoint`` places those keys on the shards of another mesh or device count:
-each key goes to its new owner (``key_hash % shards``) and, in ascending key order, to
-the first free slot of its new window. Every new shard gets the summed sketch, which
+``from_checkpoint`` places those keys on the shards of another mesh, device count or
+placement (lf_jax.embedding.dynamic.layout): each key goes to its new owner
+(``key_hash % shards``) and, in ascending key order, to the first free slot of its new
+window. Every new shard gets the summed sketch, which
 keeps count-min's guarantee (never an under-count) but may count a key early where
 keys of the old shards share counters. A key with no free slot in its window is an
 error naming the table (restore onto more rows or a larger ``probe_limit``), never a
@@ -31,14 +32,8 @@ from lf_jax.embedding.dynamic.hash_table import (
     counter_totals,
     split_totals,
 )
-from lf_jax.embedding.dynamic.keys import (
-    HOME_SALT,
-    OWNER_SALT,
-    join_keys,
-    key_hash,
-    salt,
-    split_keys,
-)
+from lf_jax.embedding.dynamic.keys import HOME_SALT, join_keys, key_hash, salt, split_keys
+from lf_jax.embedding.dynamic.layout import key_owners
 from lf_jax.embedding.dynamic.tables import DynamicTables
 from lf_jax.errors import UserInputError
 
@@ -73,9 +68,10 @@ def _place_keys(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(shard, slot) of each key on ``dyn``'s mesh: ascending keys, first free slot. A key
     without a free slot is an error, or with ``strict`` False slot -1 (left out)."""
-    policy, capacity, shards = dyn.policies[name], dyn.capacity(name), dyn.shards
+    layout = dyn.layouts[name]
+    policy, capacity, shards = layout.policy, layout.capacity, layout.shards
     hi, lo = split_keys(keys)
-    owner = key_hash(np, hi, lo, salt(OWNER_SALT, policy.seed)) % np.uint32(shards)
+    owner = layout.owners(keys)
     home = key_hash(np, hi, lo, salt(HOME_SALT, policy.seed)) % np.uint32(capacity)
     used = np.zeros((shards, capacity), bool)
     slot = np.full(keys.shape, -1, np.int64)
@@ -93,7 +89,7 @@ def _place_keys(
         if free.size:
             slot[i] = free[0]
             used[owner[i], free[0]] = True
-    return owner.astype(np.int64), slot
+    return owner, slot
 
 
 def fitting_keys(dyn: DynamicTables, name: str, keys: np.ndarray) -> np.ndarray:
@@ -103,24 +99,28 @@ def fitting_keys(dyn: DynamicTables, name: str, keys: np.ndarray) -> np.ndarray:
 
 
 def _shard_index(dyn: DynamicTables, name: str, part: Mapping, owner, slot) -> dict:
-    """Per-shard hash tables [S, ...] (numpy) holding ``part``'s keys at (owner, slot);
-    every shard gets the summed sketch, shard 0 the merged counters."""
-    shards, capacity = dyn.shards, dyn.capacity(name)
+    """Per-device hash tables [S, ...] (numpy) holding ``part``'s keys at (owner shard,
+    slot); every shard of the table gets the summed sketch, its first the merged
+    counters (devices outside a table_wise_row_wise group stay empty)."""
+    layout = dyn.layouts[name]
+    devices, capacity = dyn.num_devices, layout.capacity
+    device = np.asarray(layout.devices, np.int64)[owner]
     hi, lo = split_keys(np.asarray(part["keys"], np.uint64))
     shard: dict[str, np.ndarray] = {
-        "key_hi": np.zeros((shards, capacity), np.uint32),
-        "key_lo": np.zeros((shards, capacity), np.uint32),
-        "last": np.full((shards, capacity), -1, np.int32),
-        "freq": np.zeros((shards, capacity), np.int32),
+        "key_hi": np.zeros((devices, capacity), np.uint32),
+        "key_lo": np.zeros((devices, capacity), np.uint32),
+        "last": np.full((devices, capacity), -1, np.int32),
+        "freq": np.zeros((devices, capacity), np.int32),
     }
     for field, values in (("key_hi", hi), ("key_lo", lo)):
-        shard[field][owner, slot] = values
-    shard["last"][owner, slot] = part["last"]
-    shard["freq"][owner, slot] = part["freq"]
+        shard[field][device, slot] = values
+    shard["last"][device, slot] = part["last"]
+    shard["freq"][device, slot] = part["freq"]
     sketch = np.asarray(part["sketch"], np.int32)
-    shard["sketch"] = np.broadcast_to(sketch, (shards, *sketch.shape)).copy()
-    counters = np.zeros((shards, 2, len(COUNTERS)), np.int32)
-    counters[0] = split_totals(part["counters"])
+    shard["sketch"] = np.zeros((devices, *sketch.shape), np.int32)
+    shard["sketch"][list(layout.devices)] = sketch
+    counters = np.zeros((devices, 2, len(COUNTERS)), np.int32)
+    counters[layout.devices[0]] = split_totals(part["counters"])
     shard["counters"] = counters
     return shard
 
@@ -135,14 +135,14 @@ def _placed(dyn: DynamicTables, index: Mapping) -> dict:
 
 def from_checkpoint(dyn: DynamicTables, ckpt: Mapping) -> dict:
     """DynamicTables state on ``dyn``'s mesh from ``to_checkpoint`` output (any mesh)."""
-    coll, shards = dyn.collection, dyn.shards
+    coll = dyn.collection
     tables = dict(ckpt["static"]["tables"])
     slots = {n: dict(v) for n, v in ckpt["static"]["slots"].items()}
     index = {}
     for name, spec in dyn.specs.items():
         part = ckpt["dynamic"][name]
         owner, slot = _place_keys(dyn, name, np.asarray(part["keys"], np.uint64))
-        row = slot * shards + owner  # row r lives on shard r % S at local row r // S
+        row = dyn.layouts[name].logical_rows(part["keys"], slot)
         table = np.zeros((spec.vocab_size, spec.dim), np.float32)
         table[row] = part["rows"]
         tables[name] = table
@@ -161,10 +161,12 @@ def from_checkpoint(dyn: DynamicTables, ckpt: Mapping) -> dict:
 
 def rehash_logical(dyn: DynamicTables, logical: Mapping, index: Mapping) -> tuple[dict, dict]:
     """(logical form, placed hash tables) on ``dyn``'s mesh from a logical form
-    (``collection.to_logical``, numpy) and per-shard hash tables [S_old, ...] written on
-    another device count (a trainer checkpoint's "embedding" and "dynamic" items).
+    (``collection.to_logical``, numpy) and per-device hash tables [S_old, C_old, ...]
+    written on another device count or placement (a trainer checkpoint's "embedding" and
+    "dynamic" items).
 
-    The key in slot c of old shard s is logical row ``c * S_old + s``; it moves, with its
+    The old table had ``n = vocab_size // C_old`` shards, so the key k in slot c of its
+    shard is logical row ``c * n + key_hash(k) % n`` (any placement); it moves, with its
     row, optimizer slots, ``last`` and ``freq``, to the row of its new owner and slot
     (placed as ``from_checkpoint`` places keys). Rows left free read zeros and the slots'
     initial values (an inserted key resets both). Static tables are returned as given.
@@ -175,9 +177,9 @@ def rehash_logical(dyn: DynamicTables, logical: Mapping, index: Mapping) -> tupl
     placed = {}
     for name, spec in dyn.specs.items():
         old = {k: np.asarray(v) for k, v in index[name].items()}
-        old_shards = old["last"].shape[0]
+        old_shards = spec.vocab_size // old["last"].shape[1]
         alive = np.asarray(alive_slots(old, step, dyn.policies[name]))
-        shard_s, slot_s = np.nonzero(alive)
+        _, slot_s = np.nonzero(alive)
         part = {
             "keys": join_keys(old["key_hi"][alive], old["key_lo"][alive]),
             "last": old["last"][alive],
@@ -186,7 +188,9 @@ def rehash_logical(dyn: DynamicTables, logical: Mapping, index: Mapping) -> tupl
             "counters": _merged_counters(old["counters"]),
         }
         owner, slot = _place_keys(dyn, name, part["keys"])
-        old_rows, new_rows = slot_s * old_shards + shard_s, slot * dyn.shards + owner
+        old_owner = key_owners(part["keys"], old_shards, dyn.policies[name].seed)
+        old_rows = slot_s * old_shards + old_owner
+        new_rows = dyn.layouts[name].logical_rows(part["keys"], slot)
         table = np.zeros_like(np.asarray(tables[name]))
         table[new_rows] = np.asarray(tables[name])[old_rows]
         tables[name] = table

@@ -1,7 +1,8 @@
 """What a dynamic table costs and holds per shard: one row per table, like the planner's.
 
-``explain_tables(tables, shards)`` needs only the specs and the shard count (``lf-jax
-plan`` runs it without devices); ``explain(dyn, state)`` adds a run's counters. Per
+``explain_tables(tables, shards)`` needs only the specs and each table's shard count
+(``lf_jax.embedding.dynamic.layout.table_shards`` of the plan; ``lf-jax plan`` runs it
+without devices); ``explain(dyn, state)`` adds a run's counters. Per
 dynamic table: shards, slots per shard, the policy, bytes per shard (rows + optimizer
 slots in the collection's group; the hash table's keys, last and freq, 16 bytes a slot;
 the sketch) and, given the distinct keys its traffic carries (``expected_keys``, e.g. the
@@ -25,7 +26,7 @@ table's shards (scaled down to at most 2**15 slots in all, at the same load):
 The counters of a run (``refused``, ``evictions``) say what happened.
 
 Example:
-    >>> rows = explain_tables({"post": post_spec}, shards=8, expected_keys={"post": 1000})
+    >>> rows = explain_tables({"post": post_spec}, {"post": 8}, expected_keys={"post": 1000})
     >>> print(format_rows(rows))
     >>> explain(dyn, state)            # the same rows with occupancy and counters
 """
@@ -91,18 +92,19 @@ def _expected(keys: int, shards: int, capacity: int, probes: int, eviction: str)
 
 def explain_tables(
     tables: Mapping[str, TableSpec],
-    shards: int,
+    shards: Mapping[str, int],
     expected_keys: Mapping[str, int] | None = None,
     counters: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per dynamic table of ``tables`` (others are skipped) on ``shards`` shards
-    (see module docstring); ``expected_keys`` 0 or absent: no expected occupancy."""
+    """One row per dynamic table of ``tables`` (others are skipped) on its ``shards[name]``
+    shards (see module docstring); ``expected_keys`` 0 or absent: no expected occupancy."""
     rows = []
     for name, spec in tables.items():
         policy = spec.dynamic
         if policy is None:
             continue
-        capacity = spec.vocab_size // shards
+        count = shards[name]
+        capacity = spec.vocab_size // count
         sketch = 4 * policy.sketch_depth * policy.sketch_width if policy.uses_sketch else 0
         row_bytes = capacity * (spec.bytes_per_row + spec.slot_bytes_per_row())
         admission = (
@@ -118,18 +120,18 @@ def explain_tables(
         full = "evicts by " + policy.eviction if policy.eviction != "none" else "refuses"
         row: dict[str, Any] = {
             "table": name,
-            "shards": shards,
+            "shards": count,
             "slots_per_shard": capacity,
             "probe_limit": probes,
             "bytes_per_shard": row_bytes + capacity * INDEX_BYTES_PER_SLOT + sketch,
             "reason": (
-                f"{spec.vocab_size} rows over {shards} shards by hash(key) % shards; keys "
+                f"{spec.vocab_size} rows over {count} shards by hash(key) % shards; keys "
                 f"{admission}; a full window of {probes} slots {full}{forgetting}"
             ),
         }
         keys = (expected_keys or {}).get(name, 0)
         if keys:
-            row.update(_expected(keys, shards, capacity, probes, policy.eviction))
+            row.update(_expected(keys, count, capacity, probes, policy.eviction))
         row.update((counters or {}).get(name, {}))
         rows.append(row)
     return rows
@@ -140,7 +142,8 @@ def explain(
 ) -> list[dict[str, Any]]:
     """``explain_tables`` of ``dyn``'s tables; with ``state``, its counters and occupancy."""
     counters = dyn.counters(state) if state is not None else None
-    return explain_tables(dyn.specs, dyn.shards, expected_keys, counters)
+    shards = {name: layout.shards for name, layout in dyn.layouts.items()}
+    return explain_tables(dyn.specs, shards, expected_keys, counters)
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:

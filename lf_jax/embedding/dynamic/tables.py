@@ -1,30 +1,20 @@
 """DynamicTables: the dynamic tables of an EmbeddingCollection, keyed by 64-bit ids.
 
 Rows and optimizer slots stay where the collection keeps them: a dynamic table is
-planned ``row_wise`` over every mesh axis, so its S shards are the S devices and shard s
-holds ``vocab_size // S`` rows. What this adds is the map key -> row: each device holds
-one shard's hash table (lf_jax.embedding.dynamic.hash_table) next to its rows. A step's
-``resolve``, inside one shard_map per dynamic table:
-
-1. every device dedupes its keys and buckets them by owner, ``key_hash(key) % S``;
-2. one ``all_to_all`` sends each owner the keys it owns in a static [S, W] buffer, W the
-   expected keys per owner plus 5 standard deviations (lf_jax.embedding.exchange's
-   ``capacity_for``); when some device has more than W keys for one owner (skew), the
-   step takes the other branch of a ``lax.cond``: [S, M] buffers, which fit any skew at
-   O(S x M) per device for M local entries. Both branches resolve an owner's keys of the
-   step at once, so the result does not depend on the branch;
-3. each owner dedupes the keys of every sender and resolves them (find, admit, insert,
-   evict), resetting the rows and optimizer slots of inserted keys to their initial
-   values, then sends every key's slot back (a second ``all_to_all``);
-4. a key in slot c of shard s becomes row ``c * S + s`` of the collection's table (row r
-   lives on shard r % S at local row r // S), an absent key becomes padding (-1).
+planned ``row_wise`` over every mesh axis or ``table_wise_row_wise`` (one group of
+devices along one axis); lf_jax.embedding.dynamic.layout says which devices hold its
+shards and where a key's row lives. What this adds is the map key -> row: each device
+holds one shard's hash table (lf_jax.embedding.dynamic.hash_table) next to its rows. A
+step's ``resolve`` routes every key to its owner, finds, admits, inserts or evicts it
+there and returns the collection's row ids (lf_jax.embedding.dynamic.resolve, one
+shard_map per dynamic table).
 
 The returned SparseBatch goes to the collection's ``lookup`` and ``apply_gradients``
 unchanged, so lookups, the owner-routed exchange, sparse optimizers and micro-batch
 accumulation are the static engine's. An absent (refused or not yet admitted) key
 reads nothing: it pools as padding (a zero row, left out of a mean) and gets no gradient.
 
-Shapes: B batch, L max_ids, S shards, C = vocab_size // S slots per shard, D dim.
+Shapes: B batch, L max_ids, S devices, C = vocab_size // shards slots per shard, D dim.
 
 Example:
     >>> tables = [TableSpec(name="post", vocab_size=8 * 1024, dim=16,
@@ -36,7 +26,6 @@ Example:
     >>> acts = coll.lookup(state["embedding"]["tables"], batch)
 """
 
-import functools
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -51,20 +40,12 @@ from lf_jax.embedding.dynamic.hash_table import (
     alive_slots,
     counter_totals,
     init_shard,
-    resolve_shard,
 )
-from lf_jax.embedding.dynamic.keys import (
-    OWNER_SALT,
-    initial_rows,
-    join_keys,
-    key_hash,
-    parse_keys,
-    salt,
-)
+from lf_jax.embedding.dynamic.keys import join_keys, parse_keys
+from lf_jax.embedding.dynamic.layout import TableLayout, table_layout
 from lf_jax.embedding.dynamic.policy import DynamicPolicy
-from lf_jax.embedding.exchange import capacity_for
+from lf_jax.embedding.dynamic.resolve import resolve_table
 from lf_jax.embedding.preprocess import InvalidIdsError, preprocess
-from lf_jax.embedding.sharding.piece import PlanError
 from lf_jax.embedding.spec import SpecError
 
 
@@ -78,26 +59,6 @@ class KeyBatch(NamedTuple):
     valid: dict
 
 
-def _dedupe(sort_keys: tuple, fill_values: tuple):
-    """Distinct rows of the columns ``sort_keys`` (sorted, padded with ``fill_values``) and
-    each entry's position among them. Returns (unique columns, inverse [M], is_first [M]
-    in sorted order, count)."""
-    m = sort_keys[0].shape[0]
-    *sorted_cols, perm = jax.lax.sort(
-        (*sort_keys, jnp.arange(m, dtype=jnp.int32)), num_keys=len(sort_keys)
-    )
-    differs = functools.reduce(jnp.logical_or, [c[1:] != c[:-1] for c in sorted_cols])
-    is_new = jnp.concatenate([jnp.ones((1,), bool), differs])
-    rank = jnp.cumsum(is_new, dtype=jnp.int32) - 1
-    target = jnp.where(is_new, rank, m)
-    unique = tuple(
-        jnp.full((m,), fill, col.dtype).at[target].set(col, mode="drop")
-        for col, fill in zip(sorted_cols, fill_values, strict=True)
-    )
-    inverse = jnp.zeros((m,), jnp.int32).at[perm].set(rank)
-    return unique, inverse
-
-
 class DynamicTables:
     """Key -> row maps of a collection's dynamic tables (see module docstring)."""
 
@@ -105,7 +66,7 @@ class DynamicTables:
         self.collection = collection
         self.mesh = collection.mesh
         self.axes = tuple(self.mesh.axis_names)
-        self.shards = collection.num_devices
+        self.num_devices = collection.num_devices
         self.specs = {n: t for n, t in collection.tables.items() if t.dynamic is not None}
         if not self.specs:
             raise SpecError("DynamicTables: the collection has no table with a dynamic policy")
@@ -115,32 +76,19 @@ class DynamicTables:
         self.features = {
             t: [f for f in collection.features.values() if f.table == t] for t in self.specs
         }
-        self.placement = {}
-        for name, spec in self.specs.items():
+        self.layouts: dict[str, TableLayout] = {}
+        for name in self.specs:
             for feature in self.features[name]:
                 if feature.weighted:
                     raise SpecError(
                         f"feature '{feature.name}' reads dynamic table '{name}' and is "
                         "weighted; dynamic features take unweighted keys"
                     )
-            if spec.vocab_size % self.shards:
-                raise SpecError(
-                    f"dynamic table '{name}': vocab_size {spec.vocab_size} (its row capacity) "
-                    f"must divide over the {self.shards} devices"
-                )
-            group, piece = next(
-                (g, p) for g in collection.groups for p in g.pieces if p.table == name
-            )
-            if group.axes != self.axes or piece.num_slots != self.shards:
-                raise PlanError(
-                    f"dynamic table '{name}': plan it row_wise over every mesh axis "
-                    f"{self.axes}, got {collection.plan[name]!r}"
-                )
-            self.placement[name] = (group, piece)
+            self.layouts[name] = table_layout(collection, name)
 
     def capacity(self, table: str) -> int:
         """Slots (keys) per shard of a dynamic table."""
-        return self.specs[table].vocab_size // self.shards
+        return self.layouts[table].capacity
 
     # ----- state ----------------------------------------------------------------------------
     def index_shardings(self) -> dict:
@@ -161,7 +109,8 @@ class DynamicTables:
         def index():
             return {
                 name: jax.tree.map(
-                    lambda x: jnp.broadcast_to(x, (self.shards, *x.shape)), self._empty_shard(name)
+                    lambda x: jnp.broadcast_to(x, (self.num_devices, *x.shape)),
+                    self._empty_shard(name),
                 )
                 for name in self.specs
             }
@@ -201,8 +150,10 @@ class DynamicTables:
     def shard_batch(self, batch: KeyBatch, leading_dims: int = 0) -> KeyBatch:
         """Places a host KeyBatch on the mesh (examples split over every device)."""
         size = next(iter(batch.hi.values())).shape[leading_dims]
-        if size % self.shards:
-            raise InvalidIdsError(f"batch size {size} does not divide over {self.shards} devices")
+        if size % self.num_devices:
+            raise InvalidIdsError(
+                f"batch size {size} does not divide over {self.num_devices} devices"
+            )
         sharding = self.collection.batch_sharding(leading_dims)
         return jax.tree.map(lambda x: jax.device_put(x, sharding), batch)
 
@@ -224,10 +175,12 @@ class DynamicTables:
         ids, weights = dict(batch.static.ids), dict(batch.static.weights)
         step = emb["step"] + 1
         for name in self.specs:
-            group, _ = self.placement[name]
+            layout = self.layouts[name]
+            group = layout.group
             feats = [f.name for f in self.features[name]]
-            rows, tables[group.name], slots[group.name], index[name] = self._resolve_table(
-                name,
+            rows, tables[group.name], slots[group.name], index[name] = resolve_table(
+                layout,
+                self.mesh,
                 tables[group.name],
                 slots[group.name],
                 index[name],
@@ -246,124 +199,18 @@ class DynamicTables:
         }
         return new_state, SparseBatch(ids, weights)
 
-    def _resolve_table(self, name, stored, opt_slots, index, his, los, valids, step, insert):
-        spec, (group, piece) = self.specs[name], self.placement[name]
-        policy = self.policies[name]
-        shards, axes = self.shards, self.axes
-        widths = [h.shape[-1] for h in his]
-        lead = his[0].ndim - 2
-        batch_spec = PartitionSpec(*([None] * lead), axes)
-        slot_init = {k: group.optimizer.slot_init(k) for k in opt_slots}
-
-        def shard(stored, opt_slots, index, hi, lo, valid, step):
-            shape = hi.shape
-            hi, lo, valid = hi.reshape(-1), lo.reshape(-1), valid.reshape(-1)
-            m = hi.shape[0]
-            owner = jnp.where(
-                valid,
-                (key_hash(jnp, hi, lo, salt(OWNER_SALT, policy.seed)) % shards).astype(jnp.int32),
-                shards,
-            )
-            (u_owner, u_hi, u_lo), inverse = _dedupe((owner, hi, lo), (shards, 0, 0))
-            start = jnp.searchsorted(u_owner, jnp.arange(shards, dtype=jnp.int32))
-            within = jnp.arange(m, dtype=jnp.int32) - start[jnp.minimum(u_owner, shards - 1)]
-            to_owner = u_owner  # row `shards` (padding) is dropped by the scatters
-
-            def owner_resolve(width, stored, opt_slots, table):
-                """Keys to owners through [S, width] buffers, resolved there; returns
-                each unique local key's slot at its owner (-1: none)."""
-
-                def bucket(values, fill):
-                    buf = jnp.full((shards, width), fill, values.dtype)
-                    return buf.at[to_owner, within].set(values, mode="drop")
-
-                sent = [bucket(u_hi, 0), bucket(u_lo, 0), bucket(u_owner < shards, False)]
-                r_hi, r_lo, r_valid = (
-                    jax.lax.all_to_all(x, axes, 0, 0, tiled=True).reshape(-1) for x in sent
-                )
-                (o_invalid, o_hi, o_lo), o_inverse = _dedupe(
-                    ((~r_valid).astype(jnp.int32), r_hi, r_lo), (1, 0, 0)
-                )
-                slot_u, new_u, table = resolve_shard(
-                    table, o_hi, o_lo, o_invalid == 0, step, policy, insert
-                )
-                back = jax.lax.all_to_all(
-                    slot_u[o_inverse].reshape(shards, width), axes, 0, 0, tiled=True
-                )
-                if insert:  # inserted keys start from fresh rows and optimizer slots
-                    local = jnp.where(new_u, piece.row_offset + slot_u, group.rows)
-                    fresh = initial_rows(spec, o_hi, o_lo)[:, piece.col_start : piece.col_end]
-                    stored = stored.at[0, local].set(fresh.astype(stored.dtype), mode="drop")
-                    opt_slots = {
-                        k: v.at[0, local].set(jnp.asarray(slot_init[k], v.dtype), mode="drop")
-                        for k, v in opt_slots.items()
-                    }
-                got = back.at[to_owner, within].get(mode="fill", fill_value=-1)
-                return got, stored, opt_slots, table
-
-            table = {k: v[0] for k, v in index.items()}
-            width = capacity_for(m, 1 / shards, m)
-            if width >= m:
-                got, stored, opt_slots, table = owner_resolve(m, stored, opt_slots, table)
-            else:  # the [S, width] buffers unless some device has more keys for one owner
-                load = jnp.zeros((shards + 1,), jnp.int32).at[u_owner].add(1)[:shards]
-                over = jax.lax.pmax((jnp.max(load) > width).astype(jnp.int32), axes)
-                got, stored, opt_slots, table = jax.lax.cond(
-                    over > 0,
-                    functools.partial(owner_resolve, m),
-                    functools.partial(owner_resolve, width),
-                    stored,
-                    opt_slots,
-                    table,
-                )
-            row_u = jnp.where(got >= 0, got * shards + u_owner, -1)
-            ids = jnp.where(valid, row_u[inverse], -1).reshape(shape)
-            return ids, stored, opt_slots, {k: v[None] for k, v in table.items()}
-
-        table_spec = group.partition_spec(None, None)
-        slot_specs = {
-            k: group.partition_spec(*([None] * (v.ndim - 1))) for k, v in opt_slots.items()
-        }
-        index_specs = {k: PartitionSpec(axes, *([None] * (v.ndim - 1))) for k, v in index.items()}
-        ids, stored, opt_slots, index = jax.shard_map(
-            shard,
-            mesh=self.mesh,
-            in_specs=(
-                table_spec,
-                slot_specs,
-                index_specs,
-                batch_spec,
-                batch_spec,
-                batch_spec,
-                PartitionSpec(),
-            ),
-            out_specs=(batch_spec, table_spec, slot_specs, index_specs),
-            check_vma=False,
-        )(
-            stored,
-            opt_slots,
-            index,
-            jnp.concatenate(his, axis=-1),
-            jnp.concatenate(los, axis=-1),
-            jnp.concatenate(valids, axis=-1),
-            step,
-        )
-        parts = np.cumsum([0, *widths])
-        rows = [ids[..., a:b] for a, b in zip(parts[:-1], parts[1:], strict=True)]
-        return rows, stored, opt_slots, index
-
     # ----- host views -----------------------------------------------------------------------
     def counters(self, state: Mapping) -> dict[str, dict[str, Any]]:
         """Per table: the cumulative COUNTERS summed over shards (probe_max: the largest),
-        ``occupancy`` (alive keys / capacity, all shards) and ``occupancy_max`` (the
-        fullest shard)."""
+        ``occupancy`` (alive keys / capacity, all the table's shards) and
+        ``occupancy_max`` (the fullest shard)."""
         out = {}
         step = int(state["embedding"]["step"])
         for name, index in jax.device_get(state["index"]).items():
             counts = index["counters"]
             alive = np.asarray(
                 jax.vmap(lambda s, n=name: alive_slots(s, step, self.policies[n]))(index)
-            )
+            )[list(self.layouts[name].devices)]
             row: dict[str, Any] = dict(zip(COUNTERS, counter_totals(counts), strict=True))
             row["occupancy"] = float(alive.mean())
             row["occupancy_max"] = float(alive.mean(axis=1).max())
@@ -378,7 +225,7 @@ class DynamicTables:
         step = int(emb["step"])
         out = {}
         for name, index in jax.device_get(state["index"]).items():
-            group, piece = self.placement[name]
+            group, piece = self.layouts[name].group, self.layouts[name].piece
             policy = self.policies[name]
             alive = np.asarray(jax.vmap(lambda s, p=policy: alive_slots(s, step, p))(index))
             shard_s, slot_s = np.nonzero(alive)

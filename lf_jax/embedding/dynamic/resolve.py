@@ -1,0 +1,211 @@
+"""One step's keys -> rows of one dynamic table, inside one shard_map over every device.
+
+On every device, for the keys of the features that read the table:
+
+1. dedupe the keys and bucket them by owner device, ``layout.devices[owner(key)]``
+   (lf_jax.embedding.dynamic.layout);
+2. one ``all_to_all`` sends each device the keys it owns in a static [S, W] buffer, W the
+   expected keys per owner plus 5 standard deviations (lf_jax.embedding.exchange's
+   ``capacity_for``); when some device has more than W keys for one owner (skew), the
+   step takes the other branch of a ``lax.cond``: [S, M] buffers, which fit any skew at
+   O(S x M) per device for M local entries. Both branches resolve an owner's keys of the
+   step at once, so the result does not depend on the branch;
+3. each owner dedupes the keys of every sender and resolves them (find, admit, insert,
+   evict: lf_jax.embedding.dynamic.hash_table), resetting the rows and optimizer slots
+   of inserted keys to their initial values, then sends every key's slot back (a second
+   ``all_to_all``). Devices outside a table_wise_row_wise group receive no keys;
+4. a key in slot c of shard j becomes row ``c * shards + j`` of the collection's table,
+   an absent key becomes padding (-1).
+
+Shapes: B batch, L max_ids (the features' ids concatenated), S devices, M = B x L local
+entries, C slots per shard, D dim.
+
+Example:
+    >>> rows, table, opt_slots, index = resolve_table(
+    ...     layout, mesh, table, opt_slots, index, [hi_bl], [lo_bl], [valid_bl], step, True)
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec
+
+from lf_jax.embedding.dynamic.hash_table import resolve_shard
+from lf_jax.embedding.dynamic.keys import OWNER_SALT, initial_rows, key_hash, salt
+from lf_jax.embedding.dynamic.layout import TableLayout
+from lf_jax.embedding.exchange import capacity_for
+
+
+def dedupe(sort_keys: tuple, fill_values: tuple):
+    """Distinct rows of the columns ``sort_keys`` [M] each (sorted, padded with
+    ``fill_values``) and each entry's position among them. Returns (unique columns [M]
+    each, inverse [M])."""
+    m = sort_keys[0].shape[0]
+    *sorted_cols, perm = jax.lax.sort(
+        (*sort_keys, jnp.arange(m, dtype=jnp.int32)), num_keys=len(sort_keys)
+    )
+    differs = functools.reduce(jnp.logical_or, [c[1:] != c[:-1] for c in sorted_cols])
+    is_new = jnp.concatenate([jnp.ones((1,), bool), differs])
+    rank = jnp.cumsum(is_new, dtype=jnp.int32) - 1
+    target = jnp.where(is_new, rank, m)
+    unique = tuple(
+        jnp.full((m,), fill, col.dtype).at[target].set(col, mode="drop")
+        for col, fill in zip(sorted_cols, fill_values, strict=True)
+    )
+    inverse = jnp.zeros((m,), jnp.int32).at[perm].set(rank)
+    return unique, inverse
+
+
+def reset_inserted(layout: TableLayout, stored, opt_slots, slot_init, new_n, slot_n, hi_n, lo_n):
+    """(stored, opt_slots) with the rows of the keys ``new_n`` [N] inserted at ``slot_n``
+    [N] reset to their initial rows (``initial_rows``, a function of the key) and the
+    optimizer slots to their initial values. A step inserts few of its keys once the
+    table is warm: the new keys are packed into N // 8 entries (one cumsum, one scatter)
+    and only those get rows computed and written; a step with more takes the [N] branch
+    of a ``lax.cond``, with the same result."""
+    spec, group, piece = layout.spec, layout.group, layout.piece
+    n = new_n.shape[0]
+
+    def reset(width, stored, opt_slots):
+        target = jnp.where(new_n, jnp.cumsum(new_n, dtype=jnp.int32) - 1, width)
+        pick = (
+            jnp.full((width,), n, jnp.int32)
+            .at[target]
+            .set(jnp.arange(n, dtype=jnp.int32), mode="drop")
+        )
+        safe = jnp.minimum(pick, n - 1)
+        local = jnp.where(pick < n, piece.row_offset + slot_n[safe], group.rows)
+        fresh = initial_rows(spec, hi_n[safe], lo_n[safe])[:, piece.col_start : piece.col_end]
+        stored = stored.at[0, local].set(fresh.astype(stored.dtype), mode="drop")
+        opt_slots = {
+            k: v.at[0, local].set(jnp.asarray(slot_init[k], v.dtype), mode="drop")
+            for k, v in opt_slots.items()
+        }
+        return stored, opt_slots
+
+    small = n // 8
+    if small == 0:
+        return reset(n, stored, opt_slots)
+    return jax.lax.cond(
+        jnp.sum(new_n, dtype=jnp.int32) > small,
+        functools.partial(reset, n),
+        functools.partial(reset, small),
+        stored,
+        opt_slots,
+    )
+
+
+def resolve_table(
+    layout: TableLayout, mesh, stored, opt_slots, index, his, los, valids, step, insert
+):
+    """(rows per feature [..., B, L_f] int32 (-1: absent), stored table, optimizer slots,
+    per-device index) for one step's keys of one dynamic table (see module docstring).
+
+    ``stored``/``opt_slots``: the collection's group arrays holding the table; ``index``:
+    the table's per-device hash tables [S, ...]; ``his``/``los``/``valids``: per feature
+    [..., B, L_f] key halves and validity.
+    """
+    group, policy = layout.group, layout.policy
+    axes = tuple(mesh.axis_names)
+    devices = int(np.prod(list(mesh.shape.values())))
+    shards = layout.shards
+    owner_device = jnp.asarray([*layout.devices, devices], jnp.int32)  # shard j -> device
+    widths = [h.shape[-1] for h in his]
+    batch_spec = PartitionSpec(*([None] * (his[0].ndim - 2)), axes)
+    slot_init = {k: group.optimizer.slot_init(k) for k in opt_slots}
+
+    def shard(stored, opt_slots, index, hi, lo, valid, step):
+        shape = hi.shape
+        hi, lo, valid = hi.reshape(-1), lo.reshape(-1), valid.reshape(-1)
+        m = hi.shape[0]
+        owner = jnp.where(
+            valid,
+            (key_hash(jnp, hi, lo, salt(OWNER_SALT, policy.seed)) % shards).astype(jnp.int32),
+            shards,
+        )
+        (u_owner, u_hi, u_lo), inverse = dedupe((owner, hi, lo), (shards, 0, 0))
+        to_device = owner_device[u_owner]  # `devices` (padding) is dropped by the scatters
+        start = jnp.searchsorted(u_owner, jnp.arange(shards, dtype=jnp.int32))
+        within = jnp.arange(m, dtype=jnp.int32) - start[jnp.minimum(u_owner, shards - 1)]
+
+        def owner_resolve(width, stored, opt_slots, table):
+            """Keys to owners through [S, width] buffers, resolved there; returns each
+            unique local key's slot at its owner (-1: none)."""
+
+            def bucket(values, fill):
+                buf = jnp.full((devices, width), fill, values.dtype)
+                return buf.at[to_device, within].set(values, mode="drop")
+
+            sent = [bucket(u_hi, 0), bucket(u_lo, 0), bucket(u_owner < shards, False)]
+            r_hi, r_lo, r_valid = (
+                jax.lax.all_to_all(x, axes, 0, 0, tiled=True).reshape(-1) for x in sent
+            )
+            if devices == 1:  # the one owner gets its own keys: distinct, ascending, valid first
+                o_hi, o_lo, o_valid = r_hi, r_lo, r_valid
+                o_inverse = jnp.arange(r_hi.shape[0], dtype=jnp.int32)
+            else:
+                (o_invalid, o_hi, o_lo), o_inverse = dedupe(
+                    ((~r_valid).astype(jnp.int32), r_hi, r_lo), (1, 0, 0)
+                )
+                o_valid = o_invalid == 0
+            slot_u, new_u, table = resolve_shard(table, o_hi, o_lo, o_valid, step, policy, insert)
+            back = jax.lax.all_to_all(
+                slot_u[o_inverse].reshape(devices, width), axes, 0, 0, tiled=True
+            )
+            if insert:  # inserted keys start from fresh rows and optimizer slots
+                stored, opt_slots = reset_inserted(
+                    layout, stored, opt_slots, slot_init, new_u, slot_u, o_hi, o_lo
+                )
+            got = back.at[to_device, within].get(mode="fill", fill_value=-1)
+            return got, stored, opt_slots, table
+
+        table = {k: v[0] for k, v in index.items()}
+        width = capacity_for(m, 1 / shards, m)
+        if width >= m:
+            got, stored, opt_slots, table = owner_resolve(m, stored, opt_slots, table)
+        else:  # the [S, width] buffers unless some device has more keys for one owner
+            load = jnp.zeros((shards + 1,), jnp.int32).at[u_owner].add(1)[:shards]
+            over = jax.lax.pmax((jnp.max(load) > width).astype(jnp.int32), axes)
+            got, stored, opt_slots, table = jax.lax.cond(
+                over > 0,
+                functools.partial(owner_resolve, m),
+                functools.partial(owner_resolve, width),
+                stored,
+                opt_slots,
+                table,
+            )
+        row_u = jnp.where(got >= 0, got * shards + u_owner, -1)
+        ids = jnp.where(valid, row_u[inverse], -1).reshape(shape)
+        return ids, stored, opt_slots, {k: v[None] for k, v in table.items()}
+
+    table_spec = group.partition_spec(None, None)
+    slot_specs = {k: group.partition_spec(*([None] * (v.ndim - 1))) for k, v in opt_slots.items()}
+    index_specs = {k: PartitionSpec(axes, *([None] * (v.ndim - 1))) for k, v in index.items()}
+    ids, stored, opt_slots, index = jax.shard_map(
+        shard,
+        mesh=mesh,
+        in_specs=(
+            table_spec,
+            slot_specs,
+            index_specs,
+            batch_spec,
+            batch_spec,
+            batch_spec,
+            PartitionSpec(),
+        ),
+        out_specs=(batch_spec, table_spec, slot_specs, index_specs),
+        check_vma=False,
+    )(
+        stored,
+        opt_slots,
+        index,
+        jnp.concatenate(his, axis=-1),
+        jnp.concatenate(los, axis=-1),
+        jnp.concatenate(valids, axis=-1),
+        step,
+    )
+    parts = np.cumsum([0, *widths])
+    rows = [ids[..., a:b] for a, b in zip(parts[:-1], parts[1:], strict=True)]
+    return rows, stored, opt_slots, index
