@@ -35,13 +35,17 @@ def repo_root() -> str:
 def xla_compilation_cache(tmp_path_factory):
     """One persistent XLA compilation cache per test run, shared by the run's xdist workers
     and by the processes tests start (they inherit the environment): many tests compile the
-    same train steps. A cache hit still counts as a compilation for count_compilations;
-    the size limit turns on the cache's file lock, which concurrent writers need."""
+    same train steps and the same small helpers (to_logical, init, ...). Programs that
+    compile in 0.2 s or more are cached (JAX's default is 1 s): a test that trains, saves
+    and resumes compiles the same helpers twice. A cache hit still counts as a compilation
+    for count_compilations; the size limit turns on the cache's file lock, which
+    concurrent writers need."""
     cache = _shared_root(tmp_path_factory) / "xla_compilation_cache"
     cache.mkdir(parents=True, exist_ok=True)
     settings = {
         "jax_compilation_cache_dir": str(cache),
         "jax_compilation_cache_max_size": 8 * 2**30,
+        "jax_persistent_cache_min_compile_time_secs": 0.2,
     }
     for name, value in settings.items():
         jax.config.update(name, value)

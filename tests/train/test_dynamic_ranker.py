@@ -133,16 +133,15 @@ def test_dynamic_run_checkpointed_on_8_devices_continues_on_4_like_on_8(
 def test_static_run_warm_starts_a_dynamic_run(small_ranker_config, tmp_path):
     """train.warm_start of a static run into dynamic member/post tables: params and static
     tables as saved, row r of a static id table -> key r with its optimizer slots; post's
-    64 slots take the rows that fit (one warning), the loop trains on from there."""
+    64 slots take the rows that fit (one warning), the loop trains on from there. The static
+    run keeps the fixture's 6 steps: the same program as the other static-run tests."""
     from lf_jax.train.dynamic_warm_start import warm_start_from_static
 
     config = small_ranker_config
-    with config.unlocked():
-        config.train.steps = 2
     static = tmp_path / "static"
     static_task = _task(config, static)
     run_training(static_task, config.train, static)
-    saved = _restore(static_task, static, 2)
+    saved = _restore(static_task, static, 6)
     tables = static_task.collection.logical_tables(saved["embedding"])
     slots = static_task.collection.logical_slots(saved["embedding"])
     with config.unlocked():
@@ -157,7 +156,7 @@ def test_static_run_warm_starts_a_dynamic_run(small_ranker_config, tmp_path):
     handler.emit = lambda record: warnings.append(record.getMessage())  # type: ignore[method-assign]
     get_logger().addHandler(handler)
     try:
-        state = warm_start_from_static(task.dynamic, task.init_state(), source, 2)
+        state = warm_start_from_static(task.dynamic, task.init_state(), source, 6)
     finally:
         get_logger().removeHandler(handler)
         source.close()
@@ -176,7 +175,7 @@ def test_static_run_warm_starts_a_dynamic_run(small_ranker_config, tmp_path):
         for slot, value in snap[name]["slots"].items():
             want = slots[name][slot][keys]
             np.testing.assert_array_equal(value, want if value.ndim == 2 else want[:, 0])
-        assert set(snap[name]["last"].tolist()) == {2}  # stamped with the snapshot's step
+        assert set(snap[name]["last"].tolist()) == {6}  # stamped with the snapshot's step
 
     run_training(task, config.train, tmp_path / "dynamic")  # the loop's warm start
     trained = _restore(task, tmp_path / "dynamic", 1)
@@ -187,12 +186,12 @@ def test_static_run_warm_starts_a_dynamic_run(small_ranker_config, tmp_path):
 
 
 def test_evaluation_finds_keys_without_changing_them(dynamic_config, tmp_path):
+    """Trains the fixture's 6 steps (the train step of the bit-exact test: one compile)."""
     with dynamic_config.unlocked():
-        dynamic_config.train.steps = 2
         dynamic_config.data.eval_batch_size = 4096  # 26 eval batches instead of 208
     task = _task(dynamic_config, tmp_path / "e")
     run_training(task, dynamic_config.train, tmp_path / "e")
-    state = _restore(task, tmp_path / "e", 2)
+    state = _restore(task, tmp_path / "e", 6)
     before = jax.device_get(state["dynamic"])
     metrics = task.evaluate(state)
     for split in ("holdout_ranked", "holdout_random"):
