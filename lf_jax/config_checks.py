@@ -10,9 +10,9 @@ the demo config holds whole training configs as sections, each checked the same 
   train.eval_every >= 0, train.keep_checkpoints >= 1, train.grad_accum_steps >= 1,
   train.warmup_steps >= 0, train.learning_rate > 0, train.ips_fit / ips_target enums,
   0 < train.ips_clip[0] <= 1 <= train.ips_clip[1], data.eval_batch_size >= 1,
-  data.worker_count >= 0, loss.temperature > 0, and batch_size splitting into
-  grad_accum_steps micro-batches over the devices (feed ranker) or the mesh's data axis
-  (encoders) when the device count is known.
+  data.eval_examples >= 0, data.worker_count >= 0, loss.temperature > 0, and batch_size
+  splitting into grad_accum_steps micro-batches over the devices (feed ranker) or the mesh's
+  data axis (encoders) when the device count is known.
 
 Example:
     >>> check_config(load_config("configs/feed_ranker.py"), device_count=8)
@@ -110,6 +110,7 @@ def _check_section(config, prefix: str, device_count: int | None) -> None:
                 "0 < low <= 1 <= high"
             )
     _int(config, "data.eval_batch_size", prefix, 1, "examples per eval batch")
+    _int(config, "data.eval_examples", prefix, 0, "examples per holdout to evaluate; 0: all")
     _int(config, "data.worker_count", prefix, 0, "grain worker processes; 0 decodes in-process")
     loss = _parent(config, "loss.x")
     if "temperature" in loss and not (_is_number(loss.temperature) and loss.temperature > 0):

@@ -80,6 +80,7 @@ def test_demo_runs_in_a_fresh_process(tmp_path, repo_root, feed_builder, feed_da
             f"--config.dual_encoder.data.data_dir={feed_data_dir}",
             "--config.ranker.train.steps=4",
             "--config.ranker.batch_size=64",
+            "--config.ranker.data.eval_examples=10000",  # of 100,000 in the random holdout
             "--config.dual_encoder.train.steps=4",
             "--config.dual_encoder.batch_size=64",
         ],

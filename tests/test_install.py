@@ -86,6 +86,7 @@ def test_installed_lf_jax_plans_and_trains_outside_the_checkout(
     train = _run(
         [str(bin_dir / "lf-jax"), "train", "--config", "feed_ranker:size=tiny"]
         + ["--config.train.steps=6", "--config.train.eval_every=6", "--config.batch_size=64"]
+        + ["--config.data.eval_examples=10000"]
         + [f"--config.data.data_dir={feed_data_dir}", "--workdir", "run"],
         env={**env, "CI": "true"},
         cwd=cwd,

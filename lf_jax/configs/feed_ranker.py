@@ -207,6 +207,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "config": size,  # data/feed_logs builder config (tiny | small | large)
             "data_dir": "",  # default: $TFDS_DATA_DIR or ~/tensorflow_datasets
             "eval_batch_size": 1_024,
+            "eval_examples": 0,  # evaluate on each holdout's first N examples (0: all of them)
             "seed": 1,
             "worker_count": 0,  # grain worker processes decoding train batches (0: threads
             # of the training process); hosts with spare cores: 2-8

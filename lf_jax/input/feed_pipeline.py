@@ -331,7 +331,8 @@ class EvalReader:
     Shard ``i`` reads records i, i + shard_count, ...; each shard yields
     ``len(reader)`` = ceil(ceil(N / shard_count) / B) batches of B = global_batch_size //
     shard_count rows, so processes step together. Padding rows have valid=False, ids 0,
-    lists -1, floats and labels 0.
+    lists -1, floats and labels 0. ``max_examples``: N is at most that many (the split's
+    first records), for quick evaluations during training.
 
     Example:
         >>> reader = EvalReader(builder, "holdout_ranked", global_batch_size=512)
@@ -350,7 +351,10 @@ class EvalReader:
         shard_index: int | None = None,
         shard_count: int | None = None,
         int_dtype=np.int32,
+        max_examples: int | None = None,
     ):
+        if max_examples is not None:
+            check_int("max_examples", max_examples, PipelineError, minimum=1)
         self.shard_index, self.shard_count = _shard_args(shard_index, shard_count)
         self.batch_size = _per_process_batch(global_batch_size, self.shard_count)
         self.max_lengths = _max_lengths(builder, max_lengths)
@@ -360,7 +364,7 @@ class EvalReader:
         self._read = _ReadBatch(
             str(builder.data_dir), split, self.max_lengths, int_dtype, self._source
         )
-        self.num_examples = len(self._source)
+        self.num_examples = min(len(self._source), max_examples or len(self._source))
         if self.num_examples == 0:
             raise PipelineError(f"split {split!r} is empty")
         self.num_batches = math.ceil(

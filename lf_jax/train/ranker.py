@@ -182,6 +182,7 @@ class RankerTask:
                 split,
                 global_batch_size=self.config.data.eval_batch_size,
                 max_lengths=self._list_lengths(),
+                max_examples=self.config.data.get("eval_examples", 0) or None,
             )
             probs, labels, oracle, valid = [], [], [], []
             for host in reader:

@@ -222,3 +222,19 @@ def test_eval_reader_yields_every_example_once(feed_builder, shard_count):
     seen = np.concatenate(seen)
     expected = np.array([source[i]["session_id"] * 20 + source[i]["position"] for i in range(n)])
     assert len(seen) == n and set(seen) == set(expected)
+
+
+def test_eval_reader_max_examples_reads_the_first_records(feed_builder):
+    source = feed_builder.as_data_source("holdout_ranked")
+    reader = EvalReader(feed_builder, "holdout_ranked", global_batch_size=96, max_examples=250)
+    batches = list(reader)
+    assert len(batches) == len(reader) == 3 and reader.num_examples == 250
+    keys = np.concatenate([_keys(batch)[batch["valid"]] for batch in batches])
+    expected = [source[i]["session_id"] * 20 + source[i]["position"] for i in range(250)]
+    assert keys.tolist() == expected
+    everything = EvalReader(
+        feed_builder, "holdout_ranked", global_batch_size=96, max_examples=10**9
+    )
+    assert everything.num_examples == len(source)
+    with pytest.raises(PipelineError, match="max_examples must be a positive int, got 0"):
+        EvalReader(feed_builder, "holdout_ranked", global_batch_size=96, max_examples=0)
