@@ -21,6 +21,9 @@ from lf_jax.errors import LfJaxError, UserInputError
 
 _FLAG = "--xla_force_host_platform_device_count"
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc malloc.h
+# 2 GiB - 1, the largest int: -1 (SIZE_MAX) overflows glibc's heap_trim sum and lets
+# thread arenas unmap whole freed heaps again
+_NEVER_TRIM_BELOW = 2**31 - 1
 
 
 class DeviceSetupError(UserInputError):
@@ -88,7 +91,7 @@ def keep_freed_memory() -> bool:
 
     glibc serves large blocks (XLA's temp buffers) with fresh mmaps and unmaps them on
     free, so every step page-faults its temporaries in again. ``mallopt(M_MMAP_MAX, 0)``
-    and ``mallopt(M_TRIM_THRESHOLD, -1)`` (what ``MALLOC_MMAP_MAX_=0
+    and ``mallopt(M_TRIM_THRESHOLD, 2**31 - 1)`` (what ``MALLOC_MMAP_MAX_=0
     MALLOC_TRIM_THRESHOLD_=...`` do from the environment) keep them in the heap: peak RSS
     then stays at the high-water mark instead of dropping between steps. ``import lf_jax``
     calls this on Linux glibc; ``LF_JAX_MALLOC=default`` in the environment, or a
@@ -110,6 +113,6 @@ def keep_freed_memory() -> bool:
         return False
     mallopt = ctypes.CDLL("libc.so.6").mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    if mallopt(_M_MMAP_MAX, 0) != 1 or mallopt(_M_TRIM_THRESHOLD, -1) != 1:
-        raise LfJaxError("glibc mallopt refused M_MMAP_MAX=0 / M_TRIM_THRESHOLD=-1")
+    if mallopt(_M_MMAP_MAX, 0) != 1 or mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM_BELOW) != 1:
+        raise LfJaxError("glibc mallopt refused M_MMAP_MAX=0 / M_TRIM_THRESHOLD=2**31-1")
     return True
