@@ -8,11 +8,14 @@ median over 6 timed steps of getrusage user and system time and minor page fault
 the compiled step's XLA temp bytes and the last loss.
 
 glibc serves XLA's large temp buffers with fresh mmaps, faulted in again every step (the
-temp bytes / 4 KiB minor faults per step and device); with
-``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=4294967296`` in the environment freed
-buffers stay in the heap and are reused. The line printed names the setting in force.
+temp bytes / 4 KiB minor faults per step and device) unless mmap is off for them:
+``import lf_jax`` turns it off (lf_jax.distributed.devices.keep_freed_memory; opt out
+with LF_JAX_MALLOC=default), as does ``MALLOC_MMAP_MAX_=0`` in the environment. The line
+printed says which was in force (measured: does a 64 MiB malloc get an mmap?) and the
+process's peak RSS.
 """
 
+import ctypes
 import os
 import resource
 import sys
@@ -25,6 +28,25 @@ sys.path.insert(0, os.path.join(TREE, "bench"))
 import embedding as bench  # noqa: E402  (after XLA_FLAGS)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+
+
+def _malloc_mmaps_large_blocks() -> bool:
+    """Whether glibc serves a fresh 64 MiB malloc with an mmap (mallinfo2's hblkhd)."""
+    libc = ctypes.CDLL("libc.so.6")
+    fields = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+    info = type(
+        "MallInfo2",
+        (ctypes.Structure,),
+        {"_fields_": [(n, ctypes.c_size_t) for n in fields.split()]},
+    )
+    libc.mallinfo2.restype = info
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    before = libc.mallinfo2().hblkhd
+    block = libc.malloc(64 << 20)
+    grew = libc.mallinfo2().hblkhd - before >= 64 << 20
+    libc.free(block)
+    return grew
 
 
 def main() -> None:
@@ -61,9 +83,12 @@ def main() -> None:
         )
     user, system, faults = np.median(np.array(rows), axis=0)
     temp_mb = compiled.memory_analysis().temp_size_in_bytes / 1e6
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3  # KiB on Linux
+    malloc = "mmap" if _malloc_mmaps_large_blocks() else "heap"
     print(
         f"{DIST} devices={DEVICES} {TREE}: user ms {user * 1e3:.0f} sys ms {system * 1e3:.0f} "
         f"minflt {faults:.0f} temp MB {temp_mb:.0f} loss {float(loss):.6f} "
+        f"peak RSS MB {peak_mb:.0f} large mallocs {malloc} "
         f"MALLOC_MMAP_MAX_={os.environ.get('MALLOC_MMAP_MAX_', 'unset')}"
     )
 

@@ -14,8 +14,10 @@ Example:
 
 import importlib
 
-from lf_jax.distributed.devices import simulate_cpu_devices
+from lf_jax.distributed.devices import keep_freed_memory, simulate_cpu_devices
 from lf_jax.distributed.mesh import describe_mesh, make_mesh
+
+keep_freed_memory()  # glibc: reuse freed XLA buffers (no per-step page faults); see README
 
 __version__ = "0.1.0"
 

@@ -10,13 +10,20 @@ Example:
     8
 """
 
+import ctypes
 import os
+import platform
 import re
+import sys
 
 from lf_jax.checks import check_int
-from lf_jax.errors import UserInputError
+from lf_jax.errors import LfJaxError, UserInputError
 
 _FLAG = "--xla_force_host_platform_device_count"
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc malloc.h
+# 2 GiB - 1, the largest int: -1 (SIZE_MAX) overflows glibc's heap_trim sum and lets
+# thread arenas unmap whole freed heaps again
+_NEVER_TRIM_BELOW = 2**31 - 1
 
 
 class DeviceSetupError(UserInputError):
@@ -77,3 +84,35 @@ def simulate_cpu_devices(count: int) -> int:
     if have != count:
         raise DeviceSetupError(f"simulate_cpu_devices({count}): backend reports {have} devices")
     return have
+
+
+def keep_freed_memory() -> bool:
+    """Makes glibc malloc keep freed memory for reuse; True when applied.
+
+    glibc serves large blocks (XLA's temp buffers) with fresh mmaps and unmaps them on
+    free, so every step page-faults its temporaries in again. ``mallopt(M_MMAP_MAX, 0)``
+    and ``mallopt(M_TRIM_THRESHOLD, 2**31 - 1)`` (what ``MALLOC_MMAP_MAX_=0
+    MALLOC_TRIM_THRESHOLD_=...`` do from the environment) keep them in the heap: peak RSS
+    then stays at the high-water mark instead of dropping between steps. ``import lf_jax``
+    calls this on Linux glibc; ``LF_JAX_MALLOC=default`` in the environment, or a
+    ``MALLOC_MMAP_MAX_`` / ``MALLOC_TRIM_THRESHOLD_`` of your own, leaves malloc alone.
+    Returns False (nothing changed) on other platforms and C libraries.
+
+    Example:
+        >>> keep_freed_memory()  # Linux glibc, no opt-out set
+        True
+    """
+    choice = os.environ.get("LF_JAX_MALLOC", "keep")
+    if choice not in ("keep", "default"):
+        raise UserInputError(f"LF_JAX_MALLOC={choice!r}: expected 'keep' or 'default'")
+    if choice == "default" or "MALLOC_MMAP_MAX_" in os.environ:
+        return False
+    if "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        return False
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    mallopt = ctypes.CDLL("libc.so.6").mallopt
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    if mallopt(_M_MMAP_MAX, 0) != 1 or mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM_BELOW) != 1:
+        raise LfJaxError("glibc mallopt refused M_MMAP_MAX=0 / M_TRIM_THRESHOLD=2**31-1")
+    return True

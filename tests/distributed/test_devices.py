@@ -40,3 +40,51 @@ def test_simulate_after_start_with_other_count_fails_clearly():
 def test_bad_counts(count):
     with pytest.raises(ValueError, match="positive int"):
         simulate_cpu_devices(count)
+
+
+_MMAPPED_BYTES = """
+    import ctypes, os, sys
+    import lf_jax
+
+    names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in names.split()]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.mallinfo2.restype = MallInfo2
+    before = libc.mallinfo2().hblkhd
+    block = libc.malloc(64 << 20)
+    print(libc.mallinfo2().hblkhd - before)
+    libc.free(block)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc malloc only")
+@pytest.mark.parametrize(("choice", "mmapped"), [("keep", False), ("default", True)])
+def test_import_keeps_large_blocks_off_mmap(choice, mmapped):
+    """import lf_jax turns off glibc's mmap for large blocks; LF_JAX_MALLOC=default opts out."""
+    import os
+
+    env = {"PATH": "/usr/bin:/bin", "LF_JAX_MALLOC": choice}
+    env["PYTHONPATH"] = os.environ.get("PYTHONPATH", "")
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_MMAPPED_BYTES)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (int(result.stdout) >= 64 << 20) is mmapped
+
+
+def test_bad_malloc_choice_names_the_variable(monkeypatch):
+    from lf_jax.distributed.devices import keep_freed_memory
+    from lf_jax.errors import UserInputError
+
+    monkeypatch.setenv("LF_JAX_MALLOC", "off")
+    with pytest.raises(UserInputError, match="LF_JAX_MALLOC='off'"):
+        keep_freed_memory()
