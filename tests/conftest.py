@@ -102,12 +102,12 @@ def feed_builder(feed_data_dir, tmp_path_factory):
 def shrunk_ranker_config(repo_root, feed_data_dir):
     """Factory of the tiny feed ranker shrunk for tests (batch 64, id tables of dim 16,
     MLP (32,), one cross layer) reading the session's feed_logs build; each call returns a
-    fresh ConfigDict
-    for a test to add its own overrides to (``with config.unlocked(): ...``)."""
+    fresh ConfigDict for a test to add its own overrides to (``with config.unlocked():
+    ...``). ``make("size=tiny,dynamic=0.5")`` passes another config argument."""
     from lf_jax.configuration import load_config
 
-    def make():
-        config = load_config(f"{repo_root}/configs/feed_ranker.py:size=tiny")
+    def make(argument: str = "size=tiny"):
+        config = load_config(f"{repo_root}/configs/feed_ranker.py:{argument}")
         with config.unlocked():
             config.batch_size = 64
             for table in ("member", "hashtag", "post"):

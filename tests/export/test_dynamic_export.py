@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from lf_jax.cli import main
-from lf_jax.configuration import load_config
 from lf_jax.distributed.mesh import make_mesh
 from lf_jax.embedding.dynamic.checkpoint import from_checkpoint, to_checkpoint
 from lf_jax.errors import UserInputError
@@ -23,19 +22,6 @@ SHRINK = [
     "--config.model.mlp_dims=(32,)",
     "--config.model.dcn_layers=1",
 ]
-
-
-def _config(repo_root, data_dir):
-    config = load_config(f"{repo_root}/configs/feed_ranker.py:{SIZE}")
-    with config.unlocked():
-        config.batch_size = 64
-        for table in ("member", "hashtag", "post"):
-            config.embedding.tables[table].dim = 16
-        config.model.mlp_dims = (32,)
-        config.model.dcn_layers = 1
-        config.data.data_dir = str(data_dir)
-        config.train.ips = False
-    return config
 
 
 def _with_posts(task, state, step, keys, rows, last):
@@ -57,13 +43,15 @@ def _with_posts(task, state, step, keys, rows, last):
 
 
 @pytest.fixture(scope="module")
-def dynamic_run(repo_root, feed_data_dir, feed_builder, tmp_path_factory):
+def dynamic_run(repo_root, shrunk_ranker_config, feed_builder, tmp_path_factory):
     """Checkpoints at STEP_A (200 post keys) and STEP_B (10 gone, 15 new, 10 retrained,
     the other 180 untouched since STEP_A)."""
     from lf_jax.train.loop import build_task
 
     workdir = tmp_path_factory.mktemp("dynamic_export")
-    config = _config(repo_root, feed_data_dir)
+    config = shrunk_ranker_config(SIZE)
+    with config.unlocked():
+        config.train.ips = False
     task = build_task(config, workdir)
     assert task.dynamic is not None and "post" in task.dynamic.specs
     rng = np.random.default_rng(0)
