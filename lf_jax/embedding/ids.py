@@ -21,7 +21,8 @@ Example:
     >>> id_map.save("/tmp/member_ids"); IdMap.load("/tmp/member_ids").num_rows
     4
 
-The string hashing (hash_strings, mix64, IdMapError) lives in string_hash.py.
+The string hashing (hash_strings, mix64, IdMapError) lives in string_hash.py, the
+perfect hash's levels, fingerprints and ranks in id_map_hashing.py.
 """
 
 import dataclasses
@@ -36,12 +37,18 @@ from typing import Any
 
 import numpy as np
 
-from lf_jax.checks import check_int, first_duplicate
+from lf_jax.checks import check_int
+from lf_jax.embedding.id_map_hashing import (
+    fingerprints_of,
+    first_duplicate_hash,
+    level_slots,
+    reduce_to_range,
+    words_rank,
+)
 from lf_jax.embedding.string_hash import (
     GOLDEN,
     MASK64,
     IdMapError,
-    as_string_array,
     check_seed,
     hash_strings,
     mix64,
@@ -52,44 +59,7 @@ FORMAT = "lf_jax.IdMap"
 FORMAT_VERSION = 1
 FINGERPRINT_BITS = (8, 16, 32)
 MAX_LEVELS = 48
-_FINGERPRINT_SALT = 0x5EED_F1A6_E2B1_7A11
 _OOV_SALT = 0x00B0_C4E7_5A17_0FF5
-
-
-def _reduce(hashes: np.ndarray, size: int) -> np.ndarray:
-    """Maps uniform uint64 hashes to [0, size) (multiply-high of the top 32 bits), int64."""
-    return (((hashes >> np.uint64(32)) * np.uint64(size)) >> np.uint64(32)).astype(np.int64)
-
-
-def _level_slots(keys: np.ndarray, level: int, num_slots: int) -> np.ndarray:
-    salt = np.uint64((GOLDEN * (level + 1)) & MASK64)
-    return _reduce(mix64(keys ^ salt), num_slots)
-
-
-def _fingerprints(keys: np.ndarray, bits: int) -> np.ndarray:
-    top = mix64(keys ^ np.uint64(_FINGERPRINT_SALT)) >> np.uint64(64 - bits)
-    return top.astype(f"<u{bits // 8}")
-
-
-def _words_rank(words: np.ndarray) -> np.ndarray:
-    """Exclusive running popcount per 64-bit word (the rank of each word's first bit)."""
-    counts = np.bitwise_count(words).astype(np.int64)
-    return (np.cumsum(counts) - counts).astype(np.uint32)
-
-
-def _first_duplicate(keys, hashes: np.ndarray) -> tuple[str, int, int] | None:
-    """The duplicate whose second occurrence comes first: (key, first, second), or None."""
-    order = np.argsort(hashes, kind="stable")
-    same = hashes[order][1:] == hashes[order][:-1]
-    if not same.any():
-        return None
-    suspects = np.unique(np.concatenate([order[:-1][same], order[1:][same]]))
-    flat = keys.reshape(-1) if isinstance(keys, np.ndarray) else keys
-    duplicate = first_duplicate(as_string_array([flat[i] for i in suspects], "keys"))
-    if duplicate is None:
-        return None  # a 64-bit collision of two different keys: the caller re-seeds
-    key, first, second = duplicate  # positions among the suspects, in row order
-    return key, int(suspects[first]), int(suspects[second])
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
@@ -159,7 +129,7 @@ class IdMap:
                 )
             if np.unique(hashes).size == n:
                 break
-            duplicate = _first_duplicate(keys, hashes)
+            duplicate = first_duplicate_hash(keys, hashes)
             if duplicate is not None:
                 key, first, second = duplicate
                 raise IdMapError(
@@ -190,7 +160,7 @@ class IdMap:
             if remaining.size == 0:
                 break
             num_slots = 64 * math.ceil(header["gamma"] * remaining.size / 64)
-            slots = _level_slots(hashes[remaining], level, num_slots)
+            slots = level_slots(hashes[remaining], level, num_slots)
             single = np.bincount(slots, minlength=num_slots) == 1
             alone = single[slots]
             index_of_key[remaining[alone]] = placed + np.cumsum(single)[slots[alone]] - 1
@@ -202,7 +172,7 @@ class IdMap:
         index_of_key[remaining[np.argsort(hashes[remaining])]] = np.arange(placed, n)
         words = np.concatenate(word_blocks)
         fingerprints = np.empty(n, f"<u{header['fingerprint_bits'] // 8}")
-        fingerprints[index_of_key] = _fingerprints(hashes, header["fingerprint_bits"])
+        fingerprints[index_of_key] = fingerprints_of(hashes, header["fingerprint_bits"])
         order = None
         if preserve_order:
             order = np.empty(n, np.uint32)
@@ -211,7 +181,7 @@ class IdMap:
             num_keys=n,
             level_words=np.asarray(level_words, np.int64),
             words=words,
-            rank=_words_rank(words),
+            rank=words_rank(words),
             fingerprints=fingerprints,
             order=order,
             fallback_keys=fallback,
@@ -251,7 +221,7 @@ class IdMap:
             if remaining.size == 0:
                 break
             start, stop = self.level_words[level], self.level_words[level + 1]
-            bit = _level_slots(hashes[remaining], level, 64 * int(stop - start)) + 64 * int(start)
+            bit = level_slots(hashes[remaining], level, 64 * int(stop - start)) + 64 * int(start)
             word = self.words[bit >> 6]
             offset = (bit & 63).astype(np.uint64)
             hit = ((word >> offset) & np.uint64(1)).astype(bool)
@@ -271,7 +241,7 @@ class IdMap:
     def _known(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         index = self._hash_index(hashes)
         known = index >= 0
-        known[known] = self.fingerprints[index[known]] == _fingerprints(
+        known[known] = self.fingerprints[index[known]] == fingerprints_of(
             hashes[known], self.fingerprint_bits
         )
         return index, known
@@ -307,7 +277,9 @@ class IdMap:
                     f"vocabulary (first: {str(key)!r} at position {first}); build the "
                     "IdMap with num_oov_buckets >= 1 to send them to OOV rows"
                 )
-            buckets = _reduce(mix64(flat[unknown] ^ np.uint64(_OOV_SALT)), self.num_oov_buckets)
+            buckets = reduce_to_range(
+                mix64(flat[unknown] ^ np.uint64(_OOV_SALT)), self.num_oov_buckets
+            )
             rows[unknown] = self.num_keys + buckets
         return rows.astype(np.int32).reshape(hashes.shape)
 
@@ -391,7 +363,7 @@ class IdMap:
                 fingerprint_bits=int(header["fingerprint_bits"]),
                 level_words=arrays["level_words"],
                 words=words,
-                rank=_words_rank(words),
+                rank=words_rank(words),
                 fingerprints=arrays["fingerprints"],
                 order=arrays["order"] if header["preserve_order"] else None,
                 fallback_keys=arrays["fallback_keys"],
