@@ -48,7 +48,7 @@ def reset_inserted(layout: TableLayout, stored, opt_slots, slot_init, new_n, slo
     optimizer slots to their initial values. A step inserts few of its keys once the
     table is warm: the new keys are packed into N // 8 entries (one cumsum, one scatter)
     and only those get rows computed and written; a step with more takes the [N] branch
-    of a ``lax.cond``, with the same result."""
+    of a ``lax.switch``, with the same result; a step inserting none writes nothing."""
     spec, group, piece = layout.spec, layout.group, layout.piece
     n = new_n.shape[0]
 
@@ -72,10 +72,11 @@ def reset_inserted(layout: TableLayout, stored, opt_slots, slot_init, new_n, slo
     small = n // 8
     if small == 0:
         return reset(n, stored, opt_slots)
-    return jax.lax.cond(
-        jnp.sum(new_n, dtype=jnp.int32) > small,
-        functools.partial(reset, n),
-        functools.partial(reset, small),
+    count = jnp.sum(new_n, dtype=jnp.int32)
+    branch = jnp.where(count == 0, 0, jnp.where(count > small, 2, 1))
+    return jax.lax.switch(
+        branch,
+        [lambda s, o: (s, o), functools.partial(reset, small), functools.partial(reset, n)],
         stored,
         opt_slots,
     )
