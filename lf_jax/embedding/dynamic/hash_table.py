@@ -6,8 +6,8 @@ lookup compares the whole window (no early stop), so freeing a slot never hides 
 key and needs no tombstone. A slot is *alive* when it holds a key that has not expired
 (``ttl_steps``: seen within the last ttl_steps steps).
 
-A step at an owner, on its distinct keys in ascending 64-bit order (the order is the
-priority when keys compete for a slot):
+A step at an owner, on its distinct keys in any order (when keys compete for a slot, the
+smaller 64-bit key has priority):
 
 1. Find: a key matching an alive slot of its window is a hit; the slot records the step
    (``last``) and one more step seen (``freq``). Hit slots are *touched*: never evicted in
@@ -57,6 +57,7 @@ COUNTERS = (
     "probe_max",
 )
 _BIG = jnp.iinfo(jnp.int32).max
+_UMAX = np.uint32(0xFFFFFFFF)
 WORD = 2**31  # counters: low word in [0, 2**31), high word counts 2**31s
 
 
@@ -125,13 +126,12 @@ def _victim(evictable_np, last_np, freq_np, eviction: str):
 def resolve_shard(state: dict, hi_n, lo_n, valid_n, step, policy: DynamicPolicy, insert=True):
     """(slot_n int32, -1 when absent; new_n bool; new state) for one step's keys.
 
-    Valid keys must be distinct and in ascending (hi, lo) order (their priority). With
+    Valid keys must be distinct, in any order (the smaller (hi, lo) wins a slot). With
     ``insert`` False the keys are only found: the state comes back unchanged.
     """
     capacity = state["last"].shape[0]
     probes = min(policy.probe_limit, capacity)
     n = hi_n.shape[0]
-    index_n = jnp.arange(n, dtype=jnp.int32)
     pos_np = (home_slots(hi_n, lo_n, capacity, policy)[:, None] + jnp.arange(probes)) % capacity
     alive_c = alive_slots(state, step, policy)
     match_np = (
@@ -194,9 +194,13 @@ def resolve_shard(state: dict, hi_n, lo_n, valid_n, step, policy: DynamicPolicy,
         propose_n = pending_n & has_room_n
         cand_n = jnp.take_along_axis(pos_np, choice_n[:, None], axis=1)[:, 0]
         cand_n = jnp.where(propose_n, cand_n, capacity)
-        first_c = jnp.full((capacity,), n, jnp.int32).at[cand_n].min(index_n, mode="drop")
+        # the smallest (hi, lo) proposing a slot wins it: min hi, then min lo among those
         safe_n = jnp.minimum(cand_n, capacity - 1)
-        win_n = propose_n & (first_c[safe_n] == index_n)
+        min_hi_c = jnp.full((capacity,), _UMAX, jnp.uint32).at[cand_n].min(hi_n, mode="drop")
+        top_n = propose_n & (min_hi_c[safe_n] == hi_n)
+        lo_cand_n = jnp.where(top_n, cand_n, capacity)
+        min_lo_c = jnp.full((capacity,), _UMAX, jnp.uint32).at[lo_cand_n].min(lo_n, mode="drop")
+        win_n = top_n & (min_lo_c[safe_n] == lo_n)
         evicted = evicted + jnp.sum(win_n & alive_c[safe_n], dtype=jnp.int32)
         put_n = jnp.where(win_n, cand_n, capacity)
         return (

@@ -2,7 +2,8 @@
 
 On every device, for the keys of the features that read the table:
 
-1. dedupe the keys and bucket them by owner device, ``layout.devices[owner(key)]``
+1. dedupe the keys (hash probe rounds, lf_jax.embedding.dynamic.key_dedupe: no
+   multi-operand sort) and bucket them by owner device, ``layout.devices[owner(key)]``
    (lf_jax.embedding.dynamic.layout);
 2. one ``all_to_all`` sends each device the keys it owns in a static [S, W] buffer, W the
    expected keys per owner plus 5 standard deviations (lf_jax.embedding.exchange's
@@ -10,7 +11,9 @@ On every device, for the keys of the features that read the table:
    step takes the other branch of a ``lax.cond``: [S, M] buffers, which fit any skew at
    O(S x M) per device for M local entries. Both branches resolve an owner's keys of the
    step at once, so the result does not depend on the branch;
-3. each owner dedupes the keys of every sender and resolves them (find, admit, insert,
+3. each owner dedupes the keys of every sender in place (each key resolved at its
+   leader entry; the hash table's priority is the key value, not the entry order) and
+   resolves them (find, admit, insert,
    evict: lf_jax.embedding.dynamic.hash_table), resetting the rows and optimizer slots
    of inserted keys to their initial values, then sends every key's slot back (a second
    ``all_to_all``). Devices outside a table_wise_row_wise group receive no keys;
@@ -33,29 +36,10 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from lf_jax.embedding.dynamic.hash_table import resolve_shard
+from lf_jax.embedding.dynamic.key_dedupe import group_by_owner, key_leaders
 from lf_jax.embedding.dynamic.keys import OWNER_SALT, initial_rows, key_hash, salt
 from lf_jax.embedding.dynamic.layout import TableLayout
 from lf_jax.embedding.exchange import capacity_for
-
-
-def dedupe(sort_keys: tuple, fill_values: tuple):
-    """Distinct rows of the columns ``sort_keys`` [M] each (sorted, padded with
-    ``fill_values``) and each entry's position among them. Returns (unique columns [M]
-    each, inverse [M])."""
-    m = sort_keys[0].shape[0]
-    *sorted_cols, perm = jax.lax.sort(
-        (*sort_keys, jnp.arange(m, dtype=jnp.int32)), num_keys=len(sort_keys)
-    )
-    differs = functools.reduce(jnp.logical_or, [c[1:] != c[:-1] for c in sorted_cols])
-    is_new = jnp.concatenate([jnp.ones((1,), bool), differs])
-    rank = jnp.cumsum(is_new, dtype=jnp.int32) - 1
-    target = jnp.where(is_new, rank, m)
-    unique = tuple(
-        jnp.full((m,), fill, col.dtype).at[target].set(col, mode="drop")
-        for col, fill in zip(sorted_cols, fill_values, strict=True)
-    )
-    inverse = jnp.zeros((m,), jnp.int32).at[perm].set(rank)
-    return unique, inverse
 
 
 def reset_inserted(layout: TableLayout, stored, opt_slots, slot_init, new_n, slot_n, hi_n, lo_n):
@@ -64,7 +48,7 @@ def reset_inserted(layout: TableLayout, stored, opt_slots, slot_init, new_n, slo
     optimizer slots to their initial values. A step inserts few of its keys once the
     table is warm: the new keys are packed into N // 8 entries (one cumsum, one scatter)
     and only those get rows computed and written; a step with more takes the [N] branch
-    of a ``lax.cond``, with the same result."""
+    of a ``lax.switch``, with the same result; a step inserting none writes nothing."""
     spec, group, piece = layout.spec, layout.group, layout.piece
     n = new_n.shape[0]
 
@@ -88,10 +72,11 @@ def reset_inserted(layout: TableLayout, stored, opt_slots, slot_init, new_n, slo
     small = n // 8
     if small == 0:
         return reset(n, stored, opt_slots)
-    return jax.lax.cond(
-        jnp.sum(new_n, dtype=jnp.int32) > small,
-        functools.partial(reset, n),
-        functools.partial(reset, small),
+    count = jnp.sum(new_n, dtype=jnp.int32)
+    branch = jnp.where(count == 0, 0, jnp.where(count > small, 2, 1))
+    return jax.lax.switch(
+        branch,
+        [lambda s, o: (s, o), functools.partial(reset, small), functools.partial(reset, n)],
         stored,
         opt_slots,
     )
@@ -120,12 +105,8 @@ def resolve_table(
         shape = hi.shape
         hi, lo, valid = hi.reshape(-1), lo.reshape(-1), valid.reshape(-1)
         m = hi.shape[0]
-        owner = jnp.where(
-            valid,
-            (key_hash(jnp, hi, lo, salt(OWNER_SALT, policy.seed)) % shards).astype(jnp.int32),
-            shards,
-        )
-        (u_owner, u_hi, u_lo), inverse = dedupe((owner, hi, lo), (shards, 0, 0))
+        owner = (key_hash(jnp, hi, lo, salt(OWNER_SALT, policy.seed)) % shards).astype(jnp.int32)
+        (u_owner, u_hi, u_lo), inverse = group_by_owner(owner, hi, lo, valid, shards)
         to_device = owner_device[u_owner]  # `devices` (padding) is dropped by the scatters
         start = jnp.searchsorted(u_owner, jnp.arange(shards, dtype=jnp.int32))
         within = jnp.arange(m, dtype=jnp.int32) - start[jnp.minimum(u_owner, shards - 1)]
@@ -142,14 +123,12 @@ def resolve_table(
             r_hi, r_lo, r_valid = (
                 jax.lax.all_to_all(x, axes, 0, 0, tiled=True).reshape(-1) for x in sent
             )
-            if devices == 1:  # the one owner gets its own keys: distinct, ascending, valid first
-                o_hi, o_lo, o_valid = r_hi, r_lo, r_valid
-                o_inverse = jnp.arange(r_hi.shape[0], dtype=jnp.int32)
-            else:
-                (o_invalid, o_hi, o_lo), o_inverse = dedupe(
-                    ((~r_valid).astype(jnp.int32), r_hi, r_lo), (1, 0, 0)
-                )
-                o_valid = o_invalid == 0
+            o_hi, o_lo = r_hi, r_lo
+            if devices == 1:  # the one owner gets its own keys, already distinct
+                o_valid, o_inverse = r_valid, jnp.arange(r_hi.shape[0], dtype=jnp.int32)
+            else:  # each key once (at its leader), in place: no compaction, no sort
+                o_inverse = key_leaders(r_hi, r_lo, r_valid)
+                o_valid = r_valid & (o_inverse == jnp.arange(r_hi.shape[0], dtype=jnp.int32))
             slot_u, new_u, table = resolve_shard(table, o_hi, o_lo, o_valid, step, policy, insert)
             back = jax.lax.all_to_all(
                 slot_u[o_inverse].reshape(devices, width), axes, 0, 0, tiled=True
