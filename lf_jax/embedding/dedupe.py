@@ -35,34 +35,51 @@ def _mix(keys_m: jax.Array, salt: jax.Array, bits: int) -> jax.Array:
     return (x >> (32 - bits)).astype(jnp.int32)
 
 
-def leaders(keys_m: jax.Array) -> jax.Array:
-    """[M] int32: for each entry, the position of one entry with the same key (the same
-    one for every entry of that key).
+def probe_leaders(slot_of, same_key, leader_m: jax.Array) -> jax.Array:
+    """[M] int32: for each pending entry (``leader_m < 0``), the position of one entry with
+    the same key (the same one for every entry of that key); resolved entries keep theirs.
 
-    Each probe round hashes the pending entries' keys into a table of >= 4 M slots and
-    writes their positions there (one writer per slot survives); an entry whose slot
-    holds a position with its own key has found its leader. All entries of a key hash
-    alike, so they resolve together, and every probed slot resolves its winner's key:
-    the loop ends after at most as many rounds as distinct keys, in practice 3-4.
-
-    Example:
-        >>> leaders(jnp.array([7, 3, 7, 7]))  # e.g. [3, 1, 3, 3]
+    Each probe round hashes the pending entries' keys into a table of >= 4 M slots
+    (``slot_of(salt, bits)`` -> [M] int32 in [0, 2**bits), different for every uint32
+    ``salt``) and writes their positions there (one writer per slot survives); an entry
+    whose slot holds a position with its own key (``same_key(found_m)`` -> [M] bool) has
+    found its leader. All entries of a key hash alike, so they resolve together, and
+    every probed slot resolves its winner's key: the loop ends after at most as many
+    rounds as distinct keys, in practice 3-4, also when distinct keys share a hash.
+    ``leaders`` (int32 keys) and dynamic/key_dedupe.key_leaders (64-bit keys) use it.
     """
-    m = keys_m.shape[0]
+    m = leader_m.shape[0]
     bits = min(position_bits(m) + 2, 30)
     pos_m = jnp.arange(m, dtype=jnp.int32)
 
     def probe(state):
         salt, table, leader_m = state
         pending_m = leader_m < 0
-        slot_m = _mix(keys_m, salt, bits)
+        slot_m = slot_of(salt, bits)
         table = table.at[jnp.where(pending_m, slot_m, 1 << bits)].set(pos_m, mode="drop")
         found_m = table.at[slot_m].get(mode="promise_in_bounds")
-        same_m = keys_m.at[found_m].get(mode="promise_in_bounds") == keys_m
-        return salt + 1, table, jnp.where(pending_m & same_m, found_m, leader_m)
+        return (
+            salt + jnp.uint32(1),
+            table,
+            jnp.where(pending_m & same_key(found_m), found_m, leader_m),
+        )
 
-    state = (jnp.int32(0), jnp.zeros((1 << bits,), jnp.int32), jnp.full((m,), -1, jnp.int32))
+    state = (jnp.uint32(0), jnp.zeros((1 << bits,), jnp.int32), leader_m)
     return jax.lax.while_loop(lambda s: jnp.any(s[2] < 0), probe, state)[2]
+
+
+def leaders(keys_m: jax.Array) -> jax.Array:
+    """[M] int32: for each entry, the position of one entry with the same int32 key (the
+    same one for every entry of that key), by ``probe_leaders``.
+
+    Example:
+        >>> leaders(jnp.array([7, 3, 7, 7]))  # e.g. [3, 1, 3, 3]
+    """
+    return probe_leaders(
+        lambda salt, bits: _mix(keys_m, salt, bits),
+        lambda found_m: keys_m.at[found_m].get(mode="promise_in_bounds") == keys_m,
+        jnp.full(keys_m.shape, -1, jnp.int32),
+    )
 
 
 DENSE_KEYS_PER_ENTRY = 16

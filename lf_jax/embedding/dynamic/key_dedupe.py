@@ -16,6 +16,7 @@ Example:
 import jax
 import jax.numpy as jnp
 
+from lf_jax.embedding.dedupe import probe_leaders
 from lf_jax.embedding.dynamic.keys import GOLDEN32, fmix32, key_hash
 
 LEADER_SALT = 0x510E527F
@@ -24,36 +25,21 @@ LEADER_SALT = 0x510E527F
 def key_leaders(hi_m: jax.Array, lo_m: jax.Array, valid_m: jax.Array) -> jax.Array:
     """[M] int32: for each valid entry, the position of one valid entry with the same key
     (the same one for every entry of that key; that entry is its own leader); an invalid
-    entry is its own leader.
-
-    Each probe round hashes the pending entries' keys into a table of >= 4 M slots and
-    writes their positions there (one writer per slot survives); an entry whose slot
-    holds a position with its own 64-bit key has found its leader. Every probed slot
-    resolves its surviving writer's key, so the loop ends (in practice after 3-4 rounds),
-    also for distinct keys whose 32-bit hashes are equal.
+    entry is its own leader. ``embedding.dedupe.probe_leaders`` with the keys compared
+    exactly on both halves, so distinct keys whose 32-bit hashes are equal stay apart.
     """
-    m = hi_m.shape[0]
-    bits = min(max(1, (m - 1).bit_length()) + 2, 30)
-    pos_m = jnp.arange(m, dtype=jnp.int32)
     h_m = key_hash(jnp, hi_m, lo_m, LEADER_SALT)
 
-    def probe(state):
-        salt, table, leader_m = state
-        pending_m = leader_m < 0
-        slot_m = (fmix32(jnp, h_m + salt * jnp.uint32(GOLDEN32)) >> (32 - bits)).astype(jnp.int32)
-        table = table.at[jnp.where(pending_m, slot_m, 1 << bits)].set(pos_m, mode="drop")
-        found_m = table.at[slot_m].get(mode="promise_in_bounds")
-        same_m = (hi_m.at[found_m].get(mode="promise_in_bounds") == hi_m) & (
+    def slot_of(salt, bits):
+        return (fmix32(jnp, h_m + salt * jnp.uint32(GOLDEN32)) >> (32 - bits)).astype(jnp.int32)
+
+    def same_key(found_m):
+        return (hi_m.at[found_m].get(mode="promise_in_bounds") == hi_m) & (
             lo_m.at[found_m].get(mode="promise_in_bounds") == lo_m
         )
-        return salt + jnp.uint32(1), table, jnp.where(pending_m & same_m, found_m, leader_m)
 
-    state = (
-        jnp.uint32(0),
-        jnp.zeros((1 << bits,), jnp.int32),
-        jnp.where(valid_m, -1, pos_m),
-    )
-    return jax.lax.while_loop(lambda s: jnp.any(s[2] < 0), probe, state)[2]
+    pos_m = jnp.arange(hi_m.shape[0], dtype=jnp.int32)
+    return probe_leaders(slot_of, same_key, jnp.where(valid_m, -1, pos_m))
 
 
 def group_by_owner(owner_m, hi_m, lo_m, valid_m, owners: int):
