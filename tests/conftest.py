@@ -129,6 +129,7 @@ def ranker_workdir(shrunk_ranker_config, feed_builder, tmp_path_factory):
     config = shrunk_ranker_config()
     with config.unlocked():
         config.train.ips = False
+        config.data.eval_examples = 20_000  # the serving export's int8 AUC check reads these
     workdir = tmp_path_factory.mktemp("serving_ranker")
     task = build_task(config, workdir)
     checkpointer = Checkpointer(workdir / "checkpoints")

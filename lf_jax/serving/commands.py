@@ -90,6 +90,7 @@ def run_export(args, config) -> None:
             line += ", holdout_random AUC " + ", ".join(
                 f"{d} {v['mean']:.4f}" for d, v in aucs.items()
             )
+            line += f" ({manifest['quality']['holdout_random_examples']:,} examples)"
         print(line)
     f = result["features"]
     print(

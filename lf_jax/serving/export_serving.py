@@ -71,8 +71,16 @@ def _sections(config, workdir: Path) -> dict:
     )
 
 
-def holdout_auc(source, weights_by_dtype: dict, features, split: str = "holdout_random") -> dict:
-    """Mean task AUC on ``split`` of the ranker with each weights set (one CPU device)."""
+def holdout_auc(
+    source,
+    weights_by_dtype: dict,
+    features,
+    split: str = "holdout_random",
+    max_examples: int | None = None,
+) -> tuple[dict, int]:
+    """Mean and per-task AUC on ``split`` of the ranker with each weights set (one CPU
+    device), and the number of examples scored: the split's first ``max_examples`` (all of
+    it when None), like the trainer's evaluation with ``data.eval_examples``."""
     from lf_jax.input.feed_pipeline import EvalReader
     from lf_jax.train.metrics import auc
 
@@ -82,7 +90,9 @@ def holdout_auc(source, weights_by_dtype: dict, features, split: str = "holdout_
     device = jax.local_devices(backend="cpu")[0]
     fn = jax.jit(lambda w, s, d: ranker_probs(graphdef, treedef, features, w, s, d))
     placed = {name: jax.device_put(w, device) for name, w in weights_by_dtype.items()}
-    reader = EvalReader(model.builder, split, global_batch_size=4096, max_lengths=None)
+    reader = EvalReader(
+        model.builder, split, global_batch_size=4096, max_lengths=None, max_examples=max_examples
+    )
     probs: dict[str, list] = {name: [] for name in placed}
     labels, valid = [], []
     for host in reader:
@@ -99,7 +109,7 @@ def holdout_auc(source, weights_by_dtype: dict, features, split: str = "holdout_
         p = np.concatenate(parts)[mask]
         per_task = {t: auc(p[:, i], y[:, i]) for i, t in enumerate(model.tasks)}
         out[name] = {"mean": float(np.mean(list(per_task.values()))), **per_task}
-    return out
+    return out, int(mask.sum())
 
 
 def _ranker(config, workdir, out: Path, dtype, version, buckets, task_weights, layout, sizes):
@@ -118,16 +128,16 @@ def _ranker(config, workdir, out: Path, dtype, version, buckets, task_weights, l
         "dense_mean": model.dense_mean_k,
         "dense_std": model.dense_std_k,
     }
-    quality = {
-        "holdout_random_auc": holdout_auc(
-            source,
-            {
-                d: {**common, "tables": {n: encode_table(v, d) for n, v in tables.items()}}
-                for d in ("float32", "int8")
-            },
-            features,
-        )
-    }
+    aucs, examples = holdout_auc(
+        source,
+        {
+            d: {**common, "tables": {n: encode_table(v, d) for n, v in tables.items()}}
+            for d in ("float32", "int8")
+        },
+        features,
+        max_examples=config.data.get("eval_examples", 0) or None,
+    )
+    quality = {"holdout_random_auc": aucs, "holdout_random_examples": examples}
     return ranker_artifact(
         out,
         graphdef=model.graphdef,

@@ -96,6 +96,7 @@ def test_manifest_lists_checksums_bytes_and_the_int8_auc_cost(serving_root, tmp_
     assert manifest["table_dtype"] == "float32" and manifest["version"] == "v0001"
     aucs = manifest["quality"]["holdout_random_auc"]
     assert abs(aucs["float32"]["mean"] - aucs["int8"]["mean"]) < 0.01
+    assert manifest["quality"]["holdout_random_examples"] == 20_000  # data.eval_examples
     assert json.loads((directory / "manifest.json").read_text())["files"] == manifest["files"]
     broken = tmp_path / "ranker"
     shutil.copytree(directory, broken)
