@@ -2,7 +2,8 @@
 
 import os
 import shutil
-import socket
+import subprocess
+import sys
 from pathlib import Path
 
 # XLA:CPU settings that compile fast: the suite's programs run a few steps each, so
@@ -79,23 +80,50 @@ def _shared_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def feed_builder(feed_data_dir, tmp_path_factory):
-    from filelock import FileLock
-
-    from lf_jax.input import build_dataset
-
-    def no_network(*args, **kwargs):
-        raise AssertionError("building feed_logs tried to reach the network")
+    from lf_jax.testing.offline_datasets import build_offline, build_shared_feed_logs
 
     shared = _shared_root(tmp_path_factory) / "feed_logs_tiny"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(socket.socket, "connect", no_network)
-        patch.setattr(socket, "create_connection", no_network)
-        with FileLock(f"{shared}.lock"):
-            build_dataset("feed_logs", config="tiny", data_dir=shared)
-        target = feed_data_dir / "feed_logs"
-        if not target.exists():
-            shutil.copytree(shared / "feed_logs", target, copy_function=os.link)
-        return build_dataset("feed_logs", config="tiny", data_dir=feed_data_dir)
+    build_shared_feed_logs(shared)  # waits for the background build when one runs
+    target = feed_data_dir / "feed_logs"
+    if not target.exists():
+        shutil.copytree(shared / "feed_logs", target, copy_function=os.link)
+    return build_offline("feed_logs", "tiny", feed_data_dir)
+
+
+def _whole_suite_on_workers(config) -> bool:
+    """True in the xdist controller of a run over the default test paths (`make test`)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or not config.getoption("numprocesses", None):
+        return False
+    return config.args_source == pytest.Config.ArgsSource.TESTPATHS
+
+
+_BACKGROUND_BUILD = pytest.StashKey[subprocess.Popen]()
+
+
+def pytest_sessionstart(session):
+    """`make test`: the controller starts the tiny feed_logs build in a background process
+    that holds the build lock, so the first tests that need the data wait for it while the
+    workers run other tests (xdist starts them after this hook)."""
+    config = session.config
+    if not _whole_suite_on_workers(config):
+        return
+    shared = _shared_root(config._tmp_path_factory) / "feed_logs_tiny"
+    builder = subprocess.Popen(
+        [sys.executable, "-m", "lf_jax.testing.offline_datasets", str(shared)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert builder.stdout is not None
+    line = builder.stdout.readline().strip()
+    if line != "locked":  # the builder failed before taking the lock: show why
+        raise RuntimeError(f"background feed_logs build: {line!r}, exit {builder.wait()}")
+    config.stash[_BACKGROUND_BUILD] = builder
+
+
+def pytest_sessionfinish(session):
+    builder = session.config.stash.get(_BACKGROUND_BUILD, None)
+    if builder is not None and builder.poll() is None:
+        builder.wait()
 
 
 @pytest.fixture(scope="session")
