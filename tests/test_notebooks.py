@@ -79,6 +79,7 @@ def images_of(notebook) -> int:
     )
 
 
+@pytest.mark.slow
 def test_sharding_notebook_runs(tmp_path, feed_data_dir):
     notebook, seconds = execute("sharding.ipynb", tmp_path, str(feed_data_dir))
     text = stdout_of(notebook)
@@ -88,6 +89,7 @@ def test_sharding_notebook_runs(tmp_path, feed_data_dir):
     print(f"sharding.ipynb executed in {seconds:.1f} s")
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_runs(tmp_path, feed_builder, feed_data_dir):
     notebook, seconds = execute("quickstart.ipynb", tmp_path, str(feed_data_dir))
     text = stdout_of(notebook)
@@ -104,6 +106,7 @@ def test_quickstart_notebook_runs(tmp_path, feed_builder, feed_data_dir):
     print(f"quickstart.ipynb executed in {seconds:.1f} s")
 
 
+@pytest.mark.slow
 def test_own_data_notebook_trains_saves_loads_and_scores(tmp_path):
     notebook, seconds = execute(
         "own_data.ipynb", tmp_path, str(tmp_path / "tfds"), xla_defaults=True

@@ -21,6 +21,7 @@ def test_readme_has_runnable_blocks():
     assert BLOCKS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_block_runs(index, tmp_path):
     env = child_env()

@@ -75,6 +75,7 @@ def topic_margin(encoder, rng):
     return float(cos[same].mean() - cos[~same].mean())
 
 
+@pytest.mark.slow
 def test_fit_on_pairs_lowers_the_loss_and_separates_topics(trained):
     encoder, history, _, _ = trained
     assert [row["step"] for row in history] == list(range(1, 61))
@@ -84,6 +85,7 @@ def test_fit_on_pairs_lowers_the_loss_and_separates_topics(trained):
     assert topic_margin(encoder, np.random.default_rng(7)) > 0.2
 
 
+@pytest.mark.slow
 def test_fit_on_labelled_triples_uses_the_bce_loss_and_learns():
     rng = np.random.default_rng(1)
     encoder = small_encoder(seed=3)

@@ -10,6 +10,7 @@ import lf_jax
 from lf_jax.errors import UserInputError
 
 
+@pytest.mark.slow
 def test_a_cli_run_opens_as_a_ranker_that_scores_like_its_evaluation(
     shrunk_ranker_config, feed_builder, tmp_path
 ):

@@ -47,6 +47,7 @@ def test_member_items_ids_follow_feed_logs_world():
     assert np.mean((topics == post_topic[:, None]).any(1)) > 0.5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["post_texts", "member_items"])
 def test_builders_build_offline(name, tmp_path):
     builder = build_dataset(name, "tiny", data_dir=tmp_path)

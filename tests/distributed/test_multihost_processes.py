@@ -25,7 +25,7 @@ from lf_jax.train.checkpoint import Checkpointer, flatten_to_dict
 from lf_jax.train.loop import prepare_workdir, run_training
 from lf_jax.train.ranker import RankerTask
 
-pytestmark = pytest.mark.multiprocess
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 WORKER = str(Path(__file__).with_name("mp_train_worker.py"))
 HEARTBEAT_S = 4  # the configured failure-detection bound of these runs
 LIMIT_S = 420  # outer time limit of one multi-process start

@@ -111,6 +111,7 @@ np.savez(out_file, **{f"{i}/{k}": v for i, b in enumerate(batches) for k, v in b
 """
 
 
+@pytest.mark.slow
 def test_exact_resume_in_a_fresh_process(feed_builder, feed_data_dir, tmp_path):
     it = train_iterator(
         feed_builder,

@@ -51,6 +51,7 @@ def _assert_close(a, b):
         np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-6)
 
 
+@pytest.mark.slow
 def test_grad_cache_chunks_and_sharding_equal_one_unsharded_batch(config, tmp_path):
     one = _task(config, tmp_path / "one", make_mesh({"data": 1}, devices=jax.devices()[:1]))
     host = next(one.train_iterator())
@@ -64,6 +65,7 @@ def test_grad_cache_chunks_and_sharding_equal_one_unsharded_batch(config, tmp_pa
     _assert_close(reference, params)
 
 
+@pytest.mark.slow
 def test_train_end_to_end_reports_recall_per_dim_and_popularity(config, tmp_path):
     metrics = train_and_evaluate(config, tmp_path / "run")
     assert set(metrics) == {

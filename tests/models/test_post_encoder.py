@@ -43,6 +43,7 @@ def _step(task, host):
     return jax.tree.map(np.asarray, state["params"]), float(metrics["loss"])
 
 
+@pytest.mark.slow
 def test_each_data_group_draws_one_task_and_sharded_equals_unsharded(config, tmp_path):
     with config.unlocked():
         config.train.grad_accum_steps = 2
@@ -62,6 +63,7 @@ def test_each_data_group_draws_one_task_and_sharded_equals_unsharded(config, tmp
         np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-6)
 
 
+@pytest.mark.slow
 def test_train_end_to_end_reports_triplet_accuracy_per_task(config, tmp_path):
     metrics = train_and_evaluate(config, tmp_path / "run")
     assert set(metrics) == {

@@ -46,6 +46,7 @@ def _one_step(task, host_batch):
     return _host_state(task, state), float(metrics["loss"])
 
 
+@pytest.mark.slow
 def test_accumulated_micro_batches_equal_one_big_batch(small_ranker_config, tmp_path):
     big = _task(small_ranker_config, tmp_path / "big")
     host_batch = next(big.train_iterator())
@@ -59,6 +60,7 @@ def test_accumulated_micro_batches_equal_one_big_batch(small_ranker_config, tmp_
     _assert_states(state_big, state_acc, exact=False)
 
 
+@pytest.mark.slow
 def test_sharded_model_equals_unsharded(small_ranker_config, tmp_path):
     sharded = _task(small_ranker_config, tmp_path / "sharded")
     host_batch = next(sharded.train_iterator())
@@ -82,6 +84,7 @@ def test_sharded_model_equals_unsharded(small_ranker_config, tmp_path):
         _assert_states(reference, state, exact=False)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_bit_exact(small_ranker_config, tmp_path, kill_before_batch):
     uninterrupted = _task(small_ranker_config, tmp_path / "a")
     run_training(uninterrupted, small_ranker_config.train, tmp_path / "a")
@@ -106,6 +109,7 @@ def test_killed_run_resumes_bit_exact(small_ranker_config, tmp_path, kill_before
     assert "train" in data_state
 
 
+@pytest.mark.slow
 def test_grain_worker_processes_train_the_same_model(small_ranker_config, tmp_path):
     """data.worker_count=2 decodes train batches in 2 grain processes: same batches, same model."""
     states = []
@@ -124,6 +128,7 @@ def test_grain_worker_processes_train_the_same_model(small_ranker_config, tmp_pa
         _task(small_ranker_config, tmp_path / "bad")
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_naming_step_and_task(small_ranker_config, tmp_path):
     task = _task(small_ranker_config, tmp_path / "nan")
     real_inputs, calls = task.model_inputs, []

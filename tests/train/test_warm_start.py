@@ -51,6 +51,7 @@ def test_bad_snapshots_name_the_problem(tmp_path):
         snapshot_vocabulary(tables, [], _snapshot_config(tmp_path / "w1", post=3), {})
 
 
+@pytest.mark.slow
 def test_warm_started_ranker_maps_ids_added_since_the_snapshot(small_ranker_config, tmp_path):
     config = small_ranker_config
     snapshot_dir = tmp_path / "window1"
