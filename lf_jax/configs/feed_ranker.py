@@ -28,6 +28,8 @@ Dynamic tables: ``feed_ranker:size=tiny,dynamic=0.5`` makes member and post dyna
 tables (64-bit keys, lf_jax.embedding.dynamic) of half the dataset's ids each (rounded
 down to a multiple of ``devices``), LRU eviction; their policy is the tables'
 ``dynamic`` section, e.g. ``--config.embedding.tables.post.dynamic.admit_after=2``.
+Ids arriving over time: ``--config.data.config=tiny_arrivals --config.data.order=time``
+(feed_logs' tiny whose posts and members arrive during the logs, read in time order).
 Ablations are one override: ``--config.model.dcn_layers=0``, ``--config.model.gatenet=false``,
 ``--config.train.ips=false``, ``--config.train.grad_accum_steps=5``.
 """
@@ -209,6 +211,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "eval_batch_size": 1_024,
             "eval_examples": 0,  # evaluate on each holdout's first N examples (0: all of them)
             "seed": 1,
+            # shuffled: every epoch a new permutation; time: the train split as stored, which
+            # for a dataset with arrivals (config tiny_arrivals) is time order: new posts and
+            # members first appear part-way through training, as they would online
+            "order": "shuffled",
             "worker_count": 0,  # grain worker processes decoding train batches (0: threads
             # of the training process); hosts with spare cores: 2-8
         }
