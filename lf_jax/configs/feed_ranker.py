@@ -221,7 +221,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict(
         {
             "dataset": "feed_logs",
-            "config": size,  # data/feed_logs builder config (tiny | small | large)
+            "config": size,  # data/feed_logs builder config (tiny | tiny_arrivals | small | large)
             "data_dir": "",  # default: $TFDS_DATA_DIR or ~/tensorflow_datasets
             "eval_batch_size": 1_024,
             "eval_examples": 0,  # evaluate on each holdout's first N examples (0: all of them)
