@@ -17,9 +17,11 @@ drawn from the whole world and a post's age is drawn per impression. With arriva
     as the latest post of any topic created by t - Exp(4 age) (old posts fade away); the
     logged post age is t - creation; history actors who join after t are dropped.
 
-The draws use their own random streams, so a config without arrivals keeps its records.
+Creation and join times come from their own random stream; a config without arrivals
+takes none of these paths, so its records are unchanged.
 
 Example:
+    >>> from lf_jax import feed_world
     >>> cfg = feed_world.CONFIGS["tiny_arrivals"]
     >>> arrivals = Arrivals(cfg, feed_world.make_world(cfg))
     >>> arrivals.post_created[:3]                       # hours; < 0: before the logs start
