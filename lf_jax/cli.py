@@ -255,6 +255,7 @@ def _export_run(args, overrides):
         if args.delta:
             raise UserInputError("--delta updates a corpus export; it does not go with --serving")
         serving_commands.check_export(args)  # before any device work
+        export_command.check_serving_tables(config)
         setup_devices(args.devices, config, args)
         return serving_commands.run_export(args, config)
     return export_command.run_corpus_export(args, config)

@@ -9,6 +9,7 @@ the demo config holds whole training configs as sections, each checked the same 
   model_family known, train.steps >= 1, train.checkpoint_every >= 1, train.log_every >= 1,
   train.eval_every >= 0, train.keep_checkpoints >= 1, train.grad_accum_steps >= 1,
   train.warmup_steps >= 0, train.learning_rate > 0, train.ips_fit / ips_target enums,
+  data.order enum,
   0 < train.ips_clip[0] <= 1 <= train.ips_clip[1], data.eval_batch_size >= 1,
   data.eval_examples >= 0, data.worker_count >= 0, loss.temperature > 0, and batch_size
   splitting into grad_accum_steps micro-batches over the devices (feed ranker) or the mesh's
@@ -42,6 +43,7 @@ TRAIN_INTS = {
 ENUMS = {
     "train.ips_fit": ("power_law", "per_position"),
     "train.ips_target": ("all", "positives"),
+    "data.order": ("shuffled", "time"),
 }
 # how a family splits batch_size: over every device or over the mesh's data axis
 BATCH_UNITS = {"feed_ranker": "devices", "dual_encoder": "data", "post_encoder": "data"}

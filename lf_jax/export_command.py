@@ -69,6 +69,29 @@ def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check_serving_tables(config) -> None:
+    """``--serving`` of a run with dynamic tables: one clear error before any device work.
+
+    Serving artifacts hold row tables looked up by id (row i of member is "m<i>") and pool
+    history actors by mean over those rows; a dynamic table's absent key pools as padding
+    (left out of the mean), which a row table cannot express, so its artifacts would not
+    score as the trained model does. The live keys export with ``--entity`` instead.
+    """
+    from lf_jax.embedding.config_specs import dynamic_expected_keys
+
+    ranker = config.ranker if "ranker" in config else config
+    if "embedding" not in ranker:
+        return
+    names = sorted(dynamic_expected_keys(ranker.embedding))
+    if names:
+        raise UserInputError(
+            f"config embedding.tables.{names[0]}.dynamic: --serving writes row tables looked "
+            f"up by id, where an absent key of a dynamic table ({', '.join(names)}) would pool "
+            "as a row instead of as padding; export the live keys with --entity members or "
+            "--entity posts (and --delta) instead"
+        )
+
+
 def run_corpus_export(args: argparse.Namespace, config) -> None:
     """Checks --entity and --output before any device work, embeds the corpus and prints
     what was written."""

@@ -75,6 +75,18 @@ class SimConfig:
     max_post_hashtags: int = 5
     max_history: int = 50
     seed: int = 0
+    # Arrivals (lf_jax/data/feed_logs/arrivals.py; both 0: sessions have no time): shares of
+    # posts and members that appear during the logs, the train period's length, the mean age
+    # of a topical candidate at retrieval.
+    new_post_share: float = 0.0
+    new_member_share: float = 0.0
+    period_hours: float = 720.0
+    retrieval_age_hours: float = 24.0
+
+    @property
+    def timed(self) -> bool:
+        """Whether posts and members arrive over time (records stored in time order)."""
+        return self.new_post_share > 0 or self.new_member_share > 0
 
     def sessions(self, split: str) -> int:
         if split not in SPLITS:
@@ -106,7 +118,18 @@ class SimConfig:
             "unlogged_signal": self.unlogged_signal,
             "num_examples": {split: self.num_impressions(split) for split in SPLITS},
             "seed": self.seed,
-        }
+        } | (
+            {
+                "arrivals": {
+                    "new_post_share": self.new_post_share,
+                    "new_member_share": self.new_member_share,
+                    "period_hours": self.period_hours,
+                    "retrieval_age_hours": self.retrieval_age_hours,
+                }
+            }
+            if self.timed
+            else {}
+        )
 
 
 _TINY = SimConfig(
@@ -127,6 +150,16 @@ CONFIGS = {
     # tiny plus a relevance term the old ranker used and the logs lack: selection on an
     # unobservable, what position IPS exists to correct (README "Feed ranker", IPS).
     "tiny_unlogged": dataclasses.replace(_TINY, name="tiny_unlogged", unlogged_signal=1.0),
+    # tiny whose posts (69%) and members (33%: 60% drawn, less the authors of older posts)
+    # arrive over 30 days of train sessions, stored in time order; holdout_ranked is the
+    # next 3 days (data/feed_logs/arrivals.py).
+    "tiny_arrivals": dataclasses.replace(
+        _TINY,
+        name="tiny_arrivals",
+        new_post_share=0.7,
+        new_member_share=0.6,
+        holdout_ranked_sessions=2_000,
+    ),
     "small": SimConfig(
         name="small",
         num_members=100_000,

@@ -27,7 +27,10 @@ history_hashtags. ``embedding.plan`` is empty, so the planner picks each strateg
 Dynamic tables: ``feed_ranker:size=tiny,dynamic=0.5`` makes member and post dynamic
 tables (64-bit keys, lf_jax.embedding.dynamic) of half the dataset's ids each (rounded
 down to a multiple of ``devices``), LRU eviction; their policy is the tables'
-``dynamic`` section, e.g. ``--config.embedding.tables.post.dynamic.admit_after=2``.
+``dynamic`` section, e.g. ``--config.embedding.tables.post.dynamic.admit_after=2``;
+``dynamic_tables=post`` makes only the post table dynamic (default ``member+post``).
+Ids arriving over time: ``--config.data.config=tiny_arrivals --config.data.order=time``
+(feed_logs' tiny whose posts and members arrive during the logs, read in time order).
 Ablations are one override: ``--config.model.dcn_layers=0``, ``--config.model.gatenet=false``,
 ``--config.train.ips=false``, ``--config.train.grad_accum_steps=5``.
 """
@@ -75,7 +78,12 @@ def _dynamic(entities: int, fraction: float, devices: int) -> tuple[int, dict]:
     return capacity, policy
 
 
-def _embedding(size: str, dynamic: float, devices: int) -> ml_collections.ConfigDict:
+DYNAMIC_TABLES = ("member", "post")  # the id tables ``dynamic=<fraction>`` may make dynamic
+
+
+def _embedding(
+    size: str, dynamic: float, devices: int, dynamic_tables: tuple[str, ...] = DYNAMIC_TABLES
+) -> ml_collections.ConfigDict:
     members, hashtags, posts, dim, _, budget = SIZES[size]
     # initial_accumulator 0: with a per-example mean loss, row gradients are small and a
     # 0.1 start kept the tables almost frozen (bench/BENCHMARKS.md, feed ranker).
@@ -108,6 +116,8 @@ def _embedding(size: str, dynamic: float, devices: int) -> ml_collections.Config
     }
     if dynamic:  # member and post: keys are the dataset's ids, no OOV row
         for name, entities in (("member", members), ("post", posts)):
+            if name not in dynamic_tables:
+                continue
             capacity, policy = _dynamic(entities, dynamic, devices)
             tables[name].update(vocab_size=capacity, dynamic=policy)
     one = {"max_ids": 1, "combiner": "sum", "weighted": False}
@@ -151,7 +161,7 @@ def _embedding(size: str, dynamic: float, devices: int) -> ml_collections.Config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    args = parse_config_arg(arg, {"size": "tiny", "dynamic": 0.0})
+    args = parse_config_arg(arg, {"size": "tiny", "dynamic": 0.0, "dynamic_tables": "member+post"})
     size = args["size"]
     if size not in SIZES:
         raise ConfigError(f"config argument 'size' must be one of {sorted(SIZES)}, got {size!r}")
@@ -159,6 +169,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise ConfigError(
             f"config argument 'dynamic' must be a fraction in [0, 1] (0: static tables), "
             f"got {args['dynamic']!r}"
+        )
+    dynamic_tables = tuple(args["dynamic_tables"].split("+"))
+    unknown = sorted(set(dynamic_tables) - set(DYNAMIC_TABLES))
+    if unknown or not dynamic_tables:
+        raise ConfigError(
+            f"config argument 'dynamic_tables' must name tables of {DYNAMIC_TABLES} joined "
+            f"by '+', got {args['dynamic_tables']!r}"
         )
     batch = SIZES[size][4]
     steps, eval_every, checkpoint_every = TRAIN[size]
@@ -170,7 +187,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.mesh = ml_collections.ConfigDict({"data": 2, "model": -1})
     config.seed = 0
     config.batch_size = batch  # global examples per optimizer step (all micro-batches)
-    config.embedding = _embedding(size, args["dynamic"], config.devices)
+    config.embedding = _embedding(size, args["dynamic"], config.devices, dynamic_tables)
     config.model = ml_collections.ConfigDict(
         {
             "gatenet": True,  # GateNet embedding gates
@@ -204,11 +221,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict(
         {
             "dataset": "feed_logs",
-            "config": size,  # data/feed_logs builder config (tiny | small | large)
+            "config": size,  # data/feed_logs builder config (tiny | tiny_arrivals | small | large)
             "data_dir": "",  # default: $TFDS_DATA_DIR or ~/tensorflow_datasets
             "eval_batch_size": 1_024,
             "eval_examples": 0,  # evaluate on each holdout's first N examples (0: all of them)
             "seed": 1,
+            # shuffled: every epoch a new permutation; time: the train split as stored, which
+            # for a dataset with arrivals (config tiny_arrivals) is time order: new posts and
+            # members first appear part-way through training, as they would online
+            "order": "shuffled",
             "worker_count": 0,  # grain worker processes decoding train batches (0: threads
             # of the training process); hosts with spare cores: 2-8
         }

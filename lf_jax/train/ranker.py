@@ -101,6 +101,12 @@ class RankerTask:
         check_training_config(config, int(np.prod(list(mesh.shape.values()))))
         self.ranker = RankerModel.from_config(config, mesh, micro_batches=self.num_micro)
         self.builder, self.meta = self.ranker.builder, self.ranker.meta
+        if config.data.order == "time" and "arrivals" not in self.meta:
+            raise UserInputError(
+                f"config data.order='time' needs a dataset stored in time order (feed_logs "
+                f"config tiny_arrivals), got feed_logs/{config.data.config}, whose records "
+                "are stored shuffled"
+            )
         self.tasks = self.aux_names = self.ranker.tasks
         self.collection, self.graphdef = self.ranker.collection, self.ranker.graphdef
         self.dynamic = self.ranker.dynamic  # DynamicTables or None (run_training's step)
@@ -143,6 +149,7 @@ class RankerTask:
             "train",
             global_batch_size=self.config.batch_size,
             seed=self.config.data.seed,
+            shuffle=self.config.data.order == "shuffled",
             max_lengths=self._list_lengths(),
             worker_count=self.config.data.worker_count,
         )

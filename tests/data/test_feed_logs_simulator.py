@@ -7,6 +7,7 @@ import pytest
 
 from lf_jax import feed_world
 from lf_jax.data.feed_logs import simulator as sim
+from lf_jax.data.feed_logs.arrivals import Arrivals
 
 
 def _concat(chunks):
@@ -234,3 +235,41 @@ def test_unlogged_signal_is_selection_on_an_unobservable():
     top, bottom = position < 5, position >= 15
     assert term[~random & top].mean() > term[~random & bottom].mean() + 0.5
     assert abs(term[random & top].mean() - term[random & bottom].mean()) < 0.15
+
+
+def test_arrivals_ids_appear_after_they_exist_in_time_order():
+    """tiny_arrivals (shrunk): train sessions are in time order; every impression's member,
+    actor, root actor and history actors joined and its post was created by the session's
+    time (the logged age is its true age); late posts first appear late; holdout_ranked is
+    the next period and shows posts train never did; a config without arrivals has no
+    arrival metadata."""
+    cfg = dataclasses.replace(
+        feed_world.CONFIGS["tiny_arrivals"],
+        train_sessions=4000,
+        holdout_ranked_sessions=400,
+        chunk_sessions=1000,
+    )
+    world = feed_world.make_world(cfg)
+    arrivals = Arrivals(cfg, world)
+    d = _concat(sim.simulate_chunks(cfg, "train", world))
+    hours = d["session_id"] * cfg.period_hours / cfg.train_sessions
+    assert (np.diff(d["session_id"]) >= 0).all()
+    joined = arrivals.member_joined
+    for name in ("member_id", "actor_id", "root_actor_id"):
+        assert (joined[d[name]] <= hours).all(), name
+    hist = d["history_actors"]
+    assert (np.where(hist >= 0, joined[np.maximum(hist, 0)], -1.0) <= hours[:, None]).all()
+    assert ((hist >= 0) == (np.arange(50) < (hist >= 0).sum(1)[:, None])).all()  # ids first
+    age = hours - arrivals.post_created[d["post_id"]]
+    np.testing.assert_allclose(d["dense"][:, 2], np.log1p(age), rtol=1e-5, atol=1e-5)
+    assert age.min() >= 0
+    posts, first = np.unique(d["post_id"], return_index=True)
+    late = arrivals.post_created[posts] > cfg.period_hours / 2
+    assert late.mean() > 0.2 and (first[late] > len(hours) // 2).all()
+    assert 0.2 < (joined > 0).mean() < 0.5  # a share of members joins during the logs
+    ranked = _concat(sim.simulate_chunks(cfg, "holdout_ranked", world))
+    assert np.isin(ranked["post_id"], posts, invert=True).mean() > 0.2
+    assert cfg.metadata()["arrivals"]["new_post_share"] == 0.7
+    assert "arrivals" not in feed_world.CONFIGS["tiny"].metadata()
+    with pytest.raises(ValueError, match="no arrivals"):
+        Arrivals(feed_world.CONFIGS["tiny"], world)

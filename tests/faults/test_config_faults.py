@@ -24,6 +24,7 @@ from cli_probe import cli, one_error_line
         ("--config.mesh.data=3", "mesh: mesh shape"),
         ("--config.data.worker_count=-1", "data.worker_count must be an int >= 0"),
         ("--config.data.eval_examples=-1", "data.eval_examples must be an int >= 0"),
+        ("--config.data.order=random", "data.order='random' must be one of"),
     ],
 )
 def test_train_values_out_of_range_stop_at_load(repo_root, tmp_path, capsys, override, message):

@@ -12,6 +12,7 @@ import pytest
 
 from lf_jax.console import get_logger
 from lf_jax.distributed.mesh import make_mesh
+from lf_jax.embedding import table_wise_row_wise
 from lf_jax.train.checkpoint import Checkpointer, flatten_to_dict
 from lf_jax.train.loop import prepare_workdir, run_training
 from lf_jax.train.ranker import RankerTask
@@ -133,8 +134,11 @@ def test_dynamic_run_checkpointed_on_8_devices_continues_on_4_like_on_8(
 def test_static_run_warm_starts_a_dynamic_run(small_ranker_config, tmp_path):
     """train.warm_start of a static run into dynamic member/post tables: params and static
     tables as saved, row r of a static id table -> key r with its optimizer slots; post's
-    64 slots take the rows that fit (one warning), the loop trains on from there. The static
-    run keeps the fixture's 6 steps: the same program as the other static-run tests."""
+    64 slots take the rows that fit (one warning), the loop trains on from there. post is
+    planned table_wise_row_wise over "model" in group 1 (devices 4..7 of the 2 x 4 mesh,
+    4 shards of 16 slots): its keys stay on those devices through the warm start and a
+    training step. The static run keeps the fixture's 6 steps: the same program as the
+    other static-run tests."""
     from lf_jax.train.dynamic_warm_start import warm_start_from_static
 
     config = small_ranker_config
@@ -150,7 +154,10 @@ def test_static_run_warm_starts_a_dynamic_run(small_ranker_config, tmp_path):
             config.embedding.tables[name].dynamic = {**POLICY, "probe_limit": 16}
         config.train.warm_start = str(static)
         config.train.steps = 1
+        config.embedding.plan = {"post": table_wise_row_wise(1, "model")}
     task = _task(config, tmp_path / "dynamic")
+    assert "dynamic post: 4 shards x 16 slots" in task.plan_table
+    assert task.dynamic.layouts["post"].devices == (4, 5, 6, 7)
     source, warnings = Checkpointer(static / "checkpoints"), []
     handler = logging.Handler(logging.WARNING)
     handler.emit = lambda record: warnings.append(record.getMessage())  # type: ignore[method-assign]
@@ -183,6 +190,10 @@ def test_static_run_warm_starts_a_dynamic_run(small_ranker_config, tmp_path):
     member = task.dynamic.snapshot(view)["member"]
     assert member["keys"].tolist() == snap["member"]["keys"].tolist()  # nothing new to insert
     assert task.dynamic.counters(view)["member"]["inserts"] == 0
+    for post_state in (state["dynamic"]["post"], trained["dynamic"]["post"]):
+        taken = (np.asarray(post_state["last"]) >= 0).sum(axis=1)  # keys per device
+        assert taken[:4].tolist() == [0, 0, 0, 0] and taken[4:].sum() == 64, taken
+    assert task.dynamic.counters(view)["post"]["inserts"] > 0  # the step's new posts
 
 
 def test_evaluation_finds_keys_without_changing_them(dynamic_config, tmp_path):
@@ -200,3 +211,13 @@ def test_evaluation_finds_keys_without_changing_them(dynamic_config, tmp_path):
     after = jax.device_get(state["dynamic"])
     for key, value in flatten_to_dict(before).items():
         np.testing.assert_array_equal(flatten_to_dict(after)[key], value, err_msg=key)
+
+
+def test_time_order_needs_a_dataset_stored_in_time_order(small_ranker_config, tmp_path):
+    """data.order='time' on feed_logs/tiny (records stored shuffled) is one clear error."""
+    from lf_jax.errors import UserInputError
+
+    with small_ranker_config.unlocked():
+        small_ranker_config.data.order = "time"
+    with pytest.raises(UserInputError, match="data.order='time' needs a dataset stored in time"):
+        _task(small_ranker_config, tmp_path / "t")

@@ -1,10 +1,11 @@
 """TFDS builder for the synthetic feed logs (array_record, built offline, no TensorFlow).
 
 Configs: tiny (~506k impressions, ~45 CPU s to build), tiny_unlogged (tiny whose old ranker
-also saw a relevance term the logs lack), small (~1M), large (~10M, minutes to hours); see
-feed_world.CONFIGS. Splits: ``train`` (ranked sessions plus a ``random_share`` of
-random-order sessions), ``holdout_ranked`` and ``holdout_random`` (held-out sessions;
-random sessions are only in holdout_random). One example per impression:
+also saw a relevance term the logs lack), tiny_arrivals (tiny whose posts and members
+arrive over time, records in time order: data/feed_logs/arrivals.py), small (~1M), large
+(~10M, minutes to hours); see feed_world.CONFIGS. Splits: ``train`` (ranked sessions plus
+a ``random_share`` of random-order sessions), ``holdout_ranked`` and ``holdout_random``
+(held-out sessions; random sessions are only in holdout_random). One example per impression:
 
   member_id, actor_id, root_actor_id, post_id   int64 scalars (actors are members)
   session_id, position                          int64 scalars (position in 0..P-1)
@@ -75,7 +76,8 @@ class FeedLogs(tfds.core.GeneratorBasedBuilder, skip_registration=_REGISTERED):
         "config tiny_unlogged (the old ranker saw a signal the logs lack).",
     }
     BUILDER_CONFIGS = [
-        _config(feed_world.CONFIGS[size]) for size in ("tiny", "tiny_unlogged", "small", "large")
+        _config(feed_world.CONFIGS[size])
+        for size in ("tiny", "tiny_unlogged", "tiny_arrivals", "small", "large")
     ]
     DEFAULT_CONFIG_NAME = "tiny"
 
@@ -109,6 +111,7 @@ class FeedLogs(tfds.core.GeneratorBasedBuilder, skip_registration=_REGISTERED):
             description=__doc__,
             features=features,
             metadata=tfds.core.MetadataDict(sim.metadata()),
+            disable_shuffling=sim.timed,  # records by key: session order, i.e. time order
         )
 
     def _split_generators(self, dl_manager):

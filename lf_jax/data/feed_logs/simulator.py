@@ -35,6 +35,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from lf_jax.data.feed_logs.arrivals import Arrivals
 from lf_jax.feed_world import (
     DENSE_FEATURES,
     LIST_FIELDS,
@@ -60,10 +61,16 @@ def simulate_sessions(
     first_session: int,
     count: int,
     rng: np.random.Generator,
+    arrivals: Arrivals | None = None,
 ) -> dict[str, np.ndarray]:
-    """``count`` sessions of ``split`` as impression arrays (n = count * session_length)."""
+    """``count`` sessions of ``split`` as impression arrays (n = count * session_length);
+    ``arrivals`` (configs with ``cfg.timed``): sessions at times, see arrivals.py."""
     S, C, P = count, cfg.num_candidates, cfg.session_length
-    session_member = world.session_sampler.sample(rng, None, S)  # active members log in more
+    if arrivals is None:
+        session_member = world.session_sampler.sample(rng, None, S)  # active members log in more
+    else:
+        times = arrivals.session_times(split, first_session, S, rng)
+        session_member = arrivals.members(times, rng)
     if split == "train":
         is_random = rng.random(S) < cfg.random_share
     else:
@@ -71,17 +78,23 @@ def simulate_sessions(
     topics = world.member_topics[session_member]
     pick = rng.random((S, C))
     cand_topic = np.where(pick < 0.55, topics[:, :1], topics[:, 1:2])
-    cands = np.where(
-        pick < 0.75,
-        world.post_sampler.sample(rng, cand_topic),
-        rng.integers(0, cfg.num_posts, (S, C)),
-    )
+    if arrivals is None:
+        cands = np.where(
+            pick < 0.75,
+            world.post_sampler.sample(rng, cand_topic),
+            rng.integers(0, cfg.num_posts, (S, C)),
+        )
+    else:
+        cands = arrivals.candidates(cand_topic, pick < 0.75, times, rng)
     # Everything the truth and the old model need, per candidate.
     member = np.repeat(session_member[:, None], C, axis=1)
     actor, root = world.post_actor[cands], world.post_root_actor[cands]
     tags = world.post_hashtags[cands]
     aff = affinities(world, member, actor, root, tags)  # [S, C, 3]
-    log_age = np.log1p(rng.lognormal(2.5, 1.0, (S, C)))
+    if arrivals is None:
+        log_age = np.log1p(rng.lognormal(2.5, 1.0, (S, C)))
+    else:
+        log_age = arrivals.log_age(cands, times)
     log_root_followers = np.log1p(world.followers[root])
     logits = relevance_logits(world, member, cands, aff, log_age)  # [S, C, 4]
     if cfg.unlogged_signal:  # drawn only when on, so worlds without it keep their streams
@@ -118,6 +131,8 @@ def simulate_sessions(
     examined = rng.random(S * P) < examine
     labels = (examined[:, None] & (rng.random((S * P, 4)) < rel)).astype(np.int64)
     hist_actors, hist_tags = draw_histories(rng, world, session_member, cfg.max_history)
+    if arrivals is not None:
+        hist_actors = arrivals.drop_unjoined(hist_actors, times)
     member_imp = np.repeat(session_member, P)
     actor_imp, root_imp = take(actor), take(root)
     dense = np.stack(
@@ -162,9 +177,11 @@ def simulate_chunks(
     """Yields the impressions of ``split`` chunk by chunk (see simulate_sessions).
 
     List fields are [n, max_len] padded with -1 (ids first); session ids are unique
-    across splits (train first, then holdout_ranked, holdout_random).
+    across splits (train first, then holdout_ranked, holdout_random). A config with
+    arrivals (``cfg.timed``) gives its sessions times (arrivals.py).
     """
     world = make_world(cfg) if world is None else world
+    arrivals = Arrivals(cfg, world) if cfg.timed else None
     total, start = cfg.sessions(split), _first_session(cfg, split)
     chunks = range(0, total, cfg.chunk_sessions)
     if show_progress:
@@ -174,9 +191,8 @@ def simulate_chunks(
     for index, offset in enumerate(chunks):
         seed = np.random.SeedSequence(cfg.seed, spawn_key=(SPLITS.index(split), index))
         rng = np.random.default_rng(seed)
-        yield simulate_sessions(
-            cfg, world, split, start + offset, min(cfg.chunk_sessions, total - offset), rng
-        )
+        count = min(cfg.chunk_sessions, total - offset)
+        yield simulate_sessions(cfg, world, split, start + offset, count, rng, arrivals)
 
 
 def chunk_examples(cfg: SimConfig, chunk: dict[str, np.ndarray]) -> Iterator[tuple[int, dict]]:

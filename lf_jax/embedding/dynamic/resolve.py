@@ -5,11 +5,12 @@ On every device, for the keys of the features that read the table:
 1. dedupe the keys (hash probe rounds, lf_jax.embedding.dynamic.key_dedupe: no
    multi-operand sort) and bucket them by owner device, ``layout.devices[owner(key)]``
    (lf_jax.embedding.dynamic.layout);
-2. one ``all_to_all`` sends each device the keys it owns in a static [S, W] buffer, W the
-   expected keys per owner plus 5 standard deviations (lf_jax.embedding.exchange's
-   ``capacity_for``); when some device has more than W keys for one owner (skew), the
-   step takes the other branch of a ``lax.cond``: [S, M] buffers, which fit any skew at
-   O(S x M) per device for M local entries. Both branches resolve an owner's keys of the
+2. one ``all_to_all`` sends each device the keys it owns (key halves and validity in
+   one static [S, W, 3] uint32 buffer, written by one scatter), W the expected keys per
+   owner plus 5 standard deviations (lf_jax.embedding.exchange's ``capacity_for``); when
+   some device has more than W keys for one owner (skew), the step takes the other branch
+   of a ``lax.cond``: [S, M] buffers, which fit any skew at O(S x M) per device for M
+   local entries. Both branches resolve an owner's keys of the
    step at once, so the result does not depend on the branch;
 3. each owner dedupes the keys of every sender in place (each key resolved at its
    leader entry; the hash table's priority is the key value, not the entry order) and
@@ -115,14 +116,15 @@ def resolve_table(
             """Keys to owners through [S, width] buffers, resolved there; returns each
             unique local key's slot at its owner (-1: none)."""
 
-            def bucket(values, fill):
-                buf = jnp.full((devices, width), fill, values.dtype)
-                return buf.at[to_device, within].set(values, mode="drop")
-
-            sent = [bucket(u_hi, 0), bucket(u_lo, 0), bucket(u_owner < shards, False)]
-            r_hi, r_lo, r_valid = (
-                jax.lax.all_to_all(x, axes, 0, 0, tiled=True).reshape(-1) for x in sent
+            # hi, lo and validity in one [S, width, 3] buffer: one scatter, one all_to_all
+            entries = jnp.stack([u_hi, u_lo, (u_owner < shards).astype(jnp.uint32)], axis=-1)
+            sent = (
+                jnp.zeros((devices, width, 3), jnp.uint32)
+                .at[to_device, within]
+                .set(entries, mode="drop")
             )
+            received = jax.lax.all_to_all(sent, axes, 0, 0, tiled=True).reshape(-1, 3)
+            r_hi, r_lo, r_valid = received[:, 0], received[:, 1], received[:, 2] > 0
             o_hi, o_lo = r_hi, r_lo
             if devices == 1:  # the one owner gets its own keys, already distinct
                 o_valid, o_inverse = r_valid, jnp.arange(r_hi.shape[0], dtype=jnp.int32)
