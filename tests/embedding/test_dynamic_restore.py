@@ -84,6 +84,7 @@ def assert_same(dyn_a, state_a, dyn_b, state_b):
     )
 
 
+@pytest.mark.slow
 def test_restore_on_four_devices_continues_like_eight():
     stream = list(batches(6))
     dyn8, dyn4 = make(8), make(4)

@@ -32,6 +32,7 @@ def dyn():
     return DynamicTables(EmbeddingCollection([table], features, {"member": row_wise("data")}, mesh))
 
 
+@pytest.mark.slow
 def test_warm_started_keys_read_the_static_rows(dyn):
     rng = np.random.default_rng(0)
     id_map = IdMap.build(IDS, num_oov_buckets=1)

@@ -52,6 +52,7 @@ def _restore(task, workdir, step):
         ckpt.close()
 
 
+@pytest.mark.slow
 def test_dynamic_ranker_trains_logs_counters_and_resumes_bit_exact(
     dynamic_config, tmp_path, kill_before_batch
 ):
@@ -89,6 +90,7 @@ def test_dynamic_ranker_trains_logs_counters_and_resumes_bit_exact(
         np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
 
 
+@pytest.mark.slow
 def test_dynamic_run_checkpointed_on_8_devices_continues_on_4_like_on_8(
     dynamic_config, tmp_path, kill_before_batch
 ):
@@ -131,6 +133,7 @@ def test_dynamic_run_checkpointed_on_8_devices_continues_on_4_like_on_8(
         np.testing.assert_allclose(params[1][key], value, rtol=1e-4, atol=1e-6, err_msg=key)
 
 
+@pytest.mark.slow
 def test_static_run_warm_starts_a_dynamic_run(small_ranker_config, tmp_path):
     """train.warm_start of a static run into dynamic member/post tables: params and static
     tables as saved, row r of a static id table -> key r with its optimizer slots; post's
@@ -196,10 +199,12 @@ def test_static_run_warm_starts_a_dynamic_run(small_ranker_config, tmp_path):
     assert task.dynamic.counters(view)["post"]["inserts"] > 0  # the step's new posts
 
 
+@pytest.mark.slow
 def test_evaluation_finds_keys_without_changing_them(dynamic_config, tmp_path):
     """Trains the fixture's 6 steps (the train step of the bit-exact test: one compile)."""
     with dynamic_config.unlocked():
-        dynamic_config.data.eval_batch_size = 4096  # 26 eval batches instead of 208
+        dynamic_config.data.eval_batch_size = 4096
+        dynamic_config.data.eval_examples = 20_000  # 5 batches of each holdout
     task = _task(dynamic_config, tmp_path / "e")
     run_training(task, dynamic_config.train, tmp_path / "e")
     state = _restore(task, tmp_path / "e", 6)
