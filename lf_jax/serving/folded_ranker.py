@@ -252,11 +252,14 @@ def _direct_mixes(model: FeedRanker, split: Split, j: int, low_j, x0_p, x0_x) ->
         return []
     target = jnp.concatenate(targets, 1)
     up = layers[j].up.kernel[...]
-    mixed = 0.0
-    for group, x0_g in (("post", x0_p), ("pair", x0_x)):
-        rows = split.order[group]
-        if x0_g is not None and len(rows):
-            mixed = mixed + ((low_j @ up[:, rows]) * x0_g) @ target[rows]
+    parts = [
+        ((low_j @ up[:, split.order[group]]) * x0_g) @ target[split.order[group]]
+        for group, x0_g in (("post", x0_p), ("pair", x0_x))
+        if x0_g is not None and len(split.order[group])
+    ]
+    if not parts:  # neither post nor pair columns: no post or pair part
+        parts = [jnp.zeros((low_j.shape[0], target.shape[1]), low_j.dtype)]
+    mixed = sum(parts[1:], parts[0])
     ends = np.cumsum([t.shape[1] for t in targets])
     return [mixed[:, stop - t.shape[1] : stop] for t, stop in zip(targets, ends, strict=True)]
 
