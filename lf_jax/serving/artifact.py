@@ -247,6 +247,21 @@ class ServedModel:
         posts = self.posts_fn._cache_size() if self.posts_fn is not None else 0
         return posts + sum(fn._cache_size() for fn in self.functions.values())
 
+    def remember_rows(self, entity: str, ids: list[str]) -> int:
+        """Looks up ``ids`` in the ``entity`` id map in one vectorized call and keeps the
+        known ones' rows in the dict ``rows`` answers from (up to ROWS_SEEN), so that a
+        request's first sight of an id costs a dict lookup instead of the map's hash
+        (~0.5 ms for one id); returns how many it kept."""
+        seen = self._rows_seen.setdefault(entity, {})
+        ids = list(ids)[: max(ROWS_SEEN - len(seen), 0)]
+        if not ids:
+            return 0
+        id_map = self.id_maps[entity]
+        found = id_map.lookup(np.asarray(ids, dtype=str))
+        known = np.flatnonzero(found < id_map.num_keys)
+        seen.update(zip([ids[j] for j in known], found[known].tolist(), strict=True))
+        return len(known)
+
     def rows(self, entity: str, ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(rows [n] int32, known [n] bool) of string ids in the ``entity`` id map.
 

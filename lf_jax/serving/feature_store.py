@@ -124,6 +124,10 @@ class FeatureStore:
             raise FeatureStoreError(f"feature store '{self.path}': {error}") from None
         return rows[: len(member_ids)], rows[len(member_ids) :]
 
+    def member_ids(self) -> list[str]:
+        """Every member id the store holds ("m<id>", as ``write`` names them)."""
+        return [i for i in self._store.ids() if i.startswith("m")]
+
     def generation(self) -> int:
         """The store's last committed write (``KVStore.generation``): it changes on every
         update, so a server knows when to recompute what it derived from the rows."""

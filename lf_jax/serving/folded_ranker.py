@@ -18,9 +18,12 @@ x_l = x0 * s_l where s_l = c_l + sum_{j<l} low_j @ U_j, so low_l = x_l @ D_l and
 heads' cross term x_L @ W_c are products of x0 too, linear ones (c_l * D_l, c_L * W_c)
 and [r, r] and [r, T'] mixes by the earlier low_j (``_x0_kernel``): no H-wide array is
 formed per pair. A mix's member part is a matrix per query; its post and pair parts are
-computed per pair as ((low_j @ U_j[:, P+X]) * x0_{P+X}) @ [D_l, W_c][P+X]
-(``_direct_mixes``), so the post cache holds x0_P (137 floats for the demo ranker)
-instead of the post's mix columns (384). A full-rank cross network does not fold: x0 is
+computed per pair as ((low_j @ U_j[:, G]) * x0_G) @ [D_l, W_c][G] for G = P, X
+(``_direct_mixes``), so the post cache holds x0_P (139 floats for the demo ranker)
+instead of the post's mix columns (384). The last layer's [r, T'] mix of the heads is
+the exception when r*T' is small (``_expanded_mix``: 64 columns for the demo ranker): it
+is computed like a linear product (post part cached, pair part in the pair product) and
+contracted with low_{L-1} per pair. A full-rank cross network does not fold: x0 is
 rebuilt per pair with its columns in group order (M, P, X) and the cross and head
 weights are permuted to match, so nothing is scattered back.
 
@@ -76,6 +79,22 @@ def folds_cross(model: FeedRanker) -> bool:
     return model.cross is None or all(layer.low_rank for layer in model.cross.layers)
 
 
+def _expanded_mix(model: FeedRanker, split: Split) -> str | None:
+    """The mix computed like a linear block ("y<L-1>": the last cross layer's [r, T'] mix
+    of the heads), or None. Its x0_P part sits in the post cache and its x0_X part in the
+    pair product, so the pair work contracts low_{L-1} with r*T' columns per pair instead
+    of the direct [P, H_P + H_X] products of ``_direct_mixes`` (the demo ranker: 64 more
+    cache columns, 7.8 instead of 8.7 CPU ms per 2,048 pairs with ``_direct_mixes``'s
+    split by group). Only when those r*T' columns are no wider than x0_P and x0_X."""
+    if model.cross is None or not folds_cross(model) or not len(model.cross.layers):
+        return None
+    rank = model.cross.layers[-1].up.kernel.shape[0]
+    width = _heads_in(model)[0].shape[1]
+    if rank * width > split.width("post") + split.width("pair"):
+        return None
+    return f"y{len(model.cross.layers) - 1}"
+
+
 def _heads_in(model: FeedRanker) -> tuple[jax.Array, jax.Array]:
     """(kernel [top, T'], bias [T']) of the heads' first layers side by side: the hidden
     layer of a head that has one, else its output layer."""
@@ -96,7 +115,7 @@ def _x0_kernel(model: FeedRanker, split: Split):
     their x0 rows without an MLP; bias: the heads'), "y<j>" [H, r*T'] = U_j[a, h] W_c[h, t]
     (the heads add low_j . (x0 @ y)). The mixes (z, y) come last: per pair, their x0_X
     part is not a product with x0_X (r*r or r*T' columns) but ((low_j @ U_j[:, X]) * x0_X)
-    @ [D_l[X], W_c[X]] (``_pair_mixes``)."""
+    @ [D_l[X], W_c[X]] (``_direct_mixes``); the ``_expanded_mix`` sits among the linear blocks."""
     kernels: list[tuple[str, jax.Array, jax.Array | None]] = []
     mlp = model.mlp
     if len(mlp.layers):
@@ -129,8 +148,10 @@ def _x0_kernel(model: FeedRanker, split: Split):
             up_j = layer.up.kernel[...].T
             y = (up_j[:, :, None] * w_cross[:, None, :]).reshape(width, -1)
             kernels.append((f"y{j}", y, None))
-    # the mixes last: the pair work adds its x0_X part of them directly (split_logits)
-    kernels.sort(key=lambda entry: entry[0][0] in "zy")
+    # the mixes last (the pair work adds their post and pair parts directly, split_logits),
+    # but for the one computed like a linear block (_expanded_mix)
+    expanded = _expanded_mix(model, split)
+    kernels.sort(key=lambda entry: entry[0][0] in "zy" and entry[0] != expanded)
     blocks, start = {}, 0
     for name, kernel, _ in kernels:
         blocks[name] = (start, start + kernel.shape[1])
@@ -173,18 +194,21 @@ def _side(model: FeedRanker, split: Split, group: str, fields, dense) -> jax.Arr
     return jnp.concatenate(parts, axis=-1)
 
 
-def _mix_start(blocks: dict[str, tuple[int, int]], width: int) -> int:
-    """The first column of the mixes (z, y) among the x0 products (``width`` if none)."""
-    return min((start for name, (start, _) in blocks.items() if name[0] in "zy"), default=width)
+def _mix_start(blocks: dict[str, tuple[int, int]], width: int, expanded: str | None) -> int:
+    """The first column of the mixes (z, y) among the x0 products (``width`` if none), the
+    ``_expanded_mix`` aside (it sits among the linear blocks)."""
+    starts = (start for name, (start, _) in blocks.items() if name[0] in "zy" and name != expanded)
+    return min(starts, default=width)
 
 
 def x0_kernels(model: FeedRanker, split: Split) -> dict[str, jax.Array]:
     """The x0 products' kernel (``_x0_kernel``) by row group, as the served pass reads it:
     {"member": [H_M, F], "post": [H_P, F_lin], "pair": [H_X, F_lin] (the linear blocks
-    only: the mixes get their post and pair parts in ``_direct_mixes``), "bias": [F]}.
-    Functions of the weights alone: the export computes them once (ranker_weights)."""
+    and the ``_expanded_mix``: the other mixes get their post and pair parts in
+    ``_direct_mixes``), "bias": [F]}. Functions of the weights alone: the export computes
+    them once (ranker_weights)."""
     kernel, bias, blocks = _x0_kernel(model, split)
-    linear = _mix_start(blocks, kernel.shape[1])
+    linear = _mix_start(blocks, kernel.shape[1], _expanded_mix(model, split))
     return {
         "member": kernel[split.order["member"]],
         "post": kernel[split.order["post"], :linear],
@@ -210,19 +234,32 @@ def post_side(
     return jnp.concatenate([x0_p[:, :keep], x0_p @ kernels["post"]], axis=-1)
 
 
-def _direct_mixes(model: FeedRanker, split: Split, j: int, low_j, x0_d) -> list[jax.Array]:
-    """x0_P's and x0_X's part (x0_d = [x0_P, x0_X] [P, H_P + H_X]) of the mixes of cross
-    layer j's output low_j [P, r]: for each later layer l, low_j . (x0_d @ z<j>_<l>[P, X])
-    [P, r], and low_j . (x0_d @ y<j>[P, X]) [P, T'] last, computed as ((low_j @ U_j[:, PX])
-    * x0_d) @ [D_l[PX] ..., W_c[PX]] (two products; no r*r-wide array, and the post cache
-    holds x0_P instead of the post's r*r and r*T' mix columns)."""
+def _direct_mixes(model: FeedRanker, split: Split, j: int, low_j, x0_p, x0_x) -> list[jax.Array]:
+    """x0_P's and x0_X's part (x0_p [P, H_P], x0_x [P, H_X] or None) of the mixes of cross
+    layer j's output low_j [P, r]: for each later layer l, low_j . ([x0_P, x0_X] @
+    z<j>_<l>[P, X]) [P, r], and low_j . ([x0_P, x0_X] @ y<j>[P, X]) [P, T'] last (unless
+    y<j> is the ``_expanded_mix``), computed as ((low_j @ U_j[:, G]) * x0_G) @ [D_l[G] ...,
+    W_c[G]] summed over the groups G = P, X (two products per group; no r*r-wide array, the
+    post cache holds x0_P instead of the post's r*r and r*T' mix columns, and x0_P and x0_X
+    are not concatenated per pair)."""
     assert model.cross is not None  # mixes exist only with cross layers
     layers = list(model.cross.layers)
-    rows = np.concatenate([split.order["post"], split.order["pair"]])
     w_heads, _ = _heads_in(model)
-    targets = [layer.down.kernel[...][rows] for layer in layers[j + 1 :]]
-    targets.append(w_heads[model.mlp.out_features :][rows])
-    mixed = ((low_j @ layers[j].up.kernel[...][:, rows]) * x0_d) @ jnp.concatenate(targets, 1)
+    targets = [layer.down.kernel[...] for layer in layers[j + 1 :]]
+    if _expanded_mix(model, split) != f"y{j}":
+        targets.append(w_heads[model.mlp.out_features :])
+    if not targets:
+        return []
+    target = jnp.concatenate(targets, 1)
+    up = layers[j].up.kernel[...]
+    parts = [
+        ((low_j @ up[:, split.order[group]]) * x0_g) @ target[split.order[group]]
+        for group, x0_g in (("post", x0_p), ("pair", x0_x))
+        if x0_g is not None and len(split.order[group])
+    ]
+    if not parts:  # neither post nor pair columns: no post or pair part
+        parts = [jnp.zeros((low_j.shape[0], target.shape[1]), low_j.dtype)]
+    mixed = sum(parts[1:], parts[0])
     ends = np.cumsum([t.shape[1] for t in targets])
     return [mixed[:, stop - t.shape[1] : stop] for t, stop in zip(targets, ends, strict=True)]
 
@@ -267,13 +304,13 @@ def split_logits(
     x0_x = jnp.concatenate(pair_parts, axis=-1) if pair_parts else None
     # the linear x0 products [Q*K, F_lin]; the mixes' member part [Q, F - F_lin] (their post
     # and pair parts: _direct_mixes)
-    mix_start = _mix_start(blocks, len(kernels["bias"]))
+    expanded = _expanded_mix(model, split)
+    mix_start = _mix_start(blocks, len(kernels["bias"]), expanded)
     per_query = x0_m @ kernels["member"] + kernels["bias"]  # [Q, F]
     linear = cache_pc[:, keep:].reshape(q, k, -1) + per_query[:, None, :mix_start]
     linear = linear.reshape(q * k, -1)
     if x0_x is not None:
         linear = linear + x0_x @ kernels["pair"]
-    x0_d = jnp.concatenate([x0_p] + ([x0_x] if x0_x is not None else []), axis=-1)
 
     def block(name):
         start, stop = blocks[name]
@@ -282,6 +319,9 @@ def split_logits(
         return linear[:, start:stop]
 
     def mix(low_j, name):  # low_j . (x0_M @ z or y) per pair: a product per query
+        if name == expanded:  # its whole [r, T'] matrix per pair (the linear blocks)
+            m = block(name).reshape(q * k, low_j.shape[-1], -1)
+            return jnp.einsum("pa,pab->pb", low_j, m)
         rows = low_j.reshape(q, k, -1)
         m = block(name).reshape(q, rows.shape[-1], -1)
         return jnp.einsum("qka,qab->qkb", rows, m).reshape(q * k, -1)
@@ -306,15 +346,17 @@ def split_logits(
         heads = block("heads") if "heads" in blocks else b_heads
         layers = list(model.cross.layers) if model.cross is not None else []
         lows: list[jax.Array] = []
-        mixes: list[list[jax.Array]] = []  # [j][l - j - 1]: x0_d's part of z<j>_<l>, y<j>
+        mixes: list[list[jax.Array]] = []  # [j][l - j - 1]: the x0_P + x0_X part of z<j>_<l>, y<j>
         for index in range(len(layers)):
             low = block(f"low{index}")
             for j, low_j in enumerate(lows):
                 low = low + mix(low_j, f"z{j}_{index}") + mixes[j][index - j - 1]
             lows.append(low)
-            mixes.append(_direct_mixes(model, split, index, low, x0_d))
+            mixes.append(_direct_mixes(model, split, index, low, x0_p, x0_x))
         for j, low_j in enumerate(lows):
-            heads = heads + mix(low_j, f"y{j}") + mixes[j][-1]
+            heads = heads + mix(low_j, f"y{j}")
+            if f"y{j}" != expanded:
+                heads = heads + mixes[j][-1]
         if mlp_top is not None:
             heads = heads + mlp_top @ w_heads[: mlp_top.shape[1]]
     else:  # full-rank cross layers: x0 per pair, columns in the served order (M, P, X)

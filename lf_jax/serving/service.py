@@ -90,6 +90,8 @@ class Version:
             if ranker
             else None
         )
+        # the store's members' id-map rows, looked up once here (Version.check's lookups)
+        self.members_known = self.check_model().remember_rows("member", store.member_ids())
         retrieval = self.models.get("retrieval")
         # retrieved item row -> the ranker's post table row (feed requests skip the id map)
         self.item_post_rows = (
@@ -126,10 +128,13 @@ class Version:
     def max_candidates(self, model: str) -> int:
         return max(k for _, k in self.models[model].buckets)
 
+    def check_model(self) -> ServedModel:
+        """The model whose member id map ``check`` reads (the ranker's, if served)."""
+        return self.models.get("ranker") or next(iter(self.models.values()))
+
     def check(self, request: Request) -> tuple[str, int] | None:
         """(reason, status) when ``request`` cannot be answered by this version, else None."""
-        any_model = self.models.get("ranker") or next(iter(self.models.values()))
-        member_rows, known_member = any_model.rows("member", [request.member_id])
+        member_rows, known_member = self.check_model().rows("member", [request.member_id])
         if not known_member[0]:
             return f"member_id {request.member_id!r} is not a known member", 404
         request.member_row = int(member_rows[0])
