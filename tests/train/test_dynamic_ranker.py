@@ -1,6 +1,6 @@
 """The feed ranker with member and post ids in dynamic tables (capacity below the ids):
-trained by run_training, counters in the log, checkpoints with keys, exact resume (also
-on 4 devices after a checkpoint on 8), find-only evaluation."""
+trained by run_training, counters in the log, find-only evaluation, checkpoints with keys,
+exact resume (also on 4 devices after a checkpoint on 8), warm start from a static run."""
 
 import json
 import logging
@@ -53,9 +53,15 @@ def _restore(task, workdir, step):
 
 
 @pytest.mark.slow
-def test_dynamic_ranker_trains_logs_counters_and_resumes_bit_exact(
+def test_dynamic_ranker_trains_logs_counters_evaluates_and_resumes_bit_exact(
     dynamic_config, tmp_path, kill_before_batch
 ):
+    """One 6-step run: its counters, a find-only evaluation of its last checkpoint (no key
+    inserted, nothing changed), and a run killed after step 4 that resumes to the same
+    step-6 state bit for bit."""
+    with dynamic_config.unlocked():
+        dynamic_config.data.eval_batch_size = 4096
+        dynamic_config.data.eval_examples = 20_000  # 5 batches of each holdout
     uninterrupted = _task(dynamic_config, tmp_path / "a")
     assert uninterrupted.dynamic is not None
     assert "dynamic post: 8 shards x 8 slots" in uninterrupted.plan_table
@@ -77,6 +83,15 @@ def test_dynamic_ranker_trains_logs_counters_and_resumes_bit_exact(
         {"embedding": expected_state["embedding"], "index": expected_state["dynamic"]}
     )
     assert counters["post"]["inserts"] == last["dynamic/post/inserts"]
+
+    before = jax.device_get(expected_state["dynamic"])
+    metrics = uninterrupted.evaluate(expected_state)
+    for split in ("holdout_ranked", "holdout_random"):
+        assert 0.0 <= metrics[f"{split}/like/auc"] <= 1.0
+    assert metrics["dynamic/post/occupancy"] > 0 and metrics["dynamic/member/inserts"] > 0
+    after = jax.device_get(expected_state["dynamic"])
+    for key, value in flatten_to_dict(before).items():  # evaluation finds, never inserts
+        np.testing.assert_array_equal(flatten_to_dict(after)[key], value, err_msg=key)
 
     # killed after the step-4 checkpoint
     kill_before_batch(
@@ -197,25 +212,6 @@ def test_static_run_warm_starts_a_dynamic_run(small_ranker_config, tmp_path):
         taken = (np.asarray(post_state["last"]) >= 0).sum(axis=1)  # keys per device
         assert taken[:4].tolist() == [0, 0, 0, 0] and taken[4:].sum() == 64, taken
     assert task.dynamic.counters(view)["post"]["inserts"] > 0  # the step's new posts
-
-
-@pytest.mark.slow
-def test_evaluation_finds_keys_without_changing_them(dynamic_config, tmp_path):
-    """Trains the fixture's 6 steps (the train step of the bit-exact test: one compile)."""
-    with dynamic_config.unlocked():
-        dynamic_config.data.eval_batch_size = 4096
-        dynamic_config.data.eval_examples = 20_000  # 5 batches of each holdout
-    task = _task(dynamic_config, tmp_path / "e")
-    run_training(task, dynamic_config.train, tmp_path / "e")
-    state = _restore(task, tmp_path / "e", 6)
-    before = jax.device_get(state["dynamic"])
-    metrics = task.evaluate(state)
-    for split in ("holdout_ranked", "holdout_random"):
-        assert 0.0 <= metrics[f"{split}/like/auc"] <= 1.0
-    assert metrics["dynamic/post/occupancy"] > 0 and metrics["dynamic/member/inserts"] > 0
-    after = jax.device_get(state["dynamic"])
-    for key, value in flatten_to_dict(before).items():
-        np.testing.assert_array_equal(flatten_to_dict(after)[key], value, err_msg=key)
 
 
 def test_time_order_needs_a_dataset_stored_in_time_order(small_ranker_config, tmp_path):
