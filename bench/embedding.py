@@ -182,9 +182,10 @@ def _build_ours(cfg: dict):
     r_d = jax.device_put(np.random.default_rng(1).normal(size=cfg["dim"]).astype(np.float32))
 
     def step(state, batch, r_d):
-        acts = coll.lookup(state["tables"], batch)
+        routing = coll.routing(batch)  # built once, shared by the lookup and the update
+        acts = coll.lookup(state["tables"], batch, routing)
         loss, g_acts = jax.value_and_grad(_loss)(acts, r_d)
-        return coll.apply_gradients(state, batch, g_acts), loss
+        return coll.apply_gradients(state, batch, g_acts, routing=routing), loss
 
     return coll, batches, r_d, jax.jit(step, donate_argnums=0)
 

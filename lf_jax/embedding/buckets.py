@@ -28,12 +28,13 @@ Example (inside shard_map):
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 
 from lf_jax.embedding.dedupe import leaders, position_bits
-from lf_jax.embedding.exchange import CHUNK, chunked_size
+from lf_jax.embedding.exchange import CHUNK, chunked_size, masked_rows
 from lf_jax.errors import UserInputError
 
 INT32_MAX = 2**31 - 1
@@ -57,6 +58,9 @@ def always_fits(entries: int, rows: int, capacity: int) -> bool:
     return capacity >= min(entries, rows)
 
 
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["ask_sc", "entry_m", "fits"], meta_fields=[]
+)
 @dataclasses.dataclass(frozen=True)
 class Buckets:
     """The one-round layout of a device's entries (see module docstring).
@@ -116,16 +120,16 @@ def _exchange(x, axes):
 
 def fetch_one_round(layout: Buckets, table_rd, axes) -> jax.Array:
     """[S * C, D] float32: the rows of ``layout.ask_sc`` from their owners, in layout
-    order (entry m reads row ``layout.entry_m[m]``). Only valid when ``layout.fits``."""
+    order (entry m reads row ``layout.entry_m[m]``; empty places are 0). Only valid when
+    ``layout.fits``."""
     ask_sc = _exchange(layout.ask_sc, axes)
     if ask_sc.shape[0] <= STACKED_GATHERS:
         # one gather per owner, stacked: XLA:CPU splits an all_to_all's operand into one
         # buffer per peer, and then writes each gather straight into its peer's buffer
         # (one [S, C, D] gather was copied into them: 22 MB per device per step here)
-        got_scd = jnp.stack([table_rd.at[ask_c].get(mode="clip") for ask_c in ask_sc])
+        got_scd = jnp.stack([masked_rows(table_rd, ask_c) for ask_c in ask_sc])
     else:
-        got_scd = table_rd.at[ask_sc].get(mode="clip")
-    got_scd = got_scd.astype(jnp.float32)
+        got_scd = masked_rows(table_rd, ask_sc)
     got_scd = _exchange(got_scd, axes)
     return got_scd.reshape(-1, got_scd.shape[-1])
 

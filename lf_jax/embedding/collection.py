@@ -25,7 +25,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lf_jax.embedding import preprocess as preprocess_lib
-from lf_jax.embedding.lookup import GroupRoute, group_forward
+from lf_jax.embedding.buckets import Buckets
+from lf_jax.embedding.lookup import GroupRoute, group_forward, group_layout
 from lf_jax.embedding.plan import validate_plan
 from lf_jax.embedding.sharding.layout import Group, build_layout
 from lf_jax.embedding.spec import FeatureSpec, TableSpec, validate_specs
@@ -302,15 +303,46 @@ class EmbeddingCollection:
         return coefs
 
     # ----- lookup and update ----------------------------------------------------------------
-    def lookup(self, tables: Mapping[str, jax.Array], batch: SparseBatch) -> dict[str, jax.Array]:
-        """Activations per feature: pooled [B, D] or sequence [B, max_ids, D] (float32)."""
+    def routing(self, batch: SparseBatch) -> dict[str, Buckets]:
+        """The exchange layout (dedupe + owner buckets) of ``batch``'s ids for every group
+        whose rows are spread over devices. Pass it to both ``lookup`` and
+        ``apply_gradients`` of one step, and they build it once instead of twice
+        (8 tables x 4096 x 20 ids on 8 CPU devices: ~12 CPU ms per device and step).
+
+        Example:
+            >>> routing = coll.routing(batch)
+            >>> acts = coll.lookup(state["tables"], batch, routing)
+            >>> state = coll.apply_gradients(state, batch, g_acts, routing=routing)
+        """
+        coefs = self._coefs(batch)
+        return {
+            route.group.name: group_layout(self.mesh, route, *route.entries(batch.ids, coefs)[:2])
+            for route in self.routes
+            if route.blocks and route.group.num_slots > 1
+        }
+
+    def lookup(
+        self,
+        tables: Mapping[str, jax.Array],
+        batch: SparseBatch,
+        routing: Mapping[str, Buckets] | None = None,
+    ) -> dict[str, jax.Array]:
+        """Activations per feature: pooled [B, D] or sequence [B, max_ids, D] (float32).
+        ``routing``: ``self.routing(batch)``, to share with ``apply_gradients``."""
         coefs = self._coefs(batch)
         parts: dict[str, list] = {}
         for route in self.routes:
             if not route.blocks:
                 continue
+            slot_be, local_be, coef_be = route.entries(batch.ids, coefs)
             out_bcd = group_forward(
-                self.mesh, route, tables[route.group.name], *route.entries(batch.ids, coefs)
+                self.mesh,
+                route,
+                tables[route.group.name],
+                slot_be,
+                local_be,
+                coef_be,
+                _group_routing(routing, route),
             )
             for block, value in route.split_output(out_bcd).items():
                 parts.setdefault(block.feature, []).append((block.piece.col_start, value))
@@ -325,12 +357,19 @@ class EmbeddingCollection:
         batch: SparseBatch,
         activation_grads: Mapping,
         microbatched: bool = False,
+        routing: Mapping[str, Buckets] | None = None,
     ) -> dict:
         """Sparse optimizer step from gradients w.r.t. the looked-up activations.
 
         With ``microbatched`` the batch and grads carry a leading axis of k micro-batches
         whose row gradients are summed and applied once (exact accumulation).
+        ``routing``: ``self.routing(batch)`` as given to ``lookup`` (not micro-batched).
         """
+        if microbatched and routing is not None:
+            raise UserInputError(
+                "routing is built per lookup batch; apply_gradients(microbatched=True) "
+                "routes the k micro-batches together: pass routing=None"
+            )
         if not microbatched:
             batch = jax.tree.map(lambda x: x[None], batch)
             activation_grads = jax.tree.map(lambda x: x[None], dict(activation_grads))
@@ -352,5 +391,18 @@ class EmbeddingCollection:
                 coef_kbe,
                 route.join_gradients(activation_grads),
                 step,
+                layout=_group_routing(routing, route),
             )
         return {"tables": tables, "slots": slots, "step": step}
+
+
+def _group_routing(routing: Mapping[str, Buckets] | None, route: GroupRoute) -> Buckets | None:
+    """The group's layout from ``EmbeddingCollection.routing`` (None: build it)."""
+    if routing is None or route.group.num_slots == 1:
+        return None
+    if route.group.name not in routing:
+        raise UserInputError(
+            f"routing has no layout for shard group '{route.group.name}' (it has "
+            f"{sorted(routing)}): build it with this collection's routing(batch)"
+        )
+    return routing[route.group.name]

@@ -37,7 +37,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from lf_jax.embedding.dedupe import unique_with_inverse
+from lf_jax.embedding.dedupe import leaders, unique_with_inverse
 from lf_jax.errors import UserInputError
 
 INT32_LIMIT = 2**31 - 1
@@ -159,6 +159,16 @@ def _take(x, index):
     return x.at[index].get(mode="promise_in_bounds")
 
 
+def masked_rows(table_rd, ask) -> jax.Array:
+    """float32 rows ``table_rd[ask]``, 0 where ``ask`` is out of range (empty places).
+
+    The gather is multiplied by a 0/1 mask so that XLA:CPU fuses it into an elementwise
+    loop: its plain gather kernel copied the rows 2-3x slower (54,408 rows of 1e6 x 64:
+    15.6 vs 5.2 CPU ms, bench/BENCHMARKS.md "8 vs 1 device")."""
+    keep = (ask < table_rd.shape[0]).astype(jnp.float32)[..., None]
+    return table_rd.at[ask].get(mode="clip").astype(jnp.float32) * keep
+
+
 def _exchange(x, axes):
     return jax.lax.all_to_all(x, axes, 0, 0, tiled=True)
 
@@ -212,10 +222,10 @@ def fetch_rows(req: Requests, table_rd, axes, capacity: int, all_axes) -> jax.Ar
     size = req.row_u.shape[0]
 
     def body(safe_sc, valid_sc, rows_ud):
-        ask_sc = jnp.where(valid_sc, _take(req.row_u, safe_sc), 0)
+        ask_sc = jnp.where(valid_sc, _take(req.row_u, safe_sc), req.rows)
         if axes:
             ask_sc = _exchange(ask_sc, axes)
-        got_scd = _take(table_rd, ask_sc).astype(jnp.float32)
+        got_scd = masked_rows(table_rd, ask_sc)
         if axes:
             got_scd = _exchange(got_scd, axes)
         where_sc = jnp.where(valid_sc, safe_sc, size)
@@ -238,7 +248,9 @@ def apply_at_owners(row_sc, grad_scd, table_rd, slots_r: dict, optimizer, step, 
         grad_scd = jax.lax.all_gather(grad_scd, replica_axes, axis=0, tiled=True)
     row_k = row_sc.reshape(-1)
     grad_kd = grad_scd.reshape(row_k.size, -1)
-    if axes or replica_axes:  # several senders: sum their gradients per row, in place
+    if axes and not replica_axes:  # S senders: add duplicates into one place, apply all
+        return apply_received(table_rd, slots_r, row_k, grad_kd, optimizer, step)
+    if replica_axes:  # every replica's senders: sum per row in place, in chunks
         table_rd, slots_r, _ = sum_and_apply(
             table_rd,
             slots_r,
@@ -253,6 +265,22 @@ def apply_at_owners(row_sc, grad_scd, table_rd, slots_r: dict, optimizer, step, 
         )
         return table_rd, slots_r
     # this device's own unique keys: already one gradient per row
+    return apply_rows(table_rd, slots_r, row_k, grad_kd, optimizer, step)
+
+
+def apply_received(table_rd, slots_r: dict, row_k, grad_kd, optimizer, step):
+    """The owner's update from the [K] rows (``rows`` = table rows for empty places) and
+    [K, D] gradients its S senders sent (K = S x C): each row's gradients are added into
+    one of its places (its ``leaders`` entry) and ``optimizer`` is applied at those
+    places, all K at once (the others are padding to ``apply_rows``). No compaction:
+    senders send distinct rows, so duplicates are few (one per extra sender of a row).
+    Returns (table, slots)."""
+    rows, size = table_rd.shape[0], row_k.shape[0]
+    valid_k = row_k < rows
+    leader_k = leaders(jnp.where(valid_k, row_k, rows))
+    dup_k = valid_k & (leader_k != jnp.arange(size, dtype=jnp.int32))
+    grad_kd = grad_kd.at[jnp.where(dup_k, leader_k, size)].add(grad_kd, mode="drop")
+    row_k = jnp.where(valid_k & ~dup_k, row_k, rows)
     return apply_rows(table_rd, slots_r, row_k, grad_kd, optimizer, step)
 
 

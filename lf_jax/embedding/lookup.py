@@ -203,16 +203,55 @@ class GroupRoute:
         return jnp.concatenate(parts, axis=-2)
 
 
-def group_forward(mesh: Mesh, route: GroupRoute, stored_srd, slot_be, local_be, coef_be):
+def shard_layout(route: GroupRoute, slot_m, local_m, all_axes) -> Buckets:
+    """Inside shard_map: the one-round layout of a device's [M] entries of a group whose
+    rows are spread over several slots (the forward and the update build the same one)."""
+    group, m = route.group, slot_m.shape[0]
+    check_packed_range(group.name, m, group.num_slots)
+    return Buckets.build(slot_m, local_m, group.num_slots, group.rows, route.capacity(m), all_axes)
+
+
+def group_layout(mesh: Mesh, route: GroupRoute, slot_be, local_be) -> Buckets:
+    """Every device's one-round layout of its [B, E] entries, as global arrays (ask
+    [n * S, C], entry [n * B, E], fits [n]; n devices), for ``group_forward`` and
+    ``group_update`` to share: one dedupe and bucketing per step instead of two. Only
+    for groups with ``num_slots > 1``."""
+    all_axes = tuple(mesh.axis_names)
+    spec = PartitionSpec(all_axes)
+
+    def shard(slot_be, local_be):
+        layout = shard_layout(route, slot_be.reshape(-1), local_be.reshape(-1), all_axes)
+        return Buckets(layout.ask_sc, layout.entry_m.reshape(slot_be.shape), layout.fits[None])
+
+    return jax.shard_map(shard, mesh=mesh, in_specs=(spec, spec), out_specs=spec, check_vma=False)(
+        slot_be, local_be
+    )
+
+
+def local_layout(layout: Buckets) -> Buckets:
+    """Inside shard_map: a device's block of ``group_layout``'s arrays, as built there."""
+    return Buckets(layout.ask_sc, layout.entry_m.reshape(-1), layout.fits[0])
+
+
+def group_forward(
+    mesh: Mesh,
+    route: GroupRoute,
+    stored_srd,
+    slot_be,
+    local_be,
+    coef_be,
+    layout: Buckets | None = None,
+):
     """Pooled/sequence lookups of one group: [B, E] entries -> [B, C, D] float32.
 
     Each device dedupes its own entries, fetches the unique rows from their owners
-    (lf_jax.embedding.exchange) and combines its bags locally.
+    (lf_jax.embedding.exchange) and combines its bags locally. ``layout``: the group's
+    ``group_layout`` of these entries, if already built.
     """
     group, all_axes = route.group, tuple(mesh.axis_names)
     entry_spec = PartitionSpec(all_axes)
 
-    def shard(stored_1rd, slot_be, local_be, coef_be):
+    def shard(stored_1rd, slot_be, local_be, coef_be, given):
         if group.num_slots == 1:  # every row of the group is here: pool straight from it
             return route.pool(stored_1rd[0], local_be, coef_be)
         b, e = slot_be.shape
@@ -223,8 +262,11 @@ def group_forward(mesh: Mesh, route: GroupRoute, stored_srd, slot_be, local_be, 
             rows_ud = fetch_rows(requests, stored_1rd[0], group.axes, capacity, all_axes)
             return route.pool(rows_ud, requests.inverse_m.reshape(b, e), coef_be)
 
-        check_packed_range(group.name, b * e, group.num_slots)
-        layout = Buckets.build(slot_m, local_m, group.num_slots, group.rows, capacity, all_axes)
+        layout = (
+            local_layout(given)
+            if given is not None
+            else shard_layout(route, slot_m, local_m, all_axes)
+        )
 
         def one_round(_):  # pool straight from the received rows
             rows_kd = fetch_one_round(layout, stored_1rd[0], group.axes)
@@ -238,6 +280,6 @@ def group_forward(mesh: Mesh, route: GroupRoute, stored_srd, slot_be, local_be, 
         shard,
         mesh=mesh,
         out_specs=entry_spec,
-        in_specs=(group.partition_spec(None, None), entry_spec, entry_spec, entry_spec),
+        in_specs=(group.partition_spec(None, None), entry_spec, entry_spec, entry_spec, entry_spec),
         check_vma=False,
-    )(stored_srd, slot_be, local_be, coef_be)
+    )(stored_srd, slot_be, local_be, coef_be, layout)

@@ -26,12 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from lf_jax.embedding.buckets import (
-    Buckets,
-    always_fits,
-    check_packed_range,
-    sum_into_layout,
-)
+from lf_jax.embedding.buckets import Buckets, always_fits, sum_into_layout
 from lf_jax.embedding.exchange import (
     Requests,
     apply_at_owners,
@@ -39,7 +34,7 @@ from lf_jax.embedding.exchange import (
     next_round,
     sum_and_apply,
 )
-from lf_jax.embedding.lookup import GroupRoute
+from lf_jax.embedding.lookup import GroupRoute, local_layout, shard_layout
 
 
 def group_update(
@@ -52,12 +47,14 @@ def group_update(
     coef_kbe,
     grad_kbcd,
     step,
+    layout: Buckets | None = None,
 ):
     """Sparse optimizer step on the rows touched by k micro-batches of entries.
 
     Each device sums its entries' row gradients (coef * grad of the output column) per
     unique row and sends them to the owners, which sum them across senders (and
-    replicas of the group) and apply the optimizer once per row.
+    replicas of the group) and apply the optimizer once per row. ``layout``: the
+    ``lookup.group_layout`` of these entries (k = 1) if already built for the forward.
     """
     group, all_axes = route.group, tuple(mesh.axis_names)
     replica_axes = tuple(axis for axis in all_axes if axis not in group.axes)
@@ -68,7 +65,7 @@ def group_update(
         name: group.partition_spec(*([None] * (value.ndim - 1))) for name, value in slots.items()
     }
 
-    def shard(stored_1rd, slots, slot_kbe, local_kbe, coef_kbe, grad_kbcd, step):
+    def shard(stored_1rd, slots, slot_kbe, local_kbe, coef_kbe, grad_kbcd, step, given):
         def flat(x):
             return x.reshape(-1, *x.shape[2:])
 
@@ -97,6 +94,7 @@ def group_update(
                 step,
                 replicas,
                 all_axes,
+                None if given is None else local_layout(given),
             )
         return table_rd[None], {k: v[None] for k, v in slots_r.items()}
 
@@ -117,8 +115,9 @@ def group_update(
             entry_spec,
             entry_spec,
             PartitionSpec(),
+            PartitionSpec(all_axes),
         ),
-    )(stored_srd, slots, slot_kbe, local_kbe, coef_kbe, grad_kbcd, step)
+    )(stored_srd, slots, slot_kbe, local_kbe, coef_kbe, grad_kbcd, step, layout)
 
 
 def _update_pieces(
@@ -186,16 +185,18 @@ def _push_entries(
     step,
     replicas,
     all_axes,
+    layout: Buckets | None,
 ):
     """The update of a group whose rows are on other devices (or replicated): rounds of
     [S, C] row gradients summed from the entries and sent to the owners (one round
-    from the hash-deduped layout when it fits, else the sorted keys' rounds)."""
+    from the hash-deduped layout, ``layout`` if given, when it fits, else the sorted
+    keys' rounds)."""
     group = route.group
     slot_m, local_m, coef_m = slot_ne.reshape(-1), local_ne.reshape(-1), coef_ne.reshape(-1)
     m, num_slots, rows = slot_m.size, group.num_slots, group.rows
     capacity = route.capacity(m)
-    check_packed_range(group.name, m, num_slots)
-    layout = Buckets.build(slot_m, local_m, num_slots, rows, capacity, all_axes)
+    if layout is None:
+        layout = shard_layout(route, slot_m, local_m, all_axes)
     valid_m = slot_m >= 0
     width, num_out = slot_ne.shape[1], grad_ncd.shape[1]
     grad_cd = grad_ncd.reshape(-1, group.dim)  # row n * C + c: output column c of example n

@@ -78,7 +78,7 @@ def test_skewed_ids_match_oracle(kind, mesh_name, strategy, mesh_of):
     _assert_skewed_steps_match_oracle(coll, kind)
 
 
-def _assert_skewed_steps_match_oracle(coll, kind):
+def _assert_skewed_steps_match_oracle(coll, kind, shared_routing=False):
     assert_matches_oracle(
         coll,
         SKEW_TABLES,
@@ -86,7 +86,44 @@ def _assert_skewed_steps_match_oracle(coll, kind):
         steps=2,
         check_steps=(1, 2),
         batch_fn=lambda step: skewed_batch(kind, step),
+        shared_routing=shared_routing,
     )
+
+
+@pytest.mark.parametrize(
+    "kind,mesh_name,strategy",
+    [
+        ("one_owner", "d2m4", P.row_wise(("data", "model"))),
+        ("zipf", "d2m4", P.row_wise(("model",))),
+    ],
+    ids=["one_owner_rw_all_d2m4", "zipf_rw_model_d2m4"],
+)
+def test_routing_shared_by_lookup_and_update_matches_oracle(kind, mesh_name, strategy, mesh_of):
+    """coll.routing(batch) given to both lookup and apply_gradients: the same results,
+    also when the one-round layout overflows (every id on one owner) and the step falls
+    back to sorted rounds, and with replicated groups (row_wise over "model" only)."""
+    coll = EmbeddingCollection(
+        SKEW_TABLES,
+        SKEW_FEATURES,
+        {t.name: strategy for t in SKEW_TABLES},
+        mesh_of(MESHES[mesh_name]),
+    )
+    _assert_skewed_steps_match_oracle(coll, kind, shared_routing=True)
+
+
+def test_routing_without_the_group_or_with_micro_batches_is_one_clear_error(mesh_of):
+    mesh = mesh_of(MESHES["d8"])
+    coll = EmbeddingCollection(
+        SKEW_TABLES, SKEW_FEATURES, {t.name: P.row_wise(("data",)) for t in SKEW_TABLES}, mesh
+    )
+    batch = coll.shard_batch(coll.preprocess(*skewed_batch("zipf", 1)))
+    routing = jax.eval_shape(coll.routing, batch)
+    assert sorted(routing) == sorted(route.group.name for route in coll.routes)
+    tables = jax.eval_shape(lambda: coll.init(jax.random.key(0)))["tables"]
+    with pytest.raises(UserInputError, match="routing has no layout for shard group"):
+        jax.eval_shape(lambda t, r: coll.lookup(t, batch, r), tables, {"elsewhere": routing})
+    with pytest.raises(UserInputError, match=r"microbatched=True\) .*pass routing=None"):
+        coll.apply_gradients({}, batch, {}, microbatched=True, routing=routing)
 
 
 @pytest.mark.parametrize("id_fill", [0.125, 0.625])

@@ -23,6 +23,8 @@ stay flat when the devices grow with the batch (the last test; bench/scaling.py 
 8 ... 256 devices).
 """
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -345,3 +347,27 @@ def test_local_update_keeps_one_piece_of_temporaries():
     piece_bytes = batch_size * 20 * 32 * 4
     temp = compiled.memory_analysis().temp_size_in_bytes
     assert temp < 3 * piece_bytes, (temp, piece_bytes)
+
+
+def test_shared_routing_builds_the_layout_once_per_step(monkeypatch, mesh_2x4):
+    """A step of lookup + update: each builds its own one-round layout (one sort of packed
+    keys each, outside the fallback's conds), or shares ``coll.routing(batch)`` (one)."""
+    monkeypatch.setattr(lookup, "capacity_for", lambda entries, share, rows: min(entries, 2))
+    tables = [TableSpec(name="t", vocab_size=37, dim=8, optimizer=rowwise_adagrad(0.1))]
+    features = [FeatureSpec(name="bag", table="t", max_ids=3, combiner="sum")]
+    coll = EmbeddingCollection(tables, features, {"t": P.row_wise(("data", "model"))}, mesh_2x4)
+    state = abstract_state(coll)
+    batch = coll.shard_batch(coll.preprocess(*random_batch(features, tables, BATCH)))
+
+    def layout_sorts(shared: bool) -> int:
+        def step(state, batch):
+            routing = coll.routing(batch) if shared else None
+            acts = coll.lookup(state["tables"], batch, routing)
+            grads = jax.tree.map(lambda a: 2 * a, acts)
+            return coll.apply_gradients(state, batch, grads, routing=routing)
+
+        text = jax.jit(step).lower(state, batch).compile().as_text()
+        return len(re.findall(r"sort\(.*/shard_map/jit\(sort\)/sort", text))
+
+    assert layout_sorts(shared=False) == 2
+    assert layout_sorts(shared=True) == 1

@@ -106,12 +106,20 @@ def _grads_like(acts, coll, rng):
 
 
 def assert_matches_oracle(
-    coll, tables, features, steps=STEPS, seed=0, check_steps=(1, STEPS), batch_fn=None
+    coll,
+    tables,
+    features,
+    steps=STEPS,
+    seed=0,
+    check_steps=(1, STEPS),
+    batch_fn=None,
+    shared_routing=False,
 ):
     """Runs ``steps`` lookups + updates on coll and the oracle and compares them.
 
-    ``batch_fn(step) -> (raw ids, raw weights)`` replaces the random batches. Returns the
-    final engine state (for further checks).
+    ``batch_fn(step) -> (raw ids, raw weights)`` replaces the random batches. With
+    ``shared_routing`` the lookup and the update share ``coll.routing(batch)``. Returns
+    the final engine state (for further checks).
     """
     plan = coll.plan
     logical = oracle.row_id_coded_tables(tables)
@@ -121,6 +129,7 @@ def assert_matches_oracle(
         np.testing.assert_array_equal(value, logical[name], err_msg=f"placement of {name}")
     lookup = jax.jit(coll.lookup)
     update = jax.jit(coll.apply_gradients, donate_argnums=0)
+    routing = jax.jit(coll.routing)
     o_tables = {k: v.astype(np.float64) for k, v in logical.items()}
     o_slots = oracle.init_slots(tables, plan)
     rng = np.random.default_rng(seed)
@@ -132,7 +141,8 @@ def assert_matches_oracle(
         )
         host = coll.preprocess(*raw)
         batch = coll.shard_batch(host)
-        acts = lookup(state["tables"], batch)
+        shared = routing(batch) if shared_routing else None
+        acts = lookup(state["tables"], batch, shared)
         expected = oracle.oracle_lookup(features, o_tables, host)
         for f in features:
             np.testing.assert_allclose(
@@ -150,7 +160,7 @@ def assert_matches_oracle(
             ).items()
         }
         previous = jax.device_get(to_logical(state)["tables"]) if step in check_steps else None
-        state = update(state, batch, grads)
+        state = update(state, batch, grads, routing=shared)
         o_tables, o_slots = oracle.oracle_step(
             o_tables,
             o_slots,
