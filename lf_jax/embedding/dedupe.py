@@ -85,6 +85,31 @@ def leaders(keys_m: jax.Array) -> jax.Array:
 DENSE_KEYS_PER_ENTRY = 16
 
 
+def first_appearances(keys_m: jax.Array, fill: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(unique_u [M], inverse_m [M], is_first_m [M] bool): the distinct keys in order of
+    first appearance padded with ``fill``, each entry's index among them, and whether the
+    entry is its key's first. Keys lie in [0, fill]; no sort: a dense [fill + 1] int32
+    index when fill + 1 <= DENSE_KEYS_PER_ENTRY * M, the hash ``leaders`` otherwise.
+    ``unique_with_inverse(ordered=False)`` is its first two outputs.
+
+    Example:
+        >>> first_appearances(jnp.array([7, 3, 7, 9]), fill=10)
+        ([7, 3, 9, 10], [0, 1, 0, 2], [True, True, False, True])
+    """
+    m = keys_m.size
+    pos_m = jnp.arange(m, dtype=jnp.int32)
+    if fill + 1 <= DENSE_KEYS_PER_ENTRY * m:
+        first_m = jnp.full((fill + 1,), m, jnp.int32).at[keys_m].min(pos_m)[keys_m]
+    else:  # each key's first entry, found through its leader
+        leader_m = leaders(keys_m)
+        first_m = jnp.full((m,), m, jnp.int32).at[leader_m].min(pos_m)[leader_m]
+    is_first = first_m == pos_m
+    rank_m = jnp.cumsum(is_first, dtype=jnp.int32) - 1
+    target = jnp.where(is_first & (keys_m < fill), rank_m, m)
+    unique_u = jnp.full_like(keys_m, fill).at[target].set(keys_m, mode="drop")
+    return unique_u, rank_m[first_m], is_first
+
+
 def unique_with_inverse(
     keys_m: jax.Array, fill: int, ordered: bool = True
 ) -> tuple[jax.Array, jax.Array]:
@@ -104,17 +129,7 @@ def unique_with_inverse(
     m = keys_m.size
     dense = fill + 1 <= DENSE_KEYS_PER_ENTRY * m
     if not ordered:
-        pos_m = jnp.arange(m, dtype=jnp.int32)
-        if dense:
-            first_m = jnp.full((fill + 1,), m, jnp.int32).at[keys_m].min(pos_m)[keys_m]
-        else:  # each key's first entry, found through its leader
-            leader_m = leaders(keys_m)
-            first_m = jnp.full((m,), m, jnp.int32).at[leader_m].min(pos_m)[leader_m]
-        is_first = first_m == pos_m
-        rank_m = jnp.cumsum(is_first, dtype=jnp.int32) - 1
-        target = jnp.where(is_first & (keys_m < fill), rank_m, m)
-        unique_u = jnp.full_like(keys_m, fill).at[target].set(keys_m, mode="drop")
-        return unique_u, rank_m[first_m]
+        return first_appearances(keys_m, fill)[:2]
     sorted_m = jnp.sort(keys_m)
     is_new = jnp.concatenate([jnp.ones((1,), bool), sorted_m[1:] != sorted_m[:-1]])
     rank_m = jnp.cumsum(is_new, dtype=jnp.int32) - 1

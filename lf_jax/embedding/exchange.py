@@ -37,7 +37,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from lf_jax.embedding.dedupe import unique_with_inverse
+from lf_jax.embedding.dedupe import first_appearances, unique_with_inverse
 from lf_jax.errors import UserInputError
 
 INT32_LIMIT = 2**31 - 1
@@ -288,10 +288,8 @@ def sum_and_apply(
     padded, size = chunked_size(m), grad_kd.shape[0]
     num_rows = table_rd.shape[0]
     keys_m = jnp.where(valid_m, keys_m, fill)
-    unique_u, inverse_m = unique_with_inverse(keys_m, fill, ordered=False)
+    unique_u, inverse_m, is_first_m = first_appearances(keys_m, fill)
     pos_m = jnp.arange(m, dtype=jnp.int32)
-    first_u = jnp.full((m,), m, jnp.int32).at[inverse_m].min(jnp.where(valid_m, pos_m, m))
-    is_first_m = first_u[inverse_m] == pos_m
     count = jnp.max(jnp.where(valid_m, inverse_m, -1)) + 1  # distinct keys' rows used
     order_m = jnp.where(valid_m, jnp.cumsum(valid_m, dtype=jnp.int32) - 1, padded)
     real_k = jnp.full((padded,), m, jnp.int32).at[order_m].set(pos_m, mode="drop")

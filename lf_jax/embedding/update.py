@@ -60,7 +60,8 @@ def group_update(
     replicas of the group) and apply the optimizer once per row.
     """
     group, all_axes = route.group, tuple(mesh.axis_names)
-    replica_axes = tuple(axis for axis in all_axes if axis not in group.axes)
+    # mesh axes of size 1 hold no other replica: nothing to gather over them
+    replica_axes = tuple(a for a in all_axes if a not in group.axes and mesh.shape[a] > 1)
     local_examples = slot_kbe.shape[0] * slot_kbe.shape[1] // math.prod(mesh.shape.values())
     gather_entries = bool(replica_axes) and route.gathers_entries(local_examples)
     entry_spec = PartitionSpec(None, all_axes)
