@@ -46,7 +46,9 @@ def _wanted() -> bool:
 def _cpu_buffers(tree):
     """(address, bytes) of every CPU device buffer of the jax arrays in ``tree``."""
     for leaf in jax.tree.leaves(tree):
-        if not isinstance(leaf, jax.Array) or leaf.is_deleted():
+        if not isinstance(leaf, jax.Array) or isinstance(leaf, jax.core.Tracer):
+            continue  # traced (jit, eval_shape): no buffer yet
+        if leaf.is_deleted():
             continue
         for shard in leaf.addressable_shards:
             if shard.device.platform == "cpu":
@@ -58,16 +60,17 @@ def back_with_huge_pages(tree) -> int:
     now; returns the bytes collapsed (the whole 2 MiB-aligned pages inside each buffer).
 
     0 where nothing was done: LF_JAX_HUGE_PAGES=off, not Linux, no CPU buffer of at
-    least 2 MiB, or a kernel that refuses (transparent huge pages ``never``, or before
-    6.1, which lacks MADV_COLLAPSE). Waits for the arrays to be computed first.
+    least 2 MiB (traced values, under jit or eval_shape, have none), or a kernel that
+    refuses (transparent huge pages ``never``, or before 6.1, which lacks
+    MADV_COLLAPSE). Waits for the arrays to be computed first.
     """
     if not _wanted():
         return 0
-    jax.block_until_ready(tree)
+    buffers = list(_cpu_buffers(jax.block_until_ready(tree)))
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     collapsed = 0
-    for address, size in _cpu_buffers(tree):
+    for address, size in buffers:
         start = -(-address // HUGE_PAGE) * HUGE_PAGE
         length = (address + size) // HUGE_PAGE * HUGE_PAGE - start
         if length <= 0:

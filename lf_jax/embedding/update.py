@@ -32,6 +32,7 @@ from lf_jax.embedding.buckets import (
     check_packed_range,
     sum_into_layout,
 )
+from lf_jax.embedding.dedupe import dense_index_size
 from lf_jax.embedding.exchange import (
     Requests,
     apply_at_owners,
@@ -130,7 +131,8 @@ def _update_pieces(
     only the entries that read it, over its own rows), each through
     ``exchange.sum_and_apply`` (work sized to its real entries and distinct rows, one
     [N, D] scratch buffer carried from piece to piece, N = B x the widest piece's entry
-    columns). The whole group's [N, D] arrays at once were 396 MB at 8 tables x 4096 x
+    columns, and the dedupe's dense [rows + 1] index, restored after each piece rather
+    than filled for each). The whole group's [N, D] arrays at once were 396 MB at 8 tables x 4096 x
     20 ids, page-faulted afresh every step; unrolled per piece, XLA scheduled every
     piece's zero-filled buffers first. Pieces with fewer entry columns than the widest
     are padded with an empty column (id -1)."""
@@ -166,12 +168,15 @@ def _update_pieces(
             offset,
             route.group.optimizer,
             step,
-            carry[2],
+            *carry[2:],
         ), None
 
-    scratch = jnp.zeros((chunked_size(slot_ne.shape[0] * width), dim), jnp.float32)
-    (table_rd, slots_r, _), _ = jax.lax.scan(
-        piece_update, (table_rd, slots_r, scratch), (cols_pw, out_pw, offset_p)
+    entries = slot_ne.shape[0] * width
+    scratch = jnp.zeros((chunked_size(entries), dim), jnp.float32)
+    size = dense_index_size(entries, fill)
+    index = None if size is None else jnp.full((size,), entries, jnp.int32)
+    (table_rd, slots_r, *_), _ = jax.lax.scan(
+        piece_update, (table_rd, slots_r, scratch, index), (cols_pw, out_pw, offset_p)
     )
     return table_rd, slots_r
 
