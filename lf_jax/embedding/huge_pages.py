@@ -37,9 +37,7 @@ _CHOICES = ("collapse", "off")
 def _wanted() -> bool:
     choice = os.environ.get("LF_JAX_HUGE_PAGES", "collapse")
     if choice not in _CHOICES:
-        raise UserInputError(
-            f"LF_JAX_HUGE_PAGES must be one of {list(_CHOICES)}, got {choice!r}"
-        )
+        raise UserInputError(f"LF_JAX_HUGE_PAGES must be one of {list(_CHOICES)}, got {choice!r}")
     return choice == "collapse" and platform.system() == "Linux"
 
 

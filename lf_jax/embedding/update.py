@@ -175,9 +175,8 @@ def _update_pieces(
     scratch = jnp.zeros((chunked_size(entries), dim), jnp.float32)
     size = dense_index_size(entries, fill)
     index = None if size is None else jnp.full((size,), entries, jnp.int32)
-    (table_rd, slots_r, *_), _ = jax.lax.scan(
-        piece_update, (table_rd, slots_r, scratch, index), (cols_pw, out_pw, offset_p)
-    )
+    carry: tuple = (table_rd, slots_r, scratch, index)
+    (table_rd, slots_r, *_), _ = jax.lax.scan(piece_update, carry, (cols_pw, out_pw, offset_p))
     return table_rd, slots_r
 
 
