@@ -11,14 +11,17 @@ glibc serves XLA's large temp buffers with fresh mmaps, faulted in again every s
 temp bytes / 4 KiB minor faults per step and device) unless mmap is off for them:
 ``import lf_jax`` turns it off (lf_jax.distributed.devices.keep_freed_memory; opt out
 with LF_JAX_MALLOC=default), as does ``MALLOC_MMAP_MAX_=0`` in the environment. The line
-printed says which was in force (measured: does a 64 MiB malloc get an mmap?) and the
-process's peak RSS.
+printed says which was in force (measured: does a 64 MiB malloc get an mmap?), the
+process's peak RSS and its anonymous huge pages (EmbeddingCollection.init backs CPU
+tables with them: lf_jax.embedding.huge_pages).
 """
 
 import ctypes
 import os
+import re
 import resource
 import sys
+from pathlib import Path
 
 DIST, DEVICES, TREE = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 if DEVICES > 1:
@@ -85,10 +88,13 @@ def main() -> None:
     temp_mb = compiled.memory_analysis().temp_size_in_bytes / 1e6
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3  # KiB on Linux
     malloc = "mmap" if _malloc_mmaps_large_blocks() else "heap"
+    rollup = Path("/proc/self/smaps_rollup")
+    huge = re.search(r"AnonHugePages:\s+(\d+)", rollup.read_text()) if rollup.exists() else None
     print(
         f"{DIST} devices={DEVICES} {TREE}: user ms {user * 1e3:.0f} sys ms {system * 1e3:.0f} "
         f"minflt {faults:.0f} temp MB {temp_mb:.0f} loss {float(loss):.6f} "
         f"peak RSS MB {peak_mb:.0f} large mallocs {malloc} "
+        f"huge pages MB {int(huge.group(1)) / 1e3 if huge else float('nan'):.0f} "
         f"MALLOC_MMAP_MAX_={os.environ.get('MALLOC_MMAP_MAX_', 'unset')}"
     )
 

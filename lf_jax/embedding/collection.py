@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lf_jax.embedding import preprocess as preprocess_lib
 from lf_jax.embedding.buckets import Buckets
+from lf_jax.embedding.huge_pages import back_with_huge_pages
 from lf_jax.embedding.lookup import GroupRoute, group_forward, group_layout
 from lf_jax.embedding.plan import validate_plan
 from lf_jax.embedding.sharding.layout import Group, build_layout
@@ -92,15 +93,18 @@ class EmbeddingCollection:
         }
 
     def init(self, key: jax.Array) -> dict:
-        """Sharded state from each table's initializer; values do not depend on the plan."""
+        """Sharded state from each table's initializer; values do not depend on the plan.
+        CPU tables and slots are backed by huge pages (lf_jax.embedding.huge_pages)."""
 
         def logical():
             return {name: _initial_table(spec, key) for name, spec in self.tables.items()}
 
-        return jax.jit(
+        state = jax.jit(
             lambda: self._state_from_logical(logical(), None, 0),
             out_shardings=self.state_shardings(),
         )()
+        back_with_huge_pages((state["tables"], state["slots"]))
+        return state
 
     def state_from_logical(
         self,
@@ -108,7 +112,8 @@ class EmbeddingCollection:
         slots: Mapping[str, Mapping[str, np.ndarray]] | None = None,
         step: int = 0,
     ) -> dict:
-        """Sharded state from logical [vocab, dim] tables (+ optional slots), any plan."""
+        """Sharded state from logical [vocab, dim] tables (+ optional slots), any plan;
+        CPU tables and slots backed by huge pages as in ``init``."""
         for name, spec in self.tables.items():
             shape = np.shape(tables[name]) if name in tables else ()
             if shape != (spec.vocab_size, spec.dim):
@@ -120,7 +125,9 @@ class EmbeddingCollection:
         def fn(t, s):
             return self._state_from_logical(t, s, step)
 
-        return jax.jit(fn, out_shardings=self.state_shardings())(dict(tables), slots)
+        state = jax.jit(fn, out_shardings=self.state_shardings())(dict(tables), slots)
+        back_with_huge_pages((state["tables"], state["slots"]))
+        return state
 
     def _state_from_logical(self, tables, slots, step) -> dict:
         state: dict[str, Any] = {"tables": {}, "slots": {}, "step": jnp.asarray(step, jnp.int32)}

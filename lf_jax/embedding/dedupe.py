@@ -85,6 +85,50 @@ def leaders(keys_m: jax.Array) -> jax.Array:
 DENSE_KEYS_PER_ENTRY = 16
 
 
+def dense_index_size(entries: int, fill: int) -> int | None:
+    """Length of the dense int32 index ``first_appearances`` uses for ``entries`` keys in
+    [0, fill] (fill + 1), or None when the key space is too large for one (hash leaders)."""
+    return fill + 1 if fill + 1 <= DENSE_KEYS_PER_ENTRY * entries else None
+
+
+def first_appearances(
+    keys_m: jax.Array, fill: int, index: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+    """(unique_u [M], inverse_m [M], is_first_m [M] bool, index): the distinct keys in
+    order of first appearance padded with ``fill``, each entry's index among them,
+    whether the entry is its key's first, and the dense index handed back.
+
+    Keys lie in [0, fill]; no sort: a dense int32 index of ``dense_index_size(M, fill)``
+    entries when there is one, the hash ``leaders`` otherwise. The dense index may be
+    passed in (every entry M, e.g. the one a previous call handed back: it is restored
+    to M at the keys it touched, cheaper than filling fill + 1 entries again); else
+    one is filled here. ``unique_with_inverse(ordered=False)`` is the first two outputs.
+
+    Example:
+        >>> first_appearances(jnp.array([7, 3, 7, 9]), fill=10)[:3]
+        ([7, 3, 9, 10], [0, 1, 0, 2], [True, True, False, True])
+    """
+    m = keys_m.size
+    pos_m = jnp.arange(m, dtype=jnp.int32)
+    size = dense_index_size(m, fill)
+    if size is not None:
+        if index is None:
+            index = jnp.full((size,), m, jnp.int32)
+        index = index.at[keys_m].min(pos_m)
+        first_m = index[keys_m]
+        # restored to m (first_m <= m); computed from first_m, so the gather above runs
+        # first and XLA updates the index in place instead of copying it
+        index = index.at[keys_m].set(jnp.maximum(first_m, m))
+    else:  # each key's first entry, found through its leader
+        leader_m = leaders(keys_m)
+        first_m = jnp.full((m,), m, jnp.int32).at[leader_m].min(pos_m)[leader_m]
+    is_first = first_m == pos_m
+    rank_m = jnp.cumsum(is_first, dtype=jnp.int32) - 1
+    target = jnp.where(is_first & (keys_m < fill), rank_m, m)
+    unique_u = jnp.full_like(keys_m, fill).at[target].set(keys_m, mode="drop")
+    return unique_u, rank_m[first_m], is_first, index
+
+
 def unique_with_inverse(
     keys_m: jax.Array, fill: int, ordered: bool = True
 ) -> tuple[jax.Array, jax.Array]:
@@ -104,17 +148,7 @@ def unique_with_inverse(
     m = keys_m.size
     dense = fill + 1 <= DENSE_KEYS_PER_ENTRY * m
     if not ordered:
-        pos_m = jnp.arange(m, dtype=jnp.int32)
-        if dense:
-            first_m = jnp.full((fill + 1,), m, jnp.int32).at[keys_m].min(pos_m)[keys_m]
-        else:  # each key's first entry, found through its leader
-            leader_m = leaders(keys_m)
-            first_m = jnp.full((m,), m, jnp.int32).at[leader_m].min(pos_m)[leader_m]
-        is_first = first_m == pos_m
-        rank_m = jnp.cumsum(is_first, dtype=jnp.int32) - 1
-        target = jnp.where(is_first & (keys_m < fill), rank_m, m)
-        unique_u = jnp.full_like(keys_m, fill).at[target].set(keys_m, mode="drop")
-        return unique_u, rank_m[first_m]
+        return first_appearances(keys_m, fill)[:2]
     sorted_m = jnp.sort(keys_m)
     is_new = jnp.concatenate([jnp.ones((1,), bool), sorted_m[1:] != sorted_m[:-1]])
     rank_m = jnp.cumsum(is_new, dtype=jnp.int32) - 1

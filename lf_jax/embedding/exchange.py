@@ -37,7 +37,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from lf_jax.embedding.dedupe import leaders, unique_with_inverse
+from lf_jax.embedding.dedupe import first_appearances, leaders, unique_with_inverse
 from lf_jax.errors import UserInputError
 
 INT32_LIMIT = 2**31 - 1
@@ -251,7 +251,7 @@ def apply_at_owners(row_sc, grad_scd, table_rd, slots_r: dict, optimizer, step, 
     if axes and not replica_axes:  # S senders: add duplicates into one place, apply all
         return apply_received(table_rd, slots_r, row_k, grad_kd, optimizer, step)
     if replica_axes:  # every replica's senders: sum per row in place, in chunks
-        table_rd, slots_r, _ = sum_and_apply(
+        table_rd, slots_r, *_ = sum_and_apply(
             table_rd,
             slots_r,
             row_k,
@@ -294,14 +294,26 @@ def chunked_size(entries: int) -> int:
 
 
 def sum_and_apply(
-    table_rd, slots_r: dict, keys_m, valid_m, gradient, fill: int, offset, optimizer, step, grad_kd
+    table_rd,
+    slots_r: dict,
+    keys_m,
+    valid_m,
+    gradient,
+    fill: int,
+    offset,
+    optimizer,
+    step,
+    grad_kd,
+    index=None,
 ):
     """Sums the gradients of entries per distinct key and applies ``optimizer`` to the
     rows ``offset + key``, with work sized to the real entries and distinct keys.
 
     keys_m: [M] int32 in [0, fill) where valid_m; gradient(e_k, grad_kd) -> [CHUNK, D]
     float32 gradients of entries e_k (indices in [0, M)); grad_kd: an [N >= M, D] float32
-    buffer (any contents; returned for reuse). Two loops with data-dependent trip counts
+    buffer (any contents; returned for reuse); index: the dedupe's dense index
+    (dedupe.first_appearances: every entry M; handed back restored, for reuse) or None.
+    Two loops with data-dependent trip counts
     over chunks of CHUNK: (1) the valid entries, compacted: each gradient is written into
     its distinct key's row of grad_kd (``set`` for the key's first entry, ``add`` for
     later duplicates, so no zero fill); (2) the distinct keys: gather rows and slots,
@@ -309,17 +321,15 @@ def sum_and_apply(
     cheaper. A key's row is at most its first entry's position and chunks go in
     position order, so ``gradient`` may read entry e's gradient from row e of the
     grad_kd it is given: the owner of an exchange sums its received rows in place.
-    Returns (table, slots, grad_kd).
+    Returns (table, slots, grad_kd, index).
     """
     m = keys_m.shape[0]
     chunk = min(CHUNK, m)
     padded, size = chunked_size(m), grad_kd.shape[0]
     num_rows = table_rd.shape[0]
     keys_m = jnp.where(valid_m, keys_m, fill)
-    unique_u, inverse_m = unique_with_inverse(keys_m, fill, ordered=False)
+    unique_u, inverse_m, is_first_m, index = first_appearances(keys_m, fill, index)
     pos_m = jnp.arange(m, dtype=jnp.int32)
-    first_u = jnp.full((m,), m, jnp.int32).at[inverse_m].min(jnp.where(valid_m, pos_m, m))
-    is_first_m = first_u[inverse_m] == pos_m
     count = jnp.max(jnp.where(valid_m, inverse_m, -1)) + 1  # distinct keys' rows used
     order_m = jnp.where(valid_m, jnp.cumsum(valid_m, dtype=jnp.int32) - 1, padded)
     real_k = jnp.full((padded,), m, jnp.int32).at[order_m].set(pos_m, mode="drop")
@@ -349,7 +359,7 @@ def sum_and_apply(
     table_rd, slots_r = jax.lax.fori_loop(
         0, (count + chunk - 1) // chunk, apply_chunk, (table_rd, slots_r)
     )
-    return table_rd, slots_r, grad_kd
+    return table_rd, slots_r, grad_kd, index
 
 
 def apply_rows(table_rd, slots_r: dict, row_k, grad_kd, optimizer, step):

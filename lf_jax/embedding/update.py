@@ -27,6 +27,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from lf_jax.embedding.buckets import Buckets, always_fits, sum_into_layout
+from lf_jax.embedding.dedupe import dense_index_size
 from lf_jax.embedding.exchange import (
     Requests,
     apply_at_owners,
@@ -57,7 +58,8 @@ def group_update(
     ``lookup.group_layout`` of these entries (k = 1) if already built for the forward.
     """
     group, all_axes = route.group, tuple(mesh.axis_names)
-    replica_axes = tuple(axis for axis in all_axes if axis not in group.axes)
+    # mesh axes of size 1 hold no other replica: nothing to gather over them
+    replica_axes = tuple(a for a in all_axes if a not in group.axes and mesh.shape[a] > 1)
     local_examples = slot_kbe.shape[0] * slot_kbe.shape[1] // math.prod(mesh.shape.values())
     gather_entries = bool(replica_axes) and route.gathers_entries(local_examples)
     entry_spec = PartitionSpec(None, all_axes)
@@ -128,7 +130,8 @@ def _update_pieces(
     only the entries that read it, over its own rows), each through
     ``exchange.sum_and_apply`` (work sized to its real entries and distinct rows, one
     [N, D] scratch buffer carried from piece to piece, N = B x the widest piece's entry
-    columns). The whole group's [N, D] arrays at once were 396 MB at 8 tables x 4096 x
+    columns, and the dedupe's dense [rows + 1] index, restored after each piece rather
+    than filled for each). The whole group's [N, D] arrays at once were 396 MB at 8 tables x 4096 x
     20 ids, page-faulted afresh every step; unrolled per piece, XLA scheduled every
     piece's zero-filled buffers first. Pieces with fewer entry columns than the widest
     are padded with an empty column (id -1)."""
@@ -164,13 +167,15 @@ def _update_pieces(
             offset,
             route.group.optimizer,
             step,
-            carry[2],
+            *carry[2:],
         ), None
 
-    scratch = jnp.zeros((chunked_size(slot_ne.shape[0] * width), dim), jnp.float32)
-    (table_rd, slots_r, _), _ = jax.lax.scan(
-        piece_update, (table_rd, slots_r, scratch), (cols_pw, out_pw, offset_p)
-    )
+    entries = slot_ne.shape[0] * width
+    scratch = jnp.zeros((chunked_size(entries), dim), jnp.float32)
+    size = dense_index_size(entries, fill)
+    index = None if size is None else jnp.full((size,), entries, jnp.int32)
+    carry: tuple = (table_rd, slots_r, scratch, index)
+    (table_rd, slots_r, *_), _ = jax.lax.scan(piece_update, carry, (cols_pw, out_pw, offset_p))
     return table_rd, slots_r
 
 

@@ -1,11 +1,12 @@
-"""Dedupe in first-appearance order and the in-place owner sum that relies on it."""
+"""Dedupe in first-appearance order, its reusable dense index, and the in-place owner sum
+that relies on the order."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lf_jax.embedding.dedupe import unique_with_inverse
+from lf_jax.embedding.dedupe import dense_index_size, first_appearances, unique_with_inverse
 from lf_jax.embedding.exchange import sum_and_apply
 from lf_jax.embedding.sparse_optim import rowwise_adagrad
 
@@ -43,7 +44,7 @@ def test_in_place_owner_sum_matches_numpy(rows):
     opt = rowwise_adagrad(0.1)
 
     def run(table, acc, grads):
-        out, slots, _ = sum_and_apply(
+        out, slots, *_ = sum_and_apply(
             table,
             {"accumulator": acc},
             jnp.asarray(keys),
@@ -68,3 +69,30 @@ def test_in_place_owner_sum_matches_numpy(rows):
     want[touched] -= 0.1 / (np.sqrt(want_acc[touched]) + 1e-8)[:, None] * summed[touched]
     np.testing.assert_allclose(np.asarray(new_acc), want_acc, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(new), want, rtol=1e-4, atol=1e-5)
+
+
+def test_dense_index_is_handed_back_clean_and_reusable():
+    """first_appearances restores the dense index it is given to M at the keys it touched:
+    two batches through one index give the answers of fresh indexes (the local update
+    carries one index over its pieces)."""
+    rng = np.random.default_rng(2)
+    m, fill = 256, 1000
+    batches = [rng.integers(0, fill + 1, m).astype(np.int32) for _ in range(2)]
+    assert dense_index_size(m, fill) == fill + 1
+
+    def two(a, b, index):
+        *first, index = first_appearances(a, fill, index)
+        *second, index = first_appearances(b, fill, index)
+        return first, second, index
+
+    index = jnp.full((fill + 1,), m, jnp.int32)
+    first, second, index = jax.jit(two)(*map(jnp.asarray, batches), index)
+    np.testing.assert_array_equal(np.asarray(index), np.full(fill + 1, m))
+    for got, keys in ((first, batches[0]), (second, batches[1])):
+        want = first_appearances(jnp.asarray(keys), fill)[:3]
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+        _, first_pos = np.unique(keys, return_index=True)
+        is_first = np.zeros(m, bool)
+        is_first[first_pos] = True
+        np.testing.assert_array_equal(np.asarray(got[2]), is_first)
