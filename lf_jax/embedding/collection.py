@@ -27,7 +27,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from lf_jax.embedding import preprocess as preprocess_lib
 from lf_jax.embedding.buckets import Buckets
 from lf_jax.embedding.huge_pages import back_with_huge_pages
-from lf_jax.embedding.lookup import GroupRoute, group_forward, group_layout
+from lf_jax.embedding.lookup import (
+    GroupRoute,
+    combiner_coefficients,
+    group_forward,
+    group_layout,
+    group_routing,
+)
 from lf_jax.embedding.plan import validate_plan
 from lf_jax.embedding.sharding.layout import Group, build_layout
 from lf_jax.embedding.spec import FeatureSpec, TableSpec, validate_specs
@@ -298,17 +304,6 @@ class EmbeddingCollection:
         sharding = self.batch_sharding(leading_dims)
         return jax.tree.map(lambda x: jax.device_put(x, sharding), batch)
 
-    def _coefs(self, batch: SparseBatch) -> dict[str, jax.Array]:
-        coefs = {}
-        for name, feature in self.features.items():
-            w = jnp.where(batch.ids[name] >= 0, batch.weights[name], 0.0)
-            if feature.combiner == "mean":
-                w = w / jnp.maximum(jnp.sum(w, axis=-1, keepdims=True), 1e-12)
-            elif feature.combiner == "sqrtn":
-                w = w / jnp.maximum(jnp.sqrt(jnp.sum(w * w, axis=-1, keepdims=True)), 1e-12)
-            coefs[name] = w
-        return coefs
-
     # ----- lookup and update ----------------------------------------------------------------
     def routing(self, batch: SparseBatch) -> dict[str, Buckets]:
         """The exchange layout (dedupe + owner buckets) of ``batch``'s ids for every group
@@ -321,7 +316,7 @@ class EmbeddingCollection:
             >>> acts = coll.lookup(state["tables"], batch, routing)
             >>> state = coll.apply_gradients(state, batch, g_acts, routing=routing)
         """
-        coefs = self._coefs(batch)
+        coefs = combiner_coefficients(self.features, batch)
         return {
             route.group.name: group_layout(self.mesh, route, *route.entries(batch.ids, coefs)[:2])
             for route in self.routes
@@ -336,7 +331,7 @@ class EmbeddingCollection:
     ) -> dict[str, jax.Array]:
         """Activations per feature: pooled [B, D] or sequence [B, max_ids, D] (float32).
         ``routing``: ``self.routing(batch)``, to share with ``apply_gradients``."""
-        coefs = self._coefs(batch)
+        coefs = combiner_coefficients(self.features, batch)
         parts: dict[str, list] = {}
         for route in self.routes:
             if not route.blocks:
@@ -349,7 +344,7 @@ class EmbeddingCollection:
                 slot_be,
                 local_be,
                 coef_be,
-                _group_routing(routing, route),
+                group_routing(routing, route),
             )
             for block, value in route.split_output(out_bcd).items():
                 parts.setdefault(block.feature, []).append((block.piece.col_start, value))
@@ -380,7 +375,7 @@ class EmbeddingCollection:
         if not microbatched:
             batch = jax.tree.map(lambda x: x[None], batch)
             activation_grads = jax.tree.map(lambda x: x[None], dict(activation_grads))
-        coefs = self._coefs(batch)
+        coefs = combiner_coefficients(self.features, batch)
         step = state["step"] + 1
         tables, slots = dict(state["tables"]), dict(state["slots"])
         for route in self.routes:
@@ -398,18 +393,6 @@ class EmbeddingCollection:
                 coef_kbe,
                 route.join_gradients(activation_grads),
                 step,
-                layout=_group_routing(routing, route),
+                layout=group_routing(routing, route),
             )
         return {"tables": tables, "slots": slots, "step": step}
-
-
-def _group_routing(routing: Mapping[str, Buckets] | None, route: GroupRoute) -> Buckets | None:
-    """The group's layout from ``EmbeddingCollection.routing`` (None: build it)."""
-    if routing is None or route.group.num_slots == 1:
-        return None
-    if route.group.name not in routing:
-        raise UserInputError(
-            f"routing has no layout for shard group '{route.group.name}' (it has "
-            f"{sorted(routing)}): build it with this collection's routing(batch)"
-        )
-    return routing[route.group.name]

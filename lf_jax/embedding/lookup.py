@@ -52,6 +52,8 @@ from lf_jax.embedding.exchange import (
 )
 from lf_jax.embedding.sharding.layout import Group
 from lf_jax.embedding.sharding.piece import Piece
+from lf_jax.embedding.spec import FeatureSpec
+from lf_jax.errors import UserInputError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,3 +285,30 @@ def group_forward(
         in_specs=(group.partition_spec(None, None), entry_spec, entry_spec, entry_spec, entry_spec),
         check_vma=False,
     )(stored_srd, slot_be, local_be, coef_be, layout)
+
+
+def combiner_coefficients(features: Mapping[str, FeatureSpec], batch) -> dict[str, jax.Array]:
+    """Each feature's per-id pooling coefficients [B, max_ids] (or [k, B, max_ids]) from the
+    batch's weights and the feature's combiner: sum = the weights, mean = weights / their
+    sum, sqrtn = weights / their L2 norm; padded ids (-1) get 0."""
+    coefs = {}
+    for name, feature in features.items():
+        w = jnp.where(batch.ids[name] >= 0, batch.weights[name], 0.0)
+        if feature.combiner == "mean":
+            w = w / jnp.maximum(jnp.sum(w, axis=-1, keepdims=True), 1e-12)
+        elif feature.combiner == "sqrtn":
+            w = w / jnp.maximum(jnp.sqrt(jnp.sum(w * w, axis=-1, keepdims=True)), 1e-12)
+        coefs[name] = w
+    return coefs
+
+
+def group_routing(routing: Mapping[str, Buckets] | None, route: GroupRoute) -> Buckets | None:
+    """The group's layout from ``EmbeddingCollection.routing`` (None: build it)."""
+    if routing is None or route.group.num_slots == 1:
+        return None
+    if route.group.name not in routing:
+        raise UserInputError(
+            f"routing has no layout for shard group '{route.group.name}' (it has "
+            f"{sorted(routing)}): build it with this collection's routing(batch)"
+        )
+    return routing[route.group.name]
