@@ -25,6 +25,7 @@ import asyncio
 import concurrent.futures
 import json
 import threading
+from http import HTTPStatus
 
 import jax
 import tornado.httpserver
@@ -84,7 +85,7 @@ def parse_request(stage: str, raw: bytes) -> Request:
 class _Exchange(httputil.HTTPMessageDelegate):
     """One request on a keep-alive connection: its body is collected, then ``_API.route``
     answers it. A bare tornado ``HTTPServer`` delegate (no ``web.Application`` routing,
-    ``RequestHandler`` set-up or coroutine per request): ~0.9 ms less HTTP-thread CPU
+    ``RequestHandler`` set-up or coroutine per request): ~0.4 ms less HTTP-thread CPU
     per request than the ``RequestHandler`` path (bench/BENCHMARKS.md)."""
 
     def __init__(self, api: "_API", connection: httputil.HTTPConnection):
@@ -103,39 +104,38 @@ class _Exchange(httputil.HTTPMessageDelegate):
         try:
             self.api.route(self, b"".join(self.chunks))
         except Exception as error:  # never a crash: the reason goes back as a 500
-            get_logger().exception("serving failed")
-            self.answer(500, {"error": f"{type(error).__name__}: {error}"})
+            self.fail(error)
 
     def answer(self, status: int, payload: dict) -> None:
         body = json.dumps(payload).encode()
         headers = httputil.HTTPHeaders(
             {"Content-Type": "application/json", "Content-Length": str(len(body))}
         )
-        start_line = httputil.ResponseStartLine("HTTP/1.1", status, _REASONS[status])
-        self.connection.write_headers(start_line, headers, body)
+        start_line = httputil.ResponseStartLine("HTTP/1.1", status, HTTPStatus(status).phrase)
+        self.connection.write_headers(start_line, headers, body if self.method != "HEAD" else None)
         self.connection.finish()
 
-    def on_stage_done(self, future: concurrent.futures.Future) -> None:
-        """Answers a stage request once the serving worker resolved ``future`` (loop thread)."""
-        error = future.exception()
-        if error is None:
-            self.answer(200, future.result())
-        elif isinstance(error, RequestError):
-            self.answer(error.status, {"error": str(error)})
-        else:  # never a crash: the reason goes back as a 500
-            get_logger().error("serving failed", exc_info=error)
-            self.answer(500, {"error": f"{type(error).__name__}: {error}"})
+    def fail(self, error: BaseException) -> None:
+        get_logger().error("serving failed", exc_info=error)
+        self.answer(500, {"error": f"{type(error).__name__}: {error}"})
 
-    def on_reload_done(self, future: asyncio.Future) -> None:
-        error = future.exception()
-        if error is None:
-            self.answer(200, future.result())
-        else:  # a bad version never stops the one serving
-            self.answer(400, {"error": f"cannot load version: {error}"})
+    def on_done(self, future: concurrent.futures.Future | asyncio.Future, reload: bool) -> None:
+        """Answers from ``future`` once resolved: the serving worker's (a stage) or the
+        executor's (a reload); runs on the loop thread."""
+        try:
+            error = future.exception()
+            if error is None:
+                self.answer(200, future.result())
+            elif isinstance(error, RequestError):
+                self.answer(error.status, {"error": str(error)})
+            elif reload:  # a bad version never stops the one serving
+                self.answer(400, {"error": f"cannot load version: {error}"})
+            else:
+                self.fail(error)
+        except Exception as error:  # e.g. an answer json cannot write: a 500, not a hang
+            self.fail(error)
 
 
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
-_REASONS[500] = "Internal Server Error"
 _METHODS = {
     "/v1/retrieve": "POST",
     "/v1/rank": "POST",
@@ -178,7 +178,7 @@ class _API(httputil.HTTPServerConnectionDelegate):
             return exchange.answer(error.status, {"error": str(error)})
         loop = asyncio.get_running_loop()
         future.add_done_callback(
-            lambda done: loop.call_soon_threadsafe(exchange.on_stage_done, done)
+            lambda done: loop.call_soon_threadsafe(exchange.on_done, done, False)
         )
 
     def reload(self, exchange: _Exchange, body: bytes) -> None:
@@ -190,7 +190,7 @@ class _API(httputil.HTTPServerConnectionDelegate):
         if name is not None and not isinstance(name, str):
             return exchange.answer(400, {"error": f"version must be a string, got {name!r}"})
         future = asyncio.get_running_loop().run_in_executor(None, self.service.swap, name)
-        future.add_done_callback(exchange.on_reload_done)
+        future.add_done_callback(lambda done: exchange.on_done(done, True))
 
 
 def watch_current(service: Service, poll_s: float, stop: threading.Event) -> None:
