@@ -25,9 +25,11 @@ import asyncio
 import concurrent.futures
 import json
 import threading
+from http import HTTPStatus
 
 import jax
-import tornado.web
+import tornado.httpserver
+from tornado import httputil
 
 from lf_jax.console import get_logger
 from lf_jax.serving.service import Request, RequestError, Service, read_current
@@ -66,7 +68,8 @@ def parse_request(stage: str, raw: bytes) -> Request:
     request = Request(stage, member)
     if stage == "rank":
         posts = body.get("post_ids")
-        if not isinstance(posts, list) or not all(isinstance(p, str) and p for p in posts):
+        # map over the type check: ~0.1 ms less than a generator for 2,000 ids
+        if not isinstance(posts, list) or not all(map(str.__instancecheck__, posts)) or "" in posts:
             raise RequestError("post_ids must be a list of non-empty strings")
         request.post_ids = posts
     else:
@@ -79,82 +82,115 @@ def parse_request(stage: str, raw: bytes) -> Request:
     return request
 
 
-class _Handler(tornado.web.RequestHandler):
-    def initialize(self, service: Service):
+class _Exchange(httputil.HTTPMessageDelegate):
+    """One request on a keep-alive connection: its body is collected, then ``_API.route``
+    answers it. A bare tornado ``HTTPServer`` delegate (no ``web.Application`` routing,
+    ``RequestHandler`` set-up or coroutine per request): ~0.4 ms less HTTP-thread CPU
+    per request than the ``RequestHandler`` path (bench/BENCHMARKS.md)."""
+
+    def __init__(self, api: "_API", connection: httputil.HTTPConnection):
+        self.api, self.connection = api, connection
+        self.method, self.path = "GET", "/"
+        self.chunks: list[bytes] = []
+
+    def headers_received(self, start_line, headers) -> None:
+        assert isinstance(start_line, httputil.RequestStartLine)
+        self.method, self.path = start_line.method, start_line.path.split("?", 1)[0]
+
+    def data_received(self, chunk: bytes) -> None:
+        self.chunks.append(chunk)
+
+    def finish(self) -> None:
+        try:
+            self.api.route(self, b"".join(self.chunks))
+        except Exception as error:  # never a crash: the reason goes back as a 500
+            self.fail(error)
+
+    def answer(self, status: int, payload: dict) -> None:
+        body = json.dumps(payload).encode()
+        headers = httputil.HTTPHeaders(
+            {"Content-Type": "application/json", "Content-Length": str(len(body))}
+        )
+        start_line = httputil.ResponseStartLine("HTTP/1.1", status, HTTPStatus(status).phrase)
+        self.connection.write_headers(start_line, headers, body if self.method != "HEAD" else None)
+        self.connection.finish()
+
+    def fail(self, error: BaseException) -> None:
+        get_logger().error("serving failed", exc_info=error)
+        self.answer(500, {"error": f"{type(error).__name__}: {error}"})
+
+    def on_done(self, future: concurrent.futures.Future | asyncio.Future, reload: bool) -> None:
+        """Answers from ``future`` once resolved: the serving worker's (a stage) or the
+        executor's (a reload); runs on the loop thread."""
+        try:
+            error = future.exception()
+            if error is None:
+                self.answer(200, future.result())
+            elif isinstance(error, RequestError):
+                self.answer(error.status, {"error": str(error)})
+            elif reload:  # a bad version never stops the one serving
+                self.answer(400, {"error": f"cannot load version: {error}"})
+            else:
+                self.fail(error)
+        except Exception as error:  # e.g. an answer json cannot write: a 500, not a hang
+            self.fail(error)
+
+
+_METHODS = {
+    "/v1/retrieve": "POST",
+    "/v1/rank": "POST",
+    "/v1/feed": "POST",
+    "/v1/reload": "POST",
+    "/healthz": "GET",
+    "/metrics": "GET",
+}
+
+
+class _API(httputil.HTTPServerConnectionDelegate):
+    """The routes over ``service`` (module docstring); runs on the HTTP loop thread. A stage
+    request is parsed here, queued for the serving worker, and answered from the worker's
+    future through ``loop.call_soon_threadsafe`` (one wake-up of the loop per answer)."""
+
+    def __init__(self, service: Service):
         self.service = service
 
-    def write_error(self, status_code: int, **kwargs) -> None:
-        reason = self._reason
-        if "exc_info" in kwargs and isinstance(kwargs["exc_info"][1], tornado.web.HTTPError):
-            reason = kwargs["exc_info"][1].log_message or reason
-        self.finish({"error": reason})
+    def start_request(self, server_conn, request_conn) -> _Exchange:
+        return _Exchange(self, request_conn)
 
-    def _answer(self, status: int, payload: dict) -> None:
-        self.set_status(status)
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps(payload))
-
-
-class StageHandler(_Handler):
-    async def post(self, stage: str):
+    def route(self, exchange: _Exchange, body: bytes) -> None:
+        path, method = exchange.path, exchange.method
+        expected = _METHODS.get(path)
+        if expected is None:
+            return exchange.answer(404, {"error": f"no such path {path!r}"})
+        if method != expected:
+            return exchange.answer(405, {"error": f"{path} takes {expected}, got {method}"})
+        if path == "/healthz":
+            current = self.service.current
+            payload = {"status": "ok", "version": current.name, "stages": current.stages()}
+            return exchange.answer(200, payload)
+        if path == "/metrics":
+            return exchange.answer(200, self.service.metrics())
+        if path == "/v1/reload":
+            return self.reload(exchange, body)
         try:
-            request = parse_request(stage, self.request.body)
-            future = self.service.submit(request)
-            result = await asyncio.wrap_future(future)
+            future = self.service.submit(parse_request(path[4:], body))
         except RequestError as error:
-            return self._answer(error.status, {"error": str(error)})
-        except Exception as error:  # never a crash: the reason goes back as a 500
-            get_logger().exception("serving failed")
-            return self._answer(500, {"error": f"{type(error).__name__}: {error}"})
-        self._answer(200, result)
+            return exchange.answer(error.status, {"error": str(error)})
+        loop = asyncio.get_running_loop()
+        future.add_done_callback(
+            lambda done: loop.call_soon_threadsafe(exchange.on_done, done, False)
+        )
 
-
-class HealthHandler(_Handler):
-    def get(self):
-        current = self.service.current
-        self._answer(200, {"status": "ok", "version": current.name, "stages": current.stages()})
-
-
-class MetricsHandler(_Handler):
-    def get(self):
-        self._answer(200, self.service.metrics())
-
-
-class ReloadHandler(_Handler):
-    async def post(self):
+    def reload(self, exchange: _Exchange, body: bytes) -> None:
         try:
-            body = json.loads(self.request.body or b"{}")
-            name = body.get("version") if isinstance(body, dict) else None
-            if name is not None and not isinstance(name, str):
-                raise RequestError(f"version must be a string, got {name!r}")
-            loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(None, self.service.swap, name)
-        except json.JSONDecodeError as error:
-            return self._answer(400, {"error": f"body is not valid JSON: {error}"})
-        except RequestError as error:
-            return self._answer(error.status, {"error": str(error)})
-        except Exception as error:  # a bad version never stops the one serving
-            return self._answer(400, {"error": f"cannot load version: {error}"})
-        self._answer(200, result)
-
-
-class NotFoundHandler(_Handler):
-    def prepare(self):
-        self._answer(404, {"error": f"no such path {self.request.path!r}"})
-
-
-def make_app(service: Service) -> tornado.web.Application:
-    args = {"service": service}
-    return tornado.web.Application(
-        [
-            (r"/v1/(retrieve|rank|feed)", StageHandler, args),
-            (r"/v1/reload", ReloadHandler, args),
-            (r"/healthz", HealthHandler, args),
-            (r"/metrics", MetricsHandler, args),
-        ],
-        default_handler_class=NotFoundHandler,
-        default_handler_args=args,
-    )
+            parsed = json.loads(body or b"{}")
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            return exchange.answer(400, {"error": f"body is not valid JSON: {error}"})
+        name = parsed.get("version") if isinstance(parsed, dict) else None
+        if name is not None and not isinstance(name, str):
+            return exchange.answer(400, {"error": f"version must be a string, got {name!r}"})
+        future = asyncio.get_running_loop().run_in_executor(None, self.service.swap, name)
+        future.add_done_callback(lambda done: exchange.on_done(done, True))
 
 
 def watch_current(service: Service, poll_s: float, stop: threading.Event) -> None:
@@ -176,7 +212,8 @@ def watch_current(service: Service, poll_s: float, stop: threading.Event) -> Non
 
 async def serve(service: Service, host: str, port: int, poll_s: float, ready=None) -> None:
     """Runs the server until cancelled; ``ready(port)`` is called once it listens."""
-    server = make_app(service).listen(port, host, max_body_size=MAX_BODY_BYTES)
+    server = tornado.httpserver.HTTPServer(_API(service), max_body_size=MAX_BODY_BYTES)
+    server.listen(port, host)
     stop = threading.Event()
     watcher = threading.Thread(
         target=watch_current, args=(service, poll_s, stop), name="lf_jax-watch", daemon=True

@@ -63,6 +63,8 @@ def test_rank_health_and_metrics(server):
         ("/v1/rank", [1, 2], 400, "must be a JSON object"),
         ("/v1/rank", {"post_ids": ["p1"]}, 400, "member_id must be a non-empty string"),
         ("/v1/rank", {"member_id": "m1", "post_ids": "p1"}, 400, "post_ids must be a list"),
+        ("/v1/rank", {"member_id": "m1", "post_ids": ["p1", 3]}, 400, "post_ids must be a list"),
+        ("/v1/rank", {"member_id": "m1", "post_ids": ["p1", ""]}, 400, "post_ids must be a list"),
         ("/v1/rank", {"member_id": "m1", "post_ids": ["p1"], "x": 1}, 400, "unknown field"),
         ("/v1/rank", {"member_id": "m1", "post_ids": []}, 400, "1 to 64 posts, got 0"),
         ("/v1/rank", {"member_id": "m1", "post_ids": ["p1"] * 2}, 400, "must not repeat"),
@@ -73,6 +75,7 @@ def test_rank_health_and_metrics(server):
         ("/v1/feed", {"member_id": "m1", "k": 5}, 404, "stage 'feed' is not served"),
         ("/v1/retrieve", {"member_id": "m1"}, 400, "k (candidates to retrieve) is required"),
         ("/v2/rank", {}, 404, "no such path"),
+        ("/healthz", {}, 405, "/healthz takes GET, got POST"),
     ],
 )
 def test_bad_requests_get_a_4xx_with_the_reason(server, path, body, status, reason):
