@@ -35,6 +35,7 @@ from lf_jax.console import get_logger
 from lf_jax.embedding.collection import EmbeddingCollection
 from lf_jax.embedding.dynamic.checkpoint import rehash_logical
 from lf_jax.embedding.dynamic.tables import DynamicTables
+from lf_jax.embedding.huge_pages import back_with_huge_pages
 from lf_jax.errors import LfJaxError, UserInputError
 from lf_jax.train.checkpoint_errors import (
     CheckpointError,
@@ -371,6 +372,8 @@ class Checkpointer:
         state["embedding"] = jax.jit(collection.from_logical, out_shardings=embedding_shardings)(
             logical
         )
+        # like EmbeddingCollection.init: a resumed CPU run's tables on 2 MiB pages too
+        back_with_huge_pages((state["embedding"]["tables"], state["embedding"]["slots"]))
         return state, dict(restored["data"] or {})
 
     def wait(self) -> None:
