@@ -79,9 +79,9 @@ def assert_same(dyn_a, state_a, dyn_b, state_b):
     np.testing.assert_allclose(a["slots"]["accumulator"], b["slots"]["accumulator"], rtol=1e-6)
     assert a["last"].tolist() == b["last"].tolist() and a["freq"].tolist() == b["freq"].tolist()
     user_a = dyn_a.collection.logical_tables(state_a["embedding"])["user"]
-    np.testing.assert_allclose(
-        user_a, dyn_b.collection.logical_tables(state_b["embedding"])["user"]
-    )
+    user_b = dyn_b.collection.logical_tables(state_b["embedding"])["user"]
+    # the static table's owners sum a row's gradients in the order senders' rows arrive
+    np.testing.assert_allclose(user_a, user_b, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.slow
