@@ -55,24 +55,12 @@ def xla_compilation_cache(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=_schedule_rank)  # stable: collection order within each rank
     if any(device.platform == "gpu" for device in jax.devices()):
         return
     skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
-
-
-def _schedule_rank(item) -> int:
-    """Tests marked ``slow`` run first, so xdist's workers share them out and finish on
-    short tests instead of one worker running a long test alone at the end: first the slow
-    tests that do not read the tiny feed_logs build (they run while it is built), then the
-    slow ones that do, then the rest. Every worker sorts the same collection the same way,
-    as xdist requires."""
-    if "slow" not in item.keywords:
-        return 2
-    return 1 if "feed_builder" in item.fixturenames else 0
 
 
 # The tiny feed_logs dataset, built offline once per test run: the first xdist worker
