@@ -71,8 +71,8 @@ def apply_entries(
     later_m = valid_m & ~is_first_m
     shared_u = jnp.zeros((m,), bool).at[jnp.where(later_m, inverse_m, m)].set(True, mode="drop")
     dup_u = running_count(shared_u) - 1  # the scratch row of a shared key
-    first_u = (
-        jnp.zeros((m,), jnp.int32).at[jnp.where(is_first_m, inverse_m, m)].set(pos_m, mode="drop")
+    first_u = jnp.zeros((m,), jnp.int32).at[jnp.where(is_first_m, inverse_m, m)].set(
+        pos_m, mode="drop"
     )
     summed_m = valid_m & shared_u[inverse_m]  # entries whose key needs the scratch
     order_m = jnp.where(summed_m, running_count(summed_m) - 1, padded)
