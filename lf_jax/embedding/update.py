@@ -28,9 +28,14 @@ from jax.sharding import Mesh, PartitionSpec
 
 from lf_jax.embedding.buckets import Buckets, always_fits, sum_into_layout
 from lf_jax.embedding.dedupe import dense_index_size
-from lf_jax.embedding.exchange import Requests, apply_at_owners, next_round
+from lf_jax.embedding.exchange import (
+    Requests,
+    apply_at_owners,
+    chunked_size,
+    next_round,
+    sum_and_apply,
+)
 from lf_jax.embedding.lookup import GroupRoute, local_layout, shard_layout
-from lf_jax.embedding.piece_update import apply_entries, dup_rows
 
 
 def group_update(
@@ -123,14 +128,13 @@ def _update_pieces(
     """The update of a group whose rows and entries are all on this device: one piece
     (table) per iteration of a ``lax.scan`` (pieces hold disjoint rows, so each dedupes
     only the entries that read it, over its own rows), each through
-    ``piece_update.apply_entries`` (work sized to its real entries and distinct rows; a
-    key with one entry takes that entry's gradient directly; one [N / 2, D] scratch
-    buffer for the keys with several entries carried from piece to piece, N = B x the
-    widest piece's entry columns, and the dedupe's dense [rows + 1] index, restored
-    after each piece rather than filled for each). The whole group's [N, D] arrays at
-    once were 396 MB at 8 tables x 4096 x 20 ids, page-faulted afresh every step;
-    unrolled per piece, XLA scheduled every piece's zero-filled buffers first. Pieces
-    with fewer entry columns than the widest are padded with an empty column (id -1)."""
+    ``exchange.sum_and_apply`` (work sized to its real entries and distinct rows, one
+    [N, D] scratch buffer carried from piece to piece, N = B x the widest piece's entry
+    columns, and the dedupe's dense [rows + 1] index, restored after each piece rather
+    than filled for each). The whole group's [N, D] arrays at once were 396 MB at 8 tables x 4096 x
+    20 ids, page-faulted afresh every step; unrolled per piece, XLA scheduled every
+    piece's zero-filled buffers first. Pieces with fewer entry columns than the widest
+    are padded with an empty column (id -1)."""
     pieces = route.piece_columns
     width = max(cols.size for _, cols in pieces)
     empty = slot_ne.shape[1]  # index of the appended empty column
@@ -150,11 +154,11 @@ def _update_pieces(
         cols_w, out_w, offset = xs
         coef_m = coef_ne[:, cols_w].reshape(-1)
 
-        def gradient(e_k):  # entry e = n * width + w: coef x output gradient
+        def gradient(e_k, _):  # entry e = n * width + w: coef x output gradient
             source_k = (e_k // width) * num_out + out_w[e_k % width]
             return grad_cd.at[source_k].get(mode="promise_in_bounds") * coef_m[e_k][:, None]
 
-        return apply_entries(
+        return sum_and_apply(
             *carry[:2],
             (local_ne[:, cols_w] - offset).reshape(-1),
             (slot_ne[:, cols_w] >= 0).reshape(-1),
@@ -167,7 +171,7 @@ def _update_pieces(
         ), None
 
     entries = slot_ne.shape[0] * width
-    scratch = jnp.zeros((dup_rows(entries), dim), jnp.float32)
+    scratch = jnp.zeros((chunked_size(entries), dim), jnp.float32)
     size = dense_index_size(entries, fill)
     index = None if size is None else jnp.full((size,), entries, jnp.int32)
     carry: tuple = (table_rd, slots_r, scratch, index)
