@@ -19,6 +19,18 @@ import jax
 import jax.numpy as jnp
 
 
+def running_count(x_m: jax.Array) -> jax.Array:
+    """[M] int32 inclusive prefix sums of ``x_m`` (bool or int32): ``jnp.cumsum(x_m,
+    dtype=int32)`` by ``lax.associative_scan``. XLA:CPU lowers ``jnp.cumsum`` to a
+    reduce-window, ~3x slower (81,920 entries: 0.84 vs 0.28 CPU ms; 655,360: 6.6 vs 2.0
+    on this 2-core CPU); integer sums are exact either way.
+
+    Example:
+        >>> running_count(jnp.array([True, False, True]))  # [1, 1, 2]
+    """
+    return jax.lax.associative_scan(jnp.add, x_m.astype(jnp.int32))
+
+
 def position_bits(entries: int) -> int:
     """Bits of an entry position (0 .. entries - 1)."""
     return max(1, (entries - 1).bit_length())
@@ -123,7 +135,7 @@ def first_appearances(
         leader_m = leaders(keys_m)
         first_m = jnp.full((m,), m, jnp.int32).at[leader_m].min(pos_m)[leader_m]
     is_first = first_m == pos_m
-    rank_m = jnp.cumsum(is_first, dtype=jnp.int32) - 1
+    rank_m = running_count(is_first) - 1
     target = jnp.where(is_first & (keys_m < fill), rank_m, m)
     unique_u = jnp.full_like(keys_m, fill).at[target].set(keys_m, mode="drop")
     return unique_u, rank_m[first_m], is_first, index
@@ -151,7 +163,7 @@ def unique_with_inverse(
         return first_appearances(keys_m, fill)[:2]
     sorted_m = jnp.sort(keys_m)
     is_new = jnp.concatenate([jnp.ones((1,), bool), sorted_m[1:] != sorted_m[:-1]])
-    rank_m = jnp.cumsum(is_new, dtype=jnp.int32) - 1
+    rank_m = running_count(is_new) - 1
     target = jnp.where(is_new, rank_m, m)
     unique_u = jnp.full_like(keys_m, fill).at[target].set(sorted_m, mode="drop")
     if dense:  # the fill key (largest) maps to its own first slot, as searchsorted gives

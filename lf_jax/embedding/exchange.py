@@ -37,7 +37,12 @@ import math
 import jax
 import jax.numpy as jnp
 
-from lf_jax.embedding.dedupe import first_appearances, leaders, unique_with_inverse
+from lf_jax.embedding.dedupe import (
+    first_appearances,
+    leaders,
+    running_count,
+    unique_with_inverse,
+)
 from lf_jax.errors import UserInputError
 
 INT32_LIMIT = 2**31 - 1
@@ -331,7 +336,7 @@ def sum_and_apply(
     unique_u, inverse_m, is_first_m, index = first_appearances(keys_m, fill, index)
     pos_m = jnp.arange(m, dtype=jnp.int32)
     count = jnp.max(jnp.where(valid_m, inverse_m, -1)) + 1  # distinct keys' rows used
-    order_m = jnp.where(valid_m, jnp.cumsum(valid_m, dtype=jnp.int32) - 1, padded)
+    order_m = jnp.where(valid_m, running_count(valid_m) - 1, padded)
     real_k = jnp.full((padded,), m, jnp.int32).at[order_m].set(pos_m, mode="drop")
     num_real = jnp.sum(valid_m, dtype=jnp.int32)
 
