@@ -34,11 +34,10 @@ import jax
 import jax.numpy as jnp
 
 from lf_jax.embedding.dedupe import leaders, position_bits
-from lf_jax.embedding.exchange import CHUNK, chunked_size, masked_rows
+from lf_jax.embedding.exchange import CHUNK, chunked_size, owner_rows
 from lf_jax.errors import UserInputError
 
 INT32_MAX = 2**31 - 1
-STACKED_GATHERS = 16  # owners up to which fetch_one_round gathers per owner
 
 
 def check_packed_range(group_name: str, entries: int, num_slots: int) -> None:
@@ -122,15 +121,7 @@ def fetch_one_round(layout: Buckets, table_rd, axes) -> jax.Array:
     """[S * C, D] float32: the rows of ``layout.ask_sc`` from their owners, in layout
     order (entry m reads row ``layout.entry_m[m]``; empty places are 0). Only valid when
     ``layout.fits``."""
-    ask_sc = _exchange(layout.ask_sc, axes)
-    if ask_sc.shape[0] <= STACKED_GATHERS:
-        # one gather per owner, stacked: XLA:CPU splits an all_to_all's operand into one
-        # buffer per peer, and then writes each gather straight into its peer's buffer
-        # (one [S, C, D] gather was copied into them: 22 MB per device per step here)
-        got_scd = jnp.stack([masked_rows(table_rd, ask_c) for ask_c in ask_sc])
-    else:
-        got_scd = masked_rows(table_rd, ask_sc)
-    got_scd = _exchange(got_scd, axes)
+    got_scd = _exchange(owner_rows(table_rd, _exchange(layout.ask_sc, axes)), axes)
     return got_scd.reshape(-1, got_scd.shape[-1])
 
 
