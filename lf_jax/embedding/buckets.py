@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from lf_jax.embedding.dedupe import leaders, position_bits
-from lf_jax.embedding.exchange import CHUNK, chunked_size, owner_rows
+from lf_jax.embedding.exchange import CHUNK, chunked_size, exchange_blocks, owner_rows
 from lf_jax.errors import UserInputError
 
 INT32_MAX = 2**31 - 1
@@ -113,15 +113,11 @@ class Buckets:
         return cls(ask_sc, entry_m, most <= capacity)
 
 
-def _exchange(x, axes):
-    return jax.lax.all_to_all(x, axes, 0, 0, tiled=True) if axes else x
-
-
 def fetch_one_round(layout: Buckets, table_rd, axes) -> jax.Array:
     """[S * C, D] float32: the rows of ``layout.ask_sc`` from their owners, in layout
     order (entry m reads row ``layout.entry_m[m]``; empty places are 0). Only valid when
     ``layout.fits``."""
-    got_scd = _exchange(owner_rows(table_rd, _exchange(layout.ask_sc, axes)), axes)
+    got_scd = exchange_blocks(owner_rows(table_rd, exchange_blocks(layout.ask_sc, axes)), axes)
     return got_scd.reshape(-1, got_scd.shape[-1])
 
 
