@@ -3,8 +3,9 @@
 Each device sums its entries' row gradients (coef x the gradient of the entry's output
 column) per distinct row and sends them to the rows' owners, which sum them across
 senders (and replicas of the group) and apply the sparse optimizer once per row
-(exchange.sum_and_apply: work sized to the real entries and distinct rows). A group
-whose rows and entries are all on the device updates one piece (table) at a time.
+(``apply_at_owners``: ``apply_received`` without replicas, exchange.sum_and_apply with
+them; work sized to the real entries and distinct rows). A group whose rows and
+entries are all on the device updates one piece (table) at a time.
 
 One exchange round serves the step when every owner gets at most C distinct keys from
 every device (lf_jax.embedding.buckets: hash dedupe, gradients summed straight into the
