@@ -37,6 +37,8 @@ from lf_jax.embedding.dedupe import leaders, position_bits
 from lf_jax.embedding.exchange import CHUNK, chunked_size, exchange_blocks, owner_rows
 from lf_jax.errors import UserInputError
 
+STACKED_SUMS = 16  # owners up to which sum_into_layout keeps one buffer per owner
+
 INT32_MAX = 2**31 - 1
 
 
@@ -126,25 +128,39 @@ def sum_into_layout(place_m, valid_m, gradient, shape: tuple[int, int, int]) -> 
     [S * C] layout; places >= S * C are dropped).
 
     gradient(e_k) -> [K, D] float32 gradients of entries e_k. The valid entries are
-    compacted and added CHUNK at a time, so no [M, D] array is built.
+    compacted and added CHUNK at a time, so no [M, D] array is built. Up to
+    STACKED_SUMS owners, each owner's [C, D] sums are their own buffer (one scatter per
+    owner and chunk, the others' entries dropped), stacked: XLA:CPU then hands each
+    to its peer of the all_to_all without copying it out of one [S * C, D] buffer.
     """
-    size = shape[0] * shape[1]
+    owners, capacity, dim = shape
+    size = owners * capacity
     m = valid_m.shape[0]
     chunk = min(CHUNK, m)
     padded = chunked_size(m)
     pos_m = jnp.arange(m, dtype=jnp.int32)
     order_m = jnp.where(valid_m, jnp.cumsum(valid_m, dtype=jnp.int32) - 1, padded)
     real_k = jnp.full((padded,), m, jnp.int32).at[order_m].set(pos_m, mode="drop")
+    stacked = owners <= STACKED_SUMS
 
-    def add_chunk(c, sums_kd):
+    def add_chunk(c, sums):
         e_k = jax.lax.dynamic_slice(real_k, (c * chunk,), (chunk,))
         ok_k = e_k < m
         e_k = jnp.minimum(e_k, m - 1)
         place_k = jnp.where(ok_k, place_m.at[e_k].get(mode="promise_in_bounds"), size)
-        return sums_kd.at[place_k].add(gradient(e_k), mode="drop")
+        grad_kd = gradient(e_k)
+        if not stacked:
+            return sums.at[place_k].add(grad_kd, mode="drop")
+        owner_k, row_k = place_k // capacity, place_k % capacity
+        return tuple(
+            sums_cd.at[jnp.where(owner_k == s, row_k, capacity)].add(grad_kd, mode="drop")
+            for s, sums_cd in enumerate(sums)
+        )
 
     num_real = jnp.sum(valid_m, dtype=jnp.int32)
-    sums_kd = jax.lax.fori_loop(
-        0, (num_real + chunk - 1) // chunk, add_chunk, jnp.zeros((size, shape[2]), jnp.float32)
-    )
-    return sums_kd.reshape(shape)
+    trips = (num_real + chunk - 1) // chunk
+    if not stacked:
+        sums_kd = jax.lax.fori_loop(0, trips, add_chunk, jnp.zeros((size, dim), jnp.float32))
+        return sums_kd.reshape(shape)
+    zeros = tuple(jnp.zeros((capacity, dim), jnp.float32) for _ in range(owners))
+    return jnp.stack(jax.lax.fori_loop(0, trips, add_chunk, zeros))
