@@ -33,12 +33,13 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from lf_jax.embedding.dedupe import leaders, position_bits
-from lf_jax.embedding.exchange import CHUNK, chunked_size, masked_rows
+from lf_jax.embedding.dedupe import leaders, position_bits, running_count
+from lf_jax.embedding.exchange import CHUNK, chunked_size, exchange_blocks, owner_rows
 from lf_jax.errors import UserInputError
 
+STACKED_SUMS = 16  # owners up to which sum_into_layout keeps one buffer per owner
+
 INT32_MAX = 2**31 - 1
-STACKED_GATHERS = 16  # owners up to which fetch_one_round gathers per owner
 
 
 def check_packed_range(group_name: str, entries: int, num_slots: int) -> None:
@@ -114,23 +115,11 @@ class Buckets:
         return cls(ask_sc, entry_m, most <= capacity)
 
 
-def _exchange(x, axes):
-    return jax.lax.all_to_all(x, axes, 0, 0, tiled=True) if axes else x
-
-
 def fetch_one_round(layout: Buckets, table_rd, axes) -> jax.Array:
     """[S * C, D] float32: the rows of ``layout.ask_sc`` from their owners, in layout
     order (entry m reads row ``layout.entry_m[m]``; empty places are 0). Only valid when
     ``layout.fits``."""
-    ask_sc = _exchange(layout.ask_sc, axes)
-    if ask_sc.shape[0] <= STACKED_GATHERS:
-        # one gather per owner, stacked: XLA:CPU splits an all_to_all's operand into one
-        # buffer per peer, and then writes each gather straight into its peer's buffer
-        # (one [S, C, D] gather was copied into them: 22 MB per device per step here)
-        got_scd = jnp.stack([masked_rows(table_rd, ask_c) for ask_c in ask_sc])
-    else:
-        got_scd = masked_rows(table_rd, ask_sc)
-    got_scd = _exchange(got_scd, axes)
+    got_scd = exchange_blocks(owner_rows(table_rd, exchange_blocks(layout.ask_sc, axes)), axes)
     return got_scd.reshape(-1, got_scd.shape[-1])
 
 
@@ -139,25 +128,39 @@ def sum_into_layout(place_m, valid_m, gradient, shape: tuple[int, int, int]) -> 
     [S * C] layout; places >= S * C are dropped).
 
     gradient(e_k) -> [K, D] float32 gradients of entries e_k. The valid entries are
-    compacted and added CHUNK at a time, so no [M, D] array is built.
+    compacted and added CHUNK at a time, so no [M, D] array is built. Up to
+    STACKED_SUMS owners, each owner's [C, D] sums are their own buffer (one scatter per
+    owner and chunk, the others' entries dropped), stacked: XLA:CPU then hands each
+    to its peer of the all_to_all without copying it out of one [S * C, D] buffer.
     """
-    size = shape[0] * shape[1]
+    owners, capacity, dim = shape
+    size = owners * capacity
     m = valid_m.shape[0]
     chunk = min(CHUNK, m)
     padded = chunked_size(m)
     pos_m = jnp.arange(m, dtype=jnp.int32)
-    order_m = jnp.where(valid_m, jnp.cumsum(valid_m, dtype=jnp.int32) - 1, padded)
+    order_m = jnp.where(valid_m, running_count(valid_m) - 1, padded)
     real_k = jnp.full((padded,), m, jnp.int32).at[order_m].set(pos_m, mode="drop")
+    stacked = owners <= STACKED_SUMS
 
-    def add_chunk(c, sums_kd):
+    def add_chunk(c, sums):
         e_k = jax.lax.dynamic_slice(real_k, (c * chunk,), (chunk,))
         ok_k = e_k < m
         e_k = jnp.minimum(e_k, m - 1)
         place_k = jnp.where(ok_k, place_m.at[e_k].get(mode="promise_in_bounds"), size)
-        return sums_kd.at[place_k].add(gradient(e_k), mode="drop")
+        grad_kd = gradient(e_k)
+        if not stacked:
+            return sums.at[place_k].add(grad_kd, mode="drop")
+        owner_k, row_k = place_k // capacity, place_k % capacity
+        return tuple(
+            sums_cd.at[jnp.where(owner_k == s, row_k, capacity)].add(grad_kd, mode="drop")
+            for s, sums_cd in enumerate(sums)
+        )
 
     num_real = jnp.sum(valid_m, dtype=jnp.int32)
-    sums_kd = jax.lax.fori_loop(
-        0, (num_real + chunk - 1) // chunk, add_chunk, jnp.zeros((size, shape[2]), jnp.float32)
-    )
-    return sums_kd.reshape(shape)
+    trips = (num_real + chunk - 1) // chunk
+    if not stacked:
+        sums_kd = jax.lax.fori_loop(0, trips, add_chunk, jnp.zeros((size, dim), jnp.float32))
+        return sums_kd.reshape(shape)
+    zeros = tuple(jnp.zeros((capacity, dim), jnp.float32) for _ in range(owners))
+    return jnp.stack(jax.lax.fori_loop(0, trips, add_chunk, zeros))

@@ -3,8 +3,9 @@
 Each device sums its entries' row gradients (coef x the gradient of the entry's output
 column) per distinct row and sends them to the rows' owners, which sum them across
 senders (and replicas of the group) and apply the sparse optimizer once per row
-(exchange.sum_and_apply: work sized to the real entries and distinct rows). A group
-whose rows and entries are all on the device updates one piece (table) at a time.
+(``apply_at_owners``: ``apply_received`` without replicas, exchange.sum_and_apply with
+them; work sized to the real entries and distinct rows). A group whose rows and
+entries are all on the device updates one piece (table) at a time.
 
 One exchange round serves the step when every owner gets at most C distinct keys from
 every device (lf_jax.embedding.buckets: hash dedupe, gradients summed straight into the
@@ -27,11 +28,12 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from lf_jax.embedding.buckets import Buckets, always_fits, sum_into_layout
-from lf_jax.embedding.dedupe import dense_index_size
+from lf_jax.embedding.dedupe import dense_index_size, leaders, running_count
 from lf_jax.embedding.exchange import (
     Requests,
-    apply_at_owners,
+    apply_rows,
     chunked_size,
+    exchange_blocks,
     next_round,
     sum_and_apply,
 )
@@ -242,3 +244,73 @@ def _push_entries(
 
     state = (requests.start_s, jnp.int32(1), table_rd, slots_r)
     return jax.lax.while_loop(lambda s: s[1] > 0, exchange_round, state)[2:]
+
+
+def apply_at_owners(row_sc, grad_scd, table_rd, slots_r: dict, optimizer, step, axes, replica_axes):
+    """One round's [S, C] rows (``rows`` = table rows for empty places) and their
+    gradients [S, C, D] go to their owners (all_to_all over ``axes``, then gathered
+    over ``replica_axes``); each owner sums them per row across senders and applies
+    ``optimizer`` once per row. Returns (table, slots)."""
+    rows = table_rd.shape[0]
+    if axes:
+        row_sc, grad_scd = exchange_blocks(row_sc, axes), exchange_blocks(grad_scd, axes)
+    if replica_axes:
+        row_sc = jax.lax.all_gather(row_sc, replica_axes, axis=0, tiled=True)
+        grad_scd = jax.lax.all_gather(grad_scd, replica_axes, axis=0, tiled=True)
+    row_k = row_sc.reshape(-1)
+    grad_kd = grad_scd.reshape(row_k.size, -1)
+    if axes and not replica_axes:  # S senders: add duplicates into one place, apply all
+        return apply_received(table_rd, slots_r, row_k, grad_kd, optimizer, step)
+    if replica_axes:  # every replica's senders: sum per row in place, in chunks
+        table_rd, slots_r, *_ = sum_and_apply(
+            table_rd,
+            slots_r,
+            row_k,
+            row_k < rows,
+            lambda e_k, sums_kd: sums_kd.at[e_k].get(mode="promise_in_bounds"),
+            rows,
+            0,
+            optimizer,
+            step,
+            grad_kd,
+        )
+        return table_rd, slots_r
+    # this device's own unique keys: already one gradient per row
+    return apply_rows(table_rd, slots_r, row_k, grad_kd, optimizer, step)
+
+
+DUP_CHUNK = 1024  # duplicate rows per iteration of apply_received's loop
+
+
+def apply_received(table_rd, slots_r: dict, row_k, grad_kd, optimizer, step):
+    """The owner's update from the [K] rows (``rows`` = table rows for empty places) and
+    [K, D] gradients its S senders sent (K = S x C): each row's gradients are added into
+    one of its places (its ``leaders`` entry) and ``optimizer`` is applied at those
+    places, all K at once (the others are padding to ``apply_rows``). No compaction:
+    senders send distinct rows, so duplicates are few (one per extra sender of a row);
+    they are added DUP_CHUNK at a time, work sized to their count. (One scatter-add of
+    the whole [K, D] buffer into itself cost XLA:CPU two extra copies of it.)
+    Returns (table, slots)."""
+    rows, size = table_rd.shape[0], row_k.shape[0]
+    valid_k = row_k < rows
+    pos_k = jnp.arange(size, dtype=jnp.int32)
+    leader_k = leaders(jnp.where(valid_k, row_k, rows))
+    dup_k = valid_k & (leader_k != pos_k)
+    chunk = min(DUP_CHUNK, size)
+    padded = -(-size // chunk) * chunk
+    order_k = jnp.where(dup_k, running_count(dup_k) - 1, padded)
+    dups_k = jnp.full((padded,), size, jnp.int32).at[order_k].set(pos_k, mode="drop")
+
+    def add_dups(c, grad_kd):  # duplicates are never leaders: their rows stay unchanged
+        from_k = jax.lax.dynamic_slice(dups_k, (c * chunk,), (chunk,))
+        to_k = jnp.where(
+            from_k < size,
+            leader_k.at[jnp.minimum(from_k, size - 1)].get(mode="promise_in_bounds"),
+            size,
+        )
+        return grad_kd.at[to_k].add(grad_kd.at[from_k].get(mode="clip"), mode="drop")
+
+    num_dups = jnp.sum(dup_k, dtype=jnp.int32)
+    grad_kd = jax.lax.fori_loop(0, (num_dups + chunk - 1) // chunk, add_dups, grad_kd)
+    row_k = jnp.where(valid_k & ~dup_k, row_k, rows)
+    return apply_rows(table_rd, slots_r, row_k, grad_kd, optimizer, step)

@@ -146,3 +146,59 @@ def collective_counts(fn: Callable, *args, **kwargs) -> dict[str, int]:
     callable (wrapped in jax.jit). Compiles but does not run it.
     """
     return count_collectives(compiled_text(fn, *args, **kwargs))
+
+
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) .*\{$")
+_INSTRUCTION = re.compile(r"^(?:ROOT )?%([\w.\-]+) = (.+?) ([\w\-]+)\(")
+_MOVES_DATA = {"parameter", "bitcast", "slice", "constant", "broadcast", "iota", "tuple"}
+
+
+def _elements(shape: str) -> int:
+    dims = _SHAPE.search(shape)
+    count = 1
+    for dim in filter(None, dims.group(2).split(",") if dims else ()):
+        count *= int(dim)
+    return count
+
+
+def all_to_all_overcounted_producers(hlo_text: str) -> list[str]:
+    """Fusions feeding an all-to-all operand that compute on more elements than they
+    output, as ``"fusion: opcode shape"`` lines.
+
+    XLA:CPU splits an all-to-all's operand into one buffer per peer, and a fusion that
+    produces one peer's slice may hold the whole operand's elementwise producer followed
+    by a slice. It computes only the slice, but ``cost_analysis`` counts the whole
+    producer once per peer (S x the operand's flops: the per-device flops grew with the
+    device count). Data moves (parameters, bitcasts, slices, broadcasts) are not counted.
+    """
+    bodies: dict[str, list[tuple[str, str, str]]] = {}
+    fusions: dict[str, tuple[str, str]] = {}  # instruction -> (result shape, computation)
+    current = None
+    for line in hlo_text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header:
+            current = bodies.setdefault(header.group(1), [])
+            continue
+        parsed = _INSTRUCTION.match(line.strip())
+        if current is None or not parsed:
+            continue
+        name, shape, opcode = parsed.groups()
+        current.append((name, shape, opcode))
+        called = re.search(r"calls=%([\w.\-]+)", line)
+        if opcode == "fusion" and called:
+            fusions[name] = (shape, called.group(1))
+    found = []
+    for op in parse_collectives(hlo_text):
+        if op.kind != "all-to-all":
+            continue
+        operands = op.line.split("all-to-all(", 1)[1].split("), ")[0]
+        for operand in re.findall(r"%([\w.\-]+)", operands):
+            if operand not in fusions:
+                continue
+            shape, computation = fusions[operand]
+            found += [
+                f"{operand}: {opcode} {inner}"
+                for _, inner, opcode in bodies.get(computation, [])
+                if opcode not in _MOVES_DATA and _elements(inner) > _elements(shape)
+            ]
+    return found
