@@ -43,20 +43,29 @@ from lf_jax.embedding.dynamic.layout import TableLayout
 from lf_jax.embedding.exchange import capacity_for
 
 
-def reset_inserted(layout: TableLayout, stored, opt_slots, slot_init, new_n, slot_n, hi_n, lo_n):
+def reset_inserted(
+    layout: TableLayout, stored, opt_slots, slot_init, new_n, slot_n, hi_n, lo_n, chunk=None
+):
     """(stored, opt_slots) with the rows of the keys ``new_n`` [N] inserted at ``slot_n``
     [N] reset to their initial rows (``initial_rows``, a function of the key) and the
     optimizer slots to their initial values. A step inserts few of its keys once the
-    table is warm: the new keys are packed into N // 8 entries (one cumsum, one scatter)
-    and only those get rows computed and written; a step with more takes the [N] branch
-    of a ``lax.switch``, with the same result; a step inserting none writes nothing."""
+    table is warm: the new keys are packed, ``chunk`` at a time (default N // 8), by
+    their rank among the new ones (one cumsum), and only those get rows computed and
+    written, in a ``while_loop`` of ceil(new keys / chunk) rounds (none when no key is
+    new). The table and slots are updated in place: no branch of a ``cond`` holds them,
+    so XLA copies neither."""
     spec, group, piece = layout.spec, layout.group, layout.piece
     n = new_n.shape[0]
+    chunk = max(1, n // 8) if chunk is None else min(chunk, n)
+    rank_n = jnp.where(new_n, jnp.cumsum(new_n, dtype=jnp.int32) - 1, -1)
+    count = jnp.sum(new_n, dtype=jnp.int32)
 
-    def reset(width, stored, opt_slots):
-        target = jnp.where(new_n, jnp.cumsum(new_n, dtype=jnp.int32) - 1, width)
+    def reset(carry):
+        start, stored, opt_slots = carry
+        within_n = rank_n - start
+        target = jnp.where((within_n >= 0) & (within_n < chunk), within_n, chunk)
         pick = (
-            jnp.full((width,), n, jnp.int32)
+            jnp.full((chunk,), n, jnp.int32)
             .at[target]
             .set(jnp.arange(n, dtype=jnp.int32), mode="drop")
         )
@@ -68,19 +77,12 @@ def reset_inserted(layout: TableLayout, stored, opt_slots, slot_init, new_n, slo
             k: v.at[0, local].set(jnp.asarray(slot_init[k], v.dtype), mode="drop")
             for k, v in opt_slots.items()
         }
-        return stored, opt_slots
+        return start + chunk, stored, opt_slots
 
-    small = n // 8
-    if small == 0:
-        return reset(n, stored, opt_slots)
-    count = jnp.sum(new_n, dtype=jnp.int32)
-    branch = jnp.where(count == 0, 0, jnp.where(count > small, 2, 1))
-    return jax.lax.switch(
-        branch,
-        [lambda s, o: (s, o), functools.partial(reset, small), functools.partial(reset, n)],
-        stored,
-        opt_slots,
+    _, stored, opt_slots = jax.lax.while_loop(
+        lambda c: c[0] < count, reset, (jnp.int32(0), stored, opt_slots)
     )
+    return stored, opt_slots
 
 
 def resolve_table(
@@ -112,9 +114,11 @@ def resolve_table(
         start = jnp.searchsorted(u_owner, jnp.arange(shards, dtype=jnp.int32))
         within = jnp.arange(m, dtype=jnp.int32) - start[jnp.minimum(u_owner, shards - 1)]
 
-        def owner_resolve(width, stored, opt_slots, table):
-            """Keys to owners through [S, width] buffers, resolved there; returns each
-            unique local key's slot at its owner (-1: none)."""
+        def owner_resolve(width, table):
+            """Keys to owners through [S, width] buffers, resolved there. Returns each
+            unique local key's slot at its owner (-1: none), the owner's new index and
+            its received keys' (slot, new, hi, lo), [S x M] each (padded with non-new
+            entries past S x width), for the rows' reset outside the ``cond``."""
 
             # hi, lo and validity in one [S, width, 3] buffer: one scatter, one all_to_all
             entries = jnp.stack([u_hi, u_lo, (u_owner < shards).astype(jnp.uint32)], axis=-1)
@@ -125,37 +129,39 @@ def resolve_table(
             )
             received = jax.lax.all_to_all(sent, axes, 0, 0, tiled=True).reshape(-1, 3)
             r_hi, r_lo, r_valid = received[:, 0], received[:, 1], received[:, 2] > 0
-            o_hi, o_lo = r_hi, r_lo
             if devices == 1:  # the one owner gets its own keys, already distinct
                 o_valid, o_inverse = r_valid, jnp.arange(r_hi.shape[0], dtype=jnp.int32)
             else:  # each key once (at its leader), in place: no compaction, no sort
                 o_inverse = key_leaders(r_hi, r_lo, r_valid)
                 o_valid = r_valid & (o_inverse == jnp.arange(r_hi.shape[0], dtype=jnp.int32))
-            slot_u, new_u, table = resolve_shard(table, o_hi, o_lo, o_valid, step, policy, insert)
+            slot_u, new_u, table = resolve_shard(table, r_hi, r_lo, o_valid, step, policy, insert)
             back = jax.lax.all_to_all(
                 slot_u[o_inverse].reshape(devices, width), axes, 0, 0, tiled=True
             )
-            if insert:  # inserted keys start from fresh rows and optimizer slots
-                stored, opt_slots = reset_inserted(
-                    layout, stored, opt_slots, slot_init, new_u, slot_u, o_hi, o_lo
-                )
             got = back.at[to_device, within].get(mode="fill", fill_value=-1)
-            return got, stored, opt_slots, table
+            if not insert:  # nothing is reset
+                return got, table, []
+            pad = devices * (m - width)
+            return got, table, [jnp.pad(x, (0, pad)) for x in (slot_u, new_u, r_hi, r_lo)]
 
         table = {k: v[0] for k, v in index.items()}
         width = capacity_for(m, 1 / shards, m)
         if width >= m:
-            got, stored, opt_slots, table = owner_resolve(m, stored, opt_slots, table)
+            got, table, owned = owner_resolve(m, table)
         else:  # the [S, width] buffers unless some device has more keys for one owner
             load = jnp.zeros((shards + 1,), jnp.int32).at[u_owner].add(1)[:shards]
             over = jax.lax.pmax((jnp.max(load) > width).astype(jnp.int32), axes)
-            got, stored, opt_slots, table = jax.lax.cond(
+            got, table, owned = jax.lax.cond(
                 over > 0,
                 functools.partial(owner_resolve, m),
                 functools.partial(owner_resolve, width),
-                stored,
-                opt_slots,
                 table,
+            )
+        if insert:  # inserted keys start from fresh rows and optimizer slots
+            slot_o, new_o, hi_o, lo_o = owned
+            chunk = max(1, devices * width // 8)  # the [S, width] buffers' eighth
+            stored, opt_slots = reset_inserted(
+                layout, stored, opt_slots, slot_init, new_o, slot_o, hi_o, lo_o, chunk
             )
         row_u = jnp.where(got >= 0, got * shards + u_owner, -1)
         ids = jnp.where(valid, row_u[inverse], -1).reshape(shape)
