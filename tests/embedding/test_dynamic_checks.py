@@ -15,7 +15,7 @@ from lf_jax.embedding.dynamic.keys import (
 )
 from lf_jax.embedding.dynamic.policy import DynamicPolicy, DynamicPolicyError
 from lf_jax.embedding.dynamic.report import explain
-from lf_jax.embedding.dynamic.resolve import reset_inserted
+from lf_jax.embedding.dynamic.resolve import new_ranks, reset_inserted
 from lf_jax.embedding.dynamic.tables import DynamicTables
 from lf_jax.embedding.sharding.piece import PlanError
 from lf_jax.embedding.sparse_optim import rowwise_adagrad
@@ -142,9 +142,9 @@ def test_step_scalars_read_counters_past_2_to_the_31():
 
 @pytest.mark.parametrize("count", [0, 3, 4, 5, 32])
 def test_reset_inserted_writes_exactly_the_new_keys(count):
-    """32 keys packed 32 // 8 = 4 new ones per round (none: no round; 4: one round, the
-    boundary; 5: two; 32: eight): the new keys' rows are their initial rows, their optimizer slots the
-    initial value, every other row untouched."""
+    """32 keys, new ones packed 32 // 8 = 4 per round (none: no round; 4: one, the
+    boundary; 5: two; 32: eight): the new keys' rows are their initial rows, their
+    optimizer slots the initial value, every other row untouched."""
     mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
     spec = TableSpec(
         name="post",
@@ -165,7 +165,9 @@ def test_reset_inserted_writes_exactly_the_new_keys(count):
     new_n[np.random.default_rng(count).choice(n, count, replace=False)] = True
     init = {"accumulator": layout.group.optimizer.slot_init("accumulator")}
     stored, slots = jax.jit(
-        lambda t, s, new, slot, h, lo_: reset_inserted(layout, t, s, init, new, slot, h, lo_)
+        lambda t, s, new, slot, h, lo_: reset_inserted(
+            layout, t, s, init, new_ranks(new), slot, h, lo_
+        )
     )(
         np.full((1, rows, 4), 7.0, np.float32),
         {"accumulator": np.full((1, rows), 5.0, np.float32)},

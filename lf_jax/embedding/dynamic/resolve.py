@@ -29,8 +29,6 @@ Example:
     ...     layout, mesh, table, opt_slots, index, [hi_bl], [lo_bl], [valid_bl], step, True)
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,22 +41,26 @@ from lf_jax.embedding.dynamic.layout import TableLayout
 from lf_jax.embedding.exchange import capacity_for
 
 
+def new_ranks(new_n):
+    """[N] int32: each new key's rank among the new keys of ``new_n`` [N] bool (entry
+    order), -1 for the others."""
+    return jnp.where(new_n, jnp.cumsum(new_n, dtype=jnp.int32) - 1, -1)
+
+
 def reset_inserted(
-    layout: TableLayout, stored, opt_slots, slot_init, new_n, slot_n, hi_n, lo_n, chunk=None
+    layout: TableLayout, stored, opt_slots, slot_init, rank_n, slot_n, hi_n, lo_n, chunk=None
 ):
-    """(stored, opt_slots) with the rows of the keys ``new_n`` [N] inserted at ``slot_n``
-    [N] reset to their initial rows (``initial_rows``, a function of the key) and the
-    optimizer slots to their initial values. A step inserts few of its keys once the
-    table is warm: the new keys are packed, ``chunk`` at a time (default N // 8), by
-    their rank among the new ones (one cumsum), and only those get rows computed and
-    written, in a ``while_loop`` of ceil(new keys / chunk) rounds (none when no key is
-    new). The table and slots are updated in place: no branch of a ``cond`` holds them,
-    so XLA copies neither."""
+    """(stored, opt_slots) with the rows of the keys inserted at ``slot_n`` [N] (those of
+    ``rank_n`` [N] >= 0, ``new_ranks``) reset to their initial rows (``initial_rows``, a
+    function of the key) and the optimizer slots to their initial values. A step inserts
+    few of its keys once the table is warm: the new keys are packed by rank, ``chunk`` at
+    a time (default N // 8), and only those get rows computed and written, in a
+    ``while_loop`` of ceil(new keys / chunk) rounds (none when no key is new). The table
+    and slots are updated in place: no branch of a ``cond`` holds them (a cond's result
+    never shares its operand's buffer: XLA would copy them)."""
     spec, group, piece = layout.spec, layout.group, layout.piece
-    n = new_n.shape[0]
+    n = rank_n.shape[0]
     chunk = max(1, n // 8) if chunk is None else min(chunk, n)
-    rank_n = jnp.where(new_n, jnp.cumsum(new_n, dtype=jnp.int32) - 1, -1)
-    count = jnp.sum(new_n, dtype=jnp.int32)
 
     def reset(carry):
         start, stored, opt_slots = carry
@@ -79,6 +81,7 @@ def reset_inserted(
         }
         return start + chunk, stored, opt_slots
 
+    count = jnp.max(rank_n) + 1
     _, stored, opt_slots = jax.lax.while_loop(
         lambda c: c[0] < count, reset, (jnp.int32(0), stored, opt_slots)
     )
@@ -104,21 +107,33 @@ def resolve_table(
     batch_spec = PartitionSpec(*([None] * (his[0].ndim - 2)), axes)
     slot_init = {k: group.optimizer.slot_init(k) for k in opt_slots}
 
-    def shard(stored, opt_slots, index, hi, lo, valid, step):
-        shape = hi.shape
-        hi, lo, valid = hi.reshape(-1), lo.reshape(-1), valid.reshape(-1)
+    def one_device(table, hi, lo, valid, step):
+        """The only device owns every key: dedupe (each key resolved at its leader
+        entry), resolve; no routing, no exchange. (ids [M], index, [(slot, rank, hi,
+        lo)] of the resolved entries, [M] each)."""
+        pos = jnp.arange(hi.shape[0], dtype=jnp.int32)
+        leader = key_leaders(hi, lo, valid)
+        slot, new, table = resolve_shard(
+            table, hi, lo, valid & (leader == pos), step, policy, insert
+        )
+        return jnp.where(valid, slot[leader], -1), table, [(slot, new_ranks(new), hi, lo)]
+
+    def routed(table, hi, lo, valid, step):
+        """Keys to their owners and back (module docstring); returns what one_device
+        does, the owners' entries in [S x width] (and [S x M]) sets."""
         m = hi.shape[0]
         owner = (key_hash(jnp, hi, lo, salt(OWNER_SALT, policy.seed)) % shards).astype(jnp.int32)
         (u_owner, u_hi, u_lo), inverse = group_by_owner(owner, hi, lo, valid, shards)
         to_device = owner_device[u_owner]  # `devices` (padding) is dropped by the scatters
-        start = jnp.searchsorted(u_owner, jnp.arange(shards, dtype=jnp.int32))
+        load = jnp.zeros((shards + 1,), jnp.int32).at[u_owner].add(1)[:shards]
+        start = jnp.cumsum(load) - load  # u_owner ascending: each owner's first position
         within = jnp.arange(m, dtype=jnp.int32) - start[jnp.minimum(u_owner, shards - 1)]
 
         def owner_resolve(width, table):
             """Keys to owners through [S, width] buffers, resolved there. Returns each
             unique local key's slot at its owner (-1: none), the owner's new index and
-            its received keys' (slot, new, hi, lo), [S x M] each (padded with non-new
-            entries past S x width), for the rows' reset outside the ``cond``."""
+            (with ``insert``) its received keys' (slot, rank among the new, hi, lo)
+            [S x width] each, for the rows' reset outside the ``cond``."""
 
             # hi, lo and validity in one [S, width, 3] buffer: one scatter, one all_to_all
             entries = jnp.stack([u_hi, u_lo, (u_owner < shards).astype(jnp.uint32)], axis=-1)
@@ -129,43 +144,54 @@ def resolve_table(
             )
             received = jax.lax.all_to_all(sent, axes, 0, 0, tiled=True).reshape(-1, 3)
             r_hi, r_lo, r_valid = received[:, 0], received[:, 1], received[:, 2] > 0
-            if devices == 1:  # the one owner gets its own keys, already distinct
-                o_valid, o_inverse = r_valid, jnp.arange(r_hi.shape[0], dtype=jnp.int32)
-            else:  # each key once (at its leader), in place: no compaction, no sort
-                o_inverse = key_leaders(r_hi, r_lo, r_valid)
-                o_valid = r_valid & (o_inverse == jnp.arange(r_hi.shape[0], dtype=jnp.int32))
+            # each key once (at its leader), in place: no compaction, no sort
+            o_inverse = key_leaders(r_hi, r_lo, r_valid)
+            o_valid = r_valid & (o_inverse == jnp.arange(r_hi.shape[0], dtype=jnp.int32))
             slot_u, new_u, table = resolve_shard(table, r_hi, r_lo, o_valid, step, policy, insert)
             back = jax.lax.all_to_all(
                 slot_u[o_inverse].reshape(devices, width), axes, 0, 0, tiled=True
             )
             got = back.at[to_device, within].get(mode="fill", fill_value=-1)
-            if not insert:  # nothing is reset
-                return got, table, []
-            pad = devices * (m - width)
-            return got, table, [jnp.pad(x, (0, pad)) for x in (slot_u, new_u, r_hi, r_lo)]
+            return got, table, (slot_u, new_ranks(new_u), r_hi, r_lo) if insert else ()
 
-        table = {k: v[0] for k, v in index.items()}
+        def nothing_new(size):
+            """(slot, rank, hi, lo) [size] each of no new key."""
+            zeros = jnp.zeros((size,), jnp.uint32)
+            return jnp.zeros((size,), jnp.int32), jnp.full((size,), -1, jnp.int32), zeros, zeros
+
         width = capacity_for(m, 1 / shards, m)
         if width >= m:
             got, table, owned = owner_resolve(m, table)
+            owned_sets = [owned]
         else:  # the [S, width] buffers unless some device has more keys for one owner
-            load = jnp.zeros((shards + 1,), jnp.int32).at[u_owner].add(1)[:shards]
             over = jax.lax.pmax((jnp.max(load) > width).astype(jnp.int32), axes)
-            got, table, owned = jax.lax.cond(
-                over > 0,
-                functools.partial(owner_resolve, m),
-                functools.partial(owner_resolve, width),
-                table,
-            )
-        if insert:  # inserted keys start from fresh rows and optimizer slots
-            slot_o, new_o, hi_o, lo_o = owned
-            chunk = max(1, devices * width // 8)  # the [S, width] buffers' eighth
-            stored, opt_slots = reset_inserted(
-                layout, stored, opt_slots, slot_init, new_o, slot_o, hi_o, lo_o, chunk
-            )
+
+            def narrow(table):
+                got, table, owned = owner_resolve(width, table)
+                return got, table, [owned, nothing_new(devices * m) if insert else ()]
+
+            def wide(table):
+                got, table, owned = owner_resolve(m, table)
+                return got, table, [nothing_new(devices * width) if insert else (), owned]
+
+            got, table, owned_sets = jax.lax.cond(over > 0, wide, narrow, table)
         row_u = jnp.where(got >= 0, got * shards + u_owner, -1)
-        ids = jnp.where(valid, row_u[inverse], -1).reshape(shape)
-        return ids, stored, opt_slots, {k: v[None] for k, v in table.items()}
+        return jnp.where(valid, row_u[inverse], -1), table, owned_sets
+
+    def shard(stored, opt_slots, index, hi, lo, valid, step):
+        shape = hi.shape
+        hi, lo, valid = hi.reshape(-1), lo.reshape(-1), valid.reshape(-1)
+        table = {k: v[0] for k, v in index.items()}
+        resolve = one_device if devices == 1 else routed
+        ids, table, owned_sets = resolve(table, hi, lo, valid, step)
+        # an eighth of the [S, width] buffers (one device: of its entries)
+        chunk = max(1, owned_sets[0][0].shape[0] // 8) if insert else 1
+        for slot_o, rank_o, hi_o, lo_o in owned_sets if insert else ():
+            # inserted keys start from fresh rows and optimizer slots
+            stored, opt_slots = reset_inserted(
+                layout, stored, opt_slots, slot_init, rank_o, slot_o, hi_o, lo_o, chunk
+            )
+        return ids.reshape(shape), stored, opt_slots, {k: v[None] for k, v in table.items()}
 
     table_spec = group.partition_spec(None, None)
     slot_specs = {k: group.partition_spec(*([None] * (v.ndim - 1))) for k, v in opt_slots.items()}
