@@ -15,7 +15,7 @@ from lf_jax.embedding.dynamic.keys import (
 )
 from lf_jax.embedding.dynamic.policy import DynamicPolicy, DynamicPolicyError
 from lf_jax.embedding.dynamic.report import explain
-from lf_jax.embedding.dynamic.resolve import new_ranks, reset_inserted
+from lf_jax.embedding.dynamic.resolve import reset_inserted
 from lf_jax.embedding.dynamic.tables import DynamicTables
 from lf_jax.embedding.sharding.piece import PlanError
 from lf_jax.embedding.sparse_optim import rowwise_adagrad
@@ -165,9 +165,7 @@ def test_reset_inserted_writes_exactly_the_new_keys(count):
     new_n[np.random.default_rng(count).choice(n, count, replace=False)] = True
     init = {"accumulator": layout.group.optimizer.slot_init("accumulator")}
     stored, slots = jax.jit(
-        lambda t, s, new, slot, h, lo_: reset_inserted(
-            layout, t, s, init, new_ranks(new), slot, h, lo_
-        )
+        lambda t, s, new, slot, h, lo_: reset_inserted(layout, t, s, init, new, slot, h, lo_)
     )(
         np.full((1, rows, 4), 7.0, np.float32),
         {"accumulator": np.full((1, rows), 5.0, np.float32)},

@@ -123,6 +123,28 @@ def _victim(evictable_np, last_np, freq_np, eviction: str):
     return jnp.argmax(mask, axis=1).astype(jnp.int32), jnp.any(evictable_np, axis=1)
 
 
+def _find(state: dict, alive_c, pos_np, hi_n, lo_n, valid_n):
+    """(found_n bool, found_off_n int32): whether each valid key is in an alive slot of
+    its window ``pos_np`` [N, P], and the first such offset (0 when none).
+
+    Compares the windows' low halves only ([N, P] gathers of one array, not three),
+    then the high half and liveness at each key's first low-half match ([N] gathers). A
+    key whose first low-half match is not its slot but which has another low-half match
+    in its window is ambiguous; when some key is, a ``cond`` takes the whole-window
+    comparison of both halves and liveness for every key. Both give the same result."""
+    lo_np = (state["key_lo"][pos_np] == lo_n[:, None]) & valid_n[:, None]
+    first_n = jnp.argmax(lo_np, axis=1).astype(jnp.int32)
+    slot_n = jnp.take_along_axis(pos_np, first_n[:, None], axis=1)[:, 0]
+    whole_n = jnp.any(lo_np, axis=1) & alive_c[slot_n] & (state["key_hi"][slot_n] == hi_n)
+    ambiguous = jnp.any(~whole_n & (jnp.sum(lo_np, axis=1, dtype=jnp.int32) > 1))
+
+    def whole_windows(_):
+        match_np = lo_np & alive_c[pos_np] & (state["key_hi"][pos_np] == hi_n[:, None])
+        return jnp.any(match_np, axis=1), jnp.argmax(match_np, axis=1).astype(jnp.int32)
+
+    return jax.lax.cond(ambiguous, whole_windows, lambda _: (whole_n, first_n), None)
+
+
 def resolve_shard(state: dict, hi_n, lo_n, valid_n, step, policy: DynamicPolicy, insert=True):
     """(slot_n int32, -1 when absent; new_n bool; new state) for one step's keys.
 
@@ -134,14 +156,7 @@ def resolve_shard(state: dict, hi_n, lo_n, valid_n, step, policy: DynamicPolicy,
     n = hi_n.shape[0]
     pos_np = (home_slots(hi_n, lo_n, capacity, policy)[:, None] + jnp.arange(probes)) % capacity
     alive_c = alive_slots(state, step, policy)
-    match_np = (
-        alive_c[pos_np]
-        & (state["key_hi"][pos_np] == hi_n[:, None])
-        & (state["key_lo"][pos_np] == lo_n[:, None])
-        & valid_n[:, None]
-    )
-    found_n = jnp.any(match_np, axis=1)
-    found_off_n = jnp.argmax(match_np, axis=1).astype(jnp.int32)
+    found_n, found_off_n = _find(state, alive_c, pos_np, hi_n, lo_n, valid_n)
     found_slot_n = jnp.take_along_axis(pos_np, found_off_n[:, None], axis=1)[:, 0]
     if not insert:
         return jnp.where(found_n, found_slot_n, -1), jnp.zeros((n,), bool), state

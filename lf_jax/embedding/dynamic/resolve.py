@@ -48,19 +48,23 @@ def new_ranks(new_n):
 
 
 def reset_inserted(
-    layout: TableLayout, stored, opt_slots, slot_init, rank_n, slot_n, hi_n, lo_n, chunk=None
+    layout: TableLayout, stored, opt_slots, slot_init, new_n, slot_n, hi_n, lo_n, chunk=None
 ):
-    """(stored, opt_slots) with the rows of the keys inserted at ``slot_n`` [N] (those of
-    ``rank_n`` [N] >= 0, ``new_ranks``) reset to their initial rows (``initial_rows``, a
-    function of the key) and the optimizer slots to their initial values. A step inserts
-    few of its keys once the table is warm: the new keys are packed by rank, ``chunk`` at
-    a time (default N // 8), and only those get rows computed and written, in a
-    ``while_loop`` of ceil(new keys / chunk) rounds (none when no key is new). The table
-    and slots are updated in place: no branch of a ``cond`` holds them (a cond's result
-    never shares its operand's buffer: XLA would copy them)."""
+    """(stored, opt_slots) with the rows of the keys ``new_n`` [N] inserted at ``slot_n``
+    [N] reset to their initial rows (``initial_rows``, a function of the key) and the
+    optimizer slots to their initial values. A step inserts few of its keys once the
+    table is warm: the new keys are packed by rank (``new_ranks``, computed only when
+    some key is new), ``chunk`` at a time (default N // 8), and only those get rows
+    computed and written, in a ``while_loop`` of ceil(new keys / chunk) rounds (none when
+    no key is new). The table and slots are updated in place: no branch of a ``cond``
+    holds them (a cond's result never shares its operand's buffer: XLA would copy)."""
     spec, group, piece = layout.spec, layout.group, layout.piece
-    n = rank_n.shape[0]
+    n = new_n.shape[0]
     chunk = max(1, n // 8) if chunk is None else min(chunk, n)
+    count = jnp.sum(new_n, dtype=jnp.int32)
+    rank_n = jax.lax.cond(
+        count > 0, new_ranks, lambda new: jnp.full(new.shape, -1, jnp.int32), new_n
+    )
 
     def reset(carry):
         start, stored, opt_slots = carry
@@ -81,7 +85,6 @@ def reset_inserted(
         }
         return start + chunk, stored, opt_slots
 
-    count = jnp.max(rank_n) + 1
     _, stored, opt_slots = jax.lax.while_loop(
         lambda c: c[0] < count, reset, (jnp.int32(0), stored, opt_slots)
     )
@@ -109,14 +112,14 @@ def resolve_table(
 
     def one_device(table, hi, lo, valid, step):
         """The only device owns every key: dedupe (each key resolved at its leader
-        entry), resolve; no routing, no exchange. (ids [M], index, [(slot, rank, hi,
+        entry), resolve; no routing, no exchange. (ids [M], index, [(slot, new, hi,
         lo)] of the resolved entries, [M] each)."""
         pos = jnp.arange(hi.shape[0], dtype=jnp.int32)
         leader = key_leaders(hi, lo, valid)
         slot, new, table = resolve_shard(
             table, hi, lo, valid & (leader == pos), step, policy, insert
         )
-        return jnp.where(valid, slot[leader], -1), table, [(slot, new_ranks(new), hi, lo)]
+        return jnp.where(valid, slot[leader], -1), table, [(slot, new, hi, lo)]
 
     def routed(table, hi, lo, valid, step):
         """Keys to their owners and back (module docstring); returns what one_device
@@ -132,7 +135,7 @@ def resolve_table(
         def owner_resolve(width, table):
             """Keys to owners through [S, width] buffers, resolved there. Returns each
             unique local key's slot at its owner (-1: none), the owner's new index and
-            (with ``insert``) its received keys' (slot, rank among the new, hi, lo)
+            (with ``insert``) its received keys' (slot, new, hi, lo)
             [S x width] each, for the rows' reset outside the ``cond``."""
 
             # hi, lo and validity in one [S, width, 3] buffer: one scatter, one all_to_all
@@ -152,12 +155,12 @@ def resolve_table(
                 slot_u[o_inverse].reshape(devices, width), axes, 0, 0, tiled=True
             )
             got = back.at[to_device, within].get(mode="fill", fill_value=-1)
-            return got, table, (slot_u, new_ranks(new_u), r_hi, r_lo) if insert else ()
+            return got, table, (slot_u, new_u, r_hi, r_lo) if insert else ()
 
         def nothing_new(size):
-            """(slot, rank, hi, lo) [size] each of no new key."""
+            """(slot, new, hi, lo) [size] each of no new key."""
             zeros = jnp.zeros((size,), jnp.uint32)
-            return jnp.zeros((size,), jnp.int32), jnp.full((size,), -1, jnp.int32), zeros, zeros
+            return jnp.zeros((size,), jnp.int32), jnp.zeros((size,), bool), zeros, zeros
 
         width = capacity_for(m, 1 / shards, m)
         if width >= m:
@@ -186,10 +189,10 @@ def resolve_table(
         ids, table, owned_sets = resolve(table, hi, lo, valid, step)
         # an eighth of the [S, width] buffers (one device: of its entries)
         chunk = max(1, owned_sets[0][0].shape[0] // 8) if insert else 1
-        for slot_o, rank_o, hi_o, lo_o in owned_sets if insert else ():
+        for slot_o, new_o, hi_o, lo_o in owned_sets if insert else ():
             # inserted keys start from fresh rows and optimizer slots
             stored, opt_slots = reset_inserted(
-                layout, stored, opt_slots, slot_init, rank_o, slot_o, hi_o, lo_o, chunk
+                layout, stored, opt_slots, slot_init, new_o, slot_o, hi_o, lo_o, chunk
             )
         return ids.reshape(shape), stored, opt_slots, {k: v[None] for k, v in table.items()}
 
