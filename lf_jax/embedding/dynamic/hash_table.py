@@ -181,28 +181,26 @@ def resolve_shard(state: dict, hi_n, lo_n, valid_n, step, policy: DynamicPolicy,
         estimate_n = jnp.min(sketch[rows[:, None], idx_dn], axis=0)
         admitted_n = miss_n & (estimate_n >= policy.admit_after)
 
+    # Window slots' standing for the rounds, in [C] before them: -1 free (not alive),
+    # _BIG alive and touched (never evicted this step), else last (the lru score). A
+    # slot won in a round becomes ``taken``, which excludes it from every later choice,
+    # so neither this nor ``last``/``freq`` changes between rounds: the rounds carry only
+    # ``taken``, and the winners' keys, last and freq are written once after them.
+    standing_c = jnp.where(alive_c, jnp.where(touched_c, _BIG, last_c), -1)
+
     def insert_round(carry):
-        (
-            rounds,
-            pending_n,
-            slot_n,
-            off_n,
-            key_hi,
-            key_lo,
-            last_c,
-            freq_c,
-            alive_c,
-            taken_c,
-            evicted,
-        ) = carry
-        alive_np, taken_np = alive_c[pos_np], taken_c[pos_np]
-        free_np = ~alive_np & ~taken_np
+        rounds, pending_n, slot_n, off_n, taken_c, evicted = carry
+        # gathered per round (indices depend on pending: XLA does not hoist them
+        # out of the loop, so a step of hits gathers nothing)
+        at_np = jnp.where(pending_n[:, None], pos_np, 0)
+        standing_np, taken_np = standing_c[at_np], taken_c[at_np]
+        free_np = (standing_np < 0) & ~taken_np
         has_room_n = jnp.any(free_np, axis=1)
         choice_n = jnp.argmax(free_np, axis=1).astype(jnp.int32)
         if policy.eviction != "none":
-            evictable_np = alive_np & ~touched_c[pos_np] & ~taken_np
+            evictable_np = (standing_np >= 0) & (standing_np < _BIG) & ~taken_np
             victim_n, has_victim_n = _victim(
-                evictable_np, last_c[pos_np], freq_c[pos_np], policy.eviction
+                evictable_np, standing_np, freq_c[at_np], policy.eviction
             )
             choice_n = jnp.where(has_room_n, choice_n, victim_n)
             has_room_n = has_room_n | has_victim_n
@@ -217,18 +215,12 @@ def resolve_shard(state: dict, hi_n, lo_n, valid_n, step, policy: DynamicPolicy,
         min_lo_c = jnp.full((capacity,), _UMAX, jnp.uint32).at[lo_cand_n].min(lo_n, mode="drop")
         win_n = top_n & (min_lo_c[safe_n] == lo_n)
         evicted = evicted + jnp.sum(win_n & alive_c[safe_n], dtype=jnp.int32)
-        put_n = jnp.where(win_n, cand_n, capacity)
         return (
             rounds + 1,
             pending_n & ~win_n,
             jnp.where(win_n, cand_n, slot_n),
             jnp.where(win_n, choice_n, off_n),
-            key_hi.at[put_n].set(hi_n, mode="drop"),
-            key_lo.at[put_n].set(lo_n, mode="drop"),
-            last_c.at[put_n].set(step, mode="drop"),
-            freq_c.at[put_n].set(1, mode="drop"),
-            alive_c.at[put_n].set(True, mode="drop"),
-            taken_c.at[put_n].set(True, mode="drop"),
+            taken_c.at[jnp.where(win_n, cand_n, capacity)].set(True, mode="drop"),
             evicted,
         )
 
@@ -237,18 +229,18 @@ def resolve_shard(state: dict, hi_n, lo_n, valid_n, step, policy: DynamicPolicy,
         admitted_n,
         jnp.full((n,), -1, jnp.int32),
         jnp.zeros((n,), jnp.int32),
-        state["key_hi"],
-        state["key_lo"],
-        last_c,
-        freq_c,
-        alive_c,
         jnp.zeros((capacity,), bool),
         jnp.int32(0),
     )
     # rounds end early once no key is pending (a step of hits runs none)
-    _, pending_n, slot_n, off_n, key_hi, key_lo, last_c, freq_c, _, _, evicted = jax.lax.while_loop(
+    _, pending_n, slot_n, off_n, _, evicted = jax.lax.while_loop(
         lambda c: (c[0] < probes) & jnp.any(c[1]), insert_round, carry
     )
+    put_n = jnp.where(slot_n >= 0, slot_n, capacity)
+    key_hi = state["key_hi"].at[put_n].set(hi_n, mode="drop")
+    key_lo = state["key_lo"].at[put_n].set(lo_n, mode="drop")
+    last_c = last_c.at[put_n].set(step, mode="drop")
+    freq_c = freq_c.at[put_n].set(1, mode="drop")
     new_n = slot_n >= 0
     probe_n = jnp.where(found_n, found_off_n, jnp.where(new_n, off_n, 0))
     step_counts = jnp.stack(
