@@ -181,26 +181,23 @@ def resolve_shard(state: dict, hi_n, lo_n, valid_n, step, policy: DynamicPolicy,
         estimate_n = jnp.min(sketch[rows[:, None], idx_dn], axis=0)
         admitted_n = miss_n & (estimate_n >= policy.admit_after)
 
-    # Window slots' standing for the rounds, in [C] before them: -1 free (not alive),
-    # _BIG alive and touched (never evicted this step), else last (the lru score). A
-    # slot won in a round becomes ``taken``, which excludes it from every later choice,
-    # so neither this nor ``last``/``freq`` changes between rounds: the rounds carry only
-    # ``taken``, and the winners' keys, last and freq are written once after them.
-    standing_c = jnp.where(alive_c, jnp.where(touched_c, _BIG, last_c), -1)
-
+    # A slot won in a round becomes ``taken``, which excludes it from every later
+    # choice, so the liveness, ``touched``, ``last`` and ``freq`` the rounds read do not
+    # change between rounds: the rounds carry only ``taken``, and the winners' keys,
+    # last and freq are written once after them.
     def insert_round(carry):
         rounds, pending_n, slot_n, off_n, taken_c, evicted = carry
         # gathered per round (indices depend on pending: XLA does not hoist them
         # out of the loop, so a step of hits gathers nothing)
         at_np = jnp.where(pending_n[:, None], pos_np, 0)
-        standing_np, taken_np = standing_c[at_np], taken_c[at_np]
-        free_np = (standing_np < 0) & ~taken_np
+        alive_np, taken_np = alive_c[at_np], taken_c[at_np]
+        free_np = ~alive_np & ~taken_np
         has_room_n = jnp.any(free_np, axis=1)
         choice_n = jnp.argmax(free_np, axis=1).astype(jnp.int32)
         if policy.eviction != "none":
-            evictable_np = (standing_np >= 0) & (standing_np < _BIG) & ~taken_np
+            evictable_np = alive_np & ~touched_c[at_np] & ~taken_np
             victim_n, has_victim_n = _victim(
-                evictable_np, standing_np, freq_c[at_np], policy.eviction
+                evictable_np, last_c[at_np], freq_c[at_np], policy.eviction
             )
             choice_n = jnp.where(has_room_n, choice_n, victim_n)
             has_room_n = has_room_n | has_victim_n
