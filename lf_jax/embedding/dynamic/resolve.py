@@ -15,11 +15,16 @@ On every device, for the keys of the features that read the table:
 3. each owner dedupes the keys of every sender in place (each key resolved at its
    leader entry; the hash table's priority is the key value, not the entry order) and
    resolves them (find, admit, insert,
-   evict: lf_jax.embedding.dynamic.hash_table), resetting the rows and optimizer slots
-   of inserted keys to their initial values, then sends every key's slot back (a second
-   ``all_to_all``). Devices outside a table_wise_row_wise group receive no keys;
-4. a key in slot c of shard j becomes row ``c * shards + j`` of the collection's table,
+   evict: lf_jax.embedding.dynamic.hash_table), then sends every key's slot back (a
+   second ``all_to_all``). Devices outside a table_wise_row_wise group receive no keys;
+4. after the ``cond`` (which holds only the hash index, so XLA copies neither rows nor
+   optimizer slots), each owner resets the rows and optimizer slots of its inserted
+   keys to their initial values (``reset_inserted``);
+5. a key in slot c of shard j becomes row ``c * shards + j`` of the collection's table,
    an absent key becomes padding (-1).
+
+On a mesh of one device the keys stay where they are: dedupe, resolve, reset
+(``one_device``; no owner grouping, no exchange).
 
 Shapes: B batch, L max_ids (the features' ids concatenated), S devices, M = B x L local
 entries, C slots per shard, D dim.
