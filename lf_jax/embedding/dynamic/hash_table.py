@@ -100,10 +100,15 @@ def init_shard(capacity: int, policy: DynamicPolicy) -> dict:
 
 def alive_slots(state: dict, step, policy: DynamicPolicy) -> jax.Array:
     """[C] bool: slots holding a key that has not expired at ``step``."""
-    used = state["last"] >= 0
+    return alive_last(state["last"], step, policy)
+
+
+def alive_last(last, step, policy: DynamicPolicy) -> jax.Array:
+    """Whether slots whose ``last`` (any shape) is given are alive at ``step``."""
+    used = last >= 0
     if policy.ttl_steps is None:
         return used
-    return used & (step - state["last"] <= policy.ttl_steps)
+    return used & (step - last <= policy.ttl_steps)
 
 
 def home_slots(hi, lo, capacity: int, policy: DynamicPolicy) -> jax.Array:
@@ -123,9 +128,10 @@ def _victim(evictable_np, last_np, freq_np, eviction: str):
     return jnp.argmax(mask, axis=1).astype(jnp.int32), jnp.any(evictable_np, axis=1)
 
 
-def _find(state: dict, alive_c, pos_np, hi_n, lo_n, valid_n):
-    """(found_n bool, found_off_n int32): whether each valid key is in an alive slot of
-    its window ``pos_np`` [N, P], and the first such offset (0 when none).
+def _find(state: dict, alive, pos_np, hi_n, lo_n, valid_n):
+    """(found_n bool, found_off_n int32): whether each valid key is in an alive slot
+    (``alive(slots)``) of its window ``pos_np`` [N, P], and the first such offset (0
+    when none).
 
     Compares the windows' low halves only ([N, P] gathers of one array, not three),
     then the high half and liveness at each key's first low-half match ([N] gathers). A
@@ -135,11 +141,11 @@ def _find(state: dict, alive_c, pos_np, hi_n, lo_n, valid_n):
     lo_np = (state["key_lo"][pos_np] == lo_n[:, None]) & valid_n[:, None]
     first_n = jnp.argmax(lo_np, axis=1).astype(jnp.int32)
     slot_n = jnp.take_along_axis(pos_np, first_n[:, None], axis=1)[:, 0]
-    whole_n = jnp.any(lo_np, axis=1) & alive_c[slot_n] & (state["key_hi"][slot_n] == hi_n)
+    whole_n = jnp.any(lo_np, axis=1) & alive(slot_n) & (state["key_hi"][slot_n] == hi_n)
     ambiguous = jnp.any(~whole_n & (jnp.sum(lo_np, axis=1, dtype=jnp.int32) > 1))
 
     def whole_windows(_):
-        match_np = lo_np & alive_c[pos_np] & (state["key_hi"][pos_np] == hi_n[:, None])
+        match_np = lo_np & alive(pos_np) & (state["key_hi"][pos_np] == hi_n[:, None])
         return jnp.any(match_np, axis=1), jnp.argmax(match_np, axis=1).astype(jnp.int32)
 
     return jax.lax.cond(ambiguous, whole_windows, lambda _: (whole_n, first_n), None)
@@ -155,8 +161,11 @@ def resolve_shard(state: dict, hi_n, lo_n, valid_n, step, policy: DynamicPolicy,
     probes = min(policy.probe_limit, capacity)
     n = hi_n.shape[0]
     pos_np = (home_slots(hi_n, lo_n, capacity, policy)[:, None] + jnp.arange(probes)) % capacity
-    alive_c = alive_slots(state, step, policy)
-    found_n, found_off_n = _find(state, alive_c, pos_np, hi_n, lo_n, valid_n)
+
+    def alive(at):  # liveness of the slots ``at``: gathered, no [C]-wide array
+        return alive_last(state["last"][at], step, policy)
+
+    found_n, found_off_n = _find(state, alive, pos_np, hi_n, lo_n, valid_n)
     found_slot_n = jnp.take_along_axis(pos_np, found_off_n[:, None], axis=1)[:, 0]
     if not insert:
         return jnp.where(found_n, found_slot_n, -1), jnp.zeros((n,), bool), state
@@ -190,7 +199,8 @@ def resolve_shard(state: dict, hi_n, lo_n, valid_n, step, policy: DynamicPolicy,
         # gathered per round (indices depend on pending: XLA does not hoist them
         # out of the loop, so a step of hits gathers nothing)
         at_np = jnp.where(pending_n[:, None], pos_np, 0)
-        alive_np, taken_np = alive_c[at_np], taken_c[at_np]
+        # liveness from last after the touches: touched slots were alive and stay so
+        alive_np, taken_np = alive_last(last_c[at_np], step, policy), taken_c[at_np]
         free_np = ~alive_np & ~taken_np
         has_room_n = jnp.any(free_np, axis=1)
         choice_n = jnp.argmax(free_np, axis=1).astype(jnp.int32)
@@ -211,7 +221,9 @@ def resolve_shard(state: dict, hi_n, lo_n, valid_n, step, policy: DynamicPolicy,
         lo_cand_n = jnp.where(top_n, cand_n, capacity)
         min_lo_c = jnp.full((capacity,), _UMAX, jnp.uint32).at[lo_cand_n].min(lo_n, mode="drop")
         win_n = top_n & (min_lo_c[safe_n] == lo_n)
-        evicted = evicted + jnp.sum(win_n & alive_c[safe_n], dtype=jnp.int32)
+        evicted = evicted + jnp.sum(
+            win_n & alive_last(last_c[safe_n], step, policy), dtype=jnp.int32
+        )
         return (
             rounds + 1,
             pending_n & ~win_n,
