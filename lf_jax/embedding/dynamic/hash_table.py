@@ -152,39 +152,11 @@ def _find(state: dict, alive, pos_np, hi_n, lo_n, valid_n):
 
 
 def resolve_shard(state: dict, hi_n, lo_n, valid_n, step, policy: DynamicPolicy, insert=True):
-    """(slot_n int32, -1 when absent; new_n bool; new state) for one step's keys:
-    ``place_keys`` then ``write_keys``.
+    """(slot_n int32, -1 when absent; new_n bool; new state) for one step's keys.
 
     Valid keys must be distinct, in any order (the smaller (hi, lo) wins a slot). With
     ``insert`` False the keys are only found: the state comes back unchanged.
     """
-    slot_n, new_n, small = place_keys(state, hi_n, lo_n, valid_n, step, policy, insert)
-    if not insert:
-        return slot_n, new_n, state
-    return slot_n, new_n, write_keys({**state, **small}, slot_n, new_n, hi_n, lo_n, step)
-
-
-def write_keys(state: dict, slot_n, new_n, hi_n, lo_n, step) -> dict:
-    """``state`` with the step's keys written: every key with a slot (``slot_n`` >= 0)
-    gets ``last`` = step and one more ``freq`` (a new key: its halves and freq 1). The
-    slots of distinct keys are distinct, so each slot is written at most once."""
-    capacity = state["last"].shape[0]
-    at_n = jnp.where(slot_n >= 0, slot_n, capacity)
-    put_n = jnp.where(new_n, at_n, capacity)
-    freq_n = jnp.where(new_n, 1, state["freq"][jnp.minimum(at_n, capacity - 1)] + 1)
-    return {
-        **state,
-        "key_hi": state["key_hi"].at[put_n].set(hi_n, mode="drop"),
-        "key_lo": state["key_lo"].at[put_n].set(lo_n, mode="drop"),
-        "last": state["last"].at[at_n].set(step, mode="drop"),
-        "freq": state["freq"].at[at_n].set(freq_n, mode="drop"),
-    }
-
-
-def place_keys(state: dict, hi_n, lo_n, valid_n, step, policy: DynamicPolicy, insert=True):
-    """(slot_n, new_n, {"sketch", "counters"}): what ``resolve_shard`` decides, reading
-    ``state`` only (the keys' writes are ``write_keys``'), so it can run inside a
-    ``cond`` that returns no [C] array (XLA would copy it)."""
     capacity = state["last"].shape[0]
     probes = min(policy.probe_limit, capacity)
     n = hi_n.shape[0]
@@ -195,14 +167,12 @@ def place_keys(state: dict, hi_n, lo_n, valid_n, step, policy: DynamicPolicy, in
 
     found_n, found_off_n = _find(state, alive, pos_np, hi_n, lo_n, valid_n)
     found_slot_n = jnp.take_along_axis(pos_np, found_off_n[:, None], axis=1)[:, 0]
-    small = {"sketch": state["sketch"], "counters": state["counters"]}
     if not insert:
-        return jnp.where(found_n, found_slot_n, -1), jnp.zeros((n,), bool), small
+        return jnp.where(found_n, found_slot_n, -1), jnp.zeros((n,), bool), state
     touch_n = jnp.where(found_n, found_slot_n, capacity)
+    last_c = state["last"].at[touch_n].set(step, mode="drop")
+    freq_c = state["freq"].at[touch_n].add(1, mode="drop")
     touched_c = jnp.zeros((capacity,), bool).at[touch_n].set(True, mode="drop")
-    # the rounds read last and freq of untouched slots only (touched ones are never
-    # evicted and were alive, as they stay): the state's own, before this step's writes
-    last_c, freq_c = state["last"], state["freq"]
 
     miss_n = valid_n & ~found_n
     sketch = state["sketch"]
@@ -222,13 +192,14 @@ def place_keys(state: dict, hi_n, lo_n, valid_n, step, policy: DynamicPolicy, in
 
     # A slot won in a round becomes ``taken``, which excludes it from every later
     # choice, so the liveness, ``touched``, ``last`` and ``freq`` the rounds read do not
-    # change between rounds: the rounds carry only ``taken``; the winners' keys, last
-    # and freq are written by ``write_keys``.
+    # change between rounds: the rounds carry only ``taken``, and the winners' keys,
+    # last and freq are written once after them.
     def insert_round(carry):
         rounds, pending_n, slot_n, off_n, taken_c, evicted = carry
         # gathered per round (indices depend on pending: XLA does not hoist them
         # out of the loop, so a step of hits gathers nothing)
         at_np = jnp.where(pending_n[:, None], pos_np, 0)
+        # liveness from last after the touches: touched slots were alive and stay so
         alive_np, taken_np = alive_last(last_c[at_np], step, policy), taken_c[at_np]
         free_np = ~alive_np & ~taken_np
         has_room_n = jnp.any(free_np, axis=1)
@@ -274,6 +245,11 @@ def place_keys(state: dict, hi_n, lo_n, valid_n, step, policy: DynamicPolicy, in
     _, pending_n, slot_n, off_n, _, evicted = jax.lax.while_loop(
         lambda c: (c[0] < probes) & jnp.any(c[1]), insert_round, carry
     )
+    put_n = jnp.where(slot_n >= 0, slot_n, capacity)
+    key_hi = state["key_hi"].at[put_n].set(hi_n, mode="drop")
+    key_lo = state["key_lo"].at[put_n].set(lo_n, mode="drop")
+    last_c = last_c.at[put_n].set(step, mode="drop")
+    freq_c = freq_c.at[put_n].set(1, mode="drop")
     new_n = slot_n >= 0
     probe_n = jnp.where(found_n, found_off_n, jnp.where(new_n, off_n, 0))
     step_counts = jnp.stack(
@@ -291,5 +267,12 @@ def place_keys(state: dict, hi_n, lo_n, valid_n, step, policy: DynamicPolicy, in
     counters = add_counts(state["counters"], step_counts)
     probe_max = jnp.maximum(state["counters"][0, -1], jnp.max(probe_n))
     counters = counters.at[:, -1].set(jnp.stack([probe_max, jnp.int32(0)]))
-    small = {"sketch": sketch, "counters": counters}
-    return jnp.where(found_n, found_slot_n, slot_n), new_n, small
+    new_state = {
+        "key_hi": key_hi,
+        "key_lo": key_lo,
+        "last": last_c,
+        "freq": freq_c,
+        "sketch": sketch,
+        "counters": counters,
+    }
+    return jnp.where(found_n, found_slot_n, slot_n), new_n, new_state

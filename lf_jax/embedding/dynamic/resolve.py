@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from lf_jax.embedding.dynamic.hash_table import place_keys, resolve_shard, write_keys
+from lf_jax.embedding.dynamic.hash_table import resolve_shard
 from lf_jax.embedding.dynamic.key_dedupe import group_by_owner, key_leaders
 from lf_jax.embedding.dynamic.keys import OWNER_SALT, initial_rows, key_hash, salt
 from lf_jax.embedding.dynamic.layout import TableLayout
@@ -155,40 +155,34 @@ def resolve_table(
             # each key once (at its leader), in place: no compaction, no sort
             o_inverse = key_leaders(r_hi, r_lo, r_valid)
             o_valid = r_valid & (o_inverse == jnp.arange(r_hi.shape[0], dtype=jnp.int32))
-            slot_u, new_u, small = place_keys(table, r_hi, r_lo, o_valid, step, policy, insert)
+            slot_u, new_u, table = resolve_shard(table, r_hi, r_lo, o_valid, step, policy, insert)
             back = jax.lax.all_to_all(
                 slot_u[o_inverse].reshape(devices, width), axes, 0, 0, tiled=True
             )
             got = back.at[to_device, within].get(mode="fill", fill_value=-1)
-            return got, small, (slot_u, new_u, r_hi, r_lo) if insert else ()
+            return got, table, (slot_u, new_u, r_hi, r_lo) if insert else ()
 
         def nothing_new(size):
-            """(slot, new, hi, lo) [size] each of no key."""
+            """(slot, new, hi, lo) [size] each of no new key."""
             zeros = jnp.zeros((size,), jnp.uint32)
-            return jnp.full((size,), -1, jnp.int32), jnp.zeros((size,), bool), zeros, zeros
+            return jnp.zeros((size,), jnp.int32), jnp.zeros((size,), bool), zeros, zeros
 
         width = capacity_for(m, 1 / shards, m)
         if width >= m:
-            got, small, owned = owner_resolve(m, table)
+            got, table, owned = owner_resolve(m, table)
             owned_sets = [owned]
         else:  # the [S, width] buffers unless some device has more keys for one owner
             over = jax.lax.pmax((jnp.max(load) > width).astype(jnp.int32), axes)
 
             def narrow(table):
-                got, small, owned = owner_resolve(width, table)
-                return got, small, [owned, nothing_new(devices * m) if insert else ()]
+                got, table, owned = owner_resolve(width, table)
+                return got, table, [owned, nothing_new(devices * m) if insert else ()]
 
             def wide(table):
-                got, small, owned = owner_resolve(m, table)
-                return got, small, [nothing_new(devices * width) if insert else (), owned]
+                got, table, owned = owner_resolve(m, table)
+                return got, table, [nothing_new(devices * width) if insert else (), owned]
 
-            # the cond returns no [C] array of the index either (XLA would copy it):
-            # the keys' writes follow it
-            got, small, owned_sets = jax.lax.cond(over > 0, wide, narrow, table)
-        if insert:
-            table = {**table, **small}
-            for slot_o, new_o, hi_o, lo_o in owned_sets:
-                table = write_keys(table, slot_o, new_o, hi_o, lo_o, step)
+            got, table, owned_sets = jax.lax.cond(over > 0, wide, narrow, table)
         row_u = jnp.where(got >= 0, got * shards + u_owner, -1)
         return jnp.where(valid, row_u[inverse], -1), table, owned_sets
 
