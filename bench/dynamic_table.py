@@ -5,12 +5,15 @@ simulated CPU devices. Static: row ids uniform in [0, ROWS). Dynamic: the same n
 rows as capacity, keys uniform over ROWS / 2 distinct 64-bit keys (warmed up, so most
 steps hit; lru eviction). The two steps alternate within one process so machine-load
 drift hits both alike; reported: median wall and process-CPU ms per step and their ratio.
+Both steps donate their state, as the trainer's steps do (``--no-donate``: each step
+also copies its table and optimizer slots, the bench's behaviour before 2026-12-06).
 
 Usage (a fresh process per device count):
     .venv/bin/python bench/dynamic_table.py --devices 8 --steps 10
 """
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -21,6 +24,7 @@ def main():
     parser.add_argument("--devices", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rows", type=int, default=2**17)
+    parser.add_argument("--no-donate", action="store_true")
     args = parser.parse_args()
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
     import jax
@@ -53,12 +57,14 @@ def main():
     def loss_grads(acts):
         return {"f": 2 * acts["f"]}
 
-    @jax.jit
+    donate = () if args.no_donate else (0,)
+
+    @functools.partial(jax.jit, donate_argnums=donate)
     def static_step(state, batch):
         acts = static.lookup(state["tables"], batch)
         return static.apply_gradients(state, batch, loss_grads(acts))
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=donate)
     def dynamic_step(state, keys):
         state, batch = dyn.resolve(state, keys)
         acts = dyn.collection.lookup(state["embedding"]["tables"], batch)
@@ -91,6 +97,7 @@ def main():
                 d_state = jax.block_until_ready(dynamic_step(d_state, key_batches[i % 4]))
             times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
     out = {"devices": args.devices, "rows": args.rows, "batch": batch, "bag": bag}
+    out["donate"] = not args.no_donate
     for name, values in times.items():
         out[f"{name}_wall_ms"] = round(1e3 * float(np.median([w for w, _ in values])), 1)
         out[f"{name}_cpu_ms"] = round(1e3 * float(np.median([c for _, c in values])), 1)

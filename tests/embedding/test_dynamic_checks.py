@@ -142,9 +142,9 @@ def test_step_scalars_read_counters_past_2_to_the_31():
 
 @pytest.mark.parametrize("count", [0, 3, 4, 5, 32])
 def test_reset_inserted_writes_exactly_the_new_keys(count):
-    """32 keys, packed branch up to 32 // 8 = 4 new ones (the boundary included), the [N]
-    branch above: the new keys' rows are their initial rows, their optimizer slots the
-    initial value, every other row untouched."""
+    """32 keys, new ones packed 32 // 8 = 4 per round (none: no round; 4: one, the
+    boundary; 5: two; 32: eight): the new keys' rows are their initial rows, their
+    optimizer slots the initial value, every other row untouched."""
     mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
     spec = TableSpec(
         name="post",

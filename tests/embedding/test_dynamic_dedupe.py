@@ -4,7 +4,7 @@ priority (dynamic.hash_table.resolve_shard), which lets owners skip sorting."""
 import jax.numpy as jnp
 import numpy as np
 
-from lf_jax.embedding.dynamic.hash_table import init_shard, resolve_shard
+from lf_jax.embedding.dynamic.hash_table import home_slots, init_shard, resolve_shard
 from lf_jax.embedding.dynamic.key_dedupe import LEADER_SALT, group_by_owner, key_leaders
 from lf_jax.embedding.dynamic.keys import join_keys, key_hash, split_keys
 from lf_jax.embedding.dynamic.policy import DynamicPolicy
@@ -70,3 +70,49 @@ def test_resolve_shard_gives_each_key_the_same_slot_in_any_order():
         results.append((by_key, {k: np.asarray(v).tolist() for k, v in state.items()}))
     assert sum(s >= 0 for s in results[0][0].values()) == 16
     assert all(r == results[0] for r in results[1:])
+
+
+def _find_reference(key_hi, key_lo, alive, hi, lo, capacity, policy):
+    """Slot of each query key by whole-window comparison (-1: absent)."""
+    home = np.asarray(home_slots(jnp.asarray(hi), jnp.asarray(lo), capacity, policy))
+    out = []
+    for h, q_hi, q_lo in zip(home, hi, lo, strict=True):
+        window = [(h + j) % capacity for j in range(policy.probe_limit)]
+        hits = [c for c in window if alive[c] and key_hi[c] == q_hi and key_lo[c] == q_lo]
+        out.append(hits[0] if hits else -1)
+    return out
+
+
+def test_find_compares_both_halves_and_liveness_past_low_half_collisions():
+    """Slots filled from 6 keys that share low halves (high half 0 or 1, low half 1..3),
+    some expired: the low-half-first find (and its whole-window branch) returns the first
+    alive slot holding the whole key, like a whole-window comparison; also on a table of
+    distinct random keys, each in its window (no shared low half)."""
+    policy = DynamicPolicy(probe_limit=4, ttl_steps=2)
+    step, rng = 6, np.random.default_rng(0)
+    few = np.array([(h << 32) + lo for h in (0, 1) for lo in (1, 2, 3)], np.uint64)
+    many = rng.integers(1, 2**63, 40, dtype=np.uint64)
+    cases = [(8, rng.choice(few, 8), few) for _ in range(6)] + [(64, many, many)]
+    found = []
+    for capacity, stored, queries in cases:
+        key_hi, key_lo = split_keys(np.zeros(capacity, np.uint64))
+        if capacity == 8:
+            key_hi, key_lo = split_keys(stored)
+        else:  # each key at a free slot of its window
+            homes = np.asarray(home_slots(*map(jnp.asarray, split_keys(stored)), capacity, policy))
+            for key, home in zip(stored, homes, strict=True):
+                free = [c % capacity for c in range(home, home + 4) if key_lo[c % capacity] == 0]
+                if free:
+                    (key_hi[free[-1]],), (key_lo[free[-1]],) = split_keys(np.array([key]))
+        last = rng.integers(-1, step + 1, capacity).astype(np.int32)  # alive: 4..6
+        state = init_shard(capacity, policy)
+        state.update(key_hi=jnp.asarray(key_hi), key_lo=jnp.asarray(key_lo), last=last)
+        hi, lo = split_keys(queries)
+        slot, new, _ = resolve_shard(
+            state, *map(jnp.asarray, (hi, lo, np.ones(hi.size, bool))), step, policy, False
+        )
+        alive = (last >= 0) & (step - last <= policy.ttl_steps)
+        want = _find_reference(key_hi, key_lo, alive, hi, lo, capacity, policy)
+        assert np.asarray(slot).tolist() == want and not np.asarray(new).any()
+        found.append(sum(s >= 0 for s in want))
+    assert sum(found[:-1]) >= 4 and found[-1] >= 4

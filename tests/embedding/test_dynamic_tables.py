@@ -147,8 +147,8 @@ def test_stream_equals_reference(policy_name, mesh_name):
 def test_one_device_equals_reference(policy_name):
     """One device, one shard of 48 slots: the owner receives its own deduplicated keys
     (no second dedupe). A step inserting more than 10 keys (an eighth of the owner's 80
-    key slots) takes the [N] branch of reset_inserted; under admit2_lru steps 1 and 5
-    insert 4 and 9 (the packed branch), under lfu every step takes the [N] branch."""
+    key slots) takes more than one round of reset_inserted; under admit2_lru steps 1 and
+    5 insert 4 and 9 (one round), under lfu every step takes several."""
     spec, _, dyn = make(policy_name, "1", shards=1, slots=48)
     check_stream(spec, dyn, 1, policy_name)
 

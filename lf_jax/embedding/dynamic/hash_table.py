@@ -100,10 +100,15 @@ def init_shard(capacity: int, policy: DynamicPolicy) -> dict:
 
 def alive_slots(state: dict, step, policy: DynamicPolicy) -> jax.Array:
     """[C] bool: slots holding a key that has not expired at ``step``."""
-    used = state["last"] >= 0
+    return alive_last(state["last"], step, policy)
+
+
+def alive_last(last, step, policy: DynamicPolicy) -> jax.Array:
+    """Whether slots whose ``last`` (any shape) is given are alive at ``step``."""
+    used = last >= 0
     if policy.ttl_steps is None:
         return used
-    return used & (step - state["last"] <= policy.ttl_steps)
+    return used & (step - last <= policy.ttl_steps)
 
 
 def home_slots(hi, lo, capacity: int, policy: DynamicPolicy) -> jax.Array:
@@ -123,6 +128,29 @@ def _victim(evictable_np, last_np, freq_np, eviction: str):
     return jnp.argmax(mask, axis=1).astype(jnp.int32), jnp.any(evictable_np, axis=1)
 
 
+def _find(state: dict, alive, pos_np, hi_n, lo_n, valid_n):
+    """(found_n bool, found_off_n int32): whether each valid key is in an alive slot
+    (``alive(slots)``) of its window ``pos_np`` [N, P], and the first such offset (0
+    when none).
+
+    Compares the windows' low halves only ([N, P] gathers of one array, not three),
+    then the high half and liveness at each key's first low-half match ([N] gathers). A
+    key whose first low-half match is not its slot but which has another low-half match
+    in its window is ambiguous; when some key is, a ``cond`` takes the whole-window
+    comparison of both halves and liveness for every key. Both give the same result."""
+    lo_np = (state["key_lo"][pos_np] == lo_n[:, None]) & valid_n[:, None]
+    first_n = jnp.argmax(lo_np, axis=1).astype(jnp.int32)
+    slot_n = jnp.take_along_axis(pos_np, first_n[:, None], axis=1)[:, 0]
+    whole_n = jnp.any(lo_np, axis=1) & alive(slot_n) & (state["key_hi"][slot_n] == hi_n)
+    ambiguous = jnp.any(~whole_n & (jnp.sum(lo_np, axis=1, dtype=jnp.int32) > 1))
+
+    def whole_windows(_):
+        match_np = lo_np & alive(pos_np) & (state["key_hi"][pos_np] == hi_n[:, None])
+        return jnp.any(match_np, axis=1), jnp.argmax(match_np, axis=1).astype(jnp.int32)
+
+    return jax.lax.cond(ambiguous, whole_windows, lambda _: (whole_n, first_n), None)
+
+
 def resolve_shard(state: dict, hi_n, lo_n, valid_n, step, policy: DynamicPolicy, insert=True):
     """(slot_n int32, -1 when absent; new_n bool; new state) for one step's keys.
 
@@ -133,15 +161,11 @@ def resolve_shard(state: dict, hi_n, lo_n, valid_n, step, policy: DynamicPolicy,
     probes = min(policy.probe_limit, capacity)
     n = hi_n.shape[0]
     pos_np = (home_slots(hi_n, lo_n, capacity, policy)[:, None] + jnp.arange(probes)) % capacity
-    alive_c = alive_slots(state, step, policy)
-    match_np = (
-        alive_c[pos_np]
-        & (state["key_hi"][pos_np] == hi_n[:, None])
-        & (state["key_lo"][pos_np] == lo_n[:, None])
-        & valid_n[:, None]
-    )
-    found_n = jnp.any(match_np, axis=1)
-    found_off_n = jnp.argmax(match_np, axis=1).astype(jnp.int32)
+
+    def alive(at):  # liveness of the slots ``at``: gathered, no [C]-wide array
+        return alive_last(state["last"][at], step, policy)
+
+    found_n, found_off_n = _find(state, alive, pos_np, hi_n, lo_n, valid_n)
     found_slot_n = jnp.take_along_axis(pos_np, found_off_n[:, None], axis=1)[:, 0]
     if not insert:
         return jnp.where(found_n, found_slot_n, -1), jnp.zeros((n,), bool), state
@@ -166,28 +190,24 @@ def resolve_shard(state: dict, hi_n, lo_n, valid_n, step, policy: DynamicPolicy,
         estimate_n = jnp.min(sketch[rows[:, None], idx_dn], axis=0)
         admitted_n = miss_n & (estimate_n >= policy.admit_after)
 
+    # A slot won in a round becomes ``taken``, which excludes it from every later
+    # choice, so the liveness, ``touched``, ``last`` and ``freq`` the rounds read do not
+    # change between rounds: the rounds carry only ``taken``, and the winners' keys,
+    # last and freq are written once after them.
     def insert_round(carry):
-        (
-            rounds,
-            pending_n,
-            slot_n,
-            off_n,
-            key_hi,
-            key_lo,
-            last_c,
-            freq_c,
-            alive_c,
-            taken_c,
-            evicted,
-        ) = carry
-        alive_np, taken_np = alive_c[pos_np], taken_c[pos_np]
+        rounds, pending_n, slot_n, off_n, taken_c, evicted = carry
+        # gathered per round (indices depend on pending: XLA does not hoist them
+        # out of the loop, so a step of hits gathers nothing)
+        at_np = jnp.where(pending_n[:, None], pos_np, 0)
+        # liveness from last after the touches: touched slots were alive and stay so
+        alive_np, taken_np = alive_last(last_c[at_np], step, policy), taken_c[at_np]
         free_np = ~alive_np & ~taken_np
         has_room_n = jnp.any(free_np, axis=1)
         choice_n = jnp.argmax(free_np, axis=1).astype(jnp.int32)
         if policy.eviction != "none":
-            evictable_np = alive_np & ~touched_c[pos_np] & ~taken_np
+            evictable_np = alive_np & ~touched_c[at_np] & ~taken_np
             victim_n, has_victim_n = _victim(
-                evictable_np, last_c[pos_np], freq_c[pos_np], policy.eviction
+                evictable_np, last_c[at_np], freq_c[at_np], policy.eviction
             )
             choice_n = jnp.where(has_room_n, choice_n, victim_n)
             has_room_n = has_room_n | has_victim_n
@@ -201,19 +221,15 @@ def resolve_shard(state: dict, hi_n, lo_n, valid_n, step, policy: DynamicPolicy,
         lo_cand_n = jnp.where(top_n, cand_n, capacity)
         min_lo_c = jnp.full((capacity,), _UMAX, jnp.uint32).at[lo_cand_n].min(lo_n, mode="drop")
         win_n = top_n & (min_lo_c[safe_n] == lo_n)
-        evicted = evicted + jnp.sum(win_n & alive_c[safe_n], dtype=jnp.int32)
-        put_n = jnp.where(win_n, cand_n, capacity)
+        evicted = evicted + jnp.sum(
+            win_n & alive_last(last_c[safe_n], step, policy), dtype=jnp.int32
+        )
         return (
             rounds + 1,
             pending_n & ~win_n,
             jnp.where(win_n, cand_n, slot_n),
             jnp.where(win_n, choice_n, off_n),
-            key_hi.at[put_n].set(hi_n, mode="drop"),
-            key_lo.at[put_n].set(lo_n, mode="drop"),
-            last_c.at[put_n].set(step, mode="drop"),
-            freq_c.at[put_n].set(1, mode="drop"),
-            alive_c.at[put_n].set(True, mode="drop"),
-            taken_c.at[put_n].set(True, mode="drop"),
+            taken_c.at[jnp.where(win_n, cand_n, capacity)].set(True, mode="drop"),
             evicted,
         )
 
@@ -222,18 +238,18 @@ def resolve_shard(state: dict, hi_n, lo_n, valid_n, step, policy: DynamicPolicy,
         admitted_n,
         jnp.full((n,), -1, jnp.int32),
         jnp.zeros((n,), jnp.int32),
-        state["key_hi"],
-        state["key_lo"],
-        last_c,
-        freq_c,
-        alive_c,
         jnp.zeros((capacity,), bool),
         jnp.int32(0),
     )
     # rounds end early once no key is pending (a step of hits runs none)
-    _, pending_n, slot_n, off_n, key_hi, key_lo, last_c, freq_c, _, _, evicted = jax.lax.while_loop(
+    _, pending_n, slot_n, off_n, _, evicted = jax.lax.while_loop(
         lambda c: (c[0] < probes) & jnp.any(c[1]), insert_round, carry
     )
+    put_n = jnp.where(slot_n >= 0, slot_n, capacity)
+    key_hi = state["key_hi"].at[put_n].set(hi_n, mode="drop")
+    key_lo = state["key_lo"].at[put_n].set(lo_n, mode="drop")
+    last_c = last_c.at[put_n].set(step, mode="drop")
+    freq_c = freq_c.at[put_n].set(1, mode="drop")
     new_n = slot_n >= 0
     probe_n = jnp.where(found_n, found_off_n, jnp.where(new_n, off_n, 0))
     step_counts = jnp.stack(

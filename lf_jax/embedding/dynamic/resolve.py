@@ -15,11 +15,16 @@ On every device, for the keys of the features that read the table:
 3. each owner dedupes the keys of every sender in place (each key resolved at its
    leader entry; the hash table's priority is the key value, not the entry order) and
    resolves them (find, admit, insert,
-   evict: lf_jax.embedding.dynamic.hash_table), resetting the rows and optimizer slots
-   of inserted keys to their initial values, then sends every key's slot back (a second
-   ``all_to_all``). Devices outside a table_wise_row_wise group receive no keys;
-4. a key in slot c of shard j becomes row ``c * shards + j`` of the collection's table,
+   evict: lf_jax.embedding.dynamic.hash_table), then sends every key's slot back (a
+   second ``all_to_all``). Devices outside a table_wise_row_wise group receive no keys;
+4. after the ``cond`` (which holds only the hash index, so XLA copies neither rows nor
+   optimizer slots), each owner resets the rows and optimizer slots of its inserted
+   keys to their initial values (``reset_inserted``);
+5. a key in slot c of shard j becomes row ``c * shards + j`` of the collection's table,
    an absent key becomes padding (-1).
+
+On a mesh of one device the keys stay where they are: dedupe, resolve, reset
+(``one_device``; no owner grouping, no exchange).
 
 Shapes: B batch, L max_ids (the features' ids concatenated), S devices, M = B x L local
 entries, C slots per shard, D dim.
@@ -28,8 +33,6 @@ Example:
     >>> rows, table, opt_slots, index = resolve_table(
     ...     layout, mesh, table, opt_slots, index, [hi_bl], [lo_bl], [valid_bl], step, True)
 """
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -43,20 +46,37 @@ from lf_jax.embedding.dynamic.layout import TableLayout
 from lf_jax.embedding.exchange import capacity_for
 
 
-def reset_inserted(layout: TableLayout, stored, opt_slots, slot_init, new_n, slot_n, hi_n, lo_n):
+def new_ranks(new_n):
+    """[N] int32: each new key's rank among the new keys of ``new_n`` [N] bool (entry
+    order), -1 for the others."""
+    return jnp.where(new_n, jnp.cumsum(new_n, dtype=jnp.int32) - 1, -1)
+
+
+def reset_inserted(
+    layout: TableLayout, stored, opt_slots, slot_init, new_n, slot_n, hi_n, lo_n, chunk=None
+):
     """(stored, opt_slots) with the rows of the keys ``new_n`` [N] inserted at ``slot_n``
     [N] reset to their initial rows (``initial_rows``, a function of the key) and the
     optimizer slots to their initial values. A step inserts few of its keys once the
-    table is warm: the new keys are packed into N // 8 entries (one cumsum, one scatter)
-    and only those get rows computed and written; a step with more takes the [N] branch
-    of a ``lax.switch``, with the same result; a step inserting none writes nothing."""
+    table is warm: the new keys are packed by rank (``new_ranks``, computed only when
+    some key is new), ``chunk`` at a time (default N // 8), and only those get rows
+    computed and written, in a ``while_loop`` of ceil(new keys / chunk) rounds (none when
+    no key is new). The table and slots are updated in place: no branch of a ``cond``
+    holds them (a cond's result never shares its operand's buffer: XLA would copy)."""
     spec, group, piece = layout.spec, layout.group, layout.piece
     n = new_n.shape[0]
+    chunk = max(1, n // 8) if chunk is None else min(chunk, n)
+    count = jnp.sum(new_n, dtype=jnp.int32)
+    rank_n = jax.lax.cond(
+        count > 0, new_ranks, lambda new: jnp.full(new.shape, -1, jnp.int32), new_n
+    )
 
-    def reset(width, stored, opt_slots):
-        target = jnp.where(new_n, jnp.cumsum(new_n, dtype=jnp.int32) - 1, width)
+    def reset(carry):
+        start, stored, opt_slots = carry
+        within_n = rank_n - start
+        target = jnp.where((within_n >= 0) & (within_n < chunk), within_n, chunk)
         pick = (
-            jnp.full((width,), n, jnp.int32)
+            jnp.full((chunk,), n, jnp.int32)
             .at[target]
             .set(jnp.arange(n, dtype=jnp.int32), mode="drop")
         )
@@ -68,19 +88,12 @@ def reset_inserted(layout: TableLayout, stored, opt_slots, slot_init, new_n, slo
             k: v.at[0, local].set(jnp.asarray(slot_init[k], v.dtype), mode="drop")
             for k, v in opt_slots.items()
         }
-        return stored, opt_slots
+        return start + chunk, stored, opt_slots
 
-    small = n // 8
-    if small == 0:
-        return reset(n, stored, opt_slots)
-    count = jnp.sum(new_n, dtype=jnp.int32)
-    branch = jnp.where(count == 0, 0, jnp.where(count > small, 2, 1))
-    return jax.lax.switch(
-        branch,
-        [lambda s, o: (s, o), functools.partial(reset, small), functools.partial(reset, n)],
-        stored,
-        opt_slots,
+    _, stored, opt_slots = jax.lax.while_loop(
+        lambda c: c[0] < count, reset, (jnp.int32(0), stored, opt_slots)
     )
+    return stored, opt_slots
 
 
 def resolve_table(
@@ -102,19 +115,33 @@ def resolve_table(
     batch_spec = PartitionSpec(*([None] * (his[0].ndim - 2)), axes)
     slot_init = {k: group.optimizer.slot_init(k) for k in opt_slots}
 
-    def shard(stored, opt_slots, index, hi, lo, valid, step):
-        shape = hi.shape
-        hi, lo, valid = hi.reshape(-1), lo.reshape(-1), valid.reshape(-1)
+    def one_device(table, hi, lo, valid, step):
+        """The only device owns every key: dedupe (each key resolved at its leader
+        entry), resolve; no routing, no exchange. (ids [M], index, [(slot, new, hi,
+        lo)] of the resolved entries, [M] each)."""
+        pos = jnp.arange(hi.shape[0], dtype=jnp.int32)
+        leader = key_leaders(hi, lo, valid)
+        slot, new, table = resolve_shard(
+            table, hi, lo, valid & (leader == pos), step, policy, insert
+        )
+        return jnp.where(valid, slot[leader], -1), table, [(slot, new, hi, lo)]
+
+    def routed(table, hi, lo, valid, step):
+        """Keys to their owners and back (module docstring); returns what one_device
+        does, the owners' entries in [S x width] (and [S x M]) sets."""
         m = hi.shape[0]
         owner = (key_hash(jnp, hi, lo, salt(OWNER_SALT, policy.seed)) % shards).astype(jnp.int32)
         (u_owner, u_hi, u_lo), inverse = group_by_owner(owner, hi, lo, valid, shards)
         to_device = owner_device[u_owner]  # `devices` (padding) is dropped by the scatters
-        start = jnp.searchsorted(u_owner, jnp.arange(shards, dtype=jnp.int32))
+        load = jnp.zeros((shards + 1,), jnp.int32).at[u_owner].add(1)[:shards]
+        start = jnp.cumsum(load) - load  # u_owner ascending: each owner's first position
         within = jnp.arange(m, dtype=jnp.int32) - start[jnp.minimum(u_owner, shards - 1)]
 
-        def owner_resolve(width, stored, opt_slots, table):
-            """Keys to owners through [S, width] buffers, resolved there; returns each
-            unique local key's slot at its owner (-1: none)."""
+        def owner_resolve(width, table):
+            """Keys to owners through [S, width] buffers, resolved there. Returns each
+            unique local key's slot at its owner (-1: none), the owner's new index and
+            (with ``insert``) its received keys' (slot, new, hi, lo)
+            [S x width] each, for the rows' reset outside the ``cond``."""
 
             # hi, lo and validity in one [S, width, 3] buffer: one scatter, one all_to_all
             entries = jnp.stack([u_hi, u_lo, (u_owner < shards).astype(jnp.uint32)], axis=-1)
@@ -125,41 +152,54 @@ def resolve_table(
             )
             received = jax.lax.all_to_all(sent, axes, 0, 0, tiled=True).reshape(-1, 3)
             r_hi, r_lo, r_valid = received[:, 0], received[:, 1], received[:, 2] > 0
-            o_hi, o_lo = r_hi, r_lo
-            if devices == 1:  # the one owner gets its own keys, already distinct
-                o_valid, o_inverse = r_valid, jnp.arange(r_hi.shape[0], dtype=jnp.int32)
-            else:  # each key once (at its leader), in place: no compaction, no sort
-                o_inverse = key_leaders(r_hi, r_lo, r_valid)
-                o_valid = r_valid & (o_inverse == jnp.arange(r_hi.shape[0], dtype=jnp.int32))
-            slot_u, new_u, table = resolve_shard(table, o_hi, o_lo, o_valid, step, policy, insert)
+            # each key once (at its leader), in place: no compaction, no sort
+            o_inverse = key_leaders(r_hi, r_lo, r_valid)
+            o_valid = r_valid & (o_inverse == jnp.arange(r_hi.shape[0], dtype=jnp.int32))
+            slot_u, new_u, table = resolve_shard(table, r_hi, r_lo, o_valid, step, policy, insert)
             back = jax.lax.all_to_all(
                 slot_u[o_inverse].reshape(devices, width), axes, 0, 0, tiled=True
             )
-            if insert:  # inserted keys start from fresh rows and optimizer slots
-                stored, opt_slots = reset_inserted(
-                    layout, stored, opt_slots, slot_init, new_u, slot_u, o_hi, o_lo
-                )
             got = back.at[to_device, within].get(mode="fill", fill_value=-1)
-            return got, stored, opt_slots, table
+            return got, table, (slot_u, new_u, r_hi, r_lo) if insert else ()
 
-        table = {k: v[0] for k, v in index.items()}
+        def nothing_new(size):
+            """(slot, new, hi, lo) [size] each of no new key."""
+            zeros = jnp.zeros((size,), jnp.uint32)
+            return jnp.zeros((size,), jnp.int32), jnp.zeros((size,), bool), zeros, zeros
+
         width = capacity_for(m, 1 / shards, m)
         if width >= m:
-            got, stored, opt_slots, table = owner_resolve(m, stored, opt_slots, table)
+            got, table, owned = owner_resolve(m, table)
+            owned_sets = [owned]
         else:  # the [S, width] buffers unless some device has more keys for one owner
-            load = jnp.zeros((shards + 1,), jnp.int32).at[u_owner].add(1)[:shards]
             over = jax.lax.pmax((jnp.max(load) > width).astype(jnp.int32), axes)
-            got, stored, opt_slots, table = jax.lax.cond(
-                over > 0,
-                functools.partial(owner_resolve, m),
-                functools.partial(owner_resolve, width),
-                stored,
-                opt_slots,
-                table,
-            )
+
+            def narrow(table):
+                got, table, owned = owner_resolve(width, table)
+                return got, table, [owned, nothing_new(devices * m) if insert else ()]
+
+            def wide(table):
+                got, table, owned = owner_resolve(m, table)
+                return got, table, [nothing_new(devices * width) if insert else (), owned]
+
+            got, table, owned_sets = jax.lax.cond(over > 0, wide, narrow, table)
         row_u = jnp.where(got >= 0, got * shards + u_owner, -1)
-        ids = jnp.where(valid, row_u[inverse], -1).reshape(shape)
-        return ids, stored, opt_slots, {k: v[None] for k, v in table.items()}
+        return jnp.where(valid, row_u[inverse], -1), table, owned_sets
+
+    def shard(stored, opt_slots, index, hi, lo, valid, step):
+        shape = hi.shape
+        hi, lo, valid = hi.reshape(-1), lo.reshape(-1), valid.reshape(-1)
+        table = {k: v[0] for k, v in index.items()}
+        resolve = one_device if devices == 1 else routed
+        ids, table, owned_sets = resolve(table, hi, lo, valid, step)
+        # an eighth of the [S, width] buffers (one device: of its entries)
+        chunk = max(1, owned_sets[0][0].shape[0] // 8) if insert else 1
+        for slot_o, new_o, hi_o, lo_o in owned_sets if insert else ():
+            # inserted keys start from fresh rows and optimizer slots
+            stored, opt_slots = reset_inserted(
+                layout, stored, opt_slots, slot_init, new_o, slot_o, hi_o, lo_o, chunk
+            )
+        return ids.reshape(shape), stored, opt_slots, {k: v[None] for k, v in table.items()}
 
     table_spec = group.partition_spec(None, None)
     slot_specs = {k: group.partition_spec(*([None] * (v.ndim - 1))) for k, v in opt_slots.items()}
