@@ -33,8 +33,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from lf_jax.embedding.dedupe import leaders, position_bits, running_count
-from lf_jax.embedding.exchange import CHUNK, chunked_size, exchange_blocks, owner_rows
+from lf_jax.embedding.dedupe import compacted_positions, leaders, position_bits
+from lf_jax.embedding.exchange import CHUNK, exchange_blocks, owner_rows
 from lf_jax.errors import UserInputError
 
 STACKED_SUMS = 16  # owners up to which sum_into_layout keeps one buffer per owner
@@ -137,10 +137,7 @@ def sum_into_layout(place_m, valid_m, gradient, shape: tuple[int, int, int]) -> 
     size = owners * capacity
     m = valid_m.shape[0]
     chunk = min(CHUNK, m)
-    padded = chunked_size(m)
-    pos_m = jnp.arange(m, dtype=jnp.int32)
-    order_m = jnp.where(valid_m, running_count(valid_m) - 1, padded)
-    real_k = jnp.full((padded,), m, jnp.int32).at[order_m].set(pos_m, mode="drop")
+    real_k = compacted_positions(valid_m, chunk)
     stacked = owners <= STACKED_SUMS
 
     def add_chunk(c, sums):

@@ -31,6 +31,22 @@ def running_count(x_m: jax.Array) -> jax.Array:
     return jax.lax.associative_scan(jnp.add, x_m.astype(jnp.int32))
 
 
+def compacted_positions(mask_m: jax.Array, chunk: int) -> jax.Array:
+    """[P] int32 positions of the True entries of ``mask_m`` [M], in order, then M
+    (padding), P = M rounded up to a multiple of ``chunk``: loops that take ``chunk``
+    positions per iteration visit only the selected entries, in ceil(count / chunk)
+    iterations.
+
+    Example:
+        >>> compacted_positions(jnp.array([False, True, True]), 2)  # [1, 2, 3, 3]
+    """
+    m = mask_m.shape[0]
+    padded = -(-m // chunk) * chunk
+    order_m = jnp.where(mask_m, running_count(mask_m) - 1, padded)
+    pos_m = jnp.arange(m, dtype=jnp.int32)
+    return jnp.full((padded,), m, jnp.int32).at[order_m].set(pos_m, mode="drop")
+
+
 def position_bits(entries: int) -> int:
     """Bits of an entry position (0 .. entries - 1)."""
     return max(1, (entries - 1).bit_length())

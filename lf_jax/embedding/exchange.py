@@ -37,7 +37,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from lf_jax.embedding.dedupe import first_appearances, running_count, unique_with_inverse
+from lf_jax.embedding.dedupe import compacted_positions, first_appearances, unique_with_inverse
 from lf_jax.errors import UserInputError
 
 INT32_LIMIT = 2**31 - 1
@@ -305,14 +305,12 @@ def sum_and_apply(
     """
     m = keys_m.shape[0]
     chunk = min(CHUNK, m)
-    padded, size = chunked_size(m), grad_kd.shape[0]
+    size = grad_kd.shape[0]
     num_rows = table_rd.shape[0]
     keys_m = jnp.where(valid_m, keys_m, fill)
     unique_u, inverse_m, is_first_m, index = first_appearances(keys_m, fill, index)
-    pos_m = jnp.arange(m, dtype=jnp.int32)
     count = jnp.max(jnp.where(valid_m, inverse_m, -1)) + 1  # distinct keys' rows used
-    order_m = jnp.where(valid_m, running_count(valid_m) - 1, padded)
-    real_k = jnp.full((padded,), m, jnp.int32).at[order_m].set(pos_m, mode="drop")
+    real_k = compacted_positions(valid_m, chunk)
     num_real = jnp.sum(valid_m, dtype=jnp.int32)
 
     def add_entries(c, grad_kd):

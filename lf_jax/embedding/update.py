@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from lf_jax.embedding.buckets import Buckets, always_fits, sum_into_layout
-from lf_jax.embedding.dedupe import dense_index_size, leaders, running_count
+from lf_jax.embedding.dedupe import compacted_positions, dense_index_size, leaders
 from lf_jax.embedding.exchange import (
     Requests,
     apply_rows,
@@ -297,9 +297,7 @@ def apply_received(table_rd, slots_r: dict, row_k, grad_kd, optimizer, step):
     leader_k = leaders(jnp.where(valid_k, row_k, rows))
     dup_k = valid_k & (leader_k != pos_k)
     chunk = min(DUP_CHUNK, size)
-    padded = -(-size // chunk) * chunk
-    order_k = jnp.where(dup_k, running_count(dup_k) - 1, padded)
-    dups_k = jnp.full((padded,), size, jnp.int32).at[order_k].set(pos_k, mode="drop")
+    dups_k = compacted_positions(dup_k, chunk)
 
     def add_dups(c, grad_kd):  # duplicates are never leaders: their rows stay unchanged
         from_k = jax.lax.dynamic_slice(dups_k, (c * chunk,), (chunk,))

@@ -97,11 +97,16 @@ def _result_bytes(line: str) -> list[int]:
     result = result[: _OPCODE.search(result).start()]
     sizes = []
     for dtype, dims in _SHAPE.findall(result):
-        count = 1
-        for dim in filter(None, dims.split(",")):
-            count *= int(dim)
-        sizes.append(count * _ITEMSIZE.get(dtype, 8 if dtype.endswith("64") else 4))
+        sizes.append(_count(dims) * _ITEMSIZE.get(dtype, 8 if dtype.endswith("64") else 4))
     return sizes
+
+
+def _count(dims: str) -> int:
+    """Elements of an HLO shape's dims ("8,64"; "" for a scalar)."""
+    count = 1
+    for dim in filter(None, dims.split(",")):
+        count *= int(dim)
+    return count
 
 
 def received_bytes(op: Collective) -> int:
@@ -155,10 +160,7 @@ _MOVES_DATA = {"parameter", "bitcast", "slice", "constant", "broadcast", "iota",
 
 def _elements(shape: str) -> int:
     dims = _SHAPE.search(shape)
-    count = 1
-    for dim in filter(None, dims.group(2).split(",") if dims else ()):
-        count *= int(dim)
-    return count
+    return _count(dims.group(2)) if dims else 1
 
 
 def all_to_all_overcounted_producers(hlo_text: str) -> list[str]:

@@ -6,7 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lf_jax.embedding.dedupe import dense_index_size, first_appearances, unique_with_inverse
+from lf_jax.embedding.dedupe import (
+    compacted_positions,
+    dense_index_size,
+    first_appearances,
+    running_count,
+    unique_with_inverse,
+)
 from lf_jax.embedding.exchange import sum_and_apply
 from lf_jax.embedding.sparse_optim import rowwise_adagrad
 
@@ -96,3 +102,16 @@ def test_dense_index_is_handed_back_clean_and_reusable():
         is_first = np.zeros(m, bool)
         is_first[first_pos] = True
         np.testing.assert_array_equal(np.asarray(got[2]), is_first)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 100])
+def test_running_count_and_compacted_positions_match_numpy(chunk):
+    """Prefix sums equal numpy's cumsum; the compacted positions list the selected
+    entries in order, then M, padded to a multiple of ``chunk``."""
+    mask = np.random.default_rng(chunk).random(100) < 0.3
+    np.testing.assert_array_equal(np.asarray(running_count(jnp.asarray(mask))), np.cumsum(mask))
+    got = np.asarray(jax.jit(compacted_positions, static_argnums=1)(jnp.asarray(mask), chunk))
+    padded = -(-mask.size // chunk) * chunk
+    want = np.full(padded, mask.size)
+    want[: mask.sum()] = np.flatnonzero(mask)
+    np.testing.assert_array_equal(got, want)

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from lf_jax.embedding.dedupe import running_count
 from lf_jax.embedding.dynamic.hash_table import resolve_shard
 from lf_jax.embedding.dynamic.key_dedupe import group_by_owner, key_leaders
 from lf_jax.embedding.dynamic.keys import OWNER_SALT, initial_rows, key_hash, salt
@@ -49,7 +50,7 @@ from lf_jax.embedding.exchange import capacity_for
 def new_ranks(new_n):
     """[N] int32: each new key's rank among the new keys of ``new_n`` [N] bool (entry
     order), -1 for the others."""
-    return jnp.where(new_n, jnp.cumsum(new_n, dtype=jnp.int32) - 1, -1)
+    return jnp.where(new_n, running_count(new_n) - 1, -1)
 
 
 def reset_inserted(
