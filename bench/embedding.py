@@ -140,16 +140,23 @@ def _timed_steps(run_step, state, batches, cfg):
     return state, (times, cpu), float(loss)
 
 
-def _build_ours(cfg: dict):
-    """Collection, device batches, dense vector and the jitted (donating) train step."""
+def _build_ours(cfg: dict, package: str = "lf_jax"):
+    """Collection, device batches, dense vector and the jitted (donating) train step,
+    built with ``package`` (lf_jax, or a renamed copy of another tree's: bench/step_ab.py)."""
+    import importlib
+
     import jax
 
-    from lf_jax import embedding as plan_lib
-    from lf_jax.distributed.mesh import make_mesh
-    from lf_jax.embedding.collection import EmbeddingCollection
-    from lf_jax.embedding.preprocess import id_fill, preprocess
-    from lf_jax.embedding.sparse_optim import rowwise_adagrad
-    from lf_jax.embedding.spec import FeatureSpec, TableSpec
+    def module(name):
+        return importlib.import_module(f"{package}.{name}")
+
+    plan_lib = module("embedding")
+    make_mesh = module("distributed.mesh").make_mesh
+    EmbeddingCollection = module("embedding.collection").EmbeddingCollection
+    prep, spec = module("embedding.preprocess"), module("embedding.spec")
+    id_fill, preprocess = prep.id_fill, prep.preprocess
+    rowwise_adagrad = module("embedding.sparse_optim").rowwise_adagrad
+    FeatureSpec, TableSpec = spec.FeatureSpec, spec.TableSpec
 
     mesh = make_mesh({"data": cfg["devices"]})
     names = [f"t{t}" for t in range(cfg["num_tables"])]

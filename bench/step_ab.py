@@ -15,7 +15,6 @@ Example (the base checkout beside the working tree):
     PYTHONPATH=. python bench/step_ab.py uniform 8 1e6 10 /work/base-19 .
 """
 
-import importlib
 import re
 import resource
 import shutil
@@ -41,46 +40,9 @@ def copy_package(tree: str, name: str, into: Path) -> None:
 
 def build(pkg: str, cfg: dict):
     """A run() closure: one donated step of ``pkg``'s collection on the next batch."""
-
-    def module(name):
-        return importlib.import_module(f"{pkg}.{name}")
-
-    spec, pre = module("embedding.spec"), module("embedding.preprocess")
-    optim, plans = module("embedding.sparse_optim"), module("embedding")
-    names = [f"t{t}" for t in range(cfg["num_tables"])]
-    tables = [
-        spec.TableSpec(
-            name=n,
-            vocab_size=cfg["vocab"],
-            dim=cfg["dim"],
-            optimizer=optim.rowwise_adagrad(bench.LEARNING_RATE),
-        )
-        for n in names
-    ]
-    features = [
-        spec.FeatureSpec(name=f"f{t}", table=n, max_ids=cfg["max_ids"], combiner="sum")
-        for t, n in enumerate(names)
-    ]
-    by_name = ({f.name: f for f in features}, {t.name: t for t in tables})
-    host = [pre.preprocess(*by_name, b) for b in bench.host_batches(cfg)]
-    coll = module("embedding.collection").EmbeddingCollection(
-        tables,
-        features,
-        {n: plans.data_parallel() for n in names},
-        module("distributed.mesh").make_mesh({"data": 1}),
-        id_fill=pre.id_fill(host, 1),
-    )
-    batches = [coll.shard_batch(b) for b in host]
-    r_d = jax.device_put(np.random.default_rng(1).normal(size=cfg["dim"]).astype(np.float32))
-
-    def step(state, batch, r_d):
-        routing = coll.routing(batch)
-        acts = coll.lookup(state["tables"], batch, routing)
-        loss, g_acts = jax.value_and_grad(bench._loss)(acts, r_d)
-        return coll.apply_gradients(state, batch, g_acts, routing=routing), loss
-
+    coll, batches, r_d, jitted = bench._build_ours({**cfg, "plan": "data_parallel"}, pkg)
     state = jax.block_until_ready(coll.init(jax.random.key(0)))
-    compiled = jax.jit(step, donate_argnums=0).lower(state, batches[0], r_d).compile()
+    compiled = jitted.lower(state, batches[0], r_d).compile()
     box = {"state": state, "i": 0, "losses": []}
 
     def run():
