@@ -188,12 +188,18 @@ def _build_ours(cfg: dict, package: str = "lf_jax"):
     batches = [coll.shard_batch(b) for b in host]
     r_d = jax.device_put(np.random.default_rng(1).normal(size=cfg["dim"]).astype(np.float32))
 
-    def step(state, batch, r_d):
-        routing = coll.routing(batch)  # built once, shared by the lookup and the update
+    def step(state, batch, r_d, capacities=None):
+        # built once, shared by the lookup and the update (a base tree's takes no capacities)
+        routing = coll.routing(batch) if capacities is None else coll.routing(batch, capacities)
         acts = coll.lookup(state["tables"], batch, routing)
         loss, g_acts = jax.value_and_grad(_loss)(acts, r_d)
-        return coll.apply_gradients(state, batch, g_acts, routing=routing), loss
+        state = coll.apply_gradients(state, batch, g_acts, routing=routing)
+        if cfg.get("capacities") == "traffic":  # capacities from the traffic: report it
+            return state, (loss, module("embedding.capacity").exchange_counts(routing))
+        return state, loss
 
+    if cfg.get("capacities") == "traffic":
+        return coll, batches, r_d, jax.jit(step, donate_argnums=0, static_argnames="capacities")
     return coll, batches, r_d, jax.jit(step, donate_argnums=0)
 
 

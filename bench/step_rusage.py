@@ -1,11 +1,16 @@
 """One embedding step, 8 tables x 1e6 x 64: user and system CPU ms and page faults per step.
 
-Usage: python bench/step_rusage.py {uniform,zipf} {1,8} TREE
+Usage: python bench/step_rusage.py {uniform,zipf} {1,8} TREE [traffic]
 TREE is the source tree whose bench/embedding.py builds the step (run with
 PYTHONPATH=TREE too), so that a copy of an older commit can be measured beside the
 current one (A/B in one session). Same workload as bench/step_profile.py; prints the
 median over 6 timed steps of getrusage user and system time and minor page faults,
 the compiled step's XLA temp bytes and the last loss.
+
+``traffic``: exchange capacities from the traffic (lf_jax.embedding.capacity): the
+first step runs with the static capacities, each step returns its exchange counts, a
+CapacityChooser picks the capacities of the next steps (each count observed one step
+late, as a trainer would); the line adds the capacities used and the compiles.
 
 glibc serves XLA's large temp buffers with fresh mmaps, faulted in again every step (the
 temp bytes / 4 KiB minor faults per step and device) unless mmap is off for them:
@@ -24,6 +29,7 @@ import sys
 from pathlib import Path
 
 DIST, DEVICES, TREE = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+TRAFFIC = sys.argv[4:] == ["traffic"]
 if DEVICES > 1:
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES}"
 sys.path.insert(0, os.path.join(TREE, "bench"))
@@ -65,16 +71,44 @@ def main() -> None:
         "devices": DEVICES,
         "plan": "data_parallel" if DEVICES == 1 else "row_wise",
     }
+    if TRAFFIC:
+        cfg["capacities"] = "traffic"
     coll, batches, r_d, jitted = bench._build_ours(cfg)
     state = jax.block_until_ready(coll.init(jax.random.key(0)))
-    compiled = jitted.lower(state, batches[0], r_d).compile()
+    if TRAFFIC:
+        from lf_jax.embedding.capacity import CapacityChooser
+
+        chooser, used, late = CapacityChooser(coll, cfg["batch"]), {}, None
+
+        def run(state, batch):
+            nonlocal late
+            caps = chooser.capacities()
+            if caps not in used:
+                used[caps] = jitted.lower(state, batch, r_d, capacities=caps).compile()
+            state, (loss, counts) = used[caps](state, batch, r_d)
+            if late is not None:
+                chooser.observe(late)  # the previous step's counts (done by now)
+            late = counts
+            return state, loss
+
+        # the first step only: its counts size the next steps, and the compile of their
+        # capacities happens before the timed steps
+        state, loss = run(state, batches[0])
+        chooser.observe(jax.block_until_ready(late))
+        late = None
+    else:
+        compiled = jitted.lower(state, batches[0], r_d).compile()
+
+        def run(state, batch):
+            return compiled(state, batch, r_d)
+
     for i in range(2):
-        state, loss = compiled(state, batches[i % 3], r_d)
+        state, loss = run(state, batches[i % 3])
         jax.block_until_ready(state)
     rows = []
     for i in range(6):
         before = resource.getrusage(resource.RUSAGE_SELF)
-        state, loss = compiled(state, batches[i % 3], r_d)
+        state, loss = run(state, batches[i % 3])
         jax.block_until_ready((state, loss))
         after = resource.getrusage(resource.RUSAGE_SELF)
         rows.append(
@@ -85,7 +119,10 @@ def main() -> None:
             )
         )
     user, system, faults = np.median(np.array(rows), axis=0)
-    temp_mb = compiled.memory_analysis().temp_size_in_bytes / 1e6
+    if TRAFFIC:
+        compiled = used[chooser.capacities()] if chooser.capacities() in used else None
+        print(f"capacities compiled {list(used)}, static {chooser.static}")
+    temp_mb = compiled.memory_analysis().temp_size_in_bytes / 1e6 if compiled else float("nan")
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3  # KiB on Linux
     malloc = "mmap" if _malloc_mmaps_large_blocks() else "heap"
     rollup = Path("/proc/self/smaps_rollup")

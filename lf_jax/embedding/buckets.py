@@ -60,7 +60,9 @@ def always_fits(entries: int, rows: int, capacity: int) -> bool:
 
 
 @functools.partial(
-    jax.tree_util.register_dataclass, data_fields=["ask_sc", "entry_m", "fits"], meta_fields=[]
+    jax.tree_util.register_dataclass,
+    data_fields=["ask_sc", "entry_m", "fits", "most"],
+    meta_fields=[],
 )
 @dataclasses.dataclass(frozen=True)
 class Buckets:
@@ -69,12 +71,21 @@ class Buckets:
     ask_sc: [S, C] local rows to ask owner s for (``rows`` where the bucket is shorter);
     entry_m: [M] each valid entry's row in the [S * C] layout (0 for padding);
     fits: scalar bool, the same on every device of ``all_axes``: every bucket of every
-    device holds at most C keys.
+    device holds at most C keys;
+    most: scalar int32, the same on every device: the most distinct keys any device has
+    for one owner (what C must be for one round; lf_jax.embedding.capacity sizes C
+    from it).
     """
 
     ask_sc: jax.Array
     entry_m: jax.Array
     fits: jax.Array
+    most: jax.Array
+
+    @property
+    def capacity(self) -> int:
+        """C, the static capacity per owner this layout was built for."""
+        return self.ask_sc.shape[-1]
 
     @classmethod
     def build(cls, slot_m, local_m, num_slots: int, rows: int, capacity: int, all_axes):
@@ -107,12 +118,11 @@ class Buckets:
             .set(place_sc, mode="drop")
         )
         entry_m = jnp.where(valid_m, place_m.at[leader_m].get(mode="promise_in_bounds"), 0)
-        if always_fits(m, rows, capacity):
-            return cls(ask_sc, entry_m, jnp.bool_(True))
         most = jnp.max(count_s)
         if all_axes:
             most = jax.lax.pmax(most, all_axes)
-        return cls(ask_sc, entry_m, most <= capacity)
+        fits = jnp.bool_(True) if always_fits(m, rows, capacity) else most <= capacity
+        return cls(ask_sc, entry_m, fits, most)
 
 
 def fetch_one_round(layout: Buckets, table_rd, axes) -> jax.Array:

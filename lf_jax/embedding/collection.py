@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lf_jax.embedding import preprocess as preprocess_lib
 from lf_jax.embedding.buckets import Buckets
+from lf_jax.embedding.capacity import checked_capacities, exchanged_routes
 from lf_jax.embedding.huge_pages import back_with_huge_pages
 from lf_jax.embedding.lookup import (
     GroupRoute,
@@ -305,22 +306,30 @@ class EmbeddingCollection:
         return jax.tree.map(lambda x: jax.device_put(x, sharding), batch)
 
     # ----- lookup and update ----------------------------------------------------------------
-    def routing(self, batch: SparseBatch) -> dict[str, Buckets]:
+    def routing(
+        self, batch: SparseBatch, capacities: Mapping[str, int] | Sequence | None = None
+    ) -> dict[str, Buckets]:
         """The exchange layout (dedupe + owner buckets) of ``batch``'s ids for every group
         whose rows are spread over devices. Pass it to both ``lookup`` and
         ``apply_gradients`` of one step, and they build it once instead of twice
         (8 tables x 4096 x 20 ids on 8 CPU devices: ~12 CPU ms per device and step).
+        ``capacities``: {group: keys per owner} (or its items, e.g.
+        ``lf_jax.embedding.capacity.CapacityChooser.capacities()``), static; groups not
+        named keep ``GroupRoute.capacity``. Any capacity is exact (more rounds when a
+        batch overflows it); each layout's ``most`` says what would have fit.
 
         Example:
             >>> routing = coll.routing(batch)
             >>> acts = coll.lookup(state["tables"], batch, routing)
             >>> state = coll.apply_gradients(state, batch, g_acts, routing=routing)
         """
+        given = checked_capacities(self, capacities)
         coefs = combiner_coefficients(self.features, batch)
         return {
-            route.group.name: group_layout(self.mesh, route, *route.entries(batch.ids, coefs)[:2])
-            for route in self.routes
-            if route.blocks and route.group.num_slots > 1
+            r.group.name: group_layout(
+                self.mesh, r, *r.entries(batch.ids, coefs)[:2], given.get(r.group.name)
+            )
+            for r in exchanged_routes(self)
         }
 
     def lookup(

@@ -205,25 +205,37 @@ class GroupRoute:
         return jnp.concatenate(parts, axis=-2)
 
 
-def shard_layout(route: GroupRoute, slot_m, local_m, all_axes) -> Buckets:
+def shard_layout(
+    route: GroupRoute, slot_m, local_m, all_axes, capacity: int | None = None
+) -> Buckets:
     """Inside shard_map: the one-round layout of a device's [M] entries of a group whose
-    rows are spread over several slots (the forward and the update build the same one)."""
+    rows are spread over several slots (the forward and the update build the same one),
+    for ``capacity`` keys per owner (None: ``route.capacity(M)``)."""
     group, m = route.group, slot_m.shape[0]
     check_packed_range(group.name, m, group.num_slots)
-    return Buckets.build(slot_m, local_m, group.num_slots, group.rows, route.capacity(m), all_axes)
+    capacity = route.capacity(m) if capacity is None else capacity
+    return Buckets.build(slot_m, local_m, group.num_slots, group.rows, capacity, all_axes)
 
 
-def group_layout(mesh: Mesh, route: GroupRoute, slot_be, local_be) -> Buckets:
+def group_layout(
+    mesh: Mesh, route: GroupRoute, slot_be, local_be, capacity: int | None = None
+) -> Buckets:
     """Every device's one-round layout of its [B, E] entries, as global arrays (ask
-    [n * S, C], entry [n * B, E], fits [n]; n devices), for ``group_forward`` and
-    ``group_update`` to share: one dedupe and bucketing per step instead of two. Only
-    for groups with ``num_slots > 1``."""
+    [n * S, C], entry [n * B, E], fits and most [n]; n devices), for ``group_forward``
+    and ``group_update`` to share: one dedupe and bucketing per step instead of two.
+    Only for groups with ``num_slots > 1``. ``capacity``: C (None: the static
+    ``route.capacity``); the forward and update of a given layout exchange with its C."""
     all_axes = tuple(mesh.axis_names)
     spec = PartitionSpec(all_axes)
 
     def shard(slot_be, local_be):
-        layout = shard_layout(route, slot_be.reshape(-1), local_be.reshape(-1), all_axes)
-        return Buckets(layout.ask_sc, layout.entry_m.reshape(slot_be.shape), layout.fits[None])
+        layout = shard_layout(route, slot_be.reshape(-1), local_be.reshape(-1), all_axes, capacity)
+        return Buckets(
+            layout.ask_sc,
+            layout.entry_m.reshape(slot_be.shape),
+            layout.fits[None],
+            layout.most[None],
+        )
 
     return jax.shard_map(shard, mesh=mesh, in_specs=(spec, spec), out_specs=spec, check_vma=False)(
         slot_be, local_be
@@ -232,7 +244,7 @@ def group_layout(mesh: Mesh, route: GroupRoute, slot_be, local_be) -> Buckets:
 
 def local_layout(layout: Buckets) -> Buckets:
     """Inside shard_map: a device's block of ``group_layout``'s arrays, as built there."""
-    return Buckets(layout.ask_sc, layout.entry_m.reshape(-1), layout.fits[0])
+    return Buckets(layout.ask_sc, layout.entry_m.reshape(-1), layout.fits[0], layout.most[0])
 
 
 def group_forward(
@@ -257,7 +269,8 @@ def group_forward(
         if group.num_slots == 1:  # every row of the group is here: pool straight from it
             return route.pool(stored_1rd[0], local_be, coef_be)
         b, e = slot_be.shape
-        slot_m, local_m, capacity = slot_be.reshape(-1), local_be.reshape(-1), route.capacity(b * e)
+        slot_m, local_m = slot_be.reshape(-1), local_be.reshape(-1)
+        capacity = route.capacity(b * e) if given is None else given.capacity
 
         def rounds(_):  # sorted keys, as many rounds as skew needs
             requests = Requests.build(slot_m, local_m, group.num_slots, group.rows)

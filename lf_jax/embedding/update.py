@@ -201,9 +201,9 @@ def _push_entries(
     group = route.group
     slot_m, local_m, coef_m = slot_ne.reshape(-1), local_ne.reshape(-1), coef_ne.reshape(-1)
     m, num_slots, rows = slot_m.size, group.num_slots, group.rows
-    capacity = route.capacity(m)
     if layout is None:
         layout = shard_layout(route, slot_m, local_m, all_axes)
+    capacity = layout.capacity
     valid_m = slot_m >= 0
     width, num_out = slot_ne.shape[1], grad_ncd.shape[1]
     grad_cd = grad_ncd.reshape(-1, group.dim)  # row n * C + c: output column c of example n

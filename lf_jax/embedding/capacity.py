@@ -1,0 +1,154 @@
+"""Exchange capacities sized from the traffic: a ladder of static sizes and a chooser.
+
+The one-round exchange (lf_jax.embedding.buckets) sends every owner an [S, C] block of
+distinct keys, and the owner gathers, sends back, sums and updates all S x C places
+whatever the batch holds. The static C (``GroupRoute.capacity``: the expected real
+entries per owner + 5 sigma) assumes every entry is a distinct row; under skewed ids
+(zipf) a device has far fewer distinct keys per owner than entries, and most of the
+S x C places are empty.
+
+Each step's layout reports ``most``, the largest count of distinct keys any device
+sends one owner (``EmbeddingCollection.exchange_counts``). ``CapacityChooser`` keeps
+the last ``window`` counts per group and picks, from a short fixed ladder, the
+smallest capacity that holds the largest of them plus ``margin`` standard deviations
+(sqrt of the count). The step is compiled once per rung it visits, never per step
+(the capacities are a static argument of the jitted step: a hashable tuple). A batch
+with more keys than the chosen rung is still exact: it takes the sorted multi-round
+exchange (lf_jax.embedding.exchange), and its count moves the next choice up.
+
+Ladder of a group: the static capacity C0 times 2^(k/4) for integer k, from C0 / 16
+(at least 8 keys) up to the first rung that always fits (every entry, or every row of
+an owner), rounded up to a multiple of 8: rungs 19% apart, a handful of them in use.
+
+Example:
+    >>> chooser = CapacityChooser(coll, batch_size=4096)
+    >>> step = jax.jit(train_step, static_argnames="capacities", donate_argnums=0)
+    >>> for batch in batches:   # train_step(..., capacities) builds coll.routing(batch,
+    ...     state, counts = step(state, batch, capacities=chooser.capacities())
+    ...     chooser.observe(counts)  # counts = coll.exchange_counts(routing)
+"""
+
+import collections
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+from lf_jax.errors import UserInputError
+
+RUNG_RATIO = 2**0.25  # consecutive rungs of a ladder
+LOWEST_FRACTION = 1 / 16  # lowest rung: the static capacity times this
+SMALLEST = 8  # keys per owner of the lowest rung, at least
+
+
+def capacity_ladder(static: int, always: int) -> tuple[int, ...]:
+    """Ascending capacities: ``static`` x RUNG_RATIO^k, k from the lowest rung (static /
+    16, at least SMALLEST) to the first rung >= ``always`` (replaced by ``always``:
+    a capacity that covers every distinct key an owner can get), multiples of 8 except
+    ``always``."""
+    if static < 1 or always < 1:
+        raise UserInputError(f"capacities must be positive, got {static} and {always}")
+    low = max(SMALLEST, static * LOWEST_FRACTION)
+    k = math.floor(math.log(low / static, RUNG_RATIO))
+    rungs: list[int] = []
+    while True:
+        rung = -(-math.ceil(static * RUNG_RATIO**k) // 8) * 8
+        if rung >= always:
+            rungs.append(always)
+            break
+        if not rungs or rung > rungs[-1]:
+            rungs.append(rung)
+        k += 1
+    return tuple(rungs)
+
+
+def exchanged_routes(collection) -> list:
+    """The collection's routes that exchange keys with owners (rows over several slots)."""
+    return [r for r in collection.routes if r.blocks and r.group.num_slots > 1]
+
+
+def checked_capacities(collection, capacities) -> dict[str, int]:
+    """{group: C} from a mapping or its items (None: {}), checked: positive ints, for
+    groups of ``collection`` that exchange."""
+    given = dict(capacities or {})
+    names = sorted(r.group.name for r in exchanged_routes(collection))
+    if set(given) - set(names) or any(
+        isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in given.values()
+    ):
+        raise UserInputError(
+            f"capacities {given} must be positive ints for exchanging shard groups {names}"
+        )
+    return given
+
+
+def entries_per_device(collection, route, batch_size: int) -> int:
+    """M: a device's padded entries of ``route``'s group for a global ``batch_size``."""
+    if batch_size % collection.num_devices:
+        raise UserInputError(
+            f"batch size {batch_size} does not divide over {collection.num_devices} devices"
+        )
+    return batch_size // collection.num_devices * len(route.out_col_e)
+
+
+def static_capacities(collection, batch_size: int) -> dict[str, int]:
+    """Each exchanging group's capacity when none is given (``GroupRoute.capacity``)."""
+    return {
+        route.group.name: route.capacity(entries_per_device(collection, route, batch_size))
+        for route in exchanged_routes(collection)
+    }
+
+
+def exchange_counts(routing: Mapping) -> dict:
+    """Inside the jitted step: each group's ``most`` (a device scalar) from
+    ``EmbeddingCollection.routing``'s layouts, to return for ``CapacityChooser.observe``."""
+    return {name: layout.most[0] for name, layout in routing.items()}
+
+
+class CapacityChooser:
+    """Capacities per shard group from the last ``window`` steps' exchange counts.
+
+    ``capacities()`` returns ((group, C), ...) for ``EmbeddingCollection.routing``: the
+    static capacities until a count is observed, then per group the smallest rung of
+    its ladder >= need = the window's largest count + ``margin`` x sqrt(that count).
+    """
+
+    def __init__(self, collection, batch_size: int, window: int = 16, margin: float = 2.0):
+        """``batch_size``: examples of the global batch the step routes."""
+        if window < 1 or margin < 0:
+            raise UserInputError(f"window must be >= 1 and margin >= 0, got {window}, {margin}")
+        self.static = static_capacities(collection, batch_size)
+        self.ladders = {
+            route.group.name: capacity_ladder(
+                self.static[route.group.name],
+                min(entries_per_device(collection, route, batch_size), route.group.rows),
+            )
+            for route in exchanged_routes(collection)
+        }
+        self.margin = margin
+        self.recent: dict[str, collections.deque] = {
+            name: collections.deque(maxlen=window) for name in self.ladders
+        }
+
+    def observe(self, counts: Mapping) -> None:
+        """Records one step's ``exchange_counts`` (device scalars are read here: pass
+        the previous step's counts to keep the next step's dispatch asynchronous)."""
+        for name, count in counts.items():
+            self.recent[name].append(int(np.max(np.asarray(count))))
+
+    def need(self, name: str) -> int | None:
+        """Keys per owner the group's next step should hold (None before any count)."""
+        if not self.recent[name]:
+            return None
+        most = max(self.recent[name])
+        return math.ceil(most + self.margin * math.sqrt(most))
+
+    def capacities(self) -> tuple[tuple[str, int], ...]:
+        """((group, C), ...) sorted by group: hashable, a jit static argument."""
+        chosen = []
+        for name, rungs in sorted(self.ladders.items()):
+            need = self.need(name)
+            if need is None:
+                chosen.append((name, self.static[name]))
+            else:
+                chosen.append((name, next((r for r in rungs if r >= need), rungs[-1])))
+        return tuple(chosen)
