@@ -114,12 +114,13 @@ def assert_matches_oracle(
     check_steps=(1, STEPS),
     batch_fn=None,
     shared_routing=False,
+    capacities=None,
 ):
     """Runs ``steps`` lookups + updates on coll and the oracle and compares them.
 
     ``batch_fn(step) -> (raw ids, raw weights)`` replaces the random batches. With
-    ``shared_routing`` the lookup and the update share ``coll.routing(batch)``. Returns
-    the final engine state (for further checks).
+    ``shared_routing`` the lookup and the update share ``coll.routing(batch,
+    capacities)``. Returns the final engine state (for further checks).
     """
     plan = coll.plan
     logical = oracle.row_id_coded_tables(tables)
@@ -129,7 +130,7 @@ def assert_matches_oracle(
         np.testing.assert_array_equal(value, logical[name], err_msg=f"placement of {name}")
     lookup = jax.jit(coll.lookup)
     update = jax.jit(coll.apply_gradients, donate_argnums=0)
-    routing = jax.jit(coll.routing)
+    routing = jax.jit(lambda batch: coll.routing(batch, capacities))
     o_tables = {k: v.astype(np.float64) for k, v in logical.items()}
     o_slots = oracle.init_slots(tables, plan)
     rng = np.random.default_rng(seed)
