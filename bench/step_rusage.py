@@ -91,18 +91,20 @@ def main() -> None:
             late = counts
             return state, loss
 
-        # the first step only: its counts size the next steps, and the compile of their
-        # capacities happens before the timed steps
+        # the first warm-up step: its counts size the next steps, and the compile of
+        # their capacities happens before the timed steps
         state, loss = run(state, batches[0])
         chooser.observe(jax.block_until_ready(late))
         late = None
+        first = 1
     else:
+        first = 0
         compiled = jitted.lower(state, batches[0], r_d).compile()
 
         def run(state, batch):
             return compiled(state, batch, r_d)
 
-    for i in range(2):
+    for i in range(first, 2):  # 2 warm-up steps in all, as the static capacities' run
         state, loss = run(state, batches[i % 3])
         jax.block_until_ready(state)
     rows = []

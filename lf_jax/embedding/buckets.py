@@ -23,7 +23,7 @@ Shapes: M local entries, S owners, C capacity per owner, D dim.
 Example (inside shard_map):
     >>> layout = Buckets.build(slot_m, local_m, num_slots=S, rows=R, capacity=C,
     ...                        all_axes=("data",))
-    >>> rows_scd = jax.lax.all_to_all(table_rd[layout.ask_sc], ...)  # when layout.fits
+    >>> rows_scd = jax.lax.all_to_all(table_rd[layout.asked_sc], ...)  # when layout.fits
     >>> pooled = rows_scd.reshape(S * C, D)[layout.entry_m]
 """
 
@@ -61,7 +61,7 @@ def always_fits(entries: int, rows: int, capacity: int) -> bool:
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["ask_sc", "entry_m", "fits", "most"],
+    data_fields=["ask_sc", "entry_m", "fits", "most", "asked_sc"],
     meta_fields=[],
 )
 @dataclasses.dataclass(frozen=True)
@@ -74,13 +74,17 @@ class Buckets:
     device holds at most C keys;
     most: scalar int32, the same on every device: the most distinct keys any device has
     for one owner (what C must be for one round; lf_jax.embedding.capacity sizes C
-    from it).
+    from it);
+    asked_sc: [S, C] the owner's side: row s lists the local rows device s asks this
+    device for (``ask_sc`` sent through one all_to_all over the group's axes), for the
+    forward's gathers and the update's sums alike: one exchange of the asks per step.
     """
 
     ask_sc: jax.Array
     entry_m: jax.Array
     fits: jax.Array
     most: jax.Array
+    asked_sc: jax.Array
 
     @property
     def capacity(self) -> int:
@@ -88,8 +92,9 @@ class Buckets:
         return self.ask_sc.shape[-1]
 
     @classmethod
-    def build(cls, slot_m, local_m, num_slots: int, rows: int, capacity: int, all_axes):
-        """Entries with slot < 0 (padding) are ignored."""
+    def build(cls, slot_m, local_m, num_slots: int, rows: int, capacity: int, all_axes, axes=()):
+        """Entries with slot < 0 (padding) are ignored. ``axes``: the group's mesh axes,
+        over which ``asked_sc`` is exchanged (none: the asks stay here)."""
         m = slot_m.shape[0]
         bits = position_bits(m)
         valid_m = slot_m >= 0
@@ -107,10 +112,17 @@ class Buckets:
         has_sc = jnp.arange(capacity, dtype=jnp.int32)[None, :] < count_s[:, None]
         leader_sc = sorted_p.at[jnp.minimum(pos_sc, m - 1)].get(mode="promise_in_bounds")
         leader_sc = leader_sc & ((1 << bits) - 1)
-        ask_sc = jnp.where(has_sc, local_m.at[leader_sc].get(mode="clip"), rows)
         # each leader's place in the layout: owner * C + rank within its bucket
-        place_sc = jnp.arange(num_slots, dtype=jnp.int32)[:, None] * capacity + jnp.arange(
-            capacity, dtype=jnp.int32
+        size = num_slots * capacity
+        place_sc = jnp.arange(size, dtype=jnp.int32).reshape(num_slots, capacity)
+        # written by a scatter into a fresh buffer, not a select: XLA fused a select into
+        # each peer's slice of the asks' all_to_all, and cost_analysis counted the whole
+        # [S, C] select once per peer (see exchange._asked_rows)
+        ask_sc = (
+            jnp.full((size,), rows, jnp.int32)
+            .at[jnp.where(has_sc, place_sc, size)]
+            .set(local_m.at[leader_sc].get(mode="clip"), mode="drop")
+            .reshape(num_slots, capacity)
         )
         place_m = (
             jnp.zeros((m,), jnp.int32)
@@ -122,14 +134,15 @@ class Buckets:
         if all_axes:
             most = jax.lax.pmax(most, all_axes)
         fits = jnp.bool_(True) if always_fits(m, rows, capacity) else most <= capacity
-        return cls(ask_sc, entry_m, fits, most)
+        return cls(ask_sc, entry_m, fits, most, exchange_blocks(ask_sc, axes))
 
 
 def fetch_one_round(layout: Buckets, table_rd, axes) -> jax.Array:
     """[S * C, D] float32: the rows of ``layout.ask_sc`` from their owners, in layout
-    order (entry m reads row ``layout.entry_m[m]``; empty places are 0). Only valid when
+    order (entry m reads row ``layout.entry_m[m]``; empty places are 0): the owner
+    gathers ``layout.asked_sc`` and sends them back over ``axes``. Only valid when
     ``layout.fits``."""
-    got_scd = exchange_blocks(owner_rows(table_rd, exchange_blocks(layout.ask_sc, axes)), axes)
+    got_scd = exchange_blocks(owner_rows(table_rd, layout.asked_sc), axes)
     return got_scd.reshape(-1, got_scd.shape[-1])
 
 

@@ -228,11 +228,12 @@ def _run_rounds(req: Requests, capacity: int, all_axes, body, carry):
 
 def next_round(req: Requests, cursor_s, capacity: int, all_axes):
     """The next round of ``req`` from owner cursors ``cursor_s`` [S]: (ask_sc [S, C] local
-    rows to ask, ``rows`` where empty; place_m [M] each entry's place in the [S * C]
-    layout, S * C for entries of other rounds; the advanced cursors; whether any device
-    still has pending keys, the same on every device)."""
+    rows to ask, ``rows`` where empty, written by a scatter for the all_to_all (see
+    ``_asked_rows``); place_m [M] each entry's place in the [S * C] layout, S * C for
+    entries of other rounds; the advanced cursors; whether any device still has pending
+    keys, the same on every device)."""
     safe_sc, valid_sc = _round_requests(req, cursor_s, capacity, all_axes)
-    ask_sc = jnp.where(valid_sc, _take(req.row_u, safe_sc), req.rows)
+    ask_sc = _asked_rows(req, safe_sc, valid_sc)
     size = valid_sc.size
     place_u = (
         jnp.full(req.row_u.shape, size, jnp.int32)

@@ -214,15 +214,18 @@ def shard_layout(
     group, m = route.group, slot_m.shape[0]
     check_packed_range(group.name, m, group.num_slots)
     capacity = route.capacity(m) if capacity is None else capacity
-    return Buckets.build(slot_m, local_m, group.num_slots, group.rows, capacity, all_axes)
+    return Buckets.build(
+        slot_m, local_m, group.num_slots, group.rows, capacity, all_axes, group.axes
+    )
 
 
 def group_layout(
     mesh: Mesh, route: GroupRoute, slot_be, local_be, capacity: int | None = None
 ) -> Buckets:
     """Every device's one-round layout of its [B, E] entries, as global arrays (ask
-    [n * S, C], entry [n * B, E], fits and most [n]; n devices), for ``group_forward``
-    and ``group_update`` to share: one dedupe and bucketing per step instead of two.
+    [n * S, C], asked [n * S, C], entry [n * B, E], fits and most [n]; n devices), for
+    ``group_forward`` and ``group_update`` to share: one dedupe, bucketing and exchange
+    of the asks per step instead of two.
     Only for groups with ``num_slots > 1``. ``capacity``: C (None: the static
     ``route.capacity``); the forward and update of a given layout exchange with its C."""
     all_axes = tuple(mesh.axis_names)
@@ -235,6 +238,7 @@ def group_layout(
             layout.entry_m.reshape(slot_be.shape),
             layout.fits[None],
             layout.most[None],
+            layout.asked_sc,
         )
 
     return jax.shard_map(shard, mesh=mesh, in_specs=(spec, spec), out_specs=spec, check_vma=False)(
@@ -244,7 +248,9 @@ def group_layout(
 
 def local_layout(layout: Buckets) -> Buckets:
     """Inside shard_map: a device's block of ``group_layout``'s arrays, as built there."""
-    return Buckets(layout.ask_sc, layout.entry_m.reshape(-1), layout.fits[0], layout.most[0])
+    return Buckets(
+        layout.ask_sc, layout.entry_m.reshape(-1), layout.fits[0], layout.most[0], layout.asked_sc
+    )
 
 
 def group_forward(

@@ -213,15 +213,15 @@ def _push_entries(
         source_k = (e_k // width) * num_out + out_col_e[e_k % width]
         return grad_cd.at[source_k].get(mode="promise_in_bounds") * coef_m[e_k][:, None]
 
-    def apply_round(ask_sc, place_m, table_rd, slots_r):
+    def apply_round(asked_sc, place_m, table_rd, slots_r):  # asked_sc: at the owner
         grad_scd = sum_into_layout(place_m, valid_m, gradient, (num_slots, capacity, group.dim))
         return apply_at_owners(
-            ask_sc, grad_scd, table_rd, slots_r, group.optimizer, step, group.axes, replicas
+            asked_sc, grad_scd, table_rd, slots_r, group.optimizer, step, group.axes, replicas
         )
 
     one_round_places = jnp.where(valid_m, layout.entry_m, num_slots * capacity)
     if always_fits(m, rows, capacity):
-        return apply_round(layout.ask_sc, one_round_places, table_rd, slots_r)
+        return apply_round(layout.asked_sc, one_round_places, table_rd, slots_r)
     # Only int arrays go through conds: a cond carrying the table copied it (256 MB).
     requests = jax.lax.cond(
         layout.fits,
@@ -229,31 +229,33 @@ def _push_entries(
         lambda: Requests.build(slot_m, local_m, num_slots, rows),
     )
 
-    def one_round(cursor_s):
-        return layout.ask_sc, one_round_places, cursor_s, jnp.int32(0)
+    def one_round(cursor_s):  # the asks the routing already sent
+        return layout.asked_sc, one_round_places, cursor_s, jnp.int32(0)
 
     def sorted_round(cursor_s):
-        return next_round(requests, cursor_s, capacity, all_axes)
+        ask_sc, place_m, cursor_s, more = next_round(requests, cursor_s, capacity, all_axes)
+        return exchange_blocks(ask_sc, group.axes), place_m, cursor_s, more
 
     def exchange_round(state):
         cursor_s, _, table_rd, slots_r = state
-        ask_sc, place_m, cursor_s, more = jax.lax.cond(
+        asked_sc, place_m, cursor_s, more = jax.lax.cond(
             layout.fits, one_round, sorted_round, cursor_s
         )
-        return cursor_s, more, *apply_round(ask_sc, place_m, table_rd, slots_r)
+        return cursor_s, more, *apply_round(asked_sc, place_m, table_rd, slots_r)
 
     state = (requests.start_s, jnp.int32(1), table_rd, slots_r)
     return jax.lax.while_loop(lambda s: s[1] > 0, exchange_round, state)[2:]
 
 
 def apply_at_owners(row_sc, grad_scd, table_rd, slots_r: dict, optimizer, step, axes, replica_axes):
-    """One round's [S, C] rows (``rows`` = table rows for empty places) and their
-    gradients [S, C, D] go to their owners (all_to_all over ``axes``, then gathered
-    over ``replica_axes``); each owner sums them per row across senders and applies
-    ``optimizer`` once per row. Returns (table, slots)."""
+    """One round's [S, C] row gradients go to their owners (all_to_all over ``axes``,
+    then gathered over ``replica_axes``, with ``row_sc``: the rows they are for, already
+    at the owner, row s from sender s, ``rows`` = table rows for empty places); each
+    owner sums them per row across senders and applies ``optimizer`` once per row.
+    Returns (table, slots)."""
     rows = table_rd.shape[0]
     if axes:
-        row_sc, grad_scd = exchange_blocks(row_sc, axes), exchange_blocks(grad_scd, axes)
+        grad_scd = exchange_blocks(grad_scd, axes)
     if replica_axes:
         row_sc = jax.lax.all_gather(row_sc, replica_axes, axis=0, tiled=True)
         grad_scd = jax.lax.all_gather(grad_scd, replica_axes, axis=0, tiled=True)

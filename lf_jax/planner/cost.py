@@ -10,10 +10,12 @@ output columns, the largest owner share) and lf_jax.embedding.exchange.capacity_
   most-used slot; allocated bytes per device are the same on every device.
 - Exchange (per device and step, M = local entries of a group = b x E, S owners along
   the group's axes, R = N / S replicas, K = S x C with C = capacity_for(M, share,
-  rows per slot)):
+  rows per slot): the static capacity for padded entries, an upper bound: capacities
+  sized from the traffic, lf_jax.embedding.capacity, only shrink K at run time):
   forward: ids out and rows back through all_to_all, (S-1)/S x K x (4 + 4 D) bytes
-  received; update: the unique rows' gradients to their owners, the same again, plus
-  (R-1) x K x (4 + 4 D) for the replicas' all-gather (data_parallel: S = 1, R = N),
+  received; update: the unique rows' gradients to their owners (the owners kept the
+  forward's ids), (S-1)/S x K x 4 D, plus (R-1) x K x (4 + 4 D) for the replicas'
+  all-gather of ids and gradients (data_parallel: S = 1, R = N),
   or, for a replicated group where it is fewer bytes (long bags), (R-1) x the device's
   entries (12 bytes each) and output gradients (replicas_gather_entries, the engine's
   own rule).
@@ -116,7 +118,7 @@ def exchange_cost(
     row = ID_BYTES + dim * ACT_BYTES
     hop = (num_slots - 1) / num_slots
     forward_comm = int(hop * k * row)
-    update_comm = forward_comm + (replicas - 1) * k * row
+    update_comm = int(hop * k * dim * ACT_BYTES) + (replicas - 1) * k * row
     dedupe = DEDUPE_INTS * entries * ID_BYTES
     unique = unique_size(entries, num_slots, rows) * dim * ACT_BYTES
     sent = k * dim * ACT_BYTES if num_slots > 1 else 0  # the all_to_all's outgoing rows

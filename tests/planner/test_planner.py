@@ -86,11 +86,14 @@ def test_step_cost_matches_hand_computed_bytes():
     k = 4 * capacity_for(40, 1 / 4, 250)
     rw = cost(row_wise("model"))
     assert rw.forward_comm == int(3 / 4 * k * row)
-    assert rw.update_comm == rw.forward_comm + 1 * k * row
-    # all axes: 8 owners, no replicas: the update sends what the forward fetched.
+    # the update: gradients only to the owners (they kept the forward's ids), then ids and
+    # gradients gathered from the other replica
+    assert rw.update_comm == int(3 / 4 * k * 16 * 4) + 1 * k * row
+    # all axes: 8 owners, no replicas: the update sends back the rows' gradients.
     k8 = 8 * capacity_for(40, 1 / 8, 125)
     everywhere = cost(row_wise(("data", "model")))
-    assert everywhere.forward_comm == everywhere.update_comm == int(7 / 8 * k8 * row)
+    assert everywhere.forward_comm == int(7 / 8 * k8 * row)
+    assert everywhere.update_comm == int(7 / 8 * k8 * 16 * 4)
     # a column piece of 8: each piece is exchanged on its own, at half the row bytes
     half = 8 * capacity_for(40, 1.0, 1000) * (4 + 8 * 4)
     assert cost(column_wise(2)).forward_comm == 2 * int(7 / 8 * half)
