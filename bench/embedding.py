@@ -158,7 +158,7 @@ def _build_ours(cfg: dict, package: str = "lf_jax"):
     rowwise_adagrad = module("embedding.sparse_optim").rowwise_adagrad
     FeatureSpec, TableSpec = spec.FeatureSpec, spec.TableSpec
 
-    mesh = make_mesh({"data": cfg["devices"]})
+    mesh = make_mesh({"data": cfg["devices"]}, cfg.get("mesh_devices"))
     names = [f"t{t}" for t in range(cfg["num_tables"])]
     tables = [
         TableSpec(

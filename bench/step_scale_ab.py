@@ -1,0 +1,111 @@
+"""In-process A/B of the 8-device against the 1-device step, for one or more source trees.
+
+Usage: python bench/step_scale_ab.py {uniform,zipf} ROUNDS TREE_A[:1,8] [TREE_B[:8] ...]
+
+One process with 8 simulated CPU devices builds, for every TREE and device count after
+its colon (default 1 and 8), bench/embedding.py's step (8 tables x 1e6 x 64, batch 4096,
+bags of 1-20 ids, row-wise Adagrad; data_parallel on the first device, row_wise over
+all 8) with that tree's ``lf_jax`` (copied under its own name, as bench/step_ab.py
+does), then runs the steps alternately, ROUNDS times each after 2 warm-up rounds: other
+processes' load hits every step alike. A tree that has lf_jax/embedding/capacity.py
+takes its exchange capacities from the traffic (a CapacityChooser observing every
+step's counts, one step late; the first warm-up round uses the static capacities).
+Prints each step's median / min / 25th percentile of process CPU ms (user + sys) per
+step, its capacities and compiles, and every tree's 8 / 1 ratio of medians (a tree
+without a 1-device step is compared with the first tree's).
+
+Example:
+    PYTHONPATH=. python bench/step_scale_ab.py zipf 12 /work/base-14:1,8 .:8
+"""
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+sys.path.insert(0, str(Path(__file__).parent))
+
+import embedding as bench  # noqa: E402  (after XLA_FLAGS)
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from step_ab import copy_package, cpu_ms  # noqa: E402
+
+
+def build(pkg: str, tree: str, devices: int, dist: str):
+    """A run() closure: one donated step of ``pkg``'s collection on the next batch."""
+    traffic = (Path(tree) / "lf_jax/embedding/capacity.py").exists()
+    cfg = {
+        "num_tables": 8,
+        "vocab": 1_000_000,
+        "dim": 64,
+        "max_ids": 20,
+        "batch": 4096,
+        "seed": 0,
+        "num_batches": 3,
+        "dist": dist,
+        "devices": devices,
+        "plan": "data_parallel" if devices == 1 else "row_wise",
+        "mesh_devices": jax.devices()[:devices],
+        **({"capacities": "traffic"} if traffic else {}),
+    }
+    coll, batches, r_d, jitted = bench._build_ours(cfg, pkg)
+    box = {"state": jax.block_until_ready(coll.init(jax.random.key(0))), "i": 0, "late": None}
+    compiled: dict = {}
+    chooser = None
+    if traffic:
+        capacity = __import__(f"{pkg}.embedding.capacity", fromlist=["CapacityChooser"])
+        chooser = capacity.CapacityChooser(coll, cfg["batch"])
+
+    def run():
+        batch = batches[box["i"] % len(batches)]
+        caps = chooser.capacities() if chooser else None
+        if caps not in compiled:
+            kw = {"capacities": caps} if chooser else {}
+            compiled[caps] = jitted.lower(box["state"], batch, r_d, **kw).compile()
+        box["state"], out = compiled[caps](box["state"], batch, r_d)
+        if chooser:
+            if box["late"] is not None:
+                chooser.observe(box["late"])  # the previous step's counts
+            box["late"] = out[1]
+        jax.block_until_ready(box["state"])
+        box["i"] += 1
+
+    return run, compiled
+
+
+def main() -> None:
+    dist, rounds, *specs = sys.argv[1:]
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        sys.path.insert(0, tmp)
+        for i, spec in enumerate(specs):
+            tree, _, counts = spec.partition(":")
+            copy_package(tree, f"lf_jax_t{i}", Path(tmp))
+            for devices in [int(c) for c in (counts or "1,8").split(",")]:
+                runs[(tree, devices)] = build(f"lf_jax_t{i}", tree, devices, dist)
+                print(f"built {tree} on {devices} device(s)", flush=True)
+        times: dict = {key: [] for key in runs}
+        for r in range(int(rounds) + 2):
+            for key, (run, _) in runs.items():
+                start = cpu_ms()
+                run()
+                if r >= 2:
+                    times[key].append(cpu_ms() - start)
+    medians = {}
+    for (tree, devices), cpu in times.items():
+        medians[(tree, devices)] = float(np.median(cpu))
+        print(
+            f"{dist} {tree} devices={devices}: CPU ms per step median {np.median(cpu):.1f} "
+            f"min {min(cpu):.1f} p25 {np.percentile(cpu, 25):.1f}; "
+            f"compiled {list(runs[(tree, devices)][1])}"
+        )
+    one = next(m for (_, d), m in medians.items() if d == 1)
+    for (tree, devices), median in medians.items():
+        if devices == 8:
+            base = medians.get((tree, 1), one)
+            print(f"{dist} {tree}: 8 / 1 devices {median / base:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
