@@ -38,6 +38,7 @@ from lf_jax.embedding.exchange import CHUNK, exchange_blocks, owner_rows
 from lf_jax.errors import UserInputError
 
 STACKED_SUMS = 16  # owners up to which sum_into_layout keeps one buffer per owner
+LATER_CHUNK = 1024  # entries per iteration of sum_into_layout's loop over non-first entries
 
 INT32_MAX = 2**31 - 1
 
@@ -61,7 +62,7 @@ def always_fits(entries: int, rows: int, capacity: int) -> bool:
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["ask_sc", "entry_m", "fits", "most", "asked_sc"],
+    data_fields=["ask_sc", "entry_m", "fits", "most", "asked_sc", "first_sc"],
     meta_fields=[],
 )
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +78,9 @@ class Buckets:
     from it);
     asked_sc: [S, C] the owner's side: row s lists the local rows device s asks this
     device for (``ask_sc`` sent through one all_to_all over the group's axes), for the
-    forward's gathers and the update's sums alike: one exchange of the asks per step.
+    forward's gathers and the update's sums alike: one exchange of the asks per step;
+    first_sc: [S, C] the position of the entry that leads each place (M where empty):
+    ``sum_into_layout`` writes the places from their leaders and adds only the rest.
     """
 
     ask_sc: jax.Array
@@ -85,6 +88,7 @@ class Buckets:
     fits: jax.Array
     most: jax.Array
     asked_sc: jax.Array
+    first_sc: jax.Array
 
     @property
     def capacity(self) -> int:
@@ -134,7 +138,8 @@ class Buckets:
         if all_axes:
             most = jax.lax.pmax(most, all_axes)
         fits = jnp.bool_(True) if always_fits(m, rows, capacity) else most <= capacity
-        return cls(ask_sc, entry_m, fits, most, exchange_blocks(ask_sc, axes))
+        first_sc = jnp.where(has_sc, leader_sc, m)
+        return cls(ask_sc, entry_m, fits, most, exchange_blocks(ask_sc, axes), first_sc)
 
 
 def fetch_one_round(layout: Buckets, table_rd, axes) -> jax.Array:
@@ -146,25 +151,40 @@ def fetch_one_round(layout: Buckets, table_rd, axes) -> jax.Array:
     return got_scd.reshape(-1, got_scd.shape[-1])
 
 
-def sum_into_layout(place_m, valid_m, gradient, shape: tuple[int, int, int]) -> jax.Array:
+def sum_into_layout(place_m, valid_m, first_sc, gradient, shape: tuple[int, int, int]) -> jax.Array:
     """[S, C, D] float32: each valid entry's gradient summed into its place (row of the
     [S * C] layout; places >= S * C are dropped).
 
-    gradient(e_k) -> [K, D] float32 gradients of entries e_k. The valid entries are
-    compacted and added CHUNK at a time, so no [M, D] array is built. Up to
-    STACKED_SUMS owners, each owner's [C, D] sums are their own buffer (one scatter per
-    owner and chunk, the others' entries dropped), stacked: XLA:CPU then hands each
-    to its peer of the all_to_all without copying it out of one [S * C, D] buffer.
+    gradient(e_k) -> [K, D] float32 gradients of entries e_k. first_sc: [S, C] the
+    entry leading each place (``Buckets.first_sc``, M for an empty place), or None.
+    Each owner's [C, D] block is written once from its places' first entries (a gather,
+    0 where empty: no zero fill of S x C x D floats before the sums), and the other
+    valid entries (duplicates of a place's key; every entry when first_sc is None, then
+    on zeros) are compacted and added LATER_CHUNK (CHUNK without firsts) at a time, work
+    sized to their count, one scatter per owner and chunk: XLA:CPU then hands each
+    owner's block to its peer of the all_to_all without copying it out of one
+    [S * C, D] buffer. Up to STACKED_SUMS owners; above, one [S * C, D] buffer.
     """
     owners, capacity, dim = shape
     size = owners * capacity
     m = valid_m.shape[0]
-    chunk = min(CHUNK, m)
-    real_k = compacted_positions(valid_m, chunk)
+    later_m = valid_m & (place_m < size)
+    if first_sc is not None:
+        first_k = first_sc.reshape(-1)
+        at_place_m = first_k.at[jnp.minimum(place_m, size - 1)].get(mode="promise_in_bounds")
+        later_m = later_m & (at_place_m != jnp.arange(m, dtype=jnp.int32))
+    chunk = min(CHUNK if first_sc is None else LATER_CHUNK, m)
+    later_k = compacted_positions(later_m, chunk)
     stacked = owners <= STACKED_SUMS
 
+    def firsts(first_c, rows: int):
+        if first_c is None:
+            return jnp.zeros((rows, dim), jnp.float32)
+        has_c = (first_c < m).astype(jnp.float32)[:, None]
+        return gradient(jnp.minimum(first_c, m - 1)) * has_c
+
     def add_chunk(c, sums):
-        e_k = jax.lax.dynamic_slice(real_k, (c * chunk,), (chunk,))
+        e_k = jax.lax.dynamic_slice(later_k, (c * chunk,), (chunk,))
         ok_k = e_k < m
         e_k = jnp.minimum(e_k, m - 1)
         place_k = jnp.where(ok_k, place_m.at[e_k].get(mode="promise_in_bounds"), size)
@@ -177,10 +197,11 @@ def sum_into_layout(place_m, valid_m, gradient, shape: tuple[int, int, int]) -> 
             for s, sums_cd in enumerate(sums)
         )
 
-    num_real = jnp.sum(valid_m, dtype=jnp.int32)
-    trips = (num_real + chunk - 1) // chunk
+    trips = (jnp.sum(later_m, dtype=jnp.int32) + chunk - 1) // chunk
     if not stacked:
-        sums_kd = jax.lax.fori_loop(0, trips, add_chunk, jnp.zeros((size, dim), jnp.float32))
-        return sums_kd.reshape(shape)
-    zeros = tuple(jnp.zeros((capacity, dim), jnp.float32) for _ in range(owners))
-    return jnp.stack(jax.lax.fori_loop(0, trips, add_chunk, zeros))
+        init = firsts(None if first_sc is None else first_sc.reshape(-1), size)
+        return jax.lax.fori_loop(0, trips, add_chunk, init).reshape(shape)
+    first_sums = tuple(
+        firsts(None if first_sc is None else first_sc[s], capacity) for s in range(owners)
+    )
+    return jnp.stack(jax.lax.fori_loop(0, trips, add_chunk, first_sums))

@@ -223,7 +223,8 @@ def group_layout(
     mesh: Mesh, route: GroupRoute, slot_be, local_be, capacity: int | None = None
 ) -> Buckets:
     """Every device's one-round layout of its [B, E] entries, as global arrays (ask
-    [n * S, C], asked [n * S, C], entry [n * B, E], fits and most [n]; n devices), for
+    [n * S, C], asked and first [n * S, C], entry [n * B, E], fits and most [n]; n
+    devices), for
     ``group_forward`` and ``group_update`` to share: one dedupe, bucketing and exchange
     of the asks per step instead of two.
     Only for groups with ``num_slots > 1``. ``capacity``: C (None: the static
@@ -239,6 +240,7 @@ def group_layout(
             layout.fits[None],
             layout.most[None],
             layout.asked_sc,
+            layout.first_sc,
         )
 
     return jax.shard_map(shard, mesh=mesh, in_specs=(spec, spec), out_specs=spec, check_vma=False)(
@@ -249,7 +251,12 @@ def group_layout(
 def local_layout(layout: Buckets) -> Buckets:
     """Inside shard_map: a device's block of ``group_layout``'s arrays, as built there."""
     return Buckets(
-        layout.ask_sc, layout.entry_m.reshape(-1), layout.fits[0], layout.most[0], layout.asked_sc
+        layout.ask_sc,
+        layout.entry_m.reshape(-1),
+        layout.fits[0],
+        layout.most[0],
+        layout.asked_sc,
+        layout.first_sc,
     )
 
 

@@ -213,15 +213,16 @@ def _push_entries(
         source_k = (e_k // width) * num_out + out_col_e[e_k % width]
         return grad_cd.at[source_k].get(mode="promise_in_bounds") * coef_m[e_k][:, None]
 
-    def apply_round(asked_sc, place_m, table_rd, slots_r):  # asked_sc: at the owner
-        grad_scd = sum_into_layout(place_m, valid_m, gradient, (num_slots, capacity, group.dim))
+    def apply_round(asked_sc, place_m, first_sc, table_rd, slots_r):  # asked_sc: at the owner
+        shape = (num_slots, capacity, group.dim)
+        grad_scd = sum_into_layout(place_m, valid_m, first_sc, gradient, shape)
         return apply_at_owners(
             asked_sc, grad_scd, table_rd, slots_r, group.optimizer, step, group.axes, replicas
         )
 
     one_round_places = jnp.where(valid_m, layout.entry_m, num_slots * capacity)
     if always_fits(m, rows, capacity):
-        return apply_round(layout.asked_sc, one_round_places, table_rd, slots_r)
+        return apply_round(layout.asked_sc, one_round_places, layout.first_sc, table_rd, slots_r)
     # Only int arrays go through conds: a cond carrying the table copied it (256 MB).
     requests = jax.lax.cond(
         layout.fits,
@@ -230,18 +231,19 @@ def _push_entries(
     )
 
     def one_round(cursor_s):  # the asks the routing already sent
-        return layout.asked_sc, one_round_places, cursor_s, jnp.int32(0)
+        return layout.asked_sc, one_round_places, layout.first_sc, cursor_s, jnp.int32(0)
 
     def sorted_round(cursor_s):
         ask_sc, place_m, cursor_s, more = next_round(requests, cursor_s, capacity, all_axes)
-        return exchange_blocks(ask_sc, group.axes), place_m, cursor_s, more
+        no_firsts_sc = jnp.full(layout.first_sc.shape, m, jnp.int32)  # every entry is added
+        return exchange_blocks(ask_sc, group.axes), place_m, no_firsts_sc, cursor_s, more
 
     def exchange_round(state):
         cursor_s, _, table_rd, slots_r = state
-        asked_sc, place_m, cursor_s, more = jax.lax.cond(
+        asked_sc, place_m, first_sc, cursor_s, more = jax.lax.cond(
             layout.fits, one_round, sorted_round, cursor_s
         )
-        return cursor_s, more, *apply_round(asked_sc, place_m, table_rd, slots_r)
+        return cursor_s, more, *apply_round(asked_sc, place_m, first_sc, table_rd, slots_r)
 
     state = (requests.start_s, jnp.int32(1), table_rd, slots_r)
     return jax.lax.while_loop(lambda s: s[1] > 0, exchange_round, state)[2:]
