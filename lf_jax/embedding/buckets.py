@@ -33,7 +33,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from lf_jax.embedding.dedupe import compacted_positions, leaders, position_bits
+from lf_jax.embedding.dedupe import compacted_positions, leaders, position_bits, running_count
 from lf_jax.embedding.exchange import CHUNK, exchange_blocks, owner_rows
 from lf_jax.errors import UserInputError
 
@@ -96,50 +96,99 @@ class Buckets:
         return self.ask_sc.shape[-1]
 
     @classmethod
-    def build(cls, slot_m, local_m, num_slots: int, rows: int, capacity: int, all_axes, axes=()):
+    def build(
+        cls,
+        slot_m,
+        local_m,
+        num_slots: int,
+        rows: int,
+        capacity: int,
+        all_axes,
+        axes=(),
+        real: int | None = None,
+    ):
         """Entries with slot < 0 (padding) are ignored. ``axes``: the group's mesh axes,
-        over which ``asked_sc`` is exchanged (none: the asks stay here)."""
+        over which ``asked_sc`` is exchanged (none: the asks stay here). ``real``: at
+        most this many entries hold ids (None: M), e.g. M x the collection's id_fill:
+        the valid entries are compacted into [real] first, so the dedupe and the bucket
+        sort skip the padding; a device with more valid entries makes ``fits`` false
+        (the sorted rounds, exact, take the step)."""
         m = slot_m.shape[0]
-        bits = position_bits(m)
-        valid_m = slot_m >= 0
-        pos_m = jnp.arange(m, dtype=jnp.int32)
-        leader_m = leaders(jnp.where(valid_m, slot_m * rows + local_m, num_slots * rows))
-        is_leader = valid_m & (leader_m == pos_m)
-        sorted_p = jnp.sort(jnp.where(is_leader, (slot_m << bits) | pos_m, INT32_MAX))
-        count_s = (
-            jnp.zeros((num_slots,), jnp.int32)
-            .at[jnp.where(is_leader, slot_m, num_slots)]
-            .add(1, mode="drop")
-        )
-        start_s = jnp.cumsum(count_s) - count_s
-        pos_sc = start_s[:, None] + jnp.arange(capacity, dtype=jnp.int32)[None, :]
-        has_sc = jnp.arange(capacity, dtype=jnp.int32)[None, :] < count_s[:, None]
-        leader_sc = sorted_p.at[jnp.minimum(pos_sc, m - 1)].get(mode="promise_in_bounds")
-        leader_sc = leader_sc & ((1 << bits) - 1)
-        # each leader's place in the layout: owner * C + rank within its bucket
-        size = num_slots * capacity
-        place_sc = jnp.arange(size, dtype=jnp.int32).reshape(num_slots, capacity)
-        # written by a scatter into a fresh buffer, not a select: XLA fused a select into
-        # each peer's slice of the asks' all_to_all, and cost_analysis counted the whole
-        # [S, C] select once per peer (see exchange._asked_rows)
-        ask_sc = (
-            jnp.full((size,), rows, jnp.int32)
-            .at[jnp.where(has_sc, place_sc, size)]
-            .set(local_m.at[leader_sc].get(mode="clip"), mode="drop")
-            .reshape(num_slots, capacity)
-        )
-        place_m = (
-            jnp.zeros((m,), jnp.int32)
-            .at[jnp.where(has_sc, leader_sc, m)]
-            .set(place_sc, mode="drop")
-        )
-        entry_m = jnp.where(valid_m, place_m.at[leader_m].get(mode="promise_in_bounds"), 0)
-        most = jnp.max(count_s)
+        if real is None or real >= m:
+            ask_sc, entry_m, count_s, first_sc = _buckets(
+                slot_m, local_m, num_slots, rows, capacity
+            )
+            over = jnp.int32(0)
+        else:
+            valid_m = slot_m >= 0
+            rank_m = running_count(valid_m) - 1
+            kept_m = valid_m & (rank_m < real)
+            pos_m = jnp.arange(m, dtype=jnp.int32)
+            src_k = (
+                jnp.full((real,), m, jnp.int32)
+                .at[jnp.where(kept_m, rank_m, real)]
+                .set(pos_m, mode="drop")
+            )
+            safe_k = jnp.minimum(src_k, m - 1)
+            slot_k = jnp.where(src_k < m, slot_m.at[safe_k].get(mode="promise_in_bounds"), -1)
+            local_k = local_m.at[safe_k].get(mode="promise_in_bounds")
+            ask_sc, entry_k, count_s, first_sc = _buckets(
+                slot_k, local_k, num_slots, rows, capacity
+            )
+            entry_m = jnp.where(
+                kept_m, entry_k.at[jnp.clip(rank_m, 0, real - 1)].get(mode="promise_in_bounds"), 0
+            )
+            first_sc = jnp.where(
+                first_sc < real, src_k.at[jnp.minimum(first_sc, real - 1)].get(mode="clip"), m
+            )
+            over = (rank_m[-1] >= real).astype(jnp.int32)
+        most_over = jnp.stack([jnp.max(count_s), over])
         if all_axes:
-            most = jax.lax.pmax(most, all_axes)
-        fits = jnp.bool_(True) if always_fits(m, rows, capacity) else most <= capacity
-        first_sc = jnp.where(has_sc, leader_sc, m)
+            most_over = jax.lax.pmax(most_over, all_axes)
+        most = most_over[0]
+        fits = most_over[1] == 0
+        if not always_fits(m if real is None else min(real, m), rows, capacity):
+            fits = fits & (most <= capacity)
         return cls(ask_sc, entry_m, fits, most, exchange_blocks(ask_sc, axes), first_sc)
+
+
+def _buckets(slot_m, local_m, num_slots: int, rows: int, capacity: int):
+    """(ask_sc, entry_m, count_s, first_sc) of ``Buckets.build`` for [M] entries: hash
+    leaders, then the leaders' packed ``slot << bits | position`` keys sorted."""
+    m = slot_m.shape[0]
+    bits = position_bits(m)
+    valid_m = slot_m >= 0
+    pos_m = jnp.arange(m, dtype=jnp.int32)
+    leader_m = leaders(jnp.where(valid_m, slot_m * rows + local_m, num_slots * rows))
+    is_leader = valid_m & (leader_m == pos_m)
+    sorted_p = jnp.sort(jnp.where(is_leader, (slot_m << bits) | pos_m, INT32_MAX))
+    count_s = (
+        jnp.zeros((num_slots,), jnp.int32)
+        .at[jnp.where(is_leader, slot_m, num_slots)]
+        .add(1, mode="drop")
+    )
+    start_s = jnp.cumsum(count_s) - count_s
+    pos_sc = start_s[:, None] + jnp.arange(capacity, dtype=jnp.int32)[None, :]
+    has_sc = jnp.arange(capacity, dtype=jnp.int32)[None, :] < count_s[:, None]
+    leader_sc = sorted_p.at[jnp.minimum(pos_sc, m - 1)].get(mode="promise_in_bounds")
+    leader_sc = leader_sc & ((1 << bits) - 1)
+    # each leader's place in the layout: owner * C + rank within its bucket
+    size = num_slots * capacity
+    place_sc = jnp.arange(size, dtype=jnp.int32).reshape(num_slots, capacity)
+    # written by a scatter into a fresh buffer, not a select: XLA fused a select into
+    # each peer's slice of the asks' all_to_all, and cost_analysis counted the whole
+    # [S, C] select once per peer (see exchange._asked_rows)
+    ask_sc = (
+        jnp.full((size,), rows, jnp.int32)
+        .at[jnp.where(has_sc, place_sc, size)]
+        .set(local_m.at[leader_sc].get(mode="clip"), mode="drop")
+        .reshape(num_slots, capacity)
+    )
+    place_m = (
+        jnp.zeros((m,), jnp.int32).at[jnp.where(has_sc, leader_sc, m)].set(place_sc, mode="drop")
+    )
+    entry_m = jnp.where(valid_m, place_m.at[leader_m].get(mode="promise_in_bounds"), 0)
+    return ask_sc, entry_m, count_s, jnp.where(has_sc, leader_sc, m)
 
 
 def fetch_one_round(layout: Buckets, table_rd, axes) -> jax.Array:

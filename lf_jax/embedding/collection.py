@@ -325,12 +325,12 @@ class EmbeddingCollection:
         """
         given = checked_capacities(self, capacities)
         coefs = combiner_coefficients(self.features, batch)
-        return {
-            r.group.name: group_layout(
-                self.mesh, r, *r.entries(batch.ids, coefs)[:2], given.get(r.group.name)
-            )
-            for r in exchanged_routes(self)
-        }
+        layouts = {}
+        for route in exchanged_routes(self):
+            slot_be, local_be, _ = route.entries(batch.ids, coefs)
+            name = route.group.name
+            layouts[name] = group_layout(self.mesh, route, slot_be, local_be, given.get(name))
+        return layouts
 
     def lookup(
         self,

@@ -153,6 +153,13 @@ class GroupRoute:
         sorted multi-round path: slower, never a dropped id."""
         return capacity_for(math.ceil(entries * self.id_fill), self.owner_share, self.group.rows)
 
+    def real_entries(self, entries: int) -> int | None:
+        """Entries of ``entries`` local (padded) ones that the one-round layout keeps
+        (compacted, padding skipped): ``id_fill`` of them, a multiple of 8; None when
+        that is all of them. A device with more real ids takes the sorted rounds."""
+        real = -(-math.ceil(entries * self.id_fill) // 8) * 8
+        return None if real >= entries else real
+
     def entries(self, ids: Mapping[str, jax.Array], coefs: Mapping[str, jax.Array]):
         """Per-entry (slot, local row, coef) [..., B, E] from per-feature ids/coefs [..., B, L].
 
@@ -214,8 +221,10 @@ def shard_layout(
     group, m = route.group, slot_m.shape[0]
     check_packed_range(group.name, m, group.num_slots)
     capacity = route.capacity(m) if capacity is None else capacity
+    # a layout that always fits (forward and update skip the sorted rounds) keeps them all
+    real = None if always_fits(m, group.rows, capacity) else route.real_entries(m)
     return Buckets.build(
-        slot_m, local_m, group.num_slots, group.rows, capacity, all_axes, group.axes
+        slot_m, local_m, group.num_slots, group.rows, capacity, all_axes, group.axes, real
     )
 
 

@@ -63,3 +63,34 @@ def test_packed_keys_out_of_int32_range_name_the_group():
     check_packed_range("g", 2**20, 1024)  # 1024 << 20 fits
     with pytest.raises(UserInputError, match="shard group 'g'.*2097152 entries"):
         check_packed_range("g", 2**21, 1024)
+
+
+@pytest.mark.parametrize("spare", [0, 8, -1])
+def test_compacted_entries_give_the_same_layout_or_do_not_fit(spare):
+    """``real``: the valid entries compacted into [real] before the dedupe. With room for
+    all of them (spare >= 0) the layout places every entry as without compaction (first
+    entries pointing at original positions); one entry too many makes ``fits`` false."""
+    rng = np.random.default_rng(7)
+    num_slots, rows, m, capacity = 8, 50, 3000, 60
+    slot = rng.integers(0, num_slots, m).astype(np.int32)
+    local = rng.integers(0, rows, m).astype(np.int32)
+    slot[rng.random(m) < 0.5] = -1
+    valid = slot >= 0
+    real = int(valid.sum()) + spare
+
+    def build(slot_m, local_m, real):
+        layout = Buckets.build(slot_m, local_m, num_slots, rows, capacity, (), real=real)
+        return layout.ask_sc, layout.entry_m, layout.fits, layout.most, layout.first_sc
+
+    ask, entry, fits, most, first = [
+        np.asarray(x) for x in jax.jit(build, static_argnums=2)(slot, local, real)
+    ]
+    full = [np.asarray(x) for x in jax.jit(build, static_argnums=2)(slot, local, None)]
+    assert bool(fits) == (spare >= 0)
+    assert int(most) <= int(full[3])
+    if spare < 0:
+        return
+    np.testing.assert_array_equal(ask, full[0])
+    np.testing.assert_array_equal(entry[valid], full[1][valid])
+    placed = first < m  # each place's first entry: a valid entry of that place's key
+    assert np.all(entry[first[placed]] == np.flatnonzero(placed.reshape(-1)))
