@@ -37,6 +37,7 @@ from lf_jax.embedding.exchange import (
     next_round,
     sum_and_apply,
 )
+from lf_jax.embedding.kernels import fused
 from lf_jax.embedding.lookup import GroupRoute, local_layout, shard_layout
 
 
@@ -136,9 +137,26 @@ def _update_pieces(
     than filled for each). The whole group's [N, D] arrays at once were 396 MB at 8 tables x 4096 x
     20 ids, page-faulted afresh every step; unrolled per piece, XLA scheduled every
     piece's zero-filled buffers first. Pieces with fewer entry columns than the widest
-    are padded with an empty column (id -1)."""
+    are padded with an empty column (id -1). With ``route.kernel == 'fused'`` the whole
+    group is one call of the C++ kernel (lf_jax.embedding.kernels.fused.update)."""
     pieces = route.piece_columns
     width = max(cols.size for _, cols in pieces)
+    if route.kernel == "fused":  # one C++ call: every piece deduped and applied in place
+        cols_pw = np.full((len(pieces), width), -1, np.int32)
+        for i, (_, cols) in enumerate(pieces):
+            cols_pw[i, : cols.size] = cols
+        rows_ne = jnp.where(slot_ne >= 0, local_ne, -1)
+        return fused.update(
+            table_rd,
+            slots_r,
+            rows_ne,
+            coef_ne,
+            route.out_col_e,
+            cols_pw,
+            grad_ncd,
+            step,
+            route.group.optimizer,
+        )
     empty = slot_ne.shape[1]  # index of the appended empty column
     cols_pw = np.full((len(pieces), width), empty, np.int32)
     for i, (_, cols) in enumerate(pieces):

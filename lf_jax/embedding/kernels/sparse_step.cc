@@ -1,0 +1,390 @@
+// Fused CPU kernels of the embedding engine's local sparse step, called through XLA's FFI
+// (lf_jax/embedding/kernels/fused.py registers and calls them; build.py compiles this file).
+//
+// LfPool: the pooled forward of a table group. Entry e of example n adds
+//   coef[n, e] * table[rows[n, e]] into out[n, out_col[e]] (rows < 0: padding, skipped;
+//   rows >= R clamped to R - 1, as XLA's gather clips).
+// LfUpdate{Sgd,Adagrad,Adam}: the sparse update. For each piece p (a table of the group;
+//   its entry columns piece_cols[p, :], -1 padded) the entries' gradients
+//   coef[n, e] * grad[n, out_col[e]] are summed per distinct row (a hash dedupe, then a
+//   counting sort of the entries by distinct row, so a row's entries are summed in entry
+//   order into one D-vector) and the optimizer is applied to that row in place: on the
+//   table and slots that XLA aliases to the outputs (the caller donates them). Rows < 0
+//   or >= R are skipped, as XLA's scatter drops them. Same math as
+//   lf_jax/embedding/sparse_optim.py.
+//
+// Shapes: table [R, D] float32 | bfloat16 | float16; rows, coef [N, E]; out_col [E];
+// out, grad [N, C, D] float32; piece_cols [P, W]; step [] int32 (1-based);
+// row-wise Adagrad accumulator [R]; Adam mu, nu [R, D] float32.
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+struct F32 {
+  using T = float;
+  static float load(float x) { return x; }
+  static float store(float x) { return x; }
+};
+
+struct BF16 {  // bfloat16 as its bits; stores round to nearest even, as XLA converts
+  using T = uint16_t;
+  static float load(uint16_t x) {
+    uint32_t bits = uint32_t(x) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  }
+  static uint16_t store(float f) {
+    uint32_t bits;
+    std::memcpy(&bits, &f, 4);
+    if (std::isnan(f)) return uint16_t((bits >> 16) | 0x40);
+    bits += 0x7FFF + ((bits >> 16) & 1);
+    return uint16_t(bits >> 16);
+  }
+};
+
+struct F16 {
+  using T = _Float16;
+  static float load(_Float16 x) { return float(x); }
+  static _Float16 store(float f) { return _Float16(f); }
+};
+
+ffi::Error Invalid(const char* what) {
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument, what);
+}
+
+template <class Ty>
+void Pool(const typename Ty::T* table, int64_t R, int64_t D, const int32_t* rows,
+          const float* coef, const int32_t* out_col, int64_t N, int64_t E, int64_t C,
+          float* out) {
+  constexpr int64_t kAhead = 8;  // entries to prefetch ahead: table rows are random reads
+  std::memset(out, 0, sizeof(float) * N * C * D);
+  const int64_t total = N * E;
+  for (int64_t k = 0; k < total; ++k) {
+    if (k + kAhead < total && rows[k + kAhead] >= 0 && rows[k + kAhead] < R) {
+      __builtin_prefetch(table + rows[k + kAhead] * D);
+    }
+    int64_t r = rows[k];
+    if (r < 0) continue;
+    if (r >= R) r = R - 1;
+    const int64_t n = k / E, e = k - n * E;
+    const float c = coef[k];
+    const typename Ty::T* src = table + r * D;
+    float* dst = out + (n * C + out_col[e]) * D;
+    for (int64_t d = 0; d < D; ++d) dst[d] += c * Ty::load(src[d]);
+  }
+}
+
+// The rows of one piece's entries, deduplicated: distinct row u (first-appearance order)
+// is row[u]; its entries are order[start[u] .. start[u + 1]) (entry order), entry k
+// reading gradient row src[k] with coefficient coef[k].
+struct Dedupe {
+  std::vector<int32_t> keys, ids, row, start, order, src, entry_u;
+  std::vector<float> coef;
+  int64_t distinct = 0;
+
+  void Build(const int32_t* rows, const float* coef_ne, const int32_t* out_col,
+             const int32_t* cols, int64_t W, int64_t N, int64_t E, int64_t C, int64_t R) {
+    const int64_t most = N * W;
+    int64_t size = 16;
+    while (size < 2 * most) size *= 2;
+    keys.assign(size, -1);
+    ids.resize(size);
+    row.resize(most);
+    start.assign(most + 1, 0);
+    order.resize(most);
+    src.resize(most);
+    entry_u.resize(most);
+    coef.resize(most);
+    const uint64_t mask = uint64_t(size - 1);
+    int64_t m = 0;
+    distinct = 0;
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t w = 0; w < W; ++w) {
+        const int32_t col = cols[w];
+        if (col < 0) continue;
+        const int32_t r = rows[n * E + col];
+        if (r < 0 || r >= R) continue;
+        uint64_t h = (uint64_t(uint32_t(r)) * 0x9E3779B97F4A7C15ull) >> 32 & mask;
+        while (keys[h] != -1 && keys[h] != r) h = (h + 1) & mask;
+        if (keys[h] == -1) {
+          keys[h] = r;
+          ids[h] = int32_t(distinct);
+          row[distinct++] = r;
+        }
+        const int32_t u = ids[h];
+        entry_u[m] = u;
+        src[m] = int32_t(n * C + out_col[col]);
+        coef[m] = coef_ne[n * E + col];
+        ++start[u + 1];
+        ++m;
+      }
+    }
+    for (int64_t u = 0; u < distinct; ++u) start[u + 1] += start[u];
+    std::vector<int32_t>& next = ids;  // reused: the next free place of each distinct row
+    for (int64_t u = 0; u < distinct; ++u) next[u] = start[u];
+    for (int64_t k = 0; k < m; ++k) order[next[entry_u[k]]++] = int32_t(k);
+  }
+};
+
+// Sums distinct row u's entry gradients into g [D].
+void RowGradient(const Dedupe& dd, int64_t u, const float* grad, int64_t D, float* g) {
+  for (int64_t d = 0; d < D; ++d) g[d] = 0.0f;
+  for (int32_t i = dd.start[u]; i < dd.start[u + 1]; ++i) {
+    const int32_t k = dd.order[i];
+    const float c = dd.coef[k];
+    const float* s = grad + int64_t(dd.src[k]) * D;
+    for (int64_t d = 0; d < D; ++d) g[d] += c * s[d];
+  }
+}
+
+// Adds delta [D] to table row r (float32: in place; 16-bit: old + delta rounded once).
+template <class Ty>
+void AddRow(typename Ty::T* table, int64_t r, int64_t D, const float* delta) {
+  typename Ty::T* dst = table + r * D;
+  for (int64_t d = 0; d < D; ++d) dst[d] = Ty::store(Ty::load(dst[d]) + delta[d]);
+}
+
+struct Sgd {
+  float lr;
+  void Delta(int64_t, int64_t D, const float* g, float* delta) const {
+    for (int64_t d = 0; d < D; ++d) delta[d] = -lr * g[d];
+  }
+  void Prefetch(int64_t) const {}
+};
+
+struct Adagrad {  // one accumulator per row: acc += mean(g^2); delta = -lr g / (sqrt(acc) + eps)
+  float lr, eps;
+  float* acc;
+  void Delta(int64_t r, int64_t D, const float* g, float* delta) const {
+    float sum = 0.0f;
+    for (int64_t d = 0; d < D; ++d) sum += g[d] * g[d];
+    const float a = acc[r] + sum / float(D);
+    acc[r] = a;
+    const float scale = -lr / (std::sqrt(a) + eps);
+    for (int64_t d = 0; d < D; ++d) delta[d] = scale * g[d];
+  }
+  void Prefetch(int64_t r) const { __builtin_prefetch(acc + r); }
+};
+
+struct Adam {  // lazy Adam, bias correction from the global step
+  float lr, b1, b2, one_minus_b1, one_minus_b2, eps, correct1, correct2;
+  float *mu, *nu;
+  int64_t dim;
+  void Delta(int64_t r, int64_t D, const float* g, float* delta) const {
+    float* m = mu + r * D;
+    float* v = nu + r * D;
+    for (int64_t d = 0; d < D; ++d) {
+      m[d] = b1 * m[d] + one_minus_b1 * g[d];
+      v[d] = b2 * v[d] + one_minus_b2 * (g[d] * g[d]);
+      delta[d] = -lr * (m[d] / correct1) / (std::sqrt(v[d] / correct2) + eps);
+    }
+  }
+  void Prefetch(int64_t r) const {
+    __builtin_prefetch(mu + r * dim);
+    __builtin_prefetch(nu + r * dim);
+  }
+};
+
+template <class Ty, class Opt>
+void Update(typename Ty::T* table, int64_t R, int64_t D, const Opt& opt, const int32_t* rows,
+            const float* coef, const int32_t* out_col, int64_t N, int64_t E, int64_t C,
+            const int32_t* piece_cols, int64_t P, int64_t W, const float* grad) {
+  thread_local Dedupe dd;  // scratch kept between calls: no page faults per step
+  std::vector<float> g(D), delta(D);
+  for (int64_t p = 0; p < P; ++p) {
+    dd.Build(rows, coef, out_col, piece_cols + p * W, W, N, E, C, R);
+    for (int64_t u = 0; u < dd.distinct; ++u) {
+      if (u + 2 < dd.distinct) {
+        __builtin_prefetch(table + int64_t(dd.row[u + 2]) * D);
+        opt.Prefetch(dd.row[u + 2]);
+      }
+      const int64_t r = dd.row[u];
+      RowGradient(dd, u, grad, D, g.data());
+      opt.Delta(r, D, g.data(), delta.data());
+      AddRow<Ty>(table, r, D, delta.data());
+    }
+  }
+}
+
+struct Entries {  // the arguments every update shares, checked
+  ffi::Buffer<ffi::S32> rows;
+  ffi::Buffer<ffi::F32> coef;
+  ffi::Buffer<ffi::S32> out_col;
+  ffi::Buffer<ffi::S32> piece_cols;
+  ffi::Buffer<ffi::F32> grad;
+};
+
+template <class Opt>
+ffi::Error RunUpdate(ffi::AnyBuffer table, const Entries& x, const Opt& opt) {
+  auto td = table.dimensions();
+  auto rd = x.rows.dimensions();
+  auto gd = x.grad.dimensions();
+  auto pd = x.piece_cols.dimensions();
+  if (td.size() != 2 || rd.size() != 2 || gd.size() != 3 || pd.size() != 2) {
+    return Invalid("lf_jax update: expected table [R, D], rows [N, E], grad [N, C, D]");
+  }
+  const int64_t R = td[0], D = td[1], N = rd[0], E = rd[1], C = gd[1];
+  if (gd[0] != N || gd[2] != D || x.coef.element_count() != size_t(N * E) ||
+      x.out_col.element_count() != size_t(E)) {
+    return Invalid("lf_jax update: mismatched shapes of rows, coef, out_col or grad");
+  }
+  const int32_t* rows = x.rows.typed_data();
+  const float* coef = x.coef.typed_data();
+  const int32_t* cols = x.out_col.typed_data();
+  const int32_t* pieces = x.piece_cols.typed_data();
+  const float* grad = x.grad.typed_data();
+  void* data = table.untyped_data();
+  switch (table.element_type()) {
+    case ffi::DataType::F32:
+      Update<F32>(static_cast<float*>(data), R, D, opt, rows, coef, cols, N, E, C, pieces, pd[0],
+                  pd[1], grad);
+      break;
+    case ffi::DataType::BF16:
+      Update<BF16>(static_cast<uint16_t*>(data), R, D, opt, rows, coef, cols, N, E, C, pieces,
+                   pd[0], pd[1], grad);
+      break;
+    case ffi::DataType::F16:
+      Update<F16>(static_cast<_Float16*>(data), R, D, opt, rows, coef, cols, N, E, C, pieces,
+                  pd[0], pd[1], grad);
+      break;
+    default:
+      return Invalid("lf_jax update: table dtype must be float32, bfloat16 or float16");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error PoolImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::F32> coef,
+                    ffi::Buffer<ffi::S32> out_col, ffi::ResultBuffer<ffi::F32> out) {
+  auto td = table.dimensions();
+  auto rd = rows.dimensions();
+  auto od = out->dimensions();
+  if (td.size() != 2 || rd.size() != 2 || od.size() != 3) {
+    return Invalid("lf_jax pool: expected table [R, D], rows [N, E], out [N, C, D]");
+  }
+  const int64_t R = td[0], D = td[1], N = rd[0], E = rd[1], C = od[1];
+  if (od[0] != N || od[2] != D || coef.element_count() != size_t(N * E) ||
+      out_col.element_count() != size_t(E)) {
+    return Invalid("lf_jax pool: mismatched shapes of rows, coef, out_col or out");
+  }
+  void* data = table.untyped_data();
+  float* o = out->typed_data();
+  switch (table.element_type()) {
+    case ffi::DataType::F32:
+      Pool<F32>(static_cast<const float*>(data), R, D, rows.typed_data(), coef.typed_data(),
+                out_col.typed_data(), N, E, C, o);
+      break;
+    case ffi::DataType::BF16:
+      Pool<BF16>(static_cast<const uint16_t*>(data), R, D, rows.typed_data(), coef.typed_data(),
+                 out_col.typed_data(), N, E, C, o);
+      break;
+    case ffi::DataType::F16:
+      Pool<F16>(static_cast<const _Float16*>(data), R, D, rows.typed_data(), coef.typed_data(),
+                out_col.typed_data(), N, E, C, o);
+      break;
+    default:
+      return Invalid("lf_jax pool: table dtype must be float32, bfloat16 or float16");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error SgdImpl(ffi::AnyBuffer, ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::F32> coef,
+                   ffi::Buffer<ffi::S32> out_col, ffi::Buffer<ffi::S32> piece_cols,
+                   ffi::Buffer<ffi::F32> grad, ffi::Buffer<ffi::S32>, ffi::Result<ffi::AnyBuffer> table,
+                   float lr) {
+  return RunUpdate(*table, Entries{rows, coef, out_col, piece_cols, grad}, Sgd{lr});
+}
+
+ffi::Error AdagradImpl(ffi::AnyBuffer, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::S32> rows,
+                       ffi::Buffer<ffi::F32> coef, ffi::Buffer<ffi::S32> out_col,
+                       ffi::Buffer<ffi::S32> piece_cols, ffi::Buffer<ffi::F32> grad,
+                       ffi::Buffer<ffi::S32>, ffi::Result<ffi::AnyBuffer> table,
+                       ffi::ResultBuffer<ffi::F32> acc, float lr, float eps) {
+  if (acc->element_count() != size_t(table->dimensions()[0])) {
+    return Invalid("lf_jax update: accumulator must be [R]");
+  }
+  return RunUpdate(*table, Entries{rows, coef, out_col, piece_cols, grad},
+                   Adagrad{lr, eps, acc->typed_data()});
+}
+
+ffi::Error AdamImpl(ffi::AnyBuffer, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>,
+                    ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::F32> coef,
+                    ffi::Buffer<ffi::S32> out_col, ffi::Buffer<ffi::S32> piece_cols,
+                    ffi::Buffer<ffi::F32> grad, ffi::Buffer<ffi::S32> step,
+                    ffi::Result<ffi::AnyBuffer> table, ffi::ResultBuffer<ffi::F32> mu,
+                    ffi::ResultBuffer<ffi::F32> nu, float lr, float b1, float b2,
+                    float one_minus_b1, float one_minus_b2, float eps) {
+  if (mu->element_count() != table->element_count() ||
+      nu->element_count() != table->element_count()) {
+    return Invalid("lf_jax update: Adam moments must be [R, D]");
+  }
+  const float t = float(step.typed_data()[0]);
+  const Adam opt{lr,
+                 b1,
+                 b2,
+                 one_minus_b1,
+                 one_minus_b2,
+                 eps,
+                 1.0f - std::pow(b1, t),
+                 1.0f - std::pow(b2, t),
+                 mu->typed_data(),
+                 nu->typed_data(),
+                 table->dimensions()[1]};
+  return RunUpdate(*table, Entries{rows, coef, out_col, piece_cols, grad}, opt);
+}
+
+}  // namespace
+
+#define LF_ENTRY_ARGS                 \
+  .Arg<ffi::Buffer<ffi::S32>>()       \
+      .Arg<ffi::Buffer<ffi::F32>>()   \
+      .Arg<ffi::Buffer<ffi::S32>>()   \
+      .Arg<ffi::Buffer<ffi::S32>>()   \
+      .Arg<ffi::Buffer<ffi::F32>>()   \
+      .Arg<ffi::Buffer<ffi::S32>>()
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LfPool, PoolImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LfUpdateSgd, SgdImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>() LF_ENTRY_ARGS
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<float>("learning_rate"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LfUpdateAdagrad, AdagradImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>() LF_ENTRY_ARGS
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("learning_rate")
+                                  .Attr<float>("eps"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LfUpdateAdam, AdamImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>() LF_ENTRY_ARGS
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("learning_rate")
+                                  .Attr<float>("b1")
+                                  .Attr<float>("b2")
+                                  .Attr<float>("one_minus_b1")
+                                  .Attr<float>("one_minus_b2")
+                                  .Attr<float>("eps"));
