@@ -263,7 +263,7 @@ def group_forward(
         if group.num_slots == 1:  # every row of the group is here: pool straight from it
             if route.kernel == "fused":
                 rows_be = jnp.where(slot_be >= 0, local_be, -1)
-                return fused.pool(stored_1rd[0], rows_be, coef_be, route.out_col_e, route.num_out)
+                return fused.pool(stored_1rd, rows_be, coef_be, route.out_col_e, route.num_out)
             return route.pool(stored_1rd[0], local_be, coef_be)
         b, e = slot_be.shape
         slot_m, local_m, capacity = slot_be.reshape(-1), local_be.reshape(-1), route.capacity(b * e)

@@ -18,7 +18,9 @@ fused forward are not differentiable w.r.t. the table (the engine never is: its 
 is ``apply_gradients``).
 
 Shapes: N examples (k micro-batches x B), E entry columns, C output columns, D dim,
-R rows, P pieces, W entry columns of the widest piece.
+R rows, P pieces, W entry columns of the widest piece. Tables [R, D] or a device's
+[1, R, D] block (slots [1, R] / [1, R, D]): leading axes of size 1 are passed as they
+are, so that XLA aliases donated buffers without copying them.
 
 Example:
     >>> out_ncd = pool(table_rd, rows_ne, coef_ne, out_col_e, num_out=C)
@@ -74,7 +76,7 @@ def resolve_kernel(kernel: str, platform: str, optimizer: SparseOptimizer) -> st
 def pool(table_rd, rows_ne, coef_ne, out_col_e: np.ndarray, num_out: int) -> jax.Array:
     """[N, C, D] float32: entry e of example n adds ``coef[n, e] * table[rows[n, e]]``
     into column out_col[e]; rows < 0 are padding (skipped), rows >= R are clamped."""
-    out = jax.ShapeDtypeStruct((rows_ne.shape[0], num_out, table_rd.shape[1]), jnp.float32)
+    out = jax.ShapeDtypeStruct((rows_ne.shape[0], num_out, table_rd.shape[-1]), jnp.float32)
     return jax.ffi.ffi_call("lf_jax_pool", out)(
         table_rd,
         rows_ne.astype(jnp.int32),

@@ -13,9 +13,11 @@
 //   or >= R are skipped, as XLA's scatter drops them. Same math as
 //   lf_jax/embedding/sparse_optim.py.
 //
-// Shapes: table [R, D] float32 | bfloat16 | float16; rows, coef [N, E]; out_col [E];
+// Shapes: table [R, D] float32 | bfloat16 | float16 (or [1, R, D]: leading axes of size 1,
+// as shard_map hands a device's block, passed as they are so that XLA aliases the donated
+// buffer without a copy); rows, coef [N, E]; out_col [E];
 // out, grad [N, C, D] float32; piece_cols [P, W]; step [] int32 (1-based);
-// row-wise Adagrad accumulator [R]; Adam mu, nu [R, D] float32.
+// row-wise Adagrad accumulator [R] (or [1, R]); Adam mu, nu like the table, float32.
 
 #include <cmath>
 #include <cstdint>
@@ -229,10 +231,11 @@ ffi::Error RunUpdate(ffi::AnyBuffer table, const Entries& x, const Opt& opt) {
   auto rd = x.rows.dimensions();
   auto gd = x.grad.dimensions();
   auto pd = x.piece_cols.dimensions();
-  if (td.size() != 2 || rd.size() != 2 || gd.size() != 3 || pd.size() != 2) {
-    return Invalid("lf_jax update: expected table [R, D], rows [N, E], grad [N, C, D]");
+  if (td.size() < 2 || rd.size() != 2 || gd.size() != 3 || pd.size() != 2) {
+    return Invalid("lf_jax update: expected table [..., R, D], rows [N, E], grad [N, C, D]");
   }
-  const int64_t R = td[0], D = td[1], N = rd[0], E = rd[1], C = gd[1];
+  const int64_t D = td[td.size() - 1], R = int64_t(table.element_count()) / D;
+  const int64_t N = rd[0], E = rd[1], C = gd[1];
   if (gd[0] != N || gd[2] != D || x.coef.element_count() != size_t(N * E) ||
       x.out_col.element_count() != size_t(E)) {
     return Invalid("lf_jax update: mismatched shapes of rows, coef, out_col or grad");
@@ -267,10 +270,11 @@ ffi::Error PoolImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> rows, ffi::Buffe
   auto td = table.dimensions();
   auto rd = rows.dimensions();
   auto od = out->dimensions();
-  if (td.size() != 2 || rd.size() != 2 || od.size() != 3) {
-    return Invalid("lf_jax pool: expected table [R, D], rows [N, E], out [N, C, D]");
+  if (td.size() < 2 || rd.size() != 2 || od.size() != 3) {
+    return Invalid("lf_jax pool: expected table [..., R, D], rows [N, E], out [N, C, D]");
   }
-  const int64_t R = td[0], D = td[1], N = rd[0], E = rd[1], C = od[1];
+  const int64_t D = td[td.size() - 1], R = int64_t(table.element_count()) / D;
+  const int64_t N = rd[0], E = rd[1], C = od[1];
   if (od[0] != N || od[2] != D || coef.element_count() != size_t(N * E) ||
       out_col.element_count() != size_t(E)) {
     return Invalid("lf_jax pool: mismatched shapes of rows, coef, out_col or out");
@@ -308,8 +312,9 @@ ffi::Error AdagradImpl(ffi::AnyBuffer, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::S
                        ffi::Buffer<ffi::S32> piece_cols, ffi::Buffer<ffi::F32> grad,
                        ffi::Buffer<ffi::S32>, ffi::Result<ffi::AnyBuffer> table,
                        ffi::ResultBuffer<ffi::F32> acc, float lr, float eps) {
-  if (acc->element_count() != size_t(table->dimensions()[0])) {
-    return Invalid("lf_jax update: accumulator must be [R]");
+  auto td = table->dimensions();
+  if (acc->element_count() != table->element_count() / size_t(td[td.size() - 1])) {
+    return Invalid("lf_jax update: accumulator must hold one value per row");
   }
   return RunUpdate(*table, Entries{rows, coef, out_col, piece_cols, grad},
                    Adagrad{lr, eps, acc->typed_data()});
@@ -337,7 +342,7 @@ ffi::Error AdamImpl(ffi::AnyBuffer, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>
                  1.0f - std::pow(b2, t),
                  mu->typed_data(),
                  nu->typed_data(),
-                 table->dimensions()[1]};
+                 table->dimensions()[table->dimensions().size() - 1]};
   return RunUpdate(*table, Entries{rows, coef, out_col, piece_cols, grad}, opt);
 }
 
