@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_strategies import FEATURES, TABLES, assert_matches_oracle
 
 from lf_jax import embedding as P
 from lf_jax.distributed.mesh import make_mesh
@@ -25,7 +26,6 @@ from lf_jax.embedding.spec import FeatureSpec, TableSpec
 from lf_jax.errors import UserInputError
 from lf_jax.testing import embedding_oracle as oracle
 from lf_jax.testing.compilation import count_compilations
-from test_strategies import FEATURES, TABLES, assert_matches_oracle
 
 KERNELS = ("fused", "xla")
 OPTIMIZERS = {"sgd": sgd(0.5), "adagrad": rowwise_adagrad(0.5), "adam": adam(0.1)}
@@ -95,7 +95,10 @@ def test_duplicates_match_xla_path(optimizer, one):
         shapes = [(64, 3, 16) if f.combiner == "none" else (64, 16) for f in features]
         rng = np.random.default_rng(0)
         grads = [
-            {f.name: rng.standard_normal(s).astype(np.float32) for f, s in zip(features, shapes)}
+            {
+                f.name: rng.standard_normal(s).astype(np.float32)
+                for f, s in zip(features, shapes, strict=True)
+            }
             for _ in raw
         ]
         results.append(_run(coll, batches, grads))
@@ -104,7 +107,9 @@ def test_duplicates_match_xla_path(optimizer, one):
         for name in a:
             np.testing.assert_allclose(a[name], b[name], rtol=2e-4, atol=1e-5, err_msg=name)
     for part in ("tables", "slots"):
-        for leaf_f, leaf_x in zip(jax.tree.leaves(got_f[part]), jax.tree.leaves(got_x[part])):
+        for leaf_f, leaf_x in zip(
+            jax.tree.leaves(got_f[part]), jax.tree.leaves(got_x[part]), strict=True
+        ):
             np.testing.assert_allclose(leaf_f, leaf_x, rtol=2e-4, atol=1e-5, err_msg=part)
 
 
