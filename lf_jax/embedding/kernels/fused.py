@@ -109,16 +109,26 @@ def update(
         grad_ncd.astype(jnp.float32),
         jnp.asarray(step, jnp.int32),
     )
+    target, attrs = _target(optimizer)
+    names = tuple(optimizer.slot_shapes(1))  # the kernel's slot operands, in this order
+    state = (table_rd, *(slots_r[n] for n in names))
+    shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in state]
+    out = jax.ffi.ffi_call(target, shapes, input_output_aliases={i: i for i in range(len(state))})(
+        *state, *entries, **attrs
+    )
+    return out[0], dict(zip(names, out[1:], strict=True))
+
+
+def _target(optimizer: SparseOptimizer) -> tuple[str, dict[str, np.float32]]:
+    """The FFI target of ``optimizer``'s update and its float32 attributes (1 - b
+    computed as the XLA path does, in Python, then rounded)."""
     lr = np.float32(optimizer.learning_rate)
     if isinstance(optimizer, SGD):
-        names, attrs = (), {"learning_rate": lr}
-        target = "lf_jax_update_sgd"
-    elif isinstance(optimizer, RowWiseAdagrad):
-        names, attrs = ("accumulator",), {"learning_rate": lr, "eps": np.float32(optimizer.eps)}
-        target = "lf_jax_update_adagrad"
-    elif isinstance(optimizer, Adam):
-        names = ("mu", "nu")
-        attrs = {
+        return "lf_jax_update_sgd", {"learning_rate": lr}
+    if isinstance(optimizer, RowWiseAdagrad):
+        return "lf_jax_update_adagrad", {"learning_rate": lr, "eps": np.float32(optimizer.eps)}
+    if isinstance(optimizer, Adam):
+        return "lf_jax_update_adam", {
             "learning_rate": lr,
             "b1": np.float32(optimizer.b1),
             "b2": np.float32(optimizer.b2),
@@ -126,12 +136,4 @@ def update(
             "one_minus_b2": np.float32(1 - optimizer.b2),
             "eps": np.float32(optimizer.eps),
         }
-        target = "lf_jax_update_adam"
-    else:
-        raise UserInputError(f"the fused kernel has no '{optimizer.kind}' update")
-    state = (table_rd, *(slots_r[n] for n in names))
-    shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in state]
-    out = jax.ffi.ffi_call(target, shapes, input_output_aliases={i: i for i in range(len(state))})(
-        *state, *entries, **attrs
-    )
-    return out[0], dict(zip(names, out[1:], strict=True))
+    raise UserInputError(f"the fused kernel has no '{optimizer.kind}' update")
