@@ -59,6 +59,27 @@ struct F16 {
   static _Float16 store(float f) { return _Float16(f); }
 };
 
+// Prefetches the cache lines of a row of n elements of T (locality 3, for reading; the
+// update's rows are read before they are written).
+template <class T>
+void PrefetchRow(const T* row, int64_t n) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t i = 0; i < n; i += kLine) __builtin_prefetch(row + i);
+}
+
+// sum of x[d]^2 in 8 lanes: a float sum in order is a chain of D dependent adds (XLA:CPU
+// sums the dot with ones in vector lanes too; the order differs from both by rounding)
+float SumOfSquares(const float* x, int64_t n) {
+  float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  const int64_t body = n - n % 8;
+  for (int64_t d = 0; d < body; d += 8) {
+    for (int j = 0; j < 8; ++j) lanes[j] += x[d + j] * x[d + j];
+  }
+  for (int64_t d = body; d < n; ++d) lanes[0] += x[d] * x[d];
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
+         ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+
 ffi::Error Invalid(const char* what) {
   return ffi::Error(ffi::ErrorCode::kInvalidArgument, what);
 }
@@ -72,7 +93,7 @@ void Pool(const typename Ty::T* table, int64_t R, int64_t D, const int32_t* rows
   const int64_t total = N * E;
   for (int64_t k = 0; k < total; ++k) {
     if (k + kAhead < total && rows[k + kAhead] >= 0 && rows[k + kAhead] < R) {
-      __builtin_prefetch(table + rows[k + kAhead] * D);
+      PrefetchRow(table + rows[k + kAhead] * D, D);
     }
     int64_t r = rows[k];
     if (r < 0) continue;
@@ -167,9 +188,7 @@ struct Adagrad {  // one accumulator per row: acc += mean(g^2); delta = -lr g / 
   float lr, eps;
   float* acc;
   void Delta(int64_t r, int64_t D, const float* g, float* delta) const {
-    float sum = 0.0f;
-    for (int64_t d = 0; d < D; ++d) sum += g[d] * g[d];
-    const float a = acc[r] + sum / float(D);
+    const float a = acc[r] + SumOfSquares(g, D) / float(D);
     acc[r] = a;
     const float scale = -lr / (std::sqrt(a) + eps);
     for (int64_t d = 0; d < D; ++d) delta[d] = scale * g[d];
@@ -191,8 +210,8 @@ struct Adam {  // lazy Adam, bias correction from the global step
     }
   }
   void Prefetch(int64_t r) const {
-    __builtin_prefetch(mu + r * dim);
-    __builtin_prefetch(nu + r * dim);
+    PrefetchRow(mu + r * dim, dim);
+    PrefetchRow(nu + r * dim, dim);
   }
 };
 
@@ -200,14 +219,17 @@ template <class Ty, class Opt>
 void Update(typename Ty::T* table, int64_t R, int64_t D, const Opt& opt, const int32_t* rows,
             const float* coef, const int32_t* out_col, int64_t N, int64_t E, int64_t C,
             const int32_t* piece_cols, int64_t P, int64_t W, const float* grad) {
-  thread_local Dedupe dd;  // scratch kept between calls: no page faults per step
+  constexpr int64_t kAhead = 4;  // distinct rows to prefetch ahead
+  thread_local Dedupe dd;        // scratch kept between calls: no page faults per step
   std::vector<float> g(D), delta(D);
   for (int64_t p = 0; p < P; ++p) {
     dd.Build(rows, coef, out_col, piece_cols + p * W, W, N, E, C, R);
     for (int64_t u = 0; u < dd.distinct; ++u) {
-      if (u + 2 < dd.distinct) {
-        __builtin_prefetch(table + int64_t(dd.row[u + 2]) * D);
-        opt.Prefetch(dd.row[u + 2]);
+      if (u + kAhead < dd.distinct) {  // the rows, slots and first gradient ahead
+        const int64_t ahead = dd.row[u + kAhead];
+        PrefetchRow(table + ahead * D, D);
+        opt.Prefetch(ahead);
+        PrefetchRow(grad + int64_t(dd.src[dd.order[dd.start[u + kAhead]]]) * D, D);
       }
       const int64_t r = dd.row[u];
       RowGradient(dd, u, grad, D, g.data());
