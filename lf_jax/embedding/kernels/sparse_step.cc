@@ -6,9 +6,9 @@
 //   rows >= R clamped to R - 1, as XLA's gather clips).
 // LfUpdate{Sgd,Adagrad,Adam}: the sparse update. For each piece p (a table of the group;
 //   its entry columns piece_cols[p, :], -1 padded) the entries' gradients
-//   coef[n, e] * grad[n, out_col[e]] are summed per distinct row (a hash dedupe, then a
-//   counting sort of the entries by distinct row, so a row's entries are summed in entry
-//   order into one D-vector) and the optimizer is applied to that row in place: on the
+//   coef[n, e] * grad[n, out_col[e]] are summed per distinct row (a hash dedupe that
+//   links each row's entries in entry order, summed into one D-vector) and the
+//   optimizer is applied to that row in place: on the
 //   table and slots that XLA aliases to the outputs (the caller donates them). Rows < 0
 //   or >= R are skipped, as XLA's scatter drops them. Same math as
 //   lf_jax/embedding/sparse_optim.py.
@@ -106,11 +106,17 @@ void Pool(const typename Ty::T* table, int64_t R, int64_t D, const int32_t* rows
   }
 }
 
-// The rows of one piece's entries, deduplicated: distinct row u (first-appearance order)
-// is row[u]; its entries are order[start[u] .. start[u + 1]) (entry order), entry k
-// reading gradient row src[k] with coefficient coef[k].
+// The rows of one piece's entries, deduplicated by an open-addressing hash of the rows:
+// distinct row u (first-appearance order) is row[u]; its entries form a list in entry
+// order, first[u] -> next[k] -> ... -> -1, entry k reading gradient row src[k] with
+// coefficient coef[k]. One pass over the entries; the hash slots used are cleared after
+// the piece (the table is allocated and filled once, not per call).
 struct Dedupe {
-  std::vector<int32_t> keys, ids, row, start, order, src, entry_u;
+  struct Slot {
+    int32_t row, u;
+  };
+  std::vector<Slot> slots;
+  std::vector<int32_t> row, first, last, next, src;
   std::vector<float> coef;
   int64_t distinct = 0;
 
@@ -119,15 +125,13 @@ struct Dedupe {
     const int64_t most = N * W;
     int64_t size = 16;
     while (size < 2 * most) size *= 2;
-    keys.assign(size, -1);
-    ids.resize(size);
-    row.resize(most);
-    start.assign(most + 1, 0);
-    order.resize(most);
-    src.resize(most);
-    entry_u.resize(most);
-    coef.resize(most);
+    if (int64_t(slots.size()) < size) slots.assign(size, Slot{-1, 0});
+    if (int64_t(row.size()) < most) {
+      for (auto* v : {&row, &first, &last, &next, &src}) v->resize(most);
+      coef.resize(most);
+    }
     const uint64_t mask = uint64_t(size - 1);
+    Slot* table = slots.data();
     int64_t m = 0;
     distinct = 0;
     for (int64_t n = 0; n < N; ++n) {
@@ -137,32 +141,36 @@ struct Dedupe {
         const int32_t r = rows[n * E + col];
         if (r < 0 || r >= R) continue;
         uint64_t h = (uint64_t(uint32_t(r)) * 0x9E3779B97F4A7C15ull) >> 32 & mask;
-        while (keys[h] != -1 && keys[h] != r) h = (h + 1) & mask;
-        if (keys[h] == -1) {
-          keys[h] = r;
-          ids[h] = int32_t(distinct);
-          row[distinct++] = r;
+        while (table[h].row != -1 && table[h].row != r) h = (h + 1) & mask;
+        if (table[h].row == -1) {
+          table[h] = Slot{r, int32_t(distinct)};
+          row[distinct] = r;
+          first[distinct++] = int32_t(m);
+        } else {
+          next[last[table[h].u]] = int32_t(m);
         }
-        const int32_t u = ids[h];
-        entry_u[m] = u;
+        last[table[h].u] = int32_t(m);
+        next[m] = -1;
         src[m] = int32_t(n * C + out_col[col]);
-        coef[m] = coef_ne[n * E + col];
-        ++start[u + 1];
-        ++m;
+        coef[m++] = coef_ne[n * E + col];
       }
     }
-    for (int64_t u = 0; u < distinct; ++u) start[u + 1] += start[u];
-    std::vector<int32_t>& next = ids;  // reused: the next free place of each distinct row
-    for (int64_t u = 0; u < distinct; ++u) next[u] = start[u];
-    for (int64_t k = 0; k < m; ++k) order[next[entry_u[k]]++] = int32_t(k);
+  }
+
+  void Clear() {  // empties the slots this piece used (same probe sequence as Build)
+    const uint64_t mask = uint64_t(slots.size() - 1);
+    for (int64_t u = 0; u < distinct; ++u) {
+      uint64_t h = (uint64_t(uint32_t(row[u])) * 0x9E3779B97F4A7C15ull) >> 32 & mask;
+      while (slots[h].row != row[u]) h = (h + 1) & mask;
+      slots[h].row = -1;
+    }
   }
 };
 
-// Sums distinct row u's entry gradients into g [D].
+// Sums distinct row u's entry gradients into g [D], in entry order.
 void RowGradient(const Dedupe& dd, int64_t u, const float* grad, int64_t D, float* g) {
   for (int64_t d = 0; d < D; ++d) g[d] = 0.0f;
-  for (int32_t i = dd.start[u]; i < dd.start[u + 1]; ++i) {
-    const int32_t k = dd.order[i];
+  for (int32_t k = dd.first[u]; k >= 0; k = dd.next[k]) {
     const float c = dd.coef[k];
     const float* s = grad + int64_t(dd.src[k]) * D;
     for (int64_t d = 0; d < D; ++d) g[d] += c * s[d];
@@ -229,13 +237,14 @@ void Update(typename Ty::T* table, int64_t R, int64_t D, const Opt& opt, const i
         const int64_t ahead = dd.row[u + kAhead];
         PrefetchRow(table + ahead * D, D);
         opt.Prefetch(ahead);
-        PrefetchRow(grad + int64_t(dd.src[dd.order[dd.start[u + kAhead]]]) * D, D);
+        PrefetchRow(grad + int64_t(dd.src[dd.first[u + kAhead]]) * D, D);
       }
       const int64_t r = dd.row[u];
       RowGradient(dd, u, grad, D, g.data());
       opt.Delta(r, D, g.data(), delta.data());
       AddRow<Ty>(table, r, D, delta.data());
     }
+    dd.Clear();
   }
 }
 
