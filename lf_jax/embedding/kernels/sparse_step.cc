@@ -6,9 +6,9 @@
 //   rows >= R clamped to R - 1, as XLA's gather clips).
 // LfUpdate{Sgd,Adagrad,Adam}: the sparse update. For each piece p (a table of the group;
 //   its entry columns piece_cols[p, :], -1 padded) the entries' gradients
-//   coef[n, e] * grad[n, out_col[e]] are summed per distinct row (a hash dedupe that
-//   links each row's entries in entry order, summed into one D-vector) and the
-//   optimizer is applied to that row in place: on the
+//   coef[n, e] * grad[n, out_col[e]] are summed per distinct row (a radix sort of the
+//   entries by row, stable: a row's entries are summed in entry order into one
+//   D-vector) and the optimizer is applied to the rows in ascending order, in place: on the
 //   table and slots that XLA aliases to the outputs (the caller donates them). Rows < 0
 //   or >= R are skipped, as XLA's scatter drops them. Same math as
 //   lf_jax/embedding/sparse_optim.py.
@@ -19,6 +19,7 @@
 // out, grad [N, C, D] float32; piece_cols [P, W]; step [] int32 (1-based);
 // row-wise Adagrad accumulator [R] (or [1, R]); Adam mu, nu like the table, float32.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -106,71 +107,74 @@ void Pool(const typename Ty::T* table, int64_t R, int64_t D, const int32_t* rows
   }
 }
 
-// The rows of one piece's entries, deduplicated by an open-addressing hash of the rows:
-// distinct row u (first-appearance order) is row[u]; its entries form a list in entry
-// order, first[u] -> next[k] -> ... -> -1, entry k reading gradient row src[k] with
-// coefficient coef[k]. One pass over the entries; the hash slots used are cleared after
-// the piece (the table is allocated and filled once, not per call).
+// The rows of one piece's entries, deduplicated by a stable LSD radix sort of
+// (row << 32 | entry) keys on the row bits (digits of at most 11 bits; the keys of a
+// piece fit the caches, every pass streams them): distinct row u is row[u], ascending, and
+// its entries are the low halves of keys[start[u] .. start[u + 1]), in entry order,
+// entry k reading gradient row src[k] with coefficient coef[k]. (An open-addressing hash
+// instead spent a third of the update in its probes' cache misses.)
 struct Dedupe {
-  struct Slot {
-    int32_t row, u;
-  };
-  std::vector<Slot> slots;
-  std::vector<int32_t> row, first, last, next, src;
+  std::vector<uint64_t> keys, spare;
+  std::vector<int32_t> row, start, src, count;
   std::vector<float> coef;
   int64_t distinct = 0;
 
   void Build(const int32_t* rows, const float* coef_ne, const int32_t* out_col,
              const int32_t* cols, int64_t W, int64_t N, int64_t E, int64_t C, int64_t R) {
     const int64_t most = N * W;
-    int64_t size = 16;
-    while (size < 2 * most) size *= 2;
-    if (int64_t(slots.size()) < size) slots.assign(size, Slot{-1, 0});
-    if (int64_t(row.size()) < most) {
-      for (auto* v : {&row, &first, &last, &next, &src}) v->resize(most);
+    if (int64_t(keys.size()) < most) {
+      for (auto* v : {&keys, &spare}) v->resize(most);
+      for (auto* v : {&row, &start, &src}) v->resize(most + 1);
       coef.resize(most);
     }
-    const uint64_t mask = uint64_t(size - 1);
-    Slot* table = slots.data();
     int64_t m = 0;
-    distinct = 0;
     for (int64_t n = 0; n < N; ++n) {
       for (int64_t w = 0; w < W; ++w) {
         const int32_t col = cols[w];
         if (col < 0) continue;
         const int32_t r = rows[n * E + col];
         if (r < 0 || r >= R) continue;
-        uint64_t h = (uint64_t(uint32_t(r)) * 0x9E3779B97F4A7C15ull) >> 32 & mask;
-        while (table[h].row != -1 && table[h].row != r) h = (h + 1) & mask;
-        if (table[h].row == -1) {
-          table[h] = Slot{r, int32_t(distinct)};
-          row[distinct] = r;
-          first[distinct++] = int32_t(m);
-        } else {
-          next[last[table[h].u]] = int32_t(m);
-        }
-        last[table[h].u] = int32_t(m);
-        next[m] = -1;
+        keys[m] = uint64_t(r) << 32 | uint64_t(m);
         src[m] = int32_t(n * C + out_col[col]);
         coef[m++] = coef_ne[n * E + col];
       }
     }
+    int bits = 1;
+    while ((int64_t(1) << bits) < R) ++bits;
+    const int passes = (bits + 10) / 11, digit = (bits + passes - 1) / passes;
+    count.resize(size_t(1) << digit);
+    for (int shift = 32; shift < 32 + bits; shift += digit) {
+      const uint64_t mask = (uint64_t(1) << digit) - 1;
+      std::fill(count.begin(), count.end(), 0);
+      for (int64_t i = 0; i < m; ++i) ++count[keys[i] >> shift & mask];
+      int32_t sum = 0;
+      for (auto& c : count) {
+        const int32_t here = c;
+        c = sum;
+        sum += here;
+      }
+      for (int64_t i = 0; i < m; ++i) spare[count[keys[i] >> shift & mask]++] = keys[i];
+      keys.swap(spare);
+    }
+    distinct = 0;
+    for (int64_t i = 0; i < m; ++i) {
+      const int32_t r = int32_t(keys[i] >> 32);
+      if (i == 0 || r != row[distinct - 1]) {
+        row[distinct] = r;
+        start[distinct++] = int32_t(i);
+      }
+    }
+    start[distinct] = int32_t(m);
   }
 
-  void Clear() {  // empties the slots this piece used (same probe sequence as Build)
-    const uint64_t mask = uint64_t(slots.size() - 1);
-    for (int64_t u = 0; u < distinct; ++u) {
-      uint64_t h = (uint64_t(uint32_t(row[u])) * 0x9E3779B97F4A7C15ull) >> 32 & mask;
-      while (slots[h].row != row[u]) h = (h + 1) & mask;
-      slots[h].row = -1;
-    }
-  }
+  int32_t Entry(int64_t i) const { return int32_t(keys[i] & 0xFFFFFFFFu); }
 };
 
 // Sums distinct row u's entry gradients into g [D], in entry order.
 void RowGradient(const Dedupe& dd, int64_t u, const float* grad, int64_t D, float* g) {
   for (int64_t d = 0; d < D; ++d) g[d] = 0.0f;
-  for (int32_t k = dd.first[u]; k >= 0; k = dd.next[k]) {
+  for (int32_t i = dd.start[u]; i < dd.start[u + 1]; ++i) {
+    const int32_t k = dd.Entry(i);
     const float c = dd.coef[k];
     const float* s = grad + int64_t(dd.src[k]) * D;
     for (int64_t d = 0; d < D; ++d) g[d] += c * s[d];
@@ -237,14 +241,13 @@ void Update(typename Ty::T* table, int64_t R, int64_t D, const Opt& opt, const i
         const int64_t ahead = dd.row[u + kAhead];
         PrefetchRow(table + ahead * D, D);
         opt.Prefetch(ahead);
-        PrefetchRow(grad + int64_t(dd.src[dd.first[u + kAhead]]) * D, D);
+        PrefetchRow(grad + int64_t(dd.src[dd.Entry(dd.start[u + kAhead])]) * D, D);
       }
       const int64_t r = dd.row[u];
       RowGradient(dd, u, grad, D, g.data());
       opt.Delta(r, D, g.data(), delta.data());
       AddRow<Ty>(table, r, D, delta.data());
     }
-    dd.Clear();
   }
 }
 
