@@ -89,76 +89,96 @@ template <class Ty>
 void Pool(const typename Ty::T* table, int64_t R, int64_t D, const int32_t* rows,
           const float* coef, const int32_t* out_col, int64_t N, int64_t E, int64_t C,
           float* out) {
-  constexpr int64_t kAhead = 8;  // entries to prefetch ahead: table rows are random reads
+  constexpr int64_t kAhead = 16;  // entries to prefetch ahead: table rows are random reads
   std::memset(out, 0, sizeof(float) * N * C * D);
   const int64_t total = N * E;
-  for (int64_t k = 0; k < total; ++k) {
-    if (k + kAhead < total && rows[k + kAhead] >= 0 && rows[k + kAhead] < R) {
-      PrefetchRow(table + rows[k + kAhead] * D, D);
+  for (int64_t n = 0; n < N; ++n) {
+    const int32_t* rows_e = rows + n * E;
+    const float* coef_e = coef + n * E;
+    float* out_cd = out + n * C * D;
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t ahead = n * E + e + kAhead;
+      if (ahead < total && rows[ahead] >= 0 && rows[ahead] < R) {
+        PrefetchRow(table + rows[ahead] * D, D);
+      }
+      int64_t r = rows_e[e];
+      if (r < 0) continue;
+      if (r >= R) r = R - 1;
+      const float c = coef_e[e];
+      const typename Ty::T* src = table + r * D;
+      float* dst = out_cd + out_col[e] * D;
+      for (int64_t d = 0; d < D; ++d) dst[d] += c * Ty::load(src[d]);
     }
-    int64_t r = rows[k];
-    if (r < 0) continue;
-    if (r >= R) r = R - 1;
-    const int64_t n = k / E, e = k - n * E;
-    const float c = coef[k];
-    const typename Ty::T* src = table + r * D;
-    float* dst = out + (n * C + out_col[e]) * D;
-    for (int64_t d = 0; d < D; ++d) dst[d] += c * Ty::load(src[d]);
   }
 }
 
-// The rows of one piece's entries, deduplicated by a stable LSD radix sort of
-// (row << 32 | entry) keys on the row bits (digits of at most 11 bits; the keys of a
-// piece fit the caches, every pass streams them): distinct row u is row[u], ascending, and
-// its entries are the low halves of keys[start[u] .. start[u + 1]), in entry order,
-// entry k reading gradient row src[k] with coefficient coef[k]. (An open-addressing hash
-// instead spent a third of the update in its probes' cache misses.)
+// The entries of a group, deduplicated per piece. Collect reads the [N, E] entries once
+// in memory order and appends each valid one to its piece's segment of keys
+// (row << 32 | entry; piece p's segment starts at p * N * W), with its gradient row
+// src[k] and coefficient coef[k]. Sort(p) runs a stable LSD radix sort of the segment on
+// the row bits (digits of at most 11 bits; a piece's keys fit the caches): distinct row
+// u is row[u], ascending, and its entries are the low halves of keys[start[u] ..
+// start[u + 1]), in entry order. (An open-addressing hash instead spent a third of the
+// update in its probes' cache misses, and reading the entries piece by piece, strided,
+// half of the dedupe.)
 struct Dedupe {
   std::vector<uint64_t> keys, spare;
-  std::vector<int32_t> row, start, src, count;
+  std::vector<int32_t> row, start, src, count, piece_of, end;
   std::vector<float> coef;
   int64_t distinct = 0;
 
-  void Build(const int32_t* rows, const float* coef_ne, const int32_t* out_col,
-             const int32_t* cols, int64_t W, int64_t N, int64_t E, int64_t C, int64_t R) {
-    const int64_t most = N * W;
-    if (int64_t(keys.size()) < most) {
-      for (auto* v : {&keys, &spare}) v->resize(most);
-      for (auto* v : {&row, &start, &src}) v->resize(most + 1);
-      coef.resize(most);
+  void Collect(const int32_t* rows, const float* coef_ne, const int32_t* out_col,
+               const int32_t* piece_cols, int64_t P, int64_t W, int64_t N, int64_t E,
+               int64_t C, int64_t R) {
+    const int64_t most = N * W, total = P * most;
+    if (int64_t(keys.size()) < total) {
+      for (auto* v : {&keys, &spare}) v->resize(total);
+      for (auto* v : {&src, &row, &start}) v->resize(total + 1);
+      coef.resize(total);
     }
-    int64_t m = 0;
+    piece_of.assign(E, -1);
+    for (int64_t i = 0; i < P * W; ++i) {
+      if (piece_cols[i] >= 0) piece_of[piece_cols[i]] = int32_t(i / W);
+    }
+    end.resize(P);
+    for (int64_t p = 0; p < P; ++p) end[p] = int32_t(p * most);
     for (int64_t n = 0; n < N; ++n) {
-      for (int64_t w = 0; w < W; ++w) {
-        const int32_t col = cols[w];
-        if (col < 0) continue;
-        const int32_t r = rows[n * E + col];
-        if (r < 0 || r >= R) continue;
-        keys[m] = uint64_t(r) << 32 | uint64_t(m);
-        src[m] = int32_t(n * C + out_col[col]);
-        coef[m++] = coef_ne[n * E + col];
+      for (int64_t e = 0; e < E; ++e) {
+        const int32_t r = rows[n * E + e], p = piece_of[e];
+        if (r < 0 || r >= R || p < 0) continue;
+        const int32_t k = end[p]++;
+        keys[k] = uint64_t(r) << 32 | uint64_t(k);
+        src[k] = int32_t(n * C + out_col[e]);
+        coef[k] = coef_ne[n * E + e];
       }
     }
+  }
+
+  void Sort(int64_t p, int64_t N, int64_t W, int64_t R) {
+    uint64_t* a = keys.data() + p * N * W;
+    uint64_t* b = spare.data() + p * N * W;
+    const int64_t m = end[p] - p * N * W;
     int bits = 1;
     while ((int64_t(1) << bits) < R) ++bits;
     const int passes = (bits + 10) / 11, digit = (bits + passes - 1) / passes;
     count.resize(size_t(1) << digit);
+    const uint64_t mask = (uint64_t(1) << digit) - 1;
     for (int shift = 32; shift < 32 + bits; shift += digit) {
-      const uint64_t mask = (uint64_t(1) << digit) - 1;
       std::fill(count.begin(), count.end(), 0);
-      for (int64_t i = 0; i < m; ++i) ++count[keys[i] >> shift & mask];
+      for (int64_t i = 0; i < m; ++i) ++count[a[i] >> shift & mask];
       int32_t sum = 0;
       for (auto& c : count) {
         const int32_t here = c;
         c = sum;
         sum += here;
       }
-      for (int64_t i = 0; i < m; ++i) spare[count[keys[i] >> shift & mask]++] = keys[i];
-      keys.swap(spare);
+      for (int64_t i = 0; i < m; ++i) b[count[a[i] >> shift & mask]++] = a[i];
+      std::swap(a, b);
     }
+    sorted = a;
     distinct = 0;
     for (int64_t i = 0; i < m; ++i) {
-      const int32_t r = int32_t(keys[i] >> 32);
+      const int32_t r = int32_t(a[i] >> 32);
       if (i == 0 || r != row[distinct - 1]) {
         row[distinct] = r;
         start[distinct++] = int32_t(i);
@@ -167,7 +187,9 @@ struct Dedupe {
     start[distinct] = int32_t(m);
   }
 
-  int32_t Entry(int64_t i) const { return int32_t(keys[i] & 0xFFFFFFFFu); }
+  int32_t Entry(int64_t i) const { return int32_t(sorted[i] & 0xFFFFFFFFu); }
+
+  const uint64_t* sorted = nullptr;  // piece p's keys after Sort(p)
 };
 
 // Sums distinct row u's entry gradients into g [D], in entry order.
@@ -234,8 +256,9 @@ void Update(typename Ty::T* table, int64_t R, int64_t D, const Opt& opt, const i
   constexpr int64_t kAhead = 4;  // distinct rows to prefetch ahead
   thread_local Dedupe dd;        // scratch kept between calls: no page faults per step
   std::vector<float> g(D), delta(D);
+  dd.Collect(rows, coef, out_col, piece_cols, P, W, N, E, C, R);
   for (int64_t p = 0; p < P; ++p) {
-    dd.Build(rows, coef, out_col, piece_cols + p * W, W, N, E, C, R);
+    dd.Sort(p, N, W, R);
     for (int64_t u = 0; u < dd.distinct; ++u) {
       if (u + kAhead < dd.distinct) {  // the rows, slots and first gradient ahead
         const int64_t ahead = dd.row[u + kAhead];
@@ -273,6 +296,9 @@ ffi::Error RunUpdate(ffi::AnyBuffer table, const Entries& x, const Opt& opt) {
   if (gd[0] != N || gd[2] != D || x.coef.element_count() != size_t(N * E) ||
       x.out_col.element_count() != size_t(E)) {
     return Invalid("lf_jax update: mismatched shapes of rows, coef, out_col or grad");
+  }
+  if (N * pd[0] * pd[1] >= (int64_t(1) << 31) || N * C >= (int64_t(1) << 31)) {
+    return Invalid("lf_jax update: more than 2^31 - 1 entries or gradient rows");
   }
   const int32_t* rows = x.rows.typed_data();
   const float* coef = x.coef.typed_data();
