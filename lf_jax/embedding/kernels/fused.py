@@ -52,6 +52,25 @@ def requested_kernel(kernel: str | None) -> str:
     return value
 
 
+def describe_kernel(kernel: str | None = None) -> str:
+    """One line for users (``lf-jax plan``): the setting in force and what it selects."""
+    value = requested_kernel(kernel)
+    source = "kernel" if kernel is not None else f"{ENV} / EmbeddingCollection(kernel=)"
+    meaning = {
+        "auto": "the fused C++ kernel on the CPU backend, XLA on GPU / TPU",
+        "fused": "the fused C++ kernel (CPU backend only)",
+        "xla": "XLA on every backend",
+    }[value]
+    line = f"sparse step kernel: {value} ({source}): {meaning}"
+    if value == "xla":
+        return line
+    kinds = "/".join(o.kind for o in FUSED_OPTIMIZERS)
+    return (
+        f"{line}; fused: groups whose rows and ids are all on a device, with {kinds} "
+        "(exchanging groups and other optimizers: XLA)"
+    )
+
+
 def resolve_kernel(kernel: str, platform: str, optimizer: SparseOptimizer) -> str:
     """'fused' or 'xla' for a group with ``optimizer`` on backend ``platform`` ('cpu',
     'gpu', 'tpu', ...) under setting ``kernel``; builds and loads the library when the
