@@ -31,7 +31,7 @@ import jaxlib
 from lf_jax.errors import LfJaxError
 
 SOURCE = Path(__file__).with_name("sparse_step.cc")
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC")
 # FFI target name -> exported handler symbol in the library
 TARGETS = {
     "lf_jax_pool": "LfPool",
