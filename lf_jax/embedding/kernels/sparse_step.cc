@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -254,7 +255,11 @@ void Update(typename Ty::T* table, int64_t R, int64_t D, const Opt& opt, const i
             const float* coef, const int32_t* out_col, int64_t N, int64_t E, int64_t C,
             const int32_t* piece_cols, int64_t P, int64_t W, const float* grad) {
   constexpr int64_t kAhead = 4;  // distinct rows to prefetch ahead
-  thread_local Dedupe dd;        // scratch kept between calls: no page faults per step
+  // one scratch kept between calls (XLA may run the call on any of its threads, and a
+  // thread's own scratch would be allocated and faulted in again on each new thread)
+  static std::mutex lock;
+  static Dedupe dd;
+  std::lock_guard<std::mutex> hold(lock);
   std::vector<float> g(D), delta(D);
   dd.Collect(rows, coef, out_col, piece_cols, P, W, N, E, C, R);
   for (int64_t p = 0; p < P; ++p) {
