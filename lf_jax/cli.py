@@ -139,6 +139,7 @@ def _plan_run(args, overrides):
     )
     from lf_jax.embedding.dynamic.layout import table_shards
     from lf_jax.embedding.dynamic.report import explain_tables, format_rows
+    from lf_jax.embedding.kernels.fused import describe_kernel
     from lf_jax.embedding.plan import save_plan
     from lf_jax.planner import plan_tables
 
@@ -161,6 +162,7 @@ def _plan_run(args, overrides):
     )
     if dynamic:
         print(format_rows(dynamic))
+    print(describe_kernel())
     if output is not None:
         try:
             save_plan(result.plan, output)

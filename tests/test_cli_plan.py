@@ -18,7 +18,8 @@ def test_plan_prints_the_table_for_tiny(repo_root, capsys):
     assert lines[1].split()[:5] == ["table", "rows", "dim", "bytes", "strategy"]
     for name in ("member", "hashtag", "position"):
         assert any(line.startswith(name + " ") for line in lines)
-    assert "data_parallel" in out and lines[-1].startswith("max per device: ")
+    assert "data_parallel" in out and lines[-2].startswith("max per device: ")
+    assert lines[-1].startswith("sparse step kernel: auto (")
 
 
 def test_plan_for_a_large_mesh_without_its_devices(repo_root, capsys):

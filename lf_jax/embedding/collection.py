@@ -28,6 +28,7 @@ from lf_jax.embedding import preprocess as preprocess_lib
 from lf_jax.embedding.buckets import Buckets
 from lf_jax.embedding.capacity import checked_capacities, exchanged_routes
 from lf_jax.embedding.huge_pages import back_with_huge_pages
+from lf_jax.embedding.kernels.fused import requested_kernel, resolve_kernel
 from lf_jax.embedding.lookup import (
     GroupRoute,
     combiner_coefficients,
@@ -64,11 +65,15 @@ class EmbeddingCollection:
         plan: Mapping[str, Mapping],
         mesh: Mesh,
         id_fill: float = 1.0,
+        kernel: str | None = None,
     ):
         """``id_fill``: the largest fraction of a device's padded id slots (examples x
         max_ids of each feature) that hold real ids, e.g. ``preprocess.id_fill(batches,
         num_devices)``; the owner exchange's static capacities are sized to it (1.0:
-        to the padded slots). A batch above it is still exact (more exchange rounds)."""
+        to the padded slots). A batch above it is still exact (more exchange rounds).
+        ``kernel``: auto | fused | xla, the path of each group's local sparse work
+        (lf_jax.embedding.kernels.fused; None: $LF_JAX_EMBEDDING_KERNEL or auto = the
+        fused C++ kernel on CPU, XLA on GPU / TPU); ``self.kernels`` shows each group's."""
         if isinstance(id_fill, bool) or not isinstance(id_fill, (int, float)):
             raise UserInputError(f"id_fill must be a number in (0, 1], got {id_fill!r}")
         if not 0 < id_fill <= 1:
@@ -78,11 +83,24 @@ class EmbeddingCollection:
         self.mesh = mesh
         self.plan = validate_plan(plan, self.tables, mesh)
         self.groups: list[Group] = build_layout(self.tables, self.plan, mesh)
+        self.kernel = requested_kernel(kernel)
+        platform = mesh.devices.flat[0].platform
         self.routes = [
-            GroupRoute.build(group, self.features, float(id_fill)) for group in self.groups
+            GroupRoute.build(
+                group,
+                self.features,
+                float(id_fill),
+                resolve_kernel(self.kernel, platform, group.optimizer),
+            )
+            for group in self.groups
         ]
         self.batch_axes = tuple(mesh.axis_names)
         self.num_devices = int(np.prod(list(mesh.shape.values())))
+
+    @property
+    def kernels(self) -> dict[str, str]:
+        """Each shard group's local sparse path: 'fused' (C++ kernel) or 'xla'."""
+        return {route.group.name: route.kernel for route in self.routes}
 
     # ----- shardings and state ------------------------------------------------------------
     def state_shardings(self) -> dict:

@@ -50,6 +50,7 @@ from lf_jax.embedding.exchange import (
     fetch_rows,
     replicas_gather_entries,
 )
+from lf_jax.embedding.kernels import fused
 from lf_jax.embedding.sharding.layout import Group
 from lf_jax.embedding.sharding.piece import Piece
 from lf_jax.embedding.spec import FeatureSpec
@@ -81,11 +82,15 @@ class GroupRoute:
     num_out: int
     owner_share: float
     id_fill: float = 1.0
+    kernel: str = "xla"
 
     @classmethod
-    def build(cls, group: Group, features: Mapping, id_fill: float = 1.0) -> "GroupRoute":
+    def build(
+        cls, group: Group, features: Mapping, id_fill: float = 1.0, kernel: str = "xla"
+    ) -> "GroupRoute":
         """Blocks for every feature reading a table with a piece in ``group``; exchange
-        capacities sized for ``id_fill`` (see ``capacity``)."""
+        capacities sized for ``id_fill`` (see ``capacity``); ``kernel``: 'fused' or 'xla',
+        the path of the group's local work (lf_jax.embedding.kernels.fused)."""
         blocks: list[Block] = []
         columns: dict[str, list] = {k: [] for k in ("slot0", "stride", "slots", "offset", "out")}
         out_start = 0
@@ -123,6 +128,7 @@ class GroupRoute:
             out_start,
             float(load.max() / load.sum()) if load.sum() else 1.0,
             id_fill,
+            kernel,
         )
 
     @functools.cached_property
@@ -289,6 +295,9 @@ def group_forward(
 
     def shard(stored_1rd, slot_be, local_be, coef_be, given):
         if group.num_slots == 1:  # every row of the group is here: pool straight from it
+            if route.kernel == "fused":
+                rows_be = jnp.where(slot_be >= 0, local_be, -1)
+                return fused.pool(stored_1rd, rows_be, coef_be, route.out_col_e, route.num_out)
             return route.pool(stored_1rd[0], local_be, coef_be)
         b, e = slot_be.shape
         slot_m, local_m = slot_be.reshape(-1), local_be.reshape(-1)

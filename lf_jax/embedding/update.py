@@ -37,6 +37,7 @@ from lf_jax.embedding.exchange import (
     next_round,
     sum_and_apply,
 )
+from lf_jax.embedding.kernels import fused
 from lf_jax.embedding.lookup import GroupRoute, local_layout, shard_layout
 
 
@@ -81,6 +82,10 @@ def group_update(
                 for x in (slot_ne, local_ne, coef_ne, grad_ncd)
             )
             replicas = ()
+        if group.num_slots == 1 and not replicas and route.kernel == "fused":
+            return _fused_update(
+                route, stored_1rd, slots, slot_ne, local_ne, coef_ne, grad_ncd, step
+            )
         stored_rd, slots_r = stored_1rd[0], {k: v[0] for k, v in slots.items()}
         if group.num_slots == 1 and not replicas:  # all rows and entries here
             table_rd, slots_r = _update_pieces(
@@ -124,6 +129,32 @@ def group_update(
     )(stored_srd, slots, slot_kbe, local_kbe, coef_kbe, grad_kbcd, step, layout)
 
 
+def _fused_update(
+    route: GroupRoute, stored_1rd, slots_1r, slot_ne, local_ne, coef_ne, grad_ncd, step
+):
+    """The update of a group whose rows and entries are all on this device as one call of
+    the C++ kernel (lf_jax.embedding.kernels.fused.update): each piece's entries deduped
+    on their own, the optimizer applied in place. The device's [1, R, ...] blocks go to
+    the kernel as they are: XLA then aliases the donated buffers (a reshape to [R, ...]
+    in between made it copy the table and slots twice)."""
+    pieces = route.piece_columns
+    cols_pw = np.full((len(pieces), max(cols.size for _, cols in pieces)), -1, np.int32)
+    for i, (_, cols) in enumerate(pieces):
+        cols_pw[i, : cols.size] = cols
+    rows_ne = jnp.where(slot_ne >= 0, local_ne, -1)
+    return fused.update(
+        stored_1rd,
+        slots_1r,
+        rows_ne,
+        coef_ne,
+        route.out_col_e,
+        cols_pw,
+        grad_ncd,
+        step,
+        route.group.optimizer,
+    )
+
+
 def _update_pieces(
     route: GroupRoute, table_rd, slots_r, slot_ne, local_ne, coef_ne, grad_ncd, step
 ):
@@ -136,7 +167,8 @@ def _update_pieces(
     than filled for each). The whole group's [N, D] arrays at once were 396 MB at 8 tables x 4096 x
     20 ids, page-faulted afresh every step; unrolled per piece, XLA scheduled every
     piece's zero-filled buffers first. Pieces with fewer entry columns than the widest
-    are padded with an empty column (id -1)."""
+    are padded with an empty column (id -1). (``_fused_update`` instead when the
+    group's kernel is 'fused'.)"""
     pieces = route.piece_columns
     width = max(cols.size for _, cols in pieces)
     empty = slot_ne.shape[1]  # index of the appended empty column

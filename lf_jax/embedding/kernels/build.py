@@ -1,0 +1,127 @@
+"""Compiles, caches and registers the fused CPU kernels (sparse_step.cc) with XLA's FFI.
+
+The source is compiled once per machine, at first use, with the C++ compiler ``$CXX``
+(default ``g++``) against jaxlib's FFI headers, into a cache directory keyed by the
+source, the flags, the jaxlib version and the CPU's instruction set
+(``$LF_JAX_KERNEL_CACHE``, default ``~/.cache/lf_jax/kernels``). An ``fcntl`` lock keeps
+concurrent processes (pytest-xdist workers, several trainers) from building it twice;
+the library appears by an atomic rename. A missing compiler or a failed build raises
+``KernelBuildError``, which names the setting that selects the XLA path instead
+(``kernel="xla"``; nothing falls back silently).
+
+Example:
+    >>> from lf_jax.embedding.kernels.build import load
+    >>> load()  # registers lf_jax_pool, lf_jax_update_{sgd,adagrad,adam} for the CPU
+"""
+
+import ctypes
+import fcntl
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jaxlib
+
+from lf_jax.errors import LfJaxError
+
+SOURCE = Path(__file__).with_name("sparse_step.cc")
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC")
+# FFI target name -> exported handler symbol in the library
+TARGETS = {
+    "lf_jax_pool": "LfPool",
+    "lf_jax_update_sgd": "LfUpdateSgd",
+    "lf_jax_update_adagrad": "LfUpdateAdagrad",
+    "lf_jax_update_adam": "LfUpdateAdam",
+}
+XLA_PATH_HINT = (
+    "choose the XLA path instead with EmbeddingCollection(..., kernel='xla') or the "
+    "environment variable LF_JAX_EMBEDDING_KERNEL=xla"
+)
+
+
+class KernelBuildError(LfJaxError, RuntimeError):
+    """The fused CPU kernel could not be compiled or loaded."""
+
+
+def cache_dir() -> Path:
+    """Where built libraries live: ``$LF_JAX_KERNEL_CACHE`` or ``~/.cache/lf_jax/kernels``."""
+    if os.environ.get("LF_JAX_KERNEL_CACHE"):
+        return Path(os.environ["LF_JAX_KERNEL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "lf_jax" / "kernels"
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (``-march=native`` builds for them); '' where unknown."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def library_path(compiler: str) -> Path:
+    """The cached library for this source, compiler, flags, jaxlib and CPU."""
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), compiler.encode(), " ".join(FLAGS).encode()):
+        key.update(part)
+    key.update(f"{jaxlib.__version__} {platform.machine()} {_cpu_flags()}".encode())
+    return cache_dir() / f"sparse_step-{key.hexdigest()[:20]}.so"
+
+
+def _compile(compiler: str, target: Path) -> None:
+    """Builds the library into ``target`` (via a temporary file and a rename)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    command = [compiler, *FLAGS, "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise KernelBuildError(
+                f"building lf_jax's fused CPU embedding kernel failed ({' '.join(command)}):\n"
+                f"{result.stderr[-2000:]}\nFix the compiler setup (CXX), or {XLA_PATH_HINT}"
+            )
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.cache
+def load() -> Path:
+    """Builds the library if this machine has none cached, loads it and registers its
+    FFI targets for the CPU platform (once per process). Returns the library's path."""
+    compiler = os.environ.get("CXX", "g++")
+    found = shutil.which(compiler)
+    if found is None:
+        raise KernelBuildError(
+            f"lf_jax's fused CPU embedding kernel needs a C++17 compiler, and '{compiler}' "
+            f"(CXX) is not on PATH: install g++ (or set CXX), or {XLA_PATH_HINT}"
+        )
+    target = library_path(found)
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target.parent / ".build.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            if not target.exists():
+                _compile(found, target)
+    try:
+        library = ctypes.cdll.LoadLibrary(str(target))
+    except OSError as error:
+        raise KernelBuildError(
+            f"loading lf_jax's fused CPU embedding kernel {target} failed ({error}); "
+            f"delete it to rebuild, or {XLA_PATH_HINT}"
+        ) from None
+    for name, symbol in TARGETS.items():
+        handler = jax.ffi.pycapsule(getattr(library, symbol))
+        jax.ffi.register_ffi_target(name, handler, platform="cpu")
+    return target

@@ -1,0 +1,460 @@
+// Fused CPU kernels of the embedding engine's local sparse step, called through XLA's FFI
+// (lf_jax/embedding/kernels/fused.py registers and calls them; build.py compiles this file).
+//
+// LfPool: the pooled forward of a table group. Entry e of example n adds
+//   coef[n, e] * table[rows[n, e]] into out[n, out_col[e]] (rows < 0: padding, skipped;
+//   rows >= R clamped to R - 1, as XLA's gather clips).
+// LfUpdate{Sgd,Adagrad,Adam}: the sparse update. For each piece p (a table of the group;
+//   its entry columns piece_cols[p, :], -1 padded) the entries' gradients
+//   coef[n, e] * grad[n, out_col[e]] are summed per distinct row (a radix sort of the
+//   entries by row, stable: a row's entries are summed in entry order into one
+//   D-vector) and the optimizer is applied to the rows in ascending order, in place: on the
+//   table and slots that XLA aliases to the outputs (the caller donates them). Rows < 0
+//   or >= R are skipped, as XLA's scatter drops them. Same math as
+//   lf_jax/embedding/sparse_optim.py.
+//
+// Shapes: table [R, D] float32 | bfloat16 | float16 (or [1, R, D]: leading axes of size 1,
+// as shard_map hands a device's block, passed as they are so that XLA aliases the donated
+// buffer without a copy); rows, coef [N, E]; out_col [E];
+// out, grad [N, C, D] float32; piece_cols [P, W]; step [] int32 (1-based);
+// row-wise Adagrad accumulator [R] (or [1, R]); Adam mu, nu like the table, float32.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+struct F32 {
+  using T = float;
+  static float load(float x) { return x; }
+  static float store(float x) { return x; }
+};
+
+struct BF16 {  // bfloat16 as its bits; stores round to nearest even, as XLA converts
+  using T = uint16_t;
+  static float load(uint16_t x) {
+    uint32_t bits = uint32_t(x) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  }
+  static uint16_t store(float f) {
+    uint32_t bits;
+    std::memcpy(&bits, &f, 4);
+    if (std::isnan(f)) return uint16_t((bits >> 16) | 0x40);
+    bits += 0x7FFF + ((bits >> 16) & 1);
+    return uint16_t(bits >> 16);
+  }
+};
+
+struct F16 {
+  using T = _Float16;
+  static float load(_Float16 x) { return float(x); }
+  static _Float16 store(float f) { return _Float16(f); }
+};
+
+// Prefetches the cache lines of a row of n elements of T (locality 3, for reading; the
+// update's rows are read before they are written).
+template <class T>
+void PrefetchRow(const T* row, int64_t n) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t i = 0; i < n; i += kLine) __builtin_prefetch(row + i);
+}
+
+// sum of x[d]^2 in 8 lanes: a float sum in order is a chain of D dependent adds (XLA:CPU
+// sums the dot with ones in vector lanes too; the order differs from both by rounding)
+float SumOfSquares(const float* x, int64_t n) {
+  float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  const int64_t body = n - n % 8;
+  for (int64_t d = 0; d < body; d += 8) {
+    for (int j = 0; j < 8; ++j) lanes[j] += x[d + j] * x[d + j];
+  }
+  for (int64_t d = body; d < n; ++d) lanes[0] += x[d] * x[d];
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
+         ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+
+ffi::Error Invalid(const char* what) {
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument, what);
+}
+
+template <class Ty>
+void Pool(const typename Ty::T* table, int64_t R, int64_t D, const int32_t* rows,
+          const float* coef, const int32_t* out_col, int64_t N, int64_t E, int64_t C,
+          float* out) {
+  constexpr int64_t kAhead = 16;  // entries to prefetch ahead: table rows are random reads
+  std::memset(out, 0, sizeof(float) * N * C * D);
+  const int64_t total = N * E;
+  for (int64_t n = 0; n < N; ++n) {
+    const int32_t* rows_e = rows + n * E;
+    const float* coef_e = coef + n * E;
+    float* out_cd = out + n * C * D;
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t ahead = n * E + e + kAhead;
+      if (ahead < total && rows[ahead] >= 0 && rows[ahead] < R) {
+        PrefetchRow(table + rows[ahead] * D, D);
+      }
+      int64_t r = rows_e[e];
+      if (r < 0) continue;
+      if (r >= R) r = R - 1;
+      const float c = coef_e[e];
+      const typename Ty::T* src = table + r * D;
+      float* dst = out_cd + out_col[e] * D;
+      for (int64_t d = 0; d < D; ++d) dst[d] += c * Ty::load(src[d]);
+    }
+  }
+}
+
+// The entries of a group, deduplicated per piece. Collect reads the [N, E] entries once
+// in memory order and appends each valid one to its piece's segment of keys
+// (row << 32 | entry; piece p's segment starts at p * N * W), with its gradient row
+// src[k] and coefficient coef[k]. Sort(p) runs a stable LSD radix sort of the segment on
+// the row bits (digits of at most 11 bits; a piece's keys fit the caches): distinct row
+// u is row[u], ascending, and its entries are the low halves of keys[start[u] ..
+// start[u + 1]), in entry order. (An open-addressing hash instead spent a third of the
+// update in its probes' cache misses, and reading the entries piece by piece, strided,
+// half of the dedupe.)
+struct Dedupe {
+  std::vector<uint64_t> keys, spare;
+  std::vector<int32_t> row, start, src, count, piece_of, end;
+  std::vector<float> coef;
+  int64_t distinct = 0;
+
+  void Collect(const int32_t* rows, const float* coef_ne, const int32_t* out_col,
+               const int32_t* piece_cols, int64_t P, int64_t W, int64_t N, int64_t E,
+               int64_t C, int64_t R) {
+    const int64_t most = N * W, total = P * most;
+    if (int64_t(keys.size()) < total) {
+      for (auto* v : {&keys, &spare}) v->resize(total);
+      for (auto* v : {&src, &row, &start}) v->resize(total + 1);
+      coef.resize(total);
+    }
+    piece_of.assign(E, -1);
+    for (int64_t i = 0; i < P * W; ++i) {
+      if (piece_cols[i] >= 0) piece_of[piece_cols[i]] = int32_t(i / W);
+    }
+    end.resize(P);
+    for (int64_t p = 0; p < P; ++p) end[p] = int32_t(p * most);
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t e = 0; e < E; ++e) {
+        const int32_t r = rows[n * E + e], p = piece_of[e];
+        if (r < 0 || r >= R || p < 0) continue;
+        const int32_t k = end[p]++;
+        keys[k] = uint64_t(r) << 32 | uint64_t(k);
+        src[k] = int32_t(n * C + out_col[e]);
+        coef[k] = coef_ne[n * E + e];
+      }
+    }
+  }
+
+  void Sort(int64_t p, int64_t N, int64_t W, int64_t R) {
+    uint64_t* a = keys.data() + p * N * W;
+    uint64_t* b = spare.data() + p * N * W;
+    const int64_t m = end[p] - p * N * W;
+    int bits = 1;
+    while ((int64_t(1) << bits) < R) ++bits;
+    const int passes = (bits + 10) / 11, digit = (bits + passes - 1) / passes;
+    count.resize(size_t(1) << digit);
+    const uint64_t mask = (uint64_t(1) << digit) - 1;
+    for (int shift = 32; shift < 32 + bits; shift += digit) {
+      std::fill(count.begin(), count.end(), 0);
+      for (int64_t i = 0; i < m; ++i) ++count[a[i] >> shift & mask];
+      int32_t sum = 0;
+      for (auto& c : count) {
+        const int32_t here = c;
+        c = sum;
+        sum += here;
+      }
+      for (int64_t i = 0; i < m; ++i) b[count[a[i] >> shift & mask]++] = a[i];
+      std::swap(a, b);
+    }
+    sorted = a;
+    distinct = 0;
+    for (int64_t i = 0; i < m; ++i) {
+      const int32_t r = int32_t(a[i] >> 32);
+      if (i == 0 || r != row[distinct - 1]) {
+        row[distinct] = r;
+        start[distinct++] = int32_t(i);
+      }
+    }
+    start[distinct] = int32_t(m);
+  }
+
+  int32_t Entry(int64_t i) const { return int32_t(sorted[i] & 0xFFFFFFFFu); }
+
+  const uint64_t* sorted = nullptr;  // piece p's keys after Sort(p)
+};
+
+// Sums distinct row u's entry gradients into g [D], in entry order.
+void RowGradient(const Dedupe& dd, int64_t u, const float* grad, int64_t D, float* g) {
+  for (int64_t d = 0; d < D; ++d) g[d] = 0.0f;
+  for (int32_t i = dd.start[u]; i < dd.start[u + 1]; ++i) {
+    const int32_t k = dd.Entry(i);
+    const float c = dd.coef[k];
+    const float* s = grad + int64_t(dd.src[k]) * D;
+    for (int64_t d = 0; d < D; ++d) g[d] += c * s[d];
+  }
+}
+
+// Adds delta [D] to table row r (float32: in place; 16-bit: old + delta rounded once).
+template <class Ty>
+void AddRow(typename Ty::T* table, int64_t r, int64_t D, const float* delta) {
+  typename Ty::T* dst = table + r * D;
+  for (int64_t d = 0; d < D; ++d) dst[d] = Ty::store(Ty::load(dst[d]) + delta[d]);
+}
+
+struct Sgd {
+  float lr;
+  void Delta(int64_t, int64_t D, const float* g, float* delta) const {
+    for (int64_t d = 0; d < D; ++d) delta[d] = -lr * g[d];
+  }
+  void Prefetch(int64_t) const {}
+};
+
+struct Adagrad {  // one accumulator per row: acc += mean(g^2); delta = -lr g / (sqrt(acc) + eps)
+  float lr, eps;
+  float* acc;
+  void Delta(int64_t r, int64_t D, const float* g, float* delta) const {
+    const float a = acc[r] + SumOfSquares(g, D) / float(D);
+    acc[r] = a;
+    const float scale = -lr / (std::sqrt(a) + eps);
+    for (int64_t d = 0; d < D; ++d) delta[d] = scale * g[d];
+  }
+  void Prefetch(int64_t r) const { __builtin_prefetch(acc + r); }
+};
+
+struct Adam {  // lazy Adam, bias correction from the global step
+  float lr, b1, b2, one_minus_b1, one_minus_b2, eps, correct1, correct2;
+  float *mu, *nu;
+  int64_t dim;
+  void Delta(int64_t r, int64_t D, const float* g, float* delta) const {
+    float* m = mu + r * D;
+    float* v = nu + r * D;
+    for (int64_t d = 0; d < D; ++d) {
+      m[d] = b1 * m[d] + one_minus_b1 * g[d];
+      v[d] = b2 * v[d] + one_minus_b2 * (g[d] * g[d]);
+      delta[d] = -lr * (m[d] / correct1) / (std::sqrt(v[d] / correct2) + eps);
+    }
+  }
+  void Prefetch(int64_t r) const {
+    PrefetchRow(mu + r * dim, dim);
+    PrefetchRow(nu + r * dim, dim);
+  }
+};
+
+template <class Ty, class Opt>
+void Update(typename Ty::T* table, int64_t R, int64_t D, const Opt& opt, const int32_t* rows,
+            const float* coef, const int32_t* out_col, int64_t N, int64_t E, int64_t C,
+            const int32_t* piece_cols, int64_t P, int64_t W, const float* grad) {
+  constexpr int64_t kAhead = 4;  // distinct rows to prefetch ahead
+  // one scratch kept between calls (XLA may run the call on any of its threads, and a
+  // thread's own scratch would be allocated and faulted in again on each new thread)
+  static std::mutex lock;
+  static Dedupe dd;
+  std::lock_guard<std::mutex> hold(lock);
+  std::vector<float> g(D), delta(D);
+  dd.Collect(rows, coef, out_col, piece_cols, P, W, N, E, C, R);
+  for (int64_t p = 0; p < P; ++p) {
+    dd.Sort(p, N, W, R);
+    for (int64_t u = 0; u < dd.distinct; ++u) {
+      if (u + kAhead < dd.distinct) {  // the rows, slots and first gradient ahead
+        const int64_t ahead = dd.row[u + kAhead];
+        PrefetchRow(table + ahead * D, D);
+        opt.Prefetch(ahead);
+        PrefetchRow(grad + int64_t(dd.src[dd.Entry(dd.start[u + kAhead])]) * D, D);
+      }
+      const int64_t r = dd.row[u];
+      RowGradient(dd, u, grad, D, g.data());
+      opt.Delta(r, D, g.data(), delta.data());
+      AddRow<Ty>(table, r, D, delta.data());
+    }
+  }
+}
+
+struct Entries {  // the arguments every update shares, checked
+  ffi::Buffer<ffi::S32> rows;
+  ffi::Buffer<ffi::F32> coef;
+  ffi::Buffer<ffi::S32> out_col;
+  ffi::Buffer<ffi::S32> piece_cols;
+  ffi::Buffer<ffi::F32> grad;
+};
+
+template <class Opt>
+ffi::Error RunUpdate(ffi::AnyBuffer table, const Entries& x, const Opt& opt) {
+  auto td = table.dimensions();
+  auto rd = x.rows.dimensions();
+  auto gd = x.grad.dimensions();
+  auto pd = x.piece_cols.dimensions();
+  if (td.size() < 2 || rd.size() != 2 || gd.size() != 3 || pd.size() != 2) {
+    return Invalid("lf_jax update: expected table [..., R, D], rows [N, E], grad [N, C, D]");
+  }
+  const int64_t D = td[td.size() - 1], R = int64_t(table.element_count()) / D;
+  const int64_t N = rd[0], E = rd[1], C = gd[1];
+  if (gd[0] != N || gd[2] != D || x.coef.element_count() != size_t(N * E) ||
+      x.out_col.element_count() != size_t(E)) {
+    return Invalid("lf_jax update: mismatched shapes of rows, coef, out_col or grad");
+  }
+  if (N * pd[0] * pd[1] >= (int64_t(1) << 31) || N * C >= (int64_t(1) << 31)) {
+    return Invalid("lf_jax update: more than 2^31 - 1 entries or gradient rows");
+  }
+  const int32_t* rows = x.rows.typed_data();
+  const float* coef = x.coef.typed_data();
+  const int32_t* cols = x.out_col.typed_data();
+  const int32_t* pieces = x.piece_cols.typed_data();
+  const float* grad = x.grad.typed_data();
+  void* data = table.untyped_data();
+  switch (table.element_type()) {
+    case ffi::DataType::F32:
+      Update<F32>(static_cast<float*>(data), R, D, opt, rows, coef, cols, N, E, C, pieces, pd[0],
+                  pd[1], grad);
+      break;
+    case ffi::DataType::BF16:
+      Update<BF16>(static_cast<uint16_t*>(data), R, D, opt, rows, coef, cols, N, E, C, pieces,
+                   pd[0], pd[1], grad);
+      break;
+    case ffi::DataType::F16:
+      Update<F16>(static_cast<_Float16*>(data), R, D, opt, rows, coef, cols, N, E, C, pieces,
+                  pd[0], pd[1], grad);
+      break;
+    default:
+      return Invalid("lf_jax update: table dtype must be float32, bfloat16 or float16");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error PoolImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::F32> coef,
+                    ffi::Buffer<ffi::S32> out_col, ffi::ResultBuffer<ffi::F32> out) {
+  auto td = table.dimensions();
+  auto rd = rows.dimensions();
+  auto od = out->dimensions();
+  if (td.size() < 2 || rd.size() != 2 || od.size() != 3) {
+    return Invalid("lf_jax pool: expected table [..., R, D], rows [N, E], out [N, C, D]");
+  }
+  const int64_t D = td[td.size() - 1], R = int64_t(table.element_count()) / D;
+  const int64_t N = rd[0], E = rd[1], C = od[1];
+  if (od[0] != N || od[2] != D || coef.element_count() != size_t(N * E) ||
+      out_col.element_count() != size_t(E)) {
+    return Invalid("lf_jax pool: mismatched shapes of rows, coef, out_col or out");
+  }
+  void* data = table.untyped_data();
+  float* o = out->typed_data();
+  switch (table.element_type()) {
+    case ffi::DataType::F32:
+      Pool<F32>(static_cast<const float*>(data), R, D, rows.typed_data(), coef.typed_data(),
+                out_col.typed_data(), N, E, C, o);
+      break;
+    case ffi::DataType::BF16:
+      Pool<BF16>(static_cast<const uint16_t*>(data), R, D, rows.typed_data(), coef.typed_data(),
+                 out_col.typed_data(), N, E, C, o);
+      break;
+    case ffi::DataType::F16:
+      Pool<F16>(static_cast<const _Float16*>(data), R, D, rows.typed_data(), coef.typed_data(),
+                out_col.typed_data(), N, E, C, o);
+      break;
+    default:
+      return Invalid("lf_jax pool: table dtype must be float32, bfloat16 or float16");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error SgdImpl(ffi::AnyBuffer, ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::F32> coef,
+                   ffi::Buffer<ffi::S32> out_col, ffi::Buffer<ffi::S32> piece_cols,
+                   ffi::Buffer<ffi::F32> grad, ffi::Buffer<ffi::S32>, ffi::Result<ffi::AnyBuffer> table,
+                   float lr) {
+  return RunUpdate(*table, Entries{rows, coef, out_col, piece_cols, grad}, Sgd{lr});
+}
+
+ffi::Error AdagradImpl(ffi::AnyBuffer, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::S32> rows,
+                       ffi::Buffer<ffi::F32> coef, ffi::Buffer<ffi::S32> out_col,
+                       ffi::Buffer<ffi::S32> piece_cols, ffi::Buffer<ffi::F32> grad,
+                       ffi::Buffer<ffi::S32>, ffi::Result<ffi::AnyBuffer> table,
+                       ffi::ResultBuffer<ffi::F32> acc, float lr, float eps) {
+  auto td = table->dimensions();
+  if (acc->element_count() != table->element_count() / size_t(td[td.size() - 1])) {
+    return Invalid("lf_jax update: accumulator must hold one value per row");
+  }
+  return RunUpdate(*table, Entries{rows, coef, out_col, piece_cols, grad},
+                   Adagrad{lr, eps, acc->typed_data()});
+}
+
+ffi::Error AdamImpl(ffi::AnyBuffer, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>,
+                    ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::F32> coef,
+                    ffi::Buffer<ffi::S32> out_col, ffi::Buffer<ffi::S32> piece_cols,
+                    ffi::Buffer<ffi::F32> grad, ffi::Buffer<ffi::S32> step,
+                    ffi::Result<ffi::AnyBuffer> table, ffi::ResultBuffer<ffi::F32> mu,
+                    ffi::ResultBuffer<ffi::F32> nu, float lr, float b1, float b2,
+                    float one_minus_b1, float one_minus_b2, float eps) {
+  if (mu->element_count() != table->element_count() ||
+      nu->element_count() != table->element_count()) {
+    return Invalid("lf_jax update: Adam moments must be [R, D]");
+  }
+  const float t = float(step.typed_data()[0]);
+  const Adam opt{lr,
+                 b1,
+                 b2,
+                 one_minus_b1,
+                 one_minus_b2,
+                 eps,
+                 1.0f - std::pow(b1, t),
+                 1.0f - std::pow(b2, t),
+                 mu->typed_data(),
+                 nu->typed_data(),
+                 table->dimensions()[table->dimensions().size() - 1]};
+  return RunUpdate(*table, Entries{rows, coef, out_col, piece_cols, grad}, opt);
+}
+
+}  // namespace
+
+#define LF_ENTRY_ARGS                 \
+  .Arg<ffi::Buffer<ffi::S32>>()       \
+      .Arg<ffi::Buffer<ffi::F32>>()   \
+      .Arg<ffi::Buffer<ffi::S32>>()   \
+      .Arg<ffi::Buffer<ffi::S32>>()   \
+      .Arg<ffi::Buffer<ffi::F32>>()   \
+      .Arg<ffi::Buffer<ffi::S32>>()
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LfPool, PoolImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LfUpdateSgd, SgdImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>() LF_ENTRY_ARGS
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<float>("learning_rate"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LfUpdateAdagrad, AdagradImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>() LF_ENTRY_ARGS
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("learning_rate")
+                                  .Attr<float>("eps"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LfUpdateAdam, AdamImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>() LF_ENTRY_ARGS
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("learning_rate")
+                                  .Attr<float>("b1")
+                                  .Attr<float>("b2")
+                                  .Attr<float>("one_minus_b1")
+                                  .Attr<float>("one_minus_b2")
+                                  .Attr<float>("eps"));
