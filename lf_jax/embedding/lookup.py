@@ -181,12 +181,22 @@ class GroupRoute:
         local_be = self.offset_e + safe // self.num_slots_e
         return slot_be.astype(jnp.int32), local_be.astype(jnp.int32), coef_be.astype(jnp.float32)
 
-    def pool(self, rows_xd: jax.Array, index_be: jax.Array, coef_be: jax.Array) -> jax.Array:
-        """[B, C, D] float32 outputs: entry e adds ``coef[:, e] * rows[index[:, e]]`` into
-        column out_col[e]. One gather per entry column, summed per pooled block, which XLA
-        fuses into one loop per output: no [B, E, D] temporary (a gather of every entry
-        followed by a reduction or segment_sum materialised it, 168 MB at B = 4096 and
-        E = 160, and took 3.3x the time). Indices are clamped, as XLA's gather does."""
+    def pool(
+        self, rows_xd: jax.Array, index_be: jax.Array, coef_be: jax.Array, valid_be: jax.Array
+    ) -> jax.Array:
+        """[B, C, D] float32 outputs: valid entry e adds ``coef[:, e] * rows[index[:, e]]``
+        into column out_col[e] (``rows_xd``: [X, D] or a device's [1, X, D] block).
+
+        Kernel 'fused': the C++ pool (lf_jax.embedding.kernels.fused.pool), invalid
+        entries skipped. Kernel 'xla': one gather per entry column, summed per pooled
+        block, which XLA fuses into one loop per output: no [B, E, D] temporary (a gather
+        of every entry followed by a reduction or segment_sum materialised it, 168 MB at
+        B = 4096 and E = 160, and took 3.3x the time); invalid entries read a clamped
+        row, which their coefficient 0 cancels."""
+        if self.kernel == "fused":
+            index_be = jnp.where(valid_be, index_be, -1)
+            return fused.pool(rows_xd, index_be, coef_be, self.out_col_e, self.num_out)
+        rows_xd = rows_xd.reshape(-1, rows_xd.shape[-1])
         columns, e = [], 0
         for block in self.blocks:
             picked = [
@@ -295,10 +305,7 @@ def group_forward(
 
     def shard(stored_1rd, slot_be, local_be, coef_be, given):
         if group.num_slots == 1:  # every row of the group is here: pool straight from it
-            if route.kernel == "fused":
-                rows_be = jnp.where(slot_be >= 0, local_be, -1)
-                return fused.pool(stored_1rd, rows_be, coef_be, route.out_col_e, route.num_out)
-            return route.pool(stored_1rd[0], local_be, coef_be)
+            return route.pool(stored_1rd, local_be, coef_be, slot_be >= 0)
         b, e = slot_be.shape
         slot_m, local_m = slot_be.reshape(-1), local_be.reshape(-1)
         capacity = route.capacity(b * e) if given is None else given.capacity
@@ -306,7 +313,7 @@ def group_forward(
         def rounds(_):  # sorted keys, as many rounds as skew needs
             requests = Requests.build(slot_m, local_m, group.num_slots, group.rows)
             rows_ud = fetch_rows(requests, stored_1rd[0], group.axes, capacity, all_axes)
-            return route.pool(rows_ud, requests.inverse_m.reshape(b, e), coef_be)
+            return route.pool(rows_ud, requests.inverse_m.reshape(b, e), coef_be, slot_be >= 0)
 
         layout = (
             local_layout(given)
@@ -315,8 +322,8 @@ def group_forward(
         )
 
         def one_round(_):  # pool straight from the received rows
-            rows_kd = fetch_one_round(layout, stored_1rd[0], group.axes)
-            return route.pool(rows_kd, layout.entry_m.reshape(b, e), coef_be)
+            rows_kd = fetch_one_round(layout, stored_1rd[0], group.axes, route.kernel)
+            return route.pool(rows_kd, layout.entry_m.reshape(b, e), coef_be, slot_be >= 0)
 
         if always_fits(b * e, group.rows, capacity):
             return one_round(None)

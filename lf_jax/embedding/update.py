@@ -249,7 +249,15 @@ def _push_entries(
         shape = (num_slots, capacity, group.dim)
         grad_scd = sum_into_layout(place_m, valid_m, first_sc, gradient, shape)
         return apply_at_owners(
-            asked_sc, grad_scd, table_rd, slots_r, group.optimizer, step, group.axes, replicas
+            asked_sc,
+            grad_scd,
+            table_rd,
+            slots_r,
+            group.optimizer,
+            step,
+            group.axes,
+            replicas,
+            route.kernel,
         )
 
     one_round_places = jnp.where(valid_m, layout.entry_m, num_slots * capacity)
@@ -281,12 +289,15 @@ def _push_entries(
     return jax.lax.while_loop(lambda s: s[1] > 0, exchange_round, state)[2:]
 
 
-def apply_at_owners(row_sc, grad_scd, table_rd, slots_r: dict, optimizer, step, axes, replica_axes):
+def apply_at_owners(
+    row_sc, grad_scd, table_rd, slots_r: dict, optimizer, step, axes, replica_axes, kernel="xla"
+):
     """One round's [S, C] row gradients go to their owners (all_to_all over ``axes``,
     then gathered over ``replica_axes``, with ``row_sc``: the rows they are for, already
     at the owner, row s from sender s, ``rows`` = table rows for empty places); each
-    owner sums them per row across senders and applies ``optimizer`` once per row.
-    Returns (table, slots)."""
+    owner sums them per row across senders and applies ``optimizer`` once per row
+    (``kernel`` 'fused': one call of the C++ update, each received row an entry of its
+    own). Returns (table, slots)."""
     rows = table_rd.shape[0]
     if axes:
         grad_scd = exchange_blocks(grad_scd, axes)
@@ -295,6 +306,8 @@ def apply_at_owners(row_sc, grad_scd, table_rd, slots_r: dict, optimizer, step, 
         grad_scd = jax.lax.all_gather(grad_scd, replica_axes, axis=0, tiled=True)
     row_k = row_sc.reshape(-1)
     grad_kd = grad_scd.reshape(row_k.size, -1)
+    if kernel == "fused":  # the kernel sums each row's entries and applies it once
+        return _fused_apply_received(table_rd, slots_r, row_k, grad_kd, optimizer, step)
     if axes and not replica_axes:  # S senders: add duplicates into one place, apply all
         return apply_received(table_rd, slots_r, row_k, grad_kd, optimizer, step)
     if replica_axes:  # every replica's senders: sum per row in place, in chunks
@@ -313,6 +326,25 @@ def apply_at_owners(row_sc, grad_scd, table_rd, slots_r: dict, optimizer, step, 
         return table_rd, slots_r
     # this device's own unique keys: already one gradient per row
     return apply_rows(table_rd, slots_r, row_k, grad_kd, optimizer, step)
+
+
+def _fused_apply_received(table_rd, slots_r: dict, row_k, grad_kd, optimizer, step):
+    """The owner's update by the C++ kernel: the [K] received rows (``rows`` = table rows
+    for empty places, skipped) are entries of K one-entry examples with coefficient 1 and
+    output gradient ``grad_kd[k]``; the kernel sums each distinct row's and applies
+    ``optimizer`` in place. Returns (table, slots)."""
+    one = np.zeros((1, 1), np.int32)
+    return fused.update(
+        table_rd,
+        slots_r,
+        row_k[:, None],
+        jnp.ones((row_k.size, 1), jnp.float32),
+        one[0],
+        one,
+        grad_kd[:, None, :],
+        step,
+        optimizer,
+    )
 
 
 DUP_CHUNK = 1024  # duplicate rows per iteration of apply_received's loop
