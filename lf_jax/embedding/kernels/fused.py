@@ -7,7 +7,7 @@ device) takes is the collection's ``kernel`` setting:
          variable LF_JAX_EMBEDDING_KERNEL overrides the default)
   fused  the C++ kernels of sparse_step.cc through XLA's FFI: a pooled forward straight
          into the outputs, and an update that sums each distinct row's entry gradients
-         (hash dedupe + counting sort, duplicates make it cheaper) and applies the
+         (radix sort by row, duplicates make it cheaper) and applies the
          sparse optimizer in place on the donated table and slots. CPU only.
   xla    the jnp path (lookup.GroupRoute.pool, exchange.sum_and_apply), every backend.
 
