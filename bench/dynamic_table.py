@@ -99,10 +99,10 @@ def main():
     out = {"devices": args.devices, "rows": args.rows, "batch": batch, "bag": bag}
     out["donate"] = not args.no_donate
     for name, values in times.items():
-        out[f"{name}_wall_ms"] = round(1e3 * float(np.median([w for w, _ in values])), 1)
-        out[f"{name}_cpu_ms"] = round(1e3 * float(np.median([c for _, c in values])), 1)
-    out["ratio_wall"] = round(out["dynamic_wall_ms"] / out["static_wall_ms"], 2)
-    out["ratio_cpu"] = round(out["dynamic_cpu_ms"] / out["static_cpu_ms"], 2)
+        out[f"{name}_wall_ms"] = round(1e3 * float(np.median([w for w, _ in values])), 2)
+        out[f"{name}_cpu_ms"] = round(1e3 * float(np.median([c for _, c in values])), 2)
+    out["ratio_wall"] = round(out["dynamic_wall_ms"] / out["static_wall_ms"], 3)
+    out["ratio_cpu"] = round(out["dynamic_cpu_ms"] / out["static_cpu_ms"], 3)
     out["dynamic_counters"] = dyn.counters(d_state)["t"]
     print(json.dumps(out))
 

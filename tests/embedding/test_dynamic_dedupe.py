@@ -72,6 +72,38 @@ def test_resolve_shard_gives_each_key_the_same_slot_in_any_order():
     assert all(r == results[0] for r in results[1:])
 
 
+def test_resolve_shard_with_repeated_keys_equals_distinct_keys():
+    """Repeats (hits and misses, with admission and lru eviction, invalid entries among
+    them) give every entry its key's slot, the same state and counters as the distinct
+    keys alone, and mark one entry per inserted key new."""
+    policy = DynamicPolicy(eviction="lru", probe_limit=4, admit_after=2, sketch_width=64)
+    rng = np.random.default_rng(1)
+    pool = rng.integers(0, 2**63, 60, dtype=np.int64).astype(np.uint64)
+    distinct_state = repeated_state = init_shard(32, policy)
+    for step in range(1, 7):
+        keys = np.unique(rng.choice(pool, 30))
+        hi, lo = split_keys(keys)
+        slot, new, distinct_state = resolve_shard(
+            distinct_state, *map(jnp.asarray, (hi, lo, np.ones(keys.size, bool))), step, policy
+        )
+        # every key at least once, 45 repeats, 4 invalid entries (keys of this step or not)
+        entries = np.concatenate([keys, rng.choice(keys, 40), keys[:5], keys[:2], pool[:2]])
+        order = rng.permutation(entries.size)
+        entries, valid = entries[order], (np.arange(entries.size) < entries.size - 4)[order]
+        r_hi, r_lo = split_keys(entries)
+        r_slot, r_new, repeated_state = resolve_shard(
+            repeated_state, *map(jnp.asarray, (r_hi, r_lo, valid)), step, policy
+        )
+        by_key = dict(zip(keys.tolist(), np.asarray(slot).tolist(), strict=True))
+        r_slot, r_new = np.asarray(r_slot), np.asarray(r_new)
+        want = [by_key[k] if v else -1 for k, v in zip(entries.tolist(), valid, strict=True)]
+        assert r_slot.tolist() == want
+        assert sorted(entries[r_new].tolist()) == sorted(keys[np.asarray(new)].tolist())
+        for name, value in distinct_state.items():
+            np.testing.assert_array_equal(np.asarray(repeated_state[name]), np.asarray(value))
+    assert np.asarray(distinct_state["counters"])[0, 3] > 0  # some inserts
+
+
 def _find_reference(key_hi, key_lo, alive, hi, lo, capacity, policy):
     """Slot of each query key by whole-window comparison (-1: absent)."""
     home = np.asarray(home_slots(jnp.asarray(hi), jnp.asarray(lo), capacity, policy))

@@ -12,19 +12,18 @@ On every device, for the keys of the features that read the table:
    of a ``lax.cond``: [S, M] buffers, which fit any skew at O(S x M) per device for M
    local entries. Both branches resolve an owner's keys of the
    step at once, so the result does not depend on the branch;
-3. each owner dedupes the keys of every sender in place (each key resolved at its
-   leader entry; the hash table's priority is the key value, not the entry order) and
-   resolves them (find, admit, insert,
-   evict: lf_jax.embedding.dynamic.hash_table), then sends every key's slot back (a
-   second ``all_to_all``). Devices outside a table_wise_row_wise group receive no keys;
+3. each owner resolves the keys of every sender in place (find, admit, insert, evict:
+   lf_jax.embedding.dynamic.hash_table, which resolves a key sent by several devices
+   once; its priority is the key value, not the entry order), then sends every key's
+   slot back (a second ``all_to_all``). Devices outside a table_wise_row_wise group receive no keys;
 4. after the ``cond`` (which holds only the hash index, so XLA copies neither rows nor
    optimizer slots), each owner resets the rows and optimizer slots of its inserted
    keys to their initial values (``reset_inserted``);
 5. a key in slot c of shard j becomes row ``c * shards + j`` of the collection's table,
    an absent key becomes padding (-1).
 
-On a mesh of one device the keys stay where they are: dedupe, resolve, reset
-(``one_device``; no owner grouping, no exchange).
+On a mesh of one device the keys stay where they are: resolve, reset (``one_device``;
+no dedupe before the hash table, no owner grouping, no exchange).
 
 Shapes: B batch, L max_ids (the features' ids concatenated), S devices, M = B x L local
 entries, C slots per shard, D dim.
@@ -41,7 +40,7 @@ from jax.sharding import PartitionSpec
 
 from lf_jax.embedding.dedupe import running_count
 from lf_jax.embedding.dynamic.hash_table import resolve_shard
-from lf_jax.embedding.dynamic.key_dedupe import group_by_owner, key_leaders
+from lf_jax.embedding.dynamic.key_dedupe import group_by_owner
 from lf_jax.embedding.dynamic.keys import OWNER_SALT, initial_rows, key_hash, salt
 from lf_jax.embedding.dynamic.layout import TableLayout
 from lf_jax.embedding.exchange import capacity_for
@@ -117,15 +116,11 @@ def resolve_table(
     slot_init = {k: group.optimizer.slot_init(k) for k in opt_slots}
 
     def one_device(table, hi, lo, valid, step):
-        """The only device owns every key: dedupe (each key resolved at its leader
-        entry), resolve; no routing, no exchange. (ids [M], index, [(slot, new, hi,
-        lo)] of the resolved entries, [M] each)."""
-        pos = jnp.arange(hi.shape[0], dtype=jnp.int32)
-        leader = key_leaders(hi, lo, valid)
-        slot, new, table = resolve_shard(
-            table, hi, lo, valid & (leader == pos), step, policy, insert
-        )
-        return jnp.where(valid, slot[leader], -1), table, [(slot, new, hi, lo)]
+        """The only device owns every key: resolve (repeats resolved once, see
+        hash_table); no routing, no exchange. (ids [M], index, [(slot, new, hi, lo)] of
+        the resolved entries, [M] each)."""
+        slot, new, table = resolve_shard(table, hi, lo, valid, step, policy, insert)
+        return jnp.where(valid, slot, -1), table, [(slot, new, hi, lo)]
 
     def routed(table, hi, lo, valid, step):
         """Keys to their owners and back (module docstring); returns what one_device
@@ -153,13 +148,9 @@ def resolve_table(
             )
             received = jax.lax.all_to_all(sent, axes, 0, 0, tiled=True).reshape(-1, 3)
             r_hi, r_lo, r_valid = received[:, 0], received[:, 1], received[:, 2] > 0
-            # each key once (at its leader), in place: no compaction, no sort
-            o_inverse = key_leaders(r_hi, r_lo, r_valid)
-            o_valid = r_valid & (o_inverse == jnp.arange(r_hi.shape[0], dtype=jnp.int32))
-            slot_u, new_u, table = resolve_shard(table, r_hi, r_lo, o_valid, step, policy, insert)
-            back = jax.lax.all_to_all(
-                slot_u[o_inverse].reshape(devices, width), axes, 0, 0, tiled=True
-            )
+            # a key sent by several devices is resolved once, in place (hash_table)
+            slot_u, new_u, table = resolve_shard(table, r_hi, r_lo, r_valid, step, policy, insert)
+            back = jax.lax.all_to_all(slot_u.reshape(devices, width), axes, 0, 0, tiled=True)
             got = back.at[to_device, within].get(mode="fill", fill_value=-1)
             return got, table, (slot_u, new_u, r_hi, r_lo) if insert else ()
 
