@@ -6,12 +6,14 @@ On every device, for the keys of the features that read the table:
    multi-operand sort) and bucket them by owner device, ``layout.devices[owner(key)]``
    (lf_jax.embedding.dynamic.layout);
 2. one ``all_to_all`` sends each device the keys it owns (key halves and validity in
-   one static [S, W, 3] uint32 buffer, written by one scatter), W the expected keys per
-   owner plus 5 standard deviations (lf_jax.embedding.exchange's ``capacity_for``); when
-   some device has more than W keys for one owner (skew), the step takes the other branch
-   of a ``lax.cond``: [S, M] buffers, which fit any skew at O(S x M) per device for M
-   local entries. Both branches resolve an owner's keys of the
-   step at once, so the result does not depend on the branch;
+   one static [S, W + 1, 3] uint32 buffer, written by one scatter), W the expected keys
+   per owner plus 5 standard deviations (lf_jax.embedding.exchange's ``capacity_for``);
+   the extra row of every block carries the sender's flag "more than W keys for some
+   owner", so every device learns from this exchange whether any device overflowed
+   (skew), and then all take the other branch of a ``lax.cond``: a second exchange
+   through [S, M] buffers, which fit any skew at O(S x M) per device for M local
+   entries. Both branches resolve an owner's keys of the step at once, so the result
+   does not depend on the branch;
 3. each owner resolves the keys of every sender in place (find, admit, insert, evict:
    lf_jax.embedding.dynamic.hash_table, which resolves a key sent by several devices
    once; its priority is the key value, not the entry order), then sends every key's
@@ -133,20 +135,27 @@ def resolve_table(
         start = jnp.cumsum(load) - load  # u_owner ascending: each owner's first position
         within = jnp.arange(m, dtype=jnp.int32) - start[jnp.minimum(u_owner, shards - 1)]
 
-        def owner_resolve(width, table):
-            """Keys to owners through [S, width] buffers, resolved there. Returns each
-            unique local key's slot at its owner (-1: none), the owner's new index and
-            (with ``insert``) its received keys' (slot, new, hi, lo)
-            [S x width] each, for the rows' reset outside the ``cond``."""
+        # hi, lo and validity of the unique keys, one [S, rows, 3] buffer: one scatter and
+        # one all_to_all per exchange
+        entries = jnp.stack([u_hi, u_lo, (u_owner < shards).astype(jnp.uint32)], axis=-1)
 
-            # hi, lo and validity in one [S, width, 3] buffer: one scatter, one all_to_all
-            entries = jnp.stack([u_hi, u_lo, (u_owner < shards).astype(jnp.uint32)], axis=-1)
-            sent = (
-                jnp.zeros((devices, width, 3), jnp.uint32)
-                .at[to_device, within]
+        def sent_buffer(width, rows):
+            """[S, rows, 3]: the unique keys at (owner's device, rank within the owner),
+            ranks >= width left out."""
+            return (
+                jnp.zeros((devices, rows, 3), jnp.uint32)
+                .at[jnp.where(within < width, to_device, devices), within]
                 .set(entries, mode="drop")
             )
-            received = jax.lax.all_to_all(sent, axes, 0, 0, tiled=True).reshape(-1, 3)
+
+        def to_owners(sent):
+            return jax.lax.all_to_all(sent, axes, 0, 0, tiled=True)
+
+        def owner_resolve(received, width, table):
+            """Resolves the received keys [S x width, 3] at their owner. Returns each
+            unique local key's slot at its owner (-1: none), the owner's new index and
+            (with ``insert``) its received keys' (slot, new, hi, lo) [S x width] each,
+            for the rows' reset outside the ``cond``."""
             r_hi, r_lo, r_valid = received[:, 0], received[:, 1], received[:, 2] > 0
             # a key sent by several devices is resolved once, in place (hash_table)
             slot_u, new_u, table = resolve_shard(table, r_hi, r_lo, r_valid, step, policy, insert)
@@ -159,22 +168,32 @@ def resolve_table(
             zeros = jnp.zeros((size,), jnp.uint32)
             return jnp.zeros((size,), jnp.int32), jnp.zeros((size,), bool), zeros, zeros
 
+        def wide_received():
+            return to_owners(sent_buffer(m, m)).reshape(-1, 3)
+
         width = capacity_for(m, 1 / shards, m)
         if width >= m:
-            got, table, owned = owner_resolve(m, table)
+            got, table, owned = owner_resolve(wide_received(), m, table)
             owned_sets = [owned]
-        else:  # the [S, width] buffers unless some device has more keys for one owner
-            over = jax.lax.pmax((jnp.max(load) > width).astype(jnp.int32), axes)
+        else:
+            # the [S, width] buffers, unless some device has more keys for one owner: each
+            # sender flags that in an extra row of every block, so after the exchange every
+            # device knows whether any did (no separate collective), and all take the
+            # [S, M] buffers together
+            sent = sent_buffer(width, width + 1)
+            sent = sent.at[:, width, 0].set((jnp.max(load) > width).astype(jnp.uint32))
+            received = to_owners(sent)
+            over = jnp.any(received[:, width, 0] > 0)
 
-            def narrow(table):
-                got, table, owned = owner_resolve(width, table)
+            def narrow(table, received):
+                got, table, owned = owner_resolve(received.reshape(-1, 3), width, table)
                 return got, table, [owned, nothing_new(devices * m) if insert else ()]
 
-            def wide(table):
-                got, table, owned = owner_resolve(m, table)
+            def wide(table, received):
+                got, table, owned = owner_resolve(wide_received(), m, table)
                 return got, table, [nothing_new(devices * width) if insert else (), owned]
 
-            got, table, owned_sets = jax.lax.cond(over > 0, wide, narrow, table)
+            got, table, owned_sets = jax.lax.cond(over, wide, narrow, table, received[:, :width])
         row_u = jnp.where(got >= 0, got * shards + u_owner, -1)
         return jnp.where(valid, row_u[inverse], -1), table, owned_sets
 
