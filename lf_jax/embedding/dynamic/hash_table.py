@@ -268,17 +268,15 @@ def resolve_shard(state: dict, hi_n, lo_n, valid_n, step, policy: DynamicPolicy,
     freq_c = freq_c.at[put_n].set(1, mode="drop")
     new_n = slot_n >= 0
     probe_n = jnp.where(hit_n, found_off_n, jnp.where(new_n, off_n, 0))
-    step_counts = jnp.stack(
-        [
-            jnp.sum(hit_n, dtype=jnp.int32),
-            jnp.sum(miss_n, dtype=jnp.int32),
-            jnp.sum(miss_n & ~admitted_n, dtype=jnp.int32),
-            jnp.sum(new_n, dtype=jnp.int32),
-            evicted,
-            jnp.sum(pending_n, dtype=jnp.int32),
-            jnp.sum(probe_n, dtype=jnp.int32),
-            jnp.int32(0),
-        ]
+    # the per-entry counts summed in one reduction: [N, 6] -> [6]
+    summed = jnp.sum(
+        jnp.stack([hit_n, miss_n, miss_n & ~admitted_n, new_n, pending_n, probe_n], axis=1).astype(
+            jnp.int32
+        ),
+        axis=0,
+    )
+    step_counts = jnp.concatenate(
+        [summed[:4], evicted[None], summed[4:], jnp.zeros((1,), jnp.int32)]
     )
     counters = add_counts(state["counters"], step_counts)
     probe_max = jnp.maximum(state["counters"][0, -1], jnp.max(probe_n))

@@ -42,7 +42,7 @@ from jax.sharding import PartitionSpec
 
 from lf_jax.embedding.dedupe import running_count
 from lf_jax.embedding.dynamic.hash_table import resolve_shard
-from lf_jax.embedding.dynamic.key_dedupe import group_by_owner
+from lf_jax.embedding.dynamic.key_dedupe import owner_ranks
 from lf_jax.embedding.dynamic.keys import OWNER_SALT, initial_rows, key_hash, salt
 from lf_jax.embedding.dynamic.layout import TableLayout
 from lf_jax.embedding.exchange import capacity_for
@@ -129,15 +129,17 @@ def resolve_table(
         does, the owners' entries in [S x width] (and [S x M]) sets."""
         m = hi.shape[0]
         owner = (key_hash(jnp, hi, lo, salt(OWNER_SALT, policy.seed)) % shards).astype(jnp.int32)
-        (u_owner, u_hi, u_lo), inverse = group_by_owner(owner, hi, lo, valid, shards)
-        to_device = owner_device[u_owner]  # `devices` (padding) is dropped by the scatters
-        load = jnp.zeros((shards + 1,), jnp.int32).at[u_owner].add(1)[:shards]
-        start = jnp.cumsum(load) - load  # u_owner ascending: each owner's first position
-        within = jnp.arange(m, dtype=jnp.int32) - start[jnp.minimum(u_owner, shards - 1)]
+        # one entry per distinct key is sent, at its rank among its owner's keys
+        leader, send, within, load = owner_ranks(owner, hi, lo, valid, shards)
+        if layout.devices == tuple(range(devices)):  # shard j on device j
+            to_device = jnp.where(send, owner, devices)
+        else:
+            to_device = owner_device[jnp.where(send, owner, shards)]
+        # `devices` (entries not sent) is dropped by the scatters
 
-        # hi, lo and validity of the unique keys, one [S, rows, 3] buffer: one scatter and
+        # hi, lo and validity of the sent keys, one [S, rows, 3] buffer: one scatter and
         # one all_to_all per exchange
-        entries = jnp.stack([u_hi, u_lo, (u_owner < shards).astype(jnp.uint32)], axis=-1)
+        entries = jnp.stack([hi, lo, jnp.ones_like(hi)], axis=-1)
 
         def sent_buffer(width, rows):
             """[S, rows, 3]: the unique keys at (owner's device, rank within the owner),
@@ -153,7 +155,7 @@ def resolve_table(
 
         def owner_resolve(received, width, table):
             """Resolves the received keys [S x width, 3] at their owner. Returns each
-            unique local key's slot at its owner (-1: none), the owner's new index and
+            sent entry's slot at its owner (-1: none), the owner's new index and
             (with ``insert``) its received keys' (slot, new, hi, lo) [S x width] each,
             for the rows' reset outside the ``cond``."""
             r_hi, r_lo, r_valid = received[:, 0], received[:, 1], received[:, 2] > 0
@@ -194,8 +196,8 @@ def resolve_table(
                 return got, table, [nothing_new(devices * width) if insert else (), owned]
 
             got, table, owned_sets = jax.lax.cond(over, wide, narrow, table, received[:, :width])
-        row_u = jnp.where(got >= 0, got * shards + u_owner, -1)
-        return jnp.where(valid, row_u[inverse], -1), table, owned_sets
+        got = got[leader]  # each entry reads its key's leader
+        return jnp.where(valid & (got >= 0), got * shards + owner, -1), table, owned_sets
 
     def shard(stored, opt_slots, index, hi, lo, valid, step):
         shape = hi.shape
