@@ -181,8 +181,12 @@ def resolve_shard(state: dict, hi_n, lo_n, valid_n, step, policy: DynamicPolicy,
     touch_n = jnp.where(found_n, found_slot_n, capacity)
     # one entry position per touched slot (n: untouched): the entries of a found key
     # share its slot, and the one written there stands for them (counted once)
-    toucher_c = jnp.full((capacity,), n, jnp.int32).at[touch_n].set(pos_n, mode="drop")
-    hit_n = found_n & (toucher_c[jnp.minimum(touch_n, capacity - 1)] == pos_n)
+    # (int16 when positions fit: half the [C] array to fill)
+    pos_dtype = jnp.int16 if n < 2**15 else jnp.int32
+    toucher_c = (
+        jnp.full((capacity,), n, pos_dtype).at[touch_n].set(pos_n.astype(pos_dtype), mode="drop")
+    )
+    hit_n = found_n & (toucher_c[jnp.minimum(touch_n, capacity - 1)] == pos_n.astype(pos_dtype))
     last_c = state["last"].at[touch_n].set(step, mode="drop")
     freq_c = state["freq"].at[jnp.where(hit_n, found_slot_n, capacity)].add(1, mode="drop")
 
