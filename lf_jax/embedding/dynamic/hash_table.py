@@ -135,19 +135,20 @@ def _victim(evictable_np, last_np, freq_np, eviction: str):
     return jnp.argmax(mask, axis=1).astype(jnp.int32), jnp.any(evictable_np, axis=1)
 
 
-def _find(state: dict, alive, pos_np, hi_n, lo_n, valid_n):
+def _find(state: dict, alive, home_n, pos_np, hi_n, lo_n, valid_n):
     """(found_n bool, found_off_n int32): whether each valid key is in an alive slot
-    (``alive(slots)``) of its window ``pos_np`` [N, P], and the first such offset (0
-    when none).
+    (``alive(slots)``) of its window ``pos_np`` [N, P] (slots home_n + 0 .. P - 1, mod
+    capacity), and the first such offset (0 when none).
 
     Compares the windows' low halves only ([N, P] gathers of one array, not three),
     then the high half and liveness at each key's first low-half match ([N] gathers). A
     key whose first low-half match is not its slot but which has another low-half match
     in its window is ambiguous; when some key is, a ``cond`` takes the whole-window
     comparison of both halves and liveness for every key. Both give the same result."""
+    capacity = state["key_lo"].shape[0]
     lo_np = (state["key_lo"][pos_np] == lo_n[:, None]) & valid_n[:, None]
     first_n = jnp.argmax(lo_np, axis=1).astype(jnp.int32)
-    slot_n = jnp.take_along_axis(pos_np, first_n[:, None], axis=1)[:, 0]
+    slot_n = (home_n + first_n) % capacity
     whole_n = jnp.any(lo_np, axis=1) & alive(slot_n) & (state["key_hi"][slot_n] == hi_n)
     ambiguous = jnp.any(~whole_n & (jnp.sum(lo_np, axis=1, dtype=jnp.int32) > 1))
 
@@ -168,13 +169,14 @@ def resolve_shard(state: dict, hi_n, lo_n, valid_n, step, policy: DynamicPolicy,
     capacity = state["last"].shape[0]
     probes = min(policy.probe_limit, capacity)
     n = hi_n.shape[0]
-    pos_np = (home_slots(hi_n, lo_n, capacity, policy)[:, None] + jnp.arange(probes)) % capacity
+    home_n = home_slots(hi_n, lo_n, capacity, policy)
+    pos_np = (home_n[:, None] + jnp.arange(probes)) % capacity
 
     def alive(at):  # liveness of the slots ``at``: gathered, no [C]-wide array
         return alive_last(state["last"][at], step, policy)
 
-    found_n, found_off_n = _find(state, alive, pos_np, hi_n, lo_n, valid_n)
-    found_slot_n = jnp.take_along_axis(pos_np, found_off_n[:, None], axis=1)[:, 0]
+    found_n, found_off_n = _find(state, alive, home_n, pos_np, hi_n, lo_n, valid_n)
+    found_slot_n = (home_n + found_off_n) % capacity  # window offset -> slot
     if not insert:
         return jnp.where(found_n, found_slot_n, -1), jnp.zeros((n,), bool), state
     pos_n = jnp.arange(n, dtype=jnp.int32)
@@ -232,7 +234,7 @@ def resolve_shard(state: dict, hi_n, lo_n, valid_n, step, policy: DynamicPolicy,
             choice_n = jnp.where(has_room_n, choice_n, victim_n)
             has_room_n = has_room_n | has_victim_n
         propose_n = pending_n & has_room_n
-        cand_n = jnp.take_along_axis(pos_np, choice_n[:, None], axis=1)[:, 0]
+        cand_n = (home_n + choice_n) % capacity
         cand_n = jnp.where(propose_n, cand_n, capacity)
         # the smallest (hi, lo) proposing a slot wins it: min hi, then min lo among those
         safe_n = jnp.minimum(cand_n, capacity - 1)
