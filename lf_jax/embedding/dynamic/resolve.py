@@ -119,14 +119,15 @@ def resolve_table(
 
     def one_device(table, hi, lo, valid, step):
         """The only device owns every key: resolve (repeats resolved once, see
-        hash_table); no routing, no exchange. (ids [M], index, [(slot, new, hi, lo)] of
-        the resolved entries, [M] each)."""
+        hash_table); no routing, no exchange. (ids [M], index, (slot, new, hi, lo) of
+        the resolved entries, [M] each, the reset's chunk)."""
         slot, new, table = resolve_shard(table, hi, lo, valid, step, policy, insert)
-        return jnp.where(valid, slot, -1), table, [(slot, new, hi, lo)]
+        # new keys reset an eighth of the entries at a time
+        return jnp.where(valid, slot, -1), table, (slot, new, hi, lo), max(1, hi.shape[0] // 8)
 
     def routed(table, hi, lo, valid, step):
         """Keys to their owners and back (module docstring); returns what one_device
-        does, the owners' entries in [S x width] (and [S x M]) sets."""
+        does, the owner's entries as one [S x M] set (the [S x width] set padded)."""
         m = hi.shape[0]
         owner = (key_hash(jnp, hi, lo, salt(OWNER_SALT, policy.seed)) % shards).astype(jnp.int32)
         # one entry per distinct key is sent, at its rank among its owner's keys
@@ -165,18 +166,12 @@ def resolve_table(
             got = back.at[to_device, within].get(mode="fill", fill_value=-1)
             return got, table, (slot_u, new_u, r_hi, r_lo) if insert else ()
 
-        def nothing_new(size):
-            """(slot, new, hi, lo) [size] each of no new key."""
-            zeros = jnp.zeros((size,), jnp.uint32)
-            return jnp.zeros((size,), jnp.int32), jnp.zeros((size,), bool), zeros, zeros
-
         def wide_received():
             return to_owners(sent_buffer(m, m)).reshape(-1, 3)
 
         width = capacity_for(m, 1 / shards, m)
         if width >= m:
             got, table, owned = owner_resolve(wide_received(), m, table)
-            owned_sets = [owned]
         else:
             # the [S, width] buffers, unless some device has more keys for one owner: each
             # sender flags that in an extra row of every block, so after the exchange every
@@ -189,26 +184,27 @@ def resolve_table(
 
             def narrow(table, received):
                 got, table, owned = owner_resolve(received.reshape(-1, 3), width, table)
-                return got, table, [owned, nothing_new(devices * m) if insert else ()]
+                # one [S x M] set in both branches (no key new past S x width): one reset
+                pad = devices * (m - width)
+                return got, table, tuple(jnp.pad(x, (0, pad)) for x in owned)
 
             def wide(table, received):
-                got, table, owned = owner_resolve(wide_received(), m, table)
-                return got, table, [nothing_new(devices * width) if insert else (), owned]
+                return owner_resolve(wide_received(), m, table)
 
-            got, table, owned_sets = jax.lax.cond(over, wide, narrow, table, received[:, :width])
+            got, table, owned = jax.lax.cond(over, wide, narrow, table, received[:, :width])
         got = got[leader]  # each entry reads its key's leader
-        return jnp.where(valid & (got >= 0), got * shards + owner, -1), table, owned_sets
+        # new keys reset an eighth of the [S, width] buffers at a time
+        chunk = max(1, devices * min(width, m) // 8)
+        return jnp.where(valid & (got >= 0), got * shards + owner, -1), table, owned, chunk
 
     def shard(stored, opt_slots, index, hi, lo, valid, step):
         shape = hi.shape
         hi, lo, valid = hi.reshape(-1), lo.reshape(-1), valid.reshape(-1)
         table = {k: v[0] for k, v in index.items()}
         resolve = one_device if devices == 1 else routed
-        ids, table, owned_sets = resolve(table, hi, lo, valid, step)
-        # an eighth of the [S, width] buffers (one device: of its entries)
-        chunk = max(1, owned_sets[0][0].shape[0] // 8) if insert else 1
-        for slot_o, new_o, hi_o, lo_o in owned_sets if insert else ():
-            # inserted keys start from fresh rows and optimizer slots
+        ids, table, owned, chunk = resolve(table, hi, lo, valid, step)
+        if insert:  # inserted keys start from fresh rows and optimizer slots
+            slot_o, new_o, hi_o, lo_o = owned
             stored, opt_slots = reset_inserted(
                 layout, stored, opt_slots, slot_init, new_o, slot_o, hi_o, lo_o, chunk
             )
