@@ -7,6 +7,9 @@ steps hit; lru eviction). The two steps alternate within one process so machine-
 drift hits both alike; reported: median wall and process-CPU ms per step and their ratio.
 Both steps donate their state, as the trainer's steps do (``--no-donate``: each step
 also copies its table and optimizer slots, the bench's behaviour before 2026-12-06).
+``--batches N`` cycles N batches (default 4: timed steps hit every key); with more
+batches than warm-up plus timed steps (e.g. 60) every timed step reads a batch not
+seen before and inserts keys.
 
 Usage (a fresh process per device count):
     .venv/bin/python bench/dynamic_table.py --devices 8 --steps 10
@@ -25,6 +28,7 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--rows", type=int, default=2**17)
     parser.add_argument("--no-donate", action="store_true")
+    parser.add_argument("--batches", type=int, default=4)
     args = parser.parse_args()
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
     import jax
@@ -77,14 +81,15 @@ def main():
     pool = rng.integers(0, 2**62, args.rows // 2)
     static_batches = [
         static.shard_batch(static.preprocess({"f": rng.integers(0, args.rows, (batch, bag))}))
-        for _ in range(4)
+        for _ in range(args.batches)
     ]
     key_batches = [
-        dyn.shard_batch(dyn.preprocess({"f": rng.choice(pool, (batch, bag))})) for _ in range(4)
+        dyn.shard_batch(dyn.preprocess({"f": rng.choice(pool, (batch, bag))}))
+        for _ in range(args.batches)
     ]
     s_state, d_state = static.init(jax.random.key(0)), dyn.init(jax.random.key(0))
     for i in range(20):  # compile and warm the keys up
-        d_state = dynamic_step(d_state, key_batches[i % 4])
+        d_state = dynamic_step(d_state, key_batches[i % args.batches])
     s_state = static_step(s_state, static_batches[0])
     jax.block_until_ready((s_state, d_state))
     times = {"static": [], "dynamic": []}
@@ -92,17 +97,21 @@ def main():
         for name in ("static", "dynamic"):
             wall, cpu = time.perf_counter(), time.process_time()
             if name == "static":
-                s_state = jax.block_until_ready(static_step(s_state, static_batches[i % 4]))
+                s_state = jax.block_until_ready(
+                    static_step(s_state, static_batches[(20 + i) % args.batches])
+                )
             else:
-                d_state = jax.block_until_ready(dynamic_step(d_state, key_batches[i % 4]))
+                d_state = jax.block_until_ready(
+                    dynamic_step(d_state, key_batches[(20 + i) % args.batches])
+                )
             times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
     out = {"devices": args.devices, "rows": args.rows, "batch": batch, "bag": bag}
-    out["donate"] = not args.no_donate
+    out["donate"], out["batches"] = not args.no_donate, args.batches
     for name, values in times.items():
-        out[f"{name}_wall_ms"] = round(1e3 * float(np.median([w for w, _ in values])), 1)
-        out[f"{name}_cpu_ms"] = round(1e3 * float(np.median([c for _, c in values])), 1)
-    out["ratio_wall"] = round(out["dynamic_wall_ms"] / out["static_wall_ms"], 2)
-    out["ratio_cpu"] = round(out["dynamic_cpu_ms"] / out["static_cpu_ms"], 2)
+        out[f"{name}_wall_ms"] = round(1e3 * float(np.median([w for w, _ in values])), 2)
+        out[f"{name}_cpu_ms"] = round(1e3 * float(np.median([c for _, c in values])), 2)
+    out["ratio_wall"] = round(out["dynamic_wall_ms"] / out["static_wall_ms"], 3)
+    out["ratio_cpu"] = round(out["dynamic_cpu_ms"] / out["static_cpu_ms"], 3)
     out["dynamic_counters"] = dyn.counters(d_state)["t"]
     print(json.dumps(out))
 

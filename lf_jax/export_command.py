@@ -87,8 +87,11 @@ def check_serving_tables(config) -> None:
         raise UserInputError(
             f"config embedding.tables.{names[0]}.dynamic: --serving writes row tables looked "
             f"up by id, where an absent key of a dynamic table ({', '.join(names)}) would pool "
-            "as a row instead of as padding; export the live keys with --entity members or "
-            "--entity posts (and --delta) instead"
+            "as a row instead of as padding, so the served scores would differ from the "
+            "trained model's (serving artifacts of dynamic tables are not supported yet). "
+            "Export the live keys' rows with --entity members or --entity posts (and "
+            "--delta for increments) instead, or train the tables static (no dynamic "
+            "setting) for a run that exports --serving"
         )
 
 

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lf_jax.embedding.dynamic.hash_table import home_slots, init_shard, resolve_shard
-from lf_jax.embedding.dynamic.key_dedupe import LEADER_SALT, group_by_owner, key_leaders
-from lf_jax.embedding.dynamic.keys import join_keys, key_hash, split_keys
+from lf_jax.embedding.dynamic.key_dedupe import LEADER_SALT, key_leaders, owner_ranks
+from lf_jax.embedding.dynamic.keys import key_hash, split_keys
 from lf_jax.embedding.dynamic.policy import DynamicPolicy
 
 
@@ -36,22 +36,22 @@ def test_key_leaders_groups_equal_keys_even_when_their_hashes_collide():
         assert {int(leader[j]) for j in same} == {int(leader[i])}
 
 
-def test_group_by_owner_matches_a_set_reference():
+def test_owner_ranks_match_a_set_reference():
     rng = np.random.default_rng(3)
     keys = rng.choice(rng.integers(0, 2**63, 40, dtype=np.int64).astype(np.uint64), 300)
     valid = rng.random(300) < 0.8
     owner = (keys % np.uint64(5)).astype(np.int32)
     hi, lo = split_keys(keys)
-    (u_owner, u_hi, u_lo), inverse = group_by_owner(
-        jnp.asarray(owner), jnp.asarray(hi), jnp.asarray(lo), jnp.asarray(valid), 5
+    leader, send, rank, load = map(
+        np.asarray,
+        owner_ranks(*map(jnp.asarray, (owner, hi, lo, valid)), 5),
     )
-    u_owner, inverse = np.asarray(u_owner), np.asarray(inverse)
-    u_keys = join_keys(np.asarray(u_hi), np.asarray(u_lo))
-    n = len(set(keys[valid].tolist()))
-    assert (np.diff(u_owner) >= 0).all() and (u_owner[n:] == 5).all() and (u_keys[n:] == 0).all()
-    assert sorted(u_keys[:n].tolist()) == sorted(set(keys[valid].tolist()))
-    assert (u_owner[:n] == (u_keys[:n] % np.uint64(5)).astype(np.int32)).all()
-    np.testing.assert_array_equal(u_keys[inverse[valid]], keys[valid])
+    # one sent entry per distinct valid key, which every entry of the key leads to
+    assert sorted(keys[send].tolist()) == sorted(set(keys[valid].tolist()))
+    assert send[leader[valid]].all() and (keys[leader[valid]] == keys[valid]).all()
+    for o in range(5):  # ranks 0 .. load - 1 among the owner's sent entries, entry order
+        mine = np.nonzero(send & (owner == o))[0]
+        assert load[o] == mine.size and rank[mine].tolist() == list(range(mine.size))
 
 
 def test_resolve_shard_gives_each_key_the_same_slot_in_any_order():
@@ -70,6 +70,38 @@ def test_resolve_shard_gives_each_key_the_same_slot_in_any_order():
         results.append((by_key, {k: np.asarray(v).tolist() for k, v in state.items()}))
     assert sum(s >= 0 for s in results[0][0].values()) == 16
     assert all(r == results[0] for r in results[1:])
+
+
+def test_resolve_shard_with_repeated_keys_equals_distinct_keys():
+    """Repeats (hits and misses, with admission and lru eviction, invalid entries among
+    them) give every entry its key's slot, the same state and counters as the distinct
+    keys alone, and mark one entry per inserted key new."""
+    policy = DynamicPolicy(eviction="lru", probe_limit=4, admit_after=2, sketch_width=64)
+    rng = np.random.default_rng(1)
+    pool = rng.integers(0, 2**63, 60, dtype=np.int64).astype(np.uint64)
+    distinct_state = repeated_state = init_shard(32, policy)
+    for step in range(1, 7):
+        keys = np.unique(rng.choice(pool, 30))
+        hi, lo = split_keys(keys)
+        slot, new, distinct_state = resolve_shard(
+            distinct_state, *map(jnp.asarray, (hi, lo, np.ones(keys.size, bool))), step, policy
+        )
+        # every key at least once, 45 repeats, 4 invalid entries (keys of this step or not)
+        entries = np.concatenate([keys, rng.choice(keys, 40), keys[:5], keys[:2], pool[:2]])
+        order = rng.permutation(entries.size)
+        entries, valid = entries[order], (np.arange(entries.size) < entries.size - 4)[order]
+        r_hi, r_lo = split_keys(entries)
+        r_slot, r_new, repeated_state = resolve_shard(
+            repeated_state, *map(jnp.asarray, (r_hi, r_lo, valid)), step, policy
+        )
+        by_key = dict(zip(keys.tolist(), np.asarray(slot).tolist(), strict=True))
+        r_slot, r_new = np.asarray(r_slot), np.asarray(r_new)
+        want = [by_key[k] if v else -1 for k, v in zip(entries.tolist(), valid, strict=True)]
+        assert r_slot.tolist() == want
+        assert sorted(entries[r_new].tolist()) == sorted(keys[np.asarray(new)].tolist())
+        for name, value in distinct_state.items():
+            np.testing.assert_array_equal(np.asarray(repeated_state[name]), np.asarray(value))
+    assert np.asarray(distinct_state["counters"])[0, 3] > 0  # some inserts
 
 
 def _find_reference(key_hi, key_lo, alive, hi, lo, capacity, policy):

@@ -6,8 +6,8 @@ lookup compares the whole window (no early stop), so freeing a slot never hides 
 key and needs no tombstone. A slot is *alive* when it holds a key that has not expired
 (``ttl_steps``: seen within the last ttl_steps steps).
 
-A step at an owner, on its distinct keys in any order (when keys compete for a slot, the
-smaller 64-bit key has priority):
+A step at an owner, on its keys in any order, repeats allowed (each distinct key is
+resolved once; when keys compete for a slot, the smaller 64-bit key has priority):
 
 1. Find: a key matching an alive slot of its window is a hit; the slot records the step
    (``last``) and one more step seen (``freq``). Hit slots are *touched*: never evicted in
@@ -22,6 +22,12 @@ smaller 64-bit key has priority):
    next round. A key left without a slot is *refused* (counted; it reads the default
    row and is tried again when seen next). Nothing is ever overwritten except an
    evicted key, which is counted.
+
+Repeated keys: the entries that find their key are told apart by the slot they find (one
+scatter of entry positions into the touched slots, which the eviction needs anyway); the
+entries that miss are deduplicated by ``key_leaders`` (hash probe rounds, skipped by a
+``cond`` when no entry misses, as in a warm table's step of hits), and only one entry
+per missing key counts in the sketch, proposes slots and is marked new.
 
 Each losing proposal means a slot of the key's window was taken, so after probe_limit
 rounds a refused key's window is full of keys alive and (lru/lfu) untouchable: refusals
@@ -43,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lf_jax.embedding.dynamic.key_dedupe import key_leaders
 from lf_jax.embedding.dynamic.keys import HOME_SALT, SKETCH_SALT, key_hash, salt
 from lf_jax.embedding.dynamic.policy import DynamicPolicy
 
@@ -128,19 +135,20 @@ def _victim(evictable_np, last_np, freq_np, eviction: str):
     return jnp.argmax(mask, axis=1).astype(jnp.int32), jnp.any(evictable_np, axis=1)
 
 
-def _find(state: dict, alive, pos_np, hi_n, lo_n, valid_n):
+def _find(state: dict, alive, home_n, pos_np, hi_n, lo_n, valid_n):
     """(found_n bool, found_off_n int32): whether each valid key is in an alive slot
-    (``alive(slots)``) of its window ``pos_np`` [N, P], and the first such offset (0
-    when none).
+    (``alive(slots)``) of its window ``pos_np`` [N, P] (slots home_n + 0 .. P - 1, mod
+    capacity), and the first such offset (0 when none).
 
     Compares the windows' low halves only ([N, P] gathers of one array, not three),
     then the high half and liveness at each key's first low-half match ([N] gathers). A
     key whose first low-half match is not its slot but which has another low-half match
     in its window is ambiguous; when some key is, a ``cond`` takes the whole-window
     comparison of both halves and liveness for every key. Both give the same result."""
+    capacity = state["key_lo"].shape[0]
     lo_np = (state["key_lo"][pos_np] == lo_n[:, None]) & valid_n[:, None]
     first_n = jnp.argmax(lo_np, axis=1).astype(jnp.int32)
-    slot_n = jnp.take_along_axis(pos_np, first_n[:, None], axis=1)[:, 0]
+    slot_n = (home_n + first_n) % capacity
     whole_n = jnp.any(lo_np, axis=1) & alive(slot_n) & (state["key_hi"][slot_n] == hi_n)
     ambiguous = jnp.any(~whole_n & (jnp.sum(lo_np, axis=1, dtype=jnp.int32) > 1))
 
@@ -154,27 +162,41 @@ def _find(state: dict, alive, pos_np, hi_n, lo_n, valid_n):
 def resolve_shard(state: dict, hi_n, lo_n, valid_n, step, policy: DynamicPolicy, insert=True):
     """(slot_n int32, -1 when absent; new_n bool; new state) for one step's keys.
 
-    Valid keys must be distinct, in any order (the smaller (hi, lo) wins a slot). With
+    Valid keys in any order, repeats allowed (the smaller (hi, lo) wins a slot; every
+    entry of a key gets its slot; ``new_n`` marks one entry per inserted key). With
     ``insert`` False the keys are only found: the state comes back unchanged.
     """
     capacity = state["last"].shape[0]
     probes = min(policy.probe_limit, capacity)
     n = hi_n.shape[0]
-    pos_np = (home_slots(hi_n, lo_n, capacity, policy)[:, None] + jnp.arange(probes)) % capacity
+    home_n = home_slots(hi_n, lo_n, capacity, policy)
+    pos_np = (home_n[:, None] + jnp.arange(probes)) % capacity
 
     def alive(at):  # liveness of the slots ``at``: gathered, no [C]-wide array
         return alive_last(state["last"][at], step, policy)
 
-    found_n, found_off_n = _find(state, alive, pos_np, hi_n, lo_n, valid_n)
-    found_slot_n = jnp.take_along_axis(pos_np, found_off_n[:, None], axis=1)[:, 0]
+    found_n, found_off_n = _find(state, alive, home_n, pos_np, hi_n, lo_n, valid_n)
+    found_slot_n = (home_n + found_off_n) % capacity  # window offset -> slot
     if not insert:
         return jnp.where(found_n, found_slot_n, -1), jnp.zeros((n,), bool), state
+    pos_n = jnp.arange(n, dtype=jnp.int32)
     touch_n = jnp.where(found_n, found_slot_n, capacity)
+    # one entry position per touched slot (n: untouched): the entries of a found key
+    # share its slot, and the one written there stands for them (counted once)
+    # (int16 when positions fit: half the [C] array to fill)
+    pos_dtype = jnp.int16 if n < 2**15 else jnp.int32
+    toucher_c = (
+        jnp.full((capacity,), n, pos_dtype).at[touch_n].set(pos_n.astype(pos_dtype), mode="drop")
+    )
+    hit_n = found_n & (toucher_c[jnp.minimum(touch_n, capacity - 1)] == pos_n.astype(pos_dtype))
     last_c = state["last"].at[touch_n].set(step, mode="drop")
-    freq_c = state["freq"].at[touch_n].add(1, mode="drop")
-    touched_c = jnp.zeros((capacity,), bool).at[touch_n].set(True, mode="drop")
+    freq_c = state["freq"].at[jnp.where(hit_n, found_slot_n, capacity)].add(1, mode="drop")
 
-    miss_n = valid_n & ~found_n
+    missed_n = valid_n & ~found_n
+    leader_n = jax.lax.cond(
+        jnp.any(missed_n), key_leaders, lambda hi, lo, valid: pos_n, hi_n, lo_n, missed_n
+    )
+    miss_n = missed_n & (leader_n == pos_n)  # one entry per missing key
     sketch = state["sketch"]
     admitted_n = miss_n
     if policy.uses_sketch:
@@ -205,14 +227,14 @@ def resolve_shard(state: dict, hi_n, lo_n, valid_n, step, policy: DynamicPolicy,
         has_room_n = jnp.any(free_np, axis=1)
         choice_n = jnp.argmax(free_np, axis=1).astype(jnp.int32)
         if policy.eviction != "none":
-            evictable_np = alive_np & ~touched_c[at_np] & ~taken_np
+            evictable_np = alive_np & (toucher_c[at_np] == n) & ~taken_np
             victim_n, has_victim_n = _victim(
                 evictable_np, last_c[at_np], freq_c[at_np], policy.eviction
             )
             choice_n = jnp.where(has_room_n, choice_n, victim_n)
             has_room_n = has_room_n | has_victim_n
         propose_n = pending_n & has_room_n
-        cand_n = jnp.take_along_axis(pos_np, choice_n[:, None], axis=1)[:, 0]
+        cand_n = (home_n + choice_n) % capacity
         cand_n = jnp.where(propose_n, cand_n, capacity)
         # the smallest (hi, lo) proposing a slot wins it: min hi, then min lo among those
         safe_n = jnp.minimum(cand_n, capacity - 1)
@@ -251,18 +273,16 @@ def resolve_shard(state: dict, hi_n, lo_n, valid_n, step, policy: DynamicPolicy,
     last_c = last_c.at[put_n].set(step, mode="drop")
     freq_c = freq_c.at[put_n].set(1, mode="drop")
     new_n = slot_n >= 0
-    probe_n = jnp.where(found_n, found_off_n, jnp.where(new_n, off_n, 0))
-    step_counts = jnp.stack(
-        [
-            jnp.sum(found_n, dtype=jnp.int32),
-            jnp.sum(miss_n, dtype=jnp.int32),
-            jnp.sum(miss_n & ~admitted_n, dtype=jnp.int32),
-            jnp.sum(new_n, dtype=jnp.int32),
-            evicted,
-            jnp.sum(pending_n, dtype=jnp.int32),
-            jnp.sum(probe_n, dtype=jnp.int32),
-            jnp.int32(0),
-        ]
+    probe_n = jnp.where(hit_n, found_off_n, jnp.where(new_n, off_n, 0))
+    # the per-entry counts summed in one reduction: [N, 6] -> [6]
+    summed = jnp.sum(
+        jnp.stack([hit_n, miss_n, miss_n & ~admitted_n, new_n, pending_n, probe_n], axis=1).astype(
+            jnp.int32
+        ),
+        axis=0,
+    )
+    step_counts = jnp.concatenate(
+        [summed[:4], evicted[None], summed[4:], jnp.zeros((1,), jnp.int32)]
     )
     counters = add_counts(state["counters"], step_counts)
     probe_max = jnp.maximum(state["counters"][0, -1], jnp.max(probe_n))
@@ -275,4 +295,4 @@ def resolve_shard(state: dict, hi_n, lo_n, valid_n, step, policy: DynamicPolicy,
         "sketch": sketch,
         "counters": counters,
     }
-    return jnp.where(found_n, found_slot_n, slot_n), new_n, new_state
+    return jnp.where(found_n, found_slot_n, slot_n[leader_n]), new_n, new_state

@@ -6,25 +6,26 @@ On every device, for the keys of the features that read the table:
    multi-operand sort) and bucket them by owner device, ``layout.devices[owner(key)]``
    (lf_jax.embedding.dynamic.layout);
 2. one ``all_to_all`` sends each device the keys it owns (key halves and validity in
-   one static [S, W, 3] uint32 buffer, written by one scatter), W the expected keys per
-   owner plus 5 standard deviations (lf_jax.embedding.exchange's ``capacity_for``); when
-   some device has more than W keys for one owner (skew), the step takes the other branch
-   of a ``lax.cond``: [S, M] buffers, which fit any skew at O(S x M) per device for M
-   local entries. Both branches resolve an owner's keys of the
-   step at once, so the result does not depend on the branch;
-3. each owner dedupes the keys of every sender in place (each key resolved at its
-   leader entry; the hash table's priority is the key value, not the entry order) and
-   resolves them (find, admit, insert,
-   evict: lf_jax.embedding.dynamic.hash_table), then sends every key's slot back (a
-   second ``all_to_all``). Devices outside a table_wise_row_wise group receive no keys;
+   one static [S, W + 1, 3] uint32 buffer, written by one scatter), W the expected keys
+   per owner plus 5 standard deviations (lf_jax.embedding.exchange's ``capacity_for``);
+   the extra row of every block carries the sender's flag "more than W keys for some
+   owner", so every device learns from this exchange whether any device overflowed
+   (skew), and then all take the other branch of a ``lax.cond``: a second exchange
+   through [S, M] buffers, which fit any skew at O(S x M) per device for M local
+   entries. Both branches resolve an owner's keys of the step at once, so the result
+   does not depend on the branch;
+3. each owner resolves the keys of every sender in place (find, admit, insert, evict:
+   lf_jax.embedding.dynamic.hash_table, which resolves a key sent by several devices
+   once; its priority is the key value, not the entry order), then sends every key's
+   slot back (a second ``all_to_all``). Devices outside a table_wise_row_wise group receive no keys;
 4. after the ``cond`` (which holds only the hash index, so XLA copies neither rows nor
    optimizer slots), each owner resets the rows and optimizer slots of its inserted
    keys to their initial values (``reset_inserted``);
 5. a key in slot c of shard j becomes row ``c * shards + j`` of the collection's table,
    an absent key becomes padding (-1).
 
-On a mesh of one device the keys stay where they are: dedupe, resolve, reset
-(``one_device``; no owner grouping, no exchange).
+On a mesh of one device the keys stay where they are: resolve, reset (``one_device``;
+no dedupe before the hash table, no owner grouping, no exchange).
 
 Shapes: B batch, L max_ids (the features' ids concatenated), S devices, M = B x L local
 entries, C slots per shard, D dim.
@@ -41,7 +42,7 @@ from jax.sharding import PartitionSpec
 
 from lf_jax.embedding.dedupe import running_count
 from lf_jax.embedding.dynamic.hash_table import resolve_shard
-from lf_jax.embedding.dynamic.key_dedupe import group_by_owner, key_leaders
+from lf_jax.embedding.dynamic.key_dedupe import owner_ranks
 from lf_jax.embedding.dynamic.keys import OWNER_SALT, initial_rows, key_hash, salt
 from lf_jax.embedding.dynamic.layout import TableLayout
 from lf_jax.embedding.exchange import capacity_for
@@ -117,86 +118,93 @@ def resolve_table(
     slot_init = {k: group.optimizer.slot_init(k) for k in opt_slots}
 
     def one_device(table, hi, lo, valid, step):
-        """The only device owns every key: dedupe (each key resolved at its leader
-        entry), resolve; no routing, no exchange. (ids [M], index, [(slot, new, hi,
-        lo)] of the resolved entries, [M] each)."""
-        pos = jnp.arange(hi.shape[0], dtype=jnp.int32)
-        leader = key_leaders(hi, lo, valid)
-        slot, new, table = resolve_shard(
-            table, hi, lo, valid & (leader == pos), step, policy, insert
-        )
-        return jnp.where(valid, slot[leader], -1), table, [(slot, new, hi, lo)]
+        """The only device owns every key: resolve (repeats resolved once, see
+        hash_table); no routing, no exchange. (ids [M], index, (slot, new, hi, lo) of
+        the resolved entries, [M] each, the reset's chunk)."""
+        slot, new, table = resolve_shard(table, hi, lo, valid, step, policy, insert)
+        # new keys reset an eighth of the entries at a time
+        return jnp.where(valid, slot, -1), table, (slot, new, hi, lo), max(1, hi.shape[0] // 8)
 
     def routed(table, hi, lo, valid, step):
         """Keys to their owners and back (module docstring); returns what one_device
-        does, the owners' entries in [S x width] (and [S x M]) sets."""
+        does, the owner's entries as one [S x M] set (the [S x width] set padded)."""
         m = hi.shape[0]
         owner = (key_hash(jnp, hi, lo, salt(OWNER_SALT, policy.seed)) % shards).astype(jnp.int32)
-        (u_owner, u_hi, u_lo), inverse = group_by_owner(owner, hi, lo, valid, shards)
-        to_device = owner_device[u_owner]  # `devices` (padding) is dropped by the scatters
-        load = jnp.zeros((shards + 1,), jnp.int32).at[u_owner].add(1)[:shards]
-        start = jnp.cumsum(load) - load  # u_owner ascending: each owner's first position
-        within = jnp.arange(m, dtype=jnp.int32) - start[jnp.minimum(u_owner, shards - 1)]
+        # one entry per distinct key is sent, at its rank among its owner's keys
+        leader, send, within, load = owner_ranks(owner, hi, lo, valid, shards)
+        if layout.devices == tuple(range(devices)):  # shard j on device j
+            to_device = jnp.where(send, owner, devices)
+        else:
+            to_device = owner_device[jnp.where(send, owner, shards)]
+        # `devices` (entries not sent) is dropped by the scatters
 
-        def owner_resolve(width, table):
-            """Keys to owners through [S, width] buffers, resolved there. Returns each
-            unique local key's slot at its owner (-1: none), the owner's new index and
-            (with ``insert``) its received keys' (slot, new, hi, lo)
-            [S x width] each, for the rows' reset outside the ``cond``."""
+        # hi, lo and validity of the sent keys, one [S, rows, 3] buffer: one scatter and
+        # one all_to_all per exchange
+        entries = jnp.stack([hi, lo, jnp.ones_like(hi)], axis=-1)
 
-            # hi, lo and validity in one [S, width, 3] buffer: one scatter, one all_to_all
-            entries = jnp.stack([u_hi, u_lo, (u_owner < shards).astype(jnp.uint32)], axis=-1)
-            sent = (
-                jnp.zeros((devices, width, 3), jnp.uint32)
-                .at[to_device, within]
+        def sent_buffer(width, rows):
+            """[S, rows, 3]: the unique keys at (owner's device, rank within the owner),
+            ranks >= width left out."""
+            return (
+                jnp.zeros((devices, rows, 3), jnp.uint32)
+                .at[jnp.where(within < width, to_device, devices), within]
                 .set(entries, mode="drop")
             )
-            received = jax.lax.all_to_all(sent, axes, 0, 0, tiled=True).reshape(-1, 3)
+
+        def to_owners(sent):
+            return jax.lax.all_to_all(sent, axes, 0, 0, tiled=True)
+
+        def owner_resolve(received, width, table):
+            """Resolves the received keys [S x width, 3] at their owner. Returns each
+            sent entry's slot at its owner (-1: none), the owner's new index and
+            (with ``insert``) its received keys' (slot, new, hi, lo) [S x width] each,
+            for the rows' reset outside the ``cond``."""
             r_hi, r_lo, r_valid = received[:, 0], received[:, 1], received[:, 2] > 0
-            # each key once (at its leader), in place: no compaction, no sort
-            o_inverse = key_leaders(r_hi, r_lo, r_valid)
-            o_valid = r_valid & (o_inverse == jnp.arange(r_hi.shape[0], dtype=jnp.int32))
-            slot_u, new_u, table = resolve_shard(table, r_hi, r_lo, o_valid, step, policy, insert)
-            back = jax.lax.all_to_all(
-                slot_u[o_inverse].reshape(devices, width), axes, 0, 0, tiled=True
-            )
+            # a key sent by several devices is resolved once, in place (hash_table)
+            slot_u, new_u, table = resolve_shard(table, r_hi, r_lo, r_valid, step, policy, insert)
+            back = jax.lax.all_to_all(slot_u.reshape(devices, width), axes, 0, 0, tiled=True)
             got = back.at[to_device, within].get(mode="fill", fill_value=-1)
             return got, table, (slot_u, new_u, r_hi, r_lo) if insert else ()
 
-        def nothing_new(size):
-            """(slot, new, hi, lo) [size] each of no new key."""
-            zeros = jnp.zeros((size,), jnp.uint32)
-            return jnp.zeros((size,), jnp.int32), jnp.zeros((size,), bool), zeros, zeros
+        def wide_received():
+            return to_owners(sent_buffer(m, m)).reshape(-1, 3)
 
         width = capacity_for(m, 1 / shards, m)
         if width >= m:
-            got, table, owned = owner_resolve(m, table)
-            owned_sets = [owned]
-        else:  # the [S, width] buffers unless some device has more keys for one owner
-            over = jax.lax.pmax((jnp.max(load) > width).astype(jnp.int32), axes)
+            got, table, owned = owner_resolve(wide_received(), m, table)
+        else:
+            # the [S, width] buffers, unless some device has more keys for one owner: each
+            # sender flags that in an extra row of every block, so after the exchange every
+            # device knows whether any did (no separate collective), and all take the
+            # [S, M] buffers together
+            sent = sent_buffer(width, width + 1)
+            sent = sent.at[:, width, 0].set((jnp.max(load) > width).astype(jnp.uint32))
+            received = to_owners(sent)
+            over = jnp.any(received[:, width, 0] > 0)
 
-            def narrow(table):
-                got, table, owned = owner_resolve(width, table)
-                return got, table, [owned, nothing_new(devices * m) if insert else ()]
+            def narrow(table, received):
+                got, table, owned = owner_resolve(received.reshape(-1, 3), width, table)
+                # one [S x M] set in both branches (no key new past S x width): one reset
+                pad = devices * (m - width)
+                return got, table, tuple(jnp.pad(x, (0, pad)) for x in owned)
 
-            def wide(table):
-                got, table, owned = owner_resolve(m, table)
-                return got, table, [nothing_new(devices * width) if insert else (), owned]
+            def wide(table, received):
+                return owner_resolve(wide_received(), m, table)
 
-            got, table, owned_sets = jax.lax.cond(over > 0, wide, narrow, table)
-        row_u = jnp.where(got >= 0, got * shards + u_owner, -1)
-        return jnp.where(valid, row_u[inverse], -1), table, owned_sets
+            got, table, owned = jax.lax.cond(over, wide, narrow, table, received[:, :width])
+        got = got[leader]  # each entry reads its key's leader
+        # new keys reset an eighth of the [S, width] buffers at a time
+        chunk = max(1, devices * min(width, m) // 8)
+        return jnp.where(valid & (got >= 0), got * shards + owner, -1), table, owned, chunk
 
     def shard(stored, opt_slots, index, hi, lo, valid, step):
         shape = hi.shape
         hi, lo, valid = hi.reshape(-1), lo.reshape(-1), valid.reshape(-1)
         table = {k: v[0] for k, v in index.items()}
         resolve = one_device if devices == 1 else routed
-        ids, table, owned_sets = resolve(table, hi, lo, valid, step)
-        # an eighth of the [S, width] buffers (one device: of its entries)
-        chunk = max(1, owned_sets[0][0].shape[0] // 8) if insert else 1
-        for slot_o, new_o, hi_o, lo_o in owned_sets if insert else ():
-            # inserted keys start from fresh rows and optimizer slots
+        ids, table, owned, chunk = resolve(table, hi, lo, valid, step)
+        if insert:  # inserted keys start from fresh rows and optimizer slots
+            slot_o, new_o, hi_o, lo_o = owned
             stored, opt_slots = reset_inserted(
                 layout, stored, opt_slots, slot_init, new_o, slot_o, hi_o, lo_o, chunk
             )
