@@ -15,7 +15,6 @@ Example:
 """
 
 import functools
-import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -38,21 +37,11 @@ from lf_jax.embedding.lookup import (
 )
 from lf_jax.embedding.plan import validate_plan
 from lf_jax.embedding.sharding.layout import Group, build_layout
-from lf_jax.embedding.spec import FeatureSpec, TableSpec, validate_specs
+from lf_jax.embedding.spec import FeatureSpec, TableSpec, initial_table, validate_specs
 from lf_jax.embedding.update import group_update
 from lf_jax.errors import UserInputError
 
 SparseBatch = preprocess_lib.SparseBatch
-
-
-def _initial_table(spec: TableSpec, key) -> jax.Array:
-    key = jax.random.fold_in(key, zlib.crc32(spec.name.encode()) & 0x7FFFFFFF)
-    shape = (spec.vocab_size, spec.dim)
-    if spec.initializer == "zeros":
-        return jnp.zeros(shape, jnp.float32)
-    if spec.initializer == "uniform":
-        return jax.random.uniform(key, shape, jnp.float32, -spec.scale, spec.scale)
-    return spec.scale * jax.random.normal(key, shape, jnp.float32)
 
 
 class EmbeddingCollection:
@@ -74,10 +63,7 @@ class EmbeddingCollection:
         ``kernel``: auto | fused | xla, the path of each group's local sparse work
         (lf_jax.embedding.kernels.fused; None: $LF_JAX_EMBEDDING_KERNEL or auto = the
         fused C++ kernel on CPU, XLA on GPU / TPU); ``self.kernels`` shows each group's."""
-        if isinstance(id_fill, bool) or not isinstance(id_fill, (int, float)):
-            raise UserInputError(f"id_fill must be a number in (0, 1], got {id_fill!r}")
-        if not 0 < id_fill <= 1:
-            raise UserInputError(f"id_fill must be in (0, 1], got {id_fill!r}")
+        preprocess_lib.check_id_fill(id_fill)
         self.tables = validate_specs(tables, features)
         self.features = {feature.name: feature for feature in features}
         self.mesh = mesh
@@ -122,7 +108,7 @@ class EmbeddingCollection:
         CPU tables and slots are backed by huge pages (lf_jax.embedding.huge_pages)."""
 
         def logical():
-            return {name: _initial_table(spec, key) for name, spec in self.tables.items()}
+            return {name: initial_table(spec, key) for name, spec in self.tables.items()}
 
         state = jax.jit(
             lambda: self._state_from_logical(logical(), None, 0),

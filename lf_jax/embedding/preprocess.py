@@ -220,6 +220,14 @@ def preprocess(
     return SparseBatch(ids, weights)
 
 
+def check_id_fill(id_fill) -> None:
+    """``UserInputError`` unless ``id_fill`` is a number in (0, 1] (EmbeddingCollection)."""
+    if isinstance(id_fill, bool) or not isinstance(id_fill, (int, float)):
+        raise UserInputError(f"id_fill must be a number in (0, 1], got {id_fill!r}")
+    if not 0 < id_fill <= 1:
+        raise UserInputError(f"id_fill must be in (0, 1], got {id_fill!r}")
+
+
 def id_fill(batches: Sequence[SparseBatch], num_devices: int, step: float = 0.125) -> float:
     """The largest fraction of real ids (>= 0) among one device's padded id slots of any
     feature, over ``batches`` split into ``num_devices`` contiguous shards of examples

@@ -12,8 +12,11 @@ Example:
 
 import dataclasses
 import math
+import zlib
 from collections.abc import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lf_jax.checks import check_int
@@ -152,3 +155,15 @@ def validate_specs(
                 f"'{feature.table}' rows [0, {vocab})"
             )
     return by_name
+
+
+def initial_table(spec: TableSpec, key) -> jax.Array:
+    """[vocab_size, dim] float32 initial rows of ``spec`` (its initializer and scale), from
+    ``key`` folded with the table's name, so that each table draws its own rows."""
+    key = jax.random.fold_in(key, zlib.crc32(spec.name.encode()) & 0x7FFFFFFF)
+    shape = (spec.vocab_size, spec.dim)
+    if spec.initializer == "zeros":
+        return jnp.zeros(shape, jnp.float32)
+    if spec.initializer == "uniform":
+        return jax.random.uniform(key, shape, jnp.float32, -spec.scale, spec.scale)
+    return spec.scale * jax.random.normal(key, shape, jnp.float32)

@@ -1,7 +1,8 @@
 """The fused CPU kernels of the local sparse step as JAX calls, and the kernel setting.
 
-Which path the engine's local work (a group whose rows and entries are all on the
-device) takes is the collection's ``kernel`` setting:
+Which path the engine's local work takes (a group whose rows and entries are all on
+the device; for exchanging groups, the pooling from the received rows and the owners'
+update) is the collection's ``kernel`` setting:
 
   auto   fused on the CPU backend, XLA on GPU / TPU (the default; the environment
          variable LF_JAX_EMBEDDING_KERNEL overrides the default)
@@ -66,8 +67,8 @@ def describe_kernel(kernel: str | None = None) -> str:
         return line
     kinds = "/".join(o.kind for o in FUSED_OPTIMIZERS)
     return (
-        f"{line}; fused: groups whose rows and ids are all on a device, with {kinds} "
-        "(exchanging groups and other optimizers: XLA)"
+        f"{line}; fused: pooling and updates of groups with {kinds} "
+        "(other optimizers and the owners' gathers of asked rows: XLA)"
     )
 
 
