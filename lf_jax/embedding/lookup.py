@@ -322,7 +322,7 @@ def group_forward(
         )
 
         def one_round(_):  # pool straight from the received rows
-            rows_kd = fetch_one_round(layout, stored_1rd[0], group.axes, route.kernel)
+            rows_kd = fetch_one_round(layout, stored_1rd[0], group.axes)
             return route.pool(rows_kd, layout.entry_m.reshape(b, e), coef_be, slot_be >= 0)
 
         if always_fits(b * e, group.rows, capacity):
