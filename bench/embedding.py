@@ -47,6 +47,24 @@ THP_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
 
 
 # ----- inputs shared with bench/embedding_fbgemm.py ----------------------------------------
+def step_config(dist: str, devices: int, num_tables: int = 8, vocab: int = 1_000_000) -> dict:
+    """The step benchmarks' workload (bench/step_*.py): ``num_tables`` x ``vocab`` x 64,
+    batch 4096, bags of 1-20 ids, 3 batches; data_parallel on one device, row_wise over
+    more."""
+    return {
+        "num_tables": num_tables,
+        "vocab": vocab,
+        "dim": 64,
+        "max_ids": 20,
+        "batch": 4096,
+        "seed": 0,
+        "num_batches": 3,
+        "dist": dist,
+        "devices": devices,
+        "plan": "data_parallel" if devices == 1 else "row_wise",
+    }
+
+
 def make_bags(
     rng: np.random.Generator, batch: int, max_ids: int, vocab: int, dist: str
 ) -> np.ndarray:

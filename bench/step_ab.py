@@ -65,17 +65,7 @@ def cpu_ms() -> float:
 
 def main() -> None:
     dist, tables, vocab, rounds, *trees = sys.argv[1:]
-    cfg = {
-        "num_tables": int(tables),
-        "vocab": int(float(vocab)),
-        "dim": 64,
-        "max_ids": 20,
-        "batch": 4096,
-        "seed": 0,
-        "num_batches": 3,
-        "dist": dist,
-        "devices": 1,
-    }
+    cfg = bench.step_config(dist, 1, int(tables), int(float(vocab)))
     with tempfile.TemporaryDirectory() as tmp:
         sys.path.insert(0, tmp)
         runs = {}

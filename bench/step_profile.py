@@ -22,20 +22,7 @@ import numpy as np  # noqa: E402
 
 
 def main() -> None:
-    cfg = {
-        "num_tables": 8,
-        "vocab": 1_000_000,
-        "dim": 64,
-        "max_ids": 20,
-        "batch": 4096,
-        "seed": 0,
-        "num_batches": 3,
-        "dist": DIST,
-        "devices": DEVICES,
-        "plan": "data_parallel" if DEVICES == 1 else "row_wise",
-        "warmup": 2,
-        "steps": 6,
-    }
+    cfg = {**bench.step_config(DIST, DEVICES), "warmup": 2, "steps": 6}
     coll, batches, r_d, jitted = bench._build_ours(cfg)
     state = jax.block_until_ready(coll.init(jax.random.key(0)))
     compiled = jitted.lower(state, batches[0], r_d).compile()

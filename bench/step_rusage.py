@@ -59,18 +59,7 @@ def _malloc_mmaps_large_blocks() -> bool:
 
 
 def main() -> None:
-    cfg = {
-        "num_tables": 8,
-        "vocab": 1_000_000,
-        "dim": 64,
-        "max_ids": 20,
-        "batch": 4096,
-        "seed": 0,
-        "num_batches": 3,
-        "dist": DIST,
-        "devices": DEVICES,
-        "plan": "data_parallel" if DEVICES == 1 else "row_wise",
-    }
+    cfg = bench.step_config(DIST, DEVICES)
     if TRAFFIC:
         cfg["capacities"] = "traffic"
     coll, batches, r_d, jitted = bench._build_ours(cfg)

@@ -36,16 +36,7 @@ def build(pkg: str, tree: str, devices: int, dist: str):
     """A run() closure: one donated step of ``pkg``'s collection on the next batch."""
     traffic = (Path(tree) / "lf_jax/embedding/capacity.py").exists()
     cfg = {
-        "num_tables": 8,
-        "vocab": 1_000_000,
-        "dim": 64,
-        "max_ids": 20,
-        "batch": 4096,
-        "seed": 0,
-        "num_batches": 3,
-        "dist": dist,
-        "devices": devices,
-        "plan": "data_parallel" if devices == 1 else "row_wise",
+        **bench.step_config(dist, devices),
         "mesh_devices": jax.devices()[:devices],
         **({"capacities": "traffic"} if traffic else {}),
     }

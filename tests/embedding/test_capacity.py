@@ -10,8 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_exchange import SKEW_FEATURES, SKEW_TABLES, skewed_batch
-from test_strategies import MESHES, assert_matches_oracle
+from test_exchange import (
+    SKEW_FEATURES,
+    SKEW_TABLES,
+    assert_skewed_steps_match_oracle,
+    skewed_batch,
+)
+from test_strategies import MESHES
 
 from lf_jax import embedding as P
 from lf_jax.embedding.capacity import (
@@ -82,16 +87,7 @@ def test_any_capacity_matches_oracle(kind, mesh_name, strategy, capacity, mesh_o
     sorted rounds) or between the traffic and the static capacity (one round)."""
     coll = _collection(mesh_of, mesh_name, strategy)
     capacities = {route.group.name: capacity for route in coll.routes}
-    assert_matches_oracle(
-        coll,
-        SKEW_TABLES,
-        SKEW_FEATURES,
-        steps=2,
-        check_steps=(1, 2),
-        batch_fn=lambda step: skewed_batch(kind, step),
-        shared_routing=True,
-        capacities=capacities,
-    )
+    assert_skewed_steps_match_oracle(coll, kind, shared_routing=True, capacities=capacities)
 
 
 def test_chooser_takes_the_smallest_rung_over_the_window(mesh_of):

@@ -75,10 +75,12 @@ def test_skewed_ids_match_oracle(kind, mesh_name, strategy, mesh_of):
         {t.name: strategy for t in SKEW_TABLES},
         mesh_of(MESHES[mesh_name]),
     )
-    _assert_skewed_steps_match_oracle(coll, kind)
+    assert_skewed_steps_match_oracle(coll, kind)
 
 
-def _assert_skewed_steps_match_oracle(coll, kind, shared_routing=False):
+def assert_skewed_steps_match_oracle(coll, kind, shared_routing=False, capacities=None):
+    """Two steps of ``skewed_batch(kind, step)`` against the numpy oracle (``capacities``:
+    as ``coll.routing`` takes them, with ``shared_routing``)."""
     assert_matches_oracle(
         coll,
         SKEW_TABLES,
@@ -87,6 +89,7 @@ def _assert_skewed_steps_match_oracle(coll, kind, shared_routing=False):
         check_steps=(1, 2),
         batch_fn=lambda step: skewed_batch(kind, step),
         shared_routing=shared_routing,
+        capacities=capacities,
     )
 
 
@@ -108,7 +111,7 @@ def test_routing_shared_by_lookup_and_update_matches_oracle(kind, mesh_name, str
         {t.name: strategy for t in SKEW_TABLES},
         mesh_of(MESHES[mesh_name]),
     )
-    _assert_skewed_steps_match_oracle(coll, kind, shared_routing=True)
+    assert_skewed_steps_match_oracle(coll, kind, shared_routing=True)
 
 
 def test_routing_without_the_group_or_with_micro_batches_is_one_clear_error(mesh_of):
@@ -137,7 +140,7 @@ def test_capacity_sized_to_real_ids_stays_exact(id_fill, mesh_of):
     )
     route = coll.routes[0]
     assert route.capacity(160) < capacity_for(160, route.owner_share, route.group.rows)
-    _assert_skewed_steps_match_oracle(coll, "zipf")
+    assert_skewed_steps_match_oracle(coll, "zipf")
 
 
 @pytest.mark.parametrize("bad", [0, 1.5, True, "half"])
