@@ -10,6 +10,10 @@ one's process CPU time (user + sys) per step is printed with its first losses. O
 processes' load hits every tree alike, which separate processes per tree do not give
 on a shared machine. Workload: bench/embedding.py's (batch 4096, dim 64, bags of 1-20
 ids, row-wise Adagrad, data_parallel on one CPU device, id_fill from the batches).
+Trees whose fused-kernel sources (lf_jax/embedding/kernels/sparse_step.cc) differ cannot
+share one process: XLA refuses a second registration of the kernels' FFI targets from
+another library. Compare those one process per tree (``LF_JAX_EMBEDDING_KERNEL=xla``
+compares their XLA paths in one process).
 
 Example (the base checkout beside the working tree):
     PYTHONPATH=. python bench/step_ab.py uniform 8 1e6 10 /work/base-19 .

@@ -10,6 +10,7 @@ does), then runs the steps alternately, ROUNDS times each after 2 warm-up rounds
 processes' load hits every step alike. A tree that has lf_jax/embedding/capacity.py
 takes its exchange capacities from the traffic (a CapacityChooser observing every
 step's counts, one step late; the first warm-up round uses the static capacities).
+Trees with different fused-kernel sources cannot share a process (see bench/step_ab.py).
 Prints each step's median / min / 25th percentile of process CPU ms (user + sys) per
 step, its capacities and compiles, and every tree's 8 / 1 ratio of medians (a tree
 without a 1-device step is compared with the first tree's).
