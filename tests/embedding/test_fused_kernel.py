@@ -8,7 +8,9 @@ Then: heavy duplicates, 16-bit tables, exact micro-batch accumulation, donation 
 table copy), one compile across steps, and the kernel setting's errors.
 """
 
+import os
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -233,3 +235,15 @@ def test_missing_compiler_names_the_xla_setting(monkeypatch, tmp_path):
     monkeypatch.setenv("LF_JAX_KERNEL_CACHE", str(tmp_path))
     with pytest.raises(build.KernelBuildError, match="kernel='xla'"):
         build.load.__wrapped__()
+
+
+def test_unwritable_kernel_cache_names_the_directory_and_the_setting(monkeypatch, tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    monkeypatch.setenv("LF_JAX_KERNEL_CACHE", str(not_a_dir / "kernels"))
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    assert compiler is not None
+    with pytest.raises(build.KernelBuildError, match="LF_JAX_KERNEL_CACHE") as caught:
+        build.built_library(compiler)
+    assert str(not_a_dir / "kernels") in str(caught.value)
+    assert "kernel='xla'" in str(caught.value)

@@ -96,6 +96,29 @@ def _compile(compiler: str, target: Path) -> None:
             os.unlink(tmp)
 
 
+def built_library(compiler: str) -> Path:
+    """The cached library for ``compiler`` (a path), built first if missing, under the
+    cache directory's lock; an unusable cache directory is a ``KernelBuildError`` naming
+    it and ``LF_JAX_KERNEL_CACHE``."""
+    target = library_path(compiler)
+    if target.exists():
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(target.parent / ".build.lock", "w")
+    except OSError as error:
+        raise KernelBuildError(
+            f"the fused CPU embedding kernel's cache directory {str(target.parent)!r} cannot "
+            f"be written ({error}): point LF_JAX_KERNEL_CACHE at a writable directory, or "
+            f"{XLA_PATH_HINT}"
+        ) from None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not target.exists():
+            _compile(compiler, target)
+    return target
+
+
 @functools.cache
 def load() -> Path:
     """Builds the library if this machine has none cached, loads it and registers its
@@ -107,13 +130,7 @@ def load() -> Path:
             f"lf_jax's fused CPU embedding kernel needs a C++17 compiler, and '{compiler}' "
             f"(CXX) is not on PATH: install g++ (or set CXX), or {XLA_PATH_HINT}"
         )
-    target = library_path(found)
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target.parent / ".build.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-            if not target.exists():
-                _compile(found, target)
+    target = built_library(found)
     try:
         library = ctypes.cdll.LoadLibrary(str(target))
     except OSError as error:
