@@ -38,6 +38,7 @@ from lf_jax.embedding.lookup import (
 from lf_jax.embedding.plan import validate_plan
 from lf_jax.embedding.sharding.layout import Group, build_layout
 from lf_jax.embedding.spec import FeatureSpec, TableSpec, initial_table, validate_specs
+from lf_jax.embedding.stored_rows import piece_rows, place_rows
 from lf_jax.embedding.update import group_update
 from lf_jax.errors import UserInputError
 
@@ -144,7 +145,7 @@ class EmbeddingCollection:
         state: dict[str, Any] = {"tables": {}, "slots": {}, "step": jnp.asarray(step, jnp.int32)}
         for group in self.groups:
             dtype = jnp.dtype(group.dtype)
-            state["tables"][group.name] = self._place(group, tables, dtype, with_dim=True)
+            state["tables"][group.name] = place_rows(self.mesh, group, tables, dtype, with_dim=True)
             state["slots"][group.name] = {}
             for name, shape in group.optimizer.slot_shapes(group.dim).items():
                 if slots is None:
@@ -165,45 +166,10 @@ class EmbeddingCollection:
                         p.table: jnp.asarray(slots[p.table][name], jnp.float32)
                         for p in group.pieces
                     }
-                state["slots"][group.name][name] = self._place(
-                    group, source, jnp.float32, with_dim=bool(shape)
+                state["slots"][group.name][name] = place_rows(
+                    self.mesh, group, source, jnp.float32, with_dim=bool(shape)
                 )
         return state
-
-    def _place(self, group: Group, logical: Mapping, dtype, with_dim: bool) -> jax.Array:
-        """Stored [S, R(, D)] array of ``group`` from logical arrays per table. Without
-        ``with_dim`` (a row-wise slot) a logical [V, D] array gives each piece the column
-        at its col_start; a [V] array gives every piece the same values."""
-        trailing = (group.dim,) if with_dim else ()
-        stored = jnp.zeros((group.num_slots, group.rows, *trailing), dtype)
-        for piece in group.pieces:
-            block = jnp.asarray(logical[piece.table]).astype(dtype)
-            if with_dim:
-                block = block[:, piece.col_start : piece.col_end]
-            elif block.ndim == 2:
-                block = block[:, piece.col_start]
-            padded_rows = piece.num_slots * piece.rows_per_slot
-            block = jnp.pad(block, [(0, padded_rows - block.shape[0])] + [(0, 0)] * len(trailing))
-            # row r lives on slot r % num_slots at local row r // num_slots
-            block = block.reshape(piece.rows_per_slot, piece.num_slots, *trailing)
-            block = self._swap_rows_and_slots(group, piece, block)
-            stop = piece.slots()[-1] + 1
-            stored = stored.at[
-                piece.slot0 : stop : piece.slot_stride,
-                piece.row_offset : piece.row_offset + piece.rows_per_slot,
-            ].set(block)
-        return stored
-
-    def _swap_rows_and_slots(self, group: Group, piece, block: jax.Array) -> jax.Array:
-        """[R, S, ...] logical order (row r at [r // S, r % S]) <-> [S, R, ...] stored order.
-        For a piece spread over the whole group both sides stay split on their first axis
-        over the group's devices, so XLA exchanges the rows all-to-all and never gathers a
-        table on one device (init, restore and to_logical of tables larger than a device)."""
-        if piece.num_slots == group.num_slots > 1:
-            spec = NamedSharding(self.mesh, group.partition_spec(*([None] * (block.ndim - 1))))
-            block = jax.lax.with_sharding_constraint(block, spec)
-            return jax.lax.with_sharding_constraint(block.swapaxes(0, 1), spec)
-        return block.swapaxes(0, 1)
 
     def to_logical(self, state: Mapping) -> dict:
         """Jit-able logical form: {"tables": {name: [V, D]}, "slots": {name: {slot: [V, D]}},
@@ -213,10 +179,12 @@ class EmbeddingCollection:
         tables: dict[str, list] = {}
         slots: dict[str, dict[str, list]] = {}
         for group in self.groups:
-            for piece, rows in self._piece_rows(group, state["tables"][group.name]):
+            for piece, rows in piece_rows(
+                self.mesh, group, state["tables"][group.name], self.tables
+            ):
                 tables.setdefault(piece.table, []).append((piece.col_start, rows))
             for name, stored in state["slots"][group.name].items():
-                for piece, rows in self._piece_rows(group, stored):
+                for piece, rows in piece_rows(self.mesh, group, stored, self.tables):
                     if rows.ndim == 1:  # one value per row of the piece: one per column
                         width = piece.col_end - piece.col_start
                         rows = jnp.broadcast_to(rows[:, None], (rows.shape[0], width))
@@ -277,18 +245,6 @@ class EmbeddingCollection:
     @functools.cached_property
     def _jitted_to_logical(self):
         return jax.jit(self.to_logical)
-
-    def _piece_rows(self, group: Group, stored):
-        for piece in group.pieces:
-            stop = piece.slots()[-1] + 1
-            block = stored[
-                piece.slot0 : stop : piece.slot_stride,
-                piece.row_offset : piece.row_offset + piece.rows_per_slot,
-            ]
-            rows = self._swap_rows_and_slots(group, piece, block)
-            rows = rows.reshape(-1, *block.shape[2:])
-            rows = rows[: self.tables[piece.table].vocab_size]
-            yield piece, rows
 
     # ----- batches --------------------------------------------------------------------------
     def preprocess(self, raw_ids: Mapping, raw_weights: Mapping | None = None) -> SparseBatch:
