@@ -8,9 +8,9 @@ entries per owner + 5 sigma) assumes every entry is a distinct row; under skewed
 S x C places are empty.
 
 Each step's layout reports ``most``, the largest count of distinct keys any device
-sends one owner (``EmbeddingCollection.exchange_counts``). ``CapacityChooser`` keeps
-the last ``window`` counts per group and picks, from a short fixed ladder, the
-smallest capacity that holds the largest of them plus ``margin`` standard deviations
+sends one owner (``exchange_counts`` reads them from ``EmbeddingCollection.routing``'s
+layouts). ``CapacityChooser`` keeps the last ``window`` counts per group and picks,
+from a short fixed ladder, the smallest capacity that holds the largest of them plus ``margin`` standard deviations
 (sqrt of the count). The step is compiled once per rung it visits, never per step
 (the capacities are a static argument of the jitted step: a hashable tuple). A batch
 with more keys than the chosen rung is still exact: it takes the sorted multi-round
@@ -25,7 +25,7 @@ Example:
     >>> step = jax.jit(train_step, static_argnames="capacities", donate_argnums=0)
     >>> for batch in batches:   # train_step(..., capacities) builds coll.routing(batch,
     ...     state, counts = step(state, batch, capacities=chooser.capacities())
-    ...     chooser.observe(counts)  # counts = coll.exchange_counts(routing)
+    ...     chooser.observe(counts)  # counts = exchange_counts(routing)
 """
 
 import collections
