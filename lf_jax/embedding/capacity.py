@@ -7,14 +7,15 @@ entries per owner + 5 sigma) assumes every entry is a distinct row; under skewed
 (zipf) a device has far fewer distinct keys per owner than entries, and most of the
 S x C places are empty.
 
-Each step's layout reports ``most``, the largest count of distinct keys any device
-sends one owner (``exchange_counts`` reads them from ``EmbeddingCollection.routing``'s
-layouts). ``CapacityChooser`` keeps the last ``window`` counts per group and picks,
-from a short fixed ladder, the smallest capacity that holds the largest of them plus ``margin`` standard deviations
-(sqrt of the count). The step is compiled once per rung it visits, never per step
-(the capacities are a static argument of the jitted step: a hashable tuple). A batch
-with more keys than the chosen rung is still exact: it takes the sorted multi-round
-exchange (lf_jax.embedding.exchange), and its count moves the next choice up.
+Each step's layout reports ``most``, the largest count of distinct keys any device sends
+one owner (``exchange_counts`` reads them from ``EmbeddingCollection.routing``'s
+layouts). ``CapacityChooser`` keeps the last ``window`` counts per group and picks, from
+a short fixed ladder, the smallest capacity that holds the largest of them plus
+``margin`` standard deviations (sqrt of the count). The step is compiled once per rung
+it visits, never per step (the capacities are a static argument of the jitted step: a
+hashable tuple). A batch with more keys than the chosen rung is still exact: it takes
+the sorted multi-round exchange (lf_jax.embedding.exchange), and its count moves the
+next choice up.
 
 Ladder of a group: the static capacity C0 times 2^(k/4) for integer k, from C0 / 16
 (at least 8 keys) up to the first rung that always fits (every entry, or every row of
