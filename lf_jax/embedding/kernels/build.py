@@ -1,8 +1,9 @@
-"""Compiles, caches and registers the fused CPU kernels (sparse_step.cc) with XLA's FFI.
+"""Compiles, caches and registers the fused CPU kernels (every ``*.cc`` beside this file,
+linked into one library) with XLA's FFI.
 
-The source is compiled once per machine, at first use, with the C++ compiler ``$CXX``
+The sources are compiled once per machine, at first use, with the C++ compiler ``$CXX``
 (default ``g++``) against jaxlib's FFI headers, into a cache directory keyed by the
-source, the flags, the jaxlib version and the CPU's instruction set
+sources, the flags, the jaxlib version and the CPU's instruction set
 (``$LF_JAX_KERNEL_CACHE``, default ``~/.cache/lf_jax/kernels``). An ``fcntl`` lock keeps
 concurrent processes (pytest-xdist workers, several trainers) from building it twice;
 the library appears by an atomic rename. A missing compiler or a failed build raises
@@ -30,7 +31,7 @@ import jaxlib
 
 from lf_jax.errors import LfJaxError
 
-SOURCE = Path(__file__).with_name("sparse_step.cc")
+SOURCES = tuple(sorted(Path(__file__).parent.glob("*.cc")))
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC")
 # FFI target name -> exported handler symbol in the library
 TARGETS = {
@@ -69,12 +70,14 @@ def _cpu_flags() -> str:
 
 
 def library_path(compiler: str) -> Path:
-    """The cached library for this source, compiler, flags, jaxlib and CPU."""
+    """The cached library for these sources, compiler, flags, jaxlib and CPU."""
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), compiler.encode(), " ".join(FLAGS).encode()):
+    for source in SOURCES:
+        key.update(source.name.encode() + b"\0" + source.read_bytes())
+    for part in (compiler.encode(), " ".join(FLAGS).encode()):
         key.update(part)
     key.update(f"{jaxlib.__version__} {platform.machine()} {_cpu_flags()}".encode())
-    return cache_dir() / f"sparse_step-{key.hexdigest()[:20]}.so"
+    return cache_dir() / f"lf_jax_kernels-{key.hexdigest()[:20]}.so"
 
 
 def _compile(compiler: str, target: Path) -> None:
@@ -82,7 +85,7 @@ def _compile(compiler: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
-    command = [compiler, *FLAGS, "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+    command = [compiler, *FLAGS, "-isystem", jax.ffi.include_dir(), *map(str, SOURCES), "-o", tmp]
     try:
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0:
