@@ -7,8 +7,8 @@ of the host ids, with the micro-batch axis [k, b, L]). One jitted step:
 
 1. ``dyn.resolve`` maps the keys of all k micro-batches to rows at once (find, admit,
    insert, evict; inserted keys' rows and optimizer slots reset), giving a SparseBatch;
-2. the ordinary ``make_train_step`` body (lookup, loss, exact accumulation, sparse update)
-   runs on it;
+2. the ordinary train step body (``train_step_body``: lookup, loss, exact accumulation,
+   sparse update; static exchange capacities) runs on it;
 3. the step's metrics carry ``"scalars"``: per table, the cumulative counters summed over
    shards (``dynamic/<table>/<counter>``), ``occupancy`` (alive keys / capacity),
    ``occupancy_max`` (the fullest shard) and ``probe_mean`` (mean window offset of found
@@ -33,7 +33,7 @@ import numpy as np
 from lf_jax.embedding.dynamic.hash_table import COUNTERS, WORD, alive_slots
 from lf_jax.embedding.dynamic.tables import DynamicTables, KeyBatch
 from lf_jax.embedding.preprocess import SparseBatch
-from lf_jax.train.step import make_train_step
+from lf_jax.train.step import train_step_body
 
 
 def dynamic_scalars(dyn: DynamicTables, index: Mapping, step) -> dict[str, jax.Array]:
@@ -77,7 +77,7 @@ def make_dynamic_train_step(
 ) -> Callable:
     """jit(step)(state, batch) -> (state, metrics) as ``make_train_step``'s, with keys
     resolved first and ``metrics["scalars"]`` (see module docstring)."""
-    inner = make_train_step(graphdef, dyn.collection, tx, loss_fn, donate=False)
+    inner = train_step_body(graphdef, dyn.collection, tx, loss_fn)
 
     def step(state, batch):
         resolved, sparse = dyn.resolve(

@@ -9,9 +9,13 @@ not change between micro-batches, exactly as in the big batch.
 ``loss_fn(model, activations, micro_batch) -> (loss, aux)`` where ``loss`` is a mean
 over the micro-batch's examples.
 
+The owner exchange of row-spread tables takes its capacities from the traffic
+(``TrainStep``: a ``CapacityChooser`` fed the steps' ``metrics["exchange"]``).
+
 Example:
     >>> train_step = make_train_step(graphdef, collection, optax.adamw(1e-3), loss_fn)
     >>> state, metrics = train_step(state, batch)     # jitted, state donated
+    >>> train_step.last_capacities                     # (("<group>", C), ...) or None
 """
 
 from collections.abc import Callable
@@ -21,6 +25,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from lf_jax.embedding.capacity import CapacityChooser, exchange_counts, exchanged_routes
 from lf_jax.embedding.collection import EmbeddingCollection
 
 
@@ -46,28 +51,42 @@ def init_train_state(
     }
 
 
-def make_train_step(
+def train_step_body(
     graphdef: nnx.GraphDef,
     collection: EmbeddingCollection | None,
     tx: optax.GradientTransformation,
     loss_fn: Callable,
-    donate: bool = True,
 ) -> Callable:
-    """Returns jit(step)(state, batch) -> (state, {"loss": [], "aux": ...}); batch has
-    "sparse" (a SparseBatch) plus model inputs, each with a leading micro-batch axis.
+    """The pure step(state, batch, capacities=None) -> (state, metrics) that
+    ``make_train_step`` jits; batch has "sparse" (a SparseBatch) plus model inputs, each
+    with a leading micro-batch axis [k, b, ...].
+
+    ``capacities``: the owner exchange's keys per owner, ((group, C), ...) as
+    ``CapacityChooser.capacities()`` gives (None: the static ones). With one micro-batch
+    the exchange layout is built once and shared by the lookup and the update; with k
+    micro-batches each lookup builds its own with ``capacities`` and the update of all k
+    keeps the static ones. ``metrics["exchange"]``: {group: the most distinct keys a
+    device sent one owner} (``exchange_counts``; the largest over micro-batches).
 
     ``collection=None`` (a model without sparse tables, e.g. a text encoder): no "sparse"
     entry, ``activations`` is None and ``state["embedding"]`` passes through unchanged."""
 
-    def step(state, batch):
+    def step(state, batch, capacities=None):
         params = state["params"]
         tables = state["embedding"]["tables"] if collection is not None else None
         num_micro = jax.tree.leaves(batch)[0].shape[0]
+        shared = None
+        if collection is not None and num_micro == 1:
+            shared = collection.routing(_first(batch["sparse"]), capacities)
 
         def micro(grad_sum, micro_batch):
-            activations = (
-                collection.lookup(tables, micro_batch["sparse"]) if collection is not None else None
-            )
+            activations, counts = None, {}
+            if collection is not None:
+                routing = shared
+                if routing is None:
+                    routing = collection.routing(micro_batch["sparse"], capacities)
+                activations = collection.lookup(tables, micro_batch["sparse"], routing)
+                counts = exchange_counts(routing)
 
             def objective(params, activations):
                 return loss_fn(nnx.merge(graphdef, params), activations, micro_batch)
@@ -75,33 +94,108 @@ def make_train_step(
             (loss, aux), (grad_params, grad_acts) = jax.value_and_grad(
                 objective, argnums=(0, 1), has_aux=True
             )(params, activations)
-            return jax.tree.map(jnp.add, grad_sum, grad_params), (grad_acts, loss, aux)
+            return jax.tree.map(jnp.add, grad_sum, grad_params), (grad_acts, loss, aux, counts)
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        grad_sum, (grad_acts, losses, aux) = jax.lax.scan(micro, zeros, batch)
+        grad_sum, (grad_acts, losses, aux, counts) = jax.lax.scan(micro, zeros, batch)
         grads = jax.tree.map(lambda g: g / num_micro, grad_sum)
         grad_acts = jax.tree.map(lambda g: g / num_micro, grad_acts)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
+        embedding = state["embedding"]
+        if collection is not None and shared is not None:
+            embedding = collection.apply_gradients(
+                embedding, _first(batch["sparse"]), _first(grad_acts), routing=shared
+            )
+        elif collection is not None:
+            embedding = collection.apply_gradients(
+                embedding, batch["sparse"], grad_acts, microbatched=True
+            )
         new_state = {
             "params": optax.apply_updates(params, updates),
             "opt_state": opt_state,
-            "embedding": (
-                collection.apply_gradients(
-                    state["embedding"], batch["sparse"], grad_acts, microbatched=True
-                )
-                if collection is not None
-                else state["embedding"]
-            ),
+            "embedding": embedding,
             "step": state["step"] + 1,
         }
         metrics = {
             "loss": jnp.mean(losses),
             "aux": jax.tree.map(lambda x: jnp.mean(x, axis=0), aux),
             "grad_norm": optax.tree.norm(grads),
+            "exchange": {name: jnp.max(count) for name, count in counts.items()},
         }
         return new_state, metrics
 
-    return jax.jit(step, donate_argnums=(0,) if donate else ())
+    return step
+
+
+def _first(tree):
+    """The first micro-batch of a [k, ...] pytree."""
+    return jax.tree.map(lambda x: x[0], tree)
+
+
+class TrainStep:
+    """jit(step)(state, batch) -> (state, metrics) whose owner-exchange capacities follow
+    the traffic: a ``CapacityChooser`` per global micro-batch size observes each step's
+    ``metrics["exchange"]`` one step late (the dispatch stays asynchronous) and picks the
+    next step's capacities from its ladder, so the step compiles once per rung it
+    visits, never per step; any capacity is exact (an overflow takes more rounds).
+    ``adaptive=False`` (or a collection with no exchanging group): the static
+    capacities, one compile. ``lower(state, batch)`` lowers the static-capacity step.
+    """
+
+    def __init__(self, body: Callable, collection, donate: bool, adaptive: bool):
+        self.jitted = jax.jit(
+            body, static_argnames="capacities", donate_argnums=(0,) if donate else ()
+        )
+        self.collection = collection
+        self.adaptive = adaptive and collection is not None and bool(exchanged_routes(collection))
+        self.choosers: dict[int, CapacityChooser] = {}
+        self.pending: tuple[CapacityChooser, dict] | None = None
+        self.last_capacities: tuple | None = None  # what the latest call was given
+
+    def capacities(self, batch) -> tuple | None:
+        """The capacities for ``batch`` (after observing the previous step's counts)."""
+        if not self.adaptive:
+            return None
+        if self.pending is not None:
+            chooser, counts = self.pending
+            chooser.observe(counts)
+            self.pending = None
+        ids = next(iter(batch["sparse"].ids.values()))
+        size = int(ids.shape[1])  # [k, b, L]: the global micro-batch
+        if size not in self.choosers:
+            self.choosers[size] = CapacityChooser(self.collection, size)
+        return self.choosers[size].capacities()
+
+    def __call__(self, state, batch):
+        capacities = self.capacities(batch)
+        self.last_capacities = capacities
+        state, metrics = self.jitted(state, batch, capacities=capacities)
+        if capacities is not None:
+            size = int(next(iter(batch["sparse"].ids.values())).shape[1])
+            self.pending = (self.choosers[size], metrics["exchange"])
+        return state, metrics
+
+    def lower(self, state, batch):
+        """The static-capacity step lowered for ``state`` and ``batch`` (abstract or
+        concrete): ``.compile()`` it for XLA's cost and memory figures."""
+        return self.jitted.lower(state, batch, capacities=None)
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    collection: EmbeddingCollection | None,
+    tx: optax.GradientTransformation,
+    loss_fn: Callable,
+    donate: bool = True,
+    adaptive_capacities: bool = True,
+) -> TrainStep:
+    """Returns the jitted step(state, batch) -> (state, {"loss": [], "aux": ...,
+    "grad_norm": [], "exchange": {...}}) of ``train_step_body``, its state donated.
+
+    ``adaptive_capacities``: size the owner exchange of row-spread tables from the
+    traffic (``TrainStep``); False keeps the static capacities (one compile)."""
+    body = train_step_body(graphdef, collection, tx, loss_fn)
+    return TrainStep(body, collection, donate, adaptive_capacities)
 
 
 def make_eval_step(
