@@ -18,6 +18,7 @@ Example:
     >>> train_step.last_capacities                     # (("<group>", C), ...) or None
 """
 
+import logging
 from collections.abc import Callable
 
 import jax
@@ -27,6 +28,8 @@ from flax import nnx
 
 from lf_jax.embedding.capacity import CapacityChooser, exchange_counts, exchanged_routes
 from lf_jax.embedding.collection import EmbeddingCollection
+
+log = logging.getLogger(__name__)
 
 
 def dense_optimizer(train_config) -> optax.GradientTransformation:
@@ -164,7 +167,14 @@ class TrainStep:
         size = int(ids.shape[1])  # [k, b, L]: the global micro-batch
         if size not in self.choosers:
             self.choosers[size] = CapacityChooser(self.collection, size)
-        return self.choosers[size].capacities()
+        chosen = self.choosers[size].capacities()
+        if self.last_capacities is not None and chosen != self.last_capacities:
+            static = self.choosers[size].static
+            log.info(
+                "owner exchange capacities (distinct ids per owner): %s",
+                ", ".join(f"{name} {c:,} (static {static[name]:,})" for name, c in chosen),
+            )
+        return chosen
 
     def __call__(self, state, batch):
         capacities = self.capacities(batch)

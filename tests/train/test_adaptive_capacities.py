@@ -1,5 +1,7 @@
 """The trainer's owner-exchange capacities follow the traffic and change no result."""
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -33,11 +35,15 @@ def _run(config, workdir, adaptive: bool, steps: int):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("micro_batches", [1, 2])
-def test_adaptive_capacities_equal_static_ones(small_ranker_config, tmp_path, micro_batches):
+def test_adaptive_capacities_equal_static_ones(
+    small_ranker_config, tmp_path, micro_batches, caplog
+):
     with small_ranker_config.unlocked():
         small_ranker_config.embedding.plan = ROW_SPREAD_PLAN
         small_ranker_config.train.grad_accum_steps = micro_batches
-    task, step, used, losses, adaptive = _run(small_ranker_config, tmp_path / "a", True, 4)
+    with caplog.at_level(logging.INFO, logger="lf_jax.train.step"):
+        task, step, used, losses, adaptive = _run(small_ranker_config, tmp_path / "a", True, 4)
+    assert "owner exchange capacities (distinct ids per owner): " in caplog.text
     _, static_step, static_used, static_losses, static = _run(
         small_ranker_config, tmp_path / "s", False, 4
     )
