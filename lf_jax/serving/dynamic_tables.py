@@ -84,7 +84,7 @@ def served_dynamic_tables(source) -> ServedDynamicTables:
         key_rows[name] = rows_v
         summary[name] = {
             "ids": count,
-            "capacity": int(dyn.capacity(name)),
+            "capacity": int(dyn.collection.tables[name].vocab_size),
             "alive_keys": int(keys.size),
             "served_keys": n,
             "keys_beyond_ids": int(keys.size - n),
