@@ -210,7 +210,10 @@ def test_holdout_scores_and_auc_equal_the_training_time_ranker(dynamic_serving_r
     probs, expected, y = np.concatenate(probs), np.concatenate(expected), np.concatenate(labels)
     assert probs.shape[0] == 2048
     np.testing.assert_allclose(probs, expected, atol=2e-6, rtol=0)
-    aucs = model.manifest["quality"]["holdout_random_auc"]["float32"]
+    quality = model.manifest["quality"]
+    assert quality["holdout_random_examples"] == 2048
+    aucs = quality["holdout_random_auc"]["float32"]
+    assert abs(aucs["mean"] - quality["holdout_random_auc"]["int8"]["mean"]) < 0.01
     for i, task in enumerate(model.manifest["tasks"]):
         assert aucs[task] == pytest.approx(auc(expected[:, i], y[:, i]), abs=1e-6)
 
