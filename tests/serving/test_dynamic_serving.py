@@ -227,3 +227,44 @@ def test_a_dynamic_table_without_counted_ids_is_refused_before_device_work():
     check_servable(["member", "post", "hashtag"])
     with pytest.raises(UserInputError, match=r"tables.author_cluster.dynamic: --serving maps"):
         check_servable(["member", "author_cluster"])
+
+
+def test_server_ranks_members_and_posts_the_tables_do_not_hold(dynamic_serving_run, exported):
+    """`lf-jax serve`'s service over the dynamic artifact: a member evicted before export
+    and posts held, evicted and never admitted are known ids (the store has their rows)
+    and are scored as the training-time ranker scores them."""
+    import http.client
+    import json
+
+    from lf_jax.serving.server import serve_in_thread
+    from lf_jax.serving.service import Service
+
+    ids = dynamic_serving_run["ids"]
+    member = f"m{ids['member']['evicted'][0]}"
+    posts = [f"p{ids['post'][kind][i]}" for kind in ("held", "evicted", "never") for i in (0, 1)]
+    service = Service(exported)
+    port, stop = serve_in_thread(service, poll_s=0.2)
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        conn.request("POST", "/v1/rank", body=json.dumps({"member_id": member, "post_ids": posts}))
+        response = conn.getresponse()
+        out = json.loads(response.read())
+        conn.close()
+    finally:
+        stop()
+        service.close()
+    assert response.status == 200, out
+    model = ServedModel.load(exported / "versions" / "v0001" / "ranker")
+    store = FeatureStore.open(exported / "features")
+    order = [posts.index(p) for p in out["post_ids"]]
+    member_qw, post_rows = store.read([member], [posts[i] for i in order])
+    store.close()
+    member_q = model.rows("member", [member])[0]
+    post_qk = model.rows("post", [posts[i] for i in order])[0].reshape(1, -1)
+    layout = FeatureLayout.from_json(model.manifest["layout"])
+    sparse, dense = pair_inputs(
+        np, layout, member_qw, post_rows.reshape(1, len(posts), -1), member_q, post_qk
+    )
+    expected = _reference(dynamic_serving_run).score({**sparse, "dense": dense})
+    served = np.array([out["task_probs"][t] for t in model.manifest["tasks"]]).T
+    np.testing.assert_allclose(served, expected, atol=2e-6, rtol=0)
