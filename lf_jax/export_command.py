@@ -70,29 +70,19 @@ def add_corpus_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_serving_tables(config) -> None:
-    """``--serving`` of a run with dynamic tables: one clear error before any device work.
+    """``--serving`` of a run with dynamic tables: one clear error before any device work
+    for a dynamic table whose ids the serving export cannot map.
 
-    Serving artifacts hold row tables looked up by id (row i of member is "m<i>") and pool
-    history actors by mean over those rows; a dynamic table's absent key pools as padding
-    (left out of the mean), which a row table cannot express, so its artifacts would not
-    score as the trained model does. The live keys export with ``--entity`` instead.
-    """
+    A dynamic table is served as its alive keys' rows plus an id -> row map over the
+    dataset's ids of the table (lf_jax/serving/dynamic_tables.py), so its ids must be ones
+    the dataset counts (member, post, hashtag, position ids)."""
     from lf_jax.embedding.config_specs import dynamic_expected_keys
+    from lf_jax.serving.dynamic_tables import check_servable
 
     ranker = config.ranker if "ranker" in config else config
     if "embedding" not in ranker:
         return
-    names = sorted(dynamic_expected_keys(ranker.embedding))
-    if names:
-        raise UserInputError(
-            f"config embedding.tables.{names[0]}.dynamic: --serving writes row tables looked "
-            f"up by id, where an absent key of a dynamic table ({', '.join(names)}) would pool "
-            "as a row instead of as padding, so the served scores would differ from the "
-            "trained model's (serving artifacts of dynamic tables are not supported yet). "
-            "Export the live keys' rows with --entity members or --entity posts (and "
-            "--delta for increments) instead, or train the tables static (no dynamic "
-            "setting) for a run that exports --serving"
-        )
+    check_servable(sorted(dynamic_expected_keys(ranker.embedding)))
 
 
 def run_corpus_export(args: argparse.Namespace, config) -> None:

@@ -138,7 +138,8 @@ class RankerScorer:
 
     ``source`` is a restored ``corpus_sources.RankerCorpus`` (model + state). Batches are
     padded to a multiple of the devices, rounded up to a power of two, so repeated
-    requests of one size compile once.
+    requests of one size compile once. With dynamic tables the keys are found as in
+    evaluation (``resolve(insert=False)``: an absent key reads nothing, as padding).
     """
 
     def __init__(self, source):
@@ -154,6 +155,11 @@ class RankerScorer:
             self.collection,
             lambda model, acts, batch: jax.nn.sigmoid(model(acts, batch["dense"])),
         )
+        self._find = None
+        if self.model.dynamic is not None:
+            from lf_jax.train.dynamic_step import make_dynamic_resolve
+
+            self._find = make_dynamic_resolve(self.model.dynamic)
 
     def score(self, batch: Mapping[str, np.ndarray]) -> np.ndarray:
         import jax
@@ -169,8 +175,10 @@ class RankerScorer:
             raw[name] = np.pad(ids, ((0, padded - rows), (0, 0)), constant_values=-1)
         dense = np.pad(self.model.normalize_dense(batch["dense"]), ((0, padded - rows), (0, 0)))
         sharding = NamedSharding(self.collection.mesh, PartitionSpec(self.collection.batch_axes))
-        inputs = {"sparse": self.collection.preprocess(raw), "dense": dense}
+        inputs = {"sparse": self.model.preprocess(raw), "dense": dense}
         inputs = jax.tree.map(lambda x: jax.device_put(x, sharding), inputs)
+        if self._find is not None:  # keys -> rows of the keys the tables hold
+            inputs["sparse"] = self._find(self.state, inputs["sparse"])
         probs = self._step(self.state["params"], self.state["embedding"]["tables"], inputs)
         return np.asarray(probs)[:rows]
 

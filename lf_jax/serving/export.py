@@ -73,10 +73,13 @@ def ranker_artifact(
     candidates: Sequence[int] = CANDIDATE_BUCKETS,
     source: Mapping | None = None,
     quality: Mapping | None = None,
+    dynamic: Mapping | None = None,
 ) -> dict:
     """Writes the ranker's artifact; ``features``: {feature: (table, combiner)} in the
     model's field order; ``tables``: logical [V, D] float32 tables (row i of the member
-    and post tables is "m<i>" / "p<i>")."""
+    and post tables is "m<i>" / "p<i>"), except the dynamic tables of ``dynamic``
+    ({"key_rows": {table: int32 [V]}, "summary": {table: {...}}}, dynamic_tables.py):
+    their compacted rows, read through key_rows (functions.served_ids)."""
     leaves, treedef = _params(params)
     features = dict(features)
     weights = ranker_weights(
@@ -88,6 +91,11 @@ def ranker_artifact(
             "tables": {name: encode_table(values, dtype) for name, values in tables.items()},
             "dense_mean": np.asarray(dense_mean, np.float32),
             "dense_std": np.asarray(dense_std, np.float32),
+            **(
+                {"key_rows": {t: np.asarray(v, np.int32) for t, v in dynamic["key_rows"].items()}}
+                if dynamic
+                else {}
+            ),
         },
     )
     chunk = min(POST_CHUNK, num_posts)
@@ -136,6 +144,7 @@ def ranker_artifact(
         "features": {name: list(spec) for name, spec in features.items()},
         "tables": {name: list(np.shape(values)) for name, values in tables.items()},
         "id_maps": ["member", "post"],
+        **({"dynamic_tables": dict(dynamic["summary"])} if dynamic else {}),
         "source": dict(source or {}),
         "quality": dict(quality or {}),
     }

@@ -10,7 +10,10 @@ A config with ``ranker`` and ``dual_encoder`` sections (configs/demo.py) exports
 exports its one model from ``workdir``. Each version is written into a temporary
 directory, fsynced and renamed into place; CURRENT is replaced by a rename, so a server
 polling it never sees half a version. The ranker's manifest records the holdout_random
-AUC with float32 and with int8 tables (the AUC cost of quantization).
+AUC with float32 and with int8 tables (the AUC cost of quantization). A ranker trained
+with dynamic tables serves each one as its alive keys' rows plus an id -> row map, an
+absent id pooling as padding as in training (dynamic_tables.py); its manifest's
+"dynamic_tables" gives per table the ids, capacity, alive and served keys.
 
 Example:
     >>> result = export_serving(load_config("configs/demo.py"), "runs/demo", "runs/demo/serving",
@@ -29,6 +32,7 @@ import numpy as np
 
 from lf_jax import feed_world
 from lf_jax.errors import UserInputError
+from lf_jax.serving.dynamic_tables import host_ids, served_dynamic_tables
 from lf_jax.serving.feature_store import FeatureStore
 from lf_jax.serving.feed_features import layout_for
 from lf_jax.serving.functions import encode_table, ranker_probs
@@ -96,10 +100,10 @@ def holdout_auc(
     probs: dict[str, list] = {name: [] for name in placed}
     labels, valid = [], []
     for host in reader:
-        batch = model.collection.preprocess({n: host[n] for n in model.collection.features})
+        sparse = host_ids(model, {n: host[n] for n in model.collection.features})
         dense = np.asarray(host["dense"], np.float32)
         for name, w in placed.items():
-            probs[name].append(np.asarray(fn(w, dict(batch.ids), dense)))
+            probs[name].append(np.asarray(fn(w, sparse, dense)))
         labels.append(host["labels"])
         valid.append(host["valid"])
     mask = np.concatenate(valid)
@@ -119,6 +123,11 @@ def _ranker(config, workdir, out: Path, dtype, version, buckets, task_weights, l
     source = RankerCorpus(config, workdir)
     model = source.model
     tables = model.collection.logical_tables(source.state["embedding"])
+    dynamic: dict = {}
+    if model.dynamic is not None:  # compacted rows of the alive keys, id -> row maps
+        served = served_dynamic_tables(source)
+        tables.update(served.tables)
+        dynamic = {"key_rows": served.key_rows, "summary": served.summary}
     features = {
         name: (spec.table, spec.combiner) for name, spec in model.collection.features.items()
     }
@@ -127,6 +136,7 @@ def _ranker(config, workdir, out: Path, dtype, version, buckets, task_weights, l
         "params": jax.tree.leaves(params),
         "dense_mean": model.dense_mean_k,
         "dense_std": model.dense_std_k,
+        **({"key_rows": dynamic["key_rows"]} if dynamic else {}),
     }
     aucs, examples = holdout_auc(
         source,
@@ -155,6 +165,7 @@ def _ranker(config, workdir, out: Path, dtype, version, buckets, task_weights, l
         version=version,
         source={"workdir": str(Path(workdir).resolve()), "checkpoint_step": source.step},
         quality=quality,
+        dynamic=dynamic or None,
         **buckets,
     )
 

@@ -18,7 +18,11 @@ Weights are plain dicts of arrays (``params``: the model's parameter leaves in p
 order), so an exported function's signature is serializable and loads without Flax.
 ``encode_table`` quantizes a table (int8 with per-row scales) or keeps it float32.
 ``ranker_weights`` adds the ranker's weight-only products (x0_kernels) the two ranker
-functions read.
+functions read. A run with dynamic tables (lf_jax.embedding.dynamic) adds "key_rows":
+{table: int32 [V]}, id -> row of the served table (its alive keys' rows, compacted), -1
+for an id the table did not hold: ``served_ids`` maps every id of such a table through it
+inside the functions, so the feature store keeps ids and an absent id pools as padding
+(left out of a mean, zero alone), as training's lookup of an absent key does.
 
 Example:
     >>> weights = ranker_weights(graphdef, treedef, features, weights)
@@ -70,6 +74,18 @@ def table_rows(table: Mapping[str, jax.Array], rows) -> jax.Array:
     return table["codes"][rows].astype(jnp.float32) * table["scales"][rows][..., None]
 
 
+def served_ids(weights, table: str, ids_bl: jax.Array) -> jax.Array:
+    """Ids [...] of ``table`` as rows of its served table: unchanged for a static table;
+    through "key_rows" for a dynamic one (an id the table did not hold, or outside the
+    map, -> -1: padding)."""
+    key_rows_v = weights.get("key_rows", {}).get(table)
+    if key_rows_v is None:
+        return ids_bl
+    size = key_rows_v.shape[0]
+    inside = (ids_bl >= 0) & (ids_bl < size)
+    return jnp.where(inside, key_rows_v[jnp.clip(ids_bl, 0, size - 1)], -1)
+
+
 def pooled_lookup(table: Mapping[str, jax.Array], ids_bl: jax.Array, combiner: str) -> jax.Array:
     """[B, D]: the combiner ("sum", "mean", "sqrtn") over the valid ids (>= 0) of each bag,
     as EmbeddingCollection.lookup pools an unweighted feature."""
@@ -87,11 +103,14 @@ def ranker_probs(
     graphdef, treedef, features: Mapping[str, tuple[str, str]], weights, sparse, dense
 ):
     """Task probabilities [B, T] of the model as trained, from sparse ids {feature: [B, L]}
-    and raw dense [B, K_d] (every feature per row; the export's holdout AUC).
+    (rows of static tables, ids of dynamic ones: ``served_ids``) and raw dense [B, K_d]
+    (every feature per row; the export's holdout AUC).
 
     features: {feature: (table, combiner)} in the model's field order."""
     pooled = {
-        name: pooled_lookup(weights["tables"][table], sparse[name], combiner)
+        name: pooled_lookup(
+            weights["tables"][table], served_ids(weights, table, sparse[name]), combiner
+        )
         for name, (table, combiner) in features.items()
     }
     dense = (dense - weights["dense_mean"]) / weights["dense_std"]
@@ -119,7 +138,9 @@ def _standardised(weights, split: Split, group: str, raw):
 def _pooled(weights, features: Mapping[str, tuple[str, str]], sparse, fields) -> dict:
     """{feature: pooled table rows} of the features in ``fields`` (member or post side)."""
     return {
-        name: pooled_lookup(weights["tables"][table], sparse[name], combiner)
+        name: pooled_lookup(
+            weights["tables"][table], served_ids(weights, table, sparse[name]), combiner
+        )
         for name, (table, combiner) in features.items()
         if name in fields
     }

@@ -136,8 +136,8 @@ class RankerModel:
     ) -> "RankerModel":
         """``build=False`` (export, serving): the dataset must be built already; it is read
         from its files, without the builder code in data/. With ``build=False`` a config
-        with dynamic tables is refused unless ``dynamic_ok`` (the corpus export reads
-        their keys; serving does not)."""
+        with dynamic tables is refused unless ``dynamic_ok`` (the corpus and serving
+        exports read their keys; Ranker.from_workdir does not)."""
         builder = (
             open_feed_logs(config)
             if build
@@ -150,10 +150,10 @@ class RankerModel:
         dynamic_names = [t.name for t in tables if t.dynamic is not None]
         if dynamic_names and not build and not dynamic_ok:
             raise UserInputError(
-                f"config embedding.tables.{dynamic_names[0]}.dynamic: serving artifacts and "
-                f"Ranker.from_workdir read static tables only; a run with dynamic tables "
-                f"{dynamic_names} is evaluated with `lf-jax eval` and its tables exported "
-                "with `lf-jax export --entity` (and `--delta`)"
+                f"config embedding.tables.{dynamic_names[0]}.dynamic: Ranker.from_workdir "
+                f"reads static tables only; a run with dynamic tables {dynamic_names} is "
+                "evaluated with `lf-jax eval`, served with `lf-jax export --serving` and its "
+                "tables exported with `lf-jax export --entity` (and `--delta`)"
             )
         devices = int(np.prod(list(mesh.shape.values())))
         plan = plan_tables(

@@ -165,14 +165,12 @@ def test_delta_errors_come_before_device_work(dynamic_run, repo_root, tmp_path, 
     assert "does not go with --serving" in capsys.readouterr().err
 
 
-def test_serving_still_refuses_a_dynamic_run(dynamic_run, repo_root, tmp_path, capsys):
-    """`lf-jax export --serving` refuses before any device work (nothing written), and so
-    does the serving side's RankerModel."""
+def test_ranker_from_workdir_still_refuses_a_dynamic_run(dynamic_run):
+    """``RankerModel.from_config(build=False)`` without ``dynamic_ok`` (Ranker.from_workdir)
+    refuses a run with dynamic tables; ``lf-jax export --serving`` serves one
+    (tests/serving/test_dynamic_serving.py)."""
     from lf_jax.train.ranker_model import RankerModel
 
-    assert _export(repo_root, dynamic_run, tmp_path / "serving", "--serving") == 2
-    assert "embedding.tables.member.dynamic: --serving writes row tables" in capsys.readouterr().err
-    assert not (tmp_path / "serving").exists()
     config = dynamic_run["config"]
-    with pytest.raises(UserInputError, match=r"tables.member.dynamic: serving artifacts"):
+    with pytest.raises(UserInputError, match=r"tables.member.dynamic: Ranker.from_workdir"):
         RankerModel.from_config(config, make_mesh(dict(config.mesh)), build=False)
