@@ -46,6 +46,7 @@ from lf_jax.embedding.dynamic.key_dedupe import owner_ranks
 from lf_jax.embedding.dynamic.keys import OWNER_SALT, initial_rows, key_hash, salt
 from lf_jax.embedding.dynamic.layout import TableLayout
 from lf_jax.embedding.exchange import capacity_for
+from lf_jax.embedding.kernels.dynamic import owner_ranks_fused, resolve_shard_fused
 
 
 def new_ranks(new_n):
@@ -99,14 +100,26 @@ def reset_inserted(
 
 
 def resolve_table(
-    layout: TableLayout, mesh, stored, opt_slots, index, his, los, valids, step, insert
+    layout: TableLayout,
+    mesh,
+    stored,
+    opt_slots,
+    index,
+    his,
+    los,
+    valids,
+    step,
+    insert,
+    kernel: str = "xla",
 ):
     """(rows per feature [..., B, L_f] int32 (-1: absent), stored table, optimizer slots,
     per-device index) for one step's keys of one dynamic table (see module docstring).
 
     ``stored``/``opt_slots``: the collection's group arrays holding the table; ``index``:
     the table's per-device hash tables [S, ...]; ``his``/``los``/``valids``: per feature
-    [..., B, L_f] key halves and validity.
+    [..., B, L_f] key halves and validity. ``kernel``: 'fused' resolves each shard and
+    routes the sender's keys with the C++ kernels (lf_jax.embedding.kernels.dynamic),
+    'xla' with hash_table / key_dedupe; the same result.
     """
     group, policy = layout.group, layout.policy
     axes = tuple(mesh.axis_names)
@@ -116,22 +129,28 @@ def resolve_table(
     widths = [h.shape[-1] for h in his]
     batch_spec = PartitionSpec(*([None] * (his[0].ndim - 2)), axes)
     slot_init = {k: group.optimizer.slot_init(k) for k in opt_slots}
+    resolve_keys = resolve_shard_fused if kernel == "fused" else resolve_shard
 
     def one_device(table, hi, lo, valid, step):
         """The only device owns every key: resolve (repeats resolved once, see
         hash_table); no routing, no exchange. (ids [M], index, (slot, new, hi, lo) of
         the resolved entries, [M] each, the reset's chunk)."""
-        slot, new, table = resolve_shard(table, hi, lo, valid, step, policy, insert)
+        slot, new, table = resolve_keys(table, hi, lo, valid, step, policy, insert)
         # new keys reset an eighth of the entries at a time
-        return jnp.where(valid, slot, -1), table, (slot, new, hi, lo), max(1, hi.shape[0] // 8)
+        # (slot is -1 for invalid entries)
+        return slot, table, (slot, new, hi, lo), max(1, hi.shape[0] // 8)
 
     def routed(table, hi, lo, valid, step):
         """Keys to their owners and back (module docstring); returns what one_device
         does, the owner's entries as one [S x M] set (the [S x width] set padded)."""
         m = hi.shape[0]
-        owner = (key_hash(jnp, hi, lo, salt(OWNER_SALT, policy.seed)) % shards).astype(jnp.int32)
         # one entry per distinct key is sent, at its rank among its owner's keys
-        leader, send, within, load = owner_ranks(owner, hi, lo, valid, shards)
+        if kernel == "fused":
+            owner, leader, send, within, load = owner_ranks_fused(hi, lo, valid, shards, policy)
+        else:
+            owner = key_hash(jnp, hi, lo, salt(OWNER_SALT, policy.seed)) % shards
+            owner = owner.astype(jnp.int32)
+            leader, send, within, load = owner_ranks(owner, hi, lo, valid, shards)
         if layout.devices == tuple(range(devices)):  # shard j on device j
             to_device = jnp.where(send, owner, devices)
         else:
@@ -161,7 +180,7 @@ def resolve_table(
             for the rows' reset outside the ``cond``."""
             r_hi, r_lo, r_valid = received[:, 0], received[:, 1], received[:, 2] > 0
             # a key sent by several devices is resolved once, in place (hash_table)
-            slot_u, new_u, table = resolve_shard(table, r_hi, r_lo, r_valid, step, policy, insert)
+            slot_u, new_u, table = resolve_keys(table, r_hi, r_lo, r_valid, step, policy, insert)
             back = jax.lax.all_to_all(slot_u.reshape(devices, width), axes, 0, 0, tiled=True)
             got = back.at[to_device, within].get(mode="fill", fill_value=-1)
             return got, table, (slot_u, new_u, r_hi, r_lo) if insert else ()
@@ -200,7 +219,9 @@ def resolve_table(
     def shard(stored, opt_slots, index, hi, lo, valid, step):
         shape = hi.shape
         hi, lo, valid = hi.reshape(-1), lo.reshape(-1), valid.reshape(-1)
-        table = {k: v[0] for k, v in index.items()}
+        # the C++ kernel takes the device's [1, ...] blocks as they are (a squeeze would
+        # copy the index in and out of every step)
+        table = index if kernel == "fused" else {k: v[0] for k, v in index.items()}
         resolve = one_device if devices == 1 else routed
         ids, table, owned, chunk = resolve(table, hi, lo, valid, step)
         if insert:  # inserted keys start from fresh rows and optimizer slots
@@ -208,7 +229,9 @@ def resolve_table(
             stored, opt_slots = reset_inserted(
                 layout, stored, opt_slots, slot_init, new_o, slot_o, hi_o, lo_o, chunk
             )
-        return ids.reshape(shape), stored, opt_slots, {k: v[None] for k, v in table.items()}
+        if kernel != "fused":
+            table = {k: v[None] for k, v in table.items()}
+        return ids.reshape(shape), stored, opt_slots, table
 
     table_spec = group.partition_spec(None, None)
     slot_specs = {k: group.partition_spec(*([None] * (v.ndim - 1))) for k, v in opt_slots.items()}
