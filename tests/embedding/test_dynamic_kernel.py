@@ -102,11 +102,13 @@ def test_kernel_setting_picks_the_resolve(monkeypatch):
 
 @pytest.mark.parametrize("devices", [1, 8])
 def test_donated_fused_step_copies_no_hash_index(devices):
-    """The kernel works on the device's [1, C] index blocks in place: the optimized HLO
-    of a donated resolve holds no copy of a [1, C] array."""
+    """The kernel works on the device's [1, C] index blocks in place, and the skew
+    exchange is a loop, not a cond: the optimized HLO of a donated resolve holds no copy
+    of a [1, C] array."""
     dyn = _dynamic("fused", devices)
     state = dyn.init(jax.random.key(0))
-    batch = dyn.shard_batch(dyn.preprocess({"f": np.arange(32).reshape(8, 4) * 7919}))
+    # 256 entries per device: on 8 devices the [S, width] exchange and the [S, M] loop
+    batch = dyn.shard_batch(dyn.preprocess({"f": np.arange(2048).reshape(512, 4) * 7919}))
     step = jax.jit(lambda s, b: dyn.resolve(s, b), donate_argnums=0)
     hlo = step.lower(state, batch).compile().as_text()
     capacity = dyn.capacity("t")
