@@ -56,7 +56,8 @@ bool Less(uint32_t hi_a, uint32_t lo_a, uint32_t hi_b, uint32_t lo_b) {
 // once): taken from and returned to a pool. Invariants between calls: mark all 0, best
 // and table all -1.
 struct Scratch {
-  std::vector<uint8_t> mark;    // [C] 0 free, 1 touched in this step, 2 taken in this step
+  std::vector<uint64_t> mark;   // [C] bits: touched or taken in this step (C / 8 bytes:
+                                // stays in cache, where a byte per slot would miss)
   std::vector<int32_t> best;    // [C] the best proposer of a slot in a round
   std::vector<int32_t> table;   // open addressing over entries: key -> first entry
   std::vector<int32_t> used;    // table positions written (to clear them)
@@ -64,7 +65,7 @@ struct Scratch {
   std::vector<int32_t> first, keys, pending, propose, choice, home, off, won;
 
   void Fit(int64_t capacity, int64_t buckets) {
-    if (int64_t(mark.size()) < capacity) mark.resize(capacity, 0);
+    if (int64_t(mark.size()) * 64 < capacity) mark.resize((capacity + 63) / 64, 0);
     if (int64_t(best.size()) < capacity) best.resize(capacity, -1);
     if (int64_t(table.size()) != buckets) table.assign(buckets, -1);
   }
@@ -150,14 +151,18 @@ int64_t Find(const Table& t, const Policy& p, int32_t step, int64_t home, uint32
 
 // The slot key k proposes this round (window offset, or -1): the first free slot, else
 // (lru / lfu) the untouched untaken alive slot of lowest score, first in window order.
-int32_t Choose(const Table& t, const Policy& p, const uint8_t* mark, int32_t step,
+bool Marked(const uint64_t* mark, int64_t c) { return mark[c >> 6] >> (c & 63) & 1; }
+
+void Mark(uint64_t* mark, int64_t c) { mark[c >> 6] |= uint64_t(1) << (c & 63); }
+
+int32_t Choose(const Table& t, const Policy& p, const uint64_t* mark, int32_t step,
                int64_t home) {
   int32_t victim = -1;
   int32_t v_freq = 0, v_last = 0;
   for (int64_t o = 0; o < p.probes; ++o) {
     int64_t c = home + o;
     if (c >= t.capacity) c -= t.capacity;
-    if (mark[c]) continue;  // touched (alive) or taken
+    if (Marked(mark, c)) continue;  // touched (alive) or taken
     if (!p.Alive(t.last[c], step)) return int32_t(o);
     if (p.eviction == 0) continue;
     const int32_t f = p.eviction == 2 ? t.freq[c] : 0, l = t.last[c];
@@ -172,10 +177,11 @@ int32_t Choose(const Table& t, const Policy& p, const uint8_t* mark, int32_t ste
 
 constexpr int64_t kAhead = 16;  // entries whose windows are prefetched ahead
 
-void Prefetch(const Table& t, int64_t home) {  // a window's first slots, for reading
+void Prefetch(const Table& t, int64_t home) {  // a window's first slots (a hit's writes)
   __builtin_prefetch(t.key_lo + home);
   __builtin_prefetch(t.key_hi + home);
-  __builtin_prefetch(t.last + home);
+  __builtin_prefetch(t.last + home, 1);
+  if (t.freq != nullptr) __builtin_prefetch(t.freq + home, 1);
 }
 
 int64_t Slot(int64_t home, int64_t off, int64_t capacity) {
@@ -226,8 +232,8 @@ void Resolve(Table t, const Policy& p, int32_t* sketch, int64_t depth, int64_t w
     }
     const int64_t c = Slot(home, o, t.capacity);
     slot_out[i] = int32_t(c);
-    if (s.mark[c] == 0) {
-      s.mark[c] = 1;
+    if (!Marked(s.mark.data(), c)) {
+      Mark(s.mark.data(), c);
       s.marked.push_back(int32_t(c));
       t.last[c] = step;
       ++t.freq[c];
@@ -282,7 +288,7 @@ void Resolve(Table t, const Policy& p, int32_t* sketch, int64_t depth, int64_t w
       }
       s.best[c] = -1;  // each won slot has one winner: cleared once
       counts[4] += p.Alive(t.last[c], step);
-      s.mark[c] = 2;
+      Mark(s.mark.data(), c);
       s.marked.push_back(int32_t(c));
       t.key_hi[c] = hi[i];
       t.key_lo[c] = lo[i];
@@ -303,7 +309,7 @@ void Resolve(Table t, const Policy& p, int32_t* sketch, int64_t depth, int64_t w
   }
   // 4. every entry of a missing key reads its first entry's slot
   for (int32_t i : missed) slot_out[i] = slot_out[s.first[i]];
-  for (int32_t c : s.marked) s.mark[c] = 0;
+  for (int32_t c : s.marked) s.mark[c >> 6] = 0;
   const int32_t old_max = counters[kCounters - 1];
   AddCounts(counters, counts);
   counters[kCounters - 1] = int32_t(std::max<int64_t>(old_max, probe_max));
