@@ -48,10 +48,6 @@ uint32_t KeyHash(uint32_t hi, uint32_t lo, uint32_t salt) {
   return Fmix32(lo ^ Fmix32(hi ^ salt) * 0x9E3779B1u);
 }
 
-bool Less(uint32_t hi_a, uint32_t lo_a, uint32_t hi_b, uint32_t lo_b) {
-  return hi_a < hi_b || (hi_a == hi_b && lo_a < lo_b);
-}
-
 // Scratch reused between calls, one per concurrent call (8 simulated devices call at
 // once): taken from and returned to a pool. Invariants between calls: mark all 0, best
 // and table all -1.
@@ -62,12 +58,18 @@ struct Scratch {
   std::vector<int32_t> table;   // open addressing over entries: key -> first entry
   std::vector<int32_t> used;    // table positions written (to clear them)
   std::vector<int32_t> marked;  // slots marked (to clear them)
-  std::vector<int32_t> first, keys, pending, propose, choice, home, off, won;
+  std::vector<int32_t> first, keys, missed, pending, choice, home, off, won;
+  uint64_t buckets = 0;  // `table` positions in use: a power of two >= 2 N
 
-  void Fit(int64_t capacity, int64_t buckets) {
+  void Fit(int64_t capacity, int64_t n) {  // grows only (new elements keep the invariants)
     if (int64_t(mark.size()) * 64 < capacity) mark.resize((capacity + 63) / 64, 0);
     if (int64_t(best.size()) < capacity) best.resize(capacity, -1);
-    if (int64_t(table.size()) != buckets) table.assign(buckets, -1);
+    for (buckets = 16; buckets < uint64_t(2 * n);) buckets *= 2;
+    if (table.size() < buckets) table.resize(buckets, -1);
+    first.resize(n);
+    home.resize(n);
+    off.resize(n);
+    for (auto* v : {&keys, &marked, &missed, &pending, &won}) v->clear();
   }
 };
 
@@ -91,17 +93,11 @@ struct Lease {  // a Scratch from the pool, returned on destruction
   }
 };
 
-int64_t Buckets(int64_t n) {  // a power of two >= 2 n
-  int64_t b = 16;
-  while (b < 2 * n) b *= 2;
-  return b;
-}
-
 // First entry of each distinct key among entries[0..count) (positions into hi / lo):
 // first[i] for each entry i listed; the distinct keys' first entries appended to `keys`.
 void FirstEntries(Scratch& s, const uint32_t* hi, const uint32_t* lo, const int32_t* entries,
                   int64_t count) {
-  const uint64_t mask = uint64_t(s.table.size()) - 1;
+  const uint64_t mask = s.buckets - 1;
   for (int64_t j = 0; j < count; ++j) {
     const int32_t i = entries[j];
     uint64_t b = KeyHash(hi[i], lo[i], 0x510E527Fu) & mask;
@@ -203,16 +199,10 @@ void Resolve(Table t, const Policy& p, int32_t* sketch, int64_t depth, int64_t w
              bool* new_out) {
   Lease lease;
   Scratch& s = *lease.s;
-  s.Fit(t.capacity, Buckets(n));
-  s.first.resize(n);
-  s.home.resize(n);
-  s.off.resize(n);
-  s.keys.clear();
-  s.marked.clear();
+  s.Fit(t.capacity, n);
   int64_t counts[kCounters] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t probe_max = 0;
-  std::vector<int32_t>& missed = s.pending;  // entries that miss, then keys pending
-  missed.clear();
+  std::vector<int32_t>& missed = s.missed;  // entries that miss
   // 1. find; the first entry of a found slot touches it (hit: freq + 1, counted once).
   // The windows are random reads of three [C] arrays, which the step's table update
   // has pushed out of the caches: homes first, then windows prefetched kAhead ahead.
@@ -245,8 +235,7 @@ void Resolve(Table t, const Policy& p, int32_t* sketch, int64_t depth, int64_t w
   // 2. one entry per missing key; admission by the sketch (every key adds, then reads)
   FirstEntries(s, hi, lo, missed.data(), int64_t(missed.size()));
   counts[1] = int64_t(s.keys.size());
-  std::vector<int32_t>& pending = s.propose;
-  pending.clear();
+  std::vector<int32_t>& pending = s.pending;  // admitted keys without a slot
   if (p.admit_after > 1) {
     for (int64_t d = 0; d < depth; ++d) {
       for (int32_t i : s.keys) ++sketch[d * width + KeyHash(hi[i], lo[i], salts[1 + d]) % width];
@@ -266,7 +255,6 @@ void Resolve(Table t, const Policy& p, int32_t* sketch, int64_t depth, int64_t w
   // 3. insert rounds: proposals from the round's start, winners written after
   std::vector<int32_t>& won = s.won;
   std::vector<int32_t>& choice = s.choice;
-  won.clear();
   for (int64_t round = 0; round < p.probes && !pending.empty(); ++round) {
     const size_t count = pending.size();
     choice.resize(count);
@@ -276,7 +264,7 @@ void Resolve(Table t, const Policy& p, int32_t* sketch, int64_t depth, int64_t w
       if (choice[j] < 0) continue;
       const int64_t c = Slot(s.home[i], choice[j], t.capacity);
       const int32_t b = s.best[c];
-      if (b < 0 || Less(hi[i], lo[i], hi[b], lo[b])) s.best[c] = i;
+      if (b < 0 || hi[i] < hi[b] || (hi[i] == hi[b] && lo[i] < lo[b])) s.best[c] = i;
     }
     size_t kept = 0;
     for (size_t j = 0; j < count; ++j) {
@@ -369,13 +357,11 @@ ffi::Error FindImpl(ffi::Buffer<ffi::U32> key_hi, ffi::Buffer<ffi::U32> key_lo,
   const int32_t now = step.typed_data()[0];
   int32_t* out = slot->typed_data();
   std::vector<int64_t> home(n);
-  for (int64_t i = 0; i < n; ++i) home[i] = KeyHash(h[i], l[i], salts.typed_data()[0]) % uint32_t(capacity);
+  for (int64_t i = 0; i < n; ++i) home[i] = KeyHash(h[i], l[i], salts.typed_data()[0]) % capacity;
   for (int64_t i = 0; i < n; ++i) {
     if (i + kAhead < n) Prefetch(t, home[i + kAhead]);
-    out[i] = -1;
-    if (!valid.typed_data()[i]) continue;
-    const int64_t o = Find(t, p, now, home[i], h[i], l[i]);
-    if (o >= 0) out[i] = int32_t(Slot(home[i], o, capacity));
+    const int64_t o = valid.typed_data()[i] ? Find(t, p, now, home[i], h[i], l[i]) : -1;
+    out[i] = o < 0 ? -1 : int32_t(Slot(home[i], o, capacity));
   }
   return ffi::Error::Success();
 }
@@ -391,11 +377,8 @@ ffi::Error RouteImpl(ffi::Buffer<ffi::U32> hi, ffi::Buffer<ffi::U32> lo,
   }
   Lease lease;
   Scratch& s = *lease.s;
-  s.Fit(0, Buckets(n));
-  s.first.resize(n);
-  s.keys.clear();
-  std::vector<int32_t>& entries = s.pending;
-  entries.clear();
+  s.Fit(0, n);
+  std::vector<int32_t>& entries = s.missed;  // the valid entries
   const uint32_t *h = hi.typed_data(), *l = lo.typed_data();
   int32_t *own = owner->typed_data(), *lead = leader->typed_data(), *r = rank->typed_data();
   int32_t* count = load->typed_data();
