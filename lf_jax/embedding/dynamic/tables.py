@@ -7,7 +7,9 @@ shards and where a key's row lives. What this adds is the map key -> row: each d
 holds one shard's hash table (lf_jax.embedding.dynamic.hash_table) next to its rows. A
 step's ``resolve`` routes every key to its owner, finds, admits, inserts or evicts it
 there and returns the collection's row ids (lf_jax.embedding.dynamic.resolve, one
-shard_map per dynamic table).
+shard_map per dynamic table). The collection's ``kernel`` setting picks the resolve's
+path (``self.kernel``): the C++ kernels of lf_jax.embedding.kernels.dynamic ('fused', the
+CPU default) or hash_table / key_dedupe in XLA ('xla'); both give the same state.
 
 The returned SparseBatch goes to the collection's ``lookup`` and ``apply_gradients``
 unchanged, so lookups, the owner-routed exchange, sparse optimizers and micro-batch
