@@ -1,13 +1,18 @@
 """Hash dedupe of 64-bit keys (dynamic.key_dedupe) and the hash table's key-value
-priority (dynamic.hash_table.resolve_shard), which lets owners skip sorting."""
+priority (dynamic.hash_table.resolve_shard), which lets owners skip sorting; the
+resolve tests run on the XLA path and on the C++ kernel (kernels.dynamic)."""
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from lf_jax.embedding.dynamic.hash_table import home_slots, init_shard, resolve_shard
 from lf_jax.embedding.dynamic.key_dedupe import LEADER_SALT, key_leaders, owner_ranks
 from lf_jax.embedding.dynamic.keys import key_hash, split_keys
 from lf_jax.embedding.dynamic.policy import DynamicPolicy
+from lf_jax.embedding.kernels.dynamic import resolve_shard_fused
+
+RESOLVERS = {"xla": resolve_shard, "fused": resolve_shard_fused}
 
 
 def _colliding_pair() -> np.ndarray:
@@ -54,7 +59,8 @@ def test_owner_ranks_match_a_set_reference():
         assert load[o] == mine.size and rank[mine].tolist() == list(range(mine.size))
 
 
-def test_resolve_shard_gives_each_key_the_same_slot_in_any_order():
+@pytest.mark.parametrize("kernel", list(RESOLVERS))
+def test_resolve_shard_gives_each_key_the_same_slot_in_any_order(kernel):
     """40 keys compete for 16 slots (windows of 4): the smaller key wins, whatever the
     entry order, so every permutation gives each key the same slot and state."""
     policy = DynamicPolicy(eviction="none", probe_limit=4)
@@ -63,7 +69,7 @@ def test_resolve_shard_gives_each_key_the_same_slot_in_any_order():
     results = []
     for perm in [np.argsort(keys), *(rng.permutation(40) for _ in range(3))]:
         hi, lo = split_keys(keys[perm])
-        slot, new, state = resolve_shard(
+        slot, new, state = RESOLVERS[kernel](
             init_shard(16, policy), jnp.asarray(hi), jnp.asarray(lo), jnp.ones(40, bool), 1, policy
         )
         by_key = dict(zip(keys[perm].tolist(), np.asarray(slot).tolist(), strict=True))
@@ -72,7 +78,8 @@ def test_resolve_shard_gives_each_key_the_same_slot_in_any_order():
     assert all(r == results[0] for r in results[1:])
 
 
-def test_resolve_shard_with_repeated_keys_equals_distinct_keys():
+@pytest.mark.parametrize("kernel", list(RESOLVERS))
+def test_resolve_shard_with_repeated_keys_equals_distinct_keys(kernel):
     """Repeats (hits and misses, with admission and lru eviction, invalid entries among
     them) give every entry its key's slot, the same state and counters as the distinct
     keys alone, and mark one entry per inserted key new."""
@@ -83,7 +90,7 @@ def test_resolve_shard_with_repeated_keys_equals_distinct_keys():
     for step in range(1, 7):
         keys = np.unique(rng.choice(pool, 30))
         hi, lo = split_keys(keys)
-        slot, new, distinct_state = resolve_shard(
+        slot, new, distinct_state = RESOLVERS[kernel](
             distinct_state, *map(jnp.asarray, (hi, lo, np.ones(keys.size, bool))), step, policy
         )
         # every key at least once, 45 repeats, 4 invalid entries (keys of this step or not)
@@ -91,7 +98,7 @@ def test_resolve_shard_with_repeated_keys_equals_distinct_keys():
         order = rng.permutation(entries.size)
         entries, valid = entries[order], (np.arange(entries.size) < entries.size - 4)[order]
         r_hi, r_lo = split_keys(entries)
-        r_slot, r_new, repeated_state = resolve_shard(
+        r_slot, r_new, repeated_state = RESOLVERS[kernel](
             repeated_state, *map(jnp.asarray, (r_hi, r_lo, valid)), step, policy
         )
         by_key = dict(zip(keys.tolist(), np.asarray(slot).tolist(), strict=True))
@@ -115,7 +122,8 @@ def _find_reference(key_hi, key_lo, alive, hi, lo, capacity, policy):
     return out
 
 
-def test_find_compares_both_halves_and_liveness_past_low_half_collisions():
+@pytest.mark.parametrize("kernel", list(RESOLVERS))
+def test_find_compares_both_halves_and_liveness_past_low_half_collisions(kernel):
     """Slots filled from 6 keys that share low halves (high half 0 or 1, low half 1..3),
     some expired: the low-half-first find (and its whole-window branch) returns the first
     alive slot holding the whole key, like a whole-window comparison; also on a table of
@@ -140,7 +148,7 @@ def test_find_compares_both_halves_and_liveness_past_low_half_collisions():
         state = init_shard(capacity, policy)
         state.update(key_hi=jnp.asarray(key_hi), key_lo=jnp.asarray(key_lo), last=last)
         hi, lo = split_keys(queries)
-        slot, new, _ = resolve_shard(
+        slot, new, _ = RESOLVERS[kernel](
             state, *map(jnp.asarray, (hi, lo, np.ones(hi.size, bool))), step, policy, False
         )
         alive = (last >= 0) & (step - last <= policy.ttl_steps)

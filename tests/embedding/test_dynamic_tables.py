@@ -5,6 +5,8 @@ capacity is well below the keys seen, on (8,) and (2, 4) meshes: after every ste
 engine's activations, key set, rows, optimizer slots, per-slot last/freq and counters
 equal the reference's, with admission and each eviction policy, planned row_wise over
 every device and table_wise_row_wise (the table's shards on one group of devices).
+Each under both kernel settings: "fused" (the C++ resolve of kernels/dynamic.cc and the
+fused sparse step) and "xla" (hash_table / key_dedupe in jnp).
 """
 
 import jax
@@ -37,6 +39,7 @@ POLICIES = {
     "none": (DynamicPolicy(eviction="none", probe_limit=3), rowwise_adagrad(0.3)),
 }
 MESHES = {"8": {"data": 8}, "2x4": {"data": 2, "model": 4}, "1": {"data": 1}}
+KERNELS = ("fused", "xla")
 
 
 def key_stream(seed: int = 0):
@@ -60,10 +63,16 @@ def key_stream(seed: int = 0):
 
 
 def make(
-    policy_name: str, mesh_name: str, placement: dict | None = None, shards=SHARDS, slots=SLOTS
+    policy_name: str,
+    mesh_name: str,
+    placement: dict | None = None,
+    shards=SHARDS,
+    slots=SLOTS,
+    kernel: str = "fused",
 ):
     """(spec, collection, DynamicTables) of a table of ``shards`` x ``slots`` rows, planned
-    ``placement`` (default: row_wise over every mesh axis)."""
+    ``placement`` (default: row_wise over every mesh axis), under kernel setting
+    ``kernel``."""
     policy, optimizer = POLICIES[policy_name]
     spec = TableSpec(
         name="post", vocab_size=shards * slots, dim=DIM, optimizer=optimizer, dynamic=policy
@@ -71,8 +80,10 @@ def make(
     shape = MESHES[mesh_name]
     mesh = make_mesh(shape, devices=jax.devices()[: int(np.prod(list(shape.values())))])
     entry = placement or row_wise(tuple(mesh.axis_names))
-    coll = EmbeddingCollection([spec], FEATURES, {"post": entry}, mesh)
-    return spec, coll, DynamicTables(coll)
+    coll = EmbeddingCollection([spec], FEATURES, {"post": entry}, mesh, kernel=kernel)
+    dyn = DynamicTables(coll)
+    assert dyn.kernel == kernel
+    return spec, coll, dyn
 
 
 def train_step(dyn: DynamicTables):
@@ -136,23 +147,26 @@ def check_stream(spec, dyn: DynamicTables, shards: int, policy_name: str) -> dic
     return state
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("mesh_name", ["8", "2x4"])
 @pytest.mark.parametrize("policy_name", sorted(POLICIES))
-def test_stream_equals_reference(policy_name, mesh_name):
-    spec, _, dyn = make(policy_name, mesh_name)
+def test_stream_equals_reference(policy_name, mesh_name, kernel):
+    spec, _, dyn = make(policy_name, mesh_name, kernel=kernel)
     check_stream(spec, dyn, SHARDS, policy_name)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("policy_name", ["admit2_lru", "lfu"])
-def test_one_device_equals_reference(policy_name):
+def test_one_device_equals_reference(policy_name, kernel):
     """One device, one shard of 48 slots: the owner receives its own deduplicated keys
     (no second dedupe). A step inserting more than 10 keys (an eighth of the owner's 80
     key slots) takes more than one round of reset_inserted; under admit2_lru steps 1 and
     5 insert 4 and 9 (one round), under lfu every step takes several."""
-    spec, _, dyn = make(policy_name, "1", shards=1, slots=48)
+    spec, _, dyn = make(policy_name, "1", shards=1, slots=48, kernel=kernel)
     check_stream(spec, dyn, 1, policy_name)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize(
     "mesh_name, policy_name, group, axis, devices",
     [
@@ -161,12 +175,14 @@ def test_one_device_equals_reference(policy_name):
         ("2x4", "ttl", 2, "data", (2, 6)),
     ],
 )
-def test_table_wise_row_wise_stream_equals_reference(mesh_name, policy_name, group, axis, devices):
+def test_table_wise_row_wise_stream_equals_reference(
+    mesh_name, policy_name, group, axis, devices, kernel
+):
     """The table's shards on one group of devices (all 8; devices 4..7 along "model";
     devices 2 and 6 along "data"): the same algorithm on len(devices) shards, and the
     devices outside the group never hold a key."""
     placement = table_wise_row_wise(group, axis)
-    spec, _, dyn = make(policy_name, mesh_name, placement, shards=len(devices))
+    spec, _, dyn = make(policy_name, mesh_name, placement, shards=len(devices), kernel=kernel)
     assert dyn.layouts["post"].devices == devices
     state = check_stream(spec, dyn, len(devices), policy_name)
     last = np.asarray(jax.device_get(state["index"]["post"]["last"]))
@@ -174,10 +190,11 @@ def test_table_wise_row_wise_stream_equals_reference(mesh_name, policy_name, gro
     assert (last[outside] == -1).all() and (last[list(devices)] >= 0).any()
 
 
-def test_keys_all_on_one_owner_equal_reference():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_keys_all_on_one_owner_equal_reference(kernel):
     """Skew: every key belongs to shard 0, so devices overflow the expected per-owner
     buffer and the step takes the [S, M] branch; the result is the same algorithm."""
-    spec, _, dyn = make("admit2_lru", "8")
+    spec, _, dyn = make("admit2_lru", "8", kernel=kernel)
     ref = DynamicReference(spec, FEATURES, SHARDS, reference_rows(spec))
     candidates = (k * 0x9E3779B97F4A7C15 % 2**64 for k in range(10_000))
     owned = [k for k in candidates if ref.owner(k) == 0][:40]

@@ -34,6 +34,9 @@ rounds a refused key's window is full of keys alive and (lru/lfu) untouchable: r
 are exactly the keys that had no room. The returned ``new_n`` marks keys given a slot,
 whose row and optimizer slots the caller resets to their initial values.
 
+lf_jax/embedding/kernels/dynamic.cc runs this algorithm in C++ (the CPU default; the
+collection's ``kernel`` setting decides), with a bit-identical state.
+
 Shapes: C capacity, N keys (distinct among valid ones), P probe_limit.
 State: key_hi, key_lo [C] uint32, last [C] int32 (-1 empty), freq [C] int32,
 sketch [depth, width] int32, counters [2, len(COUNTERS)] int32 (cumulative, two words:

@@ -18,9 +18,8 @@ On every device, for the keys of the features that read the table:
    lf_jax.embedding.dynamic.hash_table, which resolves a key sent by several devices
    once; its priority is the key value, not the entry order), then sends every key's
    slot back (a second ``all_to_all``). Devices outside a table_wise_row_wise group receive no keys;
-4. after the ``cond`` (which holds only the hash index, so XLA copies neither rows nor
-   optimizer slots), each owner resets the rows and optimizer slots of its inserted
-   keys to their initial values (``reset_inserted``);
+4. each owner resets the rows and optimizer slots of its inserted keys to their
+   initial values (``reset_inserted``, in place: no ``cond`` holds rows, slots or index);
 5. a key in slot c of shard j becomes row ``c * shards + j`` of the collection's table,
    an absent key becomes padding (-1).
 
@@ -46,6 +45,7 @@ from lf_jax.embedding.dynamic.key_dedupe import owner_ranks
 from lf_jax.embedding.dynamic.keys import OWNER_SALT, initial_rows, key_hash, salt
 from lf_jax.embedding.dynamic.layout import TableLayout
 from lf_jax.embedding.exchange import capacity_for
+from lf_jax.embedding.kernels.dynamic import owner_ranks_fused, resolve_shard_fused
 
 
 def new_ranks(new_n):
@@ -99,14 +99,26 @@ def reset_inserted(
 
 
 def resolve_table(
-    layout: TableLayout, mesh, stored, opt_slots, index, his, los, valids, step, insert
+    layout: TableLayout,
+    mesh,
+    stored,
+    opt_slots,
+    index,
+    his,
+    los,
+    valids,
+    step,
+    insert,
+    kernel: str = "xla",
 ):
     """(rows per feature [..., B, L_f] int32 (-1: absent), stored table, optimizer slots,
     per-device index) for one step's keys of one dynamic table (see module docstring).
 
     ``stored``/``opt_slots``: the collection's group arrays holding the table; ``index``:
     the table's per-device hash tables [S, ...]; ``his``/``los``/``valids``: per feature
-    [..., B, L_f] key halves and validity.
+    [..., B, L_f] key halves and validity. ``kernel``: 'fused' resolves each shard and
+    routes the sender's keys with the C++ kernels (lf_jax.embedding.kernels.dynamic),
+    'xla' with hash_table / key_dedupe; the same result.
     """
     group, policy = layout.group, layout.policy
     axes = tuple(mesh.axis_names)
@@ -116,22 +128,34 @@ def resolve_table(
     widths = [h.shape[-1] for h in his]
     batch_spec = PartitionSpec(*([None] * (his[0].ndim - 2)), axes)
     slot_init = {k: group.optimizer.slot_init(k) for k in opt_slots}
+    resolve_keys = resolve_shard_fused if kernel == "fused" else resolve_shard
 
-    def one_device(table, hi, lo, valid, step):
+    def reset(rows, owned, chunk):
+        """(stored, opt_slots) ``rows`` with the inserted keys of ``owned`` (slot, new,
+        hi, lo) reset (nothing without ``insert``)."""
+        if not insert:
+            return rows
+        slot_o, new_o, hi_o, lo_o = owned
+        return reset_inserted(layout, *rows, slot_init, new_o, slot_o, hi_o, lo_o, chunk)
+
+    def one_device(table, rows, hi, lo, valid, step):
         """The only device owns every key: resolve (repeats resolved once, see
-        hash_table); no routing, no exchange. (ids [M], index, (slot, new, hi, lo) of
-        the resolved entries, [M] each, the reset's chunk)."""
-        slot, new, table = resolve_shard(table, hi, lo, valid, step, policy, insert)
-        # new keys reset an eighth of the entries at a time
-        return jnp.where(valid, slot, -1), table, (slot, new, hi, lo), max(1, hi.shape[0] // 8)
+        hash_table), reset; no routing, no exchange. (ids [M], index, rows)."""
+        slot, new, table = resolve_keys(table, hi, lo, valid, step, policy, insert)
+        # new keys reset an eighth of the entries at a time; slot is -1 where invalid
+        return slot, table, reset(rows, (slot, new, hi, lo), max(1, hi.shape[0] // 8))
 
-    def routed(table, hi, lo, valid, step):
-        """Keys to their owners and back (module docstring); returns what one_device
-        does, the owner's entries as one [S x M] set (the [S x width] set padded)."""
+    def routed(table, rows, hi, lo, valid, step):
+        """Keys to their owners and back, inserted keys reset at their owners (module
+        docstring); returns what one_device does."""
         m = hi.shape[0]
-        owner = (key_hash(jnp, hi, lo, salt(OWNER_SALT, policy.seed)) % shards).astype(jnp.int32)
         # one entry per distinct key is sent, at its rank among its owner's keys
-        leader, send, within, load = owner_ranks(owner, hi, lo, valid, shards)
+        if kernel == "fused":
+            owner, leader, send, within, load = owner_ranks_fused(hi, lo, valid, shards, policy)
+        else:
+            owner = key_hash(jnp, hi, lo, salt(OWNER_SALT, policy.seed)) % shards
+            owner = owner.astype(jnp.int32)
+            leader, send, within, load = owner_ranks(owner, hi, lo, valid, shards)
         if layout.devices == tuple(range(devices)):  # shard j on device j
             to_device = jnp.where(send, owner, devices)
         else:
@@ -154,14 +178,15 @@ def resolve_table(
         def to_owners(sent):
             return jax.lax.all_to_all(sent, axes, 0, 0, tiled=True)
 
-        def owner_resolve(received, width, table):
-            """Resolves the received keys [S x width, 3] at their owner. Returns each
-            sent entry's slot at its owner (-1: none), the owner's new index and
-            (with ``insert``) its received keys' (slot, new, hi, lo) [S x width] each,
-            for the rows' reset outside the ``cond``."""
-            r_hi, r_lo, r_valid = received[:, 0], received[:, 1], received[:, 2] > 0
+        def owner_resolve(received, width, table, active=True):
+            """Resolves the received keys [S x width, 3] at their owner (none unless
+            ``active``). Returns each sent entry's slot at its owner (-1: none), the
+            owner's new index and (with ``insert``) its received keys' (slot, new, hi,
+            lo) [S x width] each, for the rows' reset after the exchanges."""
+            r_hi, r_lo = received[:, 0], received[:, 1]
+            r_valid = (received[:, 2] > 0) & active
             # a key sent by several devices is resolved once, in place (hash_table)
-            slot_u, new_u, table = resolve_shard(table, r_hi, r_lo, r_valid, step, policy, insert)
+            slot_u, new_u, table = resolve_keys(table, r_hi, r_lo, r_valid, step, policy, insert)
             back = jax.lax.all_to_all(slot_u.reshape(devices, width), axes, 0, 0, tiled=True)
             got = back.at[to_device, within].get(mode="fill", fill_value=-1)
             return got, table, (slot_u, new_u, r_hi, r_lo) if insert else ()
@@ -170,45 +195,50 @@ def resolve_table(
             return to_owners(sent_buffer(m, m)).reshape(-1, 3)
 
         width = capacity_for(m, 1 / shards, m)
+        # new keys reset an eighth of the [S, width] buffers at a time
+        chunk = max(1, devices * min(width, m) // 8)
         if width >= m:
             got, table, owned = owner_resolve(wide_received(), m, table)
+            rows = reset(rows, owned, chunk)
         else:
             # the [S, width] buffers, unless some device has more keys for one owner: each
             # sender flags that in an extra row of every block, so after the exchange every
-            # device knows whether any did (no separate collective), and all take the
-            # [S, M] buffers together
+            # device knows whether any did (no separate collective), and all resolve
+            # nothing there and take the [S, M] buffers together
             sent = sent_buffer(width, width + 1)
             sent = sent.at[:, width, 0].set((jnp.max(load) > width).astype(jnp.uint32))
             received = to_owners(sent)
             over = jnp.any(received[:, width, 0] > 0)
+            got, table, owned = owner_resolve(
+                received[:, :width].reshape(-1, 3), width, table, ~over
+            )
+            rows = reset(rows, owned, chunk)  # nothing new when over
 
-            def narrow(table, received):
-                got, table, owned = owner_resolve(received.reshape(-1, 3), width, table)
-                # one [S x M] set in both branches (no key new past S x width): one reset
-                pad = devices * (m - width)
-                return got, table, tuple(jnp.pad(x, (0, pad)) for x in owned)
+            def wide(carry):
+                _, _, table, rows = carry
+                got, table, owned = owner_resolve(wide_received(), m, table)
+                return jnp.bool_(False), got, table, reset(rows, owned, chunk)
 
-            def wide(table, received):
-                return owner_resolve(wide_received(), m, table)
-
-            got, table, owned = jax.lax.cond(over, wide, narrow, table, received[:, :width])
+            # the [S, M] exchange runs 0 or 1 times: a while_loop, not a cond, because
+            # XLA updates a loop's carry (index, rows) in place; a cond copies them
+            _, got, table, rows = jax.lax.while_loop(
+                lambda carry: carry[0], wide, (over, got, table, rows)
+            )
         got = got[leader]  # each entry reads its key's leader
-        # new keys reset an eighth of the [S, width] buffers at a time
-        chunk = max(1, devices * min(width, m) // 8)
-        return jnp.where(valid & (got >= 0), got * shards + owner, -1), table, owned, chunk
+        return jnp.where(valid & (got >= 0), got * shards + owner, -1), table, rows
 
     def shard(stored, opt_slots, index, hi, lo, valid, step):
         shape = hi.shape
         hi, lo, valid = hi.reshape(-1), lo.reshape(-1), valid.reshape(-1)
-        table = {k: v[0] for k, v in index.items()}
+        # the C++ kernel takes the device's [1, ...] blocks as they are (a squeeze would
+        # copy the index in and out of every step)
+        table = index if kernel == "fused" else {k: v[0] for k, v in index.items()}
         resolve = one_device if devices == 1 else routed
-        ids, table, owned, chunk = resolve(table, hi, lo, valid, step)
-        if insert:  # inserted keys start from fresh rows and optimizer slots
-            slot_o, new_o, hi_o, lo_o = owned
-            stored, opt_slots = reset_inserted(
-                layout, stored, opt_slots, slot_init, new_o, slot_o, hi_o, lo_o, chunk
-            )
-        return ids.reshape(shape), stored, opt_slots, {k: v[None] for k, v in table.items()}
+        # inserted keys start from fresh rows and optimizer slots
+        ids, table, (stored, opt_slots) = resolve(table, (stored, opt_slots), hi, lo, valid, step)
+        if kernel != "fused":
+            table = {k: v[None] for k, v in table.items()}
+        return ids.reshape(shape), stored, opt_slots, table
 
     table_spec = group.partition_spec(None, None)
     slot_specs = {k: group.partition_spec(*([None] * (v.ndim - 1))) for k, v in opt_slots.items()}

@@ -7,7 +7,9 @@ shards and where a key's row lives. What this adds is the map key -> row: each d
 holds one shard's hash table (lf_jax.embedding.dynamic.hash_table) next to its rows. A
 step's ``resolve`` routes every key to its owner, finds, admits, inserts or evicts it
 there and returns the collection's row ids (lf_jax.embedding.dynamic.resolve, one
-shard_map per dynamic table).
+shard_map per dynamic table). The collection's ``kernel`` setting picks the resolve's
+path (``self.kernel``): the C++ kernels of lf_jax.embedding.kernels.dynamic ('fused', the
+CPU default) or hash_table / key_dedupe in XLA ('xla'); both give the same state.
 
 The returned SparseBatch goes to the collection's ``lookup`` and ``apply_gradients``
 unchanged, so lookups, the owner-routed exchange, sparse optimizers and micro-batch
@@ -45,6 +47,7 @@ from lf_jax.embedding.dynamic.keys import join_keys, parse_keys
 from lf_jax.embedding.dynamic.layout import TableLayout, table_layout
 from lf_jax.embedding.dynamic.policy import DynamicPolicy
 from lf_jax.embedding.dynamic.resolve import resolve_table
+from lf_jax.embedding.kernels.dynamic import dynamic_kernel
 from lf_jax.embedding.preprocess import InvalidIdsError, preprocess
 from lf_jax.embedding.spec import SpecError
 
@@ -76,6 +79,8 @@ class DynamicTables:
         self.features = {
             t: [f for f in collection.features.values() if f.table == t] for t in self.specs
         }
+        # the resolve's path follows the collection's kernel setting (kernels.dynamic)
+        self.kernel = dynamic_kernel(collection.kernel, self.mesh.devices.flat[0].platform)
         self.layouts: dict[str, TableLayout] = {}
         for name in self.specs:
             for feature in self.features[name]:
@@ -189,6 +194,7 @@ class DynamicTables:
                 [batch.valid[f] for f in feats],
                 step,
                 insert,
+                self.kernel,
             )
             for feature, part in zip(feats, rows, strict=True):
                 ids[feature] = part

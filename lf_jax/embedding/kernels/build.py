@@ -12,7 +12,8 @@ the library appears by an atomic rename. A missing compiler or a failed build ra
 
 Example:
     >>> from lf_jax.embedding.kernels.build import load
-    >>> load()  # registers lf_jax_pool, lf_jax_update_{sgd,adagrad,adam} for the CPU
+    >>> load()  # registers lf_jax_pool, lf_jax_update_{sgd,adagrad,adam} and
+    ...         # lf_jax_dynamic_{resolve,find,route} for the CPU
 """
 
 import ctypes
@@ -39,6 +40,9 @@ TARGETS = {
     "lf_jax_update_sgd": "LfUpdateSgd",
     "lf_jax_update_adagrad": "LfUpdateAdagrad",
     "lf_jax_update_adam": "LfUpdateAdam",
+    "lf_jax_dynamic_resolve": "LfDynamicResolve",
+    "lf_jax_dynamic_find": "LfDynamicFind",
+    "lf_jax_dynamic_route": "LfDynamicRoute",
 }
 XLA_PATH_HINT = (
     "choose the XLA path instead with EmbeddingCollection(..., kernel='xla') or the "

@@ -12,6 +12,8 @@ update) is the collection's ``kernel`` setting:
          sparse optimizer in place on the donated table and slots. CPU only.
   xla    the jnp path (lookup.GroupRoute.pool, exchange.sum_and_apply), every backend.
 
+Dynamic tables' key resolve follows the same setting (lf_jax.embedding.kernels.dynamic).
+
 ``fused`` supports SGD, RowWiseAdagrad and Adam on float32 / bfloat16 / float16 tables;
 a group with another optimizer takes the XLA path under ``auto`` (shown by
 ``EmbeddingCollection.kernels``) and is an error under ``fused``. Lookups through the
@@ -67,8 +69,8 @@ def describe_kernel(kernel: str | None = None) -> str:
         return line
     kinds = "/".join(o.kind for o in FUSED_OPTIMIZERS)
     return (
-        f"{line}; fused: pooling and updates of groups with {kinds} "
-        "(other optimizers and the owners' gathers of asked rows: XLA)"
+        f"{line}; fused: pooling and updates of groups with {kinds}, and dynamic tables' "
+        "key resolve (other optimizers and the owners' gathers of asked rows: XLA)"
     )
 
 
