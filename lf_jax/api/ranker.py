@@ -321,9 +321,8 @@ class Ranker:
     # ----- save / load ---------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
         """Writes ranker.json (specs, tasks, model options), params.npz and tables.npz
-        (logical [vocab, dim] tables), with dynamic tables dynamic.npz (their keys with
-        rows, optimizer slots and hash-table state, mesh-free): everything
-        ``Ranker.load`` needs."""
+        (logical [vocab, dim] tables), with dynamic tables dynamic.npz (their hash tables
+        and optimizer slots): everything ``Ranker.load`` needs."""
         reject_remote(directory, "save directory")
         directory = ensure_writable_dir(directory, "save directory")
         manifest = {
@@ -347,10 +346,9 @@ class Ranker:
         (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
         save_params(directory / "params.npz", self.params)
         tables: dict[str, Any] = self.collection.logical_tables(self.embedding)
-        if self.dynamic is not None:  # keys with their rows, mesh-free
+        if self.dynamic is not None:  # hash tables [S, ...] and the tables' slots
             from lf_jax.api.ranker_dynamic import save_dynamic
 
-            tables = {n: v for n, v in tables.items() if n not in self.dynamic.specs}
             save_dynamic(self, directory / "dynamic.npz")
         np.savez(directory / "tables.npz", **tables)
         return directory
@@ -398,7 +396,7 @@ class Ranker:
             tables = {name: saved[name] for name in saved.files}
         if ranker.dynamic is None:
             ranker.embedding = ranker.collection.state_from_logical(tables)
-        else:  # keys rehashed onto this mesh's shards
+        else:  # hash tables as saved, or rehashed onto this mesh's shards
             from lf_jax.api.ranker_dynamic import load_dynamic
 
             load_dynamic(ranker, Path(directory) / "dynamic.npz", tables)

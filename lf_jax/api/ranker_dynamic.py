@@ -4,38 +4,43 @@ A Ranker whose ``TableSpec``s set ``dynamic=DynamicPolicy(...)`` (its own, or a
 ``dynamic=`` run of ``lf-jax train`` opened with ``Ranker.from_workdir``) keeps next to
 its embedding state ``ranker.index``: per dynamic table the hash tables of
 ``lf_jax.embedding.dynamic.DynamicTables`` ({table: {"key_hi", "key_lo", "last",
-"freq", "sketch", "counters"}}, each [S, ...] on the ranker's mesh). This module moves
-that state between the Ranker and its two mesh-free forms:
+"freq", "sketch", "counters"}}, each [S, ...] on the ranker's mesh). It moves in and out
+in the form a trainer checkpoint holds: every table and the dynamic tables' optimizer
+slots in the collection's logical form ([V, D]; a dynamic table's row of the key in slot
+c of shard s is c * S + s) with the per-device hash tables [S, ...] as they are. Where
+the ranker's shards match (same shard count and slots per shard, e.g. a (2, 4) run
+opened on 8 devices on "data") they are placed unchanged, so a full table comes back
+exactly; otherwise each key moves to its owner and window on the new shards
+(``dynamic.checkpoint.rehash_logical``, as ``Checkpointer.restore(..., dynamic=)``
+does; a key without a free slot there is one UserInputError naming the table).
 
-- a checkpoint's content (``dynamic.checkpoint.to_checkpoint``: static tables and
-  slots, per dynamic table its alive keys with rows, optimizer slots, ``last``,
-  ``freq``, the summed sketch and counters, and the step), placed on the ranker's mesh
-  with ``from_checkpoint`` (each key to its owner and window there);
-- ``dynamic.npz`` of a saved Ranker: that content for the dynamic tables, flattened to
-  npz keys ``<table>/<field>`` and ``<table>/slots/<slot>``, plus ``step``.
+A saved Ranker writes the logical tables to tables.npz (as a static one) and
+dynamic.npz: ``step``, ``index/<table>/<field>`` [S, ...] and ``slots/<table>/<slot>``
+(the dynamic tables' optimizer slots, logical; static tables' slots start fresh on
+load, as for a static Ranker).
 
 Predictions find keys as evaluation does (``resolve(insert=False)``: a key the tables do
 not hold pools as padding); ``fit`` inserts, admits and evicts them as ``lf-jax train``
 does (``train/dynamic_step.make_dynamic_train_step``).
 
-Shapes: K alive keys of a table, D its dim, S devices.
+Shapes: V rows (capacity) of a table, D its dim, S devices, C slots per shard.
 
 Example:
     >>> state = dynamic_state(ranker)                    # {"embedding", "dynamic"}
     >>> save_dynamic(ranker, directory / "dynamic.npz")
-    >>> load_dynamic(ranker, directory / "dynamic.npz", static_tables)
+    >>> load_dynamic(ranker, directory / "dynamic.npz", logical_tables)
 """
 
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
-from lf_jax.embedding.dynamic.checkpoint import from_checkpoint, to_checkpoint
+from lf_jax.console import get_logger
+from lf_jax.embedding.dynamic.checkpoint import rehash_logical
 from lf_jax.errors import UserInputError
-
-FIELDS = ("keys", "rows", "last", "freq", "sketch", "counters")
 
 
 def dynamic_state(ranker) -> dict:
@@ -44,52 +49,60 @@ def dynamic_state(ranker) -> dict:
     return {"embedding": ranker.embedding, "dynamic": ranker.index}
 
 
-def place_checkpoint(ranker, ckpt: Mapping) -> None:
-    """Sets ``ranker.embedding`` and ``ranker.index`` from ``to_checkpoint`` content of
-    any mesh: keys rehashed onto the ranker's shards (a key without a free slot there is
-    one UserInputError naming the table)."""
-    placed = from_checkpoint(ranker.dynamic, ckpt)
-    ranker.embedding, ranker.index = placed["embedding"], placed["index"]
-
-
-def checkpoint_of(dynamic, state: Mapping) -> dict:
-    """``to_checkpoint`` content of a train state with ``state["dynamic"]`` (a trainer
-    checkpoint restored with ``Checkpointer.restore(..., dynamic=)``)."""
-    return to_checkpoint(dynamic, {"embedding": state["embedding"], "index": state["dynamic"]})
+def place_logical(ranker, tables: Mapping, slots: Mapping, index: Mapping, step: int) -> None:
+    """Sets ``ranker.embedding`` and ``ranker.index`` from logical ``tables`` and
+    ``slots`` (every table, numpy [V, ...]) and per-device hash tables ``index``
+    ({table: {field: [S_old, ...]}}) at ``step``: kept where their shapes are the
+    ranker's, else rehashed onto its shards (see the module docstring)."""
+    dyn = ranker.dynamic
+    index = {n: {k: np.asarray(v) for k, v in part.items()} for n, part in index.items()}
+    ours = jax.tree.map(np.shape, ranker.index)
+    if jax.tree.map(np.shape, index) == ours:
+        shardings = dyn.index_shardings()
+        ranker.index = {
+            n: {k: jax.device_put(v, shardings[n][k]) for k, v in part.items()}
+            for n, part in index.items()
+        }
+    else:
+        old = {n: part["last"].shape for n, part in index.items()}
+        logical = {"tables": dict(tables), "slots": dict(slots), "step": step}
+        logical, ranker.index = rehash_logical(dyn, logical, index)
+        tables, slots = logical["tables"], logical["slots"]
+        get_logger().info(
+            "dynamic tables' keys of shards %s rehashed onto %s",
+            old,
+            {n: part["last"] for n, part in ours.items()},
+        )
+    ranker.embedding = ranker.collection.state_from_logical(tables, slots, step)
 
 
 def save_dynamic(ranker, path: Path) -> None:
-    """Writes the dynamic tables' content (mesh-free, see the module docstring) to ``path``."""
-    ckpt = to_checkpoint(ranker.dynamic, {"embedding": ranker.embedding, "index": ranker.index})
-    arrays: dict[str, Any] = {"step": np.asarray(ckpt["step"], np.int64)}
-    for name, part in ckpt["dynamic"].items():
-        arrays.update({f"{name}/{field}": np.asarray(part[field]) for field in FIELDS})
-        arrays.update({f"{name}/slots/{k}": np.asarray(v) for k, v in part["slots"].items()})
+    """Writes dynamic.npz (see the module docstring) to ``path``."""
+    host = jax.device_get(ranker.index)
+    slots = ranker.collection.logical_slots(ranker.embedding)
+    arrays: dict[str, Any] = {"step": np.asarray(int(ranker.embedding["step"]), np.int64)}
+    for name in ranker.dynamic.specs:
+        arrays.update({f"index/{name}/{k}": np.asarray(v) for k, v in host[name].items()})
+        arrays.update({f"slots/{name}/{k}": np.asarray(v) for k, v in slots[name].items()})
     np.savez(path, **arrays)
 
 
-def load_dynamic(ranker, path: Path, static_tables: Mapping[str, np.ndarray]) -> None:
-    """Places ``save_dynamic``'s file and the saved logical ``static_tables`` on the
-    ranker's mesh (static tables' optimizer slots start fresh, as ``Ranker.load``'s)."""
+def load_dynamic(ranker, path: Path, tables: Mapping[str, np.ndarray]) -> None:
+    """Places ``save_dynamic``'s file with the saved logical ``tables`` (every table)
+    on the ranker's mesh."""
     if not path.is_file():
         raise UserInputError(
             f"'{path.parent}' holds no {path.name}: its ranker.json names dynamic tables "
-            f"{sorted(ranker.dynamic.specs)}, whose keys and rows that file holds"
+            f"{sorted(ranker.dynamic.specs)}, whose keys that file holds"
         )
     with np.load(path) as saved:
         arrays = {key: saved[key] for key in saved.files}
-    dynamic = {}
-    for name in ranker.dynamic.specs:
-        missing = [f for f in FIELDS if f"{name}/{f}" not in arrays]
+    slots = ranker.collection.logical_slots(ranker.embedding)  # static: fresh
+    index = {}
+    for name, fresh in jax.device_get(ranker.index).items():
+        index[name] = {k: arrays.get(f"index/{name}/{k}") for k in fresh}
+        slots[name] = {k: arrays.get(f"slots/{name}/{k}") for k in slots[name]}
+        missing = [k for k, v in {**index[name], **slots[name]}.items() if v is None]
         if missing:
             raise UserInputError(f"'{path}' has no {missing} of dynamic table '{name}'")
-        part: dict[str, Any] = {field: arrays[f"{name}/{field}"] for field in FIELDS}
-        prefix = f"{name}/slots/"
-        part["slots"] = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
-        dynamic[name] = part
-    fresh_slots = ranker.collection.logical_slots(ranker.embedding)
-    static = {
-        "tables": {n: v for n, v in static_tables.items() if n not in ranker.dynamic.specs},
-        "slots": {n: v for n, v in fresh_slots.items() if n not in ranker.dynamic.specs},
-    }
-    place_checkpoint(ranker, {"static": static, "dynamic": dynamic, "step": int(arrays["step"])})
+    place_logical(ranker, tables, slots, index, int(arrays["step"]))

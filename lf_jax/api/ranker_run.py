@@ -10,10 +10,11 @@ the config or the dataset.
 
 A run with dynamic tables (``feed_ranker:dynamic=...``: member/post ids as 64-bit keys)
 restores its hash tables with the state (``Checkpointer.restore(..., dynamic=)``) and
-hands the keys with their rows, optimizer slots and hash-table state to the Ranker,
-rehashed onto its mesh (``lf_jax.api.ranker_dynamic``). Its ``predict`` finds keys as
-the run's evaluation does (``resolve(insert=False)``: a key the tables do not hold, never
-admitted or evicted, reads as padding) and its ``fit`` goes on inserting and evicting.
+hands the tables, optimizer slots and hash tables to the Ranker as they are (rehashed
+only where its shards differ from the run's; ``lf_jax.api.ranker_dynamic``). Its
+``predict`` finds keys as the run's evaluation does (``resolve(insert=False)``: a key
+the tables do not hold, never admitted or evicted, reads as padding) and its ``fit``
+goes on inserting and evicting.
 
 Example:
     >>> ranker = lf_jax.Ranker.from_workdir("runs/feed_ranker")
@@ -38,7 +39,7 @@ def ranker_from_workdir(
     """The ``lf_jax.Ranker`` of the feed ranker run in ``workdir`` at its newest checkpoint
     (or ``step``), placed on ``mesh`` (default: every device on "data")."""
     from lf_jax.api.ranker import Ranker
-    from lf_jax.api.ranker_dynamic import checkpoint_of, place_checkpoint
+    from lf_jax.api.ranker_dynamic import place_logical
     from lf_jax.configuration import load_workdir_config
     from lf_jax.distributed.mesh import make_mesh
     from lf_jax.embedding.config_specs import memory_budget_from_config
@@ -94,7 +95,13 @@ def ranker_from_workdir(
     if run.dynamic is None:
         logical = run.collection.logical_tables(state["embedding"])
         ranker.embedding = ranker.collection.state_from_logical(logical)
-    else:  # keys, rows, slots and hash-table state, rehashed onto the ranker's mesh
-        place_checkpoint(ranker, checkpoint_of(run.dynamic, state))
+    else:  # keys, rows, slots and hash tables; rehashed where the shards differ
+        place_logical(
+            ranker,
+            run.collection.logical_tables(state["embedding"]),
+            run.collection.logical_slots(state["embedding"]),
+            state["dynamic"],
+            int(state["embedding"]["step"]),
+        )
     ranker.steps_trained = restored
     return ranker
