@@ -178,11 +178,11 @@ class Ranker:
             )
         if self.dense_stats is not None:  # standardised as in training
             dense = (dense - self.dense_stats[0]) / self.dense_stats[1]
-        raw = {f.name: batch[f.name] for f in self.features}
+        ids = {f.name: batch[f.name] for f in self.features}
         inputs = {
-            "sparse": self.collection.preprocess(raw)
+            "sparse": self.collection.preprocess(ids)
             if self.dynamic is None
-            else self.dynamic.preprocess(raw),  # a KeyBatch: dynamic features as keys
+            else self.dynamic.preprocess(ids),  # a KeyBatch: dynamic features as keys
             "dense": dense,
         }
         if labels:
@@ -232,6 +232,7 @@ class Ranker:
         )
         tx = dense_optimizer(train)
         state = jax.jit(lambda p, e: init_train_state(p, tx, e))(self.params, self.embedding)
+        step_fn: Callable
         if self.dynamic is None:
             step_fn = make_train_step(self.graphdef, self.collection, tx, ranker_loss)
         else:  # keys found, admitted, inserted or evicted first, as in `lf-jax train`

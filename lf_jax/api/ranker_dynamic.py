@@ -66,8 +66,8 @@ def place_logical(ranker, tables: Mapping, slots: Mapping, index: Mapping, step:
     else:
         old = {n: part["last"].shape for n, part in index.items()}
         logical = {"tables": dict(tables), "slots": dict(slots), "step": step}
-        logical, ranker.index = rehash_logical(dyn, logical, index)
-        tables, slots = logical["tables"], logical["slots"]
+        moved, ranker.index = rehash_logical(dyn, logical, index)
+        tables, slots = moved["tables"], moved["slots"]
         get_logger().info(
             "dynamic tables' keys of shards %s rehashed onto %s",
             old,
