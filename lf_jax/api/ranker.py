@@ -38,10 +38,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import lf_jax
 from lf_jax.api.params_npz import load_params, save_params
+from lf_jax.api.ranker_dynamic import find_rows, fresh_state
 from lf_jax.console import ensure_logging, get_logger, progress
 from lf_jax.embedding.collection import EmbeddingCollection
 from lf_jax.embedding.dynamic.policy import DynamicPolicy
-from lf_jax.embedding.dynamic.tables import DynamicTables
 from lf_jax.embedding.sparse_optim import from_config as optimizer_from_config
 from lf_jax.embedding.spec import FeatureSpec, TableSpec
 from lf_jax.errors import UserInputError
@@ -148,20 +148,14 @@ class Ranker:
         )
         self.graphdef, params = nnx.split(network)
         self.params = jax.device_put(params, NamedSharding(self.mesh, PartitionSpec()))
-        self.dynamic: DynamicTables | None = None
-        self.index: dict | None = None  # the dynamic tables' hash tables [S, ...]
-        if any(t.dynamic is not None for t in self.tables):
-            self.dynamic = DynamicTables(self.collection)
-            both = self.dynamic.init(jax.random.key(self.seed))
-            self.embedding, self.index = both["embedding"], both["index"]
-        else:
-            self.embedding = self.collection.init(jax.random.key(self.seed))
+        # with dynamic tables: their DynamicTables and hash tables [S, ...] (else None)
+        self.dynamic, self.embedding, self.index = fresh_state(self.collection, self.seed)
         self._rows = NamedSharding(self.mesh, PartitionSpec(tuple(self.mesh.axis_names)))
         self._micro_rows = NamedSharding(
             self.mesh, PartitionSpec(None, tuple(self.mesh.axis_names))
         )
         self._predict: Callable | None = None
-        self._find: Callable | None = None
+        self._find: Callable | None = None  # dynamic tables: jit(find keys)
         self.steps_trained = 0
 
     # ----- inputs ---------------------------------------------------------------------------
@@ -311,11 +305,7 @@ class Ranker:
 
         placed = jax.tree_util.tree_map_with_path(padded, inputs)
         if self.dynamic is not None:  # keys -> rows of the keys held (others: padding)
-            from lf_jax.api.ranker_dynamic import dynamic_state
-            from lf_jax.train.dynamic_step import make_dynamic_resolve
-
-            self._find = self._find or make_dynamic_resolve(self.dynamic)
-            placed["sparse"] = self._find(dynamic_state(self), placed["sparse"])
+            placed["sparse"] = find_rows(self, placed["sparse"])
         out = self._predict(self.params, self.embedding["tables"], placed)
         return np.asarray(out)[:size]
 

@@ -40,7 +40,28 @@ import numpy as np
 
 from lf_jax.console import get_logger
 from lf_jax.embedding.dynamic.checkpoint import rehash_logical
+from lf_jax.embedding.dynamic.tables import DynamicTables, KeyBatch
+from lf_jax.embedding.preprocess import SparseBatch
 from lf_jax.errors import UserInputError
+
+
+def fresh_state(collection, seed: int) -> tuple[DynamicTables | None, dict, dict | None]:
+    """(DynamicTables or None, embedding state, hash tables or None) of a new Ranker's
+    ``collection``: hash tables only where a table is dynamic."""
+    if all(t.dynamic is None for t in collection.tables.values()):
+        return None, collection.init(jax.random.key(seed)), None
+    dynamic = DynamicTables(collection)
+    both = dynamic.init(jax.random.key(seed))
+    return dynamic, both["embedding"], both["index"]
+
+
+def find_rows(ranker, batch: KeyBatch) -> SparseBatch:
+    """The rows of a placed KeyBatch's keys that the tables hold (others padding):
+    evaluation's ``resolve(insert=False)``, nothing inserted (jitted once per ranker)."""
+    from lf_jax.train.dynamic_step import make_dynamic_resolve
+
+    ranker._find = ranker._find or make_dynamic_resolve(ranker.dynamic)
+    return ranker._find(dynamic_state(ranker), batch)
 
 
 def dynamic_state(ranker) -> dict:
