@@ -2,8 +2,9 @@
 tables) opens as an lf_jax.Ranker: ``predict`` equals the training-time ranker's
 evaluation (``RankerScorer``: the run's mesh, keys found with ``resolve(insert=False)``)
 on held-out rows, a key the tables do not hold (evicted or never admitted) reads as
-padding, ``save``/``load`` keep the keys, and ``fit`` goes on inserting keys."""
+padding, ``save``/``load`` keep the keys, and ``fit`` continues as the trainer's step."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -120,9 +121,50 @@ def test_saved_dynamic_ranker_loads_on_another_mesh(opened, tmp_path):
         lf_jax.Ranker.load(saved)
 
 
-def test_fit_continues_a_dynamic_run_inserting_keys(dynamic_ranker_run, opened, tmp_path):
-    """``fit`` on a reopened run: the step of ``lf-jax train`` (keys inserted and
-    evicted), counters in the history; the fitted ranker saves and loads."""
+def _trainer_steps(dynamic_ranker_run, scorer, batches) -> dict:
+    """The reference of ``Ranker.fit(batches, steps=2)`` on the reopened run: the trainer's
+    dynamic step (``make_dynamic_train_step``, as ``lf-jax train`` runs it) from the
+    restored checkpoint on the run's (2, 4) mesh, with fit's fresh dense optimizer."""
+    from types import SimpleNamespace
+
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from lf_jax.train.dynamic_step import make_dynamic_train_step
+    from lf_jax.train.ranker_model import ranker_loss
+    from lf_jax.train.step import dense_optimizer, init_train_state
+
+    config, model = dynamic_ranker_run["config"], scorer.model
+    tx = dense_optimizer(
+        SimpleNamespace(
+            steps=2,
+            learning_rate=config.train.learning_rate,
+            weight_decay=config.train.weight_decay,
+            warmup_steps=1,
+        )
+    )
+    state = init_train_state(scorer.state["params"], tx, scorer.state["embedding"])
+    state["dynamic"] = scorer.state["dynamic"]
+    step = make_dynamic_train_step(model.dynamic, model.graphdef, tx, ranker_loss, donate=False)
+    rows = NamedSharding(model.mesh, PartitionSpec(None, tuple(model.mesh.axis_names)))
+    for host in batches:
+        labels = np.asarray(host["labels"], np.float32)
+        inputs = {
+            "sparse": model.preprocess({n: host[n] for n in model.collection.features}),
+            "dense": model.normalize_dense(host["dense"]),
+            "labels": labels,
+            "weights": np.ones_like(labels),
+        }
+        state, _ = step(state, jax.tree.map(lambda x: jax.device_put(x[None], rows), inputs))
+    return state
+
+
+def test_fit_continues_a_dynamic_run_as_the_trainer_step(dynamic_ranker_run, opened, tmp_path):
+    """``fit`` on a reopened run equals the trainer's dynamic step from its checkpoint
+    (the same keys inserted, ``last``, ``freq`` and counters; rows and params up to
+    float summation order), counters in the history; the fitted ranker saves and loads."""
+    from lf_jax.api.ranker_dynamic import dynamic_state
+    from lf_jax.train.checkpoint import flatten_to_dict
+
     _, scorer = opened
     ranker = lf_jax.Ranker.from_workdir(dynamic_ranker_run["workdir"])
     before = _keys(ranker)
@@ -134,8 +176,30 @@ def test_fit_continues_a_dynamic_run_inserting_keys(dynamic_ranker_run, opened, 
     after = _keys(ranker)
     seen = {int(i) for b in batches for i in np.asarray(b["post_id"])[np.asarray(b["valid"])]}
     assert seen <= set(after["post"]) and not seen <= set(before["post"])
+
+    trainer = _trainer_steps(dynamic_ranker_run, scorer, batches)
+    dyn = scorer.model.dynamic
+    want = dyn.snapshot({"embedding": trainer["embedding"], "index": trainer["dynamic"]})
+    view = dynamic_state(ranker)
+    got = ranker.dynamic.snapshot({"embedding": view["embedding"], "index": view["dynamic"]})
+    counters = [
+        d.counters(v)
+        for d, v in (
+            (ranker.dynamic, {"embedding": view["embedding"], "index": view["dynamic"]}),
+            (dyn, {"embedding": trainer["embedding"], "index": trainer["dynamic"]}),
+        )
+    ]
+    assert counters[0] == counters[1]
+    for name in ("member", "post"):
+        assert got[name]["keys"].tolist() == want[name]["keys"].tolist(), name
+        np.testing.assert_array_equal(got[name]["last"], want[name]["last"])
+        np.testing.assert_array_equal(got[name]["freq"], want[name]["freq"])
+        np.testing.assert_allclose(got[name]["rows"], want[name]["rows"], atol=1e-5, rtol=0)
+    want_params = flatten_to_dict(trainer["params"])
+    for key, value in flatten_to_dict(ranker.params).items():
+        np.testing.assert_allclose(value, want_params[key], atol=1e-5, rtol=1e-4, err_msg=key)
+
     probs = ranker.predict(batches[0])
-    assert np.isfinite(probs).all()
     saved = ranker.save(tmp_path / "fitted")
     np.testing.assert_allclose(
         lf_jax.Ranker.load(saved).predict(batches[0]), probs, atol=1e-6, rtol=0
