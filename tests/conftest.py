@@ -20,6 +20,7 @@ os.environ["XLA_FLAGS"] = (
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402  (after the environment is set)
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
@@ -186,3 +187,76 @@ def mesh_of():
 def mesh_2x4(mesh_of):
     """The 8 simulated devices as data 2 x model 4."""
     return mesh_of({"data": 2, "model": 4})
+
+
+DYNAMIC_STEPS = (3, 5)  # the dynamic_ranker_run's checkpoints
+BEYOND_IDS = {"member": [5000, 2**40], "post": [7000]}  # alive keys that are no dataset id
+
+
+def _with_keys(task, state, step, tables):
+    """``state`` at ``step`` whose dynamic tables hold exactly ``tables``: {table: (keys
+    ascending, rows [K, D])}."""
+    from lf_jax.embedding.dynamic.checkpoint import from_checkpoint, to_checkpoint
+
+    ckpt = to_checkpoint(task.dynamic, {"embedding": state["embedding"], "index": state["dynamic"]})
+    ckpt["step"] = step
+    for name, (keys, rows) in tables.items():
+        ckpt["dynamic"][name].update(
+            keys=np.asarray(keys, np.uint64),
+            rows=np.asarray(rows, np.float32),
+            slots={"accumulator": np.full(len(keys), 0.1, np.float32)},
+            last=np.full(len(keys), step - 1, np.int32),
+            freq=np.ones(len(keys), np.int32),
+        )
+    both = from_checkpoint(task.dynamic, ckpt)
+    return {**state, "embedding": both["embedding"], "dynamic": both["index"]}
+
+
+@pytest.fixture(scope="session")
+def dynamic_ranker_run(shrunk_ranker_config, feed_builder, tmp_path_factory):
+    """A `feed_ranker:size=tiny,dynamic=0.5` run (shrunk; member and post ids in dynamic
+    tables) checkpointed at step 3 (members 0..299 and posts 0..999 in part, plus keys
+    beyond the ids) and step 5 (some of them evicted), with its config.json. Returns
+    {"config", "workdir", "step": 5, "beyond": BEYOND_IDS, "rows": {table: (keys, rows)
+    at step 5}, "ids": {table: {"held": at step 5, "evicted": held at step 3 only,
+    "never": never admitted}}}. Read-only: tests write elsewhere."""
+    from lf_jax.train.checkpoint import Checkpointer
+    from lf_jax.train.loop import build_task, prepare_workdir
+
+    workdir = tmp_path_factory.mktemp("dynamic_ranker_run")
+    config = shrunk_ranker_config("size=tiny,dynamic=0.5")
+    with config.unlocked():
+        config.train.ips = False
+        config.data.eval_examples = 2048
+    task = build_task(config, prepare_workdir(workdir, config))
+    assert sorted(task.dynamic.specs) == ["member", "post"]
+    rng = np.random.default_rng(0)
+    state = task.init_state()
+    ids = {}
+    at_a, at_b = {}, {}
+    for name, count, held in (("member", 300, 60), ("post", 1000, 200)):
+        chosen = rng.choice(count, held + 10, replace=False)
+        keys_a = np.sort(np.concatenate([chosen, BEYOND_IDS[name]]).astype(np.uint64))
+        rows_a = rng.normal(size=(keys_a.size, 16)).astype(np.float32)
+        evicted = np.sort(chosen[:10])
+        keep = ~np.isin(keys_a, evicted.astype(np.uint64))
+        at_a[name] = (keys_a, rows_a)
+        at_b[name] = (keys_a[keep], rows_a[keep])
+        ids[name] = {
+            "held": np.sort(chosen[10:]),
+            "evicted": evicted,
+            "never": np.setdiff1d(np.arange(count), chosen),
+        }
+    step_a, step_b = DYNAMIC_STEPS
+    checkpointer = Checkpointer(workdir / "checkpoints")
+    checkpointer.save(step_a, _with_keys(task, state, step_a, at_a), task.collection, {})
+    checkpointer.save(step_b, _with_keys(task, state, step_b, at_b), task.collection, {})
+    checkpointer.close()
+    return {
+        "config": config,
+        "workdir": workdir,
+        "step": step_b,
+        "beyond": BEYOND_IDS,
+        "ids": ids,
+        "rows": at_b,
+    }

@@ -38,8 +38,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import lf_jax
 from lf_jax.api.params_npz import load_params, save_params
+from lf_jax.api.ranker_dynamic import find_rows, fresh_state
 from lf_jax.console import ensure_logging, get_logger, progress
 from lf_jax.embedding.collection import EmbeddingCollection
+from lf_jax.embedding.dynamic.policy import DynamicPolicy
 from lf_jax.embedding.sparse_optim import from_config as optimizer_from_config
 from lf_jax.embedding.spec import FeatureSpec, TableSpec
 from lf_jax.errors import UserInputError
@@ -58,8 +60,13 @@ def _table_json(table: TableSpec) -> dict:
 
 def _table_from_json(values: Mapping) -> TableSpec:
     optimizer = dict(values["optimizer"])
+    dynamic = values.get("dynamic")
     return TableSpec(
-        **{**values, "optimizer": optimizer_from_config(optimizer.pop("kind"), **optimizer)}
+        **{
+            **values,
+            "optimizer": optimizer_from_config(optimizer.pop("kind"), **optimizer),
+            "dynamic": None if dynamic is None else DynamicPolicy(**dynamic),
+        }
     )
 
 
@@ -69,7 +76,10 @@ class Ranker:
     ``gatenet``, ...); ``plan`` a partial hand plan; ``mesh`` a shape like
     ``{"data": -1}`` over every device of the process; ``dense_mean``/``dense_std`` [K]
     standardise the dense features before the model (``from_workdir`` sets them to the
-    training run's)."""
+    training run's). Tables with ``dynamic=DynamicPolicy(...)`` take 64-bit keys
+    (``lf_jax.api.ranker_dynamic``): ``index`` holds their hash tables, ``fit`` inserts
+    keys as ``lf-jax train`` does and ``predict`` reads a key the tables do not hold as
+    padding, as evaluation does."""
 
     def __init__(
         self,
@@ -138,12 +148,14 @@ class Ranker:
         )
         self.graphdef, params = nnx.split(network)
         self.params = jax.device_put(params, NamedSharding(self.mesh, PartitionSpec()))
-        self.embedding = self.collection.init(jax.random.key(self.seed))
+        # with dynamic tables: their DynamicTables and hash tables [S, ...] (else None)
+        self.dynamic, self.embedding, self.index = fresh_state(self.collection, self.seed)
         self._rows = NamedSharding(self.mesh, PartitionSpec(tuple(self.mesh.axis_names)))
         self._micro_rows = NamedSharding(
             self.mesh, PartitionSpec(None, tuple(self.mesh.axis_names))
         )
         self._predict: Callable | None = None
+        self._find: Callable | None = None  # dynamic tables: jit(find keys)
         self.steps_trained = 0
 
     # ----- inputs ---------------------------------------------------------------------------
@@ -160,8 +172,11 @@ class Ranker:
             )
         if self.dense_stats is not None:  # standardised as in training
             dense = (dense - self.dense_stats[0]) / self.dense_stats[1]
+        ids = {f.name: batch[f.name] for f in self.features}
         inputs = {
-            "sparse": self.collection.preprocess({f.name: batch[f.name] for f in self.features}),
+            "sparse": self.collection.preprocess(ids)
+            if self.dynamic is None
+            else self.dynamic.preprocess(ids),  # a KeyBatch: dynamic features as keys
             "dense": dense,
         }
         if labels:
@@ -194,6 +209,7 @@ class Ranker:
         iterator is an error); returns one row per ``log_every`` steps (default steps/10)
         with the loss of each task. Shows a progress bar (Jupyter included) and about ten
         INFO lines."""
+        from lf_jax.train.dynamic_step import make_dynamic_train_step
         from lf_jax.train.ranker_model import ranker_loss
         from lf_jax.train.step import dense_optimizer, init_train_state, make_train_step
 
@@ -210,7 +226,12 @@ class Ranker:
         )
         tx = dense_optimizer(train)
         state = jax.jit(lambda p, e: init_train_state(p, tx, e))(self.params, self.embedding)
-        step_fn = make_train_step(self.graphdef, self.collection, tx, ranker_loss)
+        step_fn: Callable
+        if self.dynamic is None:
+            step_fn = make_train_step(self.graphdef, self.collection, tx, ranker_loss)
+        else:  # keys found, admitted, inserted or evicted first, as in `lf-jax train`
+            state["dynamic"] = self.index
+            step_fn = make_dynamic_train_step(self.dynamic, self.graphdef, tx, ranker_loss)
         history: list[dict] = []
         iterator = iter(batches)
         done = 0
@@ -235,6 +256,7 @@ class Ranker:
                             )
         finally:  # the latest state, also when a bad batch stops the run half way
             self.params, self.embedding = state["params"], state["embedding"]
+            self.index = state.get("dynamic")
             self.steps_trained += done
         return history
 
@@ -260,6 +282,7 @@ class Ranker:
         aux = np.atleast_1d(np.asarray(metrics["aux"]))
         row = {"step": step, "loss": float(metrics["loss"])}
         row.update({f"loss_{t}": float(v) for t, v in zip(self.tasks, aux, strict=True)})
+        row.update({k: float(v) for k, v in metrics.get("scalars", {}).items()})  # dynamic/...
         return row
 
     # ----- scoring -------------------------------------------------------------------------
@@ -275,19 +298,22 @@ class Ranker:
         devices = self.mesh.size
         pad = -size % devices
 
-        def padded(path, x):
-            fill = -1 if "ids" in jax.tree_util.keystr(path) else 0
+        def padded(path, x):  # ids with -1 (padding); weights, keys, validity, dense 0
+            fill = -1 if any(getattr(k, "name", None) == "ids" for k in path) else 0
             x = np.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
             return jax.device_put(x, self._rows)
 
         placed = jax.tree_util.tree_map_with_path(padded, inputs)
+        if self.dynamic is not None:  # keys -> rows of the keys held (others: padding)
+            placed["sparse"] = find_rows(self, placed["sparse"])
         out = self._predict(self.params, self.embedding["tables"], placed)
         return np.asarray(out)[:size]
 
     # ----- save / load ---------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
         """Writes ranker.json (specs, tasks, model options), params.npz and tables.npz
-        (logical [vocab, dim] tables): everything ``Ranker.load`` needs."""
+        (logical [vocab, dim] tables), with dynamic tables dynamic.npz (their hash tables
+        and optimizer slots): everything ``Ranker.load`` needs."""
         reject_remote(directory, "save directory")
         directory = ensure_writable_dir(directory, "save directory")
         manifest = {
@@ -311,6 +337,10 @@ class Ranker:
         (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
         save_params(directory / "params.npz", self.params)
         tables: dict[str, Any] = self.collection.logical_tables(self.embedding)
+        if self.dynamic is not None:  # hash tables [S, ...] and the tables' slots
+            from lf_jax.api.ranker_dynamic import save_dynamic
+
+            save_dynamic(self, directory / "dynamic.npz")
         np.savez(directory / "tables.npz", **tables)
         return directory
 
@@ -355,6 +385,11 @@ class Ranker:
         ranker.params = jax.device_put(params, NamedSharding(ranker.mesh, PartitionSpec()))
         with np.load(Path(directory) / "tables.npz") as saved:
             tables = {name: saved[name] for name in saved.files}
-        ranker.embedding = ranker.collection.state_from_logical(tables)
+        if ranker.dynamic is None:
+            ranker.embedding = ranker.collection.state_from_logical(tables)
+        else:  # hash tables as saved, or rehashed onto this mesh's shards
+            from lf_jax.api.ranker_dynamic import load_dynamic
+
+            load_dynamic(ranker, Path(directory) / "dynamic.npz", tables)
         ranker.steps_trained = int(manifest["steps_trained"])
         return ranker

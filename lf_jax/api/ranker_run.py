@@ -8,6 +8,14 @@ hands the parameters, the logical tables and the dense-feature standardisation t
 same host batch, and its ``save`` writes a directory that ``Ranker.load`` opens without
 the config or the dataset.
 
+A run with dynamic tables (``feed_ranker:dynamic=...``: member/post ids as 64-bit keys)
+restores its hash tables with the state (``Checkpointer.restore(..., dynamic=)``) and
+hands the tables, optimizer slots and hash tables to the Ranker as they are (rehashed
+only where its shards differ from the run's; ``lf_jax.api.ranker_dynamic``). Its
+``predict`` finds keys as the run's evaluation does (``resolve(insert=False)``: a key
+the tables do not hold, never admitted or evicted, reads as padding) and its ``fit``
+goes on inserting and evicting.
+
 Example:
     >>> ranker = lf_jax.Ranker.from_workdir("runs/feed_ranker")
     >>> ranker.save("models/feed_ranker")                       # ranker.json + npz files
@@ -31,6 +39,7 @@ def ranker_from_workdir(
     """The ``lf_jax.Ranker`` of the feed ranker run in ``workdir`` at its newest checkpoint
     (or ``step``), placed on ``mesh`` (default: every device on "data")."""
     from lf_jax.api.ranker import Ranker
+    from lf_jax.api.ranker_dynamic import place_logical
     from lf_jax.configuration import load_workdir_config
     from lf_jax.distributed.mesh import make_mesh
     from lf_jax.embedding.config_specs import memory_budget_from_config
@@ -59,7 +68,9 @@ def ranker_from_workdir(
     checkpointer = Checkpointer(workdir / "checkpoints", create=False)
     try:
         template = run.init_state(dense_optimizer(config.train), config.seed)
-        state, _, restored = checkpointer.restore_newest(template, run.collection, step)
+        state, _, restored = checkpointer.restore_newest(
+            template, run.collection, step, dynamic=run.dynamic
+        )
     finally:
         checkpointer.close()
     tables, features, _ = ranker_specs(config, run.meta)  # the planner plans for ``mesh``
@@ -81,7 +92,16 @@ def ranker_from_workdir(
     params = ranker.params
     nnx.replace_by_pure_dict(params, nnx.to_pure_dict(jax.device_get(state["params"])))
     ranker.params = jax.device_put(params, NamedSharding(ranker.mesh, PartitionSpec()))
-    logical = run.collection.logical_tables(state["embedding"])
-    ranker.embedding = ranker.collection.state_from_logical(logical)
+    if run.dynamic is None:
+        logical = run.collection.logical_tables(state["embedding"])
+        ranker.embedding = ranker.collection.state_from_logical(logical)
+    else:  # keys, rows, slots and hash tables; rehashed where the shards differ
+        place_logical(
+            ranker,
+            run.collection.logical_tables(state["embedding"]),
+            run.collection.logical_slots(state["embedding"]),
+            state["dynamic"],
+            int(state["embedding"]["step"]),
+        )
     ranker.steps_trained = restored
     return ranker

@@ -52,7 +52,7 @@ class RankerCorpus:
 
         self.checkpoint_dir, _ = find_checkpoint(workdir, step)
         mesh = make_mesh(dict(config.mesh))
-        self.model = RankerModel.from_config(config, mesh, build=False, dynamic_ok=True)
+        self.model = RankerModel.from_config(config, mesh, build=False)
         self.collection = self.model.collection
         self.dynamic = self.model.dynamic
         if self.dynamic is not None and jax.process_count() > 1:

@@ -132,12 +132,10 @@ class RankerModel:
 
     @classmethod
     def from_config(
-        cls, config, mesh, *, micro_batches: int = 1, build: bool = True, dynamic_ok: bool = False
+        cls, config, mesh, *, micro_batches: int = 1, build: bool = True
     ) -> "RankerModel":
-        """``build=False`` (export, serving): the dataset must be built already; it is read
-        from its files, without the builder code in data/. With ``build=False`` a config
-        with dynamic tables is refused unless ``dynamic_ok`` (the corpus and serving
-        exports read their keys; Ranker.from_workdir does not)."""
+        """``build=False`` (export, serving, ``Ranker.from_workdir``): the dataset must be
+        built already; it is read from its files, without the builder code in data/."""
         builder = (
             open_feed_logs(config)
             if build
@@ -148,13 +146,6 @@ class RankerModel:
         meta = dataset_metadata(builder)
         tables, features, hand_plan = ranker_specs(config, meta)
         dynamic_names = [t.name for t in tables if t.dynamic is not None]
-        if dynamic_names and not build and not dynamic_ok:
-            raise UserInputError(
-                f"config embedding.tables.{dynamic_names[0]}.dynamic: Ranker.from_workdir "
-                f"reads static tables only; a run with dynamic tables {dynamic_names} is "
-                "evaluated with `lf-jax eval`, served with `lf-jax export --serving` and its "
-                "tables exported with `lf-jax export --entity` (and `--delta`)"
-            )
         devices = int(np.prod(list(mesh.shape.values())))
         plan = plan_tables(
             tables,

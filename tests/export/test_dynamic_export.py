@@ -6,9 +6,7 @@ import numpy as np
 import pytest
 
 from lf_jax.cli import main
-from lf_jax.distributed.mesh import make_mesh
 from lf_jax.embedding.dynamic.checkpoint import from_checkpoint, to_checkpoint
-from lf_jax.errors import UserInputError
 from lf_jax.export.embed_corpus import load_export
 from lf_jax.export.kv_store import KVStore
 from lf_jax.export.scann_index import VectorIndex
@@ -164,13 +162,3 @@ def test_delta_errors_come_before_device_work(dynamic_run, repo_root, tmp_path, 
     assert _export(repo_root, dynamic_run, tmp_path / "none", "--delta", "--serving") == 2
     assert "does not go with --serving" in capsys.readouterr().err
 
-
-def test_ranker_from_workdir_still_refuses_a_dynamic_run(dynamic_run):
-    """``RankerModel.from_config(build=False)`` without ``dynamic_ok`` (Ranker.from_workdir)
-    refuses a run with dynamic tables; ``lf-jax export --serving`` serves one
-    (tests/serving/test_dynamic_serving.py)."""
-    from lf_jax.train.ranker_model import RankerModel
-
-    config = dynamic_run["config"]
-    with pytest.raises(UserInputError, match=r"tables.member.dynamic: Ranker.from_workdir"):
-        RankerModel.from_config(config, make_mesh(dict(config.mesh)), build=False)

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from lf_jax.cli import main
-from lf_jax.embedding.dynamic.checkpoint import from_checkpoint, to_checkpoint
 from lf_jax.serving.artifact import ServedModel
 from lf_jax.serving.feature_store import FeatureStore
 from lf_jax.serving.feed_features import FeatureLayout, pair_inputs
@@ -20,65 +19,6 @@ SHRINK = [
     "--config.data.eval_examples=2048",
 ]
 BUCKETS = ["--query-buckets", "1,2", "--candidate-buckets", "64"]
-STEP_A, STEP_B = 3, 5
-BEYOND = {"member": [5000, 2**40], "post": [7000]}  # alive keys that are no dataset id
-
-
-def _with_keys(task, state, step, tables):
-    """``state`` at ``step`` whose dynamic tables hold exactly ``tables``: {table: (keys
-    ascending, rows [K, D])}."""
-    ckpt = to_checkpoint(task.dynamic, {"embedding": state["embedding"], "index": state["dynamic"]})
-    ckpt["step"] = step
-    for name, (keys, rows) in tables.items():
-        ckpt["dynamic"][name].update(
-            keys=np.asarray(keys, np.uint64),
-            rows=np.asarray(rows, np.float32),
-            slots={"accumulator": np.full(len(keys), 0.1, np.float32)},
-            last=np.full(len(keys), step - 1, np.int32),
-            freq=np.ones(len(keys), np.int32),
-        )
-    both = from_checkpoint(task.dynamic, ckpt)
-    return {**state, "embedding": both["embedding"], "dynamic": both["index"]}
-
-
-@pytest.fixture(scope="module")
-def dynamic_serving_run(shrunk_ranker_config, feed_builder, tmp_path_factory):
-    """A dynamic run checkpointed at STEP_A (members 0..299 and posts 0..999 in part, plus
-    keys beyond the ids) and STEP_B (some of them evicted); the ids of each table: held at
-    STEP_B, evicted (held at STEP_A only), never admitted."""
-    from lf_jax.train.checkpoint import Checkpointer
-    from lf_jax.train.loop import build_task
-
-    workdir = tmp_path_factory.mktemp("dynamic_serving")
-    config = shrunk_ranker_config(SIZE)
-    with config.unlocked():
-        config.train.ips = False
-        config.data.eval_examples = 2048
-    task = build_task(config, workdir)
-    assert sorted(task.dynamic.specs) == ["member", "post"]
-    rng = np.random.default_rng(0)
-    state = task.init_state()
-    ids = {}
-    at_a, at_b = {}, {}
-    for name, count, held in (("member", 300, 60), ("post", 1000, 200)):
-        chosen = rng.choice(count, held + 10, replace=False)
-        keys_a = np.sort(np.concatenate([chosen, BEYOND[name]]).astype(np.uint64))
-        rows_a = rng.normal(size=(keys_a.size, 16)).astype(np.float32)
-        evicted = np.sort(chosen[:10])
-        keep = ~np.isin(keys_a, evicted.astype(np.uint64))
-        at_a[name] = (keys_a, rows_a)
-        at_b[name] = (keys_a[keep], rows_a[keep])
-        held_b = np.sort(chosen[10:])
-        ids[name] = {
-            "held": held_b,
-            "evicted": evicted,
-            "never": np.setdiff1d(np.arange(count), chosen),
-        }
-    checkpointer = Checkpointer(workdir / "checkpoints")
-    checkpointer.save(STEP_A, _with_keys(task, state, STEP_A, at_a), task.collection, {})
-    checkpointer.save(STEP_B, _with_keys(task, state, STEP_B, at_b), task.collection, {})
-    checkpointer.close()
-    return {"config": config, "workdir": workdir, "ids": ids, "rows": at_b}
 
 
 def _export(repo_root, run, output, *extra):
@@ -101,19 +41,19 @@ def _export(repo_root, run, output, *extra):
 
 
 @pytest.fixture(scope="module")
-def exported(dynamic_serving_run, repo_root, tmp_path_factory):
+def exported(dynamic_ranker_run, repo_root, tmp_path_factory):
     root = tmp_path_factory.mktemp("dynamic_artifacts")
-    assert _export(repo_root, dynamic_serving_run, root, "--serving-dtype", "float32") == 0
+    assert _export(repo_root, dynamic_ranker_run, root, "--serving-dtype", "float32") == 0
     return root
 
 
-def test_export_maps_the_alive_keys_and_absent_ids_to_padding(dynamic_serving_run, exported):
+def test_export_maps_the_alive_keys_and_absent_ids_to_padding(dynamic_ranker_run, exported):
     model = ServedModel.load(exported / "versions" / "v0001" / "ranker")
     summary = model.manifest["dynamic_tables"]
-    assert model.manifest["source"]["checkpoint_step"] == STEP_B
+    assert model.manifest["source"]["checkpoint_step"] == dynamic_ranker_run["step"]
     for name, count in (("member", 300), ("post", 1000)):
-        ids = dynamic_serving_run["ids"][name]
-        keys, rows = dynamic_serving_run["rows"][name]
+        ids = dynamic_ranker_run["ids"][name]
+        keys, rows = dynamic_ranker_run["rows"][name]
         key_rows = np.asarray(model.weights["key_rows"][name])
         table = np.asarray(model.weights["tables"][name]["values"])
         assert key_rows.shape == (count,)
@@ -126,7 +66,7 @@ def test_export_maps_the_alive_keys_and_absent_ids_to_padding(dynamic_serving_ru
             "capacity": {"member": 144, "post": 496}[name],
             "alive_keys": keys.size,
             "served_keys": ids["held"].size,
-            "keys_beyond_ids": len(BEYOND[name]),
+            "keys_beyond_ids": len(dynamic_ranker_run["beyond"][name]),
         }
 
 
@@ -137,8 +77,8 @@ def _reference(run):
     return RankerScorer(RankerCorpus(run["config"], run["workdir"]))
 
 
-def test_served_scores_equal_the_training_time_ranker(dynamic_serving_run, exported):
-    run, ids = dynamic_serving_run, dynamic_serving_run["ids"]
+def test_served_scores_equal_the_training_time_ranker(dynamic_ranker_run, exported):
+    run, ids = dynamic_ranker_run, dynamic_ranker_run["ids"]
     model = ServedModel.load(exported / "versions" / "v0001" / "ranker")
     store = FeatureStore.open(exported / "features")
     _, post_nw = store.read([], model.post_keys())
@@ -176,7 +116,7 @@ def test_served_scores_equal_the_training_time_ranker(dynamic_serving_run, expor
     store.close()
 
 
-def test_holdout_scores_and_auc_equal_the_training_time_ranker(dynamic_serving_run, exported):
+def test_holdout_scores_and_auc_equal_the_training_time_ranker(dynamic_ranker_run, exported):
     """The export's holdout path (functions.ranker_probs on the artifact's weights, logged
     history, ids through key_rows) equals evaluation's lookup on the same rows."""
     import jax
@@ -187,7 +127,7 @@ def test_holdout_scores_and_auc_equal_the_training_time_ranker(dynamic_serving_r
     from lf_jax.train.metrics import auc
 
     model = ServedModel.load(exported / "versions" / "v0001" / "ranker")
-    scorer = _reference(dynamic_serving_run)
+    scorer = _reference(dynamic_ranker_run)
     ranker = scorer.model
     features = {n: tuple(v) for n, v in model.manifest["features"].items()}
     treedef = jax.tree.structure(jax.device_get(scorer.state["params"]))
@@ -229,7 +169,7 @@ def test_a_dynamic_table_without_counted_ids_is_refused_before_device_work():
         check_servable(["member", "author_cluster"])
 
 
-def test_server_ranks_members_and_posts_the_tables_do_not_hold(dynamic_serving_run, exported):
+def test_server_ranks_members_and_posts_the_tables_do_not_hold(dynamic_ranker_run, exported):
     """`lf-jax serve`'s service over the dynamic artifact: a member evicted before export
     and posts held, evicted and never admitted are known ids (the store has their rows)
     and are scored as the training-time ranker scores them."""
@@ -239,7 +179,7 @@ def test_server_ranks_members_and_posts_the_tables_do_not_hold(dynamic_serving_r
     from lf_jax.serving.server import serve_in_thread
     from lf_jax.serving.service import Service
 
-    ids = dynamic_serving_run["ids"]
+    ids = dynamic_ranker_run["ids"]
     member = f"m{ids['member']['evicted'][0]}"
     posts = [f"p{ids['post'][kind][i]}" for kind in ("held", "evicted", "never") for i in (0, 1)]
     service = Service(exported)
@@ -265,6 +205,6 @@ def test_server_ranks_members_and_posts_the_tables_do_not_hold(dynamic_serving_r
     sparse, dense = pair_inputs(
         np, layout, member_qw, post_rows.reshape(1, len(posts), -1), member_q, post_qk
     )
-    expected = _reference(dynamic_serving_run).score({**sparse, "dense": dense})
+    expected = _reference(dynamic_ranker_run).score({**sparse, "dense": dense})
     served = np.array([out["task_probs"][t] for t in model.manifest["tasks"]]).T
     np.testing.assert_allclose(served, expected, atol=2e-6, rtol=0)
