@@ -240,7 +240,15 @@ def shard_layout(
     # a layout that always fits (forward and update skip the sorted rounds) keeps them all
     real = None if always_fits(m, group.rows, capacity) else route.real_entries(m)
     return Buckets.build(
-        slot_m, local_m, group.num_slots, group.rows, capacity, all_axes, group.axes, real
+        slot_m,
+        local_m,
+        group.num_slots,
+        group.rows,
+        capacity,
+        all_axes,
+        group.axes,
+        real,
+        route.kernel,
     )
 
 
@@ -322,7 +330,7 @@ def group_forward(
         )
 
         def one_round(_):  # pool straight from the received rows
-            rows_kd = fetch_one_round(layout, stored_1rd[0], group.axes)
+            rows_kd = fetch_one_round(layout, stored_1rd[0], group.axes, route.kernel)
             return route.pool(rows_kd, layout.entry_m.reshape(b, e), coef_be, slot_be >= 0)
 
         if always_fits(b * e, group.rows, capacity):

@@ -38,6 +38,7 @@ from lf_jax.embedding.exchange import (
     sum_and_apply,
 )
 from lf_jax.embedding.kernels import fused
+from lf_jax.embedding.kernels import route as fused_route
 from lf_jax.embedding.lookup import GroupRoute, local_layout, shard_layout
 
 
@@ -247,7 +248,11 @@ def _push_entries(
 
     def apply_round(asked_sc, place_m, first_sc, table_rd, slots_r):  # asked_sc: at the owner
         shape = (num_slots, capacity, group.dim)
-        grad_scd = sum_into_layout(place_m, valid_m, first_sc, gradient, shape)
+        if route.kernel == "fused":  # the C++ sums (lf_jax.embedding.kernels.route)
+            place_ne = jnp.where(valid_m, place_m, num_slots * capacity).reshape(slot_ne.shape)
+            grad_scd = fused_route.sum_places(place_ne, first_sc, coef_ne, route.out_col_e, grad_ncd)
+        else:
+            grad_scd = sum_into_layout(place_m, valid_m, first_sc, gradient, shape)
         return apply_at_owners(
             asked_sc,
             grad_scd,

@@ -39,6 +39,9 @@ TARGETS = {
     "lf_jax_update_sgd": "LfUpdateSgd",
     "lf_jax_update_adagrad": "LfUpdateAdagrad",
     "lf_jax_update_adam": "LfUpdateAdam",
+    "lf_jax_route": "LfRoute",
+    "lf_jax_sum_places": "LfSumPlaces",
+    "lf_jax_gather_asked": "LfGatherAsked",
 }
 XLA_PATH_HINT = (
     "choose the XLA path instead with EmbeddingCollection(..., kernel='xla') or the "
