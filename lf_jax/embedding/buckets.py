@@ -201,16 +201,15 @@ def _buckets(slot_m, local_m, num_slots: int, rows: int, capacity: int):
 
 
 def fetch_one_round(layout: Buckets, table_rd, axes, kernel: str = "xla") -> jax.Array:
-    """[S * C, D] float32: the rows of ``layout.ask_sc`` from their owners, in layout
-    order (entry m reads row ``layout.entry_m[m]``; empty places are 0): the owner
-    gathers ``layout.asked_sc`` (``kernel`` 'fused': the C++ gather, else XLA's) and
-    sends them back over ``axes``. Only valid when ``layout.fits``."""
+    """[S, C, D] float32: the rows of ``layout.ask_sc`` from their owners, in layout
+    order (entry m reads row ``layout.entry_m[m]`` of the [S * C, D] rows; empty places
+    are 0): the owner gathers ``layout.asked_sc`` (``kernel`` 'fused': the C++ gather,
+    else XLA's) and sends them back over ``axes``. Only valid when ``layout.fits``."""
     if kernel == "fused":
         rows_scd = fused_route.gather_asked(table_rd, layout.asked_sc)
     else:
         rows_scd = owner_rows(table_rd, layout.asked_sc)
-    got_scd = exchange_blocks(rows_scd, axes)
-    return got_scd.reshape(-1, got_scd.shape[-1])
+    return exchange_blocks(rows_scd, axes)
 
 
 def sum_into_layout(place_m, valid_m, first_sc, gradient, shape: tuple[int, int, int]) -> jax.Array:

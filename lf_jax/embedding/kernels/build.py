@@ -42,6 +42,7 @@ TARGETS = {
     "lf_jax_route": "LfRoute",
     "lf_jax_sum_places": "LfSumPlaces",
     "lf_jax_gather_asked": "LfGatherAsked",
+    "lf_jax_pool_parts": "LfPoolParts",
 }
 XLA_PATH_HINT = (
     "choose the XLA path instead with EmbeddingCollection(..., kernel='xla') or the "

@@ -18,11 +18,16 @@
 //   XLA hands each to its peer of the all_to_all without a copy) or one [S, C, D].
 // LfGatherAsked: the owner's rows for its asking peers (exchange.owner_rows): S results
 //   [C, D] float32, block s row c = table[asked[s, c]] (0 where asked is out of [0, R)).
+// LfPoolParts: the pooled forward from the rows an exchange received (lookup.GroupRoute.pool
+//   on the [S * C, D] rows): entry (n, e) adds coef[n, e] * row place[n, e] into out[n,
+//   out_col[e]] (place < 0 skipped, past S * C clamped), the rows given as the S blocks
+//   [C, D] of the all_to_all's per-peer results: no concatenation copy first.
 //
 // Shapes: slot, local, entry [M] int32; ask, first [S, C] int32; count [S] int32;
 // place [N, E] int32, coef [N, E] float32, out_col [E] int32, grad [N, C_out, D] float32;
 // table [..., R, D] float32 | bfloat16 | float16.
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -42,7 +47,8 @@ ffi::Error Invalid(const char* what) {
 // Hash tables reused between calls: the calls of several devices run at once on XLA's
 // threads, each takes one (a fresh vector per call would be page-faulted in every step).
 struct HashTable {
-  std::vector<int32_t> key, value;
+  std::vector<int32_t> cell;  // key, value pairs; key -1: empty (kept empty between calls)
+  std::vector<uint32_t> used;  // cells filled by this call, emptied before it returns
 };
 
 class TablePool {
@@ -83,8 +89,9 @@ void Route(const int32_t* slot, const int32_t* local, int64_t M, int64_t S, int6
   int64_t size = 16;
   while (size < 2 * M) size <<= 1;
   const uint32_t mask = uint32_t(size - 1);
-  hash.key.assign(size, -1);
-  hash.value.resize(size);
+  if (int64_t(hash.cell.size()) != 2 * size) hash.cell.assign(2 * size, -1);
+  hash.used.clear();
+  int32_t* cell = hash.cell.data();
   std::fill(ask, ask + S * C, int32_t(R));
   std::fill(first, first + S * C, int32_t(M));
   std::fill(count, count + S, 0);
@@ -96,9 +103,10 @@ void Route(const int32_t* slot, const int32_t* local, int64_t M, int64_t S, int6
     }
     const int32_t key = int32_t(s * R + local[m]);
     uint32_t h = Mix(uint32_t(key)) & mask;
-    while (hash.key[h] != key && hash.key[h] != -1) h = (h + 1) & mask;
-    if (hash.key[h] == -1) {  // a new key: the next place of its owner's bucket
-      hash.key[h] = key;
+    while (cell[2 * h] != key && cell[2 * h] != -1) h = (h + 1) & mask;
+    if (cell[2 * h] == -1) {  // a new key: the next place of its owner's bucket
+      cell[2 * h] = key;
+      hash.used.push_back(h);
       const int32_t rank = count[s]++;
       int32_t place = 0;
       if (rank < C) {
@@ -106,10 +114,11 @@ void Route(const int32_t* slot, const int32_t* local, int64_t M, int64_t S, int6
         ask[place] = local[m];
         first[place] = int32_t(m);
       }
-      hash.value[h] = place;
+      cell[2 * h + 1] = place;
     }
-    entry[m] = hash.value[h];
+    entry[m] = cell[2 * h + 1];
   }
+  for (const uint32_t h : hash.used) cell[2 * h] = -1;
 }
 
 ffi::Error RouteImpl(ffi::Buffer<ffi::S32> slot, ffi::Buffer<ffi::S32> local,
@@ -276,6 +285,51 @@ ffi::Error GatherAskedImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> asked,
   return ffi::Error::Success();
 }
 
+ffi::Error PoolPartsImpl(ffi::Buffer<ffi::S32> place, ffi::Buffer<ffi::F32> coef,
+                         ffi::Buffer<ffi::S32> out_col, ffi::RemainingArgs parts,
+                         ffi::ResultBuffer<ffi::F32> out) {
+  auto pd = place.dimensions();
+  auto od = out->dimensions();
+  if (pd.size() != 2 || od.size() != 3 || od[0] != pd[0] ||
+      coef.element_count() != place.element_count() || out_col.element_count() != size_t(pd[1]) ||
+      parts.size() == 0) {
+    return Invalid("lf_jax pool_parts: expected place, coef [N, E], out [N, K, D], S blocks");
+  }
+  const int64_t N = pd[0], E = pd[1], K = od[1], D = od[2], S = int64_t(parts.size());
+  std::vector<const float*> blocks(S);
+  int64_t C = -1;
+  for (int64_t s = 0; s < S; ++s) {
+    auto block = parts.get<ffi::Buffer<ffi::F32>>(s);
+    if (!block.has_value()) return block.error();
+    const int64_t rows = int64_t(block->element_count()) / D;
+    if (C >= 0 && rows != C) return Invalid("lf_jax pool_parts: blocks of unequal rows");
+    C = rows;
+    blocks[s] = block->typed_data();
+  }
+  if (C < 1) return Invalid("lf_jax pool_parts: empty blocks");
+  const int64_t last = S * C - 1, total = N * E;
+  const int32_t* p = place.typed_data();
+  const float* w = coef.typed_data();
+  const int32_t* cols = out_col.typed_data();
+  float* o = out->typed_data();
+  auto row = [&](int64_t r) { return blocks[r / C] + (r % C) * D; };
+  constexpr int64_t kAhead = 16;
+  std::memset(o, 0, sizeof(float) * N * K * D);
+  for (int64_t m = 0; m < total; ++m) {
+    if (m + kAhead < total && p[m + kAhead] >= 0) {
+      const float* ahead = row(std::min<int64_t>(p[m + kAhead], last));
+      for (int64_t d = 0; d < D; d += 16) __builtin_prefetch(ahead + d);
+    }
+    const int64_t r = p[m];
+    if (r < 0) continue;
+    const float x = w[m];
+    const float* src = row(std::min(r, last));
+    float* dst = o + ((m / E) * K + cols[m % E]) * D;
+    for (int64_t d = 0; d < D; ++d) dst[d] += x * src[d];
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LfRoute, RouteImpl,
@@ -302,3 +356,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LfGatherAsked, GatherAskedImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .RemainingRets());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LfPoolParts, PoolPartsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

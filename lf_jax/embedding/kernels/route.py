@@ -75,3 +75,18 @@ def sum_places(place_ne, first_sc, coef_ne, out_col_e: np.ndarray, grad_nkd) -> 
         grad_nkd.astype(jnp.float32),
     )
     return jnp.stack(out)
+
+
+def pool_parts(parts_cd, index_ne, coef_ne, out_col_e: np.ndarray, num_out: int) -> jax.Array:
+    """[N, K, D] float32: entry (n, e) adds ``coef[n, e] * rows[index[n, e]]`` into column
+    out_col[e], the [S * C, D] rows given as S float32 blocks [C, D] (an exchange's
+    per-peer results, passed without concatenating them); index < 0 is padding."""
+    load()
+    dim = parts_cd[0].shape[-1]
+    out = jax.ShapeDtypeStruct((index_ne.shape[0], num_out, dim), jnp.float32)
+    return jax.ffi.ffi_call("lf_jax_pool_parts", out)(
+        index_ne.astype(jnp.int32),
+        coef_ne.astype(jnp.float32),
+        jnp.asarray(out_col_e, jnp.int32),
+        *parts_cd,
+    )
