@@ -95,7 +95,10 @@ void Route(const int32_t* slot, const int32_t* local, int64_t M, int64_t S, int6
   std::fill(ask, ask + S * C, int32_t(R));
   std::fill(first, first + S * C, int32_t(M));
   std::fill(count, count + S, 0);
+  constexpr int64_t kAhead = 16;  // entries whose cells are prefetched ahead (random reads)
+  auto cell_of = [&](int64_t m) { return Mix(uint32_t(slot[m] * R + local[m])) & mask; };
   for (int64_t m = 0; m < M; ++m) {
+    if (m + kAhead < M && slot[m + kAhead] >= 0) __builtin_prefetch(cell + 2 * cell_of(m + kAhead));
     const int32_t s = slot[m];
     if (s < 0 || s >= S) {
       entry[m] = 0;
@@ -201,7 +204,15 @@ ffi::Error SumPlacesImpl(ffi::Buffer<ffi::S32> place, ffi::Buffer<ffi::S32> firs
       for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * x;
     }
   }
+  constexpr int64_t kAhead = 8;  // entries whose places are prefetched ahead
   for (int64_t m = 0; m < M; ++m) {
+    if (m + kAhead < M) {
+      const int64_t ahead = places[m + kAhead];
+      if (ahead >= 0 && ahead < S * C) {
+        float* row = (*blocks)[ahead / C] + (ahead % C) * D;
+        for (int64_t d = 0; d < D; d += 16) __builtin_prefetch(row + d, 1);
+      }
+    }
     const int64_t p = places[m];
     if (p < 0 || p >= S * C || firsts[p] == m) continue;
     const float x = w[m];
