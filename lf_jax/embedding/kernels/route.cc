@@ -87,7 +87,7 @@ uint32_t Mix(uint32_t x) {  // murmur3's finalizer
 void Route(const int32_t* slot, const int32_t* local, int64_t M, int64_t S, int64_t C, int64_t R,
            int32_t* ask, int32_t* entry, int32_t* first, int32_t* count, HashTable& hash) {
   int64_t size = 16;
-  while (size < 2 * M) size <<= 1;
+  while (size < M + M / 2) size <<= 1;  // load <= 2/3 (0.4 with ids in 60% of entries)
   const uint32_t mask = uint32_t(size - 1);
   if (int64_t(hash.cell.size()) != 2 * size) hash.cell.assign(2 * size, -1);
   hash.used.clear();
