@@ -62,7 +62,9 @@ def main() -> None:
         state, _ = jax.block_until_ready(step_fn(state, batch, r_d))
         t5 = cpu_ms()
         if i >= 2:
-            for k, v in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0, t5 - t4)):
+            for k, v in zip(
+                times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0, t5 - t4), strict=True
+            ):
                 times[k].append(v)
     for k, v in times.items():
         print(f"{dist} devices={devices} {k}: median {np.median(v):.1f} min {min(v):.1f} CPU ms")

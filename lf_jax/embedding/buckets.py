@@ -156,7 +156,9 @@ class Buckets:
             most_over = jax.lax.pmax(most_over, all_axes)
         most = most_over[0]
         fits = most_over[1] == 0
-        if not always_fits(m if real is None or kernel == "fused" else min(real, m), rows, capacity):
+        if not always_fits(
+            m if real is None or kernel == "fused" else min(real, m), rows, capacity
+        ):
             fits = fits & (most <= capacity)
         return cls(ask_sc, entry_m, fits, most, exchange_blocks(ask_sc, axes), first_sc)
 

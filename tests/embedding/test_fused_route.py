@@ -119,7 +119,9 @@ def test_gather_asked_and_pool_parts_match_numpy(dtype):
     table = jnp.asarray(rng.standard_normal((1, rows, d)), dtype)
     asked = rng.integers(0, rows + 2, (s, c)).astype(np.int32)  # rows, rows + 1: empty
     got = np.asarray(jax.jit(route.gather_asked)(table, asked))
-    want = np.where((asked < rows)[..., None], np.asarray(table[0], np.float32)[np.minimum(asked, rows - 1)], 0)
+    want = np.where(
+        (asked < rows)[..., None], np.asarray(table[0], np.float32)[np.minimum(asked, rows - 1)], 0
+    )
     np.testing.assert_array_equal(got, want)
 
     index = rng.integers(-1, s * c, (n, e)).astype(np.int32)
@@ -174,8 +176,15 @@ CASES = [
 @pytest.mark.parametrize(
     "kind,mesh_name,strategy,capacity",
     CASES,
-    ids=["zipf_rw_d8", "one_owner_rw_d2m4", "one_owner_twrw_d4m2", "zipf_twrw_d2m4",
-         "zipf_cw_d8", "zipf_rw_model_d2m4_c2", "one_owner_rw_d8_c3"],
+    ids=[
+        "zipf_rw_d8",
+        "one_owner_rw_d2m4",
+        "one_owner_twrw_d4m2",
+        "zipf_twrw_d2m4",
+        "zipf_cw_d8",
+        "zipf_rw_model_d2m4_c2",
+        "one_owner_rw_d8_c3",
+    ],
 )
 def test_exchanging_strategies_match_oracle(kernel, kind, mesh_name, strategy, capacity, mesh_of):
     coll = EmbeddingCollection(
@@ -228,5 +237,7 @@ def test_microbatched_exchange_equals_one_big_batch(mesh_name, mesh_of):
         for a, b in zip(jax.tree.leaves(accumulated), jax.tree.leaves(once), strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
         results[kernel] = jax.device_get(jax.jit(coll.to_logical)(accumulated))
-    for a, b in zip(jax.tree.leaves(results["fused"]), jax.tree.leaves(results["xla"]), strict=True):
+    for a, b in zip(
+        jax.tree.leaves(results["fused"]), jax.tree.leaves(results["xla"]), strict=True
+    ):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

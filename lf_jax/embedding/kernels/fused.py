@@ -1,8 +1,9 @@
 """The fused CPU kernels of the local sparse step as JAX calls, and the kernel setting.
 
 Which path the engine's local work takes (a group whose rows and entries are all on
-the device; for exchanging groups, the pooling from the received rows and the owners'
-update) is the collection's ``kernel`` setting:
+the device; for exchanging groups, the routing, the owners' gathers, the pooling from
+the received rows, the gradient sums and the owners' update: lf_jax.embedding.kernels.route)
+is the collection's ``kernel`` setting:
 
   auto   fused on the CPU backend, XLA on GPU / TPU (the default; the environment
          variable LF_JAX_EMBEDDING_KERNEL overrides the default)
@@ -67,8 +68,8 @@ def describe_kernel(kernel: str | None = None) -> str:
         return line
     kinds = "/".join(o.kind for o in FUSED_OPTIMIZERS)
     return (
-        f"{line}; fused: pooling and updates of groups with {kinds} "
-        "(other optimizers and the owners' gathers of asked rows: XLA)"
+        f"{line}; fused: pooling, updates and exchange routing of groups with {kinds} "
+        "(other optimizers, the collectives and overflowing steps' sorted rounds: XLA)"
     )
 
 

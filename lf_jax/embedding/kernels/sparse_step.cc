@@ -16,7 +16,9 @@
 // Shapes: table [R, D] float32 | bfloat16 | float16 (or [1, R, D]: leading axes of size 1,
 // as shard_map hands a device's block, passed as they are so that XLA aliases the donated
 // buffer without a copy); rows, coef [N, E]; out_col [E];
-// out, grad [N, C, D] float32; piece_cols [P, W]; step [] int32 (1-based);
+// out, grad [N, C, D] float32 (the update's grad may come as k equal blocks [N / k, C, D]:
+// the first in grad's place, the others after step, e.g. the per-peer results of an
+// all_to_all, read where they are); piece_cols [P, W]; step [] int32 (1-based);
 // row-wise Adagrad accumulator [R] (or [1, R]); Adam mu, nu like the table, float32.
 
 #include <algorithm>
