@@ -35,6 +35,7 @@ import jax.numpy as jnp
 
 from lf_jax.embedding.dedupe import compacted_positions, leaders, position_bits, running_count
 from lf_jax.embedding.exchange import CHUNK, exchange_blocks, owner_rows
+from lf_jax.embedding.kernels import route as fused_route
 from lf_jax.errors import UserInputError
 
 STACKED_SUMS = 16  # owners up to which sum_into_layout keeps one buffer per owner
@@ -106,15 +107,23 @@ class Buckets:
         all_axes,
         axes=(),
         real: int | None = None,
+        kernel: str = "xla",
     ):
         """Entries with slot < 0 (padding) are ignored. ``axes``: the group's mesh axes,
         over which ``asked_sc`` is exchanged (none: the asks stay here). ``real``: at
         most this many entries hold ids (None: M), e.g. M x the collection's id_fill:
         the valid entries are compacted into [real] first, so the dedupe and the bucket
         sort skip the padding; a device with more valid entries makes ``fits`` false
-        (the sorted rounds, exact, take the step)."""
+        (the sorted rounds, exact, take the step). ``kernel`` 'fused': the layout comes
+        from the C++ kernel (lf_jax.embedding.kernels.route.route: one hash pass over the
+        entries, padding skipped, so ``real`` does not apply); 'xla': the jnp path below."""
         m = slot_m.shape[0]
-        if real is None or real >= m:
+        if kernel == "fused":
+            ask_sc, entry_m, first_sc, count_s = fused_route.route(
+                slot_m, local_m, num_slots, rows, capacity
+            )
+            over = jnp.int32(0)
+        elif real is None or real >= m:
             ask_sc, entry_m, count_s, first_sc = _buckets(
                 slot_m, local_m, num_slots, rows, capacity
             )
@@ -147,7 +156,9 @@ class Buckets:
             most_over = jax.lax.pmax(most_over, all_axes)
         most = most_over[0]
         fits = most_over[1] == 0
-        if not always_fits(m if real is None else min(real, m), rows, capacity):
+        if not always_fits(
+            m if real is None or kernel == "fused" else min(real, m), rows, capacity
+        ):
             fits = fits & (most <= capacity)
         return cls(ask_sc, entry_m, fits, most, exchange_blocks(ask_sc, axes), first_sc)
 
@@ -191,13 +202,16 @@ def _buckets(slot_m, local_m, num_slots: int, rows: int, capacity: int):
     return ask_sc, entry_m, count_s, jnp.where(has_sc, leader_sc, m)
 
 
-def fetch_one_round(layout: Buckets, table_rd, axes) -> jax.Array:
-    """[S * C, D] float32: the rows of ``layout.ask_sc`` from their owners, in layout
-    order (entry m reads row ``layout.entry_m[m]``; empty places are 0): the owner
-    gathers ``layout.asked_sc`` and sends them back over ``axes``. Only valid when
-    ``layout.fits``."""
-    got_scd = exchange_blocks(owner_rows(table_rd, layout.asked_sc), axes)
-    return got_scd.reshape(-1, got_scd.shape[-1])
+def fetch_one_round(layout: Buckets, table_rd, axes, kernel: str = "xla") -> jax.Array:
+    """[S, C, D] float32: the rows of ``layout.ask_sc`` from their owners, in layout
+    order (entry m reads row ``layout.entry_m[m]`` of the [S * C, D] rows; empty places
+    are 0): the owner gathers ``layout.asked_sc`` (``kernel`` 'fused': the C++ gather,
+    else XLA's) and sends them back over ``axes``. Only valid when ``layout.fits``."""
+    if kernel == "fused":
+        rows_scd = fused_route.gather_asked(table_rd, layout.asked_sc)
+    else:
+        rows_scd = owner_rows(table_rd, layout.asked_sc)
+    return exchange_blocks(rows_scd, axes)
 
 
 def sum_into_layout(place_m, valid_m, first_sc, gradient, shape: tuple[int, int, int]) -> jax.Array:

@@ -51,6 +51,7 @@ from lf_jax.embedding.exchange import (
     replicas_gather_entries,
 )
 from lf_jax.embedding.kernels import fused
+from lf_jax.embedding.kernels import route as fused_route
 from lf_jax.embedding.sharding.layout import Group
 from lf_jax.embedding.sharding.piece import Piece
 from lf_jax.embedding.spec import FeatureSpec
@@ -240,7 +241,15 @@ def shard_layout(
     # a layout that always fits (forward and update skip the sorted rounds) keeps them all
     real = None if always_fits(m, group.rows, capacity) else route.real_entries(m)
     return Buckets.build(
-        slot_m, local_m, group.num_slots, group.rows, capacity, all_axes, group.axes, real
+        slot_m,
+        local_m,
+        group.num_slots,
+        group.rows,
+        capacity,
+        all_axes,
+        group.axes,
+        real,
+        route.kernel,
     )
 
 
@@ -322,8 +331,15 @@ def group_forward(
         )
 
         def one_round(_):  # pool straight from the received rows
-            rows_kd = fetch_one_round(layout, stored_1rd[0], group.axes)
-            return route.pool(rows_kd, layout.entry_m.reshape(b, e), coef_be, slot_be >= 0)
+            rows_scd = fetch_one_round(layout, stored_1rd[0], group.axes, route.kernel)
+            index_be = layout.entry_m.reshape(b, e)
+            if route.kernel == "fused":  # from each peer's block: no concatenation first
+                index_be = jnp.where(slot_be >= 0, index_be, -1)
+                return fused_route.pool_parts(
+                    list(rows_scd), index_be, coef_be, route.out_col_e, route.num_out
+                )
+            rows_kd = rows_scd.reshape(-1, rows_scd.shape[-1])
+            return route.pool(rows_kd, index_be, coef_be, slot_be >= 0)
 
         if always_fits(b * e, group.rows, capacity):
             return one_round(None)

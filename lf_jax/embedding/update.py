@@ -38,6 +38,7 @@ from lf_jax.embedding.exchange import (
     sum_and_apply,
 )
 from lf_jax.embedding.kernels import fused
+from lf_jax.embedding.kernels import route as fused_route
 from lf_jax.embedding.lookup import GroupRoute, local_layout, shard_layout
 
 
@@ -247,7 +248,13 @@ def _push_entries(
 
     def apply_round(asked_sc, place_m, first_sc, table_rd, slots_r):  # asked_sc: at the owner
         shape = (num_slots, capacity, group.dim)
-        grad_scd = sum_into_layout(place_m, valid_m, first_sc, gradient, shape)
+        if route.kernel == "fused":  # the C++ sums (lf_jax.embedding.kernels.route)
+            place_ne = jnp.where(valid_m, place_m, num_slots * capacity).reshape(slot_ne.shape)
+            grad_scd = fused_route.sum_places(
+                place_ne, first_sc, coef_ne, route.out_col_e, grad_ncd
+            )
+        else:
+            grad_scd = sum_into_layout(place_m, valid_m, first_sc, gradient, shape)
         return apply_at_owners(
             asked_sc,
             grad_scd,
@@ -305,9 +312,13 @@ def apply_at_owners(
         row_sc = jax.lax.all_gather(row_sc, replica_axes, axis=0, tiled=True)
         grad_scd = jax.lax.all_gather(grad_scd, replica_axes, axis=0, tiled=True)
     row_k = row_sc.reshape(-1)
-    grad_kd = grad_scd.reshape(row_k.size, -1)
     if kernel == "fused":  # the kernel sums each row's entries and applies it once
-        return _fused_apply_received(table_rd, slots_r, row_k, grad_kd, optimizer, step)
+        # each sender's block as it came from the all_to_all (no concatenation copy)
+        grad_parts = [g_cd[:, None, :] for g_cd in grad_scd] if axes and not replica_axes else None
+        if grad_parts is None:
+            grad_parts = [grad_scd.reshape(row_k.size, 1, -1)]
+        return _fused_apply_received(table_rd, slots_r, row_k, grad_parts, optimizer, step)
+    grad_kd = grad_scd.reshape(row_k.size, -1)
     if axes and not replica_axes:  # S senders: add duplicates into one place, apply all
         return apply_received(table_rd, slots_r, row_k, grad_kd, optimizer, step)
     if replica_axes:  # every replica's senders: sum per row in place, in chunks
@@ -328,11 +339,12 @@ def apply_at_owners(
     return apply_rows(table_rd, slots_r, row_k, grad_kd, optimizer, step)
 
 
-def _fused_apply_received(table_rd, slots_r: dict, row_k, grad_kd, optimizer, step):
+def _fused_apply_received(table_rd, slots_r: dict, row_k, grad_parts, optimizer, step):
     """The owner's update by the C++ kernel: the [K] received rows (``rows`` = table rows
     for empty places, skipped) are entries of K one-entry examples with coefficient 1 and
-    output gradient ``grad_kd[k]``; the kernel sums each distinct row's and applies
-    ``optimizer`` in place. Returns (table, slots)."""
+    output gradient row k of ``grad_parts`` (equal blocks [K / blocks, 1, D], in order);
+    the kernel sums each distinct row's and applies ``optimizer`` in place.
+    Returns (table, slots)."""
     one = np.zeros((1, 1), np.int32)
     return fused.update(
         table_rd,
@@ -341,7 +353,7 @@ def _fused_apply_received(table_rd, slots_r: dict, row_k, grad_kd, optimizer, st
         jnp.ones((row_k.size, 1), jnp.float32),
         one[0],
         one,
-        grad_kd[:, None, :],
+        grad_parts,
         step,
         optimizer,
     )

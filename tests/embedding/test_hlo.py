@@ -387,13 +387,22 @@ def test_local_update_keeps_one_piece_of_temporaries(kernel, limit):
     assert temp < limit * piece_bytes, (temp, piece_bytes)
 
 
-def test_shared_routing_builds_the_layout_once_per_step(monkeypatch, mesh_2x4):
+@pytest.mark.parametrize("kernel", ["xla", "fused"])
+def test_shared_routing_builds_the_layout_once_per_step(kernel, monkeypatch, mesh_2x4):
     """A step of lookup + update: each builds its own one-round layout (one sort of packed
-    keys each, outside the fallback's conds), or shares ``coll.routing(batch)`` (one)."""
+    keys each, outside the fallback's conds; under the fused kernel one ``lf_jax_route``
+    call each), or shares ``coll.routing(batch)`` (one)."""
     monkeypatch.setattr(lookup, "capacity_for", lambda entries, share, rows: min(entries, 2))
     tables = [TableSpec(name="t", vocab_size=37, dim=8, optimizer=rowwise_adagrad(0.1))]
     features = [FeatureSpec(name="bag", table="t", max_ids=3, combiner="sum")]
-    coll = EmbeddingCollection(tables, features, {"t": P.row_wise(("data", "model"))}, mesh_2x4)
+    coll = EmbeddingCollection(
+        tables, features, {"t": P.row_wise(("data", "model"))}, mesh_2x4, kernel=kernel
+    )
+    layout_op = (
+        r"sort\(.*/shard_map/jit\(sort\)/sort"
+        if kernel == "xla"
+        else r"custom_call_target=\"lf_jax_route\""
+    )
     state = abstract_state(coll)
     batch = coll.shard_batch(coll.preprocess(*random_batch(features, tables, BATCH)))
 
@@ -405,7 +414,7 @@ def test_shared_routing_builds_the_layout_once_per_step(monkeypatch, mesh_2x4):
             return coll.apply_gradients(state, batch, grads, routing=routing)
 
         text = jax.jit(step).lower(state, batch).compile().as_text()
-        return len(re.findall(r"sort\(.*/shard_map/jit\(sort\)/sort", text))
+        return len(re.findall(layout_op, text))
 
     assert layout_sorts(shared=False) == 2
     assert layout_sorts(shared=True) == 1

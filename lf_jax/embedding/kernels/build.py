@@ -43,6 +43,10 @@ TARGETS = {
     "lf_jax_dynamic_resolve": "LfDynamicResolve",
     "lf_jax_dynamic_find": "LfDynamicFind",
     "lf_jax_dynamic_route": "LfDynamicRoute",
+    "lf_jax_route": "LfRoute",
+    "lf_jax_sum_places": "LfSumPlaces",
+    "lf_jax_gather_asked": "LfGatherAsked",
+    "lf_jax_pool_parts": "LfPoolParts",
 }
 XLA_PATH_HINT = (
     "choose the XLA path instead with EmbeddingCollection(..., kernel='xla') or the "

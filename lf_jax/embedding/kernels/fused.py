@@ -1,8 +1,9 @@
 """The fused CPU kernels of the local sparse step as JAX calls, and the kernel setting.
 
 Which path the engine's local work takes (a group whose rows and entries are all on
-the device; for exchanging groups, the pooling from the received rows and the owners'
-update) is the collection's ``kernel`` setting:
+the device; for exchanging groups, the routing, the owners' gathers, the pooling from
+the received rows, the gradient sums and the owners' update: lf_jax.embedding.kernels.route)
+is the collection's ``kernel`` setting:
 
   auto   fused on the CPU backend, XLA on GPU / TPU (the default; the environment
          variable LF_JAX_EMBEDDING_KERNEL overrides the default)
@@ -69,8 +70,9 @@ def describe_kernel(kernel: str | None = None) -> str:
         return line
     kinds = "/".join(o.kind for o in FUSED_OPTIMIZERS)
     return (
-        f"{line}; fused: pooling and updates of groups with {kinds}, and dynamic tables' "
-        "key resolve (other optimizers and the owners' gathers of asked rows: XLA)"
+        f"{line}; fused: pooling, updates and exchange routing of groups with {kinds}, "
+        "and dynamic tables' key resolve (other optimizers, the collectives and "
+        "overflowing steps' sorted rounds: XLA)"
     )
 
 
@@ -122,14 +124,19 @@ def update(
     with the sum of its entries' gradients ``coef[n, e] * grad[n, out_col[e]]``. Pieces
     (tables) hold disjoint rows: piece p's entries are the columns cols_pw[p] (-1:
     none), deduplicated on their own. Rows < 0 or >= R are skipped. ``table_rd`` and
-    the slots are aliased to the outputs (donate them: no copy). Returns (table, slots)."""
+    the slots are aliased to the outputs (donate them: no copy). ``grad_ncd``: one
+    [N, C, D] array, or a list of equal blocks [N / blocks, C, D] (example n in block
+    n // (N / blocks)), e.g. an exchange's per-peer results, passed without
+    concatenating them. Returns (table, slots)."""
+    blocks = list(grad_ncd) if isinstance(grad_ncd, list | tuple) else [grad_ncd]
     entries = (
         rows_ne.astype(jnp.int32),
         coef_ne.astype(jnp.float32),
         jnp.asarray(out_col_e, jnp.int32),
         jnp.asarray(cols_pw, jnp.int32),
-        grad_ncd.astype(jnp.float32),
+        blocks[0].astype(jnp.float32),
         jnp.asarray(step, jnp.int32),
+        *(b.astype(jnp.float32) for b in blocks[1:]),
     )
     target, attrs = _target(optimizer)
     names = tuple(optimizer.slot_shapes(1))  # the kernel's slot operands, in this order

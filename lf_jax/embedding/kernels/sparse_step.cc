@@ -16,7 +16,9 @@
 // Shapes: table [R, D] float32 | bfloat16 | float16 (or [1, R, D]: leading axes of size 1,
 // as shard_map hands a device's block, passed as they are so that XLA aliases the donated
 // buffer without a copy); rows, coef [N, E]; out_col [E];
-// out, grad [N, C, D] float32; piece_cols [P, W]; step [] int32 (1-based);
+// out, grad [N, C, D] float32 (the update's grad may come as k equal blocks [N / k, C, D]:
+// the first in grad's place, the others after step, e.g. the per-peer results of an
+// all_to_all, read where they are); piece_cols [P, W]; step [] int32 (1-based);
 // row-wise Adagrad accumulator [R] (or [1, R]); Adam mu, nu like the table, float32.
 
 #include <algorithm>
@@ -193,13 +195,23 @@ struct Dedupe {
   const uint64_t* sorted = nullptr;  // piece p's keys after Sort(p)
 };
 
+// Gradient rows n * C + c of grad [N, C, D], given as one buffer or as equal blocks
+// [N / blocks, C, D] (an exchange's per-peer results, not concatenated).
+struct GradRows {
+  std::vector<const float*> blocks;
+  int64_t per = 0, D = 0;  // rows of a block, dim
+  const float* Row(int64_t i) const {
+    return blocks.size() == 1 ? blocks[0] + i * D : blocks[i / per] + (i % per) * D;
+  }
+};
+
 // Sums distinct row u's entry gradients into g [D], in entry order.
-void RowGradient(const Dedupe& dd, int64_t u, const float* grad, int64_t D, float* g) {
+void RowGradient(const Dedupe& dd, int64_t u, const GradRows& grad, int64_t D, float* g) {
   for (int64_t d = 0; d < D; ++d) g[d] = 0.0f;
   for (int32_t i = dd.start[u]; i < dd.start[u + 1]; ++i) {
     const int32_t k = dd.Entry(i);
     const float c = dd.coef[k];
-    const float* s = grad + int64_t(dd.src[k]) * D;
+    const float* s = grad.Row(dd.src[k]);
     for (int64_t d = 0; d < D; ++d) g[d] += c * s[d];
   }
 }
@@ -253,7 +265,7 @@ struct Adam {  // lazy Adam, bias correction from the global step
 template <class Ty, class Opt>
 void Update(typename Ty::T* table, int64_t R, int64_t D, const Opt& opt, const int32_t* rows,
             const float* coef, const int32_t* out_col, int64_t N, int64_t E, int64_t C,
-            const int32_t* piece_cols, int64_t P, int64_t W, const float* grad) {
+            const int32_t* piece_cols, int64_t P, int64_t W, const GradRows& grad) {
   constexpr int64_t kAhead = 4;  // distinct rows to prefetch ahead
   // one scratch kept between calls (XLA may run the call on any of its threads, and a
   // thread's own scratch would be allocated and faulted in again on each new thread)
@@ -269,7 +281,7 @@ void Update(typename Ty::T* table, int64_t R, int64_t D, const Opt& opt, const i
         const int64_t ahead = dd.row[u + kAhead];
         PrefetchRow(table + ahead * D, D);
         opt.Prefetch(ahead);
-        PrefetchRow(grad + int64_t(dd.src[dd.Entry(dd.start[u + kAhead])]) * D, D);
+        PrefetchRow(grad.Row(dd.src[dd.Entry(dd.start[u + kAhead])]), D);
       }
       const int64_t r = dd.row[u];
       RowGradient(dd, u, grad, D, g.data());
@@ -285,6 +297,7 @@ struct Entries {  // the arguments every update shares, checked
   ffi::Buffer<ffi::S32> out_col;
   ffi::Buffer<ffi::S32> piece_cols;
   ffi::Buffer<ffi::F32> grad;
+  ffi::RemainingArgs more;  // further blocks of grad, the same shape (none: grad is whole)
 };
 
 template <class Opt>
@@ -298,7 +311,16 @@ ffi::Error RunUpdate(ffi::AnyBuffer table, const Entries& x, const Opt& opt) {
   }
   const int64_t D = td[td.size() - 1], R = int64_t(table.element_count()) / D;
   const int64_t N = rd[0], E = rd[1], C = gd[1];
-  if (gd[0] != N || gd[2] != D || x.coef.element_count() != size_t(N * E) ||
+  GradRows grad{{x.grad.typed_data()}, gd[0] * C, D};
+  for (size_t i = 0; i < x.more.size(); ++i) {
+    auto block = x.more.get<ffi::Buffer<ffi::F32>>(i);
+    if (!block.has_value() || block->dimensions().size() != 3 ||
+        block->element_count() != x.grad.element_count()) {
+      return Invalid("lf_jax update: gradient blocks must all be [N / blocks, C, D] float32");
+    }
+    grad.blocks.push_back(block->typed_data());
+  }
+  if (gd[0] * int64_t(grad.blocks.size()) != N || gd[2] != D || x.coef.element_count() != size_t(N * E) ||
       x.out_col.element_count() != size_t(E)) {
     return Invalid("lf_jax update: mismatched shapes of rows, coef, out_col or grad");
   }
@@ -309,7 +331,6 @@ ffi::Error RunUpdate(ffi::AnyBuffer table, const Entries& x, const Opt& opt) {
   const float* coef = x.coef.typed_data();
   const int32_t* cols = x.out_col.typed_data();
   const int32_t* pieces = x.piece_cols.typed_data();
-  const float* grad = x.grad.typed_data();
   void* data = table.untyped_data();
   switch (table.element_type()) {
     case ffi::DataType::F32:
@@ -367,28 +388,29 @@ ffi::Error PoolImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> rows, ffi::Buffe
 
 ffi::Error SgdImpl(ffi::AnyBuffer, ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::F32> coef,
                    ffi::Buffer<ffi::S32> out_col, ffi::Buffer<ffi::S32> piece_cols,
-                   ffi::Buffer<ffi::F32> grad, ffi::Buffer<ffi::S32>, ffi::Result<ffi::AnyBuffer> table,
-                   float lr) {
-  return RunUpdate(*table, Entries{rows, coef, out_col, piece_cols, grad}, Sgd{lr});
+                   ffi::Buffer<ffi::F32> grad, ffi::Buffer<ffi::S32>, ffi::RemainingArgs more,
+                   ffi::Result<ffi::AnyBuffer> table, float lr) {
+  return RunUpdate(*table, Entries{rows, coef, out_col, piece_cols, grad, more}, Sgd{lr});
 }
 
 ffi::Error AdagradImpl(ffi::AnyBuffer, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::S32> rows,
                        ffi::Buffer<ffi::F32> coef, ffi::Buffer<ffi::S32> out_col,
                        ffi::Buffer<ffi::S32> piece_cols, ffi::Buffer<ffi::F32> grad,
-                       ffi::Buffer<ffi::S32>, ffi::Result<ffi::AnyBuffer> table,
+                       ffi::Buffer<ffi::S32>, ffi::RemainingArgs more,
+                       ffi::Result<ffi::AnyBuffer> table,
                        ffi::ResultBuffer<ffi::F32> acc, float lr, float eps) {
   auto td = table->dimensions();
   if (acc->element_count() != table->element_count() / size_t(td[td.size() - 1])) {
     return Invalid("lf_jax update: accumulator must hold one value per row");
   }
-  return RunUpdate(*table, Entries{rows, coef, out_col, piece_cols, grad},
+  return RunUpdate(*table, Entries{rows, coef, out_col, piece_cols, grad, more},
                    Adagrad{lr, eps, acc->typed_data()});
 }
 
 ffi::Error AdamImpl(ffi::AnyBuffer, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>,
                     ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::F32> coef,
                     ffi::Buffer<ffi::S32> out_col, ffi::Buffer<ffi::S32> piece_cols,
-                    ffi::Buffer<ffi::F32> grad, ffi::Buffer<ffi::S32> step,
+                    ffi::Buffer<ffi::F32> grad, ffi::Buffer<ffi::S32> step, ffi::RemainingArgs more,
                     ffi::Result<ffi::AnyBuffer> table, ffi::ResultBuffer<ffi::F32> mu,
                     ffi::ResultBuffer<ffi::F32> nu, float lr, float b1, float b2,
                     float one_minus_b1, float one_minus_b2, float eps) {
@@ -408,7 +430,7 @@ ffi::Error AdamImpl(ffi::AnyBuffer, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>
                  mu->typed_data(),
                  nu->typed_data(),
                  table->dimensions()[table->dimensions().size() - 1]};
-  return RunUpdate(*table, Entries{rows, coef, out_col, piece_cols, grad}, opt);
+  return RunUpdate(*table, Entries{rows, coef, out_col, piece_cols, grad, more}, opt);
 }
 
 }  // namespace
@@ -419,7 +441,8 @@ ffi::Error AdamImpl(ffi::AnyBuffer, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>
       .Arg<ffi::Buffer<ffi::S32>>()   \
       .Arg<ffi::Buffer<ffi::S32>>()   \
       .Arg<ffi::Buffer<ffi::F32>>()   \
-      .Arg<ffi::Buffer<ffi::S32>>()
+      .Arg<ffi::Buffer<ffi::S32>>()   \
+      .RemainingArgs()
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LfPool, PoolImpl,
                               ffi::Ffi::Bind()

@@ -1,0 +1,377 @@
+// Fused CPU kernels of the owner-routed exchange's local work, called through XLA's FFI
+// (lf_jax/embedding/kernels/route.py wraps them; build.py links this file with the
+// others). The XLA path of the same steps is lf_jax/embedding/buckets.py.
+//
+// LfRoute: the one-round layout of a device's M entries (Buckets.build): an open-addressing
+//   hash dedupe of the keys slot * R + local (one pass over the entries, no sort), each
+//   distinct key placed in its owner's bucket in order of first appearance. Outputs:
+//   ask [S, C] the local rows to ask owner s for (R where the bucket is shorter), entry
+//   [M] each entry's place s * C + rank in the [S * C] layout (0 for padding, slot < 0,
+//   and for keys past a full bucket), first [S, C] the entry that leads each place (M
+//   where empty), count [S] the distinct keys of each owner (may exceed C: the caller
+//   then takes the sorted rounds).
+// LfSumPlaces: the update's row-gradient sums in the send layout (buckets.sum_into_layout).
+//   Entry m = n * E + e adds coef[n, e] * grad[n, out_col[e]] into place[m] (places
+//   outside [0, S * C) skipped). Each place is written from its first entry (first[p] <
+//   M; 0 where none) and the other entries of the place are added in entry order: no
+//   zero fill of the places that have a first. Results: S blocks [C, D] (one per owner:
+//   XLA hands each to its peer of the all_to_all without a copy) or one [S, C, D].
+// LfGatherAsked: the owner's rows for its asking peers (exchange.owner_rows): S results
+//   [C, D] float32, block s row c = table[asked[s, c]] (0 where asked is out of [0, R)).
+// LfPoolParts: the pooled forward from the rows an exchange received (lookup.GroupRoute.pool
+//   on the [S * C, D] rows): entry (n, e) adds coef[n, e] * row place[n, e] into out[n,
+//   out_col[e]] (place < 0 skipped, past S * C clamped), the rows given as the S blocks
+//   [C, D] of the all_to_all's per-peer results: no concatenation copy first.
+//
+// Shapes: slot, local, entry [M] int32; ask, first [S, C] int32; count [S] int32;
+// place [N, E] int32, coef [N, E] float32, out_col [E] int32, grad [N, C_out, D] float32;
+// table [..., R, D] float32 | bfloat16 | float16.
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+ffi::Error Invalid(const char* what) {
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument, what);
+}
+
+// Hash tables reused between calls: the calls of several devices run at once on XLA's
+// threads, each takes one (a fresh vector per call would be page-faulted in every step).
+struct HashTable {
+  std::vector<int32_t> cell;  // key, value pairs; key -1: empty (kept empty between calls)
+  std::vector<uint32_t> used;  // cells filled by this call, emptied before it returns
+};
+
+class TablePool {
+ public:
+  std::unique_ptr<HashTable> Take() {
+    std::lock_guard<std::mutex> hold(lock_);
+    if (free_.empty()) return std::make_unique<HashTable>();
+    auto table = std::move(free_.back());
+    free_.pop_back();
+    return table;
+  }
+  void Give(std::unique_ptr<HashTable> table) {
+    std::lock_guard<std::mutex> hold(lock_);
+    free_.push_back(std::move(table));
+  }
+
+ private:
+  std::mutex lock_;
+  std::vector<std::unique_ptr<HashTable>> free_;
+};
+
+TablePool& Tables() {
+  static TablePool* pool = new TablePool();  // never destroyed: XLA may call at exit
+  return *pool;
+}
+
+uint32_t Mix(uint32_t x) {  // murmur3's finalizer
+  x ^= x >> 16;
+  x *= 0x85EBCA6Bu;
+  x ^= x >> 13;
+  x *= 0xC2B2AE35u;
+  x ^= x >> 16;
+  return x;
+}
+
+void Route(const int32_t* slot, const int32_t* local, int64_t M, int64_t S, int64_t C, int64_t R,
+           int32_t* ask, int32_t* entry, int32_t* first, int32_t* count, HashTable& hash) {
+  int64_t size = 16;
+  while (size < M + M / 2) size <<= 1;  // load <= 2/3 (0.4 with ids in 60% of entries)
+  const uint32_t mask = uint32_t(size - 1);
+  if (int64_t(hash.cell.size()) != 2 * size) hash.cell.assign(2 * size, -1);
+  hash.used.clear();
+  int32_t* cell = hash.cell.data();
+  std::fill(ask, ask + S * C, int32_t(R));
+  std::fill(first, first + S * C, int32_t(M));
+  std::fill(count, count + S, 0);
+  constexpr int64_t kAhead = 16;  // entries whose cells are prefetched ahead (random reads)
+  auto cell_of = [&](int64_t m) { return Mix(uint32_t(slot[m] * R + local[m])) & mask; };
+  for (int64_t m = 0; m < M; ++m) {
+    if (m + kAhead < M && slot[m + kAhead] >= 0) __builtin_prefetch(cell + 2 * cell_of(m + kAhead));
+    const int32_t s = slot[m];
+    if (s < 0 || s >= S) {
+      entry[m] = 0;
+      continue;
+    }
+    const int32_t key = int32_t(s * R + local[m]);
+    uint32_t h = Mix(uint32_t(key)) & mask;
+    while (cell[2 * h] != key && cell[2 * h] != -1) h = (h + 1) & mask;
+    if (cell[2 * h] == -1) {  // a new key: the next place of its owner's bucket
+      cell[2 * h] = key;
+      hash.used.push_back(h);
+      const int32_t rank = count[s]++;
+      int32_t place = 0;
+      if (rank < C) {
+        place = int32_t(s * C + rank);
+        ask[place] = local[m];
+        first[place] = int32_t(m);
+      }
+      cell[2 * h + 1] = place;
+    }
+    entry[m] = cell[2 * h + 1];
+  }
+  for (const uint32_t h : hash.used) cell[2 * h] = -1;
+}
+
+ffi::Error RouteImpl(ffi::Buffer<ffi::S32> slot, ffi::Buffer<ffi::S32> local,
+                     ffi::ResultBuffer<ffi::S32> ask, ffi::ResultBuffer<ffi::S32> entry,
+                     ffi::ResultBuffer<ffi::S32> first, ffi::ResultBuffer<ffi::S32> count,
+                     int64_t rows) {
+  const int64_t M = int64_t(slot.element_count());
+  auto ad = ask->dimensions();
+  if (ad.size() != 2 || local.element_count() != size_t(M) ||
+      entry->element_count() != size_t(M) || first->element_count() != size_t(ad[0] * ad[1]) ||
+      count->element_count() != size_t(ad[0])) {
+    return Invalid("lf_jax route: expected slot, local, entry [M], ask, first [S, C], count [S]");
+  }
+  const int64_t S = ad[0], C = ad[1];
+  if (S * (rows + 1) >= (int64_t(1) << 31) || S * C >= (int64_t(1) << 31) ||
+      M >= (int64_t(1) << 30)) {
+    return Invalid("lf_jax route: keys, places or entries exceed int32");
+  }
+  auto hash = Tables().Take();
+  Route(slot.typed_data(), local.typed_data(), M, S, C, rows, ask->typed_data(),
+        entry->typed_data(), first->typed_data(), count->typed_data(), *hash);
+  Tables().Give(std::move(hash));
+  return ffi::Error::Success();
+}
+
+// The output blocks of a call with S results [C, D] or one result [S, C, D].
+ffi::ErrorOr<std::vector<float*>> Blocks(ffi::RemainingRets& out, int64_t S, int64_t C,
+                                         int64_t D) {
+  std::vector<float*> blocks(S);
+  if (out.size() == 1) {
+    auto one = out.get<ffi::Buffer<ffi::F32>>(0);
+    if (!one.has_value() || (*one)->element_count() != size_t(S * C * D)) {
+      return ffi::Unexpected(Invalid("lf_jax route: expected one [S, C, D] float32 result"));
+    }
+    for (int64_t s = 0; s < S; ++s) blocks[s] = (*one)->typed_data() + s * C * D;
+    return blocks;
+  }
+  if (int64_t(out.size()) != S) {
+    return ffi::Unexpected(Invalid("lf_jax route: expected S [C, D] results or one [S, C, D]"));
+  }
+  for (int64_t s = 0; s < S; ++s) {
+    auto block = out.get<ffi::Buffer<ffi::F32>>(s);
+    if (!block.has_value() || (*block)->element_count() != size_t(C * D)) {
+      return ffi::Unexpected(Invalid("lf_jax route: expected [C, D] float32 results"));
+    }
+    blocks[s] = (*block)->typed_data();
+  }
+  return blocks;
+}
+
+ffi::Error SumPlacesImpl(ffi::Buffer<ffi::S32> place, ffi::Buffer<ffi::S32> first,
+                         ffi::Buffer<ffi::F32> coef, ffi::Buffer<ffi::S32> out_col,
+                         ffi::Buffer<ffi::F32> grad, ffi::RemainingRets out) {
+  auto pd = place.dimensions();
+  auto fd = first.dimensions();
+  auto gd = grad.dimensions();
+  if (pd.size() != 2 || fd.size() != 2 || gd.size() != 3 ||
+      coef.element_count() != place.element_count() || out_col.element_count() != size_t(pd[1]) || gd[0] != pd[0]) {
+    return Invalid("lf_jax sum_places: expected place, coef [N, E], first [S, C], grad [N, C, D]");
+  }
+  const int64_t N = pd[0], E = pd[1], M = N * E, S = fd[0], C = fd[1], K = gd[1], D = gd[2];
+  auto blocks = Blocks(out, S, C, D);
+  if (!blocks.has_value()) return blocks.error();
+  const int32_t* places = place.typed_data();
+  const int32_t* firsts = first.typed_data();
+  const float* w = coef.typed_data();
+  const int32_t* cols = out_col.typed_data();
+  const float* g = grad.typed_data();
+  auto source = [&](int64_t m) { return g + ((m / E) * K + cols[m % E]) * D; };
+  for (int64_t s = 0; s < S; ++s) {
+    float* dst = (*blocks)[s];
+    for (int64_t c = 0; c < C; ++c, dst += D) {
+      const int64_t m = firsts[s * C + c];
+      if (m < 0 || m >= M) {
+        std::memset(dst, 0, sizeof(float) * D);
+        continue;
+      }
+      const float x = w[m];
+      const float* src = source(m);
+      for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * x;
+    }
+  }
+  constexpr int64_t kAhead = 8;  // entries whose places are prefetched ahead
+  for (int64_t m = 0; m < M; ++m) {
+    if (m + kAhead < M) {
+      const int64_t ahead = places[m + kAhead];
+      if (ahead >= 0 && ahead < S * C) {
+        float* row = (*blocks)[ahead / C] + (ahead % C) * D;
+        for (int64_t d = 0; d < D; d += 16) __builtin_prefetch(row + d, 1);
+      }
+    }
+    const int64_t p = places[m];
+    if (p < 0 || p >= S * C || firsts[p] == m) continue;
+    const float x = w[m];
+    const float* src = source(m);
+    float* dst = (*blocks)[p / C] + (p % C) * D;
+    for (int64_t d = 0; d < D; ++d) dst[d] += src[d] * x;
+  }
+  return ffi::Error::Success();
+}
+
+struct F32 {
+  using T = float;
+  static float load(float x) { return x; }
+};
+
+struct BF16 {
+  using T = uint16_t;
+  static float load(uint16_t x) {
+    uint32_t bits = uint32_t(x) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  }
+};
+
+struct F16 {
+  using T = _Float16;
+  static float load(_Float16 x) { return float(x); }
+};
+
+template <class Ty>
+void Gather(const typename Ty::T* table, int64_t R, int64_t D, const int32_t* asked, int64_t S,
+            int64_t C, const std::vector<float*>& blocks) {
+  constexpr int64_t kAhead = 8;  // rows to prefetch ahead: the asked rows are random reads
+  constexpr int64_t kLine = 64 / sizeof(typename Ty::T);
+  const int64_t total = S * C;
+  for (int64_t k = 0; k < total; ++k) {
+    if (k + kAhead < total) {
+      const int64_t ahead = asked[k + kAhead];
+      if (ahead >= 0 && ahead < R) {
+        for (int64_t d = 0; d < D; d += kLine) __builtin_prefetch(table + ahead * D + d);
+      }
+    }
+    float* dst = blocks[k / C] + (k % C) * D;
+    const int64_t r = asked[k];
+    if (r < 0 || r >= R) {
+      std::memset(dst, 0, sizeof(float) * D);
+      continue;
+    }
+    const typename Ty::T* src = table + r * D;
+    for (int64_t d = 0; d < D; ++d) dst[d] = Ty::load(src[d]);
+  }
+}
+
+ffi::Error GatherAskedImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> asked,
+                           ffi::RemainingRets out) {
+  auto td = table.dimensions();
+  auto ad = asked.dimensions();
+  if (td.size() < 2 || ad.size() != 2) {
+    return Invalid("lf_jax gather_asked: expected table [..., R, D], asked [S, C]");
+  }
+  const int64_t D = td[td.size() - 1], R = int64_t(table.element_count()) / D;
+  const int64_t S = ad[0], C = ad[1];
+  auto blocks = Blocks(out, S, C, D);
+  if (!blocks.has_value()) return blocks.error();
+  const void* data = table.untyped_data();
+  const int32_t* a = asked.typed_data();
+  switch (table.element_type()) {
+    case ffi::DataType::F32:
+      Gather<F32>(static_cast<const float*>(data), R, D, a, S, C, *blocks);
+      break;
+    case ffi::DataType::BF16:
+      Gather<BF16>(static_cast<const uint16_t*>(data), R, D, a, S, C, *blocks);
+      break;
+    case ffi::DataType::F16:
+      Gather<F16>(static_cast<const _Float16*>(data), R, D, a, S, C, *blocks);
+      break;
+    default:
+      return Invalid("lf_jax gather_asked: table dtype must be float32, bfloat16 or float16");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error PoolPartsImpl(ffi::Buffer<ffi::S32> place, ffi::Buffer<ffi::F32> coef,
+                         ffi::Buffer<ffi::S32> out_col, ffi::RemainingArgs parts,
+                         ffi::ResultBuffer<ffi::F32> out) {
+  auto pd = place.dimensions();
+  auto od = out->dimensions();
+  if (pd.size() != 2 || od.size() != 3 || od[0] != pd[0] ||
+      coef.element_count() != place.element_count() || out_col.element_count() != size_t(pd[1]) ||
+      parts.size() == 0) {
+    return Invalid("lf_jax pool_parts: expected place, coef [N, E], out [N, K, D], S blocks");
+  }
+  const int64_t N = pd[0], E = pd[1], K = od[1], D = od[2], S = int64_t(parts.size());
+  std::vector<const float*> blocks(S);
+  int64_t C = -1;
+  for (int64_t s = 0; s < S; ++s) {
+    auto block = parts.get<ffi::Buffer<ffi::F32>>(s);
+    if (!block.has_value()) return block.error();
+    const int64_t rows = int64_t(block->element_count()) / D;
+    if (C >= 0 && rows != C) return Invalid("lf_jax pool_parts: blocks of unequal rows");
+    C = rows;
+    blocks[s] = block->typed_data();
+  }
+  if (C < 1) return Invalid("lf_jax pool_parts: empty blocks");
+  const int64_t last = S * C - 1, total = N * E;
+  const int32_t* p = place.typed_data();
+  const float* w = coef.typed_data();
+  const int32_t* cols = out_col.typed_data();
+  float* o = out->typed_data();
+  auto row = [&](int64_t r) { return blocks[r / C] + (r % C) * D; };
+  constexpr int64_t kAhead = 16;
+  std::memset(o, 0, sizeof(float) * N * K * D);
+  for (int64_t m = 0; m < total; ++m) {
+    if (m + kAhead < total && p[m + kAhead] >= 0) {
+      const float* ahead = row(std::min<int64_t>(p[m + kAhead], last));
+      for (int64_t d = 0; d < D; d += 16) __builtin_prefetch(ahead + d);
+    }
+    const int64_t r = p[m];
+    if (r < 0) continue;
+    const float x = w[m];
+    const float* src = row(std::min(r, last));
+    float* dst = o + ((m / E) * K + cols[m % E]) * D;
+    for (int64_t d = 0; d < D; ++d) dst[d] += x * src[d];
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LfRoute, RouteImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("rows"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LfSumPlaces, SumPlacesImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .RemainingRets());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LfGatherAsked, GatherAskedImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .RemainingRets());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LfPoolParts, PoolPartsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
