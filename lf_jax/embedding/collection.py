@@ -341,6 +341,7 @@ class EmbeddingCollection:
                 "routing is built per lookup batch; apply_gradients(microbatched=True) "
                 "routes the k micro-batches together: pass routing=None"
             )
+        preprocess_lib.check_activation_grads(self.features, self.tables, batch, activation_grads)
         if not microbatched:
             batch = jax.tree.map(lambda x: x[None], batch)
             activation_grads = jax.tree.map(lambda x: x[None], dict(activation_grads))

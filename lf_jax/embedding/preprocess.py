@@ -228,6 +228,30 @@ def check_id_fill(id_fill) -> None:
         raise UserInputError(f"id_fill must be in (0, 1], got {id_fill!r}")
 
 
+def check_activation_grads(features: Mapping, tables: Mapping, batch: SparseBatch, grads) -> None:
+    """``UserInputError`` naming the feature unless ``grads`` holds, for every feature of
+    ``batch``, the shape of its activations with the batch's leading axes: [..., B, D]
+    pooled, [..., B, max_ids, D] for combiner "none" (D: its table's dim). Shapes only:
+    raised while tracing, before any device work (``apply_gradients``)."""
+    missing = sorted(set(batch.ids) - set(grads))
+    if missing:
+        raise UserInputError(
+            f"activation gradients are missing for features {missing} (given: {sorted(grads)})"
+        )
+    for name, ids in batch.ids.items():
+        feature = features[name]
+        dim = tables[feature.table].dim
+        want = (*ids.shape[:-1], dim) if feature.pooled else (*ids.shape, dim)
+        got = tuple(np.shape(grads[name]))
+        if got != want:
+            raise UserInputError(
+                f"feature '{name}': activation gradient of shape {got}, expected {want} (the "
+                f"lookup's output: batch {ids.shape[:-1]}, "
+                f"{'pooled' if feature.pooled else f'sequence of {ids.shape[-1]}'}, dim {dim} "
+                f"of table '{feature.table}')"
+            )
+
+
 def id_fill(batches: Sequence[SparseBatch], num_devices: int, step: float = 0.125) -> float:
     """The largest fraction of real ids (>= 0) among one device's padded id slots of any
     feature, over ``batches`` split into ``num_devices`` contiguous shards of examples

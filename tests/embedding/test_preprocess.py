@@ -322,3 +322,32 @@ def test_batch_size_must_divide_over_the_devices(mesh_2x4):
     )
     with pytest.raises(UserInputError, match="batch size 12"):
         coll.shard_batch(stacked, leading_dims=1)
+
+
+def test_activation_gradients_of_the_wrong_shape_name_the_feature(mesh_2x4):
+    """A gradient that is not the lookup's output shape (here tags' dim 8 given as 4, or
+    a feature left out) is one UserInputError at trace time, before any device work."""
+    import jax
+    import jax.numpy as jnp
+
+    sequence = FeatureSpec(name="seq", table="members", max_ids=3, combiner="none")
+    coll = EmbeddingCollection(
+        list(TABLES.values()), [HISTORY, TAGS, sequence], full_plan(), mesh_2x4
+    )
+    raw = {"history": [[1]] * 8, "tags": [[1]] * 8, "seq": [[2, 3]] * 8}
+    batch = coll.shard_batch(coll.preprocess(raw, {"tags": [[1.0]] * 8}))
+    state = coll.init(jax.random.key(0))
+    good = {"history": jnp.ones((8, 4)), "tags": jnp.ones((8, 8)), "seq": jnp.ones((8, 3, 4))}
+    jax.block_until_ready(coll.apply_gradients(state, batch, good))
+    with pytest.raises(
+        UserInputError,
+        match=re.escape("feature 'tags': activation gradient of shape (8, 4), expected (8, 8)"),
+    ):
+        coll.apply_gradients(state, batch, {**good, "tags": jnp.ones((8, 4))})
+    with pytest.raises(
+        UserInputError,
+        match=re.escape("feature 'seq': activation gradient of shape (8, 4), expected (8, 3, 4)"),
+    ):
+        coll.apply_gradients(state, batch, {**good, "seq": jnp.ones((8, 4))})
+    with pytest.raises(UserInputError, match=re.escape("missing for features ['history']")):
+        coll.apply_gradients(state, batch, {k: v for k, v in good.items() if k != "history"})

@@ -184,7 +184,7 @@ def test_dynamic_tables_restore_onto_another_device_count(tmp_path):
     @jax.jit
     def step(both, keys):
         both, batch = dyn8.resolve(both, keys)
-        grads = {f: jnp.ones((16, 4)) for f in ("p", "tags")}
+        grads = {"p": jnp.ones((16, 4)), "tags": jnp.ones((16, 8))}
         both["embedding"] = dyn8.collection.apply_gradients(both["embedding"], batch, grads)
         return both
 
