@@ -337,3 +337,22 @@ def random_batch(
                 for bag in bags
             ]
     return raw_ids, raw_weights
+
+
+def stacked_micro_batches(hosts) -> tuple[Any, Any]:
+    """(stacked, flat) of k host SparseBatches of b examples: ids / weights [k, b, L]
+    (the micro-batched form ``apply_gradients(microbatched=True)`` takes) and the same
+    examples as one batch [k * b, L] (the big batch it must equal)."""
+    from lf_jax.embedding.preprocess import SparseBatch
+
+    names = hosts[0].ids
+    stacked = SparseBatch(
+        {n: np.stack([h.ids[n] for h in hosts]) for n in names},
+        {n: np.stack([h.weights[n] for h in hosts]) for n in names},
+    )
+    k, b = len(hosts), next(iter(stacked.ids.values())).shape[1]
+    flat = SparseBatch(
+        {n: x.reshape(k * b, -1) for n, x in stacked.ids.items()},
+        {n: x.reshape(k * b, -1) for n, x in stacked.weights.items()},
+    )
+    return stacked, flat

@@ -22,7 +22,6 @@ from lf_jax import embedding as P
 from lf_jax.distributed.mesh import make_mesh
 from lf_jax.embedding.collection import EmbeddingCollection
 from lf_jax.embedding.kernels import build, fused
-from lf_jax.embedding.preprocess import SparseBatch
 from lf_jax.embedding.sparse_optim import adam, rowwise_adagrad, sgd
 from lf_jax.embedding.spec import FeatureSpec, TableSpec
 from lf_jax.errors import UserInputError
@@ -155,11 +154,7 @@ def test_microbatched_update_equals_one_big_batch(one):
     hosts = [
         coll.preprocess(*oracle.random_batch(features, tables, micro, seed=i)) for i in range(k)
     ]
-    stacked = SparseBatch(
-        {n: np.stack([h.ids[n] for h in hosts]) for n in coll.features},
-        {n: np.stack([h.weights[n] for h in hosts]) for n in coll.features},
-    )
-    flat = jax.tree.map(lambda x: x.reshape(k * micro, -1), stacked)
+    stacked, flat = oracle.stacked_micro_batches(hosts)
     rng = np.random.default_rng(0)
     grads = {
         "a": rng.standard_normal((k, micro, 8)).astype(np.float32),

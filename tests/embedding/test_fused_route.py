@@ -21,7 +21,6 @@ from lf_jax import embedding as P
 from lf_jax.embedding.buckets import Buckets
 from lf_jax.embedding.collection import EmbeddingCollection
 from lf_jax.embedding.kernels import fused, route
-from lf_jax.embedding.preprocess import SparseBatch
 from lf_jax.embedding.sparse_optim import rowwise_adagrad
 from lf_jax.testing import embedding_oracle as oracle
 
@@ -217,11 +216,7 @@ def test_microbatched_exchange_equals_one_big_batch(mesh_name, mesh_of):
         )
         hosts = [coll.preprocess(*skewed_batch("zipf", 10 + i)) for i in range(k)]
         hosts = [jax.tree.map(lambda x: x[:micro], h) for h in hosts]
-        stacked = SparseBatch(
-            {n: np.stack([h.ids[n] for h in hosts]) for n in coll.features},
-            {n: np.stack([h.weights[n] for h in hosts]) for n in coll.features},
-        )
-        flat = jax.tree.map(lambda x: x.reshape(k * micro, -1), stacked)
+        stacked, flat = oracle.stacked_micro_batches(hosts)
         rng = np.random.default_rng(0)
         grads = {
             f.name: rng.standard_normal(

@@ -161,4 +161,3 @@ def test_delta_errors_come_before_device_work(dynamic_run, repo_root, tmp_path, 
     assert "drop --kv" in capsys.readouterr().err
     assert _export(repo_root, dynamic_run, tmp_path / "none", "--delta", "--serving") == 2
     assert "does not go with --serving" in capsys.readouterr().err
-

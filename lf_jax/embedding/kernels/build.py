@@ -33,6 +33,7 @@ import jaxlib
 from lf_jax.errors import LfJaxError
 
 SOURCES = tuple(sorted(Path(__file__).parent.glob("*.cc")))
+HEADERS = tuple(sorted(Path(__file__).parent.glob("*.h")))  # included by the sources
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC")
 # FFI target name -> exported handler symbol in the library
 TARGETS = {
@@ -80,7 +81,7 @@ def _cpu_flags() -> str:
 def library_path(compiler: str) -> Path:
     """The cached library for these sources, compiler, flags, jaxlib and CPU."""
     key = hashlib.sha256()
-    for source in SOURCES:
+    for source in SOURCES + HEADERS:
         key.update(source.name.encode() + b"\0" + source.read_bytes())
     for part in (compiler.encode(), " ".join(FLAGS).encode()):
         key.update(part)

@@ -34,6 +34,7 @@
 #include <mutex>
 #include <vector>
 
+#include "element_types.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -223,25 +224,9 @@ ffi::Error SumPlacesImpl(ffi::Buffer<ffi::S32> place, ffi::Buffer<ffi::S32> firs
   return ffi::Error::Success();
 }
 
-struct F32 {
-  using T = float;
-  static float load(float x) { return x; }
-};
-
-struct BF16 {
-  using T = uint16_t;
-  static float load(uint16_t x) {
-    uint32_t bits = uint32_t(x) << 16;
-    float f;
-    std::memcpy(&f, &bits, 4);
-    return f;
-  }
-};
-
-struct F16 {
-  using T = _Float16;
-  static float load(_Float16 x) { return float(x); }
-};
+using lf_jax_kernels::BF16;
+using lf_jax_kernels::F16;
+using lf_jax_kernels::F32;
 
 template <class Ty>
 void Gather(const typename Ty::T* table, int64_t R, int64_t D, const int32_t* asked, int64_t S,

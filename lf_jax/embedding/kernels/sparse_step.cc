@@ -28,40 +28,16 @@
 #include <mutex>
 #include <vector>
 
+#include "element_types.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-struct F32 {
-  using T = float;
-  static float load(float x) { return x; }
-  static float store(float x) { return x; }
-};
-
-struct BF16 {  // bfloat16 as its bits; stores round to nearest even, as XLA converts
-  using T = uint16_t;
-  static float load(uint16_t x) {
-    uint32_t bits = uint32_t(x) << 16;
-    float f;
-    std::memcpy(&f, &bits, 4);
-    return f;
-  }
-  static uint16_t store(float f) {
-    uint32_t bits;
-    std::memcpy(&bits, &f, 4);
-    if (std::isnan(f)) return uint16_t((bits >> 16) | 0x40);
-    bits += 0x7FFF + ((bits >> 16) & 1);
-    return uint16_t(bits >> 16);
-  }
-};
-
-struct F16 {
-  using T = _Float16;
-  static float load(_Float16 x) { return float(x); }
-  static _Float16 store(float f) { return _Float16(f); }
-};
+using lf_jax_kernels::BF16;
+using lf_jax_kernels::F16;
+using lf_jax_kernels::F32;
 
 // Prefetches the cache lines of a row of n elements of T (locality 3, for reading; the
 // update's rows are read before they are written).
