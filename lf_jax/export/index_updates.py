@@ -8,6 +8,7 @@ vectors [N', D], when the index holds them) in the searcher's new row order, kee
 ``rows`` (id -> row) in step. A VectorIndex (lf_jax.export.scann_index) calls them.
 
 Example:
+    >>> new_ids, prepared = upsert_inputs(["p7"], vectors_1d, "cosine", width=64, dims=32)
     >>> ids, vectors, added, replaced = upsert_rows(searcher, ids, vectors, rows,
     ...                                             np.array(["p7"]), prepared_1d, 1024)
     >>> keys = deletable_keys(np.array(["p3"]), rows, missing_ok=False)
@@ -16,7 +17,33 @@ Example:
 
 import numpy as np
 
-from lf_jax.export.index_inputs import VectorIndexError
+from lf_jax.export.index_inputs import (
+    VectorIndexError,
+    check_ids,
+    check_unique_ids,
+    prepare_vectors,
+)
+
+
+def upsert_inputs(
+    ids, vectors, metric: str, width: int, dims: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """(ids [n], prepared vectors [n, dims]) of an upsert, checked: unique ids, one per
+    vector, vectors of the index's input width or already ``dims`` wide; None when
+    there are no ids."""
+    id_array = check_ids(ids, np.shape(vectors)[0] if np.ndim(vectors) == 2 else None)
+    if id_array.size == 0:
+        return None
+    check_unique_ids(id_array)
+    prepared = prepare_vectors(
+        vectors,
+        field="vectors",
+        metric=metric,
+        width=width,
+        dims=dims if dims < width else None,
+        ids=id_array,
+    )
+    return id_array, prepared
 
 
 def upsert_rows(

@@ -56,10 +56,14 @@ from lf_jax.export.index_inputs import (
     VectorIndexError,
     check_ids,
     check_recall,
-    check_unique_ids,
     prepare_vectors,
 )
-from lf_jax.export.index_updates import deletable_keys, delete_rows, upsert_rows
+from lf_jax.export.index_updates import (
+    deletable_keys,
+    delete_rows,
+    upsert_inputs,
+    upsert_rows,
+)
 from lf_jax.export.scann_tuning import (
     BRUTE_FORCE_BELOW,
     TUNE_QUERIES,
@@ -304,18 +308,10 @@ class VectorIndex:
 
         vectors [n, D] (D = the input width, or ``dims``). Returns {"added", "replaced"}.
         """
-        id_array = check_ids(ids, np.shape(vectors)[0] if np.ndim(vectors) == 2 else None)
-        if id_array.size == 0:
+        inputs = upsert_inputs(ids, vectors, self.metric, self.input_dim, self.dims)
+        if inputs is None:
             return {"added": 0, "replaced": 0}
-        check_unique_ids(id_array)
-        prepared = prepare_vectors(
-            vectors,
-            field="vectors",
-            metric=self.metric,
-            width=self.input_dim,
-            dims=self.dims if self.dims < self.input_dim else None,
-            ids=id_array,
-        )
+        id_array, prepared = inputs
         self._ids, self._vectors, added, replaced = upsert_rows(
             self._searcher,
             self._ids,
