@@ -17,7 +17,8 @@ from lf_jax.embedding.dynamic.hash_table import init_shard, resolve_shard
 from lf_jax.embedding.dynamic.keys import OWNER_SALT, key_hash, salt, split_keys
 from lf_jax.embedding.dynamic.policy import DynamicPolicy
 from lf_jax.embedding.dynamic.tables import DynamicTables
-from lf_jax.embedding.kernels.dynamic import dynamic_kernel, owner_ranks_fused, resolve_shard_fused
+from lf_jax.embedding.kernels.dynamic import owner_ranks_fused, resolve_shard_fused
+from lf_jax.embedding.kernels.fused import resolve_kernel
 from lf_jax.embedding.sparse_optim import rowwise_adagrad
 from lf_jax.embedding.spec import FeatureSpec, TableSpec
 from lf_jax.errors import UserInputError
@@ -95,9 +96,9 @@ def test_kernel_setting_picks_the_resolve(monkeypatch):
     assert _dynamic("auto").kernel == "fused" and _dynamic("xla").kernel == "xla"
     monkeypatch.setenv("LF_JAX_EMBEDDING_KERNEL", "xla")
     assert _dynamic(None).kernel == "xla"
-    assert dynamic_kernel("auto", "gpu") == "xla"
+    assert resolve_kernel("auto", "gpu") == "xla"
     with pytest.raises(UserInputError, match="kernel='auto' or 'xla'"):
-        dynamic_kernel("fused", "gpu")
+        resolve_kernel("fused", "gpu")
 
 
 @pytest.mark.parametrize("devices", [1, 8])

@@ -47,7 +47,7 @@ from lf_jax.embedding.dynamic.keys import join_keys, parse_keys
 from lf_jax.embedding.dynamic.layout import TableLayout, table_layout
 from lf_jax.embedding.dynamic.policy import DynamicPolicy
 from lf_jax.embedding.dynamic.resolve import resolve_table
-from lf_jax.embedding.kernels.dynamic import dynamic_kernel
+from lf_jax.embedding.kernels.fused import resolve_kernel
 from lf_jax.embedding.preprocess import InvalidIdsError, preprocess
 from lf_jax.embedding.spec import SpecError
 
@@ -79,8 +79,8 @@ class DynamicTables:
         self.features = {
             t: [f for f in collection.features.values() if f.table == t] for t in self.specs
         }
-        # the resolve's path follows the collection's kernel setting (kernels.dynamic)
-        self.kernel = dynamic_kernel(collection.kernel, self.mesh.devices.flat[0].platform)
+        # the resolve's path follows the collection's kernel setting (no optimizer involved)
+        self.kernel = resolve_kernel(collection.kernel, self.mesh.devices.flat[0].platform)
         self.layouts: dict[str, TableLayout] = {}
         for name in self.specs:
             for feature in self.features[name]:

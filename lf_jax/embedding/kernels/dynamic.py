@@ -1,8 +1,7 @@
-"""Dynamic tables' fused CPU kernels (dynamic.cc) as JAX calls, and which path a
-dynamic table's key resolve takes.
+"""Dynamic tables' fused CPU kernels (dynamic.cc) as JAX calls.
 
-The resolve of a dynamic table follows the collection's ``kernel`` setting
-(lf_jax.embedding.kernels.fused): ``auto`` is the C++ kernel on the CPU backend and XLA
+The resolve of a dynamic table follows the collection's ``kernel`` setting, chosen by
+``lf_jax.embedding.kernels.fused.resolve_kernel`` with no optimizer: ``auto`` is the C++ kernel on the CPU backend and XLA
 on GPU / TPU, ``fused`` the C++ kernel (CPU only), ``xla`` the jnp path of
 lf_jax.embedding.dynamic.hash_table / key_dedupe. Both paths give the same slots, state
 and counters (the C++ kernel runs hash_table's algorithm; tests run both against the
@@ -13,7 +12,7 @@ owner / dedupe / rank in another.
 Shapes: C slots per shard, N (M) entries, S shards.
 
 Example:
-    >>> path = dynamic_kernel(collection.kernel, "cpu")        # 'fused' or 'xla'
+    >>> path = resolve_kernel(collection.kernel, "cpu")        # kernels.fused: 'fused' | 'xla'
     >>> slot_n, new_n, state = resolve_shard_fused(state, hi_n, lo_n, valid_n, step, policy)
 """
 
@@ -24,24 +23,8 @@ import numpy as np
 from lf_jax.embedding.dynamic.keys import HOME_SALT, OWNER_SALT, SKETCH_SALT, salt
 from lf_jax.embedding.dynamic.policy import EVICTIONS, DynamicPolicy
 from lf_jax.embedding.kernels.build import load
-from lf_jax.errors import UserInputError
 
 STATE = ("key_hi", "key_lo", "last", "freq", "sketch", "counters")  # the kernel's order
-
-
-def dynamic_kernel(kernel: str, platform: str) -> str:
-    """'fused' or 'xla': the path of a dynamic table's resolve under the collection's
-    setting ``kernel`` (auto | fused | xla) on backend ``platform``; loads the library
-    when 'fused' (a build failure is a ``KernelBuildError`` naming the XLA setting)."""
-    if kernel == "xla" or (kernel == "auto" and platform != "cpu"):
-        return "xla"
-    if platform != "cpu":
-        raise UserInputError(
-            f"kernel='fused' is a CPU kernel and this mesh is on '{platform}': use "
-            "kernel='auto' or 'xla'"
-        )
-    load()
-    return "fused"
 
 
 def _salts(policy: DynamicPolicy, depth: int, base: int) -> jax.Array:

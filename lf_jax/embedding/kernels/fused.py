@@ -76,11 +76,13 @@ def describe_kernel(kernel: str | None = None) -> str:
     )
 
 
-def resolve_kernel(kernel: str, platform: str, optimizer: SparseOptimizer) -> str:
-    """'fused' or 'xla' for a group with ``optimizer`` on backend ``platform`` ('cpu',
-    'gpu', 'tpu', ...) under setting ``kernel``; builds and loads the library when the
-    result is 'fused' (``KernelBuildError`` names the XLA setting if that fails)."""
-    fits = isinstance(optimizer, FUSED_OPTIMIZERS)
+def resolve_kernel(kernel: str, platform: str, optimizer: SparseOptimizer | None = None) -> str:
+    """'fused' or 'xla' for a group with ``optimizer`` (None: work with no optimizer, e.g.
+    a dynamic table's key resolve, lf_jax.embedding.kernels.dynamic) on backend
+    ``platform`` ('cpu', 'gpu', 'tpu', ...) under setting ``kernel``; builds and loads
+    the library when the result is 'fused' (``KernelBuildError`` names the XLA setting if
+    that fails)."""
+    fits = optimizer is None or isinstance(optimizer, FUSED_OPTIMIZERS)
     if kernel == "xla" or (kernel == "auto" and (platform != "cpu" or not fits)):
         return "xla"
     if platform != "cpu":
@@ -91,7 +93,7 @@ def resolve_kernel(kernel: str, platform: str, optimizer: SparseOptimizer) -> st
     if not fits:
         raise UserInputError(
             f"kernel='fused' supports {[o.kind for o in FUSED_OPTIMIZERS]}, not "
-            f"'{optimizer.kind}': use kernel='auto' or 'xla'"
+            f"'{optimizer.kind if optimizer else None}': use kernel='auto' or 'xla'"
         )
     load()
     return "fused"
