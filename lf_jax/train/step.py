@@ -155,34 +155,33 @@ class TrainStep:
         self.pending: tuple[CapacityChooser, dict] | None = None
         self.last_capacities: tuple | None = None  # what the latest call was given
 
-    def capacities(self, batch) -> tuple | None:
-        """The capacities for ``batch`` (after observing the previous step's counts)."""
-        if not self.adaptive:
-            return None
+    def _chooser(self, batch) -> CapacityChooser:
+        """The chooser of ``batch``'s global micro-batch size (ids [k, b, L]), after it
+        observed the previous step's counts."""
         if self.pending is not None:
             chooser, counts = self.pending
             chooser.observe(counts)
             self.pending = None
-        ids = next(iter(batch["sparse"].ids.values()))
-        size = int(ids.shape[1])  # [k, b, L]: the global micro-batch
+        size = int(next(iter(batch["sparse"].ids.values())).shape[1])
         if size not in self.choosers:
             self.choosers[size] = CapacityChooser(self.collection, size)
-        chosen = self.choosers[size].capacities()
-        if self.last_capacities is not None and chosen != self.last_capacities:
-            static = self.choosers[size].static
-            log.info(
-                "owner exchange capacities (distinct ids per owner): %s",
-                ", ".join(f"{name} {c:,} (static {static[name]:,})" for name, c in chosen),
-            )
-        return chosen
+        return self.choosers[size]
 
     def __call__(self, state, batch):
-        capacities = self.capacities(batch)
+        chooser = self._chooser(batch) if self.adaptive else None
+        capacities = None
+        if chooser is not None:
+            capacities = chooser.capacities()
+            if self.last_capacities not in (None, capacities):
+                static = chooser.static
+                log.info(
+                    "owner exchange capacities (distinct ids per owner): %s",
+                    ", ".join(f"{name} {c:,} (static {static[name]:,})" for name, c in capacities),
+                )
         self.last_capacities = capacities
         state, metrics = self.jitted(state, batch, capacities=capacities)
-        if capacities is not None:
-            size = int(next(iter(batch["sparse"].ids.values())).shape[1])
-            self.pending = (self.choosers[size], metrics["exchange"])
+        if chooser is not None:
+            self.pending = (chooser, metrics["exchange"])
         return state, metrics
 
     def lower(self, state, batch):
