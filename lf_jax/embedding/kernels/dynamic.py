@@ -1,13 +1,13 @@
 """Dynamic tables' fused CPU kernels (dynamic.cc) as JAX calls.
 
 The resolve of a dynamic table follows the collection's ``kernel`` setting, chosen by
-``lf_jax.embedding.kernels.fused.resolve_kernel`` with no optimizer: ``auto`` is the C++ kernel on the CPU backend and XLA
-on GPU / TPU, ``fused`` the C++ kernel (CPU only), ``xla`` the jnp path of
-lf_jax.embedding.dynamic.hash_table / key_dedupe. Both paths give the same slots, state
-and counters (the C++ kernel runs hash_table's algorithm; tests run both against the
-dict reference). The kernel does one shard's find, admission, insert rounds and
-eviction in one call, in place on the shard's donated hash index, and the sender's
-owner / dedupe / rank in another.
+``lf_jax.embedding.kernels.fused.resolve_kernel`` with no optimizer: ``auto`` is the C++
+kernel on the CPU backend and XLA on GPU / TPU, ``fused`` the C++ kernel (CPU only),
+``xla`` the jnp path of lf_jax.embedding.dynamic.hash_table / key_dedupe. Both paths
+give the same slots, state and counters (the C++ kernel runs hash_table's algorithm;
+tests run both against the dict reference). The kernel does one shard's find, admission,
+insert rounds and eviction in one call, in place on the shard's donated hash index, and
+the sender's owner / dedupe / rank in another.
 
 Shapes: C slots per shard, N (M) entries, S shards.
 
