@@ -20,7 +20,10 @@ from lf_jax.checks import check_int
 from lf_jax.errors import LfJaxError, UserInputError
 
 _FLAG = "--xla_force_host_platform_device_count"
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc malloc.h
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4  # glibc malloc.h
+# a thread arena's heap size (HEAP_MAX_SIZE on 64-bit): heap_trim unmaps a wholly free
+# heap unless the arena's top pad could not fit in the heap before it
+_THREAD_HEAP_BYTES = 64 << 20
 # 2 GiB - 1, the largest int: -1 (SIZE_MAX) overflows glibc's heap_trim sum and lets
 # thread arenas unmap whole freed heaps again
 _NEVER_TRIM_BELOW = 2**31 - 1
@@ -93,9 +96,14 @@ def keep_freed_memory() -> bool:
     free, so every step page-faults its temporaries in again. ``mallopt(M_MMAP_MAX, 0)``
     and ``mallopt(M_TRIM_THRESHOLD, 2**31 - 1)`` (what ``MALLOC_MMAP_MAX_=0
     MALLOC_TRIM_THRESHOLD_=...`` do from the environment) keep them in the heap: peak RSS
-    then stays at the high-water mark instead of dropping between steps. ``import lf_jax``
-    calls this on Linux glibc; ``LF_JAX_MALLOC=default`` in the environment, or a
-    ``MALLOC_MMAP_MAX_`` / ``MALLOC_TRIM_THRESHOLD_`` of your own, leaves malloc alone.
+    then stays at the high-water mark instead of dropping between steps.
+    ``mallopt(M_TOP_PAD, 64 MiB)`` (``MALLOC_TOP_PAD_``) does the same for the threads'
+    own arenas (XLA's device threads): glibc unmaps a wholly freed 64 MiB thread heap
+    unless the top pad is at least that size, which measured ~27 MB of page faults and
+    20 ms of system CPU per 8-device step (bench/BENCHMARKS.md, "Thread arenas' heaps
+    kept"); the pad reserves address space, not memory. ``import lf_jax`` calls this on
+    Linux glibc; ``LF_JAX_MALLOC=default`` in the environment, or a ``MALLOC_MMAP_MAX_``
+    / ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_TOP_PAD_`` of your own, leaves malloc alone.
     Returns False (nothing changed) on other platforms and C libraries.
 
     Example:
@@ -107,12 +115,15 @@ def keep_freed_memory() -> bool:
         raise UserInputError(f"LF_JAX_MALLOC={choice!r}: expected 'keep' or 'default'")
     if choice == "default" or "MALLOC_MMAP_MAX_" in os.environ:
         return False
-    if "MALLOC_TRIM_THRESHOLD_" in os.environ:
+    if "MALLOC_TRIM_THRESHOLD_" in os.environ or "MALLOC_TOP_PAD_" in os.environ:
         return False
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return False
     mallopt = ctypes.CDLL("libc.so.6").mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    if mallopt(_M_MMAP_MAX, 0) != 1 or mallopt(_M_TRIM_THRESHOLD, _NEVER_TRIM_BELOW) != 1:
-        raise LfJaxError("glibc mallopt refused M_MMAP_MAX=0 / M_TRIM_THRESHOLD=2**31-1")
+    settings = {"M_MMAP_MAX": (_M_MMAP_MAX, 0), "M_TOP_PAD": (_M_TOP_PAD, _THREAD_HEAP_BYTES)}
+    settings["M_TRIM_THRESHOLD"] = (_M_TRIM_THRESHOLD, _NEVER_TRIM_BELOW)
+    refused = [name for name, (param, value) in settings.items() if mallopt(param, value) != 1]
+    if refused:
+        raise LfJaxError(f"glibc mallopt refused {', '.join(refused)} (LF_JAX_MALLOC=default)")
     return True
