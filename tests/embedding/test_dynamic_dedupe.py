@@ -2,6 +2,7 @@
 priority (dynamic.hash_table.resolve_shard), which lets owners skip sorting; the
 resolve tests run on the XLA path and on the C++ kernel (kernels.dynamic)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,7 +13,12 @@ from lf_jax.embedding.dynamic.keys import key_hash, split_keys
 from lf_jax.embedding.dynamic.policy import DynamicPolicy
 from lf_jax.embedding.kernels.dynamic import resolve_shard_fused
 
-RESOLVERS = {"xla": resolve_shard, "fused": resolve_shard_fused}
+# jitted (policy and insert static): one program per key count, as the engine runs them,
+# instead of the ops (and the conds and loops) of resolve_shard dispatched one by one
+RESOLVERS = {
+    name: jax.jit(fn, static_argnums=(5, 6))
+    for name, fn in (("xla", resolve_shard), ("fused", resolve_shard_fused))
+}
 
 
 def _colliding_pair() -> np.ndarray:

@@ -9,9 +9,7 @@ def tiny_data_dir(feed_builder, feed_data_dir):
     return str(feed_data_dir)
 
 
-@pytest.fixture
-def small_ranker_config(shrunk_ranker_config, tiny_data_dir):
-    """The tiny ranker shrunk for tests: batch 64, a small MLP, checkpoints every 2 steps."""
+def _small(shrunk_ranker_config):
     config = shrunk_ranker_config()
     with config.unlocked():
         for name in ("history_actors", "history_hashtags"):
@@ -22,6 +20,29 @@ def small_ranker_config(shrunk_ranker_config, tiny_data_dir):
         config.train.log_every = 1
         config.data.eval_batch_size = 512
     return config
+
+
+@pytest.fixture
+def small_ranker_config(shrunk_ranker_config, tiny_data_dir):
+    """The tiny ranker shrunk for tests: batch 64, a small MLP, checkpoints every 2 steps."""
+    return _small(shrunk_ranker_config)
+
+
+@pytest.fixture(scope="session")
+def static_ranker_run(shrunk_ranker_config, tiny_data_dir, tmp_path_factory):
+    """small_ranker_config trained its 6 steps by run_training, uninterrupted (checkpoints
+    at steps 2, 4 and 6): {"config", "workdir", "task"}. The reference run of the resume,
+    grain-worker and warm-start tests, trained once per test process. Read-only: tests
+    restore its checkpoints and write elsewhere."""
+    from lf_jax.distributed.mesh import make_mesh
+    from lf_jax.train.loop import prepare_workdir, run_training
+    from lf_jax.train.ranker import RankerTask
+
+    config = _small(shrunk_ranker_config)
+    workdir = tmp_path_factory.mktemp("static_ranker_run")
+    task = RankerTask(config, make_mesh(dict(config.mesh)), prepare_workdir(workdir, config))
+    run_training(task, config.train, workdir)
+    return {"config": config, "workdir": workdir, "task": task}
 
 
 class SimulatedKill(Exception):

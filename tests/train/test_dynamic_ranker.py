@@ -149,20 +149,18 @@ def test_dynamic_run_checkpointed_on_8_devices_continues_on_4_like_on_8(
 
 
 @pytest.mark.slow
-def test_static_run_warm_starts_a_dynamic_run(small_ranker_config, tmp_path):
+def test_static_run_warm_starts_a_dynamic_run(small_ranker_config, static_ranker_run, tmp_path):
     """train.warm_start of a static run into dynamic member/post tables: params and static
     tables as saved, row r of a static id table -> key r with its optimizer slots; post's
     64 slots take the rows that fit (one warning), the loop trains on from there. post is
     planned table_wise_row_wise over "model" in group 1 (devices 4..7 of the 2 x 4 mesh,
     4 shards of 16 slots): its keys stay on those devices through the warm start and a
-    training step. The static run keeps the fixture's 6 steps: the same program as the
-    other static-run tests."""
+    training step. The static run is static_ranker_run (small_ranker_config, 6 steps),
+    shared with the other static-run tests."""
     from lf_jax.train.dynamic_warm_start import warm_start_from_static
 
     config = small_ranker_config
-    static = tmp_path / "static"
-    static_task = _task(config, static)
-    run_training(static_task, config.train, static)
+    static, static_task = static_ranker_run["workdir"], static_ranker_run["task"]
     saved = _restore(static_task, static, 6)
     tables = static_task.collection.logical_tables(saved["embedding"])
     slots = static_task.collection.logical_slots(saved["embedding"])

@@ -26,6 +26,14 @@ def _host_state(task, state):
     return dense, task.collection.logical_tables(state["embedding"])
 
 
+def _restored_host_state(task, workdir, step=6):
+    ckpt = Checkpointer(workdir / "checkpoints")
+    try:
+        return _host_state(task, ckpt.restore(step, task.init_state(), task.collection)[0])
+    finally:
+        ckpt.close()
+
+
 def _assert_states(a, b, exact, rtol=2e-5, atol=2e-6):
     for part_a, part_b in zip(a, b, strict=False):
         assert part_a.keys() == part_b.keys()
@@ -85,14 +93,10 @@ def test_sharded_model_equals_unsharded(small_ranker_config, tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_bit_exact(small_ranker_config, tmp_path, kill_before_batch):
-    uninterrupted = _task(small_ranker_config, tmp_path / "a")
-    run_training(uninterrupted, small_ranker_config.train, tmp_path / "a")
-    ckpt = Checkpointer(tmp_path / "a" / "checkpoints")
-    expected = _host_state(
-        uninterrupted, ckpt.restore(6, uninterrupted.init_state(), uninterrupted.collection)[0]
-    )
-    ckpt.close()
+def test_killed_run_resumes_bit_exact(
+    small_ranker_config, static_ranker_run, tmp_path, kill_before_batch
+):
+    expected = _restored_host_state(static_ranker_run["task"], static_ranker_run["workdir"])
 
     # killed after the step-4 checkpoint
     kill_before_batch(
@@ -110,17 +114,18 @@ def test_killed_run_resumes_bit_exact(small_ranker_config, tmp_path, kill_before
 
 
 @pytest.mark.slow
-def test_grain_worker_processes_train_the_same_model(small_ranker_config, tmp_path):
-    """data.worker_count=2 decodes train batches in 2 grain processes: same batches, same model."""
-    states = []
-    for workers in (0, 2):
-        with small_ranker_config.unlocked():
-            small_ranker_config.data.worker_count = workers
-        task = _task(small_ranker_config, tmp_path / f"w{workers}")
-        run_training(task, small_ranker_config.train, tmp_path / f"w{workers}")
-        ckpt = Checkpointer(tmp_path / f"w{workers}" / "checkpoints")
-        states.append(_host_state(task, ckpt.restore(6, task.init_state(), task.collection)[0]))
-        ckpt.close()
+def test_grain_worker_processes_train_the_same_model(
+    small_ranker_config, static_ranker_run, tmp_path
+):
+    """data.worker_count=2 decodes train batches in 2 grain processes: same batches, same
+    model as the threads of worker_count=0 (static_ranker_run)."""
+    assert static_ranker_run["config"].data.worker_count == 0
+    states = [_restored_host_state(static_ranker_run["task"], static_ranker_run["workdir"])]
+    with small_ranker_config.unlocked():
+        small_ranker_config.data.worker_count = 2
+    task = _task(small_ranker_config, tmp_path / "w2")
+    run_training(task, small_ranker_config.train, tmp_path / "w2")
+    states.append(_restored_host_state(task, tmp_path / "w2"))
     _assert_states(*states, exact=True)
     with small_ranker_config.unlocked():
         small_ranker_config.data.worker_count = -1

@@ -52,11 +52,11 @@ def test_bad_snapshots_name_the_problem(tmp_path):
 
 
 @pytest.mark.slow
-def test_warm_started_ranker_maps_ids_added_since_the_snapshot(small_ranker_config, tmp_path):
+def test_warm_started_ranker_maps_ids_added_since_the_snapshot(
+    small_ranker_config, static_ranker_run, tmp_path
+):
     config = small_ranker_config
-    snapshot_dir = tmp_path / "window1"
-    task = RankerTask(config, make_mesh(dict(config.mesh)), prepare_workdir(snapshot_dir, config))
-    run_training(task, config.train, snapshot_dir)
+    snapshot_dir = static_ranker_run["workdir"]  # window 1: small_ranker_config, 6 steps
     snapshot_step = Checkpointer(snapshot_dir / "checkpoints").latest_step()
     assert snapshot_step == config.train.steps
 
