@@ -136,9 +136,10 @@ class GroupRoute:
     def exchange_kernel(self) -> str:
         """The path of the owner exchange's local work (the routing, the owners' gathers,
         the pool from the received blocks, the gradient sums and the owners' update): the
-        group's ``kernel`` when one process drives the mesh, 'xla' when several do (the
-        fused exchange's per-peer blocks hung intermittently in two-process CPU runs, one
-        in two restarts from the compilation cache; the XLA exchange does not)."""
+        group's ``kernel`` when one process drives the mesh, 'xla' when several do: with
+        the fused exchange, two-process CPU runs that use the persistent compilation
+        cache hung (2 of 2; 0 of 2 without the cache), their device threads waiting in
+        gloo all-gathers; the XLA exchange does not."""
         return self.kernel if jax.process_count() == 1 else "xla"
 
     @functools.cached_property
