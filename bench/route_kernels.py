@@ -11,15 +11,18 @@ a multiple of 8. Kernels timed: ``route`` (device 0's layout), ``gather`` (owner
 for the 8 devices' asks, table [1e6, 64] float32), ``sum_places`` (device 0's gradients
 into its send blocks), ``pool_parts`` (device 0's bags from 8 received blocks),
 ``update`` (owner 0's row-wise Adagrad over the 8 x C received rows, donated table).
+The table and accumulator are backed by huge pages, as EmbeddingCollection.init does.
 
 Usage: python bench/route_kernels.py {uniform,zipf} CALLS [--save OUT.npz]
-Prints ``kernel: median / min CPU ms per call`` (process CPU time, all threads).
+Prints ``kernel: median / min CPU ms per call`` (process CPU time, all threads), the
+mean user-time ms and page faults per call.
 
 Example:
     PYTHONPATH=. python bench/route_kernels.py zipf 50 --save /tmp/zipf_branch.npz
 """
 
 import argparse
+import resource
 import sys
 import time
 from pathlib import Path
@@ -32,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from embedding import make_bags  # noqa: E402
 
+from lf_jax.embedding.huge_pages import back_with_huge_pages  # noqa: E402
 from lf_jax.embedding.kernels import fused  # noqa: E402
 from lf_jax.embedding.kernels import route as kr  # noqa: E402
 from lf_jax.embedding.sparse_optim import rowwise_adagrad  # noqa: E402
@@ -53,15 +57,20 @@ def entries(dist: str):
     return slot.reshape(shape), local.reshape(shape), coef.reshape(shape)
 
 
-def timed(fn, calls: int) -> tuple[float, float]:
-    """Median and min process CPU ms per call of fn() (blocks on its result)."""
+def timed(fn, calls: int) -> tuple[float, float, float, float]:
+    """Median and min process CPU ms per call of fn() (blocks on its result), and the
+    mean user ms and page faults per call."""
     jax.block_until_ready(fn())
     cpu = []
+    before = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(calls):
         start = time.process_time()
         jax.block_until_ready(fn())
         cpu.append((time.process_time() - start) * 1e3)
-    return float(np.median(cpu)), float(min(cpu))
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    user = (after.ru_utime - before.ru_utime) * 1e3 / calls
+    faults = (after.ru_minflt - before.ru_minflt) / calls
+    return float(np.median(cpu)), float(min(cpu)), user, faults
 
 
 def main() -> None:
@@ -90,6 +99,7 @@ def main() -> None:
     blocks = [rng.standard_normal((cap, DIM)).astype(np.float32) for _ in range(S)]
     table = jnp.asarray(rng.standard_normal((ROWS, DIM)).astype(np.float32))
     slots = {"accumulator": jnp.zeros((ROWS,), jnp.float32)}
+    back_with_huge_pages((table, slots))  # as EmbeddingCollection.init does
     opt = rowwise_adagrad(0.05)
     one, cols = np.zeros(1, np.int32), np.zeros((1, 1), np.int32)
     rows_k1 = jnp.asarray(asked_sc.reshape(-1, 1))
@@ -134,8 +144,12 @@ def main() -> None:
         "update": step_update,
     }
     for name, fn in runs.items():
-        med, low = timed(fn, args.calls)
-        print(f"{args.dist} {name}: CPU ms per call median {med:.3f} min {low:.3f}", flush=True)
+        med, low, user, faults = timed(fn, args.calls)
+        print(
+            f"{args.dist} {name}: CPU ms per call median {med:.3f} min {low:.3f}; user ms "
+            f"{user:.3f}, page faults {faults:.0f} per call",
+            flush=True,
+        )
     if args.save:
         flat = {}
         for k, v in outs.items():

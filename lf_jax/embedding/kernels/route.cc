@@ -13,9 +13,11 @@
 // LfSumPlaces: the update's row-gradient sums in the send layout (buckets.sum_into_layout).
 //   Entry m = n * E + e adds coef[n, e] * grad[n, out_col[e]] into place[m] (places
 //   outside [0, S * C) skipped). Each place is written from its first entry (first[p] <
-//   M; 0 where none) and the other entries of the place are added in entry order: no
-//   zero fill of the places that have a first. Results: S blocks [C, D] (one per owner:
-//   XLA hands each to its peer of the all_to_all without a copy) or one [S, C, D].
+//   M; 0 where none) and the other entries of the place are added in entry order, in one
+//   pass over the entries: first[p], where < M, must be the earliest entry of place p
+//   (LfRoute's first appearance; an entry before it is an error). No zero fill of the
+//   places that have a first. Results: S blocks [C, D] (one per owner: XLA hands each to
+//   its peer of the all_to_all without a copy) or one [S, C, D].
 // LfGatherAsked: the owner's rows for its asking peers (exchange.owner_rows): S results
 //   [C, D] float32, block s row c = table[asked[s, c]] (0 where asked is out of [0, R)).
 // LfPoolParts: the pooled forward from the rows an exchange received (lookup.GroupRoute.pool
@@ -192,45 +194,40 @@ void AddScaled(float* __restrict dst, const float* __restrict src, float x, int6
   for (int64_t d = 0; d < (kD ? kD : D); ++d) dst[d] += src[d] * x;
 }
 
-// The entries' loops run over n and e (no m / E per entry); place p's row in the S
-// blocks is blocks[p / C] + (p % C) * D, by a multiply (DivBy), not a divide.
+// One pass over the entries, n and e nested (no m / E per entry); place p's row in the
+// S blocks is blocks[p / C] + (p % C) * D, by a multiply (DivBy), not a divide. A place
+// with a first entry is written when the pass reaches it (an entry before it: false,
+// nothing summed), the others were zero-filled first. Returns false on an entry that
+// precedes its place's first.
 template <int64_t kD>
-void SumPlaces(const int32_t* places, const int32_t* firsts, const float* w, const int32_t* cols,
+bool SumPlaces(const int32_t* places, const int32_t* firsts, const float* w, const int32_t* cols,
                const float* g, int64_t N, int64_t E, int64_t K, int64_t D, int64_t S, int64_t C,
                const std::vector<float*>& blocks) {
   const int64_t M = N * E, SC = S * C;
-  const DivBy by_e(E), by_c(C);
-  for (int64_t s = 0; s < S; ++s) {  // each place from its first entry, or zeros
-    float* dst = blocks[s];
-    const int32_t* first_c = firsts + s * C;
-    for (int64_t c = 0; c < C; ++c, dst += D) {
-      const int64_t m = first_c[c];
-      if (m < 0 || m >= M) {
-        std::memset(dst, 0, sizeof(float) * D);
-        continue;
-      }
-      const int64_t n = by_e.Of(m);
-      Scale<kD>(dst, g + (n * K + cols[m - n * E]) * D, w[m], D);
+  const DivBy by_c(C);
+  for (int64_t s = 0; s < S; ++s) {  // the places no first entry writes start from 0
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t m = firsts[s * C + c];
+      if (m < 0 || m >= M) std::memset(blocks[s] + c * D, 0, sizeof(float) * D);
     }
   }
-  constexpr int64_t kAhead = 8;  // entries whose places are prefetched ahead
   for (int64_t n = 0, m = 0; n < N; ++n) {
     const float* g_n = g + n * K * D;
     for (int64_t e = 0; e < E; ++e, ++m) {
-      if (m + kAhead < M) {
-        const int64_t ahead = places[m + kAhead];
-        if (uint64_t(ahead) < uint64_t(SC)) {
-          const int64_t s = by_c.Of(ahead);
-          float* row = blocks[s] + (ahead - s * C) * D;
-          for (int64_t d = 0; d < D; d += 16) __builtin_prefetch(row + d, 1);
-        }
-      }
       const int64_t p = places[m];
-      if (uint64_t(p) >= uint64_t(SC) || firsts[p] == m) continue;
-      const int64_t s = by_c.Of(p);
-      AddScaled<kD>(blocks[s] + (p - s * C) * D, g_n + cols[e] * D, w[m], D);
+      if (uint64_t(p) >= uint64_t(SC)) continue;
+      const int64_t s = by_c.Of(p), first = firsts[p];
+      float* dst = blocks[s] + (p - s * C) * D;
+      if (first == m) {
+        Scale<kD>(dst, g_n + cols[e] * D, w[m], D);
+      } else if (first < m || first >= M) {
+        AddScaled<kD>(dst, g_n + cols[e] * D, w[m], D);
+      } else {
+        return false;
+      }
     }
   }
+  return true;
 }
 
 ffi::Error SumPlacesImpl(ffi::Buffer<ffi::S32> place, ffi::Buffer<ffi::S32> first,
@@ -250,8 +247,10 @@ ffi::Error SumPlacesImpl(ffi::Buffer<ffi::S32> place, ffi::Buffer<ffi::S32> firs
   auto blocks = Blocks(out, S, C, D);
   if (!blocks.has_value()) return blocks.error();
   auto run = D == 64 ? SumPlaces<64> : SumPlaces<0>;
-  run(place.typed_data(), first.typed_data(), coef.typed_data(), out_col.typed_data(),
-      grad.typed_data(), N, E, K, D, S, C, *blocks);
+  if (!run(place.typed_data(), first.typed_data(), coef.typed_data(), out_col.typed_data(),
+           grad.typed_data(), N, E, K, D, S, C, *blocks)) {
+    return Invalid("lf_jax sum_places: an entry precedes its place's first entry");
+  }
   return ffi::Error::Success();
 }
 
