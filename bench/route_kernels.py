@@ -122,7 +122,7 @@ def main() -> None:
         "sum_places": np.asarray(sum_places(*args_sp)),
         "pool_parts": np.asarray(pool_parts(*args_pp, out_col, TABLES)),
     }
-    state = {"t": table, "s": slots}
+    state: dict = {"t": table, "s": slots}
     touched = np.unique(asked_sc[asked_sc < ROWS])
     state["t"], state["s"] = update_jit(state["t"], state["s"])
     outs["update_rows"] = np.asarray(state["t"][touched])
