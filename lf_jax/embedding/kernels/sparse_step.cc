@@ -28,7 +28,6 @@
 #include <mutex>
 #include <vector>
 
-#include "divide.h"
 #include "element_types.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -37,7 +36,6 @@ namespace ffi = xla::ffi;
 namespace {
 
 using lf_jax_kernels::BF16;
-using lf_jax_kernels::DivBy;
 using lf_jax_kernels::F16;
 using lf_jax_kernels::F32;
 
@@ -178,11 +176,8 @@ struct Dedupe {
 struct GradRows {
   std::vector<const float*> blocks;
   int64_t per = 0, D = 0;  // rows of a block, dim
-  DivBy by_per{1};  // i / per by a multiply (i < 2^31)
   const float* Row(int64_t i) const {
-    if (blocks.size() == 1) return blocks[0] + i * D;
-    const int64_t b = by_per.Of(i);
-    return blocks[b] + (i - b * per) * D;
+    return blocks.size() == 1 ? blocks[0] + i * D : blocks[i / per] + (i % per) * D;
   }
 };
 
@@ -292,7 +287,7 @@ ffi::Error RunUpdate(ffi::AnyBuffer table, const Entries& x, const Opt& opt) {
   }
   const int64_t D = td[td.size() - 1], R = int64_t(table.element_count()) / D;
   const int64_t N = rd[0], E = rd[1], C = gd[1];
-  GradRows grad{{x.grad.typed_data()}, gd[0] * C, D, DivBy(gd[0] * C)};
+  GradRows grad{{x.grad.typed_data()}, gd[0] * C, D};
   for (size_t i = 0; i < x.more.size(); ++i) {
     auto block = x.more.get<ffi::Buffer<ffi::F32>>(i);
     if (!block.has_value() || block->dimensions().size() != 3 ||
