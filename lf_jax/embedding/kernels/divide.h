@@ -19,7 +19,6 @@ class DivBy {
   int64_t Of(int64_t n) const {
     return d_ == 1 ? n : int64_t((__uint128_t(magic_) * uint32_t(n)) >> 64);
   }
-  int64_t divisor() const { return d_; }
 
  private:
   uint32_t d_;
