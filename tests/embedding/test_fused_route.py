@@ -4,8 +4,9 @@ the update's gradient blocks) against numpy and the XLA path.
 Kernels alone: the one-round layout (every entry on its owner's place asking its row,
 each distinct key once, first entries, ``fits`` / ``most`` as the XLA layout's, also
 under skew and overflow), the owners' gathers, the pool from per-peer blocks, the
-gradient sums in the send layout, and the update from gradient blocks (bit-equal to
-one buffer). Whole steps: every exchanging strategy on (8,) and (2, 4) meshes under
+gradient sums in the send layout (also at C = 1, E = 1, D = 64; a first entry that is
+not its place's earliest is an error), and the update from gradient blocks (bit-equal
+to one buffer). Whole steps: every exchanging strategy on (8,) and (2, 4) meshes under
 kernel 'fused' and 'xla' against the numpy oracle, with skew (every id on one owner,
 zipf), capacities that overflow (exact sorted rounds), and micro-batches.
 """
@@ -136,6 +137,62 @@ def test_gather_asked_and_pool_parts_match_numpy(dtype):
             if index[i, j] >= 0:
                 want[i, out_col[j]] += coef[i, j] * flat[index[i, j]]
     np.testing.assert_allclose(np.asarray(pooled), want, rtol=1e-6, atol=1e-6)
+
+
+def _first_entries(place_ne, num_places):
+    """[P] int32: each place's earliest entry (flat n * E + e), N * E where none."""
+    flat = place_ne.reshape(-1)
+    first = np.full(num_places, flat.size, np.int32)
+    for m in range(flat.size - 1, -1, -1):
+        if 0 <= flat[m] < num_places:
+            first[flat[m]] = m
+    return first
+
+
+@pytest.mark.parametrize("dim,capacity,width", [(64, 1, 1), (64, 7, 3), (8, 13, 5), (24, 5, 1)])
+def test_sum_places_and_pool_parts_at_edge_shapes(dim, capacity, width):
+    """The kernels' index arithmetic (a place's block p / C and an entry's example m / E
+    by multiplies, D = 64 unrolled) at C = 1, E = 1, D = 64 and odd shapes, == numpy."""
+    rng = np.random.default_rng(dim + capacity + width)
+    n, k, s = 23, 3, 4
+    place = rng.integers(-1, s * capacity + 2, (n, width)).astype(np.int32)
+    coef = rng.standard_normal((n, width)).astype(np.float32)
+    out_col = rng.integers(0, k, width).astype(np.int32)
+    grad = rng.standard_normal((n, k, dim)).astype(np.float32)
+    flat = place.reshape(-1)
+    expected = np.zeros((s * capacity, dim), np.float64)
+    for m in range(n * width):
+        if 0 <= flat[m] < s * capacity:
+            expected[flat[m]] += coef.flat[m] * grad[m // width, out_col[m % width]]
+    first = _first_entries(place, s * capacity).reshape(s, capacity)
+    for first_sc in (first, np.full((s, capacity), n * width, np.int32)):
+        got = jax.jit(route.sum_places, static_argnums=3)(
+            place, first_sc, coef, tuple(out_col.tolist()), grad
+        )
+        np.testing.assert_allclose(np.asarray(got).reshape(-1, dim), expected, rtol=1e-5, atol=1e-5)
+    rows = rng.standard_normal((s, capacity, dim)).astype(np.float32)
+    pooled = jax.jit(route.pool_parts, static_argnums=(3, 4))(
+        list(rows), place, coef, tuple(out_col.tolist()), k
+    )
+    flat_rows = rows.reshape(-1, dim)
+    want = np.zeros((n, k, dim), np.float64)
+    for i in range(n):
+        for j in range(width):
+            if place[i, j] >= 0:  # past the rows: the last row (clamped)
+                want[i, out_col[j]] += coef[i, j] * flat_rows[min(place[i, j], s * capacity - 1)]
+    np.testing.assert_allclose(np.asarray(pooled), want, rtol=1e-5, atol=1e-5)
+
+
+def test_sum_places_rejects_an_entry_before_its_first():
+    """sum_places sums in one pass: a place's first entry must be its earliest (as the
+    route kernel's first appearance is); an earlier entry is an error, not a wrong sum."""
+    place = np.asarray([[0, 1, 0]], np.int32)
+    first = np.asarray([[2, 1]], np.int32)  # entry 0 comes before place 0's "first" 2
+    grad = np.ones((1, 1, 4), np.float32)
+    with pytest.raises(Exception, match="precedes its place's first entry"):
+        jax.block_until_ready(
+            route.sum_places(place, first, np.ones((1, 3), np.float32), (0, 0, 0), grad)
+        )
 
 
 def test_update_from_gradient_blocks_equals_one_buffer():

@@ -13,9 +13,11 @@
 // LfSumPlaces: the update's row-gradient sums in the send layout (buckets.sum_into_layout).
 //   Entry m = n * E + e adds coef[n, e] * grad[n, out_col[e]] into place[m] (places
 //   outside [0, S * C) skipped). Each place is written from its first entry (first[p] <
-//   M; 0 where none) and the other entries of the place are added in entry order: no
-//   zero fill of the places that have a first. Results: S blocks [C, D] (one per owner:
-//   XLA hands each to its peer of the all_to_all without a copy) or one [S, C, D].
+//   M; 0 where none) and the other entries of the place are added in entry order, in one
+//   pass over the entries: first[p], where < M, must be the earliest entry of place p
+//   (LfRoute's first appearance; an entry before it is an error). No zero fill of the
+//   places that have a first. Results: S blocks [C, D] (one per owner: XLA hands each to
+//   its peer of the all_to_all without a copy) or one [S, C, D].
 // LfGatherAsked: the owner's rows for its asking peers (exchange.owner_rows): S results
 //   [C, D] float32, block s row c = table[asked[s, c]] (0 where asked is out of [0, R)).
 // LfPoolParts: the pooled forward from the rows an exchange received (lookup.GroupRoute.pool
@@ -34,10 +36,16 @@
 #include <mutex>
 #include <vector>
 
+#include "divide.h"
 #include "element_types.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+
+using lf_jax_kernels::BF16;
+using lf_jax_kernels::DivBy;
+using lf_jax_kernels::F16;
+using lf_jax_kernels::F32;
 
 namespace {
 
@@ -173,6 +181,55 @@ ffi::ErrorOr<std::vector<float*>> Blocks(ffi::RemainingRets& out, int64_t S, int
   return blocks;
 }
 
+// dst = src * x and dst += src * x over kD floats (D where kD is 0: a template argument
+// for the common D = 64 unrolls the loop): the kernels' expressions (one multiply; a
+// multiply-add), dst never aliasing src.
+template <int64_t kD>
+void Scale(float* __restrict dst, const float* __restrict src, float x, int64_t D) {
+  for (int64_t d = 0; d < (kD ? kD : D); ++d) dst[d] = src[d] * x;
+}
+
+template <int64_t kD>
+void AddScaled(float* __restrict dst, const float* __restrict src, float x, int64_t D) {
+  for (int64_t d = 0; d < (kD ? kD : D); ++d) dst[d] += src[d] * x;
+}
+
+// One pass over the entries, n and e nested (no m / E per entry); place p's row in the
+// S blocks is blocks[p / C] + (p % C) * D, by a multiply (DivBy), not a divide. A place
+// with a first entry is written when the pass reaches it (an entry before it: false,
+// nothing summed), the others were zero-filled first. Returns false on an entry that
+// precedes its place's first.
+template <int64_t kD>
+bool SumPlaces(const int32_t* places, const int32_t* firsts, const float* w, const int32_t* cols,
+               const float* g, int64_t N, int64_t E, int64_t K, int64_t D, int64_t S, int64_t C,
+               const std::vector<float*>& blocks) {
+  const int64_t M = N * E, SC = S * C;
+  const DivBy by_c(C);
+  for (int64_t s = 0; s < S; ++s) {  // the places no first entry writes start from 0
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t m = firsts[s * C + c];
+      if (m < 0 || m >= M) std::memset(blocks[s] + c * D, 0, sizeof(float) * D);
+    }
+  }
+  for (int64_t n = 0, m = 0; n < N; ++n) {
+    const float* g_n = g + n * K * D;
+    for (int64_t e = 0; e < E; ++e, ++m) {
+      const int64_t p = places[m];
+      if (uint64_t(p) >= uint64_t(SC)) continue;
+      const int64_t s = by_c.Of(p), first = firsts[p];
+      float* dst = blocks[s] + (p - s * C) * D;
+      if (first == m) {
+        Scale<kD>(dst, g_n + cols[e] * D, w[m], D);
+      } else if (first < m || first >= M) {
+        AddScaled<kD>(dst, g_n + cols[e] * D, w[m], D);
+      } else {
+        return false;
+      }
+    }
+  }
+  return true;
+}
+
 ffi::Error SumPlacesImpl(ffi::Buffer<ffi::S32> place, ffi::Buffer<ffi::S32> first,
                          ffi::Buffer<ffi::F32> coef, ffi::Buffer<ffi::S32> out_col,
                          ffi::Buffer<ffi::F32> grad, ffi::RemainingRets out) {
@@ -183,73 +240,51 @@ ffi::Error SumPlacesImpl(ffi::Buffer<ffi::S32> place, ffi::Buffer<ffi::S32> firs
       coef.element_count() != place.element_count() || out_col.element_count() != size_t(pd[1]) || gd[0] != pd[0]) {
     return Invalid("lf_jax sum_places: expected place, coef [N, E], first [S, C], grad [N, C, D]");
   }
-  const int64_t N = pd[0], E = pd[1], M = N * E, S = fd[0], C = fd[1], K = gd[1], D = gd[2];
+  const int64_t N = pd[0], E = pd[1], S = fd[0], C = fd[1], K = gd[1], D = gd[2];
+  if (N * E >= (int64_t(1) << 31) || S * C >= (int64_t(1) << 31)) {
+    return Invalid("lf_jax sum_places: entries or places exceed int32");
+  }
   auto blocks = Blocks(out, S, C, D);
   if (!blocks.has_value()) return blocks.error();
-  const int32_t* places = place.typed_data();
-  const int32_t* firsts = first.typed_data();
-  const float* w = coef.typed_data();
-  const int32_t* cols = out_col.typed_data();
-  const float* g = grad.typed_data();
-  auto source = [&](int64_t m) { return g + ((m / E) * K + cols[m % E]) * D; };
-  for (int64_t s = 0; s < S; ++s) {
-    float* dst = (*blocks)[s];
-    for (int64_t c = 0; c < C; ++c, dst += D) {
-      const int64_t m = firsts[s * C + c];
-      if (m < 0 || m >= M) {
-        std::memset(dst, 0, sizeof(float) * D);
-        continue;
-      }
-      const float x = w[m];
-      const float* src = source(m);
-      for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * x;
-    }
-  }
-  constexpr int64_t kAhead = 8;  // entries whose places are prefetched ahead
-  for (int64_t m = 0; m < M; ++m) {
-    if (m + kAhead < M) {
-      const int64_t ahead = places[m + kAhead];
-      if (ahead >= 0 && ahead < S * C) {
-        float* row = (*blocks)[ahead / C] + (ahead % C) * D;
-        for (int64_t d = 0; d < D; d += 16) __builtin_prefetch(row + d, 1);
-      }
-    }
-    const int64_t p = places[m];
-    if (p < 0 || p >= S * C || firsts[p] == m) continue;
-    const float x = w[m];
-    const float* src = source(m);
-    float* dst = (*blocks)[p / C] + (p % C) * D;
-    for (int64_t d = 0; d < D; ++d) dst[d] += src[d] * x;
+  auto run = D == 64 ? SumPlaces<64> : SumPlaces<0>;
+  if (!run(place.typed_data(), first.typed_data(), coef.typed_data(), out_col.typed_data(),
+           grad.typed_data(), N, E, K, D, S, C, *blocks)) {
+    return Invalid("lf_jax sum_places: an entry precedes its place's first entry");
   }
   return ffi::Error::Success();
 }
 
-using lf_jax_kernels::BF16;
-using lf_jax_kernels::F16;
-using lf_jax_kernels::F32;
-
-template <class Ty>
-void Gather(const typename Ty::T* table, int64_t R, int64_t D, const int32_t* asked, int64_t S,
+template <class Ty, int64_t kD>
+void GatherRows(const typename Ty::T* table, int64_t R, int64_t D, const int32_t* asked, int64_t S,
             int64_t C, const std::vector<float*>& blocks) {
   constexpr int64_t kAhead = 8;  // rows to prefetch ahead: the asked rows are random reads
   constexpr int64_t kLine = 64 / sizeof(typename Ty::T);
   const int64_t total = S * C;
-  for (int64_t k = 0; k < total; ++k) {
-    if (k + kAhead < total) {
-      const int64_t ahead = asked[k + kAhead];
-      if (ahead >= 0 && ahead < R) {
-        for (int64_t d = 0; d < D; d += kLine) __builtin_prefetch(table + ahead * D + d);
+  for (int64_t s = 0, k = 0; s < S; ++s) {
+    float* dst = blocks[s];
+    for (int64_t c = 0; c < C; ++c, ++k, dst += D) {
+      if (k + kAhead < total) {
+        const int64_t ahead = asked[k + kAhead];
+        if (ahead >= 0 && ahead < R) {
+          for (int64_t d = 0; d < D; d += kLine) __builtin_prefetch(table + ahead * D + d);
+        }
       }
+      const int64_t r = asked[k];
+      if (r < 0 || r >= R) {
+        std::memset(dst, 0, sizeof(float) * D);
+        continue;
+      }
+      const typename Ty::T* __restrict src = table + r * D;
+      float* __restrict out = dst;
+      for (int64_t d = 0; d < (kD ? kD : D); ++d) out[d] = Ty::load(src[d]);
     }
-    float* dst = blocks[k / C] + (k % C) * D;
-    const int64_t r = asked[k];
-    if (r < 0 || r >= R) {
-      std::memset(dst, 0, sizeof(float) * D);
-      continue;
-    }
-    const typename Ty::T* src = table + r * D;
-    for (int64_t d = 0; d < D; ++d) dst[d] = Ty::load(src[d]);
   }
+}
+
+template <class Ty>
+void Gather(const typename Ty::T* table, int64_t R, int64_t D, const int32_t* asked, int64_t S,
+            int64_t C, const std::vector<float*>& blocks) {
+  (D == 64 ? GatherRows<Ty, 64> : GatherRows<Ty, 0>)(table, R, D, asked, S, C, blocks);
 }
 
 ffi::Error GatherAskedImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> asked,
@@ -281,6 +316,32 @@ ffi::Error GatherAskedImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> asked,
   return ffi::Error::Success();
 }
 
+template <int64_t kD>
+void PoolParts(const int32_t* p, const float* w, const int32_t* cols, int64_t N, int64_t E,
+               int64_t K, int64_t D, int64_t C, const std::vector<const float*>& blocks,
+               float* o) {
+  const int64_t last = int64_t(blocks.size()) * C - 1, total = N * E;
+  const DivBy by_c(C);
+  auto row = [&](int64_t r) {
+    const int64_t s = by_c.Of(r);
+    return blocks[s] + (r - s * C) * D;
+  };
+  constexpr int64_t kAhead = 16;
+  std::memset(o, 0, sizeof(float) * N * K * D);
+  for (int64_t n = 0, m = 0; n < N; ++n) {
+    float* o_n = o + n * K * D;
+    for (int64_t e = 0; e < E; ++e, ++m) {
+      if (m + kAhead < total && p[m + kAhead] >= 0) {
+        const float* ahead = row(std::min<int64_t>(p[m + kAhead], last));
+        for (int64_t d = 0; d < D; d += 16) __builtin_prefetch(ahead + d);
+      }
+      const int64_t r = p[m];
+      if (r < 0) continue;
+      AddScaled<kD>(o_n + cols[e] * D, row(std::min(r, last)), w[m], D);
+    }
+  }
+}
+
 ffi::Error PoolPartsImpl(ffi::Buffer<ffi::S32> place, ffi::Buffer<ffi::F32> coef,
                          ffi::Buffer<ffi::S32> out_col, ffi::RemainingArgs parts,
                          ffi::ResultBuffer<ffi::F32> out) {
@@ -303,26 +364,12 @@ ffi::Error PoolPartsImpl(ffi::Buffer<ffi::S32> place, ffi::Buffer<ffi::F32> coef
     blocks[s] = block->typed_data();
   }
   if (C < 1) return Invalid("lf_jax pool_parts: empty blocks");
-  const int64_t last = S * C - 1, total = N * E;
-  const int32_t* p = place.typed_data();
-  const float* w = coef.typed_data();
-  const int32_t* cols = out_col.typed_data();
-  float* o = out->typed_data();
-  auto row = [&](int64_t r) { return blocks[r / C] + (r % C) * D; };
-  constexpr int64_t kAhead = 16;
-  std::memset(o, 0, sizeof(float) * N * K * D);
-  for (int64_t m = 0; m < total; ++m) {
-    if (m + kAhead < total && p[m + kAhead] >= 0) {
-      const float* ahead = row(std::min<int64_t>(p[m + kAhead], last));
-      for (int64_t d = 0; d < D; d += 16) __builtin_prefetch(ahead + d);
-    }
-    const int64_t r = p[m];
-    if (r < 0) continue;
-    const float x = w[m];
-    const float* src = row(std::min(r, last));
-    float* dst = o + ((m / E) * K + cols[m % E]) * D;
-    for (int64_t d = 0; d < D; ++d) dst[d] += x * src[d];
+  if (N * E >= (int64_t(1) << 31) || S * C >= (int64_t(1) << 31)) {
+    return Invalid("lf_jax pool_parts: entries or rows exceed int32");
   }
+  (D == 64 ? PoolParts<64> : PoolParts<0>)(place.typed_data(), coef.typed_data(),
+                                           out_col.typed_data(), N, E, K, D, C, blocks,
+                                           out->typed_data());
   return ffi::Error::Success();
 }
 

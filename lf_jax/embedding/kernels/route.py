@@ -64,7 +64,9 @@ def sum_places(place_ne, first_sc, coef_ne, out_col_e: np.ndarray, grad_nkd) -> 
     """[S, C, D] float32: entry (n, e) adds ``coef[n, e] * grad[n, out_col[e]]`` into
     place ``place[n, e]`` of the [S * C] layout (places outside it are skipped). Place p
     is written from entry ``first_sc`` (flat n * E + e; M = N * E or more: none, 0 + the
-    sum of its entries) and the other entries are added in entry order."""
+    sum of its entries) and the other entries are added in entry order, in one pass: a
+    first must be its place's earliest entry (``route``'s first appearance), an earlier
+    entry of the place is an error when the call runs."""
     load()
     num_slots, capacity = first_sc.shape
     out = jax.ffi.ffi_call("lf_jax_sum_places", _blocks(num_slots, capacity, grad_nkd.shape[-1]))(
