@@ -38,7 +38,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import lf_jax
 from lf_jax.api.params_npz import load_params, save_params
-from lf_jax.api.ranker_dynamic import find_rows, fresh_state
+from lf_jax.api.ranker_dynamic import find_rows, fresh_state, load_dynamic, save_dynamic
 from lf_jax.console import ensure_logging, get_logger, progress
 from lf_jax.embedding.collection import EmbeddingCollection
 from lf_jax.embedding.dynamic.policy import DynamicPolicy
@@ -338,8 +338,6 @@ class Ranker:
         save_params(directory / "params.npz", self.params)
         tables: dict[str, Any] = self.collection.logical_tables(self.embedding)
         if self.dynamic is not None:  # hash tables [S, ...] and the tables' slots
-            from lf_jax.api.ranker_dynamic import save_dynamic
-
             save_dynamic(self, directory / "dynamic.npz")
         np.savez(directory / "tables.npz", **tables)
         return directory
@@ -388,8 +386,6 @@ class Ranker:
         if ranker.dynamic is None:
             ranker.embedding = ranker.collection.state_from_logical(tables)
         else:  # hash tables as saved, or rehashed onto this mesh's shards
-            from lf_jax.api.ranker_dynamic import load_dynamic
-
             load_dynamic(ranker, Path(directory) / "dynamic.npz", tables)
         ranker.steps_trained = int(manifest["steps_trained"])
         return ranker

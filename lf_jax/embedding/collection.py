@@ -86,7 +86,10 @@ class EmbeddingCollection:
 
     @property
     def kernels(self) -> dict[str, str]:
-        """Each shard group's local sparse path: 'fused' (C++ kernel) or 'xla'."""
+        """Each shard group's local sparse path: 'fused' (C++ kernel) or 'xla'. When
+        several processes drive the mesh, the owner exchange's local work of row-spread
+        and replicated groups takes 'xla' whatever this says
+        (``GroupRoute.exchange_kernel``)."""
         return {route.group.name: route.kernel for route in self.routes}
 
     # ----- shardings and state ------------------------------------------------------------
