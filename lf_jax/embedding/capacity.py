@@ -100,9 +100,22 @@ def static_capacities(collection, batch_size: int) -> dict[str, int]:
 
 
 def exchange_counts(routing: Mapping) -> dict:
-    """Inside the jitted step: each group's ``most`` (a device scalar) from
-    ``EmbeddingCollection.routing``'s layouts, to return for ``CapacityChooser.observe``."""
-    return {name: layout.most[0] for name, layout in routing.items()}
+    """Inside the jitted step: each group's ``most`` from ``EmbeddingCollection.routing``'s
+    layouts, to return for ``CapacityChooser.observe``: an [n] array, one element per
+    device, all equal (the routing takes their maximum over the mesh). It is returned
+    whole: taking one device's element inside the jitted step costs an all-reduce (a
+    rendezvous of every device per step); the host reads it in ``observe``."""
+    return {name: layout.most for name, layout in routing.items()}
+
+
+def _largest(count) -> int:
+    """The largest element of a count: of this process's shards for a jax.Array (every
+    device holds the same value, and in a multi-process run the others' shards are not
+    addressable here)."""
+    shards = getattr(count, "addressable_shards", None)
+    if shards is None:
+        return int(np.max(np.asarray(count)))
+    return max(int(np.max(np.asarray(shard.data))) for shard in shards)
 
 
 class CapacityChooser:
@@ -131,10 +144,11 @@ class CapacityChooser:
         }
 
     def observe(self, counts: Mapping) -> None:
-        """Records one step's ``exchange_counts`` (device scalars are read here: pass
-        the previous step's counts to keep the next step's dispatch asynchronous)."""
+        """Records one step's ``exchange_counts`` (device arrays, read here and reduced
+        with a max: pass the previous step's counts to keep the next step's dispatch
+        asynchronous)."""
         for name, count in counts.items():
-            self.recent[name].append(int(np.max(np.asarray(count))))
+            self.recent[name].append(_largest(count))
 
     def need(self, name: str) -> int | None:
         """Keys per owner the group's next step should hold (None before any count)."""

@@ -69,7 +69,8 @@ def train_step_body(
     the exchange layout is built once and shared by the lookup and the update; with k
     micro-batches each lookup builds its own with ``capacities`` and the update of all k
     keeps the static ones. ``metrics["exchange"]``: {group: the most distinct keys a
-    device sent one owner} (``exchange_counts``; the largest over micro-batches).
+    device sent one owner} (``exchange_counts``: [n], one per device, the largest over
+    micro-batches; the max over devices is left to the host, a collective otherwise).
 
     ``collection=None`` (a model without sparse tables, e.g. a text encoder): no "sparse"
     entry, ``activations`` is None and ``state["embedding"]`` passes through unchanged."""
@@ -123,7 +124,7 @@ def train_step_body(
             "loss": jnp.mean(losses),
             "aux": jax.tree.map(lambda x: jnp.mean(x, axis=0), aux),
             "grad_norm": optax.tree.norm(grads),
-            "exchange": {name: jnp.max(count) for name, count in counts.items()},
+            "exchange": {name: jnp.max(count, axis=0) for name, count in counts.items()},
         }
         return new_state, metrics
 
