@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.join(TREE, "bench"))
 import embedding as bench  # noqa: E402  (after XLA_FLAGS)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from traffic_step import TrafficStep  # noqa: E402  (this script's directory)
 
 
 def _malloc_mmaps_large_blocks() -> bool:
@@ -65,26 +66,10 @@ def main() -> None:
     coll, batches, r_d, jitted = bench._build_ours(cfg)
     state = jax.block_until_ready(coll.init(jax.random.key(0)))
     if TRAFFIC:
-        from lf_jax.embedding.capacity import CapacityChooser
-
-        chooser, used, late = CapacityChooser(coll, cfg["batch"]), {}, None
-
-        def run(state, batch):
-            nonlocal late
-            caps = chooser.capacities()
-            if caps not in used:
-                used[caps] = jitted.lower(state, batch, r_d, capacities=caps).compile()
-            state, (loss, counts) = used[caps](state, batch, r_d)
-            if late is not None:
-                chooser.observe(late)  # the previous step's counts (done by now)
-            late = counts
-            return state, loss
-
+        run = TrafficStep(coll, jitted, r_d, cfg["batch"])
         # the first warm-up step: its counts size the next steps, and the compile of
         # their capacities happens before the timed steps
-        state, loss = run(state, batches[0])
-        chooser.observe(jax.block_until_ready(late))
-        late = None
+        state, loss = run.settle(state, batches[0])
         first = 1
     else:
         first = 0
@@ -111,8 +96,8 @@ def main() -> None:
         )
     user, system, faults = np.median(np.array(rows), axis=0)
     if TRAFFIC:
-        compiled = used[chooser.capacities()] if chooser.capacities() in used else None
-        print(f"capacities compiled {list(used)}, static {chooser.static}")
+        compiled = run.current()
+        print(f"capacities compiled {list(run.compiled)}, static {run.chooser.static}")
     temp_mb = compiled.memory_analysis().temp_size_in_bytes / 1e6 if compiled else float("nan")
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3  # KiB on Linux
     malloc = "mmap" if _malloc_mmaps_large_blocks() else "heap"

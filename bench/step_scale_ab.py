@@ -31,10 +31,12 @@ import embedding as bench  # noqa: E402  (after XLA_FLAGS)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from step_ab import copy_package, cpu_ms  # noqa: E402
+from traffic_step import TrafficStep  # noqa: E402
 
 
 def build(pkg: str, tree: str, devices: int, dist: str):
-    """A run() closure: one donated step of ``pkg``'s collection on the next batch."""
+    """A run() closure: one donated step of ``pkg``'s collection on the next batch, and
+    the compiled steps by capacities."""
     traffic = (Path(tree) / "lf_jax/embedding/capacity.py").exists()
     cfg = {
         **bench.step_config(dist, devices),
@@ -42,24 +44,18 @@ def build(pkg: str, tree: str, devices: int, dist: str):
         **({"capacities": "traffic"} if traffic else {}),
     }
     coll, batches, r_d, jitted = bench._build_ours(cfg, pkg)
-    box = {"state": jax.block_until_ready(coll.init(jax.random.key(0))), "i": 0, "late": None}
-    compiled: dict = {}
-    chooser = None
+    box = {"state": jax.block_until_ready(coll.init(jax.random.key(0))), "i": 0}
     if traffic:
-        capacity = __import__(f"{pkg}.embedding.capacity", fromlist=["CapacityChooser"])
-        chooser = capacity.CapacityChooser(coll, cfg["batch"])
+        step = TrafficStep(coll, jitted, r_d, cfg["batch"], pkg)
+        compiled = step.compiled
+    else:
+        compiled = {None: jitted.lower(box["state"], batches[0], r_d).compile()}
+
+        def step(state, batch):
+            return compiled[None](state, batch, r_d)
 
     def run():
-        batch = batches[box["i"] % len(batches)]
-        caps = chooser.capacities() if chooser else None
-        if caps not in compiled:
-            kw = {"capacities": caps} if chooser else {}
-            compiled[caps] = jitted.lower(box["state"], batch, r_d, **kw).compile()
-        box["state"], out = compiled[caps](box["state"], batch, r_d)
-        if chooser:
-            if box["late"] is not None:
-                chooser.observe(box["late"])  # the previous step's counts
-            box["late"] = out[1]
+        box["state"], _ = step(box["state"], batches[box["i"] % len(batches)])
         jax.block_until_ready(box["state"])
         box["i"] += 1
 
