@@ -22,35 +22,29 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <memory>
-#include <mutex>
 #include <vector>
 
+#include "scratch.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+
+using lf_jax_kernels::Fmix32;
+using lf_jax_kernels::Invalid;
+using lf_jax_kernels::Lease;
 
 namespace {
 
 constexpr int kCounters = 8;  // hits, misses, not_admitted, inserts, evictions, refused,
                               // probe_sum, probe_max
 
-uint32_t Fmix32(uint32_t h) {
-  h ^= h >> 16;
-  h *= 0x85EBCA6Bu;
-  h ^= h >> 13;
-  h *= 0xC2B2AE35u;
-  return h ^ (h >> 16);
-}
-
 // keys.key_hash: a uint32 hash of the key (hi, lo) for salt.
 uint32_t KeyHash(uint32_t hi, uint32_t lo, uint32_t salt) {
   return Fmix32(lo ^ Fmix32(hi ^ salt) * 0x9E3779B1u);
 }
 
-// Scratch reused between calls, one per concurrent call (8 simulated devices call at
-// once): taken from and returned to a pool. Invariants between calls: mark all 0, best
-// and table all -1.
+// Scratch reused between calls, one per concurrent call (a Lease, scratch.h).
+// Invariants between calls: mark all 0, best and table all -1.
 struct Scratch {
   std::vector<uint64_t> mark;   // [C] bits: touched or taken in this step (C / 8 bytes:
                                 // stays in cache, where a byte per slot would miss)
@@ -70,26 +64,6 @@ struct Scratch {
     home.resize(n);
     off.resize(n);
     for (auto* v : {&keys, &marked, &missed, &pending, &won}) v->clear();
-  }
-};
-
-std::mutex pool_lock;
-std::vector<std::unique_ptr<Scratch>> pool;
-
-struct Lease {  // a Scratch from the pool, returned on destruction
-  std::unique_ptr<Scratch> s;
-  Lease() {
-    std::lock_guard<std::mutex> hold(pool_lock);
-    if (pool.empty()) {
-      s = std::make_unique<Scratch>();
-    } else {
-      s = std::move(pool.back());
-      pool.pop_back();
-    }
-  }
-  ~Lease() {
-    std::lock_guard<std::mutex> hold(pool_lock);
-    pool.push_back(std::move(s));
   }
 };
 
@@ -197,8 +171,8 @@ void Resolve(Table t, const Policy& p, int32_t* sketch, int64_t depth, int64_t w
              int32_t* counters, const uint32_t* hi, const uint32_t* lo, const bool* valid,
              int64_t n, int32_t step, const uint32_t* salts, int32_t* slot_out,
              bool* new_out) {
-  Lease lease;
-  Scratch& s = *lease.s;
+  Lease<Scratch> lease;
+  Scratch& s = *lease;
   s.Fit(t.capacity, n);
   int64_t counts[kCounters] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t probe_max = 0;
@@ -304,10 +278,6 @@ void Resolve(Table t, const Policy& p, int32_t* sketch, int64_t depth, int64_t w
   counters[2 * kCounters - 1] = 0;
 }
 
-ffi::Error Invalid(const char* what) {
-  return ffi::Error(ffi::ErrorCode::kInvalidArgument, what);
-}
-
 ffi::Error ResolveImpl(ffi::Buffer<ffi::U32>, ffi::Buffer<ffi::U32>, ffi::Buffer<ffi::S32>,
                        ffi::Buffer<ffi::S32>, ffi::Buffer<ffi::S32>, ffi::Buffer<ffi::S32>,
                        ffi::Buffer<ffi::U32> hi, ffi::Buffer<ffi::U32> lo,
@@ -375,8 +345,8 @@ ffi::Error RouteImpl(ffi::Buffer<ffi::U32> hi, ffi::Buffer<ffi::U32> lo,
   if (lo.element_count() != size_t(n) || valid.element_count() != size_t(n) || shards < 1) {
     return Invalid("lf_jax dynamic route: mismatched keys or shards");
   }
-  Lease lease;
-  Scratch& s = *lease.s;
+  Lease<Scratch> lease;
+  Scratch& s = *lease;
   s.Fit(0, n);
   std::vector<int32_t>& entries = s.missed;  // the valid entries
   const uint32_t *h = hi.typed_data(), *l = lo.typed_data();

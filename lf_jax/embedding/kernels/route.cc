@@ -32,12 +32,11 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <mutex>
 #include <vector>
 
 #include "divide.h"
 #include "element_types.h"
+#include "scratch.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -46,52 +45,18 @@ using lf_jax_kernels::BF16;
 using lf_jax_kernels::DivBy;
 using lf_jax_kernels::F16;
 using lf_jax_kernels::F32;
+using lf_jax_kernels::Fmix32;
+using lf_jax_kernels::Invalid;
+using lf_jax_kernels::Lease;
 
 namespace {
 
-ffi::Error Invalid(const char* what) {
-  return ffi::Error(ffi::ErrorCode::kInvalidArgument, what);
-}
-
-// Hash tables reused between calls: the calls of several devices run at once on XLA's
-// threads, each takes one (a fresh vector per call would be page-faulted in every step).
+// A hash table reused between calls (a Lease): key, value pairs in `cell`, key -1 empty
+// (kept empty between calls); `used`: the cells this call filled, emptied before it returns.
 struct HashTable {
-  std::vector<int32_t> cell;  // key, value pairs; key -1: empty (kept empty between calls)
-  std::vector<uint32_t> used;  // cells filled by this call, emptied before it returns
+  std::vector<int32_t> cell;
+  std::vector<uint32_t> used;
 };
-
-class TablePool {
- public:
-  std::unique_ptr<HashTable> Take() {
-    std::lock_guard<std::mutex> hold(lock_);
-    if (free_.empty()) return std::make_unique<HashTable>();
-    auto table = std::move(free_.back());
-    free_.pop_back();
-    return table;
-  }
-  void Give(std::unique_ptr<HashTable> table) {
-    std::lock_guard<std::mutex> hold(lock_);
-    free_.push_back(std::move(table));
-  }
-
- private:
-  std::mutex lock_;
-  std::vector<std::unique_ptr<HashTable>> free_;
-};
-
-TablePool& Tables() {
-  static TablePool* pool = new TablePool();  // never destroyed: XLA may call at exit
-  return *pool;
-}
-
-uint32_t Mix(uint32_t x) {  // murmur3's finalizer
-  x ^= x >> 16;
-  x *= 0x85EBCA6Bu;
-  x ^= x >> 13;
-  x *= 0xC2B2AE35u;
-  x ^= x >> 16;
-  return x;
-}
 
 void Route(const int32_t* slot, const int32_t* local, int64_t M, int64_t S, int64_t C, int64_t R,
            int32_t* ask, int32_t* entry, int32_t* first, int32_t* count, HashTable& hash) {
@@ -105,7 +70,7 @@ void Route(const int32_t* slot, const int32_t* local, int64_t M, int64_t S, int6
   std::fill(first, first + S * C, int32_t(M));
   std::fill(count, count + S, 0);
   constexpr int64_t kAhead = 16;  // entries whose cells are prefetched ahead (random reads)
-  auto cell_of = [&](int64_t m) { return Mix(uint32_t(slot[m] * R + local[m])) & mask; };
+  auto cell_of = [&](int64_t m) { return Fmix32(uint32_t(slot[m] * R + local[m])) & mask; };
   for (int64_t m = 0; m < M; ++m) {
     if (m + kAhead < M && slot[m + kAhead] >= 0) __builtin_prefetch(cell + 2 * cell_of(m + kAhead));
     const int32_t s = slot[m];
@@ -114,7 +79,7 @@ void Route(const int32_t* slot, const int32_t* local, int64_t M, int64_t S, int6
       continue;
     }
     const int32_t key = int32_t(s * R + local[m]);
-    uint32_t h = Mix(uint32_t(key)) & mask;
+    uint32_t h = Fmix32(uint32_t(key)) & mask;
     while (cell[2 * h] != key && cell[2 * h] != -1) h = (h + 1) & mask;
     if (cell[2 * h] == -1) {  // a new key: the next place of its owner's bucket
       cell[2 * h] = key;
@@ -149,11 +114,15 @@ ffi::Error RouteImpl(ffi::Buffer<ffi::S32> slot, ffi::Buffer<ffi::S32> local,
       M >= (int64_t(1) << 30)) {
     return Invalid("lf_jax route: keys, places or entries exceed int32");
   }
-  auto hash = Tables().Take();
+  Lease<HashTable> hash;
   Route(slot.typed_data(), local.typed_data(), M, S, C, rows, ask->typed_data(),
         entry->typed_data(), first->typed_data(), count->typed_data(), *hash);
-  Tables().Give(std::move(hash));
   return ffi::Error::Success();
+}
+
+// Whether a call's entries and places (int32 in the kernels' index arrays) fit int32.
+bool FitInt32(int64_t entries, int64_t places) {
+  return entries < (int64_t(1) << 31) && places < (int64_t(1) << 31);
 }
 
 // The output blocks of a call with S results [C, D] or one result [S, C, D].
@@ -241,7 +210,7 @@ ffi::Error SumPlacesImpl(ffi::Buffer<ffi::S32> place, ffi::Buffer<ffi::S32> firs
     return Invalid("lf_jax sum_places: expected place, coef [N, E], first [S, C], grad [N, C, D]");
   }
   const int64_t N = pd[0], E = pd[1], S = fd[0], C = fd[1], K = gd[1], D = gd[2];
-  if (N * E >= (int64_t(1) << 31) || S * C >= (int64_t(1) << 31)) {
+  if (!FitInt32(N * E, S * C)) {
     return Invalid("lf_jax sum_places: entries or places exceed int32");
   }
   auto blocks = Blocks(out, S, C, D);
@@ -364,7 +333,7 @@ ffi::Error PoolPartsImpl(ffi::Buffer<ffi::S32> place, ffi::Buffer<ffi::F32> coef
     blocks[s] = block->typed_data();
   }
   if (C < 1) return Invalid("lf_jax pool_parts: empty blocks");
-  if (N * E >= (int64_t(1) << 31) || S * C >= (int64_t(1) << 31)) {
+  if (!FitInt32(N * E, S * C)) {
     return Invalid("lf_jax pool_parts: entries or rows exceed int32");
   }
   (D == 64 ? PoolParts<64> : PoolParts<0>)(place.typed_data(), coef.typed_data(),
