@@ -12,8 +12,8 @@ takes its exchange capacities from the traffic (a CapacityChooser observing ever
 step's counts, one step late; the first warm-up round uses the static capacities).
 Trees with different fused-kernel sources cannot share a process (see bench/step_ab.py).
 Prints each step's median / min / 25th percentile of process CPU ms (user + sys) per
-step, its capacities and compiles, and every tree's 8 / 1 ratio of medians (a tree
-without a 1-device step is compared with the first tree's).
+step, its median wall ms, its capacities and compiles, and every tree's 8 / 1 ratio of
+CPU medians (a tree without a 1-device step is compared with the first tree's).
 
 Example:
     PYTHONPATH=. python bench/step_scale_ab.py zipf 12 /work/base-14:1,8 .:8
@@ -22,6 +22,7 @@ Example:
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
@@ -74,18 +75,21 @@ def main() -> None:
                 runs[(tree, devices)] = build(f"lf_jax_t{i}", tree, devices, dist)
                 print(f"built {tree} on {devices} device(s)", flush=True)
         times: dict = {key: [] for key in runs}
+        walls: dict = {key: [] for key in runs}
         for r in range(int(rounds) + 2):
             for key, (run, _) in runs.items():
-                start = cpu_ms()
+                start, wall = cpu_ms(), time.perf_counter()
                 run()
                 if r >= 2:
                     times[key].append(cpu_ms() - start)
+                    walls[key].append((time.perf_counter() - wall) * 1e3)
     medians = {}
     for (tree, devices), cpu in times.items():
         medians[(tree, devices)] = float(np.median(cpu))
         print(
             f"{dist} {tree} devices={devices}: CPU ms per step median {np.median(cpu):.1f} "
             f"min {min(cpu):.1f} p25 {np.percentile(cpu, 25):.1f}; "
+            f"wall ms median {np.median(walls[(tree, devices)]):.1f}; "
             f"compiled {list(runs[(tree, devices)][1])}"
         )
     one = next(m for (_, d), m in medians.items() if d == 1)
