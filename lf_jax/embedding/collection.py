@@ -35,6 +35,7 @@ from lf_jax.embedding.lookup import (
     group_layout,
     group_routing,
 )
+from lf_jax.embedding.ordering import after, ordered
 from lf_jax.embedding.plan import validate_plan
 from lf_jax.embedding.sharding.layout import Group, build_layout
 from lf_jax.embedding.spec import FeatureSpec, TableSpec, initial_table, validate_specs
@@ -86,10 +87,7 @@ class EmbeddingCollection:
 
     @property
     def kernels(self) -> dict[str, str]:
-        """Each shard group's local sparse path: 'fused' (C++ kernel) or 'xla'. When
-        several processes drive the mesh, the owner exchange's local work of row-spread
-        and replicated groups takes 'xla' whatever this says
-        (``GroupRoute.exchange_kernel``)."""
+        """Each shard group's local sparse path: 'fused' (C++ kernel) or 'xla'."""
         return {route.group.name: route.kernel for route in self.routes}
 
     # ----- shardings and state ------------------------------------------------------------
@@ -305,10 +303,16 @@ class EmbeddingCollection:
         ``routing``: ``self.routing(batch)``, to share with ``apply_gradients``."""
         coefs = combiner_coefficients(self.features, batch)
         parts: dict[str, list] = {}
+        entry_spec = PartitionSpec(self.batch_axes)
+        done = [(layout.most, entry_spec) for layout in (routing or {}).values()]
         for route in self.routes:
             if not route.blocks:
                 continue
             slot_be, local_be, coef_be = route.entries(batch.ids, coefs)
+            if ordered() and done:  # this group's exchange after the previous phase's
+                slot_be, local_be, coef_be = after(
+                    self.mesh, done, slot_be, local_be, coef_be, spec=entry_spec
+                )
             out_bcd = group_forward(
                 self.mesh,
                 route,
@@ -318,6 +322,7 @@ class EmbeddingCollection:
                 coef_be,
                 group_routing(routing, route),
             )
+            done = [(out_bcd, entry_spec)]
             for block, value in route.split_output(out_bcd).items():
                 parts.setdefault(block.feature, []).append((block.piece.col_start, value))
         return {
@@ -351,11 +356,23 @@ class EmbeddingCollection:
         coefs = combiner_coefficients(self.features, batch)
         step = state["step"] + 1
         tables, slots = dict(state["tables"]), dict(state["slots"])
+        done: list = []
         for route in self.routes:
             if not route.blocks:
                 continue
             name = route.group.name
             slot_kbe, local_kbe, coef_kbe = route.entries(batch.ids, coefs)
+            grad_kbcd = route.join_gradients(activation_grads)
+            if ordered() and done:  # this group's exchange after the previous group's
+                slot_kbe, local_kbe, coef_kbe, grad_kbcd = after(
+                    self.mesh,
+                    done,
+                    slot_kbe,
+                    local_kbe,
+                    coef_kbe,
+                    grad_kbcd,
+                    spec=PartitionSpec(None, self.batch_axes),
+                )
             tables[name], slots[name] = group_update(
                 self.mesh,
                 route,
@@ -364,8 +381,9 @@ class EmbeddingCollection:
                 slot_kbe,
                 local_kbe,
                 coef_kbe,
-                route.join_gradients(activation_grads),
+                grad_kbcd,
                 step,
                 layout=group_routing(routing, route),
             )
+            done = [(tables[name], route.group.partition_spec(None, None))]
         return {"tables": tables, "slots": slots, "step": step}

@@ -132,16 +132,6 @@ class GroupRoute:
             kernel,
         )
 
-    @property
-    def exchange_kernel(self) -> str:
-        """The path of the owner exchange's local work (the routing, the owners' gathers,
-        the pool from the received blocks, the gradient sums and the owners' update): the
-        group's ``kernel`` when one process drives the mesh, 'xla' when several do: with
-        the fused exchange, two-process CPU runs that use the persistent compilation
-        cache hung (2 of 2; 0 of 2 without the cache), their device threads waiting in
-        gloo all-gathers; the XLA exchange does not."""
-        return self.kernel if jax.process_count() == 1 else "xla"
-
     @functools.cached_property
     def piece_columns(self) -> tuple[tuple[Piece, np.ndarray], ...]:
         """Each piece with the entry columns that read it (pieces hold disjoint rows)."""
@@ -259,7 +249,7 @@ def shard_layout(
         all_axes,
         group.axes,
         real,
-        route.exchange_kernel,
+        route.kernel,
     )
 
 
@@ -341,9 +331,9 @@ def group_forward(
         )
 
         def one_round(_):  # pool straight from the received rows
-            rows_scd = fetch_one_round(layout, stored_1rd[0], group.axes, route.exchange_kernel)
+            rows_scd = fetch_one_round(layout, stored_1rd[0], group.axes, route.kernel)
             index_be = layout.entry_m.reshape(b, e)
-            if route.exchange_kernel == "fused":  # from each peer's block: no concatenation first
+            if route.kernel == "fused":  # from each peer's block: no concatenation first
                 index_be = jnp.where(slot_be >= 0, index_be, -1)
                 return fused_route.pool_parts(
                     list(rows_scd), index_be, coef_be, route.out_col_e, route.num_out

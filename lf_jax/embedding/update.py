@@ -248,7 +248,7 @@ def _push_entries(
 
     def apply_round(asked_sc, place_m, first_sc, table_rd, slots_r):  # asked_sc: at the owner
         shape = (num_slots, capacity, group.dim)
-        if route.exchange_kernel == "fused":  # the C++ sums (lf_jax.embedding.kernels.route)
+        if route.kernel == "fused":  # the C++ sums (lf_jax.embedding.kernels.route)
             place_ne = jnp.where(valid_m, place_m, num_slots * capacity).reshape(slot_ne.shape)
             grad_scd = fused_route.sum_places(
                 place_ne, first_sc, coef_ne, route.out_col_e, grad_ncd
@@ -264,7 +264,7 @@ def _push_entries(
             step,
             group.axes,
             replicas,
-            route.exchange_kernel,
+            route.kernel,
         )
 
     one_round_places = jnp.where(valid_m, layout.entry_m, num_slots * capacity)
