@@ -304,7 +304,8 @@ class EmbeddingCollection:
         coefs = combiner_coefficients(self.features, batch)
         parts: dict[str, list] = {}
         entry_spec = PartitionSpec(self.batch_axes)
-        done = [(layout.most, entry_spec) for layout in (routing or {}).values()]
+        layouts = {r.group.name: group_routing(routing, r) for r in self.routes if r.blocks}
+        done = [(layout.most, entry_spec) for layout in layouts.values() if layout is not None]
         for route in self.routes:
             if not route.blocks:
                 continue
@@ -320,7 +321,7 @@ class EmbeddingCollection:
                 slot_be,
                 local_be,
                 coef_be,
-                group_routing(routing, route),
+                layouts[route.group.name],
             )
             done = [(out_bcd, entry_spec)]
             for block, value in route.split_output(out_bcd).items():
