@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lf_jax.embedding import ordering
 from lf_jax.embedding import preprocess as preprocess_lib
 from lf_jax.embedding.buckets import Buckets
 from lf_jax.embedding.capacity import checked_capacities, exchanged_routes
@@ -35,7 +36,6 @@ from lf_jax.embedding.lookup import (
     group_layout,
     group_routing,
 )
-from lf_jax.embedding.ordering import after, ordered
 from lf_jax.embedding.plan import validate_plan
 from lf_jax.embedding.sharding.layout import Group, build_layout
 from lf_jax.embedding.spec import FeatureSpec, TableSpec, initial_table, validate_specs
@@ -310,8 +310,8 @@ class EmbeddingCollection:
             if not route.blocks:
                 continue
             slot_be, local_be, coef_be = route.entries(batch.ids, coefs)
-            if ordered() and done:  # this group's exchange after the previous phase's
-                slot_be, local_be, coef_be = after(
+            if ordering.ordered() and done:  # this group's exchange after the previous phase's
+                slot_be, local_be, coef_be = ordering.after(
                     self.mesh, done, slot_be, local_be, coef_be, spec=entry_spec
                 )
             out_bcd = group_forward(
@@ -364,8 +364,8 @@ class EmbeddingCollection:
             name = route.group.name
             slot_kbe, local_kbe, coef_kbe = route.entries(batch.ids, coefs)
             grad_kbcd = route.join_gradients(activation_grads)
-            if ordered() and done:  # this group's exchange after the previous group's
-                slot_kbe, local_kbe, coef_kbe, grad_kbcd = after(
+            if ordering.ordered() and done:  # this group's exchange after the previous group's
+                slot_kbe, local_kbe, coef_kbe, grad_kbcd = ordering.after(
                     self.mesh,
                     done,
                     slot_kbe,

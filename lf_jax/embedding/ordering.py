@@ -20,7 +20,11 @@ timing).
 next phase's collectives cannot start before the previous phase has finished. The
 engine chains, in multi-process runs (``ordered()``): every group's routing before the
 first group's forward, each group's forward after the previous group's, and each
-group's update after the previous group's.
+group's update after the previous group's. There too the fused update sums
+(``kernels.route.sum_places``) come as one [S, C, D] result rather than S blocks: with
+the S blocks inside the exchange loop and without the chain, the same test hung in
+every cache-loaded run, and with one result it passed (the mechanism behind that is not
+established; the chain alone also passed every run).
 
 Example (inside ``EmbeddingCollection.apply_gradients``):
     >>> if ordered():

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
+from lf_jax.embedding import ordering
 from lf_jax.embedding.buckets import Buckets, always_fits, sum_into_layout
 from lf_jax.embedding.dedupe import compacted_positions, dense_index_size, leaders
 from lf_jax.embedding.exchange import (
@@ -251,7 +252,7 @@ def _push_entries(
         if route.kernel == "fused":  # the C++ sums (lf_jax.embedding.kernels.route)
             place_ne = jnp.where(valid_m, place_m, num_slots * capacity).reshape(slot_ne.shape)
             grad_scd = fused_route.sum_places(
-                place_ne, first_sc, coef_ne, route.out_col_e, grad_ncd
+                place_ne, first_sc, coef_ne, route.out_col_e, grad_ncd, ordering.ordered()
             )
         else:
             grad_scd = sum_into_layout(place_m, valid_m, first_sc, gradient, shape)

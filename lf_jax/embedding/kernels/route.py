@@ -60,23 +60,34 @@ def gather_asked(table_rd, asked_sc) -> jax.Array:
     return jnp.stack(out)
 
 
-def sum_places(place_ne, first_sc, coef_ne, out_col_e: np.ndarray, grad_nkd) -> jax.Array:
+def sum_places(
+    place_ne, first_sc, coef_ne, out_col_e: np.ndarray, grad_nkd, one_result: bool = False
+) -> jax.Array:
     """[S, C, D] float32: entry (n, e) adds ``coef[n, e] * grad[n, out_col[e]]`` into
     place ``place[n, e]`` of the [S * C] layout (places outside it are skipped). Place p
     is written from entry ``first_sc`` (flat n * E + e; M = N * E or more: none, 0 + the
     sum of its entries) and the other entries are added in entry order, in one pass: a
     first must be its place's earliest entry (``route``'s first appearance), an earlier
-    entry of the place is an error when the call runs."""
+    entry of the place is an error when the call runs.
+
+    The kernel writes S results [C, D], one per owner, which the all_to_all takes
+    without a copy; ``one_result``: one [S, C, D] result instead (multi-process runs:
+    with S results inside the exchange loop, two-process runs whose step came from the
+    persistent compilation cache hung, lf_jax.embedding.ordering)."""
     load()
     num_slots, capacity = first_sc.shape
-    out = jax.ffi.ffi_call("lf_jax_sum_places", _blocks(num_slots, capacity, grad_nkd.shape[-1]))(
+    dim = grad_nkd.shape[-1]
+    shape = jax.ShapeDtypeStruct((num_slots, capacity, dim), jnp.float32)
+    out = jax.ffi.ffi_call(
+        "lf_jax_sum_places", shape if one_result else _blocks(num_slots, capacity, dim)
+    )(
         place_ne.astype(jnp.int32),
         first_sc.astype(jnp.int32),
         coef_ne.astype(jnp.float32),
         jnp.asarray(out_col_e, jnp.int32),
         grad_nkd.astype(jnp.float32),
     )
-    return jnp.stack(out)
+    return out if one_result else jnp.stack(out)
 
 
 def pool_parts(parts_cd, index_ne, coef_ne, out_col_e: np.ndarray, num_out: int) -> jax.Array:
