@@ -252,7 +252,12 @@ def _push_entries(
         if route.kernel == "fused":  # the C++ sums (lf_jax.embedding.kernels.route)
             place_ne = jnp.where(valid_m, place_m, num_slots * capacity).reshape(slot_ne.shape)
             grad_scd = fused_route.sum_places(
-                place_ne, first_sc, coef_ne, route.out_col_e, grad_ncd, ordering.ordered()
+                place_ne,
+                first_sc,
+                coef_ne,
+                route.out_col_e,
+                grad_ncd,
+                one_result=ordering.ordered(),
             )
         else:
             grad_scd = sum_into_layout(place_m, valid_m, first_sc, gradient, shape)
