@@ -18,9 +18,11 @@ timing).
 ``after`` makes a phase's inputs depend on the previous phase's outputs through a value
 (each device reads one element of its block of the outputs and adds 0 times it), so the
 next phase's collectives cannot start before the previous phase has finished. The
-engine chains, in multi-process runs (``ordered()``): every group's routing before the
-first group's forward, each group's forward after the previous group's, and each
-group's update after the previous group's. There too the fused update sums
+engine chains, in multi-process runs (``ordered()``): each dynamic table's key resolve
+after the previous one's and every feature's ids after the last
+(lf_jax.embedding.dynamic.tables), every group's routing before the first group's
+forward, each group's forward after the previous group's, and each group's update
+after the previous group's. There too the fused update sums
 (``kernels.route.sum_places``) come as one [S, C, D] result rather than S blocks: with
 the S blocks inside the exchange loop and without the chain, the same test hung in
 every cache-loaded run, and with one result it passed (the mechanism behind that is not

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from lf_jax.embedding import ordering
 from lf_jax.embedding.collection import EmbeddingCollection, SparseBatch
 from lf_jax.embedding.dynamic.hash_table import (
     COUNTERS,
@@ -163,6 +164,10 @@ class DynamicTables:
         return jax.tree.map(lambda x: jax.device_put(x, sharding), batch)
 
     # ----- resolve --------------------------------------------------------------------------
+    def _key_spec(self, keys) -> PartitionSpec:
+        """Partition spec of a [..., B, L] batch array: examples split over every device."""
+        return PartitionSpec(*([None] * (keys.ndim - 2)), self.axes, None)
+
     def resolve(
         self, state: Mapping, batch: KeyBatch, insert: bool = True
     ) -> tuple[dict, SparseBatch]:
@@ -179,26 +184,34 @@ class DynamicTables:
         index = dict(state["index"])
         ids, weights = dict(batch.static.ids), dict(batch.static.weights)
         step = emb["step"] + 1
+        done: list = []  # the previous resolve's output, for the multi-process chain
         for name in self.specs:
             layout = self.layouts[name]
             group = layout.group
             feats = [f.name for f in self.features[name]]
+            his = [batch.hi[f] for f in feats]
+            if ordering.ordered() and done:  # this table's exchange after the previous one's
+                his = list(ordering.after(self.mesh, done, *his, spec=self._key_spec(his[0])))
             rows, tables[group.name], slots[group.name], index[name] = resolve_table(
                 layout,
                 self.mesh,
                 tables[group.name],
                 slots[group.name],
                 index[name],
-                [batch.hi[f] for f in feats],
+                his,
                 [batch.lo[f] for f in feats],
                 [batch.valid[f] for f in feats],
                 step,
                 insert,
                 self.kernel,
             )
+            done = [(rows[0], self._key_spec(rows[0]))]
             for feature, part in zip(feats, rows, strict=True):
                 ids[feature] = part
                 weights[feature] = (part >= 0).astype(jnp.float32)
+        if ordering.ordered():  # the lookup's routing (every group's) after the resolves
+            for feature, value in ids.items():
+                (ids[feature],) = ordering.after(self.mesh, done, value, spec=self._key_spec(value))
         new_state = {
             "embedding": {"tables": tables, "slots": slots, "step": emb["step"]},
             "index": index,
