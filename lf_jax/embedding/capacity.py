@@ -64,8 +64,9 @@ def capacity_ladder(static: int, always: int) -> tuple[int, ...]:
 
 
 def exchanged_routes(collection) -> list:
-    """The collection's routes that exchange keys with owners (rows over several slots)."""
-    return [r for r in collection.routes if r.blocks and r.group.num_slots > 1]
+    """The collection's routes that exchange keys with owners (rows over several slots;
+    not bag mode, whose capacities are static, lf_jax.embedding.bag_exchange)."""
+    return [r for r in collection.routes if r.blocks and r.group.num_slots > 1 and not r.bag_mode]
 
 
 def checked_capacities(collection, capacities) -> dict[str, int]:
@@ -104,8 +105,11 @@ def exchange_counts(routing: Mapping) -> dict:
     layouts, to return for ``CapacityChooser.observe``: an [n] array, one element per
     device, all equal (the routing takes their maximum over the mesh). It is returned
     whole: taking one device's element inside the jitted step costs an all-reduce (a
-    rendezvous of every device per step); the host reads it in ``observe``."""
-    return {name: layout.most for name, layout in routing.items()}
+    rendezvous of every device per step); the host reads it in ``observe``. Bag-mode
+    layouts (static capacities, lf_jax.embedding.bag_exchange) are left out."""
+    return {
+        name: layout.most for name, layout in routing.items() if not hasattr(layout, "bag_of_sc")
+    }
 
 
 def _largest(count) -> int:

@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lf_jax.embedding import ordering
+from lf_jax.embedding import bag_exchange, ordering
 from lf_jax.embedding import preprocess as preprocess_lib
+from lf_jax.embedding.bag_exchange import BagLayout, bag_mode_of
 from lf_jax.embedding.buckets import Buckets
 from lf_jax.embedding.capacity import checked_capacities, exchanged_routes
 from lf_jax.embedding.huge_pages import back_with_huge_pages
@@ -57,6 +58,7 @@ class EmbeddingCollection:
         mesh: Mesh,
         id_fill: float = 1.0,
         kernel: str | None = None,
+        bag_exchange: bool = False,
     ):
         """``id_fill``: the largest fraction of a device's padded id slots (examples x
         max_ids of each feature) that hold real ids, e.g. ``preprocess.id_fill(batches,
@@ -64,7 +66,10 @@ class EmbeddingCollection:
         to the padded slots). A batch above it is still exact (more exchange rounds).
         ``kernel``: auto | fused | xla, the path of each group's local sparse work
         (lf_jax.embedding.kernels.fused; None: $LF_JAX_EMBEDDING_KERNEL or auto = the
-        fused C++ kernel on CPU, XLA on GPU / TPU); ``self.kernels`` shows each group's."""
+        fused C++ kernel on CPU, XLA on GPU / TPU); ``self.kernels`` shows each group's.
+        ``bag_exchange``: groups whose rows are spread over every device of the mesh
+        exchange entries and pooled partial bags instead of rows
+        (lf_jax.embedding.bag_exchange; fused kernel only)."""
         preprocess_lib.check_id_fill(id_fill)
         self.tables = validate_specs(tables, features)
         self.features = {feature.name: feature for feature in features}
@@ -73,15 +78,12 @@ class EmbeddingCollection:
         self.groups: list[Group] = build_layout(self.tables, self.plan, mesh)
         self.kernel = requested_kernel(kernel)
         platform = mesh.devices.flat[0].platform
-        self.routes = [
-            GroupRoute.build(
-                group,
-                self.features,
-                float(id_fill),
-                resolve_kernel(self.kernel, platform, group.optimizer),
-            )
-            for group in self.groups
-        ]
+        self.routes = []
+        for group in self.groups:
+            kernel_g = resolve_kernel(self.kernel, platform, group.optimizer)
+            bag_mode = bag_mode_of(group, mesh, kernel_g, bag_exchange)
+            route = GroupRoute.build(group, self.features, float(id_fill), kernel_g, bag_mode)
+            self.routes.append(route)
         self.batch_axes = tuple(mesh.axis_names)
         self.num_devices = int(np.prod(list(mesh.shape.values())))
 
@@ -269,7 +271,7 @@ class EmbeddingCollection:
     # ----- lookup and update ----------------------------------------------------------------
     def routing(
         self, batch: SparseBatch, capacities: Mapping[str, int] | Sequence | None = None
-    ) -> dict[str, Buckets]:
+    ) -> dict[str, Buckets | BagLayout]:
         """The exchange layout (dedupe + owner buckets) of ``batch``'s ids for every group
         whose rows are spread over devices. Pass it to both ``lookup`` and
         ``apply_gradients`` of one step, and they build it once instead of twice
@@ -277,7 +279,8 @@ class EmbeddingCollection:
         ``capacities``: {group: keys per owner} (or its items, e.g.
         ``lf_jax.embedding.capacity.CapacityChooser.capacities()``), static; groups not
         named keep ``GroupRoute.capacity``. Any capacity is exact (more rounds when a
-        batch overflows it); each layout's ``most`` says what would have fit.
+        batch overflows it); each layout's ``most`` says what would have fit. Bag-mode groups
+        (``bag_exchange``) get their entries' BagLayout (static capacities).
 
         Example:
             >>> routing = coll.routing(batch)
@@ -286,18 +289,21 @@ class EmbeddingCollection:
         """
         given = checked_capacities(self, capacities)
         coefs = combiner_coefficients(self.features, batch)
-        layouts = {}
+        layouts: dict[str, Buckets | BagLayout] = {}
         for route in exchanged_routes(self):
             slot_be, local_be, _ = route.entries(batch.ids, coefs)
             name = route.group.name
             layouts[name] = group_layout(self.mesh, route, slot_be, local_be, given.get(name))
+        for route in (r for r in self.routes if r.bag_mode):  # bag mode: the entries' layout
+            entries = route.entries(batch.ids, coefs)
+            layouts[route.group.name] = bag_exchange.routing(self.mesh, route, *entries)
         return layouts
 
     def lookup(
         self,
         tables: Mapping[str, jax.Array],
         batch: SparseBatch,
-        routing: Mapping[str, Buckets] | None = None,
+        routing: Mapping[str, Buckets | BagLayout] | None = None,
     ) -> dict[str, jax.Array]:
         """Activations per feature: pooled [B, D] or sequence [B, max_ids, D] (float32).
         ``routing``: ``self.routing(batch)``, to share with ``apply_gradients``."""
@@ -337,7 +343,7 @@ class EmbeddingCollection:
         batch: SparseBatch,
         activation_grads: Mapping,
         microbatched: bool = False,
-        routing: Mapping[str, Buckets] | None = None,
+        routing: Mapping[str, Buckets | BagLayout] | None = None,
     ) -> dict:
         """Sparse optimizer step from gradients w.r.t. the looked-up activations.
 

@@ -2,7 +2,7 @@
 
 lf_jax.embedding.buckets serves a step in one round when every bucket fits the capacity
 (the common case); this module is the general path it falls back to, and holds the
-pieces both share (``apply_at_owners``, ``sum_and_apply``).
+pieces both share (``sum_and_apply``; the owners' side: lf_jax.embedding.owner_update).
 
 Inside shard_map, a device holds M local entries (slot, local row) of one shard group.
 It dedupes them (one sort of packed ``slot * rows + local`` keys), which also buckets

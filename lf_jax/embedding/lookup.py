@@ -37,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
+from lf_jax.embedding import bag_exchange
+from lf_jax.embedding.bag_exchange import BagLayout
 from lf_jax.embedding.buckets import (
     Buckets,
     always_fits,
@@ -84,14 +86,21 @@ class GroupRoute:
     owner_share: float
     id_fill: float = 1.0
     kernel: str = "xla"
+    bag_mode: bool = False
 
     @classmethod
     def build(
-        cls, group: Group, features: Mapping, id_fill: float = 1.0, kernel: str = "xla"
+        cls,
+        group: Group,
+        features: Mapping,
+        id_fill: float = 1.0,
+        kernel: str = "xla",
+        bag_mode: bool = False,
     ) -> "GroupRoute":
         """Blocks for every feature reading a table with a piece in ``group``; exchange
         capacities sized for ``id_fill`` (see ``capacity``); ``kernel``: 'fused' or 'xla',
-        the path of the group's local work (lf_jax.embedding.kernels.fused)."""
+        the path of the group's local work (lf_jax.embedding.kernels.fused); ``bag_mode``:
+        the owners pool partial bags (lf_jax.embedding.bag_exchange)."""
         blocks: list[Block] = []
         columns: dict[str, list] = {k: [] for k in ("slot0", "stride", "slots", "offset", "out")}
         out_start = 0
@@ -130,6 +139,7 @@ class GroupRoute:
             float(load.max() / load.sum()) if load.sum() else 1.0,
             id_fill,
             kernel,
+            bag_mode,
         )
 
     @functools.cached_property
@@ -301,7 +311,7 @@ def group_forward(
     slot_be,
     local_be,
     coef_be,
-    layout: Buckets | None = None,
+    layout: Buckets | BagLayout | None = None,
 ):
     """Pooled/sequence lookups of one group: [B, E] entries -> [B, C, D] float32.
 
@@ -317,13 +327,18 @@ def group_forward(
             return route.pool(stored_1rd, local_be, coef_be, slot_be >= 0)
         b, e = slot_be.shape
         slot_m, local_m = slot_be.reshape(-1), local_be.reshape(-1)
-        capacity = route.capacity(b * e) if given is None else given.capacity
+        capacity = given.capacity if isinstance(given, Buckets) else route.capacity(b * e)
 
         def rounds(_):  # sorted keys, as many rounds as skew needs
             requests = Requests.build(slot_m, local_m, group.num_slots, group.rows)
             rows_ud = fetch_rows(requests, stored_1rd[0], group.axes, capacity, all_axes)
             return route.pool(rows_ud, requests.inverse_m.reshape(b, e), coef_be, slot_be >= 0)
 
+        if route.bag_mode:  # the owners pool partial bags
+            layout = None if given is None else bag_exchange.local(given)
+            return bag_exchange.forward(
+                route, stored_1rd, slot_be, local_be, coef_be, all_axes, rounds, layout
+            )
         layout = (
             local_layout(given)
             if given is not None
@@ -369,7 +384,9 @@ def combiner_coefficients(features: Mapping[str, FeatureSpec], batch) -> dict[st
     return coefs
 
 
-def group_routing(routing: Mapping[str, Buckets] | None, route: GroupRoute) -> Buckets | None:
+def group_routing(
+    routing: Mapping[str, Buckets | BagLayout] | None, route: GroupRoute
+) -> Buckets | BagLayout | None:
     """The group's layout from ``EmbeddingCollection.routing`` (None: build it)."""
     if routing is None or route.group.num_slots == 1:
         return None

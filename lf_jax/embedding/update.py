@@ -3,9 +3,10 @@
 Each device sums its entries' row gradients (coef x the gradient of the entry's output
 column) per distinct row and sends them to the rows' owners, which sum them across
 senders (and replicas of the group) and apply the sparse optimizer once per row
-(``apply_at_owners``: ``apply_received`` without replicas, exchange.sum_and_apply with
-them; work sized to the real entries and distinct rows). A group whose rows and
-entries are all on the device updates one piece (table) at a time.
+(lf_jax.embedding.owner_update; work sized to the real entries and distinct rows). A
+group whose rows and entries are all on the device updates one piece (table) at a time.
+In bag mode (lf_jax.embedding.bag_exchange) the owners get each bag's output gradient
+and the entries instead.
 
 One exchange round serves the step when every owner gets at most C distinct keys from
 every device (lf_jax.embedding.buckets: hash dedupe, gradients summed straight into the
@@ -27,12 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from lf_jax.embedding import ordering
+from lf_jax.embedding import bag_exchange, ordering
+from lf_jax.embedding.bag_exchange import BagLayout
 from lf_jax.embedding.buckets import Buckets, always_fits, sum_into_layout
-from lf_jax.embedding.dedupe import compacted_positions, dense_index_size, leaders
+from lf_jax.embedding.dedupe import dense_index_size
 from lf_jax.embedding.exchange import (
     Requests,
-    apply_rows,
     chunked_size,
     exchange_blocks,
     next_round,
@@ -41,6 +42,7 @@ from lf_jax.embedding.exchange import (
 from lf_jax.embedding.kernels import fused
 from lf_jax.embedding.kernels import route as fused_route
 from lf_jax.embedding.lookup import GroupRoute, local_layout, shard_layout
+from lf_jax.embedding.owner_update import apply_at_owners
 
 
 def group_update(
@@ -53,7 +55,7 @@ def group_update(
     coef_kbe,
     grad_kbcd,
     step,
-    layout: Buckets | None = None,
+    layout: Buckets | BagLayout | None = None,
 ):
     """Sparse optimizer step on the rows touched by k micro-batches of entries.
 
@@ -87,6 +89,37 @@ def group_update(
         if group.num_slots == 1 and not replicas and route.kernel == "fused":
             return _fused_update(
                 route, stored_1rd, slots, slot_ne, local_ne, coef_ne, grad_ncd, step
+            )
+        if route.bag_mode and not replicas:  # the owners pooled partial bags
+
+            def rows_exchange(table_1rd, slots_1r):  # when the entries overflow (Ce, Cb)
+                table_rd, slots_r = _push_entries(
+                    route,
+                    table_1rd[0],
+                    {k: v[0] for k, v in slots_1r.items()},
+                    slot_ne,
+                    local_ne,
+                    coef_ne,
+                    grad_ncd,
+                    step,
+                    (),
+                    all_axes,
+                    None,
+                )
+                return table_rd[None], {k: v[None] for k, v in slots_r.items()}
+
+            return bag_exchange.update(
+                route,
+                stored_1rd,
+                slots,
+                slot_ne,
+                local_ne,
+                coef_ne,
+                grad_ncd,
+                step,
+                all_axes,
+                rows_exchange,
+                None if given is None else bag_exchange.local(given),
             )
         stored_rd, slots_r = stored_1rd[0], {k: v[0] for k, v in slots.items()}
         if group.num_slots == 1 and not replicas:  # all rows and entries here
@@ -300,101 +333,3 @@ def _push_entries(
 
     state = (requests.start_s, jnp.int32(1), table_rd, slots_r)
     return jax.lax.while_loop(lambda s: s[1] > 0, exchange_round, state)[2:]
-
-
-def apply_at_owners(
-    row_sc, grad_scd, table_rd, slots_r: dict, optimizer, step, axes, replica_axes, kernel="xla"
-):
-    """One round's [S, C] row gradients go to their owners (all_to_all over ``axes``,
-    then gathered over ``replica_axes``, with ``row_sc``: the rows they are for, already
-    at the owner, row s from sender s, ``rows`` = table rows for empty places); each
-    owner sums them per row across senders and applies ``optimizer`` once per row
-    (``kernel`` 'fused': one call of the C++ update, each received row an entry of its
-    own). Returns (table, slots)."""
-    rows = table_rd.shape[0]
-    if axes:
-        grad_scd = exchange_blocks(grad_scd, axes)
-    if replica_axes:
-        row_sc = jax.lax.all_gather(row_sc, replica_axes, axis=0, tiled=True)
-        grad_scd = jax.lax.all_gather(grad_scd, replica_axes, axis=0, tiled=True)
-    row_k = row_sc.reshape(-1)
-    if kernel == "fused":  # the kernel sums each row's entries and applies it once
-        # each sender's block as it came from the all_to_all (no concatenation copy)
-        grad_parts = [g_cd[:, None, :] for g_cd in grad_scd] if axes and not replica_axes else None
-        if grad_parts is None:
-            grad_parts = [grad_scd.reshape(row_k.size, 1, -1)]
-        return _fused_apply_received(table_rd, slots_r, row_k, grad_parts, optimizer, step)
-    grad_kd = grad_scd.reshape(row_k.size, -1)
-    if axes and not replica_axes:  # S senders: add duplicates into one place, apply all
-        return apply_received(table_rd, slots_r, row_k, grad_kd, optimizer, step)
-    if replica_axes:  # every replica's senders: sum per row in place, in chunks
-        table_rd, slots_r, *_ = sum_and_apply(
-            table_rd,
-            slots_r,
-            row_k,
-            row_k < rows,
-            lambda e_k, sums_kd: sums_kd.at[e_k].get(mode="promise_in_bounds"),
-            rows,
-            0,
-            optimizer,
-            step,
-            grad_kd,
-        )
-        return table_rd, slots_r
-    # this device's own unique keys: already one gradient per row
-    return apply_rows(table_rd, slots_r, row_k, grad_kd, optimizer, step)
-
-
-def _fused_apply_received(table_rd, slots_r: dict, row_k, grad_parts, optimizer, step):
-    """The owner's update by the C++ kernel: the [K] received rows (``rows`` = table rows
-    for empty places, skipped) are entries of K one-entry examples with coefficient 1 and
-    output gradient row k of ``grad_parts`` (equal blocks [K / blocks, 1, D], in order);
-    the kernel sums each distinct row's and applies ``optimizer`` in place.
-    Returns (table, slots)."""
-    one = np.zeros((1, 1), np.int32)
-    return fused.update(
-        table_rd,
-        slots_r,
-        row_k[:, None],
-        jnp.ones((row_k.size, 1), jnp.float32),
-        one[0],
-        one,
-        grad_parts,
-        step,
-        optimizer,
-    )
-
-
-DUP_CHUNK = 1024  # duplicate rows per iteration of apply_received's loop
-
-
-def apply_received(table_rd, slots_r: dict, row_k, grad_kd, optimizer, step):
-    """The owner's update from the [K] rows (``rows`` = table rows for empty places) and
-    [K, D] gradients its S senders sent (K = S x C): each row's gradients are added into
-    one of its places (its ``leaders`` entry) and ``optimizer`` is applied at those
-    places, all K at once (the others are padding to ``apply_rows``). No compaction:
-    senders send distinct rows, so duplicates are few (one per extra sender of a row);
-    they are added DUP_CHUNK at a time, work sized to their count. (One scatter-add of
-    the whole [K, D] buffer into itself cost XLA:CPU two extra copies of it.)
-    Returns (table, slots)."""
-    rows, size = table_rd.shape[0], row_k.shape[0]
-    valid_k = row_k < rows
-    pos_k = jnp.arange(size, dtype=jnp.int32)
-    leader_k = leaders(jnp.where(valid_k, row_k, rows))
-    dup_k = valid_k & (leader_k != pos_k)
-    chunk = min(DUP_CHUNK, size)
-    dups_k = compacted_positions(dup_k, chunk)
-
-    def add_dups(c, grad_kd):  # duplicates are never leaders: their rows stay unchanged
-        from_k = jax.lax.dynamic_slice(dups_k, (c * chunk,), (chunk,))
-        to_k = jnp.where(
-            from_k < size,
-            leader_k.at[jnp.minimum(from_k, size - 1)].get(mode="promise_in_bounds"),
-            size,
-        )
-        return grad_kd.at[to_k].add(grad_kd.at[from_k].get(mode="clip"), mode="drop")
-
-    num_dups = jnp.sum(dup_k, dtype=jnp.int32)
-    grad_kd = jax.lax.fori_loop(0, (num_dups + chunk - 1) // chunk, add_dups, grad_kd)
-    row_k = jnp.where(valid_k & ~dup_k, row_k, rows)
-    return apply_rows(table_rd, slots_r, row_k, grad_kd, optimizer, step)

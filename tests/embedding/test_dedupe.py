@@ -39,7 +39,7 @@ def test_unordered_unique_is_first_appearance(fill):
 
 @pytest.mark.parametrize("rows", [64, 10**6])  # dense index / hash leaders
 def test_in_place_owner_sum_matches_numpy(rows):
-    """An owner's received rows summed in their own buffer (update.apply_at_owners):
+    """An owner's received rows summed in their own buffer (owner_update.apply_at_owners):
     exact for small and large row spaces, over several chunks."""
     rng = np.random.default_rng(1)
     m, dim = 20_000, 4

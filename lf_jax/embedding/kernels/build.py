@@ -48,6 +48,11 @@ TARGETS = {
     "lf_jax_sum_places": "LfSumPlaces",
     "lf_jax_gather_asked": "LfGatherAsked",
     "lf_jax_pool_parts": "LfPoolParts",
+    "lf_jax_bag_layout": "LfBagLayout",
+    "lf_jax_pool_to": "LfPoolTo",
+    "lf_jax_update_bag_sgd": "LfUpdateBagSgd",
+    "lf_jax_update_bag_adagrad": "LfUpdateBagAdagrad",
+    "lf_jax_update_bag_adam": "LfUpdateBagAdam",
 }
 XLA_PATH_HINT = (
     "choose the XLA path instead with EmbeddingCollection(..., kernel='xla') or the "

@@ -30,11 +30,7 @@ struct Dedupe {
                const int32_t* piece_cols, int64_t P, int64_t W, int64_t N, int64_t E,
                int64_t C, int64_t R) {
     const int64_t most = N * W, total = P * most;
-    if (int64_t(keys.size()) < total) {
-      for (auto* v : {&keys, &spare}) v->resize(total);
-      for (auto* v : {&src, &row, &start}) v->resize(total + 1);
-      coef.resize(total);
-    }
+    Reserve(total);
     piece_of.assign(E, -1);
     for (int64_t i = 0; i < P * W; ++i) {
       if (piece_cols[i] >= 0) piece_of[piece_cols[i]] = int32_t(i / W);
@@ -50,6 +46,33 @@ struct Dedupe {
         src[k] = int32_t(n * C + out_col[e]);
         coef[k] = coef_ne[n * E + e];
       }
+    }
+  }
+
+  // The entries an owner received in bag mode, all in piece 0 (then Sort(0, S * X, 1, R)):
+  // sender s's entry i (rows, dst, coef [S, X]) has gradient row s * Cb + dst[s, i];
+  // entries with a row outside [0, R) or dst outside [0, Cb) are skipped.
+  void CollectBag(const int32_t* rows, const int32_t* dst, const float* coef_sx, int64_t S,
+                  int64_t X, int64_t Cb, int64_t R) {
+    Reserve(S * X);
+    end.assign(1, 0);
+    for (int64_t s = 0; s < S; ++s) {
+      for (int64_t i = s * X; i < (s + 1) * X; ++i) {
+        const int32_t r = rows[i], j = dst[i];
+        if (r < 0 || r >= R || j < 0 || j >= Cb) continue;
+        const int32_t k = end[0]++;
+        keys[k] = uint64_t(r) << 32 | uint64_t(k);
+        src[k] = int32_t(s * Cb + j);
+        coef[k] = coef_sx[i];
+      }
+    }
+  }
+
+  void Reserve(int64_t total) {
+    if (int64_t(keys.size()) < total) {
+      for (auto* v : {&keys, &spare}) v->resize(total);
+      for (auto* v : {&src, &row, &start}) v->resize(total + 1);
+      coef.resize(total);
     }
   }
 

@@ -140,7 +140,7 @@ def update(
         jnp.asarray(step, jnp.int32),
         *(b.astype(jnp.float32) for b in blocks[1:]),
     )
-    target, attrs = _target(optimizer)
+    target, attrs = optimizer_target(optimizer)
     names = tuple(optimizer.slot_shapes(1))  # the kernel's slot operands, in this order
     state = (table_rd, *(slots_r[n] for n in names))
     shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in state]
@@ -150,7 +150,7 @@ def update(
     return out[0], dict(zip(names, out[1:], strict=True))
 
 
-def _target(optimizer: SparseOptimizer) -> tuple[str, dict[str, np.float32]]:
+def optimizer_target(optimizer: SparseOptimizer) -> tuple[str, dict[str, np.float32]]:
     """The FFI target of ``optimizer``'s update and its float32 attributes (1 - b
     computed as the XLA path does, in Python, then rounded)."""
     lr = np.float32(optimizer.learning_rate)

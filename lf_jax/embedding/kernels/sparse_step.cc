@@ -30,6 +30,7 @@
 #include "element_types.h"
 #include "entry_dedupe.h"
 #include "scratch.h"
+#include "update_rows.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -41,28 +42,13 @@ using lf_jax_kernels::Dedupe;
 using lf_jax_kernels::F16;
 using lf_jax_kernels::F32;
 using lf_jax_kernels::Invalid;
+using lf_jax_kernels::Adagrad;
+using lf_jax_kernels::Adam;
+using lf_jax_kernels::ApplyDistinct;
+using lf_jax_kernels::GradRows;
 using lf_jax_kernels::Lease;
-
-// Prefetches the cache lines of a row of n elements of T (locality 3, for reading; the
-// update's rows are read before they are written).
-template <class T>
-void PrefetchRow(const T* row, int64_t n) {
-  constexpr int64_t kLine = 64 / sizeof(T);
-  for (int64_t i = 0; i < n; i += kLine) __builtin_prefetch(row + i);
-}
-
-// sum of x[d]^2 in 8 lanes: a float sum in order is a chain of D dependent adds (XLA:CPU
-// sums the dot with ones in vector lanes too; the order differs from both by rounding)
-float SumOfSquares(const float* x, int64_t n) {
-  float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  const int64_t body = n - n % 8;
-  for (int64_t d = 0; d < body; d += 8) {
-    for (int j = 0; j < 8; ++j) lanes[j] += x[d + j] * x[d + j];
-  }
-  for (int64_t d = body; d < n; ++d) lanes[0] += x[d] * x[d];
-  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
-         ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-}
+using lf_jax_kernels::PrefetchRow;
+using lf_jax_kernels::Sgd;
 
 template <class Ty>
 void Pool(const typename Ty::T* table, int64_t R, int64_t D, const int32_t* rows,
@@ -91,78 +77,10 @@ void Pool(const typename Ty::T* table, int64_t R, int64_t D, const int32_t* rows
   }
 }
 
-// Gradient rows n * C + c of grad [N, C, D], given as one buffer or as equal blocks
-// [N / blocks, C, D] (an exchange's per-peer results, not concatenated).
-struct GradRows {
-  std::vector<const float*> blocks;
-  int64_t per = 0, D = 0;  // rows of a block, dim
-  const float* Row(int64_t i) const {
-    return blocks.size() == 1 ? blocks[0] + i * D : blocks[i / per] + (i % per) * D;
-  }
-};
-
-// Sums distinct row u's entry gradients into g [D], in entry order.
-void RowGradient(const Dedupe& dd, int64_t u, const GradRows& grad, int64_t D, float* g) {
-  for (int64_t d = 0; d < D; ++d) g[d] = 0.0f;
-  for (int32_t i = dd.start[u]; i < dd.start[u + 1]; ++i) {
-    const int32_t k = dd.Entry(i);
-    const float c = dd.coef[k];
-    const float* s = grad.Row(dd.src[k]);
-    for (int64_t d = 0; d < D; ++d) g[d] += c * s[d];
-  }
-}
-
-// Adds delta [D] to table row r (float32: in place; 16-bit: old + delta rounded once).
-template <class Ty>
-void AddRow(typename Ty::T* table, int64_t r, int64_t D, const float* delta) {
-  typename Ty::T* dst = table + r * D;
-  for (int64_t d = 0; d < D; ++d) dst[d] = Ty::store(Ty::load(dst[d]) + delta[d]);
-}
-
-struct Sgd {
-  float lr;
-  void Delta(int64_t, int64_t D, const float* g, float* delta) const {
-    for (int64_t d = 0; d < D; ++d) delta[d] = -lr * g[d];
-  }
-  void Prefetch(int64_t) const {}
-};
-
-struct Adagrad {  // one accumulator per row: acc += mean(g^2); delta = -lr g / (sqrt(acc) + eps)
-  float lr, eps;
-  float* acc;
-  void Delta(int64_t r, int64_t D, const float* g, float* delta) const {
-    const float a = acc[r] + SumOfSquares(g, D) / float(D);
-    acc[r] = a;
-    const float scale = -lr / (std::sqrt(a) + eps);
-    for (int64_t d = 0; d < D; ++d) delta[d] = scale * g[d];
-  }
-  void Prefetch(int64_t r) const { __builtin_prefetch(acc + r); }
-};
-
-struct Adam {  // lazy Adam, bias correction from the global step
-  float lr, b1, b2, one_minus_b1, one_minus_b2, eps, correct1, correct2;
-  float *mu, *nu;
-  int64_t dim;
-  void Delta(int64_t r, int64_t D, const float* g, float* delta) const {
-    float* m = mu + r * D;
-    float* v = nu + r * D;
-    for (int64_t d = 0; d < D; ++d) {
-      m[d] = b1 * m[d] + one_minus_b1 * g[d];
-      v[d] = b2 * v[d] + one_minus_b2 * (g[d] * g[d]);
-      delta[d] = -lr * (m[d] / correct1) / (std::sqrt(v[d] / correct2) + eps);
-    }
-  }
-  void Prefetch(int64_t r) const {
-    PrefetchRow(mu + r * dim, dim);
-    PrefetchRow(nu + r * dim, dim);
-  }
-};
-
 template <class Ty, class Opt>
 void Update(typename Ty::T* table, int64_t R, int64_t D, const Opt& opt, const int32_t* rows,
             const float* coef, const int32_t* out_col, int64_t N, int64_t E, int64_t C,
             const int32_t* piece_cols, int64_t P, int64_t W, const GradRows& grad) {
-  constexpr int64_t kAhead = 4;  // distinct rows to prefetch ahead
   // scratch kept between calls, one per concurrent call (the owners of an exchange
   // update at once; a lock around one scratch made them wait for each other)
   Lease<Dedupe> lease;
@@ -171,18 +89,7 @@ void Update(typename Ty::T* table, int64_t R, int64_t D, const Opt& opt, const i
   dd.Collect(rows, coef, out_col, piece_cols, P, W, N, E, C, R);
   for (int64_t p = 0; p < P; ++p) {
     dd.Sort(p, N, W, R);
-    for (int64_t u = 0; u < dd.distinct; ++u) {
-      if (u + kAhead < dd.distinct) {  // the rows, slots and first gradient ahead
-        const int64_t ahead = dd.row[u + kAhead];
-        PrefetchRow(table + ahead * D, D);
-        opt.Prefetch(ahead);
-        PrefetchRow(grad.Row(dd.src[dd.Entry(dd.start[u + kAhead])]), D);
-      }
-      const int64_t r = dd.row[u];
-      RowGradient(dd, u, grad, D, g.data());
-      opt.Delta(r, D, g.data(), delta.data());
-      AddRow<Ty>(table, r, D, delta.data());
-    }
+    ApplyDistinct<Ty>(table, D, opt, dd, grad, g.data(), delta.data());
   }
 }
 

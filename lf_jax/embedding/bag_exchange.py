@@ -1,0 +1,191 @@
+"""Bag mode of the owner-routed exchange: the owners pool partial bags.
+
+The rows exchange (lf_jax.embedding.buckets) sends each owner a device's distinct keys
+and gets rows back, which the device pools. In bag mode a device sends each owner its
+entries (local row, partial slot, coefficient: 12 bytes each, one all_to_all); the owner
+pools them into one partial sum per (example, output column) bag that has an entry
+there and sends the [Cb, D] partials back, and the device adds each bag's partials. The
+update sends each bag's output gradient to the owners holding part of it; each owner
+sums its entries' gradients (coefficient x their bag's) per row and applies the sparse
+optimizer once per row (lf_jax.embedding.kernels.bag).
+
+It moves fewer bytes when bags hold several ids per owner and ids rarely repeat within a
+device's batch (long bags over few owners); repeated ids (skewed, zipf-like) move more
+(no dedupe at the device). bench/BENCHMARKS.md, "Owner-side pooling of partial bags".
+Exact under any skew: when a device has more entries or bags for an owner than the
+static capacities (Ce, Cb), the step takes the rows exchange's sorted rounds instead.
+
+Shapes: N examples, E entry columns, K output columns, S owners, Ce entries and Cb
+partial bags per owner, R rows, D dim.
+
+Example (inside group_forward's shard_map):
+    >>> out_nkd = forward(route, stored_1rd, slot_ne, local_ne, coef_ne, all_axes, rounds)
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec
+
+from lf_jax.embedding.exchange import capacity_for, exchange_blocks
+from lf_jax.embedding.kernels import bag
+from lf_jax.embedding.kernels import route as fused_route
+from lf_jax.errors import UserInputError
+
+
+def bag_mode_of(group, mesh, kernel: str, requested: bool) -> bool:
+    """Whether ``group`` exchanges bags under ``EmbeddingCollection(bag_exchange=
+    requested)``: its rows spread over every device of the mesh (no replicas; other
+    groups keep their own path). One clear error where it cannot: a group on the XLA
+    kernel, or several processes (not covered by the multi-process tests yet)."""
+    spread = all(a in group.axes or mesh.shape[a] == 1 for a in mesh.axis_names)
+    if not (requested and group.num_slots > 1 and spread):
+        return False
+    if kernel != "fused":
+        raise UserInputError(
+            f"bag_exchange: shard group '{group.name}' runs the '{kernel}' kernel; bag mode "
+            "needs the fused CPU kernels (kernel='fused' on CPU)"
+        )
+    if jax.process_count() > 1:
+        raise UserInputError(
+            f"bag_exchange: {jax.process_count()} processes; bag mode runs in one process "
+            "for now (leave bag_exchange off for multi-process runs)"
+        )
+    return True
+
+
+def capacities(route, examples: int, width: int) -> tuple[int, int]:
+    """(Ce, Cb) for ``examples`` x ``width`` padded entries of a device: Ce the expected
+    entries one owner gets (of the real ``id_fill`` share) plus 5 standard deviations,
+    Cb the bags: each of the examples x K bags has an entry at a given owner with
+    probability 1 - (1 - share)^L, L the mean real ids per output column, plus 5 sigma.
+    At most every entry, and every bag."""
+    entries = examples * width
+    real = math.ceil(entries * route.id_fill)
+    ce = capacity_for(real, route.owner_share, entries)
+    per_bag = real / (examples * route.num_out)
+    p = 1.0 - (1.0 - route.owner_share) ** per_bag
+    bags = examples * route.num_out
+    mean = p * bags
+    cb = int(min(bags, math.ceil(mean + 5 * math.sqrt(mean) + 1)))
+    return ce, max(cb, 1)
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["asked_sc3", "index_nq", "bag_of_sc", "most"],
+    meta_fields=[],
+)
+@dataclasses.dataclass(frozen=True)
+class BagLayout:
+    """A device's bag-mode layout (inside shard_map), or every device's as global arrays
+    (``routing``: leading axes n * S, n * N and n).
+
+    asked_sc3: [S, Ce, 3] the entries (local row, partial slot, coef bits) each sender s
+    sent this device, already exchanged; index_nq: [N, K * S] where the partials of each
+    (example, output column) bag come back (lf_jax.embedding.kernels.bag.layout);
+    bag_of_sc: [S, Cb] the bag of each partial slot this device asks owner s for;
+    most: [] int32, the same on every device: how far the fullest owner is over (Ce,
+    Cb) (<= 0: the bag exchange holds every entry).
+    """
+
+    asked_sc3: jax.Array
+    index_nq: jax.Array
+    bag_of_sc: jax.Array
+    most: jax.Array
+
+    @property
+    def fits(self) -> jax.Array:
+        return self.most <= 0
+
+
+def _layout(route, slot_ne, local_ne, coef_ne, all_axes) -> BagLayout:
+    """A device's BagLayout of its [N, E] entries (its entries sent to the owners)."""
+    ce, cb = capacities(route, *slot_ne.shape)
+    s_n, k = route.group.num_slots, route.num_out
+    packed, index_nq, bag_of, most = bag.layout(
+        slot_ne, local_ne, coef_ne, route.out_col_e, s_n, k, ce, cb
+    )
+    over = jnp.max(jnp.stack([most[0] - ce, most[1] - cb]))
+    over = jax.lax.pmax(over, all_axes) if all_axes else over
+    packed = jnp.where(over <= 0, packed, -1)  # not fitting: every entry empty
+    return BagLayout(exchange_blocks(packed, route.group.axes), index_nq, bag_of, over)
+
+
+def routing(mesh, route, slot_be, local_be, coef_be) -> BagLayout:
+    """Every device's BagLayout of its [B, E] entries, as global arrays, for ``forward``
+    and ``update`` to share (EmbeddingCollection.routing): one layout and one exchange
+    of the entries per step instead of two."""
+    all_axes = tuple(mesh.axis_names)
+    spec = PartitionSpec(all_axes)
+
+    def shard(slot_be, local_be, coef_be):
+        layout = _layout(route, slot_be, local_be, coef_be, all_axes)
+        return dataclasses.replace(layout, most=layout.most[None])
+
+    return jax.shard_map(shard, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(
+        slot_be, local_be, coef_be
+    )
+
+
+def local(layout: BagLayout) -> BagLayout:
+    """Inside shard_map: a device's block of ``routing``'s arrays."""
+    return dataclasses.replace(layout, most=layout.most[0])
+
+
+def forward(route, stored_1rd, slot_ne, local_ne, coef_ne, all_axes, rounds, given=None):
+    """[N, K, D] float32 pooled outputs of a device's [N, E] entries (inside shard_map):
+    the bag exchange when every device's entries fit, else ``rounds(None)`` (the rows
+    exchange's sorted rounds). ``given``: the device's BagLayout (``local(routing)``)."""
+    layout = given if given is not None else _layout(route, slot_ne, local_ne, coef_ne, all_axes)
+    axes, s_n, k = route.group.axes, route.group.num_slots, route.num_out
+    cb = layout.bag_of_sc.shape[-1]
+
+    def bags(_):
+        rows_sx, dst_sx, coef_sx = bag.unpack(layout.asked_sc3)
+        parts_scd = exchange_blocks(bag.pool_to(stored_1rd, rows_sx, dst_sx, coef_sx, cb), axes)
+        out_col_q = np.repeat(np.arange(k, dtype=np.int32), s_n)  # column k * S + s -> k
+        ones = jnp.ones(layout.index_nq.shape, jnp.float32)
+        return fused_route.pool_parts(list(parts_scd), layout.index_nq, ones, out_col_q, k)
+
+    return jax.lax.cond(layout.fits, bags, rounds, None)
+
+
+def update(
+    route,
+    stored_1rd,
+    slots_1r,
+    slot_ne,
+    local_ne,
+    coef_ne,
+    grad_nkd,
+    step,
+    all_axes,
+    fallback,
+    given=None,
+):
+    """(table [1, R, D], slots [1, R, ...]) after the sparse optimizer (inside shard_map):
+    the bag exchange's update when every device's entries fit (the table is not carried
+    through a cond, which would copy it: when they do not fit the layout holds no
+    entries), then ``fallback(table, slots)`` (the rows exchange's update) run by a loop
+    of 0 or 1 trips. ``given``: the device's BagLayout (``local(routing)``)."""
+    layout = given if given is not None else _layout(route, slot_ne, local_ne, coef_ne, all_axes)
+    axes, group = route.group.axes, route.group
+    grad_xd = grad_nkd.reshape(-1, grad_nkd.shape[-1])
+    send_scd = jnp.take(grad_xd, layout.bag_of_sc, axis=0, mode="fill", fill_value=0.0)
+    grads_scd = exchange_blocks(send_scd, axes)
+    rows_sx, dst_sx, coef_sx = bag.unpack(layout.asked_sc3)
+    table, slots = bag.update(
+        stored_1rd, slots_1r, rows_sx, dst_sx, coef_sx, list(grads_scd), step, group.optimizer
+    )
+
+    def rows_round(state):
+        _, table, slots = state
+        return (jnp.int32(0), *fallback(table, slots))
+
+    state = (1 - layout.fits.astype(jnp.int32), table, slots)
+    return jax.lax.while_loop(lambda s: s[0] > 0, rows_round, state)[1:]
