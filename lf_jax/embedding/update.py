@@ -91,35 +91,18 @@ def group_update(
                 route, stored_1rd, slots, slot_ne, local_ne, coef_ne, grad_ncd, step
             )
         if route.bag_mode and not replicas:  # the owners pooled partial bags
+            entries = (slot_ne, local_ne, coef_ne, grad_ncd, step)
 
             def rows_exchange(table_1rd, slots_1r):  # when the entries overflow (Ce, Cb)
+                slots_r = {k: v[0] for k, v in slots_1r.items()}
                 table_rd, slots_r = _push_entries(
-                    route,
-                    table_1rd[0],
-                    {k: v[0] for k, v in slots_1r.items()},
-                    slot_ne,
-                    local_ne,
-                    coef_ne,
-                    grad_ncd,
-                    step,
-                    (),
-                    all_axes,
-                    None,
+                    route, table_1rd[0], slots_r, *entries, (), all_axes, None
                 )
                 return table_rd[None], {k: v[None] for k, v in slots_r.items()}
 
+            layout = None if given is None else bag_exchange.local(given)
             return bag_exchange.update(
-                route,
-                stored_1rd,
-                slots,
-                slot_ne,
-                local_ne,
-                coef_ne,
-                grad_ncd,
-                step,
-                all_axes,
-                rows_exchange,
-                None if given is None else bag_exchange.local(given),
+                route, stored_1rd, slots, *entries, all_axes, rows_exchange, layout
             )
         stored_rd, slots_r = stored_1rd[0], {k: v[0] for k, v in slots.items()}
         if group.num_slots == 1 and not replicas:  # all rows and entries here

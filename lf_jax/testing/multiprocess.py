@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 from lf_jax.testing.environment import child_env
 
@@ -244,3 +245,27 @@ def run_processes(
 def python_argv(code: str) -> list[str]:
     """[python, -c, code]: the argv of a worker written inline."""
     return [sys.executable, "-c", code]
+
+
+def restored_arrays(task, workdir, step: int | None = None) -> tuple[dict, dict]:
+    """({"params/..": ..., "embedding/..": ...} host arrays, data state) of ``task``'s
+    checkpoint under ``workdir`` (``step``, default the latest) restored in this process
+    on ``task``'s mesh, tables in logical form: what a multi-process run's worker gathers,
+    to compare with."""
+    import jax
+    import numpy as np
+
+    from lf_jax.train.checkpoint import Checkpointer, flatten_to_dict
+
+    checkpointer = Checkpointer(Path(workdir) / "checkpoints")
+    step = checkpointer.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints")
+    state, data_state = checkpointer.restore(step, task.init_state(), task.collection)
+    checkpointer.close()
+    out = {f"params/{k}": np.asarray(v) for k, v in flatten_to_dict(state["params"]).items()}
+    logical = jax.jit(
+        task.collection.to_logical, out_shardings=task.collection.logical_shardings()
+    )(state["embedding"])
+    out.update({f"embedding/{k}": np.asarray(v) for k, v in flatten_to_dict(logical).items()})
+    return out, data_state

@@ -12,15 +12,13 @@ import sys
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
 from lf_jax.configuration import apply_overrides, load_config
 from lf_jax.distributed.mesh import make_mesh
 from lf_jax.testing.environment import child_env
-from lf_jax.testing.multiprocess import ProcessGroup
-from lf_jax.train.checkpoint import Checkpointer, flatten_to_dict
+from lf_jax.testing.multiprocess import ProcessGroup, restored_arrays
 from lf_jax.train.loop import prepare_workdir, run_training
 from lf_jax.train.ranker import RankerTask
 
@@ -75,15 +73,7 @@ def _one_process(repo_root, workdir: Path, data_dir) -> dict[str, np.ndarray]:
     config = apply_overrides(load_config(f"{repo_root}/{CONFIG}"), _overrides(data_dir))
     task = RankerTask(config, make_mesh(dict(config.mesh)), prepare_workdir(workdir, config))
     run_training(task, config.train, workdir)
-    checkpointer = Checkpointer(workdir / "checkpoints")
-    state, _ = checkpointer.restore(checkpointer.latest_step(), task.init_state(), task.collection)
-    checkpointer.close()
-    out = {f"params/{k}": np.asarray(v) for k, v in flatten_to_dict(state["params"]).items()}
-    logical = jax.jit(
-        task.collection.to_logical, out_shardings=task.collection.logical_shardings()
-    )(state["embedding"])
-    out.update({f"embedding/{k}": np.asarray(v) for k, v in flatten_to_dict(logical).items()})
-    return out
+    return restored_arrays(task, workdir)[0]
 
 
 def test_dynamic_tables_train_in_two_processes_like_one_also_from_the_cache(

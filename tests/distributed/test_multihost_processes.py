@@ -13,15 +13,14 @@ import threading
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
 from lf_jax.configuration import apply_overrides, load_config
 from lf_jax.distributed.mesh import make_mesh
 from lf_jax.testing.environment import child_env
-from lf_jax.testing.multiprocess import ProcessGroup
-from lf_jax.train.checkpoint import Checkpointer, flatten_to_dict
+from lf_jax.testing.multiprocess import ProcessGroup, restored_arrays
+from lf_jax.train.checkpoint import Checkpointer
 from lf_jax.train.loop import prepare_workdir, run_training
 from lf_jax.train.ranker import RankerTask
 
@@ -69,18 +68,10 @@ def _cli(repo_root, workdir, overrides) -> list[str]:
 
 
 def _restored(config, workdir, mesh_shape, step=None):
-    """{"params/..", "embedding/.."} host arrays of a checkpoint restored in this process."""
+    """({"params/..", "embedding/.."} host arrays, data state) of a checkpoint restored in
+    this process."""
     task = RankerTask(config, make_mesh(mesh_shape), prepare_workdir(workdir / "restore", config))
-    checkpointer = Checkpointer(Path(workdir) / "checkpoints")
-    step = checkpointer.latest_step() if step is None else step
-    state, data_state = checkpointer.restore(step, task.init_state(), task.collection)
-    checkpointer.close()
-    out = {f"params/{k}": np.asarray(v) for k, v in flatten_to_dict(state["params"]).items()}
-    logical = jax.jit(
-        task.collection.to_logical, out_shardings=task.collection.logical_shardings()
-    )(state["embedding"])
-    out.update({f"embedding/{k}": np.asarray(v) for k, v in flatten_to_dict(logical).items()})
-    return out, data_state
+    return restored_arrays(task, workdir, step)
 
 
 def _compare(expected, got, exact):

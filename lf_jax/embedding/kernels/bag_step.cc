@@ -45,6 +45,7 @@ using lf_jax_kernels::F32;
 using lf_jax_kernels::GradRows;
 using lf_jax_kernels::Invalid;
 using lf_jax_kernels::Lease;
+using lf_jax_kernels::MakeAdam;
 using lf_jax_kernels::PrefetchRow;
 using lf_jax_kernels::Sgd;
 
@@ -279,10 +280,9 @@ ffi::Error AdamBagImpl(ffi::AnyBuffer, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F
       nu->element_count() != table->element_count()) {
     return Invalid("lf_jax update_bag: Adam moments must be [R, D]");
   }
-  const float t = float(step.typed_data()[0]);
-  const Adam opt{lr, b1, b2, one_minus_b1, one_minus_b2, eps, 1.0f - std::pow(b1, t),
-                 1.0f - std::pow(b2, t), mu->typed_data(), nu->typed_data(),
-                 table->dimensions()[table->dimensions().size() - 1]};
+  const Adam opt = MakeAdam(lr, b1, b2, one_minus_b1, one_minus_b2, eps, step.typed_data()[0],
+                            mu->typed_data(), nu->typed_data(),
+                            table->dimensions()[table->dimensions().size() - 1]);
   return RunUpdateBag(*table, rows, dst, coef, grads, opt);
 }
 
@@ -326,8 +326,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LfUpdateBagAdagrad, AdagradBagImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>() LF_BAG_ARGS
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("learning_rate")
-                                  .Attr<float>("eps"));
+                                  LF_ADAGRAD_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LfUpdateBagAdam, AdamBagImpl,
                               ffi::Ffi::Bind()
@@ -337,9 +336,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LfUpdateBagAdam, AdamBagImpl,
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("learning_rate")
-                                  .Attr<float>("b1")
-                                  .Attr<float>("b2")
-                                  .Attr<float>("one_minus_b1")
-                                  .Attr<float>("one_minus_b2")
-                                  .Attr<float>("eps"));
+                                  LF_ADAM_ATTRS);

@@ -47,6 +47,7 @@ using lf_jax_kernels::Adam;
 using lf_jax_kernels::ApplyDistinct;
 using lf_jax_kernels::GradRows;
 using lf_jax_kernels::Lease;
+using lf_jax_kernels::MakeAdam;
 using lf_jax_kernels::PrefetchRow;
 using lf_jax_kernels::Sgd;
 
@@ -220,18 +221,9 @@ ffi::Error AdamImpl(ffi::AnyBuffer, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>
       nu->element_count() != table->element_count()) {
     return Invalid("lf_jax update: Adam moments must be [R, D]");
   }
-  const float t = float(step.typed_data()[0]);
-  const Adam opt{lr,
-                 b1,
-                 b2,
-                 one_minus_b1,
-                 one_minus_b2,
-                 eps,
-                 1.0f - std::pow(b1, t),
-                 1.0f - std::pow(b2, t),
-                 mu->typed_data(),
-                 nu->typed_data(),
-                 table->dimensions()[table->dimensions().size() - 1]};
+  const Adam opt = MakeAdam(lr, b1, b2, one_minus_b1, one_minus_b2, eps, step.typed_data()[0],
+                            mu->typed_data(), nu->typed_data(),
+                            table->dimensions()[table->dimensions().size() - 1]);
   return RunUpdate(*table, Entries{rows, coef, out_col, piece_cols, grad, more}, opt);
 }
 
@@ -266,8 +258,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LfUpdateAdagrad, AdagradImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>() LF_ENTRY_ARGS
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("learning_rate")
-                                  .Attr<float>("eps"));
+                                  LF_ADAGRAD_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LfUpdateAdam, AdamImpl,
                               ffi::Ffi::Bind()
@@ -277,9 +268,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LfUpdateAdam, AdamImpl,
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("learning_rate")
-                                  .Attr<float>("b1")
-                                  .Attr<float>("b2")
-                                  .Attr<float>("one_minus_b1")
-                                  .Attr<float>("one_minus_b2")
-                                  .Attr<float>("eps"));
+                                  LF_ADAM_ATTRS);

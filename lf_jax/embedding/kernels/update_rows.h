@@ -122,6 +122,22 @@ void ApplyDistinct(typename Ty::T* table, int64_t D, const Opt& opt, const Dedup
   }
 }
 
+// Lazy Adam of an update call: its attributes, the 1-based step and the moments [R, D].
+inline Adam MakeAdam(float lr, float b1, float b2, float one_minus_b1, float one_minus_b2,
+                     float eps, int32_t step, float* mu, float* nu, int64_t dim) {
+  const float t = float(step);
+  return Adam{lr,  b1, b2, one_minus_b1, one_minus_b2, eps, 1.0f - std::pow(b1, t),
+              1.0f - std::pow(b2, t), mu, nu, dim};
+}
+
 }  // namespace lf_jax_kernels
+
+// The FFI attributes of the optimizers' update handlers (sparse_step.cc, bag_step.cc).
+#define LF_ADAGRAD_ATTRS .Attr<float>("learning_rate").Attr<float>("eps")
+#define LF_ADAM_ATTRS                                                                       \
+  .Attr<float>("learning_rate").Attr<float>("b1").Attr<float>("b2").Attr<float>(           \
+      "one_minus_b1")                                                                      \
+      .Attr<float>("one_minus_b2")                                                         \
+      .Attr<float>("eps")
 
 #endif  // LF_JAX_KERNELS_UPDATE_ROWS_H_
