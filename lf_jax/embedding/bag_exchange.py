@@ -89,8 +89,9 @@ class BagLayout:
     sent this device, already exchanged; index_nq: [N, K * S] where the partials of each
     (example, output column) bag come back (lf_jax.embedding.kernels.bag.layout);
     bag_of_sc: [S, Cb] the bag of each partial slot this device asks owner s for;
-    most: [] int32, the same on every device: how far the fullest owner is over (Ce,
-    Cb) (<= 0: the bag exchange holds every entry).
+    most: [2] int32, the same on every device: the most entries and the most bags any
+    device has for one owner (what (Ce, Cb) must be; lf_jax.embedding.capacity sizes
+    them from it).
     """
 
     asked_sc3: jax.Array
@@ -100,31 +101,35 @@ class BagLayout:
 
     @property
     def fits(self) -> jax.Array:
-        return self.most <= 0
+        """Whether the bag exchange holds every entry (a device's layout)."""
+        return (self.most[0] <= self.asked_sc3.shape[-2]) & (
+            self.most[1] <= self.bag_of_sc.shape[-1]
+        )
 
 
-def _layout(route, slot_ne, local_ne, coef_ne, all_axes) -> BagLayout:
-    """A device's BagLayout of its [N, E] entries (its entries sent to the owners)."""
-    ce, cb = capacities(route, *slot_ne.shape)
+def _layout(route, slot_ne, local_ne, coef_ne, all_axes, given=(None, None)) -> BagLayout:
+    """A device's BagLayout of its [N, E] entries (its entries sent to the owners), for
+    capacities ``given`` (Ce, Cb) (None: ``capacities``)."""
+    static = capacities(route, *slot_ne.shape)
+    ce, cb = (g if g is not None else c for g, c in zip(given, static, strict=True))
     s_n, k = route.group.num_slots, route.num_out
     packed, index_nq, bag_of, most = bag.layout(
         slot_ne, local_ne, coef_ne, route.out_col_e, s_n, k, ce, cb
     )
-    over = jnp.max(jnp.stack([most[0] - ce, most[1] - cb]))
-    over = jax.lax.pmax(over, all_axes) if all_axes else over
-    packed = jnp.where(over <= 0, packed, -1)  # not fitting: every entry empty
-    return BagLayout(exchange_blocks(packed, route.group.axes), index_nq, bag_of, over)
+    most = jax.lax.pmax(most, all_axes) if all_axes else most
+    packed = jnp.where((most[0] <= ce) & (most[1] <= cb), packed, -1)  # else: no entry
+    return BagLayout(exchange_blocks(packed, route.group.axes), index_nq, bag_of, most)
 
 
-def routing(mesh, route, slot_be, local_be, coef_be) -> BagLayout:
+def routing(mesh, route, slot_be, local_be, coef_be, given=(None, None)) -> BagLayout:
     """Every device's BagLayout of its [B, E] entries, as global arrays, for ``forward``
     and ``update`` to share (EmbeddingCollection.routing): one layout and one exchange
-    of the entries per step instead of two."""
+    of the entries per step instead of two. ``given``: (Ce, Cb), None for the static."""
     all_axes = tuple(mesh.axis_names)
     spec = PartitionSpec(all_axes)
 
     def shard(slot_be, local_be, coef_be):
-        layout = _layout(route, slot_be, local_be, coef_be, all_axes)
+        layout = _layout(route, slot_be, local_be, coef_be, all_axes, given)
         return dataclasses.replace(layout, most=layout.most[None])
 
     return jax.shard_map(shard, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(

@@ -35,6 +35,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from lf_jax.embedding import bag_exchange
 from lf_jax.errors import UserInputError
 
 RUNG_RATIO = 2**0.25  # consecutive rungs of a ladder
@@ -69,11 +70,26 @@ def exchanged_routes(collection) -> list:
     return [r for r in collection.routes if r.blocks and r.group.num_slots > 1 and not r.bag_mode]
 
 
+BAG_PARTS = ("entries", "bags")  # a bag-mode group's two capacities: "<group>/entries" ...
+
+
+def bag_routes(collection) -> list:
+    """The collection's bag-mode routes (lf_jax.embedding.bag_exchange)."""
+    return [r for r in collection.routes if r.blocks and r.bag_mode]
+
+
+def capacity_names(collection) -> list[str]:
+    """The names capacities go by: each rows-exchanging group, and "<group>/entries",
+    "<group>/bags" of each bag-mode group."""
+    names = [r.group.name for r in exchanged_routes(collection)]
+    return names + [f"{r.group.name}/{part}" for r in bag_routes(collection) for part in BAG_PARTS]
+
+
 def checked_capacities(collection, capacities) -> dict[str, int]:
-    """{group: C} from a mapping or its items (None: {}), checked: positive ints, for
-    groups of ``collection`` that exchange."""
+    """{name: C} from a mapping or its items (None: {}), checked: positive ints, for
+    ``capacity_names`` of ``collection``."""
     given = dict(capacities or {})
-    names = sorted(r.group.name for r in exchanged_routes(collection))
+    names = sorted(capacity_names(collection))
     if set(given) - set(names) or any(
         isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in given.values()
     ):
@@ -93,11 +109,25 @@ def entries_per_device(collection, route, batch_size: int) -> int:
 
 
 def static_capacities(collection, batch_size: int) -> dict[str, int]:
-    """Each exchanging group's capacity when none is given (``GroupRoute.capacity``)."""
-    return {
-        route.group.name: route.capacity(entries_per_device(collection, route, batch_size))
-        for route in exchanged_routes(collection)
-    }
+    """Each capacity name's capacity when none is given (``capacity_sizes``)."""
+    return {name: static for name, (static, _) in capacity_sizes(collection, batch_size).items()}
+
+
+def capacity_sizes(collection, batch_size: int) -> dict[str, tuple[int, int]]:
+    """Each capacity name's (capacity when none is given, capacity that always fits):
+    ``GroupRoute.capacity`` and the entries or rows of an owner; a bag-mode group's
+    ``bag_exchange.capacities`` and every entry, every bag."""
+    out = {}
+    for route in exchanged_routes(collection):
+        entries = entries_per_device(collection, route, batch_size)
+        out[route.group.name] = (route.capacity(entries), min(entries, route.group.rows))
+    for route in bag_routes(collection):
+        examples = batch_size // collection.num_devices
+        static = bag_exchange.capacities(route, examples, len(route.out_col_e))
+        always = (examples * len(route.out_col_e), examples * route.num_out)
+        for part, c, a in zip(BAG_PARTS, static, always, strict=True):
+            out[f"{route.group.name}/{part}"] = (c, a)
+    return out
 
 
 def exchange_counts(routing: Mapping) -> dict:
@@ -105,11 +135,15 @@ def exchange_counts(routing: Mapping) -> dict:
     layouts, to return for ``CapacityChooser.observe``: an [n] array, one element per
     device, all equal (the routing takes their maximum over the mesh). It is returned
     whole: taking one device's element inside the jitted step costs an all-reduce (a
-    rendezvous of every device per step); the host reads it in ``observe``. Bag-mode
-    layouts (static capacities, lf_jax.embedding.bag_exchange) are left out."""
-    return {
-        name: layout.most for name, layout in routing.items() if not hasattr(layout, "bag_of_sc")
-    }
+    rendezvous of every device per step); the host reads it in ``observe``. A bag-mode
+    group gives two: "<group>/entries" and "<group>/bags"."""
+    counts = {}
+    for name, layout in routing.items():
+        if isinstance(layout, bag_exchange.BagLayout):  # most [n, 2]: entries, bags
+            counts.update({f"{name}/{p}": layout.most[:, i] for i, p in enumerate(BAG_PARTS)})
+        else:
+            counts[name] = layout.most
+    return counts
 
 
 def _largest(count) -> int:
@@ -134,14 +168,9 @@ class CapacityChooser:
         """``batch_size``: examples of the global batch the step routes."""
         if window < 1 or margin < 0:
             raise UserInputError(f"window must be >= 1 and margin >= 0, got {window}, {margin}")
-        self.static = static_capacities(collection, batch_size)
-        self.ladders = {
-            route.group.name: capacity_ladder(
-                self.static[route.group.name],
-                min(entries_per_device(collection, route, batch_size), route.group.rows),
-            )
-            for route in exchanged_routes(collection)
-        }
+        sizes = capacity_sizes(collection, batch_size)
+        self.static = {name: static for name, (static, _) in sizes.items()}
+        self.ladders = {name: capacity_ladder(*size) for name, size in sizes.items()}
         self.margin = margin
         self.recent: dict[str, collections.deque] = {
             name: collections.deque(maxlen=window) for name in self.ladders

@@ -280,7 +280,8 @@ class EmbeddingCollection:
         ``lf_jax.embedding.capacity.CapacityChooser.capacities()``), static; groups not
         named keep ``GroupRoute.capacity``. Any capacity is exact (more rounds when a
         batch overflows it); each layout's ``most`` says what would have fit. Bag-mode groups
-        (``bag_exchange``) get their entries' BagLayout (static capacities).
+        (``bag_exchange``) get their entries' BagLayout, capacities "<group>/entries"
+        and "<group>/bags".
 
         Example:
             >>> routing = coll.routing(batch)
@@ -295,8 +296,10 @@ class EmbeddingCollection:
             name = route.group.name
             layouts[name] = group_layout(self.mesh, route, slot_be, local_be, given.get(name))
         for route in (r for r in self.routes if r.bag_mode):  # bag mode: the entries' layout
-            entries = route.entries(batch.ids, coefs)
-            layouts[route.group.name] = bag_exchange.routing(self.mesh, route, *entries)
+            slot_be, local_be, coef_be = route.entries(batch.ids, coefs)
+            name = route.group.name
+            caps = (given.get(f"{name}/entries"), given.get(f"{name}/bags"))
+            layouts[name] = bag_exchange.routing(self.mesh, route, slot_be, local_be, coef_be, caps)
         return layouts
 
     def lookup(

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from lf_jax.embedding.capacity import CapacityChooser, exchange_counts, exchanged_routes
+from lf_jax.embedding.capacity import CapacityChooser, capacity_names, exchange_counts
 from lf_jax.embedding.collection import EmbeddingCollection
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ class TrainStep:
             body, static_argnames="capacities", donate_argnums=(0,) if donate else ()
         )
         self.collection = collection
-        self.adaptive = adaptive and collection is not None and bool(exchanged_routes(collection))
+        self.adaptive = adaptive and collection is not None and bool(capacity_names(collection))
         self.choosers: dict[int, CapacityChooser] = {}
         self.pending: tuple[CapacityChooser, dict] | None = None
         self.last_capacities: tuple | None = None  # what the latest call was given

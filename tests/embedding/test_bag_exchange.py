@@ -1,7 +1,8 @@
 """Bag mode (``EmbeddingCollection(..., bag_exchange=True)``: owners pool partial bags)
 against the rows exchange and the numpy oracle: forward and 3 update steps on (8,),
 (2, 4) and (4, 2) meshes, every id of the batch on one owner (the bag capacities
-overflow: the rows exchange's sorted rounds take the step), and micro-batched updates."""
+overflow: the rows exchange's sorted rounds take the step), micro-batched updates and
+capacities from the traffic."""
 
 import jax
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 
 from lf_jax import embedding as P
 from lf_jax.embedding import bag_exchange
+from lf_jax.embedding.capacity import CapacityChooser, exchange_counts
 from lf_jax.embedding.collection import EmbeddingCollection
 from lf_jax.embedding.preprocess import SparseBatch
 from lf_jax.embedding.sparse_optim import adam, rowwise_adagrad, sgd
@@ -198,3 +200,36 @@ def test_bag_mode_needs_the_fused_kernel(mesh_2x4):
         EmbeddingCollection(
             TABLES, FEATURES, _plan(mesh_2x4), mesh_2x4, kernel="xla", bag_exchange=True
         )
+
+
+def test_capacities_from_the_traffic_equal_the_static_ones(mesh_of):
+    mesh = mesh_of({"data": 8})
+    coll = EmbeddingCollection(TABLES, FEATURES, _plan(mesh), mesh, bag_exchange=True)
+    chooser = CapacityChooser(coll, BATCH)
+    names = [name for name, _ in chooser.capacities()]
+    assert {n.rsplit("/", 1)[-1] for n in names} == {"entries", "bags"}
+
+    def step(state, batch, grads, capacities):
+        routing = coll.routing(batch, capacities)
+        acts = coll.lookup(state["tables"], batch, routing)
+        state = coll.apply_gradients(state, batch, grads, routing=routing)
+        return state, acts, exchange_counts(routing)
+
+    run = jax.jit(step, static_argnames="capacities")
+    rng = np.random.default_rng(4)
+    batches = [
+        coll.shard_batch(coll.preprocess(*oracle.random_batch(FEATURES, TABLES, BATCH, seed=s)))
+        for s in range(4)
+    ]
+    grads = [_grads(rng, BATCH) for _ in batches]
+    static = adaptive = coll.init(jax.random.key(0))
+    used = []
+    for batch, g in zip(batches, grads, strict=True):
+        static, want, _ = run(static, batch, g, capacities=None)
+        caps = chooser.capacities()
+        used.append(caps)
+        adaptive, got, counts = run(adaptive, batch, g, capacities=caps)
+        chooser.observe(counts)
+        _assert_close(jax.device_get(got), jax.device_get(want))
+    _assert_close(jax.device_get(adaptive), jax.device_get(static))
+    assert any(c < chooser.static[name] for name, c in used[-1])  # the traffic's are smaller
