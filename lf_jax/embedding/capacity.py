@@ -17,6 +17,9 @@ hashable tuple). A batch with more keys than the chosen rung is still exact: it 
 the sorted multi-round exchange (lf_jax.embedding.exchange), and its count moves the
 next choice up.
 
+A bag-mode group (lf_jax.embedding.bag_exchange) has two capacities, its entries and
+its bags per owner, named "<group>/entries" and "<group>/bags", each with its own ladder.
+
 Ladder of a group: the static capacity C0 times 2^(k/4) for integer k, from C0 / 16
 (at least 8 keys) up to the first rung that always fits (every entry, or every row of
 an owner), rounded up to a multiple of 8: rungs 19% apart, a handful of them in use.
@@ -66,7 +69,7 @@ def capacity_ladder(static: int, always: int) -> tuple[int, ...]:
 
 def exchanged_routes(collection) -> list:
     """The collection's routes that exchange keys with owners (rows over several slots;
-    not bag mode, whose capacities are static, lf_jax.embedding.bag_exchange)."""
+    not the bag-mode groups: ``bag_routes``)."""
     return [r for r in collection.routes if r.blocks and r.group.num_slots > 1 and not r.bag_mode]
 
 
