@@ -11,9 +11,10 @@ optimizer once per row (lf_jax.embedding.kernels.bag).
 
 It moves fewer bytes when bags hold several ids per owner and ids rarely repeat within a
 device's batch (long bags over few owners); repeated ids (skewed, zipf-like) move more
-(no dedupe at the device). bench/BENCHMARKS.md, "Owner-side pooling of partial bags".
-Exact under any skew: when a device has more entries or bags for an owner than the
-static capacities (Ce, Cb), the step takes the rows exchange's sorted rounds instead.
+(no dedupe at the device). bench/BENCHMARKS.md, "Bag mode". Exact under any skew: when
+a device has more entries or bags for an owner than the capacities (Ce, Cb: static, or
+from the traffic through lf_jax.embedding.capacity), the step takes the rows exchange's
+sorted rounds instead.
 
 Shapes: N examples, E entry columns, K output columns, S owners, Ce entries and Cb
 partial bags per owner, R rows, D dim.
