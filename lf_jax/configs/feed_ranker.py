@@ -31,6 +31,8 @@ down to a multiple of ``devices``), LRU eviction; their policy is the tables'
 ``dynamic_tables=post`` makes only the post table dynamic (default ``member+post``).
 Ids arriving over time: ``--config.data.config=tiny_arrivals --config.data.order=time``
 (feed_logs' tiny whose posts and members arrive during the logs, read in time order).
+Bag mode (owners pool partial bags, for groups spread over every device; README "Rows, or
+pooled partial bags"): ``--config.embedding.bag_exchange=true``.
 Ablations are one override: ``--config.model.dcn_layers=0``, ``--config.model.gatenet=false``,
 ``--config.train.ips=false``, ``--config.train.grad_accum_steps=5``.
 """
@@ -156,7 +158,13 @@ def _embedding(
             }
             features[name] = {"table": name, **one}
     return ml_collections.ConfigDict(
-        {"tables": tables, "features": features, "plan": {}, "memory_budget_bytes": budget}
+        {
+            "tables": tables,
+            "features": features,
+            "plan": {},
+            "memory_budget_bytes": budget,
+            "bag_exchange": False,
+        }
     )
 
 

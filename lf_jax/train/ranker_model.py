@@ -156,7 +156,8 @@ class RankerModel:
             hand_plan,
             device_count=devices,
         )
-        collection = EmbeddingCollection(tables, features, plan.plan, mesh)
+        bags = bool(config.embedding.get("bag_exchange", False))
+        collection = EmbeddingCollection(tables, features, plan.plan, mesh, bag_exchange=bags)
         dynamic = DynamicTables(collection) if dynamic_names else None
         tasks = tuple(meta["tasks"])
         model = FeedRanker(

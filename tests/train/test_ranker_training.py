@@ -69,6 +69,25 @@ def test_accumulated_micro_batches_equal_one_big_batch(small_ranker_config, tmp_
 
 
 @pytest.mark.slow
+def test_bag_exchange_trains_like_the_rows_exchange(small_ranker_config, tmp_path):
+    with small_ranker_config.unlocked():  # member and hashtag rows over all 8 devices
+        small_ranker_config.embedding.plan = {
+            name: {"strategy": "row_wise", "axes": ("data", "model")}
+            for name in ("member", "hashtag")
+        }
+    rows = _task(small_ranker_config, tmp_path / "rows")
+    host_batch = next(rows.train_iterator())
+    with small_ranker_config.unlocked():
+        small_ranker_config.embedding.bag_exchange = True
+    bags = _task(small_ranker_config, tmp_path / "bags")
+    assert [r.bag_mode for r in bags.collection.routes].count(True) >= 1
+    state_rows, loss_rows = _one_step(rows, host_batch)
+    state_bags, loss_bags = _one_step(bags, host_batch)
+    assert loss_bags == pytest.approx(loss_rows, rel=1e-5)
+    _assert_states(state_rows, state_bags, exact=False)
+
+
+@pytest.mark.slow
 def test_sharded_model_equals_unsharded(small_ranker_config, tmp_path):
     sharded = _task(small_ranker_config, tmp_path / "sharded")
     host_batch = next(sharded.train_iterator())
