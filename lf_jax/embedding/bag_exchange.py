@@ -43,8 +43,7 @@ def bag_mode_of(group, mesh, kernel: str, requested: bool) -> bool:
     requested)``: its rows spread over every device of the mesh (no replicas; other
     groups keep their own path). One clear error where it cannot: a group on the XLA
     kernel, or several processes (not covered by the multi-process tests yet)."""
-    spread = all(a in group.axes or mesh.shape[a] == 1 for a in mesh.axis_names)
-    if not (requested and group.num_slots > 1 and spread):
+    if not (requested and group.num_slots > 1 and not group.replica_axes(mesh)):
         return False
     if kernel != "fused":
         raise UserInputError(
@@ -71,9 +70,7 @@ def capacities(route, examples: int, width: int) -> tuple[int, int]:
     per_bag = real / (examples * route.num_out)
     p = 1.0 - (1.0 - route.owner_share) ** per_bag
     bags = examples * route.num_out
-    mean = p * bags
-    cb = int(min(bags, math.ceil(mean + 5 * math.sqrt(mean) + 1)))
-    return ce, max(cb, 1)
+    return ce, capacity_for(bags, p, bags)
 
 
 @functools.partial(
@@ -118,8 +115,9 @@ def _layout(route, slot_ne, local_ne, coef_ne, all_axes, given=(None, None)) -> 
         slot_ne, local_ne, coef_ne, route.out_col_e, s_n, k, ce, cb
     )
     most = jax.lax.pmax(most, all_axes) if all_axes else most
-    packed = jnp.where((most[0] <= ce) & (most[1] <= cb), packed, -1)  # else: no entry
-    return BagLayout(exchange_blocks(packed, route.group.axes), index_nq, bag_of, most)
+    layout = BagLayout(packed, index_nq, bag_of, most)
+    packed = jnp.where(layout.fits, packed, -1)  # not fitting: no entry
+    return dataclasses.replace(layout, asked_sc3=exchange_blocks(packed, route.group.axes))
 
 
 def routing(mesh, route, slot_be, local_be, coef_be, given=(None, None)) -> BagLayout:

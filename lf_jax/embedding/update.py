@@ -66,7 +66,7 @@ def group_update(
     """
     group, all_axes = route.group, tuple(mesh.axis_names)
     # mesh axes of size 1 hold no other replica: nothing to gather over them
-    replica_axes = tuple(a for a in all_axes if a not in group.axes and mesh.shape[a] > 1)
+    replica_axes = group.replica_axes(mesh)
     local_examples = slot_kbe.shape[0] * slot_kbe.shape[1] // math.prod(mesh.shape.values())
     gather_entries = bool(replica_axes) and route.gathers_entries(local_examples)
     entry_spec = PartitionSpec(None, all_axes)
@@ -90,7 +90,7 @@ def group_update(
             return _fused_update(
                 route, stored_1rd, slots, slot_ne, local_ne, coef_ne, grad_ncd, step
             )
-        if route.bag_mode and not replicas:  # the owners pooled partial bags
+        if route.bag_mode:  # the owners pooled partial bags (no replicas: bag_mode_of)
             entries = (slot_ne, local_ne, coef_ne, grad_ncd, step)
 
             def rows_exchange(table_1rd, slots_1r):  # when the entries overflow (Ce, Cb)

@@ -48,6 +48,11 @@ class Group:
                 used[slot] = max(used[slot], piece.row_offset + piece.rows_per_slot)
         return used
 
+    def replica_axes(self, mesh: Mesh) -> tuple[str, ...]:
+        """The mesh axes over which this group's rows are replicated (axes of size 1
+        hold no other replica)."""
+        return tuple(a for a in mesh.axis_names if a not in self.axes and mesh.shape[a] > 1)
+
     def sharding(self, mesh: Mesh, extra_dims: int = 1) -> NamedSharding:
         """Sharding of the table (extra_dims=1) or of a row-wise slot (extra_dims=0)."""
         return NamedSharding(mesh, self.partition_spec(None, *([None] * extra_dims)))
