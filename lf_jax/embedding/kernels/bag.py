@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lf_jax.embedding.kernels.build import load
-from lf_jax.embedding.kernels.fused import optimizer_target
+from lf_jax.embedding.kernels.fused import update_call
 from lf_jax.embedding.sparse_optim import SparseOptimizer
 
 
@@ -87,22 +87,11 @@ def update(
     [S, Cb, D] bag gradients, or the S received blocks [Cb, D]. Table and slots are
     aliased to the outputs (donate them). Returns (table, slots)."""
     load()
-    blocks = list(grads_scd)
-    target, attrs = optimizer_target(optimizer)
-    names = tuple(optimizer.slot_shapes(1))
-    state = (table_rd, *(slots_r[n] for n in names))
-    shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in state]
-    out = jax.ffi.ffi_call(
-        target.replace("lf_jax_update_", "lf_jax_update_bag_"),
-        shapes,
-        input_output_aliases={i: i for i in range(len(state))},
-    )(
-        *state,
+    operands = (
         rows_sx.astype(jnp.int32),
         dst_sx.astype(jnp.int32),
         coef_sx.astype(jnp.float32),
         jnp.asarray(step, jnp.int32),
-        *(b.astype(jnp.float32) for b in blocks),
-        **attrs,
+        *(b.astype(jnp.float32) for b in grads_scd),
     )
-    return out[0], dict(zip(names, out[1:], strict=True))
+    return update_call(optimizer, table_rd, slots_r, operands, family="bag_")

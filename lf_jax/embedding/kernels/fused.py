@@ -140,17 +140,25 @@ def update(
         jnp.asarray(step, jnp.int32),
         *(b.astype(jnp.float32) for b in blocks[1:]),
     )
-    target, attrs = optimizer_target(optimizer)
+    return update_call(optimizer, table_rd, slots_r, entries)
+
+
+def update_call(optimizer: SparseOptimizer, table_rd, slots_r: dict, operands, family: str = ""):
+    """(table, slots): the update kernel of ``optimizer`` (``family`` 'bag_': bag mode's,
+    kernels/bag_step.cc) called on the table and the optimizer's slots, which are aliased
+    to its outputs (donate them), then ``operands``."""
+    target, attrs = _target(optimizer)
+    target = target.replace("lf_jax_update_", f"lf_jax_update_{family}")
     names = tuple(optimizer.slot_shapes(1))  # the kernel's slot operands, in this order
     state = (table_rd, *(slots_r[n] for n in names))
     shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in state]
     out = jax.ffi.ffi_call(target, shapes, input_output_aliases={i: i for i in range(len(state))})(
-        *state, *entries, **attrs
+        *state, *operands, **attrs
     )
     return out[0], dict(zip(names, out[1:], strict=True))
 
 
-def optimizer_target(optimizer: SparseOptimizer) -> tuple[str, dict[str, np.float32]]:
+def _target(optimizer: SparseOptimizer) -> tuple[str, dict[str, np.float32]]:
     """The FFI target of ``optimizer``'s update and its float32 attributes (1 - b
     computed as the XLA path does, in Python, then rounded)."""
     lr = np.float32(optimizer.learning_rate)
