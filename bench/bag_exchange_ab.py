@@ -1,17 +1,20 @@
 """The 8-device step with bag mode against the rows exchange and the 1-device step.
 
-Usage: PYTHONPATH=. python bench/bag_exchange_ab.py {uniform,zipf} ROUNDS
+Usage: PYTHONPATH=. python bench/bag_exchange_ab.py {uniform,zipf} ROUNDS [MODES]
 
 One process with 8 simulated CPU devices builds bench/embedding.py's step (8 tables x
 1e6 x 64, batch 4096, bags of 1-20 ids, row-wise Adagrad) three times: on 1 device
-(data_parallel), on 8 with the rows exchange (row_wise, capacities from the traffic, as
-bench/step_scale_ab.py) and on 8 with ``EmbeddingCollection(bag_exchange=True)`` (the
-owners pool partial bags, lf_jax.embedding.bag_exchange). Runs them alternately, 5 steps
-each per round, ROUNDS rounds after 2 warm-up rounds, and prints the median process CPU
-ms (user + sys) per step of each and the 8 / 1 ratios. Peak RSS ~17 GB.
+(data_parallel) and on 8 (row_wise, capacities from the traffic, as
+bench/step_scale_ab.py) with each exchange of MODES (comma-separated
+``EmbeddingCollection(exchange=...)`` values, default ``rows,bags``: keys out and rows
+back, or entries out and partial bags pooled at the owners, lf_jax.embedding.bag_exchange;
+``auto`` probes both and keeps the one moving fewer bytes). Runs them alternately, 5
+steps each per round, ROUNDS rounds after 2 warm-up rounds (``auto`` settles its mode
+there), and prints the median process CPU ms (user + sys) per step of each and the
+8 / 1 ratios. Peak RSS ~15 GB with two modes.
 
 Example:
-    PYTHONPATH=. python bench/bag_exchange_ab.py uniform 8
+    PYTHONPATH=. python bench/bag_exchange_ab.py uniform 8 rows,auto
 """
 
 import os
@@ -30,13 +33,13 @@ from traffic_step import TrafficStep  # noqa: E402
 STEPS = 5  # per step kind and round
 
 
-def build(dist: str, devices: int, bags: bool):
+def build(dist: str, devices: int, exchange: str):
     """A run() closure: one donated step on the next batch, blocked."""
     cfg = {
         **bench.step_config(dist, devices),
         "mesh_devices": jax.devices()[:devices],
         "capacities": "traffic",
-        "bag_exchange": bags,
+        "exchange": exchange,
     }
     coll, batches, r_d, jitted = bench._build_ours(cfg)
     box = {"state": jax.block_until_ready(coll.init(jax.random.key(0))), "i": 0}
@@ -47,13 +50,19 @@ def build(dist: str, devices: int, bags: bool):
         jax.block_until_ready(box["state"])
         box["i"] += 1
 
+    auto = [r.group.name for r in coll.routes if len(r.modes) > 1]
+    while len(step.chooser.chosen) < len(auto):  # auto: settle each group's mode first
+        run()
+    if auto:
+        print(f"auto ({dist}): {step.chooser.chosen}, probed {step.chooser.probed}", flush=True)
     return run
 
 
 def main() -> None:
     dist, rounds = sys.argv[1], int(sys.argv[2])
-    runs = {"1 device": build(dist, 1, False), "8 rows": build(dist, 8, False)}
-    runs["8 bags"] = build(dist, 8, True)
+    modes = (sys.argv[3] if len(sys.argv) > 3 else "rows,bags").split(",")
+    runs = {"1 device": build(dist, 1, "rows")}
+    runs.update({f"8 {mode}": build(dist, 8, mode) for mode in modes})
     times: dict = {name: [] for name in runs}
     for r in range(rounds + 2):
         for name, run in runs.items():
@@ -67,7 +76,8 @@ def main() -> None:
     print(
         f"{dist}: median CPU ms per step "
         + ", ".join(f"{name} {v:.1f}" for name, v in med.items())
-        + f"; 8 rows / 1 {med['8 rows'] / one:.2f}x, 8 bags / 1 {med['8 bags'] / one:.2f}x",
+        + "; "
+        + ", ".join(f"{name} / 1 {v / one:.2f}x" for name, v in med.items() if name[0] == "8"),
         flush=True,
     )
 

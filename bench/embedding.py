@@ -202,7 +202,7 @@ def _build_ours(cfg: dict, package: str = "lf_jax"):
     # exchange capacities sized to the real ids of the batches (1.0: to the padded slots)
     fill = cfg.get("id_fill", "data")
     fill = id_fill(host, cfg["devices"]) if fill == "data" else float(fill)
-    extra = {"bag_exchange": True} if cfg.get("bag_exchange") else {}  # a base tree has none
+    extra = {"exchange": cfg["exchange"]} if cfg.get("exchange") else {}  # a base tree has none
     coll = EmbeddingCollection(tables, features, plan, mesh, id_fill=fill, **extra)
     batches = [coll.shard_batch(b) for b in host]
     r_d = jax.device_put(np.random.default_rng(1).normal(size=cfg["dim"]).astype(np.float32))

@@ -31,8 +31,9 @@ down to a multiple of ``devices``), LRU eviction; their policy is the tables'
 ``dynamic_tables=post`` makes only the post table dynamic (default ``member+post``).
 Ids arriving over time: ``--config.data.config=tiny_arrivals --config.data.order=time``
 (feed_logs' tiny whose posts and members arrive during the logs, read in time order).
-Bag mode (owners pool partial bags, for groups spread over every device; README "Rows, or
-pooled partial bags"): ``--config.embedding.bag_exchange=true``.
+The owner exchange of groups spread over every device (README "Rows, or pooled partial
+bags"): ``--config.embedding.exchange=auto`` (default: the traffic picks rows or bags per
+group), ``rows`` or ``bags``.
 Ablations are one override: ``--config.model.dcn_layers=0``, ``--config.model.gatenet=false``,
 ``--config.train.ips=false``, ``--config.train.grad_accum_steps=5``.
 """
@@ -163,7 +164,7 @@ def _embedding(
             "features": features,
             "plan": {},
             "memory_budget_bytes": budget,
-            "bag_exchange": False,
+            "exchange": "auto",
         }
     )
 

@@ -19,8 +19,12 @@ sorted rounds instead.
 Shapes: N examples, E entry columns, K output columns, S owners, Ce entries and Cb
 partial bags per owner, R rows, D dim.
 
+``EmbeddingCollection(exchange="bags")`` sends every such group this way, ``"auto"`` lets
+the traffic pick per group (lf_jax.embedding.capacity.CapacityChooser: a few steps in
+each mode, then the mode whose counts move fewer bytes, ``bag_bytes`` < ``rows_bytes``).
+
 Example (inside group_forward's shard_map):
-    >>> out_nkd = forward(route, stored_1rd, slot_ne, local_ne, coef_ne, all_axes, rounds)
+    >>> out_nkd = forward(route, stored_1rd, slot_ne, local_ne, coef_ne, rounds)
 """
 
 import dataclasses
@@ -37,39 +41,71 @@ from lf_jax.embedding.kernels import bag
 from lf_jax.embedding.kernels import route as fused_route
 from lf_jax.errors import UserInputError
 
+EXCHANGE_MODES = ("rows", "bags", "auto")  # EmbeddingCollection(exchange=...)
 
-def bag_mode_of(group, mesh, kernel: str, requested: bool) -> bool:
-    """Whether ``group`` exchanges bags under ``EmbeddingCollection(bag_exchange=
-    requested)``: its rows spread over every device of the mesh (no replicas; other
-    groups keep their own path). One clear error where it cannot: a group on the XLA
-    kernel, or several processes (not covered by the multi-process tests yet)."""
-    if not (requested and group.num_slots > 1 and not group.replica_axes(mesh)):
-        return False
+
+def exchange_modes(group, mesh, kernel: str, exchange: str) -> tuple[str, ...]:
+    """The exchange modes ``group`` may take under ``EmbeddingCollection(exchange=...)``,
+    the first its default: ("rows",), ("bags",) or ("rows", "bags") (``auto``: the
+    traffic picks, lf_jax.embedding.capacity.CapacityChooser). Bag mode is for groups
+    whose rows spread over every device of the mesh (no replicas); other groups keep
+    rows. ``exchange="bags"`` where bag mode cannot run is one clear error (a group on
+    the XLA kernel, or several processes: not covered by the multi-process tests yet);
+    ``auto`` there offers rows only."""
+    if exchange not in EXCHANGE_MODES:
+        raise UserInputError(f"exchange must be one of {EXCHANGE_MODES}, got {exchange!r}")
+    if exchange == "rows" or group.num_slots == 1 or group.replica_axes(mesh):
+        return ("rows",)
+    runs = kernel == "fused" and jax.process_count() == 1
+    if exchange == "auto":
+        return ("rows", "bags") if runs else ("rows",)
     if kernel != "fused":
         raise UserInputError(
-            f"bag_exchange: shard group '{group.name}' runs the '{kernel}' kernel; bag mode "
-            "needs the fused CPU kernels (kernel='fused' on CPU)"
+            f"exchange='bags': shard group '{group.name}' runs the '{kernel}' kernel; bag "
+            "mode needs the fused CPU kernels (kernel='fused' on CPU)"
         )
-    if jax.process_count() > 1:
+    if not runs:
         raise UserInputError(
-            f"bag_exchange: {jax.process_count()} processes; bag mode runs in one process "
-            "for now (leave bag_exchange off for multi-process runs)"
+            f"exchange='bags': {jax.process_count()} processes; bag mode runs in one process "
+            "for now (use exchange='rows' or 'auto' for multi-process runs)"
         )
-    return True
+    return ("bags",)
+
+
+def rows_bytes(capacity: int, dim: int) -> int:
+    """Bytes a device and one owner exchange per step in the rows exchange: ``capacity``
+    keys out (int32), their float32 rows back and their gradients out."""
+    return capacity * (4 + 2 * 4 * dim)
+
+
+def bag_bytes(entries: int, bags: int, dim: int) -> int:
+    """Bytes a device and one owner exchange per step in bag mode: ``entries`` x 12
+    (local row, partial slot, coefficient) out, ``bags`` float32 partials back and their
+    gradients out. The ``auto`` rule: bag mode where this is below ``rows_bytes``."""
+    return entries * 12 + bags * 2 * 4 * dim
 
 
 def capacities(route, examples: int, width: int) -> tuple[int, int]:
-    """(Ce, Cb) for ``examples`` x ``width`` padded entries of a device: Ce the expected
-    entries one owner gets (of the real ``id_fill`` share) plus 5 standard deviations,
-    Cb the bags: each of the examples x K bags has an entry at a given owner with
-    probability 1 - (1 - share)^L, L the mean real ids per output column, plus 5 sigma.
-    At most every entry, and every bag."""
+    """(Ce, Cb) of ``route``'s group for ``examples`` x ``width`` padded entries of a
+    device (``capacities_for``)."""
+    return capacities_for(examples, width, route.id_fill, route.owner_share, route.num_out)
+
+
+def capacities_for(
+    examples: int, width: int, id_fill: float, owner_share: float, num_out: int
+) -> tuple[int, int]:
+    """(Ce, Cb) for ``examples`` x ``width`` padded entries of a device, ``id_fill`` of
+    them real, ``num_out`` output columns per example: Ce the expected entries one owner
+    gets (``owner_share`` of the real ones) plus 5 standard deviations, Cb the bags: each
+    of the examples x K bags has an entry at a given owner with probability
+    1 - (1 - share)^L, L the mean real ids per output column, plus 5 sigma. At most every
+    entry, and every bag. The planner prices bag mode with it (lf_jax.planner.cost)."""
     entries = examples * width
-    real = math.ceil(entries * route.id_fill)
-    ce = capacity_for(real, route.owner_share, entries)
-    per_bag = real / (examples * route.num_out)
-    p = 1.0 - (1.0 - route.owner_share) ** per_bag
-    bags = examples * route.num_out
+    real = math.ceil(entries * id_fill)
+    ce = capacity_for(real, owner_share, entries)
+    per_bag = real / (examples * num_out)
+    p = 1.0 - (1.0 - owner_share) ** per_bag
+    bags = examples * num_out
     return ce, capacity_for(bags, p, bags)
 
 
@@ -105,7 +141,16 @@ class BagLayout:
         )
 
 
-def _layout(route, slot_ne, local_ne, coef_ne, all_axes, given=(None, None)) -> BagLayout:
+def takes_bags(route, layout) -> bool:
+    """Whether a group's step exchanges bags: its layout from
+    ``EmbeddingCollection.routing`` is a BagLayout, or, none given, bags is its default
+    mode (``route.modes[0]``)."""
+    if layout is not None:
+        return isinstance(layout, BagLayout)
+    return route.modes[0] == "bags"
+
+
+def _layout(route, slot_ne, local_ne, coef_ne, given=(None, None)) -> BagLayout:
     """A device's BagLayout of its [N, E] entries (its entries sent to the owners), for
     capacities ``given`` (Ce, Cb) (None: ``capacities``)."""
     static = capacities(route, *slot_ne.shape)
@@ -114,10 +159,13 @@ def _layout(route, slot_ne, local_ne, coef_ne, all_axes, given=(None, None)) -> 
     packed, index_nq, bag_of, most = bag.layout(
         slot_ne, local_ne, coef_ne, route.out_col_e, s_n, k, ce, cb
     )
-    most = jax.lax.pmax(most, all_axes) if all_axes else most
-    layout = BagLayout(packed, index_nq, bag_of, most)
-    packed = jnp.where(layout.fits, packed, -1)  # not fitting: no entry
-    return dataclasses.replace(layout, asked_sc3=exchange_blocks(packed, route.group.axes))
+    # each device's most rides behind its entries to every device (the group spans the
+    # mesh): the largest arrives with them, no all-reduce of its own
+    most_s13 = jnp.broadcast_to(jnp.pad(most, (0, 1))[None, None], (s_n, 1, 3))
+    received = exchange_blocks(jnp.concatenate([packed, most_s13], axis=1), route.group.axes)
+    layout = BagLayout(received[:, :-1], index_nq, bag_of, jnp.max(received[:, -1, :2], axis=0))
+    asked = jnp.where(layout.fits, layout.asked_sc3, -1)  # not fitting: no entry
+    return dataclasses.replace(layout, asked_sc3=asked)
 
 
 def routing(mesh, route, slot_be, local_be, coef_be, given=(None, None)) -> BagLayout:
@@ -128,7 +176,7 @@ def routing(mesh, route, slot_be, local_be, coef_be, given=(None, None)) -> BagL
     spec = PartitionSpec(all_axes)
 
     def shard(slot_be, local_be, coef_be):
-        layout = _layout(route, slot_be, local_be, coef_be, all_axes, given)
+        layout = _layout(route, slot_be, local_be, coef_be, given)
         return dataclasses.replace(layout, most=layout.most[None])
 
     return jax.shard_map(shard, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(
@@ -141,11 +189,11 @@ def local(layout: BagLayout) -> BagLayout:
     return dataclasses.replace(layout, most=layout.most[0])
 
 
-def forward(route, stored_1rd, slot_ne, local_ne, coef_ne, all_axes, rounds, given=None):
+def forward(route, stored_1rd, slot_ne, local_ne, coef_ne, rounds, given=None):
     """[N, K, D] float32 pooled outputs of a device's [N, E] entries (inside shard_map):
     the bag exchange when every device's entries fit, else ``rounds(None)`` (the rows
     exchange's sorted rounds). ``given``: the device's BagLayout (``local(routing)``)."""
-    layout = given if given is not None else _layout(route, slot_ne, local_ne, coef_ne, all_axes)
+    layout = given if given is not None else _layout(route, slot_ne, local_ne, coef_ne)
     axes, s_n, k = route.group.axes, route.group.num_slots, route.num_out
     cb = layout.bag_of_sc.shape[-1]
 
@@ -168,7 +216,6 @@ def update(
     coef_ne,
     grad_nkd,
     step,
-    all_axes,
     fallback,
     given=None,
 ):
@@ -177,7 +224,7 @@ def update(
     through a cond, which would copy it: when they do not fit the layout holds no
     entries), then ``fallback(table, slots)`` (the rows exchange's update) run by a loop
     of 0 or 1 trips. ``given``: the device's BagLayout (``local(routing)``)."""
-    layout = given if given is not None else _layout(route, slot_ne, local_ne, coef_ne, all_axes)
+    layout = given if given is not None else _layout(route, slot_ne, local_ne, coef_ne)
     axes, group = route.group.axes, route.group
     grad_xd = grad_nkd.reshape(-1, grad_nkd.shape[-1])
     send_scd = jnp.take(grad_xd, layout.bag_of_sc, axis=0, mode="fill", fill_value=0.0)

@@ -68,29 +68,31 @@ def capacity_ladder(static: int, always: int) -> tuple[int, ...]:
 
 
 def exchanged_routes(collection) -> list:
-    """The collection's routes that exchange keys with owners (rows over several slots;
-    not the bag-mode groups: ``bag_routes``)."""
-    return [r for r in collection.routes if r.blocks and r.group.num_slots > 1 and not r.bag_mode]
+    """The collection's routes that may exchange rows with owners: rows over several
+    slots, "rows" among their modes (``bag_routes``: those that may exchange bags)."""
+    return [
+        r for r in collection.routes if r.blocks and r.group.num_slots > 1 and "rows" in r.modes
+    ]
 
 
 BAG_PARTS = ("entries", "bags")  # a bag-mode group's two capacities: "<group>/entries" ...
 
 
 def bag_routes(collection) -> list:
-    """The collection's bag-mode routes (lf_jax.embedding.bag_exchange)."""
-    return [r for r in collection.routes if r.blocks and r.bag_mode]
+    """The collection's routes that may exchange bags (lf_jax.embedding.bag_exchange)."""
+    return [r for r in collection.routes if r.blocks and "bags" in r.modes]
 
 
 def capacity_names(collection) -> list[str]:
     """The names capacities go by: each rows-exchanging group, and "<group>/entries",
-    "<group>/bags" of each bag-mode group."""
+    "<group>/bags" of each bag-mode group (both kinds for an ``exchange="auto"`` group)."""
     names = [r.group.name for r in exchanged_routes(collection)]
     return names + [f"{r.group.name}/{part}" for r in bag_routes(collection) for part in BAG_PARTS]
 
 
 def checked_capacities(collection, capacities) -> dict[str, int]:
     """{name: C} from a mapping or its items (None: {}), checked: positive ints, for
-    ``capacity_names`` of ``collection``."""
+    ``capacity_names`` of ``collection``, no group given both a rows and a bag capacity."""
     given = dict(capacities or {})
     names = sorted(capacity_names(collection))
     if set(given) - set(names) or any(
@@ -99,7 +101,34 @@ def checked_capacities(collection, capacities) -> dict[str, int]:
         raise UserInputError(
             f"capacities {given} must be positive ints for exchanging shard groups {names}"
         )
+    both = [
+        r.group.name
+        for r in bag_routes(collection)
+        if r.group.name in given and _bags_given(r, given)
+    ]
+    if both:
+        raise UserInputError(
+            f"capacities {given}: shard groups {both} are given both a rows capacity and a "
+            "bag capacity (<group>/entries, <group>/bags); a step takes one mode per group"
+        )
     return given
+
+
+def _bags_given(route, given: Mapping) -> bool:
+    return any(f"{route.group.name}/{part}" in given for part in BAG_PARTS)
+
+
+def step_modes(collection, given: Mapping) -> dict[str, str]:
+    """{group: "rows" | "bags"} of each exchanging group for ``checked_capacities``
+    ``given``: bags where a bag capacity is given, rows where a rows capacity is, else
+    the group's default mode (``route.modes[0]``)."""
+    modes = {}
+    for route in collection.routes:
+        if route.blocks and route.group.num_slots > 1:
+            name = route.group.name
+            bags = _bags_given(route, given) or (name not in given and route.modes[0] == "bags")
+            modes[name] = "bags" if bags else "rows"
+    return modes
 
 
 def entries_per_device(collection, route, batch_size: int) -> int:
@@ -160,24 +189,52 @@ def _largest(count) -> int:
 
 
 class CapacityChooser:
-    """Capacities per shard group from the last ``window`` steps' exchange counts.
+    """Capacities (and, for ``exchange="auto"`` groups, the mode) per shard group from
+    the last ``window`` steps' exchange counts.
 
-    ``capacities()`` returns ((group, C), ...) for ``EmbeddingCollection.routing``: the
-    static capacities until a count is observed, then per group the smallest rung of
-    its ladder >= need = the window's largest count + ``margin`` x sqrt(that count).
+    ``capacities()`` returns ((name, C), ...) for ``EmbeddingCollection.routing``: the
+    static capacities until a count is observed, then per name the smallest rung of its
+    ladder >= need = the window's largest count + ``margin`` x sqrt(that count).
+
+    An ``auto`` group offering both modes is probed: rows for its first ``probe_steps``
+    observed steps, then bags for as many, then the mode whose capacities move fewer
+    bytes per owner (``bag_exchange.bag_bytes`` < ``rows_bytes``) for good: ``chosen``
+    holds {group: mode}, ``probed`` {group: (rows bytes, bag bytes)}. ``modes``: modes
+    decided before (a resumed run's), not probed again.
     """
 
-    def __init__(self, collection, batch_size: int, window: int = 16, margin: float = 2.0):
+    def __init__(
+        self,
+        collection,
+        batch_size: int,
+        window: int = 16,
+        margin: float = 2.0,
+        probe_steps: int = 4,
+        modes: Mapping[str, str] | None = None,
+    ):
         """``batch_size``: examples of the global batch the step routes."""
-        if window < 1 or margin < 0:
-            raise UserInputError(f"window must be >= 1 and margin >= 0, got {window}, {margin}")
+        if window < 1 or margin < 0 or probe_steps < 1:
+            raise UserInputError(
+                f"window and probe_steps must be >= 1 and margin >= 0, got window={window}, "
+                f"margin={margin}, probe_steps={probe_steps}"
+            )
         sizes = capacity_sizes(collection, batch_size)
         self.static = {name: static for name, (static, _) in sizes.items()}
         self.ladders = {name: capacity_ladder(*size) for name, size in sizes.items()}
         self.margin = margin
+        self.probe_steps = probe_steps
         self.recent: dict[str, collections.deque] = {
             name: collections.deque(maxlen=window) for name in self.ladders
         }
+        self.observed: collections.Counter[str] = collections.Counter()  # counts per name
+        self.routes = {
+            r.group.name: r for r in exchanged_routes(collection) + bag_routes(collection)
+        }
+        self.chosen: dict[str, str] = {}
+        self.probed: dict[str, tuple[int, int]] = {}
+        for group, mode in (modes or {}).items():
+            if group in self.routes and mode in self.routes[group].modes:
+                self.chosen[group] = mode
 
     def observe(self, counts: Mapping) -> None:
         """Records one step's ``exchange_counts`` (device arrays, read here and reduced
@@ -185,6 +242,7 @@ class CapacityChooser:
         asynchronous)."""
         for name, count in counts.items():
             self.recent[name].append(_largest(count))
+            self.observed[name] += 1
 
     def need(self, name: str) -> int | None:
         """Keys per owner the group's next step should hold (None before any count)."""
@@ -193,13 +251,41 @@ class CapacityChooser:
         most = max(self.recent[name])
         return math.ceil(most + self.margin * math.sqrt(most))
 
+    def capacity(self, name: str) -> int:
+        """The capacity ``name``'s next step gets: the rung of ``need`` (static before any
+        count)."""
+        need = self.need(name)
+        if need is None:
+            return self.static[name]
+        rungs = self.ladders[name]
+        return next((r for r in rungs if r >= need), rungs[-1])
+
+    def mode(self, group: str) -> str:
+        """The exchange mode of ``group``'s next step; an ``auto`` group's probe ends
+        here (recorded in ``chosen``) once both modes have ``probe_steps`` counts."""
+        modes = self.routes[group].modes
+        if len(modes) == 1:
+            return modes[0]
+        if group in self.chosen:
+            return self.chosen[group]
+        if self.observed[group] < self.probe_steps:
+            return "rows"
+        entries, bags = (f"{group}/{part}" for part in BAG_PARTS)
+        if self.observed[entries] < self.probe_steps:
+            return "bags"
+        dim = self.routes[group].group.dim
+        rows_b = bag_exchange.rows_bytes(self.capacity(group), dim)
+        bag_b = bag_exchange.bag_bytes(self.capacity(entries), self.capacity(bags), dim)
+        self.probed[group] = (rows_b, bag_b)
+        self.chosen[group] = "bags" if bag_b < rows_b else "rows"
+        return self.chosen[group]
+
     def capacities(self) -> tuple[tuple[str, int], ...]:
-        """((group, C), ...) sorted by group: hashable, a jit static argument."""
+        """((name, C), ...) sorted by name: hashable, a jit static argument. Each group
+        is named in its next step's mode (``mode``): "<group>" for rows,
+        "<group>/entries" and "<group>/bags" for bags."""
         chosen = []
-        for name, rungs in sorted(self.ladders.items()):
-            need = self.need(name)
-            if need is None:
-                chosen.append((name, self.static[name]))
-            else:
-                chosen.append((name, next((r for r in rungs if r >= need), rungs[-1])))
-        return tuple(chosen)
+        for group in self.routes:
+            names = [group] if self.mode(group) == "rows" else [f"{group}/{p}" for p in BAG_PARTS]
+            chosen += [(name, self.capacity(name)) for name in names]
+        return tuple(sorted(chosen))

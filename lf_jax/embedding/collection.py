@@ -25,9 +25,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lf_jax.embedding import bag_exchange, ordering
 from lf_jax.embedding import preprocess as preprocess_lib
-from lf_jax.embedding.bag_exchange import BagLayout, bag_mode_of
+from lf_jax.embedding.bag_exchange import BagLayout, exchange_modes
 from lf_jax.embedding.buckets import Buckets
-from lf_jax.embedding.capacity import checked_capacities, exchanged_routes
+from lf_jax.embedding.capacity import checked_capacities, step_modes
 from lf_jax.embedding.huge_pages import back_with_huge_pages
 from lf_jax.embedding.kernels.fused import requested_kernel, resolve_kernel
 from lf_jax.embedding.lookup import (
@@ -58,7 +58,7 @@ class EmbeddingCollection:
         mesh: Mesh,
         id_fill: float = 1.0,
         kernel: str | None = None,
-        bag_exchange: bool = False,
+        exchange: str = "rows",
     ):
         """``id_fill``: the largest fraction of a device's padded id slots (examples x
         max_ids of each feature) that hold real ids, e.g. ``preprocess.id_fill(batches,
@@ -67,9 +67,11 @@ class EmbeddingCollection:
         ``kernel``: auto | fused | xla, the path of each group's local sparse work
         (lf_jax.embedding.kernels.fused; None: $LF_JAX_EMBEDDING_KERNEL or auto = the
         fused C++ kernel on CPU, XLA on GPU / TPU); ``self.kernels`` shows each group's.
-        ``bag_exchange``: groups whose rows are spread over every device of the mesh
-        exchange entries and pooled partial bags instead of rows
-        (lf_jax.embedding.bag_exchange; fused kernel only)."""
+        ``exchange``: how groups whose rows are spread over every device of the mesh
+        exchange with the owners: "rows" (keys out, rows back), "bags" (entries out,
+        pooled partial bags back: lf_jax.embedding.bag_exchange; fused kernel, one
+        process) or "auto" (both offered where bags can run; the traffic picks per
+        group, lf_jax.embedding.capacity.CapacityChooser; rows until it does)."""
         preprocess_lib.check_id_fill(id_fill)
         self.tables = validate_specs(tables, features)
         self.features = {feature.name: feature for feature in features}
@@ -81,8 +83,8 @@ class EmbeddingCollection:
         self.routes = []
         for group in self.groups:
             kernel_g = resolve_kernel(self.kernel, platform, group.optimizer)
-            bag_mode = bag_mode_of(group, mesh, kernel_g, bag_exchange)
-            route = GroupRoute.build(group, self.features, float(id_fill), kernel_g, bag_mode)
+            modes = exchange_modes(group, mesh, kernel_g, exchange)
+            route = GroupRoute.build(group, self.features, float(id_fill), kernel_g, modes)
             self.routes.append(route)
         self.batch_axes = tuple(mesh.axis_names)
         self.num_devices = int(np.prod(list(mesh.shape.values())))
@@ -279,9 +281,10 @@ class EmbeddingCollection:
         ``capacities``: {group: keys per owner} (or its items, e.g.
         ``lf_jax.embedding.capacity.CapacityChooser.capacities()``), static; groups not
         named keep ``GroupRoute.capacity``. Any capacity is exact (more rounds when a
-        batch overflows it); each layout's ``most`` says what would have fit. Bag-mode groups
-        (``bag_exchange``) get their entries' BagLayout, capacities "<group>/entries"
-        and "<group>/bags".
+        batch overflows it); each layout's ``most`` says what would have fit. Groups in bag
+        mode get their entries' BagLayout, capacities "<group>/entries" and
+        "<group>/bags": a group whose default mode is bags (``exchange="bags"``), or an
+        ``exchange="auto"`` group given those (``capacity.step_modes``).
 
         Example:
             >>> routing = coll.routing(batch)
@@ -291,15 +294,17 @@ class EmbeddingCollection:
         given = checked_capacities(self, capacities)
         coefs = combiner_coefficients(self.features, batch)
         layouts: dict[str, Buckets | BagLayout] = {}
-        for route in exchanged_routes(self):
-            slot_be, local_be, _ = route.entries(batch.ids, coefs)
-            name = route.group.name
-            layouts[name] = group_layout(self.mesh, route, slot_be, local_be, given.get(name))
-        for route in (r for r in self.routes if r.bag_mode):  # bag mode: the entries' layout
+        modes = step_modes(self, given)
+        for route in (r for r in self.routes if r.group.name in modes):
             slot_be, local_be, coef_be = route.entries(batch.ids, coefs)
             name = route.group.name
-            caps = (given.get(f"{name}/entries"), given.get(f"{name}/bags"))
-            layouts[name] = bag_exchange.routing(self.mesh, route, slot_be, local_be, coef_be, caps)
+            if modes[name] == "rows":
+                layouts[name] = group_layout(self.mesh, route, slot_be, local_be, given.get(name))
+            else:  # bag mode: the entries' layout
+                caps = (given.get(f"{name}/entries"), given.get(f"{name}/bags"))
+                layouts[name] = bag_exchange.routing(
+                    self.mesh, route, slot_be, local_be, coef_be, caps
+                )
         return layouts
 
     def lookup(

@@ -86,7 +86,7 @@ class GroupRoute:
     owner_share: float
     id_fill: float = 1.0
     kernel: str = "xla"
-    bag_mode: bool = False
+    modes: tuple[str, ...] = ("rows",)
 
     @classmethod
     def build(
@@ -95,12 +95,13 @@ class GroupRoute:
         features: Mapping,
         id_fill: float = 1.0,
         kernel: str = "xla",
-        bag_mode: bool = False,
+        modes: tuple[str, ...] = ("rows",),
     ) -> "GroupRoute":
         """Blocks for every feature reading a table with a piece in ``group``; exchange
         capacities sized for ``id_fill`` (see ``capacity``); ``kernel``: 'fused' or 'xla',
-        the path of the group's local work (lf_jax.embedding.kernels.fused); ``bag_mode``:
-        the owners pool partial bags (lf_jax.embedding.bag_exchange)."""
+        the path of the group's local work (lf_jax.embedding.kernels.fused); ``modes``: the
+        exchange modes it may take, the first its default ("rows", "bags": the owners
+        pool partial bags, lf_jax.embedding.bag_exchange.exchange_modes)."""
         blocks: list[Block] = []
         columns: dict[str, list] = {k: [] for k in ("slot0", "stride", "slots", "offset", "out")}
         out_start = 0
@@ -139,7 +140,7 @@ class GroupRoute:
             float(load.max() / load.sum()) if load.sum() else 1.0,
             id_fill,
             kernel,
-            bag_mode,
+            modes,
         )
 
     @functools.cached_property
@@ -334,10 +335,10 @@ def group_forward(
             rows_ud = fetch_rows(requests, stored_1rd[0], group.axes, capacity, all_axes)
             return route.pool(rows_ud, requests.inverse_m.reshape(b, e), coef_be, slot_be >= 0)
 
-        if route.bag_mode:  # the owners pool partial bags
+        if bag_exchange.takes_bags(route, given):  # the owners pool partial bags
             layout = None if given is None else bag_exchange.local(given)
             return bag_exchange.forward(
-                route, stored_1rd, slot_be, local_be, coef_be, all_axes, rounds, layout
+                route, stored_1rd, slot_be, local_be, coef_be, rounds, layout
             )
         layout = (
             local_layout(given)

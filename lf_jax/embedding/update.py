@@ -90,7 +90,7 @@ def group_update(
             return _fused_update(
                 route, stored_1rd, slots, slot_ne, local_ne, coef_ne, grad_ncd, step
             )
-        if route.bag_mode:  # the owners pooled partial bags (no replicas: bag_mode_of)
+        if bag_exchange.takes_bags(route, given):  # owners pooled partial bags (no replicas)
             entries = (slot_ne, local_ne, coef_ne, grad_ncd, step)
 
             def rows_exchange(table_1rd, slots_1r):  # when the entries overflow (Ce, Cb)
@@ -101,9 +101,7 @@ def group_update(
                 return table_rd[None], {k: v[None] for k, v in slots_r.items()}
 
             layout = None if given is None else bag_exchange.local(given)
-            return bag_exchange.update(
-                route, stored_1rd, slots, *entries, all_axes, rows_exchange, layout
-            )
+            return bag_exchange.update(route, stored_1rd, slots, *entries, rows_exchange, layout)
         stored_rd, slots_r = stored_1rd[0], {k: v[0] for k, v in slots.items()}
         if group.num_slots == 1 and not replicas:  # all rows and entries here
             table_rd, slots_r = _update_pieces(

@@ -19,6 +19,11 @@ output columns, the largest owner share) and lf_jax.embedding.exchange.capacity_
   or, for a replicated group where it is fewer bytes (long bags), (R-1) x the device's
   entries (12 bytes each) and output gradients (replicas_gather_entries, the engine's
   own rule).
+- Bag mode (``EmbeddingCollection(exchange="bags" | "auto")``, lf_jax.embedding.bag_exchange)
+  for a table whose rows spread over every device (no replicas): (S-1)/S x S x (Ce x 12
+  + Cb x 8 D), Ce and Cb from ``bag_exchange.capacities_for`` (uniform ids: each id its
+  own row). ``lf-jax plan`` shows it beside the rows exchange; ``auto`` picks from the
+  traffic by the same bytes (``bag_exchange.bag_bytes`` < ``rows_bytes``).
 - Activations (XLA temporaries): the dedupe's int32 buffers (6 M), the unique rows or
   gradients [U, D], the sent and received [K, D] buffers, the owner's R x K rows
   (gradients, weights, slots and their sort), and the [b, C, D] output; the peak of
@@ -37,6 +42,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from lf_jax.embedding import bag_exchange
 from lf_jax.embedding.exchange import capacity_for, replicas_gather_entries, unique_size
 from lf_jax.embedding.lookup import GroupRoute
 from lf_jax.embedding.sharding.layout import Group, build_layout
@@ -289,4 +295,28 @@ def table_step_cost(
                 replicas=n // group.num_slots,
                 slot_bytes=slot_row_bytes(table.optimizer, piece.dim),
             )
+    return total
+
+
+def table_bag_comm(
+    table: TableSpec, layout: Layout, features: Sequence[FeatureSpec], batch_size: int
+) -> int | None:
+    """Bytes a device receives per step if ``table`` exchanged bags (bag mode), priced
+    like ``table_step_cost`` (its pieces as if alone in their groups, uniform ids); None
+    where bag mode does not apply (a piece with replicas, or rows on one device)."""
+    traffic = Traffic.of(table.name, features)
+    n = num_devices(layout.mesh_shape)
+    b = batch_size // n
+    total = 0
+    for group in layout.groups:
+        for piece in group.pieces:
+            if piece.table != table.name:
+                continue
+            if group.num_slots != n or n == 1 or traffic.entries == 0:
+                return None
+            ce, cb = bag_exchange.capacities_for(
+                b, traffic.entries, 1.0, 1 / piece.num_slots, traffic.columns
+            )
+            hop = (group.num_slots - 1) / group.num_slots
+            total += int(hop * group.num_slots * bag_exchange.bag_bytes(ce, cb, piece.dim))
     return total

@@ -53,6 +53,7 @@ from lf_jax.planner.cost import (
     format_bytes,
     num_devices,
     plan_step_cost,
+    table_bag_comm,
     table_bytes,
     table_step_cost,
 )
@@ -301,6 +302,7 @@ def plan_tables(
                 activation_bytes=cost.activation,
                 comm_bytes=cost.comm,
                 why=planner.why[table.name],
+                bag_comm_bytes=table_bag_comm(table, layout, features, batch_size),
             )
         )
     return PlanResult(

@@ -25,6 +25,7 @@ class TableRow:
     activation_bytes: int
     comm_bytes: int  # forward + update exchange, received per device per step
     why: str
+    bag_comm_bytes: int | None = None  # the same in bag mode, where it applies
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +75,8 @@ class PlanResult:
                 r.strategy,
                 format_bytes(r.per_device_bytes),
                 format_bytes(r.activation_bytes),
-                format_bytes(r.comm_bytes),
+                format_bytes(r.comm_bytes)
+                + ("" if r.bag_comm_bytes is None else f" (bags {format_bytes(r.bag_comm_bytes)})"),
                 r.why,
             )
             for r in self.rows

@@ -152,7 +152,7 @@ def run_training(
     checkpointer = Checkpointer(workdir / "checkpoints", max_to_keep=train_config.keep_checkpoints)
     state = task.init_state()
     iterator = task.train_iterator()
-    start = 0
+    start, data_state = 0, {}
     if checkpointer.latest_step() is not None:
         try:
             state, data_state, start = checkpointer.restore_newest(
@@ -210,8 +210,14 @@ def run_training(
             with open(history_path, "a") as out:
                 out.write(json.dumps(row) + "\n")
 
+    if "exchange_modes" in data_state and hasattr(train_step, "restore_exchange_modes"):
+        train_step.restore_exchange_modes(data_state["exchange_modes"])
+
     def save(step: int) -> None:
-        checkpointer.save(step, state, task.collection, {"train": iterator.get_state()})
+        data = {"train": iterator.get_state()}
+        if hasattr(train_step, "exchange_modes"):  # the modes "auto" exchange groups settled on
+            data["exchange_modes"] = train_step.exchange_modes()
+        checkpointer.save(step, state, task.collection, data)
 
     try:
         # SIGTERM / Ctrl-C: every process saves the same step (coordination.preemption_notice)

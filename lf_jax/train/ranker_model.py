@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lf_jax.console import get_logger
 from lf_jax.distributed.coordination import barrier, is_primary
+from lf_jax.embedding.bag_exchange import EXCHANGE_MODES
 from lf_jax.embedding.collection import EmbeddingCollection
 from lf_jax.embedding.config_specs import memory_budget_from_config, specs_from_config
 from lf_jax.embedding.dynamic.tables import DynamicTables
@@ -145,6 +146,11 @@ class RankerModel:
         )
         meta = dataset_metadata(builder)
         tables, features, hand_plan = ranker_specs(config, meta)
+        exchange = config.embedding.get("exchange", "auto")
+        if exchange not in EXCHANGE_MODES:
+            raise UserInputError(
+                f"config embedding.exchange={exchange!r} must be one of {EXCHANGE_MODES}"
+            )
         dynamic_names = [t.name for t in tables if t.dynamic is not None]
         devices = int(np.prod(list(mesh.shape.values())))
         plan = plan_tables(
@@ -156,8 +162,7 @@ class RankerModel:
             hand_plan,
             device_count=devices,
         )
-        bags = bool(config.embedding.get("bag_exchange", False))
-        collection = EmbeddingCollection(tables, features, plan.plan, mesh, bag_exchange=bags)
+        collection = EmbeddingCollection(tables, features, plan.plan, mesh, exchange=exchange)
         dynamic = DynamicTables(collection) if dynamic_names else None
         tasks = tuple(meta["tasks"])
         model = FeedRanker(

@@ -19,7 +19,7 @@ Example:
 """
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -142,6 +142,8 @@ class TrainStep:
     ``metrics["exchange"]`` one step late (the dispatch stays asynchronous) and picks the
     next step's capacities from its ladder, so the step compiles once per rung it
     visits, never per step; any capacity is exact (an overflow takes more rounds).
+    Groups of an ``exchange="auto"`` collection are probed in both modes, then keep
+    the one that moves fewer bytes (``CapacityChooser.mode``; logged).
     ``adaptive=False`` (or a collection with no exchanging group): the static
     capacities, one compile. ``lower(state, batch)`` lowers the static-capacity step.
     """
@@ -155,6 +157,7 @@ class TrainStep:
         self.choosers: dict[int, CapacityChooser] = {}
         self.pending: tuple[CapacityChooser, dict] | None = None
         self.last_capacities: tuple | None = None  # what the latest call was given
+        self.modes: dict[str, str] = {}  # the exchange modes auto groups settled on
 
     def _chooser(self, batch) -> CapacityChooser:
         """The chooser of ``batch``'s global micro-batch size (ids [k, b, L]), after it
@@ -165,8 +168,46 @@ class TrainStep:
             self.pending = None
         size = int(next(iter(batch["sparse"].ids.values())).shape[1])
         if size not in self.choosers:
-            self.choosers[size] = CapacityChooser(self.collection, size)
+            self.choosers[size] = CapacityChooser(self.collection, size, modes=self.modes)
         return self.choosers[size]
+
+    def _log_modes(self, chooser: CapacityChooser) -> None:
+        """Logs each exchange mode an auto group settles on (``exchange_modes``)."""
+        for group, mode in chooser.chosen.items():
+            if self.modes.get(group) == mode:
+                continue
+            self.modes[group] = mode
+            rows_b, bag_b = chooser.probed.get(group, (0, 0))
+            log.info(
+                "owner exchange of shard group %s: %s mode (probed per owner and step: rows "
+                "%s B, bags %s B)",
+                group,
+                mode,
+                f"{rows_b:,}",
+                f"{bag_b:,}",
+            )
+
+    def exchange_modes(self) -> dict[str, str]:
+        """{group: "rows" | "bags"} the ``exchange="auto"`` groups settled on, to keep in
+        a checkpoint: ``restore_exchange_modes`` gives a resumed run the same modes (and
+        the same bits) without probing again."""
+        return dict(self.modes)
+
+    def restore_exchange_modes(self, modes: Mapping[str, str]) -> None:
+        """Takes a checkpoint's ``exchange_modes``; groups of this collection that do not
+        offer the mode (a changed config) probe anew, logged."""
+        offered = {r.group.name: r.modes for r in self.collection.routes} if self.collection else {}
+        for group, mode in modes.items():
+            if mode in offered.get(group, ()) and len(offered[group]) > 1:
+                self.modes[group] = mode
+            else:
+                log.info(
+                    "checkpoint's exchange mode %s for shard group %s does not apply to this "
+                    "collection (modes %s)",
+                    mode,
+                    group,
+                    offered.get(group, ()),
+                )
 
     def __call__(self, state, batch):
         chooser = self._chooser(batch) if self.adaptive else None
@@ -176,9 +217,11 @@ class TrainStep:
             if self.last_capacities not in (None, capacities):
                 static = chooser.static
                 log.info(
-                    "owner exchange capacities (distinct ids per owner): %s",
+                    "owner exchange capacities per owner (<group>: distinct ids; "
+                    "<group>/entries, <group>/bags: bag mode): %s",
                     ", ".join(f"{name} {c:,} (static {static[name]:,})" for name, c in capacities),
                 )
+            self._log_modes(chooser)
         self.last_capacities = capacities
         state, metrics = self.jitted(state, batch, capacities=capacities)
         if chooser is not None:

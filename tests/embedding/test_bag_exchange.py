@@ -1,4 +1,4 @@
-"""Bag mode (``EmbeddingCollection(..., bag_exchange=True)``: owners pool partial bags)
+"""Bag mode (``EmbeddingCollection(..., exchange="bags")``: owners pool partial bags)
 against the rows exchange and the numpy oracle: forward and 3 update steps on (8,),
 (2, 4) and (4, 2) meshes, every id of the batch on one owner (the bag capacities
 overflow: the rows exchange's sorted rounds take the step), micro-batched updates and
@@ -77,7 +77,7 @@ def _fits(coll, batch) -> bool:
     """Whether every device's entries and bags per owner fit the bag capacities (host count)."""
     n_dev = coll.num_devices
     for route in coll.routes:
-        if not route.bag_mode:
+        if route.modes != ("bags",):
             continue
         coefs = {f: np.ones_like(v, np.float32) for f, v in batch.ids.items()}
         slot_be, _, _ = jax.device_get(route.entries(batch.ids, coefs))
@@ -102,9 +102,9 @@ def _assert_close(a, b):
 @pytest.mark.parametrize("shape", [{"data": 8}, {"data": 2, "model": 4}, {"data": 4, "model": 2}])
 def test_bag_mode_equals_rows_exchange_and_oracle(shape, mesh_of):
     mesh = mesh_of(shape)
-    bags = EmbeddingCollection(TABLES, FEATURES, _plan(mesh), mesh, bag_exchange=True)
+    bags = EmbeddingCollection(TABLES, FEATURES, _plan(mesh), mesh, exchange="bags")
     rows = EmbeddingCollection(TABLES, FEATURES, _plan(mesh), mesh)
-    assert [r.bag_mode for r in bags.routes if r.group.num_slots > 1] == [True] * 3
+    assert [r.modes for r in bags.routes if r.group.num_slots > 1] == [("bags",)] * 3
     rng = np.random.default_rng(0)
     batches = [
         bags.preprocess(*oracle.random_batch(FEATURES, TABLES, BATCH, seed=s)) for s in range(3)
@@ -141,7 +141,7 @@ def test_bag_mode_equals_rows_exchange_and_oracle(shape, mesh_of):
 
 def test_every_id_on_one_owner_takes_the_rows_rounds_and_stays_exact(mesh_of):
     mesh = mesh_of({"data": 8})
-    bags = EmbeddingCollection(TABLES, FEATURES, _plan(mesh), mesh, bag_exchange=True)
+    bags = EmbeddingCollection(TABLES, FEATURES, _plan(mesh), mesh, exchange="bags")
     rows = EmbeddingCollection(TABLES, FEATURES, _plan(mesh), mesh)
     raw_ids, raw_weights = oracle.random_batch(FEATURES, TABLES, BATCH, seed=7)
     spec = {t.name: t.vocab_size for t in TABLES}
@@ -159,7 +159,7 @@ def test_every_id_on_one_owner_takes_the_rows_rounds_and_stays_exact(mesh_of):
 
 
 def test_micro_batched_bag_update_equals_one_big_batch(mesh_2x4):
-    coll = EmbeddingCollection(TABLES, FEATURES, _plan(mesh_2x4), mesh_2x4, bag_exchange=True)
+    coll = EmbeddingCollection(TABLES, FEATURES, _plan(mesh_2x4), mesh_2x4, exchange="bags")
     micro = [
         coll.preprocess(*oracle.random_batch(FEATURES, TABLES, 16, seed=20 + i)) for i in range(3)
     ]
@@ -198,13 +198,13 @@ def test_micro_batched_bag_update_equals_one_big_batch(mesh_2x4):
 def test_bag_mode_needs_the_fused_kernel(mesh_2x4):
     with pytest.raises(Exception, match="bag mode needs the fused CPU kernels"):
         EmbeddingCollection(
-            TABLES, FEATURES, _plan(mesh_2x4), mesh_2x4, kernel="xla", bag_exchange=True
+            TABLES, FEATURES, _plan(mesh_2x4), mesh_2x4, kernel="xla", exchange="bags"
         )
 
 
 def test_capacities_from_the_traffic_equal_the_static_ones(mesh_of):
     mesh = mesh_of({"data": 8})
-    coll = EmbeddingCollection(TABLES, FEATURES, _plan(mesh), mesh, bag_exchange=True)
+    coll = EmbeddingCollection(TABLES, FEATURES, _plan(mesh), mesh, exchange="bags")
     chooser = CapacityChooser(coll, BATCH)
     names = [name for name, _ in chooser.capacities()]
     assert {n.rsplit("/", 1)[-1] for n in names} == {"entries", "bags"}

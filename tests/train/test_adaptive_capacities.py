@@ -40,10 +40,11 @@ def test_adaptive_capacities_equal_static_ones(
 ):
     with small_ranker_config.unlocked():
         small_ranker_config.embedding.plan = ROW_SPREAD_PLAN
+        small_ranker_config.embedding.exchange = "rows"  # auto: tests/train/test_auto_exchange.py
         small_ranker_config.train.grad_accum_steps = micro_batches
     with caplog.at_level(logging.INFO, logger="lf_jax.train.step"):
         task, step, used, losses, adaptive = _run(small_ranker_config, tmp_path / "a", True, 4)
-    assert "owner exchange capacities (distinct ids per owner): " in caplog.text
+    assert "owner exchange capacities per owner (<group>: distinct ids; " in caplog.text
     _, static_step, static_used, static_losses, static = _run(
         small_ranker_config, tmp_path / "s", False, 4
     )

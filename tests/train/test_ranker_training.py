@@ -75,12 +75,13 @@ def test_bag_exchange_trains_like_the_rows_exchange(small_ranker_config, tmp_pat
             name: {"strategy": "row_wise", "axes": ("data", "model")}
             for name in ("member", "hashtag")
         }
+        small_ranker_config.embedding.exchange = "rows"
     rows = _task(small_ranker_config, tmp_path / "rows")
     host_batch = next(rows.train_iterator())
     with small_ranker_config.unlocked():
-        small_ranker_config.embedding.bag_exchange = True
+        small_ranker_config.embedding.exchange = "bags"
     bags = _task(small_ranker_config, tmp_path / "bags")
-    assert [r.bag_mode for r in bags.collection.routes].count(True) >= 1
+    assert [r.modes for r in bags.collection.routes].count(("bags",)) >= 1
     state_rows, loss_rows = _one_step(rows, host_batch)
     state_bags, loss_bags = _one_step(bags, host_batch)
     assert loss_bags == pytest.approx(loss_rows, rel=1e-5)

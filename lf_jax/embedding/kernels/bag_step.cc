@@ -129,10 +129,13 @@ void PoolTo(const typename Ty::T* table, int64_t R, int64_t D, const int32_t* ro
             const int32_t* dst, const float* coef, int64_t S, int64_t X, int64_t Cb,
             const std::vector<float*>& out) {
   constexpr int64_t kAhead = 16;  // entries to prefetch ahead: table rows are random reads
-  for (int64_t s = 0; s < S; ++s) std::memset(out[s], 0, sizeof(float) * Cb * D);
   const int64_t total = S * X;
   for (int64_t s = 0, i = 0; s < S; ++s) {
     float* out_s = out[s];
+    // Slots below `next` hold a sum. The requester numbers a sender's partial slots in
+    // order of first appearance, so an entry with j >= next is its slot's first: it
+    // writes the slot (zeroing any skipped ones) instead of adding to a zero fill.
+    int64_t next = 0;
     for (int64_t x = 0; x < X; ++x, ++i) {
       if (i + kAhead < total && rows[i + kAhead] >= 0 && rows[i + kAhead] < R) {
         PrefetchRow(table + int64_t(rows[i + kAhead]) * D, D);
@@ -142,8 +145,15 @@ void PoolTo(const typename Ty::T* table, int64_t R, int64_t D, const int32_t* ro
       const float c = coef[i];
       const typename Ty::T* src = table + int64_t(r) * D;
       float* o = out_s + int64_t(j) * D;
-      for (int64_t d = 0; d < D; ++d) o[d] += c * Ty::load(src[d]);
+      if (j >= next) {
+        std::memset(out_s + next * D, 0, sizeof(float) * (j - next) * D);
+        for (int64_t d = 0; d < D; ++d) o[d] = c * Ty::load(src[d]);
+        next = j + 1;
+      } else {
+        for (int64_t d = 0; d < D; ++d) o[d] += c * Ty::load(src[d]);
+      }
     }
+    std::memset(out_s + next * D, 0, sizeof(float) * (Cb - next) * D);  // unused slots
   }
 }
 
