@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from lf_jax.embedding import bag_xla
 from lf_jax.embedding.exchange import capacity_for, exchange_blocks
 from lf_jax.embedding.kernels import bag
 from lf_jax.embedding.kernels import route as fused_route
@@ -49,22 +50,18 @@ def exchange_modes(group, mesh, kernel: str, exchange: str) -> tuple[str, ...]:
     the first its default: ("rows",), ("bags",) or ("rows", "bags") (``auto``: the
     traffic picks, lf_jax.embedding.capacity.CapacityChooser). Bag mode is for groups
     whose rows spread over every device of the mesh (no replicas); other groups keep
-    rows. ``exchange="bags"`` where bag mode cannot run is one clear error (a group on
-    the XLA kernel, or several processes: not covered by the multi-process tests yet);
-    ``auto`` there offers rows only."""
+    rows. ``auto`` offers bags on the fused CPU kernels in one process (where its speed
+    is measured); ``exchange="bags"`` also takes the XLA path (lf_jax.embedding.bag_xla)
+    and is one clear error with several processes (not covered by the multi-process
+    tests yet)."""
     if exchange not in EXCHANGE_MODES:
         raise UserInputError(f"exchange must be one of {EXCHANGE_MODES}, got {exchange!r}")
     if exchange == "rows" or group.num_slots == 1 or group.replica_axes(mesh):
         return ("rows",)
-    runs = kernel == "fused" and jax.process_count() == 1
     if exchange == "auto":
-        return ("rows", "bags") if runs else ("rows",)
-    if kernel != "fused":
-        raise UserInputError(
-            f"exchange='bags': shard group '{group.name}' runs the '{kernel}' kernel; bag "
-            "mode needs the fused CPU kernels (kernel='fused' on CPU)"
-        )
-    if not runs:
+        measured = kernel == "fused" and jax.process_count() == 1
+        return ("rows", "bags") if measured else ("rows",)
+    if jax.process_count() > 1:
         raise UserInputError(
             f"exchange='bags': {jax.process_count()} processes; bag mode runs in one process "
             "for now (use exchange='rows' or 'auto' for multi-process runs)"
@@ -156,7 +153,8 @@ def _layout(route, slot_ne, local_ne, coef_ne, given=(None, None)) -> BagLayout:
     static = capacities(route, *slot_ne.shape)
     ce, cb = (g if g is not None else c for g, c in zip(given, static, strict=True))
     s_n, k = route.group.num_slots, route.num_out
-    packed, index_nq, bag_of, most = bag.layout(
+    local_work = bag if route.kernel == "fused" else bag_xla
+    packed, index_nq, bag_of, most = local_work.layout(
         slot_ne, local_ne, coef_ne, route.out_col_e, s_n, k, ce, cb
     )
     # each device's most rides behind its entries to every device (the group spans the
@@ -199,6 +197,9 @@ def forward(route, stored_1rd, slot_ne, local_ne, coef_ne, rounds, given=None):
 
     def bags(_):
         rows_sx, dst_sx, coef_sx = bag.unpack(layout.asked_sc3)
+        if route.kernel != "fused":
+            parts = bag_xla.pool_to(stored_1rd[0], rows_sx, dst_sx, coef_sx, cb)
+            return bag_xla.pool_parts(exchange_blocks(parts, axes), layout.index_nq, k)
         parts_scd = exchange_blocks(bag.pool_to(stored_1rd, rows_sx, dst_sx, coef_sx, cb), axes)
         out_col_q = np.repeat(np.arange(k, dtype=np.int32), s_n)  # column k * S + s -> k
         ones = jnp.ones(layout.index_nq.shape, jnp.float32)
@@ -230,9 +231,19 @@ def update(
     send_scd = jnp.take(grad_xd, layout.bag_of_sc, axis=0, mode="fill", fill_value=0.0)
     grads_scd = exchange_blocks(send_scd, axes)
     rows_sx, dst_sx, coef_sx = bag.unpack(layout.asked_sc3)
-    table, slots = bag.update(
-        stored_1rd, slots_1r, rows_sx, dst_sx, coef_sx, list(grads_scd), step, group.optimizer
-    )
+    received = (stored_1rd, slots_1r, rows_sx, dst_sx, coef_sx)
+    if route.kernel == "fused":
+        table, slots = bag.update(*received, list(grads_scd), step, group.optimizer)
+    else:
+        table_rd, slots_r = bag_xla.update(
+            stored_1rd[0],
+            {name: v[0] for name, v in slots_1r.items()},
+            *received[2:],
+            grads_scd,
+            step,
+            group.optimizer,
+        )
+        table, slots = table_rd[None], {name: v[None] for name, v in slots_r.items()}
 
     def rows_round(state):
         _, table, slots = state

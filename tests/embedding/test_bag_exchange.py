@@ -1,8 +1,9 @@
 """Bag mode (``EmbeddingCollection(..., exchange="bags")``: owners pool partial bags)
-against the rows exchange and the numpy oracle: forward and 3 update steps on (8,),
-(2, 4) and (4, 2) meshes, every id of the batch on one owner (the bag capacities
-overflow: the rows exchange's sorted rounds take the step), micro-batched updates and
-capacities from the traffic."""
+against the rows exchange and the numpy oracle, on the fused kernels and the XLA path
+(lf_jax.embedding.bag_xla): forward and 3 update steps on (8,), (2, 4) and (4, 2)
+meshes, every id of the batch on one owner (the bag capacities overflow: the rows
+exchange's sorted rounds take the step), micro-batched updates and capacities from the
+traffic."""
 
 import jax
 import numpy as np
@@ -99,11 +100,19 @@ def _assert_close(a, b):
         np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize("shape", [{"data": 8}, {"data": 2, "model": 4}, {"data": 4, "model": 2}])
-def test_bag_mode_equals_rows_exchange_and_oracle(shape, mesh_of):
+@pytest.mark.parametrize(
+    "shape, kernel",
+    [
+        ({"data": 8}, "fused"),
+        ({"data": 2, "model": 4}, "fused"),
+        ({"data": 4, "model": 2}, "fused"),
+        ({"data": 2, "model": 4}, "xla"),  # lf_jax.embedding.bag_xla
+    ],
+)
+def test_bag_mode_equals_rows_exchange_and_oracle(shape, kernel, mesh_of):
     mesh = mesh_of(shape)
-    bags = EmbeddingCollection(TABLES, FEATURES, _plan(mesh), mesh, exchange="bags")
-    rows = EmbeddingCollection(TABLES, FEATURES, _plan(mesh), mesh)
+    bags = EmbeddingCollection(TABLES, FEATURES, _plan(mesh), mesh, kernel=kernel, exchange="bags")
+    rows = EmbeddingCollection(TABLES, FEATURES, _plan(mesh), mesh, kernel=kernel)
     assert [r.modes for r in bags.routes if r.group.num_slots > 1] == [("bags",)] * 3
     rng = np.random.default_rng(0)
     batches = [
@@ -139,10 +148,11 @@ def test_bag_mode_equals_rows_exchange_and_oracle(shape, mesh_of):
         )
 
 
-def test_every_id_on_one_owner_takes_the_rows_rounds_and_stays_exact(mesh_of):
+@pytest.mark.parametrize("kernel", ["fused", "xla"])
+def test_every_id_on_one_owner_takes_the_rows_rounds_and_stays_exact(kernel, mesh_of):
     mesh = mesh_of({"data": 8})
-    bags = EmbeddingCollection(TABLES, FEATURES, _plan(mesh), mesh, exchange="bags")
-    rows = EmbeddingCollection(TABLES, FEATURES, _plan(mesh), mesh)
+    bags = EmbeddingCollection(TABLES, FEATURES, _plan(mesh), mesh, kernel=kernel, exchange="bags")
+    rows = EmbeddingCollection(TABLES, FEATURES, _plan(mesh), mesh, kernel=kernel)
     raw_ids, raw_weights = oracle.random_batch(FEATURES, TABLES, BATCH, seed=7)
     spec = {t.name: t.vocab_size for t in TABLES}
     for f in FEATURES:  # every id a multiple of 8: rows dealt r % 8 -> all on owner 0
@@ -158,8 +168,11 @@ def test_every_id_on_one_owner_takes_the_rows_rounds_and_stays_exact(mesh_of):
     _assert_close(_train(bags, [batch], grads, shared=True), want)
 
 
-def test_micro_batched_bag_update_equals_one_big_batch(mesh_2x4):
-    coll = EmbeddingCollection(TABLES, FEATURES, _plan(mesh_2x4), mesh_2x4, exchange="bags")
+@pytest.mark.parametrize("kernel", ["fused", "xla"])
+def test_micro_batched_bag_update_equals_one_big_batch(kernel, mesh_2x4):
+    coll = EmbeddingCollection(
+        TABLES, FEATURES, _plan(mesh_2x4), mesh_2x4, kernel=kernel, exchange="bags"
+    )
     micro = [
         coll.preprocess(*oracle.random_batch(FEATURES, TABLES, 16, seed=20 + i)) for i in range(3)
     ]
@@ -193,13 +206,6 @@ def test_micro_batched_bag_update_equals_one_big_batch(mesh_2x4):
     )
     to_logical = jax.jit(coll.to_logical)
     _assert_close(jax.device_get(to_logical(accumulated)), jax.device_get(to_logical(one)))
-
-
-def test_bag_mode_needs_the_fused_kernel(mesh_2x4):
-    with pytest.raises(Exception, match="bag mode needs the fused CPU kernels"):
-        EmbeddingCollection(
-            TABLES, FEATURES, _plan(mesh_2x4), mesh_2x4, kernel="xla", exchange="bags"
-        )
 
 
 def test_capacities_from_the_traffic_equal_the_static_ones(mesh_of):

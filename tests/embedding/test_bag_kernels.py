@@ -1,16 +1,19 @@
-"""The bag-mode kernels (lf_jax.embedding.kernels.bag) against numpy oracles: the
-requester's layout, the owner's pool into partial bags and the owner's update (SGD,
-row-wise Adagrad, Adam; float32 and bfloat16 tables)."""
+"""The bag-mode kernels (lf_jax.embedding.kernels.bag) and their XLA path
+(lf_jax.embedding.bag_xla) against numpy oracles: the requester's layout, the owner's
+pool into partial bags and the owner's update (SGD, row-wise Adagrad, Adam; float32
+and bfloat16 tables)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lf_jax.embedding import bag_xla
 from lf_jax.embedding.kernels import bag
 from lf_jax.embedding.sparse_optim import adam, rowwise_adagrad, sgd
 
 S, K, D, R = 4, 3, 8, 50
+PATHS = pytest.mark.parametrize("path", [bag, bag_xla], ids=["fused", "xla"])
 
 
 def _entries(rng, n, e, padding=0.3):
@@ -48,10 +51,11 @@ def _layout_oracle(slot, local, coef, out_col, ce, cb):
     return packed, index, bag_of, np.array([max(entries), max(bags)], np.int32)
 
 
+@PATHS
 @pytest.mark.parametrize("ce, cb", [(64, 64), (5, 3)])  # roomy; overflowing
-def test_layout_equals_oracle(ce, cb):
+def test_layout_equals_oracle(ce, cb, path):
     slot, local, coef, out_col = _entries(np.random.default_rng(0), 12, 7)
-    got = jax.jit(bag.layout, static_argnums=(3, 4, 5, 6, 7))(
+    got = jax.jit(path.layout, static_argnums=(3, 4, 5, 6, 7))(
         slot, local, coef, tuple(out_col), S, K, ce, cb
     )
     want = _layout_oracle(slot, local, coef, out_col, ce, cb)
@@ -59,13 +63,14 @@ def test_layout_equals_oracle(ce, cb):
         np.testing.assert_array_equal(np.asarray(g), w, err_msg=name)
 
 
-def test_pool_to_equals_oracle():
+@PATHS
+def test_pool_to_equals_oracle(path):
     rng = np.random.default_rng(1)
     table = rng.normal(size=(R, D)).astype(np.float32)
     rows = rng.integers(-1, R + 2, (S, 9)).astype(np.int32)
     dst = rng.integers(-1, 6, (S, 9)).astype(np.int32)
     coef = rng.normal(size=(S, 9)).astype(np.float32)
-    got = np.asarray(jax.jit(bag.pool_to, static_argnums=4)(table, rows, dst, coef, 5))
+    got = np.asarray(jax.jit(path.pool_to, static_argnums=4)(table, rows, dst, coef, 5))
     want = np.zeros((S, 5, D), np.float32)
     for s in range(S):
         for i in range(9):
@@ -83,7 +88,8 @@ def test_pool_to_equals_oracle():
         (rowwise_adagrad(0.2), jnp.bfloat16),
     ],
 )
-def test_update_equals_oracle(optimizer, dtype):
+@PATHS
+def test_update_equals_oracle(optimizer, dtype, path):
     rng = np.random.default_rng(2)
     table = jnp.asarray(rng.normal(size=(R, D)), dtype)
     slots = {
@@ -95,7 +101,7 @@ def test_update_equals_oracle(optimizer, dtype):
     coef = rng.normal(size=(S, 11)).astype(np.float32)
     grads = rng.normal(size=(S, 5, D)).astype(np.float32)
     step = jnp.int32(3)
-    run = jax.jit(lambda t, sl: bag.update(t, sl, rows, dst, coef, grads, step, optimizer))
+    run = jax.jit(lambda t, sl: path.update(t, sl, rows, dst, coef, grads, step, optimizer))
     got_table, got_slots = run(table, slots)
 
     sums: dict[int, np.ndarray] = {}

@@ -1,0 +1,121 @@
+"""Bag mode's local work in XLA ops: the path of groups on the 'xla' kernel (GPU, TPU,
+or optimizers the fused CPU kernels lack), with the fused kernels' contracts
+(lf_jax.embedding.kernels.bag, kernels.route.pool_parts), so
+lf_jax.embedding.bag_exchange runs either.
+
+The requester's layout numbers each owner's partial bags in bag order (n x K + k; the
+same as the fused kernel's order of first appearance, since a group's entry columns
+have non-decreasing output columns) from a [S, N x K] presence mask, and ranks each
+owner's entries by a cumulative sum of their one-hot owners [M, S]; the owner pools by
+one scatter-add into its S x [Cb, D] blocks; the requester adds each bag's partials by
+a gather; the owner's update sums its entries' gradients per row and applies the
+optimizer (exchange.sum_and_apply, work sized to the real entries).
+
+Shapes: N examples x E entry columns (M = N x E), K output columns, S owners, Ce
+entries and Cb partial bags per owner, X entries received per sender, R rows, D dim.
+
+Example (inside shard_map):
+    >>> packed_sc3, index_nq, bag_of_sc, most = layout(slot_ne, local_ne, coef_ne, out_col_e,
+    ...                                               num_slots=S, num_out=K, entries=Ce, bags=Cb)
+    >>> parts_scd = pool_to(table_rd, rows_sx, dst_sx, coef_sx, bags=Cb)      # at the owner
+    >>> out_nkd = pool_parts(parts_scd, index_nq, num_out=K)                  # back home
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lf_jax.embedding.exchange import chunked_size, sum_and_apply
+
+
+def layout(slot_ne, local_ne, coef_ne, out_col_e, num_slots, num_out, entries, bags):
+    """(packed [S, Ce, 3] int32, index [N, K x S] int32, bag_of [S, Cb] int32, most [2]
+    int32) as kernels.bag.layout gives them: per owner its entries in entry order (local
+    row, partial slot, coef bits; (-1, -1, 0) past its count), index[n, k x S + s] = s x Cb +
+    the (n, k) bag's partial slot at s (-1: none), bag_of[s, j] = n x K + k (N x K where
+    empty), most = (most entries, most partial slots) of an owner. Entries past Ce or of
+    a bag past Cb are not placed (most says so)."""
+    n, e = slot_ne.shape
+    s_n, k = num_slots, num_out
+    slot_m = slot_ne.reshape(-1)
+    owner_m = jnp.where(slot_m >= 0, slot_m, s_n)  # S: padding
+    bag_m = (np.arange(n, dtype=np.int32)[:, None] * k + np.asarray(out_col_e)[None, :]).reshape(-1)
+    present_sb = jnp.zeros((s_n + 1, n * k), bool).at[owner_m, bag_m].set(True)[:s_n]
+    part_sb = jnp.cumsum(present_sb, axis=1, dtype=jnp.int32) - 1  # partial slot, bag order
+    onehot_ms = owner_m[:, None] == jnp.arange(s_n, dtype=jnp.int32)[None, :]
+    rank_ms = jnp.cumsum(onehot_ms, axis=0, dtype=jnp.int32) - 1
+    owner_c = jnp.minimum(owner_m, s_n - 1)
+    rank_m = jnp.take_along_axis(rank_ms, owner_c[:, None], axis=1)[:, 0]
+    part_m = part_sb[owner_c, bag_m]
+    placed_m = (owner_m < s_n) & (rank_m < entries) & (part_m < bags)
+    coef_bits = jax.lax.bitcast_convert_type(coef_ne.reshape(-1).astype(jnp.float32), jnp.int32)
+    values_m3 = jnp.stack([local_ne.reshape(-1).astype(jnp.int32), part_m, coef_bits], axis=-1)
+    empty = jnp.asarray([-1, -1, 0], jnp.int32)  # no row, no slot, coef 0.0
+    packed = jnp.broadcast_to(empty, (s_n, entries, 3))
+    packed = packed.at[jnp.where(placed_m, owner_m, s_n), rank_m].set(values_m3, mode="drop")
+    fits_sb = present_sb & (part_sb < bags)
+    slot_bs = jnp.where(fits_sb, jnp.arange(s_n, dtype=jnp.int32)[:, None] * bags + part_sb, -1).T
+    index_nq = slot_bs.reshape(n, k, s_n).reshape(n, k * s_n)
+    bag_of = jnp.full((s_n, bags), n * k, jnp.int32)
+    rows_sb = jnp.broadcast_to(jnp.arange(s_n, dtype=jnp.int32)[:, None], part_sb.shape)
+    bag_sb = jnp.broadcast_to(jnp.arange(n * k, dtype=jnp.int32)[None, :], part_sb.shape)
+    bag_of = bag_of.at[jnp.where(fits_sb, rows_sb, s_n), part_sb].set(bag_sb, mode="drop")
+    most = jnp.stack([jnp.max(jnp.sum(onehot_ms, axis=0)), jnp.max(jnp.sum(present_sb, axis=1))])
+    return packed, index_nq, bag_of, most.astype(jnp.int32)
+
+
+def pool_to(table_rd, rows_sx, dst_sx, coef_sx, bags: int) -> jax.Array:
+    """[S, Cb, D] float32: sender s's entry adds ``coef * table[row]`` into row dst of
+    block s (rows outside [0, R) or dst outside [0, Cb) skipped)."""
+    s_n, rows = rows_sx.shape[0], table_rd.shape[0]
+    ok_sx = (rows_sx >= 0) & (rows_sx < rows) & (dst_sx >= 0) & (dst_sx < bags)
+    rows_x = jnp.where(ok_sx, rows_sx, 0).reshape(-1)
+    values_xd = table_rd.at[rows_x].get(mode="promise_in_bounds").astype(jnp.float32)
+    values_xd = values_xd * jnp.where(ok_sx, coef_sx, 0.0).reshape(-1, 1)
+    target_sx = jnp.arange(s_n, dtype=jnp.int32)[:, None] * bags + dst_sx
+    target_x = jnp.where(ok_sx, target_sx, s_n * bags).reshape(-1)
+    out = jnp.zeros((s_n * bags, table_rd.shape[-1]), jnp.float32)
+    return out.at[target_x].add(values_xd, mode="drop").reshape(s_n, bags, -1)
+
+
+def pool_parts(parts_scd, index_nq, num_out: int) -> jax.Array:
+    """[N, K, D] float32: each (n, k) bag's partials from the S blocks (index from
+    ``layout``; -1: none) added up."""
+    n = index_nq.shape[0]
+    flat = parts_scd.reshape(-1, parts_scd.shape[-1])
+    index_nks = index_nq.reshape(n, num_out, -1)
+    got = flat.at[jnp.maximum(index_nks, 0)].get(mode="promise_in_bounds")
+    return jnp.sum(jnp.where((index_nks >= 0)[..., None], got, 0.0), axis=2)
+
+
+def update(table_rd, slots_r, rows_sx, dst_sx, coef_sx, grads_scd, step, optimizer):
+    """(table [R, D], slots [R, ...]): entry x of sender s has gradient coef x
+    grads[s, dst]; summed per row and ``optimizer`` applied once per row (rows outside
+    [0, R) skipped)."""
+    rows_sx, dst_sx, coef_sx, grads_scd = map(jnp.asarray, (rows_sx, dst_sx, coef_sx, grads_scd))
+    s_n, x_n = rows_sx.shape
+    rows, bags = table_rd.shape[0], grads_scd.shape[1]
+    ok_x = ((rows_sx >= 0) & (rows_sx < rows) & (dst_sx >= 0) & (dst_sx < bags)).reshape(-1)
+    source_x = (jnp.arange(s_n, dtype=jnp.int32)[:, None] * bags + dst_sx).reshape(-1)
+    source_x = jnp.where(ok_x, source_x, 0)
+    coef_x = coef_sx.reshape(-1)
+    grads_kd = grads_scd.reshape(-1, grads_scd.shape[-1])
+
+    def gradient(e_k, _):
+        got = grads_kd.at[source_x[e_k]].get(mode="promise_in_bounds")
+        return got * coef_x[e_k][:, None]
+
+    scratch = jnp.zeros((chunked_size(s_n * x_n), table_rd.shape[-1]), jnp.float32)
+    table_rd, slots_r, *_ = sum_and_apply(
+        table_rd,
+        slots_r,
+        rows_sx.reshape(-1),
+        ok_x,
+        gradient,
+        rows,
+        0,
+        optimizer,
+        step,
+        scratch,
+    )
+    return table_rd, slots_r
