@@ -3,11 +3,10 @@ or optimizers the fused CPU kernels lack), with the fused kernels' contracts
 (lf_jax.embedding.kernels.bag, kernels.route.pool_parts), so
 lf_jax.embedding.bag_exchange runs either.
 
-The requester's layout numbers each owner's partial bags in bag order (n x K + k; the
-same as the fused kernel's order of first appearance, since a group's entry columns
-have non-decreasing output columns) from a [S, N x K] presence mask, and ranks each
-owner's entries by a cumulative sum of their one-hot owners [M, S]; the owner pools by
-one scatter-add into its S x [Cb, D] blocks; the requester adds each bag's partials by
+The requester's layout sorts its entries by owner (stable: entry order kept) and
+numbers each owner's partial bags in order of first appearance, as the fused kernel
+does, in O(M log M) whatever the number of owners; the owner pools by one scatter-add
+into its S x [Cb, D] blocks; the requester adds each bag's partials by
 a gather; the owner's update sums its entries' gradients per row and applies the
 optimizer (exchange.sum_and_apply, work sized to the real entries).
 
@@ -31,36 +30,50 @@ from lf_jax.embedding.exchange import chunked_size, sum_and_apply
 def layout(slot_ne, local_ne, coef_ne, out_col_e, num_slots, num_out, entries, bags):
     """(packed [S, Ce, 3] int32, index [N, K x S] int32, bag_of [S, Cb] int32, most [2]
     int32) as kernels.bag.layout gives them: per owner its entries in entry order (local
-    row, partial slot, coef bits; (-1, -1, 0) past its count), index[n, k x S + s] = s x Cb +
-    the (n, k) bag's partial slot at s (-1: none), bag_of[s, j] = n x K + k (N x K where
-    empty), most = (most entries, most partial slots) of an owner. Entries past Ce or of
-    a bag past Cb are not placed (most says so)."""
+    row, partial slot, coef bits; (-1, -1, 0) past its count), index[n, k x S + s] = s x
+    Cb + the (n, k) bag's partial slot at s (-1: none), bag_of[s, j] = n x K + k (N x K
+    where empty), most = (most entries, most partial slots) of an owner. Entries past Ce
+    or of a bag past Cb are not placed (most says so).
+
+    One stable sort of the entries by owner, O(M log M) whatever S: with non-decreasing
+    ``out_col_e`` (a GroupRoute's), each owner's entries of one bag are then adjacent,
+    and its partial slots count the bags' first entries."""
+    out_col_e = np.asarray(out_col_e, np.int32)
+    if np.any(np.diff(out_col_e) < 0):
+        raise ValueError(f"bag_xla.layout needs non-decreasing out_col_e, got {out_col_e}")
     n, e = slot_ne.shape
-    s_n, k = num_slots, num_out
+    s_n, k, m = num_slots, num_out, n * e
     slot_m = slot_ne.reshape(-1)
-    owner_m = jnp.where(slot_m >= 0, slot_m, s_n)  # S: padding
-    bag_m = (np.arange(n, dtype=np.int32)[:, None] * k + np.asarray(out_col_e)[None, :]).reshape(-1)
-    present_sb = jnp.zeros((s_n + 1, n * k), bool).at[owner_m, bag_m].set(True)[:s_n]
-    part_sb = jnp.cumsum(present_sb, axis=1, dtype=jnp.int32) - 1  # partial slot, bag order
-    onehot_ms = owner_m[:, None] == jnp.arange(s_n, dtype=jnp.int32)[None, :]
-    rank_ms = jnp.cumsum(onehot_ms, axis=0, dtype=jnp.int32) - 1
-    owner_c = jnp.minimum(owner_m, s_n - 1)
-    rank_m = jnp.take_along_axis(rank_ms, owner_c[:, None], axis=1)[:, 0]
-    part_m = part_sb[owner_c, bag_m]
-    placed_m = (owner_m < s_n) & (rank_m < entries) & (part_m < bags)
+    owner_m = jnp.where(slot_m >= 0, slot_m, s_n).astype(jnp.int32)  # S: padding
+    bag_m = (np.arange(n, dtype=np.int32)[:, None] * k + out_col_e[None, :]).reshape(-1)
+    order = jnp.argsort(owner_m, stable=True)
+    owner_o, bag_o = owner_m[order], jnp.asarray(bag_m)[order]
+    start_s = jnp.searchsorted(owner_o, jnp.arange(s_n + 1, dtype=jnp.int32)).astype(jnp.int32)
+    pos_o = jnp.arange(m, dtype=jnp.int32)
+    rank_o = pos_o - start_s[jnp.minimum(owner_o, s_n)]
+    first_o = (rank_o == 0) | (bag_o != jnp.roll(bag_o, 1))  # a bag's first entry at its owner
+    firsts_o = jnp.cumsum(first_o, dtype=jnp.int32)  # firsts up to and including o
+    before_s = jnp.where(start_s > 0, firsts_o[jnp.maximum(start_s - 1, 0)], 0)
+    part_o = firsts_o - 1 - before_s[jnp.minimum(owner_o, s_n)]
+    real_o = owner_o < s_n
+    placed_o = real_o & (rank_o < entries) & (part_o < bags)
     coef_bits = jax.lax.bitcast_convert_type(coef_ne.reshape(-1).astype(jnp.float32), jnp.int32)
-    values_m3 = jnp.stack([local_ne.reshape(-1).astype(jnp.int32), part_m, coef_bits], axis=-1)
+    local_m = local_ne.reshape(-1).astype(jnp.int32)
+    values_o3 = jnp.stack([local_m[order], part_o, coef_bits[order]], axis=-1)
     empty = jnp.asarray([-1, -1, 0], jnp.int32)  # no row, no slot, coef 0.0
     packed = jnp.broadcast_to(empty, (s_n, entries, 3))
-    packed = packed.at[jnp.where(placed_m, owner_m, s_n), rank_m].set(values_m3, mode="drop")
-    fits_sb = present_sb & (part_sb < bags)
-    slot_bs = jnp.where(fits_sb, jnp.arange(s_n, dtype=jnp.int32)[:, None] * bags + part_sb, -1).T
-    index_nq = slot_bs.reshape(n, k, s_n).reshape(n, k * s_n)
+    packed = packed.at[jnp.where(placed_o, owner_o, s_n), rank_o].set(values_o3, mode="drop")
+    new_o = first_o & real_o & (part_o < bags)  # a partial slot in the capacity
+    column_o = (bag_o % k) * s_n + jnp.minimum(owner_o, s_n - 1)
+    index_nq = jnp.full((n, k * s_n), -1, jnp.int32)
+    index_nq = index_nq.at[jnp.where(new_o, bag_o // k, n), column_o].set(
+        owner_o * bags + part_o, mode="drop"
+    )
     bag_of = jnp.full((s_n, bags), n * k, jnp.int32)
-    rows_sb = jnp.broadcast_to(jnp.arange(s_n, dtype=jnp.int32)[:, None], part_sb.shape)
-    bag_sb = jnp.broadcast_to(jnp.arange(n * k, dtype=jnp.int32)[None, :], part_sb.shape)
-    bag_of = bag_of.at[jnp.where(fits_sb, rows_sb, s_n), part_sb].set(bag_sb, mode="drop")
-    most = jnp.stack([jnp.max(jnp.sum(onehot_ms, axis=0)), jnp.max(jnp.sum(present_sb, axis=1))])
+    bag_of = bag_of.at[jnp.where(new_o, owner_o, s_n), part_o].set(bag_o, mode="drop")
+    count_s = start_s[1:] - start_s[:-1]
+    firsts_s = jnp.where(count_s > 0, firsts_o[jnp.maximum(start_s[1:] - 1, 0)], 0) - before_s[:-1]
+    most = jnp.stack([jnp.max(count_s), jnp.max(jnp.where(count_s > 0, firsts_s, 0))])
     return packed, index_nq, bag_of, most.astype(jnp.int32)
 
 
