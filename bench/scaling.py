@@ -20,6 +20,8 @@ Mesh: ``data = N / model`` x ``model = --model`` (8). Strategies:
   data_parallel         every table replicated
 
 Each device count runs in its own subprocess (XLA's device count is fixed at start-up).
+``--exchange bags``: groups spread over every device exchange pooled partial bags
+(lf_jax.embedding.bag_exchange; on ``--kernel xla`` its XLA path, lf_jax.embedding.bag_xla).
 The step is compiled with ``--kernel xla`` by default: on the CPU the fused C++ kernels
 (``kernel=auto``) do the routing, gathers, pooling and updates as FFI calls, whose work
 and scratch XLA's cost_analysis / memory_analysis do not see; ``--kernel auto`` shows
@@ -28,6 +30,7 @@ what XLA itself still does around them.
 Usage:
     .venv/bin/python bench/scaling.py --devices 8,16,32,64,256 --output /tmp/scaling.json
     .venv/bin/python bench/scaling.py --devices 8,64 --strategies row_wise_all --vocab 1e6
+    .venv/bin/python bench/scaling.py --devices 8,64,256 --strategies row_wise_all --exchange bags
 """
 
 import argparse
@@ -85,7 +88,10 @@ def measure(cfg: dict) -> dict:
         for i, t in enumerate(names)
     ]
     plan = _plan(cfg["strategy"], names, n // model)
-    coll = EmbeddingCollection(tables, features, plan, mesh, kernel=cfg["kernel"])
+    exchange = cfg.get("exchange", "rows")
+    coll = EmbeddingCollection(
+        tables, features, plan, mesh, kernel=cfg["kernel"], exchange=exchange
+    )
     batch_size = cfg["per_device"] * n
     spec = lambda dtype: jax.ShapeDtypeStruct(  # noqa: E731
         (batch_size, max_ids), dtype, sharding=coll.batch_sharding()
@@ -167,6 +173,7 @@ def main(argv=None) -> int:
     parser.add_argument("--per-device", type=int, default=512)
     parser.add_argument("--model", type=int, default=8)
     parser.add_argument("--kernel", default="xla", choices=("xla", "auto", "fused"))
+    parser.add_argument("--exchange", default="rows", choices=("rows", "bags"))
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--output", default="")
     args = parser.parse_args(argv)
@@ -183,6 +190,7 @@ def main(argv=None) -> int:
                 "max_ids": args.max_ids,
                 "per_device": args.per_device,
                 "kernel": args.kernel,
+                "exchange": args.exchange,
             }
             results.append(run_one(cfg, args.timeout))
             print(format_rows(results[-1:]).splitlines()[-1], flush=True)

@@ -199,7 +199,8 @@ def forward(route, stored_1rd, slot_ne, local_ne, coef_ne, rounds, given=None):
         rows_sx, dst_sx, coef_sx = bag.unpack(layout.asked_sc3)
         if route.kernel != "fused":
             parts = bag_xla.pool_to(stored_1rd[0], rows_sx, dst_sx, coef_sx, cb)
-            return bag_xla.pool_parts(exchange_blocks(parts, axes), layout.index_nq, k)
+            n = slot_ne.shape[0]
+            return bag_xla.pool_parts(exchange_blocks(parts, axes), layout.bag_of_sc, n, k)
         parts_scd = exchange_blocks(bag.pool_to(stored_1rd, rows_sx, dst_sx, coef_sx, cb), axes)
         out_col_q = np.repeat(np.arange(k, dtype=np.int32), s_n)  # column k * S + s -> k
         ones = jnp.ones(layout.index_nq.shape, jnp.float32)

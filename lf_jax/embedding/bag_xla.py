@@ -7,7 +7,7 @@ The requester's layout sorts its entries by owner (stable: entry order kept) and
 numbers each owner's partial bags in order of first appearance, as the fused kernel
 does, in O(M log M) whatever the number of owners; the owner pools by one scatter-add
 into its S x [Cb, D] blocks; the requester adds each bag's partials by
-a gather; the owner's update sums its entries' gradients per row and applies the
+one scatter-add over its partial slots; the owner's update sums its entries' gradients per row and applies the
 optimizer (exchange.sum_and_apply, work sized to the real entries).
 
 Shapes: N examples x E entry columns (M = N x E), K output columns, S owners, Ce
@@ -17,7 +17,7 @@ Example (inside shard_map):
     >>> packed_sc3, index_nq, bag_of_sc, most = layout(slot_ne, local_ne, coef_ne, out_col_e,
     ...                                               num_slots=S, num_out=K, entries=Ce, bags=Cb)
     >>> parts_scd = pool_to(table_rd, rows_sx, dst_sx, coef_sx, bags=Cb)      # at the owner
-    >>> out_nkd = pool_parts(parts_scd, index_nq, num_out=K)                  # back home
+    >>> out_nkd = pool_parts(parts_scd, bag_of_sc, num_examples=N, num_out=K)  # back home
 """
 
 import jax
@@ -91,14 +91,14 @@ def pool_to(table_rd, rows_sx, dst_sx, coef_sx, bags: int) -> jax.Array:
     return out.at[target_x].add(values_xd, mode="drop").reshape(s_n, bags, -1)
 
 
-def pool_parts(parts_scd, index_nq, num_out: int) -> jax.Array:
-    """[N, K, D] float32: each (n, k) bag's partials from the S blocks (index from
-    ``layout``; -1: none) added up."""
-    n = index_nq.shape[0]
-    flat = parts_scd.reshape(-1, parts_scd.shape[-1])
-    index_nks = index_nq.reshape(n, num_out, -1)
-    got = flat.at[jnp.maximum(index_nks, 0)].get(mode="promise_in_bounds")
-    return jnp.sum(jnp.where((index_nks >= 0)[..., None], got, 0.0), axis=2)
+def pool_parts(parts_scd, bag_of_sc, num_examples: int, num_out: int) -> jax.Array:
+    """[N, K, D] float32: each (n, k) bag's partials added up, partial slot j of block s
+    into bag ``bag_of[s, j]`` (n x K + k; N x K: empty) by one scatter-add, work sized to
+    the S x Cb partials (not to the N x K x S index)."""
+    bags, dim = num_examples * num_out, parts_scd.shape[-1]
+    out = jnp.zeros((bags, dim), jnp.float32)
+    out = out.at[bag_of_sc.reshape(-1)].add(parts_scd.reshape(-1, dim), mode="drop")
+    return out.reshape(num_examples, num_out, dim)
 
 
 def update(table_rd, slots_r, rows_sx, dst_sx, coef_sx, grads_scd, step, optimizer):
