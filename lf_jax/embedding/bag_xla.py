@@ -6,9 +6,9 @@ lf_jax.embedding.bag_exchange runs either.
 The requester's layout sorts its entries by owner (stable: entry order kept) and
 numbers each owner's partial bags in order of first appearance, as the fused kernel
 does, in O(M log M) whatever the number of owners; the owner pools by one scatter-add
-into its S x [Cb, D] blocks; the requester adds each bag's partials by
-one scatter-add over its partial slots; the owner's update sums its entries' gradients per row and applies the
-optimizer (exchange.sum_and_apply, work sized to the real entries).
+into its S x [Cb, D] blocks; the requester adds each bag's partials by one scatter-add
+over its partial slots; the owner's update sums its entries' gradients per row and
+applies the optimizer (exchange.sum_and_apply, work sized to the real entries).
 
 Shapes: N examples x E entry columns (M = N x E), K output columns, S owners, Ce
 entries and Cb partial bags per owner, X entries received per sender, R rows, D dim.
