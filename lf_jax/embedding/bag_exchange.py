@@ -50,22 +50,14 @@ def exchange_modes(group, mesh, kernel: str, exchange: str) -> tuple[str, ...]:
     the first its default: ("rows",), ("bags",) or ("rows", "bags") (``auto``: the
     traffic picks, lf_jax.embedding.capacity.CapacityChooser). Bag mode is for groups
     whose rows spread over every device of the mesh (no replicas); other groups keep
-    rows. ``auto`` offers bags on the fused CPU kernels in one process (where its speed
-    is measured); ``exchange="bags"`` also takes the XLA path (lf_jax.embedding.bag_xla)
-    and is one clear error with several processes (not covered by the multi-process
-    tests yet)."""
+    rows. ``auto`` offers bags on the fused CPU kernels (where their speed is measured);
+    ``exchange="bags"`` also takes the XLA path (lf_jax.embedding.bag_xla)."""
     if exchange not in EXCHANGE_MODES:
         raise UserInputError(f"exchange must be one of {EXCHANGE_MODES}, got {exchange!r}")
     if exchange == "rows" or group.num_slots == 1 or group.replica_axes(mesh):
         return ("rows",)
     if exchange == "auto":
-        measured = kernel == "fused" and jax.process_count() == 1
-        return ("rows", "bags") if measured else ("rows",)
-    if jax.process_count() > 1:
-        raise UserInputError(
-            f"exchange='bags': {jax.process_count()} processes; bag mode runs in one process "
-            "for now (use exchange='rows' or 'auto' for multi-process runs)"
-        )
+        return ("rows", "bags") if kernel == "fused" else ("rows",)
     return ("bags",)
 
 

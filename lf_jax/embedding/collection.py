@@ -69,10 +69,9 @@ class EmbeddingCollection:
         fused C++ kernel on CPU, XLA on GPU / TPU); ``self.kernels`` shows each group's.
         ``exchange``: how groups whose rows are spread over every device of the mesh
         exchange with the owners: "rows" (keys out, rows back), "bags" (entries out,
-        pooled partial bags back: lf_jax.embedding.bag_exchange, fused or XLA path; one
-        process) or "auto" (both offered on the fused kernels in one process; the
-        traffic picks per group, lf_jax.embedding.capacity.CapacityChooser; rows until
-        it does)."""
+        pooled partial bags back: lf_jax.embedding.bag_exchange, fused or XLA path) or
+        "auto" (both offered on the fused kernels; the traffic picks per group,
+        lf_jax.embedding.capacity.CapacityChooser; rows until it does)."""
         preprocess_lib.check_id_fill(id_fill)
         self.tables = validate_specs(tables, features)
         self.features = {feature.name: feature for feature in features}
