@@ -269,3 +269,61 @@ def restored_arrays(task, workdir, step: int | None = None) -> tuple[dict, dict]
     )(state["embedding"])
     out.update({f"embedding/{k}": np.asarray(v) for k, v in flatten_to_dict(logical).items()})
     return out, data_state
+
+
+def train_in_processes(
+    worker: str,
+    root: Path,
+    config: str,
+    overrides: Mapping[str, str],
+    *,
+    processes: int = 2,
+    devices: int = 4,
+    limit_s: float = 420,
+    heartbeat_s: float = 4,
+    cwd=None,
+) -> tuple[dict, list]:
+    """Trains ``config`` with ``--config.<key>=<value>`` ``overrides`` in ``processes`` x
+    ``devices`` workers (tests/distributed/mp_train_worker.py: ``worker``), workdir
+    ``root``/run, and checks every process ended within ``limit_s`` with exit 0.
+    Returns (the final arrays process 0 gathered, ``root``/final.npz; the results with
+    each process's output)."""
+    import numpy as np
+
+    argv = [
+        sys.executable,
+        worker,
+        str(root),
+        "--config",
+        config,
+        "--workdir",
+        str(Path(root) / "run"),
+        *[f"--config.{k}={v}" for k, v in overrides.items()],
+    ]
+    with ProcessGroup(
+        argv, processes, devices, env=child_env(CI="true"), cwd=cwd, heartbeat_timeout=heartbeat_s
+    ) as group:
+        results = group.wait(limit_s)
+    for r in results:
+        assert not r.stopped_by_limit, f"process {r.process} hung:\n{r.output[-3000:]}"
+        assert r.returncode == 0, f"process {r.process}: {r.returncode}\n{r.output[-3000:]}"
+    return dict(np.load(Path(root) / "final.npz")), results
+
+
+def small_ranker_overrides(data_dir, **extra: str) -> dict[str, str]:
+    """``--config.<key>=<value>`` overrides that shrink configs/feed_ranker.py's tiny
+    ranker for multi-process tests (batch 64, a 32-unit MLP, one DCN layer, histories of
+    10 ids, no IPS, no evaluation, a log line per step, the dataset under ``data_dir``),
+    then ``extra`` (e.g. ``**{"train.steps": "4"}``)."""
+    return {
+        "batch_size": "64",
+        "model.mlp_dims": "(32,)",
+        "model.dcn_layers": "1",
+        "embedding.features.history_actors.max_ids": "10",
+        "embedding.features.history_hashtags.max_ids": "10",
+        "train.eval_every": "0",
+        "train.log_every": "1",
+        "train.ips": "false",
+        "data.data_dir": str(data_dir),
+        **extra,
+    }

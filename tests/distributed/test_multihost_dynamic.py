@@ -8,7 +8,6 @@ round loop of all_to_alls) runs before the lookup's exchange and after the updat
 these runs check that the engine's chain of collective phases covers it.
 """
 
-import sys
 import time
 from pathlib import Path
 
@@ -17,8 +16,11 @@ import pytest
 
 from lf_jax.configuration import apply_overrides, load_config
 from lf_jax.distributed.mesh import make_mesh
-from lf_jax.testing.environment import child_env
-from lf_jax.testing.multiprocess import ProcessGroup, restored_arrays
+from lf_jax.testing.multiprocess import (
+    restored_arrays,
+    small_ranker_overrides,
+    train_in_processes,
+)
 from lf_jax.train.loop import prepare_workdir, run_training
 from lf_jax.train.ranker import RankerTask
 
@@ -30,43 +32,22 @@ LIMIT_S = 420  # outer time limit of one multi-process start
 
 
 def _overrides(data_dir) -> dict[str, str]:
-    return {
-        "batch_size": "64",
-        "model.mlp_dims": "(32,)",
-        "model.dcn_layers": "1",
-        "embedding.features.history_actors.max_ids": "10",
-        "embedding.features.history_hashtags.max_ids": "10",
-        "train.steps": "4",
-        "train.eval_every": "0",
-        "train.checkpoint_every": "2",
-        "train.log_every": "1",
-        "train.ips": "false",
-        "data.data_dir": str(data_dir),
-    }
+    return small_ranker_overrides(data_dir, **{"train.steps": "4", "train.checkpoint_every": "2"})
 
 
 def _two_processes(repo_root, root: Path, data_dir) -> dict[str, np.ndarray]:
-    overrides = _overrides(data_dir)
-    argv = [
-        sys.executable,
-        WORKER,
-        str(root),
-        "--config",
-        f"{repo_root}/{CONFIG}",
-        "--workdir",
-        str(root / "run"),
-        *[f"--config.{k}={v}" for k, v in overrides.items()],
-    ]
     t0 = time.monotonic()
-    with ProcessGroup(
-        argv, 2, 4, env=child_env(CI="true"), cwd=repo_root, heartbeat_timeout=HEARTBEAT_S
-    ) as group:
-        results = group.wait(LIMIT_S)
+    final, _ = train_in_processes(
+        WORKER,
+        root,
+        f"{repo_root}/{CONFIG}",
+        _overrides(data_dir),
+        limit_s=LIMIT_S,
+        heartbeat_s=HEARTBEAT_S,
+        cwd=repo_root,
+    )
     print(f"2-process dynamic run: {time.monotonic() - t0:.1f} s")
-    for r in results:
-        assert not r.stopped_by_limit, f"process {r.process} hung:\n{r.output[-3000:]}"
-        assert r.returncode == 0, f"process {r.process}: {r.returncode}\n{r.output[-3000:]}"
-    return dict(np.load(root / "final.npz"))
+    return final
 
 
 def _one_process(repo_root, workdir: Path, data_dir) -> dict[str, np.ndarray]:

@@ -5,7 +5,6 @@ process (the exchange counts each process reads are the mesh's maxima); the bag 
 all_to_alls run across the processes.
 """
 
-import sys
 import time
 from pathlib import Path
 
@@ -14,8 +13,11 @@ import pytest
 
 from lf_jax.configuration import apply_overrides, load_config
 from lf_jax.distributed.mesh import make_mesh
-from lf_jax.testing.environment import child_env
-from lf_jax.testing.multiprocess import ProcessGroup, restored_arrays
+from lf_jax.testing.multiprocess import (
+    restored_arrays,
+    small_ranker_overrides,
+    train_in_processes,
+)
 from lf_jax.train.loop import prepare_workdir, run_training
 from lf_jax.train.ranker import RankerTask
 
@@ -28,21 +30,15 @@ MEMBER_OVER_ALL = '{"member": {"strategy": "row_wise", "axes": ("data", "model")
 
 
 def _overrides(data_dir) -> dict[str, str]:
-    return {
-        "batch_size": "64",
-        "model.mlp_dims": "(32,)",
-        "model.dcn_layers": "1",
-        "embedding.features.history_actors.max_ids": "10",
-        "embedding.features.history_hashtags.max_ids": "10",
-        "embedding.plan": MEMBER_OVER_ALL,
-        "embedding.exchange": "auto",
-        "train.steps": "10",  # 4 rows steps, 4 bag steps, 2 in the chosen mode
-        "train.eval_every": "0",
-        "train.checkpoint_every": "10",
-        "train.log_every": "1",
-        "train.ips": "false",
-        "data.data_dir": str(data_dir),
-    }
+    return small_ranker_overrides(
+        data_dir,
+        **{
+            "embedding.plan": MEMBER_OVER_ALL,
+            "embedding.exchange": "auto",
+            "train.steps": "10",  # 4 rows steps, 4 bag steps, 2 in the chosen mode
+            "train.checkpoint_every": "10",
+        },
+    )
 
 
 def test_auto_exchange_trains_in_two_processes_like_one(
@@ -60,28 +56,20 @@ def test_auto_exchange_trains_in_two_processes_like_one(
 
     root = tmp_path / "two"
     root.mkdir()
-    argv = [
-        sys.executable,
-        WORKER,
-        str(root),
-        "--config",
-        f"{repo_root}/{CONFIG}",
-        "--workdir",
-        str(root / "run"),
-        *[f"--config.{k}={v}" for k, v in overrides.items()],
-    ]
     t0 = time.monotonic()
-    with ProcessGroup(
-        argv, 2, 4, env=child_env(CI="true"), cwd=repo_root, heartbeat_timeout=HEARTBEAT_S
-    ) as group:
-        results = group.wait(LIMIT_S)
+    got, results = train_in_processes(
+        WORKER,
+        root,
+        f"{repo_root}/{CONFIG}",
+        overrides,
+        limit_s=LIMIT_S,
+        heartbeat_s=HEARTBEAT_S,
+        cwd=repo_root,
+    )
     print(f"2-process auto-exchange run: {time.monotonic() - t0:.1f} s")
     for r in results:
-        assert not r.stopped_by_limit, f"process {r.process} hung:\n{r.output[-3000:]}"
-        assert r.returncode == 0, f"process {r.process}: {r.returncode}\n{r.output[-3000:]}"
         assert f": {mode} mode (probed per owner and step:" in r.output, r.output[-3000:]
         assert "/entries" in r.output  # the bag probe steps ran
-    got = dict(np.load(root / "final.npz"))
     assert sorted(got) == sorted(expected)
     for key in expected:
         np.testing.assert_allclose(got[key], expected[key], rtol=2e-5, atol=2e-6, err_msg=key)

@@ -19,7 +19,7 @@ import pytest
 from lf_jax.configuration import apply_overrides, load_config
 from lf_jax.distributed.mesh import make_mesh
 from lf_jax.testing.environment import child_env
-from lf_jax.testing.multiprocess import ProcessGroup, restored_arrays
+from lf_jax.testing.multiprocess import ProcessGroup, restored_arrays, small_ranker_overrides
 from lf_jax.train.checkpoint import Checkpointer
 from lf_jax.train.loop import prepare_workdir, run_training
 from lf_jax.train.ranker import RankerTask
@@ -33,21 +33,11 @@ BUDGET = "1000000"  # bytes per device: the planner splits member, post, hashtag
 
 def _overrides(data_dir, **extra) -> dict[str, str]:
     values = {
-        "batch_size": "64",
-        "model.mlp_dims": "(32,)",
-        "model.dcn_layers": "1",
-        "embedding.features.history_actors.max_ids": "10",
-        "embedding.features.history_hashtags.max_ids": "10",
         "embedding.memory_budget_bytes": BUDGET,
         "train.steps": "6",
-        "train.eval_every": "0",
         "train.checkpoint_every": "2",
-        "train.log_every": "1",
-        "train.ips": "false",
-        "data.data_dir": str(data_dir),
     }
-    values.update(extra)
-    return values
+    return small_ranker_overrides(data_dir, **{**values, **extra})
 
 
 def _args(repo_root, workdir, overrides) -> list[str]:
