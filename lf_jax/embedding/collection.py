@@ -16,7 +16,6 @@ Example:
 
 import functools
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +39,7 @@ from lf_jax.embedding.lookup import (
 from lf_jax.embedding.plan import validate_plan
 from lf_jax.embedding.sharding.layout import Group, build_layout
 from lf_jax.embedding.spec import FeatureSpec, TableSpec, initial_table, validate_specs
-from lf_jax.embedding.stored_rows import piece_rows, place_rows
+from lf_jax.embedding.stored_rows import logical_state, stored_state
 from lf_jax.embedding.update import group_update
 from lf_jax.errors import UserInputError
 
@@ -147,71 +146,13 @@ class EmbeddingCollection:
         return state
 
     def _state_from_logical(self, tables, slots, step) -> dict:
-        state: dict[str, Any] = {"tables": {}, "slots": {}, "step": jnp.asarray(step, jnp.int32)}
-        for group in self.groups:
-            dtype = jnp.dtype(group.dtype)
-            state["tables"][group.name] = place_rows(self.mesh, group, tables, dtype, with_dim=True)
-            state["slots"][group.name] = {}
-            for name, shape in group.optimizer.slot_shapes(group.dim).items():
-                if slots is None:
-                    init = group.optimizer.slot_init(name)
-                    source = {
-                        p.table: jnp.full(
-                            (
-                                self.tables[p.table].vocab_size,
-                                *([self.tables[p.table].dim] if shape else []),
-                            ),
-                            init,
-                            jnp.float32,
-                        )
-                        for p in group.pieces
-                    }
-                else:
-                    source = {
-                        p.table: jnp.asarray(slots[p.table][name], jnp.float32)
-                        for p in group.pieces
-                    }
-                state["slots"][group.name][name] = place_rows(
-                    self.mesh, group, source, jnp.float32, with_dim=bool(shape)
-                )
-        return state
+        return stored_state(self.mesh, self.groups, self.tables, tables, slots, step)
 
     def to_logical(self, state: Mapping) -> dict:
         """Jit-able logical form: {"tables": {name: [V, D]}, "slots": {name: {slot: [V, D]}},
-        "step"}. A row-wise slot ([V] per piece, e.g. the Adagrad accumulator) is stored per
-        column: each column holds the value of the piece that owns it, so the per-piece
-        accumulators of a column_wise table survive a checkpoint exactly, on any plan."""
-        tables: dict[str, list] = {}
-        slots: dict[str, dict[str, list]] = {}
-        for group in self.groups:
-            for piece, rows in piece_rows(
-                self.mesh, group, state["tables"][group.name], self.tables
-            ):
-                tables.setdefault(piece.table, []).append((piece.col_start, rows))
-            for name, stored in state["slots"][group.name].items():
-                for piece, rows in piece_rows(self.mesh, group, stored, self.tables):
-                    if rows.ndim == 1:  # one value per row of the piece: one per column
-                        width = piece.col_end - piece.col_start
-                        rows = jnp.broadcast_to(rows[:, None], (rows.shape[0], width))
-                    slots.setdefault(piece.table, {}).setdefault(name, []).append(
-                        (piece.col_start, rows)
-                    )
-
-        def ordered(parts):
-            return [rows for _, rows in sorted(parts, key=lambda p: p[0])]
-
-        return {
-            "tables": {
-                name: jnp.concatenate(ordered(parts), axis=1) for name, parts in tables.items()
-            },
-            "slots": {
-                table: {
-                    name: jnp.concatenate(ordered(parts), axis=1) for name, parts in by_slot.items()
-                }
-                for table, by_slot in slots.items()
-            },
-            "step": state["step"],
-        }
+        "step"} (``stored_rows.logical_state``: a row-wise slot is stored per column, so
+        the per-piece accumulators of a column_wise table survive a checkpoint exactly)."""
+        return logical_state(self.mesh, self.groups, self.tables, state)
 
     def from_logical(self, logical: Mapping) -> dict:
         """Jit-able inverse of to_logical: places logical tables/slots under this plan."""
