@@ -131,6 +131,13 @@ def step_modes(collection, given: Mapping) -> dict[str, str]:
     return modes
 
 
+def settled_modes(collection, modes: Mapping[str, str]) -> dict[str, str]:
+    """The entries of ``modes`` ({group: mode}, e.g. a checkpoint's) that apply to
+    ``collection``: groups offering both modes (``exchange="auto"``), and one of them."""
+    offered = {r.group.name: r.modes for r in collection.routes if len(r.modes) > 1}
+    return {group: mode for group, mode in modes.items() if mode in offered.get(group, ())}
+
+
 def entries_per_device(collection, route, batch_size: int) -> int:
     """M: a device's padded entries of ``route``'s group for a global ``batch_size``."""
     if batch_size % collection.num_devices:
@@ -232,9 +239,7 @@ class CapacityChooser:
         }
         self.chosen: dict[str, str] = {}
         self.probed: dict[str, tuple[int, int]] = {}
-        for group, mode in (modes or {}).items():
-            if group in self.routes and mode in self.routes[group].modes:
-                self.chosen[group] = mode
+        self.chosen.update(settled_modes(collection, modes or {}))
 
     def observe(self, counts: Mapping) -> None:
         """Records one step's ``exchange_counts`` (device arrays, read here and reduced

@@ -91,6 +91,8 @@ def group_update(
                 route, stored_1rd, slots, slot_ne, local_ne, coef_ne, grad_ncd, step
             )
         if bag_exchange.takes_bags(route, given):  # owners pooled partial bags (no replicas)
+            # the table stays [1, R, D] through bag_exchange.update's 0-or-1-trip loop:
+            # taking [0] before it made XLA copy the table and its slots every step
             entries = (slot_ne, local_ne, coef_ne, grad_ncd, step)
 
             def rows_exchange(table_1rd, slots_1r):  # when the entries overflow (Ce, Cb)

@@ -26,7 +26,12 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from lf_jax.embedding.capacity import CapacityChooser, capacity_names, exchange_counts
+from lf_jax.embedding.capacity import (
+    CapacityChooser,
+    capacity_names,
+    exchange_counts,
+    settled_modes,
+)
 from lf_jax.embedding.collection import EmbeddingCollection
 
 log = logging.getLogger(__name__)
@@ -196,17 +201,15 @@ class TrainStep:
     def restore_exchange_modes(self, modes: Mapping[str, str]) -> None:
         """Takes a checkpoint's ``exchange_modes``; groups of this collection that do not
         offer the mode (a changed config) probe anew, logged."""
-        offered = {r.group.name: r.modes for r in self.collection.routes} if self.collection else {}
+        settled = settled_modes(self.collection, modes) if self.collection is not None else {}
+        self.modes.update(settled)
         for group, mode in modes.items():
-            if mode in offered.get(group, ()) and len(offered[group]) > 1:
-                self.modes[group] = mode
-            else:
+            if group not in settled:
                 log.info(
                     "checkpoint's exchange mode %s for shard group %s does not apply to this "
-                    "collection (modes %s)",
+                    "collection",
                     mode,
                     group,
-                    offered.get(group, ()),
                 )
 
     def __call__(self, state, batch):
