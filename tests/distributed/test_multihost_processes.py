@@ -19,7 +19,12 @@ import pytest
 from lf_jax.configuration import apply_overrides, load_config
 from lf_jax.distributed.mesh import make_mesh
 from lf_jax.testing.environment import child_env
-from lf_jax.testing.multiprocess import ProcessGroup, restored_arrays, small_ranker_overrides
+from lf_jax.testing.multiprocess import (
+    ProcessGroup,
+    restored_arrays,
+    small_ranker_overrides,
+    train_in_processes,
+)
 from lf_jax.train.checkpoint import Checkpointer
 from lf_jax.train.loop import prepare_workdir, run_training
 from lf_jax.train.ranker import RankerTask
@@ -77,21 +82,18 @@ def _compare(expected, got, exact):
 def two_process_run(repo_root, feed_builder, feed_data_dir, tmp_path_factory):
     """The tiny ranker trained 6 steps by 2 processes x 4 devices (checkpoints every 2)."""
     root = tmp_path_factory.mktemp("mp2")
-    argv = [
-        sys.executable,
-        WORKER,
-        str(root),
-        *_args(repo_root, root / "run", _overrides(feed_data_dir)),
-    ]
     t0 = time.monotonic()
-    with ProcessGroup(
-        argv, 2, 4, env=_env(), cwd=repo_root, heartbeat_timeout=HEARTBEAT_S
-    ) as group:
-        results = group.wait(LIMIT_S)
+    final, _ = train_in_processes(
+        WORKER,
+        root,
+        f"{repo_root}/configs/feed_ranker.py:size=tiny",
+        _overrides(feed_data_dir),
+        limit_s=LIMIT_S,
+        heartbeat_s=HEARTBEAT_S,
+        cwd=repo_root,
+    )
     print(f"2-process run: {time.monotonic() - t0:.1f} s")
-    for r in results:
-        assert r.returncode == 0, f"process {r.process}: {r.returncode}\n{r.output[-3000:]}"
-    return root, dict(np.load(root / "final.npz"))
+    return root, final
 
 
 def _config(repo_root, data_dir, **extra):
