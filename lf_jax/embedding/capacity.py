@@ -237,9 +237,8 @@ class CapacityChooser:
         self.routes = {
             r.group.name: r for r in exchanged_routes(collection) + bag_routes(collection)
         }
-        self.chosen: dict[str, str] = {}
+        self.chosen: dict[str, str] = settled_modes(collection, modes or {})
         self.probed: dict[str, tuple[int, int]] = {}
-        self.chosen.update(settled_modes(collection, modes or {}))
 
     def observe(self, counts: Mapping) -> None:
         """Records one step's ``exchange_counts`` (device arrays, read here and reduced
