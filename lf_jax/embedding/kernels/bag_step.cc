@@ -157,30 +157,36 @@ void PoolTo(const typename Ty::T* table, int64_t R, int64_t D, const int32_t* ro
   }
 }
 
-// The received entries' shapes, checked: rows, dst, coef [S, X]; S gradient or result
-// blocks [Cb, D] float32.
-ffi::ErrorOr<int64_t> BagShape(ffi::Buffer<ffi::S32>& rows, ffi::Buffer<ffi::S32>& dst,
-                               ffi::Buffer<ffi::F32>& coef, size_t blocks) {
+struct BagShapes {
+  int64_t S, X, R, D;  // senders, entries per sender, table rows, dim
+};
+
+// The received entries' and the table's shapes, checked: rows, dst, coef [S, X]; S
+// gradient or result blocks; table [..., R, D] (``table_error`` if not, or if S = 0).
+ffi::ErrorOr<BagShapes> BagShape(ffi::AnyBuffer& table, ffi::Buffer<ffi::S32>& rows,
+                                 ffi::Buffer<ffi::S32>& dst, ffi::Buffer<ffi::F32>& coef,
+                                 size_t blocks, const char* table_error) {
   auto rd = rows.dimensions();
   if (rd.size() != 2 || dst.element_count() != rows.element_count() ||
       coef.element_count() != rows.element_count() || size_t(rd[0]) != blocks) {
     return ffi::Unexpected(
         Invalid("lf_jax bag: expected rows, dst, coef [S, X] and S blocks [Cb, D]"));
   }
-  return rd[0];
+  auto td = table.dimensions();
+  if (td.size() < 2 || rd[0] == 0) return ffi::Unexpected(Invalid(table_error));
+  const int64_t D = td[td.size() - 1];
+  return BagShapes{rd[0], rd[1], int64_t(table.element_count()) / D, D};
 }
 
 ffi::Error PoolToImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::S32> dst,
                       ffi::Buffer<ffi::F32> coef, ffi::RemainingRets out) {
-  auto td = table.dimensions();
-  auto S = BagShape(rows, dst, coef, out.size());
-  if (!S.has_value()) return S.error();
-  if (td.size() < 2 || *S == 0) return Invalid("lf_jax pool_to: expected table [..., R, D]");
-  const int64_t D = td[td.size() - 1], R = int64_t(table.element_count()) / D;
-  const int64_t X = rows.dimensions()[1];
-  std::vector<float*> blocks(*S);
+  auto shape = BagShape(table, rows, dst, coef, out.size(),
+                        "lf_jax pool_to: expected table [..., R, D]");
+  if (!shape.has_value()) return shape.error();
+  const auto [S, X, R, D] = *shape;
+  std::vector<float*> blocks(S);
   int64_t Cb = -1;
-  for (int64_t s = 0; s < *S; ++s) {
+  for (int64_t s = 0; s < S; ++s) {
     auto block = out.get<ffi::Buffer<ffi::F32>>(s);
     if (!block.has_value() || (*block)->element_count() % size_t(D) != 0 ||
         (Cb >= 0 && int64_t((*block)->element_count()) != Cb * D)) {
@@ -194,13 +200,13 @@ ffi::Error PoolToImpl(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> rows, ffi::Buf
   const float* c = coef.typed_data();
   switch (table.element_type()) {
     case ffi::DataType::F32:
-      PoolTo<F32>(static_cast<const float*>(data), R, D, r, j, c, *S, X, Cb, blocks);
+      PoolTo<F32>(static_cast<const float*>(data), R, D, r, j, c, S, X, Cb, blocks);
       break;
     case ffi::DataType::BF16:
-      PoolTo<BF16>(static_cast<const uint16_t*>(data), R, D, r, j, c, *S, X, Cb, blocks);
+      PoolTo<BF16>(static_cast<const uint16_t*>(data), R, D, r, j, c, S, X, Cb, blocks);
       break;
     case ffi::DataType::F16:
-      PoolTo<F16>(static_cast<const _Float16*>(data), R, D, r, j, c, *S, X, Cb, blocks);
+      PoolTo<F16>(static_cast<const _Float16*>(data), R, D, r, j, c, S, X, Cb, blocks);
       break;
     default:
       return Invalid("lf_jax pool_to: table dtype must be float32, bfloat16 or float16");
@@ -224,14 +230,12 @@ template <class Opt>
 ffi::Error RunUpdateBag(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> rows,
                         ffi::Buffer<ffi::S32> dst, ffi::Buffer<ffi::F32> coef,
                         ffi::RemainingArgs grads, const Opt& opt) {
-  auto td = table.dimensions();
-  auto S = BagShape(rows, dst, coef, grads.size());
-  if (!S.has_value()) return S.error();
-  if (td.size() < 2 || *S == 0) return Invalid("lf_jax update_bag: expected table [..., R, D]");
-  const int64_t D = td[td.size() - 1], R = int64_t(table.element_count()) / D;
-  const int64_t X = rows.dimensions()[1];
+  auto shape = BagShape(table, rows, dst, coef, grads.size(),
+                        "lf_jax update_bag: expected table [..., R, D]");
+  if (!shape.has_value()) return shape.error();
+  const auto [S, X, R, D] = *shape;
   GradRows grad{{}, 0, D};
-  for (int64_t s = 0; s < *S; ++s) {
+  for (int64_t s = 0; s < S; ++s) {
     auto block = grads.get<ffi::Buffer<ffi::F32>>(s);
     if (!block.has_value() || block->element_count() % size_t(D) != 0 ||
         (s > 0 && int64_t(block->element_count()) != grad.per * D)) {
@@ -240,7 +244,7 @@ ffi::Error RunUpdateBag(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> rows,
     grad.per = int64_t(block->element_count()) / D;
     grad.blocks.push_back(block->typed_data());
   }
-  if (*S * X >= kInt32 || *S * grad.per >= kInt32) {
+  if (S * X >= kInt32 || S * grad.per >= kInt32) {
     return Invalid("lf_jax update_bag: more than 2^31 - 1 entries or gradient rows");
   }
   const int32_t *r = rows.typed_data(), *j = dst.typed_data();
@@ -248,13 +252,13 @@ ffi::Error RunUpdateBag(ffi::AnyBuffer table, ffi::Buffer<ffi::S32> rows,
   void* data = table.untyped_data();
   switch (table.element_type()) {
     case ffi::DataType::F32:
-      UpdateBag<F32>(static_cast<float*>(data), R, D, opt, r, j, c, *S, X, grad.per, grad);
+      UpdateBag<F32>(static_cast<float*>(data), R, D, opt, r, j, c, S, X, grad.per, grad);
       break;
     case ffi::DataType::BF16:
-      UpdateBag<BF16>(static_cast<uint16_t*>(data), R, D, opt, r, j, c, *S, X, grad.per, grad);
+      UpdateBag<BF16>(static_cast<uint16_t*>(data), R, D, opt, r, j, c, S, X, grad.per, grad);
       break;
     case ffi::DataType::F16:
-      UpdateBag<F16>(static_cast<_Float16*>(data), R, D, opt, r, j, c, *S, X, grad.per, grad);
+      UpdateBag<F16>(static_cast<_Float16*>(data), R, D, opt, r, j, c, S, X, grad.per, grad);
       break;
     default:
       return Invalid("lf_jax update_bag: table dtype must be float32, bfloat16 or float16");
