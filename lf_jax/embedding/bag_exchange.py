@@ -221,8 +221,13 @@ def update(
     layout = given if given is not None else _layout(route, slot_ne, local_ne, coef_ne)
     axes, group = route.group.axes, route.group
     grad_xd = grad_nkd.reshape(-1, grad_nkd.shape[-1])
-    send_scd = jnp.take(grad_xd, layout.bag_of_sc, axis=0, mode="fill", fill_value=0.0)
-    grads_scd = exchange_blocks(send_scd, axes)
+    # one gather per owner: XLA hands each block to the all_to_all as it is (one [S, Cb]
+    # gather was sliced into the S blocks again, a second copy of every sent gradient)
+    send_s = [
+        jnp.take(grad_xd, bag_of_c, axis=0, mode="fill", fill_value=0.0)
+        for bag_of_c in layout.bag_of_sc
+    ]
+    grads_scd = exchange_blocks(jnp.stack(send_s), axes)
     rows_sx, dst_sx, coef_sx = bag.unpack(layout.asked_sc3)
     received = (stored_1rd, slots_1r, rows_sx, dst_sx, coef_sx)
     if route.kernel == "fused":
