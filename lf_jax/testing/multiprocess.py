@@ -310,6 +310,21 @@ def train_in_processes(
     return dict(np.load(Path(root) / "final.npz")), results
 
 
+def train_in_one_process(config: str, overrides: Mapping[str, str], workdir: Path):
+    """Trains ``config`` with ``overrides`` in this process on its mesh (the reference a
+    multi-process run is compared with), workdir ``workdir``. Returns (the RankerTask,
+    the final arrays and data state as ``restored_arrays`` gives them)."""
+    from lf_jax.configuration import apply_overrides, load_config
+    from lf_jax.distributed.mesh import make_mesh
+    from lf_jax.train.loop import prepare_workdir, run_training
+    from lf_jax.train.ranker import RankerTask
+
+    loaded = apply_overrides(load_config(config), overrides)
+    task = RankerTask(loaded, make_mesh(dict(loaded.mesh)), prepare_workdir(workdir, loaded))
+    run_training(task, loaded.train, workdir)
+    return (task, *restored_arrays(task, workdir))
+
+
 def small_ranker_overrides(data_dir, **extra: str) -> dict[str, str]:
     """``--config.<key>=<value>`` overrides that shrink configs/feed_ranker.py's tiny
     ranker for multi-process tests (batch 64, a 32-unit MLP, one DCN layer, histories of

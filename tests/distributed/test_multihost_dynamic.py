@@ -14,15 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lf_jax.configuration import apply_overrides, load_config
-from lf_jax.distributed.mesh import make_mesh
 from lf_jax.testing.multiprocess import (
-    restored_arrays,
     small_ranker_overrides,
+    train_in_one_process,
     train_in_processes,
 )
-from lf_jax.train.loop import prepare_workdir, run_training
-from lf_jax.train.ranker import RankerTask
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 WORKER = str(Path(__file__).with_name("mp_train_worker.py"))
@@ -51,10 +47,7 @@ def _two_processes(repo_root, root: Path, data_dir) -> dict[str, np.ndarray]:
 
 
 def _one_process(repo_root, workdir: Path, data_dir) -> dict[str, np.ndarray]:
-    config = apply_overrides(load_config(f"{repo_root}/{CONFIG}"), _overrides(data_dir))
-    task = RankerTask(config, make_mesh(dict(config.mesh)), prepare_workdir(workdir, config))
-    run_training(task, config.train, workdir)
-    return restored_arrays(task, workdir)[0]
+    return train_in_one_process(f"{repo_root}/{CONFIG}", _overrides(data_dir), workdir)[1]
 
 
 def test_dynamic_tables_train_in_two_processes_like_one_also_from_the_cache(

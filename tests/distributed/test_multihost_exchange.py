@@ -11,15 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lf_jax.configuration import apply_overrides, load_config
-from lf_jax.distributed.mesh import make_mesh
 from lf_jax.testing.multiprocess import (
-    restored_arrays,
     small_ranker_overrides,
+    train_in_one_process,
     train_in_processes,
 )
-from lf_jax.train.loop import prepare_workdir, run_training
-from lf_jax.train.ranker import RankerTask
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 WORKER = str(Path(__file__).with_name("mp_train_worker.py"))
@@ -45,13 +41,10 @@ def test_auto_exchange_trains_in_two_processes_like_one(
     repo_root, feed_builder, feed_data_dir, tmp_path
 ):
     overrides = _overrides(feed_data_dir)
-    config = apply_overrides(load_config(f"{repo_root}/{CONFIG}"), overrides)
-    task = RankerTask(
-        config, make_mesh(dict(config.mesh)), prepare_workdir(tmp_path / "one", config)
+    task, expected, data_state = train_in_one_process(
+        f"{repo_root}/{CONFIG}", overrides, tmp_path / "one"
     )
     assert [r.modes for r in task.collection.routes].count(("rows", "bags")) == 1
-    run_training(task, config.train, tmp_path / "one")
-    expected, data_state = restored_arrays(task, tmp_path / "one")
     mode = next(iter(data_state["exchange_modes"].values()))
 
     root = tmp_path / "two"
